@@ -1,0 +1,41 @@
+"""One CLI for every workflow: `python -m workflows <command> [args]`.
+
+Each command lives in its own module exposing `main(argv: list[str]) -> int`; modules are imported only when
+their command runs, so `python -m workflows --help` stays fast and a broken optional dependency of one
+workflow never breaks another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("workflows.data.cli", "video dataset tools: check, transcode, k710, sample, import"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: python -m workflows <command> [args]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `python -m workflows <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Typed configuration: dataclasses are the schema, YAML files are instances, `--set a.b=c` overrides.
+
+This module holds the generic machinery only (strict loading, overrides, validation errors). The run config
+sections themselves live beside the workflows that own them. Rules:
+
+- unknown keys are an error that lists the valid ones;
+- values are checked against the field's type (including `Literal` choices) before any work starts;
+- `--set` values are parsed as YAML, so `--set train.lr=1e-4` gives a float and `--set a.b=[1,2]` a list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what would be valid."""
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and minimally convert) `value` against annotation `tp`; raise ConfigError naming `key`."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} matches none of the allowed types ({'; '.join(errors)})")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not valid; choose one of {', '.join(repr(c) for c in choices)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a plain dict, strictly: unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; valid keys here: "
+            f"{', '.join(prefix + k for k in fields)}"
+        )
+    hints = get_type_hints(cls)
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # __post_init__ validation
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from exc
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) of a config dataclass: what Ray, YAML and MLflow receive."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(obj))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (["a", "b", "c"], yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set` overrides to a raw config dict, checking every key path against the schema `cls`."""
+    data = dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node, schema = data, cls
+        for depth, part in enumerate(path):
+            names = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+            shown = ".".join(path[: depth + 1])
+            if names is not None and part not in names:
+                valid = ", ".join(".".join(path[:depth] + [n]) for n in names)
+                raise ConfigError(f"unknown key {shown} in --set {text!r}; valid keys here: {valid}")
+            if depth == len(path) - 1:
+                node[part] = value
+                break
+            child_schema = get_type_hints(schema)[part] if names is not None else None
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif dataclasses.is_dataclass(child):
+                child = to_dict(child)
+            else:
+                child = dict(child)
+            node[part] = child
+            node, schema = child, child_schema
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or malformed file is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load `cls` from an optional YAML file plus `--set` overrides; the dataclass defaults are the base."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(cls, data, overrides or [])
+    return from_dict(cls, data)
+
+
+def dump_yaml(obj: Any) -> str:
+    """The resolved config as YAML text (saved next to checkpoints and logged to MLflow)."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
