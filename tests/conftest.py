@@ -1,0 +1,32 @@
+"""Shared fixtures. One local Ray cluster per test session (start-up costs ~20 s on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Ray Train's worker group can take longer than its default timeout to start on a busy 2-core machine.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Never let a test reach for a GPU or the network for weights.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster for the whole session (4 logical CPUs on 2 cores: decode actors + workers)."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(
+        address="local",
+        num_cpus=4,
+        object_store_memory=1_500_000_000,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}},
+    )
+    yield ray
+    ray.shutdown()
