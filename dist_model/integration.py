@@ -1,0 +1,82 @@
+"""The integration branch and the bidirectional per-layer exchange (reference §2.4).
+
+Token tensors are batch-first and clip-major: (B*T, N+1, D) with row b*T + t, CLS at token 0.
+Temporal maps are (B, D_t, T_d, g, g). T = sparse frames, T_d = gamma * T dense frames, N = g*g patches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_model.layers import Mlp, quick_gelu
+
+
+class IntegrationToTemporal(nn.Module):
+    """Integration tokens -> temporal map: drop CLS, Linear D->D_t, patch grid, nearest upsampling x gamma in time."""
+
+    def __init__(self, dim: int, temporal_dim: int, sparse_ratio: int):
+        super().__init__()
+        self.sparse_ratio = sparse_ratio
+        self.linear_fuse = nn.Linear(dim, temporal_dim)
+
+    def forward(self, y: torch.Tensor, batch: int) -> torch.Tensor:
+        bt, n1, _ = y.shape
+        frames, grid = bt // batch, int(round((n1 - 1) ** 0.5))
+        x = self.linear_fuse(y[:, 1:])  # (B*T, N, D_t)
+        x = x.view(batch, frames, grid, grid, -1).permute(0, 4, 1, 2, 3)  # (B, D_t, T, g, g), row-major patches
+        return x.repeat_interleave(self.sparse_ratio, dim=2)  # (B, D_t, T_d, g, g): each sparse frame gamma times
+
+
+class TemporalToIntegration(nn.Module):
+    """Temporal map -> integration tokens: strided Conv3d (gamma,1,1) pools dense to sparse rate, plus a learned
+    per-frame CLS token (shape (1, 1, T, D) as in the authors' checkpoints)."""
+
+    def __init__(self, dim: int, temporal_dim: int, sparse_ratio: int, sparse_frames: int):
+        super().__init__()
+        self.linear_fuse = nn.Conv3d(temporal_dim, dim, (sparse_ratio, 1, 1), stride=(sparse_ratio, 1, 1))
+        self.cls_token = nn.Parameter(torch.empty(1, 1, sparse_frames, dim))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.linear_fuse(z)  # (B, D, T, g, g)
+        b, d, t = x.shape[:3]
+        x = x.flatten(3).permute(0, 2, 3, 1).reshape(b * t, -1, d)  # (B*T, N, D)
+        cls = self.cls_token.expand(b, -1, -1, -1).reshape(b * t, 1, d)  # (B*T, 1, D)
+        return torch.cat([cls, x], dim=1)  # (B*T, N+1, D)
+
+
+class TemporalFFN(nn.Module):
+    """Temporal bottleneck over the T sparse frames, run for every token position (CLS included):
+    1x1x1 conv D->D_h, (k,1,1) conv D_h->D_h, QuickGELU, 1x1x1 conv D_h->D."""
+
+    def __init__(self, dim: int, hidden: int, kernel_size: int):
+        super().__init__()
+        self.c_fc1 = nn.Conv3d(dim, hidden, 1)
+        self.c_fc2 = nn.Conv3d(hidden, hidden, (kernel_size, 1, 1), padding=(kernel_size // 2, 0, 0))
+        self.c_proj = nn.Conv3d(hidden, dim, 1)
+
+    def forward(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        bt, n1, d = x.shape
+        t = bt // batch
+        # 1x1x1 convs are per-position linears: apply them channels-last and skip two permutes of the wide tensor.
+        h = F.linear(x, self.c_fc1.weight.flatten(1), self.c_fc1.bias)  # (B*T, N+1, D_h)
+        h = h.view(batch, t, n1, -1).permute(0, 3, 1, 2).unsqueeze(-1)  # (B, D_h, T, N+1, 1)
+        h = quick_gelu(self.c_fc2(h))
+        h = h.squeeze(-1).permute(0, 2, 3, 1).reshape(bt, n1, -1)  # (B*T, N+1, D_h)
+        return F.linear(h, self.c_proj.weight.flatten(1), self.c_proj.bias)  # (B*T, N+1, D)
+
+
+class IntegrationBlock(nn.Module):
+    """R = FFN(LN(Y')) + TFFN(LN_t(Y')); no identity term inside (the residual is carried by the branch)."""
+
+    def __init__(self, dim: int, mlp_ratio: float, temporal_mlp_ratio: float, kernel_size: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)
+        self.ffn = Mlp(dim, int(dim * mlp_ratio))
+        self.ln_temporal = nn.LayerNorm(dim)
+        self.temporal_ffn = TemporalFFN(dim, int(dim * temporal_mlp_ratio), kernel_size)
+
+    def forward(self, y: torch.Tensor, batch: int) -> torch.Tensor:
+        return self.ffn(self.ln(y)) + self.temporal_ffn(self.ln_temporal(y), batch)

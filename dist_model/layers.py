@@ -1,0 +1,68 @@
+"""Small building blocks shared by the DiST modules, and the reference initialisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's activation, x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class Mlp(nn.Module):
+    """Linear -> QuickGELU -> Linear, applied per token (keys `c_fc`, `c_proj` as in the authors' release)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.c_fc = nn.Linear(dim, hidden)
+        self.c_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(quick_gelu(self.c_fc(x)))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention on PyTorch's fused scaled-dot-product kernel.
+
+    Parameter names match `nn.MultiheadAttention` (`in_proj_weight`, `in_proj_bias`, `out_proj`) so the authors'
+    checkpoints load unchanged; inputs are batch-first (B, L, D).
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention initialises it
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, lq, d = query.shape
+        lk = context.shape[1]
+        h = self.num_heads
+        w_q, w_kv = self.in_proj_weight.split([d, 2 * d])
+        b_q, b_kv = self.in_proj_bias.split([d, 2 * d])
+        q = F.linear(query, w_q, b_q).view(b, lq, h, d // h).transpose(1, 2)  # (B, h, Lq, d/h)
+        k, v = F.linear(context, w_kv, b_kv).view(b, lk, 2, h, d // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, Lk, d/h)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Lq, d/h)
+        return self.out_proj(out.transpose(1, 2).reshape(b, lq, d))
+
+
+# Parameter names that hold learned tokens or positional embeddings: initialised like weights but never decayed.
+TOKEN_PARAM_NAMES = ("cls_token", "positional_embedding", "aggregated_cls_token", "aggregated_spatial_cls_token")
+
+
+def init_dist_weights(module: nn.Module) -> None:
+    """Reference initialisation (§2.7): Linear/Conv weights trunc-normal std 0.02, biases 0; LayerNorm 1/0."""
+    if isinstance(module, (nn.Linear, nn.Conv3d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

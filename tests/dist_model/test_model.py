@@ -1,0 +1,271 @@
+"""DiST model: parameter counts, gradients, frozen CLIP, text classifier, zero-shot, state dicts, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_model import DiSTConfig, DiSTNet, build_clip, build_dist, build_spatial_only, normalize_video
+from dist_model.layers import quick_gelu
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    torch.manual_seed(0)
+    return build_clip(DiSTConfig.from_name("dist_tiny"))
+
+
+@pytest.fixture()
+def tiny(tiny_clip):
+    torch.manual_seed(1)
+    return build_dist("dist_tiny", clip=tiny_clip)
+
+
+def tiny_video(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 8, 32, 32, generator=g)
+
+
+# --- parameter counts (reference §2.8), built on the meta device: no memory, no CLIP ---
+@pytest.mark.parametrize(
+    "preset, millions",
+    [("dist_b16_k400", 26.11), ("dist_b16_ssv2", 19.00), ("dist_l14_k400", 39.87), ("dist_l14_k400_8x16f", 39.61),
+     ("dist_b16_k400_16x32f", 26.15), ("dist_b16_k400_32x64f", 26.25), ("dist_l14_ssv2", 32.75)],
+)
+def test_trainable_parameter_count_matches_reference(preset, millions):
+    with torch.device("meta"):
+        net = DiSTNet(DiSTConfig.from_name(preset))
+    count = sum(p.numel() for p in net.parameters()) / 1e6
+    assert abs(count - millions) / millions < 0.005, f"{preset}: {count:.3f} M vs reference {millions} M"
+
+
+def test_l14_presets_use_patch_14_stem():
+    cfg = DiSTConfig.from_name("dist_l14_k400")
+    assert cfg.stem_patch_size == 14 and cfg.num_frames == 64 and cfg.sparse_frames == 32 and len(cfg.layers) == 24
+    with torch.device("meta"):
+        net = DiSTNet(cfg)
+    assert tuple(net.temporal_stem.weight.shape) == (96, 3, 5, 14, 14)
+
+
+# --- forward/backward, frozen CLIP ---
+def test_forward_backward_grads_only_on_trainable(tiny):
+    tiny.train()
+    assert not tiny.clip.training and not tiny.clip.model.visual.training, "CLIP must stay in eval mode"
+    assert tiny.dist_net.training
+    logits = tiny(tiny_video(), ["a", "b", "c"])
+    assert logits.shape == (2, 3)
+    F.cross_entropy(logits, torch.tensor([0, 2])).backward()
+    no_grad = [n for n, p in tiny.dist_net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"trainable parameters without gradient: {no_grad}"
+    assert all(not p.requires_grad and p.grad is None for p in tiny.clip.parameters())
+    assert tiny.num_trainable_params() == sum(p.numel() for p in tiny.dist_net.parameters())
+
+
+def test_clip_sees_only_sparse_frames(tiny):
+    video = tiny_video()
+    changed = video.clone()
+    changed[:, :, 1::2] += 1.0  # touch only frames CLIP must not see (gamma = 2)
+    names = ["a", "b"]
+    with torch.no_grad():
+        assert torch.equal(tiny.clip_logits(video, names), tiny.clip_logits(changed, names))
+        assert not torch.allclose(tiny(video, names), tiny(changed, names)), "temporal encoder must see dense frames"
+
+
+def test_clip_stops_after_deepest_needed_block(tiny_clip):
+    cfg = DiSTConfig.from_name("dist_tiny", fusion_layers=(0, 1))
+    model = build_dist(cfg, clip=tiny_clip)
+    calls = []
+    hooks = [b.register_forward_hook(lambda *_, i=i: calls.append(i))
+             for i, b in enumerate(tiny_clip.model.visual.transformer.resblocks)]
+    try:
+        model(tiny_video(1), ["x"])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [0, 1]
+
+
+def test_clip_tokens_match_open_clip_intermediates(tiny_clip):
+    frames = torch.randn(3, 3, 32, 32)
+    ours = tiny_clip.forward_tokens(frames, taps={1, 3}, stop=3)
+    ref = tiny_clip.model.visual.forward_intermediates(
+        frames, indices=[1, 3], intermediates_only=True, output_fmt="NLC", output_extra_tokens=True
+    )
+    for i, layer in enumerate((1, 3)):
+        expected = torch.cat([ref["image_intermediates_prefix"][i], ref["image_intermediates"][i]], dim=1)
+        torch.testing.assert_close(ours[layer], expected)
+
+
+def test_bf16_clip_runs_and_branch_stays_fp32(tiny_clip):
+    cfg = DiSTConfig.from_name("dist_tiny", clip_precision="bf16")
+    model = build_dist(cfg)
+    assert model.clip.dtype == torch.bfloat16 and model.dist_net.proj.dtype == torch.float32
+    logits = model(tiny_video(), ["a", "b"])
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_normalize_video_layout_and_values():
+    frames = torch.zeros(2, 4, 5, 6, 3, dtype=torch.uint8)
+    frames[..., 0] = 255
+    video = normalize_video(frames)
+    assert video.shape == (2, 3, 4, 5, 6)
+    assert torch.allclose(video[:, 0], torch.tensor((1 - 0.48145466) / 0.26862954))
+    assert torch.allclose(video[:, 1], torch.tensor(-0.4578275 / 0.26130258))
+
+
+# --- text classifier and zero-shot ---
+def test_label_swap_changes_logit_count_without_rebuilding(tiny):
+    video = tiny_video()
+    with torch.no_grad():
+        assert tiny(video, ["a", "b", "c"]).shape == (2, 3)
+        assert tiny(video, ["run", "jump", "swim", "walk", "sit"]).shape == (2, 5)
+
+
+def test_text_cache_keyed_by_texts_not_count(tiny):
+    """The authors' cache went stale for two label sets of the same size; ours must not."""
+    first = tiny.text_embeddings(["archery", "bowling"])
+    second = tiny.text_embeddings(["surfing", "skiing"])
+    assert not torch.allclose(first, second)
+    assert tiny.text_embeddings(["archery", "bowling"]) is first  # computed once, then cached
+
+
+def test_prompt_template_and_quote_stripping(tiny_clip):
+    model = build_dist(DiSTConfig.from_name("dist_tiny", prompt_template="a video of {}."), clip=tiny_clip)
+    assert model.classifier.prompts(['"dancing"', "it's"]) == ("a video of dancing.", "a video of its.")
+
+
+def test_zero_shot_fusion_blends_with_frozen_clip(tiny):
+    tiny.eval()
+    video, names = tiny_video(), ["a", "b", "c"]
+    with torch.no_grad():
+        plain, clip_only = tiny(video, names), tiny.clip_logits(video, names)
+        fused = tiny(video, names, zero_shot_fusion=True)
+    w = tiny.cfg.zero_shot_weight
+    torch.testing.assert_close(fused, (1 - w) * plain + w * clip_only)
+
+
+def test_spatial_only_baseline_ignores_frame_order(tiny_clip):
+    base = build_spatial_only("dist_tiny", clip=tiny_clip)
+    video = tiny_video()
+    shuffled = video[:, :, [6, 7, 4, 5, 2, 3, 0, 1]]  # permute the sparse frames (0,2,4,6 -> 6,4,2,0)
+    with torch.no_grad():
+        torch.testing.assert_close(base(video, ["a", "b"]), base(shuffled, ["a", "b"]))
+    assert set(base.state_dict()) == {"head.proj_spatial_cls_token.weight", "head.proj_spatial_cls_token.bias",
+                                      "head.ln_post.weight", "head.ln_post.bias", "head.proj"}
+
+
+# --- trainable surface ---
+def test_state_dict_holds_trainable_weights_only_and_round_trips(tiny, tiny_clip):
+    state = tiny.state_dict()
+    assert state and all(k.startswith("dist_net.") for k in state)
+    assert sum(v.numel() for v in state.values()) == tiny.num_trainable_params()
+    other = build_dist("dist_tiny", clip=tiny_clip)
+    other.load_state_dict(state)
+    video = tiny_video()
+    with torch.no_grad():
+        torch.testing.assert_close(other(video, ["a", "b"]), tiny(video, ["a", "b"]))
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        other.load_state_dict({**state, "clip.model.logit_scale": torch.zeros(())})
+
+
+def test_param_groups_cover_trainable_once_with_no_decay_rules(tiny):
+    groups = tiny.param_groups(weight_decay=1e-4)
+    assert [g["name"] for g in groups] == ["decay", "no_decay"] and all(g["params"] for g in groups)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in tiny.dist_net.parameters()}
+    names = {id(p): n for n, p in tiny.named_parameters()}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert "dist_net.temporal2integration_nets.0.cls_token" in no_decay
+    assert "dist_net.adapooling_nets.0.positional_embedding" in no_decay
+    assert "dist_net.aggregated_cls_token" in no_decay and "dist_net.ln_post.weight" in no_decay
+    assert "dist_net.input_linears.0.bias" in no_decay
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    assert "dist_net.input_linears.0.weight" in decay and "dist_net.proj" in decay
+    assert groups[0]["weight_decay"] == 1e-4 and groups[1]["weight_decay"] == 0.0
+
+
+def test_param_groups_drop_empty_groups(tiny_clip):
+    base = build_spatial_only("dist_tiny", clip=tiny_clip)
+    base.head.proj_spatial_cls_token.requires_grad_(False)
+    base.head.ln_post.requires_grad_(False)
+    groups = base.param_groups(0.1)
+    assert [g["name"] for g in groups] == ["decay"]
+
+
+# --- torch.compile ---
+def test_torch_compile_matches_eager(tiny):
+    tiny.eval()
+    video = tiny_video()
+    with torch.no_grad():
+        eager = tiny.encode_video(video)
+        compiled = torch.compile(tiny.encode_video, fullgraph=False)(video)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+# --- an independent transcription of the authors' sequence-first forward (reference §2.3-2.5) ---
+def _authors_forward(model, video: torch.Tensor) -> torch.Tensor:
+    """Written from the spec in the authors' (N+1, B*T, C) layout with torch's own nn.MultiheadAttention."""
+    cfg, net = model.cfg, model.dist_net
+    b, gamma, t = video.shape[0], cfg.sparse_ratio, cfg.sparse_frames
+    g = cfg.image_size // cfg.patch_size
+    n1, d, dt = g * g + 1, cfg.integration_dim, cfg.temporal_dim
+    sparse = video[:, :, ::gamma].permute(0, 2, 1, 3, 4).reshape(b * t, 3, cfg.image_size, cfg.image_size)
+    feats = model.clip.forward_tokens(sparse, taps=set(cfg.layers) | {cfg.head_cls_layer}, stop=cfg.head_cls_layer)
+    x = {k: v.transpose(0, 1) for k, v in feats.items()}  # (N+1, B*T, C)
+
+    z = net.temporal_stem(video)
+    r = 0
+    for k, layer in enumerate(cfg.layers):
+        tb = net.temporal_nets[k]
+        zz = tb.ln(z.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+        z = quick_gelu(z + tb.temporal_net.c_fc2(quick_gelu(tb.temporal_net.c_fc1(zz))))
+        y = net.input_linears[k](x[layer]) + r
+        z_new = None
+        if k < len(cfg.layers) - 1:
+            m = net.integration2temporal_nets[k].linear_fuse(y[1:])  # (N, B*T, Dt)
+            m = m.permute(1, 2, 0).reshape(b, t, dt, g, g).permute(0, 2, 1, 3, 4)
+            z_new = z + F.interpolate(m, scale_factor=(gamma, 1, 1), mode="nearest")
+        t2i = net.temporal2integration_nets[k]
+        s = t2i.linear_fuse(z).flatten(3).permute(3, 0, 2, 1)  # (N, B, T, D)
+        s = torch.cat([t2i.cls_token.expand(1, b, t, d), s], 0).reshape(n1, b * t, d)
+        y = y + s
+        z = z_new
+        ib = net.integration_nets[k]
+        ffn = ib.ffn.c_proj(quick_gelu(ib.ffn.c_fc(ib.ln(y))))
+        u = ib.ln_temporal(y).reshape(n1, b, t, d).permute(1, 3, 2, 0).unsqueeze(-1)  # (B, D, T, N+1, 1)
+        tf = ib.temporal_ffn
+        u = tf.c_proj(quick_gelu(tf.c_fc2(tf.c_fc1(u))))
+        r = ffn + u.squeeze(-1).permute(3, 0, 2, 1).reshape(n1, b * t, d)
+    feat = r + y
+
+    def mha(attn_module):
+        ref = nn.MultiheadAttention(d, d // cfg.head_dim)
+        ref.load_state_dict(attn_module.state_dict())
+        return ref
+
+    q_s = net.aggregated_spatial_cls_token.expand(1, b * t, d)
+    q_v = net.aggregated_cls_token.expand(1, b, d)
+    for pool in net.adapooling_nets:
+        ln, attn = pool.spatial_transformer.ln_1, mha(pool.spatial_transformer.attn)
+        q_s = q_s + attn(ln(q_s), ln(feat), ln(feat), need_weights=False)[0]
+        mlp = pool.output_map_spatial_cls_token
+        q_s = q_s + mlp.c_proj(quick_gelu(mlp.c_fc(pool.ln_out_spat_cls_token(q_s))))
+        f = (q_s.reshape(b, t, d) + pool.positional_embedding).permute(1, 0, 2)  # (T, B, D)
+        ln, attn = pool.temporal_transformer.ln_1, mha(pool.temporal_transformer.attn)
+        q_v = q_v + attn(ln(q_v), ln(f), ln(f), need_weights=False)[0]
+        mlp = pool.output_map_cls_token
+        q_v = q_v + mlp.c_proj(quick_gelu(mlp.c_fc(pool.ln_out_temp_cls_token(q_v))))
+    cls = x[cfg.head_cls_layer][0].reshape(b, t, -1).mean(1)
+    return net.ln_post(q_v[0] + net.proj_spatial_cls_token(cls)) @ net.proj
+
+
+@pytest.mark.parametrize("overrides", [{}, {"fusion_layers": "every2"}, {"num_frames": 12, "sparse_ratio": 3}])
+def test_matches_transcription_of_authors_forward(tiny_clip, overrides):
+    torch.manual_seed(3)
+    model = build_dist(DiSTConfig.from_name("dist_tiny", pooling_layers=2, **overrides), clip=tiny_clip).eval()
+    video = torch.randn(2, 3, model.cfg.num_frames, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_video(video), _authors_forward(model, video), rtol=1e-4, atol=1e-5)

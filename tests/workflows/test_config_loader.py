@@ -1,0 +1,64 @@
+"""The strict config machinery every workflow uses: unknown keys, types, choices, overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from workflows.config import ConfigError, dump_yaml, from_dict, load_config
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    kind: Literal["adamw", "sgd"] = "adamw"
+
+
+@dataclass
+class Run:
+    name: str = "run"
+    steps: int = 10
+    layers: tuple[int, ...] = (0, 1)
+    optim: Optim = field(default_factory=Optim)
+    note: str | None = None
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ValueError("steps must be positive")
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: exp\noptim:\n  lr: 0.5\n")
+    cfg = load_config(Run, path, ["steps=7", "optim.kind=sgd", "layers=[3, 4]", "optim.lr=2e-4"])
+    assert (cfg.name, cfg.steps, cfg.layers, cfg.optim.kind, cfg.optim.lr) == ("exp", 7, (3, 4), "sgd", 2e-4)
+    assert "kind: sgd" in dump_yaml(cfg)
+
+
+@pytest.mark.parametrize(
+    "data, overrides, message",
+    [
+        ({"stepz": 3}, [], "unknown key.*stepz.*valid keys here: name, steps"),
+        ({}, ["optim.lrr=1"], "unknown key optim.lrr.*valid keys here: optim.lr, optim.kind"),
+        ({"optim": {"kind": "adam"}}, [], "optim.kind: 'adam' is not valid; choose one of 'adamw', 'sgd'"),
+        ({"steps": "ten"}, [], "steps: expected an integer"),
+        ({"steps": -1}, [], "steps must be positive"),
+        ({}, ["steps"], "must look like key.path=value"),
+    ],
+)
+def test_bad_config_is_named(tmp_path, data, overrides, message):
+    path = tmp_path / "bad.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message):
+        load_config(Run, path, overrides)
+
+
+def test_missing_file_and_optional_values(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Run, tmp_path / "nope.yaml")
+    assert from_dict(Run, {"note": None}).note is None
+    assert from_dict(Run, {"note": "x"}).note == "x"
