@@ -1,0 +1,75 @@
+"""Data fixtures for the workflow tests: tiny real mp4 files written once per session.
+
+Every test video encodes its frame index in the red channel (R = 6 * index) and a left-dark/right-bright green
+ramp, so a decoded clip tells which frames were sampled and whether it was mirrored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+INDEX_STEP = 6
+
+# name -> (width, height, fps, frames): several resolutions, frame rates, lengths and a portrait video. The 48 px
+# wide one hits decord 0.6.0's copy bug for that width and exercises the PyAV fallback.
+GOOD_VIDEOS = {
+    "wide": (96, 64, 25, 40),
+    "tall": (64, 96, 30, 24),
+    "mid": (160, 120, 12, 30),
+    "big": (340, 256, 24, 16),
+    "narrow": (48, 64, 10, 20),
+}
+
+
+def index_frames(width: int, height: int, num_frames: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames: R = 6 * t, G = horizontal ramp 0..255, B = 96."""
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    frames[..., 0] = (INDEX_STEP * np.arange(num_frames) % 256)[:, None, None]
+    frames[..., 1] = np.linspace(0, 255, width).astype(np.uint8)[None, None, :]
+    frames[..., 2] = 96
+    return frames
+
+
+def frame_ids(clip: np.ndarray) -> np.ndarray:
+    """Recover the source frame index of each frame of a decoded (T, H, W, 3) clip."""
+    return np.rint(clip[..., 0].reshape(len(clip), -1).mean(1) / INDEX_STEP).astype(np.int64)
+
+
+def is_mirrored(clip: np.ndarray) -> bool:
+    """True when the green ramp runs right-to-left (the clip was flipped horizontally)."""
+    g = clip[..., 1].astype(np.float64)
+    half = g.shape[2] // 2
+    return g[:, :, :half].mean() > g[:, :, half:].mean()
+
+
+@pytest.fixture(scope="session")
+def video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of good index videos (GOOD_VIDEOS), bad ones, a labels.json and manifests:
+    good.csv (all good, labels cls0..cls4), bad.csv (good ones plus missing, empty, truncated, random bytes)."""
+    from workflows.data.manifest import save_labels, write_manifest
+    from workflows.data.sample import write_video
+
+    root = tmp_path_factory.mktemp("videos")
+    (root / "clips").mkdir()
+    rows = []
+    for i, (name, (w, h, fps, n)) in enumerate(GOOD_VIDEOS.items()):
+        write_video(root / "clips" / f"{name}.mp4", index_frames(w, h, n), fps)
+        rows.append({"path": f"clips/{name}.mp4", "label": f"cls{i}"})
+    save_labels({f"cls{i}": i for i in range(len(GOOD_VIDEOS))}, root / "labels.json")
+    write_manifest(rows, root / "good.csv")
+    # Bad files of every kind the issue names.
+    data = (root / "clips" / "wide.mp4").read_bytes()
+    (root / "clips" / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (root / "clips" / "empty.mp4").write_bytes(b"")
+    (root / "clips" / "random.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    bad_rows = rows + [
+        {"path": "clips/missing.mp4", "label": "cls0"},
+        {"path": "clips/empty.mp4", "label": "cls1"},
+        {"path": "clips/truncated.mp4", "label": "cls2"},
+        {"path": "clips/random.mp4", "label": "cls3"},
+    ]
+    write_manifest(bad_rows, root / "bad.csv")
+    return root

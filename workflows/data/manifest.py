@@ -1,0 +1,237 @@
+"""Manifests and label files: what videos a dataset has, where they are, and their classes.
+
+A manifest is a CSV or Parquet table with one row per video and the columns
+
+    path   the video file; relative paths resolve against the manifest's own folder
+    label  the class name exactly as written in the label file (an integer index is accepted too)
+    start  optional, seconds: only frames from here on are sampled (empty / null: from the beginning)
+    end    optional, seconds: only frames before this are sampled (empty / null: to the end)
+
+A label file is JSON `{class name: index}` with indices 0..K-1, as the authors' releases ship them.
+Paths and manifests may live on any filesystem pyarrow reads (local, `s3://`, `gs://`, `hdfs://`, ...).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MANIFEST_COLUMNS = ("path", "label", "start", "end")
+
+
+class ManifestError(ValueError):
+    """A manifest or label file that cannot be used; the message names the file, row and value."""
+
+
+def _has_scheme(uri: str) -> bool:
+    head = uri.split("/", 1)[0]
+    return head.endswith(":") and len(head) > 2 and "://" in uri  # "C:" style drive letters are not schemes
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI pyarrow understands."""
+    if _has_scheme(uri) and not uri.startswith("file://"):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).expanduser())
+
+
+def resolve_path(path: str, base_dir: str) -> str:
+    """A manifest entry made absolute: URIs and absolute paths as they are, others joined onto `base_dir`."""
+    if _has_scheme(path) or posixpath.isabs(path) or Path(path).is_absolute():
+        return path
+    if _has_scheme(base_dir):
+        return base_dir.rstrip("/") + "/" + path
+    return str(Path(base_dir) / path)
+
+
+def parent_dir(uri: str) -> str:
+    """The folder holding `uri` (local path or URI)."""
+    if _has_scheme(uri):
+        return uri.rsplit("/", 1)[0]
+    return str(Path(uri).expanduser().resolve().parent)
+
+
+def read_bytes(uri: str) -> bytes:
+    """Whole file contents from any pyarrow filesystem."""
+    fs, path = resolve_filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def load_labels(path: str) -> dict[str, int]:
+    """Read a label file `{class name: index}`; indices must be 0..K-1, each used once."""
+    try:
+        raw = json.loads(read_bytes(path).decode("utf-8"))
+    except FileNotFoundError as exc:
+        raise ManifestError(f"label file {path} does not exist") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"label file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict) or not raw:
+        raise ManifestError(f"label file {path} must hold a non-empty JSON object {{class name: index}}")
+    labels: dict[str, int] = {}
+    for name, index in raw.items():
+        if isinstance(index, str) and index.strip().isdigit():  # SSV2 ships {"name": "12"}
+            index = int(index)
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ManifestError(f"label file {path}: class {name!r} has index {index!r}; expected an integer >= 0")
+        labels[str(name)] = index
+    _check_indices(labels, path)
+    return labels
+
+
+def _check_indices(labels: dict[str, int], source: str) -> None:
+    by_index: dict[int, str] = {}
+    for name, index in labels.items():
+        if index in by_index:
+            raise ManifestError(f"{source}: classes {by_index[index]!r} and {name!r} share index {index}")
+        by_index[index] = name
+    missing = sorted(set(range(len(labels))) - set(by_index))
+    if missing:
+        raise ManifestError(f"{source}: indices must be 0..{len(labels) - 1}; missing {missing[:10]}")
+
+
+def save_labels(labels: dict[str, int], path: str | Path) -> None:
+    """Write a label file (sorted by index)."""
+    _check_indices(labels, str(path))
+    ordered = dict(sorted(labels.items(), key=lambda kv: kv[1]))
+    Path(path).write_text(json.dumps(ordered, indent=1, ensure_ascii=False) + "\n")
+
+
+@dataclass
+class Manifest:
+    """A loaded manifest. `table` columns: video_index int64, path str (resolved), label int64 (-1 when the
+    label is not in the label file), label_name str, start float64, end float64 (NaN = not set)."""
+
+    table: pa.Table
+    source: str
+    unknown_labels: dict[str, list[int]] = field(default_factory=dict)  # label -> 0-based rows (first few)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+
+def _read_table(path: str) -> pa.Table:
+    fs, inner = resolve_filesystem(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        raise ManifestError(f"manifest {path} does not exist")
+    try:
+        if inner.endswith((".parquet", ".pq")):
+            return pq.read_table(inner, filesystem=fs)
+        with fs.open_input_stream(inner) as f:
+            data = f.read()
+        # Every column as text: labels like "0" must not become numbers, empty start/end become null.
+        convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS},
+                                       strings_can_be_null=True)
+        return pacsv.read_csv(io.BytesIO(data), convert_options=convert)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ManifestError(f"manifest {path} cannot be read as {'Parquet' if inner.endswith('.parquet') else 'CSV'}:"
+                            f" {exc}") from exc
+
+
+def _float_or_nan(value: object, path: str, row: int, column: str) -> float:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return math.nan
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ManifestError(f"manifest {path}, row {row + 1}: {column}={value!r} is not a number of seconds") from None
+    if out < 0 and not math.isnan(out):
+        raise ManifestError(f"manifest {path}, row {row + 1}: {column}={value!r} is negative")
+    return out
+
+
+def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = True) -> Manifest:
+    """Read and validate a manifest. With `strict`, a label missing from `labels` is an error naming the rows;
+    otherwise such rows get label -1 and are listed in `Manifest.unknown_labels`. `labels=None` skips the check
+    (every label is then -1 unless it is an integer)."""
+    table = _read_table(path)
+    missing = [c for c in ("path", "label") if c not in table.column_names]
+    if missing:
+        raise ManifestError(f"manifest {path} lacks column(s) {missing}; it has {table.column_names} "
+                            f"(expected path,label[,start,end])")
+    base = parent_dir(path)
+    raw_paths = table.column("path").to_pylist()
+    raw_labels = table.column("label").to_pylist()
+    starts = table.column("start").to_pylist() if "start" in table.column_names else [None] * len(raw_paths)
+    ends = table.column("end").to_pylist() if "end" in table.column_names else [None] * len(raw_paths)
+    n = len(raw_paths)
+    if n == 0:
+        raise ManifestError(f"manifest {path} has no rows")
+    num_classes = len(labels) if labels is not None else None
+    names_by_index = {v: k for k, v in labels.items()} if labels is not None else {}
+    paths, label_ids, names = [], np.empty(n, np.int64), []
+    start_arr, end_arr = np.empty(n, np.float64), np.empty(n, np.float64)
+    unknown: dict[str, list[int]] = {}
+    for i in range(n):
+        p = raw_paths[i]
+        if p is None or not str(p).strip():
+            raise ManifestError(f"manifest {path}, row {i + 1}: empty path")
+        paths.append(resolve_path(str(p).strip(), base))
+        name = "" if raw_labels[i] is None else str(raw_labels[i]).strip()
+        index = -1
+        if labels is not None and name in labels:
+            index = labels[name]
+        elif name.lstrip("-").isdigit() and (num_classes is None or 0 <= int(name) < num_classes):
+            index = int(name)  # an integer label is taken as the class index
+            name = names_by_index.get(index, name)
+        else:
+            rows = unknown.setdefault(name, [])
+            if len(rows) < 5:
+                rows.append(i)
+        label_ids[i] = index
+        names.append(name)
+        start_arr[i] = _float_or_nan(starts[i], path, i, "start")
+        end_arr[i] = _float_or_nan(ends[i], path, i, "end")
+        if start_arr[i] >= end_arr[i]:
+            raise ManifestError(f"manifest {path}, row {i + 1}: start={start_arr[i]} is not before end={end_arr[i]}")
+    if labels is not None and unknown and strict:
+        shown = "; ".join(f"{name!r} (row {', '.join(str(r + 1) for r in rows)})"
+                          for name, rows in list(unknown.items())[:5])
+        raise ManifestError(f"manifest {path}: {len(unknown)} label(s) not in the label file ({len(labels)} "
+                            f"classes): {shown}")
+    out = pa.table({
+        "video_index": pa.array(np.arange(n, dtype=np.int64)),
+        "path": pa.array(paths, pa.string()),
+        "label": pa.array(label_ids),
+        "label_name": pa.array(names, pa.string()),
+        "start": pa.array(start_arr),
+        "end": pa.array(end_arr),
+    })
+    return Manifest(table=out, source=path, unknown_labels=unknown)
+
+
+def write_manifest(rows: list[dict[str, object]], path: str | Path) -> None:
+    """Write manifest rows ({path, label[, start, end]}) as CSV or (by suffix) Parquet. Paths are written as
+    given; pass paths relative to the manifest's folder to keep a dataset relocatable."""
+    path = Path(path)
+    columns: dict[str, list[object]] = {"path": [str(r["path"]) for r in rows],
+                                        "label": [str(r["label"]) for r in rows]}
+    for extra in ("start", "end"):
+        if any(r.get(extra) is not None for r in rows):
+            columns[extra] = [None if r.get(extra) is None else float(r[extra]) for r in rows]  # type: ignore[arg-type]
+    table = pa.table(columns)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".parquet", ".pq"):
+        pq.write_table(table, path)
+    else:
+        pacsv.write_csv(table, path)
+
+
+def relative_to(path: str | Path, base: str | Path) -> str:
+    """`path` relative to `base` when it lies below it, else absolute: what a relocatable manifest stores."""
+    p, b = Path(path).resolve(), Path(base).resolve()
+    try:
+        return p.relative_to(b).as_posix()
+    except ValueError:
+        return str(p)
