@@ -399,7 +399,7 @@ def _check_batch(batch: dict[str, np.ndarray], num_frames: int, min_frames: int)
 
 
 def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, num_frames: int = 16,
-                  min_frames: int = 1, parallelism: int | None = None) -> dict[str, Any]:
+                  min_frames: int = 1, parallelism: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Decode every video of `manifest` once, in parallel on Ray; return the doctor's summary as a dict with
     videos, ok, dropped {reason: count}, examples {reason: paths}, unknown_labels, frame/resolution statistics
     and decode throughput."""
@@ -413,7 +413,14 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
     ds = ray.data.from_arrow(_manifest_blocks(table, max(1, math.ceil(table.num_rows / (4 * cpus)))))
     ds = ds.map_batches(_check_batch, fn_kwargs={"num_frames": num_frames, "min_frames": min_frames},
                         batch_size=None, batch_format="numpy", num_cpus=1)
-    rows = ds.to_pandas().sort_values("video_index").to_dict("records")
+    rows: list[dict[str, Any]] = []
+    last = t0
+    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+        rows += batch.to_dict("records")
+        if progress and time.perf_counter() - last > 5:
+            last = time.perf_counter()
+            print(f"  checked {len(rows)}/{table.num_rows} videos ({len(rows) / (last - t0):.1f}/s)", flush=True)
+    rows.sort(key=lambda r: r["video_index"])
     wall = time.perf_counter() - t0
     ok = [r for r in rows if r["ok"]]
     dropped: dict[str, int] = {}

@@ -1,0 +1,202 @@
+"""`python -m workflows data <tool>`: dataset tools.
+
+    data check     --manifest M [--labels L] [--json]     decode every video once (on Ray) and report problems
+    data transcode --manifest M --out DIR                  rewrite the corpus at short side 320, short GOP (PyAV)
+    data k710      --csv [k400:]train.csv ... --videos DIR --out DIR   assemble Kinetics-710
+    data sample    --out DIR                               write the synthetic motion dataset
+    data import    ssv2|list ...                           manifests from SSV2 JSON or `path label` lists
+
+`check` exits with 0 when every video decodes and every label is in the label file, 1 otherwise. Ray tools
+connect to `--address` (or RAY_ADDRESS) when given and start a local Ray otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress lines; keeps --json output clean
+
+
+def _format_check(report: dict[str, Any]) -> str:
+    lines = [f"manifest: {report['manifest']}",
+             f"videos: {report['videos']}   ok: {report['ok']}   dropped: {report['videos'] - report['ok']}"]
+    for reason, count in sorted(report["dropped"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {reason}: {count}")
+        for path in report["examples"].get(reason, []):
+            lines.append(f"      {path}  ({report['details'].get(path, '')[:100]})")
+    if report["unknown_labels"]:
+        lines.append(f"labels not in the label file: {len(report['unknown_labels'])}")
+        for name, rows in list(report["unknown_labels"].items())[:10]:
+            lines.append(f"  {name!r} (rows {', '.join(map(str, rows))})")
+    for key, title in (("frames", "frames per video"), ("duration_s", "duration (s)"), ("fps", "fps"),
+                       ("short_side", "short side (px)")):
+        s = report[key]
+        if s:
+            lines.append(f"{title}: min {s['min']:.4g}  median {s['median']:.4g}  max {s['max']:.4g}")
+    if report["resolutions"]:
+        lines.append("resolutions: " + ", ".join(f"{k} ({v})" for k, v in report["resolutions"].items()))
+    lines.append(f"decode: {report['videos_per_second']:.1f} videos/s overall "
+                 f"({report['decode_seconds_per_video'] * 1000:.0f} ms per video per core), "
+                 f"{report['wall_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from workflows.data.pipeline import check_dataset
+
+    _init_ray(args.address)
+    if not args.json:
+        print(f"checking {args.manifest} ...", flush=True)
+    report = check_dataset(args.manifest, args.labels, num_frames=args.frames, min_frames=args.min_frames,
+                           progress=not args.json)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(_format_check(report))
+    return 0 if report["ok"] == report["videos"] and not report["unknown_labels"] else 1
+
+
+def _cmd_transcode(args: argparse.Namespace) -> int:
+    from workflows.data.transcode import transcode_dataset
+
+    _init_ray(args.address)
+    result = transcode_dataset(args.manifest, args.out, short_side=args.short_side, gop=args.gop, crf=args.crf,
+                               progress=not args.json)
+    print(json.dumps(result) if args.json else
+          f"wrote {result['manifest']}: {result['ok']} of {result['videos']} videos transcoded; "
+          f"dropped {result['dropped']} {result['examples'] if result['dropped'] else ''}")
+    return 0
+
+
+def _cmd_k710(args: argparse.Namespace) -> int:
+    from workflows.data.kinetics import assemble_k710, release_of
+
+    annotations = []
+    for spec in args.csv:
+        release, sep, path = spec.partition(":")
+        if not sep or "/" in release:  # no explicit release (or a path with a colon): infer from the path
+            release, path = release_of(spec), spec
+        annotations.append((release.lower(), path))
+    aliases = json.loads(open(args.aliases).read()) if args.aliases else None
+    report = assemble_k710(annotations, args.videos, args.out, aliases=aliases, keep_missing=args.keep_missing)
+    from dataclasses import asdict
+
+    print(json.dumps(asdict(report)) if args.json else report.summary())
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from workflows.data.sample import write_sample_dataset
+
+    info = write_sample_dataset(args.out, videos_per_class=args.videos_per_class, size=args.size,
+                                num_frames=args.frames, seed=args.seed, fps=args.fps, workers=args.workers,
+                                progress=not args.json)
+    print(json.dumps(asdict(info)) if args.json else
+          f"wrote {info.train_videos} train + {info.val_videos} val videos ({len(info.classes)} classes, "
+          f"{info.size}px, {info.num_frames} frames) to {info.root}\n  train: {info.train_manifest}\n"
+          f"  val: {info.val_manifest}\n  labels: {info.labels}\n"
+          f"  train with flip: swap_labels, flip_pairs: {info.flip_pairs}")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from workflows.data.importers import import_list, import_ssv2
+
+    if args.format == "ssv2":
+        report = import_ssv2(args.annotations, args.labels, args.videos, args.out,
+                             check_files=not args.no_check)
+    else:
+        report = import_list(args.list, args.out, root=args.root, labels=args.labels, check_files=args.check)
+    print(report.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `data` command's argument parser."""
+    p = argparse.ArgumentParser(prog="python -m workflows data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="tool", required=True)
+
+    c = sub.add_parser("check", help="decode every video once and report problems")
+    c.add_argument("--manifest", required=True)
+    c.add_argument("--labels", help="label file JSON {class: index}; labels not in it are reported")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--frames", type=int, default=16, help="frames decoded per video, spread over its length")
+    c.add_argument("--min-frames", type=int, default=1, help="videos with fewer frames count as too_short")
+    c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
+    c.set_defaults(run=_cmd_check)
+
+    t = sub.add_parser("transcode", help="rewrite videos at a small short side with a short keyframe interval")
+    t.add_argument("--manifest", required=True)
+    t.add_argument("--out", required=True, help="new folder for the videos and the new manifest")
+    t.add_argument("--short-side", type=int, default=320)
+    t.add_argument("--gop", type=int, default=16, help="keyframe interval in frames")
+    t.add_argument("--crf", type=int, default=23)
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--address")
+    t.set_defaults(run=_cmd_transcode)
+
+    k = sub.add_parser("k710", help="assemble Kinetics-710 from the K400/600/700 CSVs")
+    k.add_argument("--csv", action="append", required=True,
+                   help="[RELEASE:]PATH of an official CSV (release k400/k600/k700 inferred from the path if omitted)")
+    k.add_argument("--videos", help="folder of downloaded clips (<youtube_id>[_start_end].mp4, any depth)")
+    k.add_argument("--out", required=True)
+    k.add_argument("--aliases", help="JSON {class name variant: canonical name} applied after normalisation")
+    k.add_argument("--keep-missing", action="store_true", help="keep listed videos that are not on disk")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(run=_cmd_k710)
+
+    s = sub.add_parser("sample", help="write the synthetic motion dataset (H.264 mp4 + manifests)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--videos-per-class", type=int, default=40)
+    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--frames", type=int, default=32)
+    s.add_argument("--fps", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_cmd_sample)
+
+    i = sub.add_parser("import", help="write a manifest from SSV2 JSON or a `path label` list")
+    isub = i.add_subparsers(dest="format", required=True)
+    i1 = isub.add_parser("ssv2")
+    i1.add_argument("--annotations", required=True, help="something-something-v2-{train,validation}.json")
+    i1.add_argument("--labels", required=True, help="something-something-v2-labels.json")
+    i1.add_argument("--videos", required=True, help="folder of <id>.webm / <id>.mp4")
+    i1.add_argument("--out", required=True, help="manifest to write (labels.json goes beside it)")
+    i1.add_argument("--no-check", action="store_true", help="do not check that the video files exist")
+    i2 = isub.add_parser("list")
+    i2.add_argument("--list", required=True, help="text file of `relative/path.mp4 label` lines")
+    i2.add_argument("--out", required=True)
+    i2.add_argument("--root", help="folder the list's paths are relative to (default: the list's folder)")
+    i2.add_argument("--labels", help="label file; needed to name integer labels")
+    i2.add_argument("--check", action="store_true", help="drop (and count) listed files that do not exist")
+    i.set_defaults(run=_cmd_import)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `python -m workflows data ...`."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

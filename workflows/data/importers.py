@@ -1,0 +1,124 @@
+"""Importers that turn the annotation formats users bring into a manifest plus a label file.
+
+- Something-Something-V2: the official `something-something-v2-{train,validation}.json` lists (`id`, `template`
+  with "[something]" placeholders) or the authors' `*-with-label.json` variants (`id`, `label_idx`), together
+  with `something-something-v2-labels.json` ({class name: "index"}); videos are `<video_dir>/<id>.webm` (or .mp4).
+- Plain lists, as most Kinetics repos ship (`kinetics400_train_list.txt`): one `relative/path.mp4 label` per
+  line, the label a class name without spaces or an integer index (names then come from `--labels`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workflows.data.manifest import load_labels, relative_to, save_labels, write_manifest
+
+
+@dataclass
+class ImportReport:
+    """Counts of an import."""
+
+    videos: int = 0
+    classes: int = 0
+    missing: int = 0  # listed but not found (only counted when files are checked)
+    missing_examples: list[str] = field(default_factory=list)
+    manifest: str = ""
+    labels: str = ""
+
+    def summary(self) -> str:
+        """One line."""
+        extra = f" (e.g. {', '.join(self.missing_examples[:3])})" if self.missing_examples else ""
+        return (f"wrote {self.manifest}: {self.videos} videos, {self.classes} classes; labels {self.labels}; "
+                f"{self.missing} listed but missing{extra}")
+
+
+def ssv2_class_name(template: str) -> str:
+    """The class name of an SSV2 template: placeholders lose their brackets ("Putting [something] on a surface"
+    -> "Putting something on a surface"), which is how the official label file spells classes."""
+    return template.replace("[", "").replace("]", "").strip()
+
+
+def import_ssv2(annotations: str | Path, labels: str | Path, video_dir: str | Path, out_manifest: str | Path, *,
+                check_files: bool = True) -> ImportReport:
+    """Write a manifest (and labels.json beside it) from SSV2 JSON annotations."""
+    label_map = load_labels(str(labels))
+    names_by_index = {v: k for k, v in label_map.items()}
+    records = json.loads(Path(annotations).read_text())
+    if not isinstance(records, list):
+        raise ValueError(f"{annotations}: expected a JSON list of videos")
+    out = Path(out_manifest)
+    report = ImportReport(manifest=str(out), labels=str(out.parent / "labels.json"), classes=len(label_map))
+    rows = []
+    for i, rec in enumerate(records):
+        vid = str(rec.get("id", "")).strip()
+        if "label_idx" in rec:
+            name = names_by_index.get(int(rec["label_idx"]))
+        elif "template" in rec:
+            name = ssv2_class_name(rec["template"])
+        else:
+            raise ValueError(f"{annotations}, entry {i}: no 'template' or 'label_idx' (test lists are unlabelled)")
+        if not vid or name not in label_map:
+            raise ValueError(f"{annotations}, entry {i} (id {vid!r}): class {name!r} is not in {labels}")
+        candidates = [Path(video_dir) / f"{vid}{ext}" for ext in (".webm", ".mp4")]
+        path = next((c for c in candidates if c.is_file()), None) if check_files else candidates[0]
+        if path is None:
+            report.missing += 1
+            if len(report.missing_examples) < 10:
+                report.missing_examples.append(vid)
+            continue
+        rows.append({"path": relative_to(path, out.parent), "label": name})
+    write_manifest(rows, out)
+    save_labels(label_map, out.parent / "labels.json")
+    report.videos = len(rows)
+    return report
+
+
+def import_list(list_file: str | Path, out_manifest: str | Path, *, root: str | Path | None = None,
+                labels: str | Path | None = None, check_files: bool = False) -> ImportReport:
+    """Write a manifest (and labels.json beside it) from a `path label` list. `root` is the folder the list's
+    paths are relative to (default: the list's folder)."""
+    list_file = Path(list_file)
+    base = Path(root) if root is not None else list_file.parent
+    label_map = load_labels(str(labels)) if labels is not None else None
+    names_by_index = {v: k for k, v in (label_map or {}).items()}
+    out = Path(out_manifest)
+    report = ImportReport(manifest=str(out), labels=str(out.parent / "labels.json"))
+    rows, seen = [], {}
+    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"{list_file}, line {n}: expected 'path label', got {line!r}")
+        rel, label = parts
+        if label.lstrip("-").isdigit():
+            index = int(label)
+            if label_map is not None:
+                if index not in names_by_index:
+                    raise ValueError(f"{list_file}, line {n}: index {index} is not in {labels}")
+                label = names_by_index[index]
+        elif label_map is not None and label not in label_map:
+            raise ValueError(f"{list_file}, line {n}: class {label!r} is not in {labels}")
+        path = base / rel
+        if check_files and not path.is_file():
+            report.missing += 1
+            if len(report.missing_examples) < 10:
+                report.missing_examples.append(str(path))
+            continue
+        seen.setdefault(label, len(seen))
+        rows.append({"path": relative_to(path, out.parent), "label": label})
+    if label_map is None:  # classes sorted by name, or by index when the list holds integers
+        names = list(seen)
+        if names and all(s.lstrip("-").isdigit() for s in names):
+            names = sorted(names, key=int)
+            if [int(s) for s in names] != list(range(len(names))):
+                raise ValueError(f"{list_file}: integer labels must be 0..K-1 without gaps; pass --labels")
+        else:
+            names = sorted(names)
+        label_map = {name: i for i, name in enumerate(names)}
+    write_manifest(rows, out)
+    save_labels(label_map, out.parent / "labels.json")
+    report.videos, report.classes = len(rows), len(label_map)
+    return report

@@ -1,0 +1,231 @@
+"""Kinetics-710 assembly from the official Kinetics-400/600/700 annotation CSVs and a folder of downloaded clips.
+
+K710 (reference §4.3) is the union of the K400, K600 and K700 training sets, de-duplicated by YouTube id, with
+every video that appears in any of the three validation or test sets removed from training; its validation set
+is the union of the three validation sets (de-duplicated). Classes are merged across releases by a normalised
+name (`normalize_class_name`):
+
+- lower case;
+- underscores become spaces (`passing_American_football_(in_game)` as in many repos' file lists);
+- quotes are removed (' " ` and typographic quotes);
+- parentheses and brackets become spaces, so "(in game)" and "in game" match;
+- runs of whitespace collapse to one space; leading/trailing whitespace goes.
+
+Releases also renamed a few classes; such pairs stay separate classes unless an alias file maps one normalised
+name onto the other (`aliases`, JSON {variant: canonical}); the report lists the classes present in only one
+release so they can be checked. A class's display name (what CLIP's text tower reads) is its spelling in the
+newest release that has it, with underscores as spaces and quotes removed. When the same YouTube id carries
+different labels in different releases, the newest release's label wins (counted as label_conflicts).
+
+Clips are found by YouTube id: a file `<id>.<ext>` or `<id>_<start:06d>_<end:06d>.<ext>` anywhere under the
+video folder. The official clips are trimmed already, so the manifests carry no start/end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from workflows.data.manifest import relative_to, save_labels, write_manifest
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+_CLIP_NAME = re.compile(r"^(?P<id>[A-Za-z0-9_-]{11})(?:_\d+_\d+)?$")
+_QUOTES = re.compile(r"[\"'`\u2018\u2019\u201c\u201d]")
+
+
+def normalize_class_name(name: str) -> str:
+    """The key under which class names of different Kinetics releases are the same class (rules above)."""
+    s = _QUOTES.sub("", name.strip().lower().replace("_", " "))
+    s = re.sub(r"[()\[\]]", " ", s)
+    return re.sub(r"\s+", " ", s).strip()
+
+
+def display_class_name(name: str) -> str:
+    """A class name as the text encoder should read it: underscores as spaces, no quotes, single spaces."""
+    return re.sub(r"\s+", " ", _QUOTES.sub("", name.replace("_", " "))).strip()
+
+
+def release_of(path: str | Path) -> str:
+    """'k400' / 'k600' / 'k700' from a path mentioning 400, 600 or 700 (e.g. kinetics700/train.csv)."""
+    found = re.findall(r"(400|600|700)", str(path))
+    if not found:
+        raise ValueError(f"cannot tell the Kinetics release of {path}; name it as RELEASE:PATH, e.g. k400:{path}")
+    return "k" + found[-1]
+
+
+def _split_of(row: dict[str, str], path: Path) -> str:
+    raw = (row.get("split") or "").strip().lower()
+    if not raw:
+        stem = path.stem.lower()
+        raw = next((s for s in ("train", "validate", "val", "test") if s in stem), "")
+    if raw in ("val", "validate", "validation"):
+        return "val"
+    if raw in ("train", "test"):
+        return raw
+    raise ValueError(f"{path}: row {row} has no usable split (train/val/validate/test)")
+
+
+@dataclass
+class KineticsRow:
+    release: str
+    split: str  # train / val / test
+    youtube_id: str
+    label: str  # raw label ("" for unlabelled test rows)
+
+
+def read_kinetics_csv(path: str | Path, release: str | None = None) -> list[KineticsRow]:
+    """Rows of one official annotation CSV (`label,youtube_id,time_start,time_end,split`; test CSVs may lack the
+    label column)."""
+    path = Path(path)
+    release = release or release_of(path)
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "youtube_id" not in reader.fieldnames:
+            raise ValueError(f"{path} is not a Kinetics annotation CSV (needs a youtube_id column; has "
+                             f"{reader.fieldnames})")
+        return [KineticsRow(release=release, split=_split_of(row, path), youtube_id=row["youtube_id"].strip(),
+                            label=(row.get("label") or "").strip()) for row in reader]
+
+
+def index_clips(video_dir: str | Path) -> dict[str, Path]:
+    """YouTube id -> clip file, for every video file under `video_dir` named <id> or <id>_<start>_<end>."""
+    found: dict[str, Path] = {}
+    for p in sorted(Path(video_dir).rglob("*")):
+        if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file():
+            m = _CLIP_NAME.match(p.stem)
+            if m and m.group("id") not in found:
+                found[m.group("id")] = p
+    return found
+
+
+@dataclass
+class K710Report:
+    """What the assembly did."""
+
+    train_videos: int = 0
+    val_videos: int = 0
+    classes: int = 0
+    rows_read: dict[str, int] = field(default_factory=dict)  # "k400/train" -> rows
+    duplicates_removed: int = 0  # training rows whose YouTube id was already in the union
+    val_leaks_removed: int = 0  # unique training ids that also appear in a val/test set
+    label_conflicts: int = 0  # ids labelled differently by different releases
+    missing_train: int = 0  # listed but not found under the video folder
+    missing_val: int = 0
+    missing_examples: list[str] = field(default_factory=list)
+    classes_per_release: dict[str, int] = field(default_factory=dict)
+    classes_in_one_release: dict[str, list[str]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """Human-readable counts."""
+        lines = [f"K710: {self.train_videos} train / {self.val_videos} val videos, {self.classes} classes",
+                 f"  rows read: {self.rows_read}",
+                 f"  duplicates removed: {self.duplicates_removed}, val/test leaks removed: {self.val_leaks_removed}, "
+                 f"label conflicts: {self.label_conflicts}",
+                 f"  listed but missing: {self.missing_train} train, {self.missing_val} val"
+                 + (f" (e.g. {', '.join(self.missing_examples[:3])})" if self.missing_examples else ""),
+                 f"  classes per release: {self.classes_per_release}"]
+        for release, names in self.classes_in_one_release.items():
+            if names:
+                more = " ..." if len(names) > 8 else ""
+                lines.append(f"  only in {release} ({len(names)}): {', '.join(names[:8])}{more}")
+        return "\n".join(lines)
+
+
+def assemble_k710(
+    annotations: Iterable[tuple[str, str | Path]],
+    video_dir: str | Path | None,
+    out_dir: str | Path,
+    *,
+    aliases: dict[str, str] | None = None,
+    keep_missing: bool = False,
+) -> K710Report:
+    """Build K710 from (release, csv path) pairs; write out_dir/{train.csv, val.csv, labels.json,
+    k710_report.json}. With `video_dir` None (or `keep_missing`), listed videos are kept without checking
+    files and the manifests name `<id>.mp4` under video_dir."""
+    alias = {normalize_class_name(k): normalize_class_name(v) for k, v in (aliases or {}).items()}
+    rows: list[KineticsRow] = []
+    report = K710Report()
+    for release, path in annotations:
+        got = read_kinetics_csv(path, release)
+        rows += got
+        for r in got:
+            key = f"{r.release}/{r.split}"
+            report.rows_read[key] = report.rows_read.get(key, 0) + 1
+    order = sorted({r.release for r in rows}, key=lambda s: int(re.sub(r"\D", "", s) or 0))
+
+    def key_of(label: str) -> str:
+        k = normalize_class_name(label)
+        return alias.get(k, k)
+
+    # Display names from the newest release; classes per release.
+    display: dict[str, str] = {}
+    per_release: dict[str, set[str]] = {rel: set() for rel in order}
+    for rel in order:
+        for r in rows:
+            if r.release == rel and r.label:
+                display[key_of(r.label)] = display_class_name(r.label)
+                per_release[rel].add(key_of(r.label))
+    held_out = {r.youtube_id for r in rows if r.split in ("val", "test")}
+    # Training union in release order, first occurrence kept; newer releases overwrite the label.
+    train: dict[str, str] = {}
+    for rel in order:
+        for r in rows:
+            if r.release != rel or r.split != "train" or not r.label:
+                continue
+            if r.youtube_id in train:
+                report.duplicates_removed += 1
+                if train[r.youtube_id] != key_of(r.label):
+                    report.label_conflicts += 1
+            train[r.youtube_id] = key_of(r.label)
+    leaks = [yid for yid in train if yid in held_out]
+    report.val_leaks_removed = len(leaks)
+    for yid in leaks:
+        del train[yid]
+    val: dict[str, str] = {}
+    for rel in order:
+        for r in rows:
+            if r.release == rel and r.split == "val" and r.label:
+                val[r.youtube_id] = key_of(r.label)
+    classes = sorted(set(train.values()) | set(val.values()))
+    names = {k: display[k] for k in classes}
+    if len(set(names.values())) != len(names):  # two keys with one display name cannot happen, but be safe
+        raise ValueError("class display names collide after normalisation")
+    labels = {names[k]: i for i, k in enumerate(classes)}
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clips = index_clips(video_dir) if video_dir is not None else {}
+
+    def manifest_rows(items: dict[str, str], split: str) -> list[dict[str, object]]:
+        kept = []
+        for yid, key in sorted(items.items()):
+            path = clips.get(yid)
+            if path is None:
+                if video_dir is not None and not keep_missing:
+                    if split == "train":
+                        report.missing_train += 1
+                    else:
+                        report.missing_val += 1
+                    if len(report.missing_examples) < 10:
+                        report.missing_examples.append(yid)
+                    continue
+                path = Path(video_dir or ".") / f"{yid}.mp4"
+            kept.append({"path": relative_to(path, out), "label": names[key]})
+        return kept
+
+    train_rows, val_rows = manifest_rows(train, "train"), manifest_rows(val, "val")
+    write_manifest(train_rows, out / "train.csv")
+    write_manifest(val_rows, out / "val.csv")
+    save_labels(labels, out / "labels.json")
+    report.train_videos, report.val_videos, report.classes = len(train_rows), len(val_rows), len(labels)
+    report.classes_per_release = {rel: len(keys) for rel, keys in per_release.items()}
+    if len(order) > 1:
+        for rel in order:
+            others = set().union(*(per_release[o] for o in order if o != rel))
+            report.classes_in_one_release[rel] = sorted(display[k] for k in per_release[rel] - others)
+    (out / "k710_report.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
+    return report
