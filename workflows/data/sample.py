@@ -47,7 +47,7 @@ _LOG_SIZE = (math.log(0.14), math.log(0.30))  # object radius as a fraction of t
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 16, *, crf: int = 18, gop: int = 16,
                 codec: str = "libx264") -> None:
-    """Encode (T, H, W, 3) uint8 RGB frames as an H.264 mp4 (yuv420p: H and W must be even)."""
+    """Encode (T, H, W, 3) uint8 RGB frames as an mp4 (H.264 by default; yuv420p: H and W must be even)."""
     import av
 
     t, h, w, _ = frames.shape
@@ -55,7 +55,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 16, *, crf: i
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=int(round(fps)))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.codec_context.options = {"preset": "veryfast", "crf": str(crf), "g": str(gop), "threads": "1"}
+        if codec == "libx264":  # other encoders (used by tests for exotic files) take their defaults
+            stream.codec_context.options = {"preset": "veryfast", "crf": str(crf), "g": str(gop), "threads": "1"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)

@@ -153,13 +153,13 @@ def probe(path: str) -> VideoInfo:
 
 
 def decode_size(width: int, height: int, target_short: int | None, threshold: float) -> tuple[int, int] | None:
-    """(w, h) to decode at (even, short side = target) when the source's short side exceeds threshold x target;
+    """(w, h) to decode at (even, short side >= target) when the source's short side exceeds threshold x target;
     None to decode at the source size."""
     if not target_short or min(width, height) <= threshold * target_short:
         return None
     scale = target_short / min(width, height)
-    w, h = (int(round(width * scale / 2)) * 2, int(round(height * scale / 2)) * 2)
-    return max(w, 2), max(h, 2)
+    # Round up to even sizes, so the short side never falls below the target.
+    return 2 * math.ceil(width * scale / 2), 2 * math.ceil(height * scale / 2)
 
 
 def _pyav_frames(source: str | IO[bytes], wanted: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:

@@ -1,0 +1,175 @@
+"""Ingest units without Ray: config, manifests, sampling indices, transforms, decoding and drop reasons."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.workflows.conftest import GOOD_VIDEOS, frame_ids, index_frames, is_mirrored
+from workflows.config import ConfigError, from_dict
+from workflows.data.config import SSV2_FLIP_PAIRS, DataConfig
+from workflows.data.manifest import ManifestError, load_labels, load_manifest, save_labels, write_manifest
+from workflows.data.pipeline import ClipSpec, decode_batch
+from workflows.data.sampling import frame_window, segment_indices
+from workflows.data.transforms import eval_clips, random_resized_crop_box, resize, train_clip
+from workflows.data.video import BadVideo, decode_size, read_frames
+
+
+def test_config_defaults_and_validation() -> None:
+    cfg = from_dict(DataConfig, {"flip": "swap_labels", "flip_pairs": SSV2_FLIP_PAIRS,
+                                 "decode_node_label": "dist-role=decode"})
+    assert cfg.node_label_selector() == {"dist-role": "decode"}
+    assert DataConfig().node_label_selector() is None
+    for bad in ({"flip": "swap_labels"}, {"flip_pairs": [[1, 2], [2, 3]]}, {"flip_pairs": [[4, 4]]},
+                {"decode_node_label": "dist-role"}, {"eval_crops": 2}, {"max_bad_fraction": 1.5},
+                {"crop_scale": [0.5, 0.4]}, {"flip": "mirror"}, {"decode_actors": -1}):
+        with pytest.raises(ConfigError):
+            from_dict(DataConfig, bad)
+
+
+def test_manifest_resolves_relative_paths_labels_and_windows(tmp_path) -> None:
+    save_labels({"a": 0, "b": 1}, tmp_path / "labels.json")
+    labels = load_labels(str(tmp_path / "labels.json"))
+    write_manifest([{"path": "x/one.mp4", "label": "b", "start": 1.5, "end": 3.0},
+                    {"path": "/abs/two.mp4", "label": "0"}], tmp_path / "m.csv")
+    write_manifest([{"path": "x/one.mp4", "label": "a"}], tmp_path / "m.parquet")
+    m = load_manifest(str(tmp_path / "m.csv"), labels)
+    assert m.table.column("path").to_pylist() == [str(tmp_path / "x/one.mp4"), "/abs/two.mp4"]
+    assert m.table.column("label").to_pylist() == [1, 0]
+    assert m.table.column("label_name").to_pylist() == ["b", "a"]
+    assert m.table.column("start")[0].as_py() == 1.5 and np.isnan(m.table.column("end")[1].as_py())
+    p = load_manifest(str(tmp_path / "m.parquet"), labels)
+    assert p.table.column("path").to_pylist() == [str(tmp_path / "x/one.mp4")]
+
+
+def test_manifest_errors_name_rows_and_labels(tmp_path) -> None:
+    write_manifest([{"path": "a.mp4", "label": "a"}, {"path": "b.mp4", "label": "zebra"}], tmp_path / "m.csv")
+    with pytest.raises(ManifestError, match=r"'zebra' \(row 2\)"):
+        load_manifest(str(tmp_path / "m.csv"), {"a": 0})
+    lenient = load_manifest(str(tmp_path / "m.csv"), {"a": 0}, strict=False)
+    assert lenient.unknown_labels == {"zebra": [1]} and lenient.table.column("label").to_pylist() == [0, -1]
+    (tmp_path / "gap.json").write_text(json.dumps({"a": 0, "b": 2}))
+    with pytest.raises(ManifestError, match="missing"):
+        load_labels(str(tmp_path / "gap.json"))
+    with pytest.raises(ManifestError, match="does not exist"):
+        load_manifest(str(tmp_path / "nope.csv"), None)
+
+
+def test_segment_indices_follow_the_reference() -> None:
+    # 40 frames, 8 segments of 5 frames: edges 0, 5, ..., 40.
+    mid = segment_indices(0, 40, 8, mode="eval")
+    np.testing.assert_array_equal(mid, [2, 8, 12, 18, 22, 28, 32, 38])  # 2.5, 7.5, ... rounded half to even
+    views = [segment_indices(0, 40, 8, mode="eval", view=v, num_views=3) for v in range(3)]
+    np.testing.assert_array_equal(views[0], [2, 7, 12, 17, 22, 27, 32, 37])  # lo + 5/3
+    np.testing.assert_array_equal(views[1], [3, 8, 13, 18, 23, 28, 33, 38])  # lo + 10/3
+    np.testing.assert_array_equal(views[2], [5, 10, 15, 20, 25, 30, 35, 39])  # segment end, last clamped
+    # A start/end window shifts and narrows the segments.
+    first, last = frame_window(40, 25.0, start=0.4, end=1.2)
+    assert (first, last) == (10, 30)
+    np.testing.assert_array_equal(segment_indices(first, last, 4, mode="eval"), [12, 18, 22, 28])
+    # Train: one random frame inside each segment, reproducible from the seed.
+    a = segment_indices(0, 40, 8, mode="train", rng=np.random.default_rng(7))
+    b = segment_indices(0, 40, 8, mode="train", rng=np.random.default_rng(7))
+    c = segment_indices(0, 40, 8, mode="train", rng=np.random.default_rng(8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert np.all(a >= np.arange(8) * 5) and np.all(a <= np.arange(8) * 5 + 5)
+    # Fewer frames than segments: indices repeat but stay valid.
+    short = segment_indices(0, 3, 8, mode="eval")
+    assert short.min() >= 0 and short.max() <= 2 and len(short) == 8
+
+
+def test_random_resized_crop_box_respects_area_and_ratio() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = random_resized_crop_box(120, 160, rng, (0.4, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= top and top + h <= 120 and 0 <= left and left + w <= 160
+        assert 0.35 <= h * w / (120 * 160) <= 1.0
+        assert 0.7 <= w / h <= 1.4
+
+
+def test_train_clip_flip_modes_and_grayscale() -> None:
+    frames = index_frames(64, 48, 4)
+    pairs = [[0, 1], [5, 6]]
+    clip, label, flipped = train_clip(frames, 5, np.random.default_rng(0), crop_size=32, flip="swap_labels",
+                                      flip_pairs=pairs, flip_p=1.0, grayscale_p=0.0, scale=(1.0, 1.0),
+                                      ratio=(4 / 3, 4 / 3))
+    assert clip.shape == (4, 32, 32, 3) and clip.dtype == np.uint8
+    assert flipped and label == 6 and is_mirrored(clip)
+    np.testing.assert_array_equal(frame_ids(clip), [0, 1, 2, 3])
+    _, label, flipped = train_clip(frames, 5, np.random.default_rng(0), crop_size=32, flip="plain", flip_p=1.0)
+    assert flipped and label == 5
+    clip, label, flipped = train_clip(frames, 5, np.random.default_rng(0), crop_size=32, flip="none", flip_p=1.0,
+                                      grayscale_p=0.0)
+    assert not flipped and label == 5 and not is_mirrored(clip)
+    gray, _, _ = train_clip(frames, 0, np.random.default_rng(0), crop_size=32, grayscale_p=1.0)
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
+
+
+def test_eval_clips_resize_and_three_crops() -> None:
+    frames = index_frames(96, 64, 2)
+    (centre,) = eval_clips(frames, crop_size=32, num_crops=1)
+    left, mid, right = eval_clips(frames, crop_size=32, num_crops=3)
+    assert centre.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(centre, mid)
+    g = [c[..., 1].mean() for c in (left, mid, right)]
+    assert g[0] < g[1] < g[2]  # the green ramp rises left to right
+    const = np.full((1, 50, 70, 3), 77, np.uint8)
+    assert np.all(resize(const, 20, 31) == 77)
+
+
+def test_decode_size_only_shrinks_large_sources() -> None:
+    assert decode_size(340, 256, 37, 1.25) == (50, 38)
+    assert decode_size(64, 44, 37, 1.25) is None  # 44 <= 1.25 x 37: decode at the source size
+    assert decode_size(1920, 1080, None, 1.25) is None
+
+
+def _mid(n: int):
+    return lambda first, last, fps: segment_indices(first, last, 8, mode="eval")
+
+
+def test_read_frames_good_videos_and_decode_time_resize(video_dir) -> None:
+    for name, (w, h, fps, n) in GOOD_VIDEOS.items():
+        d = read_frames(str(video_dir / "clips" / f"{name}.mp4"), _mid(n))
+        assert d.num_frames == n and abs(d.fps - fps) < 0.01 and (d.width, d.height) == (w, h)
+        assert d.frames.shape[1:] == (h, w, 3)
+        np.testing.assert_array_equal(frame_ids(d.frames), d.indices)  # the frames asked for, not neighbours
+    small = read_frames(str(video_dir / "clips" / "big.mp4"), _mid(16), target_short=64)
+    assert small.frames.shape[1:3] == (64, 86) and (small.width, small.height) == (340, 256)
+
+
+def test_read_frames_reports_each_bad_kind(video_dir, tmp_path) -> None:
+    import av
+
+    with av.open(str(tmp_path / "audio.mp4"), "w") as c:  # a container without video
+        s = c.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in list(s.encode(frame)) + list(s.encode()):
+            c.mux(packet)
+    from workflows.data.sample import write_video
+
+    write_video(tmp_path / "av1.mp4", index_frames(64, 64, 4), codec="libsvtav1")  # decord 0.6.0 lacks AV1
+    expected = {video_dir / "clips" / "missing.mp4": "missing", video_dir / "clips" / "empty.mp4": "empty",
+                video_dir / "clips" / "truncated.mp4": "truncated", video_dir / "clips" / "random.mp4": "corrupt",
+                tmp_path / "audio.mp4": "no_video_stream", tmp_path / "av1.mp4": "unsupported_codec"}
+    for path, reason in expected.items():
+        with pytest.raises(BadVideo) as info:
+            read_frames(str(path), _mid(8))
+        assert info.value.reason == reason, (path, info.value)
+    with pytest.raises(BadVideo) as info:  # 16 frames, but the window [0.5 s, 0.6 s) at 24 fps holds 3
+        read_frames(str(video_dir / "clips" / "big.mp4"), _mid(8), start=0.5, end=0.6, min_frames=4)
+    assert info.value.reason == "too_short"
+
+
+def test_decode_batch_without_ray(video_dir) -> None:
+    m = load_manifest(str(video_dir / "bad.csv"), load_labels(str(video_dir / "labels.json")))
+    batch = {k: np.asarray(m.table.column(k).to_numpy(zero_copy_only=False)) for k in m.table.column_names}
+    drops = []
+    spec = ClipSpec(split="eval", num_frames=4, crop_size=24, num_views=2, num_crops=3)
+    out = decode_batch(batch, spec, lambda *args: drops.append(args))
+    assert out["frames"].shape == (len(GOOD_VIDEOS) * 6, 4, 24, 24, 3) and out["frames"].dtype == np.uint8
+    assert sorted(set(out["video_index"].tolist())) == list(range(len(GOOD_VIDEOS)))
+    assert sorted(d[2] for d in drops) == ["corrupt", "empty", "missing", "truncated"]
