@@ -1,6 +1,6 @@
 """Data fixtures for the workflow tests: tiny real mp4 files written once per session.
 
-Every test video encodes its frame index in the red channel (R = 6 * index) and a left-dark/right-bright green
+Every test video encodes its frame index in the red channel (R = 8 * index) and a left-dark/right-bright green
 ramp, so a decoded clip tells which frames were sampled and whether it was mirrored.
 """
 
@@ -11,21 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-INDEX_STEP = 6
+INDEX_STEP = 8  # at most 31 frames per test video
 
 # name -> (width, height, fps, frames): several resolutions, frame rates, lengths and a portrait video. The 48 px
 # wide one hits decord 0.6.0's copy bug for that width and exercises the PyAV fallback.
 GOOD_VIDEOS = {
-    "wide": (96, 64, 25, 40),
+    "wide": (96, 64, 25, 31),
     "tall": (64, 96, 30, 24),
-    "mid": (160, 120, 12, 30),
+    "mid": (160, 120, 12, 28),
     "big": (340, 256, 24, 16),
     "narrow": (48, 64, 10, 20),
 }
 
 
 def index_frames(width: int, height: int, num_frames: int) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames: R = 6 * t, G = horizontal ramp 0..255, B = 96."""
+    """(T, H, W, 3) uint8 frames: R = 8 * t, G = horizontal ramp 0..255, B = 96."""
     frames = np.empty((num_frames, height, width, 3), np.uint8)
     frames[..., 0] = (INDEX_STEP * np.arange(num_frames) % 256)[:, None, None]
     frames[..., 1] = np.linspace(0, 255, width).astype(np.uint8)[None, None, :]
@@ -56,7 +56,7 @@ def video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "clips").mkdir()
     rows = []
     for i, (name, (w, h, fps, n)) in enumerate(GOOD_VIDEOS.items()):
-        write_video(root / "clips" / f"{name}.mp4", index_frames(w, h, n), fps)
+        write_video(root / "clips" / f"{name}.mp4", index_frames(w, h, n), fps, crf=8)  # near-lossless
         rows.append({"path": f"clips/{name}.mp4", "label": f"cls{i}"})
     save_labels({f"cls{i}": i for i in range(len(GOOD_VIDEOS))}, root / "labels.json")
     write_manifest(rows, root / "good.csv")
