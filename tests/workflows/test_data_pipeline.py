@@ -86,3 +86,22 @@ def test_too_many_bad_videos_stop_with_examples(ray_local, video_dir) -> None:
     with pytest.raises(Exception, match="max_bad_fraction=0.2") as info:
         ds.take_all()
     assert any(name in str(info.value) for name in ("missing.mp4", "empty.mp4", "truncated.mp4", "random.mp4"))
+
+
+def test_decode_actors_follow_node_labels(ray_local, video_dir) -> None:
+    from workflows.data.pipeline import decode_cpus, decode_pool_size
+
+    node_id = ray_local.get_runtime_context().get_node_id()
+    total = ray_local.cluster_resources()["CPU"]
+    assert decode_cpus() == total and decode_cpus({"ray.io/node-id": node_id}) == total
+    assert decode_cpus({"dist-role": "decode"}) == 0
+    assert decode_pool_size(DataConfig(decode_threads=2)) == int(total // 2)
+    assert decode_pool_size(DataConfig(decode_actors=3)) == 3
+    with pytest.raises(RuntimeError, match="dist-role"):
+        build_clip_dataset(DataConfig(decode_node_label="dist-role=decode"), str(video_dir / "good.csv"),
+                           str(video_dir / "labels.json"), split="eval", num_frames=T, crop_size=S)
+    # A selector that matches (Ray's default node-id label) really places the decode actors.
+    cfg = DataConfig(decode_node_label=f"ray.io/node-id={node_id}", drop_counter="test-label-drops")
+    ds = build_clip_dataset(cfg, str(video_dir / "good.csv"), str(video_dir / "labels.json"), split="eval",
+                            num_frames=4, crop_size=S)
+    assert len(ds.take_all()) == len(GOOD_VIDEOS)

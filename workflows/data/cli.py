@@ -57,8 +57,10 @@ def _format_check(report: dict[str, Any]) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from workflows.data.manifest import load_manifest
     from workflows.data.pipeline import check_dataset
 
+    load_manifest(args.manifest, None, strict=False)  # a bad path or format fails here, before Ray starts
     _init_ray(args.address)
     if not args.json:
         print(f"checking {args.manifest} ...", flush=True)
@@ -72,8 +74,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_transcode(args: argparse.Namespace) -> int:
+    from workflows.data.manifest import load_manifest
     from workflows.data.transcode import transcode_dataset
 
+    load_manifest(args.manifest, None, strict=False)
     _init_ray(args.address)
     result = transcode_dataset(args.manifest, args.out, short_side=args.short_side, gop=args.gop, crf=args.crf,
                                progress=not args.json)

@@ -1,0 +1,77 @@
+"""`python -m workflows data ...`: the dataset doctor as a real subprocess, transcode, sample and import."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.workflows.conftest import GOOD_VIDEOS
+from workflows.data.cli import main
+from workflows.data.manifest import load_labels, load_manifest
+from workflows.data.sample import write_sample_dataset
+from workflows.data.video import read_frames
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _check(manifest: Path, labels: Path, address: str) -> tuple[int, dict]:
+    proc = subprocess.run([sys.executable, "-m", "workflows", "data", "check", "--manifest", str(manifest),
+                           "--labels", str(labels), "--json", "--address", address],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    return proc.returncode, json.loads(proc.stdout)  # stdout is exactly one JSON object
+
+
+@pytest.mark.integration
+def test_data_check_on_sample_data_and_bad_manifest(ray_local, video_dir, tmp_path) -> None:
+    address = ray_local.get_runtime_context().gcs_address
+    info = write_sample_dataset(tmp_path / "sample", videos_per_class=3, size=32, num_frames=16, workers=1)
+    rc, report = _check(Path(info.train_manifest), Path(info.labels), address)
+    assert rc == 0
+    assert report["videos"] == report["ok"] == info.train_videos and report["dropped"] == {}
+    assert report["frames"]["min"] == report["frames"]["max"] == 16 and report["resolutions"] == {"32x32": 16}
+
+    rc, report = _check(video_dir / "bad.csv", video_dir / "labels.json", address)
+    assert rc == 1
+    assert (report["videos"], report["ok"]) == (len(GOOD_VIDEOS) + 4, len(GOOD_VIDEOS))
+    assert report["dropped"] == {"missing": 1, "empty": 1, "truncated": 1, "corrupt": 1}
+    assert {r: [p.rsplit("/", 1)[-1] for p in ps] for r, ps in report["examples"].items()} == {
+        "missing": ["missing.mp4"], "empty": ["empty.mp4"], "truncated": ["truncated.mp4"], "corrupt": ["random.mp4"]}
+
+
+@pytest.mark.integration
+def test_transcode_writes_small_copies_and_never_touches_originals(ray_local, video_dir, tmp_path) -> None:
+    from workflows.data.transcode import transcode_dataset
+
+    originals = {p: p.read_bytes() for p in (video_dir / "clips").glob("*.mp4")}
+    result = transcode_dataset(str(video_dir / "bad.csv"), tmp_path / "small", short_side=32, progress=False)
+    assert (result["videos"], result["ok"]) == (len(GOOD_VIDEOS) + 4, len(GOOD_VIDEOS))
+    assert sum(result["dropped"].values()) == 4
+    m = load_manifest(result["manifest"], load_labels(str(video_dir / "labels.json")))
+    for path, (name, (w, h, _, n)) in zip(m.table.column("path").to_pylist(), GOOD_VIDEOS.items(), strict=True):
+        assert path.startswith(str(tmp_path / "small" / "videos")) and path.endswith(f"{name}.mp4")
+        d = read_frames(path, lambda a, b, fps: np.arange(a, b))
+        assert d.num_frames == n and min(d.width, d.height) == 32
+        assert abs(d.width / d.height - w / h) < 0.1
+    assert {p: p.read_bytes() for p in (video_dir / "clips").glob("*.mp4")} == originals
+    with pytest.raises(ValueError, match="originals"):
+        transcode_dataset(str(video_dir / "bad.csv"), video_dir, progress=False)
+
+
+def test_sample_and_import_commands(tmp_path, capsys) -> None:
+    assert main(["sample", "--out", str(tmp_path / "s"), "--videos-per-class", "2", "--size", "32", "--frames",
+                 "8", "--workers", "1", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["train_videos"] == 8 and info["val_videos"] == 8
+    assert len(load_manifest(info["train_manifest"], load_labels(info["labels"]))) == 8
+    (tmp_path / "list.txt").write_text("a/x.mp4 jump\nb/y.mp4 run\n")
+    assert main(["import", "list", "--list", str(tmp_path / "list.txt"), "--out", str(tmp_path / "l" / "m.csv")]) == 0
+    assert load_labels(str(tmp_path / "l" / "labels.json")) == {"jump": 0, "run": 1}
+    assert main(["check", "--manifest", str(tmp_path / "nope.csv")]) == 2  # a clear error, not a traceback

@@ -1,0 +1,104 @@
+"""Kinetics-710 assembly and the SSV2 / list importers, on small annotation files written by the tests."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from workflows.data.importers import import_list, import_ssv2
+from workflows.data.kinetics import assemble_k710, normalize_class_name
+from workflows.data.manifest import load_labels, load_manifest
+
+
+def _ids(n: int, prefix: str) -> list[str]:
+    return [f"{prefix}{i:0{11 - len(prefix)}d}" for i in range(n)]
+
+
+def _write_csv(path, rows, with_label: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow((["label"] if with_label else []) + ["youtube_id", "time_start", "time_end", "split"])
+        for label, yid, split in rows:
+            w.writerow(([label] if with_label else []) + [yid, 10, 20, split])
+
+
+def test_normalize_class_name_merges_release_spellings() -> None:
+    variants = ["passing American football (in game)", "passing_american_football_(in_game)",
+                "Passing American Football In Game", ' "passing american football  (in game)" ']
+    assert {normalize_class_name(v) for v in variants} == {"passing american football in game"}
+    assert normalize_class_name("tossing coin") != normalize_class_name("tossing salad")
+
+
+def test_k710_dedups_removes_val_leaks_and_counts_missing(tmp_path) -> None:
+    t4, t6, t7 = _ids(4, "a"), _ids(4, "b"), _ids(3, "c")
+    v4, v7, test7 = "v4000000000", "v7000000000", "t7000000000"
+    ann = tmp_path / "ann"
+    _write_csv(ann / "k400" / "train.csv", [("abseiling", t4[0], "train"), ("passing American football (in game)",
+               t4[1], "train"), ("abseiling", t4[2], "train"), ("abseiling", t4[3], "train"),
+                                            ("abseiling", v7, "train")])  # v7 leaks into K700's val
+    _write_csv(ann / "k400" / "validate.csv", [("abseiling", v4, "val")])
+    _write_csv(ann / "k600" / "train.csv", [("Abseiling", t4[0], "train"),  # duplicate of a K400 video
+                                            ("passing_American_football_(in_game)", t6[0], "train"),
+                                            ("abseiling", v4, "train"),  # leak: K400 val
+                                            ("Tossing 'coin'", t6[1], "train"), ("abseiling", t6[2], "train"),
+                                            ("abseiling", t6[3], "train")])
+    _write_csv(ann / "k700" / "train.csv", [("tossing coin", t7[0], "train"), ("tossing coin", t6[1], "train"),
+                                            ("juggling", t7[1], "train"), ("juggling", test7, "train"),
+                                            ("juggling", t7[2], "train")])
+    _write_csv(ann / "k700" / "validate.csv", [("juggling", v7, "val")])
+    _write_csv(ann / "k700" / "test.csv", [("", test7, "test")], with_label=False)
+    videos = tmp_path / "clips"
+    videos.mkdir()
+    on_disk = [*t4, *t6[:3], *t7, v4, v7]  # t6[3] listed but never downloaded
+    for yid in on_disk:
+        sub = videos / yid[0]
+        sub.mkdir(exist_ok=True)
+        (sub / f"{yid}_000010_000020.mp4").write_bytes(b"x")
+    csvs = [(rel, p) for rel in ("k400", "k600", "k700") for p in sorted((ann / rel).glob("*.csv"))]
+    report = assemble_k710(csvs, videos, tmp_path / "k710")
+
+    labels = load_labels(str(tmp_path / "k710" / "labels.json"))
+    assert sorted(labels) == ["abseiling", "juggling", "passing American football (in game)", "tossing coin"]
+    train = load_manifest(str(tmp_path / "k710" / "train.csv"), labels)
+    val = load_manifest(str(tmp_path / "k710" / "val.csv"), labels)
+    train_ids = {p.rsplit("/", 1)[-1][:11] for p in train.table.column("path").to_pylist()}
+    expected = set(t4) | set(t6[:3]) | set(t7)  # union, de-duplicated, leaks and the missing file removed
+    assert train_ids == expected
+    assert {v4, v7, test7}.isdisjoint(train_ids)
+    assert {p.rsplit("/", 1)[-1][:11] for p in val.table.column("path").to_pylist()} == {v4, v7}
+    assert report.duplicates_removed == 2  # t4[0] in K600, t6[1] in K700
+    assert report.val_leaks_removed == 3  # v7 (K400 train), v4 (K600 train), test7 (K700 train)
+    assert report.missing_train == 1 and report.missing_val == 0 and report.missing_examples == [t6[3]]
+    assert (report.train_videos, report.val_videos, report.classes) == (len(expected), 2, 4)
+    names = dict(zip(train.table.column("path").to_pylist(), train.table.column("label_name").to_pylist(),
+                     strict=True))
+    assert names[str(videos / "b" / f"{t6[0]}_000010_000020.mp4")] == "passing American football (in game)"
+    assert json.loads((tmp_path / "k710" / "k710_report.json").read_text())["val_leaks_removed"] == 3
+
+
+def test_import_ssv2_and_plain_lists(tmp_path) -> None:
+    (tmp_path / "videos").mkdir()
+    for vid in ("11", "12"):
+        (tmp_path / "videos" / f"{vid}.webm").write_bytes(b"x")
+    (tmp_path / "labels.json").write_text(json.dumps({"Pushing something from left to right": "0",
+                                                      "Pushing something from right to left": "1"}))
+    (tmp_path / "train.json").write_text(json.dumps([
+        {"id": "11", "template": "Pushing [something] from left to right", "label": "pushing a cup ..."},
+        {"id": "12", "template": "Pushing [something] from right to left"},
+        {"id": "13", "template": "Pushing [something] from right to left"}]))
+    report = import_ssv2(tmp_path / "train.json", tmp_path / "labels.json", tmp_path / "videos",
+                         tmp_path / "out" / "train.csv")
+    assert (report.videos, report.missing, report.missing_examples) == (2, 1, ["13"])
+    m = load_manifest(str(tmp_path / "out" / "train.csv"), load_labels(str(tmp_path / "out" / "labels.json")))
+    assert m.table.column("label").to_pylist() == [0, 1]
+    assert m.table.column("path").to_pylist()[0] == str(tmp_path / "videos" / "11.webm")
+
+    (tmp_path / "k400_train_list.txt").write_text("abseiling/a.mp4 0\njuggling/b.mp4 1\n\njuggling/c.mp4 1\n")
+    (tmp_path / "k400_labels.json").write_text(json.dumps({"abseiling": 0, "juggling": 1}))
+    report = import_list(tmp_path / "k400_train_list.txt", tmp_path / "k400" / "train.csv",
+                         root=tmp_path / "k400_videos", labels=tmp_path / "k400_labels.json")
+    assert report.videos == 3
+    m = load_manifest(str(tmp_path / "k400" / "train.csv"), load_labels(str(tmp_path / "k400" / "labels.json")))
+    assert m.table.column("label_name").to_pylist() == ["abseiling", "juggling", "juggling"]
+    assert m.table.column("path").to_pylist()[0] == str(tmp_path / "k400_videos" / "abseiling" / "a.mp4")
