@@ -50,6 +50,16 @@ def load_open_clip(arch: str, pretrained: str | None) -> nn.Module:
         ) from exc
 
 
+def _scalar_parameters_to_buffers(module: nn.Module) -> None:
+    """Hold frozen 0-dim parameters (CLIP's logit_scale) as buffers: DeepSpeed's start-up broadcast views every
+    parameter as bytes, which fails for 0-dim tensors; a frozen scalar is state, not a parameter, anyway."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and param.dim() == 0:
+                del sub._parameters[name]
+                sub.register_buffer(name, param.detach().clone())
+
+
 class FrozenCLIP(nn.Module):
     """An open_clip model used read-only: image-block tokens, CLIP image embeddings, text embeddings."""
 
@@ -60,6 +70,7 @@ class FrozenCLIP(nn.Module):
         self.arch = arch
         self.model = load_open_clip(arch, pretrained)
         self.model.requires_grad_(False)
+        _scalar_parameters_to_buffers(self.model)
         self.model.to(_DTYPES[precision])
         self.tokenizer = open_clip.get_tokenizer(arch)
         visual = self.model.visual

@@ -13,6 +13,7 @@ import sys
 # command -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("workflows.data.cli", "video dataset tools: check, transcode, k710, sample, import"),
+    "pretrain": ("workflows.pretrain", "pre-train or fine-tune DiST with Ray Train + DeepSpeed, tracked in MLflow"),
 }
 
 

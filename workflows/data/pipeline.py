@@ -331,11 +331,17 @@ def build_clip_dataset(
     seed: int = 0,
     epoch: int = 0,
     counter_split: str | None = None,
+    shard: tuple[int, int] | None = None,
+    skip: int = 0,
 ) -> Any:
     """A streaming ray.data.Dataset of clips (schema in the module docstring) for one epoch of `manifest`.
 
     Training rows are shuffled with (seed, epoch); build one dataset per epoch. Drops are counted under
-    `counter_split` (default: `split`) and `epoch` in the DropCounter named `cfg.drop_counter`."""
+    `counter_split` (default: `split`) and `epoch` in the DropCounter named `cfg.drop_counter`.
+
+    `shard=(rank, world)` keeps every world-th video of the (shuffled) epoch order, so each training worker
+    reads its own disjoint part and every video is seen once per epoch; `skip` drops that many videos from the
+    front of the shard (resuming inside an epoch)."""
     import ray
 
     if split not in ("train", "eval"):
@@ -351,9 +357,17 @@ def build_clip_dataset(
     if split == "train":  # the per-epoch shuffle: a permutation of the (small) manifest, never of frames
         perm = np.random.default_rng([seed, epoch]).permutation(table.num_rows)
         table = table.take(pa.array(perm))
+    videos_in_epoch = table.num_rows  # the bad-fraction limit is over the whole epoch, whoever decodes what
+    if shard is not None:
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard {shard} must be (rank, world) with 0 <= rank < world")
+        table = table.take(pa.array(np.arange(rank, table.num_rows, world)))
+    if skip:
+        table = table.slice(min(skip, table.num_rows))
     key = counter_split or split
     counter = drop_counter(cfg.drop_counter)
-    ray.get(counter.register.remote(key, epoch, table.num_rows, cfg.max_bad_fraction))
+    ray.get(counter.register.remote(key, epoch, videos_in_epoch, cfg.max_bad_fraction))
     spec = ClipSpec.from_config(cfg, split=split, num_frames=num_frames, crop_size=crop_size, num_views=num_views,
                                 num_crops=num_crops, seed=seed, epoch=epoch, counter_split=key)
     pool = decode_pool_size(cfg)

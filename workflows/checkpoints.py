@@ -1,0 +1,106 @@
+"""Training checkpoints: what is in one, how it is written and read, and how a model is initialised from one.
+
+A checkpoint directory (one per reported step, managed by Ray Train) holds:
+
+    ds/                    DeepSpeed's own checkpoint (trainable weights, optimizer, lr scheduler), readable by
+                           DeepSpeed's tools (e.g. zero_to_fp32.py); written by every rank, merged by Ray
+    weights.safetensors    the trainable weights alone (keys `dist_net.*`), for evaluate / predict / init_from
+    state.json             step, epoch, position inside the epoch, metrics; the DiST and data config
+    recipe.yaml            the resolved recipe of the run
+
+Nothing here unpickles arbitrary objects: safetensors and JSON are data-only, and DeepSpeed's files are read
+with `torch.load(weights_only=True)` and an explicit allowlist of DeepSpeed's own state classes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DS_TAG = "ds"
+WEIGHTS = "weights.safetensors"
+STATE = "state.json"
+RECIPE = "recipe.yaml"
+
+
+def _deepspeed_safe_globals() -> list:
+    """DeepSpeed classes that appear in its own checkpoints and are plain state, not code."""
+    out: list = []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        out += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:  # a DeepSpeed version that moved them: weights_only will name what is missing
+        pass
+    import argparse
+    import collections
+
+    return out + [collections.OrderedDict, collections.defaultdict, argparse.Namespace, set]
+
+
+def install_safe_checkpoint_engine(engine: Any) -> None:
+    """Make a DeepSpeed engine read checkpoints with `weights_only=True` (its default engine unpickles freely)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine = SafeTorchCheckpointEngine(engine._config)
+
+
+def write_checkpoint(directory: Path, *, engine: Any, model: torch.nn.Module, rank: int, state: dict[str, Any],
+                     recipe_yaml: str) -> None:
+    """Write a checkpoint into `directory` (every rank calls this with its own local directory)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"dist_state": state},
+                           exclude_frozen_parameters=True)
+    if rank == 0:
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(directory / WEIGHTS))
+        (directory / STATE).write_text(json.dumps(state, indent=2, default=str))
+        (directory / RECIPE).write_text(recipe_yaml)
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a DiST checkpoint (no {STATE})")
+    return json.loads(path.read_text())
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Trainable weights of a checkpoint directory (safetensors: data only)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a DiST checkpoint (no {WEIGHTS})")
+    return load_file(str(path))
+
+
+def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
+    """Initialise trainable weights from one of our checkpoint directories or an authors' checkpoint file.
+
+    Only the label texts differ between pre-training and fine-tuning, so every weight transfers; frame-count
+    dependent tensors are interpolated. Returns a one-paragraph report.
+    """
+    from dist_model.checkpoint import load_authors_checkpoint
+
+    source = Path(source)
+    state: Any = read_weights(source) if source.is_dir() else source
+    if getattr(model, "trainable_name", "dist_net") != "dist_net":
+        result = model.load_state_dict(read_weights(source) if source.is_dir() else {}, strict=True)
+        return f"loaded {source} into {model.trainable_name} ({result})"
+    report = load_authors_checkpoint(model, state)
+    if report.mismatched or len(report.loaded) == 0:
+        raise RuntimeError(f"init_from {source} does not fit this model:\n{report.summary()}")
+    return f"initialised from {source}: {report.summary()}"

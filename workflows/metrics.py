@@ -1,0 +1,110 @@
+"""Classification metrics shared by validation during training and the `evaluate` workflow.
+
+Scores of several views of one video are summed (softmax probabilities, reference §4.2) before ranking.
+Everything accumulates into tensors so ranks can all-reduce them: each clip is counted once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class VideoScores:
+    """Per-video summed softmax scores of one rank; `counts()` gives top-1/top-5 hits and a confusion matrix."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.scores: dict[int, torch.Tensor] = {}
+        self.labels: dict[int, int] = {}
+
+    def add(self, video_index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        probs = torch.softmax(logits.float(), dim=-1).cpu()
+        for vid, p, y in zip(video_index.tolist(), probs, labels.tolist(), strict=True):
+            self.scores[vid] = self.scores[vid] + p if vid in self.scores else p.clone()
+            self.labels[vid] = y
+
+    def counts(self) -> dict[str, torch.Tensor]:
+        """{"top1", "top5", "videos"} scalars and "confusion" (K, K) [true, predicted], float64 for all-reduce."""
+        k = self.num_classes
+        confusion = torch.zeros(k, k, dtype=torch.float64)
+        top1 = top5 = 0.0
+        if self.scores:
+            vids = sorted(self.scores)
+            scores = torch.stack([self.scores[v] for v in vids])
+            labels = torch.tensor([self.labels[v] for v in vids])
+            ranked = scores.topk(min(5, k), dim=-1).indices
+            top1 = float((ranked[:, 0] == labels).sum())
+            top5 = float((ranked == labels[:, None]).any(dim=-1).sum())
+            confusion.index_put_((labels, ranked[:, 0]), torch.ones(len(vids), dtype=torch.float64), accumulate=True)
+        return {"top1": torch.tensor(top1, dtype=torch.float64), "top5": torch.tensor(top5, dtype=torch.float64),
+                "videos": torch.tensor(float(len(self.scores)), dtype=torch.float64), "confusion": confusion}
+
+
+def summarize(counts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Accuracies in percent from (all-reduced) counts."""
+    videos = max(1.0, float(counts["videos"]))
+    confusion = counts["confusion"]
+    per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
+    return {"top1": 100.0 * float(counts["top1"]) / videos, "top5": 100.0 * float(counts["top5"]) / videos,
+            "mean_class_acc": 100.0 * float(per_class[confusion.sum(dim=1) > 0].mean()) if videos else 0.0,
+            "videos": float(counts["videos"])}
+
+
+def all_reduce_counts(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum counts over ranks (no-op outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts
+    out = {}
+    for key, value in counts.items():
+        tensor = value.clone()
+        dist.all_reduce(tensor)
+        out[key] = tensor
+    return out
+
+
+def save_confusion_png(confusion: torch.Tensor, class_names: list[str], path: str | Path, title: str = "") -> None:
+    """Row-normalised confusion matrix as an image (class names shown when there are few)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = confusion.shape[0]
+    norm = (confusion / confusion.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
+    size = min(24.0, 3.0 + 0.35 * k)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if k <= 40:
+        ax.set_xticks(range(k), class_names, rotation=90, fontsize=8)
+        ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix (row-normalised)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_curves_png(history: dict[str, list[tuple[int, float]]], path: str | Path) -> None:
+    """Training curves: one panel per metric, x = optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, points in history.items() if points]
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4.5 * max(1, len(names)), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=False):
+        steps, values = zip(*history[name], strict=True)
+        ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,49 @@
+"""Learning-rate schedule and the DeepSpeed config derived from a recipe (reference §4.1)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from workflows.recipe import Recipe
+
+
+def lr_at(step: int, *, peak: float, total: int, warmup: int, start: float, floor: float = 0.0) -> float:
+    """Per-step lr: linear warm-up from `start` to `peak` over `warmup` steps, then half-cosine to `floor`."""
+    if warmup > 0 and step < warmup:
+        return start + (peak - start) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` merged into a copy of `base`, recursing into nested dicts."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    """ZeRO stage, precision, micro-batch, accumulation and clipping from the typed recipe, then the raw
+    `train.deepspeed` block deep-merged on top (the escape hatch)."""
+    train = recipe.train
+    precision = recipe.precision()
+    config: dict[str, Any] = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": recipe.grad_accum_steps,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "auto_cast": False},
+        # We hand DeepSpeed a torch AdamW (its fused Adam needs a JIT build); ZeRO accepts it with this flag.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # progress is printed by the workflow
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(config, train.deepspeed)

@@ -1,0 +1,388 @@
+"""Pre-training and fine-tuning: `python -m workflows pretrain --config RECIPE.yaml [--set key=value ...]`.
+
+The driver validates the recipe (before any Ray work), then runs a Ray Train `TorchTrainer`. Each worker builds
+DiST, wraps it in a DeepSpeed engine (only the trainable part is optimised; the frozen CLIP rides along
+without gradients), and trains on its clip feed (see feeds.py) with the reference recipe: AdamW, warm-up +
+cosine per step, mixup/cutmix/label smoothing and CLIP normalisation on the device. Validation every N steps
+is distributed (each val clip counted once); every validation reports a checkpoint. Fine-tuning is the same
+workflow with `train.init_from` and another label file: only the label texts change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from workflows.config import ConfigError, dump_yaml
+from workflows.recipe import (
+    Recipe,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_dict,
+    with_absolute_paths,
+    with_run_scoped_names,
+)
+
+LOG_PREFIX = "[pretrain]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# worker side
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fail_once_marker(recipe: Recipe) -> Path:
+    base = Path(recipe.run_dir) if "://" not in recipe.run_dir else Path(tempfile.gettempdir()) / recipe.run.name
+    return base / ".injected_failure_done"
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker: build, (resume,) train, validate, checkpoint."""
+    import ray.data
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    recipe = recipe_from_dict(config["recipe"])
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-worker pipelines: bars garble the log
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = recipe.scaling.use_gpu
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo) on CPU-only runs
+    import deepspeed
+
+    from dist_model import build_dist, build_spatial_only, normalize_video
+    from workflows.checkpoints import DS_TAG, init_model_from, install_safe_checkpoint_engine, write_checkpoint
+    from workflows.data.pipeline import get_drop_report
+    from workflows.feeds import ClipFeeds, drop_summary, steps_per_epoch, total_steps
+    from workflows.metrics import VideoScores, all_reduce_counts, save_confusion_png, save_curves_png, summarize
+    from workflows.mixup import mix_batch, soft_cross_entropy
+    from workflows.optim import build_deepspeed_config, lr_at
+    from workflows.tracking import Tracker
+
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    torch.manual_seed(recipe.train.seed)  # identical init on every rank (DeepSpeed also broadcasts it)
+    if not use_gpu:
+        torch.set_num_threads(max(1, int(recipe.scaling.cpus_per_worker)))
+
+    # --- model, optimiser, schedule ---
+    cfg = recipe.model_cfg
+    build = build_spatial_only if recipe.model.variant == "spatial_only" else build_dist
+    model = build(cfg)
+    if recipe.train.init_from and ray.train.get_checkpoint() is None:
+        message = init_model_from(model, recipe.train.init_from)
+        if rank == 0:
+            print(f"{LOG_PREFIX} {message}", flush=True)
+    model.to(device)
+
+    feeds = ClipFeeds(recipe, rank, world, device)
+    class_names = feeds.class_names
+    per_epoch = steps_per_epoch(recipe, len(feeds.train_manifest))
+    total = total_steps(recipe, len(feeds.train_manifest))
+    warmup = round(recipe.train.warmup_epochs * per_epoch) if not recipe.train.max_steps else \
+        min(round(recipe.train.warmup_epochs * per_epoch), total // 5)
+    peak = recipe.peak_lr
+    optimizer = torch.optim.AdamW(model.param_groups(recipe.train.weight_decay), lr=peak,
+                                  betas=tuple(recipe.train.betas))
+    for group in optimizer.param_groups:
+        group.pop("name", None)  # DeepSpeed's ZeRO wrapper copies groups; keep only torch's keys
+
+    def schedule(step: int) -> float:
+        return lr_at(step, peak=peak, total=total, warmup=warmup, start=recipe.train.warmup_start_lr,
+                     floor=recipe.train.min_lr) / peak
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=build_deepspeed_config(recipe), dist_init_required=False)
+    install_safe_checkpoint_engine(engine)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision(), torch.float32)
+
+    # --- resume ---
+    step, epoch, position = 0, 0, 0
+    history: dict[str, list[tuple[int, float]]] = {"loss": [], "lr": [], "val_top1": [], "clips_per_s": []}
+    best = {"val_top1": -1.0}
+    mlflow_run_id = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            _, client = engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
+        state = client["dist_state"]
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        history = {k: [tuple(p) for p in v] for k, v in state.get("history", history).items()}
+        best = state.get("best", best)
+        mlflow_run_id = state.get("mlflow_run_id")
+        if rank == 0:
+            print(f"{LOG_PREFIX} resumed from step {step} (epoch {epoch}, micro-batch {position})", flush=True)
+
+    # --- tracking (rank 0) ---
+    tracker = Tracker(None)
+    if rank == 0 and recipe.mlflow.enabled:
+        from workflows.tracking import default_tracking_uri
+
+        uri = recipe.mlflow.tracking_uri or default_tracking_uri(recipe.run_dir)
+        tracker = Tracker(uri, recipe.mlflow.experiment, run_name=recipe.run.name, run_id=mlflow_run_id,
+                          parent_run_id=config.get("mlflow_parent_run_id"))
+        if mlflow_run_id is None:
+            tracker.log_params(recipe_to_dict(recipe))
+            tracker.log_text(dump_yaml(recipe), "recipe.yaml")
+            tracker.log_metrics({"trainable_params": float(model.num_trainable_params())}, step=0)
+        mlflow_run_id = tracker.run_id
+        print(f"{LOG_PREFIX} {model.num_trainable_params():,} trainable parameters; {total} steps "
+              f"({per_epoch}/epoch), global batch {recipe.train.global_batch_size} = {recipe.train.micro_batch_size}"
+              f" x {world} workers x {recipe.grad_accum_steps} accumulation; peak lr {peak:.3g}; "
+              f"precision {recipe.precision()}; ZeRO-{recipe.train.zero_stage}", flush=True)
+
+    def validate() -> dict[str, Any]:
+        engine.eval()
+        scores = VideoScores(len(class_names))
+        with torch.no_grad():
+            for batch in feeds.val_batches():
+                video = normalize_video(batch["frames"], dtype)
+                logits = engine(video, class_names, recipe.eval.zero_shot_fusion)
+                scores.add(batch["video_index"], logits, batch["label"])
+        engine.train()
+        counts = all_reduce_counts(scores.counts())
+        return {**summarize(counts), "confusion": counts["confusion"]}
+
+    def report(metrics: dict[str, float], final: bool = False) -> None:
+        """Checkpoint on every rank, then one ray.train.report (a barrier) with the checkpoint."""
+        state = {"step": step, "epoch": epoch, "position": position, "history": history, "best": best,
+                 "mlflow_run_id": mlflow_run_id, "metrics": metrics, "class_names": class_names,
+                 "model": recipe_to_dict(recipe)["model"], "final": final}
+        with tempfile.TemporaryDirectory(prefix="dist-ckpt-") as tmp:
+            write_checkpoint(Path(tmp), engine=engine, model=model, rank=rank, state=state,
+                             recipe_yaml=dump_yaml(recipe))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    # --- training loop ---
+    micro_per_epoch = feeds.micro_batches_per_epoch()  # a multiple of accum: epochs end on a step boundary
+    accum = recipe.grad_accum_steps
+    eval_every = recipe.eval.every_steps or per_epoch
+    mix_gen = torch.Generator().manual_seed(recipe.train.seed * 1000 + rank + 7 * step)
+    engine.train()
+    window = {"start": time.perf_counter(), "wait": 0.0, "clips": 0, "losses": []}
+    run_start, done_at_start = time.perf_counter(), step
+    marker = _fail_once_marker(recipe)
+
+    def log_progress() -> None:
+        elapsed = time.perf_counter() - window["start"]
+        stats = torch.tensor([sum(window["losses"]), len(window["losses"]), window["clips"], window["wait"], elapsed])
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        loss_avg = float(stats[0] / max(1, stats[1]))
+        clips_s = float(stats[2] / max(1e-9, stats[4] / world))  # all ranks' clips over the mean wall time
+        wait_frac = float(stats[3] / max(1e-9, stats[4]))
+        lr = engine.get_lr()[0]
+        history["loss"].append((step, loss_avg))
+        history["lr"].append((step, lr))
+        history["clips_per_s"].append((step, clips_s))
+        if rank == 0:
+            rate = (step - done_at_start) / max(1e-9, time.perf_counter() - run_start)
+            print(f"{LOG_PREFIX} step {step}/{total} | epoch {epoch} | loss {loss_avg:.4f} | lr {lr:.3g} | "
+                  f"{clips_s:.1f} clips/s | data wait {100 * wait_frac:.0f}% | "
+                  f"ETA {(total - step) / max(1e-9, rate) / 60:.1f} min", flush=True)
+            tracker.log_metrics({"loss": loss_avg, "lr": lr, "clips_per_s": clips_s, "data_wait_fraction": wait_frac,
+                                 "epoch": float(epoch)}, step=step)
+        window.update(start=time.perf_counter(), wait=0.0, clips=0, losses=[])
+
+    def validate_and_checkpoint() -> None:
+        nonlocal best
+        val = validate()
+        metrics: dict[str, Any] = {"step": step, "epoch": epoch, "val_top1": val["top1"], "val_top5": val["top5"],
+                                   "val_mean_class_acc": val["mean_class_acc"]}
+        history["val_top1"].append((step, val["top1"]))
+        if val["top1"] > best["val_top1"]:
+            best = {"val_top1": val["top1"], "step": step}
+        if rank == 0:
+            print(f"{LOG_PREFIX} validation at step {step}: top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% "
+                  f"({int(val['videos'])} videos; best {best['val_top1']:.2f}% at step {best['step']})", flush=True)
+            drops = drop_summary(get_drop_report("train", None, name=recipe.data.drop_counter))
+            tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val_")} | drops, step=step)
+            if step == total:
+                with tempfile.TemporaryDirectory() as tmp:
+                    png = Path(tmp) / "confusion_matrix.png"
+                    save_confusion_png(val["confusion"], class_names, png,
+                                       f"validation, step {step}: top-1 {val['top1']:.1f}%")
+                    tracker.log_artifact(png)
+        report(metrics, final=step == total)
+
+    while step < total:
+        fetch_start = time.perf_counter()
+        for batch in feeds.train_batches(epoch, start=position):
+            window["wait"] += time.perf_counter() - fetch_start
+            video = normalize_video(batch["frames"], dtype)
+            video, targets = mix_batch(
+                video, batch["label"], len(class_names), mixup_alpha=recipe.train.mixup_alpha,
+                cutmix_alpha=recipe.train.cutmix_alpha, prob=recipe.train.mix_prob,
+                switch_prob=recipe.train.mix_switch_prob, smoothing=recipe.train.label_smoothing, generator=mix_gen)
+            loss = soft_cross_entropy(engine(video, class_names), targets)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed applies the optimizer and the lr schedule at accumulation boundaries
+            window["losses"].append(loss.item())
+            window["clips"] += video.shape[0]
+            position += 1
+            fetch_start = time.perf_counter()
+            if position % accum:
+                continue
+            step += 1
+            if recipe.train.fail_at_step == step and rank == recipe.train.fail_rank and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"injected failure at step {step}\n")
+                raise RuntimeError(f"injected failure at step {step} (train.fail_at_step) on rank {rank}")
+            if step % recipe.train.log_every_steps == 0 or step == total:
+                log_progress()
+            epoch_done = position >= micro_per_epoch
+            if epoch_done:  # checkpoints taken now must point at the start of the next epoch
+                epoch, position = epoch + 1, 0
+            if step % eval_every == 0 or step == total:
+                validate_and_checkpoint()
+                fetch_start = time.perf_counter()
+            if epoch_done or step >= total:
+                break
+
+    # --- wrap-up (rank 0): artifacts ---
+    if rank == 0:
+        drop_report = get_drop_report("train", None, name=recipe.data.drop_counter)
+        if drop_report.total_dropped:
+            print(f"{LOG_PREFIX} dropped videos: {drop_report.summary()}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            curves = Path(tmp) / "training_curves.png"
+            save_curves_png(history, curves)
+            tracker.log_artifact(curves)
+            from safetensors.torch import save_file
+
+            weights = Path(tmp) / "weights.safetensors"
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
+                      str(weights))
+            tracker.log_artifact(weights, "final_checkpoint")
+        tracker.finish()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver side
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, callbacks: list | None = None,
+                  name: str | None = None) -> Any:
+    """The Ray Train TorchTrainer for a recipe (also what a Tune trial runs)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    recipe = with_absolute_paths(recipe)
+    scaling = recipe.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    selector = None
+    if scaling.worker_node_label:
+        key, _, value = scaling.worker_node_label.partition("=")
+        selector = {key.strip(): value.strip()}
+    return TorchTrainer(
+        train_loop_per_worker=train_fn_per_worker,
+        train_loop_config={"recipe": recipe_to_dict(recipe), **(extra_config or {})},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=scaling.placement_strategy,
+                                     **({"label_selector": selector} if selector else {})),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name or recipe.run.name,
+            storage_path=recipe.run.storage_path,
+            failure_config=FailureConfig(max_failures=recipe.run.max_failures),
+            # Checkpoints are written at every validation: keep the best k by val top-1 (Ray keeps the latest too).
+            checkpoint_config=CheckpointConfig(num_to_keep=recipe.run.keep_checkpoints,
+                                               checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_order="max"),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def validate_before_start(recipe: Recipe) -> None:
+    """Everything that can be checked without Ray: files, labels, the DeepSpeed config, the tracking store."""
+    from workflows.data.manifest import load_labels, load_manifest
+    from workflows.optim import build_deepspeed_config
+
+    labels = load_labels(recipe.data.labels)
+    for key in ("train_manifest", "val_manifest"):
+        manifest = load_manifest(getattr(recipe.data, key), labels, strict=True)
+        if len(manifest) == 0:
+            raise ConfigError(f"data.{key} {getattr(recipe.data, key)} lists no videos")
+    build_deepspeed_config(recipe)
+    if recipe.mlflow.enabled and recipe.mlflow.tracking_uri is None and "://" in recipe.run.storage_path:
+        raise ConfigError("run.storage_path is remote: set mlflow.tracking_uri to a tracking server (http://...)")
+
+
+def ensure_ray(recipe: Recipe) -> None:
+    """Join the cluster named by RAY_ADDRESS (or a running local one); otherwise start a local cluster whose
+    logical CPUs cover the training workers plus at least one decode actor per worker."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:
+        workers = recipe.scaling.num_workers * recipe.scaling.cpus_per_worker
+        ray.init(num_cpus=int(max(os.cpu_count() or 1, workers + recipe.scaling.num_workers)))
+
+
+def check_capacity(recipe: Recipe) -> None:
+    """Fail fast, instead of hanging, when the cluster cannot hold the workers and a decode actor beside them."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    scaling = recipe.scaling
+    need_cpu = scaling.num_workers * scaling.cpus_per_worker
+    if scaling.use_gpu and gpus < scaling.num_workers * scaling.gpus_per_worker:
+        raise ConfigError(f"scaling asks for {scaling.num_workers} workers x {scaling.gpus_per_worker} GPU but the "
+                          f"cluster has {gpus:g} GPUs (an autoscaling cluster: check its max_workers)")
+    if recipe.data.decode_node_label is None and cpus - need_cpu < recipe.data.decode_threads:
+        raise ConfigError(
+            f"the cluster has {cpus:g} CPUs; the {scaling.num_workers} training workers take {need_cpu:g}, leaving "
+            f"none for video decoding. Lower scaling.cpus_per_worker, add CPU nodes (labelled for decoding: "
+            f"data.decode_node_label), or start Ray with more logical CPUs")
+
+
+def run_pretrain(recipe: Recipe) -> Any:
+    """Validate, start (or join) Ray, train; returns the Ray Train Result."""
+    from workflows.data.pipeline import drop_counter
+
+    validate_before_start(recipe)
+    print(f"{LOG_PREFIX} resolved recipe:\n{dump_yaml(recipe)}", flush=True)
+    ensure_ray(recipe)
+    check_capacity(recipe)
+    recipe = with_run_scoped_names(recipe)
+    counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts
+    result = build_trainer(recipe).fit()
+    del counter
+    metrics = result.metrics or {}
+    print(f"{LOG_PREFIX} finished: step {metrics.get('step')}, val top-1 {metrics.get('val_top1', float('nan')):.2f}%;"
+          f" checkpoint: {result.checkpoint.path if result.checkpoint else None}", flush=True)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workflows pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="recipe YAML (see workflows/configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.config, args.overrides)
+        validate_before_start(recipe)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_pretrain(recipe)
+    return 0

@@ -1,0 +1,237 @@
+"""The training recipe schema: what a `workflows/configs/*.yaml` file holds, section by section.
+
+    model:    a DiST preset plus any DiSTConfig field to override (same names as DiSTConfig)
+    data:     workflows.data.config.DataConfig (manifests, decoding, augmentation, bad-video policy)
+    train:    optimisation recipe (reference §4): batch, lr scaling, schedule, mixing, precision, DeepSpeed
+    eval:     validation during training and final multi-view testing
+    scaling:  Ray Train workers and their resources
+    run:      name, storage, fault tolerance, checkpoint retention
+    mlflow:   tracking
+
+`load_recipe` validates everything (including the model config and the batch arithmetic) before any Ray work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_type_hints
+
+from dist_model import DiSTConfig
+from workflows.config import ConfigError, from_dict, load_config, to_dict
+from workflows.data.config import DataConfig
+
+# The model section: `preset` and `variant`, plus every DiSTConfig field as an optional override (None = the
+# preset's value). Derived from DiSTConfig so the two can never drift apart.
+_MODEL_HINTS = get_type_hints(DiSTConfig)
+_MODEL_FIELDS = [(f.name, _MODEL_HINTS[f.name] | None, dataclasses.field(default=None))
+                 for f in dataclasses.fields(DiSTConfig)]
+
+
+@dataclass
+class _ModelBase:
+    preset: str = "dist_tiny"
+    variant: Literal["dist", "spatial_only"] = "dist"  # spatial_only: the frozen-CLIP, frames-averaged baseline
+
+
+ModelSection = dataclasses.make_dataclass("ModelSection", _MODEL_FIELDS, bases=(_ModelBase,))
+ModelSection.__doc__ = "A DiST preset plus optional overrides of any DiSTConfig field."
+
+
+def model_config(section: Any) -> DiSTConfig:
+    """The DiSTConfig a model section describes (raises ValueError with the reason when invalid)."""
+    overrides = {f.name: getattr(section, f.name) for f in dataclasses.fields(DiSTConfig)
+                 if getattr(section, f.name) is not None}
+    if isinstance(overrides.get("fusion_layers"), list):
+        overrides["fusion_layers"] = tuple(overrides["fusion_layers"])
+    return DiSTConfig.from_name(section.preset, **overrides)
+
+
+@dataclass
+class TrainSection:
+    """Optimisation (reference §4.1). `lr` None = base_lr scaled linearly by global_batch_size / 256."""
+
+    epochs: float = 36.0
+    max_steps: int | None = None  # overrides epochs when set
+    global_batch_size: int = 256
+    micro_batch_size: int = 32  # clips per worker per forward; accumulation = global / (micro * workers)
+    lr: float | None = None
+    base_lr: float = 3.2e-4  # peak lr at global batch 256 (BASE_LR 3.2e-5 x NEW_NET_LRMULT 10)
+    warmup_epochs: float = 6.0
+    warmup_start_lr: float = 8e-7
+    min_lr: float = 0.0
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 0.0  # 0 = off (the reference recipe does not clip)
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    seed: int = 0
+    log_every_steps: int = 10
+    init_from: str | None = None  # a checkpoint of ours (directory) or an authors' .pyth file
+    fail_at_step: int | None = None  # debug: rank `fail_rank` raises once at this step, to exercise recovery
+    fail_rank: int = 0
+    deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed config, deep-merged over the derived one
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 and not self.max_steps:
+            raise ValueError("train.epochs must be positive (or set train.max_steps)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("train.max_steps must be >= 1")
+        for name in ("global_batch_size", "micro_batch_size", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError("train.label_smoothing must lie in [0, 1)")
+        if min(self.mixup_alpha, self.cutmix_alpha) < 0 or not 0 <= self.mix_prob <= 1:
+            raise ValueError("mixup/cutmix alphas must be >= 0 and mix_prob in [0, 1]")
+        if self.zero_stage == 3:
+            raise ValueError("train.zero_stage 3 is not supported: DeepSpeed ZeRO-3 mishandles the frozen CLIP "
+                             "inside the engine; use 1 or 2 (the trainable part is small)")
+
+
+@dataclass
+class EvalSection:
+    every_steps: int = 0  # validation every N steps during training; 0 = at the end of every epoch
+    views: int = 1  # temporal views during training-time validation (final test: see `test_views`)
+    batch_size: int = 16
+    test_views: int = 3  # `workflows evaluate`: 3 temporal views x test_crops, softmax scores summed
+    test_crops: int = 1
+    cache_val_clips: bool = True  # keep decoded val clips in worker memory when they fit (val sampling is fixed)
+    cache_limit_mb: int = 2048
+    zero_shot_fusion: bool = False  # blend with frozen-CLIP logits at evaluation (unseen label sets)
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 2
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Ray node label (key=value) the training workers must run on, e.g. "dist-role=train"; None: anywhere.
+    worker_node_label: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError("scaling.num_workers must be >= 1")
+
+
+@dataclass
+class RunSection:
+    name: str = "dist-run"
+    storage_path: str = "./runs"  # local path or a URI (s3://, gs://) shared by all nodes
+    max_failures: int = 1  # automatic restarts of the worker group from the latest checkpoint
+    keep_checkpoints: int = 2  # checkpoints come with every validation: best k by val top-1, plus the latest
+
+
+@dataclass
+class MlflowSection:
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: sqlite:///<storage_path>/<name>/mlflow.db
+    experiment: str = "dist"
+
+
+@dataclass
+class Recipe:
+    """A complete, validated training run."""
+
+    model: ModelSection = field(default_factory=ModelSection)  # type: ignore[valid-type]
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run: RunSection = field(default_factory=RunSection)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+
+    def __post_init__(self) -> None:
+        try:
+            self._model_cfg = model_config(self.model)
+        except ValueError as exc:
+            raise ValueError(f"model: {exc}") from exc
+        micro, workers = self.train.micro_batch_size, self.scaling.num_workers
+        if self.train.global_batch_size % (micro * workers):
+            raise ValueError(
+                f"train.global_batch_size {self.train.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size x scaling.num_workers = {micro} x {workers}"
+            )
+
+    @property
+    def model_cfg(self) -> DiSTConfig:
+        return self._model_cfg
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.scaling.num_workers)
+
+    @property
+    def peak_lr(self) -> float:
+        """lr, or base_lr scaled linearly with the global batch (reference: 3.2e-4 at 256)."""
+        if self.train.lr is not None:
+            return self.train.lr
+        return self.train.base_lr * self.train.global_batch_size / 256
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.run.storage_path.rstrip('/')}/{self.run.name}"
+
+    def precision(self) -> str:
+        if self.train.precision != "auto":
+            return self.train.precision
+        return "bf16" if self.scaling.use_gpu else "fp32"
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
+    """Load and validate a recipe; with `check_files`, the manifests and label file must exist (local paths)."""
+    recipe = load_config(Recipe, path, overrides)
+    if check_files:
+        check_data_files(recipe)
+    return recipe
+
+
+def check_data_files(recipe: Recipe) -> None:
+    """Fail early (before Ray starts) when a local manifest or label file is missing."""
+    for key in ("train_manifest", "val_manifest", "labels"):
+        value = getattr(recipe.data, key)
+        if not value:
+            raise ConfigError(f"data.{key} is not set; point it at your {key.replace('_', ' ')} file")
+        if "://" not in value and not Path(value).exists():
+            raise ConfigError(f"data.{key}: {value} does not exist")
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """A copy whose local, relative file paths are absolute: Ray workers do not run in the driver's directory."""
+
+    def absolute(value: str | None) -> str | None:
+        if not value or "://" in value or Path(value).is_absolute():
+            return value
+        return str(Path(value).resolve())
+
+    data = dataclasses.replace(recipe.data, **{k: absolute(getattr(recipe.data, k))
+                                                for k in ("train_manifest", "val_manifest", "labels")})
+    train = dataclasses.replace(recipe.train, init_from=absolute(recipe.train.init_from))
+    run = dataclasses.replace(recipe.run, storage_path=absolute(recipe.run.storage_path))
+    return dataclasses.replace(recipe, data=data, train=train, run=run)
+
+
+def with_run_scoped_names(recipe: Recipe) -> Recipe:
+    """A copy whose cluster-wide names (the drop-counter actor) carry the run name, so concurrent runs
+    (Tune trials) never share counts."""
+    name = f"{recipe.data.drop_counter}:{recipe.run.name}"
+    return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, drop_counter=name))
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    """Rebuild a recipe from the plain dict Ray passed to a worker."""
+    return from_dict(Recipe, data)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return to_dict(recipe)
