@@ -1,0 +1,285 @@
+"""train_step: one optimizer step of DiST against full fine-tuning and an adapter baseline, on the same input.
+
+    python -m benchmarks.train_step [--preset dist_b16_k400] [--batch 1] [--steps 5] [--device cpu|cuda]
+                                    [--dtype fp32|bf16]
+
+Variants (random CLIP weights, seeded identically; same video, labels, class names, AdamW settings):
+  dist     DiST as built by `build_dist`: CLIP frozen and run without autograd, only `dist_net` trains.
+  adapter  frozen CLIP with ST-Adapters in every block + a small head; the backward runs through the whole tower.
+  full     DiST's wiring with the CLIP image tower unfrozen: gradients through CLIP, CLIP's weights optimised.
+
+Each variant runs in a fresh subprocess so its peak memory is its own: on CPU the peak resident set (VmHWM) above
+the process's RSS before the model is built (weights, gradients, optimizer state, activations, workspace); on CUDA
+`max_memory_allocated`. Step time is the median over `--steps` timed steps after `--warmup` steps. FLOPs are
+counted by `torch.utils.flop_counter.FlopCounterMode` over one forward + backward (matmuls, convolutions,
+attention; the optimizer's elementwise work is not counted), and the utilisation is counted FLOP/s over the
+machine's (size x size) matmul rate in the same dtype, measured in the same subprocess before and after the steps.
+
+`--dtype bf16` runs every variant in reduced precision: the frozen towers (dist, adapter) store CLIP in bf16, the
+full fine-tune keeps fp32 master weights under bf16 autocast, and every trainable part runs under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+VARIANTS = ("dist", "adapter", "full")
+_RESULT_TAG = "TRAIN_STEP_RESULT "
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class VariantResult:
+    """What one variant's subprocess measured."""
+
+    variant: str
+    trainable_params: int
+    total_params: int
+    step_seconds: list[float]
+    peak_memory_bytes: int
+    model_memory_bytes: int  # resident after building the model, optimizer and input, before the first step
+    flops_per_step: float  # counted, forward + backward
+    matmul_flops_per_s: float  # the machine's measured matmul rate, same dtype and threads
+    memory_method: str
+
+    @property
+    def step_time(self) -> float:
+        return statistics.median(self.step_seconds)
+
+    @property
+    def achieved_flops_per_s(self) -> float:
+        return self.flops_per_step / self.step_time
+
+    @property
+    def utilisation(self) -> float:
+        return self.achieved_flops_per_s / self.matmul_flops_per_s
+
+
+# --- one variant, in its own process ---
+def build_variant(variant: str, preset: str, dtype: str):
+    """Build one variant's model (CLIP weights seeded identically across variants)."""
+    import torch
+
+    from benchmarks.baselines import FullFineTune, STAdapterBaseline
+    from dist_model import DiST, DiSTConfig, build_clip
+
+    # Frozen towers may be stored in bf16; a full fine-tune needs fp32 master weights (it runs under autocast).
+    frozen = variant in ("dist", "adapter") and dtype == "bf16"
+    cfg = DiSTConfig.from_name(preset, clip_precision="bf16" if frozen else "fp32")
+    torch.manual_seed(0)
+    clip = build_clip(cfg)
+    torch.manual_seed(1)
+    if variant == "dist":
+        return DiST(cfg, clip)
+    if variant == "full":
+        return FullFineTune(cfg, clip)
+    if variant == "adapter":
+        return STAdapterBaseline(cfg, clip)
+    raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+
+
+def run_variant(
+    variant: str,
+    preset: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device_name: str,
+    dtype: str,
+    matmul_size: int = 2048,
+    classes: int = 10,
+) -> VariantResult:
+    """Build `variant`, time `steps` optimizer steps after `warmup`, measure peak memory, count FLOPs."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import benchmarks.baselines  # noqa: F401
+    from benchmarks import measure
+    from dist_model import DiSTConfig
+
+    # Imports (open_clip pulls in ~200 MiB of libraries on first use) happen before the memory baseline.
+    DiSTConfig.from_name(preset)
+
+    device = torch.device(device_name)
+    compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    # The machine's matmul rate, measured before the memory baseline so its buffers never count as the model's.
+    rate_before = measure.matmul_rate(device, compute_dtype, matmul_size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        method = "cuda max_memory_allocated"
+    else:
+        base = measure.rss_bytes()
+        method = "VmHWM - RSS before build" if measure.reset_peak_rss() else "ru_maxrss - RSS before build"
+
+    model = build_variant(variant, preset, dtype).to(device)
+    model.train()
+    cfg = model.cfg
+    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, fused=True)
+    gen = torch.Generator().manual_seed(2)
+    video = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, generator=gen).to(device)
+    labels = (torch.arange(batch) % classes).to(device)
+    class_names = [f"action {i}" for i in range(classes)]
+
+    def autocast():
+        if dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=compute_dtype)
+
+    def forward_backward() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = F.cross_entropy(model(video, class_names).float(), labels)
+        loss.backward()
+
+    def step() -> None:
+        forward_backward()
+        optimizer.step()
+
+    measure.synchronize(device)
+    model_memory = (torch.cuda.memory_allocated(device) if device.type == "cuda" else measure.rss_bytes()) - base
+    measure.time_calls(step, warmup, device)
+    times = measure.time_calls(step, steps, device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = measure.peak_rss_bytes() - base
+    rate_after = measure.matmul_rate(device, compute_dtype, matmul_size)
+    # nn.MultiheadAttention's inference fast path (the frozen CLIP under no_grad) is one fused op the counter does
+    # not know; the same attention through its ordinary path is counted op by op. Counting only, not timing.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            forward_backward()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return VariantResult(
+        variant=variant,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in model.parameters()),
+        step_seconds=times,
+        peak_memory_bytes=peak,
+        model_memory_bytes=model_memory,
+        flops_per_step=float(counter.get_total_flops()),
+        matmul_flops_per_s=(rate_before + rate_after) / 2,
+        memory_method=method,
+    )
+
+
+# --- the driver ---
+def run_in_subprocess(variant: str, args: argparse.Namespace) -> VariantResult:
+    """Run one variant in a fresh Python process (clean peak memory) and parse its result."""
+    cmd = [
+        sys.executable, "-m", "benchmarks.train_step", "--worker", variant, "--preset", args.preset,
+        "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+        "--matmul-size", str(args.matmul_size),
+    ]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, cwd=_REPO_ROOT, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"train_step worker {variant!r} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return VariantResult(**json.loads(lines[-1][len(_RESULT_TAG):]))
+
+
+def summarise(results: dict[str, VariantResult]) -> dict[str, float]:
+    """The ratios line's values: DiST against each baseline, and DiST's utilisation of the matmul rate."""
+    dist, full, adapter = results["dist"], results["full"], results["adapter"]
+    return {
+        "dist_vs_full_time": dist.step_time / full.step_time,
+        "dist_vs_full_mem": dist.peak_memory_bytes / full.peak_memory_bytes,
+        "dist_vs_adapter_time": dist.step_time / adapter.step_time,
+        "dist_utilisation": dist.utilisation,
+        "dist_vs_adapter_mem": dist.peak_memory_bytes / adapter.peak_memory_bytes,
+        "dist_vs_full_flops": dist.flops_per_step / full.flops_per_step,
+        "dist_gflops_per_s": dist.achieved_flops_per_s / 1e9,
+        "matmul_gflops_per_s": dist.matmul_flops_per_s / 1e9,
+    }
+
+
+def format_table(results: dict[str, VariantResult]) -> str:
+    """A markdown table of the measured variants."""
+    head = (
+        "| variant | trainable params | step s (median) | step s (min..max) | peak mem MiB | resident before step MiB "
+        "| GFLOP/step | GFLOP/s | % of matmul |"
+    )
+    rows = [head, "|" + "---|" * 9]
+    for r in results.values():
+        rows.append(
+            f"| {r.variant} | {r.trainable_params / 1e6:.2f} M | {r.step_time:.3f} | "
+            f"{min(r.step_seconds):.3f}..{max(r.step_seconds):.3f} | {r.peak_memory_bytes / 2**20:.0f} | "
+            f"{r.model_memory_bytes / 2**20:.0f} | {r.flops_per_step / 1e9:.1f} | {r.achieved_flops_per_s / 1e9:.1f} | "
+            f"{100 * r.utilisation:.0f}% |"
+        )
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="dist_b16_k400", help="DiST preset (dist_tiny for a smoke run)")
+    parser.add_argument("--batch", type=int, default=1, help="clips per step")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (optimizer state, caches)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="square matmul that measures the machine's rate")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--batch and --steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
+    """Run the benchmark (or, with --worker, one variant), print the table and the ratios line last."""
+    args = parse_args(argv)
+    if args.worker:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = run_variant(args.worker, args.preset, args.batch, args.steps, args.warmup, args.device, args.dtype,
+                             args.matmul_size)
+        print(_RESULT_TAG + json.dumps(asdict(result)), flush=True)
+        return {args.worker: result}
+
+    from benchmarks.measure import ratios_line
+
+    threads = args.threads or _default_threads()
+    args.threads = threads
+    print(
+        f"train_step: preset={args.preset} batch={args.batch} steps={args.steps} warmup={args.warmup} "
+        f"device={args.device} dtype={args.dtype} threads={threads}",
+        flush=True,
+    )
+    results = {}
+    for variant in VARIANTS:
+        results[variant] = run_in_subprocess(variant, args)
+        r = results[variant]
+        print(f"  {variant}: {r.step_time:.3f} s/step, peak {r.peak_memory_bytes / 2**20:.0f} MiB", flush=True)
+    print(f"peak memory: {results['dist'].memory_method}")
+    print(format_table(results))
+    print(ratios_line(summarise(results)), flush=True)
+    return results
+
+
+def _default_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    main()

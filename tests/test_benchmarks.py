@@ -1,0 +1,75 @@
+"""Benchmark machinery on the tiny preset: the real entry point runs, its last line parses, its counts make sense.
+
+No timing assertions: wall-clock goals live in the benchmarks' printed ratios, never in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+from benchmarks.measure import finite_positive, parse_ratios, ratios_line
+from benchmarks.train_step import VARIANTS, main
+
+RATIO_NAMES = ("dist_vs_full_time", "dist_vs_full_mem", "dist_vs_adapter_time", "dist_utilisation")
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    """One real run of `python -m benchmarks.train_step` on dist_tiny (three worker subprocesses), stdout captured."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        results = main(["--preset", "dist_tiny", "--steps", "2", "--warmup", "1", "--matmul-size", "256"])
+    return results, out.getvalue()
+
+
+def test_last_line_is_the_ratios_line_with_finite_positive_values(tiny_run):
+    _, stdout = tiny_run
+    last = stdout.strip().splitlines()[-1]
+    ratios = parse_ratios(last)
+    for name in RATIO_NAMES:
+        assert name in ratios, f"{name} missing from {last!r}"
+        assert finite_positive(ratios[name]), f"{name}={ratios[name]} is not finite and positive"
+    assert "| dist |" in stdout and "| full |" in stdout and "| adapter |" in stdout, "the table lists every variant"
+
+
+def test_counted_flops_and_trainable_parameters(tiny_run):
+    results, _ = tiny_run
+    assert set(results) == set(VARIANTS)
+    for r in results.values():
+        assert r.flops_per_step > 0, f"{r.variant}: no FLOPs counted"
+        assert r.peak_memory_bytes > 0 and r.matmul_flops_per_s > 0
+        assert len(r.step_seconds) == 2
+    dist, full, adapter = results["dist"], results["full"], results["adapter"]
+    assert dist.trainable_params < full.trainable_params
+    assert dist.total_params == full.total_params, "the same model, only the frozen set differs"
+    # Backward through CLIP makes the baselines' counted work larger than DiST's.
+    assert full.flops_per_step > dist.flops_per_step and adapter.flops_per_step > 0
+
+
+def test_ratios_line_round_trips():
+    line = ratios_line({"a_vs_b": 0.25, "util": 0.5})
+    assert line == "ratios: a_vs_b=0.25 util=0.5"
+    assert parse_ratios(line) == {"a_vs_b": 0.25, "util": 0.5}
+    with pytest.raises(ValueError):
+        parse_ratios("dist: 1.0 s/step")
+
+
+def test_baselines_freeze_and_unfreeze_the_right_parameters():
+    from benchmarks.train_step import build_variant
+
+    full = build_variant("full", "dist_tiny", "fp32")
+    visual = full.clip.model.visual
+    assert all(p.requires_grad for p in visual.transformer.parameters())
+    assert not any(p.requires_grad for p in full.clip.model.transformer.parameters()), "the text tower stays frozen"
+    adapter = build_variant("adapter", "dist_tiny", "fp32")
+    assert not any(p.requires_grad for p in adapter.clip.parameters())
+    video = torch.randn(2, 3, 8, 32, 32)
+    adapter.train()
+    adapter(video, ["a", "b"]).sum().backward()
+    first = adapter.adapter_net.adapters[0]
+    # The lowest adapter's up-projection gets a gradient only if the backward ran through every frozen block.
+    assert first.up.weight.grad is not None and first.up.weight.grad.abs().sum() > 0
