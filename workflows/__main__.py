@@ -13,7 +13,10 @@ import sys
 # command -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("workflows.data.cli", "video dataset tools: check, transcode, k710, sample, import"),
+    "demo": ("workflows.demo", "the local demo: DiST vs a spatial-only baseline on the sample motion data"),
     "pretrain": ("workflows.pretrain", "pre-train or fine-tune DiST with Ray Train + DeepSpeed, tracked in MLflow"),
+    "evaluate": ("workflows.evaluate", "multi-view test of a checkpoint (or frozen CLIP) on any label set, on Ray"),
+    "predict": ("workflows.predict", "top-k classes of video files with a checkpoint, locally"),
 }
 
 

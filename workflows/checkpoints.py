@@ -58,16 +58,24 @@ def install_safe_checkpoint_engine(engine: Any) -> None:
 def write_checkpoint(directory: Path, *, engine: Any, model: torch.nn.Module, rank: int, state: dict[str, Any],
                      recipe_yaml: str) -> None:
     """Write a checkpoint into `directory` (every rank calls this with its own local directory)."""
-    from safetensors.torch import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"dist_state": state},
                            exclude_frozen_parameters=True)
     if rank == 0:
-        weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(directory / WEIGHTS))
-        (directory / STATE).write_text(json.dumps(state, indent=2, default=str))
-        (directory / RECIPE).write_text(recipe_yaml)
+        write_model_files(directory, model=model, state=state, recipe_yaml=recipe_yaml)
+
+
+def write_model_files(directory: Path, *, model: torch.nn.Module, state: dict[str, Any], recipe_yaml: str) -> None:
+    """Write the DeepSpeed-free part of a checkpoint (weights.safetensors, state.json, recipe.yaml): all that
+    evaluate / predict / init_from read. `state` needs at least `model` (the recipe's model section) and
+    `class_names`."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(directory / WEIGHTS))
+    (directory / STATE).write_text(json.dumps(state, indent=2, default=str))
+    (directory / RECIPE).write_text(recipe_yaml)
 
 
 def read_state(directory: str | Path) -> dict[str, Any]:
@@ -95,6 +103,14 @@ def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
     """
     from dist_model.checkpoint import load_authors_checkpoint
 
+    if "://" in str(source):  # a checkpoint on shared storage (s3://, gs://): fetch it through Ray's filesystems
+        import tempfile
+
+        from ray.train import Checkpoint
+
+        local = Path(tempfile.mkdtemp(prefix="dist-init-"))
+        Checkpoint(str(source)).to_directory(str(local))
+        source = local
     source = Path(source)
     state: Any = read_weights(source) if source.is_dir() else source
     if getattr(model, "trainable_name", "dist_net") != "dist_net":
@@ -104,3 +120,23 @@ def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
     if report.mismatched or len(report.loaded) == 0:
         raise RuntimeError(f"init_from {source} does not fit this model:\n{report.summary()}")
     return f"initialised from {source}: {report.summary()}"
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from `path`: a checkpoint itself, or a run directory (its latest checkpoint by
+    step). Raises FileNotFoundError saying what was expected."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is a file; expected a checkpoint directory (with {STATE} and "
+                                f"{WEIGHTS}) or a run directory holding checkpoint_* directories")
+    if (path / STATE).is_file():
+        if not (path / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{path} has {STATE} but no {WEIGHTS}: an incomplete DiST checkpoint")
+        return path
+    found = [d for d in path.glob("checkpoint_*") if (d / STATE).is_file() and (d / WEIGHTS).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{path} is not a DiST checkpoint: no {STATE}/{WEIGHTS} in it, and no checkpoint_* "
+                                f"directories holding them (pass a <run>/checkpoint_* directory of a training run)")
+    return max(found, key=lambda d: (int(read_state(d).get("step", 0)), d.name))

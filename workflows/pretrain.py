@@ -52,6 +52,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-worker pipelines: bars garble the log
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Where each rank landed (one line per rank): shows how the cluster placed the workers.
+    print(f"{LOG_PREFIX} worker rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} "
+          f"(ip {ray.util.get_node_ip_address()}, pid {os.getpid()})", flush=True)
     use_gpu = recipe.scaling.use_gpu
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo) on CPU-only runs
@@ -93,7 +96,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     for group in optimizer.param_groups:
         group.pop("name", None)  # DeepSpeed's ZeRO wrapper copies groups; keep only torch's keys
 
-    def schedule(step: int) -> float:
+    def schedule(step: int) -> float:  # LambdaLR scales the optimizer's lr (= peak) by this factor
+        if peak <= 0:
+            return 0.0
         return lr_at(step, peak=peak, total=total, warmup=warmup, start=recipe.train.warmup_start_lr,
                      floor=recipe.train.min_lr) / peak
 
@@ -120,12 +125,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"{LOG_PREFIX} resumed from step {step} (epoch {epoch}, micro-batch {position})", flush=True)
 
+    resumed_from = step if checkpoint is not None else None
+
     # --- tracking (rank 0) ---
     tracker = Tracker(None)
     if rank == 0 and recipe.mlflow.enabled:
-        from workflows.tracking import default_tracking_uri
+        from workflows.tracking import resolve_tracking_uri
 
-        uri = recipe.mlflow.tracking_uri or default_tracking_uri(recipe.run_dir)
+        uri = resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir)
         tracker = Tracker(uri, recipe.mlflow.experiment, run_name=recipe.run.name, run_id=mlflow_run_id,
                           parent_run_id=config.get("mlflow_parent_run_id"))
         if mlflow_run_id is None:
@@ -152,7 +159,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, float], final: bool = False) -> None:
         """Checkpoint on every rank, then one ray.train.report (a barrier) with the checkpoint."""
-        state = {"step": step, "epoch": epoch, "position": position, "history": history, "best": best,
+        state = {"step": step, "epoch": epoch, "position": position, "resumed_from_step": resumed_from,
+                 "history": history, "best": best,
                  "mlflow_run_id": mlflow_run_id, "metrics": metrics, "class_names": class_names,
                  "model": recipe_to_dict(recipe)["model"], "final": final}
         with tempfile.TemporaryDirectory(prefix="dist-ckpt-") as tmp:
@@ -315,8 +323,14 @@ def validate_before_start(recipe: Recipe) -> None:
         if len(manifest) == 0:
             raise ConfigError(f"data.{key} {getattr(recipe.data, key)} lists no videos")
     build_deepspeed_config(recipe)
-    if recipe.mlflow.enabled and recipe.mlflow.tracking_uri is None and "://" in recipe.run.storage_path:
-        raise ConfigError("run.storage_path is remote: set mlflow.tracking_uri to a tracking server (http://...)")
+    init_from = recipe.train.init_from
+    if init_from and "://" not in init_from and not Path(init_from).exists():
+        raise ConfigError(f"train.init_from: {init_from} does not exist (a checkpoint directory of ours, or an "
+                          "authors' .pyth file)")
+    remote = "://" in recipe.run.storage_path
+    if recipe.mlflow.enabled and remote and not (recipe.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise ConfigError("run.storage_path is remote: set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to a tracking "
+                          "server, e.g. http://<head>:5000")
 
 
 def ensure_ray(recipe: Recipe) -> None:

@@ -23,6 +23,11 @@ def default_tracking_uri(run_dir: str) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
+def resolve_tracking_uri(configured: str | None, run_dir: str) -> str:
+    """The recipe's URI, else MLFLOW_TRACKING_URI (set on cluster nodes), else a sqlite store in the run dir."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}: the resolved config as MLflow params."""
     out: dict[str, Any] = {}
@@ -48,7 +53,7 @@ class Tracker:
         # Fail fast instead of retrying for minutes when a tracking server is down.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        self._guard("start", self._start, tracking_uri, experiment, run_name, run_id, parent_run_id, tags or {})
+        self._guard("start", lambda: self._start(tracking_uri, experiment, run_name, run_id, parent_run_id, tags or {}))
 
     def _start(self, uri, experiment, run_name, run_id, parent_run_id, tags) -> None:
         import mlflow
@@ -64,11 +69,12 @@ class Tracker:
             run_id = run.info.run_id
         self.run_id = run_id
 
-    def _guard(self, what: str, fn, *args, **kwargs) -> Any:
+    def _guard(self, what: str, call) -> Any:
+        """Run `call()` (a thunk, so nothing is evaluated once tracking is off); the first failure turns it off."""
         if not self.active:
             return None
         try:
-            return fn(*args, **kwargs)
+            return call()
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
             self.active = False
             print(f"[mlflow] {what} failed ({type(exc).__name__}: {exc}); training continues without tracking",
@@ -80,7 +86,8 @@ class Tracker:
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
-            self._guard("log_params", self._client.log_batch, self.run_id, params=items[i:i + 100])
+            batch = items[i:i + 100]
+            self._guard("log_params", lambda batch=batch: self._client.log_batch(self.run_id, params=batch))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
@@ -90,20 +97,20 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         if items:
-            self._guard("log_metrics", self._client.log_batch, self.run_id, metrics=items)
+            self._guard("log_metrics", lambda: self._client.log_batch(self.run_id, metrics=items))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self._guard("set_tag", self._client.set_tag, self.run_id, key, str(value))
+            self._guard("set_tag", lambda key=key, value=value: self._client.set_tag(self.run_id, key, str(value)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._guard("log_artifact", self._client.log_artifact, self.run_id, str(path), artifact_path)
+        self._guard("log_artifact", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_text(self, text: str, name: str) -> None:
-        self._guard("log_text", self._client.log_text, self.run_id, text, name)
+        self._guard("log_text", lambda: self._client.log_text(self.run_id, text, name))
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._guard("finish", self._client.set_terminated, self.run_id, status)
+        self._guard("finish", lambda: self._client.set_terminated(self.run_id, status))
 
 
 @contextmanager

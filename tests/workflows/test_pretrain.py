@@ -1,0 +1,184 @@
+"""Pre-training workflow: recipes, schedule, mixing, checkpoints, and real Ray Train + DeepSpeed runs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from workflows.config import ConfigError
+from workflows.mixup import mix_batch, smooth_one_hot, soft_cross_entropy
+from workflows.optim import build_deepspeed_config, lr_at
+from workflows.recipe import load_recipe
+
+SMOKE = Path(__file__).parents[2] / "workflows" / "configs" / "smoke.yaml"
+CONFIGS = sorted((Path(__file__).parents[2] / "workflows" / "configs").glob("*.yaml"))
+
+
+# --- recipes and their arithmetic (no Ray) ---
+@pytest.mark.parametrize("path", [p for p in CONFIGS if not p.name.startswith("sweep")], ids=lambda p: p.name)
+def test_every_shipped_recipe_is_valid(path):
+    recipe = load_recipe(path, check_files=False)
+    assert recipe.grad_accum_steps >= 1
+    build_deepspeed_config(recipe)
+    assert path.read_text().startswith("#"), "each recipe starts with a comment saying what it runs and how"
+
+
+def test_bad_recipe_fails_before_any_work():
+    with pytest.raises(ConfigError, match="train.global_batch_size 10 must be a multiple"):
+        load_recipe(SMOKE, ["train.global_batch_size=10"], check_files=False)
+    with pytest.raises(ConfigError, match="train.precision: 'bf17' is not valid; choose one of 'auto', 'fp32'"):
+        load_recipe(SMOKE, ["train.precision=bf17"], check_files=False)
+    with pytest.raises(ConfigError, match="model: unknown fusion preset"):
+        load_recipe(SMOKE, ["model.fusion_layers=every7"], check_files=False)
+    with pytest.raises(ConfigError, match="data.train_manifest: /nope.csv does not exist"):
+        load_recipe(SMOKE, ["data.train_manifest=/nope.csv"])
+
+
+def test_deepspeed_config_derivation_and_escape_hatch():
+    recipe = load_recipe(SMOKE, ["train.global_batch_size=32", "train.micro_batch_size=4", "train.grad_clip=1.0",
+                                 "train.deepspeed={zero_optimization: {reduce_bucket_size: 1000}}"], check_files=False)
+    ds = build_deepspeed_config(recipe)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) \
+        == (32, 4, 4)
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False  # CPU: auto -> fp32
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+
+
+def test_lr_scaling_and_schedule():
+    recipe = load_recipe(SMOKE, ["train.lr=null", "train.global_batch_size=64", "train.micro_batch_size=4"],
+                         check_files=False)
+    assert recipe.peak_lr == pytest.approx(3.2e-4 * 64 / 256)
+    kw = {"peak": 1.0, "total": 100, "warmup": 10, "start": 0.1}
+    assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(55, **kw) == pytest.approx(0.5) and lr_at(100, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_at(s, **kw) >= lr_at(s + 1, **kw) for s in range(10, 100))
+
+
+def test_mixing_keeps_targets_normalised_and_is_seeded():
+    video, labels = torch.randn(4, 3, 8, 16, 16), torch.tensor([0, 1, 2, 3])
+    kw = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5, "smoothing": 0.1}
+    runs = [mix_batch(video, labels, 5, generator=torch.Generator().manual_seed(3), **kw) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    mixed, targets = runs[0]
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+    assert not torch.equal(mixed, video)
+    plain, soft = mix_batch(video, labels, 5, generator=torch.Generator(), **{**kw, "prob": 0.0})
+    assert torch.equal(plain, video) and torch.allclose(soft, smooth_one_hot(labels, 5, 0.1))
+    logits = torch.randn(4, 5)
+    hard = torch.nn.functional.cross_entropy(logits, labels)
+    assert torch.allclose(soft_cross_entropy(logits, smooth_one_hot(labels, 5, 0.0)), hard)
+
+
+# --- real runs: Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers ---
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory):
+    from workflows.data.sample import write_sample_dataset
+
+    return write_sample_dataset(tmp_path_factory.mktemp("sample"), videos_per_class=3, size=48, num_frames=24,
+                                seed=1, workers=1)
+
+
+def _recipe(sample, storage: Path, *extra: str):
+    return load_recipe(SMOKE, [
+        f"data.train_manifest={sample.train_manifest}", f"data.val_manifest={sample.val_manifest}",
+        f"data.labels={sample.labels}", f"run.storage_path={storage}", "run.name=it", "eval.every_steps=2",
+        *extra])
+
+
+def _latest_state(storage: Path) -> tuple[Path, dict]:
+    checkpoints = sorted(p for p in (storage / "it").glob("checkpoint_*") if p.is_dir())
+    assert checkpoints, "no checkpoint was reported"
+    latest = max(checkpoints, key=lambda p: json.loads((p / "state.json").read_text())["step"])
+    return latest, json.loads((latest / "state.json").read_text())
+
+
+@pytest.mark.integration
+def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path):
+    from workflows.pretrain import run_pretrain
+
+    storage = tmp_path / "runs"
+    # Rank 1 fails once at step 3; FailureConfig restarts the group from the step-2 checkpoint.
+    result = run_pretrain(_recipe(sample_data, storage, "train.max_steps=4", "train.fail_at_step=3",
+                                  "train.fail_rank=1"))
+    assert result.metrics["step"] == 4
+    assert (storage / "it" / ".injected_failure_done").exists()
+    latest, state = _latest_state(storage)
+    assert state["step"] == 4 and state["resumed_from_step"] == 2, "recovery must restart from the last checkpoint"
+    assert {"ds", "weights.safetensors", "state.json", "recipe.yaml"} <= {p.name for p in latest.iterdir()}
+    assert (latest / "ds" / "mp_rank_00_model_states.pt").exists()  # DeepSpeed's own layout, readable by its tools
+    weights_before = {k: v.clone() for k, v in _weights(latest).items()}
+    assert all(k.startswith("dist_net.") for k in weights_before)
+
+    # Relaunching with the same name and storage resumes where the run stopped.
+    result = run_pretrain(_recipe(sample_data, storage, "train.max_steps=6"))
+    assert result.metrics["step"] == 6
+    latest, state = _latest_state(storage)
+    assert state["resumed_from_step"] == 4 and state["final"] is True
+    assert not all(torch.equal(weights_before[k], v) for k, v in _weights(latest).items())
+
+    # MLflow: one run (the relaunch continues it) with params, metrics and artifacts.
+    db = storage / "it" / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        runs = con.execute("select run_uuid, artifact_uri from runs").fetchall()
+        assert len(runs) == 1
+        run_id, artifact_uri = runs[0]
+        params = dict(con.execute("select key, value from params where run_uuid=?", (run_id,)).fetchall())
+        metrics = {k for (k,) in con.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
+        steps = {s for (s,) in con.execute("select step from metrics where key='loss' and run_uuid=?", (run_id,))}
+    assert params["model.preset"] == "dist_tiny" and params["train.zero_stage"] == "2"
+    assert {"loss", "lr", "clips_per_s", "data_wait_fraction", "val_top1", "val_top5", "trainable_params",
+            "dropped_total"} <= metrics
+    assert steps == {1, 2, 3, 4, 5, 6}
+    artifacts = Path(artifact_uri.removeprefix("file://"))
+    names = {p.relative_to(artifacts).as_posix() for p in artifacts.rglob("*") if p.is_file()}
+    assert {"recipe.yaml", "confusion_matrix.png", "training_curves.png", "final_checkpoint/weights.safetensors"} \
+        <= names
+
+    # Fine-tuning on another label set starts from the pre-trained weights: with lr 0 they must come out unchanged.
+    relabelled = _relabel(sample_data, tmp_path / "renamed")
+    ft_storage = tmp_path / "ft"
+    run_pretrain(load_recipe(SMOKE, [
+        f"data.train_manifest={relabelled['train']}", f"data.val_manifest={relabelled['val']}",
+        f"data.labels={relabelled['labels']}", f"run.storage_path={ft_storage}", "run.name=it",
+        f"train.init_from={latest}", "train.max_steps=1", "train.lr=0", "train.warmup_start_lr=0",
+        "mlflow.enabled=false"]))
+    ft_latest, ft_state = _latest_state(ft_storage)
+    assert ft_state["class_names"] == relabelled["order"]  # the fine-tuning run scored the new label texts
+    pretrained, finetuned = _weights(latest), _weights(ft_latest)
+    assert pretrained.keys() == finetuned.keys()
+    for key in pretrained:
+        assert torch.equal(pretrained[key], finetuned[key]), key
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from workflows.checkpoints import read_weights
+
+    return read_weights(checkpoint)
+
+
+def _relabel(sample, out: Path) -> dict:
+    """The sample dataset under other class names (a different label set, same videos)."""
+    import csv
+
+    out.mkdir(parents=True)
+    old = json.loads(Path(sample.labels).read_text())
+    rename = {name: f"a clip of something {name}" for name in old}
+    new_labels = {rename[name]: index for name, index in old.items()}
+    (out / "labels.json").write_text(json.dumps(new_labels))
+    paths = {}
+    for split, src in (("train", sample.train_manifest), ("val", sample.val_manifest)):
+        base = Path(src).parent
+        with open(src) as f:
+            rows = list(csv.DictReader(f))
+        with open(out / f"{split}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["path", "label"])
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({"path": str((base / row["path"]).resolve()), "label": rename[row["label"]]})
+        paths[split] = str(out / f"{split}.csv")
+    order = [n for n, _ in sorted(new_labels.items(), key=lambda kv: kv[1])]
+    return {**paths, "labels": str(out / "labels.json"), "order": order}
