@@ -1,0 +1,211 @@
+"""`workflows evaluate` (multi-view test on Ray) and `workflows predict` (local), on real mp4 files written by
+the tests and a checkpoint written without a training run (the tiny model, saved the way pretrain saves it)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.workflows.conftest import GOOD_VIDEOS
+from workflows.checkpoints import read_state, read_weights, write_model_files
+from workflows.config import ConfigError, dump_yaml
+from workflows.data.manifest import save_labels
+from workflows.evaluate import EvalRequest, build_eval_model, model_logits, plan_evaluation
+from workflows.evaluate import main as evaluate_main
+from workflows.predict import main as predict_main
+from workflows.recipe import load_recipe, recipe_to_dict
+
+SMOKE = Path(__file__).resolve().parents[2] / "workflows" / "configs" / "smoke.yaml"
+N = len(GOOD_VIDEOS)
+CLASSES = [f"cls{i}" for i in range(N)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, video_dir: Path) -> Path:
+    """A run directory with two checkpoints (steps 1 and 2) of the tiny DiST, trained on nothing: its weights are
+    the seeded init plus a fixed perturbation, so a wrongly loaded model shows."""
+    root = tmp_path_factory.mktemp("eval-runs")
+    good, labels = video_dir / "good.csv", video_dir / "labels.json"
+    recipe = load_recipe(SMOKE, [f"data.train_manifest={good}", f"data.val_manifest={good}", f"data.labels={labels}",
+                                 f"run.storage_path={root}", "run.name=evaltest"])
+    torch.manual_seed(recipe.train.seed)  # as pretrain does: the random-init frozen CLIP follows the seed
+    from dist_model import build_dist
+
+    model = build_dist(recipe.model_cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.trainable.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    for step in (1, 2):
+        state = {"step": step, "epoch": 0, "position": 0, "model": recipe_to_dict(recipe)["model"],
+                 "class_names": CLASSES, "metrics": {}}
+        write_model_files(root / "evaltest" / f"checkpoint_00000{step - 1}", model=model, state=state,
+                          recipe_yaml=dump_yaml(recipe))
+    return root / "evaltest"
+
+
+@pytest.fixture(scope="module")
+def seven_labels(video_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another label set: the five test classes among seven, in another order."""
+    path = tmp_path_factory.mktemp("labels") / "seven.json"
+    names = ["jumping", "cls3", "cls0", "swimming", "cls4", "cls1", "cls2"]
+    save_labels({name: i for i, name in enumerate(names)}, path)
+    return path
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+# --- without Ray ----------------------------------------------------------------------------------------------
+
+
+def test_clear_errors_before_any_ray_work(run_dir: Path, video_dir: Path, tmp_path: Path, capsys) -> None:
+    assert evaluate_main(["--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert evaluate_main(["--checkpoint", str(tmp_path / "empty")]) == 2
+    assert "not a DiST checkpoint" in capsys.readouterr().err
+    # A manifest label missing from the label file names the label and the fix.
+    save_labels({"cls0": 0, "cls1": 1}, tmp_path / "two.json")
+    assert evaluate_main(["--checkpoint", str(run_dir), "--labels", str(tmp_path / "two.json")]) == 2
+    err = capsys.readouterr().err
+    assert "'cls2'" in err and "--labels" in err
+    # An architecture override the weights do not fit.
+    with pytest.raises(ConfigError, match="do not fit"):
+        plan_evaluation(EvalRequest(checkpoint=str(run_dir), overrides=["model.integration_dim=128"]))
+    with pytest.raises(ConfigError, match="--checkpoint is required"):
+        plan_evaluation(EvalRequest())
+    with pytest.raises(ConfigError, match="unknown key"):
+        plan_evaluation(EvalRequest(checkpoint=str(run_dir), overrides=["eval.nope=1"]))
+
+
+def test_plan_uses_the_checkpoint_model_and_latest_step(run_dir: Path, seven_labels: Path) -> None:
+    plan = plan_evaluation(EvalRequest(checkpoint=str(run_dir)))
+    assert plan.checkpoint == run_dir / "checkpoint_000001" and plan.state["step"] == 2
+    assert plan.class_names == CLASSES and (plan.views, plan.crops, plan.mode) == (3, 1, "dist")
+    swapped = plan_evaluation(EvalRequest(checkpoint=str(run_dir), labels=str(seven_labels), zero_shot_fusion=True))
+    assert len(swapped.class_names) == 7 and swapped.mode == "fusion"
+
+
+def test_eval_model_is_the_trained_one_and_modes_differ(run_dir: Path) -> None:
+    ckpt = run_dir / "checkpoint_000001"
+    state, weights = read_state(ckpt), read_weights(ckpt)
+    model = build_eval_model(state["model"], 0, weights)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[key])
+    frames = torch.randint(0, 256, (2, model.cfg.num_frames, model.cfg.image_size, model.cfg.image_size, 3),
+                           dtype=torch.uint8)
+    dist = model_logits(model, frames, CLASSES, "dist")
+    clip = model_logits(model, frames, CLASSES, "clip_only")
+    fused = model_logits(model, frames, CLASSES, "fusion")
+    w = model.cfg.zero_shot_weight
+    assert dist.shape == clip.shape == (2, N)
+    torch.testing.assert_close(fused, (1 - w) * dist + w * clip, rtol=1e-4, atol=1e-4)
+    # The frozen CLIP is the run's (seeded) one: clip_only logits do not depend on the trained weights.
+    torch.testing.assert_close(build_eval_model(state["model"], 0, None).clip_logits(
+        __import__("dist_model").normalize_video(frames), CLASSES), clip)
+
+
+def test_unreachable_mlflow_never_fails_the_evaluation(run_dir: Path, tmp_path: Path, capsys) -> None:
+    from workflows.evaluate import log_to_mlflow
+
+    plan = plan_evaluation(EvalRequest(checkpoint=str(run_dir), out=str(tmp_path)))
+    metrics = {"checkpoint": str(plan.checkpoint), "step": 2, "manifest": "m.csv", "labels": "l.json", "mode": "dist",
+               "views": 3, "crops": 1, "num_classes": N, "preset": "dist_tiny", "top1": 1.0, "top5": 2.0,
+               "mean_class_acc": 1.0, "videos": 5, "dropped_total": 0}
+    assert log_to_mlflow(plan, metrics, "http://127.0.0.1:9") is None
+    assert "[mlflow] start failed" in capsys.readouterr().out
+
+
+# --- predict (local, no Ray) ------------------------------------------------------------------------------------
+
+
+def test_predict_prints_top_k_and_reports_a_corrupt_video(run_dir: Path, video_dir: Path, seven_labels: Path,
+                                                          capsys) -> None:
+    clips = video_dir / "clips"
+    videos = [str(clips / "wide.mp4"), str(clips / "random.mp4"), str(clips / "tall.mp4")]
+    assert predict_main(["--checkpoint", str(run_dir), *videos, "--top", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "random.mp4: dropped (corrupt" in out
+    for name in ("wide.mp4", "tall.mp4"):
+        block = out.split(f"{name}:")[1].splitlines()[1:4]
+        assert [line.split()[0] for line in block] == ["1.", "2.", "3."]
+        assert all(line.split()[1] in CLASSES and line.endswith("%") for line in block)
+    # JSON, a swapped label set, every class shown: probabilities sorted and summing to one.
+    assert predict_main(["--checkpoint", str(run_dir / "checkpoint_000001"), str(clips / "mid.mp4"), "--labels",
+                         str(seven_labels), "--top", "7", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    probs = [t["prob"] for t in result["top"]]
+    assert len(probs) == 7 and probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-4)
+    assert {t["class"] for t in result["top"]} == {"jumping", "swimming", *CLASSES}
+
+
+# --- evaluate on Ray --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_evaluate_multiview_on_a_swapped_label_set(ray_local, run_dir: Path, video_dir: Path, seven_labels: Path,
+                                                   tmp_path: Path, capsys) -> None:
+    """One run covers the protocol: 3 views x 3 crops, another label set than the checkpoint's (7 classes, not 5),
+    bad videos dropped and counted by reason, outputs that agree, and the MLflow record."""
+    out = tmp_path / "eval"
+    rc = evaluate_main(["--checkpoint", str(run_dir), "--manifest", str(video_dir / "bad.csv"), "--labels",
+                        str(seven_labels), "--views", "3", "--crops", "3", "--set", "data.max_bad_fraction=1.0",
+                        "--out", str(out), "--json", "--mlflow"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    metrics = json.loads(captured.out)
+    assert metrics == json.loads((out / "metrics.json").read_text())
+    # 3 views x 3 crops = 9 clips per video, summed into one score per video: each video counted once.
+    assert (metrics["rows"], metrics["videos"], metrics["views"], metrics["crops"]) == (9 * N, N, 3, 3)
+    assert metrics["num_classes"] == 7 and metrics["step"] == 2  # the label swap; the run's latest checkpoint
+    assert metrics["manifest_videos"] == N + 4
+    assert metrics["dropped"] == {"missing": 1, "empty": 1, "truncated": 1, "corrupt": 1}
+    per_class = _read_csv(out / "per_class_accuracy.csv")
+    predictions = _read_csv(out / "predictions.csv")
+    assert [r["class"] for r in per_class] == list(json.loads(seven_labels.read_text())) and len(predictions) == N
+    assert {r["path"].rsplit("/", 1)[-1]: r["label"] for r in predictions} == \
+        {f"{name}.mp4": f"cls{i}" for i, name in enumerate(GOOD_VIDEOS)}
+    assert sum(int(r["videos"]) for r in per_class) == N
+    correct = sum(int(r["correct"]) for r in per_class)
+    assert correct == sum(int(r["correct"]) for r in predictions)
+    assert metrics["top1"] == pytest.approx(100 * correct / N)
+    accs = [float(r["accuracy"]) for r in per_class if int(r["videos"])]
+    assert len(accs) == N and metrics["mean_class_acc"] == pytest.approx(sum(accs) / len(accs))
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+    assert "top-1" in captured.err and "dropped 4" in captured.err
+    # The same clips scored locally (predict's path, no Ray) give the same winner and probability per video.
+    import math
+
+    from workflows.predict import load_predictor, predict_video
+
+    model, recipe, names = load_predictor(str(run_dir), str(seven_labels))
+    for row in predictions:
+        ((name, prob),) = predict_video(model, recipe, names, row["path"], views=3, crops=3, top=1)
+        assert name == row["predicted"] and math.isclose(prob, float(row["probability"]), rel_tol=1e-3)
+    # Logged into the run's MLflow store.
+    from mlflow import MlflowClient
+
+    assert metrics["mlflow_tracking_uri"].endswith(f"{run_dir}/mlflow.db")
+    run = MlflowClient(tracking_uri=metrics["mlflow_tracking_uri"]).get_run(metrics["mlflow_run_id"])
+    assert run.data.metrics["eval_top1"] == pytest.approx(metrics["top1"])
+    assert run.data.params["num_classes"] == "7"
+
+
+@pytest.mark.integration
+def test_evaluate_clip_only_without_checkpoint(ray_local, video_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "clip"
+    rc = evaluate_main(["--clip-only", "--preset", "dist_tiny", "--manifest", str(video_dir / "good.csv"),
+                        "--labels", str(video_dir / "labels.json"), "--views", "2", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["mode"], metrics["checkpoint"], metrics["rows"], metrics["videos"]) == ("clip_only", None,
+                                                                                           2 * N, N)
+    assert "frozen CLIP (dist_tiny)" in captured.out

@@ -1,0 +1,538 @@
+"""Multi-view testing of a checkpoint (or of frozen CLIP alone) on any label set:
+`python -m workflows evaluate --checkpoint C [--labels L] [--manifest M] [--views 3] [--crops 1|3] ...`.
+
+The reference test protocol (§4.2): `views` temporal views x `crops` spatial crops per video, softmax scores
+summed per video, each video counted once. Runs on Ray Data: the ingest layer's `build_clip_dataset` decodes
+(CPU actor pool), a `map_batches` actor pool of `ViewScorer`s runs the model (one GPU per actor when the cluster
+has GPUs, CPU otherwise) and returns per-view logits, and the driver sums them per video (`VideoScores`).
+
+The model is rebuilt from the checkpoint's own `state.json` (the architecture it was trained with); the frozen
+CLIP comes from its tag, or, for random-init CLIPs (tiny/small presets), from the run's seed. Classes enter only
+through their names, so `--labels` evaluates on any label set (zero-shot); `--zero-shot-fusion` blends the
+frozen CLIP's logits in, and `--clip-only` scores with frozen CLIP alone (no checkpoint needed).
+
+Writes metrics.json, per_class_accuracy.csv, predictions.csv and confusion_matrix.png into `--out` (default
+`<checkpoint>/eval-<time>`), prints a summary, and logs an MLflow run into the training run's store when it
+has one (never failing when MLflow is unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from workflows.checkpoints import RECIPE, find_checkpoint, read_state
+from workflows.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml
+from workflows.recipe import Recipe, model_config, recipe_to_dict
+
+LOG_PREFIX = "[evaluate]"
+Mode = Literal["dist", "fusion", "clip_only"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model (shared with predict.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_eval_model(model_section: dict[str, Any], seed: int, weights: dict[str, Any] | None) -> Any:
+    """The model a recipe's model section describes, in eval mode, with `weights` (trainable keys) loaded.
+
+    `seed` must be the training run's `train.seed`: a random-init frozen CLIP (clip_pretrained None) is only
+    the one the run trained against when built right after the same `torch.manual_seed`, as pretrain does."""
+    import torch
+
+    from dist_model import build_dist, build_spatial_only
+    from workflows.recipe import ModelSection
+
+    section = from_dict(ModelSection, model_section, prefix="model.")
+    build = build_spatial_only if section.variant == "spatial_only" else build_dist
+    torch.manual_seed(seed)
+    model = build(model_config(section))
+    if weights is not None:
+        # Copies: arrays from Ray's object store are read-only.
+        tensors = {k: v.clone() if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
+                   for k, v in weights.items()}
+        model.load_state_dict(tensors, strict=True)
+    return model.eval()
+
+
+def model_logits(model: Any, frames: Any, class_names: list[str], mode: Mode, dtype: Any = None) -> Any:
+    """Logits (N, K) of uint8 clips (N, T_d, S, S, 3) on the model's device: DiST, DiST blended with frozen
+    CLIP (`fusion`), or frozen CLIP alone (`clip_only`)."""
+    import torch
+
+    from dist_model import normalize_video
+
+    video = normalize_video(frames, dtype or torch.float32)  # (N, 3, T_d, S, S)
+    with torch.inference_mode():
+        if mode == "clip_only":
+            return model.clip_logits(video, class_names)
+        return model(video, class_names, zero_shot_fusion=mode == "fusion")
+
+
+class ViewScorer:
+    """Ray Data actor: clip rows in, per-view logits out (frames are not sent back)."""
+
+    def __init__(self, model_section: dict[str, Any], seed: int, weights: list | None, class_names: list[str],
+                 mode: Mode, use_gpu: bool, precision: str, threads: int = 1) -> None:
+        import torch
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads))
+        state = None
+        if weights:  # [ObjectRef]: Ray Data does not resolve references inside constructor arguments
+            import ray
+
+            state = ray.get(weights[0])
+        self.model = build_eval_model(model_section, seed, state).to(self.device)
+        self.class_names, self.mode = class_names, mode
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if self.device.type == "cuda" \
+            else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        frames = torch.from_numpy(np.ascontiguousarray(batch["frames"])).to(self.device)  # (N, T_d, S, S, 3)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            logits = model_logits(self.model, frames, self.class_names, self.mode)
+        return {"logits": logits.float().cpu().numpy(),  # (N, K)
+                **{k: np.asarray(batch[k], np.int64) for k in ("video_index", "label", "view", "crop")}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resolving what to evaluate (all before Ray starts)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalRequest:
+    """What the command line asked for (None = from the recipe)."""
+
+    checkpoint: str | None = None
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    manifest: str | None = None
+    labels: str | None = None
+    views: int | None = None
+    crops: int | None = None
+    zero_shot_fusion: bool = False
+    clip_only: bool = False
+    preset: str | None = None
+    out: str | None = None
+    actors: int | None = None
+    mlflow: bool | None = None  # None: log when the run already has a tracking store
+
+
+@dataclass
+class EvalPlan:
+    """Everything resolved and validated: what `score_views` and `write_outputs` need."""
+
+    recipe: Recipe
+    model_section: dict[str, Any]
+    seed: int
+    checkpoint: Path | None
+    state: dict[str, Any]
+    manifest: Any  # workflows.data.manifest.Manifest
+    label_map: dict[str, int]
+    labels_source: str
+    mode: Mode
+    views: int
+    crops: int
+    out_dir: Path
+
+    @property
+    def class_names(self) -> list[str]:
+        return [name for name, _ in sorted(self.label_map.items(), key=lambda kv: kv[1])]
+
+
+def plan_evaluation(request: EvalRequest) -> EvalPlan:
+    """Resolve the recipe, model, label set and manifest; raise ConfigError/ManifestError/FileNotFoundError
+    with the reason when something does not fit."""
+    from workflows.data.manifest import ManifestError, load_labels, load_manifest
+
+    if request.clip_only and request.zero_shot_fusion:
+        raise ConfigError("--clip-only and --zero-shot-fusion exclude each other (clip-only has no DiST to blend)")
+    if request.preset and not request.clip_only:
+        raise ConfigError("--preset picks the CLIP architecture for --clip-only; a checkpoint brings its own model")
+    checkpoint, state, ckpt_recipe = None, {}, {}
+    if request.checkpoint:
+        checkpoint = find_checkpoint(request.checkpoint)
+        state = read_state(checkpoint)
+        if "model" not in state:
+            raise ConfigError(f"{checkpoint}/state.json has no model section: not a checkpoint of this workflow")
+        ckpt_recipe = load_yaml(checkpoint / RECIPE) if (checkpoint / RECIPE).is_file() else {}
+    elif not request.clip_only:
+        raise ConfigError("--checkpoint is required (or use --clip-only --preset NAME for frozen CLIP alone)")
+    elif not (request.preset or request.config):
+        raise ConfigError("--clip-only without a checkpoint needs --preset NAME (or --config) to pick the CLIP")
+
+    base = load_yaml(request.config) if request.config else dict(ckpt_recipe)
+    if request.preset:
+        base["model"] = {"preset": request.preset}
+    elif state:
+        base["model"] = state["model"]  # the architecture the checkpoint was trained with
+    recipe = from_dict(Recipe, apply_overrides(Recipe, base, request.overrides))
+    model_section = recipe_to_dict(recipe)["model"]
+    if checkpoint is not None and not request.clip_only:
+        check_weights_fit(checkpoint, recipe)
+    seed = int(ckpt_recipe.get("train", {}).get("seed", recipe.train.seed)) if ckpt_recipe else recipe.train.seed
+
+    # Label set: --labels, else the recipe's label file, else the class names stored in the checkpoint.
+    labels_path = request.labels or recipe.data.labels
+    if labels_path and (request.labels or "://" in labels_path or Path(labels_path).exists()):
+        label_map, labels_source = load_labels(labels_path), labels_path
+    elif state.get("class_names"):
+        label_map = {name: i for i, name in enumerate(state["class_names"])}
+        labels_source = f"{checkpoint} (class names stored in the checkpoint)"
+    else:
+        raise ConfigError(f"no label file: pass --labels (data.labels {labels_path or 'is not set'}"
+                          f"{' does not exist' if labels_path else ''})")
+    manifest_path = request.manifest or recipe.data.val_manifest
+    if not manifest_path:
+        raise ConfigError("no manifest to evaluate: pass --manifest or set data.val_manifest")
+    try:
+        manifest = load_manifest(manifest_path, label_map, strict=True)
+    except ManifestError as exc:
+        raise ManifestError(f"{exc}. Evaluate with a label file that names every class of the manifest "
+                            f"(--labels; current: {labels_source})") from exc
+
+    views = request.views or recipe.eval.test_views
+    crops = request.crops or recipe.eval.test_crops
+    if views < 1 or crops not in (1, 3):
+        raise ConfigError(f"--views must be >= 1 and --crops 1 or 3 (got {views} x {crops})")
+    mode: Mode = "clip_only" if request.clip_only else \
+        "fusion" if request.zero_shot_fusion or recipe.eval.zero_shot_fusion else "dist"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if request.out:
+        out_dir = Path(request.out)
+    elif checkpoint is not None:
+        out_dir = checkpoint / f"eval-{stamp}"
+    else:
+        out_dir = Path("eval") / f"clip-only-{recipe.model.preset}-{stamp}"
+    return EvalPlan(recipe=recipe, model_section=model_section, seed=seed, checkpoint=checkpoint, state=state,
+                    manifest=manifest, label_map=label_map, labels_source=labels_source, mode=mode, views=views,
+                    crops=crops, out_dir=out_dir)
+
+
+def check_weights_fit(checkpoint: Path, recipe: Recipe) -> None:
+    """Raise ConfigError when the checkpoint's weights do not fit the recipe's model (checked on the meta
+    device: no CLIP is built, nothing is allocated)."""
+    import torch
+
+    from dist_model.model import DiSTNet, SpatialOnlyHead
+    from workflows.checkpoints import read_weights
+
+    module = SpatialOnlyHead if recipe.model.variant == "spatial_only" else DiSTNet
+    prefix = "head." if recipe.model.variant == "spatial_only" else "dist_net."
+    with torch.device("meta"):
+        expected = {prefix + k: tuple(v.shape) for k, v in module(model_config(recipe.model)).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in read_weights(checkpoint).items()}
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
+    problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
+    problems += [f"{k}: {found[k]} in the checkpoint, {expected[k]} in the model" for k in sorted(expected)
+                 if k in found and found[k] != expected[k]]
+    if problems:
+        raise ConfigError(f"the weights of {checkpoint} do not fit the model (preset {recipe.model.preset}, "
+                          f"variant {recipe.model.variant}): {'; '.join(problems[:6])}"
+                          f"{' ...' if len(problems) > 6 else ''}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring on Ray
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ViewResults:
+    """Per-video summed scores plus what was seen on the way."""
+
+    scores: Any  # workflows.metrics.VideoScores
+    rows: int
+    rows_per_video: dict[int, int]
+    drops: Any  # workflows.data.pipeline.DropReport
+    seconds: float
+
+
+def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True) -> ViewResults:
+    """Decode every video of the plan's manifest into views x crops clips, score them in an actor pool, and sum
+    the softmax scores per video on the driver."""
+    import ray
+    import torch
+
+    from workflows.data.pipeline import (
+        TooManyBadVideos,
+        build_clip_dataset,
+        decode_pool_size,
+        drop_counter,
+        get_drop_report,
+    )
+    from workflows.metrics import VideoScores
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress line instead
+    recipe, cfg = plan.recipe, model_config(plan.recipe.model)
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    use_gpu = gpus >= 1
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    pool = actors or (int(gpus) if use_gpu else max(1, min(4, int(cpus) // 4)))
+    data = recipe.data
+    if not use_gpu and not data.decode_actors:  # leave CPUs for the scoring actors
+        data = dataclasses.replace(data, decode_actors=max(1, decode_pool_size(data) - pool))
+    name = f"{data.drop_counter}:eval-{uuid.uuid4().hex[:8]}"  # this evaluation's own drop counts
+    data = dataclasses.replace(data, drop_counter=name)
+    counter = drop_counter(name)
+    weights = None
+    if plan.checkpoint is not None and plan.mode != "clip_only":
+        from workflows.checkpoints import read_weights
+
+        weights = [ray.put({k: v.numpy() for k, v in read_weights(plan.checkpoint).items()})]
+    precision = recipe.train.precision if recipe.train.precision != "auto" else "bf16"
+    clips = build_clip_dataset(data, plan.manifest, plan.label_map, split="eval", num_frames=cfg.num_frames,
+                               crop_size=cfg.image_size, num_views=plan.views, num_crops=plan.crops,
+                               counter_split="eval")
+    scored = clips.map_batches(
+        ViewScorer,
+        fn_constructor_kwargs={"model_section": plan.model_section, "seed": plan.seed, "weights": weights,
+                               "class_names": plan.class_names, "mode": plan.mode, "use_gpu": use_gpu,
+                               "precision": precision},
+        batch_size=recipe.eval.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool),
+        num_cpus=1,
+        **({"num_gpus": 1} if use_gpu else {}),
+    )
+    total = len(plan.manifest)
+    per_video = plan.views * plan.crops
+    if progress:
+        print(f"{LOG_PREFIX} scoring {total} videos x {plan.views} views x {plan.crops} crops on {pool} "
+              f"{'GPU' if use_gpu else 'CPU'} actor(s), {plan.mode} logits, {len(plan.class_names)} classes",
+              flush=True)
+    scores = VideoScores(len(plan.class_names))
+    rows_per_video: dict[int, int] = {}
+    start = last = time.perf_counter()
+    rows = 0
+    try:
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            scores.add(torch.tensor(batch["video_index"]), torch.tensor(batch["logits"]), torch.tensor(batch["label"]))
+            rows += len(batch["video_index"])
+            for vid in batch["video_index"].tolist():
+                rows_per_video[vid] = rows_per_video.get(vid, 0) + 1
+            now = time.perf_counter()
+            if progress and now - last > 5:
+                last = now
+                done = rows / per_video
+                eta = (total - done) * (now - start) / max(done, 1e-9)
+                print(f"{LOG_PREFIX} {done:.0f}/{total} videos ({100 * done / total:.0f}%), "
+                      f"{rows / (now - start):.1f} clips/s, ETA {eta / 60:.1f} min", flush=True)
+        drops = get_drop_report("eval", 0, name=name)
+    except Exception as exc:  # Ray wraps the decoder's TooManyBadVideos; say it plainly
+        lines = [line for line in str(exc).splitlines() if "max_bad_fraction" in line]
+        if not lines:
+            raise
+        raise TooManyBadVideos(f"{lines[-1].strip()} To score the readable videos anyway: "
+                               f"--set data.max_bad_fraction=1.0") from None
+    finally:
+        ray.kill(counter)
+    seconds = time.perf_counter() - start
+    if progress:
+        print(f"{LOG_PREFIX} scored {rows} clips of {len(rows_per_video)} videos in {seconds:.1f} s", flush=True)
+    return ViewResults(scores=scores, rows=rows, rows_per_video=rows_per_video, drops=drops, seconds=seconds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def per_class_rows(confusion: Any, class_names: list[str]) -> list[dict[str, Any]]:
+    """One row per class from a (K, K) [true, predicted] confusion matrix: videos, correct, accuracy (%)."""
+    rows = []
+    for k, name in enumerate(class_names):
+        videos, correct = int(confusion[k].sum()), int(confusion[k, k])
+        rows.append({"index": k, "class": name, "videos": videos, "correct": correct,
+                     "accuracy": round(100.0 * correct / videos, 4) if videos else None})
+    return rows
+
+
+def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
+    """metrics.json, per_class_accuracy.csv, predictions.csv (one row per video) and confusion_matrix.png in
+    `plan.out_dir`; returns the metrics."""
+    from workflows.metrics import save_confusion_png, summarize
+
+    counts = results.scores.counts()
+    summary = summarize(counts)
+    names = plan.class_names
+    per_class = per_class_rows(counts["confusion"], names)
+    incomplete = sorted(v for v, n in results.rows_per_video.items() if n != plan.views * plan.crops)
+    if incomplete:  # a bug, never a data problem: every decoded video gives exactly views x crops clips
+        raise RuntimeError(f"videos {incomplete[:5]} got a number of scored clips other than "
+                           f"{plan.views} x {plan.crops}")
+    drops = results.drops
+    metrics = {
+        "top1": summary["top1"], "top5": summary["top5"], "mean_class_acc": summary["mean_class_acc"],
+        "videos": int(summary["videos"]), "manifest_videos": len(plan.manifest), "rows": results.rows,
+        "views": plan.views, "crops": plan.crops, "num_classes": len(names), "mode": plan.mode,
+        "dropped": dict(drops.dropped), "dropped_total": drops.total_dropped,
+        "dropped_examples": {reason: paths for reason, paths in drops.examples.items()},
+        "checkpoint": str(plan.checkpoint) if plan.checkpoint else None, "step": plan.state.get("step"),
+        "preset": plan.recipe.model.preset, "manifest": plan.manifest.source, "labels": plan.labels_source,
+        "seconds": round(results.seconds, 2), "clips_per_s": round(results.rows / max(results.seconds, 1e-9), 2),
+        "per_class": per_class, "out_dir": str(plan.out_dir),
+    }
+    out = plan.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with (out / "per_class_accuracy.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["index", "class", "videos", "correct", "accuracy"])
+        writer.writeheader()
+        writer.writerows([{**r, "accuracy": "" if r["accuracy"] is None else r["accuracy"]} for r in per_class])
+    paths = plan.manifest.table.column("path").to_pylist()
+    with (out / "predictions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video_index", "path", "label", "predicted", "probability", "correct"])
+        for vid in sorted(results.scores.scores):
+            probs = results.scores.scores[vid] / (plan.views * plan.crops)  # mean softmax over the clips
+            label, predicted = results.scores.labels[vid], int(probs.argmax())
+            writer.writerow([vid, paths[vid], names[label], names[predicted], round(float(probs[predicted]), 6),
+                             int(label == predicted)])
+    title = f"{plan.mode}, {plan.views}x{plan.crops} views: top-1 {metrics['top1']:.1f}% ({metrics['videos']} videos)"
+    save_confusion_png(counts["confusion"], names, out / "confusion_matrix.png", title)
+    (out / "recipe.yaml").write_text(dump_yaml(plan.recipe))
+    return metrics
+
+
+def format_summary(metrics: dict[str, Any], max_classes: int = 30) -> str:
+    """The printed result: a header line, the accuracies, and per-class accuracy (the worst when many)."""
+    what = metrics["checkpoint"] or f"frozen CLIP ({metrics['preset']})"
+    lines = [f"evaluation of {what}",
+             f"  mode {metrics['mode']}, {metrics['views']} views x {metrics['crops']} crops, "
+             f"{metrics['num_classes']} classes, manifest {metrics['manifest']}",
+             f"  videos {metrics['videos']} of {metrics['manifest_videos']} (dropped {metrics['dropped_total']}"
+             f"{': ' + ', '.join(f'{k} {v}' for k, v in metrics['dropped'].items()) if metrics['dropped'] else ''})",
+             f"  top-1 {metrics['top1']:6.2f}%   top-5 {metrics['top5']:6.2f}%   mean class accuracy "
+             f"{metrics['mean_class_acc']:6.2f}%"]
+    seen = [r for r in metrics["per_class"] if r["videos"]]
+    if len(seen) > max_classes:
+        seen = sorted(seen, key=lambda r: r["accuracy"])[:10]
+        lines.append("  the 10 worst classes:")
+    width = max([len(r["class"]) for r in seen] + [5])
+    lines.append(f"  {'class':<{width}}  videos  top-1")
+    lines += [f"  {r['class']:<{width}}  {r['videos']:>6}  {r['accuracy']:5.1f}%" for r in seen]
+    return "\n".join(lines)
+
+
+def _tracking_uri(plan: EvalPlan, wanted: bool | None) -> str | None:
+    """The training run's MLflow store: the recipe's server (or MLFLOW_TRACKING_URI), or an existing sqlite store
+    in the run directory (or beside the checkpoint). `wanted` True creates the run directory's store; False
+    disables tracking."""
+    from workflows.tracking import default_tracking_uri
+
+    recipe = plan.recipe
+    if wanted is False or (wanted is None and not recipe.mlflow.enabled):
+        return None
+    if recipe.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return recipe.mlflow.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+    candidates = [Path(recipe.run_dir)] if "://" not in recipe.run_dir else []
+    if plan.checkpoint is not None:
+        candidates.append(plan.checkpoint.parent)
+    for directory in candidates:
+        if (directory / "mlflow.db").is_file():
+            return f"sqlite:///{(directory / 'mlflow.db').resolve()}"
+    return default_tracking_uri(recipe.run_dir) if wanted and "://" not in recipe.run_dir else None
+
+
+def log_to_mlflow(plan: EvalPlan, metrics: dict[str, Any], uri: str) -> str | None:
+    """Log the evaluation as an MLflow run (a child of the training run when known); returns its run id."""
+    from workflows.tracking import Tracker
+
+    name = f"eval-{plan.recipe.run.name if plan.checkpoint else 'clip-only'}"
+    tracker = Tracker(uri, plan.recipe.mlflow.experiment, run_name=name,
+                      parent_run_id=plan.state.get("mlflow_run_id"), tags={"dist.kind": "evaluate"})
+    tracker.log_params({k: metrics[k] for k in ("checkpoint", "step", "manifest", "labels", "mode", "views", "crops",
+                                                "num_classes", "preset")})
+    step = int(metrics["step"] or 0)
+    tracker.log_metrics({f"eval_{k}": float(metrics[k]) for k in ("top1", "top5", "mean_class_acc", "videos")}
+                        | {"eval_dropped_total": float(metrics["dropped_total"])}, step=step)
+    for name in ("metrics.json", "per_class_accuracy.csv", "confusion_matrix.png"):
+        tracker.log_artifact(plan.out_dir / name, "evaluation")
+    tracker.finish()
+    return tracker.run_id if tracker.active else None
+
+
+def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
+    """Plan (fails before Ray on bad input), score on Ray, write the outputs, log to MLflow; returns metrics."""
+    from workflows.pretrain import ensure_ray
+
+    plan = plan_evaluation(request)
+    if progress:
+        print(f"{LOG_PREFIX} {plan.checkpoint or 'frozen CLIP'} ({plan.recipe.model.preset}, step "
+              f"{plan.state.get('step', '-')}) on {plan.manifest.source}: {len(plan.manifest)} videos, labels "
+              f"{plan.labels_source}", flush=True)
+    ensure_ray(plan.recipe)
+    results = score_views(plan, actors=request.actors, progress=progress)
+    metrics = write_outputs(plan, results)
+    uri = _tracking_uri(plan, request.mlflow)
+    if uri:
+        metrics["mlflow_run_id"] = log_to_mlflow(plan, metrics, uri)
+        metrics["mlflow_tracking_uri"] = uri
+        (plan.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workflows evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", help="checkpoint directory (or a run directory: its latest checkpoint)")
+    parser.add_argument("--config", help="recipe YAML (default: the checkpoint's recipe.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set eval.batch_size=32 (repeatable)")
+    parser.add_argument("--manifest", help="videos to evaluate (default: data.val_manifest)")
+    parser.add_argument("--labels", help="label file {class name: index}; any label set works (zero-shot)")
+    parser.add_argument("--views", type=int, help="temporal views per video (default: eval.test_views, 3)")
+    parser.add_argument("--crops", type=int, choices=(1, 3), help="spatial crops per view (default: eval.test_crops)")
+    parser.add_argument("--zero-shot-fusion", action="store_true", help="blend DiST with frozen-CLIP logits")
+    parser.add_argument("--clip-only", action="store_true", help="score with the frozen CLIP alone (baseline)")
+    parser.add_argument("--preset", help="with --clip-only: the DiST preset whose CLIP to use")
+    parser.add_argument("--out", help="output directory (default: <checkpoint>/eval-<time>)")
+    parser.add_argument("--actors", type=int, help="scoring actors (default: one per GPU, or CPUs / 4)")
+    tracking = parser.add_mutually_exclusive_group()
+    tracking.add_argument("--mlflow", dest="mlflow", action="store_true", default=None,
+                          help="log to MLflow (default: only when the run already has a tracking store)")
+    tracking.add_argument("--no-mlflow", dest="mlflow", action="store_false")
+    parser.add_argument("--json", action="store_true", help="print metrics.json to stdout (the summary to stderr)")
+    args = parser.parse_args(argv)
+    request = EvalRequest(checkpoint=args.checkpoint, config=args.config, overrides=args.overrides,
+                          manifest=args.manifest, labels=args.labels, views=args.views, crops=args.crops,
+                          zero_shot_fusion=args.zero_shot_fusion, clip_only=args.clip_only, preset=args.preset,
+                          out=args.out, actors=args.actors, mlflow=args.mlflow)
+    if args.json:  # keep stdout for the JSON alone
+        real_stdout, sys.stdout = sys.stdout, sys.stderr
+    from workflows.data.pipeline import TooManyBadVideos
+
+    try:
+        metrics = run_evaluate(request)
+    except (ConfigError, ValueError, FileNotFoundError, TooManyBadVideos) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if args.json:
+            sys.stdout = real_stdout
+    print(format_summary(metrics), file=sys.stderr if args.json else sys.stdout)
+    print(f"results in {metrics['out_dir']}", file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

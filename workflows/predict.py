@@ -1,0 +1,112 @@
+"""Classify video files with a checkpoint, locally (no Ray):
+`python -m workflows predict --checkpoint C [--labels L] video.mp4 [...] [--views 3] [--top 5] [--json]`.
+
+Each video is decoded and cut into clips exactly as the evaluation does (the data layer's `clips_from_video`:
+segment sampling of `views` temporal views, short-side resize and centre crop), scored, and the softmax
+probabilities are averaged over its clips. A video that cannot be decoded is reported with its drop reason;
+the others are still classified (exit status 1 when any video failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from workflows.checkpoints import RECIPE, find_checkpoint, read_state, read_weights
+from workflows.config import ConfigError, from_dict, load_yaml
+from workflows.evaluate import Mode, build_eval_model, model_logits
+from workflows.recipe import Recipe
+
+
+def load_predictor(checkpoint: str, labels: str | None = None) -> tuple[Any, Recipe, list[str]]:
+    """(model in eval mode, the checkpoint's recipe, class names): `labels` (a label file) replaces the class
+    names stored in the checkpoint."""
+    from workflows.data.manifest import load_labels
+
+    directory = find_checkpoint(checkpoint)
+    state = read_state(directory)
+    raw = load_yaml(directory / RECIPE) if (directory / RECIPE).is_file() else {}
+    if "model" not in state:
+        raise ConfigError(f"{directory}/state.json has no model section: not a checkpoint of this workflow")
+    recipe = from_dict(Recipe, {**raw, "model": state["model"]})
+    model = build_eval_model(state["model"], recipe.train.seed, read_weights(directory))
+    if labels:
+        label_map = load_labels(labels)
+        class_names = [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
+    elif state.get("class_names"):
+        class_names = list(state["class_names"])
+    else:
+        raise ConfigError(f"{directory} stores no class names; pass --labels")
+    return model, recipe, class_names
+
+
+def predict_video(model: Any, recipe: Recipe, class_names: list[str], path: str, *, views: int = 3,
+                  crops: int = 1, top: int = 5, mode: Mode = "dist") -> list[tuple[str, float]]:
+    """Top-`top` (class name, probability) of one video, probabilities averaged over views x crops clips.
+    Raises workflows.data.video.BadVideo when the video is unusable."""
+    import numpy as np
+    import torch
+
+    from workflows.data.pipeline import ClipSpec, clips_from_video
+
+    cfg = model.cfg
+    spec = ClipSpec.from_config(recipe.data, split="eval", num_frames=cfg.num_frames, crop_size=cfg.image_size,
+                                num_views=views, num_crops=crops)
+    rows = clips_from_video(path, 0, 0, math.nan, math.nan, spec)
+    frames = torch.from_numpy(np.stack([r["frames"] for r in rows]))  # (views * crops, T_d, S, S, 3) uint8
+    probs = torch.softmax(model_logits(model, frames, class_names, mode).float(), dim=-1).mean(dim=0)  # (K,)
+    values, indices = probs.topk(min(top, len(class_names)))
+    return [(class_names[i], float(p)) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workflows predict", description=__doc__.split("\n")[0])
+    parser.add_argument("videos", nargs="+", help="video files (local paths or URIs pyarrow reads)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory)")
+    parser.add_argument("--labels", help="label file {class name: index} (default: the checkpoint's classes)")
+    parser.add_argument("--views", type=int, default=3, help="temporal views per video (default 3)")
+    parser.add_argument("--crops", type=int, choices=(1, 3), default=1, help="spatial crops per view (default 1)")
+    parser.add_argument("--top", type=int, default=5, help="classes to show per video (default 5)")
+    parser.add_argument("--zero-shot-fusion", action="store_true", help="blend DiST with frozen-CLIP logits")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of tables")
+    args = parser.parse_args(argv)
+    if args.views < 1 or args.top < 1:
+        print("error: --views and --top must be >= 1", file=sys.stderr)
+        return 2
+    from workflows.data.video import BadVideo
+
+    try:
+        model, recipe, class_names = load_predictor(args.checkpoint, args.labels)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    mode: Mode = "fusion" if args.zero_shot_fusion else "dist"
+    results, failed = [], 0
+    for path in args.videos:
+        try:
+            top = predict_video(model, recipe, class_names, path, views=args.views, crops=args.crops, top=args.top,
+                                mode=mode)
+        except BadVideo as exc:
+            failed += 1
+            results.append({"path": path, "error": exc.reason, "detail": exc.detail})
+            if not args.json:
+                print(f"{path}: dropped ({exc.reason}: {exc.detail})", flush=True)
+            continue
+        results.append({"path": path, "top": [{"class": name, "prob": p} for name, p in top]})
+        if not args.json:
+            width = max(len(name) for name, _ in top)
+            print(f"{path}:")
+            print("\n".join(f"  {i}. {name:<{width}}  {100 * p:5.1f}%" for i, (name, p) in enumerate(top, 1)),
+                  flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif failed:
+        print(f"{failed} of {len(args.videos)} videos could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
