@@ -104,7 +104,7 @@ class ViewScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        frames = torch.from_numpy(np.ascontiguousarray(batch["frames"])).to(self.device)  # (N, T_d, S, S, 3)
+        frames = torch.from_numpy(np.array(batch["frames"])).to(self.device)  # (N, T_d, S, S, 3); a writable copy
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             logits = model_logits(self.model, frames, self.class_names, self.mode)
         return {"logits": logits.float().cpu().numpy(),  # (N, K)
