@@ -27,6 +27,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -673,6 +674,30 @@ class SweepResult:
     plot_path: Path | None = None
 
 
+def fetch_checkpoint_files(checkpoint: str, sweep_path: str, dest: Path,
+                           names: Sequence[str] = ("weights.safetensors", "state.json")) -> list[Path]:
+    """Local paths of a checkpoint's weights and state: the files themselves for a local checkpoint, copies in
+    `dest` for one in the sweep's remote storage (Train reports remote paths without the scheme)."""
+    local = Path(checkpoint)
+    if local.is_dir():
+        return [local / n for n in names if (local / n).exists()]
+    if "://" not in sweep_path:
+        return []
+    import pyarrow.fs
+
+    fs, _ = pyarrow.fs.FileSystem.from_uri(sweep_path)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in names:
+        try:
+            with fs.open_input_stream(f"{checkpoint.split('://')[-1].rstrip('/')}/{name}") as src:
+                (dest / name).write_bytes(src.read())
+            out.append(dest / name)
+        except OSError as exc:
+            print(f"{LOG_PREFIX} could not fetch {name} of {checkpoint}: {exc}", flush=True)
+    return out
+
+
 def _best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
     scored = [r for r in rows if not math.isnan(r.get(metric, math.nan))]
     if not scored:
@@ -717,35 +742,35 @@ def summarize(grid: Any, plan: SweepPlan, tracker: _Mlflow, parent_id: str | Non
 
     result = SweepResult(path=plan.path, rows=rows, best=best, parent_run_id=parent_id,
                          tracking_uri=plan.tracking_uri, interrupted=interrupted)
-    out_dir = Path(plan.path) if "://" not in plan.path else None
-    if out_dir is not None:
+    with tempfile.TemporaryDirectory(prefix="dist-sweep-") as tmp:
+        # A local sweep keeps its table and plot in the sweep directory; a remote one only in MLflow.
+        out_dir = Path(plan.path) if "://" not in plan.path else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        result.table_path = out_dir / RESULTS_CSV
+        result.table_path, result.plot_path = out_dir / RESULTS_CSV, out_dir / PLOT_PNG
         write_csv(rows, columns, result.table_path)
-        result.plot_path = out_dir / PLOT_PNG
         label_keys = [k for k in keys if len({json.dumps(r.get(k)) for r in rows}) > 1] or keys[:1]
         save_pareto_png(rows, sweep.metric, label_keys, result.plot_path,
                         f"{sweep.name}: {sweep.metric} against cost ({len(rows)} trials)",
                         best["trial_id"] if best else None)
-    if parent_id:
-        if result.table_path is not None:
+        if parent_id:
             tracker.log_artifact(parent_id, result.table_path)
             tracker.log_artifact(parent_id, result.plot_path)
-        tracker.log_metrics(parent_id, {
-            "trials": float(len(rows)),
-            "trials_completed": float(sum(r["status"] == "completed" for r in rows)),
-            "trials_failed": float(sum(r["status"].startswith("error") for r in rows)),
-            **({f"best_{sweep.metric}": best[sweep.metric]} if best else {})})
-    if best is not None:
-        checkpoint = best.get("checkpoint") or ""
-        print(f"{LOG_PREFIX} best trial {best['trial_id']}: {sweep.metric} {best[sweep.metric]:.2f} at step "
-              f"{best['best_step']} ({' '.join(trial_overrides({k: best[k] for k in keys}))}); checkpoint: "
-              f"{checkpoint or 'none kept'}", flush=True)
-        if parent_id and checkpoint and "://" not in checkpoint:
-            for name in ("weights.safetensors", "state.json"):
-                if (Path(checkpoint) / name).exists():
-                    tracker.log_artifact(parent_id, Path(checkpoint) / name, "best_checkpoint")
-            tracker.set_tags(parent_id, {"best_trial_id": best["trial_id"], "best_checkpoint": checkpoint})
+            tracker.log_metrics(parent_id, {
+                "trials": float(len(rows)),
+                "trials_completed": float(sum(r["status"] == "completed" for r in rows)),
+                "trials_failed": float(sum(r["status"].startswith("error") for r in rows)),
+                **({f"best_{sweep.metric}": best[sweep.metric]} if best else {})})
+        if best is not None:
+            checkpoint = best.get("checkpoint") or ""
+            print(f"{LOG_PREFIX} best trial {best['trial_id']}: {sweep.metric} {best[sweep.metric]:.2f} at step "
+                  f"{best['best_step']} ({' '.join(trial_overrides({k: best[k] for k in keys}))}); checkpoint: "
+                  f"{checkpoint or 'none kept'}", flush=True)
+            if parent_id and checkpoint:
+                for path in fetch_checkpoint_files(checkpoint, plan.path, Path(tmp) / "best"):
+                    tracker.log_artifact(parent_id, path, "best_checkpoint")
+                tracker.set_tags(parent_id, {"best_trial_id": best["trial_id"], "best_checkpoint": checkpoint})
+        if "://" in plan.path:
+            result.table_path = result.plot_path = None
     if parent_id and not interrupted:
         tracker.terminate(parent_id, "FINISHED")
     return result
