@@ -269,3 +269,15 @@ def test_matches_transcription_of_authors_forward(tiny_clip, overrides):
     video = torch.randn(2, 3, model.cfg.num_frames, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_video(video), _authors_forward(model, video), rtol=1e-4, atol=1e-5)
+
+
+def test_quick_gelu_custom_backward_matches_autograd():
+    from dist_model.layers import quick_gelu
+
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(quick_gelu, (x,))
+    y = x.detach().clone().requires_grad_(True)
+    (y * torch.sigmoid(1.702 * y)).sum().backward()
+    x.grad = None
+    quick_gelu(x).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad)
