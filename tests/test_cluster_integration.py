@@ -207,7 +207,7 @@ class Cluster:
             procs = _marked(self.tag)
             if not procs:
                 break
-            _end(procs, grace_s=20)
+            _end(procs, grace_s=10)
         for proc, _ in self.nodes:
             try:
                 proc.wait(timeout=10)
