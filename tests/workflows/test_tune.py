@@ -1,0 +1,277 @@
+"""Tune sweeps: the sweep schema and its validation, the concurrency derivation, Pareto fronts and counted FLOPs
+(unit), and a real 3-trial sweep on the smoke recipe, interrupted after its first trial and resumed, into a sqlite
+MLflow store (integration)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ray import tune
+
+from workflows.config import ConfigError
+from workflows.tune import (
+    build_param_space,
+    build_trial_recipe,
+    expected_trials,
+    load_sweep,
+    max_trials_that_fit,
+    pareto_front,
+    plan_sweep,
+    resolve_max_concurrent,
+    run_sweep,
+    split_overrides,
+    trial_resources,
+)
+
+CONFIGS = Path(__file__).parents[2] / "workflows" / "configs"
+SWEEP_SMOKE = CONFIGS / "sweep_smoke.yaml"
+
+
+def write_sweep(tmp_path: Path, space: str, extra: str = "") -> Path:
+    """A sweep file over the smoke recipe with the given search_space block."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"base: {CONFIGS / 'smoke.yaml'}\nsearch_space:\n{space}\n{extra}")
+    return path
+
+
+def plan(path: Path, overrides: list[str] | None = None):
+    return plan_sweep(load_sweep(path, overrides or []), check_files=False)
+
+
+# --- the schema and its validation (no Ray) ---
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("sweep_*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_is_valid(path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # remote sweeps need a server
+    text = path.read_text()
+    assert text.startswith("#") and "python -m workflows tune --config" in text
+    sweep_plan = plan(path)
+    assert sweep_plan.sweep.search_space["model.fusion_layers"]["grid"]
+    assert expected_trials(sweep_plan.sweep) >= 3
+
+
+def test_unknown_search_key_fails_listing_valid_keys(tmp_path):
+    path = write_sweep(tmp_path, "  model.fusion_layer: {grid: [all, every2]}")
+    with pytest.raises(ConfigError, match=r"unknown recipe key 'model.fusion_layer'; valid keys in model: .*"
+                                          r"model.fusion_layers.*model.pooling_layers"):
+        plan(path)
+    path = write_sweep(tmp_path, "  modle.fusion_layers: {grid: [all]}")
+    with pytest.raises(ConfigError, match="valid keys start with one of: data, eval, mlflow, model, run"):
+        plan(path)
+    path = write_sweep(tmp_path, "  run.name: {grid: [a, b]}")
+    with pytest.raises(ConfigError, match="set by the sweep itself"):
+        plan(path)
+
+
+def test_every_grid_point_is_built_before_ray(tmp_path):
+    # dist_tiny has head_dim 32: 100 is not a multiple, and only the combination with that value is invalid.
+    path = write_sweep(tmp_path, "  model.fusion_layers: {grid: [all, every2]}\n"
+                                 "  model.integration_dim: {choice: [64, 100]}")
+    with pytest.raises(ConfigError, match=r"the trial \{model.fusion_layers='all', model.integration_dim=100\} "
+                                          r"is invalid: .*integration_dim must be a positive multiple of head_dim"):
+        plan(path)
+    path = write_sweep(tmp_path, "  model.fusion_layers: {grid: [all, every7]}")
+    with pytest.raises(ConfigError, match="unknown fusion preset 'every7'"):
+        plan(path)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{grid: []}", "expected a non-empty list"),
+    ("{loguniform: [0, 1.0e-3]}", "low must be > 0"),
+    ("{uniform: [2, 1]}", "need low < high"),
+    ("{randint: [1, 2.5]}", "must be integers"),
+    ("{between: [1, 2]}", "give exactly one of grid, choice, uniform, loguniform, randint"),
+])
+def test_domain_errors(tmp_path, spec, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write_sweep(tmp_path, f"  train.lr: {spec}"))
+
+
+def test_sweep_keys_are_strict_and_set_routes_by_section(tmp_path):
+    path = write_sweep(tmp_path, "  model.fusion_layers: {grid: [all]}", "searcher: bayes\n")
+    with pytest.raises(ConfigError, match="searcher: 'bayes' is not valid; choose one of 'grid', 'random', 'optuna'"):
+        load_sweep(path)
+    assert split_overrides(["num_samples=3", "train.lr=1e-4", "mlflow.experiment=x"]) == \
+        (["num_samples=3", "mlflow.experiment=x"], ["train.lr=1e-4"])
+    with pytest.raises(ConfigError, match="neither a sweep key"):
+        split_overrides(["bogus.key=1"])
+    sweep = load_sweep(write_sweep(tmp_path, "  model: {fusion_layers: {grid: [all, every2]}}"),
+                       ["num_samples=2", "train.max_steps=3"])
+    assert sweep.search_space == {"model.fusion_layers": {"grid": ["all", "every2"]}}  # nested form flattened
+    assert sweep.num_samples == 2 and sweep.base_overrides[-1] == "train.max_steps=3"
+    assert expected_trials(sweep) == 4
+
+
+def test_trial_recipe_takes_the_trial_values(tmp_path):
+    sweep_plan = plan(write_sweep(tmp_path, "  model.fusion_layers: {grid: [all, every2]}\n"
+                                            "  train.lr: {loguniform: [1.0e-4, 1.0e-3]}"))
+    recipe = build_trial_recipe(sweep_plan.base, {"model.fusion_layers": "every2", "train.lr": np.float64(2e-4)},
+                                name="t1", storage_path="/tmp/x")
+    assert recipe.model_cfg.layers == (1, 3) and recipe.peak_lr == pytest.approx(2e-4)
+    assert (recipe.run.name, recipe.run.storage_path) == ("t1", "/tmp/x")
+    assert recipe.mlflow.tracking_uri == sweep_plan.tracking_uri  # one store for the parent and every trial
+
+
+def test_search_space_and_searchers(tmp_path):
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from workflows.tune import _search_alg
+
+    path = write_sweep(tmp_path, "  model.fusion_layers: {grid: [all, every2]}\n  model.pooling_layers: "
+                                 "{choice: [1, 2]}\n  train.lr: {loguniform: [1.0e-4, 1.0e-3]}")
+    grid = plan(path).sweep
+    space = build_param_space(grid)
+    assert space["model.fusion_layers"] == {"grid_search": ["all", "every2"]}
+    assert isinstance(space["model.pooling_layers"], tune.search.sample.Categorical)
+    alg = _search_alg(grid, 2)
+    assert isinstance(alg, BasicVariantGenerator) and alg.max_concurrent == 2  # the generator carries the limit
+    optuna = plan(path, ["searcher=optuna", "num_samples=5"]).sweep
+    assert isinstance(build_param_space(optuna)["model.fusion_layers"], tune.search.sample.Categorical)
+    assert isinstance(_search_alg(optuna, 3), ConcurrencyLimiter)
+    with pytest.raises(ConfigError, match="optuna needs choices that are numbers or strings"):
+        plan(write_sweep(tmp_path, "  model.fusion_layers: {choice: [[0, 3], [1, 3]]}", "searcher: optuna\n"))
+
+
+# --- concurrency ---
+def test_max_concurrent_trials_derivation(tmp_path):
+    recipe = plan(write_sweep(tmp_path, "  model.fusion_layers: {grid: [all]}"),
+                  ["scaling.num_workers=2", "scaling.cpus_per_worker=2"]).base_recipe
+    need = trial_resources(recipe)
+    assert need == {"CPU": pytest.approx(0.1 + 2 * 2 + 2 * 1)}  # driver + workers + one decode actor per worker
+    assert max_trials_that_fit({"CPU": 16.0}, need) == 2
+    assert max_trials_that_fit({"CPU": 6.0}, need) == 0
+    assert resolve_max_concurrent(None, {"CPU": 32.0}, need) == 5
+    assert resolve_max_concurrent(0, {"CPU": 32.0}, need) == 5
+    assert resolve_max_concurrent(2, {"CPU": 32.0}, need) == 2
+    assert resolve_max_concurrent(9, {"CPU": 32.0}, need) == 5  # never more than fit: waiting trials would hang
+    with pytest.raises(ConfigError, match="one trial needs .* but the cluster has 4 CPU"):
+        resolve_max_concurrent(None, {"CPU": 4.0}, need)
+    gpu = plan(write_sweep(tmp_path, "  model.fusion_layers: {grid: [all]}"),
+               ["scaling.num_workers=2", "scaling.use_gpu=true", "data.decode_node_label=dist-role=decode"]).base_recipe
+    need = trial_resources(gpu)
+    assert need == {"CPU": pytest.approx(2.1), "GPU": 2.0, "decode_CPU": 2.0}
+    assert max_trials_that_fit({"CPU": 64.0, "GPU": 8.0, "decode_CPU": 4.0}, need) == 2  # decode nodes bind
+    assert max_trials_that_fit({"CPU": 64.0, "GPU": 8.0, "decode_CPU": 64.0}, need) == 4  # GPUs bind
+
+
+# --- Pareto front ---
+def test_pareto_front():
+    costs = [1.0, 2.0, 3.0, 2.0, 4.0, 1.5, math.nan]
+    scores = [10.0, 30.0, 25.0, 30.0, 40.0, 5.0, 99.0]
+    # 1.0/10 cheapest; 2.0/30 (both, tied); 3.0/25 dominated by 2.0/30; 4.0/40 best; 1.5/5 dominated; NaN never.
+    assert pareto_front(costs, scores) == [True, True, False, True, True, False, False]
+    assert pareto_front([1.0, 2.0], [5.0, 1.0], maximize=False) == [True, True]
+    assert pareto_front([1.0, 2.0], [1.0, 5.0], maximize=False) == [True, False]
+    assert pareto_front([], []) == []
+
+
+# --- counted FLOPs ---
+def test_counted_flops_follow_the_fusion_depth():
+    from dist_model import DiSTConfig
+    from dist_model.flops import count_clip_cost
+
+    costs = {f: count_clip_cost(DiSTConfig.from_name("dist_tiny", fusion_layers=f))
+             for f in ("all", "every2", "last_third")}
+    assert costs["all"].dist_gflops > costs["every2"].dist_gflops > costs["last_third"].dist_gflops > 0
+    assert costs["all"].trainable_params > costs["every2"].trainable_params > costs["last_third"].trainable_params
+    assert len({c.clip_gflops for c in costs.values()}) == 1  # every preset ends on the top block: same CLIP cost
+    b16 = count_clip_cost(DiSTConfig.from_name("dist_b16_k400"))
+    # Reference §2.8 (GMACs; counted FLOPs are 2 per multiply-add): CLIP 140.5, DiST branch 22.4, 26.1 M params.
+    assert b16.clip_gflops / 2 == pytest.approx(140.5, rel=0.01)
+    assert b16.dist_gflops / 2 == pytest.approx(22.4, rel=0.03)
+    assert b16.trainable_params / 1e6 == pytest.approx(26.1, rel=0.01)
+
+
+# --- a real sweep, interrupted after its first trial and resumed ---
+class InterruptAfterFirstTrial(tune.Callback):
+    """Sends this process SIGUSR1 once, when the first trial completes: Tune's handler for it (like Ctrl-C) ends the
+    run and saves its state, as an interrupted driver would. Module-level: Tune pickles it with the sweep state."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text(trial.trial_id)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(ray_local, tmp_path_factory):
+    """The smoke sweep (3 fusion presets, 1 worker, 2 steps, one validation per trial), interrupted after trial 1,
+    then resumed: (plan, first run's result, resumed run's result, id of the trial finished before the stop)."""
+    from workflows.data.sample import write_sample_dataset
+
+    root = tmp_path_factory.mktemp("sweep")
+    write_sample_dataset(root / "data", videos_per_class=3, size=48, num_frames=24, workers=1)
+    overrides = [f"data.train_manifest={root / 'data' / 'train.csv'}", f"data.val_manifest={root / 'data' / 'val.csv'}",
+                 f"data.labels={root / 'data' / 'labels.json'}", f"storage_path={root / 'runs'}", "scheduler=none",
+                 "max_concurrent_trials=1", "train.max_steps=2", "eval.every_steps=2"]
+    sweep_plan = plan_sweep(load_sweep(SWEEP_SMOKE, overrides))
+    marker = root / "interrupted"
+    first = run_sweep(sweep_plan, callbacks=[InterruptAfterFirstTrial(str(marker))])
+    second = run_sweep(sweep_plan, resume=True)
+    return sweep_plan, first, second, marker.read_text()
+
+
+@pytest.mark.integration
+def test_interrupted_sweep_resumes_the_rest_only(resumed_sweep):
+    sweep_plan, first, second, first_id = resumed_sweep
+    assert first.interrupted and not second.interrupted
+    assert [r["trial_id"] for r in first.rows if r["status"] == "completed"] == [first_id]
+    assert len(second.rows) == 3 and all(r["status"] == "completed" for r in second.rows)
+    assert first_id in {r["trial_id"] for r in second.rows}
+    # Each trial's driver started exactly once: the finished trial was not run again after the restore.
+    assert [r["attempts"] for r in second.rows] == [1, 1, 1]
+    before = next(r for r in first.rows if r["trial_id"] == first_id)
+    after = next(r for r in second.rows if r["trial_id"] == first_id)
+    assert (after["reports"], after["val_top1"], after["checkpoint"]) == \
+        (before["reports"], before["val_top1"], before["checkpoint"])
+
+
+@pytest.mark.integration
+def test_sweep_is_tracked_with_nested_runs_table_plot_and_best(resumed_sweep):
+    import mlflow
+
+    from workflows.checkpoints import read_state
+
+    sweep_plan, _, result, _ = resumed_sweep
+    client = mlflow.MlflowClient(sweep_plan.tracking_uri)
+    experiment = client.get_experiment_by_name(sweep_plan.sweep.mlflow.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("dist.role") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.run_id == result.parent_run_id  # the resume reused it
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(nested) == 3
+    assert sorted(r.data.params["model.fusion_layers"] for r in nested) == ["all", "every2", "last_third"]
+    for run in nested:  # config as params, metrics per report, and the cost the driver added
+        assert run.data.params["train.max_steps"] == "2"
+        assert {"val_top1", "loss", "clips_per_s", "trainable_params", "dist_gflops_per_clip",
+                "clip_gflops_per_clip", "clips_per_s_median"} <= set(run.data.metrics)
+
+    # The results table (CSV on disk and on the parent) and the plot.
+    assert result.table_path.exists() and result.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with result.table_path.open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3 and {"model.fusion_layers", "val_top1", "val_top5", "dist_gflops", "clip_gflops",
+                                "trainable_params", "clips_per_s", "pareto", "status"} <= set(table[0])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "accuracy_vs_cost.png", "best_checkpoint"} <= artifacts
+    best_files = {a.path for a in client.list_artifacts(parent.info.run_id, "best_checkpoint")}
+    assert best_files == {"best_checkpoint/weights.safetensors", "best_checkpoint/state.json"}
+
+    # The best trial is the one with the highest val top-1 reported by any trial (read back from MLflow).
+    reported = {r.info.run_name: max(m.value for m in client.get_metric_history(r.info.run_id, "val_top1"))
+                for r in nested}
+    top = max(reported.values())
+    assert result.best["val_top1"] == top and reported[result.best["run_name"]] == top
+    assert parent.data.metrics["best_val_top1"] == top
+    assert read_state(result.best["checkpoint"])["metrics"]["val_top1"] == top
