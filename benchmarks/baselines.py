@@ -24,6 +24,27 @@ from dist_model import DiST, DiSTConfig, FrozenCLIP
 from dist_model.model import SpatialOnlyHead, VideoTextModel
 
 
+def attention_batch_first(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """Self-attention of `attn`'s weights on batch-first (N, L, C) tokens, as `attn(x, x, x)` computes it.
+
+    nn.MultiheadAttention's autograd path transposes batch-first inputs to (L, N, C); a linear on that
+    non-contiguous view of a tensor that requires grad makes torch.matmul broadcast the weight to a batched bmm
+    (a ~0.7 GB copy per in-projection at B/16), 2-4x slower in bf16. The baselines must not pay for that.
+    """
+    n, length, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (N, L, 3C)
+    q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3 x (N, h, L, C/h)
+    out = F.scaled_dot_product_attention(q, k, v)  # (N, h, L, C/h)
+    return attn.out_proj(out.transpose(1, 2).reshape(n, length, width))  # (N, L, C)
+
+
+def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ResidualAttentionBlock.forward (no mask, self-attention) with `attention_batch_first`."""
+    x = x + block.ls_1(attention_batch_first(block.attn, block.ln_1(x)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 def clip_tokens_with_grad(
     clip: FrozenCLIP,
     frames: torch.Tensor,
@@ -43,7 +64,7 @@ def clip_tokens_with_grad(
     for index, block in enumerate(visual.transformer.resblocks[: stop + 1]):
         if adapters is not None:
             x = adapters[index](x, batch)
-        x = block(x)
+        x = block_forward(block, x)
         if index in taps:
             out[index] = x
     return out

@@ -62,13 +62,19 @@ def synchronize(device: torch.device) -> None:
 
 def time_calls(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
     """Wall-clock seconds of each of `repeats` calls of `fn` (device-synchronised)."""
+    return [wall for wall, _ in time_calls_with_cpu(fn, repeats, device)]
+
+
+def time_calls_with_cpu(fn: Callable[[], object], repeats: int, device: torch.device) -> list[tuple[float, float]]:
+    """(wall seconds, process CPU seconds) of each of `repeats` calls of `fn`. CPU time counts only when this
+    process runs, so on a machine shared with other jobs it shows how much of a slow wall time was waiting."""
     times = []
     for _ in range(repeats):
         synchronize(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - start_cpu))
     return times
 
 

@@ -44,6 +44,7 @@ class VariantResult:
     trainable_params: int
     total_params: int
     step_seconds: list[float]
+    step_cpu_seconds: list[float]  # process CPU time of the same steps (all threads)
     peak_memory_bytes: int
     model_memory_bytes: int  # resident after building the model, optimizer and input, before the first step
     flops_per_step: float  # counted, forward + backward
@@ -53,6 +54,10 @@ class VariantResult:
     @property
     def step_time(self) -> float:
         return statistics.median(self.step_seconds)
+
+    @property
+    def step_cpu_time(self) -> float:
+        return statistics.median(self.step_cpu_seconds)
 
     @property
     def achieved_flops_per_s(self) -> float:
@@ -148,7 +153,7 @@ def run_variant(
     measure.synchronize(device)
     model_memory = (torch.cuda.memory_allocated(device) if device.type == "cuda" else measure.rss_bytes()) - base
     measure.time_calls(step, warmup, device)
-    times = measure.time_calls(step, steps, device)
+    timed = measure.time_calls_with_cpu(step, steps, device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
@@ -167,7 +172,8 @@ def run_variant(
         variant=variant,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
-        step_seconds=times,
+        step_seconds=[wall for wall, _ in timed],
+        step_cpu_seconds=[cpu for _, cpu in timed],
         peak_memory_bytes=peak,
         model_memory_bytes=model_memory,
         flops_per_step=float(counter.get_total_flops()),
@@ -203,6 +209,8 @@ def summarise(results: dict[str, VariantResult]) -> dict[str, float]:
         "dist_utilisation": dist.utilisation,
         "dist_vs_adapter_mem": dist.peak_memory_bytes / adapter.peak_memory_bytes,
         "dist_vs_full_flops": dist.flops_per_step / full.flops_per_step,
+        "dist_vs_full_cpu_time": dist.step_cpu_time / full.step_cpu_time,
+        "dist_vs_adapter_cpu_time": dist.step_cpu_time / adapter.step_cpu_time,
         "dist_gflops_per_s": dist.achieved_flops_per_s / 1e9,
         "matmul_gflops_per_s": dist.matmul_flops_per_s / 1e9,
     }
@@ -211,14 +219,15 @@ def summarise(results: dict[str, VariantResult]) -> dict[str, float]:
 def format_table(results: dict[str, VariantResult]) -> str:
     """A markdown table of the measured variants."""
     head = (
-        "| variant | trainable params | step s (median) | step s (min..max) | peak mem MiB | resident before step MiB "
-        "| GFLOP/step | GFLOP/s | % of matmul |"
+        "| variant | trainable params | step s (median) | step s (min..max) | CPU s/step | peak mem MiB "
+        "| resident before step MiB | GFLOP/step | GFLOP/s | % of matmul |"
     )
-    rows = [head, "|" + "---|" * 9]
+    rows = [head, "|" + "---|" * 10]
     for r in results.values():
         rows.append(
             f"| {r.variant} | {r.trainable_params / 1e6:.2f} M | {r.step_time:.3f} | "
-            f"{min(r.step_seconds):.3f}..{max(r.step_seconds):.3f} | {r.peak_memory_bytes / 2**20:.0f} | "
+            f"{min(r.step_seconds):.3f}..{max(r.step_seconds):.3f} | "
+            f"{r.step_cpu_time:.2f} | {r.peak_memory_bytes / 2**20:.0f} | "
             f"{r.model_memory_bytes / 2**20:.0f} | {r.flops_per_step / 1e9:.1f} | {r.achieved_flops_per_s / 1e9:.1f} | "
             f"{100 * r.utilisation:.0f}% |"
         )

@@ -73,3 +73,25 @@ def test_baselines_freeze_and_unfreeze_the_right_parameters():
     first = adapter.adapter_net.adapters[0]
     # The lowest adapter's up-projection gets a gradient only if the backward ran through every frozen block.
     assert first.up.weight.grad is not None and first.up.weight.grad.abs().sum() > 0
+
+
+def test_baseline_clip_forward_matches_frozen_clip_tokens():
+    from benchmarks.baselines import clip_tokens_with_grad
+    from dist_model import DiSTConfig, build_clip
+
+    torch.manual_seed(0)
+    clip = build_clip(DiSTConfig.from_name("dist_tiny"))
+    frames = torch.randn(4, 3, 32, 32)
+    taps = {1, 3}
+    expected = clip.forward_tokens(frames, taps, stop=3)
+    got = clip_tokens_with_grad(clip, frames, taps, stop=3)
+    for block in taps:
+        torch.testing.assert_close(got[block], expected[block], rtol=1e-5, atol=1e-5)
+
+
+def test_memory_efficient_quick_gelu_gradient_matches_autograd():
+    from dist_model.layers import _QuickGELU, quick_gelu
+
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_QuickGELU.apply, (x,))
+    torch.testing.assert_close(quick_gelu(x), x * torch.sigmoid(1.702 * x), rtol=0, atol=0)
