@@ -42,7 +42,7 @@ def run_demo(out: Path, overrides: list[str], videos_per_class: int) -> dict[str
               f"mlflow.tracking_uri={tracking}", *overrides]
     dist_recipe = load_recipe(DEMO_RECIPE, common + ["run.name=demo-dist"])
     spatial_recipe = load_recipe(DEMO_RECIPE, common + ["run.name=demo-spatial-only", "model.variant=spatial_only"])
-    ensure_ray(dist_recipe)
+    ensure_ray(dist_recipe, fresh_local=True)  # never join another cluster running on this machine
 
     results = {}
     for label, recipe in (("DiST", dist_recipe), ("spatial-only", spatial_recipe)):
@@ -72,7 +72,7 @@ def run_demo(out: Path, overrides: list[str], videos_per_class: int) -> dict[str
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_output", help="folder for data, runs and the MLflow store")
-    parser.add_argument("--videos-per-class", type=int, default=40)
+    parser.add_argument("--videos-per-class", type=int, default=150)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of workflows/configs/demo.yaml (repeatable)")
     args = parser.parse_args(argv)

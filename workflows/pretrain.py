@@ -333,12 +333,17 @@ def validate_before_start(recipe: Recipe) -> None:
                           "server, e.g. http://<head>:5000")
 
 
-def ensure_ray(recipe: Recipe) -> None:
-    """Join the cluster named by RAY_ADDRESS (or a running local one); otherwise start a local cluster whose
-    logical CPUs cover the training workers plus at least one decode actor per worker."""
+def ensure_ray(recipe: Recipe, fresh_local: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (or one running on this machine); otherwise, or with `fresh_local`,
+    start a local cluster whose logical CPUs cover the training workers plus one decode actor per worker."""
     import ray
 
     if ray.is_initialized():
+        return
+    workers = recipe.scaling.num_workers * recipe.scaling.cpus_per_worker
+    local_cpus = int(max(os.cpu_count() or 1, workers + recipe.scaling.num_workers))
+    if fresh_local:
+        ray.init(address="local", num_cpus=local_cpus)
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
@@ -346,8 +351,7 @@ def ensure_ray(recipe: Recipe) -> None:
     try:
         ray.init(address="auto")
     except ConnectionError:
-        workers = recipe.scaling.num_workers * recipe.scaling.cpus_per_worker
-        ray.init(num_cpus=int(max(os.cpu_count() or 1, workers + recipe.scaling.num_workers)))
+        ray.init(num_cpus=local_cpus)
 
 
 def check_capacity(recipe: Recipe) -> None:
