@@ -16,7 +16,7 @@ $(STAMP): requirements.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dist_model.demo
+	$(PY) -m workflows demo
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -105,11 +105,11 @@ def run_variant(
     """Build `variant`, time `steps` optimizer steps after `warmup`, measure peak memory, count FLOPs."""
     import torch
     import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
 
     import benchmarks.baselines  # noqa: F401
     from benchmarks import measure
     from dist_model import DiSTConfig
+    from dist_model.flops import count_flops
 
     # Imports (open_clip pulls in ~200 MiB of libraries on first use) happen before the memory baseline.
     DiSTConfig.from_name(preset)
@@ -159,15 +159,7 @@ def run_variant(
     else:
         peak = measure.peak_rss_bytes() - base
     rate_after = measure.matmul_rate(device, compute_dtype, matmul_size)
-    # nn.MultiheadAttention's inference fast path (the frozen CLIP under no_grad) is one fused op the counter does
-    # not know; the same attention through its ordinary path is counted op by op. Counting only, not timing.
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            forward_backward()
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+    flops = count_flops(forward_backward)  # counting only, not timing
     return VariantResult(
         variant=variant,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -176,7 +168,7 @@ def run_variant(
         step_cpu_seconds=[cpu for _, cpu in timed],
         peak_memory_bytes=peak,
         model_memory_bytes=model_memory,
-        flops_per_step=float(counter.get_total_flops()),
+        flops_per_step=flops,
         matmul_flops_per_s=(rate_before + rate_after) / 2,
         memory_method=method,
     )

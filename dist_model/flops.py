@@ -44,7 +44,7 @@ def _meta_clip(arch: str) -> FrozenCLIP:
     return build_clip(cfg).to("meta")
 
 
-def _count(fn) -> float:
+def count_flops(fn) -> float:
     """FLOPs of calling `fn()`. nn.MultiheadAttention's inference fast path is one fused op the counter does not
     know; with it off, the same attention is counted op by op."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -65,8 +65,8 @@ def count_clip_cost(cfg: DiSTConfig, variant: Literal["dist", "spatial_only"] = 
     video = torch.empty(1, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device="meta")  # (B, 3, T_d, H, W)
     # The blocks the model reads from CLIP: its fusion layers and the head's CLS block (encode_video stops there).
     taps = set(model.fusion_layers) | {model.head_cls_layer}
-    clip_flops = _count(lambda: model.clip.forward_tokens(model.sparse_frames(video), taps, stop=max(taps)))
-    total_flops = _count(lambda: model.encode_video(video))
+    clip_flops = count_flops(lambda: model.clip.forward_tokens(model.sparse_frames(video), taps, stop=max(taps)))
+    total_flops = count_flops(lambda: model.encode_video(video))
     frozen = sum(p.numel() for p in clip.parameters())
     return ClipCost(dist_gflops=(total_flops - clip_flops) / 1e9, clip_gflops=clip_flops / 1e9,
                     trainable_params=model.num_trainable_params(), frozen_params=frozen)

@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     recipe = recipe_from_dict(config["recipe"])
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-worker pipelines: bars garble the log
+    # DeepSpeed's ZeRO calls a deprecated torch collective on every step; one warning per step drowns the progress.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Where each rank landed (one line per rank): shows how the cluster placed the workers.
