@@ -23,7 +23,7 @@ DEMO_RECIPE = Path(__file__).parent / "configs" / "demo.yaml"
 def run_demo(out: Path, overrides: list[str], videos_per_class: int) -> dict[str, float]:
     """Run both trainings; returns the numbers of the final line."""
     from workflows.data.sample import write_sample_dataset
-    from workflows.pretrain import ensure_ray, run_pretrain
+    from workflows.pretrain import ensure_ray, local_cpus_for, run_pretrain
 
     start = time.perf_counter()
     out = out.resolve()
@@ -42,7 +42,7 @@ def run_demo(out: Path, overrides: list[str], videos_per_class: int) -> dict[str
               f"mlflow.tracking_uri={tracking}", *overrides]
     dist_recipe = load_recipe(DEMO_RECIPE, common + ["run.name=demo-dist"])
     spatial_recipe = load_recipe(DEMO_RECIPE, common + ["run.name=demo-spatial-only", "model.variant=spatial_only"])
-    ensure_ray(dist_recipe, fresh_local=True)  # never join another cluster running on this machine
+    ensure_ray(local_cpus_for(dist_recipe), fresh_local=True)  # never join another cluster running on this machine
 
     results = {}
     for label, recipe in (("DiST", dist_recipe), ("spatial-only", spatial_recipe)):

@@ -472,14 +472,14 @@ def log_to_mlflow(plan: EvalPlan, metrics: dict[str, Any], uri: str) -> str | No
 
 def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
     """Plan (fails before Ray on bad input), score on Ray, write the outputs, log to MLflow; returns metrics."""
-    from workflows.pretrain import ensure_ray
+    from workflows.pretrain import ensure_ray, local_cpus_for
 
     plan = plan_evaluation(request)
     if progress:
         print(f"{LOG_PREFIX} {plan.checkpoint or 'frozen CLIP'} ({plan.recipe.model.preset}, step "
               f"{plan.state.get('step', '-')}) on {plan.manifest.source}: {len(plan.manifest)} videos, labels "
               f"{plan.labels_source}", flush=True)
-    ensure_ray(plan.recipe)
+    ensure_ray(local_cpus_for(plan.recipe))
     results = score_views(plan, actors=request.actors, progress=progress)
     metrics = write_outputs(plan, results)
     uri = _tracking_uri(plan, request.mlflow)

@@ -336,15 +336,22 @@ def validate_before_start(recipe: Recipe) -> None:
                           "server, e.g. http://<head>:5000")
 
 
-def ensure_ray(recipe: Recipe, fresh_local: bool = False) -> None:
+def local_cpus_for(recipe: Recipe) -> float:
+    """Logical CPUs a local cluster needs for a run: the training workers plus one decode actor per worker."""
+    return recipe.scaling.num_workers * (recipe.scaling.cpus_per_worker + recipe.data.decode_threads)
+
+
+def ensure_ray(min_cpus: float, fresh_local: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS (or one running on this machine); otherwise, or with `fresh_local`,
-    start a local cluster whose logical CPUs cover the training workers plus one decode actor per worker."""
+    start a local cluster with at least `min_cpus` logical CPUs (more than the machine's cores is fine: decode
+    actors and training workers take turns)."""
+    import math
+
     import ray
 
     if ray.is_initialized():
         return
-    workers = recipe.scaling.num_workers * recipe.scaling.cpus_per_worker
-    local_cpus = int(max(os.cpu_count() or 1, workers + recipe.scaling.num_workers))
+    local_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
     if fresh_local:
         ray.init(address="local", num_cpus=local_cpus)
         return
@@ -381,7 +388,7 @@ def run_pretrain(recipe: Recipe) -> Any:
 
     validate_before_start(recipe)
     print(f"{LOG_PREFIX} resolved recipe:\n{dump_yaml(recipe)}", flush=True)
-    ensure_ray(recipe)
+    ensure_ray(local_cpus_for(recipe))
     check_capacity(recipe)
     recipe = with_run_scoped_names(recipe)
     counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts

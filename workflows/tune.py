@@ -831,22 +831,6 @@ def _scheduler(sweep: SweepConfig) -> Any:
                          reduction_factor=a.reduction_factor, brackets=a.brackets)
 
 
-def ensure_ray_for_trials(per_trial: dict[str, float]) -> None:
-    """Join the cluster named by RAY_ADDRESS (or a running local one); otherwise start a local cluster whose logical
-    CPUs hold at least one trial (workers, decode actors and the trial's driver)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    try:
-        ray.init(address="auto")
-    except ConnectionError:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(per_trial["CPU"])))
-
-
 def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
               callbacks: list | None = None) -> SweepResult:
     """Run (or resume) a validated sweep on Ray Tune and summarise it. A sweep whose directory holds a restorable
@@ -863,7 +847,9 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     print(f"{LOG_PREFIX} sweep {sweep.name} in {plan.path} ({'resuming' if restorable else 'new'}); MLflow "
           f"{plan.tracking_uri}, experiment {sweep.mlflow.experiment}\n{dump_yaml(sweep)}", flush=True)
     per_trial = trial_resources(plan.base_recipe)
-    ensure_ray_for_trials(per_trial)
+    from workflows.pretrain import ensure_ray
+
+    ensure_ray(per_trial["CPU"])
     check_capacity(plan.base_recipe)
     concurrent = resolve_max_concurrent(sweep.max_concurrent_trials,
                                         cluster_capacity(plan.base_recipe.data.decode_node_label), per_trial)
