@@ -364,22 +364,39 @@ def ensure_ray(min_cpus: float, fresh_local: bool = False) -> None:
         ray.init(num_cpus=local_cpus)
 
 
-def check_capacity(recipe: Recipe) -> None:
-    """Fail fast, instead of hanging, when the cluster cannot hold the workers and a decode actor beside them."""
+def check_capacity(recipe: Recipe, log_prefix: str = LOG_PREFIX) -> Recipe:
+    """Fail fast, instead of hanging, when the cluster cannot hold the workers and the decode actors beside them.
+
+    Resolves `data.decode_node_label` against the alive nodes (`resolve_decode_nodes`: unset means the nodes
+    labelled dist-role=decode when the cluster has any, else any node; "any" opts out), stops with a ConfigError
+    when a label matches no alive node or too few CPUs, prints where decoding runs, and returns the recipe with the
+    resolved label ("key=value" or "any"): that recipe is what the workers must get."""
+    import dataclasses
+
     import ray
+
+    from workflows.data.pipeline import DecodeNodesError, resolve_decode_nodes
 
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    scaling = recipe.scaling
+    scaling, data = recipe.scaling, recipe.data
     need_cpu = scaling.num_workers * scaling.cpus_per_worker
     if scaling.use_gpu and gpus < scaling.num_workers * scaling.gpus_per_worker:
         raise ConfigError(f"scaling asks for {scaling.num_workers} workers x {scaling.gpus_per_worker} GPU but the "
                           f"cluster has {gpus:g} GPUs (an autoscaling cluster: check its max_workers)")
-    if recipe.data.decode_node_label is None and cpus - need_cpu < recipe.data.decode_threads:
+    decode = resolve_decode_nodes(data.decode_node_label)
+    try:  # each worker's pipeline keeps at least one decode actor
+        decode.check(scaling.num_workers, data.decode_threads)
+    except DecodeNodesError as exc:
+        raise ConfigError(str(exc)) from None
+    need_decode = data.decode_threads if decode.label is None else scaling.num_workers * data.decode_threads
+    if cpus - need_cpu < need_decode:
         raise ConfigError(
             f"the cluster has {cpus:g} CPUs; the {scaling.num_workers} training workers take {need_cpu:g}, leaving "
-            f"none for video decoding. Lower scaling.cpus_per_worker, add CPU nodes (labelled for decoding: "
-            f"data.decode_node_label), or start Ray with more logical CPUs")
+            f"{max(cpus - need_cpu, 0):g} for video decoding (needs {need_decode:g}). Lower scaling.cpus_per_worker, "
+            f"add CPU nodes (labelled for decoding: data.decode_node_label), or start Ray with more logical CPUs")
+    print(f"{log_prefix} {decode.describe()}", flush=True)
+    return dataclasses.replace(recipe, data=dataclasses.replace(data, decode_node_label=decode.setting))
 
 
 def run_pretrain(recipe: Recipe) -> Any:
@@ -389,7 +406,7 @@ def run_pretrain(recipe: Recipe) -> Any:
     validate_before_start(recipe)
     print(f"{LOG_PREFIX} resolved recipe:\n{dump_yaml(recipe)}", flush=True)
     ensure_ray(local_cpus_for(recipe))
-    check_capacity(recipe)
+    recipe = check_capacity(recipe)  # resolves data.decode_node_label: the workers get the resolved recipe
     recipe = with_run_scoped_names(recipe)
     counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts
     result = build_trainer(recipe).fit()
@@ -412,5 +429,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_pretrain(recipe)
+    try:
+        run_pretrain(recipe)
+    except ConfigError as exc:  # the cluster cannot run the recipe (check_capacity), before any training work
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -341,7 +341,7 @@ def trial_resources(recipe: Recipe) -> dict[str, float]:
     scaling, data = recipe.scaling, recipe.data
     need = {"CPU": TRIAL_DRIVER_CPUS + scaling.num_workers * scaling.cpus_per_worker}
     decode = float(scaling.num_workers * data.decode_threads)
-    if data.decode_node_label:
+    if data.node_label_selector():  # labelled decode nodes (check_capacity resolves an unset label; "any": none)
         need["decode_CPU"] = decode
     else:
         need["CPU"] += decode
@@ -357,24 +357,15 @@ def max_trials_that_fit(cluster: dict[str, float], per_trial: dict[str, float]) 
 
 
 def cluster_capacity(decode_node_label: str | None = None) -> dict[str, float]:
-    """The live cluster's CPUs and GPUs; with a decode node label, the labelled nodes' CPUs as `decode_CPU`."""
-    import ray
+    """The live cluster's CPUs and GPUs; when decoding runs on labelled nodes, their CPUs as `decode_CPU` (and only
+    the other nodes' in CPU/GPU). The label is resolved as the workflows resolve it (`resolve_decode_nodes`:
+    None means the dist-role=decode nodes when there are any, "any" means no label)."""
+    from workflows.data.pipeline import resolve_decode_nodes
 
-    if not decode_node_label:
-        total = ray.cluster_resources()
-        return {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0)}
-    key, _, value = decode_node_label.partition("=")
-    out = {"CPU": 0.0, "GPU": 0.0, "decode_CPU": 0.0}
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        resources = node.get("Resources", {})
-        if (node.get("Labels") or {}).get(key.strip()) == value.strip():
-            out["decode_CPU"] += resources.get("CPU", 0.0)
-        else:
-            out["CPU"] += resources.get("CPU", 0.0)
-            out["GPU"] += resources.get("GPU", 0.0)
-    return out
+    decode = resolve_decode_nodes(decode_node_label)
+    if decode.label is None:
+        return {"CPU": decode.cpus, "GPU": decode.gpus}
+    return {"CPU": decode.other_cpus, "GPU": decode.other_gpus, "decode_CPU": decode.cpus}
 
 
 def resolve_max_concurrent(requested: int | None, cluster: dict[str, float], per_trial: dict[str, float]) -> int:
@@ -850,7 +841,10 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     from workflows.pretrain import ensure_ray
 
     ensure_ray(per_trial["CPU"])
-    check_capacity(plan.base_recipe)
+    # Resolve data.decode_node_label once, here; every trial starts from the resolved base recipe.
+    base_recipe = check_capacity(plan.base_recipe, log_prefix=LOG_PREFIX)
+    plan = dataclasses.replace(plan, base_recipe=base_recipe, base=recipe_to_dict(base_recipe))
+    per_trial = trial_resources(plan.base_recipe)
     concurrent = resolve_max_concurrent(sweep.max_concurrent_trials,
                                         cluster_capacity(plan.base_recipe.data.decode_node_label), per_trial)
     print(f"{LOG_PREFIX} one trial holds {per_trial}; up to {concurrent} trial(s) at once", flush=True)

@@ -16,6 +16,11 @@ SSV2_FLIP_PAIRS: list[list[int]] = [[86, 87], [93, 94], [166, 167]]
 
 FlipMode = Literal["plain", "none", "swap_labels"]
 
+# data.decode_node_label: the label an unset key looks for on the alive nodes (what cluster/*.yaml give CPU decode
+# nodes), and the value that opts out (decode on any node, never auto-detected).
+DECODE_LABEL_AUTO = "dist-role=decode"
+DECODE_ANYWHERE = "any"
+
 
 @dataclass
 class DataConfig:
@@ -35,8 +40,10 @@ class DataConfig:
     # Decoding. decode_actors None or 0: one actor per decode_threads CPUs of the (labelled) nodes.
     decode_actors: int | None = None
     decode_threads: int = 1  # decord threads per reader = CPUs reserved per actor
-    # Only place decode actors on nodes carrying this Ray node label, "key=value" (the cluster YAMLs label
-    # CPU decode nodes "dist-role=decode"); None: any node.
+    # Where the decode actors run. "key=value": only on nodes carrying that Ray node label (the cluster YAMLs
+    # label CPU decode nodes "dist-role=decode"); the run stops before training when no alive node carries it.
+    # None (unset): the training drivers look for alive nodes labelled DECODE_LABEL_AUTO ("dist-role=decode")
+    # and use them when there are any, else any node. "any" (DECODE_ANYWHERE): any node, no auto-detection.
     decode_node_label: str | None = None
     # Short side to decode at when the source is much larger (decord's decode-time resize). None: 8/7 of the
     # crop size for training (256 for 224) and the crop size for evaluation. Only used when the source's short
@@ -73,11 +80,14 @@ class DataConfig:
             raise ValueError("decode_actors must be >= 0 (0 or null: derive from the cluster's CPUs)")
         if self.decode_threads < 1:
             raise ValueError("decode_threads must be >= 1")
-        if self.decode_node_label is not None:
-            key, sep, value = self.decode_node_label.partition("=")
-            if not sep or not key.strip() or not value.strip():
-                raise ValueError(f"decode_node_label must look like key=value (e.g. dist-role=decode), "
-                                 f"got {self.decode_node_label!r}")
+        if self.decode_node_label is not None and self.decode_node_label != DECODE_ANYWHERE:
+            label = self.decode_node_label
+            key, sep, value = label.partition("=") if isinstance(label, str) else ("", "", "")
+            if not sep or not key.strip() or not value.strip() or "=" in value or "," in value:
+                raise ValueError(
+                    f"decode_node_label must be one Ray node label key=value (e.g. {DECODE_LABEL_AUTO}), "
+                    f"{DECODE_ANYWHERE!r} (decode on any node) or null (unset: nodes labelled {DECODE_LABEL_AUTO} "
+                    f"when the cluster has any, else any node); got {label!r}")
         if self.decode_short_side is not None and self.decode_short_side < 8:
             raise ValueError("decode_short_side must be >= 8 pixels (or null for automatic)")
         if self.decode_resize_threshold < 1.0:
@@ -91,8 +101,12 @@ class DataConfig:
             raise ValueError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
 
     def node_label_selector(self) -> dict[str, str] | None:
-        """`decode_node_label` as a Ray label selector ({key: value}), or None."""
-        if not self.decode_node_label:
+        """`decode_node_label` as a Ray label selector ({key: value}), or None (any node: unset or "any").
+
+        An unset label is resolved to a label or "any" by the drivers before the workers start
+        (`workflows.data.pipeline.resolve_decode_nodes`); here, where the workers build their datasets, it means
+        any node."""
+        if not self.decode_node_label or self.decode_node_label == DECODE_ANYWHERE:
             return None
         key, _, value = self.decode_node_label.partition("=")
         return {key.strip(): value.strip()}
