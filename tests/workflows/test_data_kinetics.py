@@ -5,8 +5,17 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from workflows.data.importers import import_list, import_ssv2
-from workflows.data.kinetics import assemble_k710, normalize_class_name
+from workflows.data.kinetics import (
+    KINETICS_CLASSES_FILE,
+    alias_resolver,
+    alias_table,
+    assemble_k710,
+    builtin_k710_aliases,
+    normalize_class_name,
+)
 from workflows.data.manifest import load_labels, load_manifest
 
 
@@ -75,6 +84,75 @@ def test_k710_dedups_removes_val_leaks_and_counts_missing(tmp_path) -> None:
                      strict=True))
     assert names[str(videos / "b" / f"{t6[0]}_000010_000020.mp4")] == "passing American football (in game)"
     assert json.loads((tmp_path / "k710" / "k710_report.json").read_text())["val_leaks_removed"] == 3
+
+
+def _release_csvs(tmp_path, classes: dict[str, list[str]]) -> list[tuple[str, object]]:
+    """One official-format train CSV per release with one video per class (distinct YouTube ids)."""
+    out = []
+    for n, (rel, names) in enumerate(classes.items()):
+        path = tmp_path / "ann" / rel / "train.csv"
+        _write_csv(path, [(name, f"{'xyz'[n]}{i:010d}", "train") for i, name in enumerate(names)])
+        out.append((rel, path))
+    return out
+
+
+def test_k710_merges_classes_renamed_between_releases(tmp_path) -> None:
+    classes = {
+        "k400": ["dying hair", "tying tie", "throwing ball", "picking fruit", "hugging", "balloon blowing",
+                 "skiing (not slalom or crosscountry)", "abseiling"],
+        "k600": ["dyeing hair", "tying necktie", "throwing ball (not baseball or American football)", "picking fruit",
+                 "hugging (not baby)", "inflating balloons", "abseiling"],
+        "k700": ["dyeing hair", "tying necktie", "throwing ball (not baseball or American football)", "picking apples",
+                 "hugging (not baby)", "inflating balloons", "skiing mono", "abseiling"],
+    }
+    canonical = sorted(classes["k700"])
+    report = assemble_k710(_release_csvs(tmp_path, classes), None, tmp_path / "k710")
+    labels = load_labels(str(tmp_path / "k710" / "labels.json"))
+    assert sorted(labels) == canonical and report.classes == len(canonical)  # display names: K700's spelling
+    assert not any(report.classes_in_one_release.values())
+    assert report.aliases_used["dying hair"] == "dyeing hair"
+    assert report.aliases_used["picking fruit"] == "picking apples"  # K400 and K600 name
+    assert report.aliases_used["throwing ball"] == "throwing ball (not baseball or American football)"
+    assert "renamed classes merged (7)" in report.summary()
+    train = load_manifest(str(tmp_path / "k710" / "train.csv"), labels)
+    assert len(train) == sum(map(len, classes.values()))
+
+    # Without the built-in table the renamed pairs stay apart, as before.
+    plain = assemble_k710(_release_csvs(tmp_path, classes), None, tmp_path / "plain", builtin_aliases=False)
+    assert plain.classes == 15 and plain.aliases_used == {}  # 8 K400 names + 5 new in K600 + 2 new in K700
+    # User aliases extend and override the built-in table (a self-map undoes a built-in merge).
+    user = assemble_k710(_release_csvs(tmp_path, classes), None, tmp_path / "user",
+                         aliases={"hugging": "hugging", "Abseiling": "rappelling", "rappelling": "rope descent"})
+    user_labels = load_labels(str(tmp_path / "user" / "labels.json"))
+    assert "hugging" in user_labels and "hugging (not baby)" in user_labels and user.classes == len(canonical) + 1
+    assert user.aliases_used["abseiling"] == "abseiling"  # merged into key "rope descent", no release spells it
+    assert alias_resolver({"Abseiling": "rappelling", "rappelling": "rope descent"})["abseiling"] == "rope descent"
+    with pytest.raises(ValueError, match="cycle"):
+        alias_resolver({"dyeing hair": "dying hair"})  # reversing a built-in pair needs both directions overridden
+    assert alias_table({"about": "notes", "aliases": {"a": "b"}}) == {"a": "b"}  # the shipped file's layout
+
+
+def test_k710_official_class_lists_union_is_710_classes(tmp_path) -> None:
+    """The three official class lists merge into exactly UniFormerV2's 710 K710 classes, each release class onto
+    the K710 class UniFormerV2's own index maps say (kinetics_classes.json: lists, maps and their sources)."""
+    ref = json.loads(KINETICS_CLASSES_FILE.read_text())
+    lists = {rel: ref[rel] for rel in ("k400", "k600", "k700")}
+    assert [len(v) for v in lists.values()] == [400, 600, 700] and len(ref["k710"]) == 710
+    alias = alias_resolver()
+
+    def key(name: str) -> str:
+        return alias.get(normalize_class_name(name), normalize_class_name(name))
+
+    for rel, names in lists.items():
+        index = ref["k710_index"][rel]
+        assert [key(n) for n in names] == [key(ref["k710"][i]) for i in index], rel
+    report = assemble_k710(_release_csvs(tmp_path, lists), None, tmp_path / "k710")
+    labels = load_labels(str(tmp_path / "k710" / "labels.json"))
+    assert report.classes == len(labels) == 710
+    assert {key(n) for n in labels} == {key(n) for n in ref["k710"]}
+    assert sorted(report.aliases_used) == sorted(builtin_k710_aliases())  # every built-in alias is needed
+    plain = assemble_k710(_release_csvs(tmp_path, lists), None, tmp_path / "plain", builtin_aliases=False)
+    assert plain.classes == 724  # spelling rules alone leave the 14 renamed pairs apart
 
 
 def test_import_ssv2_and_plain_lists(tmp_path) -> None:

@@ -11,11 +11,19 @@ name (`normalize_class_name`):
 - parentheses and brackets become spaces, so "(in game)" and "in game" match;
 - runs of whitespace collapse to one space; leading/trailing whitespace goes.
 
-Releases also renamed a few classes; such pairs stay separate classes unless an alias file maps one normalised
-name onto the other (`aliases`, JSON {variant: canonical}); the report lists the classes present in only one
-release so they can be checked. A class's display name (what CLIP's text tower reads) is its spelling in the
-newest release that has it, with underscores as spaces and quotes removed. When the same YouTube id carries
-different labels in different releases, the newest release's label wins (counted as label_conflicts).
+Releases also renamed 14 classes (K400 "dying hair" is K600/K700 "dyeing hair", K400/K600 "picking fruit" is K700
+"picking apples", ...). The built-in alias table `k710_aliases.json` (next to this file) maps each older name
+onto its K700 name, so assembling from the official CSVs gives exactly the 710 classes of K710 as UniFormerV2
+defined it. The table was derived from UniFormerV2's K710 label file and its K400/K600/K700-to-K710 index maps
+(mmaction2's copies; `kinetics_classes.json` holds them and the three release class lists, with sources). A
+user alias mapping (`aliases`, JSON {variant: canonical}, e.g. `data k710 --aliases`) extends and overrides
+the built-in one; mapping a built-in variant onto itself (`{"hugging": "hugging"}`) keeps it separate again.
+The report lists the aliases that fired and the classes present in only one release so they can be checked.
+A class's display name (what CLIP's text tower reads) is its spelling in the newest release that has it, with
+underscores as spaces and quotes removed; for the merged classes that is the K700 name (UniFormerV2's label
+file keeps one older spelling: "throwing ball", where K700 says "throwing ball (not baseball or American
+football)"). When the same YouTube id carries different labels in different releases, the newest release's
+label wins (counted as label_conflicts).
 
 Clips are found by YouTube id: a file `<id>.<ext>` or `<id>_<start:06d>_<end:06d>.<ext>` anywhere under the
 video folder. The official clips are trimmed already, so the manifests carry no start/end.
@@ -26,8 +34,9 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 
 from workflows.data.manifest import relative_to, save_labels, write_manifest
@@ -35,6 +44,8 @@ from workflows.data.manifest import relative_to, save_labels, write_manifest
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 _CLIP_NAME = re.compile(r"^(?P<id>[A-Za-z0-9_-]{11})(?:_\d+_\d+)?$")
 _QUOTES = re.compile(r"[\"'`\u2018\u2019\u201c\u201d]")
+K710_ALIASES_FILE = Path(__file__).with_name("k710_aliases.json")
+KINETICS_CLASSES_FILE = Path(__file__).with_name("kinetics_classes.json")
 
 
 def normalize_class_name(name: str) -> str:
@@ -47,6 +58,43 @@ def normalize_class_name(name: str) -> str:
 def display_class_name(name: str) -> str:
     """A class name as the text encoder should read it: underscores as spaces, no quotes, single spaces."""
     return re.sub(r"\s+", " ", _QUOTES.sub("", name.replace("_", " "))).strip()
+
+
+def alias_table(raw: Mapping[str, object]) -> dict[str, str]:
+    """{variant: canonical} from an alias mapping: either flat, or a file like k710_aliases.json whose "aliases"
+    key holds it (other keys are notes)."""
+    inner = raw.get("aliases") if isinstance(raw.get("aliases"), Mapping) else raw
+    table = {}
+    for k, v in inner.items():  # type: ignore[union-attr]
+        if not isinstance(v, str):
+            raise ValueError(f"alias {k!r} maps to {v!r}; expected a class name (JSON {{variant: canonical}})")
+        table[str(k)] = v
+    return table
+
+
+@cache
+def builtin_k710_aliases() -> dict[str, str]:
+    """The built-in {older class name: K700 name} table for classes renamed between releases (k710_aliases.json)."""
+    return alias_table(json.loads(K710_ALIASES_FILE.read_text(encoding="utf-8")))
+
+
+def alias_resolver(aliases: Mapping[str, str] | None = None, *, builtin: bool = True) -> dict[str, str]:
+    """{normalised variant: normalised canonical}: the built-in table (unless `builtin` is False) updated with
+    `aliases`, chains followed (a -> b, b -> c gives a -> c), self-maps dropped."""
+    raw = dict(builtin_k710_aliases()) if builtin else {}
+    raw.update(alias_table(aliases or {}))
+    step = {normalize_class_name(k): normalize_class_name(v) for k, v in raw.items()}
+    resolved = {}
+    for start in step:
+        seen, key = {start}, step[start]
+        while key in step and step[key] != key:
+            if step[key] in seen:
+                raise ValueError(f"class aliases form a cycle through {sorted(seen)}")
+            seen.add(key)
+            key = step[key]
+        if key != start:
+            resolved[start] = key
+    return resolved
 
 
 def release_of(path: str | Path) -> str:
@@ -118,6 +166,7 @@ class K710Report:
     missing_examples: list[str] = field(default_factory=list)
     classes_per_release: dict[str, int] = field(default_factory=dict)
     classes_in_one_release: dict[str, list[str]] = field(default_factory=dict)
+    aliases_used: dict[str, str] = field(default_factory=dict)  # label as read -> class it was merged into
 
     def summary(self) -> str:
         """Human-readable counts."""
@@ -128,6 +177,9 @@ class K710Report:
                  f"  listed but missing: {self.missing_train} train, {self.missing_val} val"
                  + (f" (e.g. {', '.join(self.missing_examples[:3])})" if self.missing_examples else ""),
                  f"  classes per release: {self.classes_per_release}"]
+        if self.aliases_used:
+            pairs = [f"{k} -> {v}" for k, v in sorted(self.aliases_used.items())]
+            lines.append(f"  renamed classes merged ({len(pairs)}): {'; '.join(pairs)}")
         for release, names in self.classes_in_one_release.items():
             if names:
                 more = " ..." if len(names) > 8 else ""
@@ -140,13 +192,15 @@ def assemble_k710(
     video_dir: str | Path | None,
     out_dir: str | Path,
     *,
-    aliases: dict[str, str] | None = None,
+    aliases: Mapping[str, str] | None = None,
+    builtin_aliases: bool = True,
     keep_missing: bool = False,
 ) -> K710Report:
     """Build K710 from (release, csv path) pairs; write out_dir/{train.csv, val.csv, labels.json,
-    k710_report.json}. With `video_dir` None (or `keep_missing`), listed videos are kept without checking
-    files and the manifests name `<id>.mp4` under video_dir."""
-    alias = {normalize_class_name(k): normalize_class_name(v) for k, v in (aliases or {}).items()}
+    k710_report.json}. Class names merge by `normalize_class_name`, the built-in rename table (unless
+    `builtin_aliases` is False) and `aliases` (which override it). With `video_dir` None (or `keep_missing`),
+    listed videos are kept without checking files and the manifests name `<id>.mp4` under video_dir."""
+    alias = alias_resolver(aliases, builtin=builtin_aliases)
     rows: list[KineticsRow] = []
     report = K710Report()
     for release, path in annotations:
@@ -157,9 +211,13 @@ def assemble_k710(
             report.rows_read[key] = report.rows_read.get(key, 0) + 1
     order = sorted({r.release for r in rows}, key=lambda s: int(re.sub(r"\D", "", s) or 0))
 
+    keys: dict[str, str] = {}  # raw label -> class key (a few thousand distinct labels over ~1M rows)
+
     def key_of(label: str) -> str:
-        k = normalize_class_name(label)
-        return alias.get(k, k)
+        if label not in keys:
+            k = normalize_class_name(label)
+            keys[label] = alias.get(k, k)
+        return keys[label]
 
     # Display names from the newest release; classes per release.
     display: dict[str, str] = {}
@@ -169,6 +227,7 @@ def assemble_k710(
             if r.release == rel and r.label:
                 display[key_of(r.label)] = display_class_name(r.label)
                 per_release[rel].add(key_of(r.label))
+    merged = {display_class_name(label): key for label, key in keys.items() if normalize_class_name(label) in alias}
     held_out = {r.youtube_id for r in rows if r.split in ("val", "test")}
     # Training union in release order, first occurrence kept; newer releases overwrite the label.
     train: dict[str, str] = {}
@@ -223,6 +282,7 @@ def assemble_k710(
     save_labels(labels, out / "labels.json")
     report.train_videos, report.val_videos, report.classes = len(train_rows), len(val_rows), len(labels)
     report.classes_per_release = {rel: len(keys) for rel, keys in per_release.items()}
+    report.aliases_used = {name: display[key] for name, key in sorted(merged.items())}
     if len(order) > 1:
         for rel in order:
             others = set().union(*(per_release[o] for o in order if o != rel))
