@@ -140,8 +140,34 @@ def test_read_frames_good_videos_and_decode_time_resize(video_dir) -> None:
     assert small.frames.shape[1:3] == (64, 86) and (small.width, small.height) == (340, 256)
 
 
+def _zero_frame_videos(video_dir, tmp_path) -> list:
+    """Real files with a video stream and no frames: an MP4 whose header was written but no packet muxed (an
+    interrupted fragmented recording), and a healthy MP4 whose sample tables were emptied (codec setup intact)."""
+    import struct
+
+    import av
+
+    header_only = tmp_path / "header_only.mp4"
+    with av.open(str(header_only), "w", options={"movflags": "frag_keyframe+empty_moov"}) as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+        c.start_encoding()  # writes ftyp + moov; no frame is ever encoded
+    data = bytearray((video_dir / "clips" / "wide.mp4").read_bytes())
+    for box, field in ((b"stsz", 8), (b"stts", 4), (b"stsc", 4), (b"stco", 4), (b"stss", 4)):  # entry counts
+        at = data.rfind(box)  # the moov follows the mdat in these files
+        if at > 0:
+            struct.pack_into(">I", data, at + 4 + field, 0)
+    emptied = tmp_path / "emptied.mp4"
+    emptied.write_bytes(bytes(data))
+    for path in (header_only, emptied):
+        with av.open(str(path)) as c:
+            assert len(c.streams.video) == 1 and c.streams.video[0].frames == 0
+    return [header_only, emptied]
+
+
 def test_read_frames_reports_each_bad_kind(video_dir, tmp_path) -> None:
     import av
+    import decord
 
     with av.open(str(tmp_path / "audio.mp4"), "w") as c:  # a container without video
         s = c.add_stream("aac", rate=16000)
@@ -155,6 +181,10 @@ def test_read_frames_reports_each_bad_kind(video_dir, tmp_path) -> None:
     expected = {video_dir / "clips" / "missing.mp4": "missing", video_dir / "clips" / "empty.mp4": "empty",
                 video_dir / "clips" / "truncated.mp4": "truncated", video_dir / "clips" / "random.mp4": "corrupt",
                 tmp_path / "audio.mp4": "no_video_stream", tmp_path / "av1.mp4": "unsupported_codec"}
+    for path in _zero_frame_videos(video_dir, tmp_path):
+        with pytest.raises(decord.DECORDError, match="filter"):  # decord 0.6.0 cannot even open them (no
+            decord.VideoReader(str(path))  # pixel format without a frame for its filter graph) ...
+        expected[path] = "zero_frames"  # ... so read_frames asks PyAV whether the stream has any packet
     for path, reason in expected.items():
         with pytest.raises(BadVideo) as info:
             read_frames(str(path), _mid(8))

@@ -10,7 +10,10 @@ when the source is much larger than needed). Every failure becomes a `BadVideo` 
     corrupt            not a container FFmpeg recognises (random bytes, HTML error pages, ...)
     no_video_stream    a container without a video stream (audio only)
     unsupported_codec  a video stream decord cannot decode (e.g. AV1 with the pinned decord 0.6.0)
-    zero_frames        a video stream without frames
+    zero_frames        a video stream without a single packet (e.g. an interrupted fragmented-MP4 recording,
+                       or a sample table emptied by a broken muxer); found with PyAV when decord cannot open the
+                       stream: decord 0.6.0 never reports 0 frames for such files, it fails earlier because no
+                       pixel format can be known without a frame
     too_short          fewer frames than the configured minimum (in the start/end window)
     decode_error       anything else that failed while decoding frames
 
@@ -121,6 +124,21 @@ def _classify_unopenable(path: str, size: int, message: str) -> BadVideo:
     return BadVideo("corrupt", message)
 
 
+def video_has_packets(source: str | IO[bytes]) -> bool | None:
+    """Whether the first video stream holds at least one non-empty packet (PyAV demuxes until the first one, so a
+    healthy file costs one packet read); None when PyAV cannot tell."""
+    import av
+
+    if not isinstance(source, str):
+        source.seek(0)
+    try:
+        with av.open(source, metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            return any(packet.size for packet in container.demux(stream))
+    except Exception:  # any failure here means "cannot tell"; the caller classifies the original error
+        return None
+
+
 def probe(path: str) -> VideoInfo:
     """Check that `path` exists, is non-empty and holds a readable video stream; raise BadVideo otherwise."""
     import av  # imported here: workers import it once, the CLI only when needed
@@ -211,10 +229,12 @@ def read_frames(
     try:
         vr = decord.VideoReader(source, ctx=decord.cpu(0), width=size[0] if size else -1,
                                 height=size[1] if size else -1, num_threads=num_threads)
-    except AssertionError as exc:  # decord asserts a positive frame count
+    except AssertionError as exc:  # decord's own check of a positive frame count
         raise BadVideo("zero_frames", str(exc)) from None
     except Exception as exc:
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        if video_has_packets(source) is False:  # decord fails on these before counting frames (no pixel format)
+            raise BadVideo("zero_frames", f"{info.codec} stream without packets; decord: {message}") from None
         if "video stream" in message or "codec" in message.lower() or "decoder" in message.lower():
             raise BadVideo("unsupported_codec", f"{info.codec}: {message}") from None
         bad = _classify_unopenable(path, info.size_bytes, message)
