@@ -44,6 +44,69 @@ def test_manifest_resolves_relative_paths_labels_and_windows(tmp_path) -> None:
     assert p.table.column("path").to_pylist() == [str(tmp_path / "x/one.mp4")]
 
 
+def test_manifest_as_file_uri_resolves_against_its_folder(video_dir, tmp_path) -> None:
+    import shutil
+
+    folder = tmp_path / "my data"  # a space: the URI carries it percent-encoded
+    (folder / "clips dir").mkdir(parents=True)
+    shutil.copy(video_dir / "clips" / "wide.mp4", folder / "clips dir" / "wide.mp4")
+    save_labels({"cls0": 0, "cls1": 1}, folder / "labels.json")
+    tall = (video_dir / "clips" / "tall.mp4").as_uri()
+    rows = [{"path": "clips dir/wide.mp4", "label": "cls0"}, {"path": tall, "label": "cls1"},
+            {"path": "clips dir/gone.mp4", "label": "cls1"}]
+    write_manifest(rows, folder / "m.csv")
+    write_manifest(rows, folder / "m.parquet")
+    uri = (folder / "m.csv").as_uri()
+    assert "%20" in uri
+    labels = load_labels((folder / "labels.json").as_uri())
+    for manifest in (uri, (folder / "m.parquet").as_uri()):
+        m = load_manifest(manifest, labels)
+        paths = m.table.column("path").to_pylist()
+        assert paths == [str(folder / "clips dir" / "wide.mp4"), tall, str(folder / "clips dir" / "gone.mp4")]
+        assert m.table.column("label").to_pylist() == [0, 1, 1]
+    for path, n in zip(paths[:2], (GOOD_VIDEOS["wide"][3], GOOD_VIDEOS["tall"][3]), strict=True):
+        d = read_frames(path, _mid(n))
+        assert d.num_frames == n
+        np.testing.assert_array_equal(frame_ids(d.frames), d.indices)
+    with pytest.raises(BadVideo) as info:
+        read_frames(paths[2], _mid(8))
+    assert info.value.reason == "missing"
+    with pytest.raises(BadVideo) as info:  # a file URI on another host cannot be read: dropped, not a crash
+        read_frames("file://elsewhere/clips/wide.mp4", _mid(8))
+    assert info.value.reason == "missing"
+
+
+def test_manifest_and_videos_through_a_non_local_filesystem(video_dir, monkeypatch) -> None:
+    """The same dataset read through pyarrow's filesystem layer as remote storage is: a SubTreeFileSystem
+    (not a LocalFileSystem, so videos are fetched as bytes and decoded from memory) behind a `mem://` URI."""
+    import pyarrow.fs as pafs
+
+    import workflows.data.manifest as manifest_mod
+    import workflows.data.video as video_mod
+
+    store = pafs.SubTreeFileSystem(str(video_dir), pafs.LocalFileSystem())
+    local = manifest_mod.resolve_filesystem
+
+    def resolve(uri: str):
+        if uri.startswith("mem://bucket/"):
+            return store, uri.removeprefix("mem://bucket/")
+        return local(uri)
+
+    monkeypatch.setattr(manifest_mod, "resolve_filesystem", resolve)
+    monkeypatch.setattr(video_mod, "resolve_filesystem", resolve)
+    labels = load_labels("mem://bucket/labels.json")
+    m = load_manifest("mem://bucket/bad.csv", labels)
+    assert m.table.column("path").to_pylist()[0] == "mem://bucket/clips/wide.mp4"
+    remote = read_frames("mem://bucket/clips/narrow.mp4", _mid(20))  # the PyAV fallback from bytes too
+    here = read_frames(str(video_dir / "clips" / "narrow.mp4"), _mid(20))
+    np.testing.assert_array_equal(remote.frames, here.frames)
+    batch = {k: np.asarray(m.table.column(k).to_numpy(zero_copy_only=False)) for k in m.table.column_names}
+    drops = []
+    out = decode_batch(batch, ClipSpec(split="eval", num_frames=4, crop_size=24), lambda *args: drops.append(args))
+    assert sorted(set(out["video_index"].tolist())) == list(range(len(GOOD_VIDEOS)))
+    assert sorted(d[2] for d in drops) == ["corrupt", "empty", "missing", "truncated"]
+
+
 def test_manifest_errors_name_rows_and_labels(tmp_path) -> None:
     write_manifest([{"path": "a.mp4", "label": "a"}, {"path": "b.mp4", "label": "zebra"}], tmp_path / "m.csv")
     with pytest.raises(ManifestError, match=r"'zebra' \(row 2\)"):

@@ -8,7 +8,9 @@ A manifest is a CSV or Parquet table with one row per video and the columns
     end    optional, seconds: only frames before this are sampled (empty / null: to the end)
 
 A label file is JSON `{class name: index}` with indices 0..K-1, as the authors' releases ship them.
-Paths and manifests may live on any filesystem pyarrow reads (local, `s3://`, `gs://`, `hdfs://`, ...).
+Paths and manifests may live on any filesystem pyarrow reads (local, `s3://`, `gs://`, `hdfs://`, ...). A
+`file:` URI (`file:///data/my%20set/train.csv`, percent-encoded as `Path.as_uri()` writes it) is a local path:
+a manifest given that way resolves its relative entries against its folder as plain local paths.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -38,16 +41,33 @@ def _has_scheme(uri: str) -> bool:
     return head.endswith(":") and len(head) > 2 and "://" in uri  # "C:" style drive letters are not schemes
 
 
+def _is_file_uri(uri: str) -> bool:
+    return uri[:5].lower() == "file:"
+
+
+def file_uri_path(uri: str) -> str:
+    """The local path of a `file:` URI (file:///abs, file:/abs or file://localhost/abs; percent-escapes decoded)."""
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise ManifestError(f"{uri}: a file URI on another host ({parts.netloc}) cannot be read; mount it or use a "
+                            f"remote filesystem URI")
+    if not parts.path.startswith("/"):
+        raise ManifestError(f"{uri}: a file URI needs an absolute path (file:///...)")
+    return unquote(parts.path)
+
+
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI pyarrow understands."""
-    if _has_scheme(uri) and not uri.startswith("file://"):
+    """(filesystem, path inside it) for a local path, a `file:` URI or a URI pyarrow understands."""
+    if _is_file_uri(uri):
+        return pafs.LocalFileSystem(), file_uri_path(uri)
+    if _has_scheme(uri):
         return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).expanduser())
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser())
 
 
 def resolve_path(path: str, base_dir: str) -> str:
     """A manifest entry made absolute: URIs and absolute paths as they are, others joined onto `base_dir`."""
-    if _has_scheme(path) or posixpath.isabs(path) or Path(path).is_absolute():
+    if _has_scheme(path) or _is_file_uri(path) or posixpath.isabs(path) or Path(path).is_absolute():
         return path
     if _has_scheme(base_dir):
         return base_dir.rstrip("/") + "/" + path
@@ -55,7 +75,9 @@ def resolve_path(path: str, base_dir: str) -> str:
 
 
 def parent_dir(uri: str) -> str:
-    """The folder holding `uri` (local path or URI)."""
+    """The folder holding `uri`: a URI's folder as a URI; a local path's or a `file:` URI's as a local path."""
+    if _is_file_uri(uri):
+        return str(Path(file_uri_path(uri)).resolve().parent)
     if _has_scheme(uri):
         return uri.rsplit("/", 1)[0]
     return str(Path(uri).expanduser().resolve().parent)

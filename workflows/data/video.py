@@ -143,10 +143,10 @@ def probe(path: str) -> VideoInfo:
     """Check that `path` exists, is non-empty and holds a readable video stream; raise BadVideo otherwise."""
     import av  # imported here: workers import it once, the CLI only when needed
 
-    fs, inner = resolve_filesystem(path)
     try:
+        fs, inner = resolve_filesystem(path)
         info = fs.get_file_info(inner)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # unreachable storage, or a URI no filesystem takes
         raise BadVideo("missing", str(exc)) from None
     if info.type == pafs.FileType.NotFound:
         raise BadVideo("missing", "no such file")
