@@ -1,11 +1,13 @@
 """MLflow tracking that never takes a training run down.
 
 Every call is guarded: the first failure (server unreachable, store locked, bad URI) prints one line saying that
-tracking is off and why, and later calls do nothing. Used from rank 0 only.
+tracking is off and why, and later calls do nothing. Training runs use it from rank 0 only; the Tune driver uses
+it for a sweep's parent run and to annotate the trials' nested runs.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Iterator
@@ -41,32 +43,60 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    """A guarded MLflow run. `Tracker(None)` is a no-op tracker (non-zero ranks, tracking disabled)."""
+    """A guarded MLflow run. `Tracker(None)` is a no-op tracker (non-zero ranks, tracking disabled).
+
+    Which run: `run_id` reattaches to an existing run (a resumed training run). Otherwise, with `reuse_tags`, the
+    latest run of the experiment that carries all of them is reopened (a resumed sweep's parent run); failing
+    that, a new run is created with `tags` + `reuse_tags`, nested under `parent_run_id` when given. `created`
+    says whether this Tracker made the run.
+
+    Other runs: `child(run_id)` is a Tracker bound to another run of the same store that shares this one's client
+    and its on/off switch (one failure turns tracking off for both); `children()` lists the runs nested under
+    this one. `who` names what goes on when tracking fails ("training", "the sweep").
+    """
 
     def __init__(self, tracking_uri: str | None, experiment: str = "dist", run_name: str | None = None,
-                 run_id: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None):
-        self.active = tracking_uri is not None
+                 run_id: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 *, reuse_tags: dict[str, str] | None = None, who: str = "training"):
+        self._switch = {"on": tracking_uri is not None}  # shared with child() trackers
+        self._who = who
         self.run_id: str | None = None
-        self._mlflow = None
+        self.created = False
+        self.experiment_id: str | None = None
+        self._client: Any = None
         if not self.active:
             return
         # Fail fast instead of retrying for minutes when a tracking server is down.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        self._guard("start", lambda: self._start(tracking_uri, experiment, run_name, run_id, parent_run_id, tags or {}))
+        self._guard("start", lambda: self._start(tracking_uri, experiment, run_name, run_id, parent_run_id, tags or {},
+                                                 reuse_tags or {}))
 
-    def _start(self, uri, experiment, run_name, run_id, parent_run_id, tags) -> None:
+    @property
+    def active(self) -> bool:
+        """False once tracking is off (never on, or the first failure)."""
+        return self._switch["on"]
+
+    def _start(self, uri, experiment, run_name, run_id, parent_run_id, tags, reuse_tags) -> None:
         import mlflow
 
-        self._mlflow = mlflow
         self._client = mlflow.MlflowClient(tracking_uri=uri)
         if run_id is None:
             found = self._client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
+            self.experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
+            if reuse_tags:
+                query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in reuse_tags.items())
+                runs = self._client.search_runs([self.experiment_id], query,
+                                                order_by=["attributes.start_time DESC"], max_results=1)
+                if runs:
+                    run_id = runs[0].info.run_id
+                    self._client.update_run(run_id, status="RUNNING")
+        if run_id is None:
+            tags = {**tags, **reuse_tags}
             if parent_run_id:
-                tags = {**tags, "mlflow.parentRunId": parent_run_id}
-            run = self._client.create_run(experiment_id, run_name=run_name, tags=tags)
-            run_id = run.info.run_id
+                tags["mlflow.parentRunId"] = parent_run_id
+            run = self._client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            run_id, self.created = run.info.run_id, True
         self.run_id = run_id
 
     def _guard(self, what: str, call) -> Any:
@@ -76,10 +106,30 @@ class Tracker:
         try:
             return call()
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-            self.active = False
-            print(f"[mlflow] {what} failed ({type(exc).__name__}: {exc}); training continues without tracking",
+            self._switch["on"] = False
+            print(f"[mlflow] {what} failed ({type(exc).__name__}: {exc}); {self._who} continues without tracking",
                   flush=True)
             return None
+
+    def child(self, run_id: str) -> Tracker:
+        """A Tracker bound to `run_id` (e.g. a nested run), sharing this one's client and on/off switch."""
+        other = copy.copy(self)
+        other.run_id, other.created = run_id, False
+        return other
+
+    def children(self) -> dict[str, Any]:
+        """Run name -> MLflow `Run` of every run nested under this one (empty when tracking is off)."""
+        def search() -> dict[str, Any]:
+            experiment_id = self.experiment_id or self._client.get_run(self.run_id).info.experiment_id
+            runs = self._client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'")
+            return {r.info.run_name: r for r in runs}
+
+        return self._guard("search nested runs", search) or {}
+
+    def metric_history(self, key: str) -> list[float]:
+        """Every value logged for `key`, in logging order."""
+        history = self._guard("metric history", lambda: self._client.get_metric_history(self.run_id, key)) or []
+        return [m.value for m in history]
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -89,7 +139,7 @@ class Tracker:
             batch = items[i:i + 100]
             self._guard("log_params", lambda batch=batch: self._client.log_batch(self.run_id, params=batch))
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         import time
 
         from mlflow.entities import Metric
@@ -99,7 +149,7 @@ class Tracker:
         if items:
             self._guard("log_metrics", lambda: self._client.log_batch(self.run_id, metrics=items))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
+    def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self._guard("set_tag", lambda key=key, value=value: self._client.set_tag(self.run_id, key, str(value)))
 
@@ -110,6 +160,7 @@ class Tracker:
         self._guard("log_text", lambda: self._client.log_text(self.run_id, text, name))
 
     def finish(self, status: str = "FINISHED") -> None:
+        """End the run with `status` (FINISHED, FAILED, KILLED)."""
         self._guard("finish", lambda: self._client.set_terminated(self.run_id, status))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import mlflow
+
 from workflows.tracking import Tracker, flatten
 
 
@@ -35,3 +37,48 @@ def test_sqlite_store_receives_params_and_metrics(tmp_path):
         metrics = con.execute("select key, value, step from metrics").fetchall()
     assert params == {"train.lr": "0.1", "model.preset": "dist_tiny"} and metrics == [("loss", 0.5, 3)]
     assert flatten({"a": {"b": {"c": 1}}, "d": {}}) == {"a.b.c": 1, "d": {}}
+
+
+def test_reuse_tags_reopen_the_latest_tagged_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, experiment="exp", run_name="sweep", tags={"role": "sweep"}, reuse_tags={"path": "/a"})
+    first.finish()
+    other = Tracker(uri, experiment="exp", run_name="sweep", reuse_tags={"path": "/b"})
+    again = Tracker(uri, experiment="exp", run_name="sweep", reuse_tags={"path": "/a"})
+    assert first.created and other.created and not again.created
+    assert again.run_id == first.run_id != other.run_id
+    run = mlflow.MlflowClient(uri).get_run(again.run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["role"] == "sweep" and run.data.tags["path"] == "/a"
+
+
+def test_children_and_child_trackers(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = Tracker(uri, experiment="exp", run_name="parent")
+    for name, rates in (("a", [1.0, 3.0]), ("b", [2.0])):
+        nested = Tracker(uri, experiment="exp", run_name=name, parent_run_id=parent.run_id)
+        for step, rate in enumerate(rates):
+            nested.log_metrics({"clips_per_s": rate}, step=step)
+    Tracker(uri, experiment="exp", run_name="unrelated")
+    runs = parent.children()
+    assert sorted(runs) == ["a", "b"]
+    a = parent.child(runs["a"].info.run_id)
+    assert a.metric_history("clips_per_s") == [1.0, 3.0] and a.run_id != parent.run_id
+    a.set_tags({"tune.status": "stopped early"})
+    a.finish("KILLED")
+    run = mlflow.MlflowClient(uri).get_run(a.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["tune.status"] == "stopped early"
+    # A child found through a Tracker reattached by run id (no experiment name needed).
+    assert sorted(Tracker(uri, run_id=parent.run_id).children()) == ["a", "b"]
+
+
+def test_one_failure_turns_off_a_tracker_and_its_children(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = Tracker(uri, experiment="exp", run_name="parent", who="the sweep")
+    child = parent.child("no-such-run")
+    child.log_metrics({"x": 1.0})  # an unknown run id: the store refuses
+    parent.log_metrics({"x": 1.0})
+    assert not child.active and not parent.active and parent.children() == {} and child.metric_history("x") == []
+    out = capsys.readouterr().out
+    assert out.count("the sweep continues without tracking") == 1
+    down = Tracker("http://127.0.0.1:9", experiment="x", reuse_tags={"a": "b"})
+    assert not down.active and down.run_id is None and down.children() == {} and not down.created

@@ -1,10 +1,12 @@
-"""Tune sweeps: the sweep schema and its validation, the concurrency derivation, Pareto fronts and counted FLOPs
-(unit), and a real 3-trial sweep on the smoke recipe, interrupted after its first trial and resumed, into a sqlite
-MLflow store (integration)."""
+"""Tune sweeps: the sweep schema and its validation, the concurrency derivation, Pareto fronts, counted FLOPs and
+the closing of trials' MLflow runs (unit); and two real sweeps on the smoke recipe into sqlite MLflow stores
+(integration): a 3-trial grid interrupted after its first trial and resumed, and a 4-trial optuna + ASHA sweep in
+which ASHA stops one trial on validation top-1 and another trial fails."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -21,13 +23,13 @@ from workflows.tune import (
     expected_trials,
     load_sweep,
     max_trials_that_fit,
-    pareto_front,
     plan_sweep,
     resolve_max_concurrent,
     run_sweep,
     split_overrides,
     trial_resources,
 )
+from workflows.tune_report import pareto_front
 
 CONFIGS = Path(__file__).parents[2] / "workflows" / "configs"
 SWEEP_SMOKE = CONFIGS / "sweep_smoke.yaml"
@@ -138,6 +140,68 @@ def test_search_space_and_searchers(tmp_path):
         plan(write_sweep(tmp_path, "  model.fusion_layers: {choice: [[0, 3], [1, 3]]}", "searcher: optuna\n"))
 
 
+def test_points_to_evaluate_are_checked_and_reach_the_searcher(tmp_path):
+    from workflows.tune import _search_alg
+
+    space = "  model.fusion_layers: {grid: [all, every2]}\n  train.lr: {loguniform: [1.0e-4, 1.0e-3]}"
+    point = "{model.fusion_layers: every2, train.lr: 2.0e-4}"
+    path = write_sweep(tmp_path, space, f"searcher: optuna\nnum_samples: 2\npoints_to_evaluate:\n  - {point}\n"
+                                        "  - {model: {fusion_layers: all}, train: {lr: 1.0e-3}}\n")
+    sweep = plan(path).sweep
+    assert sweep.points_to_evaluate == [{"model.fusion_layers": "every2", "train.lr": 2e-4},
+                                        {"model.fusion_layers": "all", "train.lr": 1e-3}]  # nested form flattened
+    assert _search_alg(sweep, 1).searcher._points_to_evaluate == sweep.points_to_evaluate
+    random = plan(path, ["searcher=random"]).sweep
+    assert _search_alg(random, 1)._points_to_evaluate == sweep.points_to_evaluate
+
+    for settings, points, message in [
+        ("searcher: grid", [point], "needs searcher random or optuna"),
+        ("searcher: random\nnum_samples: 1", [point, point], "has 2 points but num_samples is 1"),
+        ("searcher: optuna", ["{model.fusion_layers: all, train.lr: 1.0e-2}"],
+         r"points_to_evaluate\[0\].train.lr: 0.01 is outside its search-space domain"),
+        ("searcher: optuna", ["{model.fusion_layers: all}"], "missing: train.lr"),
+        ("searcher: optuna", ["{model.fusion_layers: all, train.lr: 2.0e-4, train.epochs: 3}"],
+         "not in search_space: train.epochs"),
+    ]:
+        listed = "".join(f"  - {p}\n" for p in points)
+        with pytest.raises(ConfigError, match=message):
+            load_sweep(write_sweep(tmp_path, space, f"{settings}\npoints_to_evaluate:\n{listed}"))
+    # A point inside every domain whose recipe is invalid fails before Ray, naming the point.
+    path = write_sweep(tmp_path, "  model.integration_dim: {randint: [32, 65]}",  # both ends valid (head_dim 32)
+                       "searcher: random\npoints_to_evaluate:\n  - {model.integration_dim: 40}\n")
+    with pytest.raises(ConfigError, match=r"points_to_evaluate\[0\] is invalid: .*multiple of head_dim"):
+        plan(path)
+
+
+def test_trial_runs_are_closed_to_match_the_table(tmp_path):
+    """A trial that Tune stopped or that failed leaves its nested run RUNNING: the summary closes it with the
+    status its row shows (an interrupted sweep closes only the failed ones: the others resume)."""
+    from workflows.tracking import Tracker
+    from workflows.tune_report import annotate_trial_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    statuses = ["completed", "stopped early", "error: boom", "completed"]
+    for interrupted in (True, False):
+        parent = Tracker(uri, experiment=f"e{interrupted}", run_name="sweep")
+        rows = []
+        for i, status in enumerate(statuses):
+            nested = Tracker(uri, experiment=f"e{interrupted}", run_name=f"t{i}", parent_run_id=parent.run_id)
+            nested.log_metrics({"clips_per_s": 2.0 + i}, step=1)
+            if i == 3:
+                nested.finish()  # closed by its own driver
+            rows.append({"trial_id": f"t{i}", "run_name": f"t{i}", "status": status, "dist_gflops": 1.0,
+                         "clip_gflops": 2.0, "total_gflops": 3.0})
+        annotate_trial_runs(rows, parent, interrupted)
+        runs = parent.children()
+        closed = {r.info.run_name: r.info.status for r in runs.values()}
+        expected = ["RUNNING", "RUNNING", "FAILED", "FINISHED"] if interrupted else \
+            ["FINISHED", "KILLED", "FAILED", "FINISHED"]
+        assert [closed[f"t{i}"] for i in range(4)] == expected == [r["mlflow_status"] for r in rows]
+        assert [r["clips_per_s"] for r in rows] == [2.0, 3.0, 4.0, 5.0]
+        assert runs["t1"].data.tags["tune.status"] == "stopped early"
+        assert runs["t1"].data.metrics["total_gflops_per_clip"] == 3.0
+
+
 # --- concurrency ---
 def test_max_concurrent_trials_derivation(tmp_path):
     recipe = plan(write_sweep(tmp_path, "  model.fusion_layers: {grid: [all]}"),
@@ -203,15 +267,22 @@ class InterruptAfterFirstTrial(tune.Callback):
 
 
 @pytest.fixture(scope="module")
-def resumed_sweep(ray_local, tmp_path_factory):
-    """The smoke sweep (3 fusion presets, 1 worker, 2 steps, one validation per trial), interrupted after trial 1,
-    then resumed: (plan, first run's result, resumed run's result, id of the trial finished before the stop)."""
+def smoke_data(tmp_path_factory) -> Path:
+    """The sample motion dataset, tiny: 8 classes, 16 training and 8 validation videos of 48 px."""
     from workflows.data.sample import write_sample_dataset
 
+    root = tmp_path_factory.mktemp("sweep-data")
+    write_sample_dataset(root, videos_per_class=3, size=48, num_frames=24, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(ray_local, smoke_data, tmp_path_factory):
+    """The smoke sweep (3 fusion presets, 1 worker, 2 steps, one validation per trial), interrupted after trial 1,
+    then resumed: (plan, first run's result, resumed run's result, id of the trial finished before the stop)."""
     root = tmp_path_factory.mktemp("sweep")
-    write_sample_dataset(root / "data", videos_per_class=3, size=48, num_frames=24, workers=1)
-    overrides = [f"data.train_manifest={root / 'data' / 'train.csv'}", f"data.val_manifest={root / 'data' / 'val.csv'}",
-                 f"data.labels={root / 'data' / 'labels.json'}", f"storage_path={root / 'runs'}", "scheduler=none",
+    overrides = [f"data.train_manifest={smoke_data / 'train.csv'}", f"data.val_manifest={smoke_data / 'val.csv'}",
+                 f"data.labels={smoke_data / 'labels.json'}", f"storage_path={root / 'runs'}", "scheduler=none",
                  "max_concurrent_trials=1", "train.max_steps=2", "eval.every_steps=2"]
     sweep_plan = plan_sweep(load_sweep(SWEEP_SMOKE, overrides))
     marker = root / "interrupted"
@@ -275,3 +346,115 @@ def test_sweep_is_tracked_with_nested_runs_table_plot_and_best(resumed_sweep):
     assert result.best["val_top1"] == top and reported[result.best["run_name"]] == top
     assert parent.data.metrics["best_val_top1"] == top
     assert read_state(result.best["checkpoint"])["metrics"]["val_top1"] == top
+
+
+# --- a real optuna + ASHA sweep in which one trial is stopped early and one fails ---
+@pytest.fixture(scope="module")
+def asha_sweep(ray_local, smoke_data, tmp_path_factory):
+    """Four trials of 2 steps with a validation after each (so 2 reports), ASHA on val top-1 (grace 1, max_t 2,
+    reduction factor 2), one trial at a time, searcher optuna starting from three fixed points:
+
+    1. val on `every_label.csv`: every val video listed once under each of the K labels, so whatever the model
+       predicts exactly one row in K is right: val top-1 = 100/K, independent of training;
+    2. val on `unreadable.csv` (corrupt files, dropped with data.max_bad_fraction=1): val top-1 = 0. ASHA
+       recorded trial 1's 100/K at the first rung, so it must stop this one after its first report;
+    3. as 1 but `train.fail_at_step=1` with run.max_failures=0: the trial fails before reporting;
+    4. whatever optuna samples.
+
+    Returns (plan, result, labels K)."""
+    root = tmp_path_factory.mktemp("asha")
+    labels = json.loads((smoke_data / "labels.json").read_text())
+    with (smoke_data / "val.csv").open() as f:
+        videos = [row["path"] for row in csv.DictReader(f)][:2]
+    every_label, unreadable = smoke_data / "every_label.csv", smoke_data / "unreadable.csv"
+    every_label.write_text("path,label\n" + "".join(f"{v},{name}\n" for v in videos for name in labels))
+    for i in range(2):
+        (smoke_data / f"corrupt_{i}.mp4").write_bytes(np.random.default_rng(i).bytes(3000))
+    unreadable.write_text("path,label\n" + "".join(f"corrupt_{i}.mp4,{name}\n"
+                                                     for i, name in zip(range(2), labels, strict=False)))
+    point = "{{data.val_manifest: {val}, train.fail_at_step: {fail}}}"
+    path = root / "sweep.yaml"
+    path.write_text(f"""base: {CONFIGS / 'smoke.yaml'}
+base_overrides:
+  - scaling.num_workers=1
+  - train.global_batch_size=4
+  - train.max_steps=2
+  - eval.every_steps=1
+  - run.max_failures=0
+  - data.max_bad_fraction=1.0
+  - data.train_manifest={smoke_data / 'train.csv'}
+  - data.val_manifest={every_label}
+  - data.labels={smoke_data / 'labels.json'}
+search_space:
+  data.val_manifest: {{choice: [{every_label}, {unreadable}]}}
+  train.fail_at_step: {{choice: [null, 1]}}
+searcher: optuna
+num_samples: 4
+seed: 0
+points_to_evaluate:
+  - {point.format(val=every_label, fail="null")}
+  - {point.format(val=unreadable, fail="null")}
+  - {point.format(val=every_label, fail=1)}
+scheduler: asha
+asha: {{grace_period: 1, max_t: 2, reduction_factor: 2}}
+max_concurrent_trials: 1
+name: asha-optuna
+storage_path: {root / 'runs'}
+""")
+    sweep_plan = plan_sweep(load_sweep(path))
+    return sweep_plan, run_sweep(sweep_plan), len(labels)
+
+
+@pytest.mark.integration
+def test_asha_stops_a_trial_and_a_failed_trial_does_not_stop_the_sweep(asha_sweep):
+    import mlflow
+
+    sweep_plan, result, num_labels = asha_sweep
+    sweep = sweep_plan.sweep
+    assert not result.interrupted and len(result.rows) == 4
+    rows = result.rows  # in the order Tune created the trials: the three points first, then optuna's suggestion
+    assert [{k: r[k] for k in sweep.search_space} for r in rows[:3]] == sweep.points_to_evaluate
+    steady, stopped, failed, sampled = rows
+
+    # ASHA: trial 1 set the rung at 100/K; trial 2 reported 0 there and was stopped after 1 of its 2 reports.
+    assert steady["status"] == "completed" and steady["reports"] == sweep.asha.max_t == 2
+    assert steady["val_top1"] == pytest.approx(100.0 / num_labels)
+    assert stopped["status"] == "stopped early" and stopped["reports"] == 1 < sweep.asha.max_t
+    assert stopped["val_top1"] == 0.0 and stopped["last_step"] == 1
+    # The failure is reported and the sweep went on to a fourth trial, which optuna drew from the space.
+    assert failed["status"].startswith("error") and failed["reports"] == 0 and math.isnan(failed["val_top1"])
+    assert sampled["data.val_manifest"] in sweep.search_space["data.val_manifest"]["choice"]
+    assert sampled["train.fail_at_step"] in (None, 1)
+    assert sampled["status"] in ("completed", "stopped early") or sampled["status"].startswith("error")
+    assert [r["attempts"] for r in rows] == [1, 1, 1, 1]
+
+    # The best trial is the highest val top-1 among the trials that reported.
+    reported = [r for r in rows if not r["status"].startswith("error")]
+    assert result.best["val_top1"] == max(r["val_top1"] for r in reported)
+    assert result.best["trial_id"] in {r["trial_id"] for r in reported}
+
+    # The table on disk shows the statuses.
+    with result.table_path.open() as f:
+        table = {r["trial_id"]: r for r in csv.DictReader(f)}
+    assert table[stopped["trial_id"]]["status"] == "stopped early"
+    assert table[failed["trial_id"]]["status"].startswith("error")
+    assert table[result.best["trial_id"]]["best"] == "True"
+
+    # MLflow: each nested run closed with the status of its row; the parent counts them.
+    client = mlflow.MlflowClient(sweep_plan.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    experiment = client.get_experiment_by_name(sweep.mlflow.experiment)
+    nested = {r.info.run_name: r for r in client.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")}
+    assert len(nested) == 4
+    expected = {steady["run_name"]: ("FINISHED", "completed"), stopped["run_name"]: ("KILLED", "stopped early"),
+                failed["run_name"]: ("FAILED", failed["status"])}
+    for name, (status, tag) in expected.items():
+        assert (nested[name].info.status, nested[name].data.tags["tune.status"]) == (status, tag)
+    # (A stopped trial's Train workers end with its driver; they may log one more validation before they do.)
+    history = client.get_metric_history(nested[stopped["run_name"]].info.run_id, "val_top1")
+    assert (history[0].step, history[0].value) == (1, 0.0)
+    assert parent.data.metrics["trials"] == 4
+    assert parent.data.metrics["trials_failed"] >= 1 and parent.data.metrics["trials_stopped_early"] >= 1
+    assert parent.data.metrics["best_val_top1"] == result.best["val_top1"]
