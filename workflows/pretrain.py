@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from workflows.capacity import check_capacity, note_ray_started_here
 from workflows.config import ConfigError, dump_yaml
 from workflows.recipe import (
     Recipe,
@@ -354,6 +355,7 @@ def ensure_ray(min_cpus: float, fresh_local: bool = False) -> None:
     local_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
     if fresh_local:
         ray.init(address="local", num_cpus=local_cpus)
+        note_ray_started_here()  # no autoscaler: check_capacity never waits for nodes here
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
@@ -362,41 +364,7 @@ def ensure_ray(min_cpus: float, fresh_local: bool = False) -> None:
         ray.init(address="auto")
     except ConnectionError:
         ray.init(num_cpus=local_cpus)
-
-
-def check_capacity(recipe: Recipe, log_prefix: str = LOG_PREFIX) -> Recipe:
-    """Fail fast, instead of hanging, when the cluster cannot hold the workers and the decode actors beside them.
-
-    Resolves `data.decode_node_label` against the alive nodes (`resolve_decode_nodes`: unset means the nodes
-    labelled dist-role=decode when the cluster has any, else any node; "any" opts out), stops with a ConfigError
-    when a label matches no alive node or too few CPUs, prints where decoding runs, and returns the recipe with the
-    resolved label ("key=value" or "any"): that recipe is what the workers must get."""
-    import dataclasses
-
-    import ray
-
-    from workflows.data.pipeline import DecodeNodesError, resolve_decode_nodes
-
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    scaling, data = recipe.scaling, recipe.data
-    need_cpu = scaling.num_workers * scaling.cpus_per_worker
-    if scaling.use_gpu and gpus < scaling.num_workers * scaling.gpus_per_worker:
-        raise ConfigError(f"scaling asks for {scaling.num_workers} workers x {scaling.gpus_per_worker} GPU but the "
-                          f"cluster has {gpus:g} GPUs (an autoscaling cluster: check its max_workers)")
-    decode = resolve_decode_nodes(data.decode_node_label)
-    try:  # each worker's pipeline keeps at least one decode actor
-        decode.check(scaling.num_workers, data.decode_threads)
-    except DecodeNodesError as exc:
-        raise ConfigError(str(exc)) from None
-    need_decode = data.decode_threads if decode.label is None else scaling.num_workers * data.decode_threads
-    if cpus - need_cpu < need_decode:
-        raise ConfigError(
-            f"the cluster has {cpus:g} CPUs; the {scaling.num_workers} training workers take {need_cpu:g}, leaving "
-            f"{max(cpus - need_cpu, 0):g} for video decoding (needs {need_decode:g}). Lower scaling.cpus_per_worker, "
-            f"add CPU nodes (labelled for decoding: data.decode_node_label), or start Ray with more logical CPUs")
-    print(f"{log_prefix} {decode.describe()}", flush=True)
-    return dataclasses.replace(recipe, data=dataclasses.replace(data, decode_node_label=decode.setting))
+        note_ray_started_here()
 
 
 def run_pretrain(recipe: Recipe) -> Any:
@@ -406,7 +374,9 @@ def run_pretrain(recipe: Recipe) -> Any:
     validate_before_start(recipe)
     print(f"{LOG_PREFIX} resolved recipe:\n{dump_yaml(recipe)}", flush=True)
     ensure_ray(local_cpus_for(recipe))
-    recipe = check_capacity(recipe)  # resolves data.decode_node_label: the workers get the resolved recipe
+    # Waits for nodes when scaling.wait_for_nodes_s > 0 (scale from zero); resolves data.decode_node_label: the
+    # workers get the resolved recipe.
+    recipe = check_capacity(recipe, log_prefix=LOG_PREFIX)
     recipe = with_run_scoped_names(recipe)
     counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts
     result = build_trainer(recipe).fit()
@@ -431,7 +401,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         run_pretrain(recipe)
-    except ConfigError as exc:  # the cluster cannot run the recipe (check_capacity), before any training work
+    except ConfigError as exc:  # the cluster cannot hold the recipe (check_capacity), before any training work
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -4,7 +4,7 @@
     data:     workflows.data.config.DataConfig (manifests, decoding, augmentation, bad-video policy)
     train:    optimisation recipe (reference §4): batch, lr scaling, schedule, mixing, precision, DeepSpeed
     eval:     validation during training and final multi-view testing
-    scaling:  Ray Train workers and their resources
+    scaling:  Ray Train workers, their resources, and how long to wait for the nodes (scale from zero)
     run:      name, storage, fault tolerance, checkpoint retention
     mlflow:   tracking
 
@@ -118,10 +118,17 @@ class ScalingSection:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Ray node label (key=value) the training workers must run on, e.g. "dist-role=train"; None: anywhere.
     worker_node_label: str | None = None
+    # Seconds the driver waits for nodes when the alive ones cannot hold the run (workers, decode actors): it asks
+    # the autoscaler for exactly those (scale from zero) and polls. 0: fail at once (local runs, tests). See
+    # workflows/capacity.py.
+    wait_for_nodes_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError("scaling.num_workers must be >= 1")
+        if not self.wait_for_nodes_s >= 0:  # also rejects NaN
+            raise ValueError(f"scaling.wait_for_nodes_s must be >= 0 seconds (0 = fail at once), got "
+                             f"{self.wait_for_nodes_s}")
 
 
 @dataclass

@@ -258,7 +258,8 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     Tune experiment is always resumed; `resume=True` insists on one. `callbacks` go to Tune's RunConfig."""
     from ray import tune
 
-    from workflows.pretrain import check_capacity, validate_before_start
+    from workflows.capacity import check_capacity
+    from workflows.pretrain import validate_before_start
 
     sweep = plan.sweep
     validate_before_start(plan.base_recipe)
@@ -271,7 +272,8 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     from workflows.pretrain import ensure_ray
 
     ensure_ray(per_trial["CPU"])
-    # Resolve data.decode_node_label once, here; every trial starts from the resolved base recipe.
+    # Resolve data.decode_node_label once, here; every trial starts from the resolved base recipe. With the base
+    # recipe's scaling.wait_for_nodes_s > 0, wait (asking the autoscaler) until one trial's nodes are up.
     base_recipe = check_capacity(plan.base_recipe, log_prefix=LOG_PREFIX)
     plan = dataclasses.replace(plan, base_recipe=base_recipe, base=recipe_to_dict(base_recipe))
     per_trial = trial_resources(plan.base_recipe)

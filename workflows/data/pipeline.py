@@ -22,8 +22,9 @@ actor decodes which video; output order is not deterministic (sort by video_inde
 Decode nodes. `resolve_decode_nodes(cfg.decode_node_label)` reads the alive nodes' labels and CPUs: an unset
 label becomes "dist-role=decode" when some alive node carries it (the label cluster/*.yaml give CPU decode nodes),
 else "any"; `DecodeNodes.check` fails fast, naming the labels the nodes do carry, when the label matches no alive
-node or too few CPUs. The drivers (pretrain, tune) resolve and check before any training work and hand the result
-to the workers in the recipe; here, an unset label means any node.
+node or too few CPUs. The drivers (pretrain, tune) resolve and check before any training work, through
+`workflows.capacity.check_capacity` (which first waits for the autoscaler when scaling.wait_for_nodes_s > 0), and hand
+the result to the workers in the recipe; here, an unset label means any node.
 
 Bad videos. A video that cannot give a clip (see video.DROP_REASONS) is dropped and reported to a named Ray
 actor, `DropCounter` (name `cfg.drop_counter`), keyed by split and epoch, together with its path. The trainer
@@ -357,7 +358,7 @@ class DecodeNodes:
         """Raise DecodeNodesError, naming the label, the labels the nodes do carry and what to do, when the
         selected nodes cannot hold `actors` decode actors of `threads` CPUs each (they would wait forever)."""
         if self.label is None:
-            return  # any node: the cluster-wide CPU check (pretrain.check_capacity) covers it
+            return  # any node: the cluster-wide CPU check (capacity.check_capacity) covers it
         key, _, value = self.label.partition("=")
         label_them = (f"`ray start --labels={self.label}`, or `labels: {{{key}: {value}}}` on the node type in the "
                       f"cluster YAML; see cluster/README.md")

@@ -1,0 +1,363 @@
+"""Can the cluster hold a run? The drivers' (pretrain, tune) check before any training work, and, on a cluster that
+scales from zero, the wait for the autoscaler to add the nodes.
+
+    check_capacity(recipe, log_prefix) -> the recipe with data.decode_node_label resolved (what the workers get)
+
+What a run needs: `scaling.num_workers` Train workers of `cpus_per_worker` CPUs (and `gpus_per_worker` GPUs with
+`use_gpu`), on the nodes labelled `scaling.worker_node_label` when it is set, and the decode actors beside them: one
+per worker, of `data.decode_threads` CPUs, on the nodes that `data.decode_node_label` selects
+(`workflows.data.pipeline.resolve_decode_nodes`; without a label, one actor anywhere). Only alive nodes count.
+
+Scale from zero. The cluster YAMLs start GPU and decode nodes at zero, so on a fresh cluster nothing is alive yet
+when the driver checks. With `scaling.wait_for_nodes_s` > 0 (the cluster recipes set it) a failed check is not final:
+
+- the driver asks the autoscaler for exactly those bundles (`ray.autoscaler.sdk.request_resources`, with per-bundle
+  label selectors, which Ray 2.60 forwards to autoscaler v2: the default of `ray up` since Ray 2.50 and of
+  cluster/kuberay-rayjob.yaml; autoscaler v1 drops the selectors and sees only the shapes), prints one line saying
+  what it waits for, checks the alive nodes every `POLL_S` seconds, prints progress at most every `PROGRESS_S`
+  seconds, and goes on as soon as the check passes;
+- it fails with the check's own message plus "waited N s" when the time is up; at once, without waiting, when the
+  autoscaler v2 reports the request as infeasible (no node type can provide it within max_workers; a plain
+  `ray start` cluster under autoscaler v2 is such a case); and without asking when this process started Ray itself
+  (a local cluster has no autoscaler). A plain `ray start` cluster under autoscaler v1 (the default there) cannot be
+  told apart from one whose nodes are slow to boot: the driver waits the configured time, and says so on timeout;
+- the request is re-sent at every poll (any other `request_resources` caller replaces it: Ray Data's autoscaling
+  coordinator, a detached actor once any dataset ran on the cluster, re-sends its own every 20 s) and cleared
+  (empty bundles) when the wait ends, whether the nodes came or not, so the cluster can scale down later. From then
+  on the run's placement group and decode actors keep the nodes busy.
+
+`scaling.wait_for_nodes_s: 0` (the default, and what local runs and tests use) keeps the immediate fail-fast.
+Everything that talks to Ray goes through a `Cluster`, so tests replace the nodes, the clock and the requester.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from workflows.config import ConfigError
+from workflows.recipe import Recipe
+
+POLL_S = 5.0  # how often the alive nodes are checked while waiting (the autoscaler itself updates every 5 s)
+PROGRESS_S = 30.0  # at most one progress line per this many seconds
+INFEASIBLE_POLLS = 2  # consecutive polls the autoscaler must report the request infeasible before giving up
+
+_started_here: dict[str, str | None] = {"gcs_address": None}
+
+
+def note_ray_started_here() -> None:
+    """Record that this process started the Ray cluster it is connected to (ray.init without an address): such a
+    cluster has no autoscaler, so waiting for nodes cannot help. Called by `pretrain.ensure_ray`."""
+    _started_here["gcs_address"] = _gcs_address()
+
+
+def ray_started_here() -> bool:
+    """Whether the connected cluster is one this process started (see `note_ray_started_here`)."""
+    address = _started_here["gcs_address"]
+    return address is not None and address == _gcs_address()
+
+
+def _gcs_address() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - only a hint; never let it break a run
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a run needs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _label_selector(label: str | None) -> dict[str, str]:
+    if not label:
+        return {}
+    key, _, value = label.partition("=")
+    return {key.strip(): value.strip()}
+
+
+@dataclass(frozen=True)
+class NodeRequest:
+    """Resource bundles for the autoscaler (one per Train worker and per decode actor) with a label selector each
+    ({} = any node): the shape of `ray.autoscaler.sdk.request_resources(bundles, bundle_label_selectors)`."""
+
+    bundles: list[dict[str, float]] = field(default_factory=list)
+    selectors: list[dict[str, str]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """'8 x {CPU: 4, GPU: 1} on dist-role=train + 8 x {CPU: 1} on dist-role=decode'."""
+        pairs = zip(self.bundles, self.selectors, strict=True)
+        groups: Counter[tuple[tuple[tuple[str, float], ...], tuple[tuple[str, str], ...]]] = Counter(
+            (tuple(sorted(b.items())), tuple(sorted(s.items()))) for b, s in pairs)
+        parts = []
+        for (bundle, selector), count in groups.items():
+            shape = "{" + ", ".join(f"{k}: {v:g}" for k, v in bundle) + "}"
+            where = " on " + ",".join(f"{k}={v}" for k, v in selector) if selector else " on any node"
+            parts.append(f"{count} x {shape}{where}")
+        return " + ".join(parts) or "nothing"
+
+
+def node_request(recipe: Recipe, decode_label: str | None) -> NodeRequest:
+    """What to ask the autoscaler for: one bundle per Train worker (its CPUs and GPUs, on scaling.worker_node_label)
+    and the decode CPUs that `check_capacity` requires: one actor of data.decode_threads CPUs per worker on the
+    resolved decode label (`decode_label`, "key=value"), or a single actor anywhere when there is none."""
+    scaling, data = recipe.scaling, recipe.data
+    worker = {"CPU": float(scaling.cpus_per_worker)}
+    if scaling.use_gpu:
+        worker["GPU"] = float(scaling.gpus_per_worker)
+    worker = {k: v for k, v in worker.items() if v > 0}
+    bundles: list[dict[str, float]] = []
+    selectors: list[dict[str, str]] = []
+    if worker:
+        bundles += [dict(worker) for _ in range(scaling.num_workers)]
+        selectors += [_label_selector(scaling.worker_node_label) for _ in range(scaling.num_workers)]
+    decode_actors = scaling.num_workers if decode_label else 1
+    bundles += [{"CPU": float(data.decode_threads)} for _ in range(decode_actors)]
+    selectors += [_label_selector(decode_label) for _ in range(decode_actors)]
+    return NodeRequest(bundles, selectors)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cluster, as the check sees it (tests replace every part)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ray_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return ray.nodes()
+
+
+def request_resources(request: NodeRequest) -> None:
+    """Ask the autoscaler for `request` (replacing any earlier request); an empty request clears it."""
+    from ray.autoscaler.sdk import request_resources as ray_request_resources
+
+    if any(request.selectors):
+        ray_request_resources(bundles=request.bundles, bundle_label_selectors=request.selectors)
+    else:
+        ray_request_resources(bundles=request.bundles)
+
+
+def _shape(bundle: dict[str, float]) -> frozenset[tuple[str, float]]:
+    return frozenset((k, float(v)) for k, v in bundle.items())
+
+
+def infeasible_in_reply(reply: Any, bundles: list[dict[str, float]]) -> bool:
+    """Whether a `GetClusterStatusReply` (Ray's autoscaler v2 state) lists a cluster constraint with exactly these
+    bundle shapes and counts among the infeasible ones (no node type can provide it within max_workers)."""
+    if not bundles:
+        return False
+    ours = Counter(_shape(b) for b in bundles)
+    for constraint in reply.autoscaling_state.infeasible_cluster_resource_constraints:
+        theirs: Counter[frozenset[tuple[str, float]]] = Counter()
+        for by_count in constraint.resource_requests:
+            theirs[_shape(dict(by_count.request.resources_bundle))] += by_count.count
+        if theirs == ours:
+            return True
+    return False
+
+
+def autoscaler_reports_infeasible(request: NodeRequest) -> bool | None:
+    """True when Ray's autoscaler v2 reports `request` (as sent by `request_resources`) infeasible; False when it
+    does not; None when it cannot tell (autoscaler v1, which reports no such thing, or any error)."""
+    try:
+        from ray._raylet import GcsClient
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+        from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+        if not is_autoscaler_v2(fetch_from_server=True):
+            return None
+        address = _gcs_address()
+        if not address:
+            return None
+        # ray.autoscaler.v2.sdk.get_cluster_status makes this call too, but its parsed ClusterStatus drops the
+        # infeasible requests; the reply itself carries them.
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(GcsClient(address).get_cluster_status(timeout_s=10))
+        return infeasible_in_reply(reply, request.bundles)
+    except Exception:  # noqa: BLE001 - a Ray internals change must only cost the early verdict, never the run
+        return None
+
+
+@dataclass
+class Cluster:
+    """What `check_capacity` reads and talks to. The defaults are the running Ray cluster."""
+
+    nodes: Callable[[], list[dict[str, Any]]] = _ray_nodes  # `ray.nodes()` entries (dead ones are skipped)
+    request: Callable[[NodeRequest], None] = request_resources
+    infeasible: Callable[[NodeRequest], bool | None] = autoscaler_reports_infeasible
+    started_here: Callable[[], bool] = ray_started_here  # True: no autoscaler, waiting cannot help
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    poll_s: float = POLL_S
+    progress_s: float = PROGRESS_S
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the check
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _totals(nodes: list[dict[str, Any]]) -> tuple[int, float, float]:
+    alive = [n for n in nodes if n.get("Alive", False)]
+    cpus = sum(float((n.get("Resources") or {}).get("CPU", 0.0)) for n in alive)
+    gpus = sum(float((n.get("Resources") or {}).get("GPU", 0.0)) for n in alive)
+    return len(alive), cpus, gpus
+
+
+def _assess(recipe: Recipe, nodes: list[dict[str, Any]]) -> tuple[Recipe, Any]:
+    """The check itself, on one snapshot of the nodes: the recipe with the resolved decode label and the
+    `DecodeNodes`, or a ConfigError saying what is missing."""
+    from workflows.data.pipeline import DecodeNodesError, resolve_decode_nodes
+
+    _, cpus, gpus = _totals(nodes)
+    scaling, data = recipe.scaling, recipe.data
+    need_cpu = scaling.num_workers * scaling.cpus_per_worker
+    if scaling.use_gpu and gpus < scaling.num_workers * scaling.gpus_per_worker:
+        raise ConfigError(f"scaling asks for {scaling.num_workers} workers x {scaling.gpus_per_worker:g} GPU but the "
+                          f"cluster has {gpus:g} GPUs on its alive nodes (on an autoscaling cluster, also check the "
+                          f"GPU node type's max_workers)")
+    decode = resolve_decode_nodes(data.decode_node_label, nodes)
+    try:  # each worker's pipeline keeps at least one decode actor
+        decode.check(scaling.num_workers, data.decode_threads)
+    except DecodeNodesError as exc:
+        raise ConfigError(str(exc)) from None
+    need_decode = data.decode_threads if decode.label is None else scaling.num_workers * data.decode_threads
+    if cpus - need_cpu < need_decode:
+        raise ConfigError(
+            f"the cluster has {cpus:g} CPUs; the {scaling.num_workers} training workers take {need_cpu:g}, leaving "
+            f"{max(cpus - need_cpu, 0):g} for video decoding (needs {need_decode:g}). Lower scaling.cpus_per_worker, "
+            f"add CPU nodes (labelled for decoding: data.decode_node_label), or start Ray with more logical CPUs")
+    resolved = dataclasses.replace(recipe, data=dataclasses.replace(data, decode_node_label=decode.setting))
+    return resolved, decode
+
+
+def _have(recipe: Recipe, nodes: list[dict[str, Any]], decode_label: str | None) -> str:
+    """One line on what the alive nodes hold against what the run needs."""
+    from workflows.data.pipeline import resolve_decode_nodes
+
+    scaling, data = recipe.scaling, recipe.data
+    count, cpus, gpus = _totals(nodes)
+    parts = [f"{count} alive node{'s' if count != 1 else ''}"]
+    if scaling.use_gpu:
+        parts.append(f"{gpus:g}/{scaling.num_workers * scaling.gpus_per_worker:g} GPUs")
+    if decode_label:
+        found = resolve_decode_nodes(decode_label, nodes)
+        parts.append(f"{found.cpus:g}/{scaling.num_workers * data.decode_threads:g} CPUs labelled {decode_label}")
+    need = scaling.num_workers * (scaling.cpus_per_worker + data.decode_threads) if decode_label else \
+        scaling.num_workers * scaling.cpus_per_worker + data.decode_threads
+    parts.append(f"{cpus:g}/{need:g} CPUs in all")
+    return ", ".join(parts)
+
+
+def _decode_label_to_request(recipe: Recipe, nodes: list[dict[str, Any]]) -> str | None:
+    """The decode label to ask nodes for: the recipe's, resolved as the check resolves it (an unset label finds
+    dist-role=decode only among alive nodes, so on a cold cluster it means any node)."""
+    from workflows.data.pipeline import resolve_decode_nodes
+
+    return resolve_decode_nodes(recipe.data.decode_node_label, nodes).label
+
+
+def _sentence(exc: Exception) -> str:
+    return str(exc).rstrip(". ")
+
+
+WAIT_HINT = ("Only alive nodes count: on a cluster whose nodes scale from zero, set scaling.wait_for_nodes_s "
+             "(e.g. 900) so the driver asks the autoscaler for them and waits.")
+
+
+def check_capacity(recipe: Recipe, log_prefix: str = "[pretrain]", cluster: Cluster | None = None) -> Recipe:
+    """Fail fast, instead of hanging, when the cluster cannot hold the workers and the decode actors beside them;
+    with `scaling.wait_for_nodes_s` > 0, first ask the autoscaler for the missing nodes and wait for them (see the
+    module docstring).
+
+    Resolves `data.decode_node_label` against the alive nodes (`resolve_decode_nodes`: unset means the nodes
+    labelled dist-role=decode when the cluster has any, else any node; "any" opts out), stops with a ConfigError
+    when the cluster is short, prints where decoding runs, and returns the recipe with the resolved label
+    ("key=value" or "any"): that recipe is what the workers must get."""
+    cluster = cluster or Cluster()
+    wait_s = float(recipe.scaling.wait_for_nodes_s)
+    nodes = cluster.nodes()
+    try:
+        resolved, decode = _assess(recipe, nodes)
+    except ConfigError as exc:
+        if wait_s <= 0:
+            raise ConfigError(f"{_sentence(exc)}. {WAIT_HINT}") from None
+        if cluster.started_here():
+            raise ConfigError(f"{_sentence(exc)}. Not waiting for nodes (scaling.wait_for_nodes_s={wait_s:g}): this "
+                              f"driver started Ray itself, and such a local cluster has no autoscaler to add them"
+                              ) from None
+        resolved, decode = _wait_for_nodes(recipe, nodes, exc, cluster, log_prefix)
+    print(f"{log_prefix} {decode.describe()}", flush=True)
+    return resolved
+
+
+def _wait_for_nodes(recipe: Recipe, nodes: list[dict[str, Any]], first: ConfigError, cluster: Cluster,
+                    log_prefix: str) -> tuple[Recipe, Any]:
+    wait_s = float(recipe.scaling.wait_for_nodes_s)
+    start = cluster.clock()
+    label = _decode_label_to_request(recipe, nodes)
+    request = node_request(recipe, label)
+    state = {"asked": False, "warned": False}
+
+    def ask(req: NodeRequest) -> None:
+        try:
+            cluster.request(req)
+            state["asked"] = True
+        except Exception as exc:  # noqa: BLE001 - without the request, nodes may still come (min_workers, a human)
+            if not state["warned"]:
+                print(f"{log_prefix} could not ask the autoscaler for nodes ({type(exc).__name__}: {exc}); waiting "
+                      f"for them anyway", flush=True)
+                state["warned"] = True
+
+    error = first
+    try:
+        ask(request)
+        print(f"{log_prefix} the cluster cannot hold the run yet ({_have(recipe, nodes, label)}): asked the "
+              f"autoscaler for {request.describe()}; waiting up to {wait_s:g} s for the nodes "
+              f"(scaling.wait_for_nodes_s; 0 fails at once)", flush=True)
+        last_progress, infeasible_polls = start, 0
+        while True:
+            elapsed = cluster.clock() - start
+            if elapsed >= wait_s:
+                raise ConfigError(
+                    f"{_sentence(error)}; waited {elapsed:.0f} s (scaling.wait_for_nodes_s={wait_s:g}) for the "
+                    f"autoscaler to add {request.describe()}. A cluster without an autoscaler (nodes joined with "
+                    f"`ray start`) never adds nodes: set scaling.wait_for_nodes_s=0 there to fail at once")
+            cluster.sleep(max(0.0, min(cluster.poll_s, wait_s - elapsed)))
+            nodes = cluster.nodes()
+            try:
+                result = _assess(recipe, nodes)
+            except ConfigError as exc:
+                error = exc
+            else:
+                print(f"{log_prefix} the nodes are up after {cluster.clock() - start:.0f} s "
+                      f"({_have(recipe, nodes, result[1].label)})", flush=True)
+                return result
+            label = _decode_label_to_request(recipe, nodes)
+            request = node_request(recipe, label)
+            ask(request)  # again: another request_resources caller may have replaced ours
+            infeasible_polls = infeasible_polls + 1 if cluster.infeasible(request) else 0
+            elapsed = cluster.clock() - start
+            if infeasible_polls >= INFEASIBLE_POLLS:
+                raise ConfigError(
+                    f"{_sentence(error)}; the Ray autoscaler reports that no node type of this cluster can provide "
+                    f"{request.describe()} (check the node types' resources, labels and max_workers in the cluster "
+                    f"YAML, or lower the recipe's scaling); waited {elapsed:.0f} s")
+            if cluster.clock() - last_progress >= cluster.progress_s:
+                last_progress = cluster.clock()
+                print(f"{log_prefix} still waiting for nodes after {elapsed:.0f} of {wait_s:g} s: "
+                      f"{_have(recipe, nodes, label)}", flush=True)
+    finally:
+        if state["asked"]:
+            try:
+                cluster.request(NodeRequest())  # clear it, so the cluster can scale down later
+            except Exception as exc:  # noqa: BLE001
+                print(f"{log_prefix} could not clear the autoscaler request ({type(exc).__name__}: {exc}); it "
+                      f"holds until another request_resources call replaces it", flush=True)
