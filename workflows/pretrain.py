@@ -203,6 +203,30 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                                  "epoch": float(epoch)}, step=step)
         window.update(start=time.perf_counter(), wait=0.0, clips=0, losses=[])
 
+    wrapped_up = False
+
+    def wrap_up() -> None:
+        """Rank 0: final drop report, curves and weights to MLflow. Runs before the final ray.train.report: a Tune
+        scheduler may stop the trial as soon as that report lands (ASHA at max_t)."""
+        nonlocal wrapped_up
+        wrapped_up = True
+        if rank != 0:
+            return
+        drop_report = get_drop_report("train", None, name=recipe.data.drop_counter)
+        if drop_report.total_dropped:
+            print(f"{LOG_PREFIX} dropped videos: {drop_report.summary()}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            curves = Path(tmp) / "training_curves.png"
+            save_curves_png(history, curves)
+            tracker.log_artifact(curves)
+            from safetensors.torch import save_file
+
+            weights = Path(tmp) / "weights.safetensors"
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
+                      str(weights))
+            tracker.log_artifact(weights, "final_checkpoint")
+        tracker.finish()
+
     def validate_and_checkpoint() -> None:
         nonlocal best
         val = validate()
@@ -222,6 +246,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     save_confusion_png(val["confusion"], class_names, png,
                                        f"validation, step {step}: top-1 {val['top1']:.1f}%")
                     tracker.log_artifact(png)
+        if step == total:
+            wrap_up()
         report(metrics, final=step == total)
 
     while step < total:
@@ -258,22 +284,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if epoch_done or step >= total:
                 break
 
-    # --- wrap-up (rank 0): artifacts ---
-    if rank == 0:
-        drop_report = get_drop_report("train", None, name=recipe.data.drop_counter)
-        if drop_report.total_dropped:
-            print(f"{LOG_PREFIX} dropped videos: {drop_report.summary()}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            curves = Path(tmp) / "training_curves.png"
-            save_curves_png(history, curves)
-            tracker.log_artifact(curves)
-            from safetensors.torch import save_file
-
-            weights = Path(tmp) / "weights.safetensors"
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(weights))
-            tracker.log_artifact(weights, "final_checkpoint")
-        tracker.finish()
+    if not wrapped_up:  # e.g. relaunched after the run had already finished
+        wrap_up()
 
 
 # ---------------------------------------------------------------------------------------------------------------

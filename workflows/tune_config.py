@@ -41,8 +41,8 @@ class AshaSection:
     time_attr: Literal["training_iteration", "step"] = "training_iteration"  # training_iteration = reports
     grace_period: int = 1  # every trial runs at least this long before it can be stopped
     reduction_factor: float = 3.0  # keep the top 1/reduction_factor at each rung
-    # No trial runs longer than this (in time_attr units). Tune stops a trial that reaches it at once, so one whose
-    # last report lands on max_t may not log its final curves and weights to MLflow: set max_t above that.
+    # No trial runs longer than this (in time_attr units). Tune stops a trial that reaches it at once; the training
+    # loop logs its final curves and weights to MLflow before its last report, so nothing is lost when that is max_t.
     max_t: int = 100
     brackets: int = 1
 

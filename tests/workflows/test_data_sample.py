@@ -12,11 +12,13 @@ from workflows.data.video import read_frames
 SIZE, FRAMES, PER_CLASS = 32, 16, 32
 
 
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    """The sample dataset at test size, with every video decoded (all frames) per split."""
+@pytest.fixture(scope="module", params=[1, 3], ids=["1-object", "3-objects"])
+def sample(tmp_path_factory, request):
+    """The sample dataset at test size (one object per video, and three as the demo writes), with every video
+    decoded (all frames) per split."""
     info = write_sample_dataset(tmp_path_factory.mktemp("sample"), videos_per_class=PER_CLASS, size=SIZE,
-                                num_frames=FRAMES, seed=0, workers=2)
+                                num_frames=FRAMES, seed=0, workers=2, num_objects=request.param)
+    assert info.num_objects == request.param
     labels = load_labels(info.labels)
     decoded = {}
     for split, manifest in (("train", info.train_manifest), ("val", info.val_manifest)):

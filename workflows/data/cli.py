@@ -110,11 +110,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from workflows.data.sample import write_sample_dataset
 
     info = write_sample_dataset(args.out, videos_per_class=args.videos_per_class, size=args.size,
-                                num_frames=args.frames, seed=args.seed, fps=args.fps, workers=args.workers,
+                                num_frames=args.frames, seed=args.seed, fps=args.fps, num_objects=args.objects,
+                                workers=args.workers,
                                 progress=not args.json)
     print(json.dumps(asdict(info)) if args.json else
           f"wrote {info.train_videos} train + {info.val_videos} val videos ({len(info.classes)} classes, "
-          f"{info.size}px, {info.num_frames} frames) to {info.root}\n  train: {info.train_manifest}\n"
+          f"{info.size}px, {info.num_frames} frames, {info.num_objects} object(s) per video) to {info.root}\n"
+          f"  train: {info.train_manifest}\n"
           f"  val: {info.val_manifest}\n  labels: {info.labels}\n"
           f"  train with flip: swap_labels, flip_pairs: {info.flip_pairs}")
     return 0
@@ -174,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=32)
     s.add_argument("--fps", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--objects", type=int, default=1, help="objects per video, all moving as the class says")
     s.add_argument("--workers", type=int, default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_cmd_sample)

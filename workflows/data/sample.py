@@ -77,34 +77,28 @@ def _inside(px: np.ndarray, py: np.ndarray, poly: np.ndarray) -> np.ndarray:
     return inside
 
 
-def render_motion(label: int, rng: np.random.Generator, *, size: int = 64, num_frames: int = 32) -> np.ndarray:
-    """Frames (T, size, size, 3) uint8 of one video of class `label` (index into SAMPLE_CLASSES)."""
-    t = np.arange(num_frames, dtype=np.float64)
-    s = float(size)
-    # Class-independent appearance.
-    shape = _SHAPES[int(rng.integers(len(_SHAPES)))]
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    theta = rng.uniform(0, 2 * math.pi)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centres (H, W)
-    ramp = ((xx * math.cos(theta) + yy * math.sin(theta)) / s)[..., None]
-    ramp = (ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-6)
-    background = c0 * (1 - ramp) + c1 * ramp + rng.normal(0, 8, (size, size, 1))  # (H, W, 3)
-    mean_bg = background.reshape(-1, 3).mean(0)
+def _draw_object(rng: np.random.Generator, shape: np.ndarray, mean_bg: np.ndarray, s: float,
+                 num_frames: int) -> dict:
+    """One object's class-independent appearance and start state, and its motion magnitudes."""
     colour = rng.uniform(0, 255, 3)
     for _ in range(20):  # keep the object visible against the background
         if np.abs(colour - mean_bg).sum() > 150:
             break
         colour = rng.uniform(0, 255, 3)
-    # Per-frame state, uniform marginals at every t (see the module docstring).
-    x = np.full_like(t, rng.uniform(0, s))
-    y = np.full_like(t, rng.uniform(0, s))
-    angle = np.full_like(t, rng.uniform(0, 2 * math.pi))
     lo, hi = _LOG_SIZE
-    log_r = np.full_like(t, rng.uniform(lo, hi))
-    speed = rng.uniform(0.6, 1.4) * s / 32  # pixels per frame
-    spin = math.radians(rng.uniform(5, 11))  # radians per frame
-    grow = rng.uniform(0.45, 0.75) / num_frames  # log-size per frame
-    name = SAMPLE_CLASSES[label]
+    return dict(shape=shape, colour=colour, x=rng.uniform(0, s), y=rng.uniform(0, s),
+                angle=rng.uniform(0, 2 * math.pi), log_r=rng.uniform(lo, hi),
+                speed=rng.uniform(0.6, 1.4) * s / 32,  # pixels per frame
+                spin=math.radians(rng.uniform(5, 11)),  # radians per frame
+                grow=rng.uniform(0.45, 0.75) / num_frames)  # log-size per frame
+
+
+def _object_mask(name: str, obj: dict, t: np.ndarray, xx: np.ndarray, yy: np.ndarray, s: float) -> np.ndarray:
+    """(T, H, W) bool: where the object is in every frame, moving as class `name` says."""
+    x, y = np.full_like(t, obj["x"]), np.full_like(t, obj["y"])
+    angle, log_r = np.full_like(t, obj["angle"]), np.full_like(t, obj["log_r"])
+    lo, hi = _LOG_SIZE
+    speed, spin, grow = obj["speed"], obj["spin"], obj["grow"]
     if name == "moving left":
         x = x - speed * t
     elif name == "moving right":
@@ -122,7 +116,7 @@ def render_motion(label: int, rng: np.random.Generator, *, size: int = 64, num_f
     elif name == "shrinking":
         log_r = lo + np.mod(log_r - lo - grow * t, hi - lo)
     else:
-        raise ValueError(f"unknown sample class {label}")
+        raise ValueError(f"unknown sample class {name!r}")
     radius = np.exp(log_r) * s  # (T,)
     # Torus-relative pixel offsets from the object centre, then into object coordinates.
     dx = np.mod(xx[None] - x[:, None, None] + s / 2, s) - s / 2  # (T, H, W)
@@ -130,8 +124,39 @@ def render_motion(label: int, rng: np.random.Generator, *, size: int = 64, num_f
     cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
     u = (cos * dx + sin * dy) / radius[:, None, None]
     v = (-sin * dx + cos * dy) / radius[:, None, None]
-    mask = _inside(u, v, shape)[..., None]  # (T, H, W, 1)
-    frames = np.where(mask, colour, background[None])
+    return _inside(u, v, obj["shape"])
+
+
+def render_motion(label: int, rng: np.random.Generator, *, size: int = 64, num_frames: int = 32,
+                  num_objects: int = 1) -> np.ndarray:
+    """Frames (T, size, size, 3) uint8 of one video of class `label` (index into SAMPLE_CLASSES).
+
+    `num_objects` objects, each with its own shape, colour, size, start state and speed, all moving as the class
+    says (drawn one over the other). More objects put more motion in every clip: an easier task for a model
+    trained from scratch, with single frames still carrying no class signal."""
+    if not 0 <= label < len(SAMPLE_CLASSES):
+        raise ValueError(f"unknown sample class {label}")
+    if num_objects < 1:
+        raise ValueError(f"num_objects must be >= 1, got {num_objects}")
+    t = np.arange(num_frames, dtype=np.float64)
+    s = float(size)
+    # Class-independent appearance (draw order kept stable: one object gives the same frames as before).
+    first_shape = _SHAPES[int(rng.integers(len(_SHAPES)))]
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    theta = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centres (H, W)
+    ramp = ((xx * math.cos(theta) + yy * math.sin(theta)) / s)[..., None]
+    ramp = (ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-6)
+    background = c0 * (1 - ramp) + c1 * ramp + rng.normal(0, 8, (size, size, 1))  # (H, W, 3)
+    mean_bg = background.reshape(-1, 3).mean(0)
+    # Per-frame state, uniform marginals at every t (see the module docstring).
+    objects = [_draw_object(rng, first_shape, mean_bg, s, num_frames)]
+    for _ in range(num_objects - 1):
+        objects.append(_draw_object(rng, _SHAPES[int(rng.integers(len(_SHAPES)))], mean_bg, s, num_frames))
+    frames = np.broadcast_to(background[None], (num_frames, size, size, 3))
+    name = SAMPLE_CLASSES[label]
+    for obj in objects:
+        frames = np.where(_object_mask(name, obj, t, xx, yy, s)[..., None], obj["colour"], frames)
     return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
 
 
@@ -151,12 +176,13 @@ class SampleDataset:
     num_frames: int
     fps: int
     seed: int
+    num_objects: int = 1
 
 
-def _write_one(job: tuple[str, int, int, int, int, int, int]) -> None:
-    path, label, index, seed, size, num_frames, fps = job
+def _write_one(job: tuple[str, int, int, int, int, int, int, int]) -> None:
+    path, label, index, seed, size, num_frames, fps, num_objects = job
     rng = np.random.default_rng([seed, label, index])
-    write_video(path, render_motion(label, rng, size=size, num_frames=num_frames), fps)
+    write_video(path, render_motion(label, rng, size=size, num_frames=num_frames, num_objects=num_objects), fps)
 
 
 def write_sample_dataset(
@@ -167,6 +193,7 @@ def write_sample_dataset(
     num_frames: int = 32,
     seed: int = 0,
     fps: int = 16,
+    num_objects: int = 1,
     val_fraction: float = 0.25,
     workers: int | None = None,
     progress: bool = False,
@@ -185,7 +212,7 @@ def write_sample_dataset(
         for i in range(videos_per_class):
             split = "val" if i >= videos_per_class - n_val else "train"
             rel = f"videos/{slug}/{split}_{i:04d}.mp4"
-            jobs.append((str(out / rel), label, i, seed, size, num_frames, fps))
+            jobs.append((str(out / rel), label, i, seed, size, num_frames, fps, num_objects))
             rows[split].append({"path": rel, "label": name})
     workers = workers or min(4, os.cpu_count() or 1)
     if workers > 1:
@@ -204,6 +231,6 @@ def write_sample_dataset(
     info = SampleDataset(root=str(out), train_manifest=str(out / "train.csv"), val_manifest=str(out / "val.csv"),
                          labels=str(out / "labels.json"), classes=list(SAMPLE_CLASSES), flip_pairs=SAMPLE_FLIP_PAIRS,
                          train_videos=len(rows["train"]), val_videos=len(rows["val"]), size=size,
-                         num_frames=num_frames, fps=fps, seed=seed)
+                         num_frames=num_frames, fps=fps, seed=seed, num_objects=num_objects)
     (out / "sample_info.json").write_text(json.dumps(asdict(info), indent=1) + "\n")
     return info
