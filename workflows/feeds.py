@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from workflows.data.manifest import Manifest, load_labels, load_manifest
@@ -32,6 +33,18 @@ def total_steps(recipe: Recipe, train_videos: int) -> int:
     if recipe.train.max_steps:
         return recipe.train.max_steps
     return max(1, round(recipe.train.epochs * steps_per_epoch(recipe, train_videos)))
+
+
+def _seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def train_shuffle_clips(recipe: Recipe) -> int:
+    """Clips in each worker's local shuffle buffer (see DataConfig.train_shuffle_clips); 0 = no shuffle."""
+    data = recipe.data
+    if data.train_shuffle_clips is not None:
+        return data.train_shuffle_clips
+    return 0 if data.train_views == 1 else 4 * data.train_views * recipe.train.micro_batch_size
 
 
 class ClipFeeds:
@@ -61,6 +74,7 @@ class ClipFeeds:
         """Micro-batches `start`.. of `epoch` for this rank: {"frames": uint8 (B, T_d, S, S, 3), "label": (B,)}."""
         micro = self.recipe.train.micro_batch_size
         views = self.recipe.data.train_views
+        shuffle = train_shuffle_clips(self.recipe)
         needed = self.micro_batches_per_epoch() - start
         produced, attempt = 0, 0
         while produced < needed:
@@ -71,7 +85,11 @@ class ClipFeeds:
                 skip=(start * micro) // views if attempt == 0 else 0,
             ).select_columns(["frames", "label"])
             before = produced
-            for batch in ds.iter_torch_batches(batch_size=micro, drop_last=True, device=self.device):
+            batches = ds.iter_torch_batches(
+                batch_size=micro, drop_last=True, device=self.device,
+                local_shuffle_buffer_size=shuffle or None,
+                local_shuffle_seed=_seed(self.recipe.train.seed, epoch, self.rank, attempt) if shuffle else None)
+            for batch in batches:
                 yield batch
                 produced += 1
                 if produced >= needed:

@@ -58,6 +58,19 @@ def test_lr_scaling_and_schedule():
     assert all(lr_at(s, **kw) >= lr_at(s + 1, **kw) for s in range(10, 100))
 
 
+
+def test_multi_view_clips_get_a_local_shuffle_buffer():
+    from workflows.feeds import train_shuffle_clips
+
+    one = load_recipe(SMOKE, ["data.train_views=1", "train.micro_batch_size=4"], check_files=False)
+    assert train_shuffle_clips(one) == 0  # one view per video: nothing to separate
+    four = load_recipe(SMOKE, ["data.train_views=4", "train.micro_batch_size=4"], check_files=False)
+    assert train_shuffle_clips(four) == 4 * 4 * 4  # the views of a video spread over ~4 micro-batches' worth
+    assert train_shuffle_clips(load_recipe(SMOKE, ["data.train_views=4", "data.train_shuffle_clips=0"],
+                                           check_files=False)) == 0
+    with pytest.raises(ConfigError, match="train_shuffle_clips must be >= 0"):
+        load_recipe(SMOKE, ["data.train_shuffle_clips=-1"], check_files=False)
+
 def test_mixing_keeps_targets_normalised_and_is_seeded():
     video, labels = torch.randn(4, 3, 8, 16, 16), torch.tensor([0, 1, 2, 3])
     kw = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5, "smoothing": 0.1}
