@@ -99,7 +99,9 @@ def _recipe(sample, storage: Path, *extra: str):
     return load_recipe(SMOKE, [
         f"data.train_manifest={sample.train_manifest}", f"data.val_manifest={sample.val_manifest}",
         f"data.labels={sample.labels}", f"run.storage_path={storage}", "run.name=it", "eval.every_steps=2",
-        *extra])
+        # 16 videos x 2 views / global batch 8 = 4 steps per epoch: the step-2 checkpoint lies inside epoch 0, so
+        # the recovery below resumes mid-epoch (and the views go through the local shuffle buffer).
+        "data.train_views=2", *extra])
 
 
 def _latest_state(storage: Path) -> tuple[Path, dict]:
@@ -121,6 +123,11 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path):
     assert (storage / "it" / ".injected_failure_done").exists()
     latest, state = _latest_state(storage)
     assert state["step"] == 4 and state["resumed_from_step"] == 2, "recovery must restart from the last checkpoint"
+    at_step_2 = [json.loads((p / "state.json").read_text()) for p in (storage / "it").glob("checkpoint_*")
+                 if p.is_dir()]
+    at_step_2 = [s for s in at_step_2 if s["step"] == 2]
+    assert at_step_2 and (at_step_2[0]["epoch"], at_step_2[0]["position"]) == (0, 2), "resumed inside epoch 0"
+    assert (state["epoch"], state["position"]) == (1, 0)
     assert {"ds", "weights.safetensors", "state.json", "recipe.yaml"} <= {p.name for p in latest.iterdir()}
     assert (latest / "ds" / "mp_rank_00_model_states.pt").exists()  # DeepSpeed's own layout, readable by its tools
     weights_before = {k: v.clone() for k, v in _weights(latest).items()}
