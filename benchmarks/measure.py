@@ -12,7 +12,8 @@ import math
 import resource
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -113,3 +114,132 @@ def parse_ratios(line: str) -> dict[str, float]:
 def finite_positive(value: float) -> bool:
     """True for a finite number > 0."""
     return math.isfinite(value) and value > 0
+
+
+@dataclass(frozen=True)
+class ProcCPU:
+    """One process of a tree: its CPU seconds so far (user + system), name and depth below the root (root: 0)."""
+
+    cpu: float
+    name: str
+    depth: int
+
+
+def process_tree(pid: int | None = None, names: bool = True) -> dict[int, ProcCPU]:
+    """A process (default: this one) and each of its living descendants, by pid (`names=False`: skip reading
+    names and command lines, for frequent sampling)."""
+    import psutil  # a dependency of DeepSpeed; imported here so the rest of this module does not need it
+
+    root = psutil.Process(pid)
+    depth = {root.pid: 0}
+    tree: dict[int, ProcCPU] = {}
+    for proc in (root, *root.children(recursive=True)):  # parents come before their children
+        try:
+            with proc.oneshot():
+                times, parent = proc.cpu_times(), proc.ppid()
+                name = proc.name() if names else ""
+                if name.startswith(("python", "ray-dashboard")):
+                    name = " ".join(proc.cmdline())[:400] or name
+        except psutil.Error:  # exited between listing and reading
+            continue
+        depth[proc.pid] = depth.get(parent, 0) + 1 if proc.pid != root.pid else 0
+        tree[proc.pid] = ProcCPU(times.user + times.system, name, depth[proc.pid])
+    return tree
+
+
+class TreeCPU:
+    """CPU seconds a process tree (this process, its workers, a local Ray's daemons and actors) used between
+    `start()` and the last `sample()`. A process that exits keeps the CPU time of its last sample, so sample
+    often (once per consumed batch). Unlike wall-clock time, this does not grow when other jobs share the
+    machine, so CPU seconds per item compare pipelines' overheads on a busy machine."""
+
+    def __init__(self, names: bool = True, exclude: Iterable[int] = ()) -> None:
+        self.names = names
+        self.exclude = set(exclude)  # pids never counted (e.g. an idle Ray cluster's processes beside a baseline)
+        self._start: dict[int, ProcCPU] = {}
+        self.last: dict[int, ProcCPU] = {}
+
+    def _tree(self) -> dict[int, ProcCPU]:
+        return {pid: p for pid, p in process_tree(names=self.names).items() if pid not in self.exclude}
+
+    def start(self) -> None:
+        self._start = self._tree()
+        self.last = dict(self._start)
+
+    def sample(self) -> None:
+        self.last.update(self._tree())
+
+    def used(self, pid: int) -> float:
+        start = self._start.get(pid)
+        return self.last[pid].cpu - (start.cpu if start else 0.0)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.used(pid) for pid in self.last)
+
+
+class CPUSampler:
+    """A background thread that samples this process tree's CPU (`TreeCPU`) every `interval` seconds, so the CPU
+    used inside any wall-clock window of a run can be read afterwards, in total (`between`) or by process group
+    (`between_by`)."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        import threading
+
+        self.interval = interval
+        self.samples: list[tuple[float, dict[int, ProcCPU]]] = []  # (time.time(), the tree's processes)
+        self._cpu = TreeCPU()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def _take(self) -> None:
+        self.samples.append((time.time(), dict(self._cpu.last)))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._cpu.sample()
+            self._take()
+
+    def __enter__(self) -> CPUSampler:
+        self._cpu.start()
+        self._take()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _at(self, when: float) -> tuple[dict[int, float], dict[int, ProcCPU]]:
+        """Each process's CPU seconds at wall-clock time `when`, linear between the two samples around it (a
+        process first seen in the later sample counts from zero), and that later sample's processes (names as they
+        were then: Ray renames a worker process when it returns to its pool)."""
+        import bisect
+
+        times = [t for t, _ in self.samples]
+        i = bisect.bisect_left(times, when)
+        if i == 0 or i == len(times):
+            procs = self.samples[min(i, len(times) - 1)][1]
+            return {pid: proc.cpu for pid, proc in procs.items()}, procs
+        (t0, before), (t1, after) = self.samples[i - 1], self.samples[i]
+        frac = (when - t0) / (t1 - t0) if t1 > t0 else 1.0
+        out = {}
+        for pid, proc in after.items():
+            v0 = before[pid].cpu if pid in before else 0.0
+            out[pid] = v0 + (proc.cpu - v0) * frac
+        return out, after
+
+    def between_by(self, start: float, end: float, label: Callable[[int, ProcCPU], str]) -> dict[str, float]:
+        """CPU seconds used between two wall-clock times (time.time()), summed by `label(pid, proc)`."""
+        (first, _), (last, procs) = self._at(start), self._at(end)
+        out: dict[str, float] = {}
+        for pid, value in last.items():
+            used = value - first.get(pid, 0.0)
+            if used > 0:
+                key = label(pid, procs[pid])
+                out[key] = out.get(key, 0.0) + used
+        return out
+
+    def between(self, start: float, end: float) -> float:
+        """CPU seconds the whole tree used between two wall-clock times (time.time())."""
+        return sum(self.between_by(start, end, lambda pid, proc: "").values())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 from benchmarks.measure import finite_positive, parse_ratios, ratios_line
 from benchmarks.train_step import VARIANTS, main
 
+SMOKE_RECIPE = Path(__file__).parents[1] / "workflows" / "configs" / "smoke.yaml"
 RATIO_NAMES = ("dist_vs_full_time", "dist_vs_full_mem", "dist_vs_adapter_time", "dist_utilisation")
 
 
@@ -95,3 +97,46 @@ def test_memory_efficient_quick_gelu_gradient_matches_autograd():
     x = torch.randn(64, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_QuickGELU.apply, (x,))
     torch.testing.assert_close(quick_gelu(x), x * torch.sigmoid(1.702 * x), rtol=0, atol=0)
+
+
+# --- ingest and end_to_end: the real entry points at tiny sizes on the session's local Ray ---
+def _run(main, argv: list[str]) -> tuple[object, dict[str, float], str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        results = main(argv)
+    stdout = out.getvalue()
+    return results, parse_ratios(stdout.strip().splitlines()[-1]), stdout
+
+
+@pytest.mark.integration
+def test_ingest_smoke_prints_the_ratios_line(ray_local, tmp_path):
+    from benchmarks.ingest import main as ingest_main
+
+    results, ratios, stdout = _run(ingest_main, [
+        "--videos", "24", "--sizes", "96x64", "--video-frames", "24", "--frames", "4", "--crop", "32",
+        "--batch", "4", "--map-batch", "2", "--warmup-clips", "4", "--tail-clips", "4", "--single-videos", "3",
+        "--repeats", "1", "--workers", "2", "--cache", str(tmp_path)])
+    for name in ("ray_vs_dataloader", "ray_vs_decode_limit", "ray_vs_dataloader_96x64",
+                 "dataloader_vs_decode_limit_96x64", "ray_feeds_vs_dataloader_96x64", "decord_share_96x64"):
+        assert name in ratios, f"{name} missing"
+        assert finite_positive(ratios[name]), f"{name}={ratios[name]}"
+    (size,) = results
+    # Every pipeline made the same clips from the same videos, and timed the same window.
+    assert {r.total_clips for runs in size.runs.values() for r in runs} == {24}
+    assert len({r.clips for runs in size.runs.values() for r in runs}) == 1
+    assert "| 96x64 | DataLoader |" in stdout and "| 96x64 | Ray Data |" in stdout
+
+
+@pytest.mark.integration
+def test_end_to_end_smoke_prints_the_ratios_line(ray_local, tmp_path):
+    from benchmarks.end_to_end import main as e2e_main
+
+    (pair,), ratios, stdout = _run(e2e_main, [
+        "--recipe", str(SMOKE_RECIPE), "--steps", "3", "--warmup-steps", "1", "--log-every", "1",
+        "--no-deepspeed-loop", "--cache", str(tmp_path)])
+    for name in ("workflow_vs_ddp", "workflow_vs_ddp_cpu_per_clip"):
+        assert finite_positive(ratios[name]), f"{name}={ratios[name]}"
+    assert 0 <= ratios["workflow_data_wait"] <= 1 and 0 <= ratios["ddp_data_wait"] <= 1
+    for run in pair.values():
+        assert run.timed_steps == 2 and run.global_batch == 8
+    assert "| 0 | workflow |" in stdout and "| 0 | ddp |" in stdout
