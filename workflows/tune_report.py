@@ -247,7 +247,10 @@ def annotate_trial_runs(rows: list[dict[str, Any]], parent: Tracker, interrupted
                                    "clips_per_s_median": row["clips_per_s"]}))
         trial.set_tags({"tune.trial_id": row["trial_id"], "tune.status": row["status"]})
         status = mlflow_status(row["status"])
-        if run.info.status == "RUNNING" and (status == "FAILED" or not interrupted):
+        # A stopped trial's workers may finish their last step, and close the run as FINISHED, before Tune's stop
+        # lands (the loop logs its final artifacts before its last report): Tune's verdict wins.
+        overtaken = run.info.status == "FINISHED" and status == "KILLED" and row["status"] == "stopped early"
+        if (run.info.status == "RUNNING" and (status == "FAILED" or not interrupted)) or overtaken:
             trial.finish(status)
             row["mlflow_status"] = status
         else:
