@@ -249,7 +249,7 @@ def annotate_trial_runs(rows: list[dict[str, Any]], parent: Tracker, interrupted
         status = mlflow_status(row["status"])
         # A stopped trial's workers may finish their last step, and close the run as FINISHED, before Tune's stop
         # lands (the loop logs its final artifacts before its last report): Tune's verdict wins.
-        overtaken = run.info.status == "FINISHED" and status == "KILLED" and row["status"] == "stopped early"
+        overtaken = run.info.status == "FINISHED" and row["status"] == "stopped early"
         if (run.info.status == "RUNNING" and (status == "FAILED" or not interrupted)) or overtaken:
             trial.finish(status)
             row["mlflow_status"] = status
