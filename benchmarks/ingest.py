@@ -3,7 +3,7 @@
     python -m benchmarks.ingest [--videos 256] [--sizes 340x256,640x360] [--video-frames 96] [--workers N]
                                 [--threads 1] [--frames 16] [--crop 224] [--batch 8] [--map-batch N]
                                 [--warmup-clips 32] [--tail-clips 16] [--single-videos 48] [--repeats 2]
-                                [--no-feeds-consumer] [--cache DIR]
+                                [--no-select-columns] [--cache DIR]
 
 Videos: real H.264 mp4 files (`write_video`, GOP 16, 24 fps, `--video-frames` frames) written once into `--cache`
 (under the system temp dir by default, reused by later runs): the sample dataset's motion videos (`render_motion`
@@ -19,7 +19,8 @@ segment-sampled frames with decode-time resize of large sources, random-resized 
               the videos a DataLoader worker decodes per request), consumed with
               `iter_torch_batches(batch_size=--batch)` whose collate_fn is Ray's default conversion of the two
               columns training uses;
-  ray_feeds   the same, consumed exactly as workflows/feeds.py does: `.select_columns(["frames", "label"])` first;
+  ray_select_columns  the same, with `.select_columns(["frames", "label"])` first (how workflows/feeds.py
+              consumed it until 2026-11-23): kept to show why it no longer does;
   dataloader  `torch.utils.data.DataLoader`, `--workers` spawned worker processes (OMP/BLAS threads = `--threads`,
               decord threads = `--threads`), one video per item, `--batch` clips per batch;
   limit       the decode limit: `clips_from_video` run in this process one clip after another (BLAS threads =
@@ -55,7 +56,7 @@ import torch
 
 from workflows.data import pipeline
 from workflows.data.config import DataConfig
-from workflows.data.pipeline import ClipSpec, build_clip_dataset, clips_from_video
+from workflows.data.pipeline import ClipSpec, build_clip_dataset, clips_from_video, columns_collate
 
 FPS = 24
 RENDER_SIZE = 96  # render_motion's square size before upscaling (rendering at full size costs seconds per video)
@@ -319,27 +320,23 @@ def local_ray(num_cpus: int) -> Iterator[None]:
 
 def frames_and_labels() -> Any:
     """iter_torch_batches' own default collate (Arrow -> torch, chunks combined as on CPU) of the two columns
-    training uses; the others (path, view, ...) are left out in the consuming process."""
-    from ray.data.collate_fn import DefaultCollateFn
-
-    class FramesAndLabels(DefaultCollateFn):
-        def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
-            return super().__call__(batch.select(["frames", "label"]))
-
-    return FramesAndLabels(combine_chunks=True)
+    training uses, as workflows/feeds.py consumes the dataset; the others (path, view, ...) are left out in the
+    consuming process."""
+    return columns_collate(["frames", "label"])
 
 
 def ray_batches(videos: VideoSet, cfg: DataConfig, spec: ClipSpec, batch: int,
                 consumer: str = "collate") -> Iterator[dict[str, Any]]:
     """Batches of `batch` clips from `build_clip_dataset`, consumed with iter_torch_batches.
 
-    consumer "collate": the two columns are picked in iter_torch_batches' collate_fn, in the consuming process.
-    consumer "feeds": `.select_columns(["frames", "label"])` first, exactly as workflows/feeds.py does. That adds a
+    consumer "collate": the two columns are picked in iter_torch_batches' collate_fn, in the consuming process
+    (as workflows/feeds.py does).
+    consumer "select_columns": `.select_columns(["frames", "label"])` first. That adds a
     task-based Project operator behind the decode actors; on a small cluster Ray Data reserves part of the CPU
     budget for it, so the autoscaling decode pool (min_size 1) is refused its second actor (see README)."""
     ds = build_clip_dataset(cfg, videos.manifest, videos.labels, split="train", num_frames=spec.num_frames,
                             crop_size=spec.crop_size, seed=spec.seed, epoch=spec.epoch)
-    if consumer == "feeds":
+    if consumer == "select_columns":
         yield from ds.select_columns(["frames", "label"]).iter_torch_batches(batch_size=batch)
     elif consumer == "collate":
         yield from ds.iter_torch_batches(batch_size=batch, collate_fn=frames_and_labels())
@@ -348,7 +345,7 @@ def ray_batches(videos: VideoSet, cfg: DataConfig, spec: ClipSpec, batch: int,
 
 
 # --- the benchmark --------------------------------------------------------------------------------------------
-PIPELINES = ("dataloader", "ray", "ray_feeds")
+PIPELINES = ("dataloader", "ray", "ray_select_columns")
 
 
 @dataclass
@@ -400,7 +397,7 @@ def run_size(videos: VideoSet, args: argparse.Namespace) -> SizeResult:
     all_videos = manifest_videos(videos.manifest, videos.labels)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     result = SizeResult(videos.name, len(all_videos), args.workers, min(args.workers, cores))
-    names = [n for n in PIPELINES if n != "ray_feeds" or args.feeds_consumer]
+    names = [n for n in PIPELINES if n != "ray_select_columns" or args.select_columns]
     for repeat in range(args.repeats):
         # The ClipSpec build_clip_dataset builds from cfg; epoch = repeat gives each repeat fresh random clips.
         spec = ClipSpec.from_config(cfg, split="train", num_frames=args.frames, crop_size=args.crop, epoch=repeat)
@@ -412,7 +409,7 @@ def run_size(videos: VideoSet, args: argparse.Namespace) -> SizeResult:
         makers: dict[str, Callable[[], Iterator[dict[str, Any]]]] = {
             "dataloader": lambda spec=spec: dataloader_batches(all_videos, spec, args.workers, args.batch),
             "ray": lambda spec=spec: ray_batches(videos, cfg, spec, args.batch, "collate"),
-            "ray_feeds": lambda spec=spec: ray_batches(videos, cfg, spec, args.batch, "feeds"),
+            "ray_select_columns": lambda spec=spec: ray_batches(videos, cfg, spec, args.batch, "select_columns"),
         }
         for name in names if repeat % 2 == 0 else names[::-1]:  # alternate who goes first
             timing = time_stream(makers[name], args.warmup_clips, args.tail_clips,
@@ -435,8 +432,8 @@ def summarise(results: Sequence[SizeResult]) -> dict[str, float]:
         ratios[f"ray_vs_dataloader_{r.name}"] = r.vs_dataloader("ray")
         ratios[f"ray_vs_decode_limit_{r.name}"] = r.vs_limit("ray")
         ratios[f"dataloader_vs_decode_limit_{r.name}"] = r.vs_limit("dataloader")
-        if "ray_feeds" in r.runs:
-            ratios[f"ray_feeds_vs_dataloader_{r.name}"] = r.vs_dataloader("ray_feeds")
+        if "ray_select_columns" in r.runs:
+            ratios[f"ray_select_columns_vs_dataloader_{r.name}"] = r.vs_dataloader("ray_select_columns")
         ratios[f"ray_vs_dataloader_cpu_per_clip_{r.name}"] = r.cpu_per_clip("ray") / r.cpu_per_clip("dataloader")
         ratios[f"decord_share_{r.name}"] = r.decode_share
     return ratios
@@ -452,7 +449,7 @@ def format_table(results: Sequence[SizeResult]) -> str:
         rows.append(f"| {r.name} | decode limit (single x {r.parallel}) | {r.decode_limit:.2f} | | 1.00 | |")
         for name in r.runs:
             label = {"dataloader": "DataLoader", "ray": "Ray Data",
-                     "ray_feeds": "Ray Data, select_columns (as feeds.py)"}[name]
+                     "ray_select_columns": "Ray Data, select_columns first"}[name]
             rows.append(f"| {r.name} | {label} | {r.rate(name):.2f} | {r.vs_dataloader(name):.2f} | "
                         f"{r.vs_limit(name):.2f} | {r.cpu_per_clip(name):.3f} |")
     return "\n".join(rows)
@@ -475,8 +472,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tail-clips", type=int, default=16, help="last clips, after the clock stops")
     parser.add_argument("--single-videos", type=int, default=48, help="videos timed in the single process")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each pipeline per size (median)")
-    parser.add_argument("--feeds-consumer", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time Ray Data consumed as workflows/feeds.py does (select_columns first)")
+    parser.add_argument("--select-columns", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time Ray Data consumed with select_columns first (feeds.py's former way)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dist-bench-videos"),
                         help="folder for the generated videos (reused across runs)")
     args = parser.parse_args(argv)

@@ -117,7 +117,7 @@ def test_ingest_smoke_prints_the_ratios_line(ray_local, tmp_path):
         "--batch", "4", "--map-batch", "2", "--warmup-clips", "4", "--tail-clips", "4", "--single-videos", "3",
         "--repeats", "1", "--workers", "2", "--cache", str(tmp_path)])
     for name in ("ray_vs_dataloader", "ray_vs_decode_limit", "ray_vs_dataloader_96x64",
-                 "dataloader_vs_decode_limit_96x64", "ray_feeds_vs_dataloader_96x64", "decord_share_96x64"):
+                 "dataloader_vs_decode_limit_96x64", "ray_select_columns_vs_dataloader_96x64", "decord_share_96x64"):
         assert name in ratios, f"{name} missing"
         assert finite_positive(ratios[name]), f"{name}={ratios[name]}"
     (size,) = results

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from workflows.data.manifest import Manifest, load_labels, load_manifest
-from workflows.data.pipeline import build_clip_dataset, decode_pool_size
+from workflows.data.pipeline import build_clip_dataset, columns_collate, decode_pool_size
 from workflows.recipe import Recipe
 
 
@@ -83,10 +83,10 @@ class ClipFeeds:
                 crop_size=self.crop, num_views=views, seed=self.recipe.train.seed + 7919 * attempt, epoch=epoch,
                 counter_split="train", shard=(self.rank, self.world),
                 skip=(start * micro) // views if attempt == 0 else 0,
-            ).select_columns(["frames", "label"])
+            )
             before = produced
             batches = ds.iter_torch_batches(
-                batch_size=micro, drop_last=True, device=self.device,
+                batch_size=micro, drop_last=True, device=self.device, collate_fn=columns_collate(["frames", "label"]),
                 local_shuffle_buffer_size=shuffle or None,
                 local_shuffle_seed=_seed(self.recipe.train.seed, epoch, self.rank, attempt) if shuffle else None)
             for batch in batches:
@@ -109,10 +109,11 @@ class ClipFeeds:
             self.data_cfg, self.val_manifest, self.label_map, split="eval", num_frames=self.num_frames,
             crop_size=self.crop, num_views=ev.views, seed=self.recipe.train.seed, epoch=0, counter_split="val",
             shard=(self.rank, self.world),
-        ).select_columns(["frames", "label", "video_index"])
+        )
         cache: list[dict[str, torch.Tensor]] | None = [] if ev.cache_val_clips else None
         size = 0
-        for batch in ds.iter_torch_batches(batch_size=ev.batch_size, device=self.device):
+        for batch in ds.iter_torch_batches(batch_size=ev.batch_size, device=self.device,
+                                           collate_fn=columns_collate(["frames", "label", "video_index"])):
             yield batch
             if cache is not None:
                 size += batch["frames"].numel()

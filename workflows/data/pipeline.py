@@ -515,6 +515,21 @@ def build_clip_dataset(
     )
 
 
+def columns_collate(columns: list[str]) -> Any:
+    """A collate_fn for `iter_torch_batches` that keeps only `columns` (Ray's default Arrow -> torch conversion,
+    chunks combined). Consumers pick their columns here rather than with `Dataset.select_columns`: that adds a
+    Project operator behind the decode actors, and on a small cluster Ray Data's per-operator CPU reservation for
+    it keeps the decode pool at one actor (measured: half the clips/s; benchmarks/README.md, ingest)."""
+    from ray.data.collate_fn import DefaultCollateFn
+
+    class SelectColumns(DefaultCollateFn):
+        def __call__(self, batch: Any) -> dict[str, Any]:
+            picked = batch.select(columns) if isinstance(batch, pa.Table) else batch[columns]
+            return super().__call__(picked)
+
+    return SelectColumns(combine_chunks=True)
+
+
 # ---- dataset doctor -------------------------------------------------------------------------------------------
 
 
