@@ -1,14 +1,16 @@
 """train_step: one optimizer step of DiST against full fine-tuning and an adapter baseline, on the same input.
 
     python -m benchmarks.train_step [--preset dist_b16_k400] [--batch 1] [--steps 5] [--device cpu|cuda]
-                                    [--dtype fp32|bf16]
+                                    [--dtype fp32|bf16] [--keep-text-tower]
 
 Variants (random CLIP weights, seeded identically; same video, labels, class names, AdamW settings):
   dist     DiST as built by `build_dist`: CLIP frozen and run without autograd, only `dist_net` trains.
   adapter  frozen CLIP with ST-Adapters in every block + a small head; the backward runs through the whole tower.
   full     DiST's wiring with the CLIP image tower unfrozen: gradients through CLIP, CLIP's weights optimised.
 
-Each variant runs in a fresh subprocess so its peak memory is its own: on CPU the peak resident set (VmHWM) above
+Every variant caches its class-name embeddings and then releases CLIP's text tower (`FrozenCLIP.release_text_tower`),
+which no train step touches (`--keep-text-tower` keeps it resident, as the first measurements did). Each variant
+runs in a fresh subprocess so its peak memory is its own: on CPU the peak resident set (VmHWM) above
 the process's RSS before the model is built (weights, gradients, optimizer state, activations, workspace); on CUDA
 `max_memory_allocated`. Step time is the median over `--steps` timed steps after `--warmup` steps. FLOPs are
 counted by `torch.utils.flop_counter.FlopCounterMode` over one forward + backward (matmuls, convolutions,
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -101,6 +104,7 @@ def run_variant(
     dtype: str,
     matmul_size: int = 2048,
     classes: int = 10,
+    keep_text_tower: bool = False,
 ) -> VariantResult:
     """Build `variant`, time `steps` optimizer steps after `warmup`, measure peak memory, count FLOPs."""
     import torch
@@ -129,11 +133,21 @@ def run_variant(
     model = build_variant(variant, preset, dtype).to(device)
     model.train()
     cfg = model.cfg
+    class_names = [f"action {i}" for i in range(classes)]
+    if not keep_text_tower:
+        # Every variant caches the class embeddings, then frees the text tower a train step never touches; the
+        # high-water mark restarts so the build's moment with both towers resident does not count.
+        model.text_embeddings(class_names, device)
+        model.clip.release_text_tower()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            measure.reset_peak_rss()
     optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, fused=True)
     gen = torch.Generator().manual_seed(2)
     video = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, generator=gen).to(device)
     labels = (torch.arange(batch) % classes).to(device)
-    class_names = [f"action {i}" for i in range(classes)]
 
     def autocast():
         if dtype == "fp32":
@@ -181,7 +195,7 @@ def run_in_subprocess(variant: str, args: argparse.Namespace) -> VariantResult:
         sys.executable, "-m", "benchmarks.train_step", "--worker", variant, "--preset", args.preset,
         "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
-        "--matmul-size", str(args.matmul_size),
+        "--matmul-size", str(args.matmul_size), *(["--keep-text-tower"] if args.keep_text_tower else []),
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, cwd=_REPO_ROOT, env=env, capture_output=True, text=True)
@@ -236,6 +250,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="square matmul that measures the machine's rate")
+    parser.add_argument("--keep-text-tower", action="store_true",
+                        help="keep CLIP's text tower resident during the steps (by default every variant caches the "
+                             "class embeddings and releases it first)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
@@ -252,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
         if args.threads:
             torch.set_num_threads(args.threads)
         result = run_variant(args.worker, args.preset, args.batch, args.steps, args.warmup, args.device, args.dtype,
-                             args.matmul_size)
+                             args.matmul_size, keep_text_tower=args.keep_text_tower)
         print(_RESULT_TAG + json.dumps(asdict(result)), flush=True)
         return {args.worker: result}
 
@@ -262,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
     args.threads = threads
     print(
         f"train_step: preset={args.preset} batch={args.batch} steps={args.steps} warmup={args.warmup} "
-        f"device={args.device} dtype={args.dtype} threads={threads}",
+        f"device={args.device} dtype={args.dtype} threads={threads} "
+        f"text_tower={'kept' if args.keep_text_tower else 'released after caching the class embeddings'}",
         flush=True,
     )
     results = {}

@@ -84,7 +84,10 @@ class TextClassifier:
         if len(class_names) == 0:
             raise ValueError("class_names is empty: a text classifier needs at least one class")
         texts = self.prompts(class_names)
-        key = (texts, str(torch.device(device)))
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must share one entry
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (texts, str(device))
         cached = self._cache.get(key)
         if cached is None:
             tokens = self._tokenizer(list(texts)).to(device)

@@ -131,6 +131,25 @@ def test_text_cache_keyed_by_texts_not_count(tiny):
     assert tiny.text_embeddings(["archery", "bowling"]) is first  # computed once, then cached
 
 
+def test_release_text_tower_keeps_cached_label_sets_and_refuses_new_ones():
+    torch.manual_seed(0)
+    clip = build_clip(DiSTConfig.from_name("dist_tiny"))  # its own CLIP: releasing must not touch the shared one
+    model = build_dist("dist_tiny", clip=clip)
+    video = tiny_video()
+    with torch.no_grad():
+        before = model(video, ["archery", "bowling"])
+    image_params = sum(p.numel() for p in clip.model.visual.parameters())
+    text_params = sum(p.numel() for p in clip.parameters()) - image_params
+    assert text_params > 0
+    mask = clip.model.attn_mask.numel()  # a buffer of the text tower, not a parameter
+    assert clip.release_text_tower() == text_params + mask
+    assert sum(p.numel() for p in clip.parameters()) == image_params  # only the image tower is left
+    with torch.no_grad():
+        assert torch.equal(model(video, ["archery", "bowling"]), before)  # the cached label set still scores
+    with pytest.raises(RuntimeError, match="text tower was released"):
+        model.text_embeddings(["surfing"])
+
+
 def test_prompt_template_and_quote_stripping(tiny_clip):
     model = build_dist(DiSTConfig.from_name("dist_tiny", prompt_template="a video of {}."), clip=tiny_clip)
     assert model.classifier.prompts(['"dancing"', "it's"]) == ("a video of dancing.", "a video of its.")
