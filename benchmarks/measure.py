@@ -40,6 +40,20 @@ def rss_bytes() -> int:
     return kib * 1024 if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def trim_allocator() -> bool:
+    """Hand the C allocator's free memory back to the OS (glibc `malloc_trim`), so memory freed while building a
+    model (fp32 weights cast to bf16, a released text tower) is not counted as the step's. False where unavailable."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0) >= 0)
+    except OSError:
+        return False
+
+
 def reset_peak_rss() -> bool:
     """Reset the resident-set high-water mark to the current RSS (Linux >= 4.0). False if it could not be reset."""
     try:
