@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step [--preset dist_b16_k400] [--batch 1] [--steps 5] [--device cpu|cuda]
                                     [--dtype fp32|bf16] [--keep-text-tower]
+                                    [--activation-checkpointing]
 
 Variants (random CLIP weights, seeded identically; same video, labels, class names, AdamW settings):
   dist     DiST as built by `build_dist`: CLIP frozen and run without autograd, only `dist_net` trains.
@@ -72,8 +73,9 @@ class VariantResult:
 
 
 # --- one variant, in its own process ---
-def build_variant(variant: str, preset: str, dtype: str):
-    """Build one variant's model (CLIP weights seeded identically across variants)."""
+def build_variant(variant: str, preset: str, dtype: str, activation_checkpointing: bool = False):
+    """Build one variant's model (CLIP weights seeded identically across variants). `activation_checkpointing`
+    recomputes the DiST branch's activations in the backward, in both variants that have the branch (dist, full)."""
     import torch
 
     from benchmarks.baselines import FullFineTune, STAdapterBaseline
@@ -81,7 +83,8 @@ def build_variant(variant: str, preset: str, dtype: str):
 
     # Frozen towers may be stored in bf16; a full fine-tune needs fp32 master weights (it runs under autocast).
     frozen = variant in ("dist", "adapter") and dtype == "bf16"
-    cfg = DiSTConfig.from_name(preset, clip_precision="bf16" if frozen else "fp32")
+    cfg = DiSTConfig.from_name(preset, clip_precision="bf16" if frozen else "fp32",
+                               activation_checkpointing=activation_checkpointing)
     torch.manual_seed(0)
     clip = build_clip(cfg)
     torch.manual_seed(1)
@@ -105,6 +108,7 @@ def run_variant(
     matmul_size: int = 2048,
     classes: int = 10,
     keep_text_tower: bool = False,
+    activation_checkpointing: bool = False,
 ) -> VariantResult:
     """Build `variant`, time `steps` optimizer steps after `warmup`, measure peak memory, count FLOPs."""
     import torch
@@ -131,7 +135,7 @@ def run_variant(
         base = measure.rss_bytes()
         method = "VmHWM - RSS before build" if measure.reset_peak_rss() else "ru_maxrss - RSS before build"
 
-    model = build_variant(variant, preset, dtype).to(device)
+    model = build_variant(variant, preset, dtype, activation_checkpointing).to(device)
     model.train()
     cfg = model.cfg
     class_names = [f"action {i}" for i in range(classes)]
@@ -197,6 +201,7 @@ def run_in_subprocess(variant: str, args: argparse.Namespace) -> VariantResult:
         "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
         "--matmul-size", str(args.matmul_size), *(["--keep-text-tower"] if args.keep_text_tower else []),
+        *(["--activation-checkpointing"] if args.activation_checkpointing else []),
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, cwd=_REPO_ROOT, env=env, capture_output=True, text=True)
@@ -254,6 +259,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-text-tower", action="store_true",
                         help="keep CLIP's text tower resident during the steps (by default every variant caches the "
                              "class embeddings and releases it first)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute the DiST branch's activations in the backward (dist and full variants)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
@@ -270,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
         if args.threads:
             torch.set_num_threads(args.threads)
         result = run_variant(args.worker, args.preset, args.batch, args.steps, args.warmup, args.device, args.dtype,
-                             args.matmul_size, keep_text_tower=args.keep_text_tower)
+                             args.matmul_size, keep_text_tower=args.keep_text_tower,
+                             activation_checkpointing=args.activation_checkpointing)
         print(_RESULT_TAG + json.dumps(asdict(result)), flush=True)
         return {args.worker: result}
 
@@ -281,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
     print(
         f"train_step: preset={args.preset} batch={args.batch} steps={args.steps} warmup={args.warmup} "
         f"device={args.device} dtype={args.dtype} threads={threads} "
-        f"text_tower={'kept' if args.keep_text_tower else 'released after caching the class embeddings'}",
+        f"text_tower={'kept' if args.keep_text_tower else 'released after caching the class embeddings'} "
+        f"activation_checkpointing={'on (DiST branch)' if args.activation_checkpointing else 'off'}",
         flush=True,
     )
     results = {}

@@ -121,6 +121,10 @@ class DiSTConfig:
     # --- text classifier ---
     prompt_template: str = "{}"  # e.g. "a video of a person {}."; "{}" = the bare class name (authors' default)
     zero_shot_weight: float = 0.5  # weight of frozen-CLIP logits when zero-shot fusion is on at evaluation
+    # --- memory ---
+    # Recompute each fusion layer's branch activations in the backward (torch.utils.checkpoint): the branch then
+    # stores only every layer's inputs, at the cost of a second branch forward per step. Weights are unchanged.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.fusion_layers, list):

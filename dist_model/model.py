@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dist_model.config import DiSTConfig
 from dist_model.head import AdaPoolingLayer, TextClassifier, cosine_logits
@@ -57,10 +58,25 @@ class DiSTNet(nn.Module):
         self.proj_spatial_cls_token = nn.Linear(width, dim)  # the head's CLIP-CLS shortcut
         self.ln_post = nn.LayerNorm(dim)
         self.proj = nn.Parameter(torch.empty(dim, arch.embed_dim))
+        self.activation_checkpointing = cfg.activation_checkpointing
         self.apply(init_dist_weights)
         nn.init.trunc_normal_(self.aggregated_cls_token, std=0.02)
         nn.init.trunc_normal_(self.aggregated_spatial_cls_token, std=0.02)
         nn.init.normal_(self.proj, std=dim**-0.5)
+
+    def fusion_layer(
+        self, k: int, z: torch.Tensor, tokens: torch.Tensor, residual: torch.Tensor | None, batch: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Fusion layer k: (Z_{k-1}', CLIP tokens X^(l_k), R_{k-1}) -> (Z_k' or None after the last, Y_k', R_k)."""
+        z = self.temporal_nets[k](z)  # Z_k
+        y = self.input_linears[k](tokens.to(self.proj.dtype))  # Y_k = Linear(X^(l_k)) + R_{k-1}: (B*T, N+1, D)
+        if residual is not None:
+            y = y + residual
+        # Simultaneous exchange: both directions read the pre-exchange Y_k and Z_k.
+        last = k == len(self.integration_nets) - 1
+        z_next = None if last else z + self.integration2temporal_nets[k](y, batch)  # Z'_k
+        y = y + self.temporal2integration_nets[k](z)  # Y'_k: (B*T, N+1, D)
+        return z_next, y, self.integration_nets[k](y, batch)  # R_k
 
     def forward(self, video: torch.Tensor, clip_tokens: Sequence[torch.Tensor], clip_cls: torch.Tensor) -> torch.Tensor:
         """Video embedding (B, E) in CLIP's joint space.
@@ -73,17 +89,12 @@ class DiSTNet(nn.Module):
         z = self.temporal_stem(video.to(wdtype))  # (B, D_t, T_d, g, g)
         residual = None  # R_{k-1}; R_0 = 0
         y = None
-        last = len(clip_tokens) - 1
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for k, tokens in enumerate(clip_tokens):
-            z = self.temporal_nets[k](z)  # Z_k
-            y = self.input_linears[k](tokens.to(wdtype))  # Y_k = Linear(X^(l_k)) + R_{k-1}: (B*T, N+1, D)
-            if residual is not None:
-                y = y + residual
-            # Simultaneous exchange: both directions read the pre-exchange Y_k and Z_k.
-            z_next = z + self.integration2temporal_nets[k](y, batch) if k < last else None  # Z'_k
-            y = y + self.temporal2integration_nets[k](z)  # Y'_k: (B*T, N+1, D)
-            z = z_next
-            residual = self.integration_nets[k](y, batch)  # R_k
+            if recompute:
+                z, y, residual = checkpoint(self.fusion_layer, k, z, tokens, residual, batch, use_reentrant=False)
+            else:
+                z, y, residual = self.fusion_layer(k, z, tokens, residual, batch)
         tokens = residual + y  # F = R_K + Y'_K: (B*T, N+1, D)
 
         q_s = self.aggregated_spatial_cls_token.expand(tokens.shape[0], -1, -1)  # (B*T, 1, D)

@@ -150,6 +150,32 @@ def test_release_text_tower_keeps_cached_label_sets_and_refuses_new_ones():
         model.text_embeddings(["surfing"])
 
 
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny):
+    video = tiny_video(seed=3)
+    labels = torch.tensor([0, 2])
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tiny.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(tiny(video, ["a", "b", "c"]), labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in tiny.named_parameters() if p.grad is not None}
+
+    tiny.train()
+    plain_loss, plain = loss_and_grads()
+    tiny.dist_net.activation_checkpointing = True
+    recomputed_loss, recomputed = loss_and_grads()
+    assert torch.allclose(recomputed_loss, plain_loss, atol=1e-6)
+    assert recomputed.keys() == plain.keys() and len(plain) > 0
+    for name, grad in plain.items():
+        assert torch.allclose(recomputed[name], grad, atol=1e-6, rtol=1e-5), name
+
+
+def test_activation_checkpointing_is_a_config_field():
+    cfg = DiSTConfig.from_name("dist_tiny", activation_checkpointing=True)
+    assert DiSTNet(cfg).activation_checkpointing
+    assert not DiSTNet(DiSTConfig.from_name("dist_tiny")).activation_checkpointing
+
+
 def test_prompt_template_and_quote_stripping(tiny_clip):
     model = build_dist(DiSTConfig.from_name("dist_tiny", prompt_template="a video of {}."), clip=tiny_clip)
     assert model.classifier.prompts(['"dancing"', "it's"]) == ("a video of dancing.", "a video of its.")
