@@ -86,7 +86,8 @@ class ClipFeeds:
             )
             before = produced
             batches = ds.iter_torch_batches(
-                batch_size=micro, drop_last=True, device=self.device, collate_fn=columns_collate(["frames", "label"]),
+                batch_size=micro, drop_last=True, device=self.device,
+                collate_fn=columns_collate(["frames", "label"], self.device),
                 local_shuffle_buffer_size=shuffle or None,
                 local_shuffle_seed=_seed(self.recipe.train.seed, epoch, self.rank, attempt) if shuffle else None)
             for batch in batches:
@@ -113,7 +114,7 @@ class ClipFeeds:
         cache: list[dict[str, torch.Tensor]] | None = [] if ev.cache_val_clips else None
         size = 0
         for batch in ds.iter_torch_batches(batch_size=ev.batch_size, device=self.device,
-                                           collate_fn=columns_collate(["frames", "label", "video_index"])):
+                                           collate_fn=columns_collate(["frames", "label", "video_index"], self.device)):
             yield batch
             if cache is not None:
                 size += batch["frames"].numel()

@@ -266,3 +266,27 @@ def test_decode_batch_without_ray(video_dir) -> None:
     assert out["frames"].shape == (len(GOOD_VIDEOS) * 6, 4, 24, 24, 3) and out["frames"].dtype == np.uint8
     assert sorted(set(out["video_index"].tolist())) == list(range(len(GOOD_VIDEOS)))
     assert sorted(d[2] for d in drops) == ["corrupt", "empty", "missing", "truncated"]
+
+
+def test_columns_collate_keeps_only_the_named_columns_as_tensors():
+    import pyarrow as pa
+    import torch
+
+    from workflows.data.pipeline import clips_to_table, columns_collate
+
+    def clips(n: int, first: int) -> dict[str, np.ndarray]:
+        frames = np.arange(n * 2 * 4 * 4 * 3, dtype=np.uint8).reshape(n, 2, 4, 4, 3) + first
+        return {"frames": frames, "label": np.arange(first, first + n), "video_index": np.arange(n),
+                "view": np.zeros(n), "crop": np.zeros(n), "flipped": np.zeros(n, bool),
+                "path": np.array([f"v{i}.mp4" for i in range(n)])}
+
+    parts = [clips(2, 0), clips(3, 10)]
+    table = pa.concat_tables([clips_to_table(p) for p in parts])  # two chunks, as batches from two blocks arrive
+    out = columns_collate(["frames", "label"])(table)
+    assert set(out) == {"frames", "label"}
+    assert out["frames"].dtype == torch.uint8 and out["frames"].shape == (5, 2, 4, 4, 3)
+    assert torch.equal(out["frames"], torch.from_numpy(np.concatenate([p["frames"] for p in parts])))
+    assert out["label"].tolist() == [0, 1, 10, 11, 12]
+    # For an accelerator the chunks stay separate: they are combined by the copy to the device.
+    assert not columns_collate(["label"], "cuda:0").combine_chunks
+    assert columns_collate(["label"], "cpu").combine_chunks

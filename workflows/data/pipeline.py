@@ -515,11 +515,14 @@ def build_clip_dataset(
     )
 
 
-def columns_collate(columns: list[str]) -> Any:
-    """A collate_fn for `iter_torch_batches` that keeps only `columns` (Ray's default Arrow -> torch conversion,
-    chunks combined). Consumers pick their columns here rather than with `Dataset.select_columns`: that adds a
-    Project operator behind the decode actors, and on a small cluster Ray Data's per-operator CPU reservation for
-    it keeps the decode pool at one actor (measured: half the clips/s; benchmarks/README.md, ingest)."""
+def columns_collate(columns: list[str], device: Any = None) -> Any:
+    """A collate_fn for `iter_torch_batches` that keeps only `columns` (Ray's default Arrow -> torch conversion).
+    Consumers pick their columns here rather than with `Dataset.select_columns`: that adds a Project operator
+    behind the decode actors, and on a small cluster Ray Data's per-operator CPU reservation for it keeps the
+    decode pool at one actor (measured: half the clips/s; benchmarks/README.md, ingest).
+
+    As Ray's default does, chunks are combined on the host only for a CPU `device`; for an accelerator they are
+    combined by the copy to it (no extra host copy of the frames)."""
     from ray.data.collate_fn import DefaultCollateFn
 
     class SelectColumns(DefaultCollateFn):
@@ -527,7 +530,8 @@ def columns_collate(columns: list[str]) -> Any:
             picked = batch.select(columns) if isinstance(batch, pa.Table) else batch[columns]
             return super().__call__(picked)
 
-    return SelectColumns(combine_chunks=True)
+    on_cpu = device is None or str(device).split(":")[0] == "cpu"
+    return SelectColumns(combine_chunks=on_cpu)
 
 
 # ---- dataset doctor -------------------------------------------------------------------------------------------
