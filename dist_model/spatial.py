@@ -134,7 +134,7 @@ class FrozenCLIP(nn.Module):
         return getattr(self, "_text_released", False)
 
     def release_text_tower(self) -> int:
-        """Free the text tower's weights; returns how many parameters were freed.
+        """Free the text tower's weights; returns how many values (parameters and the attention-mask buffer) it held.
 
         Training on a fixed label set reads the text tower once, to cache the class embeddings (TextClassifier); a
         train step never touches it, yet it is 40% of CLIP B/16's weights (63 M of 150 M; L/14: 123 M of 428 M).
