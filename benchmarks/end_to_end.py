@@ -408,11 +408,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict[str, RunTiming]]:
     """Run the workflow, the DDP loop (and the DeepSpeed loop), print the table and the ratios line last."""
-    from benchmarks.measure import CPUSampler, ratios_line
+    from benchmarks.measure import CPUSampler, load_average, print_results
     from workflows.recipe import load_recipe
 
     args = parse_args(argv)
-    load = os.getloadavg()[0]
+    load = load_average()
     probe = load_recipe(args.recipe, args.overrides, check_files=False)
     sample = ensure_sample(Path(args.cache), train_videos_needed(probe, args.steps), args.objects)
     pairs: list[dict[str, RunTiming]] = []
@@ -443,10 +443,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, RunTiming]]:
                           f"{max(t.steps)} ({t.seconds:.1f} s), data wait {100 * t.data_wait:.0f}%, "
                           f"{t.cpu_per_clip:.3f} CPU s/clip", flush=True)
                 pairs.append({k: runs[k] for k in ("workflow", "ddp", "deepspeed_loop") if k in runs})
-    print(f"load average (1 min) before {load:.2f}, after {os.getloadavg()[0]:.2f}; clips/s = (steps - warm-up) x "
-          f"global batch / seconds between the ends of those steps")
-    print(format_table(pairs))
-    print(ratios_line(summarise(pairs)), flush=True)
+    print_results(load, "clips/s = (steps - warm-up) x global batch / seconds between the ends of those steps",
+                  format_table(pairs), summarise(pairs))
     return pairs
 
 

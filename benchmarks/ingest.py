@@ -495,10 +495,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[SizeResult]:
     """Generate (or reuse) the videos, run every size, print the table and the ratios line last."""
-    from benchmarks.measure import ratios_line
+    from benchmarks.measure import load_average, print_results
 
     args = parse_args(argv)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+    load = load_average()
     print(f"ingest: videos={args.videos} sizes={args.sizes} video_frames={args.video_frames} workers={args.workers} "
           f"threads={args.threads} clip={args.frames}x{args.crop}x{args.crop} batch={args.batch} "
           f"map_batch={args.map_batch} warmup_clips={args.warmup_clips} tail_clips={args.tail_clips} "
@@ -510,11 +510,8 @@ def main(argv: list[str] | None = None) -> list[SizeResult]:
     with local_ray(args.workers * args.threads):
         for videos in sets:
             results.append(run_size(videos, args))
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-    print(f"load average (1 min) before {load:.2f}, after {load_after:.2f}; decode limit = single-process "
-          f"clips_from_video clips/s x min(workers, cores); headline = {results[0].name}")
-    print(format_table(results))
-    print(ratios_line(summarise(results)), flush=True)
+    print_results(load, "decode limit = single-process clips_from_video clips/s x min(workers, cores); "
+                  f"headline = {results[0].name}", format_table(results), summarise(results))
     return results
 
 

@@ -106,6 +106,21 @@ def matmul_rate(
     return 2.0 * size**3 / seconds
 
 
+def load_average() -> float:
+    """The 1-minute load average (NaN where the OS has none): printed beside results measured on a shared machine."""
+    import os
+
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+
+
+def print_results(load_before: float, how: str, table: str, ratios: Mapping[str, float]) -> None:
+    """A benchmark's closing output: the load average around the run and how its numbers are formed, the table,
+    and, last, the ratios line."""
+    print(f"load average (1 min) before {load_before:.2f}, after {load_average():.2f}; {how}")
+    print(table)
+    print(ratios_line(ratios), flush=True)
+
+
 def ratios_line(ratios: Mapping[str, float]) -> str:
     """The benchmarks' last line: `ratios: name=value name=value ...` (4 significant digits)."""
     return "ratios: " + " ".join(f"{name}={value:.4g}" for name, value in ratios.items())
