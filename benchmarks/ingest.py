@@ -318,13 +318,6 @@ def local_ray(num_cpus: int) -> Iterator[None]:
             ray.shutdown()
 
 
-def frames_and_labels() -> Any:
-    """iter_torch_batches' own default collate (Arrow -> torch, chunks combined as on CPU) of the two columns
-    training uses, as workflows/feeds.py consumes the dataset; the others (path, view, ...) are left out in the
-    consuming process."""
-    return columns_collate(["frames", "label"])
-
-
 def ray_batches(videos: VideoSet, cfg: DataConfig, spec: ClipSpec, batch: int,
                 consumer: str = "collate") -> Iterator[dict[str, Any]]:
     """Batches of `batch` clips from `build_clip_dataset`, consumed with iter_torch_batches.
@@ -339,7 +332,7 @@ def ray_batches(videos: VideoSet, cfg: DataConfig, spec: ClipSpec, batch: int,
     if consumer == "select_columns":
         yield from ds.select_columns(["frames", "label"]).iter_torch_batches(batch_size=batch)
     elif consumer == "collate":
-        yield from ds.iter_torch_batches(batch_size=batch, collate_fn=frames_and_labels())
+        yield from ds.iter_torch_batches(batch_size=batch, collate_fn=columns_collate(["frames", "label"]))
     else:
         raise ValueError(f"unknown consumer {consumer!r}")
 
