@@ -141,6 +141,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def add_override_option(parser: Any, help: str) -> None:
+    """The `--set KEY=VALUE ...` option every workflow CLI takes: several pairs after one flag, or the flag repeated;
+    the pairs land in `args.overrides`, applied in order."""
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help=f"{help}; several pairs after one --set, or --set repeated")
+
+
 def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `--set` overrides to a raw config dict, checking every key path against the schema `cls`."""
     data = dict(data)

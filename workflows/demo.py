@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+from workflows.config import add_override_option
 from workflows.data.sample import SAMPLE_CLASSES
 from workflows.recipe import load_recipe
 
@@ -92,8 +93,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--videos-per-class", type=int, default=150)
     parser.add_argument("--objects", type=int, default=3,
                         help="moving objects per sample video (more motion per clip: the tiny model learns faster)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of workflows/configs/demo.yaml (repeatable)")
+    add_override_option(parser, "override a key of workflows/configs/demo.yaml")
     args = parser.parse_args(argv)
     run_demo(Path(args.out), args.overrides, args.videos_per_class, args.objects)
     return 0

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from workflows.checkpoints import RECIPE, find_checkpoint, read_state
-from workflows.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml
+from workflows.config import ConfigError, add_override_option, apply_overrides, dump_yaml, from_dict, load_yaml
 from workflows.recipe import Recipe, model_config, recipe_to_dict
 
 LOG_PREFIX = "[evaluate]"
@@ -494,8 +494,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="checkpoint directory (or a run directory: its latest checkpoint)")
     parser.add_argument("--config", help="recipe YAML (default: the checkpoint's recipe.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set eval.batch_size=32 (repeatable)")
+    add_override_option(parser, "override a recipe key, e.g. --set eval.batch_size=32")
     parser.add_argument("--manifest", help="videos to evaluate (default: data.val_manifest)")
     parser.add_argument("--labels", help="label file {class name: index}; any label set works (zero-shot)")
     parser.add_argument("--views", type=int, help="temporal views per video (default: eval.test_views, 3)")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from workflows.capacity import check_capacity, note_ray_started_here
-from workflows.config import ConfigError, dump_yaml
+from workflows.config import ConfigError, add_override_option, dump_yaml
 from workflows.recipe import (
     Recipe,
     load_recipe,
@@ -307,6 +307,10 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
     from ray.train.torch import TorchConfig, TorchTrainer
 
     recipe = with_absolute_paths(recipe)
+    # Ray 2.60's Train workers replace `print` with one that logs through the root logger *and*, because Ray core
+    # wraps the worker's sys.stdout, also prints: every progress line reached the console twice. Ray propagates
+    # this switch from the process that starts the run to its workers; a value the user set is kept.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     scaling = recipe.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -409,8 +413,7 @@ def run_pretrain(recipe: Recipe) -> Any:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="recipe YAML (see workflows/configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
+    add_override_option(parser, "override a recipe key, e.g. --set train.lr=1e-4")
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.config, args.overrides)

@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from workflows.config import ConfigError, dump_yaml, to_dict
+from workflows.config import ConfigError, add_override_option, dump_yaml, to_dict
 from workflows.recipe import Recipe, recipe_to_dict
 from workflows.tracking import Tracker
 from workflows.tune_config import (
@@ -316,9 +316,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows tune", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="sweep YAML (see workflows/configs/sweep_*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a sweep key (num_samples=4) or a base recipe key (data.train_manifest=...); "
-                             "repeatable")
+    add_override_option(parser, "override a sweep key (num_samples=4) or a base recipe key (data.train_manifest=...)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep (also automatic when its directory holds one)")
     parser.add_argument("--retry-failed", action="store_true", help="when resuming, rerun failed trials from scratch")

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from workflows.config import ConfigError, dump_yaml, from_dict, load_config
+from workflows.config import ConfigError, add_override_option, dump_yaml, from_dict, load_config
 
 
 @dataclass
@@ -35,6 +35,17 @@ def test_defaults_yaml_and_overrides(tmp_path):
     cfg = load_config(Run, path, ["steps=7", "optim.kind=sgd", "layers=[3, 4]", "optim.lr=2e-4"])
     assert (cfg.name, cfg.steps, cfg.layers, cfg.optim.kind, cfg.optim.lr) == ("exp", 7, (3, 4), "sgd", 2e-4)
     assert "kind: sgd" in dump_yaml(cfg)
+
+
+def test_set_takes_several_pairs_or_repeats():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_override_option(parser, "override a key")
+    args = parser.parse_args(["--set", "steps=7", "optim.kind=sgd", "--set", "steps=8"])
+    assert args.overrides == ["steps=7", "optim.kind=sgd", "steps=8"]
+    assert load_config(Run, None, args.overrides).steps == 8  # applied in order: the last one wins
+    assert parser.parse_args([]).overrides == []
 
 
 @pytest.mark.parametrize(

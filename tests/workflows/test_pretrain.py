@@ -112,7 +112,7 @@ def _latest_state(storage: Path) -> tuple[Path, dict]:
 
 
 @pytest.mark.integration
-def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path):
+def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, capfd):
     from workflows.pretrain import run_pretrain
 
     storage = tmp_path / "runs"
@@ -121,6 +121,9 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path):
                                   "train.fail_rank=1"))
     assert result.metrics["step"] == 4
     assert (storage / "it" / ".injected_failure_done").exists()
+    console = "".join(capfd.readouterr())
+    # Rank 0's progress reaches the driver's console, once per line (Ray 2.60's print patch doubled every line).
+    assert console.count("[pretrain] step 1/4 |") == 1, console[-3000:]
     latest, state = _latest_state(storage)
     assert state["step"] == 4 and state["resumed_from_step"] == 2, "recovery must restart from the last checkpoint"
     at_step_2 = [json.loads((p / "state.json").read_text()) for p in (storage / "it").glob("checkpoint_*")
