@@ -117,8 +117,9 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
 
     storage = tmp_path / "runs"
     # Rank 1 fails once at step 3; FailureConfig restarts the group from the step-2 checkpoint.
+    # bf16 (DeepSpeed's bf16 optimizer over gloo), the precision GPU recipes use; fine-tuning below runs fp32.
     result = run_pretrain(_recipe(sample_data, storage, "train.max_steps=4", "train.fail_at_step=3",
-                                  "train.fail_rank=1"))
+                                  "train.fail_rank=1", "train.precision=bf16"))
     assert result.metrics["step"] == 4
     assert (storage / "it" / ".injected_failure_done").exists()
     console = "".join(capfd.readouterr())
@@ -133,11 +134,12 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
     assert (state["epoch"], state["position"]) == (1, 0)
     assert {"ds", "weights.safetensors", "state.json", "recipe.yaml"} <= {p.name for p in latest.iterdir()}
     assert (latest / "ds" / "mp_rank_00_model_states.pt").exists()  # DeepSpeed's own layout, readable by its tools
+    assert len(list((latest / "ds").glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2  # fp32 master, per rank
     weights_before = {k: v.clone() for k, v in _weights(latest).items()}
     assert all(k.startswith("dist_net.") for k in weights_before)
 
     # Relaunching with the same name and storage resumes where the run stopped.
-    result = run_pretrain(_recipe(sample_data, storage, "train.max_steps=6"))
+    result = run_pretrain(_recipe(sample_data, storage, "train.max_steps=6", "train.precision=bf16"))
     assert result.metrics["step"] == 6
     latest, state = _latest_state(storage)
     assert state["resumed_from_step"] == 4 and state["final"] is True
@@ -153,6 +155,7 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
         metrics = {k for (k,) in con.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
         steps = {s for (s,) in con.execute("select step from metrics where key='loss' and run_uuid=?", (run_id,))}
     assert params["model.preset"] == "dist_tiny" and params["train.zero_stage"] == "2"
+    assert params["train.precision"] == "bf16"
     assert {"loss", "lr", "clips_per_s", "data_wait_fraction", "val_top1", "val_top5", "trainable_params",
             "dropped_total"} <= metrics
     assert steps == {1, 2, 3, 4, 5, 6}
