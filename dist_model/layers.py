@@ -31,6 +31,30 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def for_weights(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` as input to a layer whose weights are `dtype`. Under autocast the layer casts its input itself, so casting
+    here would only add a copy (a bf16 -> fp32 -> bf16 round trip for bf16 CLIP tokens)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(dtype)
+
+
+def temporal_conv_channels_last(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """`conv`, a Conv3d with kernel (k, 1, 1), stride 1 and padding (k // 2, 0, 0), on channels-last x (B, T, ..., C)
+    -> (B, T, ..., C_out). Same values as the conv on the channels-first layout, as one matmul over k time-shifted
+    copies side by side: no permutes of the activation, and on CPU ~3x faster than mkldnn's 3D conv backward."""
+    k = conv.kernel_size[0]
+    if conv.kernel_size[1:] != (1, 1) or conv.stride != (1, 1, 1) or conv.padding != (k // 2, 0, 0):
+        raise ValueError(f"expected a (k,1,1) temporal conv with 'same' padding, got {conv}")
+    weight = conv.weight.flatten(2).transpose(1, 2).reshape(conv.out_channels, -1)  # (C_out, k*C), tap-major
+    if k == 1:
+        return F.linear(x, weight, conv.bias)
+    frames, pad = x.shape[1], k // 2
+    padded = F.pad(x, (0, 0) * (x.dim() - 2) + (pad, pad))  # zero frames at both ends of T
+    shifted = torch.cat([padded[:, j : j + frames] for j in range(k)], dim=-1)  # (B, T, ..., k*C)
+    return F.linear(shifted, weight, conv.bias)
+
+
 class Mlp(nn.Module):
     """Linear -> QuickGELU -> Linear, applied per token (keys `c_fc`, `c_proj` as in the authors' release)."""
 

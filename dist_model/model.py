@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from dist_model.config import DiSTConfig
 from dist_model.head import AdaPoolingLayer, TextClassifier, cosine_logits
 from dist_model.integration import IntegrationBlock, IntegrationToTemporal, TemporalToIntegration
-from dist_model.layers import TOKEN_PARAM_NAMES, init_dist_weights
+from dist_model.layers import TOKEN_PARAM_NAMES, for_weights, init_dist_weights
 from dist_model.spatial import FrozenCLIP
 from dist_model.temporal import TemporalBlock, build_temporal_stem
 
@@ -69,7 +69,7 @@ class DiSTNet(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Fusion layer k: (Z_{k-1}', CLIP tokens X^(l_k), R_{k-1}) -> (Z_k' or None after the last, Y_k', R_k)."""
         z = self.temporal_nets[k](z)  # Z_k
-        y = self.input_linears[k](tokens.to(self.proj.dtype))  # Y_k = Linear(X^(l_k)) + R_{k-1}: (B*T, N+1, D)
+        y = self.input_linears[k](for_weights(tokens, self.proj.dtype))  # Y_k = Linear(X^(l_k)) + R_{k-1}
         if residual is not None:
             y = y + residual
         # Simultaneous exchange: both directions read the pre-exchange Y_k and Z_k.
@@ -86,7 +86,7 @@ class DiSTNet(nn.Module):
         """
         batch = video.shape[0]
         wdtype = self.proj.dtype
-        z = self.temporal_stem(video.to(wdtype))  # (B, D_t, T_d, g, g)
+        z = self.temporal_stem(for_weights(video, wdtype))  # (B, D_t, T_d, g, g)
         residual = None  # R_{k-1}; R_0 = 0
         y = None
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()

@@ -326,3 +326,30 @@ def test_quick_gelu_custom_backward_matches_autograd():
     x.grad = None
     quick_gelu(x).sum().backward()
     torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_temporal_conv_channels_last_matches_conv3d(k):
+    from dist_model.layers import temporal_conv_channels_last
+
+    torch.manual_seed(4)
+    conv = nn.Conv3d(6, 10, (k, 1, 1), padding=(k // 2, 0, 0)).double()
+    x = torch.randn(2, 6, 7, 5, 3, dtype=torch.float64, requires_grad=True)  # (B, C, T, H, W)
+    expected = conv(x)
+    got = temporal_conv_channels_last(x.permute(0, 2, 3, 4, 1), conv).permute(0, 4, 1, 2, 3)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(expected.square().sum(), (x, conv.weight, conv.bias))
+    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), (x, conv.weight, conv.bias)), grads)
+    with pytest.raises(ValueError, match="temporal conv"):
+        temporal_conv_channels_last(x, nn.Conv3d(6, 6, (3, 1, 1)))  # no padding: not a 'same' conv
+
+
+def test_bf16_autocast_keeps_the_integration_stream_in_bf16(tiny):
+    """A float32 learned token joining the bf16 stream would promote every integration token to float32 (twice the
+    saved activations, a cast before every matmul)."""
+    seen = []
+    tiny.dist_net.integration_nets[0].ln.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tiny(tiny_video(), ["a", "b"]).float().sum().backward()
+    assert seen == [torch.bfloat16]
+    assert all(p.grad.dtype == torch.float32 for p in tiny.dist_net.parameters() if p.grad is not None)
