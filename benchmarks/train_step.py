@@ -1,7 +1,7 @@
 """train_step: one optimizer step of DiST against full fine-tuning and an adapter baseline, on the same input.
 
     python -m benchmarks.train_step [--preset dist_b16_k400] [--batch 1] [--steps 5] [--device cpu|cuda]
-                                    [--dtype fp32|bf16] [--keep-text-tower]
+                                    [--dtype fp32|bf16] [--repeats 1] [--keep-text-tower]
                                     [--activation-checkpointing]
 
 Variants (random CLIP weights, seeded identically; same video, labels, class names, AdamW settings):
@@ -17,6 +17,8 @@ the process's RSS before the model is built (weights, gradients, optimizer state
 counted by `torch.utils.flop_counter.FlopCounterMode` over one forward + backward (matmuls, convolutions,
 attention; the optimizer's elementwise work is not counted), and the utilisation is counted FLOP/s over the
 machine's (size x size) matmul rate in the same dtype, measured in the same subprocess before and after the steps.
+With `--repeats N` the three variants run N times, alternating their order; each ratio is the median over repeats of
+the ratio within one repeat (on shared CPUs the machine's speed drifts between variants run a minute apart).
 
 `--dtype bf16` runs every variant in reduced precision: the frozen towers (dist, adapter) store CLIP in bf16, the
 full fine-tune keeps fp32 master weights under bf16 autocast, and every trainable part runs under bf16 autocast.
@@ -211,6 +213,32 @@ def run_in_subprocess(variant: str, args: argparse.Namespace) -> VariantResult:
     return VariantResult(**json.loads(lines[-1][len(_RESULT_TAG):]))
 
 
+def merge_repeats(repeats: list[dict[str, VariantResult]]) -> dict[str, VariantResult]:
+    """One result per variant over all repeats: every timed step pooled, the median peak and resident memory."""
+    merged = {}
+    for variant in VARIANTS:
+        runs = [r[variant] for r in repeats]
+        merged[variant] = VariantResult(
+            variant=variant,
+            trainable_params=runs[0].trainable_params,
+            total_params=runs[0].total_params,
+            step_seconds=[t for r in runs for t in r.step_seconds],
+            step_cpu_seconds=[t for r in runs for t in r.step_cpu_seconds],
+            peak_memory_bytes=int(statistics.median(r.peak_memory_bytes for r in runs)),
+            model_memory_bytes=int(statistics.median(r.model_memory_bytes for r in runs)),
+            flops_per_step=runs[0].flops_per_step,
+            matmul_flops_per_s=statistics.median(r.matmul_flops_per_s for r in runs),
+            memory_method=runs[0].memory_method,
+        )
+    return merged
+
+
+def median_ratios(repeats: list[dict[str, VariantResult]]) -> dict[str, float]:
+    """Each ratio's median over repeats, every ratio taken within one repeat."""
+    per_repeat = [summarise(r) for r in repeats]
+    return {key: statistics.median(r[key] for r in per_repeat) for key in per_repeat[0]}
+
+
 def summarise(results: dict[str, VariantResult]) -> dict[str, float]:
     """The ratios line's values: DiST against each baseline, and DiST's utilisation of the matmul rate."""
     dist, full, adapter = results["dist"], results["full"], results["adapter"]
@@ -252,6 +280,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="clips per step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (optimizer state, caches)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the three variants this many times, alternating their order; ratios are medians "
+                             "over repeats of within-repeat ratios")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -263,8 +294,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="recompute the DiST branch's activations in the backward (dist and full variants)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
-        parser.error("--batch and --steps must be >= 1 and --warmup >= 0")
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.error("--batch, --steps and --repeats must be >= 1 and --warmup >= 0")
     return args
 
 
@@ -288,19 +319,27 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
     args.threads = threads
     print(
         f"train_step: preset={args.preset} batch={args.batch} steps={args.steps} warmup={args.warmup} "
-        f"device={args.device} dtype={args.dtype} threads={threads} "
+        f"device={args.device} dtype={args.dtype} threads={threads} repeats={args.repeats} "
         f"text_tower={'kept' if args.keep_text_tower else 'released after caching the class embeddings'} "
         f"activation_checkpointing={'on (DiST branch)' if args.activation_checkpointing else 'off'}",
         flush=True,
     )
-    results = {}
-    for variant in VARIANTS:
-        results[variant] = run_in_subprocess(variant, args)
-        r = results[variant]
-        print(f"  {variant}: {r.step_time:.3f} s/step, peak {r.peak_memory_bytes / 2**20:.0f} MiB", flush=True)
+    repeats = []
+    for repeat in range(args.repeats):
+        order = VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]
+        results = {}
+        for variant in order:
+            results[variant] = r = run_in_subprocess(variant, args)
+            print(f"  {'' if args.repeats == 1 else f'repeat {repeat + 1}/{args.repeats} '}{variant}: "
+                  f"{r.step_time:.3f} s/step, peak {r.peak_memory_bytes / 2**20:.0f} MiB", flush=True)
+        repeats.append(results)
+    results = merge_repeats(repeats)
     print(f"peak memory: {results['dist'].memory_method}")
+    if args.repeats > 1:
+        print(f"(step times pooled over {args.repeats} repeats; memory: the median repeat; ratios: the median over "
+              f"repeats of each repeat's ratio)")
     print(format_table(results))
-    print(ratios_line(summarise(results)), flush=True)
+    print(ratios_line(median_ratios(repeats)), flush=True)
     return results
 
 

@@ -6,6 +6,7 @@ No timing assertions: wall-clock goals live in the benchmarks' printed ratios, n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 from pathlib import Path
 
@@ -36,6 +37,20 @@ def test_last_line_is_the_ratios_line_with_finite_positive_values(tiny_run):
         assert name in ratios, f"{name} missing from {last!r}"
         assert finite_positive(ratios[name]), f"{name}={ratios[name]} is not finite and positive"
     assert "| dist |" in stdout and "| full |" in stdout and "| adapter |" in stdout, "the table lists every variant"
+
+
+def test_repeats_pool_steps_and_take_median_ratios(tiny_run):
+    from benchmarks.train_step import median_ratios, merge_repeats, summarise
+
+    results, _ = tiny_run
+    slower = {k: dataclasses.replace(v, step_seconds=[3 * t for t in v.step_seconds]) for k, v in results.items()}
+    slower["dist"] = dataclasses.replace(results["dist"], step_seconds=[9 * t for t in results["dist"].step_seconds])
+    merged = merge_repeats([results, slower, results])
+    assert len(merged["dist"].step_seconds) == 6
+    assert merged["full"].peak_memory_bytes == results["full"].peak_memory_bytes
+    # Two repeats of one ratio and one of 3x it: the median is the first; a pooled-time ratio would not be.
+    expected = summarise(results)["dist_vs_full_time"]
+    assert median_ratios([results, slower, results])["dist_vs_full_time"] == pytest.approx(expected)
 
 
 def test_counted_flops_and_trainable_parameters(tiny_run):
