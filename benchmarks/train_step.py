@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step [--preset dist_b16_k400] [--batch 1] [--steps 5] [--device cpu|cuda]
                                     [--dtype fp32|bf16] [--repeats 1] [--keep-text-tower]
-                                    [--activation-checkpointing]
+                                    [--activation-checkpointing] [--compile]
 
 Variants (random CLIP weights, seeded identically; same video, labels, class names, AdamW settings):
   dist     DiST as built by `build_dist`: CLIP frozen and run without autograd, only `dist_net` trains.
@@ -19,6 +19,11 @@ attention; the optimizer's elementwise work is not counted), and the utilisation
 machine's (size x size) matmul rate in the same dtype, measured in the same subprocess before and after the steps.
 With `--repeats N` the three variants run N times, alternating their order; each ratio is the median over repeats of
 the ratio within one repeat (on shared CPUs the machine's speed drifts between variants run a minute apart).
+
+`--compile` torch.compiles the part of each variant that autograd runs through, as `train.compile` does in the
+workflow: DiST's trainable branch (its frozen CLIP runs without autograd and stays eager), the adapter baseline's and
+the full fine-tune's whole forward (their backward runs through CLIP). Compilation happens in the warm-up steps; FLOPs
+are counted on the eager path (`torch.compiler.set_stance("force_eager")`), the same math.
 
 `--dtype bf16` runs every variant in reduced precision: the frozen towers (dist, adapter) store CLIP in bf16, the
 full fine-tune keeps fp32 master weights under bf16 autocast, and every trainable part runs under bf16 autocast.
@@ -111,6 +116,7 @@ def run_variant(
     classes: int = 10,
     keep_text_tower: bool = False,
     activation_checkpointing: bool = False,
+    compile_model: bool = False,
 ) -> VariantResult:
     """Build `variant`, time `steps` optimizer steps after `warmup`, measure peak memory, count FLOPs."""
     import torch
@@ -145,6 +151,11 @@ def run_variant(
         # Every variant caches the class embeddings, then frees the text tower a train step never touches.
         model.text_embeddings(class_names, device)
         model.clip.release_text_tower()
+    if compile_model:  # what autograd runs through: DiST's branch only; the baselines' backward crosses CLIP
+        if variant == "dist":
+            model.compile_trainable()
+        else:
+            model.compile()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -180,7 +191,8 @@ def run_variant(
     else:
         peak = measure.peak_rss_bytes() - base
     rate_after = measure.matmul_rate(device, compute_dtype, matmul_size)
-    flops = count_flops(forward_backward)  # counting only, not timing
+    with torch.compiler.set_stance("force_eager"):  # FlopCounterMode counts eager ops; compiled code is the same math
+        flops = count_flops(forward_backward)  # counting only, not timing
     return VariantResult(
         variant=variant,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -204,6 +216,7 @@ def run_in_subprocess(variant: str, args: argparse.Namespace) -> VariantResult:
         "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
         "--matmul-size", str(args.matmul_size), *(["--keep-text-tower"] if args.keep_text_tower else []),
         *(["--activation-checkpointing"] if args.activation_checkpointing else []),
+        *(["--compile"] if args.compile else []),
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, cwd=_REPO_ROOT, env=env, capture_output=True, text=True)
@@ -292,10 +305,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "class embeddings and releases it first)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute the DiST branch's activations in the backward (dist and full variants)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile what autograd runs through in each variant (needs --warmup >= 1: the "
+                             "first step compiles)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         parser.error("--batch, --steps and --repeats must be >= 1 and --warmup >= 0")
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup >= 1: the first step compiles and must not be timed")
     return args
 
 
@@ -309,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
             torch.set_num_threads(args.threads)
         result = run_variant(args.worker, args.preset, args.batch, args.steps, args.warmup, args.device, args.dtype,
                              args.matmul_size, keep_text_tower=args.keep_text_tower,
-                             activation_checkpointing=args.activation_checkpointing)
+                             activation_checkpointing=args.activation_checkpointing, compile_model=args.compile)
         print(_RESULT_TAG + json.dumps(asdict(result)), flush=True)
         return {args.worker: result}
 
@@ -321,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
         f"train_step: preset={args.preset} batch={args.batch} steps={args.steps} warmup={args.warmup} "
         f"device={args.device} dtype={args.dtype} threads={threads} repeats={args.repeats} "
         f"text_tower={'kept' if args.keep_text_tower else 'released after caching the class embeddings'} "
-        f"activation_checkpointing={'on (DiST branch)' if args.activation_checkpointing else 'off'}",
+        f"activation_checkpointing={'on (DiST branch)' if args.activation_checkpointing else 'off'} "
+        f"compile={'on' if args.compile else 'off'}",
         flush=True,
     )
     repeats = []

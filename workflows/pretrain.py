@@ -97,6 +97,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         print(f"{LOG_PREFIX} cached {len(class_names)} class embeddings; released CLIP's text tower "
               f"({freed / 1e6:.1f} M parameters)", flush=True)
+    if recipe.train.compile:
+        problem = compile_toolchain_problem(use_gpu)
+        if problem:
+            raise ConfigError(f"train.compile on node {ray.util.get_node_ip_address()}: {problem}")
+        model.compile_trainable()
+        if rank == 0:
+            print(f"{LOG_PREFIX} train.compile: the trainable branch is compiled at the first step (a minute or more "
+                  f"on a few CPU cores)", flush=True)
     per_epoch = steps_per_epoch(recipe, len(feeds.train_manifest))
     total = total_steps(recipe, len(feeds.train_manifest))
     warmup = round(recipe.train.warmup_epochs * per_epoch) if not recipe.train.max_steps else \
@@ -339,6 +347,15 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
     )
 
 
+def compile_toolchain_problem(use_gpu: bool) -> str | None:
+    """Why torch.compile cannot build kernels on this machine, or None. Inductor writes C++ for CPU kernels."""
+    import shutil
+
+    if use_gpu or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"):
+        return None
+    return "torch.compile needs a C++ compiler (g++) for CPU kernels; install one or set train.compile=false"
+
+
 def validate_before_start(recipe: Recipe) -> None:
     """Everything that can be checked without Ray: files, labels, the DeepSpeed config, the tracking store."""
     from workflows.data.manifest import load_labels, load_manifest
@@ -350,6 +367,9 @@ def validate_before_start(recipe: Recipe) -> None:
         if len(manifest) == 0:
             raise ConfigError(f"data.{key} {getattr(recipe.data, key)} lists no videos")
     build_deepspeed_config(recipe)
+    problem = recipe.train.compile and compile_toolchain_problem(recipe.scaling.use_gpu)
+    if problem:
+        raise ConfigError(f"train.compile: {problem}")
     init_from = recipe.train.init_from
     if init_from and "://" not in init_from and not Path(init_from).exists():
         raise ConfigError(f"train.init_from: {init_from} does not exist (a checkpoint directory of ours, or an "

@@ -71,6 +71,7 @@ class TrainSection:
     label_smoothing: float = 0.1
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     zero_stage: Literal[0, 1, 2, 3] = 2
+    compile: bool = False  # torch.compile the trainable branch (fused kernels); the first step pays the compile
     seed: int = 0
     log_every_steps: int = 10
     init_from: str | None = None  # a checkpoint of ours (directory) or an authors' .pyth file

@@ -38,6 +38,16 @@ def test_bad_recipe_fails_before_any_work():
         load_recipe(SMOKE, ["data.train_manifest=/nope.csv"])
 
 
+def test_compile_without_a_cxx_compiler_fails_before_any_work(monkeypatch, tmp_path):
+    from workflows.pretrain import compile_toolchain_problem
+
+    assert compile_toolchain_problem(use_gpu=False) is None  # this machine has g++
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on PATH
+    monkeypatch.delenv("CXX", raising=False)
+    assert "needs a C++ compiler" in compile_toolchain_problem(use_gpu=False)
+    assert compile_toolchain_problem(use_gpu=True) is None  # GPU kernels are Triton's
+
+
 def test_deepspeed_config_derivation_and_escape_hatch():
     recipe = load_recipe(SMOKE, ["train.global_batch_size=32", "train.micro_batch_size=4", "train.grad_clip=1.0",
                                  "train.deepspeed={zero_optimization: {reduce_bucket_size: 1000}}"], check_files=False)
@@ -171,7 +181,7 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
         f"data.train_manifest={relabelled['train']}", f"data.val_manifest={relabelled['val']}",
         f"data.labels={relabelled['labels']}", f"run.storage_path={ft_storage}", "run.name=it",
         f"train.init_from={latest}", "train.max_steps=1", "train.lr=0", "train.warmup_start_lr=0",
-        "mlflow.enabled=false"]))
+        "mlflow.enabled=false", "train.compile=true"]))  # compiled in place: same weights, same checkpoint keys
     ft_latest, ft_state = _latest_state(ft_storage)
     assert ft_state["class_names"] == relabelled["order"]  # the fine-tuning run scored the new label texts
     pretrained, finetuned = _weights(latest), _weights(ft_latest)
