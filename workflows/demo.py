@@ -60,6 +60,9 @@ def run_demo(out: Path, overrides: list[str], videos_per_class: int, num_objects
               f"mlflow.tracking_uri={tracking}", *overrides]
     dist_recipe = load_recipe(DEMO_RECIPE, common + ["run.name=demo-dist"])
     spatial_recipe = load_recipe(DEMO_RECIPE, common + ["run.name=demo-spatial-only", "model.variant=spatial_only"])
+    import ray
+
+    started_ray = not ray.is_initialized()
     ensure_ray(local_cpus_for(dist_recipe), fresh_local=True)  # never join another cluster running on this machine
 
     results = {}
@@ -71,6 +74,8 @@ def run_demo(out: Path, overrides: list[str], videos_per_class: int, num_objects
         results[label] = {"top1": float(metrics.get("val_top1", float("nan"))),
                           "top5": float(metrics.get("val_top5", float("nan"))),
                           "minutes": (time.perf_counter() - began) / 60}
+    if started_ray:  # stops the workers' log stream too: their late lines must not follow the summary line
+        ray.shutdown()
     minutes = (time.perf_counter() - start) / 60
     classes = len(json.loads((data_dir / "labels.json").read_text()))
 
