@@ -34,7 +34,8 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 def for_weights(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`x` as input to a layer whose weights are `dtype`. Under autocast the layer casts its input itself, so casting
     here would only add a copy (a bf16 -> fp32 -> bf16 round trip for bf16 CLIP tokens)."""
-    if torch.is_autocast_enabled(x.device.type):
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):  # (no autocast on e.g. meta)
         return x
     return x.to(dtype)
 
