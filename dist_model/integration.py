@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_model.layers import Mlp, quick_gelu, temporal_conv_channels_last
+from dist_model.layers import Mlp, quick_gelu, temporal_conv_channels_last, temporal_kernel_matrix
 
 
 class IntegrationToTemporal(nn.Module):
@@ -46,8 +46,7 @@ class TemporalToIntegration(nn.Module):
         # The strided (gamma,1,1) conv is a linear over each position's gamma consecutive frames: one matmul on
         # channels-last frame groups that lands in token layout (mkldnn's 3D conv backward is ~3x slower on CPU).
         x = z.reshape(b, c, t, gamma, -1).permute(0, 2, 4, 3, 1).reshape(b * t, -1, gamma * c)  # (B*T, N, gamma*D_t)
-        w = self.linear_fuse.weight.flatten(2).transpose(1, 2).reshape(-1, gamma * c)  # (D, gamma*D_t), frame-major
-        x = F.linear(x, w, self.linear_fuse.bias)  # (B*T, N, D)
+        x = F.linear(x, temporal_kernel_matrix(self.linear_fuse), self.linear_fuse.bias)  # (B*T, N, D)
         # The CLS joins in the stream's dtype: under autocast a float32 CLS would promote every token to float32.
         cls = self.cls_token.to(x.dtype).expand(b, -1, -1, -1).reshape(b * t, 1, x.shape[-1])  # (B*T, 1, D)
         return torch.cat([cls, x], dim=1)  # (B*T, N+1, D)

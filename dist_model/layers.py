@@ -40,6 +40,12 @@ def for_weights(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def temporal_kernel_matrix(conv: nn.Conv3d) -> torch.Tensor:
+    """A (k,1,1) Conv3d's weight as a linear's, (C_out, k*C) with the k time taps side by side (tap-major): the conv is
+    then one matmul over channels-last inputs whose k frames are concatenated along the channels."""
+    return conv.weight.flatten(2).transpose(1, 2).reshape(conv.out_channels, -1)
+
+
 def temporal_conv_channels_last(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     """`conv`, a Conv3d with kernel (k, 1, 1), stride 1 and padding (k // 2, 0, 0), on channels-last x (B, T, ..., C)
     -> (B, T, ..., C_out). Same values as the conv on the channels-first layout, as one matmul over k time-shifted
@@ -47,7 +53,7 @@ def temporal_conv_channels_last(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tenso
     k = conv.kernel_size[0]
     if conv.kernel_size[1:] != (1, 1) or conv.stride != (1, 1, 1) or conv.padding != (k // 2, 0, 0):
         raise ValueError(f"expected a (k,1,1) temporal conv with 'same' padding, got {conv}")
-    weight = conv.weight.flatten(2).transpose(1, 2).reshape(conv.out_channels, -1)  # (C_out, k*C), tap-major
+    weight = temporal_kernel_matrix(conv)  # (C_out, k*C)
     if k == 1:
         return F.linear(x, weight, conv.bias)
     frames, pad = x.shape[1], k // 2
