@@ -61,6 +61,7 @@ class VariantResult:
     flops_per_step: float  # counted, forward + backward
     matmul_flops_per_s: float  # the machine's measured matmul rate, same dtype and threads
     memory_method: str
+    batch: int = 1  # clips per step
 
     @property
     def step_time(self) -> float:
@@ -69,6 +70,10 @@ class VariantResult:
     @property
     def step_cpu_time(self) -> float:
         return statistics.median(self.step_cpu_seconds)
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.batch / self.step_time
 
     @property
     def achieved_flops_per_s(self) -> float:
@@ -204,6 +209,7 @@ def run_variant(
         flops_per_step=flops,
         matmul_flops_per_s=(rate_before + rate_after) / 2,
         memory_method=method,
+        batch=batch,
     )
 
 
@@ -242,6 +248,7 @@ def merge_repeats(repeats: list[dict[str, VariantResult]]) -> dict[str, VariantR
             flops_per_step=runs[0].flops_per_step,
             matmul_flops_per_s=statistics.median(r.matmul_flops_per_s for r in runs),
             memory_method=runs[0].memory_method,
+            batch=runs[0].batch,
         )
     return merged
 
@@ -265,6 +272,7 @@ def summarise(results: dict[str, VariantResult]) -> dict[str, float]:
         "dist_vs_full_cpu_time": dist.step_cpu_time / full.step_cpu_time,
         "dist_vs_adapter_cpu_time": dist.step_cpu_time / adapter.step_cpu_time,
         "dist_gflops_per_s": dist.achieved_flops_per_s / 1e9,
+        "dist_clips_per_s": dist.clips_per_s,
         "matmul_gflops_per_s": dist.matmul_flops_per_s / 1e9,
     }
 
@@ -273,16 +281,16 @@ def format_table(results: dict[str, VariantResult]) -> str:
     """A markdown table of the measured variants."""
     head = (
         "| variant | trainable params | step s (median) | step s (min..max) | CPU s/step | peak mem MiB "
-        "| resident before step MiB | GFLOP/step | GFLOP/s | % of matmul |"
+        "| resident before step MiB | GFLOP/step | GFLOP/s | % of matmul | clips/s |"
     )
-    rows = [head, "|" + "---|" * 10]
+    rows = [head, "|" + "---|" * 11]
     for r in results.values():
         rows.append(
             f"| {r.variant} | {r.trainable_params / 1e6:.2f} M | {r.step_time:.3f} | "
             f"{min(r.step_seconds):.3f}..{max(r.step_seconds):.3f} | "
             f"{r.step_cpu_time:.2f} | {r.peak_memory_bytes / 2**20:.0f} | "
             f"{r.model_memory_bytes / 2**20:.0f} | {r.flops_per_step / 1e9:.1f} | {r.achieved_flops_per_s / 1e9:.1f} | "
-            f"{100 * r.utilisation:.0f}% |"
+            f"{100 * r.utilisation:.0f}% | {r.clips_per_s:.2f} |"
         )
     return "\n".join(rows)
 

@@ -52,18 +52,31 @@ def summarize(counts: dict[str, torch.Tensor]) -> dict[str, float]:
             "videos": float(counts["videos"])}
 
 
-def all_reduce_counts(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum counts over ranks (no-op outside torch.distributed)."""
+def collective_device() -> torch.device:
+    """Where a tensor must live for this process group's collectives: NCCL reduces CUDA tensors only (a CPU tensor
+    fails with "No backend type associated with device type cpu"); gloo and MPI take CPU tensors."""
+    import torch.distributed as dist
+
+    if str(dist.get_backend()).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over ranks, on the device it came from (itself outside torch.distributed). Every cross-rank
+    sum of the workflows goes through here, so each runs on the device the backend needs."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return counts
-    out = {}
-    for key, value in counts.items():
-        tensor = value.clone()
-        dist.all_reduce(tensor)
-        out[key] = tensor
-    return out
+        return tensor
+    reduced = tensor.to(collective_device(), copy=True)
+    dist.all_reduce(reduced)
+    return reduced.to(tensor.device)
+
+
+def all_reduce_counts(counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum counts over ranks (no-op outside torch.distributed)."""
+    return {key: all_reduce_sum(value) for key, value in counts.items()}
 
 
 def save_confusion_png(confusion: torch.Tensor, class_names: list[str], path: str | Path, title: str = "") -> None:

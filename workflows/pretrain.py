@@ -48,7 +48,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.data
     import ray.train
     import torch
-    import torch.distributed as dist
 
     recipe = recipe_from_dict(config["recipe"])
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-worker pipelines: bars garble the log
@@ -68,7 +67,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from workflows.checkpoints import DS_TAG, init_model_from, install_safe_checkpoint_engine, write_checkpoint
     from workflows.data.pipeline import get_drop_report
     from workflows.feeds import ClipFeeds, drop_summary, steps_per_epoch, total_steps
-    from workflows.metrics import VideoScores, all_reduce_counts, save_confusion_png, save_curves_png, summarize
+    from workflows.metrics import (
+        VideoScores,
+        all_reduce_counts,
+        all_reduce_sum,
+        save_confusion_png,
+        save_curves_png,
+        summarize,
+    )
     from workflows.mixup import mix_batch, soft_cross_entropy
     from workflows.optim import build_deepspeed_config, lr_at
     from workflows.tracking import Tracker
@@ -199,9 +205,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     def log_progress() -> None:
         elapsed = time.perf_counter() - window["start"]
-        stats = torch.tensor([sum(window["losses"]), len(window["losses"]), window["clips"], window["wait"], elapsed])
-        if dist.is_initialized():
-            dist.all_reduce(stats)
+        stats = all_reduce_sum(torch.tensor([sum(window["losses"]), len(window["losses"]), window["clips"],
+                                             window["wait"], elapsed]))
         loss_avg = float(stats[0] / max(1, stats[1]))
         clips_s = float(stats[2] / max(1e-9, stats[4] / world))  # all ranks' clips over the mean wall time
         wait_frac = float(stats[3] / max(1e-9, stats[4]))

@@ -1,0 +1,49 @@
+"""Cross-rank sums: on the device the process group's backend needs, correct over a real two-process gloo group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from workflows.metrics import all_reduce_counts, all_reduce_sum, collective_device
+
+
+def test_collective_device_follows_the_backend(monkeypatch) -> None:
+    # NCCL reduces CUDA tensors only: a CPU tensor fails there ("No backend type associated with device type cpu",
+    # seen on an H100 before every sum went through all_reduce_sum).
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert collective_device() == torch.device("cpu")
+
+
+def test_outside_torch_distributed_the_tensor_is_returned_unchanged() -> None:
+    counts = {"top1": torch.tensor(2.0, dtype=torch.float64), "confusion": torch.eye(3, dtype=torch.float64)}
+    assert all_reduce_counts(counts) == counts
+
+
+def _sum_on_rank(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        mine = torch.tensor([rank + 1.0, 10.0 * rank], dtype=torch.float64)
+        summed = all_reduce_sum(mine)
+        counts = all_reduce_counts({"videos": torch.tensor(float(rank + 1)), "confusion": torch.eye(2) * rank})
+        assert mine.tolist() == [rank + 1.0, 10.0 * rank]  # the caller's tensor is not reduced in place
+        torch.save({"sum": summed, "counts": counts}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sums_over_a_real_two_process_group(tmp_path: Path) -> None:
+    out = str(tmp_path / "result")
+    mp.spawn(_sum_on_rank, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        assert got["sum"].dtype == torch.float64 and got["sum"].device == torch.device("cpu")
+        assert got["sum"].tolist() == [3.0, 10.0]
+        assert float(got["counts"]["videos"]) == 3.0
+        assert torch.equal(got["counts"]["confusion"], torch.eye(2))
