@@ -106,6 +106,24 @@ def matmul_rate(
     return 2.0 * size**3 / seconds
 
 
+def count_dispatched_ops(fn: Callable[[], object]) -> int:
+    """How many aten ops calling `fn()` dispatches, the backward's included. Each costs host time in eager mode (tens
+    of microseconds through autograd on a GPU), so a step of many small ops is bound by the host, not the device:
+    a count that does not depend on the machine."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Counter() as counter:
+        fn()
+    return counter.count
+
+
 def load_average() -> float:
     """The 1-minute load average (NaN where the OS has none): printed beside results measured on a shared machine."""
     import os

@@ -17,6 +17,8 @@ the process's RSS before the model is built (weights, gradients, optimizer state
 counted by `torch.utils.flop_counter.FlopCounterMode` over one forward + backward (matmuls, convolutions,
 attention; the optimizer's elementwise work is not counted), and the utilisation is counted FLOP/s over the
 machine's (size x size) matmul rate in the same dtype, measured in the same subprocess before and after the steps.
+The aten ops one eager forward + backward dispatches are counted too: on a GPU each costs host time, and a step of
+many small ops waits on the host (`dist_vs_adapter_ops`).
 With `--repeats N` the three variants run N times, alternating their order; each ratio is the median over repeats of
 the ratio within one repeat (on shared CPUs the machine's speed drifts between variants run a minute apart).
 
@@ -62,6 +64,7 @@ class VariantResult:
     matmul_flops_per_s: float  # the machine's measured matmul rate, same dtype and threads
     memory_method: str
     batch: int = 1  # clips per step
+    ops_per_step: int = 0  # aten ops dispatched by one forward + backward (eager)
 
     @property
     def step_time(self) -> float:
@@ -198,6 +201,7 @@ def run_variant(
     rate_after = measure.matmul_rate(device, compute_dtype, matmul_size)
     with torch.compiler.set_stance("force_eager"):  # FlopCounterMode counts eager ops; compiled code is the same math
         flops = count_flops(forward_backward)  # counting only, not timing
+        ops = measure.count_dispatched_ops(forward_backward)
     return VariantResult(
         variant=variant,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -210,6 +214,7 @@ def run_variant(
         matmul_flops_per_s=(rate_before + rate_after) / 2,
         memory_method=method,
         batch=batch,
+        ops_per_step=ops,
     )
 
 
@@ -249,6 +254,7 @@ def merge_repeats(repeats: list[dict[str, VariantResult]]) -> dict[str, VariantR
             matmul_flops_per_s=statistics.median(r.matmul_flops_per_s for r in runs),
             memory_method=runs[0].memory_method,
             batch=runs[0].batch,
+            ops_per_step=runs[0].ops_per_step,
         )
     return merged
 
@@ -273,6 +279,7 @@ def summarise(results: dict[str, VariantResult]) -> dict[str, float]:
         "dist_vs_adapter_cpu_time": dist.step_cpu_time / adapter.step_cpu_time,
         "dist_gflops_per_s": dist.achieved_flops_per_s / 1e9,
         "dist_clips_per_s": dist.clips_per_s,
+        "dist_vs_adapter_ops": dist.ops_per_step / max(1, adapter.ops_per_step),
         "matmul_gflops_per_s": dist.matmul_flops_per_s / 1e9,
     }
 
@@ -281,16 +288,16 @@ def format_table(results: dict[str, VariantResult]) -> str:
     """A markdown table of the measured variants."""
     head = (
         "| variant | trainable params | step s (median) | step s (min..max) | CPU s/step | peak mem MiB "
-        "| resident before step MiB | GFLOP/step | GFLOP/s | % of matmul | clips/s |"
+        "| resident before step MiB | GFLOP/step | GFLOP/s | % of matmul | clips/s | aten ops/step |"
     )
-    rows = [head, "|" + "---|" * 11]
+    rows = [head, "|" + "---|" * 12]
     for r in results.values():
         rows.append(
             f"| {r.variant} | {r.trainable_params / 1e6:.2f} M | {r.step_time:.3f} | "
             f"{min(r.step_seconds):.3f}..{max(r.step_seconds):.3f} | "
             f"{r.step_cpu_time:.2f} | {r.peak_memory_bytes / 2**20:.0f} | "
             f"{r.model_memory_bytes / 2**20:.0f} | {r.flops_per_step / 1e9:.1f} | {r.achieved_flops_per_s / 1e9:.1f} | "
-            f"{100 * r.utilisation:.0f}% | {r.clips_per_s:.2f} |"
+            f"{100 * r.utilisation:.0f}% | {r.clips_per_s:.2f} | {r.ops_per_step} |"
         )
     return "\n".join(rows)
 

@@ -8,6 +8,7 @@ all dense frames first, a waste of compute with identical results).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -25,10 +26,17 @@ def normalize_video(frames: torch.Tensor, dtype: torch.dtype = torch.float32) ->
     """uint8 clips (B, T, H, W, 3) -> CLIP-normalised float (B, 3, T, H, W). Runs on the training device."""
     if frames.dim() != 5 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 clips shaped (B, T, H, W, 3), got {tuple(frames.shape)}")
-    mean = torch.tensor(CLIP_MEAN, device=frames.device, dtype=dtype).view(1, 3, 1, 1, 1)
-    std = torch.tensor(CLIP_STD, device=frames.device, dtype=dtype).view(1, 3, 1, 1, 1)
-    video = frames.permute(0, 4, 1, 2, 3).to(dtype).div_(255.0)  # (B, 3, T, H, W)
-    return (video - mean) / std
+    mean, std = _clip_stats(frames.device, dtype)
+    video = frames.permute(0, 4, 1, 2, 3).to(dtype).div_(255.0)  # (B, 3, T, H, W), a fresh tensor
+    return video.sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=16)
+def _clip_stats(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std as (1, 3, 1, 1, 1) tensors on `device`, made once: not a host-to-device copy per batch."""
+    mean = torch.tensor(CLIP_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device, dtype=dtype).view(1, 3, 1, 1, 1)
+    return mean, std
 
 
 def load_open_clip(arch: str, pretrained: str | None) -> nn.Module:

@@ -65,6 +65,17 @@ def test_counted_flops_and_trainable_parameters(tiny_run):
     assert dist.total_params == full.total_params, "the same model, only the frozen set differs"
     # Backward through CLIP makes the baselines' counted work larger than DiST's.
     assert full.flops_per_step > dist.flops_per_step and adapter.flops_per_step > 0
+    # The full fine-tune runs DiST's branch and, on top, CLIP's backward: more ops dispatched.
+    assert full.ops_per_step > dist.ops_per_step > 0 and adapter.ops_per_step > 0
+    assert dist.clips_per_s == pytest.approx(dist.batch / dist.step_time)
+
+
+def test_dispatched_ops_are_counted_exactly():
+    from benchmarks.measure import count_dispatched_ops
+
+    x = torch.randn(4)
+    assert count_dispatched_ops(lambda: (x + 1).sum()) == 2  # aten.add, aten.sum
+    assert count_dispatched_ops(lambda: None) == 0
 
 
 def test_ratios_line_round_trips():

@@ -61,18 +61,38 @@ def write_checkpoint(directory: Path, *, engine: Any, model: torch.nn.Module, ra
     directory.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"dist_state": state},
                            exclude_frozen_parameters=True)
+    weights = master_weights(engine, model)  # a collective under ZeRO: every rank takes part
     if rank == 0:
-        write_model_files(directory, model=model, state=state, recipe_yaml=recipe_yaml)
+        write_model_files(directory, model=model, state=state, recipe_yaml=recipe_yaml, weights=weights)
 
 
-def write_model_files(directory: Path, *, model: torch.nn.Module, state: dict[str, Any], recipe_yaml: str) -> None:
+def master_weights(engine: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` (the trainable weights) as fp32 CPU tensors. In bf16/fp16 the module holds only a
+    rounding of each trainable parameter; the values training reached are DeepSpeed's fp32 master copy, partitioned
+    over the ranks under ZeRO, so gathering them is a collective: every rank calls this, in step."""
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    if engine is None or not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return weights
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, param in model.named_parameters():  # the same order on every rank
+        if param.requires_grad and name in weights:
+            master = safe_get_full_fp32_param(param)
+            if master is not None:
+                weights[name] = master.detach().float().cpu().contiguous()
+    return weights
+
+
+def write_model_files(directory: Path, *, model: torch.nn.Module, state: dict[str, Any], recipe_yaml: str,
+                      weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write the DeepSpeed-free part of a checkpoint (weights.safetensors, state.json, recipe.yaml): all that
     evaluate / predict / init_from read. `state` needs at least `model` (the recipe's model section) and
-    `class_names`."""
+    `class_names`; `weights` defaults to the model's own (see `master_weights` for reduced precision)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    if weights is None:
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(directory / WEIGHTS))
     (directory / STATE).write_text(json.dumps(state, indent=2, default=str))
     (directory / RECIPE).write_text(recipe_yaml)

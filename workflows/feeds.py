@@ -103,7 +103,8 @@ class ClipFeeds:
     def val_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's validation clips (each video exactly once over all ranks, `eval.views` views each)."""
         if self._val_cache is not None:
-            yield from self._val_cache
+            for batch in self._val_cache:  # kept in host memory; on a GPU, copied over again for each validation
+                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             return
         ev = self.recipe.eval
         ds = build_clip_dataset(
@@ -119,8 +120,9 @@ class ClipFeeds:
             if cache is not None:
                 size += batch["frames"].numel()
                 cache = None if size > ev.cache_limit_mb * 2**20 else cache
-            if cache is not None:
-                cache.append(batch)
+            if cache is not None:  # host memory, not the GPU's: the cache may hold eval.cache_limit_mb
+                pin = self.device.type == "cuda"
+                cache.append({k: (v.cpu().pin_memory() if pin else v.cpu()) for k, v in batch.items()})
         self._val_cache = cache
 
 

@@ -64,7 +64,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
 
     from dist_model import build_dist, build_spatial_only, normalize_video
-    from workflows.checkpoints import DS_TAG, init_model_from, install_safe_checkpoint_engine, write_checkpoint
+    from workflows.checkpoints import (
+        DS_TAG,
+        init_model_from,
+        install_safe_checkpoint_engine,
+        master_weights,
+        write_checkpoint,
+    )
     from workflows.data.pipeline import get_drop_report
     from workflows.feeds import ClipFeeds, drop_summary, steps_per_epoch, total_steps
     from workflows.metrics import (
@@ -199,13 +205,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     eval_every = recipe.eval.every_steps or per_epoch
     mix_gen = torch.Generator().manual_seed(recipe.train.seed * 1000 + rank + 7 * step)
     engine.train()
-    window = {"start": time.perf_counter(), "wait": 0.0, "clips": 0, "losses": []}
+    # The loss sums on the device: reading it every micro-batch (`.item()`) would stall a GPU once per forward.
+    window = {"start": time.perf_counter(), "wait": 0.0, "clips": 0, "loss_sum": torch.zeros((), device=device),
+              "losses": 0}
     run_start, done_at_start = time.perf_counter(), step
     marker = _fail_once_marker(recipe)
 
     def log_progress() -> None:
         elapsed = time.perf_counter() - window["start"]
-        stats = all_reduce_sum(torch.tensor([sum(window["losses"]), len(window["losses"]), window["clips"],
+        stats = all_reduce_sum(torch.tensor([float(window["loss_sum"]), window["losses"], window["clips"],
                                              window["wait"], elapsed]))
         loss_avg = float(stats[0] / max(1, stats[1]))
         clips_s = float(stats[2] / max(1e-9, stats[4] / world))  # all ranks' clips over the mean wall time
@@ -221,7 +229,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                   f"ETA {(total - step) / max(1e-9, rate) / 60:.1f} min", flush=True)
             tracker.log_metrics({"loss": loss_avg, "lr": lr, "clips_per_s": clips_s, "data_wait_fraction": wait_frac,
                                  "epoch": float(epoch)}, step=step)
-        window.update(start=time.perf_counter(), wait=0.0, clips=0, losses=[])
+        window.update(start=time.perf_counter(), wait=0.0, clips=0, loss_sum=torch.zeros((), device=device),
+                      losses=0)
 
     wrapped_up = False
 
@@ -230,6 +239,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         scheduler may stop the trial as soon as that report lands (ASHA at max_t)."""
         nonlocal wrapped_up
         wrapped_up = True
+        final_weights = master_weights(engine, model)  # a collective under ZeRO: before the rank-0 check
         if rank != 0:
             return
         drop_report = get_drop_report("train", None, name=recipe.data.drop_counter)
@@ -242,8 +252,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             from safetensors.torch import save_file
 
             weights = Path(tmp) / "weights.safetensors"
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(weights))
+            save_file(final_weights, str(weights))
             tracker.log_artifact(weights, "final_checkpoint")
         tracker.finish()
 
@@ -282,7 +291,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             loss = soft_cross_entropy(engine(video, class_names), targets)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer and the lr schedule at accumulation boundaries
-            window["losses"].append(loss.item())
+            window["loss_sum"] += loss.detach().float()
+            window["losses"] += 1
             window["clips"] += video.shape[0]
             position += 1
             fetch_start = time.perf_counter()
@@ -353,10 +363,16 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
 
 
 def compile_toolchain_problem(use_gpu: bool) -> str | None:
-    """Why torch.compile cannot build kernels on this machine, or None. Inductor writes C++ for CPU kernels."""
+    """Why torch.compile cannot build kernels on this machine, or None. Inductor writes C++ for CPU kernels; on a
+    GPU its kernels are Triton's, and Triton builds a small C launcher for each with the system C compiler."""
     import shutil
 
-    if use_gpu or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"):
+    if use_gpu:
+        if os.environ.get("CC") or any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+            return None
+        return ("torch.compile on GPU needs a C compiler (Triton builds its kernel launchers with cc/gcc); install "
+                "one or set train.compile=false")
+    if os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"):
         return None
     return "torch.compile needs a C++ compiler (g++) for CPU kernels; install one or set train.compile=false"
 

@@ -127,6 +127,11 @@ class ScalingSection:
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError("scaling.num_workers must be >= 1")
+        if self.use_gpu and self.gpus_per_worker != 1:
+            # DeepSpeed drives one GPU per rank (cuda:LOCAL_RANK): a share of one breaks NCCL ("Duplicate GPU"), and
+            # a second one would put the batches and the model on different devices.
+            raise ValueError(f"scaling.gpus_per_worker must be 1 with scaling.use_gpu (one GPU per DeepSpeed rank), "
+                             f"got {self.gpus_per_worker}; use more workers for more GPUs")
         if not self.wait_for_nodes_s >= 0:  # also rejects NaN
             raise ValueError(f"scaling.wait_for_nodes_s must be >= 0 seconds (0 = fail at once), got "
                              f"{self.wait_for_nodes_s}")

@@ -36,16 +36,23 @@ def test_bad_recipe_fails_before_any_work():
         load_recipe(SMOKE, ["model.fusion_layers=every7"], check_files=False)
     with pytest.raises(ConfigError, match="data.train_manifest: /nope.csv does not exist"):
         load_recipe(SMOKE, ["data.train_manifest=/nope.csv"])
+    for share in ("0.5", "2"):  # DeepSpeed drives exactly one GPU per rank
+        with pytest.raises(ConfigError, match=f"gpus_per_worker must be 1 with scaling.use_gpu.*got {share}"):
+            load_recipe(SMOKE, ["scaling.use_gpu=true", f"scaling.gpus_per_worker={share}"], check_files=False)
 
 
 def test_compile_without_a_cxx_compiler_fails_before_any_work(monkeypatch, tmp_path):
     from workflows.pretrain import compile_toolchain_problem
 
     assert compile_toolchain_problem(use_gpu=False) is None  # this machine has g++
+    assert compile_toolchain_problem(use_gpu=True) is None  # and cc, which Triton's launchers need on a GPU
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on PATH
     monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CC", raising=False)
     assert "needs a C++ compiler" in compile_toolchain_problem(use_gpu=False)
-    assert compile_toolchain_problem(use_gpu=True) is None  # GPU kernels are Triton's
+    assert "needs a C compiler" in compile_toolchain_problem(use_gpu=True)
+    monkeypatch.setenv("CC", "/opt/cc")
+    assert compile_toolchain_problem(use_gpu=True) is None
 
 
 def test_deepspeed_config_derivation_and_escape_hatch():
@@ -55,7 +62,9 @@ def test_deepspeed_config_derivation_and_escape_hatch():
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) \
         == (32, 4, 4)
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False  # CPU: auto -> fp32
-    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "allgather_bucket_size": 5e7}
+    default = build_deepspeed_config(load_recipe(SMOKE, check_files=False))["zero_optimization"]
+    assert default["reduce_bucket_size"] == 5e7  # not DeepSpeed's 5e8: a 1 GB (bf16) buffer per micro-step
 
 
 def test_lr_scaling_and_schedule():
@@ -147,6 +156,15 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
     assert len(list((latest / "ds").glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2  # fp32 master, per rank
     weights_before = {k: v.clone() for k, v in _weights(latest).items()}
     assert all(k.startswith("dist_net.") for k in weights_before)
+    # Trained in bf16, the checkpoint's weights are DeepSpeed's fp32 master copy (what DeepSpeed's own zero_to_fp32
+    # rebuilds from the optimizer shards), not the module's bf16 rounding of it.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    master = get_fp32_state_dict_from_zero_checkpoint(str(latest), tag="ds", exclude_frozen_parameters=True)
+    assert master.keys() >= weights_before.keys()
+    for key, value in weights_before.items():
+        assert torch.equal(value, master[key].float()), key
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in weights_before.values()), "bf16-rounded weights"
 
     # Relaunching with the same name and storage resumes where the run stopped.
     result = run_pretrain(_recipe(sample_data, storage, "train.max_steps=6", "train.precision=bf16"))
