@@ -225,6 +225,8 @@ def test_runtime_env_is_accepted_by_ray():
         ("mlflow.db", True),
         ("tests/assets/clip.mp4", True),
         ("dist_model/__pycache__/model.cpython-311.pyc", True),
+        ("wheels/ray-2.60.0-cp311-cp311-manylinux2014_x86_64.whl", True),  # packages come from the nodes' venv
+        ("bundle/site-packages.tar.xz", True),
         ("workflows/data/__init__.py", False),
         ("workflows/configs/k710_b16_8x16f.yaml", False),
         ("dist_model/model.py", False),

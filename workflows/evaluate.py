@@ -81,6 +81,19 @@ def model_logits(model: Any, frames: Any, class_names: list[str], mode: Mode, dt
         return model(video, class_names, zero_shot_fusion=mode == "fusion")
 
 
+def scoring_precision(recipe: Any) -> str:
+    """The precision a checkpoint is scored in on a GPU: the recipe's, `auto` meaning bf16."""
+    return recipe.train.precision if recipe.train.precision != "auto" else "bf16"
+
+
+def scoring_autocast(device: Any, precision: str) -> Any:
+    """Autocast for scoring on `device`: bf16/fp16 on a GPU as the recipe trained; on CPU the weights' own dtypes."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if device.type == "cuda" else None
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 class ViewScorer:
     """Ray Data actor: clip rows in, per-view logits out (frames are not sent back)."""
 
@@ -97,15 +110,13 @@ class ViewScorer:
 
             state = ray.get(weights[0])
         self.model = build_eval_model(model_section, seed, state).to(self.device)
-        self.class_names, self.mode = class_names, mode
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if self.device.type == "cuda" \
-            else None
+        self.class_names, self.mode, self.precision = class_names, mode, precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         frames = torch.from_numpy(np.array(batch["frames"])).to(self.device)  # (N, T_d, S, S, 3); a writable copy
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+        with scoring_autocast(self.device, self.precision):
             logits = model_logits(self.model, frames, self.class_names, self.mode)
         return {"logits": logits.float().cpu().numpy(),  # (N, K)
                 **{k: np.asarray(batch[k], np.int64) for k in ("video_index", "label", "view", "crop")}}
@@ -297,7 +308,7 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
         from workflows.checkpoints import read_weights
 
         weights = [ray.put({k: v.numpy() for k, v in read_weights(plan.checkpoint).items()})]
-    precision = recipe.train.precision if recipe.train.precision != "auto" else "bf16"
+    precision = scoring_precision(recipe)
     clips = build_clip_dataset(data, plan.manifest, plan.label_map, split="eval", num_frames=cfg.num_frames,
                                crop_size=cfg.image_size, num_views=plan.views, num_crops=plan.crops,
                                counter_split="eval")

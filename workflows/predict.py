@@ -1,10 +1,12 @@
 """Classify video files with a checkpoint, locally (no Ray):
-`python -m workflows predict --checkpoint C [--labels L] video.mp4 [...] [--views 3] [--top 5] [--json]`.
+`python -m workflows predict --checkpoint C [--labels L] video.mp4 [...] [--views 3] [--top 5] [--device auto]
+[--json]`.
 
 Each video is decoded and cut into clips exactly as the evaluation does (the data layer's `clips_from_video`:
 segment sampling of `views` temporal views, short-side resize and centre crop), scored, and the softmax
 probabilities are averaged over its clips. A video that cannot be decoded is reported with its drop reason;
-the others are still classified (exit status 1 when any video failed).
+the others are still classified (exit status 1 when any video failed). The model runs on the GPU when there is
+one (`--device auto`), in the recipe's precision there, as `evaluate` scores.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from typing import Any
 
 from workflows.checkpoints import RECIPE, find_checkpoint, read_state, read_weights
 from workflows.config import ConfigError, from_dict, load_yaml
-from workflows.evaluate import Mode, build_eval_model, model_logits
+from workflows.evaluate import Mode, build_eval_model, model_logits, scoring_autocast, scoring_precision
 from workflows.recipe import Recipe
 
 
-def load_predictor(checkpoint: str, labels: str | None = None) -> tuple[Any, Recipe, list[str]]:
-    """(model in eval mode, the checkpoint's recipe, class names): `labels` (a label file) replaces the class
-    names stored in the checkpoint."""
+def load_predictor(checkpoint: str, labels: str | None = None, device: str = "cpu") -> tuple[Any, Recipe, list[str]]:
+    """(model in eval mode on `device`, the checkpoint's recipe, class names): `labels` (a label file) replaces the
+    class names stored in the checkpoint."""
     from workflows.data.manifest import load_labels
 
     directory = find_checkpoint(checkpoint)
@@ -32,7 +34,7 @@ def load_predictor(checkpoint: str, labels: str | None = None) -> tuple[Any, Rec
     if "model" not in state:
         raise ConfigError(f"{directory}/state.json has no model section: not a checkpoint of this workflow")
     recipe = from_dict(Recipe, {**raw, "model": state["model"]})
-    model = build_eval_model(state["model"], recipe.train.seed, read_weights(directory))
+    model = build_eval_model(state["model"], recipe.train.seed, read_weights(directory)).to(device)
     if labels:
         label_map = load_labels(labels)
         class_names = [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
@@ -56,8 +58,11 @@ def predict_video(model: Any, recipe: Recipe, class_names: list[str], path: str,
     spec = ClipSpec.from_config(recipe.data, split="eval", num_frames=cfg.num_frames, crop_size=cfg.image_size,
                                 num_views=views, num_crops=crops)
     rows = clips_from_video(path, 0, 0, math.nan, math.nan, spec)
-    frames = torch.from_numpy(np.stack([r["frames"] for r in rows]))  # (views * crops, T_d, S, S, 3) uint8
-    probs = torch.softmax(model_logits(model, frames, class_names, mode).float(), dim=-1).mean(dim=0)  # (K,)
+    device = next(model.parameters()).device
+    frames = torch.from_numpy(np.stack([r["frames"] for r in rows])).to(device)  # (views * crops, T_d, S, S, 3) uint8
+    with scoring_autocast(device, scoring_precision(recipe)):
+        logits = model_logits(model, frames, class_names, mode)
+    probs = torch.softmax(logits.float(), dim=-1).mean(dim=0).cpu()  # (K,)
     values, indices = probs.topk(min(top, len(class_names)))
     return [(class_names[i], float(p)) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
 
@@ -71,15 +76,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--crops", type=int, choices=(1, 3), default=1, help="spatial crops per view (default 1)")
     parser.add_argument("--top", type=int, default=5, help="classes to show per video (default 5)")
     parser.add_argument("--zero-shot-fusion", action="store_true", help="blend DiST with frozen-CLIP logits")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs (default auto: the GPU when there is one)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of tables")
     args = parser.parse_args(argv)
     if args.views < 1 or args.top < 1:
         print("error: --views and --top must be >= 1", file=sys.stderr)
         return 2
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA GPU here; use --device cpu (or auto)", file=sys.stderr)
+        return 2
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     from workflows.data.video import BadVideo
 
     try:
-        model, recipe, class_names = load_predictor(args.checkpoint, args.labels)
+        model, recipe, class_names = load_predictor(args.checkpoint, args.labels, device)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

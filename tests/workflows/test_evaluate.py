@@ -144,6 +144,9 @@ def test_predict_prints_top_k_and_reports_a_corrupt_video(run_dir: Path, video_d
     probs = [t["prob"] for t in result["top"]]
     assert len(probs) == 7 and probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-4)
     assert {t["class"] for t in result["top"]} == {"jumping", "swimming", *CLASSES}
+    if not torch.cuda.is_available():  # asking for a GPU that is not there is a clear error, not a traceback
+        assert predict_main(["--checkpoint", str(run_dir), str(clips / "mid.mp4"), "--device", "cuda"]) == 2
+        assert "torch sees no CUDA GPU" in capsys.readouterr().err
 
 
 # --- evaluate on Ray --------------------------------------------------------------------------------------------
