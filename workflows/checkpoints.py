@@ -67,9 +67,10 @@ def write_checkpoint(directory: Path, *, engine: Any, model: torch.nn.Module, ra
 
 
 def master_weights(engine: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` (the trainable weights) as fp32 CPU tensors. In bf16/fp16 the module holds only a
-    rounding of each trainable parameter; the values training reached are DeepSpeed's fp32 master copy, partitioned
-    over the ranks under ZeRO, so gathering them is a collective: every rank calls this, in step."""
+    """`model.state_dict()` (the trainable weights) as fp32 CPU tensors (`engine` None: the module's own values).
+    In bf16/fp16 the module holds only a rounding of each trainable parameter; the values training reached are
+    DeepSpeed's fp32 master copy, partitioned over the ranks under ZeRO, so gathering them is a collective: every
+    rank calls this, in step."""
     weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     if engine is None or not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         return weights
@@ -91,9 +92,7 @@ def write_model_files(directory: Path, *, model: torch.nn.Module, state: dict[st
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    if weights is None:
-        weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(directory / WEIGHTS))
+    save_file(master_weights(None, model) if weights is None else weights, str(directory / WEIGHTS))
     (directory / STATE).write_text(json.dumps(state, indent=2, default=str))
     (directory / RECIPE).write_text(recipe_yaml)
 

@@ -205,15 +205,19 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     eval_every = recipe.eval.every_steps or per_epoch
     mix_gen = torch.Generator().manual_seed(recipe.train.seed * 1000 + rank + 7 * step)
     engine.train()
-    # The loss sums on the device: reading it every micro-batch (`.item()`) would stall a GPU once per forward.
-    window = {"start": time.perf_counter(), "wait": 0.0, "clips": 0, "loss_sum": torch.zeros((), device=device),
-              "losses": 0}
+    def fresh_window() -> dict[str, Any]:
+        """What the next progress line reports on. The loss sums on the device: reading it every micro-batch
+        (`.item()`) would stall a GPU once per forward."""
+        return {"start": time.perf_counter(), "wait": 0.0, "clips": 0, "micro_batches": 0,
+                "loss_sum": torch.zeros((), device=device)}
+
+    window = fresh_window()
     run_start, done_at_start = time.perf_counter(), step
     marker = _fail_once_marker(recipe)
 
     def log_progress() -> None:
         elapsed = time.perf_counter() - window["start"]
-        stats = all_reduce_sum(torch.tensor([float(window["loss_sum"]), window["losses"], window["clips"],
+        stats = all_reduce_sum(torch.tensor([float(window["loss_sum"]), window["micro_batches"], window["clips"],
                                              window["wait"], elapsed]))
         loss_avg = float(stats[0] / max(1, stats[1]))
         clips_s = float(stats[2] / max(1e-9, stats[4] / world))  # all ranks' clips over the mean wall time
@@ -229,8 +233,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                   f"ETA {(total - step) / max(1e-9, rate) / 60:.1f} min", flush=True)
             tracker.log_metrics({"loss": loss_avg, "lr": lr, "clips_per_s": clips_s, "data_wait_fraction": wait_frac,
                                  "epoch": float(epoch)}, step=step)
-        window.update(start=time.perf_counter(), wait=0.0, clips=0, loss_sum=torch.zeros((), device=device),
-                      losses=0)
+        window.update(fresh_window())
 
     wrapped_up = False
 
@@ -292,7 +295,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer and the lr schedule at accumulation boundaries
             window["loss_sum"] += loss.detach().float()
-            window["losses"] += 1
+            window["micro_batches"] += 1
             window["clips"] += video.shape[0]
             position += 1
             fetch_start = time.perf_counter()
