@@ -6,12 +6,13 @@ Public entry points: `DiSTConfig.from_name(name)`, `build_dist(cfg)`, `build_spa
 
 from dist_model.config import FUSION_PRESETS, DiSTConfig, fusion_layers_for, presets
 from dist_model.model import DiST, DiSTNet, SpatialOnly, build_clip, build_dist, build_spatial_only
-from dist_model.spatial import CLIP_MEAN, CLIP_STD, FrozenCLIP, normalize_video
+from dist_model.spatial import CLIP_MEAN, CLIP_STD, PRECISION_DTYPES, FrozenCLIP, normalize_video
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "FUSION_PRESETS",
+    "PRECISION_DTYPES",
     "DiST",
     "DiSTConfig",
     "DiSTNet",

@@ -19,7 +19,7 @@ from dist_model.config import register_clip_configs
 # OpenAI CLIP's pixel statistics; every open_clip ViT preset here uses them.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # recipe name -> dtype
 
 
 def normalize_video(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -84,7 +84,7 @@ class FrozenCLIP(nn.Module):
         self.model = load_open_clip(arch, pretrained)
         self.model.requires_grad_(False)
         _scalar_parameters_to_buffers(self.model)
-        self.model.to(_DTYPES[precision])
+        self.model.to(PRECISION_DTYPES[precision])
         self.tokenizer = open_clip.get_tokenizer(arch)
         visual = self.model.visual
         if not getattr(visual.transformer, "batch_first", True):

@@ -90,8 +90,10 @@ def scoring_autocast(device: Any, precision: str) -> Any:
     """Autocast for scoring on `device`: bf16/fp16 on a GPU as the recipe trained; on CPU the weights' own dtypes."""
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if device.type == "cuda" else None
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    from dist_model import PRECISION_DTYPES
+
+    reduced = device.type == "cuda" and precision in ("bf16", "fp16")
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision] if reduced else None, enabled=reduced)
 
 
 class ViewScorer:

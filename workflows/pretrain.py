@@ -63,7 +63,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo) on CPU-only runs
     import deepspeed
 
-    from dist_model import build_dist, build_spatial_only, normalize_video
+    from dist_model import PRECISION_DTYPES, build_dist, build_spatial_only, normalize_video
     from workflows.checkpoints import (
         DS_TAG,
         init_model_from,
@@ -137,7 +137,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(recipe), dist_init_required=False)
     install_safe_checkpoint_engine(engine)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision(), torch.float32)
+    dtype = PRECISION_DTYPES[recipe.precision()]
 
     # --- resume ---
     step, epoch, position = 0, 0, 0
