@@ -132,6 +132,8 @@ class Tracker:
         return [m.value for m in history]
 
     def log_params(self, params: dict[str, Any]) -> None:
+        if not self.active:  # tracking off: mlflow need not even be installed
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
@@ -140,6 +142,8 @@ class Tracker:
             self._guard("log_params", lambda batch=batch: self._client.log_batch(self.run_id, params=batch))
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        if not self.active:
+            return
         import time
 
         from mlflow.entities import Metric
