@@ -1,0 +1,52 @@
+#!/bin/bash
+# GPU acceptance checks, run from the repository root on one machine with a GPU:
+#   bash benchmarks/gpu_checks.sh pretrain     # the GPU path of the workflows, end to end (~8 min on an H100)
+#   bash benchmarks/gpu_checks.sh train_step   # the train_step benchmark at bf16: compiled B/16 and L/14, eager B/16 bs48
+# Logs go to $OUT (default /tmp/gpu_checks). Needs the sample data: `python -m workflows data sample --out data/sample` writes it.
+# Machines without the project's packages: put a bundle in .gpu/ (see benchmarks/README.md, "GPU acceptance
+# checks"); it is unpacked into /tmp/site and put first on PYTHONPATH.
+set -u
+REPO=$PWD
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d "$REPO/.gpu" ]; then
+  export PYTHONPATH=/tmp/site:$REPO
+  if [ ! -d /tmp/site/av ]; then
+    mkdir -p /tmp/site && (cd /tmp/site && for t in "$REPO"/.gpu/*.tar.xz; do tar xJf "$t"; done \
+      && for w in "$REPO"/.gpu/whl/*.whl; do python3 -m zipfile -e "$w" . ; done) || exit 3
+  fi
+fi
+date
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch,ray,deepspeed,decord,av,open_clip,mlflow;print('torch',torch.__version__,torch.cuda.get_device_name(),'ray',ray.__version__,'deepspeed',deepspeed.__version__)" || exit 4
+case "${1:-}" in
+train_step)
+  python3 -m benchmarks.train_step --device cuda --dtype bf16 --preset dist_b16_k400 --batch 16 --steps 10 --warmup 3 --matmul-size 8192 --compile 2>&1 | tee "$OUT/train_step_b16_bs16_compiled.log"
+  python3 -m benchmarks.train_step --device cuda --dtype bf16 --preset dist_l14_k400 --batch 2 --steps 6 --warmup 3 --matmul-size 8192 --compile 2>&1 | tee "$OUT/train_step_l14_bs2_compiled.log"
+  python3 -m benchmarks.train_step --device cuda --dtype bf16 --preset dist_b16_k400 --batch 48 --steps 5 --warmup 2 --matmul-size 8192 2>&1 | tee "$OUT/train_step_b16_bs48.log"
+  ;;
+pretrain)
+  RUNS=$OUT/runs
+  rm -rf "$RUNS"
+  S="scaling.use_gpu=true scaling.num_workers=1 scaling.cpus_per_worker=2 train.precision=bf16 mlflow.enabled=false run.storage_path=$RUNS"
+  B16="model.clip_pretrained=null data.train_manifest=data/sample/train.csv data.val_manifest=data/sample/val.csv data.labels=data/sample/labels.json data.decode_node_label=null scaling.worker_node_label=null scaling.wait_for_nodes_s=0 scaling.cpus_per_worker=8 train.global_batch_size=8 train.micro_batch_size=8 train.warmup_epochs=0 train.log_every_steps=5 eval.batch_size=8 run.max_failures=1"
+  show() { grep "\[pretrain\]\|rror" | tail -"$1"; }
+  echo "=== smoke, bf16, NCCL, a worker failure injected at step 4"; date
+  python3 -m workflows pretrain --config workflows/configs/smoke.yaml --set $S run.name=gpu-smoke train.fail_at_step=4 2>&1 | tee "$OUT/smoke.log" | show 30
+  echo "=== relaunch with the same name: resumes, runs to 9 steps"; date
+  python3 -m workflows pretrain --config workflows/configs/smoke.yaml --set $S run.name=gpu-smoke train.max_steps=9 2>&1 | tee "$OUT/resume.log" | show 20
+  echo "=== evaluate the checkpoint on the GPU"; date
+  python3 -m workflows evaluate --checkpoint "$RUNS/gpu-smoke" --no-mlflow --out "$OUT/eval_smoke" 2>&1 | tee "$OUT/eval.log" | tail -12
+  echo "=== predict on the GPU"; date
+  python3 -m workflows predict --checkpoint "$RUNS/gpu-smoke" --device cuda $(find data/sample/videos -name "*.mp4" | sort | head -2) 2>&1 | tail -14
+  echo "=== ViT-B/16 8+16f at full size, bf16, eager"; date
+  python3 -m workflows pretrain --config workflows/configs/k710_b16_8x16f.yaml --set $S $B16 run.name=gpu-b16 train.max_steps=20 eval.every_steps=10 2>&1 | tee "$OUT/b16.log" | show 25
+  echo "=== ViT-B/16, train.compile=true"; date
+  python3 -m workflows pretrain --config workflows/configs/k710_b16_8x16f.yaml --set $S $B16 run.name=gpu-b16c train.max_steps=10 eval.every_steps=10 train.compile=true 2>&1 | tee "$OUT/b16c.log" | show 15
+  date
+  ;;
+*)
+  echo "usage: bash benchmarks/gpu_checks.sh pretrain|train_step" >&2; exit 2
+  ;;
+esac
