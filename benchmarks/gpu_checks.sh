@@ -19,7 +19,7 @@ if [ -d "$REPO/.gpu" ]; then
 fi
 date
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch,ray,deepspeed,decord,av,open_clip,mlflow;print('torch',torch.__version__,torch.cuda.get_device_name(),'ray',ray.__version__,'deepspeed',deepspeed.__version__)" || exit 4
+python3 -c "import torch,ray,deepspeed,decord,av,open_clip;print('torch',torch.__version__,torch.cuda.get_device_name(),'ray',ray.__version__,'deepspeed',deepspeed.__version__)" || exit 4
 case "${1:-}" in
 train_step)
   python3 -m benchmarks.train_step --device cuda --dtype bf16 --preset dist_b16_k400 --batch 16 --steps 10 --warmup 3 --matmul-size 8192 --compile 2>&1 | tee "$OUT/train_step_b16_bs16_compiled.log"
