@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step [--preset dist_b16_k400] [--batch 1] [--steps 5] [--device cpu|cuda]
                                     [--dtype fp32|bf16] [--repeats 1] [--keep-text-tower]
-                                    [--activation-checkpointing] [--compile]
+                                    [--activation-checkpointing] [--compile [--compile-mode M] [--compile-frozen]]
 
 Variants (random CLIP weights, seeded identically; same video, labels, class names, AdamW settings):
   dist     DiST as built by `build_dist`: CLIP frozen and run without autograd, only `dist_net` trains.
@@ -25,7 +25,9 @@ the ratio within one repeat (on shared CPUs the machine's speed drifts between v
 `--compile` torch.compiles the part of each variant that autograd runs through, as `train.compile` does in the
 workflow: DiST's trainable branch (its frozen CLIP runs without autograd and stays eager), the adapter baseline's and
 the full fine-tune's whole forward (their backward runs through CLIP). Compilation happens in the warm-up steps; FLOPs
-are counted on the eager path (`torch.compiler.set_stance("force_eager")`), the same math.
+are counted on the eager path (`torch.compiler.set_stance("force_eager")`), the same math. `--compile-mode` passes
+torch.compile's mode (`reduce-overhead`: CUDA graphs on a GPU); `--compile-frozen` compiles DiST's frozen CLIP
+forward as well (`FrozenCLIP.compile_forward`), so that every variant runs compiled end to end.
 
 `--dtype bf16` runs every variant in reduced precision: the frozen towers (dist, adapter) store CLIP in bf16, the
 full fine-tune keeps fp32 master weights under bf16 autocast, and every trainable part runs under bf16 autocast.
@@ -125,6 +127,8 @@ def run_variant(
     keep_text_tower: bool = False,
     activation_checkpointing: bool = False,
     compile_model: bool = False,
+    compile_mode: str | None = None,
+    compile_frozen: bool = False,
 ) -> VariantResult:
     """Build `variant`, time `steps` optimizer steps after `warmup`, measure peak memory, count FLOPs."""
     import torch
@@ -161,9 +165,11 @@ def run_variant(
         model.clip.release_text_tower()
     if compile_model:  # what autograd runs through: DiST's branch only; the baselines' backward crosses CLIP
         if variant == "dist":
-            model.compile_trainable()
+            model.compile_trainable(compile_mode)
+            if compile_frozen:
+                model.clip.compile_forward(compile_mode)
         else:
-            model.compile()
+            model.compile(mode=compile_mode)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -228,6 +234,8 @@ def run_in_subprocess(variant: str, args: argparse.Namespace) -> VariantResult:
         "--matmul-size", str(args.matmul_size), *(["--keep-text-tower"] if args.keep_text_tower else []),
         *(["--activation-checkpointing"] if args.activation_checkpointing else []),
         *(["--compile"] if args.compile else []),
+        *(["--compile-mode", args.compile_mode] if args.compile_mode else []),
+        *(["--compile-frozen"] if args.compile_frozen else []),
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, cwd=_REPO_ROOT, env=env, capture_output=True, text=True)
@@ -302,6 +310,13 @@ def format_table(results: dict[str, VariantResult]) -> str:
     return "\n".join(rows)
 
 
+def _compile_summary(args: argparse.Namespace) -> str:
+    if not args.compile:
+        return "off"
+    return "on" + (f" mode={args.compile_mode}" if args.compile_mode else "") + (
+        " (DiST's frozen CLIP too)" if args.compile_frozen else "")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="dist_b16_k400", help="DiST preset (dist_tiny for a smoke run)")
@@ -323,12 +338,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile what autograd runs through in each variant (needs --warmup >= 1: the "
                              "first step compiles)")
+    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
+                        help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU)")
+    parser.add_argument("--compile-frozen", action="store_true",
+                        help="with --compile, also compile DiST's frozen CLIP forward (baselines: compiled anyway)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         parser.error("--batch, --steps and --repeats must be >= 1 and --warmup >= 0")
     if args.compile and args.warmup < 1:
         parser.error("--compile needs --warmup >= 1: the first step compiles and must not be timed")
+    if (args.compile_mode or args.compile_frozen) and not args.compile:
+        parser.error("--compile-mode and --compile-frozen go with --compile")
     return args
 
 
@@ -342,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
             torch.set_num_threads(args.threads)
         result = run_variant(args.worker, args.preset, args.batch, args.steps, args.warmup, args.device, args.dtype,
                              args.matmul_size, keep_text_tower=args.keep_text_tower,
-                             activation_checkpointing=args.activation_checkpointing, compile_model=args.compile)
+                             activation_checkpointing=args.activation_checkpointing, compile_model=args.compile,
+                             compile_mode=args.compile_mode, compile_frozen=args.compile_frozen)
         print(_RESULT_TAG + json.dumps(asdict(result)), flush=True)
         return {args.worker: result}
 
@@ -355,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
         f"device={args.device} dtype={args.dtype} threads={threads} repeats={args.repeats} "
         f"text_tower={'kept' if args.keep_text_tower else 'released after caching the class embeddings'} "
         f"activation_checkpointing={'on (DiST branch)' if args.activation_checkpointing else 'off'} "
-        f"compile={'on' if args.compile else 'off'}",
+        f"compile={_compile_summary(args)}",
         flush=True,
     )
     repeats = []

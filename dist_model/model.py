@@ -147,12 +147,12 @@ class VideoTextModel(nn.Module):
     def trainable(self) -> nn.Module:
         return getattr(self, self.trainable_name)
 
-    def compile_trainable(self) -> None:
+    def compile_trainable(self, mode: str | None = None) -> None:
         """torch.compile the trainable module in place (its state-dict keys do not change): inductor fuses the
         branch's LayerNorms, activations, casts and adds around the matmuls (~15% off DiST's bf16 branch step on
-        CPU). The frozen CLIP stays eager: it already runs one fused inference path, which inductor's CPU GEMMs did
-        not beat. On CPU inductor needs a C++ compiler."""
-        self.trainable.compile()
+        CPU). The frozen CLIP stays eager (see `FrozenCLIP.compile_forward`). `mode` is torch.compile's
+        ("reduce-overhead": CUDA graphs on a GPU). On CPU inductor needs a C++ compiler."""
+        self.trainable.compile(mode=mode)
 
     # --- forward ---
     def sparse_frames(self, video: torch.Tensor) -> torch.Tensor:

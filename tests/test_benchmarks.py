@@ -78,6 +78,16 @@ def test_dispatched_ops_are_counted_exactly():
     assert count_dispatched_ops(lambda: None) == 0
 
 
+def test_compile_options_need_compile():
+    from benchmarks.train_step import parse_args
+
+    for extra in (["--compile-frozen"], ["--compile-mode", "reduce-overhead"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--warmup", "1", *extra])
+    args = parse_args(["--compile", "--compile-frozen", "--compile-mode", "reduce-overhead", "--warmup", "1"])
+    assert args.compile_frozen and args.compile_mode == "reduce-overhead"
+
+
 def test_ratios_line_round_trips():
     line = ratios_line({"a_vs_b": 0.25, "util": 0.5})
     assert line == "ratios: a_vs_b=0.25 util=0.5"

@@ -250,6 +250,21 @@ def test_torch_compile_matches_eager(tiny):
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
+def test_compiled_frozen_clip_matches_eager():
+    """FrozenCLIP.compile_forward (the train_step benchmark's --compile-frozen): the same tapped tokens as eager."""
+    torch.manual_seed(0)
+    clip = build_clip(DiSTConfig.from_name("dist_tiny"))  # its own: compiling mutates it
+    frames = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    taps, stop = {0, clip.num_blocks - 1}, clip.num_blocks - 1
+    eager = clip.forward_tokens(frames, taps, stop)
+    clip.compile_forward()
+    compiled = clip.forward_tokens(frames, taps, stop)
+    assert compiled.keys() == eager.keys()
+    for block, tokens in eager.items():
+        torch.testing.assert_close(compiled[block], tokens, rtol=1e-4, atol=1e-4)
+    assert not compiled[stop].requires_grad  # still under no_grad
+
+
 # --- an independent transcription of the authors' sequence-first forward (reference §2.3-2.5) ---
 def _authors_forward(model, video: torch.Tensor) -> torch.Tensor:
     """Written from the spec in the authors' (N+1, B*T, C) layout with torch's own nn.MultiheadAttention."""
