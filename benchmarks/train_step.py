@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step [--preset dist_b16_k400] [--batch 1] [--steps 5] [--device cpu|cuda]
                                     [--dtype fp32|bf16] [--repeats 1] [--keep-text-tower]
-                                    [--activation-checkpointing] [--compile [--compile-mode M] [--compile-frozen]]
+                                    [--activation-checkpointing [N]] [--compile [--compile-mode M] [--compile-frozen]]
 
 Variants (random CLIP weights, seeded identically; same video, labels, class names, AdamW settings):
   dist     DiST as built by `build_dist`: CLIP frozen and run without autograd, only `dist_net` trains.
@@ -90,9 +90,10 @@ class VariantResult:
 
 
 # --- one variant, in its own process ---
-def build_variant(variant: str, preset: str, dtype: str, activation_checkpointing: bool = False):
+def build_variant(variant: str, preset: str, dtype: str, activation_checkpointing: bool | int = False):
     """Build one variant's model (CLIP weights seeded identically across variants). `activation_checkpointing`
-    recomputes the DiST branch's activations in the backward, in both variants that have the branch (dist, full)."""
+    (true, or the first N fusion layers) recomputes the DiST branch's activations in the backward, in both variants
+    that have the branch (dist, full)."""
     import torch
 
     from benchmarks.baselines import FullFineTune, STAdapterBaseline
@@ -125,7 +126,7 @@ def run_variant(
     matmul_size: int = 2048,
     classes: int = 10,
     keep_text_tower: bool = False,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | int = False,
     compile_model: bool = False,
     compile_mode: str | None = None,
     compile_frozen: bool = False,
@@ -225,6 +226,18 @@ def run_variant(
 
 
 # --- the driver ---
+def checkpointed_layers_arg(args: argparse.Namespace) -> list[str]:
+    """`--activation-checkpointing`'s optional N, as the worker's command line needs it."""
+    setting = args.activation_checkpointing
+    return [] if isinstance(setting, bool) else [str(setting)]
+
+
+def checkpointing_label(setting: bool | int) -> str:
+    if not setting:
+        return "off"
+    return "on (DiST branch, every fusion layer)" if setting is True else f"on (DiST branch, first {setting} layers)"
+
+
 def run_in_subprocess(variant: str, args: argparse.Namespace) -> VariantResult:
     """Run one variant in a fresh Python process (clean peak memory) and parse its result."""
     cmd = [
@@ -232,7 +245,7 @@ def run_in_subprocess(variant: str, args: argparse.Namespace) -> VariantResult:
         "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
         "--matmul-size", str(args.matmul_size), *(["--keep-text-tower"] if args.keep_text_tower else []),
-        *(["--activation-checkpointing"] if args.activation_checkpointing else []),
+        *(["--activation-checkpointing", *checkpointed_layers_arg(args)] if args.activation_checkpointing else []),
         *(["--compile"] if args.compile else []),
         *(["--compile-mode", args.compile_mode] if args.compile_mode else []),
         *(["--compile-frozen"] if args.compile_frozen else []),
@@ -333,8 +346,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-text-tower", action="store_true",
                         help="keep CLIP's text tower resident during the steps (by default every variant caches the "
                              "class embeddings and releases it first)")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="recompute the DiST branch's activations in the backward (dist and full variants)")
+    parser.add_argument("--activation-checkpointing", nargs="?", type=int, const=True, default=False, metavar="N",
+                        help="recompute the DiST branch's activations in the backward (dist and full variants): in "
+                             "every fusion layer, or in the first N")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile what autograd runs through in each variant (needs --warmup >= 1: the "
                              "first step compiles)")
@@ -376,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
         f"train_step: preset={args.preset} batch={args.batch} steps={args.steps} warmup={args.warmup} "
         f"device={args.device} dtype={args.dtype} threads={threads} repeats={args.repeats} "
         f"text_tower={'kept' if args.keep_text_tower else 'released after caching the class embeddings'} "
-        f"activation_checkpointing={'on (DiST branch)' if args.activation_checkpointing else 'off'} "
+        f"activation_checkpointing={checkpointing_label(args.activation_checkpointing)} "
         f"compile={_compile_summary(args)}",
         flush=True,
     )

@@ -47,6 +47,13 @@ def fusion_layers_for(preset: str, depth: int) -> tuple[int, ...]:
     raise ValueError(f"unknown fusion preset {preset!r}; choose one of {valid} or give a list of block indices")
 
 
+def recomputed_layer_count(activation_checkpointing: bool | int, depth: int) -> int:
+    """The `activation_checkpointing` setting as a number of fusion layers: true = all `depth`, false = 0, N = N."""
+    if isinstance(activation_checkpointing, bool):
+        return depth if activation_checkpointing else 0
+    return min(int(activation_checkpointing), depth)
+
+
 @dataclass(frozen=True)
 class ClipArch:
     """What DiST needs to know about an open_clip ViT architecture (read from its JSON config, no weights)."""
@@ -122,9 +129,11 @@ class DiSTConfig:
     prompt_template: str = "{}"  # e.g. "a video of a person {}."; "{}" = the bare class name (authors' default)
     zero_shot_weight: float = 0.5  # weight of frozen-CLIP logits when zero-shot fusion is on at evaluation
     # --- memory ---
-    # Recompute each fusion layer's branch activations in the backward (torch.utils.checkpoint): the branch then
-    # stores only every layer's inputs, at the cost of a second branch forward per step. Weights are unchanged.
-    activation_checkpointing: bool = False
+    # Recompute fusion layers' branch activations in the backward (torch.utils.checkpoint): a recomputed layer stores
+    # only its inputs, at the cost of a second forward of that layer per step. true = every fusion layer; an integer
+    # N = the first N (the shallowest: their backward runs last, when the deeper layers' activations are already
+    # freed, so the recompute adds nothing to the peak). Weights and gradients are unchanged.
+    activation_checkpointing: bool | int = False
 
     def __post_init__(self) -> None:
         if isinstance(self.fusion_layers, list):
@@ -168,6 +177,12 @@ class DiSTConfig:
         if "{}" not in self.prompt_template:
             raise ValueError(
                 f"prompt_template must contain '{{}}' where the class name goes (got {self.prompt_template!r})"
+            )
+        recompute = self.activation_checkpointing
+        if not isinstance(recompute, bool) and not 0 <= recompute <= len(layers):
+            raise ValueError(
+                f"activation_checkpointing must be true, false or a number of fusion layers in 0..{len(layers)} "
+                f"(got {self.activation_checkpointing})"
             )
         if not 0.0 <= self.zero_shot_weight <= 1.0:
             raise ValueError(f"zero_shot_weight must be in [0, 1] (got {self.zero_shot_weight})")

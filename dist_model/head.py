@@ -43,10 +43,10 @@ class AdaPoolingLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q_s: (B*T, 1, D) per-frame query; q_v: (B, 1, D) video query; tokens: (B*T, N+1, D)
         q_s = q_s + self.spatial_transformer(q_s, tokens)  # attend over the N+1 tokens of each frame
-        q_s = q_s + self.output_map_spatial_cls_token(self.ln_out_spat_cls_token(q_s))
+        q_s = q_s + self.output_map_spatial_cls_token(q_s, norm=self.ln_out_spat_cls_token)
         frames = q_s.view(batch, -1, q_s.shape[-1]) + self.positional_embedding  # (B, T, D)
         q_v = q_v + self.temporal_transformer(q_v, frames)  # attend over the T frame tokens
-        q_v = q_v + self.output_map_cls_token(self.ln_out_temp_cls_token(q_v))
+        q_v = q_v + self.output_map_cls_token(q_v, norm=self.ln_out_temp_cls_token)
         return q_s, q_v
 
 

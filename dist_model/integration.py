@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_model.layers import Mlp, quick_gelu, temporal_conv_channels_last, temporal_kernel_matrix
+from dist_model.layers import (
+    Mlp,
+    layer_norm_linear,
+    quick_gelu_linear,
+    temporal_conv_channels_last,
+    temporal_kernel_matrix,
+)
 
 
 class IntegrationToTemporal(nn.Module):
@@ -62,14 +68,16 @@ class TemporalFFN(nn.Module):
         self.c_fc2 = nn.Conv3d(hidden, hidden, (kernel_size, 1, 1), padding=(kernel_size // 2, 0, 0))
         self.c_proj = nn.Conv3d(hidden, dim, 1)
 
-    def forward(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: int, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """TFFN(x), or TFFN(norm(x)) when `norm` is given (fused into the first linear: norm(x) is not stored)."""
         bt, n1, d = x.shape
         t = bt // batch
         # Every conv here runs channels-last as a matmul: the 1x1x1s are per-token linears, the (k,1,1) one a linear
         # over k time-shifted copies. No permute of the activations.
-        h = F.linear(x, self.c_fc1.weight.flatten(1), self.c_fc1.bias)  # (B*T, N+1, D_h)
-        h = quick_gelu(temporal_conv_channels_last(h.view(batch, t, n1, -1), self.c_fc2))  # (B, T, N+1, D_h)
-        return F.linear(h.view(bt, n1, -1), self.c_proj.weight.flatten(1), self.c_proj.bias)  # (B*T, N+1, D)
+        fc1 = self.c_fc1.weight.flatten(1)
+        h = F.linear(x, fc1, self.c_fc1.bias) if norm is None else layer_norm_linear(x, norm, fc1, self.c_fc1.bias)
+        h = temporal_conv_channels_last(h.view(batch, t, n1, -1), self.c_fc2)  # (B, T, N+1, D_h)
+        return quick_gelu_linear(h.view(bt, n1, -1), self.c_proj.weight.flatten(1), self.c_proj.bias)  # (B*T, N+1, D)
 
 
 class IntegrationBlock(nn.Module):
@@ -83,4 +91,4 @@ class IntegrationBlock(nn.Module):
         self.temporal_ffn = TemporalFFN(dim, int(dim * temporal_mlp_ratio), kernel_size)
 
     def forward(self, y: torch.Tensor, batch: int) -> torch.Tensor:
-        return self.ffn(self.ln(y)) + self.temporal_ffn(self.ln_temporal(y), batch)
+        return self.ffn(y, norm=self.ln) + self.temporal_ffn(y, batch, norm=self.ln_temporal)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_model.config import DiSTConfig
+from dist_model.config import DiSTConfig, recomputed_layer_count
 from dist_model.head import AdaPoolingLayer, TextClassifier, cosine_logits
 from dist_model.integration import IntegrationBlock, IntegrationToTemporal, TemporalToIntegration
 from dist_model.layers import TOKEN_PARAM_NAMES, for_weights, init_dist_weights
@@ -58,7 +58,7 @@ class DiSTNet(nn.Module):
         self.proj_spatial_cls_token = nn.Linear(width, dim)  # the head's CLIP-CLS shortcut
         self.ln_post = nn.LayerNorm(dim)
         self.proj = nn.Parameter(torch.empty(dim, arch.embed_dim))
-        self.activation_checkpointing = cfg.activation_checkpointing
+        self.activation_checkpointing = cfg.activation_checkpointing  # true, false, or the first N fusion layers
         self.apply(init_dist_weights)
         nn.init.trunc_normal_(self.aggregated_cls_token, std=0.02)
         nn.init.trunc_normal_(self.aggregated_spatial_cls_token, std=0.02)
@@ -89,9 +89,10 @@ class DiSTNet(nn.Module):
         z = self.temporal_stem(for_weights(video, wdtype))  # (B, D_t, T_d, g, g)
         residual = None  # R_{k-1}; R_0 = 0
         y = None
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        recompute = recomputed_layer_count(self.activation_checkpointing, len(clip_tokens)) \
+            if self.training and torch.is_grad_enabled() else 0
         for k, tokens in enumerate(clip_tokens):
-            if recompute:
+            if k < recompute:
                 z, y, residual = checkpoint(self.fusion_layer, k, z, tokens, residual, batch, use_reentrant=False)
             else:
                 z, y, residual = self.fusion_layer(k, z, tokens, residual, batch)

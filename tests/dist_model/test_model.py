@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_model import DiSTConfig, DiSTNet, build_clip, build_dist, build_spatial_only, normalize_video
+from dist_model.config import recomputed_layer_count
 from dist_model.layers import quick_gelu
 
 
@@ -150,7 +151,8 @@ def test_release_text_tower_keeps_cached_label_sets_and_refuses_new_ones():
         model.text_embeddings(["surfing"])
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny):
+@pytest.mark.parametrize("setting", [True, 1])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny, setting):
     video = tiny_video(seed=3)
     labels = torch.tensor([0, 2])
 
@@ -162,7 +164,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny):
 
     tiny.train()
     plain_loss, plain = loss_and_grads()
-    tiny.dist_net.activation_checkpointing = True
+    tiny.dist_net.activation_checkpointing = setting  # every fusion layer, or only the first
     recomputed_loss, recomputed = loss_and_grads()
     assert torch.allclose(recomputed_loss, plain_loss, atol=1e-6)
     assert recomputed.keys() == plain.keys() and len(plain) > 0
@@ -174,6 +176,28 @@ def test_activation_checkpointing_is_a_config_field():
     cfg = DiSTConfig.from_name("dist_tiny", activation_checkpointing=True)
     assert DiSTNet(cfg).activation_checkpointing
     assert not DiSTNet(DiSTConfig.from_name("dist_tiny")).activation_checkpointing
+    depth = len(cfg.layers)
+    assert DiSTNet(DiSTConfig.from_name("dist_tiny", activation_checkpointing=depth)).activation_checkpointing == depth
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        DiSTConfig.from_name("dist_tiny", activation_checkpointing=depth + 1)
+
+
+@pytest.mark.parametrize("setting, expected", [(False, 0), (True, 12), (0, 0), (3, 3), (12, 12)])
+def test_recomputed_layer_count(setting, expected):
+    assert recomputed_layer_count(setting, 12) == expected
+
+
+def test_partial_checkpointing_recomputes_only_the_first_layers(tiny, monkeypatch):
+    """With N, exactly the first N fusion layers run under torch.utils.checkpoint (each runs twice: forward, and
+    again in the backward), the rest once."""
+    calls = []
+    original = tiny.dist_net.fusion_layer
+    monkeypatch.setattr(tiny.dist_net, "fusion_layer", lambda k, *a: calls.append(k) or original(k, *a))
+    tiny.train()
+    tiny.dist_net.activation_checkpointing = 1
+    F.cross_entropy(tiny(tiny_video(seed=4), ["a", "b", "c"]), torch.tensor([0, 1])).backward()
+    depth = len(tiny.cfg.layers)
+    assert sorted(calls) == sorted([0, 0, *range(1, depth)])
 
 
 def test_prompt_template_and_quote_stripping(tiny_clip):
@@ -363,8 +387,61 @@ def test_bf16_autocast_keeps_the_integration_stream_in_bf16(tiny):
     """A float32 learned token joining the bf16 stream would promote every integration token to float32 (twice the
     saved activations, a cast before every matmul)."""
     seen = []
-    tiny.dist_net.integration_nets[0].ln.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    tiny.dist_net.integration_nets[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tiny(tiny_video(), ["a", "b"]).float().sum().backward()
     assert seen == [torch.bfloat16]
     assert all(p.grad.dtype == torch.float32 for p in tiny.dist_net.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_linears_match_the_plain_ops_and_store_less(with_bias):
+    """layer_norm_linear / quick_gelu_linear: same values and gradients as the unfused ops (float64), and they store
+    only their input for the backward, not the normalised tokens or the activation as well."""
+    from dist_model.layers import layer_norm_linear, quick_gelu_linear
+
+    torch.manual_seed(5)
+    norm = nn.LayerNorm(12).double()
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    weight = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True) if with_bias else None
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    leaves = [x, weight, norm.weight, norm.bias] + ([bias] if with_bias else [])
+    cases = [
+        (lambda: layer_norm_linear(x, norm, weight, bias), lambda: F.linear(norm(x), weight, bias)),
+        (lambda: quick_gelu_linear(x, weight, bias), lambda: F.linear(quick_gelu(x), weight, bias)),
+    ]
+    for fused, plain in cases:
+        stored: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, out=stored: out.append(t.numel()) or t, lambda t: t):
+            got = fused()
+        expected = plain()
+        torch.testing.assert_close(got, expected)
+        used = [t for t in leaves if t is not norm.weight and t is not norm.bias] if fused is cases[1][0] else leaves
+        torch.testing.assert_close(torch.autograd.grad(got.square().sum(), used),
+                                   torch.autograd.grad(expected.square().sum(), used))
+        # x, the weights, LayerNorm's per-token statistics; no second (3, 5, 12) tensor (the plain ops store two)
+        assert sum(n == x.numel() for n in stored) == 1, stored
+
+
+def test_fused_linears_under_bf16_autocast_follow_autocast():
+    from dist_model.layers import layer_norm_linear, quick_gelu_linear
+
+    torch.manual_seed(6)
+    norm = nn.LayerNorm(16)
+    linear = nn.Linear(16, 8)
+    x = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=True)
+    for fused, plain in [
+        (lambda: layer_norm_linear(x, norm, linear.weight, linear.bias), lambda: linear(norm(x))),
+        (lambda: quick_gelu_linear(x, linear.weight, linear.bias), lambda: linear(quick_gelu(x))),
+    ]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, expected = fused(), plain()
+        assert got.dtype == expected.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+        grads = torch.autograd.grad(got.float().sum(), (x, linear.weight, linear.bias))
+        ref = torch.autograd.grad(expected.float().sum(), (x, linear.weight, linear.bias))
+        assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+        for g, r in zip(grads, ref, strict=True):
+            torch.testing.assert_close(g.float(), r.float(), atol=5e-2, rtol=5e-2)
