@@ -53,7 +53,9 @@ def _linear_backward(ctx, grad: torch.Tensor, inp: torch.Tensor, weight: torch.T
     if ctx.needs_weight_grad:
         grad_weight = (grad2.t() @ inp.to(dtype).reshape(-1, inp.shape[-1])).to(weight.dtype)
     if ctx.needs_bias_grad:
-        grad_bias = grad2.sum(0).to(bias_dtype)
+        # Accumulated in float32 (the bias is float32 under autocast); a bf16 sum here also trips an inductor C++
+        # codegen bug (torch 2.14) when two of these biases reduce the same gradient (the FFN and temporal FFN).
+        grad_bias = grad2.sum(0, dtype=torch.float32).to(bias_dtype)
     return grad @ weight.to(dtype), grad_weight, grad_bias
 
 
