@@ -192,31 +192,14 @@ class CrossAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, lq, d = query.shape
+        lk = context.shape[1]
         h = self.num_heads
-        w_q, w_k, w_v = self.in_proj_weight.split([d, d, d])
-        b_q, b_k, b_v = self.in_proj_bias.split([d, d, d])
+        w_q, w_kv = self.in_proj_weight.split([d, 2 * d])
+        b_q, b_kv = self.in_proj_bias.split([d, 2 * d])
         q = F.linear(query, w_q, b_q).view(b, lq, h, d // h).transpose(1, 2)  # (B, h, Lq, d/h)
-        if lq * h < context.shape[1]:
-            return self.out_proj(self._few_queries(q, context, w_k, b_k, w_v, b_v).transpose(1, 2).reshape(b, lq, d))
-        k, v = F.linear(context, torch.cat([w_k, w_v]), torch.cat([b_k, b_v])).view(b, -1, 2, h, d // h).unbind(2)
-        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2))  # (B, h, Lq, d/h)
+        k, v = F.linear(context, w_kv, b_kv).view(b, lk, 2, h, d // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, Lk, d/h)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Lq, d/h)
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, d))
-
-    @staticmethod
-    def _few_queries(q, context, w_k, b_k, w_v, b_v) -> torch.Tensor:
-        """Attention of a few queries (the pooling head's single query) without projecting every context token to
-        keys and values: q.(W_k x + b_k) = (W_k^T q).x + q.b_k, and the attention-weighted values are
-        W_v (sum_j a_j x_j) + b_v since the weights sum to 1. Same result; at B/16 it skips a (B*T*197, 384) x
-        (384, 768) projection per pooling layer (~3 GFLOP per clip, forward and backward)."""
-        bsz, h, lq, dh = q.shape
-        c = context.shape[-1]
-        w_k, w_v = w_k.view(h, dh, c).to(q.dtype), w_v.view(h, dh, c).to(q.dtype)
-        u = torch.einsum("bhqd,hdc->bhqc", q, w_k).reshape(bsz, h * lq, c)  # W_k^T q per head
-        scores = torch.bmm(u, context.to(q.dtype).transpose(1, 2)).view(bsz, h, lq, -1)  # (B, h, Lq, Lk)
-        scores = scores + (q * b_k.view(h, 1, dh).to(q.dtype)).sum(-1, keepdim=True)  # q.b_k: no effect, kept
-        attn = torch.softmax(scores.float() * dh**-0.5, dim=-1).to(q.dtype)
-        pooled = torch.bmm(attn.view(bsz, h * lq, -1), context.to(q.dtype)).view(bsz, h, lq, c)  # sum_j a_j x_j
-        return torch.einsum("bhqc,hdc->bhqd", pooled, w_v) + b_v.view(h, 1, dh).to(q.dtype)  # (B, h, Lq, d/h)
 
 
 # Parameter names that hold learned tokens or positional embeddings: initialised like weights but never decayed.
