@@ -464,4 +464,3 @@ def test_branch_compiles_under_bf16_autocast(tiny):
         grads.append(torch.cat([p.grad.float().flatten() for p in model.trainable.parameters()]))
     assert torch.isfinite(grads[0]).all()
     assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99  # same gradients, up to bf16 rounding
-
