@@ -7,6 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _quick_gelu_grad(x: torch.Tensor, s: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """d/dx [x sigmoid(1.702 x)] * grad, with s = sigmoid(1.702 x): s (1 + 1.702 x (1 - s)), built in place in one
+    temporary (x, s and grad are left unchanged)."""
+    return torch.rsub(s, 1.0).mul_(x).mul_(1.702).add_(1.0).mul_(s).mul_(grad)
+
+
 class _QuickGELU(torch.autograd.Function):
     """QuickGELU that saves only its input for the backward and recomputes the sigmoid there: autograd's version
     keeps both x and sigmoid(1.702 x), so this halves the activation's saved memory. Same forward values."""
@@ -19,9 +25,7 @@ class _QuickGELU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        s = torch.sigmoid(1.702 * x)
-        # d/dx [x sigmoid(1.702 x)] = s (1 + 1.702 x (1 - s)), built in place in one temporary
-        return torch.rsub(s, 1.0).mul_(x).mul_(1.702).add_(1.0).mul_(s).mul_(grad)
+        return _quick_gelu_grad(x, torch.sigmoid(1.702 * x), grad)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -108,8 +112,8 @@ class _QuickGELULinear(torch.autograd.Function):
         s = torch.sigmoid(1.702 * x)
         grad_act, grad_weight, grad_bias = _linear_backward(ctx, grad, x * s, weight, ctx.bias_dtype)
         grad_x = None
-        if ctx.needs_input_grad[0]:  # d/dx [x s] = s (1 + 1.702 x (1 - s))
-            grad_x = torch.rsub(s, 1.0).mul_(x).mul_(1.702).add_(1.0).mul_(s).mul_(grad_act.to(x.dtype))
+        if ctx.needs_input_grad[0]:
+            grad_x = _quick_gelu_grad(x, s, grad_act.to(x.dtype))
         return grad_x, grad_weight, grad_bias
 
 
