@@ -183,6 +183,32 @@ def test_eval_clips_resize_and_three_crops() -> None:
     assert np.all(resize(const, 20, 31) == 77)
 
 
+def _reference_bilinear(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Half-pixel-centre bilinear resize in float64, no antialiasing (the arithmetic `resize` must reproduce)."""
+    def axis(size_in: int, size_out: int):
+        src = np.clip((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0, size_in - 1)
+        lo = np.floor(src).astype(int)
+        return lo, np.minimum(lo + 1, size_in - 1), src - lo
+
+    y0, y1, wy = axis(frames.shape[1], height)
+    x0, x1, wx = axis(frames.shape[2], width)
+    f = frames.astype(np.float64)
+    rows = f[:, y0] * (1 - wy)[:, None, None] + f[:, y1] * wy[:, None, None]
+    return rows[:, :, x0] * (1 - wx)[:, None] + rows[:, :, x1] * wx[:, None]
+
+
+@pytest.mark.parametrize("size", [(224, 224), (20, 31), (300, 410)])
+def test_resize_is_half_pixel_bilinear_on_crop_views(size) -> None:
+    frames = np.random.default_rng(3).integers(0, 256, (3, 120, 170, 3), dtype=np.uint8)
+    crop = frames[:, 7:107, 11:161]  # a strided view, as train_clip passes its crop
+    for view in (crop, crop[:, :, ::-1]):  # also a mirrored (negative-stride) view
+        out = resize(view, *size)
+        assert out.shape == (3, *size, 3) and out.dtype == np.uint8 and out.flags["C_CONTIGUOUS"]
+        err = np.abs(out.astype(np.float64) - _reference_bilinear(view, *size))
+        assert err.max() <= 1.0 and err.mean() < 0.5  # integer rounding only
+    assert resize(crop, 100, 150) is crop  # already the size: no copy
+
+
 def test_decode_size_only_shrinks_large_sources() -> None:
     assert decode_size(340, 256, 37, 1.25) == (50, 38)
     assert decode_size(64, 44, 37, 1.25) is None  # 44 <= 1.25 x 37: decode at the source size
