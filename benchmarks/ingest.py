@@ -500,8 +500,8 @@ def main(argv: list[str] | None = None) -> list[SizeResult]:
     sets = [ensure_videos(Path(args.cache), w, h, args.videos, args.video_frames, workers=args.workers)
             for w, h in args.size_list]
     results = []
-    with local_ray(args.workers * args.threads):
-        for videos in sets:
+    for videos in sets:  # a fresh local Ray per size: a size's ratios must not depend on what ran before it
+        with local_ray(args.workers * args.threads):
             results.append(run_size(videos, args))
     print_results(load, "decode limit = single-process clips_from_video clips/s x min(workers, cores); "
                   f"headline = {results[0].name}", format_table(results), summarise(results))
