@@ -16,6 +16,7 @@ torch's ~2 s and ~280 MiB of private memory (CUDA build) in a process that start
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -25,13 +26,13 @@ import numpy as np
 _LUMA = np.array([0.2989, 0.587, 0.114], np.float32)
 
 
+@functools.cache
 def _opencv():
-    """cv2, single-threaded: one decoder per CPU is how the pipeline scales (and what Ray's CPU accounting assumes);
-    OpenCV's own thread pool would oversubscribe the cores."""
+    """cv2, set single-threaded once per process: one decoder per CPU is how the pipeline scales (and what Ray's CPU
+    accounting assumes); OpenCV's own thread pool would oversubscribe the cores."""
     import cv2
 
-    if cv2.getNumThreads() != 1:
-        cv2.setNumThreads(1)
+    cv2.setNumThreads(1)
     return cv2
 
 
