@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -216,7 +217,9 @@ def write_sample_dataset(
             rows[split].append({"path": rel, "label": name})
     workers = workers or min(4, os.cpu_count() or 1)
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # Spawned, not forked: callers (a Ray driver, a test session with Ray and torch started) are multi-threaded,
+        # and a forked child can block forever on a lock one of those threads held at the fork.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for k, _ in enumerate(pool.map(_write_one, jobs, chunksize=8)):
                 if progress and (k + 1) % 50 == 0:
                     print(f"  wrote {k + 1}/{len(jobs)} videos", flush=True)
