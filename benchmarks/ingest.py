@@ -33,8 +33,9 @@ worker/actor start-up and first decodes excluded) to the last arrival that leave
 CPU s/clip is the CPU time of this process tree over that window (Ray: its daemons, actors and tasks included; the
 DataLoader: this process and its workers, not the idle Ray beside it): it changes less than clips/s when other jobs
 share the machine. Each repeat runs every variant, alternating
-the order; ratios are medians over repeats of ratios measured in the same repeat. The first size of `--sizes`
-(340x256, Kinetics-like, by default) gives the headline `ray_vs_dataloader` and `ray_vs_decode_limit`.
+the order; ratios are medians over repeats of ratios measured in the same repeat, and the table lists each repeat's
+ratio to the DataLoader with their mean ± two standard errors. The first size of `--sizes` (340x256, Kinetics-like,
+by default) gives the headline `ray_vs_dataloader` and `ray_vs_decode_limit`.
 """
 from __future__ import annotations
 
@@ -370,10 +371,14 @@ class SizeResult:
     def decode_limit(self) -> float:
         return self.single_rate * self.parallel
 
-    def vs_dataloader(self, pipeline_name: str) -> float:
-        """Median over repeats of the pairwise ratio (both measured in the same repeat)."""
+    def repeat_ratios(self, pipeline_name: str) -> list[float]:
+        """clips/s against the DataLoader's, within each repeat (both measured in the same repeat)."""
         pairs = zip(self.runs[pipeline_name], self.runs["dataloader"], strict=True)
-        return statistics.median(r.clips_per_s / d.clips_per_s for r, d in pairs)
+        return [r.clips_per_s / d.clips_per_s for r, d in pairs]
+
+    def vs_dataloader(self, pipeline_name: str) -> float:
+        """Median over repeats of the pairwise ratio."""
+        return statistics.median(self.repeat_ratios(pipeline_name))
 
     def vs_limit(self, pipeline_name: str) -> float:
         pairs = zip(self.runs[pipeline_name], self.single, strict=True)
@@ -433,17 +438,22 @@ def summarise(results: Sequence[SizeResult]) -> dict[str, float]:
 
 
 def format_table(results: Sequence[SizeResult]) -> str:
-    """A markdown table, medians over repeats: clips/s and CPU seconds per clip of every pipeline."""
-    head = ("| size | pipeline | clips/s | vs DataLoader | vs decode limit | CPU s/clip |")
-    rows = [head, "|" + "---|" * 6]
+    """A markdown table, medians over repeats: clips/s and CPU seconds per clip of every pipeline, and each repeat's
+    ratio to the DataLoader with their mean and its ± two standard errors."""
+    from benchmarks.measure import spread
+
+    head = ("| size | pipeline | clips/s | vs DataLoader | vs DataLoader, each repeat | vs decode limit | "
+            "CPU s/clip |")
+    rows = [head, "|" + "---|" * 7]
     for r in results:
         rows.append(f"| {r.name} | single process (decord {100 * r.decode_share:.0f}% of it) | "
-                    f"{r.single_rate:.2f} | | | {r.single_cpu_per_clip:.3f} |")
-        rows.append(f"| {r.name} | decode limit (single x {r.parallel}) | {r.decode_limit:.2f} | | 1.00 | |")
+                    f"{r.single_rate:.2f} | | | | {r.single_cpu_per_clip:.3f} |")
+        rows.append(f"| {r.name} | decode limit (single x {r.parallel}) | {r.decode_limit:.2f} | | | 1.00 | |")
         for name in r.runs:
             label = {"dataloader": "DataLoader", "ray": "Ray Data",
                      "ray_select_columns": "Ray Data, select_columns first"}[name]
-            rows.append(f"| {r.name} | {label} | {r.rate(name):.2f} | {r.vs_dataloader(name):.2f} | "
+            each = "" if name == "dataloader" else spread(r.repeat_ratios(name))
+            rows.append(f"| {r.name} | {label} | {r.rate(name):.2f} | {r.vs_dataloader(name):.2f} | {each} | "
                         f"{r.vs_limit(name):.2f} | {r.cpu_per_clip(name):.3f} |")
     return "\n".join(rows)
 

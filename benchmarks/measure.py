@@ -158,6 +158,18 @@ def parse_ratios(line: str) -> dict[str, float]:
     return values
 
 
+def spread(values: Iterable[float]) -> str:
+    """Repeated measurements of one ratio as '0.95 0.96 1.04 (mean 0.98 ± 0.05)': each value, then the mean and two
+    standard errors (about a 95% interval for the mean; only with 2 or more values). On a shared machine single
+    repeats of a ratio move by ±0.1, so whether a target is met needs the interval, not one value."""
+    values = list(values)
+    text = " ".join(f"{v:.2f}" for v in values)
+    if len(values) < 2:
+        return text
+    half = 2 * statistics.stdev(values) / math.sqrt(len(values))
+    return f"{text} (mean {statistics.fmean(values):.2f} ± {half:.2f})"
+
+
 def finite_positive(value: float) -> bool:
     """True for a finite number > 0."""
     return math.isfinite(value) and value > 0

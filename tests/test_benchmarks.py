@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.measure import finite_positive, parse_ratios, ratios_line
+from benchmarks.measure import finite_positive, parse_ratios, ratios_line, spread
 from benchmarks.train_step import VARIANTS, main
 
 SMOKE_RECIPE = Path(__file__).parents[1] / "workflows" / "configs" / "smoke.yaml"
@@ -96,6 +96,12 @@ def test_ratios_line_round_trips():
         parse_ratios("dist: 1.0 s/step")
 
 
+def test_spread_gives_each_repeat_then_the_mean_and_two_standard_errors():
+    # stdev of (0.9, 1.0, 1.1) is 0.1: two standard errors of the mean of three are 2 * 0.1 / sqrt(3) = 0.115
+    assert spread([0.9, 1.0, 1.1]) == "0.90 1.00 1.10 (mean 1.00 ± 0.12)"
+    assert spread([1.234]) == "1.23"  # one repeat: no interval to give
+
+
 def test_baselines_freeze_and_unfreeze_the_right_parameters():
     from benchmarks.train_step import build_variant
 
@@ -161,6 +167,7 @@ def test_ingest_smoke_prints_the_ratios_line(ray_local, tmp_path):
     assert {r.total_clips for runs in size.runs.values() for r in runs} == {24}
     assert len({r.clips for runs in size.runs.values() for r in runs}) == 1
     assert "| 96x64 | DataLoader |" in stdout and "| 96x64 | Ray Data |" in stdout
+    assert "| vs DataLoader, each repeat |" in stdout
 
 
 @pytest.mark.integration
