@@ -6,7 +6,7 @@ scales from zero, the wait for the autoscaler to add the nodes.
 What a run needs: `scaling.num_workers` Train workers of `cpus_per_worker` CPUs (and `gpus_per_worker` GPUs with
 `use_gpu`), on the nodes labelled `scaling.worker_node_label` when it is set, and the decode actors beside them: one
 per worker, of `data.decode_threads` CPUs, on the nodes that `data.decode_node_label` selects
-(`workflows.data.pipeline.resolve_decode_nodes`; without a label, one actor anywhere). Only alive nodes count.
+(`workflows.data.decode_nodes.resolve_decode_nodes`; without a label, one actor anywhere). Only alive nodes count.
 
 Scale from zero. The cluster YAMLs start GPU and decode nodes at zero, so on a fresh cluster nothing is alive yet
 when the driver checks. With `scaling.wait_for_nodes_s` > 0 (the cluster recipes set it) a failed check is not final:
@@ -214,7 +214,7 @@ def _totals(nodes: list[dict[str, Any]]) -> tuple[int, float, float]:
 def _assess(recipe: Recipe, nodes: list[dict[str, Any]]) -> tuple[Recipe, Any]:
     """The check itself, on one snapshot of the nodes: the recipe with the resolved decode label and the
     `DecodeNodes`, or a ConfigError saying what is missing."""
-    from workflows.data.pipeline import DecodeNodesError, resolve_decode_nodes
+    from workflows.data.decode_nodes import DecodeNodesError, resolve_decode_nodes
 
     _, cpus, gpus = _totals(nodes)
     scaling, data = recipe.scaling, recipe.data
@@ -240,7 +240,7 @@ def _assess(recipe: Recipe, nodes: list[dict[str, Any]]) -> tuple[Recipe, Any]:
 
 def _have(recipe: Recipe, nodes: list[dict[str, Any]], decode_label: str | None) -> str:
     """One line on what the alive nodes hold against what the run needs."""
-    from workflows.data.pipeline import resolve_decode_nodes
+    from workflows.data.decode_nodes import resolve_decode_nodes
 
     scaling, data = recipe.scaling, recipe.data
     count, cpus, gpus = _totals(nodes)
@@ -259,7 +259,7 @@ def _have(recipe: Recipe, nodes: list[dict[str, Any]], decode_label: str | None)
 def _decode_label_to_request(recipe: Recipe, nodes: list[dict[str, Any]]) -> str | None:
     """The decode label to ask nodes for: the recipe's, resolved as the check resolves it (an unset label finds
     dist-role=decode only among alive nodes, so on a cold cluster it means any node)."""
-    from workflows.data.pipeline import resolve_decode_nodes
+    from workflows.data.decode_nodes import resolve_decode_nodes
 
     return resolve_decode_nodes(recipe.data.decode_node_label, nodes).label
 

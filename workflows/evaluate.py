@@ -274,7 +274,7 @@ class ViewResults:
     scores: Any  # workflows.metrics.VideoScores
     rows: int
     rows_per_video: dict[int, int]
-    drops: Any  # workflows.data.pipeline.DropReport
+    drops: Any  # workflows.data.drops.DropReport
     seconds: float
 
 
@@ -284,13 +284,9 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
     import ray
     import torch
 
-    from workflows.data.pipeline import (
-        TooManyBadVideos,
-        build_clip_dataset,
-        decode_pool_size,
-        drop_counter,
-        get_drop_report,
-    )
+    from workflows.data.decode_nodes import decode_pool_size
+    from workflows.data.drops import TooManyBadVideos, drop_counter, get_drop_report
+    from workflows.data.pipeline import build_clip_dataset
     from workflows.metrics import VideoScores
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress line instead
@@ -529,7 +525,7 @@ def main(argv: list[str]) -> int:
                           out=args.out, actors=args.actors, mlflow=args.mlflow)
     if args.json:  # keep stdout for the JSON alone
         real_stdout, sys.stdout = sys.stdout, sys.stderr
-    from workflows.data.pipeline import TooManyBadVideos
+    from workflows.data.drops import TooManyBadVideos
 
     try:
         metrics = run_evaluate(request)

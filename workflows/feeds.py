@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from workflows.data.decode_nodes import decode_pool_size
 from workflows.data.manifest import Manifest, load_labels, load_manifest
-from workflows.data.pipeline import build_clip_dataset, columns_collate, decode_pool_size
+from workflows.data.pipeline import build_clip_dataset, columns_collate
 from workflows.recipe import Recipe
 
 

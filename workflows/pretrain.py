@@ -71,7 +71,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         master_weights,
         write_checkpoint,
     )
-    from workflows.data.pipeline import get_drop_report
+    from workflows.data.drops import get_drop_report
     from workflows.feeds import ClipFeeds, drop_summary, steps_per_epoch, total_steps
     from workflows.metrics import (
         VideoScores,
@@ -436,7 +436,7 @@ def ensure_ray(min_cpus: float, fresh_local: bool = False) -> None:
 
 def run_pretrain(recipe: Recipe) -> Any:
     """Validate, start (or join) Ray, train; returns the Ray Train Result."""
-    from workflows.data.pipeline import drop_counter
+    from workflows.data.drops import drop_counter
 
     validate_before_start(recipe)
     print(f"{LOG_PREFIX} resolved recipe:\n{dump_yaml(recipe)}", flush=True)

@@ -127,7 +127,7 @@ def cluster_capacity(decode_node_label: str | None = None) -> dict[str, float]:
     """The live cluster's CPUs and GPUs; when decoding runs on labelled nodes, their CPUs as `decode_CPU` (and only
     the other nodes' in CPU/GPU). The label is resolved as the workflows resolve it (`resolve_decode_nodes`:
     None means the dist-role=decode nodes when there are any, "any" means no label)."""
-    from workflows.data.pipeline import resolve_decode_nodes
+    from workflows.data.decode_nodes import resolve_decode_nodes
 
     decode = resolve_decode_nodes(decode_node_label)
     if decode.label is None:
@@ -160,7 +160,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workflows.data.pipeline import drop_counter
+    from workflows.data.drops import drop_counter
     from workflows.pretrain import build_trainer
     from workflows.recipe import with_run_scoped_names
 

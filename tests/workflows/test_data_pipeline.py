@@ -7,7 +7,8 @@ import pytest
 
 from tests.workflows.conftest import GOOD_VIDEOS, frame_ids, is_mirrored
 from workflows.data.config import DataConfig
-from workflows.data.pipeline import build_clip_dataset, get_drop_report
+from workflows.data.drops import get_drop_report
+from workflows.data.pipeline import build_clip_dataset
 from workflows.data.sampling import segment_indices
 
 pytestmark = pytest.mark.integration
@@ -89,7 +90,7 @@ def test_too_many_bad_videos_stop_with_examples(ray_local, video_dir) -> None:
 
 
 def test_decode_actors_follow_node_labels(ray_local, video_dir) -> None:
-    from workflows.data.pipeline import decode_cpus, decode_pool_size
+    from workflows.data.decode_nodes import decode_cpus, decode_pool_size
 
     node_id = ray_local.get_runtime_context().get_node_id()
     total = ray_local.cluster_resources()["CPU"]

@@ -10,7 +10,7 @@ import pytest
 
 from workflows.config import ConfigError, from_dict
 from workflows.data.config import DECODE_ANYWHERE, DECODE_LABEL_AUTO, DataConfig
-from workflows.data.pipeline import DecodeNodesError, resolve_decode_nodes
+from workflows.data.decode_nodes import DecodeNodesError, resolve_decode_nodes
 
 SMOKE = Path(__file__).parents[2] / "workflows" / "configs" / "smoke.yaml"
 

@@ -57,8 +57,8 @@ def _format_check(report: dict[str, Any]) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from workflows.data.doctor import check_dataset
     from workflows.data.manifest import load_manifest
-    from workflows.data.pipeline import check_dataset
 
     load_manifest(args.manifest, None, strict=False)  # a bad path or format fails here, before Ray starts
     _init_ray(args.address)

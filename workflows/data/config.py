@@ -111,7 +111,7 @@ class DataConfig:
         """`decode_node_label` as a Ray label selector ({key: value}), or None (any node: unset or "any").
 
         An unset label is resolved to a label or "any" by the drivers before the workers start
-        (`workflows.data.pipeline.resolve_decode_nodes`); here, where the workers build their datasets, it means
+        (`workflows.data.decode_nodes.resolve_decode_nodes`); here, where the workers build their datasets, it means
         any node."""
         if not self.decode_node_label or self.decode_node_label == DECODE_ANYWHERE:
             return None

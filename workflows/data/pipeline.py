@@ -19,142 +19,28 @@ once and gives `views x crops` rows:
 Random draws come from a generator seeded by (seed, epoch, video_index), so results do not depend on which
 actor decodes which video; output order is not deterministic (sort by video_index/view/crop to compare).
 
-Decode nodes. `resolve_decode_nodes(cfg.decode_node_label)` reads the alive nodes' labels and CPUs: an unset
-label becomes "dist-role=decode" when some alive node carries it (the label cluster/*.yaml give CPU decode nodes),
-else "any"; `DecodeNodes.check` fails fast, naming the labels the nodes do carry, when the label matches no alive
-node or too few CPUs. The drivers (pretrain, tune) resolve and check before any training work, through
-`workflows.capacity.check_capacity` (which first waits for the autoscaler when scaling.wait_for_nodes_s > 0), and hand
-the result to the workers in the recipe; here, an unset label means any node.
-
-Bad videos. A video that cannot give a clip (see video.DROP_REASONS) is dropped and reported to a named Ray
-actor, `DropCounter` (name `cfg.drop_counter`), keyed by split and epoch, together with its path. The trainer
-reads it with `get_drop_report(split, epoch, name=cfg.drop_counter)` during or after an epoch and gets a
-`DropReport` (videos, dropped {reason: count}, examples {reason: [paths]}). The bad-fraction limit is checked
-when a drop is reported: the number of drops only grows during an epoch, so as soon as it exceeds
-`max_bad_fraction x videos` the result is certain and the decoding actor raises `TooManyBadVideos` (naming
-examples), which fails the dataset's iteration at once instead of after hours of training on a broken corpus.
+Alongside: `decode_nodes` (which nodes the decode actors may use), `drops` (bad videos counted, and a run failed
+early when too many are bad), `doctor` (decode a whole manifest once and summarise it).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
-from workflows.data.config import DECODE_ANYWHERE, DECODE_LABEL_AUTO, DataConfig
+from workflows.data.config import DataConfig
+from workflows.data.decode_nodes import decode_pool_size
+from workflows.data.drops import TooManyBadVideos, drop_counter
 from workflows.data.manifest import Manifest, load_labels, load_manifest
 from workflows.data.sampling import segment_indices
 from workflows.data.transforms import eval_clips, train_clip
-from workflows.data.video import DROP_REASONS, BadVideo, read_frames
+from workflows.data.video import BadVideo, read_frames
 
-MAX_EXAMPLES = 5
 MAX_BLOCKS = 4096
-
-
-class TooManyBadVideos(RuntimeError):
-    """More than `max_bad_fraction` of a split's videos could not be decoded."""
-
-
-@dataclass
-class DropReport:
-    """Dropped videos of one split (and epoch): counts by reason and a few example paths per reason."""
-
-    split: str
-    epoch: int | None
-    videos: int  # videos in the manifest
-    dropped: dict[str, int] = field(default_factory=dict)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    details: dict[str, str] = field(default_factory=dict)  # example path -> what failed
-
-    @property
-    def total_dropped(self) -> int:
-        return sum(self.dropped.values())
-
-    @property
-    def bad_fraction(self) -> float:
-        return self.total_dropped / self.videos if self.videos else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (for JSON and MLflow)."""
-        return {**asdict(self), "total_dropped": self.total_dropped, "bad_fraction": self.bad_fraction}
-
-    def summary(self) -> str:
-        """One line per reason, with examples."""
-        lines = [f"{self.split}: {self.total_dropped} of {self.videos} videos dropped ({self.bad_fraction:.1%})"]
-        for reason, count in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {reason}: {count}  e.g. {', '.join(self.examples.get(reason, []))}")
-        return "\n".join(lines)
-
-
-def _too_many_message(report: DropReport, limit: float) -> str:
-    examples = [f"{p} ({report.details.get(p, reason)})" for reason, paths in report.examples.items() for p in paths]
-    return (f"{report.total_dropped} of {report.videos} {report.split} videos are unusable, more than "
-            f"max_bad_fraction={limit:g}: {dict(report.dropped)}. Examples: {'; '.join(examples[:8])}. "
-            f"Run `python -m workflows data check --manifest ...` to list them all.")
-
-
-class DropCounter:
-    """Counts dropped videos per (split, epoch); one drop per video per epoch however often it is retried."""
-
-    def __init__(self) -> None:
-        self._runs: dict[tuple[str, int], dict[str, Any]] = {}
-
-    def register(self, split: str, epoch: int, videos: int, max_bad_fraction: float) -> None:
-        run = self._runs.setdefault((split, epoch), {"drops": {}})
-        run.update(videos=videos, limit=max_bad_fraction)
-
-    def report(self, split: str, epoch: int, video_index: int, path: str, reason: str, detail: str) -> str | None:
-        """Record a drop; returns an error message once the split's bad fraction exceeds its limit."""
-        run = self._runs.setdefault((split, epoch), {"drops": {}, "videos": 0, "limit": 1.0})
-        run["drops"][video_index] = (reason, path, detail)
-        if run["videos"] and len(run["drops"]) > run["limit"] * run["videos"]:
-            return _too_many_message(self.get(split, epoch), run["limit"])
-        return None
-
-    def get(self, split: str, epoch: int | None = None) -> DropReport:
-        """Report for one epoch, or (epoch None) for the latest epoch seen of this split."""
-        epochs = sorted(e for s, e in self._runs if s == split)
-        if not epochs:
-            return DropReport(split=split, epoch=epoch, videos=0)
-        epoch = epochs[-1] if epoch is None else epoch
-        run = self._runs.get((split, epoch), {"drops": {}, "videos": 0})
-        report = DropReport(split=split, epoch=epoch, videos=run["videos"])
-        for reason, path, detail in run["drops"].values():
-            report.dropped[reason] = report.dropped.get(reason, 0) + 1
-            shown = report.examples.setdefault(reason, [])
-            if len(shown) < MAX_EXAMPLES:
-                shown.append(path)
-                report.details[path] = f"{reason}: {detail}"[:300]
-        return report
-
-
-def drop_counter(name: str) -> Any:
-    """The named DropCounter actor (created on first use, owned by this job)."""
-    import ray
-
-    actor_cls = ray.remote(num_cpus=0, max_restarts=0)(DropCounter)
-    return actor_cls.options(name=name, get_if_exists=True).remote()
-
-
-def get_drop_report(split: str, epoch: int | None = None, *, name: str = "dist-data-drops") -> DropReport:
-    """Dropped-video counts of `split` (latest epoch when `epoch` is None), from the named DropCounter actor."""
-    import ray
-
-    try:
-        actor = ray.get_actor(name)
-    except ValueError:
-        return DropReport(split=split, epoch=epoch, videos=0)
-    return ray.get(actor.get.remote(split, epoch))
-
-
-def check_drop_report(report: DropReport, max_bad_fraction: float) -> None:
-    """Raise TooManyBadVideos naming examples when the report's bad fraction exceeds the limit."""
-    if report.total_dropped > max_bad_fraction * report.videos:
-        raise TooManyBadVideos(_too_many_message(report, max_bad_fraction))
 
 
 @dataclass
@@ -290,158 +176,7 @@ def clips_to_table(clips: dict[str, np.ndarray]) -> pa.Table:
     })
 
 
-class DecodeNodesError(RuntimeError):
-    """The nodes that `data.decode_node_label` selects cannot hold the decode actors (none alive, or too few CPUs)."""
-
-
-def _alive_nodes(nodes: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    if nodes is None:
-        import ray
-
-        nodes = ray.nodes()
-    return [node for node in nodes if node.get("Alive", False)]
-
-
-def _node_labels(node: dict[str, Any]) -> dict[str, str]:
-    return node.get("Labels") or node.get("labels") or {}
-
-
-def _selector(label: str | None) -> dict[str, str] | None:
-    if not label or label == DECODE_ANYWHERE:
-        return None
-    key, _, value = label.partition("=")
-    return {key.strip(): value.strip()}
-
-
-@dataclass(frozen=True)
-class DecodeNodes:
-    """Where the decode actors may run, resolved against the alive Ray nodes by `resolve_decode_nodes`."""
-
-    label: str | None  # the node label they are restricted to ("key=value"); None: any node
-    auto: bool  # the label was found on the cluster because data.decode_node_label was unset
-    nodes: int  # alive nodes they may use
-    cpus: float  # CPUs of those nodes
-    largest_cpus: float  # CPUs of the largest of them (one actor needs decode_threads CPUs on one node)
-    gpus: float  # GPUs of those nodes
-    other_cpus: float  # CPUs and GPUs of the alive nodes outside the label (both 0 without a label)
-    other_gpus: float
-    cluster_labels: dict[str, int] = field(default_factory=dict)  # "key=value" -> alive nodes carrying it
-    unlabelled_nodes: int = 0  # alive nodes carrying no label of their own (Ray's ray.io/* ones not counted)
-
-    @property
-    def setting(self) -> str:
-        """The resolved `data.decode_node_label` to hand to the workers: the label, or "any"."""
-        return self.label or DECODE_ANYWHERE
-
-    def labels_seen(self) -> str:
-        """The labels the alive nodes carry, for messages: 'dist-role=train (2 nodes), dist-role=head (1 node)'."""
-        def count(n: int) -> str:
-            return f"{n} node{'s' if n != 1 else ''}"
-
-        parts = [f"{label} ({count(n)})" for label, n in sorted(self.cluster_labels.items())]
-        if self.unlabelled_nodes:
-            parts.append(f"no label ({count(self.unlabelled_nodes)})")
-        return ", ".join(parts) or "no alive nodes"
-
-    def describe(self) -> str:
-        """One line for the console: where the decode actors go and why."""
-        if self.label is None:
-            return f"decode actors may run on any node ({self.nodes} alive, {self.cpus:g} CPUs)"
-        where = (f"decode actors run on the {self.nodes} alive node(s) labelled {self.label} "
-                 f"({self.cpus:g} CPUs)")
-        if self.auto:
-            return (f"{where}, found automatically (data.decode_node_label is unset); set "
-                    f"data.decode_node_label={DECODE_ANYWHERE} to decode on any node")
-        return where
-
-    def check(self, actors: int, threads: int) -> None:
-        """Raise DecodeNodesError, naming the label, the labels the nodes do carry and what to do, when the
-        selected nodes cannot hold `actors` decode actors of `threads` CPUs each (they would wait forever)."""
-        if self.label is None:
-            return  # any node: the cluster-wide CPU check (capacity.check_capacity) covers it
-        key, _, value = self.label.partition("=")
-        label_them = (f"`ray start --labels={self.label}`, or `labels: {{{key}: {value}}}` on the node type in the "
-                      f"cluster YAML; see cluster/README.md")
-        other = f"or set data.decode_node_label={DECODE_ANYWHERE} to decode on any node"
-        if not self.auto:
-            other = (f"or unset data.decode_node_label (null: the nodes labelled {DECODE_LABEL_AUTO} when there are "
-                     f"any, else any node), {other}")
-        origin = "found automatically" if self.auto else "set in data.decode_node_label"
-        if self.nodes == 0:
-            raise DecodeNodesError(f"decode node label {self.label!r} ({origin}): no alive Ray node carries it; the "
-                                   f"alive nodes carry: {self.labels_seen()}. Label nodes for decoding ({label_them}), "
-                                   f"{other}.")
-        need = actors * threads
-        if self.cpus < need or self.largest_cpus < threads:
-            raise DecodeNodesError(
-                f"decode node label {self.label!r} ({origin}): the {self.nodes} alive node(s) carrying it have "
-                f"{self.cpus:g} CPUs (largest {self.largest_cpus:g}), but the decode actors need {need:g}: {actors} "
-                f"actor(s) (at least one per training worker) x data.decode_threads={threads}, each on one node. "
-                f"Add or enlarge nodes with that label ({label_them}), lower data.decode_threads, or set "
-                f"data.decode_node_label={DECODE_ANYWHERE} to decode on any node.")
-
-
-def resolve_decode_nodes(setting: str | None, nodes: list[dict[str, Any]] | None = None) -> DecodeNodes:
-    """Resolve `data.decode_node_label` against the alive nodes (`nodes`: `ray.nodes()` entries; default: ask
-    the running cluster). "key=value": those nodes, however many there are (`DecodeNodes.check` fails on none);
-    None (unset): DECODE_LABEL_AUTO when some alive node carries it, else any node; "any": any node.
-    Never raises for missing nodes: `DecodeNodes.check` does, with the labels the cluster has."""
-    alive = _alive_nodes(nodes)
-    auto = setting is None
-    label = setting if setting != DECODE_ANYWHERE else None
-    if auto:
-        label = DECODE_LABEL_AUTO
-        if not any(_matches(node, _selector(label)) for node in alive):
-            label = None
-    selector = _selector(label)
-    cluster_labels: dict[str, int] = {}
-    unlabelled = 0
-    cpus = gpus = other_cpus = other_gpus = largest = 0.0
-    count = 0
-    for node in alive:
-        own = {k: v for k, v in _node_labels(node).items() if not k.startswith("ray.io/")}
-        for k, v in own.items():
-            cluster_labels[f"{k}={v}"] = cluster_labels.get(f"{k}={v}", 0) + 1
-        unlabelled += not own
-        resources = node.get("Resources") or {}
-        node_cpus, node_gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
-        if _matches(node, selector):
-            count += 1
-            cpus, gpus, largest = cpus + node_cpus, gpus + node_gpus, max(largest, node_cpus)
-        else:
-            other_cpus, other_gpus = other_cpus + node_cpus, other_gpus + node_gpus
-    return DecodeNodes(label=label, auto=auto and label is not None, nodes=count, cpus=cpus, largest_cpus=largest,
-                       gpus=gpus, other_cpus=other_cpus, other_gpus=other_gpus, cluster_labels=cluster_labels,
-                       unlabelled_nodes=unlabelled)
-
-
-def _matches(node: dict[str, Any], selector: dict[str, str] | None) -> bool:
-    labels = _node_labels(node)
-    return not selector or all(labels.get(k) == v for k, v in selector.items())
-
-
-def decode_cpus(label_selector: dict[str, str] | None = None) -> float:
-    """CPUs of the alive nodes that may run decode actors (all nodes, or those carrying every selected label)."""
-    return sum(float((node.get("Resources") or {}).get("CPU", 0.0))
-               for node in _alive_nodes(None) if _matches(node, label_selector))
-
-
-def decode_pool_size(cfg: DataConfig) -> int:
-    """Number of decode actors: cfg.decode_actors, or one per decode_threads CPUs of the eligible nodes.
-    An unset decode_node_label means any node here: the drivers resolve it before the workers start."""
-    if cfg.decode_actors:
-        return cfg.decode_actors
-    selector = cfg.node_label_selector()
-    if selector:
-        found = resolve_decode_nodes(cfg.decode_node_label)
-        found.check(1, cfg.decode_threads)
-        cpus = found.cpus
-    else:
-        cpus = decode_cpus()
-    return max(1, int(cpus // cfg.decode_threads))
-
-
-def _manifest_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
+def manifest_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
     """Cut the manifest into blocks of one map_batches call each (more rows per block only beyond MAX_BLOCKS
     blocks): small blocks keep every actor busy and bound the frames one task holds."""
     n = table.num_rows
@@ -502,7 +237,7 @@ def build_clip_dataset(
     spec = ClipSpec.from_config(cfg, split=split, num_frames=num_frames, crop_size=crop_size, num_views=num_views,
                                 num_crops=num_crops, seed=seed, epoch=epoch, counter_split=key)
     pool = decode_pool_size(cfg)
-    ds = ray.data.from_arrow(_manifest_blocks(table, cfg.batch_size))
+    ds = ray.data.from_arrow(manifest_blocks(table, cfg.batch_size))
     selector = cfg.node_label_selector()
     return ds.map_batches(
         ClipDecoder,
@@ -532,97 +267,3 @@ def columns_collate(columns: list[str], device: Any = None) -> Any:
 
     on_cpu = device is None or str(device).split(":")[0] == "cpu"
     return SelectColumns(combine_chunks=on_cpu)
-
-
-# ---- dataset doctor -------------------------------------------------------------------------------------------
-
-
-def check_video(path: str, start: float = math.nan, end: float = math.nan, *, num_frames: int = 16,
-                min_frames: int = 1) -> dict[str, Any]:
-    """Decode `num_frames` frames spread over the whole video (first and last included); a stats row."""
-    t0 = time.perf_counter()
-    row: dict[str, Any] = {"path": path, "ok": False, "reason": "", "detail": "", "frames": 0, "fps": 0.0,
-                           "width": 0, "height": 0, "decoded": 0}
-    try:
-        decoded = read_frames(path, lambda a, b, fps: np.unique(np.linspace(a, b - 1, num_frames).round()),
-                              start=start, end=end, min_frames=min_frames)
-        row.update(ok=True, frames=decoded.num_frames, fps=decoded.fps, width=decoded.width, height=decoded.height,
-                   decoded=len(decoded.indices))
-    except BadVideo as exc:
-        row.update(reason=exc.reason, detail=exc.detail[:300])
-    row["seconds"] = time.perf_counter() - t0
-    return row
-
-
-def _check_batch(batch: dict[str, np.ndarray], num_frames: int, min_frames: int) -> dict[str, np.ndarray]:
-    rows = [check_video(str(p), float(s), float(e), num_frames=num_frames, min_frames=min_frames)
-            for p, s, e in zip(batch["path"], batch["start"], batch["end"], strict=True)]
-    out = {k: np.array([r[k] for r in rows]) for k in rows[0]}
-    out["video_index"] = np.asarray(batch["video_index"], np.int64)
-    return out
-
-
-def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, num_frames: int = 16,
-                  min_frames: int = 1, parallelism: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Decode every video of `manifest` once, in parallel on Ray; return the doctor's summary as a dict with
-    videos, ok, dropped {reason: count}, examples {reason: paths}, unknown_labels, frame/resolution statistics
-    and decode throughput."""
-    import ray
-
-    label_map = load_labels(labels) if isinstance(labels, str) else labels
-    loaded = load_manifest(manifest, label_map, strict=False)
-    table = loaded.table.select(["video_index", "path", "start", "end"])
-    cpus = max(1, int(parallelism or ray.cluster_resources().get("CPU", 1)))
-    t0 = time.perf_counter()
-    ds = ray.data.from_arrow(_manifest_blocks(table, max(1, math.ceil(table.num_rows / (4 * cpus)))))
-    ds = ds.map_batches(_check_batch, fn_kwargs={"num_frames": num_frames, "min_frames": min_frames},
-                        batch_size=None, batch_format="numpy", num_cpus=1)
-    rows: list[dict[str, Any]] = []
-    last = t0
-    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-        rows += batch.to_dict("records")
-        if progress and time.perf_counter() - last > 5:
-            last = time.perf_counter()
-            print(f"  checked {len(rows)}/{table.num_rows} videos ({len(rows) / (last - t0):.1f}/s)", flush=True)
-    rows.sort(key=lambda r: r["video_index"])
-    wall = time.perf_counter() - t0
-    ok = [r for r in rows if r["ok"]]
-    dropped: dict[str, int] = {}
-    examples: dict[str, list[str]] = {}
-    details: dict[str, str] = {}
-    for r in rows:
-        if not r["ok"]:
-            dropped[r["reason"]] = dropped.get(r["reason"], 0) + 1
-            if len(examples.setdefault(r["reason"], [])) < MAX_EXAMPLES:
-                examples[r["reason"]].append(r["path"])
-                details[r["path"]] = r["detail"]
-
-    def stats(values: list[float]) -> dict[str, float]:
-        if not values:
-            return {}
-        a = np.asarray(values, np.float64)
-        return {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max()), "mean": float(a.mean())}
-
-    resolutions: dict[str, int] = {}
-    for r in ok:
-        key = f"{r['width']}x{r['height']}"
-        resolutions[key] = resolutions.get(key, 0) + 1
-    decode_seconds = float(sum(r["seconds"] for r in rows))
-    return {
-        "manifest": manifest,
-        "videos": len(rows),
-        "ok": len(ok),
-        "dropped": dropped,
-        "examples": examples,
-        "details": details,
-        "unknown_labels": {k: [i + 1 for i in v] for k, v in loaded.unknown_labels.items()} if label_map else {},
-        "frames": stats([r["frames"] for r in ok]),
-        "fps": stats([r["fps"] for r in ok]),
-        "short_side": stats([min(r["width"], r["height"]) for r in ok]),
-        "resolutions": dict(sorted(resolutions.items(), key=lambda kv: -kv[1])[:10]),
-        "duration_s": stats([r["frames"] / r["fps"] for r in ok if r["fps"] > 0]),
-        "wall_seconds": wall,
-        "videos_per_second": len(rows) / wall if wall > 0 else 0.0,
-        "decode_seconds_per_video": decode_seconds / len(rows) if rows else 0.0,
-        "drop_reasons": list(DROP_REASONS),
-    }

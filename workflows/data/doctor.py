@@ -1,0 +1,106 @@
+"""The dataset doctor: decode every video of a manifest once, in parallel on Ray, and summarise what is usable
+(`python -m workflows data check`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from workflows.data.drops import MAX_EXAMPLES
+from workflows.data.manifest import load_labels, load_manifest
+from workflows.data.pipeline import manifest_blocks
+from workflows.data.video import DROP_REASONS, BadVideo, read_frames
+
+
+def check_video(path: str, start: float = math.nan, end: float = math.nan, *, num_frames: int = 16,
+                min_frames: int = 1) -> dict[str, Any]:
+    """Decode `num_frames` frames spread over the whole video (first and last included); a stats row."""
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"path": path, "ok": False, "reason": "", "detail": "", "frames": 0, "fps": 0.0,
+                           "width": 0, "height": 0, "decoded": 0}
+    try:
+        decoded = read_frames(path, lambda a, b, fps: np.unique(np.linspace(a, b - 1, num_frames).round()),
+                              start=start, end=end, min_frames=min_frames)
+        row.update(ok=True, frames=decoded.num_frames, fps=decoded.fps, width=decoded.width, height=decoded.height,
+                   decoded=len(decoded.indices))
+    except BadVideo as exc:
+        row.update(reason=exc.reason, detail=exc.detail[:300])
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _check_batch(batch: dict[str, np.ndarray], num_frames: int, min_frames: int) -> dict[str, np.ndarray]:
+    rows = [check_video(str(p), float(s), float(e), num_frames=num_frames, min_frames=min_frames)
+            for p, s, e in zip(batch["path"], batch["start"], batch["end"], strict=True)]
+    out = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    out["video_index"] = np.asarray(batch["video_index"], np.int64)
+    return out
+
+
+def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, num_frames: int = 16,
+                  min_frames: int = 1, parallelism: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Decode every video of `manifest` once, in parallel on Ray; return the doctor's summary as a dict with
+    videos, ok, dropped {reason: count}, examples {reason: paths}, unknown_labels, frame/resolution statistics
+    and decode throughput."""
+    import ray
+
+    label_map = load_labels(labels) if isinstance(labels, str) else labels
+    loaded = load_manifest(manifest, label_map, strict=False)
+    table = loaded.table.select(["video_index", "path", "start", "end"])
+    cpus = max(1, int(parallelism or ray.cluster_resources().get("CPU", 1)))
+    t0 = time.perf_counter()
+    ds = ray.data.from_arrow(manifest_blocks(table, max(1, math.ceil(table.num_rows / (4 * cpus)))))
+    ds = ds.map_batches(_check_batch, fn_kwargs={"num_frames": num_frames, "min_frames": min_frames},
+                        batch_size=None, batch_format="numpy", num_cpus=1)
+    rows: list[dict[str, Any]] = []
+    last = t0
+    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+        rows += batch.to_dict("records")
+        if progress and time.perf_counter() - last > 5:
+            last = time.perf_counter()
+            print(f"  checked {len(rows)}/{table.num_rows} videos ({len(rows) / (last - t0):.1f}/s)", flush=True)
+    rows.sort(key=lambda r: r["video_index"])
+    wall = time.perf_counter() - t0
+    ok = [r for r in rows if r["ok"]]
+    dropped: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    details: dict[str, str] = {}
+    for r in rows:
+        if not r["ok"]:
+            dropped[r["reason"]] = dropped.get(r["reason"], 0) + 1
+            if len(examples.setdefault(r["reason"], [])) < MAX_EXAMPLES:
+                examples[r["reason"]].append(r["path"])
+                details[r["path"]] = r["detail"]
+
+    def stats(values: list[float]) -> dict[str, float]:
+        if not values:
+            return {}
+        a = np.asarray(values, np.float64)
+        return {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max()), "mean": float(a.mean())}
+
+    resolutions: dict[str, int] = {}
+    for r in ok:
+        key = f"{r['width']}x{r['height']}"
+        resolutions[key] = resolutions.get(key, 0) + 1
+    decode_seconds = float(sum(r["seconds"] for r in rows))
+    return {
+        "manifest": manifest,
+        "videos": len(rows),
+        "ok": len(ok),
+        "dropped": dropped,
+        "examples": examples,
+        "details": details,
+        "unknown_labels": {k: [i + 1 for i in v] for k, v in loaded.unknown_labels.items()} if label_map else {},
+        "frames": stats([r["frames"] for r in ok]),
+        "fps": stats([r["fps"] for r in ok]),
+        "short_side": stats([min(r["width"], r["height"]) for r in ok]),
+        "resolutions": dict(sorted(resolutions.items(), key=lambda kv: -kv[1])[:10]),
+        "duration_s": stats([r["frames"] / r["fps"] for r in ok if r["fps"] > 0]),
+        "wall_seconds": wall,
+        "videos_per_second": len(rows) / wall if wall > 0 else 0.0,
+        "decode_seconds_per_video": decode_seconds / len(rows) if rows else 0.0,
+        "drop_reasons": list(DROP_REASONS),
+    }
