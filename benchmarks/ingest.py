@@ -28,14 +28,16 @@ segment-sampled frames with decode-time resize of large sources, random-resized 
               the pipeline's `read_frames` (decord); the rest is sampling and the numpy transforms.
 
 Steady state: each stream is timed from the arrival that completes its first `--warmup-clips` clips (imports,
-worker/actor start-up and first decodes excluded) to the last arrival that leaves `--tail-clips` clips to come
-(the drain excluded), so every variant is timed over the same number of clips, while all its workers are busy.
-CPU s/clip is the CPU time of this process tree over that window (Ray: its daemons, actors and tasks included; the
-DataLoader: this process and its workers, not the idle Ray beside it): it changes less than clips/s when other jobs
-share the machine. Each repeat runs every variant, alternating
-the order; ratios are medians over repeats of ratios measured in the same repeat, and the table lists each repeat's
-ratio to the DataLoader with their mean ± two standard errors. The first size of `--sizes` (340x256, Kinetics-like,
-by default) gives the headline `ray_vs_dataloader` and `ray_vs_decode_limit`.
+worker/actor start-up and first decodes excluded) to the last arrival that leaves `--tail-clips` clips to come (the
+drain excluded), so every variant is timed over the same number of clips, while all its workers are busy. CPU s/clip
+is the CPU time of this process tree over that window (Ray: its daemons, actors and tasks included; the DataLoader:
+this process and its workers, not the idle Ray beside it): it changes less than clips/s when other jobs share the
+machine. Machine idle is the share of the whole machine's CPU time left idle over the same window (every process
+counted, the idle Ray beside the DataLoader included): the cores a pipeline leaves unused, which is where one
+pipeline's extra CPU can go without costing clips/s. Each repeat runs every variant, alternating the order; ratios
+are medians over repeats of ratios measured in the same repeat, and the table lists each repeat's ratio to the
+DataLoader with their mean ± two standard errors. The first size of `--sizes` (340x256, Kinetics-like, by default)
+gives the headline `ray_vs_dataloader` and `ray_vs_decode_limit`.
 """
 from __future__ import annotations
 
@@ -209,6 +211,7 @@ class StreamTiming:
     seconds: float  # from the warm-up point to the last clip
     startup_seconds: float  # from the call to the warm-up point
     cpu_seconds: float  # CPU time of this process tree (workers, actors, Ray's daemons) over the timed clips
+    machine_idle: float = math.nan  # share of the whole machine's CPU time left idle over the timed clips
 
     @property
     def clips_per_s(self) -> float:
@@ -226,13 +229,15 @@ def time_stream(make: Callable[[], Iterator[dict[str, Any]]], warmup_clips: int,
     every worker is busy, so the work already in progress when the clock starts is balanced by the work in
     progress when it stops (timing to the very last clip would count the head start as free and add the drain).
     The process tree's CPU time is sampled at every arrival inside the window; `count_existing=False` leaves out
-    the processes that ran before `make()` was called (this one excepted): a local Ray idling beside a baseline."""
-    from benchmarks.measure import TreeCPU, process_tree
+    the processes that ran before `make()` was called (this one excepted): a local Ray idling beside a baseline.
+    The whole machine's idle share over the same window is recorded too."""
+    from benchmarks.measure import MachineIdle, TreeCPU, process_tree
 
     existing = set() if count_existing else set(process_tree(names=False)) - {os.getpid()}
     cpu = TreeCPU(names=False, exclude=existing)
+    idle = MachineIdle()
     t0 = time.perf_counter()
-    arrivals: list[tuple[float, int, float]] = []  # (time, clips so far, tree CPU seconds since the start)
+    arrivals: list[tuple[float, int, float, float]] = []  # (time, clips so far, tree CPU s, machine idle share)
     seen = 0
     for batch in make():
         seen += len(batch["label"])
@@ -241,15 +246,17 @@ def time_stream(make: Callable[[], Iterator[dict[str, Any]]], warmup_clips: int,
             continue
         if not arrivals:
             cpu.start()
+            idle.start()
         else:
             cpu.sample()
-        arrivals.append((now, seen, cpu.seconds))
+            idle.sample()
+        arrivals.append((now, seen, cpu.seconds, idle.fraction))
     inside = [a for a in arrivals if a[1] <= seen - tail_clips]
     if len(inside) < 2:
         raise RuntimeError(f"only {seen} clips: not enough between {warmup_clips} warm-up and {tail_clips} tail "
                            f"clips to time")
-    (t_start, n_start, _), (t_end, n_end, cpu_end) = inside[0], inside[-1]
-    return StreamTiming(seen, n_end - n_start, t_end - t_start, t_start - t0, cpu_end)
+    (t_start, n_start, *_), (t_end, n_end, cpu_end, idle_end) = inside[0], inside[-1]
+    return StreamTiming(seen, n_end - n_start, t_end - t_start, t_start - t0, cpu_end, idle_end)
 
 
 @dataclass
@@ -359,6 +366,9 @@ class SizeResult:
     def cpu_per_clip(self, pipeline_name: str) -> float:
         return statistics.median(r.cpu_per_clip for r in self.runs[pipeline_name])
 
+    def machine_idle(self, pipeline_name: str) -> float:
+        return statistics.median(r.machine_idle for r in self.runs[pipeline_name])
+
     @property
     def single_rate(self) -> float:
         return statistics.median(s.clips_per_s for s in self.single)
@@ -414,7 +424,8 @@ def run_size(videos: VideoSet, args: argparse.Namespace) -> SizeResult:
                                  count_existing=name != "dataloader")
             result.runs.setdefault(name, []).append(timing)
             print(f"  {videos.name} repeat {repeat}: {name} {timing.clips_per_s:.2f} clips/s, "
-                  f"{timing.cpu_per_clip:.3f} CPU s/clip ({timing.clips} of {timing.total_clips} clips timed, "
+                  f"{timing.cpu_per_clip:.3f} CPU s/clip, machine {100 * timing.machine_idle:.1f}% idle "
+                  f"({timing.clips} of {timing.total_clips} clips timed, "
                   f"start-up {timing.startup_seconds:.1f} s)", flush=True)
     totals = {name: {r.total_clips for r in runs} for name, runs in result.runs.items()}
     if len(set().union(*totals.values())) != 1:
@@ -434,6 +445,9 @@ def summarise(results: Sequence[SizeResult]) -> dict[str, float]:
             ratios[f"ray_select_columns_vs_dataloader_{r.name}"] = r.vs_dataloader("ray_select_columns")
         ratios[f"ray_vs_dataloader_cpu_per_clip_{r.name}"] = r.cpu_per_clip("ray") / r.cpu_per_clip("dataloader")
         ratios[f"decord_share_{r.name}"] = r.decode_share
+        for name in ("dataloader", "ray"):
+            if math.isfinite(r.machine_idle(name)):  # the ratios line carries finite numbers only
+                ratios[f"{name}_machine_idle_{r.name}"] = r.machine_idle(name)
     return ratios
 
 
@@ -443,18 +457,19 @@ def format_table(results: Sequence[SizeResult]) -> str:
     from benchmarks.measure import spread
 
     head = ("| size | pipeline | clips/s | vs DataLoader | vs DataLoader, each repeat | vs decode limit | "
-            "CPU s/clip |")
-    rows = [head, "|" + "---|" * 7]
+            "CPU s/clip | machine idle |")
+    rows = [head, "|" + "---|" * 8]
     for r in results:
         rows.append(f"| {r.name} | single process (decord {100 * r.decode_share:.0f}% of it) | "
-                    f"{r.single_rate:.2f} | | | | {r.single_cpu_per_clip:.3f} |")
-        rows.append(f"| {r.name} | decode limit (single x {r.parallel}) | {r.decode_limit:.2f} | | | 1.00 | |")
+                    f"{r.single_rate:.2f} | | | | {r.single_cpu_per_clip:.3f} | |")
+        rows.append(f"| {r.name} | decode limit (single x {r.parallel}) | {r.decode_limit:.2f} | | | 1.00 | | |")
         for name in r.runs:
             label = {"dataloader": "DataLoader", "ray": "Ray Data",
                      "ray_select_columns": "Ray Data, select_columns first"}[name]
             each = "" if name == "dataloader" else spread(r.repeat_ratios(name))
             rows.append(f"| {r.name} | {label} | {r.rate(name):.2f} | {r.vs_dataloader(name):.2f} | {each} | "
-                        f"{r.vs_limit(name):.2f} | {r.cpu_per_clip(name):.3f} |")
+                        f"{r.vs_limit(name):.2f} | {r.cpu_per_clip(name):.3f} | "
+                        f"{100 * r.machine_idle(name):.1f}% |")
     return "\n".join(rows)
 
 

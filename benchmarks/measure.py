@@ -237,6 +237,40 @@ class TreeCPU:
         return sum(self.used(pid) for pid in self.last)
 
 
+_PROC_STAT = Path("/proc/stat")
+
+
+def _machine_jiffies() -> tuple[int, int] | None:
+    """(all CPU time, idle + iowait time) of the whole machine since boot, in kernel ticks; None off Linux."""
+    try:
+        fields = [int(v) for v in _PROC_STAT.read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user and nice]
+    return sum(fields[:8]), fields[3] + fields[4]
+
+
+class MachineIdle:
+    """The share of the whole machine's CPU time left idle between `start()` and the last `sample()` (every
+    process counted, other jobs included): how much of the cores a pipeline leaves unused. NaN off Linux."""
+
+    def __init__(self) -> None:
+        self._start: tuple[int, int] | None = None
+        self._last: tuple[int, int] | None = None
+
+    def start(self) -> None:
+        self._start = self._last = _machine_jiffies()
+
+    def sample(self) -> None:
+        self._last = _machine_jiffies()
+
+    @property
+    def fraction(self) -> float:
+        if self._start is None or self._last is None or self._last[0] <= self._start[0]:
+            return math.nan
+        return (self._last[1] - self._start[1]) / (self._last[0] - self._start[0])
+
+
 class CPUSampler:
     """A background thread that samples this process tree's CPU (`TreeCPU`) every `interval` seconds, so the CPU
     used inside any wall-clock window of a run can be read afterwards, in total (`between`) or by process group

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,30 @@ def test_spread_gives_each_repeat_then_the_mean_and_two_standard_errors():
     assert spread([1.234]) == "1.23"  # one repeat: no interval to give
 
 
+def test_machine_idle_is_a_share_and_drops_while_this_process_spins():
+    import os
+
+    from benchmarks.measure import MachineIdle
+
+    def idle_over(work) -> float:
+        meter = MachineIdle()
+        meter.start()
+        work()
+        meter.sample()
+        return meter.fraction
+
+    def spin(seconds: float = 0.5) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    assert math.isnan(MachineIdle().fraction)  # never started
+    spinning = idle_over(spin)
+    # One busy core of n leaves at most (n - 1) / n of the machine idle (plus scheduling slack).
+    cores = os.cpu_count() or 1
+    assert 0.0 <= spinning <= (cores - 1) / cores + 0.1, spinning
+
+
 def test_baselines_freeze_and_unfreeze_the_right_parameters():
     from benchmarks.train_step import build_variant
 
@@ -167,7 +193,8 @@ def test_ingest_smoke_prints_the_ratios_line(ray_local, tmp_path):
     assert {r.total_clips for runs in size.runs.values() for r in runs} == {24}
     assert len({r.clips for runs in size.runs.values() for r in runs}) == 1
     assert "| 96x64 | DataLoader |" in stdout and "| 96x64 | Ray Data |" in stdout
-    assert "| vs DataLoader, each repeat |" in stdout
+    assert "| vs DataLoader, each repeat |" in stdout and "| machine idle |" in stdout
+    assert all(0.0 <= r.machine_idle <= 1.0 for runs in size.runs.values() for r in runs)
 
 
 @pytest.mark.integration
