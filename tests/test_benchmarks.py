@@ -122,6 +122,8 @@ def test_machine_idle_is_a_share_and_drops_while_this_process_spins():
             pass
 
     assert math.isnan(MachineIdle().fraction)  # never started
+    if not Path("/proc/stat").exists():
+        pytest.skip("the machine-idle share reads /proc/stat (Linux)")
     spinning = idle_over(spin)
     # One busy core of n leaves at most (n - 1) / n of the machine idle (plus scheduling slack).
     cores = os.cpu_count() or 1
@@ -194,7 +196,8 @@ def test_ingest_smoke_prints_the_ratios_line(ray_local, tmp_path):
     assert len({r.clips for runs in size.runs.values() for r in runs}) == 1
     assert "| 96x64 | DataLoader |" in stdout and "| 96x64 | Ray Data |" in stdout
     assert "| vs DataLoader, each repeat |" in stdout and "| machine idle |" in stdout
-    assert all(0.0 <= r.machine_idle <= 1.0 for runs in size.runs.values() for r in runs)
+    if Path("/proc/stat").exists():  # the machine-idle share is measured on Linux only (NaN elsewhere)
+        assert all(0.0 <= r.machine_idle <= 1.0 for runs in size.runs.values() for r in runs)
 
 
 @pytest.mark.integration
