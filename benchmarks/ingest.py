@@ -446,8 +446,9 @@ def summarise(results: Sequence[SizeResult]) -> dict[str, float]:
         ratios[f"ray_vs_dataloader_cpu_per_clip_{r.name}"] = r.cpu_per_clip("ray") / r.cpu_per_clip("dataloader")
         ratios[f"decord_share_{r.name}"] = r.decode_share
         for name in ("dataloader", "ray"):
-            if math.isfinite(r.machine_idle(name)):  # the ratios line carries finite numbers only
-                ratios[f"{name}_machine_idle_{r.name}"] = r.machine_idle(name)
+            idle = r.machine_idle(name)
+            if math.isfinite(idle):  # the ratios line carries finite numbers only
+                ratios[f"{name}_machine_idle_{r.name}"] = idle
     return ratios
 
 

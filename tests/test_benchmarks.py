@@ -109,22 +109,16 @@ def test_machine_idle_is_a_share_and_drops_while_this_process_spins():
 
     from benchmarks.measure import MachineIdle
 
-    def idle_over(work) -> float:
-        meter = MachineIdle()
-        meter.start()
-        work()
-        meter.sample()
-        return meter.fraction
-
-    def spin(seconds: float = 0.5) -> None:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            pass
-
     assert math.isnan(MachineIdle().fraction)  # never started
     if not Path("/proc/stat").exists():
         pytest.skip("the machine-idle share reads /proc/stat (Linux)")
-    spinning = idle_over(spin)
+    meter = MachineIdle()
+    meter.start()
+    end = time.perf_counter() + 0.5
+    while time.perf_counter() < end:  # keep one core busy
+        pass
+    meter.sample()
+    spinning = meter.fraction
     # One busy core of n leaves at most (n - 1) / n of the machine idle (plus scheduling slack).
     cores = os.cpu_count() or 1
     assert 0.0 <= spinning <= (cores - 1) / cores + 0.1, spinning
