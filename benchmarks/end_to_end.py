@@ -332,7 +332,7 @@ def local_ray(recipe: Any):
     """A fresh local Ray sized as the workflow sizes one (or the one already running in this process)."""
     import ray
 
-    from workflows.pretrain import ensure_ray, local_cpus_for
+    from workflows.runtime import ensure_ray, local_cpus_for
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")  # a busy 2-core machine is slow
     started = not ray.is_initialized()

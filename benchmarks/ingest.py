@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from workflows.data import pipeline
-from workflows.data.config import DataConfig
+from workflows.data.data_config import DataConfig
 from workflows.data.pipeline import ClipSpec, build_clip_dataset, clips_from_video, columns_collate
 
 FPS = 24

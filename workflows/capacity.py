@@ -39,47 +39,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from workflows.config import ConfigError
+from workflows.config_loader import ConfigError
 from workflows.recipe import Recipe
+from workflows.runtime import label_selector, ray_started_here
 
 POLL_S = 5.0  # how often the alive nodes are checked while waiting (the autoscaler itself updates every 5 s)
 PROGRESS_S = 30.0  # at most one progress line per this many seconds
 INFEASIBLE_POLLS = 2  # consecutive polls the autoscaler must report the request infeasible before giving up
 
-_started_here: dict[str, str | None] = {"gcs_address": None}
-
-
-def note_ray_started_here() -> None:
-    """Record that this process started the Ray cluster it is connected to (ray.init without an address): such a
-    cluster has no autoscaler, so waiting for nodes cannot help. Called by `pretrain.ensure_ray`."""
-    _started_here["gcs_address"] = _gcs_address()
-
-
-def ray_started_here() -> bool:
-    """Whether the connected cluster is one this process started (see `note_ray_started_here`)."""
-    address = _started_here["gcs_address"]
-    return address is not None and address == _gcs_address()
-
-
-def _gcs_address() -> str | None:
-    try:
-        import ray
-
-        return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
-    except Exception:  # noqa: BLE001 - only a hint; never let it break a run
-        return None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # what a run needs
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _label_selector(label: str | None) -> dict[str, str]:
-    if not label:
-        return {}
-    key, _, value = label.partition("=")
-    return {key.strip(): value.strip()}
 
 
 @dataclass(frozen=True)
@@ -116,10 +86,10 @@ def node_request(recipe: Recipe, decode_label: str | None) -> NodeRequest:
     selectors: list[dict[str, str]] = []
     if worker:
         bundles += [dict(worker) for _ in range(scaling.num_workers)]
-        selectors += [_label_selector(scaling.worker_node_label) for _ in range(scaling.num_workers)]
+        selectors += [label_selector(scaling.worker_node_label) or {} for _ in range(scaling.num_workers)]
     decode_actors = scaling.num_workers if decode_label else 1
     bundles += [{"CPU": float(data.decode_threads)} for _ in range(decode_actors)]
-    selectors += [_label_selector(decode_label) for _ in range(decode_actors)]
+    selectors += [label_selector(decode_label) or {} for _ in range(decode_actors)]
     return NodeRequest(bundles, selectors)
 
 
@@ -167,13 +137,14 @@ def autoscaler_reports_infeasible(request: NodeRequest) -> bool | None:
     """True when Ray's autoscaler v2 reports `request` (as sent by `request_resources`) infeasible; False when it
     does not; None when it cannot tell (autoscaler v1, which reports no such thing, or any error)."""
     try:
+        import ray
         from ray._raylet import GcsClient
         from ray.autoscaler.v2.utils import is_autoscaler_v2
         from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
         if not is_autoscaler_v2(fetch_from_server=True):
             return None
-        address = _gcs_address()
+        address = ray.get_runtime_context().gcs_address
         if not address:
             return None
         # ray.autoscaler.v2.sdk.get_cluster_status makes this call too, but its parsed ClusterStatus drops the

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from workflows.runtime import is_remote
+
 DS_TAG = "ds"
 WEIGHTS = "weights.safetensors"
 STATE = "state.json"
@@ -122,7 +124,7 @@ def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
     """
     from dist_model.checkpoint import load_authors_checkpoint
 
-    if "://" in str(source):  # a checkpoint on shared storage (s3://, gs://): fetch it through Ray's filesystems
+    if is_remote(str(source)):  # a checkpoint on shared storage (s3://, gs://): fetch it through Ray's filesystems
         import tempfile
 
         from ray.train import Checkpoint

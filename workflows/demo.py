@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from workflows.config import add_override_option
+from workflows.config_loader import add_override_option
 from workflows.data.sample import SAMPLE_CLASSES
 from workflows.recipe import load_recipe
 
@@ -39,7 +39,8 @@ def _sample_matches(data_dir: Path, videos_per_class: int, num_objects: int) -> 
 def run_demo(out: Path, overrides: list[str], videos_per_class: int, num_objects: int = 3) -> dict[str, float]:
     """Run both trainings; returns the numbers of the final line."""
     from workflows.data.sample import write_sample_dataset
-    from workflows.pretrain import ensure_ray, local_cpus_for, run_pretrain
+    from workflows.pretrain import run_pretrain
+    from workflows.runtime import ensure_ray, local_cpus_for
 
     start = time.perf_counter()
     out = out.resolve()

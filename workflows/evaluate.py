@@ -33,8 +33,9 @@ from typing import Any, Literal
 import numpy as np
 
 from workflows.checkpoints import RECIPE, find_checkpoint, read_state
-from workflows.config import ConfigError, add_override_option, apply_overrides, dump_yaml, from_dict, load_yaml
+from workflows.config_loader import ConfigError, add_override_option, apply_overrides, dump_yaml, from_dict, load_yaml
 from workflows.recipe import Recipe, model_config, recipe_to_dict
+from workflows.runtime import is_remote
 
 LOG_PREFIX = "[evaluate]"
 Mode = Literal["dist", "fusion", "clip_only"]
@@ -167,7 +168,9 @@ class EvalPlan:
 
     @property
     def class_names(self) -> list[str]:
-        return [name for name, _ in sorted(self.label_map.items(), key=lambda kv: kv[1])]
+        from workflows.data.manifest import class_names
+
+        return class_names(self.label_map)
 
 
 def plan_evaluation(request: EvalRequest) -> EvalPlan:
@@ -204,7 +207,7 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
 
     # Label set: --labels, else the recipe's label file, else the class names stored in the checkpoint.
     labels_path = request.labels or recipe.data.labels
-    if labels_path and (request.labels or "://" in labels_path or Path(labels_path).exists()):
+    if labels_path and (request.labels or is_remote(labels_path) or Path(labels_path).exists()):
         label_map, labels_source = load_labels(labels_path), labels_path
     elif state.get("class_names"):
         label_map = {name: i for i, name in enumerate(state["class_names"])}
@@ -377,10 +380,10 @@ def per_class_rows(confusion: Any, class_names: list[str]) -> list[dict[str, Any
 def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
     """metrics.json, per_class_accuracy.csv, predictions.csv (one row per video) and confusion_matrix.png in
     `plan.out_dir`; returns the metrics."""
-    from workflows.metrics import save_confusion_png, summarize
+    from workflows.metrics import accuracy_summary, save_confusion_png
 
     counts = results.scores.counts()
-    summary = summarize(counts)
+    summary = accuracy_summary(counts)
     names = plan.class_names
     per_class = per_class_rows(counts["confusion"], names)
     incomplete = sorted(v for v, n in results.rows_per_video.items() if n != plan.views * plan.crops)
@@ -452,13 +455,13 @@ def _tracking_uri(plan: EvalPlan, wanted: bool | None) -> str | None:
         return None
     if recipe.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return recipe.mlflow.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
-    candidates = [Path(recipe.run_dir)] if "://" not in recipe.run_dir else []
+    candidates = [Path(recipe.run_dir)] if not is_remote(recipe.run_dir) else []
     if plan.checkpoint is not None:
         candidates.append(plan.checkpoint.parent)
     for directory in candidates:
         if (directory / "mlflow.db").is_file():
             return f"sqlite:///{(directory / 'mlflow.db').resolve()}"
-    return default_tracking_uri(recipe.run_dir) if wanted and "://" not in recipe.run_dir else None
+    return default_tracking_uri(recipe.run_dir) if wanted and not is_remote(recipe.run_dir) else None
 
 
 def log_to_mlflow(plan: EvalPlan, metrics: dict[str, Any], uri: str) -> str | None:
@@ -481,7 +484,7 @@ def log_to_mlflow(plan: EvalPlan, metrics: dict[str, Any], uri: str) -> str | No
 
 def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
     """Plan (fails before Ray on bad input), score on Ray, write the outputs, log to MLflow; returns metrics."""
-    from workflows.pretrain import ensure_ray, local_cpus_for
+    from workflows.runtime import ensure_ray, local_cpus_for
 
     plan = plan_evaluation(request)
     if progress:

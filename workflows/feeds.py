@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from workflows.data.decode_nodes import decode_pool_size
-from workflows.data.manifest import Manifest, load_labels, load_manifest
+from workflows.data.manifest import Manifest, class_names, load_labels, load_manifest
 from workflows.data.pipeline import build_clip_dataset, columns_collate
 from workflows.recipe import Recipe
 
@@ -66,7 +66,7 @@ class ClipFeeds:
 
     @property
     def class_names(self) -> list[str]:
-        return [name for name, _ in sorted(self.label_map.items(), key=lambda kv: kv[1])]
+        return class_names(self.label_map)
 
     def micro_batches_per_epoch(self) -> int:
         return steps_per_epoch(self.recipe, len(self.train_manifest)) * self.recipe.grad_accum_steps

@@ -42,7 +42,7 @@ class VideoScores:
                 "videos": torch.tensor(float(len(self.scores)), dtype=torch.float64), "confusion": confusion}
 
 
-def summarize(counts: dict[str, torch.Tensor]) -> dict[str, float]:
+def accuracy_summary(counts: dict[str, torch.Tensor]) -> dict[str, float]:
     """Accuracies in percent from (all-reduced) counts."""
     videos = max(1.0, float(counts["videos"]))
     confusion = counts["confusion"]

@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from workflows.checkpoints import RECIPE, find_checkpoint, read_state, read_weights
-from workflows.config import ConfigError, from_dict, load_yaml
+from workflows.config_loader import ConfigError, from_dict, load_yaml
 from workflows.evaluate import Mode, build_eval_model, model_logits, scoring_autocast, scoring_precision
 from workflows.recipe import Recipe
 
@@ -26,6 +26,7 @@ from workflows.recipe import Recipe
 def load_predictor(checkpoint: str, labels: str | None = None, device: str = "cpu") -> tuple[Any, Recipe, list[str]]:
     """(model in eval mode on `device`, the checkpoint's recipe, class names): `labels` (a label file) replaces the
     class names stored in the checkpoint."""
+    from workflows.data.manifest import class_names as names_of
     from workflows.data.manifest import load_labels
 
     directory = find_checkpoint(checkpoint)
@@ -37,7 +38,7 @@ def load_predictor(checkpoint: str, labels: str | None = None, device: str = "cp
     model = build_eval_model(state["model"], recipe.train.seed, read_weights(directory)).to(device)
     if labels:
         label_map = load_labels(labels)
-        class_names = [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
+        class_names = names_of(label_map)
     elif state.get("class_names"):
         class_names = list(state["class_names"])
     else:

@@ -19,8 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from workflows.capacity import check_capacity, note_ray_started_here
-from workflows.config import ConfigError, add_override_option, dump_yaml
+from workflows.capacity import check_capacity
+from workflows.config_loader import ConfigError, add_override_option, dump_yaml
 from workflows.recipe import (
     Recipe,
     load_recipe,
@@ -29,6 +29,7 @@ from workflows.recipe import (
     with_absolute_paths,
     with_run_scoped_names,
 )
+from workflows.runtime import ensure_ray, is_remote, label_selector, local_cpus_for
 
 LOG_PREFIX = "[pretrain]"
 
@@ -39,7 +40,7 @@ LOG_PREFIX = "[pretrain]"
 
 
 def _fail_once_marker(recipe: Recipe) -> Path:
-    base = Path(recipe.run_dir) if "://" not in recipe.run_dir else Path(tempfile.gettempdir()) / recipe.run.name
+    base = Path(recipe.run_dir) if not is_remote(recipe.run_dir) else Path(tempfile.gettempdir()) / recipe.run.name
     return base / ".injected_failure_done"
 
 
@@ -75,11 +76,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from workflows.feeds import ClipFeeds, drop_summary, steps_per_epoch, total_steps
     from workflows.metrics import (
         VideoScores,
+        accuracy_summary,
         all_reduce_counts,
         all_reduce_sum,
         save_confusion_png,
         save_curves_png,
-        summarize,
     )
     from workflows.mixup import mix_batch, soft_cross_entropy
     from workflows.optim import build_deepspeed_config, lr_at
@@ -186,7 +187,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 scores.add(batch["video_index"], logits, batch["label"])
         engine.train()
         counts = all_reduce_counts(scores.counts())
-        return {**summarize(counts), "confusion": counts["confusion"]}
+        return {**accuracy_summary(counts), "confusion": counts["confusion"]}
 
     def report(metrics: dict[str, float], final: bool = False) -> None:
         """Checkpoint on every rank, then one ray.train.report (a barrier) with the checkpoint."""
@@ -341,10 +342,7 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    selector = None
-    if scaling.worker_node_label:
-        key, _, value = scaling.worker_node_label.partition("=")
-        selector = {key.strip(): value.strip()}
+    selector = label_selector(scaling.worker_node_label)
     return TorchTrainer(
         train_loop_per_worker=train_fn_per_worker,
         train_loop_config={"recipe": recipe_to_dict(recipe), **(extra_config or {})},
@@ -395,43 +393,13 @@ def validate_before_start(recipe: Recipe) -> None:
     if problem:
         raise ConfigError(f"train.compile: {problem}")
     init_from = recipe.train.init_from
-    if init_from and "://" not in init_from and not Path(init_from).exists():
+    if init_from and not is_remote(init_from) and not Path(init_from).exists():
         raise ConfigError(f"train.init_from: {init_from} does not exist (a checkpoint directory of ours, or an "
                           "authors' .pyth file)")
-    remote = "://" in recipe.run.storage_path
+    remote = is_remote(recipe.run.storage_path)
     if recipe.mlflow.enabled and remote and not (recipe.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise ConfigError("run.storage_path is remote: set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to a tracking "
                           "server, e.g. http://<head>:5000")
-
-
-def local_cpus_for(recipe: Recipe) -> float:
-    """Logical CPUs a local cluster needs for a run: the training workers plus one decode actor per worker."""
-    return recipe.scaling.num_workers * (recipe.scaling.cpus_per_worker + recipe.data.decode_threads)
-
-
-def ensure_ray(min_cpus: float, fresh_local: bool = False) -> None:
-    """Join the cluster named by RAY_ADDRESS (or one running on this machine); otherwise, or with `fresh_local`,
-    start a local cluster with at least `min_cpus` logical CPUs (more than the machine's cores is fine: decode
-    actors and training workers take turns)."""
-    import math
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    local_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
-    if fresh_local:
-        ray.init(address="local", num_cpus=local_cpus)
-        note_ray_started_here()  # no autoscaler: check_capacity never waits for nodes here
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    try:
-        ray.init(address="auto")
-    except ConnectionError:
-        ray.init(num_cpus=local_cpus)
-        note_ray_started_here()
 
 
 def run_pretrain(recipe: Recipe) -> Any:

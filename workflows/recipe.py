@@ -1,7 +1,7 @@
 """The training recipe schema: what a `workflows/configs/*.yaml` file holds, section by section.
 
     model:    a DiST preset plus any DiSTConfig field to override (same names as DiSTConfig)
-    data:     workflows.data.config.DataConfig (manifests, decoding, augmentation, bad-video policy)
+    data:     workflows.data.data_config.DataConfig (manifests, decoding, augmentation, bad-video policy)
     train:    optimisation recipe (reference §4): batch, lr scaling, schedule, mixing, precision, DeepSpeed
     eval:     validation during training and final multi-view testing
     scaling:  Ray Train workers, their resources, and how long to wait for the nodes (scale from zero)
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 from dist_model import DiSTConfig
-from workflows.config import ConfigError, from_dict, load_config, to_dict
-from workflows.data.config import DataConfig
+from workflows.config_loader import ConfigError, from_dict, load_config, to_dict
+from workflows.data.data_config import DataConfig
+from workflows.runtime import is_remote
 
 # The model section: `preset` and `variant`, plus every DiSTConfig field as an optional override (None = the
 # preset's value). Derived from DiSTConfig so the two can never drift apart.
@@ -215,7 +216,7 @@ def check_data_files(recipe: Recipe) -> None:
         value = getattr(recipe.data, key)
         if not value:
             raise ConfigError(f"data.{key} is not set; point it at your {key.replace('_', ' ')} file")
-        if "://" not in value and not Path(value).exists():
+        if not is_remote(value) and not Path(value).exists():
             raise ConfigError(f"data.{key}: {value} does not exist")
 
 
@@ -223,7 +224,7 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     """A copy whose local, relative file paths are absolute: Ray workers do not run in the driver's directory."""
 
     def absolute(value: str | None) -> str | None:
-        if not value or "://" in value or Path(value).is_absolute():
+        if not value or is_remote(value) or Path(value).is_absolute():
             return value
         return str(Path(value).resolve())
 

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from workflows.runtime import is_remote
 
 
 def default_tracking_uri(run_dir: str) -> str:
     """A sqlite store inside the run directory (MLflow 3 refuses the plain file store)."""
-    if "://" in run_dir:
+    if is_remote(run_dir):
         raise ValueError(f"run directory {run_dir} is remote: set mlflow.tracking_uri to a tracking server")
     path = Path(run_dir).resolve()
     path.mkdir(parents=True, exist_ok=True)
@@ -167,8 +166,3 @@ class Tracker:
         """End the run with `status` (FINISHED, FAILED, KILLED)."""
         self._guard("finish", lambda: self._client.set_terminated(self.run_id, status))
 
-
-@contextmanager
-def temporary_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="dist-") as tmp:
-        yield Path(tmp)

@@ -37,8 +37,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from workflows.config import ConfigError, add_override_option, dump_yaml, to_dict
+from workflows.config_loader import ConfigError, add_override_option, dump_yaml, to_dict
 from workflows.recipe import Recipe, recipe_to_dict
+from workflows.runtime import is_remote
 from workflows.tracking import Tracker
 from workflows.tune_config import (
     DOMAINS,
@@ -269,7 +270,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     print(f"{LOG_PREFIX} sweep {sweep.name} in {plan.path} ({'resuming' if restorable else 'new'}); MLflow "
           f"{plan.tracking_uri}, experiment {sweep.mlflow.experiment}\n{dump_yaml(sweep)}", flush=True)
     per_trial = trial_resources(plan.base_recipe)
-    from workflows.pretrain import ensure_ray
+    from workflows.runtime import ensure_ray
 
     ensure_ray(per_trial["CPU"])
     # Resolve data.decode_node_label once, here; every trial starts from the resolved base recipe. With the base
@@ -281,7 +282,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
                                         cluster_capacity(plan.base_recipe.data.decode_node_label), per_trial)
     print(f"{LOG_PREFIX} one trial holds {per_trial}; up to {concurrent} trial(s) at once", flush=True)
 
-    if "://" not in plan.path:
+    if not is_remote(plan.path):
         Path(plan.path).mkdir(parents=True, exist_ok=True)
     parent = open_parent_run(plan)
     parent_id = parent.run_id

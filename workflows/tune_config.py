@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
-from workflows.config import ConfigError, apply_overrides, from_dict, load_yaml, parse_override
+from workflows.config_loader import ConfigError, apply_overrides, from_dict, load_yaml, parse_override
 from workflows.recipe import Recipe, check_data_files, recipe_to_dict, with_absolute_paths
+from workflows.runtime import is_remote
 
 LOG_PREFIX = "[tune]"
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -225,7 +226,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
 
 def sweep_dir(sweep: SweepConfig) -> str:
     """Where the sweep lives: <storage_path>/<name> (an absolute local path, or a URI)."""
-    if "://" in sweep.storage_path:
+    if is_remote(sweep.storage_path):
         return f"{sweep.storage_path.rstrip('/')}/{sweep.name}"
     return str(Path(sweep.storage_path).resolve() / sweep.name)
 
@@ -236,7 +237,7 @@ def tracking_uri(sweep: SweepConfig) -> str:
     if uri:
         return uri
     where = sweep_dir(sweep)
-    if "://" in where:
+    if is_remote(where):
         raise ConfigError("storage_path is remote: set mlflow.tracking_uri to a tracking server (http://...)")
     return f"sqlite:///{Path(where) / 'mlflow.db'}"
 
@@ -380,4 +381,4 @@ def trial_run_name(sweep_name: str, trial_id: str) -> str:
 
 def attempts_file(sweep_path: str, run_name: str) -> Path | None:
     """The journal of a trial's starts (one line per start of its driver); None for a remote sweep."""
-    return None if "://" in sweep_path else Path(sweep_path) / "attempts" / f"{run_name}.log"
+    return None if is_remote(sweep_path) else Path(sweep_path) / "attempts" / f"{run_name}.log"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from workflows.recipe import recipe_to_dict
+from workflows.runtime import is_remote
 from workflows.tracking import Tracker
 from workflows.tune_config import (
     LOG_PREFIX,
@@ -196,7 +197,7 @@ def fetch_checkpoint_files(checkpoint: str, sweep_path: str, dest: Path,
     local = Path(checkpoint)
     if local.is_dir():
         return [local / n for n in names if (local / n).exists()]
-    if "://" not in sweep_path:
+    if not is_remote(sweep_path):
         return []
     import pyarrow.fs
 
@@ -283,7 +284,7 @@ def summarize(grid: Any, plan: SweepPlan, parent: Tracker, interrupted: bool) ->
                          tracking_uri=plan.tracking_uri, interrupted=interrupted)
     with tempfile.TemporaryDirectory(prefix="dist-sweep-") as tmp:
         # A local sweep keeps its table and plot in the sweep directory; a remote one only in MLflow.
-        out_dir = Path(plan.path) if "://" not in plan.path else Path(tmp)
+        out_dir = Path(plan.path) if not is_remote(plan.path) else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         result.table_path, result.plot_path = out_dir / RESULTS_CSV, out_dir / PLOT_PNG
         write_csv(rows, columns, result.table_path)
@@ -308,7 +309,7 @@ def summarize(grid: Any, plan: SweepPlan, parent: Tracker, interrupted: bool) ->
                 for path in fetch_checkpoint_files(checkpoint, plan.path, Path(tmp) / "best"):
                     parent.log_artifact(path, "best_checkpoint")
                 parent.set_tags({"best_trial_id": best["trial_id"], "best_checkpoint": checkpoint})
-        if "://" in plan.path:
+        if is_remote(plan.path):
             result.table_path = result.plot_path = None
     if not interrupted:
         parent.finish("FINISHED")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from workflows.capacity import WAIT_HINT, Cluster, NodeRequest, check_capacity, infeasible_in_reply, node_request
-from workflows.config import ConfigError
+from workflows.config_loader import ConfigError
 from workflows.recipe import load_recipe
 
 REPO = Path(__file__).parents[2]
@@ -200,7 +200,7 @@ def test_a_real_autoscaler_reports_an_impossible_request() -> None:
         from ray._raylet import GcsClient
         from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
         from workflows.capacity import Cluster, check_capacity
-        from workflows.config import ConfigError
+        from workflows.config_loader import ConfigError
         from workflows.recipe import load_recipe
 
         ray.init(address="local", num_cpus=2, include_dashboard=False)

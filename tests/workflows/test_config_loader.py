@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from workflows.config import ConfigError, add_override_option, dump_yaml, from_dict, load_config
+from workflows.config_loader import ConfigError, add_override_option, dump_yaml, from_dict, load_config
 
 
 @dataclass

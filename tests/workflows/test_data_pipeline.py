@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.workflows.conftest import GOOD_VIDEOS, frame_ids, is_mirrored
-from workflows.data.config import DataConfig
+from workflows.data.data_config import DataConfig
 from workflows.data.drops import get_drop_report
 from workflows.data.pipeline import build_clip_dataset
 from workflows.data.sampling import segment_indices

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tests.workflows.conftest import GOOD_VIDEOS, frame_ids, index_frames, is_mirrored
-from workflows.config import ConfigError, from_dict
-from workflows.data.config import SSV2_FLIP_PAIRS, DataConfig
+from workflows.config_loader import ConfigError, from_dict
+from workflows.data.data_config import SSV2_FLIP_PAIRS, DataConfig
 from workflows.data.manifest import ManifestError, load_labels, load_manifest, save_labels, write_manifest
 from workflows.data.pipeline import ClipSpec, decode_batch
 from workflows.data.sampling import frame_window, segment_indices

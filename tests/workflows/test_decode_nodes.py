@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from workflows.config import ConfigError, from_dict
-from workflows.data.config import DECODE_ANYWHERE, DECODE_LABEL_AUTO, DataConfig
+from workflows.config_loader import ConfigError, from_dict
+from workflows.data.data_config import DECODE_ANYWHERE, DECODE_LABEL_AUTO, DataConfig
 from workflows.data.decode_nodes import DecodeNodesError, resolve_decode_nodes
 
 SMOKE = Path(__file__).parents[2] / "workflows" / "configs" / "smoke.yaml"

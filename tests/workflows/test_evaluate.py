@@ -12,7 +12,7 @@ import torch
 
 from tests.workflows.conftest import GOOD_VIDEOS
 from workflows.checkpoints import read_state, read_weights, write_model_files
-from workflows.config import ConfigError, dump_yaml
+from workflows.config_loader import ConfigError, dump_yaml
 from workflows.data.manifest import save_labels
 from workflows.evaluate import EvalRequest, build_eval_model, model_logits, plan_evaluation
 from workflows.evaluate import main as evaluate_main

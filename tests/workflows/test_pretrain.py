@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workflows.config import ConfigError
+from workflows.config_loader import ConfigError
 from workflows.mixup import mix_batch, smooth_one_hot, soft_cross_entropy
 from workflows.optim import build_deepspeed_config, lr_at
 from workflows.recipe import load_recipe

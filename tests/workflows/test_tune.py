@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from ray import tune
 
-from workflows.config import ConfigError
+from workflows.config_loader import ConfigError
 from workflows.tune import (
     build_param_space,
     build_trial_recipe,

@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 
 def _init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="WARNING")
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own progress lines; keeps --json output clean
+    from workflows.runtime import ensure_ray
+
+    ensure_ray(address=address, quiet=True)
+    DataContext.get_current().enable_progress_bars = False  # our own progress lines; keeps --json output clean
 
 
 def _format_check(report: dict[str, Any]) -> str:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from workflows.data.config import DECODE_ANYWHERE, DECODE_LABEL_AUTO, DataConfig
+from workflows.data.data_config import DECODE_ANYWHERE, DECODE_LABEL_AUTO, DataConfig
+from workflows.runtime import label_selector, parse_node_label
 
 
 class DecodeNodesError(RuntimeError):
@@ -33,10 +34,7 @@ def _node_labels(node: dict[str, Any]) -> dict[str, str]:
 
 
 def _selector(label: str | None) -> dict[str, str] | None:
-    if not label or label == DECODE_ANYWHERE:
-        return None
-    key, _, value = label.partition("=")
-    return {key.strip(): value.strip()}
+    return None if label == DECODE_ANYWHERE else label_selector(label)
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ class DecodeNodes:
         selected nodes cannot hold `actors` decode actors of `threads` CPUs each (they would wait forever)."""
         if self.label is None:
             return  # any node: the cluster-wide CPU check (capacity.check_capacity) covers it
-        key, _, value = self.label.partition("=")
+        key, value = parse_node_label(self.label)
         label_them = (f"`ray start --labels={self.label}`, or `labels: {{{key}: {value}}}` on the node type in the "
                       f"cluster YAML; see cluster/README.md")
         other = f"or set data.decode_node_label={DECODE_ANYWHERE} to decode on any node"

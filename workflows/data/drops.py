@@ -113,8 +113,3 @@ def get_drop_report(split: str, epoch: int | None = None, *, name: str = "dist-d
         return DropReport(split=split, epoch=epoch, videos=0)
     return ray.get(actor.get.remote(split, epoch))
 
-
-def check_drop_report(report: DropReport, max_bad_fraction: float) -> None:
-    """Raise TooManyBadVideos naming examples when the report's bad fraction exceeds the limit."""
-    if report.total_dropped > max_bad_fraction * report.videos:
-        raise TooManyBadVideos(_too_many_message(report, max_bad_fraction))

@@ -90,6 +90,11 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def class_names(label_map: dict[str, int]) -> list[str]:
+    """The class names of a label map in index order (name i is class i): what the text classifier scores."""
+    return [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
+
+
 def load_labels(path: str) -> dict[str, int]:
     """Read a label file `{class name: index}`; indices must be 0..K-1, each used once."""
     try:

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from workflows.data.config import DataConfig
+from workflows.data.data_config import DataConfig
 from workflows.data.decode_nodes import decode_pool_size
 from workflows.data.drops import TooManyBadVideos, drop_counter
 from workflows.data.manifest import Manifest, load_labels, load_manifest

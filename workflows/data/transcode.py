@@ -22,6 +22,7 @@ import numpy as np
 
 from workflows.data.manifest import load_manifest, parent_dir, read_bytes, relative_to, write_manifest
 from workflows.data.video import BadVideo, probe
+from workflows.runtime import is_remote
 
 
 def even_short_side_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -43,7 +44,7 @@ def transcode_video(src: str, dst: str | Path, *, short_side: int = 320, gop: in
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.part")
     t0 = time.perf_counter()
-    source: Any = src if "://" not in src else io.BytesIO(read_bytes(src))
+    source: Any = src if not is_remote(src) else io.BytesIO(read_bytes(src))
     frames = 0
     try:
         with av.open(source) as inp, av.open(str(tmp), "w", format="mp4") as out:
@@ -79,7 +80,7 @@ def transcode_video(src: str, dst: str | Path, *, short_side: int = 320, gop: in
 def _output_name(path: str, base: str, index: int) -> str:
     """Where a source video goes inside the output folder: its path relative to the manifest's folder when it
     lies below it, else `<index>_<file name>`; always with an .mp4 suffix."""
-    rel = relative_to(path, base) if "://" not in path else ""
+    rel = relative_to(path, base) if not is_remote(path) else ""
     if not rel or rel.startswith("/") or rel.startswith(".."):
         rel = f"{index:08d}_{Path(path.rsplit('/', 1)[-1]).name}"
     return str(Path(rel).with_suffix(".mp4"))
@@ -111,7 +112,7 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
 
     out = Path(out_dir).resolve()
     source_dir = parent_dir(manifest)
-    if "://" not in manifest and out == Path(source_dir).resolve():
+    if not is_remote(manifest) and out == Path(source_dir).resolve():
         raise ValueError(f"--out {out} is the manifest's own folder; choose a new folder so originals stay untouched")
     loaded = load_manifest(manifest, None, strict=False)
     table = loaded.table

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from workflows.runtime import label_selector
+
 # Something-Something-V2 direction-sensitive class pairs (reference §5): "Pulling something from left to right"
 # <-> "... right to left" (86, 87), "Pushing something from left to right" <-> "... right to left" (93, 94) and
 # "Turning the camera left/right while filming something" (166, 167). A horizontal flip swaps each pair.
@@ -113,7 +115,4 @@ class DataConfig:
         An unset label is resolved to a label or "any" by the drivers before the workers start
         (`workflows.data.decode_nodes.resolve_decode_nodes`); here, where the workers build their datasets, it means
         any node."""
-        if not self.decode_node_label or self.decode_node_label == DECODE_ANYWHERE:
-            return None
-        key, _, value = self.decode_node_label.partition("=")
-        return {key.strip(): value.strip()}
+        return None if self.decode_node_label == DECODE_ANYWHERE else label_selector(self.decode_node_label)

@@ -25,13 +25,6 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what would be valid."""
 
 
-def _describe(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and minimally convert) `value` against annotation `tp`; raise ConfigError naming `key`."""
     origin = get_origin(tp)

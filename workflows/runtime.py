@@ -1,0 +1,82 @@
+"""Where a workflow runs: starting or joining Ray, remote vs local paths, Ray node labels.
+
+Every driver (pretrain, tune, evaluate, demo, the data tools, the benchmarks) starts or joins Ray through
+`ensure_ray`, which also remembers whether this process started the cluster itself (a local cluster has no
+autoscaler, so `capacity` never waits for nodes on one).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workflows.recipe import Recipe
+
+# The GCS address of the cluster this process started (None: it joined one, or none yet). Written only here.
+_started_gcs_address: str | None = None
+
+
+def is_remote(path: str | os.PathLike | None) -> bool:
+    """True for a URI (s3://, gs://, ...) that pyarrow or Ray must fetch; False for a local path (or None)."""
+    return path is not None and "://" in str(path)
+
+
+def parse_node_label(label: str) -> tuple[str, str]:
+    """`key=value` -> (key, value), whitespace stripped; the value is "" when there is no `=`."""
+    key, _, value = label.partition("=")
+    return key.strip(), value.strip()
+
+
+def label_selector(label: str | None) -> dict[str, str] | None:
+    """A `key=value` node label as a Ray label selector ({key: value}); None when no label is given."""
+    if not label:
+        return None
+    key, value = parse_node_label(label)
+    return {key: value}
+
+
+def local_cpus_for(recipe: Recipe) -> float:
+    """Logical CPUs a local cluster needs for a run: the training workers plus one decode actor per worker."""
+    return recipe.scaling.num_workers * (recipe.scaling.cpus_per_worker + recipe.data.decode_threads)
+
+
+def ensure_ray(min_cpus: float = 1, *, address: str | None = None, fresh_local: bool = False,
+               quiet: bool = False) -> None:
+    """Join the cluster at `address` (else RAY_ADDRESS, else one running on this machine); failing that, or with
+    `fresh_local`, start a local cluster with at least `min_cpus` logical CPUs (more than the machine's cores is
+    fine: decode actors and training workers take turns). `quiet`: workers' output stays in Ray's log files."""
+    import ray
+
+    global _started_gcs_address
+    if ray.is_initialized():
+        return
+    local_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
+    options = {"log_to_driver": False, "logging_level": "WARNING"} if quiet else {}
+    if fresh_local:
+        ray.init(address="local", num_cpus=local_cpus, **options)
+    elif address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **options)
+        return
+    else:
+        try:
+            ray.init(address="auto", **options)
+            return
+        except ConnectionError:
+            ray.init(num_cpus=local_cpus, **options)
+    _started_gcs_address = _gcs_address()
+
+
+def ray_started_here() -> bool:
+    """Whether the connected cluster is one this process started through `ensure_ray` (no autoscaler there)."""
+    return _started_gcs_address is not None and _started_gcs_address == _gcs_address()
+
+
+def _gcs_address() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - only a hint; never let it break a run
+        return None
