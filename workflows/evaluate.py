@@ -22,7 +22,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import os
 import sys
 import time
 import uuid
@@ -448,20 +447,18 @@ def _tracking_uri(plan: EvalPlan, wanted: bool | None) -> str | None:
     """The training run's MLflow store: the recipe's server (or MLFLOW_TRACKING_URI), or an existing sqlite store
     in the run directory (or beside the checkpoint). `wanted` True creates the run directory's store; False
     disables tracking."""
-    from workflows.tracking import default_tracking_uri
+    from workflows.tracking import resolve_tracking_uri
 
     recipe = plan.recipe
     if wanted is False or (wanted is None and not recipe.mlflow.enabled):
         return None
-    if recipe.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        return recipe.mlflow.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
-    candidates = [Path(recipe.run_dir)] if not is_remote(recipe.run_dir) else []
-    if plan.checkpoint is not None:
-        candidates.append(plan.checkpoint.parent)
-    for directory in candidates:
-        if (directory / "mlflow.db").is_file():
-            return f"sqlite:///{(directory / 'mlflow.db').resolve()}"
-    return default_tracking_uri(recipe.run_dir) if wanted and not is_remote(recipe.run_dir) else None
+    directories = [recipe.run_dir] + ([plan.checkpoint.parent] if plan.checkpoint is not None else [])
+    for directory in directories:
+        uri = resolve_tracking_uri(recipe.mlflow.tracking_uri, directory, create=False)
+        if uri:
+            return uri
+    return resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir) if wanted and \
+        not is_remote(recipe.run_dir) else None
 
 
 def log_to_mlflow(plan: EvalPlan, metrics: dict[str, Any], uri: str) -> str | None:

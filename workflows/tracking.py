@@ -14,19 +14,29 @@ from typing import Any
 
 from workflows.runtime import is_remote
 
+STORE_FILE = "mlflow.db"
 
-def default_tracking_uri(run_dir: str) -> str:
-    """A sqlite store inside the run directory (MLflow 3 refuses the plain file store)."""
+
+def resolve_tracking_uri(configured: str | None, run_dir: str | Path, *, create: bool = True) -> str | None:
+    """The MLflow store of a run (or sweep) directory, the one rule every workflow uses: the configured URI, else
+    MLFLOW_TRACKING_URI (set on cluster nodes), else a sqlite store `<run_dir>/mlflow.db` (MLflow 3 refuses the
+    plain file store). `create` False: only a store that already exists there, else None. A remote run directory
+    needs a tracking server: ConfigError when no URI is configured."""
+    from workflows.config_loader import ConfigError
+
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
     if is_remote(run_dir):
-        raise ValueError(f"run directory {run_dir} is remote: set mlflow.tracking_uri to a tracking server")
+        if not create:
+            return None
+        raise ConfigError(f"run directory {run_dir} is remote: set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to a "
+                          "tracking server, e.g. http://<head>:5000")
     path = Path(run_dir).resolve()
+    if not create and not (path / STORE_FILE).is_file():
+        return None
     path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / 'mlflow.db'}"
-
-
-def resolve_tracking_uri(configured: str | None, run_dir: str) -> str:
-    """The recipe's URI, else MLFLOW_TRACKING_URI (set on cluster nodes), else a sqlite store in the run dir."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
+    return f"sqlite:///{path / STORE_FILE}"
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,13 +232,12 @@ def sweep_dir(sweep: SweepConfig) -> str:
 
 def tracking_uri(sweep: SweepConfig) -> str:
     """The one MLflow store of the parent and all trials."""
-    uri = sweep.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    where = sweep_dir(sweep)
-    if is_remote(where):
-        raise ConfigError("storage_path is remote: set mlflow.tracking_uri to a tracking server (http://...)")
-    return f"sqlite:///{Path(where) / 'mlflow.db'}"
+    from workflows.tracking import resolve_tracking_uri
+
+    try:
+        return resolve_tracking_uri(sweep.mlflow.tracking_uri, sweep_dir(sweep))
+    except ConfigError:
+        raise ConfigError("storage_path is remote: set mlflow.tracking_uri to a tracking server (http://...)") from None
 
 
 def valid_recipe_keys(schema: type = Recipe, prefix: str = "") -> list[str]:
