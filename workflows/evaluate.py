@@ -6,10 +6,11 @@ summed per video, each video counted once. Runs on Ray Data: the ingest layer's 
 (CPU actor pool), a `map_batches` actor pool of `ViewScorer`s runs the model (one GPU per actor when the cluster
 has GPUs, CPU otherwise) and returns per-view logits, and the driver sums them per video (`VideoScores`).
 
-The model is rebuilt from the checkpoint's own `state.json` (the architecture it was trained with); the frozen
-CLIP comes from its tag, or, for random-init CLIPs (tiny/small presets), from the run's seed. Classes enter only
-through their names, so `--labels` evaluates on any label set (zero-shot); `--zero-shot-fusion` blends the
-frozen CLIP's logits in, and `--clip-only` scores with frozen CLIP alone (no checkpoint needed).
+The model is rebuilt from the checkpoint by `workflows.inference` (shared with `predict`): the architecture its
+`state.json` names, the frozen CLIP from its tag or, for random-init CLIPs (tiny/small presets), from the run's
+seed. Classes enter only through their names, so `--labels` evaluates on any label set (zero-shot);
+`--zero-shot-fusion` blends the frozen CLIP's logits in, and `--clip-only` scores with frozen CLIP alone (no
+checkpoint needed).
 
 Writes metrics.json, per_class_accuracy.csv, predictions.csv and confusion_matrix.png into `--out` (default
 `<checkpoint>/eval-<time>`), prints a summary, and logs an MLflow run into the training run's store when it
@@ -27,73 +28,31 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from workflows.checkpoints import RECIPE, find_checkpoint, read_state
 from workflows.config_loader import ConfigError, add_override_option, apply_overrides, dump_yaml, from_dict, load_yaml
+from workflows.inference import (
+    LoadedCheckpoint,
+    Mode,
+    build_eval_model,
+    check_weights_fit,
+    model_logits,
+    read_checkpoint,
+    resolve_labels,
+    scoring_autocast,
+    scoring_precision,
+)
 from workflows.recipe import Recipe, model_config, recipe_to_dict
 from workflows.runtime import is_remote
 
 LOG_PREFIX = "[evaluate]"
-Mode = Literal["dist", "fusion", "clip_only"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the model (shared with predict.py)
+# the scoring actor (the model itself: workflows.inference, shared with predict.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def build_eval_model(model_section: dict[str, Any], seed: int, weights: dict[str, Any] | None) -> Any:
-    """The model a recipe's model section describes, in eval mode, with `weights` (trainable keys) loaded.
-
-    `seed` must be the training run's `train.seed`: a random-init frozen CLIP (clip_pretrained None) is only
-    the one the run trained against when built right after the same `torch.manual_seed`, as pretrain does."""
-    import torch
-
-    from dist_model import build_dist, build_spatial_only
-    from workflows.recipe import ModelSection
-
-    section = from_dict(ModelSection, model_section, prefix="model.")
-    build = build_spatial_only if section.variant == "spatial_only" else build_dist
-    torch.manual_seed(seed)
-    model = build(model_config(section))
-    if weights is not None:
-        # Copies: arrays from Ray's object store are read-only.
-        tensors = {k: v.clone() if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
-                   for k, v in weights.items()}
-        model.load_state_dict(tensors, strict=True)
-    return model.eval()
-
-
-def model_logits(model: Any, frames: Any, class_names: list[str], mode: Mode, dtype: Any = None) -> Any:
-    """Logits (N, K) of uint8 clips (N, T_d, S, S, 3) on the model's device: DiST, DiST blended with frozen
-    CLIP (`fusion`), or frozen CLIP alone (`clip_only`)."""
-    import torch
-
-    from dist_model import normalize_video
-
-    video = normalize_video(frames, dtype or torch.float32)  # (N, 3, T_d, S, S)
-    with torch.inference_mode():
-        if mode == "clip_only":
-            return model.clip_logits(video, class_names)
-        return model(video, class_names, zero_shot_fusion=mode == "fusion")
-
-
-def scoring_precision(recipe: Any) -> str:
-    """The precision a checkpoint is scored in on a GPU: the recipe's, `auto` meaning bf16."""
-    return recipe.train.precision if recipe.train.precision != "auto" else "bf16"
-
-
-def scoring_autocast(device: Any, precision: str) -> Any:
-    """Autocast for scoring on `device`: bf16/fp16 on a GPU as the recipe trained; on CPU the weights' own dtypes."""
-    import torch
-
-    from dist_model import PRECISION_DTYPES
-
-    reduced = device.type == "cuda" and precision in ("bf16", "fp16")
-    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision] if reduced else None, enabled=reduced)
 
 
 class ViewScorer:
@@ -175,93 +134,85 @@ class EvalPlan:
 def plan_evaluation(request: EvalRequest) -> EvalPlan:
     """Resolve the recipe, model, label set and manifest; raise ConfigError/ManifestError/FileNotFoundError
     with the reason when something does not fit."""
-    from workflows.data.manifest import ManifestError, load_labels, load_manifest
-
-    if request.clip_only and request.zero_shot_fusion:
-        raise ConfigError("--clip-only and --zero-shot-fusion exclude each other (clip-only has no DiST to blend)")
-    if request.preset and not request.clip_only:
-        raise ConfigError("--preset picks the CLIP architecture for --clip-only; a checkpoint brings its own model")
-    checkpoint, state, ckpt_recipe = None, {}, {}
-    if request.checkpoint:
-        checkpoint = find_checkpoint(request.checkpoint)
-        state = read_state(checkpoint)
-        if "model" not in state:
-            raise ConfigError(f"{checkpoint}/state.json has no model section: not a checkpoint of this workflow")
-        ckpt_recipe = load_yaml(checkpoint / RECIPE) if (checkpoint / RECIPE).is_file() else {}
-    elif not request.clip_only:
-        raise ConfigError("--checkpoint is required (or use --clip-only --preset NAME for frozen CLIP alone)")
-    elif not (request.preset or request.config):
-        raise ConfigError("--clip-only without a checkpoint needs --preset NAME (or --config) to pick the CLIP")
-
-    base = load_yaml(request.config) if request.config else dict(ckpt_recipe)
-    if request.preset:
-        base["model"] = {"preset": request.preset}
-    elif state:
-        base["model"] = state["model"]  # the architecture the checkpoint was trained with
-    recipe = from_dict(Recipe, apply_overrides(Recipe, base, request.overrides))
-    model_section = recipe_to_dict(recipe)["model"]
+    checkpoint = _checkpoint_of(request)
+    recipe = _recipe_of(request, checkpoint)
     if checkpoint is not None and not request.clip_only:
-        check_weights_fit(checkpoint, recipe)
-    seed = int(ckpt_recipe.get("train", {}).get("seed", recipe.train.seed)) if ckpt_recipe else recipe.train.seed
-
-    # Label set: --labels, else the recipe's label file, else the class names stored in the checkpoint.
-    labels_path = request.labels or recipe.data.labels
-    if labels_path and (request.labels or is_remote(labels_path) or Path(labels_path).exists()):
-        label_map, labels_source = load_labels(labels_path), labels_path
-    elif state.get("class_names"):
-        label_map = {name: i for i, name in enumerate(state["class_names"])}
-        labels_source = f"{checkpoint} (class names stored in the checkpoint)"
-    else:
-        raise ConfigError(f"no label file: pass --labels (data.labels {labels_path or 'is not set'}"
-                          f"{' does not exist' if labels_path else ''})")
-    manifest_path = request.manifest or recipe.data.val_manifest
-    if not manifest_path:
-        raise ConfigError("no manifest to evaluate: pass --manifest or set data.val_manifest")
-    try:
-        manifest = load_manifest(manifest_path, label_map, strict=True)
-    except ManifestError as exc:
-        raise ManifestError(f"{exc}. Evaluate with a label file that names every class of the manifest "
-                            f"(--labels; current: {labels_source})") from exc
-
+        check_weights_fit(checkpoint.directory, recipe)
+    seed = checkpoint.training_seed(recipe) if checkpoint is not None else recipe.train.seed
+    label_map, labels_source = _label_set(request, recipe, checkpoint)
+    manifest = _manifest(request, recipe, label_map, labels_source)
     views = request.views or recipe.eval.test_views
     crops = request.crops or recipe.eval.test_crops
     if views < 1 or crops not in (1, 3):
         raise ConfigError(f"--views must be >= 1 and --crops 1 or 3 (got {views} x {crops})")
     mode: Mode = "clip_only" if request.clip_only else \
         "fusion" if request.zero_shot_fusion or recipe.eval.zero_shot_fusion else "dist"
+    directory = checkpoint.directory if checkpoint is not None else None
+    return EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"], seed=seed, checkpoint=directory,
+                    state=checkpoint.state if checkpoint is not None else {}, manifest=manifest, label_map=label_map,
+                    labels_source=labels_source, mode=mode, views=views, crops=crops,
+                    out_dir=_out_dir(request, recipe, directory))
+
+
+def _checkpoint_of(request: EvalRequest) -> LoadedCheckpoint | None:
+    """The checkpoint to evaluate (None: frozen CLIP alone), after checking the flags fit together."""
+    if request.clip_only and request.zero_shot_fusion:
+        raise ConfigError("--clip-only and --zero-shot-fusion exclude each other (clip-only has no DiST to blend)")
+    if request.preset and not request.clip_only:
+        raise ConfigError("--preset picks the CLIP architecture for --clip-only; a checkpoint brings its own model")
+    if request.checkpoint:
+        return read_checkpoint(request.checkpoint)
+    if not request.clip_only:
+        raise ConfigError("--checkpoint is required (or use --clip-only --preset NAME for frozen CLIP alone)")
+    if not (request.preset or request.config):
+        raise ConfigError("--clip-only without a checkpoint needs --preset NAME (or --config) to pick the CLIP")
+    return None
+
+
+def _recipe_of(request: EvalRequest, checkpoint: LoadedCheckpoint | None) -> Recipe:
+    """`--config` (default: the checkpoint's recipe.yaml) with the checkpoint's model section (or `--preset`'s)
+    and the `--set` overrides."""
+    base = load_yaml(request.config) if request.config else dict(checkpoint.raw_recipe if checkpoint else {})
+    if request.preset:
+        base["model"] = {"preset": request.preset}
+    elif checkpoint is not None:
+        base["model"] = checkpoint.model_section  # the architecture the checkpoint was trained with
+    return from_dict(Recipe, apply_overrides(Recipe, base, request.overrides))
+
+
+def _label_set(request: EvalRequest, recipe: Recipe,
+               checkpoint: LoadedCheckpoint | None) -> tuple[dict[str, int], str]:
+    """(label map, where it came from): --labels, else the recipe's label file when it exists, else the class
+    names stored in the checkpoint."""
+    labels_path = request.labels or recipe.data.labels
+    usable = labels_path and (request.labels or is_remote(labels_path) or Path(labels_path).exists())
+    return resolve_labels(labels_path if usable else None, checkpoint,
+                          missing=f"no label file: pass --labels (data.labels {labels_path or 'is not set'}"
+                                  f"{' does not exist' if labels_path else ''})")
+
+
+def _manifest(request: EvalRequest, recipe: Recipe, label_map: dict[str, int], labels_source: str) -> Any:
+    """The videos to evaluate (--manifest, else data.val_manifest), every label checked against the label set."""
+    from workflows.data.manifest import ManifestError, load_manifest
+
+    manifest_path = request.manifest or recipe.data.val_manifest
+    if not manifest_path:
+        raise ConfigError("no manifest to evaluate: pass --manifest or set data.val_manifest")
+    try:
+        return load_manifest(manifest_path, label_map, strict=True)
+    except ManifestError as exc:
+        raise ManifestError(f"{exc}. Evaluate with a label file that names every class of the manifest "
+                            f"(--labels; current: {labels_source})") from exc
+
+
+def _out_dir(request: EvalRequest, recipe: Recipe, checkpoint: Path | None) -> Path:
+    """--out, else `<checkpoint>/eval-<time>`, else `eval/clip-only-<preset>-<time>`."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if request.out:
-        out_dir = Path(request.out)
-    elif checkpoint is not None:
-        out_dir = checkpoint / f"eval-{stamp}"
-    else:
-        out_dir = Path("eval") / f"clip-only-{recipe.model.preset}-{stamp}"
-    return EvalPlan(recipe=recipe, model_section=model_section, seed=seed, checkpoint=checkpoint, state=state,
-                    manifest=manifest, label_map=label_map, labels_source=labels_source, mode=mode, views=views,
-                    crops=crops, out_dir=out_dir)
-
-
-def check_weights_fit(checkpoint: Path, recipe: Recipe) -> None:
-    """Raise ConfigError when the checkpoint's weights do not fit the recipe's model (checked on the meta
-    device: no CLIP is built, nothing is allocated)."""
-    import torch
-
-    from dist_model.model import DiSTNet, SpatialOnlyHead
-    from workflows.checkpoints import read_weights
-
-    module = SpatialOnlyHead if recipe.model.variant == "spatial_only" else DiSTNet
-    prefix = "head." if recipe.model.variant == "spatial_only" else "dist_net."
-    with torch.device("meta"):
-        expected = {prefix + k: tuple(v.shape) for k, v in module(model_config(recipe.model)).state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in read_weights(checkpoint).items()}
-    problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
-    problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
-    problems += [f"{k}: {found[k]} in the checkpoint, {expected[k]} in the model" for k in sorted(expected)
-                 if k in found and found[k] != expected[k]]
-    if problems:
-        raise ConfigError(f"the weights of {checkpoint} do not fit the model (preset {recipe.model.preset}, "
-                          f"variant {recipe.model.variant}): {'; '.join(problems[:6])}"
-                          f"{' ...' if len(problems) > 6 else ''}")
+        return Path(request.out)
+    if checkpoint is not None:
+        return checkpoint / f"eval-{stamp}"
+    return Path("eval") / f"clip-only-{recipe.model.preset}-{stamp}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,41 +239,20 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
 
     from workflows.data.decode_nodes import decode_pool_size
     from workflows.data.drops import TooManyBadVideos, drop_counter, get_drop_report
-    from workflows.data.pipeline import build_clip_dataset
     from workflows.metrics import VideoScores
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress line instead
-    recipe, cfg = plan.recipe, model_config(plan.recipe.model)
     gpus = ray.cluster_resources().get("GPU", 0.0)
     use_gpu = gpus >= 1
     cpus = ray.cluster_resources().get("CPU", 1.0)
     pool = actors or (int(gpus) if use_gpu else max(1, min(4, int(cpus) // 4)))
-    data = recipe.data
+    data = plan.recipe.data
     if not use_gpu and not data.decode_actors:  # leave CPUs for the scoring actors
         data = dataclasses.replace(data, decode_actors=max(1, decode_pool_size(data) - pool))
     name = f"{data.drop_counter}:eval-{uuid.uuid4().hex[:8]}"  # this evaluation's own drop counts
     data = dataclasses.replace(data, drop_counter=name)
     counter = drop_counter(name)
-    weights = None
-    if plan.checkpoint is not None and plan.mode != "clip_only":
-        from workflows.checkpoints import read_weights
-
-        weights = [ray.put({k: v.numpy() for k, v in read_weights(plan.checkpoint).items()})]
-    precision = scoring_precision(recipe)
-    clips = build_clip_dataset(data, plan.manifest, plan.label_map, split="eval", num_frames=cfg.num_frames,
-                               crop_size=cfg.image_size, num_views=plan.views, num_crops=plan.crops,
-                               counter_split="eval")
-    scored = clips.map_batches(
-        ViewScorer,
-        fn_constructor_kwargs={"model_section": plan.model_section, "seed": plan.seed, "weights": weights,
-                               "class_names": plan.class_names, "mode": plan.mode, "use_gpu": use_gpu,
-                               "precision": precision},
-        batch_size=recipe.eval.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool),
-        num_cpus=1,
-        **({"num_gpus": 1} if use_gpu else {}),
-    )
+    scored = _scored_views(plan, data, pool, use_gpu)
     total = len(plan.manifest)
     per_video = plan.views * plan.crops
     if progress:
@@ -359,6 +289,36 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
     if progress:
         print(f"{LOG_PREFIX} scored {rows} clips of {len(rows_per_video)} videos in {seconds:.1f} s", flush=True)
     return ViewResults(scores=scores, rows=rows, rows_per_video=rows_per_video, drops=drops, seconds=seconds)
+
+
+def _scored_views(plan: EvalPlan, data: Any, pool: int, use_gpu: bool) -> Any:
+    """The Ray Data pipeline: the plan's videos decoded into views x crops clips (`data`: the recipe's data
+    section, this evaluation's drop counter), scored by a pool of `pool` ViewScorer actors."""
+    import ray
+
+    from workflows.data.pipeline import build_clip_dataset
+
+    recipe, cfg = plan.recipe, model_config(plan.recipe.model)
+    weights = None
+    if plan.checkpoint is not None and plan.mode != "clip_only":
+        from workflows.checkpoints import read_weights
+
+        weights = [ray.put({k: v.numpy() for k, v in read_weights(plan.checkpoint).items()})]
+    precision = scoring_precision(recipe)
+    clips = build_clip_dataset(data, plan.manifest, plan.label_map, split="eval", num_frames=cfg.num_frames,
+                               crop_size=cfg.image_size, num_views=plan.views, num_crops=plan.crops,
+                               counter_split="eval")
+    return clips.map_batches(
+        ViewScorer,
+        fn_constructor_kwargs={"model_section": plan.model_section, "seed": plan.seed, "weights": weights,
+                               "class_names": plan.class_names, "mode": plan.mode, "use_gpu": use_gpu,
+                               "precision": precision},
+        batch_size=recipe.eval.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool),
+        num_cpus=1,
+        **({"num_gpus": 1} if use_gpu else {}),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

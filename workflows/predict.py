@@ -6,7 +6,8 @@ Each video is decoded and cut into clips exactly as the evaluation does (the dat
 segment sampling of `views` temporal views, short-side resize and centre crop), scored, and the softmax
 probabilities are averaged over its clips. A video that cannot be decoded is reported with its drop reason;
 the others are still classified (exit status 1 when any video failed). The model runs on the GPU when there is
-one (`--device auto`), in the recipe's precision there, as `evaluate` scores.
+one (`--device auto`), in the recipe's precision there, as `evaluate` scores. Loading the checkpoint and
+scoring are `workflows.inference`'s, shared with `evaluate`.
 """
 
 from __future__ import annotations
@@ -17,33 +18,9 @@ import math
 import sys
 from typing import Any
 
-from workflows.checkpoints import RECIPE, find_checkpoint, read_state, read_weights
-from workflows.config_loader import ConfigError, from_dict, load_yaml
-from workflows.evaluate import Mode, build_eval_model, model_logits, scoring_autocast, scoring_precision
+from workflows.config_loader import ConfigError
+from workflows.inference import Mode, load_predictor, model_logits, scoring_autocast, scoring_precision
 from workflows.recipe import Recipe
-
-
-def load_predictor(checkpoint: str, labels: str | None = None, device: str = "cpu") -> tuple[Any, Recipe, list[str]]:
-    """(model in eval mode on `device`, the checkpoint's recipe, class names): `labels` (a label file) replaces the
-    class names stored in the checkpoint."""
-    from workflows.data.manifest import class_names as names_of
-    from workflows.data.manifest import load_labels
-
-    directory = find_checkpoint(checkpoint)
-    state = read_state(directory)
-    raw = load_yaml(directory / RECIPE) if (directory / RECIPE).is_file() else {}
-    if "model" not in state:
-        raise ConfigError(f"{directory}/state.json has no model section: not a checkpoint of this workflow")
-    recipe = from_dict(Recipe, {**raw, "model": state["model"]})
-    model = build_eval_model(state["model"], recipe.train.seed, read_weights(directory)).to(device)
-    if labels:
-        label_map = load_labels(labels)
-        class_names = names_of(label_map)
-    elif state.get("class_names"):
-        class_names = list(state["class_names"])
-    else:
-        raise ConfigError(f"{directory} stores no class names; pass --labels")
-    return model, recipe, class_names
 
 
 def predict_video(model: Any, recipe: Recipe, class_names: list[str], path: str, *, views: int = 3,

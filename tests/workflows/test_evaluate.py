@@ -1,10 +1,12 @@
-"""`workflows evaluate` (multi-view test on Ray) and `workflows predict` (local), on real mp4 files written by
-the tests and a checkpoint written without a training run (the tiny model, saved the way pretrain saves it)."""
+"""`workflows evaluate` (multi-view test on Ray), `workflows predict` (local) and the checkpoint loading they share
+(`workflows.inference`), on real mp4 files written by the tests and a checkpoint written without a training run
+(the tiny model, saved the way pretrain saves it)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ from tests.workflows.conftest import GOOD_VIDEOS
 from workflows.checkpoints import read_state, read_weights, write_model_files
 from workflows.config_loader import ConfigError, dump_yaml
 from workflows.data.manifest import save_labels
-from workflows.evaluate import EvalRequest, build_eval_model, model_logits, plan_evaluation
+from workflows.evaluate import EvalRequest, plan_evaluation
 from workflows.evaluate import main as evaluate_main
+from workflows.inference import build_eval_model, model_logits, read_checkpoint, resolve_labels
 from workflows.predict import main as predict_main
 from workflows.recipe import load_recipe, recipe_to_dict
 
@@ -121,6 +124,65 @@ def test_unreachable_mlflow_never_fails_the_evaluation(run_dir: Path, tmp_path: 
                "mean_class_acc": 1.0, "videos": 5, "dropped_total": 0}
     assert log_to_mlflow(plan, metrics, "http://127.0.0.1:9") is None
     assert "[mlflow] start failed" in capsys.readouterr().out
+
+
+# --- the checkpoint loading evaluate and predict share (workflows.inference) -------------------------------------
+
+
+def _edited_copy(run_dir: Path, tmp_path: Path, *, state: dict | None = None, recipe_yaml: str | None = None) -> Path:
+    """A copy of the run's latest checkpoint with its state.json or recipe.yaml replaced."""
+    ckpt = shutil.copytree(run_dir / "checkpoint_000001", tmp_path / "checkpoint_000009")
+    if state is not None:
+        (ckpt / "state.json").write_text(json.dumps(state))
+    if recipe_yaml is not None:
+        (ckpt / "recipe.yaml").write_text(recipe_yaml)
+    return ckpt
+
+
+def test_read_checkpoint_gives_the_trained_recipe_and_seed(run_dir: Path, tmp_path: Path) -> None:
+    loaded = read_checkpoint(run_dir)  # a run directory: its latest checkpoint
+    assert loaded.directory == run_dir / "checkpoint_000001" and loaded.state["step"] == 2
+    assert recipe_to_dict(loaded.recipe)["model"] == loaded.model_section == loaded.state["model"]
+    assert loaded.raw_recipe["run"]["name"] == "evaltest" and loaded.recipe.run.name == "evaltest"
+    default = load_recipe(SMOKE, ["train.seed=11"], check_files=False)
+    assert loaded.training_seed(default) == loaded.raw_recipe["train"]["seed"] == loaded.recipe.train.seed != 11
+    # A recipe.yaml that records no seed: the seed comes from the recipe the caller evaluates with.
+    unseeded = read_checkpoint(_edited_copy(run_dir, tmp_path, recipe_yaml="run:\n  name: other\n"))
+    assert unseeded.training_seed(default) == 11 and unseeded.recipe.run.name == "other"
+
+
+def test_read_checkpoint_refuses_a_state_without_model(run_dir: Path, video_dir: Path, tmp_path: Path,
+                                                        capsys) -> None:
+    state = {k: v for k, v in read_state(run_dir / "checkpoint_000001").items() if k != "model"}
+    ckpt = _edited_copy(run_dir, tmp_path, state=state)
+    with pytest.raises(ConfigError, match="state.json has no model section"):
+        read_checkpoint(ckpt)
+    # Both commands say so, before any model is built.
+    assert evaluate_main(["--checkpoint", str(ckpt)]) == 2
+    assert "has no model section" in capsys.readouterr().err
+    assert predict_main(["--checkpoint", str(ckpt), str(video_dir / "clips" / "mid.mp4")]) == 2
+    assert "has no model section" in capsys.readouterr().err
+
+
+def test_resolve_labels_file_then_stored_names_then_a_clear_error(run_dir: Path, seven_labels: Path,
+                                                                   tmp_path: Path) -> None:
+    loaded = read_checkpoint(run_dir)
+    label_map, source = resolve_labels(str(seven_labels), loaded)
+    assert len(label_map) == 7 and label_map["jumping"] == 0 and source == str(seven_labels)
+    label_map, source = resolve_labels(None, loaded)
+    assert label_map == {name: i for i, name in enumerate(CLASSES)} and "stored in the checkpoint" in source
+    state = {k: v for k, v in loaded.state.items() if k != "class_names"}
+    nameless = read_checkpoint(_edited_copy(run_dir, tmp_path, state=state))
+    with pytest.raises(ConfigError, match="stores no class names; pass --labels"):
+        resolve_labels(None, nameless)
+    with pytest.raises(ConfigError, match="^no label file"):
+        resolve_labels(None, None, missing="no label file")
+    from workflows.inference import load_predictor
+
+    with pytest.raises(ConfigError, match="stores no class names; pass --labels"):
+        load_predictor(str(nameless.directory))
+    _, _, names = load_predictor(str(nameless.directory), str(seven_labels))
+    assert names == list(json.loads(seven_labels.read_text()))  # in index order
 
 
 # --- predict (local, no Ray) ------------------------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""Loading a checkpoint into a model for scoring: the one place `evaluate` (on Ray) and `predict` (local) share.
+
+A checkpoint's state.json names the architecture it was trained with (its model section) and the classes it was
+trained on; its recipe.yaml holds the rest of the run's recipe, among it the seed a random-init frozen CLIP is
+rebuilt from. `read_checkpoint` reads both, `build_eval_model` rebuilds the model with the trained weights, and
+`model_logits` scores clips as DiST, as DiST blended with frozen CLIP, or as frozen CLIP alone. Nothing here
+starts Ray.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from workflows.checkpoints import RECIPE, find_checkpoint, read_state, read_weights
+from workflows.config_loader import ConfigError, from_dict, load_yaml
+from workflows.recipe import Recipe, model_config
+
+Mode = Literal["dist", "fusion", "clip_only"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint directory's state.json and recipe.yaml, read (the weights are read when a model is built)."""
+
+    directory: Path
+    state: dict[str, Any]
+    raw_recipe: dict[str, Any]  # recipe.yaml as written ({} when the checkpoint has none)
+
+    @property
+    def model_section(self) -> dict[str, Any]:
+        """The recipe's model section the checkpoint was trained with."""
+        return self.state["model"]
+
+    @functools.cached_property
+    def recipe(self) -> Recipe:
+        """recipe.yaml with the checkpoint's own model section. Built on first use: evaluate's `--config` replaces
+        recipe.yaml and must not fail on it."""
+        return from_dict(Recipe, {**self.raw_recipe, "model": self.model_section})
+
+    def training_seed(self, default: Recipe) -> int:
+        """The run's `train.seed` as its recipe.yaml records it, else `default`'s."""
+        train = self.raw_recipe.get("train") or {}
+        return int(train["seed"]) if "seed" in train else default.train.seed
+
+
+def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """The checkpoint at `path` (a checkpoint directory, or a run directory: its latest checkpoint). Raises
+    FileNotFoundError when there is none, ConfigError when its state.json names no model."""
+    directory = find_checkpoint(path)
+    state = read_state(directory)
+    if "model" not in state:
+        raise ConfigError(f"{directory}/state.json has no model section: not a checkpoint of this workflow")
+    raw = load_yaml(directory / RECIPE) if (directory / RECIPE).is_file() else {}
+    return LoadedCheckpoint(directory=directory, state=state, raw_recipe=raw)
+
+
+def resolve_labels(label_file: str | None, checkpoint: LoadedCheckpoint | None,
+                   missing: str | None = None) -> tuple[dict[str, int], str]:
+    """The label set to score with, and where it came from: `label_file` when given, else the class names stored
+    in `checkpoint`. Neither: ConfigError(`missing`, by default "<checkpoint> stores no class names; pass
+    --labels")."""
+    from workflows.data.manifest import load_labels
+
+    if label_file:
+        return load_labels(label_file), label_file
+    if checkpoint is not None and checkpoint.state.get("class_names"):
+        label_map = {name: i for i, name in enumerate(checkpoint.state["class_names"])}
+        return label_map, f"{checkpoint.directory} (class names stored in the checkpoint)"
+    where = checkpoint.directory if checkpoint is not None else "no checkpoint"
+    raise ConfigError(missing or f"{where} stores no class names; pass --labels")
+
+
+def check_weights_fit(checkpoint: Path, recipe: Recipe) -> None:
+    """Raise ConfigError when the checkpoint's weights do not fit the recipe's model (checked on the meta
+    device: no CLIP is built, nothing is allocated)."""
+    import torch
+
+    from dist_model.model import DiSTNet, SpatialOnlyHead
+
+    module = SpatialOnlyHead if recipe.model.variant == "spatial_only" else DiSTNet
+    prefix = "head." if recipe.model.variant == "spatial_only" else "dist_net."
+    with torch.device("meta"):
+        expected = {prefix + k: tuple(v.shape) for k, v in module(model_config(recipe.model)).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in read_weights(checkpoint).items()}
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
+    problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
+    problems += [f"{k}: {found[k]} in the checkpoint, {expected[k]} in the model" for k in sorted(expected)
+                 if k in found and found[k] != expected[k]]
+    if problems:
+        raise ConfigError(f"the weights of {checkpoint} do not fit the model (preset {recipe.model.preset}, "
+                          f"variant {recipe.model.variant}): {'; '.join(problems[:6])}"
+                          f"{' ...' if len(problems) > 6 else ''}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_eval_model(model_section: dict[str, Any], seed: int, weights: dict[str, Any] | None) -> Any:
+    """The model a recipe's model section describes, in eval mode, with `weights` (trainable keys) loaded.
+
+    `seed` must be the training run's `train.seed`: a random-init frozen CLIP (clip_pretrained None) is only
+    the one the run trained against when built right after the same `torch.manual_seed`, as pretrain does."""
+    import torch
+
+    from dist_model import build_dist, build_spatial_only
+    from workflows.recipe import ModelSection
+
+    section = from_dict(ModelSection, model_section, prefix="model.")
+    build = build_spatial_only if section.variant == "spatial_only" else build_dist
+    torch.manual_seed(seed)
+    model = build(model_config(section))
+    if weights is not None:
+        # Copies: arrays from Ray's object store are read-only.
+        tensors = {k: v.clone() if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
+                   for k, v in weights.items()}
+        model.load_state_dict(tensors, strict=True)
+    return model.eval()
+
+
+def load_predictor(checkpoint: str | Path, labels: str | None = None,
+                   device: str = "cpu") -> tuple[Any, Recipe, list[str]]:
+    """(model in eval mode on `device`, the checkpoint's recipe, class names): `labels` (a label file) replaces the
+    class names stored in the checkpoint."""
+    from workflows.data.manifest import class_names
+
+    loaded = read_checkpoint(checkpoint)
+    recipe = loaded.recipe
+    model = build_eval_model(loaded.model_section, loaded.training_seed(recipe), read_weights(loaded.directory))
+    label_map, _ = resolve_labels(labels, loaded)
+    return model.to(device), recipe, class_names(label_map)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def model_logits(model: Any, frames: Any, class_names: list[str], mode: Mode, dtype: Any = None) -> Any:
+    """Logits (N, K) of uint8 clips (N, T_d, S, S, 3) on the model's device: DiST, DiST blended with frozen
+    CLIP (`fusion`), or frozen CLIP alone (`clip_only`)."""
+    import torch
+
+    from dist_model import normalize_video
+
+    video = normalize_video(frames, dtype or torch.float32)  # (N, 3, T_d, S, S)
+    with torch.inference_mode():
+        if mode == "clip_only":
+            return model.clip_logits(video, class_names)
+        return model(video, class_names, zero_shot_fusion=mode == "fusion")
+
+
+def scoring_precision(recipe: Recipe) -> str:
+    """The precision a checkpoint is scored in on a GPU: the recipe's, `auto` meaning bf16."""
+    return recipe.train.precision if recipe.train.precision != "auto" else "bf16"
+
+
+def scoring_autocast(device: Any, precision: str) -> Any:
+    """Autocast for scoring on `device`: bf16/fp16 on a GPU as the recipe trained; on CPU the weights' own dtypes."""
+    import torch
+
+    from dist_model import PRECISION_DTYPES
+
+    reduced = device.type == "cuda" and precision in ("bf16", "fp16")
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision] if reduced else None, enabled=reduced)
