@@ -218,11 +218,11 @@ def _loop_worker(rank: int, world: int, engine_name: str, recipe_dict: dict, por
     import torch.distributed as dist
 
     from benchmarks.ingest import dataloader_batches, manifest_videos
-    from dist_model import build_dist, normalize_video
+    from dist_model import build_dist
     from workflows.data.pipeline import ClipSpec
     from workflows.feeds import ClipFeeds
-    from workflows.mixup import mix_batch, soft_cross_entropy
     from workflows.recipe import recipe_from_dict
+    from workflows.step import train_micro_step
 
     recipe = recipe_from_dict(recipe_dict)
     # As the workflow does: DeepSpeed's ZeRO calls a deprecated collective on every step.
@@ -247,9 +247,7 @@ def _loop_worker(rank: int, world: int, engine_name: str, recipe_dict: dict, por
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=build_deepspeed_config(recipe), dist_init_required=False)
         else:
-            from torch.nn.parallel import DistributedDataParallel
-
-            engine = DistributedDataParallel(model)
+            engine = DDPEngine(model, optimizer, recipe.grad_accum_steps, train.grad_clip)
         # The workflow's feed for this rank, for its geometry, class names and share of the decode actors.
         feeds = ClipFeeds(recipe, rank, world, torch.device("cpu"))
         spec = ClipSpec.from_config(feeds.data_cfg, split="train", num_frames=feeds.num_frames, crop_size=feeds.crop,
@@ -258,33 +256,18 @@ def _loop_worker(rank: int, world: int, engine_name: str, recipe_dict: dict, por
         class_names, accum = feeds.class_names, recipe.grad_accum_steps
         mix_gen = torch.Generator().manual_seed(train.seed * 1000 + rank)
         times, waits, step, position = [], [], 0, 0
+        loss_sum = torch.zeros(())
         fetch = time.perf_counter()
         for batch in dataloader_batches(videos, spec, feeds.data_cfg.decode_actors, train.micro_batch_size,
                                         drop_last=True):
             waits.append(time.perf_counter() - fetch)
-            video = normalize_video(batch["frames"], torch.float32)
-            video, targets = mix_batch(
-                video, batch["label"], len(class_names), mixup_alpha=train.mixup_alpha,
-                cutmix_alpha=train.cutmix_alpha, prob=train.mix_prob, switch_prob=train.mix_switch_prob,
-                smoothing=train.label_smoothing, generator=mix_gen)
+            # The workflow's own micro-step; the loss sums on the device and is read when a progress line would be.
+            loss_sum += train_micro_step(engine, batch, class_names, train, torch.float32, mix_gen)
             position += 1
-            boundary = position % accum == 0
-            if engine_name == "deepspeed":
-                loss = soft_cross_entropy(engine(video, class_names), targets)
-                engine.backward(loss)
-                engine.step()  # steps the optimizer at accumulation boundaries
-            else:
-                with contextlib.nullcontext() if boundary else engine.no_sync():
-                    loss = soft_cross_entropy(engine(video, class_names), targets)
-                    (loss / accum).backward()
-                if boundary:
-                    if train.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            loss.item()  # the workflow reads every loss
-            if boundary:
+            if position % accum == 0:
                 step += 1
+                if step % train.log_every_steps == 0:
+                    float(loss_sum)
                 times.append(time.time())
                 if step >= train.max_steps:
                     break
@@ -292,6 +275,37 @@ def _loop_worker(rank: int, world: int, engine_name: str, recipe_dict: dict, por
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"times": times, "waits": waits, "accum": accum}))
     finally:
         dist.destroy_process_group()
+
+
+class DDPEngine:
+    """DeepSpeed's engine interface (call, `backward`, `step` at accumulation boundaries) over DistributedDataParallel
+    and a torch optimizer, so the DDP baseline runs the workflow's own `train_micro_step`. Gradients are all-reduced
+    only at accumulation boundaries (`no_sync` around the other micro-batches' forward and backward)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, accum: int, grad_clip: float):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.module, self.model, self.optimizer = DistributedDataParallel(model), model, optimizer
+        self.accum, self.grad_clip, self.micro = accum, grad_clip, 0
+        self._no_sync = contextlib.ExitStack()
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        self.micro += 1
+        if self.micro % self.accum:
+            self._no_sync.enter_context(self.module.no_sync())
+        return self.module(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()  # DeepSpeed scales by the accumulation too
+        self._no_sync.close()
+
+    def step(self) -> None:
+        if self.micro % self.accum:
+            return
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def run_loop(engine_name: str, recipe: Any, warmup_steps: int, cpu: Any, out_dir: Path) -> RunTiming:

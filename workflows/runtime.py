@@ -42,6 +42,21 @@ def local_cpus_for(recipe: Recipe) -> float:
     return recipe.scaling.num_workers * (recipe.scaling.cpus_per_worker + recipe.data.decode_threads)
 
 
+def compile_toolchain_problem(use_gpu: bool) -> str | None:
+    """Why torch.compile cannot build kernels on this machine, or None. Inductor writes C++ for CPU kernels; on a
+    GPU its kernels are Triton's, and Triton builds a small C launcher for each with the system C compiler."""
+    import shutil
+
+    if use_gpu:
+        if os.environ.get("CC") or any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+            return None
+        return ("torch.compile on GPU needs a C compiler (Triton builds its kernel launchers with cc/gcc); install "
+                "one or set train.compile=false")
+    if os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"):
+        return None
+    return "torch.compile needs a C++ compiler (g++) for CPU kernels; install one or set train.compile=false"
+
+
 def ensure_ray(min_cpus: float = 1, *, address: str | None = None, fresh_local: bool = False,
                quiet: bool = False) -> None:
     """Join the cluster at `address` (else RAY_ADDRESS, else one running on this machine); failing that, or with

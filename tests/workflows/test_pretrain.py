@@ -42,7 +42,7 @@ def test_bad_recipe_fails_before_any_work():
 
 
 def test_compile_without_a_cxx_compiler_fails_before_any_work(monkeypatch, tmp_path):
-    from workflows.pretrain import compile_toolchain_problem
+    from workflows.runtime import compile_toolchain_problem
 
     assert compile_toolchain_problem(use_gpu=False) is None  # this machine has g++
     assert compile_toolchain_problem(use_gpu=True) is None  # and cc, which Triton's launchers need on a GPU

@@ -1,0 +1,96 @@
+"""The trainer's pieces that need no Ray: TrainState round trips, the progress and ETA arithmetic, the micro-step."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from workflows.trainer import ProgressWindow, TrainState, eta_minutes, progress_stats
+
+
+def test_train_state_round_trips_through_json_and_ignores_other_checkpoint_keys():
+    state = TrainState(step=8, epoch=1, position=2, mlflow_run_id="abc", resumed_from_step=4,
+                       best={"val_top1": 50.0, "step": 8})
+    state.history["loss"] += [(1, 2.5), (2, 2.25)]
+    state.history["val_top1"].append((8, 50.0))
+    # What a checkpoint's state.json holds: the state plus what evaluate/predict read.
+    on_disk = json.loads(json.dumps({**state.to_dict(), "metrics": {"val_top1": 50.0}, "class_names": ["a"],
+                                     "model": {"preset": "dist_tiny"}, "final": False}))
+    assert TrainState.from_dict(on_disk) == state
+    assert on_disk["step"] == 8 and on_disk["position"] == 2 and on_disk["resumed_from_step"] == 4
+
+
+def test_train_state_from_an_older_checkpoint_gets_defaults():
+    state = TrainState.from_dict({"step": 3, "epoch": 0, "position": 3})
+    assert state.history == {"loss": [], "lr": [], "val_top1": [], "clips_per_s": []}
+    assert state.best == {"val_top1": -1.0} and state.mlflow_run_id is None
+
+
+def test_record_validation_keeps_the_best_and_its_step():
+    state = TrainState(step=2)
+    state.record_validation(10.0)
+    state.step = 4
+    state.record_validation(5.0)
+    assert state.best == {"val_top1": 10.0, "step": 2}
+    assert state.history["val_top1"] == [(2, 10.0), (4, 5.0)]
+
+
+def test_progress_window_sums_the_loss_on_its_device_and_reports_totals():
+    window = ProgressWindow(torch.device("cpu"), start=0.0)
+    for loss in (1.0, 2.0, 3.0):
+        window.add(torch.tensor(loss), clips=4)
+    window.wait = 0.5
+    loss_sum, micro, clips, wait, elapsed = window.totals().tolist()
+    assert (loss_sum, micro, clips, wait) == (6.0, 3, 12, 0.5) and elapsed > 0
+
+
+def test_progress_stats_over_ranks():
+    # Two ranks, each 2 micro-batches of 4 clips in 2 s, 0.5 s of which waiting for data.
+    one_rank = torch.tensor([3.0, 2, 8, 0.5, 2.0], dtype=torch.float64)
+    stats = progress_stats(one_rank * 2, world=2)
+    assert stats["loss"] == pytest.approx(1.5)  # mean loss per micro-batch
+    assert stats["clips_per_s"] == pytest.approx(8.0)  # 16 clips over the mean wall time of 2 s
+    assert stats["data_wait_fraction"] == pytest.approx(0.25)
+    empty = progress_stats(torch.zeros(5, dtype=torch.float64), world=1)
+    assert empty["loss"] == 0.0 and empty["clips_per_s"] == 0.0
+
+
+def test_eta_at_this_attempts_pace():
+    assert eta_minutes(step=10, total=70, steps_this_attempt=6, seconds_this_attempt=60) == pytest.approx(10.0)
+    assert eta_minutes(step=0, total=10, steps_this_attempt=0, seconds_this_attempt=5) > 1e6
+    assert eta_minutes(step=10, total=10, steps_this_attempt=10, seconds_this_attempt=1) == 0.0
+    assert not math.isnan(eta_minutes(step=0, total=10, steps_this_attempt=0, seconds_this_attempt=0))
+
+
+class _RecordingEngine:
+    """DeepSpeed's engine interface around a linear classifier over mean-pooled frames."""
+
+    def __init__(self):
+        self.layer = torch.nn.Linear(3, 2)
+        self.calls: list[str] = []
+
+    def __call__(self, video, class_names):
+        self.calls.append(f"forward {tuple(video.shape)} {video.dtype}")
+        return self.layer(video.mean(dim=(2, 3, 4)))  # (B, 3, T, S, S) -> (B, K)
+
+    def backward(self, loss):
+        self.calls.append("backward")
+        loss.backward()
+
+    def step(self):
+        self.calls.append("step")
+
+
+def test_micro_step_normalises_mixes_and_steps_once():
+    from workflows.recipe import TrainSection
+    from workflows.step import train_micro_step
+
+    engine = _RecordingEngine()
+    batch = {"frames": torch.randint(0, 255, (4, 2, 8, 8, 3), dtype=torch.uint8), "label": torch.tensor([0, 1, 0, 1])}
+    loss = train_micro_step(engine, batch, ["a", "b"], TrainSection(), torch.float32, torch.Generator().manual_seed(0))
+    assert engine.calls == ["forward (4, 3, 2, 8, 8) torch.float32", "backward", "step"]
+    assert loss.ndim == 0 and not loss.requires_grad and loss.item() > 0
+    assert engine.layer.weight.grad is not None

@@ -1,0 +1,436 @@
+"""What each Ray Train worker runs: a `Trainer` (setup, train, validate, save_checkpoint, cleanup) over one
+`TrainState`.
+
+Each worker builds DiST, wraps it in a DeepSpeed engine (only the trainable part is optimised; the frozen CLIP rides
+along without gradients) and trains on its clip feed (feeds.py) with the reference recipe: AdamW, warm-up + cosine per
+step, mixup/cutmix/label smoothing and CLIP normalisation on the device (step.py). Validation every N steps is
+distributed (each val clip counted once); every validation reports a checkpoint. `TrainState` is everything a
+checkpoint must carry to resume; `to_dict`/`from_dict` are the only way it is written and read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workflows.config_loader import ConfigError, dump_yaml
+from workflows.recipe import Recipe, recipe_from_dict, recipe_to_dict
+from workflows.runtime import compile_toolchain_problem, is_remote
+
+LOG_PREFIX = "[pretrain]"
+HISTORY_KEYS = ("loss", "lr", "val_top1", "clips_per_s")
+
+
+def _empty_history() -> dict[str, list[tuple[int, float]]]:
+    return {key: [] for key in HISTORY_KEYS}
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: written into every checkpoint's state.json, read back on resume."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    position: int = 0  # micro-batches of `epoch` each rank has consumed (0 at an epoch boundary)
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=_empty_history)  # (step, value) per curve
+    best: dict[str, float] = field(default_factory=lambda: {"val_top1": -1.0})  # best val top-1 and its step
+    mlflow_run_id: str | None = None
+    resumed_from_step: int | None = None  # the step this attempt resumed at (None: it started fresh)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (history pairs as lists)."""
+        data = dataclasses.asdict(self)
+        data["history"] = {k: [list(p) for p in v] for k, v in self.history.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """The state of a checkpoint's state.json (other keys there, e.g. metrics or class names, are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        state = cls(**{k: v for k, v in data.items() if k in names})
+        state.history = {**_empty_history(), **{k: [tuple(p) for p in v] for k, v in state.history.items()}}
+        return state
+
+    def record_validation(self, top1: float) -> None:
+        self.history["val_top1"].append((self.step, top1))
+        if top1 > self.best["val_top1"]:
+            self.best = {"val_top1": top1, "step": self.step}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progress arithmetic (no Ray, no collectives: unit-tested on its own)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProgressWindow:
+    """What one rank saw since the last progress line. The loss sums on the device (no host sync per step)."""
+
+    device: torch.device
+    start: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0  # seconds spent waiting for the next batch
+    clips: int = 0
+    micro_batches: int = 0
+    loss_sum: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor, clips: int) -> None:
+        self.loss_sum = loss.float() if self.loss_sum is None else self.loss_sum + loss.float()
+        self.micro_batches += 1
+        self.clips += clips
+
+    def totals(self) -> torch.Tensor:
+        """[loss sum, micro-batches, clips, wait s, elapsed s]: summed over ranks, they give `progress_stats`."""
+        loss = 0.0 if self.loss_sum is None else float(self.loss_sum)
+        return torch.tensor([loss, self.micro_batches, self.clips, self.wait, time.perf_counter() - self.start],
+                            dtype=torch.float64)
+
+
+def progress_stats(summed: torch.Tensor, world: int) -> dict[str, float]:
+    """Mean loss per micro-batch, clips/s of all ranks over the mean wall time, and the share of time spent
+    waiting for data, from `ProgressWindow.totals()` summed over `world` ranks."""
+    loss_sum, micro_batches, clips, wait, elapsed = (float(v) for v in summed)
+    return {"loss": loss_sum / max(1.0, micro_batches),
+            "clips_per_s": clips / max(1e-9, elapsed / world),
+            "data_wait_fraction": wait / max(1e-9, elapsed)}
+
+
+def eta_minutes(step: int, total: int, steps_this_attempt: int, seconds_this_attempt: float) -> float:
+    """Minutes to `total` at this attempt's mean pace (infinite before the first step)."""
+    rate = steps_this_attempt / max(1e-9, seconds_this_attempt)
+    return (total - step) / max(1e-9, rate) / 60
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One rank of a training run. Every rank runs the same calls in the same order: several of them are
+    collectives (validation counts, progress stats, `master_weights` under ZeRO, `ray.train.report`)."""
+
+    def __init__(self, recipe: Recipe, *, rank: int, world: int, device: torch.device,
+                 mlflow_parent_run_id: str | None = None):
+        self.recipe, self.rank, self.world, self.device = recipe, rank, world, device
+        self.mlflow_parent_run_id = mlflow_parent_run_id
+        self.state = TrainState()
+        self.published = False  # final results (artifacts, MLflow run closed) published
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"{LOG_PREFIX} {message}", flush=True)
+
+    # --- setup ---
+
+    def setup(self, checkpoint: Any = None) -> None:
+        """Model, feeds, optimizer + schedule in a DeepSpeed engine, resume from `checkpoint` (a Ray Train
+        Checkpoint or None), tracking."""
+        recipe = self.recipe
+        torch.manual_seed(recipe.train.seed)  # identical init on every rank (DeepSpeed also broadcasts it)
+        if not recipe.scaling.use_gpu:
+            torch.set_num_threads(max(1, int(recipe.scaling.cpus_per_worker)))
+        self._build_model(init=checkpoint is None)
+        self._build_engine()
+        if checkpoint is not None:
+            self.resume(checkpoint)
+        self._open_tracker()
+
+    def _build_model(self, init: bool) -> None:
+        from dist_model import build_dist, build_spatial_only
+        from workflows.checkpoints import init_model_from
+        from workflows.feeds import ClipFeeds
+
+        recipe = self.recipe
+        build = build_spatial_only if recipe.model.variant == "spatial_only" else build_dist
+        self.model = build(recipe.model_cfg)
+        if recipe.train.init_from and init:
+            self.log(init_model_from(self.model, recipe.train.init_from))
+        self.model.to(self.device)
+        self.feeds = ClipFeeds(recipe, self.rank, self.world, self.device)
+        self.class_names = self.feeds.class_names
+        # Training and validation score one label set: embed it once, then free the text tower (63 M parameters at
+        # B/16, 123 M at L/14) that no step reads.
+        self.model.text_embeddings(self.class_names, self.device)
+        freed = self.model.clip.release_text_tower()
+        self.log(f"cached {len(self.class_names)} class embeddings; released CLIP's text tower "
+                 f"({freed / 1e6:.1f} M parameters)")
+        if recipe.train.compile:
+            problem = compile_toolchain_problem(recipe.scaling.use_gpu)
+            if problem:
+                import ray
+
+                raise ConfigError(f"train.compile on node {ray.util.get_node_ip_address()}: {problem}")
+            self.model.compile_trainable()
+            self.log("train.compile: the trainable branch is compiled at the first step (a minute or more on a few "
+                     "CPU cores)")
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        from dist_model import PRECISION_DTYPES
+        from workflows.checkpoints import install_safe_checkpoint_engine
+        from workflows.feeds import steps_per_epoch, total_steps
+        from workflows.optim import build_deepspeed_config, lr_at
+
+        recipe, train = self.recipe, self.recipe.train
+        videos = len(self.feeds.train_manifest)
+        self.per_epoch, self.total = steps_per_epoch(recipe, videos), total_steps(recipe, videos)
+        warmup = round(train.warmup_epochs * self.per_epoch)
+        if train.max_steps:
+            warmup = min(warmup, self.total // 5)
+        peak = recipe.peak_lr
+        optimizer = torch.optim.AdamW(self.model.param_groups(train.weight_decay), lr=peak, betas=tuple(train.betas))
+        for group in optimizer.param_groups:
+            group.pop("name", None)  # DeepSpeed's ZeRO wrapper copies groups; keep only torch's keys
+
+        def factor(step: int) -> float:  # LambdaLR scales the optimizer's lr (= peak) by this factor
+            return 0.0 if peak <= 0 else lr_at(step, peak=peak, total=self.total, warmup=warmup,
+                                               start=train.warmup_start_lr, floor=train.min_lr) / peak
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=build_deepspeed_config(recipe), dist_init_required=False)
+        install_safe_checkpoint_engine(self.engine)
+        self.dtype = PRECISION_DTYPES[recipe.precision()]
+
+    def resume(self, checkpoint: Any) -> None:
+        """Load the engine (weights, optimizer, schedule) and the TrainState of a Ray Train checkpoint."""
+        from workflows.checkpoints import DS_TAG
+
+        with checkpoint.as_directory() as directory:
+            _, client = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
+        self.state = TrainState.from_dict(client["dist_state"])
+        self.state.resumed_from_step = self.state.step
+        s = self.state
+        self.log(f"resumed from step {s.step} (epoch {s.epoch}, micro-batch {s.position})")
+
+    def _open_tracker(self) -> None:
+        """Rank 0's MLflow run: a resumed run continues its own; the others get a no-op tracker."""
+        from workflows.tracking import Tracker, resolve_tracking_uri
+
+        recipe, model = self.recipe, self.model
+        self.tracker = Tracker(None)
+        if self.rank != 0 or not recipe.mlflow.enabled:
+            return
+        uri = resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir)
+        self.tracker = Tracker(uri, recipe.mlflow.experiment, run_name=recipe.run.name,
+                               run_id=self.state.mlflow_run_id, parent_run_id=self.mlflow_parent_run_id)
+        if self.state.mlflow_run_id is None:
+            self.tracker.log_params(recipe_to_dict(recipe))
+            self.tracker.log_text(dump_yaml(recipe), "recipe.yaml")
+            self.tracker.log_metrics({"trainable_params": float(model.num_trainable_params())}, step=0)
+        self.state.mlflow_run_id = self.tracker.run_id
+        self.log(f"{model.num_trainable_params():,} trainable parameters; {self.total} steps ({self.per_epoch}/epoch), "
+                 f"global batch {recipe.train.global_batch_size} = {recipe.train.micro_batch_size} x {self.world} "
+                 f"workers x {recipe.grad_accum_steps} accumulation; peak lr {recipe.peak_lr:.3g}; precision "
+                 f"{recipe.precision()}; ZeRO-{recipe.train.zero_stage}")
+
+    # --- training ---
+
+    def train(self) -> None:
+        """Train from the state's position to the last step, validating and checkpointing on the way."""
+        from workflows.step import train_micro_step
+
+        recipe, state = self.recipe, self.state
+        micro_per_epoch = self.feeds.micro_batches_per_epoch()  # a multiple of accum: epochs end on a step boundary
+        accum = recipe.grad_accum_steps
+        mix_gen = torch.Generator().manual_seed(recipe.train.seed * 1000 + self.rank + 7 * state.step)
+        self.engine.train()
+        self.window = ProgressWindow(self.device)
+        self.attempt_start, self.attempt_first_step = time.perf_counter(), state.step
+        while state.step < self.total:
+            fetch_start = time.perf_counter()
+            for batch in self.feeds.train_batches(state.epoch, start=state.position):
+                self.window.wait += time.perf_counter() - fetch_start
+                loss = train_micro_step(self.engine, batch, self.class_names, recipe.train, self.dtype, mix_gen)
+                self.window.add(loss, clips=batch["frames"].shape[0])
+                state.position += 1
+                if state.position % accum == 0:
+                    epoch_done = self._end_step(micro_per_epoch)
+                    if epoch_done or state.step >= self.total:
+                        break
+                fetch_start = time.perf_counter()
+
+    def _end_step(self, micro_per_epoch: int) -> bool:
+        """After an optimizer step: progress, epoch rollover, validation + checkpoint. True when the epoch ended."""
+        recipe, state = self.recipe, self.state
+        state.step += 1
+        self._maybe_inject_failure()
+        final = state.step == self.total
+        if state.step % recipe.train.log_every_steps == 0 or final:
+            self.log_progress()
+        epoch_done = state.position >= micro_per_epoch
+        if epoch_done:  # checkpoints taken now must point at the start of the next epoch
+            state.epoch, state.position = state.epoch + 1, 0
+        if state.step % (recipe.eval.every_steps or self.per_epoch) == 0 or final:
+            self.validate_and_checkpoint()
+        return epoch_done
+
+    def _maybe_inject_failure(self) -> None:
+        """train.fail_at_step: rank `fail_rank` raises once (a marker file remembers it) to exercise recovery."""
+        train, step = self.recipe.train, self.state.step
+        if train.fail_at_step != step or self.rank != train.fail_rank:
+            return
+        marker = fail_once_marker(self.recipe)
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"injected failure at step {step}\n")
+        raise RuntimeError(f"injected failure at step {step} (train.fail_at_step) on rank {self.rank}")
+
+    def log_progress(self) -> None:
+        """One progress line (rank 0) and MLflow metrics from every rank's window (a collective)."""
+        from workflows.metrics import all_reduce_sum
+
+        stats = progress_stats(all_reduce_sum(self.window.totals()), self.world)
+        state, lr = self.state, self.engine.get_lr()[0]
+        for key, value in (("loss", stats["loss"]), ("lr", lr), ("clips_per_s", stats["clips_per_s"])):
+            state.history[key].append((state.step, value))
+        eta = eta_minutes(state.step, self.total, state.step - self.attempt_first_step,
+                          time.perf_counter() - self.attempt_start)
+        self.log(f"step {state.step}/{self.total} | epoch {state.epoch} | loss {stats['loss']:.4f} | lr {lr:.3g} | "
+                 f"{stats['clips_per_s']:.1f} clips/s | data wait {100 * stats['data_wait_fraction']:.0f}% | "
+                 f"ETA {eta:.1f} min")
+        if self.rank == 0:
+            self.tracker.log_metrics({**stats, "lr": lr, "epoch": float(state.epoch)}, step=state.step)
+        self.window = ProgressWindow(self.device)
+
+    # --- validation and checkpoints ---
+
+    def validate(self) -> dict[str, Any]:
+        """Top-1/top-5/mean class accuracy over the whole validation set (each video counted once over all ranks)."""
+        from dist_model import normalize_video
+        from workflows.metrics import VideoScores, accuracy_summary, all_reduce_counts
+
+        self.engine.eval()
+        scores = VideoScores(len(self.class_names))
+        with torch.no_grad():
+            for batch in self.feeds.val_batches():
+                video = normalize_video(batch["frames"], self.dtype)
+                logits = self.engine(video, self.class_names, self.recipe.eval.zero_shot_fusion)
+                scores.add(batch["video_index"], logits, batch["label"])
+        self.engine.train()
+        counts = all_reduce_counts(scores.counts())
+        return {**accuracy_summary(counts), "confusion": counts["confusion"]}
+
+    def validate_and_checkpoint(self) -> None:
+        """Validate, log, and report a checkpoint. At the last step the final results are published first: a Tune
+        scheduler (ASHA at max_t) may stop the trial as soon as the final report lands."""
+        state, final = self.state, self.state.step == self.total
+        val = self.validate()
+        state.record_validation(val["top1"])
+        metrics = {"step": state.step, "epoch": state.epoch, "val_top1": val["top1"], "val_top5": val["top5"],
+                   "val_mean_class_acc": val["mean_class_acc"]}
+        self.log(f"validation at step {state.step}: top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% "
+                 f"({int(val['videos'])} videos; best {state.best['val_top1']:.2f}% at step {state.best['step']})")
+        if self.rank == 0:
+            self._log_validation(metrics, val if final else None)
+        if final:
+            self.publish_final_results()
+        self.save_checkpoint(metrics, final=final)
+
+    def _log_validation(self, metrics: dict[str, Any], final_val: dict[str, Any] | None) -> None:
+        """Rank 0: validation metrics and drop counts to MLflow; the confusion matrix after the last step."""
+        from workflows.data.drops import get_drop_report
+        from workflows.feeds import drop_summary
+        from workflows.metrics import save_confusion_png
+
+        drops = drop_summary(get_drop_report("train", None, name=self.recipe.data.drop_counter))
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val_")} | drops,
+                                 step=self.state.step)
+        if final_val is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                png = Path(tmp) / "confusion_matrix.png"
+                save_confusion_png(final_val["confusion"], self.class_names, png,
+                                   f"validation, step {self.state.step}: top-1 {final_val['top1']:.1f}%")
+                self.tracker.log_artifact(png)
+
+    def save_checkpoint(self, metrics: dict[str, Any], final: bool = False) -> None:
+        """Every rank writes its part of a checkpoint, then one `ray.train.report` (a barrier) hands it to Ray."""
+        import ray.train
+
+        from workflows.checkpoints import write_checkpoint
+
+        state = {**self.state.to_dict(), "metrics": metrics, "class_names": self.class_names,
+                 "model": recipe_to_dict(self.recipe)["model"], "final": final}
+        with tempfile.TemporaryDirectory(prefix="dist-ckpt-") as tmp:
+            write_checkpoint(Path(tmp), engine=self.engine, model=self.model, rank=self.rank, state=state,
+                             recipe_yaml=dump_yaml(self.recipe))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    # --- the end ---
+
+    def publish_final_results(self) -> None:
+        """Final drop report, training curves and fp32 weights to MLflow, and the MLflow run closed. Every rank calls
+        it: gathering the weights is a collective under ZeRO."""
+        from workflows.checkpoints import master_weights
+
+        self.published = True
+        final_weights = master_weights(self.engine, self.model)
+        if self.rank != 0:
+            return
+        from safetensors.torch import save_file
+
+        from workflows.data.drops import get_drop_report
+        from workflows.metrics import save_curves_png
+
+        drop_report = get_drop_report("train", None, name=self.recipe.data.drop_counter)
+        if drop_report.total_dropped:
+            self.log(f"dropped videos: {drop_report.summary()}")
+        with tempfile.TemporaryDirectory() as tmp:
+            curves = Path(tmp) / "training_curves.png"
+            save_curves_png(self.state.history, curves)
+            self.tracker.log_artifact(curves)
+            weights = Path(tmp) / "weights.safetensors"
+            save_file(final_weights, str(weights))
+            self.tracker.log_artifact(weights, "final_checkpoint")
+        self.tracker.finish()
+
+    def cleanup(self) -> None:
+        """Publish the final results if training did not (e.g. relaunched after the run had already finished)."""
+        if not self.published:
+            self.publish_final_results()
+
+
+def fail_once_marker(recipe: Recipe) -> Path:
+    base = Path(recipe.run_dir) if not is_remote(recipe.run_dir) else Path(tempfile.gettempdir()) / recipe.run.name
+    return base / ".injected_failure_done"
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function: {"recipe": the recipe as a dict, "mlflow_parent_run_id": optional}."""
+    import ray.train
+
+    recipe = recipe_from_dict(config["recipe"])
+    prepare_worker_process(recipe)
+    device = ray.train.torch.get_device() if recipe.scaling.use_gpu else torch.device("cpu")
+    ctx = ray.train.get_context()
+    trainer = Trainer(recipe, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
+                      mlflow_parent_run_id=config.get("mlflow_parent_run_id"))
+    trainer.setup(ray.train.get_checkpoint())
+    trainer.train()
+    trainer.cleanup()
+
+
+def prepare_worker_process(recipe: Recipe) -> None:
+    """Process-wide settings of a training worker, and one line saying where it landed."""
+    import ray
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-worker pipelines: bars garble the log
+    # DeepSpeed's ZeRO calls a deprecated torch collective on every step; one warning per step drowns the progress.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    if not recipe.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo); before importing it
+    ctx = ray.train.get_context()
+    print(f"{LOG_PREFIX} worker rank {ctx.get_world_rank()}/{ctx.get_world_size()} on node "
+          f"{ray.get_runtime_context().get_node_id()} (ip {ray.util.get_node_ip_address()}, pid {os.getpid()})",
+          flush=True)
