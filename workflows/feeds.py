@@ -8,6 +8,9 @@ all workers together use the cluster's decode capacity.
 
 Every worker yields exactly the same number of micro-batches per epoch (ranks must step together); if bad
 videos leave a shard short, it tops up with re-augmented clips of its own shard.
+
+Why not Train's `datasets=` / `get_dataset_shard`: those split one dataset's stream among the workers as it comes, so
+no epoch has an order fixed by the seed, and a resumed run cannot continue inside an epoch where it stopped.
 """
 
 from __future__ import annotations
