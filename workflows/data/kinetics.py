@@ -34,7 +34,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -187,6 +187,54 @@ class K710Report:
         return "\n".join(lines)
 
 
+def _merge_splits(rows: list[KineticsRow], order: list[str], key_of: Callable[[str], str],
+                  report: K710Report) -> tuple[dict[str, str], dict[str, str]]:
+    """(train, val) as {youtube id: class key}. Training is the union in release order, first occurrence kept and newer
+    releases overwriting the label; any video of a val/test split is removed from training (a leak)."""
+    held_out = {r.youtube_id for r in rows if r.split in ("val", "test")}
+    train: dict[str, str] = {}
+    for rel in order:
+        for r in rows:
+            if r.release != rel or r.split != "train" or not r.label:
+                continue
+            if r.youtube_id in train:
+                report.duplicates_removed += 1
+                if train[r.youtube_id] != key_of(r.label):
+                    report.label_conflicts += 1
+            train[r.youtube_id] = key_of(r.label)
+    leaks = [yid for yid in train if yid in held_out]
+    report.val_leaks_removed = len(leaks)
+    for yid in leaks:
+        del train[yid]
+    val: dict[str, str] = {}
+    for rel in order:
+        for r in rows:
+            if r.release == rel and r.split == "val" and r.label:
+                val[r.youtube_id] = key_of(r.label)
+    return train, val
+
+
+def _manifest_rows(items: dict[str, str], split: str, names: dict[str, str], clips: dict[str, Path],
+                   video_dir: str | Path | None, out: Path, keep_missing: bool,
+                   report: K710Report) -> list[dict[str, object]]:
+    """Manifest rows of one split; videos missing from `video_dir` are counted and left out (unless `keep_missing`)."""
+    kept = []
+    for yid, key in sorted(items.items()):
+        path = clips.get(yid)
+        if path is None:
+            if video_dir is not None and not keep_missing:
+                if split == "train":
+                    report.missing_train += 1
+                else:
+                    report.missing_val += 1
+                if len(report.missing_examples) < 10:
+                    report.missing_examples.append(yid)
+                continue
+            path = Path(video_dir or ".") / f"{yid}.mp4"
+        kept.append({"path": relative_to(path, out), "label": names[key]})
+    return kept
+
+
 def assemble_k710(
     annotations: Iterable[tuple[str, str | Path]],
     video_dir: str | Path | None,
@@ -228,27 +276,7 @@ def assemble_k710(
                 display[key_of(r.label)] = display_class_name(r.label)
                 per_release[rel].add(key_of(r.label))
     merged = {display_class_name(label): key for label, key in keys.items() if normalize_class_name(label) in alias}
-    held_out = {r.youtube_id for r in rows if r.split in ("val", "test")}
-    # Training union in release order, first occurrence kept; newer releases overwrite the label.
-    train: dict[str, str] = {}
-    for rel in order:
-        for r in rows:
-            if r.release != rel or r.split != "train" or not r.label:
-                continue
-            if r.youtube_id in train:
-                report.duplicates_removed += 1
-                if train[r.youtube_id] != key_of(r.label):
-                    report.label_conflicts += 1
-            train[r.youtube_id] = key_of(r.label)
-    leaks = [yid for yid in train if yid in held_out]
-    report.val_leaks_removed = len(leaks)
-    for yid in leaks:
-        del train[yid]
-    val: dict[str, str] = {}
-    for rel in order:
-        for r in rows:
-            if r.release == rel and r.split == "val" and r.label:
-                val[r.youtube_id] = key_of(r.label)
+    train, val = _merge_splits(rows, order, key_of, report)
     classes = sorted(set(train.values()) | set(val.values()))
     names = {k: display[k] for k in classes}
     if len(set(names.values())) != len(names):  # two keys with one display name cannot happen, but be safe
@@ -259,24 +287,8 @@ def assemble_k710(
     out.mkdir(parents=True, exist_ok=True)
     clips = index_clips(video_dir) if video_dir is not None else {}
 
-    def manifest_rows(items: dict[str, str], split: str) -> list[dict[str, object]]:
-        kept = []
-        for yid, key in sorted(items.items()):
-            path = clips.get(yid)
-            if path is None:
-                if video_dir is not None and not keep_missing:
-                    if split == "train":
-                        report.missing_train += 1
-                    else:
-                        report.missing_val += 1
-                    if len(report.missing_examples) < 10:
-                        report.missing_examples.append(yid)
-                    continue
-                path = Path(video_dir or ".") / f"{yid}.mp4"
-            kept.append({"path": relative_to(path, out), "label": names[key]})
-        return kept
-
-    train_rows, val_rows = manifest_rows(train, "train"), manifest_rows(val, "val")
+    train_rows, val_rows = (_manifest_rows(items, split, names, clips, video_dir, out, keep_missing, report)
+                            for items, split in ((train, "train"), (val, "val")))
     write_manifest(train_rows, out / "train.csv")
     write_manifest(val_rows, out / "val.csv")
     save_labels(labels, out / "labels.json")
