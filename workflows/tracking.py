@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,18 @@ def resolve_tracking_uri(configured: str | None, run_dir: str | Path, *, create:
         return None
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / STORE_FILE}"
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go. A local sqlite store keeps them beside it, `<store dir>/mlartifacts/
+    <experiment>`: left to MLflow, they land under the creating process's working directory, which for a Ray worker
+    is Ray's session directory (rotated away, and on whichever node rank 0 ran). Other stores (a tracking server)
+    use their own artifact root: None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    store_dir = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (store_dir / "mlartifacts" / safe).resolve().as_uri()
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -92,7 +105,8 @@ class Tracker:
         self._client = mlflow.MlflowClient(tracking_uri=uri)
         if run_id is None:
             found = self._client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
+            self.experiment_id = found.experiment_id if found else self._client.create_experiment(
+                experiment, artifact_location=artifact_location(uri, experiment))
             if reuse_tags:
                 query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in reuse_tags.items())
                 runs = self._client.search_runs([self.experiment_id], query,

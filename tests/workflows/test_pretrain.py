@@ -188,6 +188,8 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
             "dropped_total"} <= metrics
     assert steps == {1, 2, 3, 4, 5, 6}
     artifacts = Path(artifact_uri.removeprefix("file://"))
+    # Beside the run's store, not under the rank-0 worker's working directory (Ray's session directory).
+    assert artifacts.is_relative_to((storage / "it" / "mlartifacts").resolve()), artifact_uri
     names = {p.relative_to(artifacts).as_posix() for p in artifacts.rglob("*") if p.is_file()}
     assert {"recipe.yaml", "confusion_matrix.png", "training_curves.png", "final_checkpoint/weights.safetensors"} \
         <= names

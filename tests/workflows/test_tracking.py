@@ -86,3 +86,34 @@ def test_one_failure_turns_off_a_tracker_and_its_children(tmp_path, capsys):
     assert out.count("the sweep continues without tracking") == 1
     down = Tracker("http://127.0.0.1:9", experiment="x", reuse_tags={"a": "b"})
     assert not down.active and down.run_id is None and down.children() == {} and not down.created
+
+
+def test_artifacts_land_beside_the_sqlite_store_not_in_the_working_directory(tmp_path, monkeypatch):
+    """A Ray worker's working directory is Ray's session directory, which Ray rotates away: what a run logs must live
+    beside its store and stay readable once that directory is gone."""
+    import shutil
+
+    store = tmp_path / "run"
+    store.mkdir()
+    session = tmp_path / "ray_session" / "artifacts"  # the worker's working directory
+    session.mkdir(parents=True)
+    monkeypatch.chdir(session)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    tracker = Tracker(uri, experiment="demo dist/1", run_name="r")
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"not really weights")
+    tracker.log_artifact(weights, "final_checkpoint")
+    tracker.log_text("a: 1\n", "recipe.yaml")
+    tracker.finish()
+    monkeypatch.chdir(tmp_path)
+    shutil.rmtree(tmp_path / "ray_session")
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(tracker.run_id)
+    location = client.get_experiment(run.info.experiment_id).artifact_location
+    assert location.startswith((store / "mlartifacts").as_uri()), location
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    client.download_artifacts(tracker.run_id, "", str(fetched))
+    assert (fetched / "final_checkpoint" / "weights.safetensors").read_bytes() == b"not really weights"
+    assert (fetched / "recipe.yaml").read_text() == "a: 1\n"
