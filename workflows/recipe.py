@@ -59,7 +59,7 @@ class TrainSection:
     micro_batch_size: int = 32  # clips per worker per forward; accumulation = global / (micro * workers)
     lr: float | None = None
     base_lr: float = 3.2e-4  # peak lr at global batch 256 (BASE_LR 3.2e-5 x NEW_NET_LRMULT 10)
-    warmup_epochs: float = 6.0
+    warmup_epochs: float = 6.0  # with max_steps set, capped at max_steps // 5 (a short run still reaches the peak lr)
     warmup_start_lr: float = 8e-7
     min_lr: float = 0.0
     weight_decay: float = 1e-4

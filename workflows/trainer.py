@@ -23,7 +23,7 @@ import torch
 
 from workflows.config_loader import ConfigError, dump_yaml
 from workflows.recipe import Recipe, recipe_from_dict, recipe_to_dict
-from workflows.runtime import compile_toolchain_problem, is_remote
+from workflows.runtime import compile_toolchain_problem
 
 LOG_PREFIX = "[pretrain]"
 HISTORY_KEYS = ("loss", "lr", "val_top1", "clips_per_s")
@@ -184,8 +184,10 @@ class Trainer:
         videos = len(self.feeds.train_manifest)
         self.per_epoch, self.total = steps_per_epoch(recipe, videos), total_steps(recipe, videos)
         warmup = round(train.warmup_epochs * self.per_epoch)
-        if train.max_steps:
-            warmup = min(warmup, self.total // 5)
+        if train.max_steps and warmup > self.total // 5:  # documented in TrainSection.warmup_epochs
+            self.log(f"warm-up capped at {self.total // 5} of {warmup} steps: train.max_steps={train.max_steps} is "
+                     f"set, and warm-up takes at most a fifth of the steps")
+            warmup = self.total // 5
         peak = recipe.peak_lr
         optimizer = torch.optim.AdamW(self.model.param_groups(train.weight_decay), lr=peak, betas=tuple(train.betas))
         for group in optimizer.param_groups:
@@ -275,15 +277,19 @@ class Trainer:
         return epoch_done
 
     def _maybe_inject_failure(self) -> None:
-        """train.fail_at_step: rank `fail_rank` raises once (a marker file remembers it) to exercise recovery."""
+        """train.fail_at_step: rank `fail_rank` raises once to exercise recovery. A marker in the run's own storage
+        remembers it, so a restart on another node (or with a remote run directory) does not fail again."""
+        import pyarrow.fs
+
         train, step = self.recipe.train, self.state.step
         if train.fail_at_step != step or self.rank != train.fail_rank:
             return
-        marker = fail_once_marker(self.recipe)
-        if marker.exists():
+        fs, marker = pyarrow.fs.FileSystem.from_uri(fail_once_marker(self.recipe))
+        if fs.get_file_info(marker).type != pyarrow.fs.FileType.NotFound:
             return
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"injected failure at step {step}\n")
+        fs.create_dir(marker.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(marker) as out:
+            out.write(f"injected failure at step {step}\n".encode())
         raise RuntimeError(f"injected failure at step {step} (train.fail_at_step) on rank {self.rank}")
 
     def log_progress(self) -> None:
@@ -400,9 +406,9 @@ class Trainer:
             self.publish_final_results()
 
 
-def fail_once_marker(recipe: Recipe) -> Path:
-    base = Path(recipe.run_dir) if not is_remote(recipe.run_dir) else Path(tempfile.gettempdir()) / recipe.run.name
-    return base / ".injected_failure_done"
+def fail_once_marker(recipe: Recipe) -> str:
+    """The injected-failure marker: a file in the run directory (a local path or a URI pyarrow can write)."""
+    return f"{recipe.run_dir.rstrip('/')}/.injected_failure_done"
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:

@@ -94,3 +94,26 @@ def test_micro_step_normalises_mixes_and_steps_once():
     assert engine.calls == ["forward (4, 3, 2, 8, 8) torch.float32", "backward", "step"]
     assert loss.ndim == 0 and not loss.requires_grad and loss.item() > 0
     assert engine.layer.weight.grad is not None
+
+
+def test_injected_failure_fires_once_and_remembers_it_in_the_run_storage(tmp_path):
+    """The marker lives in the run directory itself, also when that is a URI: a restart on another node (whose
+    local /tmp never saw the marker) must not fail again."""
+    from pathlib import Path
+
+    from workflows.recipe import load_recipe
+    from workflows.trainer import Trainer
+
+    smoke = Path(__file__).parents[2] / "workflows" / "configs" / "smoke.yaml"
+    storage = tmp_path / "bucket" / "runs"
+    recipe = load_recipe(smoke, [f"run.storage_path={storage.as_uri()}", "run.name=failing", "train.fail_at_step=3",
+                                 "train.fail_rank=1"], check_files=False)
+    trainer = Trainer(recipe, rank=1, world=2, device=torch.device("cpu"))
+    trainer.state.step = 3
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        trainer._maybe_inject_failure()
+    assert (storage / "failing" / ".injected_failure_done").is_file()
+    trainer._maybe_inject_failure()  # the restarted attempt: no second failure
+    other_rank = Trainer(recipe, rank=0, world=2, device=torch.device("cpu"))
+    other_rank.state.step = 3
+    other_rank._maybe_inject_failure()
