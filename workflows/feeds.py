@@ -7,7 +7,8 @@ continues inside the epoch by skipping the videos the shard already consumed. De
 all workers together use the cluster's decode capacity.
 
 Every worker yields exactly the same number of micro-batches per epoch (ranks must step together); if bad
-videos leave a shard short, it tops up with re-augmented clips of its own shard.
+videos leave a shard short, it tops up with re-augmented clips of its own shard's good videos (a shard with none
+borrows from the whole set), carrying partial micro-batches over, so training runs while any video decodes.
 
 Why not Train's `datasets=` / `get_dataset_shard`: those split one dataset's stream among the workers as it comes, so
 no epoch has an order fixed by the seed, and a resumed run cannot continue inside an epoch where it stopped.
@@ -75,34 +76,64 @@ class ClipFeeds:
         return steps_per_epoch(self.recipe, len(self.train_manifest)) * self.recipe.grad_accum_steps
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches `start`.. of `epoch` for this rank: {"frames": uint8 (B, T_d, S, S, 3), "label": (B,)}."""
+        """Micro-batches `start`.. of `epoch` for this rank: {"frames": uint8 (B, T_d, S, S, 3), "label": (B,),
+        "video_index": (B,)}, exactly `micro_batches_per_epoch() - start` of them (ranks must step together).
+        Clips carry over between the passes of `_train_clips`, so no partial micro-batch is dropped."""
         micro = self.recipe.train.micro_batch_size
-        views = self.recipe.data.train_views
-        shuffle = train_shuffle_clips(self.recipe)
         needed = self.micro_batches_per_epoch() - start
-        produced, attempt = 0, 0
-        while produced < needed:
-            ds = build_clip_dataset(
-                self.data_cfg, self.train_manifest, self.label_map, split="train", num_frames=self.num_frames,
-                crop_size=self.crop, num_views=views, seed=self.recipe.train.seed + 7919 * attempt, epoch=epoch,
-                counter_split="train", shard=(self.rank, self.world),
-                skip=(start * micro) // views if attempt == 0 else 0,
-            )
-            before = produced
-            batches = ds.iter_torch_batches(
-                batch_size=micro, drop_last=True, device=self.device,
-                collate_fn=columns_collate(["frames", "label"], self.device),
-                local_shuffle_buffer_size=shuffle or None,
-                local_shuffle_seed=_seed(self.recipe.train.seed, epoch, self.rank, attempt) if shuffle else None)
-            for batch in batches:
+        pending: list[dict[str, torch.Tensor]] = []  # clips not yet in a micro-batch
+        clips = self._train_clips(epoch, start)
+        while needed > 0:
+            pending.append(next(clips))
+            while sum(len(b["label"]) for b in pending) >= micro and needed > 0:
+                merged = pending[0] if len(pending) == 1 else {k: torch.cat([b[k] for b in pending])
+                                                               for k in pending[0]}
+                yield {k: v[:micro] for k, v in merged.items()}
+                needed -= 1
+                rest = {k: v[micro:] for k, v in merged.items()}
+                pending = [rest] if len(rest["label"]) else []
+        clips.close()
+
+    def _train_clips(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's clips of `epoch`, without end: its shard of the epoch order from where `start` left off, then
+        the shard again and again with fresh augmentation (bad videos left it short). A shard with no good video
+        at all borrows re-augmented clips of the whole training set; only an epoch where no video decodes fails."""
+        seed, micro, views = self.recipe.train.seed, self.recipe.train.micro_batch_size, self.recipe.data.train_views
+        sources: list[tuple[int, int] | None] = [(self.rank, self.world), None]  # this rank's shard, then all videos
+        skip = (start * micro) // views
+        if skip >= len(range(self.rank, len(self.train_manifest), self.world)):
+            skip = 0  # resuming inside the top-up: straight to a re-augmented pass
+            attempt = 1
+        else:
+            attempt = 0
+        while sources:
+            shard = sources[0]
+            augment = seed + 7919 * attempt + (0 if shard else 104729 * (self.rank + 1))
+            ds = self._train_dataset(epoch, augment, shard, skip)
+            got = 0
+            for batch in self._iterate(ds, shuffle_key=(epoch, self.rank, attempt, len(sources))):
+                got += len(batch["label"])
                 yield batch
-                produced += 1
-                if produced >= needed:
-                    return
-            if produced == before:
-                raise RuntimeError(f"rank {self.rank}: its shard of the training set yields no clips in epoch "
-                                   f"{epoch}; check the data with `python -m workflows data check`")
-            attempt += 1
+            if got == 0 and skip == 0:
+                sources.pop(0)  # a whole pass gave nothing: no good video there
+            skip, attempt = 0, attempt + 1
+        raise RuntimeError(f"no video of the training set decodes in epoch {epoch} (rank {self.rank} found none in its "
+                           f"shard nor in the whole set); check the data with `python -m workflows data check`")
+
+    def _train_dataset(self, epoch: int, augment_seed: int, shard: tuple[int, int] | None, skip: int) -> Any:
+        return build_clip_dataset(
+            self.data_cfg, self.train_manifest, self.label_map, split="train", num_frames=self.num_frames,
+            crop_size=self.crop, num_views=self.recipe.data.train_views, seed=self.recipe.train.seed, epoch=epoch,
+            counter_split="train", shard=shard, skip=skip, augment_seed=augment_seed)
+
+    def _iterate(self, ds: Any, shuffle_key: tuple[int, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        """A dataset's clips in micro-batches (the last may be partial), through the local shuffle buffer."""
+        shuffle = train_shuffle_clips(self.recipe)
+        yield from ds.iter_torch_batches(
+            batch_size=self.recipe.train.micro_batch_size, drop_last=False, device=self.device,
+            collate_fn=columns_collate(["frames", "label", "video_index"], self.device),
+            local_shuffle_buffer_size=shuffle or None,
+            local_shuffle_seed=_seed(self.recipe.train.seed, *shuffle_key) if shuffle else None)
 
     def val_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's validation clips (each video exactly once over all ranks, `eval.views` views each)."""

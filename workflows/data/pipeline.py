@@ -199,6 +199,7 @@ def build_clip_dataset(
     counter_split: str | None = None,
     shard: tuple[int, int] | None = None,
     skip: int = 0,
+    augment_seed: int | None = None,
 ) -> Any:
     """A streaming ray.data.Dataset of clips (schema in the module docstring) for one epoch of `manifest`.
 
@@ -207,7 +208,8 @@ def build_clip_dataset(
 
     `shard=(rank, world)` keeps every world-th video of the (shuffled) epoch order, so each training worker
     reads its own disjoint part and every video is seen once per epoch; `skip` drops that many videos from the
-    front of the shard (resuming inside an epoch)."""
+    front of the shard (resuming inside an epoch). `augment_seed` (default `seed`) seeds the clips' random sampling
+    and augmentation alone: the same videos in the same order, augmented anew."""
     import ray
 
     if split not in ("train", "eval"):
@@ -235,7 +237,8 @@ def build_clip_dataset(
     counter = drop_counter(cfg.drop_counter)
     ray.get(counter.register.remote(key, epoch, videos_in_epoch, cfg.max_bad_fraction))
     spec = ClipSpec.from_config(cfg, split=split, num_frames=num_frames, crop_size=crop_size, num_views=num_views,
-                                num_crops=num_crops, seed=seed, epoch=epoch, counter_split=key)
+                                num_crops=num_crops, seed=seed if augment_seed is None else augment_seed, epoch=epoch,
+                                counter_split=key)
     pool = decode_pool_size(cfg)
     ds = ray.data.from_arrow(manifest_blocks(table, cfg.batch_size))
     selector = cfg.node_label_selector()

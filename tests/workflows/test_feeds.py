@@ -1,0 +1,121 @@
+"""Training feeds on a corpus with bad files: every rank yields its micro-batches while any video decodes.
+
+Real mp4 files (tests/workflows/conftest.py) and real Ray Data pipelines; the bad files (missing, empty, truncated,
+random bytes) are placed on chosen ranks through the epoch's seeded order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workflows.data.manifest import write_manifest
+from workflows.feeds import ClipFeeds
+from workflows.recipe import load_recipe
+
+SMOKE = Path(__file__).parents[2] / "workflows" / "configs" / "smoke.yaml"
+GOOD = ["wide", "tall", "mid", "big", "narrow"]
+BAD = ["missing", "empty", "truncated", "random"]
+SEED = 0
+
+
+def _manifest(video_dir: Path, out: Path, rows: int, bad_on_rank1: list[int], world: int = 2) -> tuple[Path, set]:
+    """A manifest of `rows` videos whose rank-1 shard (of epoch 0's seeded order) has bad files at the given shard
+    positions; every other row is a good video. Returns the manifest and the video indices of the bad rows."""
+    perm = np.random.default_rng([SEED, 0]).permutation(rows)  # build_clip_dataset's epoch-0 order
+    shard1 = perm[1::world]
+    bad_rows = {int(shard1[i]) for i in bad_on_rank1}
+    table, good_i, bad_i = [], 0, 0
+    for row in range(rows):
+        if row in bad_rows:
+            name, label = BAD[bad_i % len(BAD)], "cls0"
+            bad_i += 1
+        else:
+            name = GOOD[good_i % len(GOOD)]
+            label = f"cls{GOOD.index(name)}"
+            good_i += 1
+        table.append({"path": str(video_dir / "clips" / f"{name}.mp4"), "label": label})
+    path = out / "train.csv"
+    write_manifest(table, path)
+    return path, bad_rows
+
+
+@pytest.fixture
+def counters(ray_local):
+    """Holds the named drop counters a test's feeds use, as the pretrain driver does (an unowned one dies)."""
+    from workflows.data.drops import drop_counter
+
+    held: dict = {}
+
+    def hold(name: str) -> str:
+        held.setdefault(name, drop_counter(name))
+        return name
+
+    yield hold
+    for actor in held.values():
+        ray_local.kill(actor)
+
+
+def _feeds(video_dir: Path, manifest: Path, rank: int, counter: str, *overrides: str) -> ClipFeeds:
+    """Rank `rank` of 2's feeds over `manifest`; `counter` names a drop counter the test holds (see `counters`)."""
+    recipe = load_recipe(SMOKE, [
+        f"data.train_manifest={manifest}", f"data.val_manifest={video_dir / 'good.csv'}",
+        f"data.labels={video_dir / 'labels.json'}", "scaling.num_workers=2", "data.max_bad_fraction=0.5",
+        f"data.drop_counter={counter}", f"train.seed={SEED}", "data.decode_actors=2", *overrides])
+    return ClipFeeds(recipe, rank, 2, torch.device("cpu"))
+
+
+def _shard(feeds: ClipFeeds, rank: int) -> set[int]:
+    perm = np.random.default_rng([SEED, 0]).permutation(len(feeds.train_manifest))
+    return {int(i) for i in perm[rank::2]}
+
+
+@pytest.mark.integration
+def test_a_shard_with_fewer_good_clips_than_one_micro_batch_still_yields_its_batch(counters, video_dir, tmp_path):
+    # 12 videos, 4 bad, all on rank 1: its shard has 2 good clips for a micro-batch of 4 (the issue's case).
+    manifest, bad = _manifest(video_dir, tmp_path, rows=12, bad_on_rank1=[0, 1, 2, 3])
+    overrides = ("train.micro_batch_size=4", "train.global_batch_size=8", "data.train_views=1")
+    for rank in (0, 1):
+        feeds = _feeds(video_dir, manifest, rank, counters("feeds-short"), *overrides)
+        batches = list(feeds.train_batches(epoch=0))
+        assert len(batches) == feeds.micro_batches_per_epoch() == 1
+        assert all(len(b["label"]) == 4 and b["frames"].dtype == torch.uint8 for b in batches)
+        seen = {int(v) for b in batches for v in b["video_index"]}
+        assert seen <= _shard(feeds, rank) - bad, "top-up clips come from the rank's own good videos"
+
+
+@pytest.mark.integration
+def test_a_rank_whose_whole_shard_is_bad_borrows_good_clips(counters, video_dir, tmp_path):
+    manifest, bad = _manifest(video_dir, tmp_path, rows=8, bad_on_rank1=[0, 1, 2, 3])
+    feeds = _feeds(video_dir, manifest, 1, counters("feeds-all-bad"), "train.micro_batch_size=2",
+                   "train.global_batch_size=4", "data.train_views=1")
+    assert _shard(feeds, 1) == bad  # every video of rank 1's shard is bad
+    batches = list(feeds.train_batches(epoch=0))
+    assert len(batches) == feeds.micro_batches_per_epoch() == 2
+    seen = {int(v) for b in batches for v in b["video_index"]}
+    assert seen and not seen & bad
+
+
+@pytest.mark.integration
+def test_resume_inside_the_top_up(counters, video_dir, tmp_path):
+    # Rank 1: 2 good videos x 2 views = 4 clips = 2 micro-batches of its 6; the top-up gives the rest. Resuming at
+    # micro-batch 4 skips 4 of the shard's 6 videos: the last two are bad, so only the top-up can continue.
+    manifest, bad = _manifest(video_dir, tmp_path, rows=12, bad_on_rank1=[1, 2, 4, 5])
+    feeds = _feeds(video_dir, manifest, 1, counters("feeds-resume"), "train.micro_batch_size=2",
+                   "train.global_batch_size=4", "data.train_views=2")
+    assert feeds.micro_batches_per_epoch() == 6
+    batches = list(feeds.train_batches(epoch=0, start=4))
+    assert len(batches) == 2 and all(len(b["label"]) == 2 for b in batches)
+    assert {int(v) for b in batches for v in b["video_index"]} <= _shard(feeds, 1) - bad
+
+
+@pytest.mark.integration
+def test_an_epoch_where_no_video_decodes_fails_clearly(counters, video_dir, tmp_path):
+    rows = [{"path": str(video_dir / "clips" / f"{name}.mp4"), "label": "cls0"} for name in BAD]
+    write_manifest(rows, tmp_path / "all_bad.csv")
+    feeds = _feeds(video_dir, tmp_path / "all_bad.csv", 0, counters("feeds-none"), "train.micro_batch_size=1",
+                   "train.global_batch_size=2", "data.train_views=1", "data.max_bad_fraction=1.0")
+    with pytest.raises(RuntimeError, match="no video of the training set decodes in epoch 0"):
+        list(feeds.train_batches(epoch=0))
