@@ -5,8 +5,10 @@ A checkpoint directory (one per reported step, managed by Ray Train) holds:
     ds/                    DeepSpeed's own checkpoint (trainable weights, optimizer, lr scheduler), readable by
                            DeepSpeed's tools (e.g. zero_to_fp32.py); written by every rank, merged by Ray
     weights.safetensors    the trainable weights alone (keys `dist_net.*`), for evaluate / predict / init_from
-    state.json             step, epoch, position inside the epoch, metrics; the DiST and data config
+    state.json             step, epoch, position inside the epoch, metrics, world size; the DiST and data config
     recipe.yaml            the resolved recipe of the run
+    complete/rank_<r>.json every file rank r wrote, with its size: written last, so a checkpoint is complete when
+                           every rank's list is there and every listed file has its size (`checkpoint_step`)
 
 Nothing here unpickles arbitrary objects: safetensors and JSON are data-only, and DeepSpeed's files are read
 with `torch.load(weights_only=True)` and an explicit allowlist of DeepSpeed's own state classes.
@@ -23,6 +25,7 @@ import torch
 from workflows.runtime import is_remote
 
 DS_TAG = "ds"
+COMPLETE = "complete"
 WEIGHTS = "weights.safetensors"
 STATE = "state.json"
 RECIPE = "recipe.yaml"
@@ -66,6 +69,62 @@ def write_checkpoint(directory: Path, *, engine: Any, model: torch.nn.Module, ra
     weights = master_weights(engine, model)  # a collective under ZeRO: every rank takes part
     if rank == 0:
         write_model_files(directory, model=model, state=state, recipe_yaml=recipe_yaml, weights=weights)
+    write_file_list(directory, rank)
+
+
+def write_file_list(directory: Path, rank: int) -> None:
+    """complete/rank_<rank>.json: every file under `directory` (this rank's part of the checkpoint) and its size."""
+    files = {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / COMPLETE).mkdir(exist_ok=True)
+    (directory / COMPLETE / f"rank_{rank}.json").write_text(json.dumps(files, indent=1))
+
+
+def read_state_at(fs: Any, path: str) -> dict[str, Any]:
+    """state.json of the checkpoint at `path` on pyarrow filesystem `fs` ({} when it has none or it is unreadable)."""
+    try:
+        with fs.open_input_stream(f"{path}/{STATE}") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
+
+
+def checkpoint_step(fs: Any, path: str) -> int | None:
+    """The step of the checkpoint at `path` on pyarrow filesystem `fs` when it is complete: its state.json names
+    the world size, and every rank's file list is there with every listed file at its listed size. None when it
+    is not (a partial upload, a rank that died while writing, or a checkpoint from before these lists)."""
+    import pyarrow.fs
+
+    try:
+        state = read_state_at(fs, path)
+        listed: dict[str, int] = {}
+        for rank in range(int(state["world_size"])):
+            with fs.open_input_stream(f"{path}/{COMPLETE}/rank_{rank}.json") as f:
+                listed.update(json.loads(f.read()))
+    except (OSError, KeyError, ValueError):
+        return None
+    infos = fs.get_file_info([f"{path}/{name}" for name in listed])
+    if any(i.type != pyarrow.fs.FileType.File or i.size != listed[name] for i, name in zip(infos, listed, strict=True)):
+        return None
+    return int(state["step"])
+
+
+def newest_complete_checkpoint(run_dir: str) -> tuple[Any, str, int] | None:
+    """(pyarrow filesystem, path, step) of the complete checkpoint_* directory with the highest step in a run
+    directory (a local path or a URI), or None."""
+    import pyarrow.fs
+
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except (OSError, ValueError):
+        return None
+    best: tuple[Any, str, int] | None = None
+    for entry in entries:
+        if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+            step = checkpoint_step(fs, entry.path)
+            if step is not None and (best is None or step > best[2]):
+                best = (fs, entry.path, step)
+    return best
 
 
 def master_weights(engine: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:

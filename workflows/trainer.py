@@ -366,7 +366,7 @@ class Trainer:
         from workflows.checkpoints import write_checkpoint
 
         state = {**self.state.to_dict(), "metrics": metrics, "class_names": self.class_names,
-                 "model": recipe_to_dict(self.recipe)["model"], "final": final}
+                 "model": recipe_to_dict(self.recipe)["model"], "final": final, "world_size": self.world}
         with tempfile.TemporaryDirectory(prefix="dist-ckpt-") as tmp:
             write_checkpoint(Path(tmp), engine=self.engine, model=self.model, rank=self.rank, state=state,
                              recipe_yaml=dump_yaml(self.recipe))
@@ -421,9 +421,36 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     trainer = Trainer(recipe, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
                       mlflow_parent_run_id=config.get("mlflow_parent_run_id"))
-    trainer.setup(ray.train.get_checkpoint())
+    trainer.setup(checkpoint_to_resume(ray.train.get_checkpoint(), recipe.run_dir, trainer.log))
     trainer.train()
     trainer.cleanup()
+
+
+def checkpoint_to_resume(registered: Any, run_dir: str, log: Any = print) -> Any:
+    """The checkpoint a (re)started run resumes from: Ray's newest registered one, or a newer complete one in the
+    run directory. Ray Train collects reports asynchronously (every few seconds): a worker killed between writing a
+    checkpoint and that collection loses its registration although every rank's files are in storage. Rank 0 decides
+    and the others follow (a collective), so all ranks load the same checkpoint."""
+    import pyarrow.fs
+    import ray.train
+    import torch.distributed as dist
+
+    from workflows.checkpoints import newest_complete_checkpoint, read_state_at
+
+    choice: list[Any] = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        found = newest_complete_checkpoint(run_dir)
+        registered_step = read_state_at(registered.filesystem, registered.path).get("step", -1) if registered else -1
+        if found is not None and found[2] > registered_step:
+            choice = [found[1]]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return registered
+    fs, _ = pyarrow.fs.FileSystem.from_uri(run_dir)
+    log(f"resuming from {choice[0]}: complete in storage and newer than Ray's newest registered checkpoint "
+        f"({registered.path if registered else 'none'}), whose report a lost worker did not deliver")
+    return ray.train.Checkpoint(choice[0], filesystem=fs)
 
 
 def prepare_worker_process(recipe: Recipe) -> None:

@@ -238,3 +238,44 @@ def _relabel(sample, out: Path) -> dict:
         paths[split] = str(out / f"{split}.csv")
     order = [n for n, _ in sorted(new_labels.items(), key=lambda kv: kv[1])]
     return {**paths, "labels": str(out / "labels.json"), "order": order}
+
+
+@pytest.mark.integration
+def test_a_sigkilled_worker_resumes_from_the_newest_complete_checkpoint(ray_local, sample_data, tmp_path):
+    """SIGKILL a Train worker right after every rank has written the step-2 checkpoint. Ray Train collects reports
+    every 2 s, so its registry usually never hears of that checkpoint; the restart must still resume from it."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    from workflows.checkpoints import newest_complete_checkpoint
+    from workflows.pretrain import run_pretrain
+
+    storage = tmp_path / "runs"
+    killed: dict = {}
+    gcs = ray_local.get_runtime_context().gcs_address  # this session's cluster (others may run on the machine)
+
+    def kill_a_worker_after_step_2() -> None:
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            found = newest_complete_checkpoint(str(storage / "it"))
+            if found and found[2] >= 2:
+                break
+            time.sleep(0.02)
+        else:
+            return
+        workers = list_actors(address=gcs, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        killed.update(pid=workers[-1].pid, after_step=found[2])
+
+    killer = threading.Thread(target=kill_a_worker_after_step_2, daemon=True)
+    killer.start()
+    result = run_pretrain(_recipe(sample_data, storage, "train.max_steps=4", "mlflow.enabled=false"))
+    killer.join(timeout=60)
+    assert killed.get("after_step") == 2, "the worker was not killed after the step-2 checkpoint"
+    assert result.metrics["step"] == 4
+    _, state = _latest_state(storage)
+    assert state["step"] == 4 and state["resumed_from_step"] == 2, state

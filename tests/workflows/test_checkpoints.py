@@ -1,0 +1,54 @@
+"""Which checkpoints in a run directory are complete (every rank's files at their written sizes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.fs
+
+from workflows.checkpoints import checkpoint_step, newest_complete_checkpoint, write_file_list
+
+
+def _checkpoint(run: Path, name: str, step: int, world: int = 2) -> Path:
+    """A checkpoint as Ray merges it: each rank's files, then each rank's file list (written last by that rank)."""
+    for rank in range(world):
+        local = run / f"rank{rank}-{name}"
+        (local / "ds").mkdir(parents=True)
+        (local / "ds" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(b"x" * (1000 + rank))
+        if rank == 0:
+            (local / "state.json").write_text(json.dumps({"step": step, "world_size": world}))
+            (local / "weights.safetensors").write_bytes(b"w" * 500)
+        write_file_list(local, rank)
+        merged = run / name
+        for path in local.rglob("*"):
+            if path.is_file():
+                target = merged / path.relative_to(local)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
+    return run / name
+
+
+def test_a_checkpoint_is_complete_only_with_every_ranks_files_at_their_sizes(tmp_path):
+    fs = pyarrow.fs.LocalFileSystem()
+    run = tmp_path / "run"
+    good = _checkpoint(run, "checkpoint_a", step=4)
+    assert checkpoint_step(fs, str(good)) == 4
+    truncated = _checkpoint(run, "checkpoint_b", step=8)
+    optim = truncated / "ds" / "zero_pp_rank_1_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:10])  # an upload cut short
+    assert checkpoint_step(fs, str(truncated)) is None
+    missing_rank = _checkpoint(run, "checkpoint_c", step=12)
+    (missing_rank / "complete" / "rank_1.json").unlink()  # rank 1 died before its list landed
+    assert checkpoint_step(fs, str(missing_rank)) is None
+    no_state = _checkpoint(run, "checkpoint_d", step=16)
+    (no_state / "state.json").unlink()
+    assert checkpoint_step(fs, str(no_state)) is None
+    _, path, step = newest_complete_checkpoint(str(run))
+    assert (Path(path), step) == (good, 4)
+    newer = _checkpoint(run, "checkpoint_e", step=20)
+    assert newest_complete_checkpoint(run.as_uri())[1:] == (str(newer), 20)  # a URI works as well as a path
+
+
+def test_no_run_directory_means_no_checkpoint(tmp_path):
+    assert newest_complete_checkpoint(str(tmp_path / "absent")) is None
