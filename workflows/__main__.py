@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("workflows.data.cli", "video dataset tools: check, transcode, k710, sample, import"),
     "demo": ("workflows.demo", "the local demo: DiST vs a spatial-only baseline on the sample motion data"),
     "pretrain": ("workflows.pretrain", "pre-train or fine-tune DiST with Ray Train + DeepSpeed, tracked in MLflow"),
-    "tune": ("workflows.tune", "Ray Tune sweeps over fusion layers and widths, one MLflow parent run per sweep"),
+    "tune": ("workflows.tune.driver", "Ray Tune sweeps over fusion layers and widths, one MLflow parent run per sweep"),
     "evaluate": ("workflows.evaluate", "multi-view test of a checkpoint (or frozen CLIP) on any label set, on Ray"),
     "predict": ("workflows.predict", "top-k classes of video files with a checkpoint, locally"),
 }

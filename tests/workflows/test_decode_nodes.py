@@ -94,7 +94,7 @@ def _fake_cluster(monkeypatch, nodes: list[dict]) -> None:
 def test_drivers_resolve_once_and_hand_the_label_to_the_workers(monkeypatch, capsys) -> None:
     from workflows.pretrain import check_capacity
     from workflows.recipe import load_recipe
-    from workflows.tune import cluster_capacity, trial_resources
+    from workflows.tune.driver import cluster_capacity, trial_resources
 
     recipe = load_recipe(SMOKE, check_files=False)
     assert recipe.data.decode_node_label is None

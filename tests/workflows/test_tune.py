@@ -17,19 +17,15 @@ import pytest
 from ray import tune
 
 from workflows.config_loader import ConfigError
-from workflows.tune import (
+from workflows.tune.driver import (
     build_param_space,
-    build_trial_recipe,
-    expected_trials,
-    load_sweep,
     max_trials_that_fit,
-    plan_sweep,
     resolve_max_concurrent,
     run_sweep,
-    split_overrides,
     trial_resources,
 )
-from workflows.tune_report import pareto_front
+from workflows.tune.report import pareto_front
+from workflows.tune.sweep_config import build_trial_recipe, expected_trials, load_sweep, plan_sweep, split_overrides
 
 CONFIGS = Path(__file__).parents[2] / "workflows" / "configs"
 SWEEP_SMOKE = CONFIGS / "sweep_smoke.yaml"
@@ -123,7 +119,7 @@ def test_search_space_and_searchers(tmp_path):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from workflows.tune import _search_alg
+    from workflows.tune.driver import _search_alg
 
     path = write_sweep(tmp_path, "  model.fusion_layers: {grid: [all, every2]}\n  model.pooling_layers: "
                                  "{choice: [1, 2]}\n  train.lr: {loguniform: [1.0e-4, 1.0e-3]}")
@@ -141,7 +137,7 @@ def test_search_space_and_searchers(tmp_path):
 
 
 def test_points_to_evaluate_are_checked_and_reach_the_searcher(tmp_path):
-    from workflows.tune import _search_alg
+    from workflows.tune.driver import _search_alg
 
     space = "  model.fusion_layers: {grid: [all, every2]}\n  train.lr: {loguniform: [1.0e-4, 1.0e-3]}"
     point = "{model.fusion_layers: every2, train.lr: 2.0e-4}"
@@ -177,7 +173,7 @@ def test_trial_runs_are_closed_to_match_the_table(tmp_path):
     """A trial that Tune stopped or that failed leaves its nested run RUNNING: the summary closes it with the
     status its row shows (an interrupted sweep closes only the failed ones: the others resume)."""
     from workflows.tracking import Tracker
-    from workflows.tune_report import annotate_trial_runs
+    from workflows.tune.report import annotate_trial_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     statuses = ["completed", "stopped early", "error: boom", "completed"]
@@ -190,7 +186,7 @@ def test_trial_runs_are_closed_to_match_the_table(tmp_path):
             if i == 3:
                 nested.finish()  # closed by its own driver
             rows.append({"trial_id": f"t{i}", "run_name": f"t{i}", "status": status, "dist_gflops": 1.0,
-                         "clip_gflops": 2.0, "total_gflops": 3.0})
+                         "frozen_clip_gflops": 2.0, "total_gflops": 3.0})
         annotate_trial_runs(rows, parent, interrupted)
         runs = parent.children()
         closed = {r.info.run_name: r.info.status for r in runs.values()}
@@ -238,16 +234,17 @@ def test_pareto_front():
 # --- counted FLOPs ---
 def test_counted_flops_follow_the_fusion_depth():
     from dist_model import DiSTConfig
-    from dist_model.flops import count_clip_cost
+    from dist_model.flops import count_cost_per_clip
 
-    costs = {f: count_clip_cost(DiSTConfig.from_name("dist_tiny", fusion_layers=f))
+    costs = {f: count_cost_per_clip(DiSTConfig.from_name("dist_tiny", fusion_layers=f))
              for f in ("all", "every2", "last_third")}
     assert costs["all"].dist_gflops > costs["every2"].dist_gflops > costs["last_third"].dist_gflops > 0
     assert costs["all"].trainable_params > costs["every2"].trainable_params > costs["last_third"].trainable_params
-    assert len({c.clip_gflops for c in costs.values()}) == 1  # every preset ends on the top block: same CLIP cost
-    b16 = count_clip_cost(DiSTConfig.from_name("dist_b16_k400"))
+    # Every preset ends on the top block: the same CLIP cost.
+    assert len({c.frozen_clip_gflops for c in costs.values()}) == 1
+    b16 = count_cost_per_clip(DiSTConfig.from_name("dist_b16_k400"))
     # Reference §2.8 (GMACs; counted FLOPs are 2 per multiply-add): CLIP 140.5, DiST branch 22.4, 26.1 M params.
-    assert b16.clip_gflops / 2 == pytest.approx(140.5, rel=0.01)
+    assert b16.frozen_clip_gflops / 2 == pytest.approx(140.5, rel=0.01)
     assert b16.dist_gflops / 2 == pytest.approx(22.4, rel=0.03)
     assert b16.trainable_params / 1e6 == pytest.approx(26.1, rel=0.01)
 
@@ -326,13 +323,13 @@ def test_sweep_is_tracked_with_nested_runs_table_plot_and_best(resumed_sweep):
     for run in nested:  # config as params, metrics per report, and the cost the driver added
         assert run.data.params["train.max_steps"] == "2"
         assert {"val_top1", "loss", "clips_per_s", "trainable_params", "dist_gflops_per_clip",
-                "clip_gflops_per_clip", "clips_per_s_median"} <= set(run.data.metrics)
+                "frozen_clip_gflops_per_clip", "clips_per_s_median"} <= set(run.data.metrics)
 
     # The results table (CSV on disk and on the parent) and the plot.
     assert result.table_path.exists() and result.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with result.table_path.open() as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 3 and {"model.fusion_layers", "val_top1", "val_top5", "dist_gflops", "clip_gflops",
+    assert len(table) == 3 and {"model.fusion_layers", "val_top1", "val_top5", "dist_gflops", "frozen_clip_gflops",
                                 "trainable_params", "clips_per_s", "pareto", "status"} <= set(table[0])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "accuracy_vs_cost.png", "best_checkpoint"} <= artifacts

@@ -1,30 +1,21 @@
 """Ray Tune sweeps over DiST's fusion choices: `python -m workflows tune --config SWEEP.yaml [--set k=v] [--resume]`.
 
-A sweep YAML names a base pre-training recipe and a search space over the same dotted keys `--set` uses
-(`model.fusion_layers`, `model.integration_dim`, `train.lr`, ...). Each Tune trial is the pre-training driver: it
-builds the trial's recipe (base + base_overrides + the trial's values) and runs `pretrain.build_trainer(...).fit()`
-with Tune's report callback; the training code itself lives in pretrain.py only.
-
-Three modules: tune_config.py holds the sweep schema and everything checked before Ray starts (`load_sweep`,
-`plan_sweep`); this one sizes the trials against the cluster, runs them on Tune and holds the CLI; tune_report.py
-turns the finished trials into the results table, the accuracy-vs-cost plot with its Pareto front, and their
-MLflow record. The names of the other two are re-exported here.
+This module sizes the trials against the live cluster, runs them on Ray Tune (`run_sweep`) and holds the CLI. Each
+trial is the pre-training driver on its own recipe (base + base_overrides + the trial's values):
+`pretrain.build_trainer(...).fit()` with Tune's report callback; the training loop itself is trainer.py's only.
 
 Searchers: `grid` crosses the grid axes (the sampled axes are drawn per point), `random` and `optuna` draw
 `num_samples` trials, starting with `points_to_evaluate` when given. `scheduler: asha` stops trials whose
 validation metric falls behind at a rung (time counted in validations by default).
 
-Tracking (workflows.tracking.Tracker, which never stops a sweep): the tune driver opens one MLflow parent run per
-sweep; each trial's rank-0 worker opens a nested run (parent tag) that holds the trial's resolved config as
-params and its metrics per report. When the sweep ends, each nested run gets its cost (counted GFLOPs per clip of
-the DiST branch and of CLIP, trainable params, measured clips/s), its table status as a tag, and is closed as
-FINISHED / KILLED / FAILED when its trial was stopped or failed before closing it; the parent run gets the results
-table (CSV, also printed), a plot of accuracy against cost with the Pareto front marked, and the best trial's
-checkpoint.
+Tracking (workflows.tracking.Tracker, which never stops a sweep): one MLflow parent run per sweep; each trial's
+rank-0 worker opens a nested run holding the trial's resolved config and its metrics per report. When the sweep
+ends, report.py adds each trial's cost and status and closes its run; the parent gets the results table, the
+accuracy-vs-cost plot and the best trial's checkpoint.
 
 An interrupted sweep (Ctrl-C, a lost driver) resumes from `<storage_path>/<name>` through `Tuner.restore`: finished
-trials are kept, unfinished ones continue (their Train runs resume from their latest checkpoints). A failing trial
-is reported in the table (status `error: ...`) and the sweep goes on with the other trials.
+trials are kept, unfinished ones continue from their latest checkpoints. A failing trial is reported in the table
+(status `error: ...`) and the sweep goes on with the other trials.
 """
 
 from __future__ import annotations
@@ -41,59 +32,19 @@ from workflows.config_loader import ConfigError, add_override_option, dump_yaml,
 from workflows.recipe import Recipe, recipe_to_dict
 from workflows.runtime import is_remote
 from workflows.tracking import Tracker
-from workflows.tune_config import (
-    DOMAINS,
+from workflows.tune.report import SweepResult, summarize_sweep
+from workflows.tune.sweep_config import (
     LOG_PREFIX,
-    MAX_VALIDATED_COMBINATIONS,
-    RESERVED_KEYS,
-    AshaSection,
     SweepConfig,
-    SweepMlflow,
     SweepPlan,
     attempts_file,
     build_trial_recipe,
-    check_domain,
-    check_point,
-    check_space_keys,
-    check_space_values,
     expected_trials,
-    flatten_space,
     load_sweep,
     plan_sweep,
-    split_overrides,
-    sweep_dir,
-    tracking_uri,
     trial_overrides,
     trial_run_name,
-    valid_recipe_keys,
 )
-from workflows.tune_report import (
-    PLOT_PNG,
-    RESULTS_CSV,
-    SweepResult,
-    add_costs,
-    fetch_checkpoint_files,
-    format_table,
-    pareto_front,
-    save_pareto_png,
-    summarize,
-    trial_row,
-    write_csv,
-)
-
-__all__ = [
-    # tune_config
-    "DOMAINS", "LOG_PREFIX", "MAX_VALIDATED_COMBINATIONS", "RESERVED_KEYS", "AshaSection", "SweepConfig",
-    "SweepMlflow", "SweepPlan", "attempts_file", "build_trial_recipe", "check_domain", "check_point",
-    "check_space_keys", "check_space_values", "expected_trials", "flatten_space", "load_sweep", "plan_sweep",
-    "split_overrides", "sweep_dir", "tracking_uri", "trial_overrides", "trial_run_name", "valid_recipe_keys",
-    # tune_report
-    "PLOT_PNG", "RESULTS_CSV", "SweepResult", "add_costs", "fetch_checkpoint_files", "format_table", "pareto_front",
-    "save_pareto_png", "summarize", "trial_row", "write_csv",
-    # this module
-    "TRIAL_DRIVER_CPUS", "build_param_space", "cluster_capacity", "main", "max_trials_that_fit", "open_parent_run",
-    "resolve_max_concurrent", "run_sweep", "run_trial", "trial_dirname", "trial_resources",
-]
 
 TRIAL_DRIVER_CPUS = 0.1  # the trial's driver function only waits on fit(); Tune needs a non-empty request
 
@@ -307,7 +258,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     grid = tuner.fit()
     finished = grid.num_terminated + grid.num_errors
     interrupted = finished < max(len(grid), expected_trials(sweep))
-    result = summarize(grid, plan, parent, interrupted)
+    result = summarize_sweep(grid, plan, parent, interrupted)
     if interrupted:
         print(f"{LOG_PREFIX} the sweep was interrupted with {finished} of {expected_trials(sweep)} trial(s) "
               f"finished; continue it with the same command plus --resume", flush=True)

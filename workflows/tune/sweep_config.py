@@ -1,10 +1,11 @@
-"""The sweep file of `python -m workflows tune`: its schema, loading with `--set`, and validation before Ray.
+"""The sweep file of `python -m workflows tune`: its schema and search space, loading with `--set`, and every check
+done before Ray starts.
 
 A sweep YAML names a base pre-training recipe and a search space over the same dotted keys `--set` uses
 (`model.fusion_layers`, `model.integration_dim`, `train.lr`, ...). `plan_sweep` checks everything that can be
 checked without Ray (the base recipe, every search-space key against the recipe schema, the recipe of every grid
 point and of every point in `points_to_evaluate`, the searcher's needs, the data files) and returns a `SweepPlan`
-that `workflows.tune.run_sweep` runs. Nothing here imports Ray.
+that `workflows.tune.driver.run_sweep` runs. Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -179,7 +180,6 @@ def check_point(index: int, point: Any, space: dict[str, dict]) -> dict[str, Any
         if not _in_domain(value, space[key]):
             raise ValueError(f"{where}.{key}: {value!r} is outside its search-space domain {space[key]!r}")
     return values
-
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
-"""What a sweep produced: the results table, the accuracy-vs-cost plot with its Pareto front, the best trial, and
-their record in MLflow.
+"""What a finished sweep produced: the results table, the accuracy-vs-cost plot with its Pareto front, the best
+trial, and their record in MLflow.
 
-`summarize` turns Tune's ResultGrid into one row per trial (the trial's values, its best report, its status:
+`summarize_sweep` turns Tune's ResultGrid into one row per trial (the trial's values, its best report, its status:
 completed / stopped early (ASHA) / error: ... / no report, its starts), adds the counted cost of each trial's
-model (GFLOPs per clip of the DiST branch and of CLIP, trainable params) and its measured clips/s, prints the
-table and writes it as CSV beside the plot. With tracking on, each trial's nested run gets its cost, its status
-as a tag, and is closed with a matching MLflow status (FINISHED / KILLED / FAILED) when its driver could not close
-it; the parent run gets the table, the plot, the best trial's checkpoint and the counts.
+model (GFLOPs per video clip of the DiST branch and of the frozen CLIP, trainable params) and its measured clips/s,
+prints the table and writes it as CSV beside the plot. With tracking on, each trial's nested run gets its cost, its
+status as a tag, and is closed with a matching MLflow status (FINISHED / KILLED / FAILED) when its driver could not
+close it; the parent run gets the table, the plot, the best trial's checkpoint and the counts.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 from workflows.recipe import recipe_to_dict
 from workflows.runtime import is_remote
 from workflows.tracking import Tracker
-from workflows.tune_config import (
+from workflows.tune.sweep_config import (
     LOG_PREFIX,
     SweepPlan,
     attempts_file,
@@ -122,7 +122,6 @@ def save_pareto_png(rows: list[dict[str, Any]], metric: str, label_keys: list[st
     plt.close(fig)
 
 
-
 def _read_json(path: str | Path) -> dict[str, Any]:
     try:
         return json.loads(Path(path).read_text())
@@ -162,18 +161,18 @@ def trial_row(result: Any, plan: SweepPlan, keys: list[str]) -> dict[str, Any]:
 
 
 def add_costs(rows: list[dict[str, Any]], plan: SweepPlan, keys: list[str]) -> None:
-    """Counted GFLOPs per clip and trainable params for each row (counted once per distinct model config)."""
-    from dist_model.flops import count_clip_cost
+    """Counted GFLOPs per video clip and trainable params for each row (counted once per distinct model config)."""
+    from dist_model.flops import count_cost_per_clip
 
     cache: dict[str, Any] = {}
     for row in rows:
         recipe = build_trial_recipe(plan.base, {k: row[k] for k in keys if row.get(k) is not None})
         model_key = json.dumps(recipe_to_dict(recipe)["model"], sort_keys=True)
         if model_key not in cache:
-            cache[model_key] = count_clip_cost(recipe.model_cfg, recipe.model.variant)
+            cache[model_key] = count_cost_per_clip(recipe.model_cfg, recipe.model.variant)
         cost = cache[model_key]
-        row.update(dist_gflops=cost.dist_gflops, clip_gflops=cost.clip_gflops, total_gflops=cost.total_gflops,
-                   trainable_params=cost.trainable_params)
+        row.update(dist_gflops=cost.dist_gflops, frozen_clip_gflops=cost.frozen_clip_gflops,
+                   total_gflops=cost.total_gflops, trainable_params=cost.trainable_params)
 
 
 @dataclass
@@ -243,7 +242,7 @@ def annotate_trial_runs(rows: list[dict[str, Any]], parent: Tracker, interrupted
         if trial is None:
             continue
         trial.log_metrics(_finite({"dist_gflops_per_clip": row["dist_gflops"],
-                                   "clip_gflops_per_clip": row["clip_gflops"],
+                                   "frozen_clip_gflops_per_clip": row["frozen_clip_gflops"],
                                    "total_gflops_per_clip": row["total_gflops"],
                                    "clips_per_s_median": row["clips_per_s"]}))
         trial.set_tags({"tune.trial_id": row["trial_id"], "tune.status": row["status"]})
@@ -258,7 +257,7 @@ def annotate_trial_runs(rows: list[dict[str, Any]], parent: Tracker, interrupted
             row["mlflow_status"] = run.info.status
 
 
-def summarize(grid: Any, plan: SweepPlan, parent: Tracker, interrupted: bool) -> SweepResult:
+def summarize_sweep(grid: Any, plan: SweepPlan, parent: Tracker, interrupted: bool) -> SweepResult:
     """Build the results table, annotate the nested runs, and log table, plot and best checkpoint on the parent
     run (`parent`: the sweep's Tracker; a no-op one when tracking is off)."""
     sweep = plan.sweep
@@ -273,7 +272,7 @@ def summarize(grid: Any, plan: SweepPlan, parent: Tracker, interrupted: bool) ->
         row["pareto"] = on
         row["best"] = best is not None and row["trial_id"] == best["trial_id"]
     columns = (["trial_id", "status"] + keys + ["val_top1", "val_top5", "val_mean_class_acc", "best_step",
-                                                "reports", "dist_gflops", "clip_gflops", "total_gflops",
+                                                "reports", "dist_gflops", "frozen_clip_gflops", "total_gflops",
                                                 "trainable_params", "clips_per_s", "pareto", "best", "attempts",
                                                 "run_name", "checkpoint"])
     shown = [c for c in columns if c not in ("run_name", "checkpoint")]
