@@ -6,7 +6,9 @@ scales from zero, the wait for the autoscaler to add the nodes.
 What a run needs: `scaling.num_workers` Train workers of `cpus_per_worker` CPUs (and `gpus_per_worker` GPUs with
 `use_gpu`), on the nodes labelled `scaling.worker_node_label` when it is set, and the decode actors beside them: one
 per worker, of `data.decode_threads` CPUs, on the nodes that `data.decode_node_label` selects
-(`workflows.data.decode_nodes.resolve_decode_nodes`; without a label, one actor anywhere). Only alive nodes count.
+(`workflows.data.decode_nodes.resolve_decode_nodes`; without a label, one actor anywhere). Only alive nodes count,
+and each group only on the nodes its label selects: labelled worker nodes that are missing or too small fail the
+check (naming the label and what the nodes carry) instead of leaving the run waiting for them.
 
 Scale from zero. The cluster YAMLs start GPU and decode nodes at zero, so on a fresh cluster nothing is alive yet
 when the driver checks. With `scaling.wait_for_nodes_s` > 0 (the cluster recipes set it) a failed check is not final:
@@ -41,7 +43,7 @@ from typing import Any
 
 from workflows.config_loader import ConfigError
 from workflows.recipe import Recipe
-from workflows.runtime import label_selector, ray_started_here
+from workflows.runtime import label_selector, parse_node_label, ray_started_here
 
 POLL_S = 5.0  # how often the alive nodes are checked while waiting (the autoscaler itself updates every 5 s)
 PROGRESS_S = 30.0  # at most one progress line per this many seconds
@@ -175,34 +177,104 @@ class Cluster:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _alive(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [n for n in nodes if n.get("Alive", False)]
+
+
+def _resources(node: dict[str, Any]) -> tuple[float, float]:
+    resources = node.get("Resources") or {}
+    return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+
+
+def _carries(node: dict[str, Any], label: str | None) -> bool:
+    """Whether `node` carries Ray node label `label` ("key=value"); every node does when it is None."""
+    labels = node.get("Labels") or node.get("labels") or {}
+    return all(labels.get(k) == v for k, v in (label_selector(label) or {}).items())
+
+
+def _selected(nodes: list[dict[str, Any]], label: str | None) -> list[dict[str, Any]]:
+    """The alive nodes carrying `label`; all alive nodes when it is None."""
+    return [n for n in _alive(nodes) if _carries(n, label)]
+
+
 def _totals(nodes: list[dict[str, Any]]) -> tuple[int, float, float]:
-    alive = [n for n in nodes if n.get("Alive", False)]
-    cpus = sum(float((n.get("Resources") or {}).get("CPU", 0.0)) for n in alive)
-    gpus = sum(float((n.get("Resources") or {}).get("GPU", 0.0)) for n in alive)
-    return len(alive), cpus, gpus
+    """(alive nodes, their CPUs, their GPUs)."""
+    alive = _alive(nodes)
+    return len(alive), sum(_resources(n)[0] for n in alive), sum(_resources(n)[1] for n in alive)
+
+
+def _workers_that_fit(recipe: Recipe, nodes: list[dict[str, Any]]) -> int | None:
+    """How many Train workers (one bundle of cpus_per_worker CPUs and gpus_per_worker GPUs each; a bundle cannot
+    span nodes) the alive `nodes` hold at most; None when a worker takes no resources."""
+    scaling = recipe.scaling
+    need = [(0, float(scaling.cpus_per_worker)), (1, float(scaling.gpus_per_worker) if scaling.use_gpu else 0.0)]
+    need = [(i, amount) for i, amount in need if amount > 0]
+    if not need:
+        return None
+    return sum(min(int(_resources(n)[i] / amount + 1e-9) for i, amount in need) for n in _alive(nodes))
+
+
+def _worker_label_fix(label: str, action: str = "Add or enlarge nodes with that label") -> str:
+    """What to do when the nodes `scaling.worker_node_label` selects are missing or too small."""
+    key, value = parse_node_label(label)
+    return (f"{action} (`ray start --labels={key}={value}`, or "
+            f"`labels: {{{key}: {value}}}` on the node type in the cluster YAML; see cluster/README.md), or unset "
+            f"scaling.worker_node_label (null: the workers run on any node)")
 
 
 def _assess(recipe: Recipe, nodes: list[dict[str, Any]]) -> tuple[Recipe, Any]:
     """The check itself, on one snapshot of the nodes: the recipe with the resolved decode label and the
-    `DecodeNodes`, or a ConfigError saying what is missing."""
+    `DecodeNodes`, or a ConfigError saying what is missing.
+
+    The Train workers count only the alive nodes that `scaling.worker_node_label` selects (all of them when it is
+    unset), the decode actors only those that the resolved `data.decode_node_label` selects. Where the two sets
+    overlap the CPUs are shared, so: workers' CPUs <= the worker nodes' CPUs, decode CPUs <= the decode nodes'
+    (`DecodeNodes.check`), and both together <= the CPUs of the nodes in either set."""
     from workflows.data.decode_nodes import DecodeNodesError, resolve_decode_nodes
 
-    _, cpus, gpus = _totals(nodes)
     scaling, data = recipe.scaling, recipe.data
-    need_cpu = scaling.num_workers * scaling.cpus_per_worker
-    if scaling.use_gpu and gpus < scaling.num_workers * scaling.gpus_per_worker:
+    decode = resolve_decode_nodes(data.decode_node_label, nodes)  # never raises; `decode.check` below does
+    label = scaling.worker_node_label
+    workers = _selected(nodes, label)
+    count, worker_cpus, worker_gpus = _totals(workers)
+    labelled = f"the nodes labelled {label} (scaling.worker_node_label)"
+    if label and not workers:
+        raise ConfigError(f"scaling.worker_node_label {label!r}: no alive Ray node carries it, so the "
+                          f"{scaling.num_workers} training workers have nowhere to run; the alive nodes carry: "
+                          f"{decode.labels_seen()}. {_worker_label_fix(label, 'Label the training nodes with it')}")
+    if scaling.use_gpu and worker_gpus < scaling.num_workers * scaling.gpus_per_worker:
+        if label:
+            raise ConfigError(f"scaling asks for {scaling.num_workers} workers x {scaling.gpus_per_worker:g} GPU on "
+                              f"{labelled}, but the {count} alive node(s) carrying it have {worker_gpus:g} GPUs. "
+                              f"{_worker_label_fix(label)}")
         raise ConfigError(f"scaling asks for {scaling.num_workers} workers x {scaling.gpus_per_worker:g} GPU but the "
-                          f"cluster has {gpus:g} GPUs on its alive nodes (on an autoscaling cluster, also check the "
-                          f"GPU node type's max_workers)")
-    decode = resolve_decode_nodes(data.decode_node_label, nodes)
+                          f"cluster has {worker_gpus:g} GPUs on its alive nodes (on an autoscaling cluster, also check "
+                          f"the GPU node type's max_workers)")
+    need_cpu = scaling.num_workers * scaling.cpus_per_worker
+    if label and worker_cpus < need_cpu:
+        raise ConfigError(f"scaling asks for {scaling.num_workers} workers x {scaling.cpus_per_worker:g} CPUs on "
+                          f"{labelled}, but the {count} alive node(s) carrying it have {worker_cpus:g} CPUs. "
+                          f"{_worker_label_fix(label)}, or lower scaling.cpus_per_worker")
+    fit = _workers_that_fit(recipe, workers)
+    if fit is not None and fit < scaling.num_workers:
+        gpu = f" and {scaling.gpus_per_worker:g} GPU" if scaling.use_gpu else ""
+        shape = f"{scaling.cpus_per_worker:g} CPUs{gpu}"
+        nodes_held = f"the {count} alive node(s) labelled {label}" if label else "the alive nodes"
+        fix = (f"{_worker_label_fix(label, 'Use larger nodes with that label')}, or lower scaling.cpus_per_worker"
+               if label else "Use larger nodes or lower scaling.cpus_per_worker")
+        raise ConfigError(f"scaling asks for {scaling.num_workers} workers of {shape} each, but a worker cannot span "
+                          f"nodes and {nodes_held} hold only {fit} of them. {fix}")
     try:  # each worker's pipeline keeps at least one decode actor
         decode.check(scaling.num_workers, data.decode_threads)
     except DecodeNodesError as exc:
         raise ConfigError(str(exc)) from None
     need_decode = data.decode_threads if decode.label is None else scaling.num_workers * data.decode_threads
+    cpus = sum(_resources(n)[0] for n in _alive(nodes) if _carries(n, label) or _carries(n, decode.label))
     if cpus - need_cpu < need_decode:
+        scope = (f"the nodes labelled {label} or {decode.label} have" if label and decode.label else
+                 "the cluster has")
         raise ConfigError(
-            f"the cluster has {cpus:g} CPUs; the {scaling.num_workers} training workers take {need_cpu:g}, leaving "
+            f"{scope} {cpus:g} CPUs; the {scaling.num_workers} training workers take {need_cpu:g}, leaving "
             f"{max(cpus - need_cpu, 0):g} for video decoding (needs {need_decode:g}). Lower scaling.cpus_per_worker, "
             f"add CPU nodes (labelled for decoding: data.decode_node_label), or start Ray with more logical CPUs")
     resolved = dataclasses.replace(recipe, data=dataclasses.replace(data, decode_node_label=decode.setting))
@@ -214,10 +286,15 @@ def _have(recipe: Recipe, nodes: list[dict[str, Any]], decode_label: str | None)
     from workflows.data.decode_nodes import resolve_decode_nodes
 
     scaling, data = recipe.scaling, recipe.data
-    count, cpus, gpus = _totals(nodes)
+    count, cpus, _ = _totals(nodes)
     parts = [f"{count} alive node{'s' if count != 1 else ''}"]
+    label = scaling.worker_node_label
+    _, worker_cpus, worker_gpus = _totals(_selected(nodes, label))
     if scaling.use_gpu:
-        parts.append(f"{gpus:g}/{scaling.num_workers * scaling.gpus_per_worker:g} GPUs")
+        parts.append(f"{worker_gpus:g}/{scaling.num_workers * scaling.gpus_per_worker:g} GPUs"
+                     + (f" labelled {label}" if label else ""))
+    if label:
+        parts.append(f"{worker_cpus:g}/{scaling.num_workers * scaling.cpus_per_worker:g} worker CPUs labelled {label}")
     if decode_label:
         found = resolve_decode_nodes(decode_label, nodes)
         parts.append(f"{found.cpus:g}/{scaling.num_workers * data.decode_threads:g} CPUs labelled {decode_label}")

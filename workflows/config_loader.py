@@ -3,7 +3,8 @@
 This module holds the generic machinery only (strict loading, overrides, validation errors). The run config
 sections themselves live beside the workflows that own them. Rules:
 
-- unknown keys are an error that lists the valid ones;
+- unknown keys are an error that lists the valid ones; a key a section has dropped (its dataclass's `removed_keys`
+  ClassVar, {old name: where the setting lives now}) is an error that says which key to use instead;
 - values are checked against the field's type (including `Literal` choices) before any work starts;
 - `--set` values are parsed as YAML, so `--set train.lr=1e-4` gives a float and `--set a.b=[1,2]` a list.
 """
@@ -23,6 +24,16 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what would be valid."""
+
+
+REMOVED_KEYS_ATTR = "removed_keys"  # ClassVar of a section dataclass: {removed key: "use <new key> ..."}
+
+
+def _removed_hints(cls: Any, keys: list[str], prefix: str) -> str:
+    """The hint for those of `keys` that section `cls` lists as removed: " (a.b was removed: use ...)", or ""."""
+    removed = getattr(cls, REMOVED_KEYS_ATTR, None) or {}
+    hints = [f"{prefix}{key} was removed: {removed[key]}" for key in keys if key in removed]
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -97,8 +108,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; valid keys here: "
-            f"{', '.join(prefix + k for k in fields)}"
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)}{_removed_hints(cls, unknown, prefix)}; "
+            f"valid keys here: {', '.join(prefix + k for k in fields)}"
         )
     hints = get_type_hints(cls)
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
@@ -108,6 +119,27 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise
     except (TypeError, ValueError) as exc:  # __post_init__ validation
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from exc
+
+
+def drop_removed_keys(cls: type, data: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], list[str]]:
+    """`data` without the keys its sections list as removed (`removed_keys`), and the dotted names dropped.
+
+    For config files this project wrote itself before a key was removed (a checkpoint's recipe.yaml), which must
+    still load; a user's recipe that sets a removed key fails in `from_dict` with the hint instead."""
+    removed = getattr(cls, REMOVED_KEYS_ATTR, None) or {}
+    hints = get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    out: dict[str, Any] = {}
+    dropped: list[str] = []
+    for key, value in data.items():
+        if key in removed:
+            dropped.append(prefix + key)
+            continue
+        section = hints.get(key)
+        if dataclasses.is_dataclass(section) and isinstance(value, dict):
+            value, inner = drop_removed_keys(section, value, f"{prefix}{key}.")
+            dropped += inner
+        out[key] = value
+    return out, dropped
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -152,7 +184,8 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
             shown = ".".join(path[: depth + 1])
             if names is not None and part not in names:
                 valid = ", ".join(".".join(path[:depth] + [n]) for n in names)
-                raise ConfigError(f"unknown key {shown} in --set {text!r}; valid keys here: {valid}")
+                hint = _removed_hints(schema, [part], ".".join(path[:depth] + [""]))
+                raise ConfigError(f"unknown key {shown} in --set {text!r}{hint}; valid keys here: {valid}")
             if depth == len(path) - 1:
                 node[part] = value
                 break

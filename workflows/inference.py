@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from workflows.checkpoints import RECIPE, find_checkpoint, read_state, read_weights
-from workflows.config_loader import ConfigError, from_dict, load_yaml
+from workflows.config_loader import ConfigError, drop_removed_keys, from_dict, load_yaml
 from workflows.recipe import Recipe, model_config
 
 Mode = Literal["dist", "fusion", "clip_only"]
@@ -61,6 +61,7 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     if "model" not in state:
         raise ConfigError(f"{directory}/state.json has no model section: not a checkpoint of this workflow")
     raw = load_yaml(directory / RECIPE) if (directory / RECIPE).is_file() else {}
+    raw, _ = drop_removed_keys(Recipe, raw)  # a recipe.yaml written before a key was removed still loads
     return LoadedCheckpoint(directory=directory, state=state, raw_recipe=raw)
 
 

@@ -43,12 +43,16 @@ class VideoScores:
 
 
 def accuracy_summary(counts: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Accuracies in percent from (all-reduced) counts."""
+    """Accuracies in percent from (all-reduced) counts. An empty set (no videos) gives 0.0 for every accuracy, as
+    top-1 and top-5 always did: the mean over no classes is 0.0 too, never NaN (which MLflow and best-checkpoint
+    ranking would carry on)."""
     videos = max(1.0, float(counts["videos"]))
     confusion = counts["confusion"]
-    per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
+    per_true = confusion.sum(dim=1)
+    seen = per_true > 0  # classes with at least one video: the mean is over these
+    per_class = confusion.diag() / per_true.clamp(min=1)
     return {"top1": 100.0 * float(counts["top1"]) / videos, "top5": 100.0 * float(counts["top5"]) / videos,
-            "mean_class_acc": 100.0 * float(per_class[confusion.sum(dim=1) > 0].mean()) if videos else 0.0,
+            "mean_class_acc": 100.0 * float(per_class[seen].mean()) if bool(seen.any()) else 0.0,
             "videos": float(counts["videos"])}
 
 

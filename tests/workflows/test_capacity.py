@@ -73,6 +73,9 @@ def k710(wait: float | None = None) -> object:
     return load_recipe(K710, overrides, check_files=False)
 
 
+# The K710 recipe pins its workers to dist-role=train (scaling.worker_node_label): on a cold cluster that is what is
+# missing first.
+NO_TRAIN_NODES = "scaling.worker_node_label 'dist-role=train': no alive Ray node carries it"
 K710_REQUEST = NodeRequest(bundles=[{"CPU": 4.0, "GPU": 1.0}] * 8 + [{"CPU": 1.0}] * 8,
                            selectors=[{"dist-role": "train"}] * 8 + [{"dist-role": "decode"}] * 8)
 
@@ -118,7 +121,7 @@ def test_nodes_that_never_come_time_out_with_the_checks_message(capsys) -> None:
         check_capacity(k710(wait=62), "[pretrain]", fake.cluster())
     assert time.monotonic() - started < 2  # the fake clock, not real time
     message = str(info.value)
-    assert message.startswith("scaling asks for 8 workers x 1 GPU but the cluster has 0 GPUs on its alive nodes")
+    assert message.startswith(NO_TRAIN_NODES)
     assert "waited 62 s (scaling.wait_for_nodes_s=62) for the autoscaler to add 8 x {CPU: 4, GPU: 1}" in message
     assert "set scaling.wait_for_nodes_s=0 there to fail at once" in message
     assert fake.now == 62.0 and fake.sleeps[-1] == 2.0  # the last poll lands on the deadline
@@ -140,7 +143,7 @@ def test_zero_fails_at_once_and_enough_nodes_never_wait() -> None:
     fake = Fake([COLD])
     with pytest.raises(ConfigError) as info:
         check_capacity(k710(wait=0), "[pretrain]", fake.cluster())
-    assert "the cluster has 0 GPUs" in str(info.value) and WAIT_HINT in str(info.value)
+    assert NO_TRAIN_NODES in str(info.value) and WAIT_HINT in str(info.value)
     assert fake.requests == [] and fake.sleeps == [] and fake.calls == 1
     fake = Fake([WARM])
     assert check_capacity(k710(), "[pretrain]", fake.cluster()).data.decode_node_label == "dist-role=decode"
@@ -152,7 +155,7 @@ def test_an_infeasible_request_fails_without_waiting_out_the_time() -> None:
     with pytest.raises(ConfigError) as info:
         check_capacity(k710(), "[pretrain]", fake.cluster())
     message = str(info.value)
-    assert message.startswith("scaling asks for 8 workers x 1 GPU but the cluster has 0 GPUs")
+    assert message.startswith(NO_TRAIN_NODES)
     assert "the Ray autoscaler reports that no node type of this cluster can provide 8 x {CPU: 4, GPU: 1}" in message
     assert message.endswith("waited 10 s")  # two polls in a row, not 900 s
     assert fake.requests[-1] == NodeRequest()
@@ -160,7 +163,8 @@ def test_an_infeasible_request_fails_without_waiting_out_the_time() -> None:
 
 def test_a_cluster_this_driver_started_is_not_waited_for() -> None:
     fake = Fake([COLD], started_here=True)
-    with pytest.raises(ConfigError, match="0 GPUs.*Not waiting for nodes.*this driver started Ray itself"):
+    with pytest.raises(ConfigError, match="no alive Ray node carries it.*Not waiting for nodes.*this driver started "
+                                          "Ray itself"):
         check_capacity(k710(), "[pretrain]", fake.cluster())
     assert fake.requests == [] and fake.sleeps == []
 
@@ -171,6 +175,84 @@ def test_a_failing_request_is_reported_once_and_the_wait_goes_on(capsys) -> None
     out = capsys.readouterr().out
     assert out.count("could not ask the autoscaler for nodes (RuntimeError: no GCS)") == 1
     assert fake.requests[-1] != NodeRequest()  # nothing was ever sent, so nothing to clear
+
+
+def test_only_the_nodes_the_worker_label_selects_count() -> None:
+    """K710 pins its 8 workers (4 CPUs + 1 GPU each) to dist-role=train. GPUs on nodes without that label do not
+    count: the run would wait forever for its placement group. The message names the label, what the nodes carry,
+    and how to fix it."""
+    unlabelled = node(None, 96, 8)  # GPUs enough, but not labelled for training
+    for nodes, seen in (([HEAD, unlabelled, DECODE_NODE], "dist-role=head (1 node), no label (1 node)"),
+                        ([HEAD, node("gpu", 96, 8), DECODE_NODE], "dist-role=gpu (1 node), dist-role=head (1 node)")):
+        with pytest.raises(ConfigError) as info:
+            check_capacity(k710(wait=0), "[pretrain]", Fake([nodes]).cluster())
+        message = str(info.value)
+        assert message.startswith(NO_TRAIN_NODES), message
+        assert f"the alive nodes carry: dist-role=decode (1 node), {seen}." in message
+        assert "`ray start --labels=dist-role=train`" in message and "`labels: {dist-role: train}`" in message
+        assert "unset scaling.worker_node_label" in message
+
+
+@pytest.mark.parametrize("train_nodes, message", [
+    ([node("train", 96, 4)], r"8 workers x 1 GPU on the nodes labelled dist-role=train "
+                             r"\(scaling.worker_node_label\), but the 1 alive node\(s\) carrying it have 4 GPUs"),
+    ([node("train", 16, 8)], r"8 workers x 4 CPUs on the nodes labelled dist-role=train .* have 16 CPUs"),
+    # 8 GPUs and 36 CPUs in all, but a 7-CPU node holds one 4-CPU worker and the GPU-less one none: 4 in all
+    ([node("train", 7, 2)] * 4 + [node("train", 8, 0)],
+     r"8 workers of 4 CPUs and 1 GPU each, but a worker cannot span nodes and the 5 alive node\(s\) labelled "
+     r"dist-role=train hold only 4 of them"),
+    ([node("train", 3, 2)] * 4 + [node("train", 20, 0)],
+     r"a worker cannot span nodes and the 5 alive node\(s\) labelled dist-role=train hold only 0 of them"),
+])
+def test_labelled_worker_nodes_that_are_too_small_fail(train_nodes, message) -> None:
+    fake = Fake([[HEAD, *train_nodes, DECODE_NODE, node(None, 96, 8)]])  # the unlabelled GPU node does not help
+    with pytest.raises(ConfigError, match=message) as info:
+        check_capacity(k710(wait=0), "[pretrain]", fake.cluster())
+    assert "`ray start --labels=dist-role=train`" in str(info.value)
+    assert "unset scaling.worker_node_label" in str(info.value)
+
+
+def test_enough_labelled_worker_nodes_pass_and_the_decode_nodes_stay_separate(capsys) -> None:
+    two = [node("train", 48, 4), {**node("train", 48, 4), "Labels": {"dist-role": "train", "ray.io/node-id": "b"}}]
+    resolved = check_capacity(k710(wait=0), "[pretrain]", Fake([[HEAD, *two, DECODE_NODE]]).cluster())
+    assert resolved.data.decode_node_label == "dist-role=decode"
+    assert "decode actors run on the 1 alive node(s) labelled dist-role=decode" in capsys.readouterr().out
+    # Without the decode nodes the training nodes' spare CPUs do not count for the decode label...
+    with pytest.raises(ConfigError, match="'dist-role=decode' .*no alive Ray node carries it"):
+        check_capacity(k710(wait=0), "[pretrain]", Fake([[HEAD, *two]]).cluster())
+    # ...and with the label unset the workers may use any node again.
+    anywhere = load_recipe(K710, ["scaling.worker_node_label=null"], check_files=False)
+    check_capacity(anywhere, "[pretrain]", Fake([[HEAD, node(None, 96, 8), DECODE_NODE]]).cluster())
+
+
+def test_workers_and_decode_actors_on_one_label_share_its_cpus() -> None:
+    """Workers and decode actors both on dist-role=train: 8 x 4 worker CPUs + 8 x 1 decode CPUs = 40 > 36."""
+    recipe = load_recipe(K710, ["data.decode_node_label=dist-role=train"], check_files=False)
+    with pytest.raises(ConfigError, match="the nodes labelled dist-role=train or dist-role=train have 36 CPUs; the 8 "
+                                          "training workers take 32, leaving 4 for video decoding \\(needs 8\\)"):
+        check_capacity(recipe, "[pretrain]", Fake([[HEAD, node("train", 36, 8), node("x", 64)]]).cluster())
+    check_capacity(recipe, "[pretrain]", Fake([[HEAD, node("train", 40, 8), node("x", 64)]]).cluster())
+
+
+def test_waiting_for_labelled_worker_nodes_asks_for_them_by_label(capsys) -> None:
+    """Unlabelled GPU nodes are up, the labelled ones are not: the driver waits (it used to start at once and hang),
+    asking the autoscaler for the worker bundles with the dist-role=train selector, until they come."""
+    unlabelled = [HEAD, node(None, 96, 8), DECODE_NODE]
+    fake = Fake([unlabelled] * 3 + [[*unlabelled, GPU_NODE]])
+    check_capacity(k710(), "[pretrain]", fake.cluster())
+    assert fake.requests[:-1] == [K710_REQUEST] * 3 and fake.requests[-1] == NodeRequest()
+    assert all(s == {"dist-role": "train"} for s in K710_REQUEST.selectors[:8])
+    out = capsys.readouterr().out
+    assert "0/8 GPUs labelled dist-role=train, 0/32 worker CPUs labelled dist-role=train" in out
+    assert "the nodes are up after 15 s" in out
+
+
+def test_an_unlabelled_gpu_run_still_counts_every_node() -> None:
+    smoke = load_recipe(SMOKE, ["scaling.use_gpu=true"], check_files=False)
+    with pytest.raises(ConfigError, match="scaling asks for 2 workers x 1 GPU but the cluster has 1 GPUs on its alive "
+                                          "nodes"):
+        check_capacity(smoke, "[pretrain]", Fake([[node(None, 8, 1)]]).cluster())
+    check_capacity(smoke, "[pretrain]", Fake([[node(None, 8, 1), node("other", 8, 1)]]).cluster())
 
 
 def test_infeasible_constraints_are_read_from_the_autoscaler_reply() -> None:
@@ -231,8 +313,8 @@ def test_a_real_autoscaler_reports_an_impossible_request() -> None:
 
 def test_pretrain_and_tune_use_the_one_check() -> None:
     import workflows.pretrain
-    import workflows.tune  # noqa: F401 - imports check_capacity from workflows.capacity inside run_sweep
+    import workflows.tune.driver  # noqa: F401 - imports check_capacity from workflows.capacity inside run_sweep
 
     assert workflows.pretrain.check_capacity is check_capacity
-    source = (REPO / "workflows" / "tune.py").read_text()
+    source = (REPO / "workflows" / "tune" / "driver.py").read_text()
     assert "from workflows.capacity import check_capacity" in source

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 
-from workflows.config_loader import ConfigError, add_override_option, dump_yaml, from_dict, load_config
+from workflows.config_loader import (
+    ConfigError,
+    add_override_option,
+    drop_removed_keys,
+    dump_yaml,
+    from_dict,
+    load_config,
+)
 
 
 @dataclass
 class Optim:
     lr: float = 1e-3
     kind: Literal["adamw", "sgd"] = "adamw"
+    removed_keys: ClassVar[dict[str, str]] = {"momentum": "use optim.kind=sgd"}  # a renamed setting
 
 
 @dataclass
@@ -73,3 +81,21 @@ def test_missing_file_and_optional_values(tmp_path):
         load_config(Run, tmp_path / "nope.yaml")
     assert from_dict(Run, {"note": None}).note is None
     assert from_dict(Run, {"note": "x"}).note == "x"
+
+
+def test_removed_key_says_what_to_use_instead(tmp_path):
+    """A key a section dropped fails, from a file and from --set, with the section's hint next to the usual list."""
+    path = tmp_path / "old.yaml"
+    path.write_text("optim:\n  momentum: 0.9\n")
+    for file, overrides in ((path, []), (None, ["optim.momentum=0.9"])):
+        with pytest.raises(ConfigError, match=r"optim\.momentum was removed: use optim\.kind=sgd.*valid keys here"):
+            load_config(Run, file, overrides)
+    with pytest.raises(ConfigError) as plain:  # a key that never existed: no hint
+        load_config(Run, None, ["optim.mom=1"])
+    assert "removed" not in str(plain.value)
+
+
+def test_drop_removed_keys_for_files_the_project_wrote_itself():
+    data, dropped = drop_removed_keys(Run, {"steps": 3, "optim": {"lr": 0.1, "momentum": 0.9}})
+    assert data == {"steps": 3, "optim": {"lr": 0.1}} and dropped == ["optim.momentum"]
+    assert from_dict(Run, data).optim.lr == 0.1

@@ -23,10 +23,32 @@ def test_config_defaults_and_validation() -> None:
     assert cfg.node_label_selector() == {"dist-role": "decode"}
     assert DataConfig().node_label_selector() is None
     for bad in ({"flip": "swap_labels"}, {"flip_pairs": [[1, 2], [2, 3]]}, {"flip_pairs": [[4, 4]]},
-                {"decode_node_label": "dist-role"}, {"eval_crops": 2}, {"max_bad_fraction": 1.5},
+                {"decode_node_label": "dist-role"}, {"max_bad_fraction": 1.5},
                 {"crop_scale": [0.5, 0.4]}, {"flip": "mirror"}, {"decode_actors": -1}):
         with pytest.raises(ConfigError):
             from_dict(DataConfig, bad)
+
+
+def test_removed_eval_views_and_crops_name_the_eval_keys(tmp_path) -> None:
+    """data.eval_views / data.eval_crops were never read (evaluate uses eval.test_views / eval.test_crops): a recipe
+    that sets them fails at load, before any work, saying which key to use; a checkpoint's own recipe.yaml written
+    before the removal still loads once `drop_removed_keys` has taken them out."""
+    from workflows.config_loader import drop_removed_keys
+    from workflows.recipe import Recipe, load_recipe
+
+    assert not {"eval_views", "eval_crops"} & set(DataConfig.__dataclass_fields__)
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  eval_views: 3\n  eval_crops: 3\n")
+    with pytest.raises(ConfigError, match=r"data\.eval_crops was removed: use eval\.test_crops.*"
+                                          r"data\.eval_views was removed: use eval\.test_views .*eval\.views"):
+        load_recipe(str(path), [])
+    with pytest.raises(ConfigError, match=r"data\.eval_views was removed: use eval\.test_views"):
+        load_recipe(None, ["data.eval_views=5"])
+    data, dropped = drop_removed_keys(Recipe, {"data": {"eval_views": 3, "eval_crops": 1, "min_frames": 6},
+                                               "eval": {"test_views": 3}})
+    assert sorted(dropped) == ["data.eval_crops", "data.eval_views"]
+    recipe = from_dict(Recipe, data)
+    assert (recipe.data.min_frames, recipe.eval.test_views) == (6, 3)
 
 
 def test_manifest_resolves_relative_paths_labels_and_windows(tmp_path) -> None:

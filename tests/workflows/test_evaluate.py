@@ -274,3 +274,16 @@ def test_evaluate_clip_only_without_checkpoint(ray_local, video_dir: Path, tmp_p
     assert (metrics["mode"], metrics["checkpoint"], metrics["rows"], metrics["videos"]) == ("clip_only", None,
                                                                                            2 * N, N)
     assert "frozen CLIP (dist_tiny)" in captured.out
+
+
+def test_a_checkpoint_recipe_with_a_since_removed_key_still_loads(tmp_path):
+    """Checkpoints written before data.eval_views/eval_crops were removed carry them in recipe.yaml."""
+    from workflows.inference import read_checkpoint
+
+    ckpt = tmp_path / "checkpoint_000"
+    ckpt.mkdir()
+    (ckpt / "state.json").write_text('{"step": 2, "model": {"preset": "dist_tiny"}, "class_names": ["a", "b"]}')
+    (ckpt / "weights.safetensors").write_bytes(b"")
+    (ckpt / "recipe.yaml").write_text("data:\n  eval_views: 3\n  eval_crops: 1\ntrain:\n  seed: 5\n")
+    loaded = read_checkpoint(ckpt)
+    assert loaded.recipe.train.seed == 5 and "eval_views" not in loaded.raw_recipe["data"]

@@ -1,14 +1,16 @@
-"""Cross-rank sums: on the device the process group's backend needs, correct over a real two-process gloo group."""
+"""Cross-rank sums: on the device the process group's backend needs, correct over a real two-process gloo group;
+and the accuracies computed from the summed counts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from workflows.metrics import all_reduce_counts, all_reduce_sum, collective_device
+from workflows.metrics import VideoScores, accuracy_summary, all_reduce_counts, all_reduce_sum, collective_device
 
 
 def test_collective_device_follows_the_backend(monkeypatch) -> None:
@@ -24,6 +26,22 @@ def test_collective_device_follows_the_backend(monkeypatch) -> None:
 def test_outside_torch_distributed_the_tensor_is_returned_unchanged() -> None:
     counts = {"top1": torch.tensor(2.0, dtype=torch.float64), "confusion": torch.eye(3, dtype=torch.float64)}
     assert all_reduce_counts(counts) == counts
+
+
+def test_an_empty_set_gives_zero_accuracies_never_nan() -> None:
+    """A validation set with no videos (every clip dropped, or a rank-local empty shard summed to nothing): every
+    accuracy is 0.0, mean class accuracy included (it was NaN: the mean over no classes)."""
+    summary = accuracy_summary(VideoScores(num_classes=4).counts())
+    assert summary == {"top1": 0.0, "top5": 0.0, "mean_class_acc": 0.0, "videos": 0.0}
+
+
+def test_mean_class_accuracy_averages_the_classes_that_have_videos() -> None:
+    scores = VideoScores(num_classes=3)
+    logits = torch.tensor([[5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0]])  # class 0: 1 of 1, class 1: 1 of 2
+    scores.add(torch.tensor([0, 1, 2]), logits, torch.tensor([0, 1, 1]))
+    summary = accuracy_summary(scores.counts())
+    assert summary["videos"] == 3.0 and summary["top1"] == pytest.approx(200.0 / 3)
+    assert summary["mean_class_acc"] == 75.0  # (50% + 100%) / 2: class 2 has no video and does not count
 
 
 def _sum_on_rank(rank: int, world: int, store: str, out: str) -> None:

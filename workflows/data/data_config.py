@@ -7,7 +7,7 @@ the training workflow; everything here is about where the videos are and how the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from workflows.runtime import label_selector
 
@@ -59,12 +59,17 @@ class DataConfig:
     # ~26%). None = automatic: off with one view, else 4 x train_views x micro-batch clips (memory: that many
     # uint8 clips per worker). 0 = off.
     train_shuffle_clips: int | None = None
-    eval_views: int = 3  # temporal views for the final test (reference §4.2: 3 views x 1 crop)
-    eval_crops: int = 1  # 1 (centre) or 3 (left/centre/right)
     min_frames: int = 4  # videos (or start/end windows) with fewer frames are dropped as too_short
     # Stop with an error once more than this fraction of a split's videos has been dropped.
     max_bad_fraction: float = 0.05
     drop_counter: str = "dist-data-drops"  # name of the Ray actor that counts dropped videos
+
+    # Keys this section once had, with where their setting lives now: the strict loader rejects them with this hint
+    # (workflows.config_loader.REMOVED_KEYS_ATTR). The evaluation views and crops are the recipe's `eval:` section.
+    removed_keys: ClassVar[dict[str, str]] = {
+        "eval_views": "use eval.test_views (views of `workflows evaluate`) or eval.views (validation during training)",
+        "eval_crops": "use eval.test_crops (crops of `workflows evaluate`)",
+    }
 
     def __post_init__(self) -> None:
         if self.flip == "swap_labels" and not self.flip_pairs:
@@ -99,13 +104,11 @@ class DataConfig:
             raise ValueError("decode_short_side must be >= 8 pixels (or null for automatic)")
         if self.decode_resize_threshold < 1.0:
             raise ValueError("decode_resize_threshold must be >= 1")
-        for name in ("batch_size", "train_views", "eval_views", "min_frames"):
+        for name in ("batch_size", "train_views", "min_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.train_shuffle_clips is not None and self.train_shuffle_clips < 0:
             raise ValueError(f"train_shuffle_clips must be >= 0 (0 = off) or null, got {self.train_shuffle_clips}")
-        if self.eval_crops not in (1, 3):
-            raise ValueError(f"eval_crops must be 1 or 3, got {self.eval_crops}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
 
