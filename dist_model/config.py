@@ -1,7 +1,8 @@
 """DiSTConfig: the model's typed schema, its invariants, the named presets and the fusion-layer presets.
 
 Architecture is data: a preset is a plain `DiSTConfig`; the CLIP weights are a separate choice
-(`clip_pretrained`: an open_clip tag such as "openai", a local checkpoint file, or None for random init).
+(`clip_pretrained`: an open_clip tag such as "openai", a local checkpoint file, or None for random init), and so is
+the activation the CLIP blocks were trained with (`clip_activation`, see `declared_clip_activation`).
 Knob names map onto the authors' keys (reference §3.2) as noted on each field.
 """
 
@@ -52,6 +53,55 @@ def recomputed_layer_count(activation_checkpointing: bool | int, depth: int) -> 
     if isinstance(activation_checkpointing, bool):
         return depth if activation_checkpointing else 0
     return min(int(activation_checkpointing), depth)
+
+
+# The MLP activation of the CLIP blocks. OpenAI trained every CLIP with QuickGELU (x * sigmoid(1.702 x)); LAION,
+# DataComp and most other open_clip-trained weights use GELU. Weights run with the other activation give wrong
+# features, and nothing in a plain state dict says which one they need. "auto" takes it from what is known for sure
+# (the pretrained tag, a `-quickgelu` architecture, or the checkpoint file itself: spatial.inspect_clip_checkpoint)
+# and refuses to guess when nothing is.
+CLIP_ACTIVATIONS = ("auto", "quick_gelu", "gelu")
+
+
+def declared_clip_activation(arch: str, pretrained: str | None) -> list[tuple[str, str]]:
+    """What the names alone say about the CLIP activation: [(activation, why)], empty when they say nothing.
+
+    The architecture's own config when it sets `quick_gelu` (open_clip's `-quickgelu` variants), and open_clip's
+    record for a pretrained tag (each tag is registered with the activation it was trained with: "openai" is
+    QuickGELU, the LAION tags GELU). A file path or random init says nothing here."""
+    import open_clip
+
+    register_clip_configs()
+    found = []
+    model_cfg = open_clip.get_model_config(arch) or {}
+    if "quick_gelu" in model_cfg:
+        quick = bool(model_cfg["quick_gelu"])
+        found.append((_activation(quick), f"architecture {arch} (quick_gelu: {str(quick).lower()})"))
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained) if pretrained else {}
+    if tag_cfg:
+        quick = bool(tag_cfg.get("quick_gelu", False))
+        found.append((_activation(quick), f"open_clip's pretrained tag {pretrained!r} for {arch}"))
+    return found
+
+
+def check_clip_activation(requested: str, evidence: list[tuple[str, str]]) -> None:
+    """Raise ValueError when `requested` is not a valid choice, when the evidence disagrees with itself, or when an
+    explicit choice contradicts it."""
+    if requested not in CLIP_ACTIVATIONS:
+        raise ValueError(f"clip_activation must be one of {', '.join(CLIP_ACTIVATIONS)} (got {requested!r})")
+    found = {activation for activation, _ in evidence}
+    said = "; ".join(f"{why} -> {activation}" for activation, why in evidence)
+    if len(found) > 1:
+        raise ValueError(f"conflicting CLIP activations: {said}")
+    if requested != "auto" and found and requested not in found:
+        raise ValueError(
+            f"clip_activation {requested!r} contradicts what the CLIP weights were trained with: {said}. Set "
+            "clip_activation: auto (or the activation named there), or choose other weights or architecture"
+        )
+
+
+def _activation(quick_gelu: bool) -> str:
+    return "quick_gelu" if quick_gelu else "gelu"
 
 
 @dataclass(frozen=True)
@@ -106,6 +156,10 @@ class DiSTConfig:
     clip_arch: str = "ViT-B-16"
     clip_pretrained: str | None = None  # open_clip tag ("openai"), a local checkpoint file, or None = random init
     clip_precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # the frozen towers may run in reduced precision
+    # MLP activation of the CLIP blocks: "auto" = what the tag, a -quickgelu architecture or the file itself says
+    # (OpenAI's weights: QuickGELU), refusing a plain state dict that says nothing; or "quick_gelu" / "gelu", which
+    # must agree with whatever the weights declare. Random init with "auto": the architecture's open_clip default.
+    clip_activation: Literal["auto", "quick_gelu", "gelu"] = "auto"
     # --- frames ---
     num_frames: int = 16  # dense frames T_d (DATA.NUM_INPUT_FRAMES)
     sparse_ratio: int = 2  # gamma (DATA.SPARSE_SAMPLE_ALPHA): CLIP sees every gamma-th dense frame
@@ -139,6 +193,7 @@ class DiSTConfig:
         if isinstance(self.fusion_layers, list):
             self.fusion_layers = tuple(self.fusion_layers)
         arch = clip_arch(self.clip_arch)
+        check_clip_activation(self.clip_activation, declared_clip_activation(self.clip_arch, self.clip_pretrained))
         depth = arch.layers
         layers = self.layers  # resolves presets, raising on unknown names
         if not layers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -56,12 +57,19 @@ def cosine_logits(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: 
     return logit_scale.float().exp() * video @ text_emb.float().t()
 
 
+_DOUBLE_QUOTES = re.compile("[\"\u201c\u201d]")  # straight and typographic double quotes; never apostrophes
+
+
 class TextClassifier:
     """Class-name embeddings from the frozen CLIP text tower, cached per label set.
 
     The cache key is the tuple of prompt texts itself (the authors keyed on the count, which goes stale when two
-    label sets have the same size) plus device and dtype. Not an nn.Module: it holds no trainable state and must
-    not appear in checkpoints.
+    label sets have the same size) plus the device. It holds no dtype: every entry is float32 whatever precision the
+    tower runs in, and the tower's precision is fixed when the model is built (clip_precision), so no entry can be
+    served in a dtype other than the one asked for. A tower cast to another dtype afterwards (DeepSpeed's bf16 casts
+    the whole module) keeps being served the embeddings computed before, by design: training caches its label set
+    and then releases the text tower, so a key that changed with the cast could only raise. Not an nn.Module: it
+    holds no trainable state and must not appear in checkpoints.
     """
 
     def __init__(self, encode_text, tokenizer, prompt_template: str = "{}", max_cached: int = 8):
@@ -72,8 +80,10 @@ class TextClassifier:
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def prompts(self, class_names: Sequence[str]) -> tuple[str, ...]:
-        """Prompt texts for class names: quotes stripped (as the authors do), template applied."""
-        cleaned = (name.replace('"', "").replace("'", "").strip() for name in class_names)
+        """Prompt texts for class names: double quotes stripped (as the authors do), template applied.
+
+        Apostrophes stay: "massaging person's head" is what the text tower reads, not "massaging persons head"."""
+        cleaned = (_DOUBLE_QUOTES.sub("", name).strip() for name in class_names)
         return tuple(self.prompt_template.format(name) for name in cleaned)
 
     @torch.no_grad()

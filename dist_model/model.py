@@ -278,8 +278,8 @@ class SpatialOnly(VideoTextModel):
 
 
 def build_clip(cfg: DiSTConfig) -> FrozenCLIP:
-    """The frozen CLIP towers for a config (weights per `cfg.clip_pretrained`)."""
-    return FrozenCLIP(cfg.clip_arch, cfg.clip_pretrained, cfg.clip_precision)
+    """The frozen CLIP towers for a config (weights per `cfg.clip_pretrained`, activation per `cfg.clip_activation`)."""
+    return FrozenCLIP(cfg.clip_arch, cfg.clip_pretrained, cfg.clip_precision, cfg.clip_activation)
 
 
 def build_dist(cfg: DiSTConfig | str, clip: FrozenCLIP | None = None) -> DiST:

@@ -9,12 +9,21 @@ all dense frames first, a waste of compute with identical results).
 from __future__ import annotations
 
 import functools
+import json
+import logging
+import os
+import warnings
+import zipfile
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from dist_model.config import register_clip_configs
+from dist_model.config import check_clip_activation, clip_arch, declared_clip_activation, register_clip_configs
+
+log = logging.getLogger(__name__)
 
 # OpenAI CLIP's pixel statistics; every open_clip ViT preset here uses them.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,23 +48,187 @@ def _clip_stats(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor,
     return mean, std
 
 
-def load_open_clip(arch: str, pretrained: str | None) -> nn.Module:
-    """Build an open_clip model: weights by tag ("openai", needs the network or a warm cache), by local file
-    (air-gapped clusters), or None for random init (tests, demos)."""
+# Entries of OpenAI's own CLIP module that no open_clip model has: their presence marks OpenAI's export (its JIT
+# archive, or that archive's state_dict saved as a plain file), and every OpenAI CLIP uses QuickGELU.
+_OPENAI_EXPORT_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+@dataclass(frozen=True)
+class ClipCheckpoint:
+    """What a local CLIP checkpoint file says about itself (`inspect_clip_checkpoint`)."""
+
+    path: str
+    evidence: list[tuple[str, str]]  # [(activation, why)]: what the file itself records about its activation
+    # The weights, when open_clip's loader cannot read the file as it is (a TorchScript archive; a plain dict with
+    # OpenAI's export entries, which its strict load rejects); None: open_clip loads the file itself.
+    state_dict: dict[str, torch.Tensor] | None = None
+
+
+def inspect_clip_checkpoint(path: str, arch: str) -> ClipCheckpoint:
+    """Read what a CLIP checkpoint file records about the activation its weights were trained with.
+
+    - A TorchScript archive (OpenAI's distribution format: the .pt files the `openai` tag's URLs serve) holds the
+      modules themselves: the type of its blocks' MLP activation is read from it.
+    - A plain state dict with OpenAI's export entries (input_resolution, context_length, vocab_size: a JIT
+      archive's state_dict saved as a file) is OpenAI's, hence QuickGELU.
+    - open_clip's `open_clip_config.json` beside the file (a Hugging Face snapshot downloaded whole) records the
+      model config the weights were built with: `quick_gelu: true` when they use it (open_clip writes it when it
+      pushes the `openai` weights), GELU otherwise. It counts only if it describes `arch`'s image tower.
+    Anything else records nothing: a plain CLIP state dict has the same keys and shapes with either activation."""
+    if _is_torchscript_archive(path):
+        with warnings.catch_warnings():  # "torch.jit.load is deprecated": it is still OpenAI's format
+            warnings.simplefilter("ignore", FutureWarning)
+            archive = torch.jit.load(path, map_location="cpu")
+        kinds = {_unmangled(m.original_name) for name, m in archive.named_modules()
+                 if name.startswith("visual.") and name.endswith(".mlp.gelu")}
+        state = dict(archive.state_dict())
+        evidence = []
+        if kinds in ({"QuickGELU"}, {"GELU"}):
+            activation = "quick_gelu" if kinds == {"QuickGELU"} else "gelu"
+            evidence.append((activation, f"{path}: a TorchScript archive whose image blocks use {kinds.pop()}"))
+        elif all(k in state for k in _OPENAI_EXPORT_KEYS):
+            evidence.append(("quick_gelu", f"{path}: OpenAI's TorchScript CLIP archive"))
+        return ClipCheckpoint(path, evidence, state)
+    keys, state = _checkpoint_keys(path), None
+    evidence = []
+    if all(k in keys for k in _OPENAI_EXPORT_KEYS):
+        evidence.append(("quick_gelu", f"{path}: OpenAI's CLIP state dict (it has OpenAI's "
+                                       f"{'/'.join(_OPENAI_EXPORT_KEYS)} entries)"))
+        from open_clip.factory import load_state_dict
+
+        state = load_state_dict(path, device="cpu", weights_only=True)
+    evidence += _sibling_config_evidence(Path(path), arch)
+    return ClipCheckpoint(path, evidence, state)
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """A torch.jit.save archive: a zip whose top folder holds constants.pkl and code/ (a torch.save zip does not)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        inner = {name.split("/", 1)[-1] for name in archive.namelist()}
+    return "constants.pkl" in inner and any(name.startswith("code/") for name in inner)
+
+
+def _unmangled(type_name: str) -> str:
+    return type_name.rsplit(".", 1)[-1]
+
+
+def _checkpoint_keys(path: str) -> set[str]:
+    """The tensor names in a checkpoint file, without reading the tensors where the format allows."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return set(f.keys())
+    if Path(path).suffix in (".npz", ".npy"):  # big_vision weights: open_clip converts them, no OpenAI marks
+        return set()
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, ValueError):  # an old (non-zip) torch.save file cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"could not read the CLIP checkpoint {path}: {exc}") from exc
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a CLIP state dict")
+    return {k[len("module."):] if k.startswith("module.") else k for k in obj}
+
+
+def _sibling_config_evidence(path: Path, arch: str) -> list[tuple[str, str]]:
+    """open_clip's open_clip_config.json in the file's folder, if it describes `arch`'s image tower."""
+    config_path = path.with_name("open_clip_config.json")
+    if not config_path.is_file():
+        return []
+    model_cfg = json.loads(config_path.read_text(encoding="utf-8")).get("model_cfg")
+    ours = clip_arch(arch)
+    vision = (model_cfg or {}).get("vision_cfg") or {}
+    patch = vision.get("patch_size")
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    if (vision.get("width"), vision.get("layers"), patch) != (ours.width, ours.layers, ours.patch_size):
+        return []  # another model's config: it says nothing about this file
+    quick = bool(model_cfg.get("quick_gelu", False))
+    return [("quick_gelu" if quick else "gelu", f"{config_path} (model_cfg.quick_gelu: {str(quick).lower()})")]
+
+
+def resolve_clip_activation(
+    arch: str, pretrained: str | None, requested: str = "auto", checkpoint: ClipCheckpoint | None = None
+) -> tuple[str, str]:
+    """The CLIP activation to build, "quick_gelu" or "gelu", and why. Raises ValueError on contradictions, and for
+    "auto" with a checkpoint file that records nothing (see `inspect_clip_checkpoint`): never a silent guess."""
+    import open_clip
+
+    evidence = declared_clip_activation(arch, pretrained) + (checkpoint.evidence if checkpoint else [])
+    check_clip_activation(requested, evidence)
+    said = "; ".join(why for _, why in evidence)
+    if requested != "auto":
+        return requested, "clip_activation: " + requested + (f" (agrees with {said})" if said else "")
+    if evidence:
+        return evidence[0][0], said
+    if checkpoint is None:  # random init: nothing to match, open_clip's default for the architecture
+        return "gelu", f"random init; {arch} declares no activation (open_clip's default GELU)"
+    variant = f"{arch}-quickgelu"
+    alternative = f", or clip_arch {variant}" if variant in open_clip.list_models() else ""
+    raise ValueError(
+        f"cannot tell which activation the CLIP weights in {checkpoint.path} were trained with: a plain CLIP state "
+        "dict has the same keys whether its blocks used QuickGELU (OpenAI's weights) or GELU (LAION, DataComp and "
+        "most open_clip-trained weights), and running them with the other one gives wrong features. Set "
+        f"clip_activation: quick_gelu for OpenAI's weights or gelu for GELU-trained ones{alternative}. (OpenAI's own "
+        ".pt download, a TorchScript archive, and a Hugging Face snapshot with its open_clip_config.json are "
+        "recognised without it.)"
+    )
+
+
+def load_open_clip(arch: str, pretrained: str | None, activation: str = "auto") -> tuple[nn.Module, str, str]:
+    """Build an open_clip model with its weights: by tag ("openai", needs the network or a warm cache), by local file
+    (air-gapped clusters: an open_clip/OpenAI state dict, safetensors, or OpenAI's TorchScript .pt), or None for
+    random init (tests, demos). Returns (model, activation, why): the blocks' activation is resolved by
+    `resolve_clip_activation`, so a file gives exactly the tower its tag gives."""
     import open_clip
 
     register_clip_configs()
-    kwargs = {}
-    if pretrained and open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False):
-        kwargs["force_quick_gelu"] = True  # OpenAI's weights were trained with QuickGELU
-    try:
-        return open_clip.create_model(arch, pretrained=pretrained, **kwargs)
-    except RuntimeError as exc:
-        tags = open_clip.list_pretrained_tags_by_model(arch)
+    is_tag = bool(pretrained) and bool(open_clip.get_pretrained_cfg(arch, pretrained))
+    if pretrained and not is_tag and not os.path.isfile(pretrained):
         raise RuntimeError(
-            f"could not load CLIP weights {pretrained!r} for {arch}: {exc}. Known tags for {arch}: {tags}. Without "
-            "network access, download the weights once and pass the local file path as clip_pretrained."
-        ) from exc
+            f"could not load CLIP weights {pretrained!r} for {arch}: it is neither a pretrained tag of {arch} "
+            f"({open_clip.list_pretrained_tags_by_model(arch)}) nor a file. Without network access, download the "
+            "weights once and pass the local file path as clip_pretrained."
+        )
+    checkpoint = inspect_clip_checkpoint(pretrained, arch) if pretrained and not is_tag else None
+    activation, why = resolve_clip_activation(arch, pretrained, activation, checkpoint)
+    # force_quick_gelu, not a quick_gelu model kwarg: open_clip compares the tag's activation with the config's.
+    kwargs = {"force_quick_gelu": True} if activation == "quick_gelu" else {}
+    if checkpoint is not None and checkpoint.state_dict is not None:
+        model = open_clip.create_model(arch, pretrained=None, **kwargs)
+        _load_exported_state(model, checkpoint.state_dict, checkpoint.path)
+    else:
+        try:
+            model = open_clip.create_model(arch, pretrained=pretrained, **kwargs)
+        except RuntimeError as exc:
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            raise RuntimeError(
+                f"could not load CLIP weights {pretrained!r} for {arch}: {exc}. Known tags for {arch}: {tags}. "
+                "Without network access, download the weights once and pass the local file path as clip_pretrained."
+            ) from exc
+    built = {type(block.mlp.gelu).__name__ for block in model.visual.transformer.resblocks}
+    if built != {"QuickGELU" if activation == "quick_gelu" else "GELU"}:  # open_clip did not build what was resolved
+        raise RuntimeError(f"{arch}: resolved activation {activation} ({why}) but open_clip built {sorted(built)}")
+    return model, activation, why
+
+
+def _load_exported_state(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Load OpenAI's exported weights (JIT archive or its state dict) strictly: its extra entries (input_resolution,
+    ..., and non-persistent buffers such as the text tower's attention mask) are not weights."""
+    transient = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    state = {k: v for k, v in state.items() if k not in _OPENAI_EXPORT_KEYS and k not in transient}
+    if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise RuntimeError(f"the CLIP weights in {path} do not fit the architecture: {exc}") from exc
 
 
 def _scalar_parameters_to_buffers(module: nn.Module) -> None:
@@ -74,14 +247,19 @@ _TEXT_TOWER_TENSORS = ("positional_embedding", "text_projection", "attn_mask")
 
 
 class FrozenCLIP(nn.Module):
-    """An open_clip model used read-only: image-block tokens, CLIP image embeddings, text embeddings."""
+    """An open_clip model used read-only: image-block tokens, CLIP image embeddings, text embeddings.
 
-    def __init__(self, arch: str, pretrained: str | None = None, precision: str = "fp32"):
+    `activation` (DiSTConfig.clip_activation): "auto", "quick_gelu" or "gelu"; see `resolve_clip_activation`."""
+
+    def __init__(self, arch: str, pretrained: str | None = None, precision: str = "fp32", activation: str = "auto"):
         super().__init__()
         import open_clip
 
         self.arch = arch
-        self.model = load_open_clip(arch, pretrained)
+        # activation: what the blocks run ("quick_gelu" / "gelu"); activation_source: why (tag, file, request).
+        self.model, self.activation, self.activation_source = load_open_clip(arch, pretrained, activation)
+        log.info("CLIP %s (%s): %s activation, from %s", arch, pretrained or "random init", self.activation,
+                 self.activation_source)
         self.model.requires_grad_(False)
         _scalar_parameters_to_buffers(self.model)
         self.model.to(PRECISION_DTYPES[precision])

@@ -201,8 +201,34 @@ def test_partial_checkpointing_recomputes_only_the_first_layers(tiny, monkeypatc
 
 
 def test_prompt_template_and_quote_stripping(tiny_clip):
+    """Double quotes go (as the authors strip them); apostrophes stay. This test used to assert "it's" -> "its",
+    which encoded the bug."""
     model = build_dist(DiSTConfig.from_name("dist_tiny", prompt_template="a video of {}."), clip=tiny_clip)
-    assert model.classifier.prompts(['"dancing"', "it's"]) == ("a video of dancing.", "a video of its.")
+    assert model.classifier.prompts(['"dancing"', "it's", "\u201cjuggling\u201d"]) == (
+        "a video of dancing.", "a video of it's.", "a video of juggling.")
+
+
+def test_class_names_keep_their_apostrophes_in_the_text_tower(tiny_clip):
+    """Kinetics' "massaging person's head" must reach CLIP's tokenizer as written, not as "massaging persons head"."""
+    model = build_dist(DiSTConfig.from_name("dist_tiny"), clip=tiny_clip)
+    name = "massaging person's head"
+    assert model.classifier.prompts([name]) == (name,)
+    tokenize = tiny_clip.tokenizer
+    assert not torch.equal(tokenize([name]), tokenize(["massaging persons head"]))
+    torch.testing.assert_close(model.text_embeddings([name]),
+                               F.normalize(tiny_clip.encode_text(tokenize([name])).float(), dim=-1), rtol=0, atol=0)
+
+
+def test_text_cache_serves_float32_whatever_the_tower_dtype():
+    """The cache key is (prompt texts, device), no dtype: entries are float32 and a tower cast after caching (as
+    DeepSpeed's bf16 casts the module, after training has cached its labels and released the text tower) keeps
+    being served what was cached."""
+    model = build_dist(DiSTConfig.from_name("dist_tiny", clip_precision="bf16"))
+    first = model.text_embeddings(["archery", "bowling"])
+    assert first.dtype == torch.float32
+    model.clip.release_text_tower()
+    model.to(torch.float16)
+    assert model.text_embeddings(["archery", "bowling"]) is first
 
 
 def test_zero_shot_fusion_blends_with_frozen_clip(tiny):

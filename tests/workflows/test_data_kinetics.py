@@ -14,6 +14,7 @@ from workflows.data.kinetics import (
     alias_table,
     assemble_k710,
     builtin_k710_aliases,
+    display_class_name,
     normalize_class_name,
 )
 from workflows.data.manifest import load_labels, load_manifest
@@ -37,6 +38,19 @@ def test_normalize_class_name_merges_release_spellings() -> None:
                 "Passing American Football In Game", ' "passing american football  (in game)" ']
     assert {normalize_class_name(v) for v in variants} == {"passing american football in game"}
     assert normalize_class_name("tossing coin") != normalize_class_name("tossing salad")
+
+
+def test_display_names_keep_apostrophes_while_matching_ignores_them(tmp_path) -> None:
+    """The display name is the prompt CLIP reads: "massaging person's head", never "massaging persons head"; only
+    the cross-release matching key drops punctuation."""
+    assert display_class_name("massaging_person's_head") == "massaging person's head"
+    assert display_class_name('  "juggling"   balls ') == "juggling balls"  # double quotes go, as the authors do
+    assert display_class_name("\u201cdancing\u201d") == "dancing"
+    assert normalize_class_name("massaging person's head") == normalize_class_name("Massaging persons head")
+    classes = {"k400": ["massaging persons head", "abseiling"], "k700": ["massaging_person's_head", "abseiling"]}
+    report = assemble_k710(_release_csvs(tmp_path, classes), None, tmp_path / "k710")
+    labels = load_labels(str(tmp_path / "k710" / "labels.json"))
+    assert sorted(labels) == ["abseiling", "massaging person's head"] and report.classes == 2
 
 
 def test_k710_dedups_removes_val_leaks_and_counts_missing(tmp_path) -> None:

@@ -20,10 +20,10 @@ user alias mapping (`aliases`, JSON {variant: canonical}, e.g. `data k710 --alia
 the built-in one; mapping a built-in variant onto itself (`{"hugging": "hugging"}`) keeps it separate again.
 The report lists the aliases that fired and the classes present in only one release so they can be checked.
 A class's display name (what CLIP's text tower reads) is its spelling in the newest release that has it, with
-underscores as spaces and quotes removed; for the merged classes that is the K700 name (UniFormerV2's label
-file keeps one older spelling: "throwing ball", where K700 says "throwing ball (not baseball or American
-football)"). When the same YouTube id carries different labels in different releases, the newest release's
-label wins (counted as label_conflicts).
+underscores as spaces and double quotes removed (apostrophes stay: "massaging person's head"); for the merged
+classes that is the K700 name (UniFormerV2's label file keeps one older spelling: "throwing ball", where K700 says
+"throwing ball (not baseball or American football)"). When the same YouTube id carries different labels in
+different releases, the newest release's label wins (counted as label_conflicts).
 
 Clips are found by YouTube id: a file `<id>.<ext>` or `<id>_<start:06d>_<end:06d>.<ext>` anywhere under the
 video folder. The official clips are trimmed already, so the manifests carry no start/end.
@@ -43,7 +43,8 @@ from workflows.data.manifest import relative_to, save_labels, write_manifest
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 _CLIP_NAME = re.compile(r"^(?P<id>[A-Za-z0-9_-]{11})(?:_\d+_\d+)?$")
-_QUOTES = re.compile(r"[\"'`\u2018\u2019\u201c\u201d]")
+_QUOTES = re.compile(r"[\"'`\u2018\u2019\u201c\u201d]")  # all quotes and apostrophes: ignored when matching names
+_DOUBLE_QUOTES = re.compile(r"[\"\u201c\u201d]")  # dropped from display names (the authors strip double quotes)
 K710_ALIASES_FILE = Path(__file__).with_name("k710_aliases.json")
 KINETICS_CLASSES_FILE = Path(__file__).with_name("kinetics_classes.json")
 
@@ -56,8 +57,11 @@ def normalize_class_name(name: str) -> str:
 
 
 def display_class_name(name: str) -> str:
-    """A class name as the text encoder should read it: underscores as spaces, no quotes, single spaces."""
-    return re.sub(r"\s+", " ", _QUOTES.sub("", name.replace("_", " "))).strip()
+    """A class name as the text encoder should read it: underscores as spaces, no double quotes, single spaces.
+
+    Apostrophes stay ("massaging person's head"): they are part of the name CLIP reads. Only matching across
+    releases (`normalize_class_name`) ignores them."""
+    return re.sub(r"\s+", " ", _DOUBLE_QUOTES.sub("", name.replace("_", " "))).strip()
 
 
 def alias_table(raw: Mapping[str, object]) -> dict[str, str]:
