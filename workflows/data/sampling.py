@@ -30,32 +30,6 @@ def frame_window(num_frames: int, fps: float, start: float = math.nan, end: floa
     return first, last
 
 
-def segment_positions(
-    first: int,
-    last: int,
-    num_segments: int,
-    *,
-    mode: Literal["train", "eval"],
-    view: int = 0,
-    num_views: int = 1,
-    rng: np.random.Generator | None = None,
-) -> np.ndarray:
-    """Real-valued sampling positions (T_d,) for one clip inside [first, last), before clamping and rounding."""
-    if last <= first:
-        raise ValueError(f"empty frame window [{first}, {last})")
-    if not 0 <= view < num_views:
-        raise ValueError(f"view {view} is outside 0..{num_views - 1}")
-    edges = np.linspace(first, last, num_segments + 1)
-    lo, hi = edges[:-1], edges[1:]
-    if mode == "train":
-        if rng is None:
-            raise ValueError("train sampling needs a seeded numpy Generator")
-        return rng.uniform(lo, hi)
-    if num_views == 1:
-        return (lo + hi) / 2
-    return lo + (hi - lo) * (view + 1) / num_views
-
-
 def segment_indices(
     first: int,
     last: int,
@@ -66,6 +40,21 @@ def segment_indices(
     num_views: int = 1,
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """Frame indices (T_d,) int64 of one clip: segment positions clamped to [first, last - 1] and rounded."""
-    pos = segment_positions(first, last, num_segments, mode=mode, view=view, num_views=num_views, rng=rng)
+    """Frame indices (T_d,) int64 of one clip: one real-valued position per segment of [first, last) (uniform in it
+    for training; for evaluation the middle, or with several views evenly spaced offsets), clamped to
+    [first, last - 1] and rounded."""
+    if last <= first:
+        raise ValueError(f"empty frame window [{first}, {last})")
+    if not 0 <= view < num_views:
+        raise ValueError(f"view {view} is outside 0..{num_views - 1}")
+    edges = np.linspace(first, last, num_segments + 1)
+    lo, hi = edges[:-1], edges[1:]
+    if mode == "train":
+        if rng is None:
+            raise ValueError("train sampling needs a seeded numpy Generator")
+        pos = rng.uniform(lo, hi)
+    elif num_views == 1:
+        pos = (lo + hi) / 2
+    else:
+        pos = lo + (hi - lo) * (view + 1) / num_views
     return np.round(np.clip(pos, first, last - 1)).astype(np.int64)
