@@ -34,6 +34,7 @@ import numpy as np
 
 from workflows.config_loader import ConfigError, add_override_option, apply_overrides, dump_yaml, from_dict, load_yaml
 from workflows.inference import (
+    REGISTRY_SCHEME,
     LoadedCheckpoint,
     Mode,
     build_eval_model,
@@ -105,6 +106,7 @@ class EvalRequest:
     out: str | None = None
     actors: int | None = None
     mlflow: bool | None = None  # None: log when the run already has a tracking store
+    tracking_uri: str | None = None  # the MLflow store of a models:/ checkpoint; the evaluation is logged there too
 
 
 @dataclass
@@ -123,6 +125,7 @@ class EvalPlan:
     views: int
     crops: int
     out_dir: Path
+    tracking_uri: str | None = None  # the store a models:/ checkpoint came from
 
     @property
     def class_names(self) -> list[str]:
@@ -151,7 +154,7 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
     return EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"], seed=seed, checkpoint=directory,
                     state=checkpoint.state if checkpoint is not None else {}, manifest=manifest, label_map=label_map,
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
-                    out_dir=_out_dir(request, recipe, directory))
+                    out_dir=_out_dir(request, recipe, directory), tracking_uri=request.tracking_uri)
 
 
 def _checkpoint_of(request: EvalRequest) -> LoadedCheckpoint | None:
@@ -161,7 +164,7 @@ def _checkpoint_of(request: EvalRequest) -> LoadedCheckpoint | None:
     if request.preset and not request.clip_only:
         raise ConfigError("--preset picks the CLIP architecture for --clip-only; a checkpoint brings its own model")
     if request.checkpoint:
-        return read_checkpoint(request.checkpoint)
+        return read_checkpoint(request.checkpoint, request.tracking_uri)
     if not request.clip_only:
         raise ConfigError("--checkpoint is required (or use --clip-only --preset NAME for frozen CLIP alone)")
     if not (request.preset or request.config):
@@ -210,6 +213,8 @@ def _out_dir(request: EvalRequest, recipe: Recipe, checkpoint: Path | None) -> P
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if request.out:
         return Path(request.out)
+    if request.checkpoint and request.checkpoint.startswith(REGISTRY_SCHEME):  # fetched into a temporary directory
+        return Path("eval") / f"{request.checkpoint.removeprefix(REGISTRY_SCHEME).replace('/', '-')}-{stamp}"
     if checkpoint is not None:
         return checkpoint / f"eval-{stamp}"
     return Path("eval") / f"clip-only-{recipe.model.preset}-{stamp}"
@@ -412,6 +417,8 @@ def _tracking_uri(plan: EvalPlan, wanted: bool | None) -> str | None:
     recipe = plan.recipe
     if wanted is False or (wanted is None and not recipe.mlflow.enabled):
         return None
+    if plan.tracking_uri:  # where a models:/ checkpoint came from
+        return plan.tracking_uri
     directories = [recipe.run_dir] + ([plan.checkpoint.parent] if plan.checkpoint is not None else [])
     for directory in directories:
         uri = resolve_tracking_uri(recipe.mlflow.tracking_uri, directory, create=False)
@@ -461,7 +468,10 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", help="checkpoint directory (or a run directory: its latest checkpoint)")
+    parser.add_argument("--checkpoint", help="checkpoint directory, a run directory (its latest checkpoint), or a "
+                                             "registered model models:/NAME/VERSION")
+    parser.add_argument("--tracking-uri", help="the MLflow store of a models:/ checkpoint (default: "
+                                               "MLFLOW_TRACKING_URI); the evaluation is logged there")
     parser.add_argument("--config", help="recipe YAML (default: the checkpoint's recipe.yaml)")
     add_override_option(parser, "override a recipe key, e.g. --set eval.batch_size=32")
     parser.add_argument("--manifest", help="videos to evaluate (default: data.val_manifest)")
@@ -482,7 +492,7 @@ def main(argv: list[str]) -> int:
     request = EvalRequest(checkpoint=args.checkpoint, config=args.config, overrides=args.overrides,
                           manifest=args.manifest, labels=args.labels, views=args.views, crops=args.crops,
                           zero_shot_fusion=args.zero_shot_fusion, clip_only=args.clip_only, preset=args.preset,
-                          out=args.out, actors=args.actors, mlflow=args.mlflow)
+                          out=args.out, actors=args.actors, mlflow=args.mlflow, tracking_uri=args.tracking_uri)
     if args.json:  # keep stdout for the JSON alone
         real_stdout, sys.stdout = sys.stdout, sys.stderr
     from workflows.data.drops import TooManyBadVideos

@@ -10,6 +10,7 @@ starts Ray.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,9 +54,39 @@ class LoadedCheckpoint:
         return int(train["seed"]) if "seed" in train else default.train.seed
 
 
-def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """The checkpoint at `path` (a checkpoint directory, or a run directory: its latest checkpoint). Raises
-    FileNotFoundError when there is none, ConfigError when its state.json names no model."""
+REGISTRY_SCHEME = "models:/"
+
+
+def fetch_registered_model(uri: str, tracking_uri: str | None = None) -> Path:
+    """Download a registered model version (`models:/NAME/VERSION`, as training registers it) into a new local
+    directory, from the MLflow store `tracking_uri` (else MLFLOW_TRACKING_URI)."""
+    import tempfile
+
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        raise ConfigError(f"{uri} lives in an MLflow store: pass --tracking-uri (the training run's, e.g. "
+                          "sqlite:///<storage_path>/<run>/mlflow.db or http://<head>:5000) or set MLFLOW_TRACKING_URI")
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, _, version = uri.removeprefix(REGISTRY_SCHEME).partition("/")
+    if not name or not version:
+        raise ConfigError(f"{uri}: a registered model is named models:/NAME/VERSION (e.g. models:/k710-b16/3)")
+    try:  # the registry lives in the same store (MLflow's models:/ resolution would use the global registry URI)
+        source = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(name, version)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri,
+                                                        dst_path=tempfile.mkdtemp(prefix="dist-model-")))
+    except MlflowException as exc:
+        raise FileNotFoundError(f"{uri} in {tracking_uri}: {exc.message}") from None
+
+
+def read_checkpoint(path: str | Path, tracking_uri: str | None = None) -> LoadedCheckpoint:
+    """The checkpoint at `path`: a checkpoint directory, a run directory (its latest checkpoint), or a registered
+    model version `models:/NAME/VERSION` (fetched from `tracking_uri`). Raises FileNotFoundError when there is
+    none, ConfigError when its state.json names no model."""
+    if str(path).startswith(REGISTRY_SCHEME):
+        path = fetch_registered_model(str(path), tracking_uri)
     directory = find_checkpoint(path)
     state = read_state(directory)
     if "model" not in state:
@@ -130,13 +161,13 @@ def build_eval_model(model_section: dict[str, Any], seed: int, weights: dict[str
     return model.eval()
 
 
-def load_predictor(checkpoint: str | Path, labels: str | None = None,
-                   device: str = "cpu") -> tuple[Any, Recipe, list[str]]:
+def load_predictor(checkpoint: str | Path, labels: str | None = None, device: str = "cpu",
+                   tracking_uri: str | None = None) -> tuple[Any, Recipe, list[str]]:
     """(model in eval mode on `device`, the checkpoint's recipe, class names): `labels` (a label file) replaces the
-    class names stored in the checkpoint."""
+    class names stored in the checkpoint. `tracking_uri`: where a `models:/` checkpoint is registered."""
     from workflows.data.manifest import class_names
 
-    loaded = read_checkpoint(checkpoint)
+    loaded = read_checkpoint(checkpoint, tracking_uri)
     recipe = loaded.recipe
     model = build_eval_model(loaded.model_section, loaded.training_seed(recipe), read_weights(loaded.directory))
     label_map, _ = resolve_labels(labels, loaded)

@@ -48,7 +48,10 @@ def predict_video(model: Any, recipe: Recipe, class_names: list[str], path: str,
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows predict", description=__doc__.split("\n")[0])
     parser.add_argument("videos", nargs="+", help="video files (local paths or URIs pyarrow reads)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (or a run directory)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory, a run directory, or a registered model models:/NAME/VERSION")
+    parser.add_argument("--tracking-uri", help="the MLflow store of a models:/ checkpoint (default: "
+                                               "MLFLOW_TRACKING_URI)")
     parser.add_argument("--labels", help="label file {class name: index} (default: the checkpoint's classes)")
     parser.add_argument("--views", type=int, default=3, help="temporal views per video (default 3)")
     parser.add_argument("--crops", type=int, choices=(1, 3), default=1, help="spatial crops per view (default 1)")
@@ -70,7 +73,7 @@ def main(argv: list[str]) -> int:
     from workflows.data.video import BadVideo
 
     try:
-        model, recipe, class_names = load_predictor(args.checkpoint, args.labels, device)
+        model, recipe, class_names = load_predictor(args.checkpoint, args.labels, device, args.tracking_uri)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

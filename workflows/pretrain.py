@@ -15,6 +15,7 @@ from typing import Any
 
 from workflows.capacity import check_capacity
 from workflows.config_loader import ConfigError, add_override_option, dump_yaml
+from workflows.console import quiet_ray_console, recipe_summary, train_logging_config
 from workflows.recipe import (
     Recipe,
     load_recipe,
@@ -28,7 +29,7 @@ LOG_PREFIX = "[pretrain]"
 
 
 def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, callbacks: list | None = None,
-                  name: str | None = None) -> Any:
+                  name: str | None = None, verbose: bool = False) -> Any:
     """The Ray Train TorchTrainer for a recipe (also what a Tune trial runs)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -47,7 +48,7 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
     selector = label_selector(scaling.worker_node_label)
     return TorchTrainer(
         train_loop_per_worker=train_fn_per_worker,
-        train_loop_config={"recipe": recipe_to_dict(recipe), **(extra_config or {})},
+        train_loop_config={"recipe": recipe_to_dict(recipe), "verbose": verbose, **(extra_config or {})},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources, placement_strategy=scaling.placement_strategy,
                                      **({"label_selector": selector} if selector else {})),
@@ -61,6 +62,7 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
                                                checkpoint_score_attribute="val_top1",
                                                checkpoint_score_order="max"),
             callbacks=callbacks or [],
+            logging_config=train_logging_config(verbose),  # the Train controller's own lines
         ),
     )
 
@@ -89,19 +91,35 @@ def validate_before_start(recipe: Recipe) -> None:
                           "server, e.g. http://<head>:5000")
 
 
-def run_pretrain(recipe: Recipe) -> Any:
-    """Validate, start (or join) Ray, train; returns the Ray Train Result."""
+def save_resolved_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML at `<run dir>/recipe.yaml` (a local path or a URI); returns where."""
+    import pyarrow.fs
+
+    recipe = with_absolute_paths(recipe)
+    path = f"{recipe.run_dir.rstrip('/')}/recipe.yaml"
+    fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
+    fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(fs_path) as out:
+        out.write(dump_yaml(recipe).encode())
+    return path
+
+
+def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
+    """Validate, start (or join) Ray, train; returns the Ray Train Result. `verbose`: Ray Data's and Ray Train's
+    own INFO lines on the console too (by default they go to Ray's log files only)."""
     from workflows.data.drops import drop_counter
 
     validate_before_start(recipe)
-    print(f"{LOG_PREFIX} resolved recipe:\n{dump_yaml(recipe)}", flush=True)
+    quiet_ray_console(verbose)
+    print(f"{LOG_PREFIX} {recipe_summary(recipe)}", flush=True)
     ensure_ray(local_cpus_for(recipe))
     # Waits for nodes when scaling.wait_for_nodes_s > 0 (scale from zero); resolves data.decode_node_label: the
     # workers get the resolved recipe.
     recipe = check_capacity(recipe, log_prefix=LOG_PREFIX)
     recipe = with_run_scoped_names(recipe)
+    print(f"{LOG_PREFIX} the full resolved recipe: {save_resolved_recipe(recipe)}", flush=True)
     counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts
-    result = build_trainer(recipe).fit()
+    result = build_trainer(recipe, verbose=verbose).fit()
     del counter
     metrics = result.metrics or {}
     print(f"{LOG_PREFIX} finished: step {metrics.get('step')}, val top-1 {metrics.get('val_top1', float('nan')):.2f}%;"
@@ -113,6 +131,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="recipe YAML (see workflows/configs/)")
     add_override_option(parser, "override a recipe key, e.g. --set train.lr=1e-4")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray Data's and Ray Train's own INFO lines (default: only in Ray's log files)")
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.config, args.overrides)
@@ -121,7 +141,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        run_pretrain(recipe)
+        run_pretrain(recipe, verbose=args.verbose)
     except ConfigError as exc:  # the cluster cannot hold the recipe (check_capacity), before any training work
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -151,6 +151,10 @@ class MlflowSection:
     enabled: bool = True
     tracking_uri: str | None = None  # None: sqlite:///<storage_path>/<name>/mlflow.db
     experiment: str = "dist"
+    # A finished run registers its final weights as a new version of this MLflow registered model (None: the run
+    # name), loadable with `--checkpoint models:/NAME/VERSION`. Sweeps turn it off for their trials.
+    register_model: bool = True
+    registered_model_name: str | None = None
 
 
 @dataclass

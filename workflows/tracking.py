@@ -183,6 +183,26 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._guard("log_artifact", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self._guard("log_artifacts", lambda: self._client.log_artifacts(self.run_id, str(directory), artifact_path))
+
+    def register_model(self, name: str, artifact_path: str, tags: dict[str, Any], description: str) -> str | None:
+        """Register this run's artifact directory `artifact_path` as a new version of registered model `name`
+        (created on first use); returns the version, or None when tracking is off or it failed."""
+        def register() -> str:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self._client.get_registered_model(name)
+            except MlflowException:
+                self._client.create_registered_model(name)
+            version = self._client.create_model_version(
+                name, source=f"runs:/{self.run_id}/{artifact_path}", run_id=self.run_id,
+                tags={k: str(v) for k, v in tags.items()}, description=description)
+            return str(version.version)
+
+        return self._guard("register_model", register)
+
     def log_text(self, text: str, name: str) -> None:
         self._guard("log_text", lambda: self._client.log_text(self.run_id, text, name))
 

@@ -333,14 +333,16 @@ class Trainer:
         state, final = self.state, self.state.step == self.total
         val = self.validate()
         state.record_validation(val["top1"])
+        # `final` travels with the report: a sweep's table tells completed from stopped trials by it, wherever the
+        # checkpoints are stored.
         metrics = {"step": state.step, "epoch": state.epoch, "val_top1": val["top1"], "val_top5": val["top5"],
-                   "val_mean_class_acc": val["mean_class_acc"]}
+                   "val_mean_class_acc": val["mean_class_acc"], "final": float(final)}
         self.log(f"validation at step {state.step}: top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% "
                  f"({int(val['videos'])} videos; best {state.best['val_top1']:.2f}% at step {state.best['step']})")
         if self.rank == 0:
             self._log_validation(metrics, val if final else None)
         if final:
-            self.publish_final_results()
+            self.publish_final_results(metrics)
         self.save_checkpoint(metrics, final=final)
 
     def _log_validation(self, metrics: dict[str, Any], final_val: dict[str, Any] | None) -> None:
@@ -359,14 +361,18 @@ class Trainer:
                                    f"validation, step {self.state.step}: top-1 {final_val['top1']:.1f}%")
                 self.tracker.log_artifact(png)
 
+    def checkpoint_state(self, metrics: dict[str, Any], final: bool) -> dict[str, Any]:
+        """state.json of a checkpoint: the TrainState plus what evaluate / predict / init_from read."""
+        return {**self.state.to_dict(), "metrics": metrics, "class_names": self.class_names,
+                "model": recipe_to_dict(self.recipe)["model"], "final": final, "world_size": self.world}
+
     def save_checkpoint(self, metrics: dict[str, Any], final: bool = False) -> None:
         """Every rank writes its part of a checkpoint, then one `ray.train.report` (a barrier) hands it to Ray."""
         import ray.train
 
         from workflows.checkpoints import write_checkpoint
 
-        state = {**self.state.to_dict(), "metrics": metrics, "class_names": self.class_names,
-                 "model": recipe_to_dict(self.recipe)["model"], "final": final, "world_size": self.world}
+        state = self.checkpoint_state(metrics, final)
         with tempfile.TemporaryDirectory(prefix="dist-ckpt-") as tmp:
             write_checkpoint(Path(tmp), engine=self.engine, model=self.model, rank=self.rank, state=state,
                              recipe_yaml=dump_yaml(self.recipe))
@@ -374,17 +380,16 @@ class Trainer:
 
     # --- the end ---
 
-    def publish_final_results(self) -> None:
-        """Final drop report, training curves and fp32 weights to MLflow, and the MLflow run closed. Every rank calls
-        it: gathering the weights is a collective under ZeRO."""
-        from workflows.checkpoints import master_weights
+    def publish_final_results(self, metrics: dict[str, Any] | None = None) -> None:
+        """Final drop report, training curves and the final checkpoint's model files (fp32 weights, state, recipe) to
+        MLflow, registered as a new model version, and the MLflow run closed. Every rank calls it: gathering the
+        weights is a collective under ZeRO."""
+        from workflows.checkpoints import master_weights, write_model_files
 
         self.published = True
         final_weights = master_weights(self.engine, self.model)
         if self.rank != 0:
             return
-        from safetensors.torch import save_file
-
         from workflows.data.drops import get_drop_report
         from workflows.metrics import save_curves_png
 
@@ -395,10 +400,26 @@ class Trainer:
             curves = Path(tmp) / "training_curves.png"
             save_curves_png(self.state.history, curves)
             self.tracker.log_artifact(curves)
-            weights = Path(tmp) / "weights.safetensors"
-            save_file(final_weights, str(weights))
-            self.tracker.log_artifact(weights, "final_checkpoint")
+            state = self.checkpoint_state(metrics or {}, final=True)
+            write_model_files(Path(tmp) / "final_checkpoint", model=self.model, state=state,
+                              recipe_yaml=dump_yaml(self.recipe), weights=final_weights)
+            self.tracker.log_artifacts(Path(tmp) / "final_checkpoint", "final_checkpoint")
+        self._register_model(metrics or {})
         self.tracker.finish()
+
+    def _register_model(self, metrics: dict[str, Any]) -> None:
+        """Rank 0: the final checkpoint as a version of the recipe's registered model, with its validation metrics."""
+        mlflow = self.recipe.mlflow
+        if not (mlflow.register_model and self.tracker.active):
+            return
+        name = mlflow.registered_model_name or self.recipe.run.name
+        tags = {k: v for k, v in metrics.items() if k.startswith("val_")}
+        tags |= {"step": self.state.step, "best_val_top1": self.state.best["val_top1"]}
+        description = (f"{self.recipe.model.preset} ({self.recipe.model.variant}) trained {self.state.step} steps on "
+                       f"{len(self.class_names)} classes by run {self.recipe.run.name}; recipe.yaml holds the recipe")
+        version = self.tracker.register_model(name, "final_checkpoint", tags, description)
+        if version:
+            self.log(f"registered as MLflow model {name!r} version {version} (--checkpoint models:/{name}/{version})")
 
     def cleanup(self) -> None:
         """Publish the final results if training did not (e.g. relaunched after the run had already finished)."""
@@ -412,11 +433,11 @@ def fail_once_marker(recipe: Recipe) -> str:
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker function: {"recipe": the recipe as a dict, "mlflow_parent_run_id": optional}."""
+    """The Ray Train worker function: {"recipe": the recipe as a dict, "verbose": bool, "mlflow_parent_run_id": str}."""
     import ray.train
 
     recipe = recipe_from_dict(config["recipe"])
-    prepare_worker_process(recipe)
+    prepare_worker_process(recipe, verbose=config.get("verbose", False))
     device = ray.train.torch.get_device() if recipe.scaling.use_gpu else torch.device("cpu")
     ctx = ray.train.get_context()
     trainer = Trainer(recipe, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
@@ -453,10 +474,14 @@ def checkpoint_to_resume(registered: Any, run_dir: str, log: Any = print) -> Any
     return ray.train.Checkpoint(choice[0], filesystem=fs)
 
 
-def prepare_worker_process(recipe: Recipe) -> None:
+def prepare_worker_process(recipe: Recipe, verbose: bool = False) -> None:
     """Process-wide settings of a training worker, and one line saying where it landed."""
     import ray
     import ray.data
+
+    from workflows.console import quiet_ray_console
+
+    quiet_ray_console(verbose)  # Ray Data's per-dataset and Train's per-report lines: log files only, unless verbose
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-worker pipelines: bars garble the log
     # DeepSpeed's ZeRO calls a deprecated torch collective on every step; one warning per step drowns the progress.

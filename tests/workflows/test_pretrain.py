@@ -194,6 +194,21 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
     assert {"recipe.yaml", "confusion_matrix.png", "training_curves.png", "final_checkpoint/weights.safetensors"} \
         <= names
 
+    # Each finished run registered its final weights as a model version, loadable by name and version.
+    from mlflow import MlflowClient
+
+    from workflows.inference import load_predictor
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    versions = {str(v.version): v for v in client.search_model_versions("name='it'")}
+    assert set(versions) == {"1", "2"}
+    assert versions["2"].tags["step"] == "6" and float(versions["2"].tags["val_top1"]) >= 0
+    assert versions["2"].run_id == run_id
+    model, _, names_loaded = load_predictor("models:/it/2", tracking_uri=f"sqlite:///{db}")
+    assert names_loaded == state["class_names"]
+    for key, value in _weights(latest).items():
+        assert torch.equal(model.state_dict()[key], value), key
+
     # Fine-tuning on another label set starts from the pre-trained weights: with lr 0 they must come out unchanged.
     relabelled = _relabel(sample_data, tmp_path / "renamed")
     ft_storage = tmp_path / "ft"

@@ -117,3 +117,50 @@ def test_artifacts_land_beside_the_sqlite_store_not_in_the_working_directory(tmp
     client.download_artifacts(tracker.run_id, "", str(fetched))
     assert (fetched / "final_checkpoint" / "weights.safetensors").read_bytes() == b"not really weights"
     assert (fetched / "recipe.yaml").read_text() == "a: 1\n"
+
+
+def test_register_model_creates_versions_with_tags(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    model_dir = tmp_path / "final_checkpoint"
+    model_dir.mkdir()
+    (model_dir / "weights.safetensors").write_bytes(b"w")
+    versions = []
+    for step in (4, 6):
+        tracker = Tracker(uri, experiment="exp", run_name="r")
+        tracker.log_artifacts(model_dir, "final_checkpoint")
+        versions.append(tracker.register_model("k710-b16", "final_checkpoint", {"step": step, "val_top1": 50.0},
+                                               "a description"))
+        tracker.finish()
+    assert versions == ["1", "2"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    second = client.get_model_version("k710-b16", "2")
+    assert second.tags == {"step": "6", "val_top1": "50.0"} and second.description == "a description"
+    assert Tracker(None).register_model("x", "final_checkpoint", {}, "") is None  # tracking off: nothing to do
+
+
+def test_a_registered_model_needs_its_store(monkeypatch):
+    import pytest
+
+    from workflows.config_loader import ConfigError
+    from workflows.inference import read_checkpoint
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match="pass --tracking-uri"):
+        read_checkpoint("models:/k710-b16/3")
+
+
+def test_a_registered_version_loads_back_as_a_checkpoint_directory(tmp_path, monkeypatch):
+    from workflows.inference import fetch_registered_model
+
+    monkeypatch.chdir(tmp_path)  # no global MLflow state may stand in for the store named here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    (tmp_path / "run").mkdir()
+    model_dir = tmp_path / "final_checkpoint"
+    model_dir.mkdir()
+    (model_dir / "state.json").write_text('{"step": 6}')
+    tracker = Tracker(uri, experiment="exp", run_name="r")
+    tracker.log_artifacts(model_dir, "final_checkpoint")
+    assert tracker.register_model("it", "final_checkpoint", {}, "") == "1"
+    fetched = fetch_registered_model("models:/it/1", uri)
+    assert (fetched / "state.json").read_text() == '{"step": 6}'

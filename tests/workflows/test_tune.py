@@ -455,3 +455,24 @@ def test_asha_stops_a_trial_and_a_failed_trial_does_not_stop_the_sweep(asha_swee
     assert parent.data.metrics["trials"] == 4
     assert parent.data.metrics["trials_failed"] >= 1 and parent.data.metrics["trials_stopped_early"] >= 1
     assert parent.data.metrics["best_val_top1"] == result.best["val_top1"]
+
+
+def test_trial_status_comes_from_the_reports_even_on_remote_storage(tmp_path):
+    """With s3:// storage nothing local holds the trials' checkpoints: the status must come from the reported
+    metrics, so an ASHA-stopped trial is not reported completed."""
+    import types
+
+    import pandas as pd
+
+    from workflows.tune.report import trial_row
+
+    sweep_plan = plan(write_sweep(tmp_path, "  train.lr: {grid: [0.001]}"))
+
+    def result(finals: list[float]) -> types.SimpleNamespace:
+        reports = [{"val_top1": 10.0 * i, "step": 2 * i, "final": f,
+                    "checkpoint_path": f"s3://bucket/sweep/trials/t/checkpoint_{i}"} for i, f in enumerate(finals, 1)]
+        return types.SimpleNamespace(path="s3://bucket/sweep/trial_x", config={}, error=None,
+                                     metrics_dataframe=pd.DataFrame(reports))
+
+    assert trial_row(result([0.0]), sweep_plan, [])["status"] == "stopped early"
+    assert trial_row(result([0.0, 1.0]), sweep_plan, [])["status"] == "completed"

@@ -122,13 +122,6 @@ def save_pareto_png(rows: list[dict[str, Any]], metric: str, label_keys: list[st
     plt.close(fig)
 
 
-def _read_json(path: str | Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def trial_row(result: Any, plan: SweepPlan, keys: list[str]) -> dict[str, Any]:
     """One results-table row from a Tune Result: the trial's values, its best report and its status."""
     sweep = plan.sweep
@@ -151,10 +144,10 @@ def trial_row(result: Any, plan: SweepPlan, keys: list[str]) -> dict[str, Any]:
         row["status"] = "error: " + (first[-1] if first else type(result.error).__name__)[:120]
     elif not reports:
         row["status"] = "no report"
-    else:
-        last_ckpt = reports[-1].get("checkpoint_path", "")
-        final = _read_json(Path(last_ckpt) / "state.json").get("final") if last_ckpt else None
-        row["status"] = "completed" if final or final is None else "stopped early"
+    else:  # each report says whether it was the run's last step (storage may be remote: nothing is read from it)
+        final = reports[-1].get("final")
+        unknown = final is None or (isinstance(final, float) and math.isnan(final))  # a report from before the key
+        row["status"] = "completed" if unknown or final else "stopped early"
     attempts = attempts_file(plan.path, row["run_name"])
     row["attempts"] = len(attempts.read_text().splitlines()) if attempts is not None and attempts.exists() else ""
     return row

@@ -343,7 +343,8 @@ def plan_sweep(sweep: SweepConfig, check_files: bool = True) -> SweepPlan:
     check_space_keys(sweep.search_space)
     uri = tracking_uri(sweep)
     raw = apply_overrides(Recipe, raw, ["mlflow.enabled=true", f"mlflow.tracking_uri={json.dumps(uri)}",
-                                        f"mlflow.experiment={json.dumps(sweep.mlflow.experiment)}"])
+                                        f"mlflow.experiment={json.dumps(sweep.mlflow.experiment)}",
+                                        "mlflow.register_model=false"])  # trials are candidates, not results
     recipe = with_absolute_paths(from_dict(Recipe, raw))
     if check_files:
         check_data_files(recipe)

@@ -1,0 +1,181 @@
+"""What a training run prints: a compact recipe summary, and Ray's own chatter kept off the console.
+
+The console carries what a user reads (the recipe's non-default values, progress, validation and checkpoint lines,
+warnings). Ray Data and Ray Train print INFO lines of their own in every process that runs them: per dataset
+execution "Starting execution of Dataset ...", "Execution plan of Dataset ..." and "Dataset ... execution finished
+in ..." (printed in each Train worker, which builds its own streaming pipeline, and forwarded to the driver), and
+per `ray.train.report` "Reporting training result N: ..." and "Checkpoint successfully created at: ..." (workers),
+plus worker-group start-up lines from the Train controller actor. By default those records still reach Ray's log
+files (`<session>/logs/ray-data/`, `<session>/logs/train/`) but not the console; `verbose` brings them back.
+
+- `quiet_ray_console(verbose)`: call in the driver (before or after `ray.init`) and at the top of every Ray Train
+  worker function; it acts on the calling process only.
+- `train_logging_config(verbose)`: the Train `RunConfig(logging_config=...)`; the only switch that reaches the
+  Train controller actor, where no code of ours runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from workflows.config_loader import to_dict
+
+if TYPE_CHECKING:
+    from ray.train import LoggingConfig
+
+    from workflows.recipe import Recipe
+
+SUMMARY_WIDTH = 120
+ALWAYS_SHOWN = ("model.preset", "run.name")  # what the run is, even at their default values
+
+# Ray's INFO hints about the console settings we chose ourselves: noise once the choice is made.
+_SETTING_HINTS = ("Progress bars disabled.",)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the recipe summary
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _schema_defaults(cls: type) -> dict[str, Any]:
+    """Plain defaults of a config dataclass, section by section. Built per section (not `Recipe()`) so the
+    whole-recipe cross-checks in `__post_init__` never stand in the way."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        values[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return values
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys down to the fields of each section; dict-valued fields (train.deepspeed) stay whole."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and not prefix:  # a section
+            flat.update(_flatten(value, f"{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _format_value(value: Any) -> str:
+    """A value as `--set` would take it: YAML-ish scalars, compact JSON for lists and mappings."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, str) and (not value or any(c.isspace() for c in value)):
+        return repr(value)
+    return str(value)
+
+
+def recipe_changes(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's values that differ from the schema defaults, as dotted keys in schema order (plus
+    ALWAYS_SHOWN). In the model section None means "the preset's value", so only the fields set are listed."""
+    from workflows.recipe import Recipe
+
+    actual = _flatten(to_dict(recipe))
+    defaults = _flatten(_schema_defaults(Recipe))
+    return {key: value for key, value in actual.items()
+            if key in ALWAYS_SHOWN or key not in defaults or value != defaults[key]}
+
+
+def recipe_summary(recipe: Recipe, width: int = SUMMARY_WIDTH) -> str:
+    """A few lines for the console: the recipe's non-default values as `section.key=value`, one section per line
+    (wrapped at `width`). The full resolved YAML goes to the run directory and MLflow instead."""
+    head = "recipe: "
+    indent = " " * len(head)
+    sections: dict[str, list[str]] = {}
+    for key, value in recipe_changes(recipe).items():
+        sections.setdefault(key.split(".", 1)[0], []).append(f"{key}={_format_value(value)}")
+    lines: list[str] = []
+    for items in sections.values():
+        line = ""
+        for item in items:
+            if line and len(indent) + len(line) + 2 + len(item) > width:
+                lines.append(line)
+                line = item
+            else:
+                line = f"{line}  {item}" if line else item
+        lines.append(line)
+    if not lines:
+        return head + "all defaults"
+    return "\n".join((head if i == 0 else indent) + line for i, line in enumerate(lines))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray's console lines
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ray_dir(*parts: str) -> str:
+    import ray
+
+    return os.path.join(os.path.dirname(ray.__file__), *parts) + os.sep
+
+
+class RayInfoToFiles(logging.Filter):
+    """A console-handler filter: drops Ray Data's and Ray Train's records below WARNING (and Ray's hints about
+    settings we chose). Records are matched by source file, not logger name: Train logs its per-report line
+    through a logger named after the file path, which propagates to the root logger. Ray Train's public API
+    (`ray/train/v2/api`, the driver side: Ctrl-C messages) passes. File handlers keep every record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sources = (_ray_dir("data"), _ray_dir("train"))
+        self._kept = _ray_dir("train", "v2", "api")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname
+        if not path.startswith(self._sources) or path.startswith(self._kept):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        return not (record.levelno == logging.WARNING and record.getMessage().startswith(_SETTING_HINTS))
+
+
+_FILTER: RayInfoToFiles | None = None
+
+
+def _console_handlers() -> list[logging.Handler]:
+    """Ray's console handlers in this process: on the `ray` logger (set up at `import ray`), on `ray.data` (at
+    `import ray.data`), and those Train's worker set-up puts on the root and `ray.train` loggers."""
+    from ray._private.log import PlainRayHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in ("ray", "ray.data", "ray.train"))]
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, PlainRayHandler)]
+
+
+def quiet_ray_console(verbose: bool = False) -> None:
+    """Keep Ray Data's and Ray Train's INFO lines (dataset start / plan / finish, per-report and checkpoint lines)
+    off this process's console and in Ray's log files; `verbose` puts them back. Acts on the calling process:
+    call it in the driver and at the top of each Ray Train worker function (their console output is forwarded to
+    the driver). Idempotent; a later call with the other `verbose` undoes the earlier one (Ray reuses processes)."""
+    global _FILTER
+    import ray.data  # noqa: F401  (its import installs the ray.data handlers; attach to those, not replaced later)
+
+    if _FILTER is None:
+        _FILTER = RayInfoToFiles()
+    for handler in _console_handlers():
+        handler.removeFilter(_FILTER)
+        if not verbose:
+            handler.addFilter(_FILTER)
+
+
+def train_logging_config(verbose: bool = False) -> LoggingConfig:
+    """For `RunConfig(logging_config=...)`: Ray Train's own INFO lines (worker-group start-up from the controller
+    actor, process-group set-up in the workers) only in Train's system log files unless `verbose`."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="INFO" if verbose else "WARNING")
