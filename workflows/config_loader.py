@@ -166,6 +166,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def config_parser(prog: str, description: str, config_help: str, override_help: str) -> Any:
+    """The argument parser a config-driven workflow CLI starts from: `--config FILE` (required) and `--set`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help=config_help)
+    add_override_option(parser, override_help)
+    return parser
+
+
 def add_override_option(parser: Any, help: str) -> None:
     """The `--set KEY=VALUE ...` option every workflow CLI takes: several pairs after one flag, or the flag repeated;
     the pairs land in `args.overrides`, applied in order."""

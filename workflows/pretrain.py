@@ -7,14 +7,13 @@ with `train.init_from` and another label file: only the label texts change.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from workflows.capacity import check_capacity
-from workflows.config_loader import ConfigError, add_override_option, dump_yaml
+from workflows.config_loader import ConfigError, config_parser, dump_yaml
 from workflows.console import quiet_ray_console, recipe_summary, train_logging_config
 from workflows.recipe import (
     Recipe,
@@ -128,9 +127,8 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows pretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="recipe YAML (see workflows/configs/)")
-    add_override_option(parser, "override a recipe key, e.g. --set train.lr=1e-4")
+    parser = config_parser("python -m workflows pretrain", __doc__.split("\n")[0],
+                           "recipe YAML (see workflows/configs/)", "override a recipe key, e.g. --set train.lr=1e-4")
     parser.add_argument("--verbose", action="store_true",
                         help="also print Ray Data's and Ray Train's own INFO lines (default: only in Ray's log files)")
     args = parser.parse_args(argv)

@@ -377,6 +377,7 @@ class Trainer:
             write_checkpoint(Path(tmp), engine=self.engine, model=self.model, rank=self.rank, state=state,
                              recipe_yaml=dump_yaml(self.recipe))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        self.log(f"checkpoint of step {self.state.step} reported{' (final)' if final else ''}")
 
     # --- the end ---
 

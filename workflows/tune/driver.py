@@ -20,7 +20,6 @@ trials are kept, unfinished ones continue from their latest checkpoints. A faili
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -28,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from workflows.config_loader import ConfigError, add_override_option, dump_yaml, to_dict
+from workflows.config_loader import ConfigError, config_parser, dump_yaml, to_dict
 from workflows.recipe import Recipe, recipe_to_dict
 from workflows.runtime import is_remote
 from workflows.tracking import Tracker
@@ -266,9 +265,9 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows tune", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="sweep YAML (see workflows/configs/sweep_*.yaml)")
-    add_override_option(parser, "override a sweep key (num_samples=4) or a base recipe key (data.train_manifest=...)")
+    parser = config_parser("python -m workflows tune", __doc__.split("\n")[0],
+                           "sweep YAML (see workflows/configs/sweep_*.yaml)",
+                           "override a sweep key (num_samples=4) or a base recipe key (data.train_manifest=...)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep (also automatic when its directory holds one)")
     parser.add_argument("--retry-failed", action="store_true", help="when resuming, rerun failed trials from scratch")
