@@ -119,3 +119,20 @@ def test_an_epoch_where_no_video_decodes_fails_clearly(counters, video_dir, tmp_
                    "train.global_batch_size=2", "data.train_views=1", "data.max_bad_fraction=1.0")
     with pytest.raises(RuntimeError, match="no video of the training set decodes in epoch 0"):
         list(feeds.train_batches(epoch=0))
+
+
+@pytest.mark.integration
+def test_pretrain_runs_on_a_corpus_whose_bad_files_all_land_on_one_worker(counters, video_dir, tmp_path):
+    """The reported case: 12 clips, 4 bad (missing, empty, truncated, random bytes), 2 workers, micro-batch 4,
+    max_bad_fraction 0.5. `data check` counted 8 ok / 4 dropped, but every attempt of `pretrain` failed on rank 1."""
+    from workflows.pretrain import run_pretrain
+
+    manifest, _ = _manifest(video_dir, tmp_path, rows=12, bad_on_rank1=[0, 1, 2, 3])
+    recipe = load_recipe(SMOKE, [
+        f"data.train_manifest={manifest}", f"data.val_manifest={video_dir / 'good.csv'}",
+        f"data.labels={video_dir / 'labels.json'}", "scaling.num_workers=2", "data.max_bad_fraction=0.5",
+        f"train.seed={SEED}", "train.micro_batch_size=4", "train.global_batch_size=8", "data.train_views=1",
+        "train.max_steps=2", "eval.every_steps=2", f"run.storage_path={tmp_path / 'runs'}", "run.name=bad-corpus",
+        "mlflow.enabled=false", "run.max_failures=0"])
+    result = run_pretrain(recipe)
+    assert result.metrics["step"] == 2 and result.error is None
