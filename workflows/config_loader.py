@@ -234,5 +234,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def dump_yaml(obj: Any) -> str:
-    """The resolved config as YAML text (saved next to checkpoints and logged to MLflow)."""
-    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+    """The resolved config as YAML text (saved next to checkpoints and logged to MLflow), credentials inside URIs
+    redacted: credentials belong in the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, MLFLOW_TRACKING_*)."""
+    from workflows.runtime import redact_secrets
+
+    return yaml.safe_dump(redact_secrets(to_dict(obj)), sort_keys=False)

@@ -23,6 +23,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from workflows.config_loader import to_dict
+from workflows.runtime import redact_secrets
 
 if TYPE_CHECKING:
     from ray.train import LoggingConfig
@@ -85,7 +86,7 @@ def recipe_changes(recipe: Recipe) -> dict[str, Any]:
     ALWAYS_SHOWN). In the model section None means "the preset's value", so only the fields set are listed."""
     from workflows.recipe import Recipe
 
-    actual = _flatten(to_dict(recipe))
+    actual = _flatten(redact_secrets(to_dict(recipe)))
     defaults = _flatten(_schema_defaults(Recipe))
     return {key: value for key, value in actual.items()
             if key in ALWAYS_SHOWN or key not in defaults or value != defaults[key]}

@@ -22,7 +22,14 @@ from workflows.recipe import (
     with_absolute_paths,
     with_run_scoped_names,
 )
-from workflows.runtime import compile_toolchain_problem, ensure_ray, is_remote, label_selector, local_cpus_for
+from workflows.runtime import (
+    compile_toolchain_problem,
+    ensure_ray,
+    is_remote,
+    label_selector,
+    local_cpus_for,
+    redact_secrets,
+)
 
 LOG_PREFIX = "[pretrain]"
 
@@ -116,7 +123,7 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
     # workers get the resolved recipe.
     recipe = check_capacity(recipe, log_prefix=LOG_PREFIX)
     recipe = with_run_scoped_names(recipe)
-    print(f"{LOG_PREFIX} the full resolved recipe: {save_resolved_recipe(recipe)}", flush=True)
+    print(f"{LOG_PREFIX} the full resolved recipe: {redact_secrets(save_resolved_recipe(recipe))}", flush=True)
     counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts
     result = build_trainer(recipe, verbose=verbose).fit()
     del counter

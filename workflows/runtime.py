@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from workflows.recipe import Recipe
@@ -21,6 +23,32 @@ _started_gcs_address: str | None = None
 def is_remote(path: str | os.PathLike | None) -> bool:
     """True for a URI (s3://, gs://, ...) that pyarrow or Ray must fetch; False for a local path (or None)."""
     return path is not None and "://" in str(path)
+
+
+# Query parameters of a storage or tracking URI that carry credentials (pyarrow's S3/GCS options, presigned URLs).
+_SECRET_PARAMS = re.compile(r"(?i)^(access_key|secret_key|session_token|token|password|secret|sig|signature|"
+                            r"x-amz-signature|x-amz-credential|x-amz-security-token|credential|key)$")
+REDACTED = "REDACTED"
+
+
+def redact_secrets(value: Any) -> Any:
+    """`value` with the credentials inside URIs replaced by REDACTED: a password in `scheme://user:password@host`
+    and secret query parameters (`?access_key=...&secret_key=...`). Dicts and lists are walked. For everything
+    written to files, logs and MLflow; Ray's workers get the recipe itself."""
+    if isinstance(value, dict):
+        return {k: redact_secrets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_secrets(v) for v in value)
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    parts = urlsplit(value)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{host}" if ":" in userinfo else f"{REDACTED}@{host}"
+    query = "&".join(f"{k}={REDACTED}" if _SECRET_PARAMS.match(k) else f"{k}={v}"
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def parse_node_label(label: str) -> tuple[str, str]:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from workflows.runtime import is_remote
+from workflows.runtime import is_remote, redact_secrets
 
 STORE_FILE = "mlflow.db"
 
@@ -159,7 +159,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(redact_secrets(params)).items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
             batch = items[i:i + 100]
             self._guard("log_params", lambda batch=batch: self._client.log_batch(self.run_id, params=batch))
