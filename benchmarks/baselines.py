@@ -1,15 +1,10 @@
 """The two training baselines DiST's train step is measured against, built from the same CLIP and dist_model parts.
 
-- `FullFineTune`: DiST exactly (same CLIP taps, same `DiSTNet` branch and head), except that the CLIP image tower
-  trains too: its forward keeps the autograd graph, the backward runs through every block to the weights, and the
-  optimizer updates CLIP's weights as well. The text tower stays frozen (class-name embeddings are cached, as in
-  DiST), so the comparison isolates what freezing the image tower buys.
-- `STAdapterBaseline`: the frozen CLIP with an ST-Adapter (Pan et al., NeurIPS 2022) before every block and a small
-  head on the frame-averaged top CLS token. CLIP's weights never change, but every adapter sits below frozen blocks,
-  so the backward must still run through the whole tower (input gradients, not weight gradients). This is the cost
-  structure AIM and ST-Adapter share and DiST avoids: its branch reads CLIP's tokens, never writes into them.
+- `FullFineTune`: DiST exactly, except that the CLIP image tower trains too (gradients through every block).
+- `STAdapterBaseline`: frozen CLIP with an ST-Adapter before every block and a small head; CLIP's weights never
+  change, but the backward still runs through the whole tower (input gradients), as in AIM and ST-Adapter.
 
-These live here, not in `dist_model/`: they exist to be measured.
+These live here, not in `dist_model/`: they exist to be measured (benchmarks/README.md, train_step).
 """
 
 from __future__ import annotations

@@ -1,28 +1,11 @@
 """end_to_end: training clips/s of the pre-training workflow against a plain PyTorch DDP loop, same data and model.
 
-    python -m benchmarks.end_to_end [--recipe workflows/configs/demo.yaml] [--steps 40] [--warmup-steps 10]
-                                    [--log-every 2] [--repeats 1] [--set key=value ...]
+    python -m benchmarks.end_to_end [--recipe workflows/configs/demo.yaml] [--steps 120] [--warmup-steps 20]
+                                    [--log-every 10] [--repeats 1] [--no-deepspeed-loop] [--set key=value ...]
+                                    [--objects 3] [--cache DIR]
 
-Data: the demo's sample motion dataset (`write_sample_dataset` with `workflows.demo.SAMPLE_SETTINGS`: 64 px, 32
-frames; `--objects` moving objects), written once into `--cache` with enough training videos that every timed step
-falls inside the first epoch.
-
-  workflow  `run_pretrain` on the recipe (default: the demo's; dist_tiny, 2 CPU workers, DeepSpeed ZeRO-2, Ray Data
-            clip feeds with `data.decode_actors` decode actors), on a fresh local Ray, validation only after the
-            last step. Step times come from the workflow's own progress log: its MLflow metrics (`clips_per_s`,
-            `data_wait_fraction`) are logged every `--log-every` steps, after an all-reduce across the workers,
-            with a timestamp.
-  ddp       the same model (`build_dist`, same seed), micro-batch, accumulation, AdamW param groups (lr, betas,
-            weight decay), CLIP normalisation, mixing and loss functions, in `scaling.num_workers` processes
-            (torch.multiprocessing, gloo, `DistributedDataParallel`), torch threads = `scaling.cpus_per_worker`.
-            Each rank reads every world-th training video through a `torch.utils.data.DataLoader` with as many
-            worker processes as the workflow gives each rank decode actors, running the pipeline's own
-            `clips_from_video` with the recipe's ClipSpec (benchmarks.ingest.ClipVideos). The lr stays at its peak
-            (the schedule is a scalar per step; it changes no work).
-
-Steady state: clips/s between the end of step `--warmup-steps` and the end of the last step (`--steps`), i.e.
-(steps - warmup) x global batch / seconds; start-up (Ray, worker groups, DeepSpeed, pipeline spin-up) and the first
-steps are excluded for both. Both runs also report the process tree's CPU seconds per clip over the same window.
+Times `run_pretrain` on a fresh local Ray, a DDP loop fed by DataLoaders, and that loop on the workflow's DeepSpeed
+engine (no Ray), on the demo's sample dataset, each in steady state (start-up excluded). Method: benchmarks/README.md.
 """
 
 from __future__ import annotations

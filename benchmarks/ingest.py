@@ -5,39 +5,9 @@
                                 [--warmup-clips 32] [--tail-clips 16] [--single-videos 48] [--repeats 2]
                                 [--no-select-columns] [--cache DIR]
 
-Videos: real H.264 mp4 files (`write_video`, GOP 16, 24 fps, `--video-frames` frames) written once into `--cache`
-(under the system temp dir by default, reused by later runs): the sample dataset's motion videos (`render_motion`
-at 96 px, upscaled with swscale) at a Kinetics-like 340x256 and at 640x360.
-
-Every clip is made by the pipeline's own code, `workflows.data.pipeline.clips_from_video` (decord decode of the
-segment-sampled frames with decode-time resize of large sources, random-resized crop, flip, grayscale), with the
-`ClipSpec` that `build_clip_dataset` builds (train split, seeded per video), so every variant makes the very same
-`--videos` clips of `--frames` x `--crop` px:
-
-  ray         `build_clip_dataset` on a fresh local Ray with `--workers` x `--threads` CPUs (`--workers` decode
-              actors, `--threads` decord threads each, `--map-batch` videos per actor call: by default `--batch`,
-              the videos a DataLoader worker decodes per request), consumed with
-              `iter_torch_batches(batch_size=--batch)` whose collate_fn is Ray's default conversion of the two
-              columns training uses;
-  ray_select_columns  the same, with `.select_columns(["frames", "label"])` first (how workflows/feeds.py
-              consumed it until 2026-11-23): kept to show why it no longer does;
-  dataloader  `torch.utils.data.DataLoader`, `--workers` spawned worker processes (OMP/BLAS threads = `--threads`,
-              decord threads = `--threads`), one video per item, `--batch` clips per batch;
-  limit       the decode limit: `clips_from_video` run in this process one clip after another (BLAS threads =
-              `--threads`), clips/s x min(workers, cores). `decord share` is the part of that time spent inside
-              the pipeline's `read_frames` (decord); the rest is sampling and the numpy transforms.
-
-Steady state: each stream is timed from the arrival that completes its first `--warmup-clips` clips (imports,
-worker/actor start-up and first decodes excluded) to the last arrival that leaves `--tail-clips` clips to come (the
-drain excluded), so every variant is timed over the same number of clips, while all its workers are busy. CPU s/clip
-is the CPU time of this process tree over that window (Ray: its daemons, actors and tasks included; the DataLoader:
-this process and its workers, not the idle Ray beside it): it changes less than clips/s when other jobs share the
-machine. Machine idle is the share of the whole machine's CPU time left idle over the same window (every process
-counted, the idle Ray beside the DataLoader included): the cores a pipeline leaves unused, which is where one
-pipeline's extra CPU can go without costing clips/s. Each repeat runs every variant, alternating the order; ratios
-are medians over repeats of ratios measured in the same repeat, and the table lists each repeat's ratio to the
-DataLoader with their mean ± two standard errors. The first size of `--sizes` (340x256, Kinetics-like, by default)
-gives the headline `ray_vs_dataloader` and `ray_vs_decode_limit`.
+Writes H.264 videos once into `--cache`, then times in steady state `build_clip_dataset` on a local Ray, a
+`torch.utils.data.DataLoader` with as many workers, and `clips_from_video` in one process (the decode limit); every
+variant makes the very same clips with the pipeline's own code. Method, variants and ratios: benchmarks/README.md.
 """
 from __future__ import annotations
 

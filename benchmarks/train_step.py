@@ -1,36 +1,13 @@
 """train_step: one optimizer step of DiST against full fine-tuning and an adapter baseline, on the same input.
 
-    python -m benchmarks.train_step [--preset dist_b16_k400] [--batch 1] [--steps 5] [--device cpu|cuda]
-                                    [--dtype fp32|bf16] [--repeats 1] [--keep-text-tower]
-                                    [--activation-checkpointing [N]] [--compile [--compile-mode M] [--compile-frozen]]
+    python -m benchmarks.train_step [--preset dist_b16_k400] [--batch 1] [--steps 5] [--warmup 2] [--repeats 1]
+                                    [--device cpu|cuda] [--dtype fp32|bf16] [--threads N] [--matmul-size 2048]
+                                    [--keep-text-tower] [--activation-checkpointing [N]]
+                                    [--compile [--compile-mode M] [--compile-frozen]]
 
-Variants (random CLIP weights, seeded identically; same video, labels, class names, AdamW settings):
-  dist     DiST as built by `build_dist`: CLIP frozen and run without autograd, only `dist_net` trains.
-  adapter  frozen CLIP with ST-Adapters in every block + a small head; the backward runs through the whole tower.
-  full     DiST's wiring with the CLIP image tower unfrozen: gradients through CLIP, CLIP's weights optimised.
-
-Every variant caches its class-name embeddings and then releases CLIP's text tower (`FrozenCLIP.release_text_tower`),
-which no train step touches (`--keep-text-tower` keeps it resident, as the first measurements did). Each variant
-runs in a fresh subprocess so its peak memory is its own: on CPU the peak resident set (VmHWM) above
-the process's RSS before the model is built (weights, gradients, optimizer state, activations, workspace); on CUDA
-`max_memory_allocated`. Step time is the median over `--steps` timed steps after `--warmup` steps. FLOPs are
-counted by `torch.utils.flop_counter.FlopCounterMode` over one forward + backward (matmuls, convolutions,
-attention; the optimizer's elementwise work is not counted), and the utilisation is counted FLOP/s over the
-machine's (size x size) matmul rate in the same dtype, measured in the same subprocess before and after the steps.
-The aten ops one eager forward + backward dispatches are counted too: on a GPU each costs host time, and a step of
-many small ops waits on the host (`dist_vs_adapter_ops`).
-With `--repeats N` the three variants run N times, alternating their order; each ratio is the median over repeats of
-the ratio within one repeat (on shared CPUs the machine's speed drifts between variants run a minute apart).
-
-`--compile` torch.compiles the part of each variant that autograd runs through, as `train.compile` does in the
-workflow: DiST's trainable branch (its frozen CLIP runs without autograd and stays eager), the adapter baseline's and
-the full fine-tune's whole forward (their backward runs through CLIP). Compilation happens in the warm-up steps; FLOPs
-are counted on the eager path (`torch.compiler.set_stance("force_eager")`), the same math. `--compile-mode` passes
-torch.compile's mode (`reduce-overhead`: CUDA graphs on a GPU); `--compile-frozen` compiles DiST's frozen CLIP
-forward as well (`FrozenCLIP.compile_forward`), so that every variant runs compiled end to end.
-
-`--dtype bf16` runs every variant in reduced precision: the frozen towers (dist, adapter) store CLIP in bf16, the
-full fine-tune keeps fp32 master weights under bf16 autocast, and every trainable part runs under bf16 autocast.
+Each variant (`dist`, and `adapter` and `full` from benchmarks/baselines.py) runs in a fresh subprocess and reports
+its median step time, peak memory, counted FLOPs and their share of the machine's matmul rate; the ratios compare
+them. Method: benchmarks/README.md.
 """
 
 from __future__ import annotations

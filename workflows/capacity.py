@@ -3,33 +3,11 @@ scales from zero, the wait for the autoscaler to add the nodes.
 
     check_capacity(recipe, log_prefix) -> the recipe with data.decode_node_label resolved (what the workers get)
 
-What a run needs: `scaling.num_workers` Train workers of `cpus_per_worker` CPUs (and `gpus_per_worker` GPUs with
-`use_gpu`), on the nodes labelled `scaling.worker_node_label` when it is set, and the decode actors beside them: one
-per worker, of `data.decode_threads` CPUs, on the nodes that `data.decode_node_label` selects
-(`workflows.data.decode_nodes.resolve_decode_nodes`; without a label, one actor anywhere). Only alive nodes count,
-and each group only on the nodes its label selects: labelled worker nodes that are missing or too small fail the
-check (naming the label and what the nodes carry) instead of leaving the run waiting for them.
-
-Scale from zero. The cluster YAMLs start GPU and decode nodes at zero, so on a fresh cluster nothing is alive yet
-when the driver checks. With `scaling.wait_for_nodes_s` > 0 (the cluster recipes set it) a failed check is not final:
-
-- the driver asks the autoscaler for exactly those bundles (`ray.autoscaler.sdk.request_resources`, with per-bundle
-  label selectors, which Ray 2.60 forwards to autoscaler v2: the default of `ray up` since Ray 2.50 and of
-  cluster/kuberay-rayjob.yaml; autoscaler v1 drops the selectors and sees only the shapes), prints one line saying
-  what it waits for, checks the alive nodes every `POLL_S` seconds, prints progress at most every `PROGRESS_S`
-  seconds, and goes on as soon as the check passes;
-- it fails with the check's own message plus "waited N s" when the time is up; at once, without waiting, when the
-  autoscaler v2 reports the request as infeasible (no node type can provide it within max_workers; a plain
-  `ray start` cluster under autoscaler v2 is such a case); and without asking when this process started Ray itself
-  (a local cluster has no autoscaler). A plain `ray start` cluster under autoscaler v1 (the default there) cannot be
-  told apart from one whose nodes are slow to boot: the driver waits the configured time, and says so on timeout;
-- the request is re-sent at every poll (any other `request_resources` caller replaces it: Ray Data's autoscaling
-  coordinator, a detached actor once any dataset ran on the cluster, re-sends its own every 20 s) and cleared
-  (empty bundles) when the wait ends, whether the nodes came or not, so the cluster can scale down later. From then
-  on the run's placement group and decode actors keep the nodes busy.
-
-`scaling.wait_for_nodes_s: 0` (the default, and what local runs and tests use) keeps the immediate fail-fast.
-Everything that talks to Ray goes through a `Cluster`, so tests replace the nodes, the clock and the requester.
+It counts the Train workers and their decode actors against the alive nodes that their labels select and fails
+naming what is missing; with `scaling.wait_for_nodes_s` > 0 it first asks the autoscaler for exactly those bundles
+and waits (0, the default, fails at once). What it counts, how it waits and when it gives up: cluster/README.md,
+"Scale from zero". Everything that talks to Ray goes through a `Cluster`, so tests replace the nodes, the clock and
+the requester.
 """
 
 from __future__ import annotations
