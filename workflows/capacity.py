@@ -21,7 +21,14 @@ from typing import Any
 
 from workflows.config_loader import ConfigError
 from workflows.recipe import Recipe
-from workflows.runtime import label_selector, parse_node_label, ray_started_here
+from workflows.runtime import (
+    alive_nodes,
+    label_selector,
+    node_matches,
+    node_resources,
+    parse_node_label,
+    ray_started_here,
+)
 
 POLL_S = 5.0  # how often the alive nodes are checked while waiting (the autoscaler itself updates every 5 s)
 PROGRESS_S = 30.0  # at most one progress line per this many seconds
@@ -155,30 +162,15 @@ class Cluster:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _alive(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [n for n in nodes if n.get("Alive", False)]
-
-
-def _resources(node: dict[str, Any]) -> tuple[float, float]:
-    resources = node.get("Resources") or {}
-    return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
-
-
-def _carries(node: dict[str, Any], label: str | None) -> bool:
-    """Whether `node` carries Ray node label `label` ("key=value"); every node does when it is None."""
-    labels = node.get("Labels") or node.get("labels") or {}
-    return all(labels.get(k) == v for k, v in (label_selector(label) or {}).items())
-
-
 def _selected(nodes: list[dict[str, Any]], label: str | None) -> list[dict[str, Any]]:
     """The alive nodes carrying `label`; all alive nodes when it is None."""
-    return [n for n in _alive(nodes) if _carries(n, label)]
+    return [n for n in alive_nodes(nodes) if node_matches(n, label_selector(label))]
 
 
 def _totals(nodes: list[dict[str, Any]]) -> tuple[int, float, float]:
     """(alive nodes, their CPUs, their GPUs)."""
-    alive = _alive(nodes)
-    return len(alive), sum(_resources(n)[0] for n in alive), sum(_resources(n)[1] for n in alive)
+    alive = alive_nodes(nodes)
+    return len(alive), sum(node_resources(n)[0] for n in alive), sum(node_resources(n)[1] for n in alive)
 
 
 def _workers_that_fit(recipe: Recipe, nodes: list[dict[str, Any]]) -> int | None:
@@ -189,7 +181,7 @@ def _workers_that_fit(recipe: Recipe, nodes: list[dict[str, Any]]) -> int | None
     need = [(i, amount) for i, amount in need if amount > 0]
     if not need:
         return None
-    return sum(min(int(_resources(n)[i] / amount + 1e-9) for i, amount in need) for n in _alive(nodes))
+    return sum(min(int(node_resources(n)[i] / amount + 1e-9) for i, amount in need) for n in alive_nodes(nodes))
 
 
 def _worker_label_fix(label: str, action: str = "Add or enlarge nodes with that label") -> str:
@@ -247,7 +239,8 @@ def _assess(recipe: Recipe, nodes: list[dict[str, Any]]) -> tuple[Recipe, Any]:
     except DecodeNodesError as exc:
         raise ConfigError(str(exc)) from None
     need_decode = data.decode_threads if decode.label is None else scaling.num_workers * data.decode_threads
-    cpus = sum(_resources(n)[0] for n in _alive(nodes) if _carries(n, label) or _carries(n, decode.label))
+    cpus = sum(node_resources(n)[0] for n in alive_nodes(nodes)
+               if node_matches(n, label_selector(label)) or node_matches(n, label_selector(decode.label)))
     if cpus - need_cpu < need_decode:
         scope = (f"the nodes labelled {label} or {decode.label} have" if label and decode.label else
                  "the cluster has")

@@ -79,11 +79,16 @@ def write_file_list(directory: Path, rank: int) -> None:
     (directory / COMPLETE / f"rank_{rank}.json").write_text(json.dumps(files, indent=1))
 
 
+def _read_json_at(fs: Any, path: str) -> Any:
+    """A JSON file on pyarrow filesystem `fs`; raises OSError or ValueError when it is missing or unreadable."""
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
 def read_state_at(fs: Any, path: str) -> dict[str, Any]:
     """state.json of the checkpoint at `path` on pyarrow filesystem `fs` ({} when it has none or it is unreadable)."""
     try:
-        with fs.open_input_stream(f"{path}/{STATE}") as f:
-            return json.loads(f.read())
+        return _read_json_at(fs, f"{path}/{STATE}")
     except (OSError, ValueError):
         return {}
 
@@ -98,8 +103,7 @@ def checkpoint_step(fs: Any, path: str) -> int | None:
         state = read_state_at(fs, path)
         listed: dict[str, int] = {}
         for rank in range(int(state["world_size"])):
-            with fs.open_input_stream(f"{path}/{COMPLETE}/rank_{rank}.json") as f:
-                listed.update(json.loads(f.read()))
+            listed.update(_read_json_at(fs, f"{path}/{COMPLETE}/rank_{rank}.json"))
     except (OSError, KeyError, ValueError):
         return None
     infos = fs.get_file_info([f"{path}/{name}" for name in listed])

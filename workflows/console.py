@@ -16,7 +16,6 @@ files (`<session>/logs/ray-data/`, `<session>/logs/train/`) but not the console;
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -40,21 +39,6 @@ _SETTING_HINTS = ("Progress bars disabled.",)
 # ---------------------------------------------------------------------------------------------------------------
 # the recipe summary
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _schema_defaults(cls: type) -> dict[str, Any]:
-    """Plain defaults of a config dataclass, section by section. Built per section (not `Recipe()`) so the
-    whole-recipe cross-checks in `__post_init__` never stand in the way."""
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            value = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-        else:
-            continue
-        values[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
-    return values
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -87,7 +71,7 @@ def recipe_changes(recipe: Recipe) -> dict[str, Any]:
     from workflows.recipe import Recipe
 
     actual = _flatten(redact_secrets(to_dict(recipe)))
-    defaults = _flatten(_schema_defaults(Recipe))
+    defaults = _flatten(to_dict(Recipe()))
     return {key: value for key, value in actual.items()
             if key in ALWAYS_SHOWN or key not in defaults or value != defaults[key]}
 

@@ -29,7 +29,9 @@ from workflows.runtime import (
     label_selector,
     local_cpus_for,
     redact_secrets,
+    write_text,
 )
+from workflows.tracking import resolve_tracking_uri
 
 LOG_PREFIX = "[pretrain]"
 
@@ -91,22 +93,15 @@ def validate_before_start(recipe: Recipe) -> None:
     if init_from and not is_remote(init_from) and not Path(init_from).exists():
         raise ConfigError(f"train.init_from: {init_from} does not exist (a checkpoint directory of ours, or an "
                           "authors' .pyth file)")
-    remote = is_remote(recipe.run.storage_path)
-    if recipe.mlflow.enabled and remote and not (recipe.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        raise ConfigError("run.storage_path is remote: set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to a tracking "
-                          "server, e.g. http://<head>:5000")
+    if recipe.mlflow.enabled and is_remote(recipe.run_dir):  # a remote run directory needs a tracking server
+        resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir)
 
 
 def save_resolved_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML at `<run dir>/recipe.yaml` (a local path or a URI); returns where."""
-    import pyarrow.fs
-
     recipe = with_absolute_paths(recipe)
     path = f"{recipe.run_dir.rstrip('/')}/recipe.yaml"
-    fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
-    fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(fs_path) as out:
-        out.write(dump_yaml(recipe).encode())
+    write_text(path, dump_yaml(recipe))
     return path
 
 

@@ -51,6 +51,16 @@ def redact_secrets(value: Any) -> Any:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def write_text(path: str, text: str) -> None:
+    """Write a small text file at a local path or a URI (s3://, gs://, file://), creating its directory."""
+    import pyarrow.fs
+
+    fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
+    fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(fs_path) as out:
+        out.write(text.encode())
+
+
 def parse_node_label(label: str) -> tuple[str, str]:
     """`key=value` -> (key, value), whitespace stripped; the value is "" when there is no `=`."""
     key, _, value = label.partition("=")
@@ -63,6 +73,34 @@ def label_selector(label: str | None) -> dict[str, str] | None:
         return None
     key, value = parse_node_label(label)
     return {key: value}
+
+
+# --- `ray.nodes()` entries: the capacity check and the decode-node resolution read them the same way ---
+
+
+def alive_nodes(nodes: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The alive entries of `nodes` (`ray.nodes()` entries; default: ask the running cluster)."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    return [node for node in nodes if node.get("Alive", False)]
+
+
+def node_labels(node: dict[str, Any]) -> dict[str, str]:
+    return node.get("Labels") or node.get("labels") or {}
+
+
+def node_matches(node: dict[str, Any], selector: dict[str, str] | None) -> bool:
+    """Whether `node` carries every label of `selector` (every node does for None or {})."""
+    labels = node_labels(node)
+    return not selector or all(labels.get(k) == v for k, v in selector.items())
+
+
+def node_resources(node: dict[str, Any]) -> tuple[float, float]:
+    """(CPUs, GPUs) of a node."""
+    resources = node.get("Resources") or {}
+    return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
 
 
 def local_cpus_for(recipe: Recipe) -> float:

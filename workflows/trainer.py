@@ -23,7 +23,7 @@ import torch
 
 from workflows.config_loader import ConfigError, dump_yaml
 from workflows.recipe import Recipe, recipe_from_dict, recipe_to_dict
-from workflows.runtime import compile_toolchain_problem
+from workflows.runtime import compile_toolchain_problem, write_text
 
 LOG_PREFIX = "[pretrain]"
 HISTORY_KEYS = ("loss", "lr", "val_top1", "clips_per_s")
@@ -284,12 +284,11 @@ class Trainer:
         train, step = self.recipe.train, self.state.step
         if train.fail_at_step != step or self.rank != train.fail_rank:
             return
-        fs, marker = pyarrow.fs.FileSystem.from_uri(fail_once_marker(self.recipe))
-        if fs.get_file_info(marker).type != pyarrow.fs.FileType.NotFound:
+        marker = fail_once_marker(self.recipe)
+        fs, fs_path = pyarrow.fs.FileSystem.from_uri(marker)
+        if fs.get_file_info(fs_path).type != pyarrow.fs.FileType.NotFound:
             return
-        fs.create_dir(marker.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(marker) as out:
-            out.write(f"injected failure at step {step}\n".encode())
+        write_text(marker, f"injected failure at step {step}\n")
         raise RuntimeError(f"injected failure at step {step} (train.fail_at_step) on rank {self.rank}")
 
     def log_progress(self) -> None:

@@ -14,23 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workflows.data.data_config import DECODE_ANYWHERE, DECODE_LABEL_AUTO, DataConfig
-from workflows.runtime import label_selector, parse_node_label
+from workflows.runtime import (
+    alive_nodes,
+    label_selector,
+    node_labels,
+    node_matches,
+    node_resources,
+    parse_node_label,
+)
 
 
 class DecodeNodesError(RuntimeError):
     """The nodes that `data.decode_node_label` selects cannot hold the decode actors (none alive, or too few CPUs)."""
-
-
-def _alive_nodes(nodes: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    if nodes is None:
-        import ray
-
-        nodes = ray.nodes()
-    return [node for node in nodes if node.get("Alive", False)]
-
-
-def _node_labels(node: dict[str, Any]) -> dict[str, str]:
-    return node.get("Labels") or node.get("labels") or {}
 
 
 def _selector(label: str | None) -> dict[str, str] | None:
@@ -110,12 +105,12 @@ def resolve_decode_nodes(setting: str | None, nodes: list[dict[str, Any]] | None
     the running cluster). "key=value": those nodes, however many there are (`DecodeNodes.check` fails on none);
     None (unset): DECODE_LABEL_AUTO when some alive node carries it, else any node; "any": any node.
     Never raises for missing nodes: `DecodeNodes.check` does, with the labels the cluster has."""
-    alive = _alive_nodes(nodes)
+    alive = alive_nodes(nodes)
     auto = setting is None
     label = setting if setting != DECODE_ANYWHERE else None
     if auto:
         label = DECODE_LABEL_AUTO
-        if not any(_matches(node, _selector(label)) for node in alive):
+        if not any(node_matches(node, _selector(label)) for node in alive):
             label = None
     selector = _selector(label)
     cluster_labels: dict[str, int] = {}
@@ -123,13 +118,12 @@ def resolve_decode_nodes(setting: str | None, nodes: list[dict[str, Any]] | None
     cpus = gpus = other_cpus = other_gpus = largest = 0.0
     count = 0
     for node in alive:
-        own = {k: v for k, v in _node_labels(node).items() if not k.startswith("ray.io/")}
+        own = {k: v for k, v in node_labels(node).items() if not k.startswith("ray.io/")}
         for k, v in own.items():
             cluster_labels[f"{k}={v}"] = cluster_labels.get(f"{k}={v}", 0) + 1
         unlabelled += not own
-        resources = node.get("Resources") or {}
-        node_cpus, node_gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
-        if _matches(node, selector):
+        node_cpus, node_gpus = node_resources(node)
+        if node_matches(node, selector):
             count += 1
             cpus, gpus, largest = cpus + node_cpus, gpus + node_gpus, max(largest, node_cpus)
         else:
@@ -139,15 +133,9 @@ def resolve_decode_nodes(setting: str | None, nodes: list[dict[str, Any]] | None
                        unlabelled_nodes=unlabelled)
 
 
-def _matches(node: dict[str, Any], selector: dict[str, str] | None) -> bool:
-    labels = _node_labels(node)
-    return not selector or all(labels.get(k) == v for k, v in selector.items())
-
-
 def decode_cpus(label_selector: dict[str, str] | None = None) -> float:
     """CPUs of the alive nodes that may run decode actors (all nodes, or those carrying every selected label)."""
-    return sum(float((node.get("Resources") or {}).get("CPU", 0.0))
-               for node in _alive_nodes(None) if _matches(node, label_selector))
+    return sum(node_resources(node)[0] for node in alive_nodes() if node_matches(node, label_selector))
 
 
 def decode_pool_size(cfg: DataConfig) -> int:
