@@ -227,16 +227,16 @@ def _loop_worker(rank: int, world: int, engine_name: str, recipe_dict: dict, por
 
             for group in optimizer.param_groups:
                 group.pop("name", None)  # as the workflow does for DeepSpeed's ZeRO wrapper
-            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=build_deepspeed_config(recipe), dist_init_required=False)
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
+                                                   config=build_deepspeed_config(recipe, world))
         else:
-            engine = DDPEngine(model, optimizer, recipe.grad_accum_steps, train.grad_clip)
+            engine = DDPEngine(model, optimizer, recipe.batch_plan(world).accum, train.grad_clip)
         # The workflow's feed for this rank, for its geometry, class names and share of the decode actors.
         feeds = ClipFeeds(recipe, rank, world, torch.device("cpu"))
         spec = ClipSpec.from_config(feeds.data_cfg, split="train", num_frames=feeds.num_frames, crop_size=feeds.crop,
                                     num_views=recipe.data.train_views, seed=train.seed, epoch=0)
         videos = manifest_videos(recipe.data.train_manifest, recipe.data.labels)[rank::world]
-        class_names, accum = feeds.class_names, recipe.grad_accum_steps
+        class_names, accum = feeds.class_names, recipe.batch_plan(world).accum
         mix_gen = torch.Generator().manual_seed(train.seed * 1000 + rank)
         times, waits, step, position = [], [], 0, 0
         loss_sum = torch.zeros(())

@@ -61,7 +61,8 @@ class NodeRequest:
 
 
 def node_request(recipe: Recipe, decode_label: str | None) -> NodeRequest:
-    """What to ask the autoscaler for: one bundle per Train worker (its CPUs and GPUs, on scaling.worker_node_label)
+    """What to ask the autoscaler for: one bundle per Train worker, as many as an elastic run may use (its CPUs and
+    GPUs, on scaling.worker_node_label)
     and the decode CPUs that `check_capacity` requires: one actor of data.decode_threads CPUs per worker on the
     resolved decode label (`decode_label`, "key=value"), or a single actor anywhere when there is none."""
     scaling, data = recipe.scaling, recipe.data
@@ -72,9 +73,9 @@ def node_request(recipe: Recipe, decode_label: str | None) -> NodeRequest:
     bundles: list[dict[str, float]] = []
     selectors: list[dict[str, str]] = []
     if worker:
-        bundles += [dict(worker) for _ in range(scaling.num_workers)]
-        selectors += [label_selector(scaling.worker_node_label) or {} for _ in range(scaling.num_workers)]
-    decode_actors = scaling.num_workers if decode_label else 1
+        bundles += [dict(worker) for _ in range(scaling.max_workers)]
+        selectors += [label_selector(scaling.worker_node_label) or {} for _ in range(scaling.max_workers)]
+    decode_actors = scaling.max_workers if decode_label else 1
     bundles += [{"CPU": float(data.decode_threads)} for _ in range(decode_actors)]
     selectors += [label_selector(decode_label) or {} for _ in range(decode_actors)]
     return NodeRequest(bundles, selectors)
@@ -210,42 +211,42 @@ def _assess(recipe: Recipe, nodes: list[dict[str, Any]]) -> tuple[Recipe, Any]:
     labelled = f"the nodes labelled {label} (scaling.worker_node_label)"
     if label and not workers:
         raise ConfigError(f"scaling.worker_node_label {label!r}: no alive Ray node carries it, so the "
-                          f"{scaling.num_workers} training workers have nowhere to run; the alive nodes carry: "
+                          f"{scaling.min_workers} training workers have nowhere to run; the alive nodes carry: "
                           f"{decode.labels_seen()}. {_worker_label_fix(label, 'Label the training nodes with it')}")
-    if scaling.use_gpu and worker_gpus < scaling.num_workers * scaling.gpus_per_worker:
+    if scaling.use_gpu and worker_gpus < scaling.min_workers * scaling.gpus_per_worker:
         if label:
-            raise ConfigError(f"scaling asks for {scaling.num_workers} workers x {scaling.gpus_per_worker:g} GPU on "
+            raise ConfigError(f"scaling asks for {scaling.min_workers} workers x {scaling.gpus_per_worker:g} GPU on "
                               f"{labelled}, but the {count} alive node(s) carrying it have {worker_gpus:g} GPUs. "
                               f"{_worker_label_fix(label)}")
-        raise ConfigError(f"scaling asks for {scaling.num_workers} workers x {scaling.gpus_per_worker:g} GPU but the "
+        raise ConfigError(f"scaling asks for {scaling.min_workers} workers x {scaling.gpus_per_worker:g} GPU but the "
                           f"cluster has {worker_gpus:g} GPUs on its alive nodes (on an autoscaling cluster, also check "
                           f"the GPU node type's max_workers)")
-    need_cpu = scaling.num_workers * scaling.cpus_per_worker
+    need_cpu = scaling.min_workers * scaling.cpus_per_worker
     if label and worker_cpus < need_cpu:
-        raise ConfigError(f"scaling asks for {scaling.num_workers} workers x {scaling.cpus_per_worker:g} CPUs on "
+        raise ConfigError(f"scaling asks for {scaling.min_workers} workers x {scaling.cpus_per_worker:g} CPUs on "
                           f"{labelled}, but the {count} alive node(s) carrying it have {worker_cpus:g} CPUs. "
                           f"{_worker_label_fix(label)}, or lower scaling.cpus_per_worker")
     fit = _workers_that_fit(recipe, workers)
-    if fit is not None and fit < scaling.num_workers:
+    if fit is not None and fit < scaling.min_workers:
         gpu = f" and {scaling.gpus_per_worker:g} GPU" if scaling.use_gpu else ""
         shape = f"{scaling.cpus_per_worker:g} CPUs{gpu}"
         nodes_held = f"the {count} alive node(s) labelled {label}" if label else "the alive nodes"
         fix = (f"{_worker_label_fix(label, 'Use larger nodes with that label')}, or lower scaling.cpus_per_worker"
                if label else "Use larger nodes or lower scaling.cpus_per_worker")
-        raise ConfigError(f"scaling asks for {scaling.num_workers} workers of {shape} each, but a worker cannot span "
+        raise ConfigError(f"scaling asks for {scaling.min_workers} workers of {shape} each, but a worker cannot span "
                           f"nodes and {nodes_held} hold only {fit} of them. {fix}")
     try:  # each worker's pipeline keeps at least one decode actor
-        decode.check(scaling.num_workers, data.decode_threads)
+        decode.check(scaling.min_workers, data.decode_threads)
     except DecodeNodesError as exc:
         raise ConfigError(str(exc)) from None
-    need_decode = data.decode_threads if decode.label is None else scaling.num_workers * data.decode_threads
+    need_decode = data.decode_threads if decode.label is None else scaling.min_workers * data.decode_threads
     cpus = sum(node_resources(n)[0] for n in alive_nodes(nodes)
                if node_matches(n, label_selector(label)) or node_matches(n, label_selector(decode.label)))
     if cpus - need_cpu < need_decode:
         scope = (f"the nodes labelled {label} or {decode.label} have" if label and decode.label else
                  "the cluster has")
         raise ConfigError(
-            f"{scope} {cpus:g} CPUs; the {scaling.num_workers} training workers take {need_cpu:g}, leaving "
+            f"{scope} {cpus:g} CPUs; the {scaling.min_workers} training workers take {need_cpu:g}, leaving "
             f"{max(cpus - need_cpu, 0):g} for video decoding (needs {need_decode:g}). Lower scaling.cpus_per_worker, "
             f"add CPU nodes (labelled for decoding: data.decode_node_label), or start Ray with more logical CPUs")
     resolved = dataclasses.replace(recipe, data=dataclasses.replace(data, decode_node_label=decode.setting))
@@ -262,15 +263,15 @@ def _have(recipe: Recipe, nodes: list[dict[str, Any]], decode_label: str | None)
     label = scaling.worker_node_label
     _, worker_cpus, worker_gpus = _totals(_selected(nodes, label))
     if scaling.use_gpu:
-        parts.append(f"{worker_gpus:g}/{scaling.num_workers * scaling.gpus_per_worker:g} GPUs"
+        parts.append(f"{worker_gpus:g}/{scaling.min_workers * scaling.gpus_per_worker:g} GPUs"
                      + (f" labelled {label}" if label else ""))
     if label:
-        parts.append(f"{worker_cpus:g}/{scaling.num_workers * scaling.cpus_per_worker:g} worker CPUs labelled {label}")
+        parts.append(f"{worker_cpus:g}/{scaling.min_workers * scaling.cpus_per_worker:g} worker CPUs labelled {label}")
     if decode_label:
         found = resolve_decode_nodes(decode_label, nodes)
-        parts.append(f"{found.cpus:g}/{scaling.num_workers * data.decode_threads:g} CPUs labelled {decode_label}")
-    need = scaling.num_workers * (scaling.cpus_per_worker + data.decode_threads) if decode_label else \
-        scaling.num_workers * scaling.cpus_per_worker + data.decode_threads
+        parts.append(f"{found.cpus:g}/{scaling.min_workers * data.decode_threads:g} CPUs labelled {decode_label}")
+    need = scaling.min_workers * (scaling.cpus_per_worker + data.decode_threads) if decode_label else \
+        scaling.min_workers * scaling.cpus_per_worker + data.decode_threads
     parts.append(f"{cpus:g}/{need:g} CPUs in all")
     return ", ".join(parts)
 

@@ -5,8 +5,11 @@ A checkpoint directory (one per reported step, managed by Ray Train) holds:
     ds/                    DeepSpeed's own checkpoint (trainable weights, optimizer, lr scheduler), readable by
                            DeepSpeed's tools (e.g. zero_to_fp32.py); written by every rank, merged by Ray
     weights.safetensors    the trainable weights alone (keys `dist_net.*`), for evaluate / predict / init_from
-    state.json             step, epoch, position inside the epoch, metrics, world size; the DiST and data config
+    state.json             step, epoch, steps done in it, metrics, world size; the DiST and data config
+                           (the clips trained on per video in the epoch ride in DeepSpeed's client state)
     recipe.yaml            the resolved recipe of the run
+    optimizer_full.safetensors  elastic runs only: every trainable parameter's fp32 weight and Adam moments, whole
+                           (DeepSpeed's ZeRO files load only at the world size that wrote them)
     complete/rank_<r>.json every file rank r wrote, with its size: written last, so a checkpoint is complete when
                            every rank's list is there and every listed file has its size (`checkpoint_step`)
 
@@ -29,6 +32,7 @@ COMPLETE = "complete"
 WEIGHTS = "weights.safetensors"
 STATE = "state.json"
 RECIPE = "recipe.yaml"
+FULL_OPTIMIZER = "optimizer_full.safetensors"  # elastic runs: whole fp32 weights + Adam moments, any world size
 
 
 def _deepspeed_safe_globals() -> list:
@@ -61,15 +65,89 @@ def install_safe_checkpoint_engine(engine: Any) -> None:
 
 
 def write_checkpoint(directory: Path, *, engine: Any, model: torch.nn.Module, rank: int, state: dict[str, Any],
-                     recipe_yaml: str) -> None:
-    """Write a checkpoint into `directory` (every rank calls this with its own local directory)."""
+                     recipe_yaml: str, client_extra: dict[str, Any] | None = None, elastic: bool = False) -> None:
+    """Write a checkpoint into `directory` (every rank calls this with its own local directory). `client_extra`:
+    more entries (tensors or plain values) for DeepSpeed's client state, beside `dist_state`. `elastic`: also the
+    whole optimizer state (`full_optimizer_state`), so the checkpoint resumes at any number of workers."""
+    from safetensors.torch import save_file
+
     directory.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"dist_state": state},
+    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"dist_state": state, **(client_extra or {})},
                            exclude_frozen_parameters=True)
     weights = master_weights(engine, model)  # a collective under ZeRO: every rank takes part
+    full = full_optimizer_state(engine, model) if elastic else None  # a collective too
     if rank == 0:
         write_model_files(directory, model=model, state=state, recipe_yaml=recipe_yaml, weights=weights)
+        if full is not None:
+            save_file(full, str(directory / FULL_OPTIMIZER))
     write_file_list(directory, rank)
+
+
+OPTIMIZER_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def _base_optimizer(engine: Any) -> Any:
+    """The torch optimizer inside DeepSpeed's ZeRO-1/2 wrapper (it steps the flat fp32 partitions)."""
+    return engine.optimizer.optimizer
+
+
+def _link_optimizer_state(engine: Any) -> None:
+    """Point every parameter's optimizer-state view at its partition's Adam state. DeepSpeed (0.19) links them
+    once, right after the first parameter group's first step, when the other groups have no state yet: their views
+    stay empty (DiST has two groups, with and without weight decay)."""
+    zero = engine.optimizer
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
+def full_optimizer_state(engine: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's fp32 master weight and Adam moments, whole ("<key>/<name>"), and the Adam step
+    ("step"), gathered from ZeRO's partitions: a collective, every rank calls it in step. About 3 x 4 bytes per
+    trainable parameter (~300 MB for the B/16 branch)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    _link_optimizer_state(engine)
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():  # the same order on every rank
+        if not param.requires_grad:
+            continue
+        out[f"fp32/{name}"] = safe_get_full_fp32_param(param)
+        for key in OPTIMIZER_KEYS[1:]:
+            out[f"{key}/{name}"] = safe_get_full_optimizer_state(param, key)
+    out = {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+    states = [s for s in _base_optimizer(engine).state.values() if "step" in s]
+    out["step"] = torch.tensor([float(states[0]["step"]) if states else 0.0], dtype=torch.float64)
+    return out
+
+
+def restore_full_optimizer_state(engine: Any, model: torch.nn.Module, directory: str | Path) -> None:
+    """Put a checkpoint's whole optimizer state (`full_optimizer_state`) into an engine built at another world
+    size, after `engine.load_checkpoint(..., load_optimizer_states=False)` loaded the weights and lr schedule:
+    the Adam state of each of this rank's flat partitions is created, linked, then filled from the whole tensors."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from safetensors.torch import load_file
+
+    path = Path(directory) / FULL_OPTIMIZER
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} holds no {FULL_OPTIMIZER}: it was written by a fixed-size run, whose "
+                                f"ZeRO optimizer files load only at the number of workers that wrote them; resume "
+                                f"with that scaling.num_workers (state.json: world_size)")
+    full = load_file(str(path))
+    base = _base_optimizer(engine)
+    for group in base.param_groups:  # torch's AdamW creates its state at the first step; create it now
+        for flat in group["params"]:
+            base.state[flat] = {"step": torch.tensor(float(full["step"][0]), dtype=torch.float32),
+                                "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    zero = engine.optimizer
+    zero._link_all_hp_params()  # each parameter's view into this rank's flat partitions...
+    _link_optimizer_state(engine)  # ...and into their (now existing) Adam state
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        safe_set_full_fp32_param(param, full[f"fp32/{name}"].to(param.device))
+        for key in OPTIMIZER_KEYS[1:]:
+            safe_set_full_optimizer_state(param, full[f"{key}/{name}"].to(param.device), key)
+    zero.update_lp_params()  # the module's weights from the restored fp32 masters
 
 
 def write_file_list(directory: Path, rank: int) -> None:

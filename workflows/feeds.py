@@ -2,9 +2,10 @@
 
 Each worker builds its own streaming Ray Data pipeline (the ingest layer's `build_clip_dataset`) over its shard
 of the epoch's seeded order: rank r reads videos r, r+W, r+2W, ... of the (seed, epoch) permutation, so every
-video is decoded once per epoch, the order and augmentation are reproducible from the seed, and a resumed run
-continues inside the epoch by skipping the videos the shard already consumed. Decode actors are shared out so
-all workers together use the cluster's decode capacity.
+video is decoded once per epoch and the order and augmentation are reproducible from the seed. A resumed run,
+at the same or another number of workers, shares out only what the epoch has left: checkpoints count the clips
+trained on per video (workflows/elastic.py). Decode actors are shared out so all workers together use the
+cluster's decode capacity (recomputed at every start, so after a resize too).
 
 Every worker yields exactly the same number of micro-batches per epoch (ranks must step together); if bad
 videos leave a shard short, it tops up with re-augmented clips of its own shard's good videos (a shard with none
@@ -26,6 +27,7 @@ import torch
 from workflows.data.decode_nodes import decode_pool_size
 from workflows.data.manifest import Manifest, class_names, load_labels, load_manifest
 from workflows.data.pipeline import build_clip_dataset, columns_collate
+from workflows.elastic import BatchPlan, epoch_order, remaining_assignment
 from workflows.recipe import Recipe
 
 
@@ -57,6 +59,7 @@ class ClipFeeds:
 
     def __init__(self, recipe: Recipe, rank: int, world: int, device: torch.device):
         self.recipe, self.rank, self.world, self.device = recipe, rank, world, device
+        self.plan = recipe.batch_plan(world)
         self.label_map = load_labels(recipe.data.labels)
         self.train_manifest: Manifest = load_manifest(recipe.data.train_manifest, self.label_map, strict=True)
         self.val_manifest: Manifest = load_manifest(recipe.data.val_manifest, self.label_map, strict=True)
@@ -72,62 +75,80 @@ class ClipFeeds:
     def class_names(self) -> list[str]:
         return class_names(self.label_map)
 
-    def micro_batches_per_epoch(self) -> int:
-        return steps_per_epoch(self.recipe, len(self.train_manifest)) * self.recipe.grad_accum_steps
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.recipe, len(self.train_manifest))
 
-    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches `start`.. of `epoch` for this rank: {"frames": uint8 (B, T_d, S, S, 3), "label": (B,),
-        "video_index": (B,)}, exactly `micro_batches_per_epoch() - start` of them (ranks must step together).
-        Clips carry over between the passes of `_train_clips`, so no partial micro-batch is dropped."""
-        micro = self.recipe.train.micro_batch_size
-        needed = self.micro_batches_per_epoch() - start
+    def train_batches(self, epoch: int, steps: int | None = None,
+                      consumed: np.ndarray | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's micro-batches for `steps` optimizer steps of `epoch` (default: all of them):
+        {"frames": uint8 (B, T_d, S, S, 3), "label": (B,), "video_index": (B,)}, `plan.accum` per step sized
+        `plan.micro_sizes(rank)` (ranks must step together). `consumed` counts the clips of each video the epoch
+        has already trained on (a resumed run), so only what is left is read. Clips carry over between the passes of
+        `_train_clips`: no partial micro-batch is dropped."""
+        plan = self.plan
+        steps = self.steps_per_epoch() if steps is None else steps
+        sizes = plan.micro_sizes(self.rank)
         pending: list[dict[str, torch.Tensor]] = []  # clips not yet in a micro-batch
-        clips = self._train_clips(epoch, start)
-        while needed > 0:
-            pending.append(next(clips))
-            while sum(len(b["label"]) for b in pending) >= micro and needed > 0:
-                merged = pending[0] if len(pending) == 1 else {k: torch.cat([b[k] for b in pending])
-                                                               for k in pending[0]}
-                yield {k: v[:micro] for k, v in merged.items()}
-                needed -= 1
-                rest = {k: v[micro:] for k, v in merged.items()}
-                pending = [rest] if len(rest["label"]) else []
+        clips = self._train_clips(epoch, plan, consumed)
+        for index in range(steps * plan.accum):
+            size = sizes[index % plan.accum]
+            while sum(len(b["label"]) for b in pending) < size:
+                pending.append(next(clips))
+            merged = pending[0] if len(pending) == 1 else {k: torch.cat([b[k] for b in pending]) for k in pending[0]}
+            yield {k: v[:size] for k, v in merged.items()}
+            rest = {k: v[size:] for k, v in merged.items()}
+            pending = [rest] if len(rest["label"]) else []
         clips.close()
 
-    def _train_clips(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's clips of `epoch`, without end: its shard of the epoch order from where `start` left off, then
-        the shard again and again with fresh augmentation (bad videos left it short). A shard with no good video
-        at all borrows re-augmented clips of the whole training set; only an epoch where no video decodes fails."""
-        seed, micro, views = self.recipe.train.seed, self.recipe.train.micro_batch_size, self.recipe.data.train_views
-        sources: list[tuple[int, int] | None] = [(self.rank, self.world), None]  # this rank's shard, then all videos
-        skip = (start * micro) // views
-        if skip >= len(range(self.rank, len(self.train_manifest), self.world)):
-            skip = 0  # resuming inside the top-up: straight to a re-augmented pass
-            attempt = 1
-        else:
-            attempt = 0
+    def _train_clips(self, epoch: int, plan: BatchPlan,
+                     consumed: np.ndarray | None) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's clips of `epoch`, without end: its share of what the epoch has left (`remaining_assignment`;
+        at the start of an epoch of an even plan, videos rank, rank + W, ... of the epoch order), then its share of
+        the whole epoch again and again with fresh augmentation (bad videos left it short). A rank with no good
+        video in its share borrows re-augmented clips of the whole training set; only an epoch where no video
+        decodes fails."""
+        seed, views, n = self.recipe.train.seed, self.recipe.data.train_views, len(self.train_manifest)
+        order = epoch_order(n, seed, epoch)
+        fresh = np.zeros(n, dtype=np.int32)
+        left = remaining_assignment(order, fresh if consumed is None else consumed, views, plan, self.rank)
+        # Videos some of whose clips were trained on before the checkpoint: only the rest of their clips count.
+        partial = {} if consumed is None else {int(v): int(consumed[v]) for v in order[left] if consumed[v] > 0}
+        got = 0
+        first = self._iterate(self._train_dataset(epoch, seed, left), shuffle_key=(epoch, self.rank, 0)) \
+            if len(left) else iter(())
+        for batch in first:
+            got += len(batch["label"])
+            yield _without_used_clips(batch, partial) if partial else batch
+        own = remaining_assignment(order, fresh, views, plan, self.rank)
+        sources: list[np.ndarray | None] = [own, None]  # this rank's share, then all videos
+        if got == 0 and len(left) == len(own):
+            sources.pop(0)  # the whole share was read and gave nothing: no good video there
+        attempt = 1
         while sources:
-            shard = sources[0]
-            augment = seed + 7919 * attempt + (0 if shard else 104729 * (self.rank + 1))
-            ds = self._train_dataset(epoch, augment, shard, skip)
+            share = sources[0]
+            if share is not None and not len(share):  # more ranks than videos: nothing of its own
+                sources.pop(0)
+                continue
+            augment = seed + 7919 * attempt + (0 if share is not None else 104729 * (self.rank + 1))
             got = 0
             # The shuffle key of the shard's passes is what it was before top-ups existed: the demo's accuracy turned
             # out to swing with it (64.8% vs 41.1% val top-1 with another key, same code otherwise).
-            key = (epoch, self.rank, attempt) if shard else (epoch, self.rank, attempt, 1)
-            for batch in self._iterate(ds, shuffle_key=key):
+            key = (epoch, self.rank, attempt) if share is not None else (epoch, self.rank, attempt, 1)
+            for batch in self._iterate(self._train_dataset(epoch, augment, share), shuffle_key=key):
                 got += len(batch["label"])
                 yield batch
-            if got == 0 and skip == 0:
+            if got == 0:
                 sources.pop(0)  # a whole pass gave nothing: no good video there
-            skip, attempt = 0, attempt + 1
+            attempt += 1
         raise RuntimeError(f"no video of the training set decodes in epoch {epoch} (rank {self.rank} found none in its "
                            f"shard nor in the whole set); check the data with `python -m workflows data check`")
 
-    def _train_dataset(self, epoch: int, augment_seed: int, shard: tuple[int, int] | None, skip: int) -> Any:
+    def _train_dataset(self, epoch: int, augment_seed: int, positions: np.ndarray | None) -> Any:
+        """Clips of the videos at `positions` of the epoch order (None: all of them)."""
         return build_clip_dataset(
             self.data_cfg, self.train_manifest, self.label_map, split="train", num_frames=self.num_frames,
             crop_size=self.crop, num_views=self.recipe.data.train_views, seed=self.recipe.train.seed, epoch=epoch,
-            counter_split="train", shard=shard, skip=skip, augment_seed=augment_seed)
+            counter_split="train", positions=positions, augment_seed=augment_seed)
 
     def _iterate(self, ds: Any, shuffle_key: tuple[int, ...]) -> Iterator[dict[str, torch.Tensor]]:
         """A dataset's clips in micro-batches (the last may be partial), through the local shuffle buffer."""
@@ -162,6 +183,20 @@ class ClipFeeds:
                 pin = self.device.type == "cuda"
                 cache.append({k: (v.cpu().pin_memory() if pin else v.cpu()) for k, v in batch.items()})
         self._val_cache = cache
+
+
+def _without_used_clips(batch: dict[str, torch.Tensor], used: dict[int, int]) -> dict[str, torch.Tensor]:
+    """`batch` less as many clips of each video in `used` as it says (counting down `used` in place)."""
+    keep = []
+    for i, video in enumerate(batch["video_index"].tolist()):
+        if used.get(video, 0) > 0:
+            used[video] -= 1
+        else:
+            keep.append(i)
+    if len(keep) == len(batch["label"]):
+        return batch
+    index = torch.tensor(keep, dtype=torch.long, device=batch["label"].device)
+    return {k: v.index_select(0, index) for k, v in batch.items()}
 
 
 def drop_summary(report: Any) -> dict[str, float]:

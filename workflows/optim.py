@@ -31,15 +31,19 @@ def deep_merge(base: dict, override: dict) -> dict:
 BUCKET_ELEMENTS = 50_000_000
 
 
-def build_deepspeed_config(recipe: Recipe) -> dict[str, Any]:
-    """ZeRO stage, precision, micro-batch, accumulation and clipping from the typed recipe, then the raw
-    `train.deepspeed` block deep-merged on top (the escape hatch)."""
+def build_deepspeed_config(recipe: Recipe, world: int | None = None) -> dict[str, Any]:
+    """ZeRO stage, precision, micro-batch, accumulation and clipping from the typed recipe at `world` workers (default
+    the smallest size the recipe allows), then the raw `train.deepspeed` block deep-merged on top (the escape hatch).
+
+    DeepSpeed's batch numbers describe the largest micro-batch; with uneven shares (workflows/elastic.py) the step's
+    real batch is still `train.global_batch_size`, weighted in the loss."""
     train = recipe.train
     precision = recipe.precision()
+    plan = recipe.batch_plan(world or recipe.scaling.min_workers)
     config: dict[str, Any] = {
-        "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": recipe.grad_accum_steps,
+        "train_batch_size": plan.micro * plan.accum * plan.world,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "gradient_accumulation_steps": plan.accum,
         "gradient_clipping": train.grad_clip,
         # ZeRO-2 allocates a reduce buffer of reduce_bucket_size elements at every micro-step: DeepSpeed's 5e8 is
         # 1 GB of GPU memory in bf16 for a 26-40 M parameter branch. 5e7 holds the whole B/16 branch in one bucket.

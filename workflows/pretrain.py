@@ -15,6 +15,7 @@ from typing import Any
 from workflows.capacity import check_capacity
 from workflows.config_loader import ConfigError, config_parser, dump_yaml
 from workflows.console import quiet_ray_console, recipe_summary, train_logging_config
+from workflows.elastic import grow_checkpoint_callback
 from workflows.recipe import (
     Recipe,
     load_recipe,
@@ -34,6 +35,7 @@ from workflows.runtime import (
 from workflows.tracking import resolve_tracking_uri
 
 LOG_PREFIX = "[pretrain]"
+PREEMPTION_GRACE_S = 15.0
 
 
 def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, callbacks: list | None = None,
@@ -50,21 +52,30 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
     # this switch from the process that starts the run to its workers; a value the user set is kept.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     scaling = recipe.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
+    resources = {"CPU": scaling.cpus_per_worker, **{k: float(v) for k, v in scaling.worker_resources.items()}}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     selector = label_selector(scaling.worker_node_label)
+    workers: int | tuple[int, int] = (scaling.min_workers, scaling.max_workers) if scaling.elastic else \
+        scaling.min_workers
+    if scaling.elastic:  # the running group checkpoints before Ray Train grows it
+        callbacks = [*(callbacks or []), grow_checkpoint_callback(recipe.run_dir)]
     return TorchTrainer(
         train_loop_per_worker=train_fn_per_worker,
         train_loop_config={"recipe": recipe_to_dict(recipe), "verbose": verbose, **(extra_config or {})},
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources, placement_strategy=scaling.placement_strategy,
+                                     elastic_resize_monitor_interval_s=scaling.resize_check_s,
                                      **({"label_selector": selector} if selector else {})),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name or recipe.run.name,
             storage_path=recipe.run.storage_path,
-            failure_config=FailureConfig(max_failures=recipe.run.max_failures),
+            # Node preemptions (drain notices, spot reclaims) restart the group without limit (Ray Train's default
+            # max_preemption_failures=-1); max_failures counts the other failures.
+            # The restart after a drain waits PREEMPTION_GRACE_S past the deadline: the drained node must be gone
+            # by then, or Ray's elastic policy still counts it and the new group waits for a placement on it.
+            failure_config=FailureConfig(max_failures=recipe.run.max_failures, preemption_grace_s=PREEMPTION_GRACE_S),
             # Checkpoints are written at every validation: keep the best k by val top-1 (Ray keeps the latest too).
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.run.keep_checkpoints,
                                                checkpoint_score_attribute="val_top1",

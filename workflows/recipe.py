@@ -21,6 +21,7 @@ from typing import Any, Literal, get_type_hints
 from dist_model import DiSTConfig
 from workflows.config_loader import ConfigError, from_dict, load_config, to_dict
 from workflows.data.data_config import DataConfig
+from workflows.elastic import BatchPlan, batch_plan, workable_sizes
 from workflows.runtime import is_remote
 
 # The model section: `preset` and `variant`, plus every DiSTConfig field as an optional override (None = the
@@ -78,6 +79,9 @@ class TrainSection:
     init_from: str | None = None  # a checkpoint of ours (directory) or an authors' .pyth file
     fail_at_step: int | None = None  # debug: rank `fail_rank` raises once at this step, to exercise recovery
     fail_rank: int = 0
+    # debug/audit: each rank appends the video indices of every optimizer step to <dir>/rank_<r>_pid_<p>.jsonl (a
+    # local directory on its node), e.g. to prove every video is trained on once per epoch across resizes
+    data_audit_dir: str | None = None
     deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed config, deep-merged over the derived one
 
     def __post_init__(self) -> None:
@@ -113,7 +117,9 @@ class EvalSection:
 
 @dataclass
 class ScalingSection:
-    num_workers: int = 2
+    # An int (a fixed size) or [min, max] (elastic: Ray Train runs at any size in between that the cluster holds,
+    # shrinking when nodes go, growing when they come back; the global batch and lr schedule stay the recipe's).
+    num_workers: int | list[int] = 2
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
@@ -124,10 +130,20 @@ class ScalingSection:
     # the autoscaler for exactly those (scale from zero) and polls. 0: fail at once (local runs, tests). See
     # workflows/capacity.py.
     wait_for_nodes_s: float = 0.0
+    # Elastic runs: how often (seconds) Ray Train looks for room to grow the worker group (its resize monitor).
+    resize_check_s: float = 60.0
+    # Extra Ray resources each Train worker holds, e.g. {train_slot: 1} on nodes started with --resources. Ray's
+    # elastic policy counts a size from resources alone (not labels): on CPU-only clusters, a custom resource is
+    # what keeps it from counting the head's or decode nodes' CPUs as room for workers.
+    worker_resources: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError("scaling.num_workers must be >= 1")
+        sizes = self.num_workers if isinstance(self.num_workers, list) else [self.num_workers]
+        if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes[0] > sizes[-1]:
+            raise ValueError(f"scaling.num_workers must be a number of workers >= 1 or [min, max] with 1 <= min <= "
+                             f"max, got {self.num_workers}")
+        if not self.resize_check_s >= 0:
+            raise ValueError(f"scaling.resize_check_s must be >= 0 seconds, got {self.resize_check_s}")
         if self.use_gpu and self.gpus_per_worker != 1:
             # DeepSpeed drives one GPU per rank (cuda:LOCAL_RANK): a share of one breaks NCCL ("Duplicate GPU"), and
             # a second one would put the batches and the model on different devices.
@@ -136,6 +152,18 @@ class ScalingSection:
         if not self.wait_for_nodes_s >= 0:  # also rejects NaN
             raise ValueError(f"scaling.wait_for_nodes_s must be >= 0 seconds (0 = fail at once), got "
                              f"{self.wait_for_nodes_s}")
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers < self.max_workers
 
 
 @dataclass
@@ -174,20 +202,38 @@ class Recipe:
             self._model_cfg = model_config(self.model)
         except ValueError as exc:
             raise ValueError(f"model: {exc}") from exc
-        micro, workers = self.train.micro_batch_size, self.scaling.num_workers
-        if self.train.global_batch_size % (micro * workers):
-            raise ValueError(
-                f"train.global_batch_size {self.train.global_batch_size} must be a multiple of "
-                f"train.micro_batch_size x scaling.num_workers = {micro} x {workers}"
-            )
+        self._check_batch_splits()
+
+    def _check_batch_splits(self) -> None:
+        """A fixed size must split the global batch evenly (as always); an elastic range must hold it at every size
+        (uneven shares are weighted, see workflows/elastic.py) and keep ZeRO's optimizer state re-partitionable."""
+        train, scaling = self.train, self.scaling
+        batch, micro, low, high = train.global_batch_size, train.micro_batch_size, scaling.min_workers, \
+            scaling.max_workers
+        if not scaling.elastic:
+            if batch % (micro * low):
+                raise ValueError(f"train.global_batch_size {batch} must be a multiple of train.micro_batch_size x "
+                                 f"scaling.num_workers = {micro} x {low}")
+            return
+        fits, even = workable_sizes(batch, micro, low, high)
+        if len(fits) < high - low + 1:
+            bad = sorted(set(range(low, high + 1)) - set(fits))
+            raise ValueError(f"train.global_batch_size {batch} with micro-batches of up to {micro} clips cannot be "
+                             f"split over {', '.join(map(str, bad))} workers (each needs a clip per micro-batch); "
+                             f"scaling.num_workers {scaling.num_workers} must stay within sizes that hold it: "
+                             f"{', '.join(map(str, fits)) or 'none in that range'}")
+        if train.zero_stage not in (1, 2):
+            raise ValueError(f"an elastic scaling.num_workers {scaling.num_workers} needs train.zero_stage 1 or 2 "
+                             f"(their optimizer state re-partitions to any number of workers), got "
+                             f"{train.zero_stage}")
 
     @property
     def model_cfg(self) -> DiSTConfig:
         return self._model_cfg
 
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.scaling.num_workers)
+    def batch_plan(self, world: int) -> BatchPlan:
+        """How each optimizer step's global batch is split over `world` workers (accumulation, micro-batches)."""
+        return batch_plan(self.train.global_batch_size, self.train.micro_batch_size, world)
 
     @property
     def peak_lr(self) -> float:

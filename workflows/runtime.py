@@ -105,7 +105,7 @@ def node_resources(node: dict[str, Any]) -> tuple[float, float]:
 
 def local_cpus_for(recipe: Recipe) -> float:
     """Logical CPUs a local cluster needs for a run: the training workers plus one decode actor per worker."""
-    return recipe.scaling.num_workers * (recipe.scaling.cpus_per_worker + recipe.data.decode_threads)
+    return recipe.scaling.max_workers * (recipe.scaling.cpus_per_worker + recipe.data.decode_threads)
 
 
 def compile_toolchain_problem(use_gpu: bool) -> str | None:

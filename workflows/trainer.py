@@ -11,6 +11,7 @@ checkpoint must carry to resume; `to_dict`/`from_dict` are the only way it is wr
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -19,13 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from workflows.config_loader import ConfigError, dump_yaml
+from workflows.elastic import DRAIN, GROW, NONE, REASONS, ResizeWatch, kv_get, kv_key, kv_put, legacy_consumed
 from workflows.recipe import Recipe, recipe_from_dict, recipe_to_dict
 from workflows.runtime import compile_toolchain_problem, write_text
 
 LOG_PREFIX = "[pretrain]"
+CONSUMED_KEY = "dist_consumed"  # DeepSpeed client state: clips trained on per video in the checkpoint's epoch
+PARK_LIMIT_S = 300.0  # after a resize checkpoint, how long past the deadline a worker waits to be restarted
 HISTORY_KEYS = ("loss", "lr", "val_top1", "clips_per_s")
 
 
@@ -39,7 +44,8 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    position: int = 0  # micro-batches of `epoch` each rank has consumed (0 at an epoch boundary)
+    epoch_steps: int = 0  # optimizer steps done in `epoch` (0 at an epoch boundary)
+    world_size: int = 0  # the number of workers that wrote it (0: not saved yet)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=_empty_history)  # (step, value) per curve
     best: dict[str, float] = field(default_factory=lambda: {"val_top1": -1.0})  # best val top-1 and its step
     mlflow_run_id: str | None = None
@@ -121,8 +127,10 @@ class Trainer:
                  mlflow_parent_run_id: str | None = None):
         self.recipe, self.rank, self.world, self.device = recipe, rank, world, device
         self.mlflow_parent_run_id = mlflow_parent_run_id
-        self.state = TrainState()
+        self.plan = recipe.batch_plan(world)  # this size's share of each step's global batch
+        self.state = TrainState(world_size=world)
         self.published = False  # final results (artifacts, MLflow run closed) published
+        self.checkpoint_seconds: float | None = None  # how long the last checkpoint took (for a drain deadline)
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -139,9 +147,19 @@ class Trainer:
             torch.set_num_threads(max(1, int(recipe.scaling.cpus_per_worker)))
         self._build_model(init=checkpoint is None)
         self._build_engine()
+        videos = len(self.feeds.train_manifest)
+        # Clips trained on per video in the current epoch: before this attempt (from the checkpoint), and by this
+        # rank since (summed over ranks into every checkpoint: a restart at any size reads only what is left).
+        self.consumed_before = np.zeros(videos, dtype=np.int32)
+        self.consumed_here = torch.zeros(videos, dtype=torch.int32, device=self.device)
+        self.watch = ResizeWatch(recipe.run_dir, self.rank, self.world)
+        previous_world = None
         if checkpoint is not None:
-            self.resume(checkpoint)
+            previous_world = self.resume(checkpoint)
+        self.state.world_size = self.world
         self._open_tracker()
+        if checkpoint is not None:
+            self._note_restart(previous_world)
 
     def _build_model(self, init: bool) -> None:
         from dist_model import build_dist, build_spatial_only
@@ -199,20 +217,66 @@ class Trainer:
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=build_deepspeed_config(recipe), dist_init_required=False)
+                                                    config=build_deepspeed_config(recipe, self.world),
+                                                    dist_init_required=False)
         install_safe_checkpoint_engine(self.engine)
         self.dtype = PRECISION_DTYPES[recipe.precision()]
 
-    def resume(self, checkpoint: Any) -> None:
-        """Load the engine (weights, optimizer, schedule) and the TrainState of a Ray Train checkpoint."""
-        from workflows.checkpoints import DS_TAG
+    def resume(self, checkpoint: Any) -> int:
+        """Load the engine (weights, optimizer, schedule; ZeRO's optimizer state re-partitioned when the number of
+        workers changed), the TrainState and the epoch's consumed clips of a Ray Train checkpoint. Returns the
+        number of workers that wrote it."""
+        from workflows.checkpoints import DS_TAG, read_state, restore_full_optimizer_state
 
         with checkpoint.as_directory() as directory:
-            _, client = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
-        self.state = TrainState.from_dict(client["dist_state"])
+            previous_world = int(read_state(directory).get("world_size") or self.recipe.scaling.min_workers)
+            if previous_world == self.world:
+                _, client = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
+            else:  # ZeRO's partitioned optimizer files fit only their own world size: the whole state instead
+                _, client = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False,
+                                                        load_optimizer_states=False)
+                restore_full_optimizer_state(self.engine, self.model, directory)
+        saved = client["dist_state"]
+        self.state = TrainState.from_dict(saved)
         self.state.resumed_from_step = self.state.step
+        consumed = client.get(CONSUMED_KEY)
+        if consumed is not None and len(consumed) == len(self.consumed_before):
+            self.consumed_before = consumed.numpy().astype(np.int32)
+        elif consumed is not None:
+            self.log(f"the checkpoint counts {len(consumed)} training videos, the manifest lists "
+                     f"{len(self.consumed_before)}: epoch {self.state.epoch} is read from its start again")
+        elif saved.get("position"):  # written before consumed clips were counted: `position` micro-batches per rank
+            self._resume_legacy_position(int(saved["position"]), previous_world)
         s = self.state
-        self.log(f"resumed from step {s.step} (epoch {s.epoch}, micro-batch {s.position})")
+        self.log(f"resumed from step {s.step} (epoch {s.epoch}, step {s.epoch_steps} of it, "
+                 f"{int((self.consumed_before > 0).sum())} videos of it trained on)")
+        return previous_world
+
+    def _resume_legacy_position(self, position: int, world: int) -> None:
+        recipe = self.recipe
+        plan, views = recipe.batch_plan(world), recipe.data.train_views
+        self.state.epoch_steps = position // plan.accum
+        self.consumed_before = legacy_consumed(len(self.consumed_before), recipe.train.seed, self.state.epoch, world,
+                                               position * recipe.train.micro_batch_size // views, views)
+
+    def _note_restart(self, previous_world: int | None) -> None:
+        """Rank 0: one console line and MLflow record per restart: the old and new size, why (a drain notice or
+        added nodes, when the previous group said so; otherwise a lost worker or node) and the steps lost (the
+        last step any attempt reached, from the GCS store, less the step resumed at)."""
+        if self.rank != 0:
+            return
+        run_dir, step = self.recipe.run_dir, self.state.step
+        reached = (kv_get(kv_key(run_dir, "progress")) or {}).get("step")
+        event = kv_get(kv_key(run_dir, "event")) or {}
+        reason = event.get("reason") or "a worker or node was lost"
+        lost = max(0, reached - step) if reached is not None else None
+        if event:
+            kv_put(kv_key(run_dir, "event"), {})  # said once; a later failure is not this one
+        lost_text = f"{lost} steps lost" if lost is not None else "steps lost unknown (no record of progress)"
+        self.log(f"restart: {previous_world} -> {self.world} workers ({reason}); resuming at step {step}, {lost_text}")
+        self.tracker.log_metrics({"world_size": float(self.world), "restart_steps_lost": float(lost or 0)}, step=step)
+        self.tracker.set_tags({f"restart.step_{step}": f"{previous_world} -> {self.world} workers; {reason}; "
+                                                       f"{lost_text}"})
 
     def _open_tracker(self) -> None:
         """Rank 0's MLflow run: a resumed run continues its own; the others get a no-op tracker."""
@@ -231,9 +295,15 @@ class Trainer:
             self.tracker.log_metrics({"trainable_params": float(model.num_trainable_params())}, step=0)
         self.state.mlflow_run_id = self.tracker.run_id
         self.log(f"{model.num_trainable_params():,} trainable parameters; {self.total} steps ({self.per_epoch}/epoch), "
-                 f"global batch {recipe.train.global_batch_size} = {recipe.train.micro_batch_size} x {self.world} "
-                 f"workers x {recipe.grad_accum_steps} accumulation; peak lr {recipe.peak_lr:.3g}; precision "
-                 f"{recipe.precision()}; ZeRO-{recipe.train.zero_stage}")
+                 f"global batch {recipe.train.global_batch_size} = {self._split_text()}; peak lr {recipe.peak_lr:.3g}; "
+                 f"precision {recipe.precision()}; ZeRO-{recipe.train.zero_stage}")
+
+    def _split_text(self) -> str:
+        plan = self.plan
+        if plan.even:
+            return f"{plan.micro} x {self.world} workers x {plan.accum} accumulation"
+        return (f"{min(plan.shares)}-{max(plan.shares)} clips on each of {self.world} workers in {plan.accum} "
+                f"micro-batches of up to {plan.micro} (losses weighted by clip count)")
 
     # --- training ---
 
@@ -241,40 +311,101 @@ class Trainer:
         """Train from the state's position to the last step, validating and checkpointing on the way."""
         from workflows.step import train_micro_step
 
-        recipe, state = self.recipe, self.state
-        micro_per_epoch = self.feeds.micro_batches_per_epoch()  # a multiple of accum: epochs end on a step boundary
-        accum = recipe.grad_accum_steps
+        recipe, state, plan = self.recipe, self.state, self.plan
         mix_gen = torch.Generator().manual_seed(recipe.train.seed * 1000 + self.rank + 7 * state.step)
         self.engine.train()
         self.window = ProgressWindow(self.device)
         self.attempt_start, self.attempt_first_step = time.perf_counter(), state.step
+        self.audit: list[int] = []  # the step's video indices, with train.data_audit_dir
         while state.step < self.total:
-            fetch_start = time.perf_counter()
-            for batch in self.feeds.train_batches(state.epoch, start=state.position):
+            fetch_start, micro = time.perf_counter(), 0
+            steps_left = self.per_epoch - state.epoch_steps
+            for batch in self.feeds.train_batches(state.epoch, steps_left, self.consumed_before):
                 self.window.wait += time.perf_counter() - fetch_start
-                loss = train_micro_step(self.engine, batch, self.class_names, recipe.train, self.dtype, mix_gen)
-                self.window.add(loss, clips=batch["frames"].shape[0])
-                state.position += 1
-                if state.position % accum == 0:
-                    epoch_done = self._end_step(micro_per_epoch)
-                    if epoch_done or state.step >= self.total:
-                        break
+                clips = batch["frames"].shape[0]
+                weight = 1.0 if plan.even else plan.loss_weight(clips)
+                loss = train_micro_step(self.engine, batch, self.class_names, recipe.train, self.dtype, mix_gen,
+                                        loss_weight=weight)
+                self.window.add(loss, clips=clips)
+                videos = batch["video_index"].to(self.device)
+                self.consumed_here.index_add_(0, videos, torch.ones_like(videos, dtype=torch.int32))
+                if recipe.train.data_audit_dir:
+                    self.audit += batch["video_index"].tolist()
+                micro += 1
+                if micro % plan.accum == 0 and self._end_step():
+                    break
                 fetch_start = time.perf_counter()
 
-    def _end_step(self, micro_per_epoch: int) -> bool:
-        """After an optimizer step: progress, epoch rollover, validation + checkpoint. True when the epoch ended."""
+    def _end_step(self) -> bool:
+        """After an optimizer step: progress, epoch rollover, validation + checkpoint, and a checkpoint before a
+        resize the ranks agreed on. True when the feed must restart (a new epoch, or the last step)."""
         recipe, state = self.recipe, self.state
         state.step += 1
+        state.epoch_steps += 1
+        self._write_audit()
         self._maybe_inject_failure()
+        verdict, deadline = self.watch.poll()  # a collective: every rank, every step
+        if self.rank == 0:  # how far this attempt got: a restart tells the steps it lost
+            kv_put(kv_key(recipe.run_dir, "progress"), {"step": state.step, "world": self.world})
         final = state.step == self.total
         if state.step % recipe.train.log_every_steps == 0 or final:
             self.log_progress()
-        epoch_done = state.position >= micro_per_epoch
+        epoch_done = state.epoch_steps >= self.per_epoch
         if epoch_done:  # checkpoints taken now must point at the start of the next epoch
-            state.epoch, state.position = state.epoch + 1, 0
-        if state.step % (recipe.eval.every_steps or self.per_epoch) == 0 or final:
+            state.epoch, state.epoch_steps = state.epoch + 1, 0
+            self.consumed_before[:] = 0
+            self.consumed_here.zero_()
+        validated = state.step % (recipe.eval.every_steps or self.per_epoch) == 0 or final
+        if validated:
             self.validate_and_checkpoint()
-        return epoch_done
+        if verdict != NONE and not final:
+            self._checkpoint_and_park(verdict, deadline, checkpointed=validated)
+        return epoch_done or final
+
+    def _write_audit(self) -> None:
+        """train.data_audit_dir: this rank's video indices of the step, one JSON line per step."""
+        directory = self.recipe.train.data_audit_dir
+        if not directory:
+            return
+        state = self.state
+        record = {"time": time.time(), "attempt_start_step": self.attempt_first_step, "step": state.step,
+                  "epoch": state.epoch,
+                  "rank": self.rank, "world": self.world, "videos": self.audit}
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with open(Path(directory) / f"rank_{self.rank}_pid_{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.audit = []
+
+    def _checkpoint_and_park(self, verdict: int, deadline: float, checkpointed: bool) -> None:
+        """Every rank: checkpoint now (unless the step's validation just did, or a drain deadline leaves no time
+        for one), tell the controller side, then wait for Ray Train to stop this worker group and start the next
+        (at the drain deadline, or once the grow request is answered). Training on would only make steps that the
+        next group, resuming from this checkpoint, repeats."""
+        reason, state = REASONS[verdict], self.state
+        if verdict == DRAIN and not deadline:  # no deadline given: Ray Train restarts 120 s after the notice
+            deadline = time.time() + 120
+        needs = 1.5 * (self.checkpoint_seconds or 0.0) + 5.0
+        saved = checkpointed
+        if not checkpointed and (verdict == GROW or time.time() + needs < deadline):
+            self.save_checkpoint({"step": state.step, "epoch": state.epoch, "val_top1": float("nan"),
+                                  "final": 0.0, "resize_checkpoint": 1.0})
+            saved = True
+        elif not checkpointed:
+            self.log(f"{reason}: {deadline - time.time():.0f} s to the deadline, a checkpoint takes ~{needs:.0f} s; "
+                     f"the next worker group resumes from the newest complete checkpoint")
+        run_dir = self.recipe.run_dir
+        if self.rank == 0:
+            kv_put(kv_key(run_dir, "event"), {"reason": reason, "step": state.step, "world": self.world})
+            if verdict == GROW:
+                kv_put(kv_key(run_dir, "grow_ack"), {"step": state.step})
+        self.watch.close()
+        self.log(f"{reason}: {'checkpointed step ' + str(state.step) if saved else 'no checkpoint'}; waiting for Ray "
+                 f"Train to restart the worker group")
+        wait_until = (deadline if verdict == DRAIN else time.time()) + PARK_LIMIT_S
+        while time.time() < wait_until:
+            time.sleep(1.0)
+        raise RuntimeError(f"{reason} at step {state.step}: Ray Train did not restart the worker group within "
+                           f"{PARK_LIMIT_S:.0f} s; restarting from the newest complete checkpoint")
 
     def _maybe_inject_failure(self) -> None:
         """train.fail_at_step: rank `fail_rank` raises once to exercise recovery. A marker in the run's own storage
@@ -302,10 +433,11 @@ class Trainer:
         eta = eta_minutes(state.step, self.total, state.step - self.attempt_first_step,
                           time.perf_counter() - self.attempt_start)
         self.log(f"step {state.step}/{self.total} | epoch {state.epoch} | loss {stats['loss']:.4f} | lr {lr:.3g} | "
-                 f"{stats['clips_per_s']:.1f} clips/s | data wait {100 * stats['data_wait_fraction']:.0f}% | "
-                 f"ETA {eta:.1f} min")
+                 f"{stats['clips_per_s']:.1f} clips/s | {self.world} workers | data wait "
+                 f"{100 * stats['data_wait_fraction']:.0f}% | ETA {eta:.1f} min")
         if self.rank == 0:
-            self.tracker.log_metrics({**stats, "lr": lr, "epoch": float(state.epoch)}, step=state.step)
+            self.tracker.log_metrics({**stats, "lr": lr, "epoch": float(state.epoch), "world_size": float(self.world)},
+                                     step=state.step)
         self.window = ProgressWindow(self.device)
 
     # --- validation and checkpoints ---
@@ -363,7 +495,13 @@ class Trainer:
     def checkpoint_state(self, metrics: dict[str, Any], final: bool) -> dict[str, Any]:
         """state.json of a checkpoint: the TrainState plus what evaluate / predict / init_from read."""
         return {**self.state.to_dict(), "metrics": metrics, "class_names": self.class_names,
-                "model": recipe_to_dict(self.recipe)["model"], "final": final, "world_size": self.world}
+                "model": recipe_to_dict(self.recipe)["model"], "final": final}
+
+    def consumed_clips(self) -> torch.Tensor:
+        """Clips trained on per training video in the current epoch, over all ranks and attempts (a collective)."""
+        from workflows.metrics import all_reduce_sum
+
+        return torch.from_numpy(self.consumed_before) + all_reduce_sum(self.consumed_here).cpu()
 
     def save_checkpoint(self, metrics: dict[str, Any], final: bool = False) -> None:
         """Every rank writes its part of a checkpoint, then one `ray.train.report` (a barrier) hands it to Ray."""
@@ -371,11 +509,15 @@ class Trainer:
 
         from workflows.checkpoints import write_checkpoint
 
+        start = time.perf_counter()
         state = self.checkpoint_state(metrics, final)
+        consumed = self.consumed_clips()
         with tempfile.TemporaryDirectory(prefix="dist-ckpt-") as tmp:
             write_checkpoint(Path(tmp), engine=self.engine, model=self.model, rank=self.rank, state=state,
-                             recipe_yaml=dump_yaml(self.recipe))
+                             recipe_yaml=dump_yaml(self.recipe), client_extra={CONSUMED_KEY: consumed},
+                             elastic=self.recipe.scaling.elastic)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        self.checkpoint_seconds = time.perf_counter() - start
         self.log(f"checkpoint of step {self.state.step} reported{' (final)' if final else ''}")
 
     # --- the end ---

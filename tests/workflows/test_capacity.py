@@ -20,6 +20,7 @@ from workflows.recipe import load_recipe
 REPO = Path(__file__).parents[2]
 CONFIGS = REPO / "workflows" / "configs"
 K710 = CONFIGS / "k710_b16_8x16f.yaml"
+FIXED_8 = "scaling.num_workers=8"
 SMOKE = CONFIGS / "smoke.yaml"
 CLUSTER_RECIPES = ("k710_b16_8x16f", "k710_l14_32x64f", "k400_b16_8x16f_from_k710", "ssv2_b16_8x16f_from_k710")
 
@@ -69,8 +70,18 @@ class Fake:
 
 
 def k710(wait: float | None = None) -> object:
-    overrides = [] if wait is None else [f"scaling.wait_for_nodes_s={wait}"]
+    """The K710 recipe at a fixed 8 workers (it ships elastic, [4, 8]: see the elastic test below)."""
+    overrides = [FIXED_8] if wait is None else [FIXED_8, f"scaling.wait_for_nodes_s={wait}"]
     return load_recipe(K710, overrides, check_files=False)
+
+
+def test_an_elastic_run_asks_for_its_most_workers_and_starts_with_its_fewest() -> None:
+    recipe = load_recipe(K710, check_files=False)  # scaling.num_workers: [4, 8]
+    assert node_request(recipe, "dist-role=decode") == K710_REQUEST
+    half = node("train", 48, 4)  # 4 GPUs: enough for the minimum
+    check_capacity(recipe, "[pretrain]", Fake([[HEAD, half, DECODE_NODE]]).cluster())
+    with pytest.raises(ConfigError, match="scaling asks for 4 workers"):
+        check_capacity(recipe, "[pretrain]", Fake([[HEAD, node("train", 48, 3), DECODE_NODE]]).cluster())
 
 
 # The K710 recipe pins its workers to dist-role=train (scaling.worker_node_label): on a cold cluster that is what is
@@ -221,13 +232,13 @@ def test_enough_labelled_worker_nodes_pass_and_the_decode_nodes_stay_separate(ca
     with pytest.raises(ConfigError, match="'dist-role=decode' .*no alive Ray node carries it"):
         check_capacity(k710(wait=0), "[pretrain]", Fake([[HEAD, *two]]).cluster())
     # ...and with the label unset the workers may use any node again.
-    anywhere = load_recipe(K710, ["scaling.worker_node_label=null"], check_files=False)
+    anywhere = load_recipe(K710, [FIXED_8, "scaling.worker_node_label=null"], check_files=False)
     check_capacity(anywhere, "[pretrain]", Fake([[HEAD, node(None, 96, 8), DECODE_NODE]]).cluster())
 
 
 def test_workers_and_decode_actors_on_one_label_share_its_cpus() -> None:
     """Workers and decode actors both on dist-role=train: 8 x 4 worker CPUs + 8 x 1 decode CPUs = 40 > 36."""
-    recipe = load_recipe(K710, ["data.decode_node_label=dist-role=train"], check_files=False)
+    recipe = load_recipe(K710, [FIXED_8, "data.decode_node_label=dist-role=train"], check_files=False)
     with pytest.raises(ConfigError, match="the nodes labelled dist-role=train or dist-role=train have 36 CPUs; the 8 "
                                           "training workers take 32, leaving 4 for video decoding \\(needs 8\\)"):
         check_capacity(recipe, "[pretrain]", Fake([[HEAD, node("train", 36, 8), node("x", 64)]]).cluster())

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from workflows.data.manifest import write_manifest
+from workflows.elastic import legacy_consumed
 from workflows.feeds import ClipFeeds
 from workflows.recipe import load_recipe
 
@@ -80,7 +81,7 @@ def test_a_shard_with_fewer_good_clips_than_one_micro_batch_still_yields_its_bat
     for rank in (0, 1):
         feeds = _feeds(video_dir, manifest, rank, counters("feeds-short"), *overrides)
         batches = list(feeds.train_batches(epoch=0))
-        assert len(batches) == feeds.micro_batches_per_epoch() == 1
+        assert len(batches) == feeds.steps_per_epoch() * feeds.plan.accum == 1
         assert all(len(b["label"]) == 4 and b["frames"].dtype == torch.uint8 for b in batches)
         seen = {int(v) for b in batches for v in b["video_index"]}
         assert seen <= _shard(feeds, rank) - bad, "top-up clips come from the rank's own good videos"
@@ -93,7 +94,7 @@ def test_a_rank_whose_whole_shard_is_bad_borrows_good_clips(counters, video_dir,
                    "train.global_batch_size=4", "data.train_views=1")
     assert _shard(feeds, 1) == bad  # every video of rank 1's shard is bad
     batches = list(feeds.train_batches(epoch=0))
-    assert len(batches) == feeds.micro_batches_per_epoch() == 2
+    assert len(batches) == feeds.steps_per_epoch() * feeds.plan.accum == 2
     seen = {int(v) for b in batches for v in b["video_index"]}
     assert seen and not seen & bad
 
@@ -101,12 +102,14 @@ def test_a_rank_whose_whole_shard_is_bad_borrows_good_clips(counters, video_dir,
 @pytest.mark.integration
 def test_resume_inside_the_top_up(counters, video_dir, tmp_path):
     # Rank 1: 2 good videos x 2 views = 4 clips = 2 micro-batches of its 6; the top-up gives the rest. Resuming at
-    # micro-batch 4 skips 4 of the shard's 6 videos: the last two are bad, so only the top-up can continue.
+    # step 4 (one micro-batch per step), each rank has trained on 4 of its 6 videos: rank 1's last two are bad, so
+    # only the top-up can continue.
     manifest, bad = _manifest(video_dir, tmp_path, rows=12, bad_on_rank1=[1, 2, 4, 5])
     feeds = _feeds(video_dir, manifest, 1, counters("feeds-resume"), "train.micro_batch_size=2",
                    "train.global_batch_size=4", "data.train_views=2")
-    assert feeds.micro_batches_per_epoch() == 6
-    batches = list(feeds.train_batches(epoch=0, start=4))
+    assert (feeds.steps_per_epoch(), feeds.plan.accum) == (6, 1)
+    consumed = legacy_consumed(12, SEED, 0, world=2, skipped_per_rank=4, views=2)  # rank r read shard r's first 4
+    batches = list(feeds.train_batches(epoch=0, steps=2, consumed=consumed))
     assert len(batches) == 2 and all(len(b["label"]) == 2 for b in batches)
     assert {int(v) for b in batches for v in b["video_index"]} <= _shard(feeds, 1) - bad
 

@@ -22,7 +22,7 @@ CONFIGS = sorted((Path(__file__).parents[2] / "workflows" / "configs").glob("*.y
 @pytest.mark.parametrize("path", [p for p in CONFIGS if not p.name.startswith("sweep")], ids=lambda p: p.name)
 def test_every_shipped_recipe_is_valid(path):
     recipe = load_recipe(path, check_files=False)
-    assert recipe.grad_accum_steps >= 1
+    assert recipe.batch_plan(recipe.scaling.min_workers).accum >= 1
     build_deepspeed_config(recipe)
     assert path.read_text().startswith("#"), "each recipe starts with a comment saying what it runs and how"
 
@@ -149,8 +149,8 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
     at_step_2 = [json.loads((p / "state.json").read_text()) for p in (storage / "it").glob("checkpoint_*")
                  if p.is_dir()]
     at_step_2 = [s for s in at_step_2 if s["step"] == 2]
-    assert at_step_2 and (at_step_2[0]["epoch"], at_step_2[0]["position"]) == (0, 2), "resumed inside epoch 0"
-    assert (state["epoch"], state["position"]) == (1, 0)
+    assert at_step_2 and (at_step_2[0]["epoch"], at_step_2[0]["epoch_steps"]) == (0, 2), "resumed inside epoch 0"
+    assert (state["epoch"], state["epoch_steps"]) == (1, 0)
     assert {"ds", "weights.safetensors", "state.json", "recipe.yaml"} <= {p.name for p in latest.iterdir()}
     assert (latest / "ds" / "mp_rank_00_model_states.pt").exists()  # DeepSpeed's own layout, readable by its tools
     assert len(list((latest / "ds").glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2  # fp32 master, per rank

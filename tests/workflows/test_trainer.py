@@ -12,7 +12,7 @@ from workflows.trainer import ProgressWindow, TrainState, eta_minutes, progress_
 
 
 def test_train_state_round_trips_through_json_and_ignores_other_checkpoint_keys():
-    state = TrainState(step=8, epoch=1, position=2, mlflow_run_id="abc", resumed_from_step=4,
+    state = TrainState(step=8, epoch=1, epoch_steps=2, world_size=3, mlflow_run_id="abc", resumed_from_step=4,
                        best={"val_top1": 50.0, "step": 8})
     state.history["loss"] += [(1, 2.5), (2, 2.25)]
     state.history["val_top1"].append((8, 50.0))
@@ -20,11 +20,13 @@ def test_train_state_round_trips_through_json_and_ignores_other_checkpoint_keys(
     on_disk = json.loads(json.dumps({**state.to_dict(), "metrics": {"val_top1": 50.0}, "class_names": ["a"],
                                      "model": {"preset": "dist_tiny"}, "final": False}))
     assert TrainState.from_dict(on_disk) == state
-    assert on_disk["step"] == 8 and on_disk["position"] == 2 and on_disk["resumed_from_step"] == 4
+    assert on_disk["step"] == 8 and on_disk["epoch_steps"] == 2 and on_disk["resumed_from_step"] == 4
+    assert on_disk["world_size"] == 3
 
 
 def test_train_state_from_an_older_checkpoint_gets_defaults():
-    state = TrainState.from_dict({"step": 3, "epoch": 0, "position": 3})
+    state = TrainState.from_dict({"step": 3, "epoch": 0, "position": 3})  # micro-batches per rank, as once saved
+    assert (state.step, state.epoch_steps) == (3, 0)  # the trainer converts `position` with the consumed clips
     assert state.history == {"loss": [], "lr": [], "val_top1": [], "clips_per_s": []}
     assert state.best == {"val_top1": -1.0} and state.mlflow_run_id is None
 

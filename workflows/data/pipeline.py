@@ -200,6 +200,7 @@ def build_clip_dataset(
     shard: tuple[int, int] | None = None,
     skip: int = 0,
     augment_seed: int | None = None,
+    positions: np.ndarray | None = None,
 ) -> Any:
     """A streaming ray.data.Dataset of clips (schema in the module docstring) for one epoch of `manifest`.
 
@@ -208,8 +209,9 @@ def build_clip_dataset(
 
     `shard=(rank, world)` keeps every world-th video of the (shuffled) epoch order, so each training worker
     reads its own disjoint part and every video is seen once per epoch; `skip` drops that many videos from the
-    front of the shard (resuming inside an epoch). `augment_seed` (default `seed`) seeds the clips' random sampling
-    and augmentation alone: the same videos in the same order, augmented anew."""
+    front of the shard (resuming inside an epoch). `positions` instead names the positions in the epoch order to read
+    (an elastic run's share of what the epoch has left). `augment_seed` (default `seed`) seeds the clips' random
+    sampling and augmentation alone: the same videos in the same order, augmented anew."""
     import ray
 
     if split not in ("train", "eval"):
@@ -226,6 +228,10 @@ def build_clip_dataset(
         perm = np.random.default_rng([seed, epoch]).permutation(table.num_rows)
         table = table.take(pa.array(perm))
     videos_in_epoch = table.num_rows  # the bad-fraction limit is over the whole epoch, whoever decodes what
+    if positions is not None:
+        if shard is not None or skip:
+            raise ValueError("positions replaces shard and skip; pass one or the other")
+        table = table.take(pa.array(np.asarray(positions, dtype=np.int64)))
     if shard is not None:
         rank, world = shard
         if not 0 <= rank < world:

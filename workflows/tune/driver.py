@@ -57,14 +57,14 @@ def trial_resources(recipe: Recipe) -> dict[str, float]:
     """What one trial holds while it runs: its driver, the Train workers, and at least one decode actor per worker
     (Ray Data's pool never goes below one). Decode CPUs count as `decode_CPU` when decoding runs on labelled nodes."""
     scaling, data = recipe.scaling, recipe.data
-    need = {"CPU": TRIAL_DRIVER_CPUS + scaling.num_workers * scaling.cpus_per_worker}
-    decode = float(scaling.num_workers * data.decode_threads)
+    need = {"CPU": TRIAL_DRIVER_CPUS + scaling.max_workers * scaling.cpus_per_worker}
+    decode = float(scaling.max_workers * data.decode_threads)
     if data.node_label_selector():  # labelled decode nodes (check_capacity resolves an unset label; "any": none)
         need["decode_CPU"] = decode
     else:
         need["CPU"] += decode
     if scaling.use_gpu:
-        need["GPU"] = scaling.num_workers * scaling.gpus_per_worker
+        need["GPU"] = scaling.max_workers * scaling.gpus_per_worker
     return need
 
 

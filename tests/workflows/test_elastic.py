@@ -1,0 +1,197 @@
+"""Elastic training's arithmetic and state (workflows/elastic.py): the global batch at any world size, what an epoch
+has left after a resize, and ZeRO optimizer state that loads at another number of workers (real DeepSpeed engines in
+real gloo process groups)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from workflows.config_loader import ConfigError
+from workflows.elastic import (
+    batch_plan,
+    epoch_order,
+    legacy_consumed,
+    remaining_assignment,
+    workable_sizes,
+)
+from workflows.recipe import load_recipe
+
+SMOKE = Path(__file__).parents[2] / "workflows" / "configs" / "smoke.yaml"
+
+
+# --- the global batch at a world size ---
+
+
+def test_an_even_split_is_the_fixed_size_split():
+    plan = batch_plan(32, 4, 2)
+    assert (plan.accum, plan.shares, plan.micro, plan.even) == (4, (16, 16), 4, True)
+    assert plan.micro_sizes(1) == [4, 4, 4, 4] and plan.loss_weight(4) == 1.0
+
+
+def test_an_uneven_split_keeps_the_global_batch_and_weights_every_clip_alike():
+    plan = batch_plan(32, 4, 3)
+    assert plan.shares == (11, 11, 10) and plan.accum == 3 and not plan.even
+    assert plan.micro_sizes(0) == [4, 4, 3] and plan.micro_sizes(2) == [4, 3, 3]
+    assert sum(sum(plan.micro_sizes(r)) for r in range(3)) == 32
+    # DeepSpeed divides each micro-batch's (mean) loss by accum and averages over the world: with the weight, every
+    # clip ends up with 1/global of the gradient.
+    per_clip = {plan.loss_weight(n) / (n * plan.accum * plan.world) for r in range(3) for n in plan.micro_sizes(r)}
+    assert all(w == pytest.approx(1 / 32) for w in per_clip)
+
+
+def test_weighted_uneven_micro_batches_give_the_full_batch_gradient():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5), torch.randn(32)
+    w = torch.randn(5, requires_grad=True)
+    full = torch.autograd.grad(((x @ w - y) ** 2).mean(), w)[0]
+    plan = batch_plan(32, 4, 3)
+    total, start = torch.zeros(5), 0
+    for rank in range(3):
+        for n in plan.micro_sizes(rank):  # each rank's micro-batches, as DeepSpeed scales and averages them
+            xs, ys = x[start:start + n], y[start:start + n]
+            loss = ((xs @ w - ys) ** 2).mean() * plan.loss_weight(n) / plan.accum
+            total += torch.autograd.grad(loss, w)[0] / plan.world
+            start += n
+    assert start == 32 and torch.allclose(total, full, atol=1e-6)
+
+
+def test_sizes_that_cannot_hold_the_global_batch():
+    with pytest.raises(ValueError, match="cannot give each of 3 workers 2 micro-batches"):
+        batch_plan(4, 1, 3)
+    assert workable_sizes(4, 1, 1, 4) == ([1, 2, 4], [1, 2, 4])
+    assert workable_sizes(32, 4, 2, 5) == ([2, 3, 4, 5], [2, 4])
+
+
+def test_elastic_recipes_are_checked_before_any_work():
+    base = ["train.micro_batch_size=1", "train.global_batch_size=4"]
+    recipe = load_recipe(SMOKE, [*base, "scaling.num_workers=[1, 2]"], check_files=False)
+    assert (recipe.scaling.min_workers, recipe.scaling.max_workers, recipe.scaling.elastic) == (1, 2, True)
+    with pytest.raises(ConfigError, match=r"cannot be split over 3 workers.*sizes that hold it: 1, 2, 4"):
+        load_recipe(SMOKE, [*base, "scaling.num_workers=[1, 4]"], check_files=False)
+    with pytest.raises(ConfigError, match="needs train.zero_stage 1 or 2"):
+        load_recipe(SMOKE, [*base, "scaling.num_workers=[1, 2]", "train.zero_stage=0"], check_files=False)
+    with pytest.raises(ConfigError, match=r"\[min, max\] with 1 <= min <= max"):
+        load_recipe(SMOKE, [*base, "scaling.num_workers=[2, 1]"], check_files=False)
+    fixed = load_recipe(SMOKE, check_files=False)  # an int stays a fixed size, checked as before
+    assert not fixed.scaling.elastic and fixed.scaling.min_workers == fixed.scaling.max_workers == 2
+    with pytest.raises(ConfigError, match="must be a multiple of train.micro_batch_size x scaling.num_workers"):
+        load_recipe(SMOKE, ["scaling.num_workers=3"], check_files=False)
+
+
+# --- what an epoch has left ---
+
+
+def test_a_fresh_epoch_is_shared_out_as_the_fixed_size_shards():
+    order = epoch_order(10, seed=0, epoch=1)
+    plan = batch_plan(4, 2, 2)
+    fresh = np.zeros(10, dtype=np.int32)
+    for rank in range(2):
+        assert remaining_assignment(order, fresh, 1, plan, rank).tolist() == list(range(rank, 10, 2))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_what_is_left_is_shared_out_once_at_any_size(world):
+    n, views = 23, 2
+    order = epoch_order(n, seed=3, epoch=0)
+    consumed = np.zeros(n, dtype=np.int32)
+    consumed[order[:9]] = views  # trained on before the resize
+    consumed[order[9]] = 1  # one view of this one
+    plan = batch_plan(12, 2, world)
+    shares = [remaining_assignment(order, consumed, views, plan, r) for r in range(world)]
+    every = np.concatenate(shares)
+    assert sorted(every.tolist()) == list(range(9, n)), "each video with clips left goes to exactly one rank"
+    if not plan.even:  # contiguous runs sized by the shares
+        assert all(len(s) for s in shares)
+
+
+def test_legacy_positions_mark_each_ranks_first_videos():
+    consumed = legacy_consumed(10, seed=0, epoch=0, world=2, skipped_per_rank=2, views=3)
+    order = epoch_order(10, 0, 0)
+    assert sorted(np.flatnonzero(consumed).tolist()) == sorted(order[:4].tolist())
+    assert set(consumed[consumed > 0].tolist()) == {3}
+
+
+# --- ZeRO optimizer state across world sizes (real DeepSpeed, real process groups) ---
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _zero_worker(rank: int, world: int, port: int, directory: str, phase: str, out: str, stage: int) -> None:
+    """One rank: build the engine the workflow builds (its DeepSpeed config at this world size), train two steps
+    and write a checkpoint as an elastic run does (phase "save"), or load it as the trainer does at another size
+    (phase "load") and train one more step; then gather every parameter's whole Adam moments and fp32 weights (a
+    collective) and write them from rank 0."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    import deepspeed
+
+    from workflows.checkpoints import DS_TAG, full_optimizer_state, restore_full_optimizer_state, write_checkpoint
+    from workflows.optim import build_deepspeed_config
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        recipe = load_recipe(SMOKE, ["train.micro_batch_size=1", "train.global_batch_size=12",
+                                     "scaling.num_workers=[1, 4]", f"train.zero_stage={stage}"], check_files=False)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.GELU(), torch.nn.Linear(13, 3))
+        # Two parameter groups, as DiST has (with and without weight decay).
+        decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+        rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                      lr=1e-2)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
+                                               config=build_deepspeed_config(recipe, world))
+        plan = recipe.batch_plan(world)
+        gen = torch.Generator().manual_seed(rank)
+
+        def train(steps: int) -> None:
+            for _ in range(steps * plan.accum):
+                engine.backward(engine(torch.randn(2, 7, generator=gen)).pow(2).mean())
+                engine.step()
+
+        if phase == "save":
+            train(2)
+            write_checkpoint(Path(directory), engine=engine, model=model, rank=rank, state={"world_size": world},
+                             recipe_yaml="", elastic=True)
+        else:
+            engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=False)
+            restore_full_optimizer_state(engine, model, directory)
+        state = full_optimizer_state(engine, model)
+        if phase == "load":
+            train(1)  # the restored state steps like any other
+            state["after"] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        if rank == 0:
+            torch.save(state, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_zero_optimizer_state_loads_bitwise_at_another_number_of_workers(tmp_path, zero_stage):
+    directory = str(tmp_path / "ckpt")
+
+    def run(world: int, phase: str) -> dict:
+        out = str(tmp_path / f"{phase}_{world}.pt")
+        mp.spawn(_zero_worker, args=(world, _free_port(), directory, phase, out, zero_stage), nprocs=world, join=True)
+        return torch.load(out)
+
+    saved = run(2, "save")
+    assert float(saved["step"][0]) == 2.0
+    assert all(float(v.abs().sum()) > 0 for k, v in saved.items() if k.startswith("exp_avg_sq/")), "moments trained"
+    for world in (3, 1):  # grow, then shrink below the size that saved
+        loaded = run(world, "load")
+        for key, tensor in saved.items():
+            assert torch.equal(loaded[key], tensor), f"{key} at {world} workers"
+        assert torch.isfinite(loaded["after"]).all()

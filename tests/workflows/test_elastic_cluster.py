@@ -1,0 +1,72 @@
+"""Elastic pre-training on a real multi-raylet cluster (tests/workflows/elastic_scenario.py, its own process): a drain
+notice, a node added back and a raylet killed without notice, in one run of `scaling.num_workers: [1, 2]`.
+
+What is checked comes from the run's own outputs: its console lines (one per restart), its checkpoints in storage,
+and the data audit every rank writes per step (train.data_audit_dir), from which the test rebuilds which steps
+survived (a step a later attempt redid is dropped) and counts every video of every epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+# About 10 minutes on 2 cores (three worker-group starts, a 60 s drain window): `make elastic-test`, not `make test`.
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not os.environ.get("DIST_ELASTIC_CLUSTER"),
+                                 reason="a multi-raylet elastic run (~10 min): make elastic-test")]
+
+REPO = Path(__file__).resolve().parents[2]
+SCENARIO = Path(__file__).with_name("elastic_scenario.py")
+GLOBAL_BATCH, STEPS, VIDEOS, STEPS_PER_EPOCH = 4, 36, 16, 4
+
+
+def _surviving_steps(audit_dir: Path) -> list[dict]:
+    """Every rank's audit records of the steps that count: a record is dropped when a later attempt resumed from
+    before its step (the step was lost and done again)."""
+    records = [json.loads(line) for f in audit_dir.glob("*.jsonl") for line in f.read_text().splitlines()]
+    starts = sorted({(r["time"], r["attempt_start_step"]) for r in records})
+    return [r for r in records if not any(t > r["time"] and s < r["step"] for t, s in starts)]
+
+
+def test_a_drain_a_new_node_and_a_lost_node_keep_the_run_going(tmp_path):
+    out = tmp_path / "scenario"
+    done = subprocess.run([sys.executable, str(SCENARIO), str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=1500, env={**os.environ, "PYTHONPATH": str(REPO)})
+    console = done.stdout + done.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert "error" not in result, f"{result.get('error')}\n{console[-6000:]}"
+    assert result["metrics"]["step"] == STEPS, "the run finishes all planned steps"
+    events = {e["event"]: e for e in result["events"]}
+
+    restarts = [line.split("[pretrain] ", 1)[1] for line in console.splitlines() if "[pretrain] restart:" in line]
+    assert any(r.startswith("restart: 2 -> 1 workers (drain notice)") and r.endswith(", 0 steps lost")
+               for r in restarts), restarts
+    assert any(r.startswith("restart: 1 -> 2 workers (nodes added)") and r.endswith(", 0 steps lost")
+               for r in restarts), restarts
+    assert any(r.startswith("restart: 2 -> 1 workers (a worker or node was lost)") for r in restarts), restarts
+
+    # The drain checkpoint landed before the deadline (the raylet was killed then).
+    drained = [p for p in (out / "runs" / "elastic").glob("checkpoint_*")
+               if json.loads((p / "state.json").read_text())["metrics"].get("resize_checkpoint")]
+    deadline = events["drain"]["time"] + events["drain"]["deadline_s"]
+    assert any((p / "complete").is_dir() and max(f.stat().st_mtime for f in (p / "complete").iterdir()) < deadline
+               for p in drained), "a checkpoint landed before the drain deadline"
+
+    steps = _surviving_steps(out / "audit")
+    by_step: dict[int, list[dict]] = {}
+    for record in steps:
+        by_step.setdefault(record["step"], []).append(record)
+    assert sorted(by_step) == list(range(1, STEPS + 1)), "every step done exactly once in the surviving history"
+    for step, records in by_step.items():
+        assert len(records) == records[0]["world"], f"step {step}: one record per rank"
+        assert sum(len(r["videos"]) for r in records) == GLOBAL_BATCH, f"step {step}: the global batch is unchanged"
+    assert {r["world"] for r in steps} == {1, 2}, "the run trained at both sizes"
+    for epoch in range(STEPS // STEPS_PER_EPOCH):
+        seen = Counter(v for r in steps if r["epoch"] == epoch for v in r["videos"])
+        assert seen == Counter(range(VIDEOS)), f"epoch {epoch}: every video exactly once"
