@@ -260,13 +260,16 @@ class Trainer:
                                                position * recipe.train.micro_batch_size // views, views)
 
     def _note_restart(self, previous_world: int | None) -> None:
-        """Rank 0: one console line and MLflow record per restart: the old and new size, why (a drain notice or
-        added nodes, when the previous group said so; otherwise a lost worker or node) and the steps lost (the
-        last step any attempt reached, from the GCS store, less the step resumed at)."""
+        """Rank 0: one console line and MLflow record per restart: the old and new size (the old one is the last
+        group's that trained, from the GCS store; else the checkpoint's), why (a drain notice or added nodes, when
+        the previous group said so; otherwise a lost worker or node) and the steps lost (the last step any attempt
+        reached, from the GCS store, less the step resumed at)."""
         if self.rank != 0:
             return
         run_dir, step = self.recipe.run_dir, self.state.step
-        reached = (kv_get(kv_key(run_dir, "progress")) or {}).get("step")
+        progress = kv_get(kv_key(run_dir, "progress")) or {}
+        reached = progress.get("step")
+        previous_world = progress.get("world") or previous_world  # the group that stopped, not the checkpoint's
         event = kv_get(kv_key(run_dir, "event")) or {}
         reason = event.get("reason") or "a worker or node was lost"
         lost = max(0, reached - step) if reached is not None else None
@@ -368,8 +371,9 @@ class Trainer:
         if not directory:
             return
         state = self.state
-        record = {"time": time.time(), "attempt_start_step": self.attempt_first_step, "step": state.step,
-                  "epoch": state.epoch,
+        group = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"  # one per worker group start
+        record = {"time": time.time(), "group": group, "attempt_start_step": self.attempt_first_step,
+                  "step": state.step, "epoch": state.epoch,
                   "rank": self.rank, "world": self.world, "videos": self.audit}
         Path(directory).mkdir(parents=True, exist_ok=True)
         with open(Path(directory) / f"rank_{self.rank}_pid_{os.getpid()}.jsonl", "a") as f:
