@@ -126,6 +126,7 @@ class EvalPlan:
     crops: int
     out_dir: Path
     tracking_uri: str | None = None  # the store a models:/ checkpoint came from
+    checkpoint_source: str | None = None  # where the checkpoint came from (its URI when fetched from a bucket)
 
     @property
     def class_names(self) -> list[str]:
@@ -154,7 +155,8 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
     return EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"], seed=seed, checkpoint=directory,
                     state=checkpoint.state if checkpoint is not None else {}, manifest=manifest, label_map=label_map,
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
-                    out_dir=_out_dir(request, recipe, directory), tracking_uri=request.tracking_uri)
+                    out_dir=_out_dir(request, recipe, directory), tracking_uri=request.tracking_uri,
+                    checkpoint_source=checkpoint.source if checkpoint is not None else None)
 
 
 def _checkpoint_of(request: EvalRequest) -> LoadedCheckpoint | None:
@@ -209,12 +211,16 @@ def _manifest(request: EvalRequest, recipe: Recipe, label_map: dict[str, int], l
 
 
 def _out_dir(request: EvalRequest, recipe: Recipe, checkpoint: Path | None) -> Path:
-    """--out, else `<checkpoint>/eval-<time>`, else `eval/clip-only-<preset>-<time>`."""
+    """--out, else `<checkpoint>/eval-<time>` for a local checkpoint, `eval/<name>-<time>` for one fetched from a
+    registry or a bucket, else `eval/clip-only-<preset>-<time>`."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if request.out:
         return Path(request.out)
     if request.checkpoint and request.checkpoint.startswith(REGISTRY_SCHEME):  # fetched into a temporary directory
         return Path("eval") / f"{request.checkpoint.removeprefix(REGISTRY_SCHEME).replace('/', '-')}-{stamp}"
+    if request.checkpoint and is_remote(request.checkpoint):  # fetched from a bucket into a temporary directory
+        name = request.checkpoint.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        return Path("eval") / f"{name}-{stamp}"
     if checkpoint is not None:
         return checkpoint / f"eval-{stamp}"
     return Path("eval") / f"clip-only-{recipe.model.preset}-{stamp}"
@@ -361,7 +367,8 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
         "views": plan.views, "crops": plan.crops, "num_classes": len(names), "mode": plan.mode,
         "dropped": dict(drops.dropped), "dropped_total": drops.total_dropped,
         "dropped_examples": {reason: paths for reason, paths in drops.examples.items()},
-        "checkpoint": str(plan.checkpoint) if plan.checkpoint else None, "step": plan.state.get("step"),
+        "checkpoint": plan.checkpoint_source or (str(plan.checkpoint) if plan.checkpoint else None),
+        "step": plan.state.get("step"),
         "preset": plan.recipe.model.preset, "manifest": plan.manifest.source, "labels": plan.labels_source,
         "seconds": round(results.seconds, 2), "clips_per_s": round(results.rows / max(results.seconds, 1e-9), 2),
         "per_class": per_class, "out_dir": str(plan.out_dir),
@@ -452,7 +459,8 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
 
     plan = plan_evaluation(request)
     if progress:
-        print(f"{LOG_PREFIX} {plan.checkpoint or 'frozen CLIP'} ({plan.recipe.model.preset}, step "
+        what = plan.checkpoint_source or plan.checkpoint or "frozen CLIP"
+        print(f"{LOG_PREFIX} {what} ({plan.recipe.model.preset}, step "
               f"{plan.state.get('step', '-')}) on {plan.manifest.source}: {len(plan.manifest)} videos, labels "
               f"{plan.labels_source}", flush=True)
     ensure_ray(local_cpus_for(plan.recipe))
@@ -468,8 +476,8 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", help="checkpoint directory, a run directory (its latest checkpoint), or a "
-                                             "registered model models:/NAME/VERSION")
+    parser.add_argument("--checkpoint", help="checkpoint directory, a run directory (its latest checkpoint), local or "
+                                             "in a bucket (s3://...), or a registered model models:/NAME/VERSION")
     parser.add_argument("--tracking-uri", help="the MLflow store of a models:/ checkpoint (default: "
                                                "MLFLOW_TRACKING_URI); the evaluation is logged there")
     parser.add_argument("--config", help="recipe YAML (default: the checkpoint's recipe.yaml)")
@@ -481,7 +489,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--zero-shot-fusion", action="store_true", help="blend DiST with frozen-CLIP logits")
     parser.add_argument("--clip-only", action="store_true", help="score with the frozen CLIP alone (baseline)")
     parser.add_argument("--preset", help="with --clip-only: the DiST preset whose CLIP to use")
-    parser.add_argument("--out", help="output directory (default: <checkpoint>/eval-<time>)")
+    parser.add_argument("--out", help="output directory (default: <checkpoint>/eval-<time>, or eval/<name>-<time> "
+                                      "for a registered or remote checkpoint)")
     parser.add_argument("--actors", type=int, help="scoring actors (default: one per GPU, or CPUs / 4)")
     tracking = parser.add_mutually_exclusive_group()
     tracking.add_argument("--mlflow", dest="mlflow", action="store_true", default=None,

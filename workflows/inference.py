@@ -2,9 +2,9 @@
 
 A checkpoint's state.json names the architecture it was trained with (its model section) and the classes it was
 trained on; its recipe.yaml holds the rest of the run's recipe, among it the seed a random-init frozen CLIP is
-rebuilt from. `read_checkpoint` reads both, `build_eval_model` rebuilds the model with the trained weights, and
-`model_logits` scores clips as DiST, as DiST blended with frozen CLIP, or as frozen CLIP alone. Nothing here
-starts Ray.
+rebuilt from. `read_checkpoint` reads both (from a local directory, a registered model version, or a bucket:
+s3://, gs://, ...), `build_eval_model` rebuilds the model with the trained weights, and `model_logits` scores
+clips as DiST, as DiST blended with frozen CLIP, or as frozen CLIP alone. Nothing here starts Ray.
 """
 
 from __future__ import annotations
@@ -31,11 +31,17 @@ Mode = Literal["dist", "fusion", "clip_only"]
 
 @dataclass
 class LoadedCheckpoint:
-    """A checkpoint directory's state.json and recipe.yaml, read (the weights are read when a model is built)."""
+    """A checkpoint directory's state.json and recipe.yaml, read (the weights are read when a model is built).
+    `directory` is local (a registered model or a checkpoint in a bucket is fetched first); `source` says where the
+    checkpoint came from: the directory itself, the `models:/` URI, or the checkpoint's URI in the bucket."""
 
     directory: Path
     state: dict[str, Any]
     raw_recipe: dict[str, Any]  # recipe.yaml as written ({} when the checkpoint has none)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.source = self.source or str(self.directory)
 
     @property
     def model_section(self) -> dict[str, Any]:
@@ -81,19 +87,67 @@ def fetch_registered_model(uri: str, tracking_uri: str | None = None) -> Path:
         raise FileNotFoundError(f"{uri} in {tracking_uri}: {exc.message}") from None
 
 
+def fetch_remote_checkpoint(uri: str) -> tuple[Path, str]:
+    """Download what scoring reads (state.json, weights.safetensors, recipe.yaml; not DeepSpeed's optimizer files)
+    of a checkpoint in a bucket into a new local directory: `uri` is a checkpoint directory, or a run directory
+    (its newest complete checkpoint: every rank's file list there with every file at its size, so a partial upload
+    is never used). Credentials and endpoint come from the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS).
+    Returns (local directory, URI of the checkpoint used)."""
+    import tempfile
+    from urllib.parse import urlsplit
+
+    import pyarrow.fs as pafs
+
+    from workflows.checkpoints import STATE, WEIGHTS, newest_complete_checkpoint
+    from workflows.runtime import redact_secrets
+
+    shown = redact_secrets(uri)
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        path = path.rstrip("/")
+        state, weights, folder = fs.get_file_info([f"{path}/{STATE}", f"{path}/{WEIGHTS}", path])
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"checkpoint {shown} cannot be read: {exc}") from None
+    if state.type == pafs.FileType.File:
+        if weights.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{shown} has {STATE} but no {WEIGHTS}: an incomplete DiST checkpoint")
+        chosen = path
+    elif folder.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"checkpoint {shown} does not exist")
+    else:
+        found = newest_complete_checkpoint(uri)
+        if found is None:
+            raise FileNotFoundError(f"{shown} is not a DiST checkpoint (no {STATE}) and holds no complete checkpoint_* "
+                                    f"directory (a partial upload is never used); pass a checkpoint directory")
+        chosen = found[1]
+    local = Path(tempfile.mkdtemp(prefix="dist-checkpoint-"))
+    for name in (STATE, WEIGHTS, RECIPE):
+        if fs.get_file_info(f"{chosen}/{name}").type == pafs.FileType.File:
+            pafs.copy_files(f"{chosen}/{name}", str(local / name), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+    return local, f"{urlsplit(uri).scheme}://{chosen}"
+
+
 def read_checkpoint(path: str | Path, tracking_uri: str | None = None) -> LoadedCheckpoint:
-    """The checkpoint at `path`: a checkpoint directory, a run directory (its latest checkpoint), or a registered
-    model version `models:/NAME/VERSION` (fetched from `tracking_uri`). Raises FileNotFoundError when there is
-    none, ConfigError when its state.json names no model."""
-    if str(path).startswith(REGISTRY_SCHEME):
-        path = fetch_registered_model(str(path), tracking_uri)
+    """The checkpoint at `path`: a checkpoint directory, a run directory (its latest checkpoint), either local or
+    in a bucket (s3://, gs://, ...: see `fetch_remote_checkpoint`), or a registered model version
+    `models:/NAME/VERSION` (fetched from `tracking_uri`). Raises FileNotFoundError when there is none, ConfigError
+    when its state.json names no model."""
+    from workflows.runtime import is_remote
+
+    source = str(path)
+    if source.startswith(REGISTRY_SCHEME):
+        path = fetch_registered_model(source, tracking_uri)
+    elif is_remote(source):
+        path, source = fetch_remote_checkpoint(source)
     directory = find_checkpoint(path)
     state = read_state(directory)
     if "model" not in state:
         raise ConfigError(f"{directory}/state.json has no model section: not a checkpoint of this workflow")
     raw = load_yaml(directory / RECIPE) if (directory / RECIPE).is_file() else {}
     raw, _ = drop_removed_keys(Recipe, raw)  # a recipe.yaml written before a key was removed still loads
-    return LoadedCheckpoint(directory=directory, state=state, raw_recipe=raw)
+    return LoadedCheckpoint(directory=directory, state=state, raw_recipe=raw,
+                            source=source if source != str(path) else "")
 
 
 def resolve_labels(label_file: str | None, checkpoint: LoadedCheckpoint | None,

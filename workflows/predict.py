@@ -49,7 +49,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows predict", description=__doc__.split("\n")[0])
     parser.add_argument("videos", nargs="+", help="video files (local paths or URIs pyarrow reads)")
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint directory, a run directory, or a registered model models:/NAME/VERSION")
+                        help="checkpoint directory, a run directory (local or in a bucket, s3://...), or a "
+                             "registered model models:/NAME/VERSION")
     parser.add_argument("--tracking-uri", help="the MLflow store of a models:/ checkpoint (default: "
                                                "MLFLOW_TRACKING_URI)")
     parser.add_argument("--labels", help="label file {class name: index} (default: the checkpoint's classes)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,12 @@ from workflows.tracking import resolve_tracking_uri
 
 LOG_PREFIX = "[pretrain]"
 PREEMPTION_GRACE_S = 15.0
+# Ray Train 2.60 ends fit() with a ControllerError when the controller cannot write its checkpoint registry
+# (checkpoint_manager_snapshot.json) to storage; FailureConfig does not cover the controller. The driver then waits
+# for the run's storage to answer again and fits the same run once more, which resumes from its newest complete
+# checkpoint (at most run.max_failures times).
+STORAGE_WAIT_S = 900.0
+STORAGE_PROBE_S = 5.0
 
 
 def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, callbacks: list | None = None,
@@ -116,6 +123,52 @@ def save_resolved_recipe(recipe: Recipe) -> str:
     return path
 
 
+def storage_failure(exc: BaseException) -> OSError | None:
+    """The storage error behind a Ray Train ControllerError (the controller's own write failed), else None."""
+    from ray.train import ControllerError
+
+    failure = exc.controller_failure if isinstance(exc, ControllerError) else None
+    return failure if isinstance(failure, OSError) else None
+
+
+def wait_for_storage(run_dir: str, timeout_s: float = STORAGE_WAIT_S, probe_s: float = STORAGE_PROBE_S) -> bool:
+    """Whether the run directory's storage answers (a listing of the run directory) within `timeout_s`."""
+    import pyarrow.fs
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fs, path = pyarrow.fs.FileSystem.from_uri(run_dir)
+            fs.get_file_info(path)
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(probe_s)
+
+
+def fit_through_storage_outages(make_trainer: Any, recipe: Recipe, wait_s: float = STORAGE_WAIT_S) -> Any:
+    """`make_trainer().fit()`, fitted again (a new trainer of the same run, which resumes from its newest complete
+    checkpoint) when the Train controller failed on a storage write, after the storage answers again; at most
+    run.max_failures times. Any other failure, or storage still away after `wait_s`, is raised."""
+    relaunches = 0
+    while True:
+        try:
+            return make_trainer().fit()
+        except Exception as exc:
+            failure = storage_failure(exc)
+            if failure is None or relaunches >= recipe.run.max_failures:
+                raise
+            relaunches += 1
+            where = redact_secrets(recipe.run_dir)
+            print(f"{LOG_PREFIX} the Train controller could not write to {where} ({redact_secrets(str(failure))}); "
+                  f"waiting up to {wait_s:.0f} s for the storage, then resuming the run from its newest complete "
+                  f"checkpoint (relaunch {relaunches} of {recipe.run.max_failures}, run.max_failures)", flush=True)
+            if not wait_for_storage(recipe.run_dir, wait_s):
+                raise
+            print(f"{LOG_PREFIX} {where} answers again: relaunching the run", flush=True)
+
+
 def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
     """Validate, start (or join) Ray, train; returns the Ray Train Result. `verbose`: Ray Data's and Ray Train's
     own INFO lines on the console too (by default they go to Ray's log files only)."""
@@ -131,7 +184,7 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
     recipe = with_run_scoped_names(recipe)
     print(f"{LOG_PREFIX} the full resolved recipe: {redact_secrets(save_resolved_recipe(recipe))}", flush=True)
     counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts
-    result = build_trainer(recipe, verbose=verbose).fit()
+    result = fit_through_storage_outages(lambda: build_trainer(recipe, verbose=verbose), recipe)
     del counter
     metrics = result.metrics or {}
     print(f"{LOG_PREFIX} finished: step {metrics.get('step')}, val top-1 {metrics.get('val_top1', float('nan')):.2f}%;"

@@ -75,3 +75,30 @@ def test_sample_and_import_commands(tmp_path, capsys) -> None:
     assert main(["import", "list", "--list", str(tmp_path / "list.txt"), "--out", str(tmp_path / "l" / "m.csv")]) == 0
     assert load_labels(str(tmp_path / "l" / "labels.json")) == {"jump": 0, "run": 1}
     assert main(["check", "--manifest", str(tmp_path / "nope.csv")]) == 2  # a clear error, not a traceback
+
+
+def test_upload_refuses_what_a_bucket_copy_could_not_read(tmp_path, capsys) -> None:
+    """`data upload` checks its input before copying anything (the copy itself, to a real S3 endpoint, is
+    tests/workflows/test_object_storage.py)."""
+    from workflows.data.upload import check_manifests
+
+    root = Path(write_sample_dataset(tmp_path / "s", videos_per_class=2, size=32, num_frames=8, workers=1).root)
+    manifests, missing = check_manifests(root)
+    assert [m.name for m in manifests] == ["train.csv", "val.csv"] and missing == {}
+    (root / "extra.csv").write_text("path,label\nvideos/moving_left/gone.mp4,moving left\n")
+    assert check_manifests(root)[1] == {"extra.csv": 1}  # a missing video is counted (data check reports it)
+    (root / "notes.csv").write_text("a,b\n1,2\n")  # not a manifest: ignored
+    assert main(["upload", str(tmp_path / "nope"), "s3://bucket/data"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["upload", str(root), str(tmp_path / "copy")]) == 2
+    assert "is not a bucket URI" in capsys.readouterr().err
+    assert main(["upload", "s3://bucket/a", "s3://bucket/b"]) == 2
+    assert "already a URI" in capsys.readouterr().err
+    video = next(root.glob("videos/*/*.mp4"))
+    for name, entry in (("absolute.csv", str(video)), ("outside.csv", "../elsewhere/x.mp4"),
+                        ("file_uri.csv", video.as_uri())):
+        (root / name).write_text(f"path,label\n{entry},moving left\n")
+        assert main(["upload", str(root), "s3://bucket/data"]) == 2
+        err = capsys.readouterr().err
+        assert f"{name} (1 of 1 rows, e.g. row 1: {entry})" in err and "relative to the manifest's folder" in err
+        (root / name).unlink()

@@ -164,6 +164,36 @@ def test_read_checkpoint_refuses_a_state_without_model(run_dir: Path, video_dir:
     assert "has no model section" in capsys.readouterr().err
 
 
+def test_a_checkpoint_in_storage_is_fetched_and_a_partial_one_never_used(run_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint given as a URI (s3://, gs://, here file:// through the same pyarrow code path) is fetched: a
+    checkpoint directory as it is, a run directory's newest *complete* checkpoint (every rank's file list there,
+    every file at its size), so a newer partial upload is skipped. tests/workflows/test_object_storage.py does this
+    against a real S3 endpoint."""
+    from workflows.checkpoints import write_file_list
+
+    runs = tmp_path / "bucket" / "run"
+    for step, name in ((1, "checkpoint_a"), (2, "checkpoint_b"), (3, "checkpoint_c")):
+        ckpt = shutil.copytree(run_dir / "checkpoint_000001", runs / name)
+        (ckpt / "state.json").write_text(json.dumps({**read_state(ckpt), "step": step, "world_size": 1}))
+        write_file_list(ckpt, 0)
+    (runs / "checkpoint_c" / "weights.safetensors").write_bytes(b"half an upload")  # listed size differs: partial
+    loaded = read_checkpoint(runs.as_uri())
+    assert loaded.state["step"] == 2 and loaded.source == (runs / "checkpoint_b").as_uri()
+    assert loaded.directory != runs / "checkpoint_b" and not loaded.directory.is_relative_to(tmp_path)  # a copy
+    assert {p.name for p in loaded.directory.iterdir()} == {"state.json", "weights.safetensors", "recipe.yaml"}
+    for key, value in read_weights(loaded.directory).items():
+        torch.testing.assert_close(value, read_weights(run_dir / "checkpoint_000001")[key])
+    assert read_checkpoint((runs / "checkpoint_a").as_uri()).state["step"] == 1  # a checkpoint directory itself
+    plan = plan_evaluation(EvalRequest(checkpoint=runs.as_uri()))
+    assert plan.checkpoint_source == (runs / "checkpoint_b").as_uri() and plan.out_dir.parts[0] == "eval"
+    shutil.rmtree(runs / "checkpoint_a" / "complete")
+    shutil.rmtree(runs / "checkpoint_b" / "complete")
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint_"):
+        read_checkpoint(runs.as_uri())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_checkpoint((runs / "nope").as_uri())
+
+
 def test_resolve_labels_file_then_stored_names_then_a_clear_error(run_dir: Path, seven_labels: Path,
                                                                    tmp_path: Path) -> None:
     loaded = read_checkpoint(run_dir)

@@ -105,6 +105,46 @@ def test_mixing_keeps_targets_normalised_and_is_seeded():
     assert torch.allclose(soft_cross_entropy(logits, smooth_one_hot(labels, 5, 0.0)), hard)
 
 
+def test_a_controller_storage_failure_relaunches_the_run_once_storage_answers(tmp_path, capsys):
+    """Ray Train ends fit() with a ControllerError when its controller cannot write the checkpoint registry to
+    storage (seen in tests/workflows/test_object_storage.py's outage); the driver waits for the storage and fits the
+    run again, at most run.max_failures times. Other failures are raised at once."""
+    from ray.train import ControllerError
+
+    from workflows.pretrain import fit_through_storage_outages, storage_failure, wait_for_storage
+    from workflows.recipe import Recipe, RunSection
+
+    outage = OSError("AWS Error NETWORK_CONNECTION during CreateMultipartUpload operation")
+
+    class Trainer:
+        fits = 0
+
+        def __init__(self, failures: list[BaseException]):
+            self.failures = failures
+
+        def fit(self):
+            Trainer.fits += 1
+            if self.failures:
+                raise self.failures.pop(0)
+            return "result"
+
+    recipe = Recipe(run=RunSection(storage_path=str(tmp_path), max_failures=1))
+    failures = [ControllerError(outage)]
+    assert fit_through_storage_outages(lambda: Trainer(failures), recipe, wait_s=5) == "result"
+    assert Trainer.fits == 2 and "could not write to" in capsys.readouterr().out
+    failures = [ControllerError(outage), ControllerError(outage)]
+    with pytest.raises(ControllerError):  # only run.max_failures relaunches
+        fit_through_storage_outages(lambda: Trainer(failures), recipe, wait_s=5)
+    failures = [ControllerError(ValueError("a bug in a callback"))]
+    with pytest.raises(ControllerError):
+        fit_through_storage_outages(lambda: Trainer(failures), recipe, wait_s=5)
+    assert storage_failure(RuntimeError("x")) is None and storage_failure(ControllerError(outage)) is outage
+    assert wait_for_storage(str(tmp_path), timeout_s=0)
+    # An endpoint nobody listens on: a real connection refused, so the wait gives up (after one probe).
+    nowhere = "s3://key:secret@bucket/runs?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    assert not wait_for_storage(nowhere, timeout_s=0, probe_s=0)
+
+
 # --- real runs: Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers ---
 @pytest.fixture(scope="module")
 def sample_data(tmp_path_factory):

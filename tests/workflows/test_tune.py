@@ -476,3 +476,30 @@ def test_trial_status_comes_from_the_reports_even_on_remote_storage(tmp_path):
 
     assert trial_row(result([0.0]), sweep_plan, [])["status"] == "stopped early"
     assert trial_row(result([0.0, 1.0]), sweep_plan, [])["status"] == "completed"
+
+
+def test_trials_get_no_copy_of_the_drivers_aws_credentials(monkeypatch):
+    """Ray Tune 2.60 copies AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN from the driver into each
+    trial actor's runtime env, which Ray writes to every node's runtime_env_agent.log (seen by
+    tests/workflows/test_object_storage.py) and the GCS actor table. The sweep driver turns that off; the trials
+    inherit the credentials from their nodes (or the job's runtime env) instead."""
+    from ray.tune.execution import class_cache
+
+    from workflows.tune.driver import keep_credentials_out_of_trial_runtime_envs
+
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(class_cache.ENV_VARS_TO_PROPAGATE))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "the-secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "the-key-id")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
+    class Trainable:
+        pass
+
+    def runtime_env_vars() -> dict:
+        return class_cache._ActorClassCache().get(Trainable)._default_options["runtime_env"]["env_vars"]
+
+    assert runtime_env_vars()["AWS_SECRET_ACCESS_KEY"] == "the-secret"  # what Ray Tune does by itself
+    keep_credentials_out_of_trial_runtime_envs()
+    copied = runtime_env_vars()
+    assert not {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} & set(copied)
+    assert copied["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "300"  # Ray Train's own settings still travel

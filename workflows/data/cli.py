@@ -4,6 +4,7 @@
     data transcode --manifest M --out DIR                  rewrite the corpus at short side 320, short GOP (PyAV)
     data k710      --csv [k400:]train.csv ... --videos DIR --out DIR   assemble Kinetics-710
     data sample    --out DIR                               write the synthetic motion dataset
+    data upload    DIR s3://bucket/prefix                  copy a dataset folder into a bucket (no shared disk)
     data import    ssv2|list ...                           manifests from SSV2 JSON or `path label` lists
 
 `check` exits with 0 when every video decodes and every label is in the label file, 1 otherwise. Ray tools
@@ -117,6 +118,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from workflows.data.upload import upload_dataset
+
+    try:
+        report = upload_dataset(args.source, args.destination)
+    except OSError as exc:  # the bucket cannot be reached or written (ValueError: bad input, handled by main)
+        print(f"error: data upload to {args.destination} failed: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(report)) if args.json else report.summary(), flush=True)
+    return 0
+
+
 def _cmd_import(args: argparse.Namespace) -> int:
     from workflows.data.importers import import_list, import_ssv2
 
@@ -175,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_cmd_sample)
+
+    u = sub.add_parser("upload", help="copy a dataset folder (videos, manifests, labels) into a bucket")
+    u.add_argument("source", help="the local dataset folder; its manifests must name videos relative to themselves")
+    u.add_argument("destination", help="bucket URI, e.g. s3://my-bucket/datasets/sample (credentials and endpoint "
+                                       "from the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                                       "AWS_ENDPOINT_URL, ...)")
+    u.add_argument("--json", action="store_true")
+    u.set_defaults(run=_cmd_upload)
 
     i = sub.add_parser("import", help="write a manifest from SSV2 JSON or a `path label` list")
     isub = i.add_subparsers(dest="format", required=True)

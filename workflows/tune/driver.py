@@ -46,6 +46,23 @@ from workflows.tune.sweep_config import (
 )
 
 TRIAL_DRIVER_CPUS = 0.1  # the trial's driver function only waits on fit(); Tune needs a non-empty request
+# Ray Tune 2.60 copies these from the sweep driver's environment into every trial actor's runtime env, which Ray logs
+# in each node's runtime_env_agent.log and keeps in the GCS actor table (dashboard, State API).
+TUNE_COPIED_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_credentials_out_of_trial_runtime_envs() -> None:
+    """Stop Ray Tune from copying AWS credentials into the trials' runtime envs (TUNE_COPIED_CREDENTIALS). The trials
+    do not need the copy: they run on the cluster's nodes, whose processes inherit the credentials from `ray start`
+    (or the instance profile), or in the job's runtime env, which every actor of the job inherits; the Train
+    workers inside a trial never got such a copy either."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # a Ray without that module: nothing to stop
+        return
+    copied = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(copied, (set, frozenset)):
+        class_cache.ENV_VARS_TO_PROPAGATE = type(copied)(set(copied) - set(TUNE_COPIED_CREDENTIALS))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,6 +255,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     parent_id = parent.run_id
     context = {"name": sweep.name, "base": plan.base, "path": plan.path, "train_storage": plan.train_storage,
                "parent_run_id": parent_id}
+    keep_credentials_out_of_trial_runtime_envs()
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_DRIVER_CPUS})
     if restorable:
         tuner = tune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True,

@@ -1,0 +1,146 @@
+"""`data upload DIR URI`: copy a local dataset folder (videos, manifests, label files) into a bucket, so that clusters
+without a shared filesystem read it from there.
+
+The folder is copied as it is, below the destination prefix, through pyarrow's filesystems (s3://, gs://, ... with
+the credentials and endpoint from the environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL,
+GOOGLE_APPLICATION_CREDENTIALS). Manifests resolve relative paths against their own folder, so a manifest whose
+entries are relative to it works unchanged in the bucket; before anything is copied, every manifest in the folder
+is checked, and one that names a video by an absolute local path, or outside the folder, stops the upload (the
+cluster could not read it there).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+@dataclass
+class UploadReport:
+    source: str
+    destination: str
+    files: int = 0
+    bytes: int = 0
+    manifests: list[str] = field(default_factory=list)  # their URIs in the bucket
+    labels: list[str] = field(default_factory=list)
+    missing_videos: dict[str, int] = field(default_factory=dict)  # manifest -> videos it lists that are not there
+
+    def summary(self) -> str:
+        lines = [f"uploaded {self.files} files ({self.bytes / 1e6:.1f} MB) from {self.source} to {self.destination}"]
+        lines += [f"  manifest: {m}" for m in self.manifests]
+        lines += [f"  labels: {m}" for m in self.labels]
+        for manifest, count in self.missing_videos.items():
+            lines.append(f"  warning: {manifest} lists {count} video(s) that are not in the folder "
+                         f"(`data check` will count them as missing)")
+        if self.manifests:
+            labels = f" --labels {self.labels[0]}" if self.labels else ""
+            lines.append(f"  check it from the cluster: python -m workflows data check --manifest {self.manifests[0]}"
+                         f"{labels}")
+        return "\n".join(lines)
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value
+
+
+def _manifest_paths(path: Path) -> list[str] | None:
+    """The raw `path` column of a manifest, or None when the file is not a manifest (no path/label columns)."""
+    from workflows.data.manifest import ManifestError, _read_table
+
+    try:
+        table = _read_table(str(path))
+    except ManifestError:
+        return None
+    if not {"path", "label"} <= set(table.column_names):
+        return None
+    return [str(p).strip() for p in table.column("path").to_pylist() if p is not None and str(p).strip()]
+
+
+def check_manifests(root: Path) -> tuple[list[Path], dict[str, int]]:
+    """The manifests under `root` (files with path/label columns) and, per manifest, how many listed videos are
+    missing; raises ValueError naming the rows whose paths would not resolve in the bucket (absolute, a URI of
+    another place is fine, or outside `root`)."""
+    manifests, missing, problems = [], {}, []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES):
+        entries = _manifest_paths(path)
+        if entries is None:
+            continue
+        manifests.append(path)
+        folder = path.parent.relative_to(root).as_posix()
+        bad, gone = [], 0
+        for row, entry in enumerate(entries, start=1):
+            if _is_uri(entry) and not entry.lower().startswith("file:"):
+                continue  # already remote: the cluster reads it where it is
+            inside = posixpath.normpath(posixpath.join(folder, entry))
+            if entry.lower().startswith("file:") or posixpath.isabs(entry) or Path(entry).is_absolute() \
+                    or inside == ".." or inside.startswith("../"):
+                bad.append(f"row {row}: {entry}")
+            elif not (root / inside).is_file():
+                gone += 1
+        if bad:
+            problems.append(f"{path.relative_to(root)} ({len(bad)} of {len(entries)} rows, e.g. {'; '.join(bad[:3])})")
+        if gone:
+            missing[path.relative_to(root).as_posix()] = gone
+    if problems:
+        raise ValueError(f"{root}: these manifests name videos by a local path outside the folder, which the bucket "
+                         f"copy could not resolve: {', '.join(problems)}. Write manifests whose paths are relative "
+                         f"to the manifest's folder and keep the videos below it (`data sample`, `data k710`, "
+                         f"`data import` and `data transcode` write them so)")
+    return manifests, missing
+
+
+def upload_dataset(source: str | Path, destination: str) -> UploadReport:
+    """Copy the dataset folder `source` to the URI `destination` (e.g. s3://bucket/datasets/sample); returns what
+    was copied. ValueError for bad input (before anything is copied); OSError when the bucket cannot be written."""
+    import pyarrow.fs as pafs
+
+    src = Path(source).expanduser()
+    if _is_uri(str(source)):
+        raise ValueError(f"data upload copies a local folder; {source} is already a URI")
+    if not src.is_dir():
+        raise ValueError(f"data upload: {source} is not a folder (give the dataset's folder: its videos, manifests "
+                         f"and label files)")
+    if not _is_uri(destination) or destination.lower().startswith("file:"):
+        raise ValueError(f"data upload: the destination {destination} is not a bucket URI (s3://bucket/prefix, "
+                         f"gs://bucket/prefix); to copy between local folders use cp")
+    src = src.resolve()
+    manifests, missing = check_manifests(src)
+    fs, prefix = pafs.FileSystem.from_uri(destination)
+    prefix = prefix.rstrip("/")
+    files = [p for p in sorted(src.rglob("*")) if p.is_file()]
+    if not files:
+        raise ValueError(f"data upload: {source} holds no files")
+    report = UploadReport(source=str(src), destination=destination.rstrip("/"))
+    fs.create_dir(prefix, recursive=True)
+    # Arrow's S3 uploads are not thread-safe in copy_files (apache/arrow#32372; Ray Train copies the same way).
+    options: dict[str, Any] = {"use_threads": not isinstance(fs, pafs.S3FileSystem)}
+    pafs.copy_files(str(src), prefix, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
+                    chunk_size=8 << 20, **options)
+    report.files = len(files)
+    report.bytes = sum(p.stat().st_size for p in files)
+    uploaded = {info.path: info.size for info in fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
+                if info.type == pafs.FileType.File}
+    absent = [p for p in files if f"{prefix}/{p.relative_to(src).as_posix()}" not in uploaded]
+    if absent:
+        raise OSError(f"data upload: {len(absent)} file(s) are not in {destination} after the copy, e.g. "
+                      f"{absent[0].relative_to(src)}")
+    base = report.destination
+    report.manifests = [f"{base}/{m.relative_to(src).as_posix()}" for m in manifests]
+    report.labels = [f"{base}/{p.relative_to(src).as_posix()}" for p in files
+                     if p.suffix == ".json" and _is_label_file(p)]
+    report.missing_videos = {f"{base}/{k}": v for k, v in missing.items()}
+    return report
+
+
+def _is_label_file(path: Path) -> bool:
+    from workflows.data.manifest import ManifestError, load_labels
+
+    try:
+        load_labels(str(path))
+    except ManifestError:
+        return False
+    return True
