@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint elastic-test
+.PHONY: install demo test lint cluster-test elastic-test
 
 # Re-installs whenever requirements.txt changes.
 $(STAMP): requirements.txt
@@ -24,7 +24,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Not part of `make test`: `ray up cluster/local.yaml` for real against three namespace-hosts on this machine (root;
+# 5-22 minutes on 2 cores, see cluster/README.md). DIST_CLUSTER_LAUNCH=1 lets pytest collect tests/cluster_launch.
+cluster-test: $(STAMP)
+	DIST_CLUSTER_LAUNCH=1 $(PY) -m pytest -s tests/cluster_launch
+
 # Not part of `make test`: an elastic pre-training run on a head plus worker raylets through a drain notice, a node
-# added back and a raylet killed without notice (~13 min on 2 cores; docs/training.md, "Elastic runs").
+# added back and a raylet killed without notice (~10 min on 2 cores; docs/training.md, "Elastic runs").
 elastic-test: $(STAMP)
 	DIST_ELASTIC_CLUSTER=1 $(PY) -m pytest tests/workflows/test_elastic_cluster.py
