@@ -485,9 +485,11 @@ def test_trials_get_no_copy_of_the_drivers_aws_credentials(monkeypatch):
     inherit the credentials from their nodes (or the job's runtime env) instead."""
     from ray.tune.execution import class_cache
 
-    from workflows.tune.driver import keep_credentials_out_of_trial_runtime_envs
+    from workflows.tune.driver import TUNE_COPIED_CREDENTIALS, keep_credentials_out_of_trial_runtime_envs
 
-    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(class_cache.ENV_VARS_TO_PROPAGATE))
+    # Ray's own set (a sweep run earlier in this process has already taken the credentials out of it).
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE",
+                        set(class_cache.ENV_VARS_TO_PROPAGATE) | set(TUNE_COPIED_CREDENTIALS))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "the-secret")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "the-key-id")
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
