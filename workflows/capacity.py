@@ -60,16 +60,23 @@ class NodeRequest:
         return " + ".join(parts) or "nothing"
 
 
+def worker_bundle(recipe: Recipe) -> dict[str, float]:
+    """One Train worker's resources as Ray Train is asked for them: its CPUs, its GPUs on a GPU run, and the
+    custom resources of scaling.worker_resources."""
+    scaling = recipe.scaling
+    bundle = {"CPU": float(scaling.cpus_per_worker), **{k: float(v) for k, v in scaling.worker_resources.items()}}
+    if scaling.use_gpu:
+        bundle["GPU"] = float(scaling.gpus_per_worker)
+    return bundle
+
+
 def node_request(recipe: Recipe, decode_label: str | None) -> NodeRequest:
     """What to ask the autoscaler for: one bundle per Train worker, as many as an elastic run may use (its CPUs and
     GPUs, on scaling.worker_node_label)
     and the decode CPUs that `check_capacity` requires: one actor of data.decode_threads CPUs per worker on the
     resolved decode label (`decode_label`, "key=value"), or a single actor anywhere when there is none."""
     scaling, data = recipe.scaling, recipe.data
-    worker = {"CPU": float(scaling.cpus_per_worker)}
-    if scaling.use_gpu:
-        worker["GPU"] = float(scaling.gpus_per_worker)
-    worker = {k: v for k, v in worker.items() if v > 0}
+    worker = {k: v for k, v in worker_bundle(recipe).items() if v > 0}
     bundles: list[dict[str, float]] = []
     selectors: list[dict[str, str]] = []
     if worker:
@@ -175,14 +182,13 @@ def _totals(nodes: list[dict[str, Any]]) -> tuple[int, float, float]:
 
 
 def _workers_that_fit(recipe: Recipe, nodes: list[dict[str, Any]]) -> int | None:
-    """How many Train workers (one bundle of cpus_per_worker CPUs and gpus_per_worker GPUs each; a bundle cannot
-    span nodes) the alive `nodes` hold at most; None when a worker takes no resources."""
-    scaling = recipe.scaling
-    need = [(0, float(scaling.cpus_per_worker)), (1, float(scaling.gpus_per_worker) if scaling.use_gpu else 0.0)]
-    need = [(i, amount) for i, amount in need if amount > 0]
+    """How many Train workers (one `worker_bundle` each, custom resources included; a bundle cannot span nodes)
+    the alive `nodes` hold at most; None when a worker takes no resources."""
+    need = {k: v for k, v in worker_bundle(recipe).items() if v > 0}
     if not need:
         return None
-    return sum(min(int(node_resources(n)[i] / amount + 1e-9) for i, amount in need) for n in alive_nodes(nodes))
+    return sum(min(int(float((n.get("Resources") or {}).get(k, 0.0)) / amount + 1e-9) for k, amount in need.items())
+               for n in alive_nodes(nodes))
 
 
 def _worker_label_fix(label: str, action: str = "Add or enlarge nodes with that label") -> str:
@@ -229,10 +235,14 @@ def _assess(recipe: Recipe, nodes: list[dict[str, Any]]) -> tuple[Recipe, Any]:
     fit = _workers_that_fit(recipe, workers)
     if fit is not None and fit < scaling.min_workers:
         gpu = f" and {scaling.gpus_per_worker:g} GPU" if scaling.use_gpu else ""
-        shape = f"{scaling.cpus_per_worker:g} CPUs{gpu}"
+        custom = "".join(f" and {v:g} {k}" for k, v in scaling.worker_resources.items())
+        shape = f"{scaling.cpus_per_worker:g} CPUs{gpu}{custom}"
         nodes_held = f"the {count} alive node(s) labelled {label}" if label else "the alive nodes"
         fix = (f"{_worker_label_fix(label, 'Use larger nodes with that label')}, or lower scaling.cpus_per_worker"
                if label else "Use larger nodes or lower scaling.cpus_per_worker")
+        if scaling.worker_resources:
+            fix += (f" (scaling.worker_resources: the nodes must offer {', '.join(scaling.worker_resources)}, e.g. "
+                    f"`ray start --resources='{{\"{next(iter(scaling.worker_resources))}\": 1}}'`)")
         raise ConfigError(f"scaling asks for {scaling.min_workers} workers of {shape} each, but a worker cannot span "
                           f"nodes and {nodes_held} hold only {fit} of them. {fix}")
     try:  # each worker's pipeline keeps at least one decode actor

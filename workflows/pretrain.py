@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workflows.capacity import check_capacity
+from workflows.capacity import check_capacity, worker_bundle
 from workflows.config_loader import ConfigError, config_parser, dump_yaml
 from workflows.console import quiet_ray_console, recipe_summary, train_logging_config
 from workflows.elastic import grow_checkpoint_callback
@@ -59,9 +59,7 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
     # this switch from the process that starts the run to its workers; a value the user set is kept.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     scaling = recipe.scaling
-    resources = {"CPU": scaling.cpus_per_worker, **{k: float(v) for k, v in scaling.worker_resources.items()}}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker
+    resources = worker_bundle(recipe)
     selector = label_selector(scaling.worker_node_label)
     workers: int | tuple[int, int] = (scaling.min_workers, scaling.max_workers) if scaling.elastic else \
         scaling.min_workers

@@ -84,6 +84,21 @@ def test_an_elastic_run_asks_for_its_most_workers_and_starts_with_its_fewest() -
         check_capacity(recipe, "[pretrain]", Fake([[HEAD, node("train", 48, 3), DECODE_NODE]]).cluster())
 
 
+def test_custom_worker_resources_are_counted_and_asked_for() -> None:
+    """scaling.worker_resources (e.g. a `train_slot` the training nodes offer) are part of each worker's bundle:
+    the autoscaler is asked for them and only nodes offering them count for the workers."""
+    recipe = load_recipe(SMOKE, ["scaling.num_workers=[2, 3]", "scaling.worker_resources={train_slot: 1}"],
+                         check_files=False)
+    assert node_request(recipe, None).bundles[:3] == [{"CPU": 1.0, "train_slot": 1.0}] * 3
+    slotted = {**node(None, 4), "Resources": {"CPU": 4.0, "train_slot": 1.0}}
+    plain = node(None, 8)
+    check_capacity(recipe, "[pretrain]", Fake([[slotted, dict(slotted, Labels={"ray.io/node-id": "b"}), plain]])
+                   .cluster())
+    with pytest.raises(ConfigError, match=r"workers of 1 CPUs and 1 train_slot each.*hold only 1 of them.*"
+                                          r"must offer train_slot"):
+        check_capacity(recipe, "[pretrain]", Fake([[slotted, plain]]).cluster())
+
+
 # The K710 recipe pins its workers to dist-role=train (scaling.worker_node_label): on a cold cluster that is what is
 # missing first.
 NO_TRAIN_NODES = "scaling.worker_node_label 'dist-role=train': no alive Ray node carries it"
