@@ -142,12 +142,13 @@ def run_variant(
         model.text_embeddings(class_names, device)
         model.clip.release_text_tower()
     if compile_model:  # what autograd runs through: DiST's branch only; the baselines' backward crosses CLIP
+        # fullgraph: a graph break raises rather than leaving eager dispatch inside the measured step
         if variant == "dist":
-            model.compile_trainable(compile_mode)
+            model.compile_trainable(compile_mode, fullgraph=True)
             if compile_frozen:
-                model.clip.compile_forward(compile_mode)
+                model.clip.compile_forward(compile_mode, fullgraph=True)
         else:
-            model.compile(mode=compile_mode)
+            model.compile(mode=compile_mode, fullgraph=True)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -327,8 +328,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="recompute the DiST branch's activations in the backward (dist and full variants): in "
                              "every fusion layer, or in the first N")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile what autograd runs through in each variant (needs --warmup >= 1: the "
-                             "first step compiles)")
+                        help="torch.compile what autograd runs through in each variant, fullgraph=True (a graph "
+                             "break fails the run; needs --warmup >= 1: the first step compiles)")
     parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
                         help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU)")
     parser.add_argument("--compile-frozen", action="store_true",

@@ -27,12 +27,23 @@ class IntegrationToTemporal(nn.Module):
         self.sparse_ratio = sparse_ratio
         self.linear_fuse = nn.Linear(dim, temporal_dim)
 
-    def forward(self, y: torch.Tensor, batch: int) -> torch.Tensor:
+    def sparse_map(self, y: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B*T, N+1, D) -> the map at the sparse frame rate, (B, D_t, T, g, g)."""
         bt, n1, _ = y.shape
         frames, grid = bt // batch, int(round((n1 - 1) ** 0.5))
         x = self.linear_fuse(y[:, 1:])  # (B*T, N, D_t)
-        x = x.view(batch, frames, grid, grid, -1).permute(0, 4, 1, 2, 3)  # (B, D_t, T, g, g), row-major patches
-        return x.repeat_interleave(self.sparse_ratio, dim=2)  # (B, D_t, T_d, g, g): each sparse frame gamma times
+        return x.view(batch, frames, grid, grid, -1).permute(0, 4, 1, 2, 3)  # (B, D_t, T, g, g), row-major patches
+
+    def forward(self, y: torch.Tensor, batch: int) -> torch.Tensor:
+        return self.sparse_map(y, batch).repeat_interleave(self.sparse_ratio, dim=2)  # (B, D_t, T_d, g, g)
+
+    def add_to(self, z: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+        """z + forward(y, batch), each sparse frame's map broadcast over its gamma dense frames: the same sums,
+        without materialising the upsampled map (repeat_interleave's copy and its backward)."""
+        b, c, dense = z.shape[:3]
+        gamma = self.sparse_ratio
+        grouped = z.reshape(b, c, dense // gamma, gamma, *z.shape[3:])  # (B, D_t, T, gamma, g, g)
+        return (grouped + self.sparse_map(y, batch).unsqueeze(3)).reshape(z.shape)  # a view where the layout allows
 
 
 class TemporalToIntegration(nn.Module):
@@ -51,7 +62,7 @@ class TemporalToIntegration(nn.Module):
         t = dense // gamma
         # The strided (gamma,1,1) conv is a linear over each position's gamma consecutive frames: one matmul on
         # channels-last frame groups that lands in token layout (mkldnn's 3D conv backward is ~3x slower on CPU).
-        x = z.reshape(b, c, t, gamma, -1).permute(0, 2, 4, 3, 1).reshape(b * t, -1, gamma * c)  # (B*T, N, gamma*D_t)
+        x = z.reshape(b, c, t, gamma, -1).permute(0, 2, 4, 1, 3).reshape(b * t, -1, c * gamma)  # (B*T, N, D_t*gamma)
         x = F.linear(x, temporal_kernel_matrix(self.linear_fuse), self.linear_fuse.bias)  # (B*T, N, D)
         # The CLS joins in the stream's dtype: under autocast a float32 CLS would promote every token to float32.
         cls = self.cls_token.to(x.dtype).expand(b, -1, -1, -1).reshape(b * t, 1, x.shape[-1])  # (B*T, 1, D)

@@ -74,7 +74,7 @@ class DiSTNet(nn.Module):
             y = y + residual
         # Simultaneous exchange: both directions read the pre-exchange Y_k and Z_k.
         last = k == len(self.integration_nets) - 1
-        z_next = None if last else z + self.integration2temporal_nets[k](y, batch)  # Z'_k
+        z_next = None if last else self.integration2temporal_nets[k].add_to(z, y, batch)  # Z'_k
         y = y + self.temporal2integration_nets[k](z)  # Y'_k: (B*T, N+1, D)
         return z_next, y, self.integration_nets[k](y, batch)  # R_k
 
@@ -148,12 +148,15 @@ class VideoTextModel(nn.Module):
     def trainable(self) -> nn.Module:
         return getattr(self, self.trainable_name)
 
-    def compile_trainable(self, mode: str | None = None) -> None:
+    def compile_trainable(self, mode: str | None = None, fullgraph: bool = False) -> None:
         """torch.compile the trainable module in place (its state-dict keys do not change): inductor fuses the
         branch's LayerNorms, activations, casts and adds around the matmuls (~15% off DiST's bf16 branch step on
-        CPU). The frozen CLIP stays eager (see `FrozenCLIP.compile_forward`). `mode` is torch.compile's
-        ("reduce-overhead": CUDA graphs on a GPU). On CPU inductor needs a C++ compiler."""
-        self.trainable.compile(mode=mode)
+        CPU), and AOTAutograd compiles its backward as one graph too. The frozen CLIP stays eager (see
+        `FrozenCLIP.compile_forward`). `mode` is torch.compile's ("reduce-overhead": CUDA graphs on a GPU);
+        `fullgraph=True` raises on any graph break instead of running the pieces between breaks eagerly (the
+        benchmark uses it: a break would put host dispatch back into the step). On CPU inductor needs a C++
+        compiler."""
+        self.trainable.compile(mode=mode, fullgraph=fullgraph)
 
     # --- forward ---
     def sparse_frames(self, video: torch.Tensor) -> torch.Tensor:

@@ -283,11 +283,11 @@ class FrozenCLIP(nn.Module):
         """CLIP's learned temperature (log scale); frozen, never optimised."""
         return self.model.logit_scale.detach()
 
-    def compile_forward(self, mode: str | None = None) -> None:
-        """torch.compile `forward_tokens` (one graph per tap set). Off by default: on CPU the eager tower already
-        runs one fused inference path that inductor's GEMMs did not beat; on a GPU, where small batches are bound
-        by the host launching ops, it removes the tower's per-op dispatch."""
-        self.forward_tokens = torch.compile(self.forward_tokens, mode=mode)
+    def compile_forward(self, mode: str | None = None, fullgraph: bool = False) -> None:
+        """torch.compile `forward_tokens` (one graph per tap set; `fullgraph=True`: a graph break raises). Off by
+        default: on CPU the eager tower already runs one fused inference path that inductor's GEMMs did not beat; on
+        a GPU, where small batches are bound by the host launching ops, it removes the tower's per-op dispatch."""
+        self.forward_tokens = torch.compile(self.forward_tokens, mode=mode, fullgraph=fullgraph)
 
     @torch.no_grad()
     def forward_tokens(self, frames: torch.Tensor, taps: Iterable[int], stop: int) -> dict[int, torch.Tensor]:

@@ -153,9 +153,12 @@ class ClipFeeds:
     def _iterate(self, ds: Any, shuffle_key: tuple[int, ...]) -> Iterator[dict[str, torch.Tensor]]:
         """A dataset's clips in micro-batches (the last may be partial), through the local shuffle buffer."""
         shuffle = train_shuffle_clips(self.recipe)
+        # On a GPU the uint8 clips go through pinned host memory and Ray copies them to the device without blocking,
+        # in its prefetch thread: the next micro-batch is on its way while the step runs.
         yield from ds.iter_torch_batches(
             batch_size=self.recipe.train.micro_batch_size, drop_last=False, device=self.device,
             collate_fn=columns_collate(["frames", "label", "video_index"], self.device),
+            pin_memory=self.device.type == "cuda", prefetch_batches=1,
             local_shuffle_buffer_size=shuffle or None,
             local_shuffle_seed=_seed(self.recipe.train.seed, *shuffle_key) if shuffle else None)
 
