@@ -102,7 +102,7 @@ def validate_before_start(recipe: Recipe) -> None:
         if len(manifest) == 0:
             raise ConfigError(f"data.{key} {getattr(recipe.data, key)} lists no videos")
     build_deepspeed_config(recipe)
-    problem = recipe.train.compile and compile_toolchain_problem(recipe.scaling.use_gpu)
+    problem = recipe.train.compile != "off" and compile_toolchain_problem(recipe.scaling.use_gpu)
     if problem:
         raise ConfigError(f"train.compile: {problem}")
     init_from = recipe.train.init_from

@@ -73,7 +73,12 @@ class TrainSection:
     label_smoothing: float = 0.1
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     zero_stage: Literal[0, 1, 2, 3] = 2
-    compile: bool = False  # torch.compile the trainable branch (fused kernels); the first step pays the compile
+    # torch.compile parts of the step (the first step pays the compile): "branch" (the trainable branch, forward and
+    # backward; `true` means this), "frozen" (the frozen CLIP's forward), "all" (both), "off" (`false`).
+    compile: bool | Literal["off", "branch", "frozen", "all"] = "off"
+    # CUDA graphs for the compiled parts (torch.compile's "reduce-overhead"): the step replays recorded kernels
+    # instead of launching each op from Python. GPU only; one graph is recorded per micro-batch shape.
+    cuda_graphs: bool = False
     seed: int = 0
     log_every_steps: int = 10
     init_from: str | None = None  # a checkpoint of ours (directory) or an authors' .pyth file
@@ -98,6 +103,10 @@ class TrainSection:
             raise ValueError("train.label_smoothing must lie in [0, 1)")
         if min(self.mixup_alpha, self.cutmix_alpha) < 0 or not 0 <= self.mix_prob <= 1:
             raise ValueError("mixup/cutmix alphas must be >= 0 and mix_prob in [0, 1]")
+        self.compile = {True: "branch", False: "off"}.get(self.compile, self.compile)  # the booleans of old recipes
+        if self.cuda_graphs and self.compile == "off":
+            raise ValueError("train.cuda_graphs needs compiled parts to capture: set train.compile to branch, frozen "
+                             "or all")
         if self.zero_stage == 3:
             raise ValueError("train.zero_stage 3 is not supported: DeepSpeed ZeRO-3 mishandles the frozen CLIP "
                              "inside the engine; use 1 or 2 (the trainable part is small)")
@@ -203,6 +212,8 @@ class Recipe:
         except ValueError as exc:
             raise ValueError(f"model: {exc}") from exc
         self._check_batch_splits()
+        if self.train.cuda_graphs and not self.scaling.use_gpu:
+            raise ValueError("train.cuda_graphs needs GPUs (scaling.use_gpu: true); CUDA graphs do not exist on CPU")
 
     def _check_batch_splits(self) -> None:
         """A fixed size must split the global batch evenly (as always); an elastic range must hold it at every size

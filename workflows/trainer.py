@@ -180,15 +180,23 @@ class Trainer:
         freed = self.model.clip.release_text_tower()
         self.log(f"cached {len(self.class_names)} class embeddings; released CLIP's text tower "
                  f"({freed / 1e6:.1f} M parameters)")
-        if recipe.train.compile:
+        parts = recipe.train.compile
+        if parts != "off":
             problem = compile_toolchain_problem(recipe.scaling.use_gpu)
             if problem:
                 import ray
 
                 raise ConfigError(f"train.compile on node {ray.util.get_node_ip_address()}: {problem}")
-            self.model.compile_trainable()
-            self.log("train.compile: the trainable branch is compiled at the first step (a minute or more on a few "
-                     "CPU cores)")
+            mode = "reduce-overhead" if recipe.train.cuda_graphs else None
+            if parts in ("branch", "all"):
+                self.model.compile_trainable(mode)
+            if parts in ("frozen", "all"):
+                self.model.clip.compile_forward(mode)
+            what = {"branch": "the trainable branch", "frozen": "the frozen CLIP's forward",
+                    "all": "the frozen CLIP's forward and the trainable branch"}[parts]
+            graphs = ", with CUDA graphs" if recipe.train.cuda_graphs else ""
+            self.log(f"train.compile: {what} compiled at the first step{graphs} (a minute or more on a few CPU "
+                     f"cores)")
 
     def _build_engine(self) -> None:
         import deepspeed

@@ -41,6 +41,25 @@ def test_bad_recipe_fails_before_any_work():
             load_recipe(SMOKE, ["scaling.use_gpu=true", f"scaling.gpus_per_worker={share}"], check_files=False)
 
 
+def test_compile_parts_and_cuda_graphs_are_checked_before_any_work():
+    def train(*sets: str):
+        return load_recipe(SMOKE, list(sets), check_files=False).train
+
+    assert train().compile == "off" and not train().cuda_graphs
+    assert train("train.compile=true").compile == "branch"  # the boolean of older recipes
+    assert train("train.compile=false").compile == "off"
+    assert train("train.compile=all").compile == "all" and train("train.compile=frozen").compile == "frozen"
+    with pytest.raises(ConfigError, match="train.compile: 'everything' matches none of the allowed types"):
+        train("train.compile=everything")
+    with pytest.raises(ConfigError, match="train.cuda_graphs needs compiled parts"):
+        train("train.cuda_graphs=true")
+    with pytest.raises(ConfigError, match="train.cuda_graphs needs GPUs"):
+        train("train.compile=all", "train.cuda_graphs=true")
+    gpu = load_recipe(SMOKE, ["scaling.use_gpu=true", "train.compile=all", "train.cuda_graphs=true"],
+                      check_files=False)
+    assert gpu.train.cuda_graphs and gpu.train.compile == "all"
+
+
 def test_compile_without_a_cxx_compiler_fails_before_any_work(monkeypatch, tmp_path):
     from workflows.runtime import compile_toolchain_problem
 
@@ -256,7 +275,8 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
         f"data.train_manifest={relabelled['train']}", f"data.val_manifest={relabelled['val']}",
         f"data.labels={relabelled['labels']}", f"run.storage_path={ft_storage}", "run.name=it",
         f"train.init_from={latest}", "train.max_steps=1", "train.lr=0", "train.warmup_start_lr=0",
-        "mlflow.enabled=false", "train.compile=true"]))  # compiled in place: same weights, same checkpoint keys
+        # the frozen CLIP's forward and the branch compiled in place: same weights, same checkpoint keys
+        "mlflow.enabled=false", "train.compile=all"]))
     ft_latest, ft_state = _latest_state(ft_storage)
     assert ft_state["class_names"] == relabelled["order"]  # the fine-tuning run scored the new label texts
     pretrained, finetuned = _weights(latest), _weights(ft_latest)
