@@ -59,14 +59,19 @@ def port_free(port: int) -> bool:
     return True
 
 
-def marked(tag: str, marker: str = MARKER) -> list[psutil.Process]:
-    """Live processes whose environment carries `marker`=`tag`."""
+def marked(tag: str, marker: str = MARKER, cwd_under: Path | None = None) -> list[psutil.Process]:
+    """Live processes whose environment carries `marker`=`tag`, or (with `cwd_under`) whose working directory lies
+    below that folder: a raylet's dashboard and runtime-env agents were seen without the marker, outliving
+    their raylet and spinning a core, but they run in their node's working directory."""
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.environ().get(marker) == tag and proc.status() != psutil.STATUS_ZOMBIE:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get(marker) == tag or (cwd_under is not None
+                                                       and Path(proc.cwd()).is_relative_to(cwd_under)):
                 found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
     return found
 
@@ -216,12 +221,12 @@ class Cluster:
 
     def processes(self) -> list[psutil.Process]:
         """Live processes of this cluster (raylets, GCS, workers, job drivers)."""
-        return marked(self.tag)
+        return marked(self.tag, cwd_under=self.root)
 
     def stop(self) -> list[str]:
         """End every process this cluster started; returns what `ps` still shows of it (should be nothing)."""
         for _ in range(3):  # a raylet may spawn a worker while the others end
-            procs = marked(self.tag)
+            procs = marked(self.tag, cwd_under=self.root)
             if not procs:
                 break
             end(procs, grace_s=10)
@@ -231,7 +236,7 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-        left = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in marked(self.tag)]
+        left = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in marked(self.tag, cwd_under=self.root)]
         return left + ps_lines(str(self.root))
 
     # -- API --
