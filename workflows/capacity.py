@@ -25,6 +25,7 @@ from workflows.runtime import (
     alive_nodes,
     label_selector,
     node_matches,
+    node_resource,
     node_resources,
     parse_node_label,
     ray_started_here,
@@ -187,8 +188,7 @@ def _workers_that_fit(recipe: Recipe, nodes: list[dict[str, Any]]) -> int | None
     need = {k: v for k, v in worker_bundle(recipe).items() if v > 0}
     if not need:
         return None
-    return sum(min(int(float((n.get("Resources") or {}).get(k, 0.0)) / amount + 1e-9) for k, amount in need.items())
-               for n in alive_nodes(nodes))
+    return sum(min(int(node_resource(n, k) / amount + 1e-9) for k, amount in need.items()) for n in alive_nodes(nodes))
 
 
 def _worker_label_fix(label: str, action: str = "Add or enlarge nodes with that label") -> str:

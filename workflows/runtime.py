@@ -97,10 +97,14 @@ def node_matches(node: dict[str, Any], selector: dict[str, str] | None) -> bool:
     return not selector or all(labels.get(k) == v for k, v in selector.items())
 
 
+def node_resource(node: dict[str, Any], name: str) -> float:
+    """How much of resource `name` (CPU, GPU, or a custom one) a node has; 0 when none."""
+    return float((node.get("Resources") or {}).get(name, 0.0))
+
+
 def node_resources(node: dict[str, Any]) -> tuple[float, float]:
     """(CPUs, GPUs) of a node."""
-    resources = node.get("Resources") or {}
-    return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
+    return node_resource(node, "CPU"), node_resource(node, "GPU")
 
 
 def local_cpus_for(recipe: Recipe) -> float:
