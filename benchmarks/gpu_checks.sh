@@ -60,6 +60,8 @@ pretrain)
   python3 -m workflows pretrain --config workflows/configs/k710_b16_8x16f.yaml --set $S $B16 run.name=gpu-b16 train.max_steps=20 eval.every_steps=10 2>&1 | tee "$OUT/b16.log" | show 25
   echo "=== ViT-B/16, train.compile=true"; date
   python3 -m workflows pretrain --config workflows/configs/k710_b16_8x16f.yaml --set $S $B16 run.name=gpu-b16c train.max_steps=10 eval.every_steps=10 train.compile=true 2>&1 | tee "$OUT/b16c.log" | show 15
+  echo "=== ViT-B/16, train.micro_batch_size=auto at global batch 256 on one GPU (the probe, then 3 steps)"; date
+  python3 -m workflows pretrain --config workflows/configs/k710_b16_8x16f.yaml --set $S $B16 run.name=gpu-b16auto train.max_steps=3 eval.every_steps=10 train.global_batch_size=256 train.micro_batch_size=auto 2>&1 | tee "$OUT/b16auto.log" | show 12
   date
   ;;
 *)

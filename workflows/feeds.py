@@ -51,7 +51,7 @@ def train_shuffle_clips(recipe: Recipe) -> int:
     data = recipe.data
     if data.train_shuffle_clips is not None:
         return data.train_shuffle_clips
-    return 0 if data.train_views == 1 else 4 * data.train_views * recipe.train.micro_batch_size
+    return 0 if data.train_views == 1 else 4 * data.train_views * recipe.micro_batch
 
 
 class ClipFeeds:
@@ -156,7 +156,7 @@ class ClipFeeds:
         # On a GPU the uint8 clips go through pinned host memory and Ray copies them to the device without blocking,
         # in its prefetch thread: the next micro-batch is on its way while the step runs.
         yield from ds.iter_torch_batches(
-            batch_size=self.recipe.train.micro_batch_size, drop_last=False, device=self.device,
+            batch_size=self.recipe.micro_batch, drop_last=False, device=self.device,
             collate_fn=columns_collate(["frames", "label", "video_index"], self.device),
             pin_memory=self.device.type == "cuda", prefetch_batches=1,
             local_shuffle_buffer_size=shuffle or None,

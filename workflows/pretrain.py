@@ -101,7 +101,11 @@ def validate_before_start(recipe: Recipe) -> None:
         manifest = load_manifest(getattr(recipe.data, key), labels, strict=True)
         if len(manifest) == 0:
             raise ConfigError(f"data.{key} {getattr(recipe.data, key)} lists no videos")
-    build_deepspeed_config(recipe)
+    if recipe.train.micro_batch_size == "auto":  # the workers probe it; the rest of the config is checked now
+        one_each = -(-recipe.train.global_batch_size // recipe.scaling.min_workers)
+        build_deepspeed_config(recipe.with_probed_micro_batch(one_each))
+    else:
+        build_deepspeed_config(recipe)
     problem = recipe.train.compile != "off" and compile_toolchain_problem(recipe.scaling.use_gpu)
     if problem:
         raise ConfigError(f"train.compile: {problem}")

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,9 @@ class TrainSection:
     epochs: float = 36.0
     max_steps: int | None = None  # overrides epochs when set
     global_batch_size: int = 256
-    micro_batch_size: int = 32  # clips per worker per forward; accumulation = global / (micro * workers)
+    # Clips per worker per forward; accumulation = global / (micro * workers). "auto": the largest that fits the
+    # device, probed by each worker at the run's first start (workflows/micro_batch.py).
+    micro_batch_size: int | Literal["auto"] = 32
     lr: float | None = None
     base_lr: float = 3.2e-4  # peak lr at global batch 256 (BASE_LR 3.2e-5 x NEW_NET_LRMULT 10)
     warmup_epochs: float = 6.0  # with max_steps set, capped at max_steps // 5 (a short run still reaches the peak lr)
@@ -95,7 +98,7 @@ class TrainSection:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("train.max_steps must be >= 1")
         for name in ("global_batch_size", "micro_batch_size", "log_every_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
@@ -212,6 +215,7 @@ class Recipe:
         except ValueError as exc:
             raise ValueError(f"model: {exc}") from exc
         self._check_batch_splits()
+        self._probed_micro: int | None = None
         if self.train.cuda_graphs and not self.scaling.use_gpu:
             raise ValueError("train.cuda_graphs needs GPUs (scaling.use_gpu: true); CUDA graphs do not exist on CPU")
 
@@ -219,10 +223,13 @@ class Recipe:
         """A fixed size must split the global batch evenly (as always); an elastic range must hold it at every size
         (uneven shares are weighted, see workflows/elastic.py) and keep ZeRO's optimizer state re-partitionable."""
         train, scaling = self.train, self.scaling
-        batch, micro, low, high = train.global_batch_size, train.micro_batch_size, scaling.min_workers, \
-            scaling.max_workers
+        batch, low, high = train.global_batch_size, scaling.min_workers, scaling.max_workers
+        auto = train.micro_batch_size == "auto"
+        micro = batch if auto else train.micro_batch_size  # auto: any micro-batch the share allows (one at least)
         if not scaling.elastic:
-            if batch % (micro * low):
+            if auto and batch % low:
+                raise ValueError(f"train.global_batch_size {batch} must be a multiple of scaling.num_workers {low}")
+            if not auto and batch % (micro * low):
                 raise ValueError(f"train.global_batch_size {batch} must be a multiple of train.micro_batch_size x "
                                  f"scaling.num_workers = {micro} x {low}")
             return
@@ -242,9 +249,26 @@ class Recipe:
     def model_cfg(self) -> DiSTConfig:
         return self._model_cfg
 
+    @property
+    def micro_batch(self) -> int:
+        """Clips per forward: train.micro_batch_size, or what `auto` resolved to in this worker (`with_probed`)."""
+        if self.train.micro_batch_size != "auto":
+            return self.train.micro_batch_size
+        if self._probed_micro is None:
+            raise ValueError("train.micro_batch_size auto is resolved by the workers' memory probe "
+                             "(workflows/micro_batch.py); this recipe has not been through it")
+        return self._probed_micro
+
+    def with_probed_micro_batch(self, size: int) -> Recipe:
+        """A copy whose `auto` micro-batch is `size`. The recipe itself still says auto (that is what is logged and
+        saved); the size may split a rank's share unevenly, weighted like an elastic run's (workflows/elastic.py)."""
+        resolved = copy.copy(self)
+        resolved._probed_micro = size
+        return resolved
+
     def batch_plan(self, world: int) -> BatchPlan:
         """How each optimizer step's global batch is split over `world` workers (accumulation, micro-batches)."""
-        return batch_plan(self.train.global_batch_size, self.train.micro_batch_size, world)
+        return batch_plan(self.train.global_batch_size, self.micro_batch, world)
 
     @property
     def peak_lr(self) -> float:

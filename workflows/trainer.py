@@ -127,10 +127,10 @@ class Trainer:
                  mlflow_parent_run_id: str | None = None):
         self.recipe, self.rank, self.world, self.device = recipe, rank, world, device
         self.mlflow_parent_run_id = mlflow_parent_run_id
-        self.plan = recipe.batch_plan(world)  # this size's share of each step's global batch
         self.state = TrainState(world_size=world)
         self.published = False  # final results (artifacts, MLflow run closed) published
         self.checkpoint_seconds: float | None = None  # how long the last checkpoint took (for a drain deadline)
+        self.probe_note: str | None = None  # what train.micro_batch_size auto found, for the run's records
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -164,6 +164,7 @@ class Trainer:
     def _build_model(self, init: bool) -> None:
         from dist_model import build_dist, build_spatial_only
         from workflows.checkpoints import init_model_from
+        from workflows.data.manifest import class_names, load_labels
         from workflows.feeds import ClipFeeds
 
         recipe = self.recipe
@@ -172,14 +173,17 @@ class Trainer:
         if recipe.train.init_from and init:
             self.log(init_model_from(self.model, recipe.train.init_from))
         self.model.to(self.device)
-        self.feeds = ClipFeeds(recipe, self.rank, self.world, self.device)
-        self.class_names = self.feeds.class_names
+        self.class_names = class_names(load_labels(recipe.data.labels))
         # Training and validation score one label set: embed it once, then free the text tower (63 M parameters at
         # B/16, 123 M at L/14) that no step reads.
         self.model.text_embeddings(self.class_names, self.device)
         freed = self.model.clip.release_text_tower()
         self.log(f"cached {len(self.class_names)} class embeddings; released CLIP's text tower "
                  f"({freed / 1e6:.1f} M parameters)")
+        if recipe.train.micro_batch_size == "auto":
+            self._probe_micro_batch()  # eager, before anything is compiled
+        self.plan = self.recipe.batch_plan(self.world)  # this size's share of each step's global batch
+        self.feeds = ClipFeeds(self.recipe, self.rank, self.world, self.device)
         parts = recipe.train.compile
         if parts != "off":
             problem = compile_toolchain_problem(recipe.scaling.use_gpu)
@@ -197,6 +201,50 @@ class Trainer:
             graphs = ", with CUDA graphs" if recipe.train.cuda_graphs else ""
             self.log(f"train.compile: {what} compiled at the first step{graphs} (a minute or more on a few CPU "
                      f"cores)")
+
+    def _probe_micro_batch(self) -> None:
+        """train.micro_batch_size auto: the largest micro-batch every rank's device holds (workflows/micro_batch.py),
+        probed once per run (kept in the GCS store: a restart at another size reuses it), then the micro-batch for
+        this size's share of the global batch."""
+        import ray.train
+        import torch.distributed as dist
+
+        from dist_model import PRECISION_DTYPES
+        from workflows.micro_batch import (
+            MemoryGauge,
+            agreed_cap,
+            find_micro_batch,
+            micro_for_share,
+            probe_in_dtype,
+            probe_runner,
+        )
+
+        recipe, cfg = self.recipe, self.recipe.model_cfg
+        share = -(-recipe.train.global_batch_size // self.world)  # the largest rank share
+        gauge = MemoryGauge(self.device, workers_on_node=ray.train.get_context().get_local_world_size())
+        key = kv_key(recipe.run_dir, "micro_batch_probe")
+        known: list[Any] = [kv_get(key) if self.rank == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(known, src=0)  # every rank takes the same branch (the probe has a collective)
+        record = known[0]
+        if record and record["device"] == gauge.name() and (record["memory_bound"] or record["cap"] >= share):
+            cap, how = int(record["cap"]), f"probed before on {record['device']}: {record['summary']}"
+        else:
+            run = probe_runner(self.model, self.class_names, recipe.train, PRECISION_DTYPES[recipe.precision()],
+                               self.device, cfg.num_frames, cfg.image_size)
+            found = probe_in_dtype(self.model, PRECISION_DTYPES[recipe.precision()],
+                                   lambda: find_micro_batch(run, gauge, limit=share))
+            cap = agreed_cap(found.cap, self.device)
+            how = f"probed on {gauge.name()} (rank 0): {found.summary()}"
+            if cap < found.cap:
+                how += f"; {cap} on the tightest rank"
+            if self.rank == 0:
+                kv_put(key, {"device": gauge.name(), "cap": cap, "memory_bound": found.memory_bound or cap < share,
+                             "summary": found.summary()})
+        micro = micro_for_share(share, cap)
+        self.recipe = recipe.with_probed_micro_batch(micro)
+        self.probe_note = f"micro-batch {micro} (auto; {how})"
+        self.log(f"train.micro_batch_size auto: {self.probe_note}")
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -267,7 +315,7 @@ class Trainer:
         plan, views = recipe.batch_plan(world), recipe.data.train_views
         self.state.epoch_steps = position // plan.accum
         self.consumed_before = legacy_consumed(len(self.consumed_before), recipe.train.seed, self.state.epoch, world,
-                                               position * recipe.train.micro_batch_size // views, views)
+                                               position * recipe.micro_batch // views, views)
 
     def _note_restart(self, previous_world: int | None) -> None:
         """Rank 0: one console line and MLflow record per restart: the old and new size (the old one is the last
@@ -307,6 +355,9 @@ class Trainer:
             self.tracker.log_text(dump_yaml(recipe), "recipe.yaml")
             self.tracker.log_metrics({"trainable_params": float(model.num_trainable_params())}, step=0)
         self.state.mlflow_run_id = self.tracker.run_id
+        if self.probe_note:  # per (re)start: the micro-batch may differ with the number of workers
+            self.tracker.set_tags({"micro_batch_size.auto": self.probe_note})
+            self.tracker.log_metrics({"micro_batch_size": float(self.plan.micro)}, step=self.state.step)
         self.log(f"{model.num_trainable_params():,} trainable parameters; {self.total} steps ({self.per_epoch}/epoch), "
                  f"global batch {recipe.train.global_batch_size} = {self._split_text()}; peak lr {recipe.peak_lr:.3g}; "
                  f"precision {recipe.precision()}; ZeRO-{recipe.train.zero_stage}")

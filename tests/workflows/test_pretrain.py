@@ -196,11 +196,16 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
     storage = tmp_path / "runs"
     # Rank 1 fails once at step 3; FailureConfig restarts the group from the step-2 checkpoint.
     # bf16 (DeepSpeed's bf16 optimizer over gloo), the precision GPU recipes use; fine-tuning below runs fp32.
+    # The micro-batch is probed (auto): the first start measures, the restart reuses what it found.
     result = run_pretrain(_recipe(sample_data, storage, "train.max_steps=4", "train.fail_at_step=3",
-                                  "train.fail_rank=1", "train.precision=bf16"))
+                                  "train.fail_rank=1", "train.precision=bf16", "train.micro_batch_size=auto"))
     assert result.metrics["step"] == 4
     assert (storage / "it" / ".injected_failure_done").exists()
     console = "".join(capfd.readouterr())
+    # 8 clips on 2 workers: each rank's share of 4 fits the CPU, as one micro-batch
+    assert console.count("train.micro_batch_size auto: micro-batch 4 (auto; probed on cpu") == 1, console[-3000:]
+    assert console.count("train.micro_batch_size auto: micro-batch 4 (auto; probed before on cpu") == 1
+    assert "global batch 8 = 4 x 2 workers x 1 accumulation" in console
     # Rank 0's progress reaches the driver's console, once per line (Ray 2.60's print patch doubled every line).
     assert console.count("[pretrain] step 1/4 |") == 1, console[-3000:]
     latest, state = _latest_state(storage)
@@ -242,7 +247,10 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
         metrics = {k for (k,) in con.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
         steps = {s for (s,) in con.execute("select step from metrics where key='loss' and run_uuid=?", (run_id,))}
     assert params["model.preset"] == "dist_tiny" and params["train.zero_stage"] == "2"
-    assert params["train.precision"] == "bf16"
+    assert params["train.precision"] == "bf16" and params["train.micro_batch_size"] == "auto"
+    with sqlite3.connect(db) as con:
+        probe = con.execute("select value from tags where key='micro_batch_size.auto'").fetchone()
+    assert probe and probe[0].startswith("micro-batch 4 (auto; probed"), probe
     assert {"loss", "lr", "clips_per_s", "data_wait_fraction", "val_top1", "val_top5", "trainable_params",
             "dropped_total"} <= metrics
     assert steps == {1, 2, 3, 4, 5, 6}
