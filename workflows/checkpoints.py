@@ -270,9 +270,9 @@ def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
 
         from ray.train import Checkpoint
 
-        local = Path(tempfile.mkdtemp(prefix="dist-init-"))
-        Checkpoint(str(source)).to_directory(str(local))
-        source = local
+        with tempfile.TemporaryDirectory(prefix="dist-init-") as local:  # the weights are read into memory below
+            Checkpoint(str(source)).to_directory(local)
+            return init_model_from(model, local).replace(local, str(source))
     source = Path(source)
     state: Any = read_weights(source) if source.is_dir() else source
     if getattr(model, "trainable_name", "dist_net") != "dist_net":

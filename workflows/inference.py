@@ -20,6 +20,7 @@ import numpy as np
 from workflows.checkpoints import RECIPE, find_checkpoint, read_state, read_weights
 from workflows.config_loader import ConfigError, drop_removed_keys, from_dict, load_yaml
 from workflows.recipe import Recipe, model_config
+from workflows.runtime import scratch_dir
 
 Mode = Literal["dist", "fusion", "clip_only"]
 
@@ -66,8 +67,6 @@ REGISTRY_SCHEME = "models:/"
 def fetch_registered_model(uri: str, tracking_uri: str | None = None) -> Path:
     """Download a registered model version (`models:/NAME/VERSION`, as training registers it) into a new local
     directory, from the MLflow store `tracking_uri` (else MLFLOW_TRACKING_URI)."""
-    import tempfile
-
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         raise ConfigError(f"{uri} lives in an MLflow store: pass --tracking-uri (the training run's, e.g. "
@@ -82,7 +81,7 @@ def fetch_registered_model(uri: str, tracking_uri: str | None = None) -> Path:
     try:  # the registry lives in the same store (MLflow's models:/ resolution would use the global registry URI)
         source = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(name, version)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri,
-                                                        dst_path=tempfile.mkdtemp(prefix="dist-model-")))
+                                                        dst_path=str(scratch_dir("dist-model-"))))
     except MlflowException as exc:
         raise FileNotFoundError(f"{uri} in {tracking_uri}: {exc.message}") from None
 
@@ -93,7 +92,6 @@ def fetch_remote_checkpoint(uri: str) -> tuple[Path, str]:
     (its newest complete checkpoint: every rank's file list there with every file at its size, so a partial upload
     is never used). Credentials and endpoint come from the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS).
     Returns (local directory, URI of the checkpoint used)."""
-    import tempfile
     from urllib.parse import urlsplit
 
     import pyarrow.fs as pafs
@@ -120,7 +118,7 @@ def fetch_remote_checkpoint(uri: str) -> tuple[Path, str]:
             raise FileNotFoundError(f"{shown} is not a DiST checkpoint (no {STATE}) and holds no complete checkpoint_* "
                                     f"directory (a partial upload is never used); pass a checkpoint directory")
         chosen = found[1]
-    local = Path(tempfile.mkdtemp(prefix="dist-checkpoint-"))
+    local = scratch_dir("dist-checkpoint-")
     for name in (STATE, WEIGHTS, RECIPE):
         if fs.get_file_info(f"{chosen}/{name}").type == pafs.FileType.File:
             pafs.copy_files(f"{chosen}/{name}", str(local / name), source_filesystem=fs,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -49,6 +50,19 @@ def redact_secrets(value: Any) -> Any:
     query = "&".join(f"{k}={REDACTED}" if _SECRET_PARAMS.match(k) else f"{k}={v}"
                      for k, v in parse_qsl(parts.query, keep_blank_values=True))
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new local temporary directory that is deleted when this process exits: for a checkpoint fetched from a
+    bucket or a model registry, read by the caller and then no longer needed (a CLI run must not leave a copy of
+    the weights in /tmp for each checkpoint it reads)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def write_text(path: str, text: str) -> None:

@@ -52,3 +52,31 @@ def test_a_checkpoint_is_complete_only_with_every_ranks_files_at_their_sizes(tmp
 
 def test_no_run_directory_means_no_checkpoint(tmp_path):
     assert newest_complete_checkpoint(str(tmp_path / "absent")) is None
+
+
+def test_init_from_a_uri_fetches_the_weights_and_leaves_no_copy(tmp_path, monkeypatch):
+    """train.init_from as a URI (s3://, gs://; here file://, the same fetch through Ray's filesystems): the weights are
+    loaded, and the fetched copy is deleted as soon as they are in memory (each worker would otherwise leave one in
+    its temp folder per run)."""
+    import tempfile
+
+    import torch
+
+    from dist_model import build_dist
+    from workflows.checkpoints import init_model_from, write_model_files
+    from workflows.recipe import load_recipe
+
+    cfg = load_recipe(Path(__file__).parents[2] / "workflows/configs/smoke.yaml", [], check_files=False).model_cfg
+    torch.manual_seed(1)
+    source = build_dist(cfg)
+    write_model_files(tmp_path / "ckpt", model=source, state={"step": 1}, recipe_yaml="")
+    torch.manual_seed(2)
+    target = build_dist(cfg)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    report = init_model_from(target, f"file://{tmp_path / 'ckpt'}")
+    assert f"file://{tmp_path / 'ckpt'}" in report and str(scratch) not in report
+    assert not list(scratch.iterdir()), "the fetched copy is gone"
+    theirs, ours = source.dist_net.state_dict(), target.dist_net.state_dict()
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
