@@ -56,7 +56,9 @@ def main(out_dir: str) -> int:
         f"data.labels={sample.labels}", f"run.storage_path={out / 'runs'}", "run.name=elastic",
         "scaling.num_workers=[1, 2]", "scaling.worker_node_label=dist-role=train", "scaling.resize_check_s=5",
         "scaling.worker_resources={train_slot: 1}",
-        "train.global_batch_size=4", "train.micro_batch_size=1", "data.train_views=1", "train.max_steps=36",
+        # 72 steps: a tiny step at one worker takes under a second and a grow 20-40 s; the grow and the loss after it
+        # must land with steps to spare (at 36, one run grew at step 33 and ended before the loss leg)
+        "train.global_batch_size=4", "train.micro_batch_size=1", "data.train_views=1", "train.max_steps=72",
         "train.log_every_steps=1", "eval.every_steps=1000", "run.max_failures=3", "data.decode_actors=1",
         f"train.data_audit_dir={out / 'audit'}", "mlflow.register_model=false"])
     result: dict = {"events": []}

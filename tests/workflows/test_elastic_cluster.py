@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration,
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIO = Path(__file__).with_name("elastic_scenario.py")
-GLOBAL_BATCH, STEPS, VIDEOS, STEPS_PER_EPOCH = 4, 36, 16, 4
+GLOBAL_BATCH, STEPS, VIDEOS, STEPS_PER_EPOCH = 4, 72, 16, 4  # STEPS as in elastic_scenario.py
 
 
 def _surviving_steps(audit_dir: Path) -> list[dict]:

@@ -96,11 +96,16 @@ class DropCounter:
 
 
 def drop_counter(name: str) -> Any:
-    """The named DropCounter actor (created on first use, owned by this job)."""
+    """The named DropCounter actor (created on first use, owned by this job), on the caller's node: the driver's,
+    which lives as long as the run. Anywhere else it could land on a spot worker node, and the reclaim of that node
+    would take it along, failing every later attempt of the run (Ray counts such a failure as a preemption and
+    retries it without limit). Should its node go anyway, Ray restarts it (the epoch's counts so far are lost)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    actor_cls = ray.remote(num_cpus=0, max_restarts=0)(DropCounter)
-    return actor_cls.options(name=name, get_if_exists=True).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)(DropCounter)
+    return actor_cls.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
 
 
 def get_drop_report(split: str, epoch: int | None = None, *, name: str = "dist-data-drops") -> DropReport:
