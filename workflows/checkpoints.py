@@ -209,6 +209,29 @@ def newest_complete_checkpoint(run_dir: str) -> tuple[Any, str, int] | None:
     return best
 
 
+def prune_unretained_checkpoints(run_dir: str, retained: list[str]) -> list[str]:
+    """Delete the checkpoint_* directories of a finished run that Ray Train does not retain (`retained`: the paths of
+    its kept checkpoints): partial uploads cut by a storage outage, and complete checkpoints whose report Ray never
+    collected (a worker lost in between, e.g. a resize's). Ray's retention (run.keep_checkpoints) never sees those,
+    so they would stay in storage for good. Returns the deleted paths. Deletes nothing when `retained` is empty or
+    names a directory that is not there (paths in another form than the listing's: better keep than guess)."""
+    import pyarrow.fs
+
+    keep = {path.rstrip("/") for path in retained}
+    if not keep:
+        return []
+    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    found = {e.path.rstrip("/") for e in entries if e.type == pyarrow.fs.FileType.Directory
+             and e.base_name.startswith("checkpoint_")}
+    if not keep <= found:
+        return []
+    removed = sorted(found - keep)
+    for path in removed:
+        fs.delete_dir(path)
+    return removed
+
+
 def master_weights(engine: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """`model.state_dict()` (the trainable weights) as fp32 CPU tensors (`engine` None: the module's own values).
     In bf16/fp16 the module holds only a rounding of each trainable parameter; the values training reached are

@@ -174,6 +174,7 @@ def fit_through_storage_outages(make_trainer: Any, recipe: Recipe, wait_s: float
 def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
     """Validate, start (or join) Ray, train; returns the Ray Train Result. `verbose`: Ray Data's and Ray Train's
     own INFO lines on the console too (by default they go to Ray's log files only)."""
+    from workflows.checkpoints import prune_unretained_checkpoints
     from workflows.data.drops import drop_counter
 
     validate_before_start(recipe)
@@ -188,6 +189,13 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
     counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts
     result = fit_through_storage_outages(lambda: build_trainer(recipe, verbose=verbose), recipe)
     del counter
+    retained = [c.path for c, _ in result.best_checkpoints or []] + ([result.checkpoint.path] if result.checkpoint
+                                                                     else [])
+    removed = prune_unretained_checkpoints(recipe.run_dir, retained)
+    if removed:
+        print(f"{LOG_PREFIX} removed {len(removed)} checkpoint directories Ray Train does not keep (partial uploads, "
+              f"or reports a lost worker never delivered): {', '.join(p.rsplit('/', 1)[-1] for p in removed)}",
+              flush=True)
     metrics = result.metrics or {}
     print(f"{LOG_PREFIX} finished: step {metrics.get('step')}, val top-1 {metrics.get('val_top1', float('nan')):.2f}%;"
           f" checkpoint: {result.checkpoint.path if result.checkpoint else None}", flush=True)

@@ -80,3 +80,23 @@ def test_init_from_a_uri_fetches_the_weights_and_leaves_no_copy(tmp_path, monkey
     assert not list(scratch.iterdir()), "the fetched copy is gone"
     theirs, ours = source.dist_net.state_dict(), target.dist_net.state_dict()
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+def test_a_finished_run_keeps_only_the_checkpoints_ray_retains(tmp_path):
+    """Partial uploads and checkpoints Ray never registered are deleted after the run; nothing is deleted when the
+    retained paths do not match the listing."""
+    from workflows.checkpoints import prune_unretained_checkpoints
+
+    run = tmp_path / "run"
+    kept = _checkpoint(run, "checkpoint_3", step=3)
+    unregistered = _checkpoint(run, "checkpoint_2", step=2)
+    partial = _checkpoint(run, "checkpoint_4", step=4)
+    (partial / "ds" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"x" * 10)  # cut short by an outage
+    (run / "mlflow.db").write_bytes(b"")
+    assert prune_unretained_checkpoints(str(run), []) == []
+    assert prune_unretained_checkpoints(str(run), [str(run / "elsewhere" / "checkpoint_3")]) == []
+    assert len(list(run.glob("checkpoint_*"))) == 3
+    removed = prune_unretained_checkpoints(str(run), [f"{kept}/"])
+    assert removed == [str(unregistered), str(partial)]
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("rank")) == ["checkpoint_3", "mlflow.db"]
+    assert newest_complete_checkpoint(str(run))[2] == 3

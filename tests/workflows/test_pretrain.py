@@ -362,3 +362,6 @@ def test_a_sigkilled_worker_resumes_from_the_newest_complete_checkpoint(ray_loca
     assert result.metrics["step"] == 4
     _, state = _latest_state(storage)
     assert state["step"] == 4 and state["resumed_from_step"] == 2, state
+    # What is left in storage is what Ray retains: no checkpoint whose report the killed worker never delivered.
+    retained = {Path(c.path) for c, _ in result.best_checkpoints} | {Path(result.checkpoint.path)}
+    assert {p for p in (storage / "it").glob("checkpoint_*") if p.is_dir()} == retained
