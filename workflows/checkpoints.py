@@ -209,26 +209,44 @@ def newest_complete_checkpoint(run_dir: str) -> tuple[Any, str, int] | None:
     return best
 
 
-def prune_unretained_checkpoints(run_dir: str, retained: list[str]) -> list[str]:
-    """Delete the checkpoint_* directories of a finished run that Ray Train does not retain (`retained`: the paths of
-    its kept checkpoints): partial uploads cut by a storage outage, and complete checkpoints whose report Ray never
-    collected (a worker lost in between, e.g. a resize's). Ray's retention (run.keep_checkpoints) never sees those,
-    so they would stay in storage for good. Returns the deleted paths. Deletes nothing when `retained` is empty or
-    names a directory that is not there (paths in another form than the listing's: better keep than guess)."""
+def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int) -> dict[str, int | None] | None:
+    """Delete the checkpoint_* directories of a finished run that Ray Train neither retains (`retained`: the paths of
+    its kept checkpoints) nor would have: partial uploads cut by a storage outage, and complete checkpoints whose
+    report Ray never collected (a worker lost in between) where Ray's own rule would have dropped them too: `keep`
+    retained ones score at least as high by val top-1 and a retained one is newer. Ray's retention never sees those
+    directories, so they would stay in storage for good. Returns {deleted path: its step, None when partial}.
+    Deletes nothing and returns None when `retained` names a directory that is not there (paths in another form
+    than the listing's: better keep than guess), or when it is empty."""
+    import math
+
     import pyarrow.fs
 
-    keep = {path.rstrip("/") for path in retained}
-    if not keep:
-        return []
+    kept = {path.rstrip("/") for path in retained}
+    if not kept:
+        return None
     fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
     entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     found = {e.path.rstrip("/") for e in entries if e.type == pyarrow.fs.FileType.Directory
              and e.base_name.startswith("checkpoint_")}
-    if not keep <= found:
-        return []
-    removed = sorted(found - keep)
-    for path in removed:
+    if not kept <= found:
+        return None
+
+    def score(state: dict[str, Any]) -> float:
+        value = (state.get("metrics") or {}).get("val_top1")
+        return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else -math.inf
+
+    states = {path: read_state_at(fs, path) for path in kept}
+    newest = max(int(state.get("step", -1)) for state in states.values())
+    scores = [score(state) for state in states.values()]
+    removed: dict[str, int | None] = {}
+    for path in sorted(found - kept):
+        step = checkpoint_step(fs, path)
+        if step is not None:
+            mine = score(read_state_at(fs, path))
+            if step >= newest or sum(s >= mine for s in scores) < keep:
+                continue  # Ray would have kept it: the latest, or among the best `keep`
         fs.delete_dir(path)
+        removed[path] = step
     return removed
 
 

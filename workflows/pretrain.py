@@ -191,11 +191,15 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
     del counter
     retained = [c.path for c, _ in result.best_checkpoints or []] + ([result.checkpoint.path] if result.checkpoint
                                                                      else [])
-    removed = prune_unretained_checkpoints(recipe.run_dir, retained)
-    if removed:
-        print(f"{LOG_PREFIX} removed {len(removed)} checkpoint directories Ray Train does not keep (partial uploads, "
-              f"or reports a lost worker never delivered): {', '.join(p.rsplit('/', 1)[-1] for p in removed)}",
-              flush=True)
+    removed = prune_unretained_checkpoints(recipe.run_dir, retained, recipe.run.keep_checkpoints)
+    if removed is None:
+        print(f"{LOG_PREFIX} checkpoint pruning skipped: Ray Train retains {retained or 'no checkpoint'}, not all of "
+              f"them found in {redact_secrets(recipe.run_dir)}", flush=True)
+    elif removed:
+        names = ", ".join(f"{path.rsplit('/', 1)[-1]} ({'partial' if step is None else f'step {step}'})"
+                          for path, step in removed.items())
+        print(f"{LOG_PREFIX} removed {len(removed)} checkpoint directories Ray Train did not register and would not "
+              f"keep (run.keep_checkpoints={recipe.run.keep_checkpoints}): {names}", flush=True)
     metrics = result.metrics or {}
     print(f"{LOG_PREFIX} finished: step {metrics.get('step')}, val top-1 {metrics.get('val_top1', float('nan')):.2f}%;"
           f" checkpoint: {result.checkpoint.path if result.checkpoint else None}", flush=True)

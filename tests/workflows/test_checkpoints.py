@@ -10,14 +10,15 @@ import pyarrow.fs
 from workflows.checkpoints import checkpoint_step, newest_complete_checkpoint, write_file_list
 
 
-def _checkpoint(run: Path, name: str, step: int, world: int = 2) -> Path:
+def _checkpoint(run: Path, name: str, step: int, world: int = 2, val_top1: float | None = None) -> Path:
     """A checkpoint as Ray merges it: each rank's files, then each rank's file list (written last by that rank)."""
     for rank in range(world):
         local = run / f"rank{rank}-{name}"
         (local / "ds").mkdir(parents=True)
         (local / "ds" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(b"x" * (1000 + rank))
         if rank == 0:
-            (local / "state.json").write_text(json.dumps({"step": step, "world_size": world}))
+            (local / "state.json").write_text(json.dumps({"step": step, "world_size": world,
+                                                          "metrics": {"val_top1": val_top1}}))
             (local / "weights.safetensors").write_bytes(b"w" * 500)
         write_file_list(local, rank)
         merged = run / name
@@ -82,21 +83,31 @@ def test_init_from_a_uri_fetches_the_weights_and_leaves_no_copy(tmp_path, monkey
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
 
-def test_a_finished_run_keeps_only_the_checkpoints_ray_retains(tmp_path):
-    """Partial uploads and checkpoints Ray never registered are deleted after the run; nothing is deleted when the
-    retained paths do not match the listing."""
+def test_a_finished_run_keeps_what_ray_retains_or_would_have(tmp_path):
+    """After the run: partial uploads are deleted; a complete checkpoint Ray never registered is deleted only where
+    Ray's rule (best run.keep_checkpoints by val top-1, plus the latest) would have dropped it; nothing is deleted
+    when the retained paths do not match the listing."""
     from workflows.checkpoints import prune_unretained_checkpoints
 
-    run = tmp_path / "run"
-    kept = _checkpoint(run, "checkpoint_3", step=3)
-    unregistered = _checkpoint(run, "checkpoint_2", step=2)
-    partial = _checkpoint(run, "checkpoint_4", step=4)
-    (partial / "ds" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"x" * 10)  # cut short by an outage
-    (run / "mlflow.db").write_bytes(b"")
-    assert prune_unretained_checkpoints(str(run), []) == []
-    assert prune_unretained_checkpoints(str(run), [str(run / "elsewhere" / "checkpoint_3")]) == []
-    assert len(list(run.glob("checkpoint_*"))) == 3
-    removed = prune_unretained_checkpoints(str(run), [f"{kept}/"])
-    assert removed == [str(unregistered), str(partial)]
-    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("rank")) == ["checkpoint_3", "mlflow.db"]
-    assert newest_complete_checkpoint(str(run))[2] == 3
+    def run_dir(name: str) -> tuple[Path, dict[str, Path]]:
+        run = tmp_path / name
+        dirs = {"best_unregistered": _checkpoint(run, "checkpoint_1", step=1, val_top1=60.0),
+                "worse_unregistered": _checkpoint(run, "checkpoint_2", step=2, val_top1=10.0),
+                "retained": _checkpoint(run, "checkpoint_3", step=3, val_top1=50.0),
+                "partial": _checkpoint(run, "checkpoint_4", step=4, val_top1=70.0)}
+        (dirs["partial"] / "ds" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"x" * 10)  # cut by an outage
+        (run / "mlflow.db").write_bytes(b"")
+        return run, dirs
+
+    run, dirs = run_dir("one")
+    assert prune_unretained_checkpoints(str(run), [], keep=1) is None
+    assert prune_unretained_checkpoints(str(run), [str(run / "elsewhere" / "checkpoint_3")], keep=1) is None
+    assert len(list(run.glob("checkpoint_*"))) == 4
+    # keep 1: the retained one beats checkpoint_2 and is newer, so Ray would have dropped it; checkpoint_1 is better
+    removed = prune_unretained_checkpoints(str(run), [f"{dirs['retained']}/"], keep=1)
+    assert removed == {str(dirs["worse_unregistered"]): 2, str(dirs["partial"]): None}
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_1", "checkpoint_3"]
+    assert (run / "mlflow.db").exists() and newest_complete_checkpoint(str(run))[2] == 3
+
+    run, dirs = run_dir("two")  # keep 2: both unregistered complete ones are within the best two
+    assert prune_unretained_checkpoints(str(run), [str(dirs["retained"])], keep=2) == {str(dirs["partial"]): None}
