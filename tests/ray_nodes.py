@@ -103,13 +103,21 @@ def listening_hosts(port: int) -> set[str]:
     return {c.laddr.ip for c in psutil.net_connections(kind="tcp") if c.status == "LISTEN" and c.laddr.port == port}
 
 
-def http(url: str, token: str | None = None, timeout: float = 10) -> tuple[int, str]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+def http(url: str, token: str | None = None, data: dict | None = None, timeout: float = 10) -> tuple[int, str]:
+    """(status, body) of a GET, or of a JSON POST of `data`; (0, the error) when nothing answers (not up yet)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = None
+    if data is not None:
+        body = json.dumps(data).encode()
+        headers["Content-Type"] = "application/json"
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers),
+                                    timeout=timeout) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+    except OSError as err:
+        return 0, str(err)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,10 +249,7 @@ class Cluster:
 
     # -- API --
     def http(self, path: str, token: str | None = "default") -> tuple[int, str]:
-        try:
-            return http(self.dashboard + path, self.token if token == "default" else token)
-        except OSError as exc:  # not listening yet
-            return 0, str(exc)
+        return http(self.dashboard + path, self.token if token == "default" else token)
 
     def alive_nodes(self) -> list[dict]:
         status, body = self.http("/api/v0/nodes?limit=100")

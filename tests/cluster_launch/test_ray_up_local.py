@@ -27,17 +27,13 @@ import fcntl
 import json
 import os
 import pwd
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,6 +41,7 @@ import yaml
 
 from tests.cluster_launch import hosts as H
 from tests.cluster_launch import wheelhouse
+from tests.ray_nodes import http, port_block
 from tests.test_cluster_integration import SMOKE_SETTINGS, WORKER_LINE
 
 pytestmark = [pytest.mark.cluster_launch, pytest.mark.timeout(3 * 3600)]
@@ -64,34 +61,6 @@ COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_command
 
 def log(msg: str) -> None:
     print(f"[cluster-test {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _free_port() -> int:
-    for _ in range(200):
-        port = random.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
-
-
-def _http(url: str, token: str | None = None, data: dict | None = None, timeout: float = 10) -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    body = None
-    if data is not None:
-        body = json.dumps(data).encode()
-        headers["Content-Type"] = "application/json"
-    request = urllib.request.Request(url, data=body, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
-    except OSError as err:
-        return 0, str(err)
 
 
 class Laptop:
@@ -289,11 +258,11 @@ def mlflow_runs(head: H.Host) -> set[tuple[str, str]] | None:
     """(run name, status) of every run in the head's MLflow server, through its REST API from this machine;
     None while the server does not answer."""
     url = f"http://{head.ip}:5000/api/2.0/mlflow"
-    status, body = _http(f"{url}/experiments/search", data={"max_results": 100})
+    status, body = http(f"{url}/experiments/search", data={"max_results": 100})
     if status != 200:
         return None
     experiments = [e["experiment_id"] for e in json.loads(body).get("experiments", [])]
-    status, body = _http(f"{url}/runs/search", data={"experiment_ids": experiments, "max_results": 100})
+    status, body = http(f"{url}/runs/search", data={"experiment_ids": experiments, "max_results": 100})
     if status != 200:
         return None
     return {(r["info"].get("run_name"), r["info"]["status"]) for r in json.loads(body).get("runs", [])}
@@ -359,15 +328,15 @@ def test_ray_up_local_yaml_runs_the_smoke_recipe():
         assert up.returncode == 0, f"ray up failed:\n{up.stdout[-8000:]}"
 
         # -- the dashboard through the launcher's SSH tunnel, as a user reaches it.
-        port = _free_port()
+        port = port_block(1)[0]
         tunnel = laptop.background(RAY, "dashboard", "--port", str(port), str(cluster_file), log_name="tunnel.log")
         dashboard = f"http://127.0.0.1:{port}"
-        wait_for("the dashboard tunnel", lambda: _http(f"{dashboard}/api/version", token)[0] == 200, 120)
+        wait_for("the dashboard tunnel", lambda: http(f"{dashboard}/api/version", token)[0] == 200, 120)
         assert tunnel.poll() is None
-        assert _http(f"{dashboard}/api/jobs/")[0] == 401, "the Jobs API answered without a token"
+        assert http(f"{dashboard}/api/jobs/")[0] == 401, "the Jobs API answered without a token"
 
         def alive_nodes() -> list[dict]:
-            status, body = _http(f"{dashboard}/api/v0/nodes?limit=100&detail=true", token)
+            status, body = http(f"{dashboard}/api/v0/nodes?limit=100&detail=true", token)
             if status != 200:
                 return []
             return [n for n in json.loads(body)["data"]["result"]["result"] if n["state"] == "ALIVE"]
@@ -403,7 +372,7 @@ def test_ray_up_local_yaml_runs_the_smoke_recipe():
         assert submit.returncode == 0, submit.stdout + submit.stderr
 
         def job_status() -> str:
-            status, body = _http(f"{dashboard}/api/jobs/{job_id}", token)
+            status, body = http(f"{dashboard}/api/jobs/{job_id}", token)
             return json.loads(body)["status"] if status == 200 else f"HTTP {status}"
 
         wait_for("the smoke job to end", lambda: job_status() in ("SUCCEEDED", "FAILED", "STOPPED"), JOB_TIMEOUT_S,
