@@ -227,7 +227,9 @@ class Trainer:
         if dist.is_initialized():
             dist.broadcast_object_list(known, src=0)  # every rank takes the same branch (the probe has a collective)
         record = known[0]
-        if record and record["device"] == gauge.name() and (record["memory_bound"] or record["cap"] >= share):
+        # What the memory depends on: a relaunch of the run with another model or precision probes again.
+        fingerprint = json.dumps([gauge.name(), recipe.precision(), recipe_to_dict(recipe)["model"]], sort_keys=True)
+        if record and record.get("fingerprint") == fingerprint and (record["memory_bound"] or record["cap"] >= share):
             cap, how = int(record["cap"]), f"probed before on {record['device']}: {record['summary']}"
         else:
             run = probe_runner(self.model, self.class_names, recipe.train, PRECISION_DTYPES[recipe.precision()],
@@ -239,8 +241,8 @@ class Trainer:
             if cap < found.cap:
                 how += f"; {cap} on the tightest rank"
             if self.rank == 0:
-                kv_put(key, {"device": gauge.name(), "cap": cap, "memory_bound": found.memory_bound or cap < share,
-                             "summary": found.summary()})
+                kv_put(key, {"device": gauge.name(), "fingerprint": fingerprint, "cap": cap,
+                             "memory_bound": found.memory_bound or cap < share, "summary": found.summary()})
         micro = micro_for_share(share, cap)
         self.recipe = recipe.with_probed_micro_batch(micro)
         self.probe_note = f"micro-batch {micro} (auto; {how})"
