@@ -161,13 +161,13 @@ def find_micro_batch(run: Callable[[int], None], gauge: MemoryGauge, limit: int)
                            f"model, frames or crop, or activation checkpointing (model.activation_checkpointing)")
     best = max(good)
     failed = min([b for b in tried if b > best] or [limit + 1])
-    # Between the largest size that fits and the first that did not: the line through the measurements says how far
-    # the budget reaches; one run confirms it (memory is not exactly linear: allocator rounding, workspaces).
     if stopped == "out of memory":
         # The device held less than the budget promised (another process, fragmentation): keep the margin in
         # clips below the largest size that ran, and do not search closer to the failure.
         return Probe(cap=max(1, int(best * (1 - gauge.margin))), limit=limit, budget=budget, stopped=stopped,
                      tried=tried)
+    # Between the largest size that fits and the first that did not: the line through the measurements says how far
+    # the budget reaches; one run confirms it (memory is not exactly linear: allocator rounding, workspaces).
     ran = sorted(b for b in tried if fits(b))
     if len(ran) >= 2 and failed > best + 1:
         per_clip = slope(ran)
