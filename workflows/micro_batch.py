@@ -186,7 +186,7 @@ def micro_for_share(share: int, cap: int) -> int:
         raise ValueError(f"bad share {share} or cap {cap}")
     fewest = math.ceil(share / cap)
     for steps in (fewest, fewest + 1):
-        if share % steps == 0 and steps <= share:
+        if share % steps == 0:
             return share // steps
     return math.ceil(share / fewest)
 

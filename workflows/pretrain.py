@@ -101,9 +101,8 @@ def validate_before_start(recipe: Recipe) -> None:
         manifest = load_manifest(getattr(recipe.data, key), labels, strict=True)
         if len(manifest) == 0:
             raise ConfigError(f"data.{key} {getattr(recipe.data, key)} lists no videos")
-    if recipe.train.micro_batch_size == "auto":  # the workers probe it; the rest of the config is checked now
-        one_each = -(-recipe.train.global_batch_size // recipe.scaling.min_workers)
-        build_deepspeed_config(recipe.with_probed_micro_batch(one_each))
+    if recipe.train.micro_batch_size == "auto":  # the workers probe it; the rest is checked with one micro-batch each
+        build_deepspeed_config(recipe.with_probed_micro_batch(recipe.train.global_batch_size))
     else:
         build_deepspeed_config(recipe)
     problem = recipe.train.compile != "off" and compile_toolchain_problem(recipe.scaling.use_gpu)

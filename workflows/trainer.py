@@ -232,10 +232,10 @@ class Trainer:
         if record and record.get("fingerprint") == fingerprint and (record["memory_bound"] or record["cap"] >= share):
             cap, how = int(record["cap"]), f"probed before on {record['device']}: {record['summary']}"
         else:
-            run = probe_runner(self.model, self.class_names, recipe.train, PRECISION_DTYPES[recipe.precision()],
-                               self.device, cfg.num_frames, cfg.image_size)
-            found = probe_in_dtype(self.model, PRECISION_DTYPES[recipe.precision()],
-                                   lambda: find_micro_batch(run, gauge, limit=share))
+            dtype = PRECISION_DTYPES[recipe.precision()]
+            run = probe_runner(self.model, self.class_names, recipe.train, dtype, self.device, cfg.num_frames,
+                               cfg.image_size)
+            found = probe_in_dtype(self.model, dtype, lambda: find_micro_batch(run, gauge, limit=share))
             cap = agreed_cap(found.cap, self.device)
             how = f"probed on {gauge.name()} (rank 0): {found.summary()}"
             if cap < found.cap:
