@@ -1,9 +1,12 @@
 #!/bin/bash
 # GPU acceptance checks, run from the repository root on one machine with a GPU:
+#   bash benchmarks/gpu_checks.sh targets          # issue 22's target table: train_step runs in order of importance
+#                                                  # within BUDGET_S seconds (default 480), tables in $OUT/targets.md
 #   bash benchmarks/gpu_checks.sh pretrain         # the GPU path of the workflows, end to end (~8 min on an H100)
 #   bash benchmarks/gpu_checks.sh train_step       # B/16 8+16f batch 16, bf16, the whole step compiled (fullgraph)
 #   bash benchmarks/gpu_checks.sh train_step_more  # the same with CUDA graphs, and L/14 32+64f (longer)
 # Logs go to $OUT (default /tmp/gpu_checks). Needs the sample data: `python -m workflows data sample --out data/sample` writes it.
+# DRY_RUN=1 runs the train_step modes' logic on this machine's CPU (dist_tiny, eager, one step; tests/test_benchmarks.py).
 # Machines without the project's packages: put a bundle in .gpu/ (see benchmarks/README.md, "GPU acceptance
 # checks"); it is unpacked into /tmp/site and put first on PYTHONPATH.
 set -u
@@ -18,22 +21,57 @@ if [ -d "$REPO/.gpu" ]; then
       && for w in "$REPO"/.gpu/whl/*.whl; do python3 -m zipfile -e "$w" . ; done) || exit 3
   fi
 fi
+DRY_RUN=${DRY_RUN:-0}
+PYTHON=${PYTHON:-python3}
+START=$(date +%s)
 date
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+[ "$DRY_RUN" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 case "${1:-}" in
-train_step*)  # the benchmark needs torch and open_clip only: a machine without Ray or DeepSpeed can still run it
-  python3 -c "import torch,open_clip;print('torch',torch.__version__,torch.cuda.get_device_name())" || exit 4 ;;
+train_step*|targets)  # the benchmark needs torch and open_clip only: a machine without Ray or DeepSpeed can run it
+  [ "$DRY_RUN" = 1 ] && GPU_NAME= || GPU_NAME=",torch.cuda.get_device_name()"
+  $PYTHON -c "import torch,open_clip;print('torch',torch.__version__$GPU_NAME)" || exit 4 ;;
 *)
   python3 -c "import torch,ray,deepspeed,decord,av,open_clip;print('torch',torch.__version__,torch.cuda.get_device_name(),'ray',ray.__version__,'deepspeed',deepspeed.__version__)" || exit 4 ;;
 esac
 # One train_step run: B/16 at batch 16 compiles three variants (~1-2 min each); a hung compile must not eat the rest.
+# Each run gets STEP_TIMEOUT seconds or what is left of BUDGET_S, whichever is less; with under MIN_STEP_S left it is
+# skipped (its log says so), so the runs that matter most go first.
 step() {
   name=$1; shift
-  timeout "${STEP_TIMEOUT:-480}" python3 -m benchmarks.train_step --device cuda --dtype bf16 --matmul-size 8192 "$@" 2>&1 | tee "$OUT/$name.log"
+  budget=${BUDGET_S:-100000}
+  left=$(( budget - ($(date +%s) - START) ))
+  limit=$(( left < ${STEP_TIMEOUT:-480} ? left : ${STEP_TIMEOUT:-480} ))
+  if [ "$limit" -lt "${MIN_STEP_S:-60}" ]; then
+    echo "=== $name SKIPPED: ${left} s left of BUDGET_S=$budget" | tee "$OUT/$name.log"; return
+  fi
+  args=()
+  if [ "$DRY_RUN" = 1 ]; then  # this machine's CPU: the tiny preset, eager (compiling takes minutes here), one step
+    skip=0
+    for a in "$@"; do
+      if [ "$skip" = 1 ]; then skip=0; continue; fi
+      case "$a" in --compile|--compile-frozen) ;; --compile-mode) skip=1 ;; *) args+=("$a") ;; esac
+    done
+    args+=(--device cpu --preset dist_tiny --matmul-size 256 --steps 1 --warmup 1 --max-batch 4)
+  else
+    args=("$@")
+  fi
+  echo "=== $name (limit ${limit} s)"
+  timeout "$limit" $PYTHON -m benchmarks.train_step --device cuda --dtype bf16 --matmul-size 8192 "${args[@]}" 2>&1 | tee "$OUT/$name.log"
   rc=${PIPESTATUS[0]}
-  [ "$rc" = 0 ] || echo "=== $name FAILED: exit $rc (124: over STEP_TIMEOUT=${STEP_TIMEOUT:-480} s)" | tee -a "$OUT/$name.log"
+  [ "$rc" = 0 ] || echo "=== $name FAILED: exit $rc (124: over its ${limit} s limit)" | tee -a "$OUT/$name.log"
 }
 case "${1:-}" in
+targets)  # issue 22: the rows its target table needs, most important first; the tables go to $OUT/targets.md
+  BUDGET_S=${BUDGET_S:-480}
+  C="--compile --compile-frozen"
+  step b16_bs16_compiled --preset dist_b16_k400 --batch 16 --steps 10 --warmup 3 $C
+  step b16_max_compiled --preset dist_b16_k400 --batch max --steps 5 --warmup 2 $C
+  step b16_bs16_cudagraphs --preset dist_b16_k400 --batch 16 --steps 10 --warmup 3 $C --compile-mode reduce-overhead
+  step l14_max_compiled --preset dist_l14_k400 --batch max --max-batch 32 --steps 4 --warmup 2 $C
+  $PYTHON -m benchmarks.targets "$OUT"/b16_bs16_compiled.log "$OUT"/b16_max_compiled.log \
+    "$OUT"/b16_bs16_cudagraphs.log "$OUT"/l14_max_compiled.log --out "$OUT/targets.md"
+  echo "=== $(( $(date +%s) - START )) s in all"
+  ;;
 train_step)  # the whole DiST step compiled with fullgraph=True (frozen CLIP forward + branch forward/backward), and the
   # baselines compiled whole (fullgraph too): the issue-22 row at batch 16. Eager rows: benchmarks/README.md
   step train_step_b16_bs16_compiled --preset dist_b16_k400 --batch 16 --steps 10 --warmup 3 --compile --compile-frozen
@@ -65,6 +103,6 @@ pretrain)
   date
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_checks.sh pretrain|train_step|train_step_more" >&2; exit 2
+  echo "usage: bash benchmarks/gpu_checks.sh targets|pretrain|train_step|train_step_more" >&2; exit 2
   ;;
 esac

@@ -1,8 +1,8 @@
 """train_step: one optimizer step of DiST against full fine-tuning and an adapter baseline, on the same input.
 
-    python -m benchmarks.train_step [--preset dist_b16_k400] [--batch 1] [--steps 5] [--warmup 2] [--repeats 1]
-                                    [--device cpu|cuda] [--dtype fp32|bf16] [--threads N] [--matmul-size 2048]
-                                    [--keep-text-tower] [--activation-checkpointing [N]]
+    python -m benchmarks.train_step [--preset dist_b16_k400] [--batch 1|max [--max-batch 1024]] [--steps 5]
+                                    [--warmup 2] [--repeats 1] [--device cpu|cuda] [--dtype fp32|bf16] [--threads N]
+                                    [--matmul-size 2048] [--keep-text-tower] [--activation-checkpointing [N]]
                                     [--compile [--compile-mode M] [--compile-frozen]]
 
 Each variant (`dist`, and `adapter` and `full` from benchmarks/baselines.py) runs in a fresh subprocess and reports
@@ -92,30 +92,32 @@ def build_variant(variant: str, preset: str, dtype: str, activation_checkpointin
     raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
 
 
-def run_variant(
-    variant: str,
-    preset: str,
-    batch: int,
-    steps: int,
-    warmup: int,
-    device_name: str,
-    dtype: str,
-    matmul_size: int = 2048,
-    classes: int = 10,
-    keep_text_tower: bool = False,
-    activation_checkpointing: bool | int = False,
-    compile_model: bool = False,
-    compile_mode: str | None = None,
-    compile_frozen: bool = False,
-) -> VariantResult:
-    """Build `variant`, time `steps` optimizer steps after `warmup`, measure peak memory, count FLOPs."""
+@dataclass
+class ProbeResult:
+    """A probe worker's answer (`--batch max`): the largest batch of one variant's eager step under the memory
+    budget (workflows.micro_batch's search, which `train.micro_batch_size: auto` uses too)."""
+
+    variant: str
+    cap: int
+    stopped: str  # "limit": --max-batch fits; "budget" or "out of memory": memory ended the search
+    tried: dict[int, int | None]  # batch -> peak bytes (None: out of memory)
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{b}: {'OOM' if p is None else f'{p / 2**30:.2f} GiB'}" for b, p in self.tried.items())
+        return f"{self.variant} {self.cap} ({'--max-batch' if self.stopped == 'limit' else self.stopped}; {sizes})"
+
+
+def _prepare(variant: str, preset: str, device_name: str, dtype: str, matmul_size: int, classes: int,
+             keep_text_tower: bool, activation_checkpointing: bool | int, compile_model: bool,
+             compile_mode: str | None, compile_frozen: bool) -> dict:
+    """Build `variant` on the device, ready to step: the matmul rate measured first, the memory baseline, the model
+    (compiled as asked), its optimizer, and `forward_backward(video, labels)` / `make_input(batch)`."""
     import torch
     import torch.nn.functional as F
 
     import benchmarks.baselines  # noqa: F401
     from benchmarks import measure
     from dist_model import DiSTConfig
-    from dist_model.flops import count_flops
 
     # Imports (open_clip pulls in ~200 MiB of libraries on first use) happen before the memory baseline.
     DiSTConfig.from_name(preset)
@@ -156,20 +158,56 @@ def run_variant(
         measure.trim_allocator()
         measure.reset_peak_rss()
     optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, fused=True)
-    gen = torch.Generator().manual_seed(2)
-    video = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, generator=gen).to(device)
-    labels = (torch.arange(batch) % classes).to(device)
+
+    def make_input(batch: int):
+        gen = torch.Generator().manual_seed(2)
+        video = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, generator=gen).to(device)
+        return video, (torch.arange(batch) % classes).to(device)
 
     def autocast():
         if dtype == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=compute_dtype)
 
-    def forward_backward() -> None:
+    def forward_backward(video, labels) -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast():
             loss = F.cross_entropy(model(video, class_names).float(), labels)
         loss.backward()
+
+    return dict(device=device, compute_dtype=compute_dtype, rate_before=rate_before, base=base, method=method,
+                model=model, optimizer=optimizer, make_input=make_input, forward_backward=forward_backward)
+
+
+def run_variant(
+    variant: str,
+    preset: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device_name: str,
+    dtype: str,
+    matmul_size: int = 2048,
+    classes: int = 10,
+    keep_text_tower: bool = False,
+    activation_checkpointing: bool | int = False,
+    compile_model: bool = False,
+    compile_mode: str | None = None,
+    compile_frozen: bool = False,
+) -> VariantResult:
+    """Build `variant`, time `steps` optimizer steps after `warmup`, measure peak memory, count FLOPs."""
+    import torch
+
+    from benchmarks import measure
+    from dist_model.flops import count_flops
+
+    built = _prepare(variant, preset, device_name, dtype, matmul_size, classes, keep_text_tower,
+                     activation_checkpointing, compile_model, compile_mode, compile_frozen)
+    device, base, model, optimizer = built["device"], built["base"], built["model"], built["optimizer"]
+    video, labels = built["make_input"](batch)
+
+    def forward_backward() -> None:
+        built["forward_backward"](video, labels)
 
     def step() -> None:
         forward_backward()
@@ -183,7 +221,7 @@ def run_variant(
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = measure.peak_rss_bytes() - base
-    rate_after = measure.matmul_rate(device, compute_dtype, matmul_size)
+    rate_after = measure.matmul_rate(device, built["compute_dtype"], matmul_size)
     with torch.compiler.set_stance("force_eager"):  # FlopCounterMode counts eager ops; compiled code is the same math
         flops = count_flops(forward_backward)  # counting only, not timing
         ops = measure.count_dispatched_ops(forward_backward)
@@ -196,11 +234,27 @@ def run_variant(
         peak_memory_bytes=peak,
         model_memory_bytes=model_memory,
         flops_per_step=flops,
-        matmul_flops_per_s=(rate_before + rate_after) / 2,
-        memory_method=method,
+        matmul_flops_per_s=(built["rate_before"] + rate_after) / 2,
+        memory_method=built["method"],
         batch=batch,
         ops_per_step=ops,
     )
+
+
+def probe_variant(variant: str, preset: str, limit: int, device_name: str, dtype: str, classes: int = 10,
+                  keep_text_tower: bool = False, activation_checkpointing: bool | int = False) -> ProbeResult:
+    """The largest batch (at most `limit`) of `variant`'s eager step that stays under the device's memory budget.
+    One optimizer step at batch 1 first, so the optimizer state is resident while the sizes are measured; the margin
+    the search keeps (15%) covers what compiled code or CUDA graphs add."""
+    from workflows.micro_batch import MemoryGauge, find_micro_batch
+
+    built = _prepare(variant, preset, device_name, dtype, 256, classes, keep_text_tower, activation_checkpointing,
+                     False, None, False)
+    built["forward_backward"](*built["make_input"](1))
+    built["optimizer"].step()
+    probe = find_micro_batch(lambda b: built["forward_backward"](*built["make_input"](b)),
+                             MemoryGauge(built["device"]), limit)
+    return ProbeResult(variant=variant, cap=probe.cap, stopped=probe.stopped, tried=probe.tried)
 
 
 # --- the driver ---
@@ -216,10 +270,12 @@ def checkpointing_label(setting: bool | int) -> str:
     return "on (DiST branch, every fusion layer)" if setting is True else f"on (DiST branch, first {setting} layers)"
 
 
-def run_in_subprocess(variant: str, args: argparse.Namespace) -> VariantResult:
-    """Run one variant in a fresh Python process (clean peak memory) and parse its result."""
+def run_in_subprocess(variant: str, args: argparse.Namespace, probe: bool = False) -> VariantResult | ProbeResult:
+    """Run one variant in a fresh Python process (clean peak memory) and parse its result; `probe`: find its
+    largest batch instead (--batch max)."""
     cmd = [
         sys.executable, "-m", "benchmarks.train_step", "--worker", variant, "--preset", args.preset,
+        *(["--probe", "--max-batch", str(args.max_batch)] if probe else []),
         "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
         "--matmul-size", str(args.matmul_size), *(["--keep-text-tower"] if args.keep_text_tower else []),
@@ -232,8 +288,22 @@ def run_in_subprocess(variant: str, args: argparse.Namespace) -> VariantResult:
     proc = subprocess.run(cmd, cwd=_REPO_ROOT, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_TAG)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"train_step worker {variant!r} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return VariantResult(**json.loads(lines[-1][len(_RESULT_TAG):]))
+        what = "probe" if probe else "worker"
+        raise RuntimeError(f"train_step {what} {variant!r} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    fields = json.loads(lines[-1][len(_RESULT_TAG):])
+    if probe:
+        return ProbeResult(**{**fields, "tried": {int(b): p for b, p in fields["tried"].items()}})
+    return VariantResult(**fields)
+
+
+def largest_common_batch(args: argparse.Namespace) -> int:
+    """`--batch max`: each variant's largest batch, probed in its own process; the ratios compare the variants at
+    the smallest of them, the largest batch all three hold (the full fine-tune's, as a rule)."""
+    probes = [run_in_subprocess(variant, args, probe=True) for variant in VARIANTS]
+    batch = min(p.cap for p in probes)
+    print(f"largest batch that fits: {'; '.join(p.summary() for p in probes)} -> every variant at batch {batch}",
+          flush=True)
+    return batch
 
 
 def merge_repeats(repeats: list[dict[str, VariantResult]]) -> dict[str, VariantResult]:
@@ -311,7 +381,9 @@ def _compile_summary(args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="dist_b16_k400", help="DiST preset (dist_tiny for a smoke run)")
-    parser.add_argument("--batch", type=int, default=1, help="clips per step")
+    parser.add_argument("--batch", type=_batch_arg, default=1,
+                        help="clips per step, or `max`: the largest batch every variant holds, probed first")
+    parser.add_argument("--max-batch", type=int, default=1024, help="with --batch max: the largest batch tried")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (optimizer state, caches)")
     parser.add_argument("--repeats", type=int, default=1,
@@ -335,14 +407,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-frozen", action="store_true",
                         help="with --compile, also compile DiST's frozen CLIP forward (baselines: compiled anyway)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # internal: the worker probes
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.repeats < 1:
-        parser.error("--batch, --steps and --repeats must be >= 1 and --warmup >= 0")
+    if (args.batch != "max" and args.batch < 1) or args.steps < 1 or args.warmup < 0 or args.repeats < 1 \
+            or args.max_batch < 1:
+        parser.error("--batch, --max-batch, --steps and --repeats must be >= 1 and --warmup >= 0")
     if args.compile and args.warmup < 1:
         parser.error("--compile needs --warmup >= 1: the first step compiles and must not be timed")
     if (args.compile_mode or args.compile_frozen) and not args.compile:
         parser.error("--compile-mode and --compile-frozen go with --compile")
     return args
+
+
+def _batch_arg(value: str) -> int | str:
+    if value == "max":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch takes a number of clips or `max`, not {value!r}") from None
 
 
 def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
@@ -353,6 +436,12 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
 
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.probe:
+            found = probe_variant(args.worker, args.preset, args.max_batch, args.device, args.dtype,
+                                  keep_text_tower=args.keep_text_tower,
+                                  activation_checkpointing=args.activation_checkpointing)
+            print(_RESULT_TAG + json.dumps(asdict(found)), flush=True)
+            return {}
         result = run_variant(args.worker, args.preset, args.batch, args.steps, args.warmup, args.device, args.dtype,
                              args.matmul_size, keep_text_tower=args.keep_text_tower,
                              activation_checkpointing=args.activation_checkpointing, compile_model=args.compile,
@@ -364,8 +453,12 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
 
     threads = args.threads or _default_threads()
     args.threads = threads
+    probed = args.batch == "max"
+    if probed:
+        args.batch = largest_common_batch(args)
     print(
-        f"train_step: preset={args.preset} batch={args.batch} steps={args.steps} warmup={args.warmup} "
+        f"train_step: preset={args.preset} batch={args.batch}{' (max)' if probed else ''} steps={args.steps} "
+        f"warmup={args.warmup} "
         f"device={args.device} dtype={args.dtype} threads={threads} repeats={args.repeats} "
         f"text_tower={'kept' if args.keep_text_tower else 'released after caching the class embeddings'} "
         f"activation_checkpointing={checkpointing_label(args.activation_checkpointing)} "

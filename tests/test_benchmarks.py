@@ -24,11 +24,33 @@ RATIO_NAMES = ("dist_vs_full_time", "dist_vs_full_mem", "dist_vs_adapter_time", 
 
 @pytest.fixture(scope="module")
 def tiny_run():
-    """One real run of `python -m benchmarks.train_step` on dist_tiny (three worker subprocesses), stdout captured."""
+    """One real run of `python -m benchmarks.train_step` on dist_tiny (a probe and a timed worker subprocess per
+    variant: `--batch max` up to 2 clips), stdout captured."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        results = main(["--preset", "dist_tiny", "--steps", "2", "--warmup", "1", "--matmul-size", "256"])
+        results = main(["--preset", "dist_tiny", "--steps", "2", "--warmup", "1", "--matmul-size", "256",
+                        "--batch", "max", "--max-batch", "2"])
     return results, out.getvalue()
+
+
+def test_batch_max_probes_every_variant_then_runs_them_at_the_smallest_cap(tiny_run):
+    results, stdout = tiny_run
+    # dist_tiny holds 2 clips in any variant: the probe's search ends at --max-batch, for all three.
+    probe_line = next(line for line in stdout.splitlines() if line.startswith("largest batch that fits: "))
+    for variant in VARIANTS:
+        assert f"{variant} 2 (--max-batch; 1: " in probe_line, probe_line
+    assert probe_line.endswith("-> every variant at batch 2")
+    assert "batch=2 (max)" in stdout
+    assert {r.batch for r in results.values()} == {2}
+
+
+def test_batch_takes_a_number_or_max():
+    from benchmarks.train_step import parse_args
+
+    assert parse_args(["--batch", "max"]).batch == "max" and parse_args(["--batch", "3"]).batch == 3
+    for bad in (["--batch", "big"], ["--batch", "0"], ["--batch", "max", "--max-batch", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
 
 
 def test_last_line_is_the_ratios_line_with_finite_positive_values(tiny_run):
@@ -207,3 +229,73 @@ def test_end_to_end_smoke_prints_the_ratios_line(ray_local, tmp_path):
     for run in pair.values():
         assert run.timed_steps == 2 and run.global_batch == 8
     assert "| 0 | workflow |" in stdout and "| 0 | ddp |" in stdout
+
+
+# --- benchmarks.targets and gpu_checks.sh's `targets` mode ---
+def test_targets_reads_a_train_step_log(tiny_run, tmp_path):
+    from benchmarks.targets import parse_log
+
+    results, stdout = tiny_run
+    log = tmp_path / "tiny_max.log"
+    log.write_text(stdout)
+    run = parse_log(log)
+    assert (run.name, run.preset, run.batch, run.largest, run.mode) == ("tiny_max", "dist_tiny", 2, True, "eager")
+    assert run.ratios == parse_ratios(stdout.strip().splitlines()[-1])
+    for variant, result in results.items():
+        assert run.step_s[variant] == pytest.approx(result.step_time, abs=5e-4)
+        assert run.clips_per_s[variant] == pytest.approx(result.clips_per_s, abs=5e-3)
+    (tmp_path / "cut.log").write_text(stdout.split("ratios: ")[0])  # cut off before its ratios line
+    assert parse_log(tmp_path / "cut.log") is None
+
+
+def _target_run(name, batch, mode, dist, adapter, full, largest=False, clips=100.0, util=0.1, mem=0.3):
+    from benchmarks.targets import B16, Run
+
+    return Run(name=name, preset=B16, batch=batch, largest=largest, mode=mode,
+               step_s={"dist": dist, "adapter": adapter, "full": full}, clips_per_s={"dist": clips},
+               utilisation={"dist": util}, ratios={"dist_vs_full_mem": mem})
+
+
+def test_targets_compare_each_variant_in_its_best_mode():
+    from benchmarks.targets import check_targets
+
+    runs = [  # compiled DiST is fastest; the adapter's best is under CUDA graphs, the full fine-tune's compiled
+        _target_run("compiled", 16, "compiled", dist=0.05, adapter=0.10, full=0.20, clips=320, util=0.2, mem=0.34),
+        _target_run("graphs", 16, "compiled mode=reduce-overhead", dist=0.06, adapter=0.07, full=0.25, clips=267),
+        _target_run("max", 128, "compiled", dist=0.16, adapter=0.30, full=0.50, largest=True, clips=800, util=0.45,
+             mem=0.40),
+    ]
+    verdicts = {target: (value, where, verdict) for target, value, where, verdict in check_targets(runs)}
+
+    def row(start):
+        return next(v for t, v in verdicts.items() if t.startswith(start))
+
+    value, where, verdict = row("`dist_vs_adapter_time` <= 0.6 at batch 16")
+    assert (value, verdict) == ("0.71", "not met") and "adapter compiled mode=reduce-overhead (graphs)" in where
+    assert row("`dist_vs_full_time` <= 0.45 at batch 16")[::2] == ("0.25", "met")
+    assert row("`dist_vs_full_mem` <= 0.35 at batch 16")[::2] == ("0.34", "met")
+    assert row("`dist_vs_adapter_time` <= 0.6 at the largest batch (batch 128)")[::2] == ("0.53", "met")
+    assert row("`dist_vs_full_mem` <= 0.35 at the largest batch")[::2] == ("0.40", "not met")
+    assert row("DiST's share")[::2] == ("0.45", "met") and row("DiST >= 750")[::2] == ("800", "met")
+    # Without the largest-batch run its targets are not measured, never met.
+    missing = check_targets(runs[:2])
+    assert [v for t, _, _, v in missing if "largest" in t] == ["not measured"] * 3
+
+
+def test_gpu_checks_targets_skips_runs_past_its_budget_and_still_writes_the_table(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).parents[1]
+    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, OUT=str(tmp_path), MIN_STEP_S="1000000",
+               PYTHONPATH=str(repo))
+    proc = subprocess.run(["bash", "benchmarks/gpu_checks.sh", "targets"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = ["b16_bs16_compiled", "b16_max_compiled", "b16_bs16_cudagraphs", "l14_max_compiled"]
+    for name in names:
+        assert "SKIPPED" in (tmp_path / f"{name}.log").read_text()
+    table = (tmp_path / "targets.md").read_text()
+    assert table.count("| not measured |") == 8 and "| met |" not in table
+    assert "No ratios line (failed, or cut by the time budget): " + ", ".join(names) in table
