@@ -175,6 +175,12 @@ def checkpoint_step(fs: Any, path: str) -> int | None:
     """The step of the checkpoint at `path` on pyarrow filesystem `fs` when it is complete: its state.json names
     the world size, and every rank's file list is there with every listed file at its listed size. None when it
     is not (a partial upload, a rank that died while writing, or a checkpoint from before these lists)."""
+    state = complete_checkpoint_state(fs, path)
+    return None if state is None else int(state["step"])
+
+
+def complete_checkpoint_state(fs: Any, path: str) -> dict[str, Any] | None:
+    """The state.json of the checkpoint at `path` when it is complete (see `checkpoint_step`), else None."""
     import pyarrow.fs
 
     try:
@@ -187,7 +193,7 @@ def checkpoint_step(fs: Any, path: str) -> int | None:
     infos = fs.get_file_info([f"{path}/{name}" for name in listed])
     if any(i.type != pyarrow.fs.FileType.File or i.size != listed[name] for i, name in zip(infos, listed, strict=True)):
         return None
-    return int(state["step"])
+    return state
 
 
 def newest_complete_checkpoint(run_dir: str) -> tuple[Any, str, int] | None:
@@ -240,9 +246,10 @@ def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int) -
     scores = [score(state) for state in states.values()]
     removed: dict[str, int | None] = {}
     for path in sorted(found - kept):
-        step = checkpoint_step(fs, path)
-        if step is not None:
-            mine = score(read_state_at(fs, path))
+        state = complete_checkpoint_state(fs, path)
+        step = None if state is None else int(state["step"])
+        if state is not None:
+            mine = score(state)
             if step >= newest or sum(s >= mine for s in scores) < keep:
                 continue  # Ray would have kept it: the latest, or among the best `keep`
         fs.delete_dir(path)

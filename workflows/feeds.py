@@ -57,10 +57,12 @@ def train_shuffle_clips(recipe: Recipe) -> int:
 class ClipFeeds:
     """Training and validation batches for one worker (rank of world)."""
 
-    def __init__(self, recipe: Recipe, rank: int, world: int, device: torch.device):
+    def __init__(self, recipe: Recipe, rank: int, world: int, device: torch.device,
+                 label_map: dict[str, int] | None = None):
+        """`label_map`: the recipe's labels when the caller has read them already."""
         self.recipe, self.rank, self.world, self.device = recipe, rank, world, device
         self.plan = recipe.batch_plan(world)
-        self.label_map = load_labels(recipe.data.labels)
+        self.label_map = label_map if label_map is not None else load_labels(recipe.data.labels)
         self.train_manifest: Manifest = load_manifest(recipe.data.train_manifest, self.label_map, strict=True)
         self.val_manifest: Manifest = load_manifest(recipe.data.val_manifest, self.label_map, strict=True)
         # This worker's share of the decode pool: the workers' pipelines run side by side.

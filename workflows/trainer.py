@@ -173,7 +173,8 @@ class Trainer:
         if recipe.train.init_from and init:
             self.log(init_model_from(self.model, recipe.train.init_from))
         self.model.to(self.device)
-        self.class_names = class_names(load_labels(recipe.data.labels))
+        label_map = load_labels(recipe.data.labels)
+        self.class_names = class_names(label_map)
         # Training and validation score one label set: embed it once, then free the text tower (63 M parameters at
         # B/16, 123 M at L/14) that no step reads.
         self.model.text_embeddings(self.class_names, self.device)
@@ -183,7 +184,7 @@ class Trainer:
         if recipe.train.micro_batch_size == "auto":
             self._probe_micro_batch()  # eager, before anything is compiled
         self.plan = self.recipe.batch_plan(self.world)  # this size's share of each step's global batch
-        self.feeds = ClipFeeds(self.recipe, self.rank, self.world, self.device)
+        self.feeds = ClipFeeds(self.recipe, self.rank, self.world, self.device, label_map)
         parts = recipe.train.compile
         if parts != "off":
             problem = compile_toolchain_problem(recipe.scaling.use_gpu)
