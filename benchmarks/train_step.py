@@ -99,12 +99,14 @@ class ProbeResult:
 
     variant: str
     cap: int
-    stopped: str  # "limit": --max-batch fits; "budget" or "out of memory": memory ended the search
+    limit: int  # the largest batch it tried
+    stopped: str  # "limit": the limit fits; "budget" or "out of memory": memory ended the search
     tried: dict[int, int | None]  # batch -> peak bytes (None: out of memory)
 
     def summary(self) -> str:
         sizes = ", ".join(f"{b}: {'OOM' if p is None else f'{p / 2**30:.2f} GiB'}" for b, p in self.tried.items())
-        return f"{self.variant} {self.cap} ({'--max-batch' if self.stopped == 'limit' else self.stopped}; {sizes})"
+        why = f"limit {self.limit}" if self.stopped == "limit" else self.stopped
+        return f"{self.variant} {self.cap} ({why}; {sizes})"
 
 
 def _prepare(variant: str, preset: str, device_name: str, dtype: str, matmul_size: int, classes: int,
@@ -254,7 +256,7 @@ def probe_variant(variant: str, preset: str, limit: int, device_name: str, dtype
     built["optimizer"].step()
     probe = find_micro_batch(lambda b: built["forward_backward"](*built["make_input"](b)),
                              MemoryGauge(built["device"]), limit)
-    return ProbeResult(variant=variant, cap=probe.cap, stopped=probe.stopped, tried=probe.tried)
+    return ProbeResult(variant=variant, cap=probe.cap, limit=limit, stopped=probe.stopped, tried=probe.tried)
 
 
 # --- the driver ---
@@ -297,10 +299,14 @@ def run_in_subprocess(variant: str, args: argparse.Namespace, probe: bool = Fals
 
 
 def largest_common_batch(args: argparse.Namespace) -> int:
-    """`--batch max`: each variant's largest batch, probed in its own process; the ratios compare the variants at
-    the smallest of them, the largest batch all three hold (the full fine-tune's, as a rule)."""
-    probes = [run_in_subprocess(variant, args, probe=True) for variant in VARIANTS]
-    batch = min(p.cap for p in probes)
+    """`--batch max`: each variant's largest batch (up to --max-batch), probed in its own process; the ratios compare
+    the variants at the smallest of them, the largest batch all three hold (the full fine-tune's, as a rule)."""
+    # The hungriest first: each later probe stops at the smallest cap so far, the only batch that can matter.
+    probes, limit = [], args.max_batch
+    for variant in ("full", "adapter", "dist"):
+        probes.append(run_in_subprocess(variant, argparse.Namespace(**{**vars(args), "max_batch": limit}), probe=True))
+        limit = min(limit, probes[-1].cap)
+    batch = limit
     print(f"largest batch that fits: {'; '.join(p.summary() for p in probes)} -> every variant at batch {batch}",
           flush=True)
     return batch

@@ -35,13 +35,34 @@ def tiny_run():
 
 def test_batch_max_probes_every_variant_then_runs_them_at_the_smallest_cap(tiny_run):
     results, stdout = tiny_run
-    # dist_tiny holds 2 clips in any variant: the probe's search ends at --max-batch, for all three.
+    # dist_tiny holds 2 clips in any variant: each probe's search ends at its limit, --max-batch for the first
+    # (the full fine-tune) and the smallest cap so far for the next.
     probe_line = next(line for line in stdout.splitlines() if line.startswith("largest batch that fits: "))
+    assert probe_line.startswith("largest batch that fits: full 2 (limit 2; 1: "), probe_line
     for variant in VARIANTS:
-        assert f"{variant} 2 (--max-batch; 1: " in probe_line, probe_line
+        assert f"{variant} 2 (limit 2; 1: " in probe_line, probe_line
     assert probe_line.endswith("-> every variant at batch 2")
     assert "batch=2 (max)" in stdout
     assert {r.batch for r in results.values()} == {2}
+
+
+def test_batch_max_probes_the_hungriest_first_and_caps_the_rest_at_its_batch(monkeypatch, capsys):
+    import benchmarks.train_step as train_step
+
+    holds = {"full": 40, "adapter": 90, "dist": 300}  # what each variant's memory would hold
+    limits = []
+
+    def probe(variant, args, probe=False):
+        assert probe
+        limits.append((variant, args.max_batch))
+        cap = min(holds[variant], args.max_batch)
+        return train_step.ProbeResult(variant, cap, args.max_batch, "budget" if cap < args.max_batch else "limit",
+                                      {cap: 2**30})
+
+    monkeypatch.setattr(train_step, "run_in_subprocess", probe)
+    assert train_step.largest_common_batch(train_step.parse_args(["--batch", "max", "--max-batch", "64"])) == 40
+    assert limits == [("full", 64), ("adapter", 40), ("dist", 40)]
+    assert "full 40 (budget; 40: 1.00 GiB); adapter 40 (limit 40;" in capsys.readouterr().out
 
 
 def test_batch_takes_a_number_or_max():
