@@ -20,8 +20,10 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 VARIANTS = ("dist", "adapter", "full")
 _RESULT_TAG = "TRAIN_STEP_RESULT "
@@ -109,9 +111,24 @@ class ProbeResult:
         return f"{self.variant} {self.cap} ({why}; {sizes})"
 
 
+@dataclass
+class _Prepared:
+    """One variant built on its device, ready to step (what `_prepare` returns)."""
+
+    device: Any
+    compute_dtype: Any
+    rate_before: float  # the matmul rate, measured before the model was built
+    base: int  # memory in use before the model was built
+    method: str  # how peak memory is measured
+    model: Any
+    optimizer: Any
+    make_input: Callable[[int], tuple[Any, Any]]  # batch -> (video, labels) on the device
+    forward_backward: Callable[[Any, Any], None]  # zero_grad, forward, loss, backward
+
+
 def _prepare(variant: str, preset: str, device_name: str, dtype: str, matmul_size: int, classes: int,
              keep_text_tower: bool, activation_checkpointing: bool | int, compile_model: bool,
-             compile_mode: str | None, compile_frozen: bool) -> dict:
+             compile_mode: str | None, compile_frozen: bool) -> _Prepared:
     """Build `variant` on the device, ready to step: the matmul rate measured first, the memory baseline, the model
     (compiled as asked), its optimizer, and `forward_backward(video, labels)` / `make_input(batch)`."""
     import torch
@@ -177,8 +194,8 @@ def _prepare(variant: str, preset: str, device_name: str, dtype: str, matmul_siz
             loss = F.cross_entropy(model(video, class_names).float(), labels)
         loss.backward()
 
-    return dict(device=device, compute_dtype=compute_dtype, rate_before=rate_before, base=base, method=method,
-                model=model, optimizer=optimizer, make_input=make_input, forward_backward=forward_backward)
+    return _Prepared(device=device, compute_dtype=compute_dtype, rate_before=rate_before, base=base, method=method,
+                     model=model, optimizer=optimizer, make_input=make_input, forward_backward=forward_backward)
 
 
 def run_variant(
@@ -205,11 +222,11 @@ def run_variant(
 
     built = _prepare(variant, preset, device_name, dtype, matmul_size, classes, keep_text_tower,
                      activation_checkpointing, compile_model, compile_mode, compile_frozen)
-    device, base, model, optimizer = built["device"], built["base"], built["model"], built["optimizer"]
-    video, labels = built["make_input"](batch)
+    device, base, model, optimizer = built.device, built.base, built.model, built.optimizer
+    video, labels = built.make_input(batch)
 
     def forward_backward() -> None:
-        built["forward_backward"](video, labels)
+        built.forward_backward(video, labels)
 
     def step() -> None:
         forward_backward()
@@ -223,7 +240,7 @@ def run_variant(
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = measure.peak_rss_bytes() - base
-    rate_after = measure.matmul_rate(device, built["compute_dtype"], matmul_size)
+    rate_after = measure.matmul_rate(device, built.compute_dtype, matmul_size)
     with torch.compiler.set_stance("force_eager"):  # FlopCounterMode counts eager ops; compiled code is the same math
         flops = count_flops(forward_backward)  # counting only, not timing
         ops = measure.count_dispatched_ops(forward_backward)
@@ -236,8 +253,8 @@ def run_variant(
         peak_memory_bytes=peak,
         model_memory_bytes=model_memory,
         flops_per_step=flops,
-        matmul_flops_per_s=(built["rate_before"] + rate_after) / 2,
-        memory_method=built["method"],
+        matmul_flops_per_s=(built.rate_before + rate_after) / 2,
+        memory_method=built.method,
         batch=batch,
         ops_per_step=ops,
     )
@@ -252,10 +269,9 @@ def probe_variant(variant: str, preset: str, limit: int, device_name: str, dtype
 
     built = _prepare(variant, preset, device_name, dtype, 256, classes, keep_text_tower, activation_checkpointing,
                      False, None, False)
-    built["forward_backward"](*built["make_input"](1))
-    built["optimizer"].step()
-    probe = find_micro_batch(lambda b: built["forward_backward"](*built["make_input"](b)),
-                             MemoryGauge(built["device"]), limit)
+    built.forward_backward(*built.make_input(1))
+    built.optimizer.step()
+    probe = find_micro_batch(lambda b: built.forward_backward(*built.make_input(b)), MemoryGauge(built.device), limit)
     return ProbeResult(variant=variant, cap=probe.cap, limit=limit, stopped=probe.stopped, tried=probe.tried)
 
 
