@@ -106,9 +106,10 @@ class ProbeResult:
     tried: dict[int, int | None]  # batch -> peak bytes (None: out of memory)
 
     def summary(self) -> str:
-        sizes = ", ".join(f"{b}: {'OOM' if p is None else f'{p / 2**30:.2f} GiB'}" for b, p in self.tried.items())
+        from workflows.micro_batch import format_peaks
+
         why = f"limit {self.limit}" if self.stopped == "limit" else self.stopped
-        return f"{self.variant} {self.cap} ({why}; {sizes})"
+        return f"{self.variant} {self.cap} ({why}; {format_peaks(self.tried)})"
 
 
 @dataclass
@@ -322,10 +323,9 @@ def largest_common_batch(args: argparse.Namespace) -> int:
     for variant in ("full", "adapter", "dist"):
         probes.append(run_in_subprocess(variant, argparse.Namespace(**{**vars(args), "max_batch": limit}), probe=True))
         limit = min(limit, probes[-1].cap)
-    batch = limit
-    print(f"largest batch that fits: {'; '.join(p.summary() for p in probes)} -> every variant at batch {batch}",
+    print(f"largest batch that fits: {'; '.join(p.summary() for p in probes)} -> every variant at batch {limit}",
           flush=True)
-    return batch
+    return limit
 
 
 def merge_repeats(repeats: list[dict[str, VariantResult]]) -> dict[str, VariantResult]:

@@ -262,6 +262,7 @@ def test_targets_reads_a_train_step_log(tiny_run, tmp_path):
     run = parse_log(log)
     assert (run.name, run.preset, run.batch, run.largest, run.mode) == ("tiny_max", "dist_tiny", 2, True, "eager")
     assert run.ratios == parse_ratios(stdout.strip().splitlines()[-1])
+    assert run.utilisation["dist"] == run.ratios["dist_utilisation"], "not the table's whole percent"
     for variant, result in results.items():
         assert run.step_s[variant] == pytest.approx(result.step_time, abs=5e-4)
         assert run.clips_per_s[variant] == pytest.approx(result.clips_per_s, abs=5e-3)

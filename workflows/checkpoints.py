@@ -247,9 +247,9 @@ def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int) -
     removed: dict[str, int | None] = {}
     for path in sorted(found - kept):
         state = complete_checkpoint_state(fs, path)
-        step = None if state is None else int(state["step"])
+        step = None
         if state is not None:
-            mine = score(state)
+            step, mine = int(state["step"]), score(state)
             if step >= newest or sum(s >= mine for s in scores) < keep:
                 continue  # Ray would have kept it: the latest, or among the best `keep`
         fs.delete_dir(path)

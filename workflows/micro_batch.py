@@ -103,11 +103,16 @@ class Probe:
         return self.stopped != "limit"
 
     def summary(self) -> str:
-        sizes = ", ".join(f"{b}: {'OOM' if p is None else f'{p / 2**30:.2f} GiB'}" for b, p in self.tried.items())
+        sizes = format_peaks(self.tried)
         why = {"limit": f"its share of the global batch ({self.limit} clips) fits",
                "budget": "the next size would pass the budget", "out of memory": "a larger size ran out of memory"}
         return (f"largest micro-batch {self.cap} ({why[self.stopped]}; budget {self.budget / 2**30:.2f} GiB; "
                 f"peaks {sizes})")
+
+
+def format_peaks(tried: dict[int, int | None]) -> str:
+    """`1: 0.77 GiB, 2: 0.78 GiB, 4: OOM`: each size tried and its peak."""
+    return ", ".join(f"{b}: {'OOM' if p is None else f'{p / 2**30:.2f} GiB'}" for b, p in tried.items())
 
 
 def find_micro_batch(run: Callable[[int], None], gauge: MemoryGauge, limit: int) -> Probe:
