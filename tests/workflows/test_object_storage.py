@@ -92,12 +92,14 @@ class Stack:
 
     def fs(self):
         """The bucket as the test sees it: straight to moto, credentials given explicitly (not through the proxy,
-        so the test's own reads never count as the workflows' requests)."""
+        so the test's own reads never count as the workflows' requests). Patient: moto shares two cores with a
+        training cluster, and the SDK's default gives up on a reply that is 3 s slow (a CI run failed so)."""
         import pyarrow.fs as pafs
 
         return pafs.S3FileSystem(access_key=self.creds.access_key, secret_key=self.creds.secret_key,
                                  region=self.creds.region, endpoint_override=self.moto.url.removeprefix("http://"),
-                                 scheme="http")
+                                 scheme="http", request_timeout=30, connect_timeout=10,
+                                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=6))
 
     def user_env(self, **extra: str) -> dict[str, str]:
         """A user's shell: the project's venv on PATH, the code importable, credentials exported; no Ray settings."""
@@ -247,6 +249,17 @@ def _pretrain_args(run: str, *extra: str) -> list[str]:
     return ["pretrain", "--config", SMOKE, *[a for s in sets for a in ("--set", s)]]
 
 
+def _watch_complete_checkpoints(stack: Stack, run: str, known: dict[str, int]) -> dict[str, int]:
+    """For a watcher thread: the complete checkpoints now, or `known` when the listing failed (moto shares two
+    cores with the cluster; one slow listing must not end the watch, or the fault it waits to inject never comes)."""
+    try:
+        return {p: s for p, s in stack.checkpoints(run, known).items() if s is not None}
+    except OSError as error:
+        print(f"[watcher] listing the bucket failed, trying again: {error}")
+        time.sleep(1)
+        return known
+
+
 def _train_workers(cluster: Cluster) -> list:
     return [p for p in cluster.processes() if "RayTrainWorker" in " ".join(p.cmdline())]
 
@@ -261,7 +274,7 @@ def trained(stack, dataset):
     def kill_a_worker_after_step_2() -> None:
         complete: dict[str, int] = {}
         while not done.is_set():
-            complete = {p: s for p, s in stack.checkpoints(RUN, complete).items() if s is not None}
+            complete = _watch_complete_checkpoints(stack, RUN, complete)
             steps = list(complete.values())
             if steps and max(steps) >= 2:
                 workers = _train_workers(stack.cluster)
@@ -369,7 +382,7 @@ def test_an_endpoint_outage_during_a_checkpoint_upload_never_resumes_from_the_pa
 
     def arm_after_step_2() -> None:
         while not done.is_set():
-            complete_now = {p: s for p, s in stack.checkpoints(OUTAGE_RUN).items() if s is not None}
+            complete_now = _watch_complete_checkpoints(stack, OUTAGE_RUN, {})
             first = list(complete_now)
             if first:
                 name = first[0].rsplit("/", 1)[-1]
