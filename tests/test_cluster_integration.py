@@ -7,8 +7,9 @@ started: every process of a test cluster carries a marker variable in its enviro
 inherited by the raylet, GCS, dashboard, workers and job drivers), and the test ends those processes and checks
 with `ps` that none is left. Other Ray clusters on the host, like the session fixture's, are untouched.
 
-Each test takes about 3-4 minutes on an otherwise idle 2-core machine (most of it Ray, Ray Train and DeepSpeed
-start-up; the job itself is 3 optimizer steps), and longer when other work shares the cores.
+One cluster (a token-guarded head and a second raylet) and one job cover the checks, because each cluster and job
+costs about a minute on an otherwise idle 2-core machine (most of it Ray, Ray Train and DeepSpeed start-up; the job
+itself is 3 optimizer steps), and longer when other work shares the cores.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def _placement(logs: str) -> dict[int, str]:
 # tests
 
 
-def test_head_with_token_auth_runs_submitted_smoke_job(cluster, sample, tmp_path):
-    cluster.start_head("--num-cpus=4")  # 2 Train workers x 1 CPU + their decode actors
+def test_a_token_guarded_two_node_cluster_runs_a_submitted_smoke_job_one_worker_per_node(cluster, sample, tmp_path):
+    # Each node holds one Train worker (1 CPU) and one decode actor (1 CPU); both are labelled for training.
+    cluster.start_head("--num-cpus=2", "--labels=dist-role=train,dist-node=head")
 
     # Token authentication is on: the Jobs API and GCS refuse requests without the token, accept it with.
     assert cluster.http("/api/jobs/", token=None)[0] == 401
@@ -97,29 +99,21 @@ def test_head_with_token_auth_runs_submitted_smoke_job(cluster, sample, tmp_path
     assert refused.returncode != 0 and "AuthenticationError" in refused.stderr, refused.stderr[-2000:]
     refused = cluster.ray("status", "--address", f"127.0.0.1:{cluster.gcs_port}", authenticated=False)
     assert refused.returncode != 0 and "InvalidAuthToken" in refused.stderr, refused.stderr[-2000:]
-    # (the authenticated CLI is exercised by the submission below)
+    # (the authenticated CLI is exercised by the node join and the submission below)
     # The dashboard / Jobs API listens on loopback only (GCS and raylet listen on all interfaces, token-guarded).
     assert listening_hosts(cluster.dashboard_port) == {"127.0.0.1"}
 
-    runs = tmp_path / "runs"
-    cluster.submit_smoke("smoke-head", sample, runs)
-    logs = _assert_succeeded(cluster, "smoke-head")
-    assert set(_placement(logs)) == {0, 1}
-    checkpoints = list((runs / "smoke-head").glob("checkpoint_*"))
-    assert checkpoints, f"no checkpoint under {runs / 'smoke-head'}"
-
-
-def test_two_nodes_on_one_machine_place_workers_on_different_nodes(cluster, sample, tmp_path):
-    # Each node holds one Train worker (1 CPU) and one decode actor (1 CPU); both are labelled for training.
-    cluster.start_head("--num-cpus=2", "--labels=dist-role=train,dist-node=head")
     cluster.add_node("--num-cpus=2", "--labels=dist-role=train,dist-node=second")
     nodes = {n["node_id"]: n for n in cluster.alive_nodes()}
     assert len(nodes) == 2
     assert sorted(n["labels"].get("dist-node") for n in nodes.values()) == ["head", "second"]
 
-    cluster.submit_smoke("smoke-2node", sample, tmp_path / "runs", "scaling.placement_strategy=STRICT_SPREAD",
+    runs = tmp_path / "runs"
+    cluster.submit_smoke("smoke-2node", sample, runs, "scaling.placement_strategy=STRICT_SPREAD",
                          "scaling.worker_node_label=dist-role=train")
     placed = _placement(_assert_succeeded(cluster, "smoke-2node"))
     assert set(placed) == {0, 1}
     assert placed[0] != placed[1], f"both workers on node {placed[0]}"
     assert set(placed.values()) == set(nodes)
+    checkpoints = list((runs / "smoke-2node").glob("checkpoint_*"))
+    assert checkpoints, f"no checkpoint under {runs / 'smoke-2node'}"
