@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,12 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Never let a test reach for a GPU or the network for weights.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every process of the session finds the venv's tools first, as an activated venv and the test clusters' nodes do.
+# Above all one `ninja`: the venv's (1.13) and Debian's (1.11) hash build commands differently, so processes that
+# alternated between them rebuilt DeepSpeed's CPU shared-memory op (~30 s) five times per suite instead of once.
+_VENV_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = os.pathsep.join([_VENV_BIN, os.environ.get("PATH", "")])
 
 
 @pytest.fixture(scope="session")
