@@ -36,8 +36,10 @@ esac
 # One train_step run: B/16 at batch 16 compiles three variants (~1-2 min each); a hung compile must not eat the rest.
 # Each run gets STEP_TIMEOUT seconds or what is left of BUDGET_S, whichever is less; with under MIN_STEP_S left it is
 # skipped (its log says so), so the runs that matter most go first.
+RAN=()  # every row's log, skipped or not, in order (what `targets` reads)
 step() {
   name=$1; shift
+  RAN+=("$OUT/$name.log")
   budget=${BUDGET_S:-100000}
   left=$(( budget - ($(date +%s) - START) ))
   limit=$(( left < ${STEP_TIMEOUT:-480} ? left : ${STEP_TIMEOUT:-480} ))
@@ -68,8 +70,7 @@ targets)  # issue 22: the rows its target table needs, most important first; the
   step b16_max_compiled --preset dist_b16_k400 --batch max --steps 5 --warmup 2 $C
   step b16_bs16_cudagraphs --preset dist_b16_k400 --batch 16 --steps 10 --warmup 3 $C --compile-mode reduce-overhead
   step l14_max_compiled --preset dist_l14_k400 --batch max --max-batch 32 --steps 4 --warmup 2 $C
-  $PYTHON -m benchmarks.targets "$OUT"/b16_bs16_compiled.log "$OUT"/b16_max_compiled.log \
-    "$OUT"/b16_bs16_cudagraphs.log "$OUT"/l14_max_compiled.log --out "$OUT/targets.md"
+  $PYTHON -m benchmarks.targets "${RAN[@]}" --out "$OUT/targets.md"
   echo "=== $(( $(date +%s) - START )) s in all"
   ;;
 train_step)  # the whole DiST step compiled with fullgraph=True (frozen CLIP forward + branch forward/backward), and the
