@@ -153,6 +153,10 @@ class Stack:
                  if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")}
         return {path: step if step is not None else checkpoint_step(fs, path) for path, step in found.items()}
 
+    def complete_checkpoints(self, run: str, known: dict[str, int] | None = None) -> dict[str, int]:
+        """checkpoint directory -> step, the complete ones only (see `checkpoints`)."""
+        return {path: step for path, step in self.checkpoints(run, known).items() if step is not None}
+
     def state(self, checkpoint: str) -> dict:
         return json.loads(self.read(f"{checkpoint}/state.json"))
 
@@ -253,7 +257,7 @@ def _watch_complete_checkpoints(stack: Stack, run: str, known: dict[str, int]) -
     """For a watcher thread: the complete checkpoints now, or `known` when the listing failed (moto shares two
     cores with the cluster; one slow listing must not end the watch, or the fault it waits to inject never comes)."""
     try:
-        return {p: s for p, s in stack.checkpoints(run, known).items() if s is not None}
+        return stack.complete_checkpoints(run, known)
     except OSError as error:
         print(f"[watcher] listing the bucket failed, trying again: {error}")
         time.sleep(1)
@@ -334,7 +338,7 @@ def test_pretrain_on_the_bucket_survives_a_killed_worker_and_resumes_from_the_bu
     assert killed.get("after_step") == 2, f"the worker was not killed after the step-2 checkpoint: {killed}"
     placed = {int(m[1]): m[2] for m in re.finditer(r"\[pretrain\] worker rank (\d)/2 on node ([0-9a-f]+)", logs)}
     assert len(set(placed.values())) == 2, f"the two workers did not run on the two nodes: {placed}"
-    complete = {path: step for path, step in stack.checkpoints(RUN).items() if step is not None}
+    complete = stack.complete_checkpoints(RUN)
     assert sorted(complete.values()) == [2, 4], stack.checkpoints(RUN)
     final = stack.state(max(complete, key=complete.get))
     assert final["step"] == 4 and final["final"] is True
@@ -494,7 +498,7 @@ def test_evaluate_and_predict_need_only_the_bucket_and_the_tracking_server(stack
     assert not any(p.exists() for p in afterwards.deleted)
     assert afterwards.evaluate.returncode == 0, afterwards.evaluate.stderr[-4000:]
     metrics = json.loads(afterwards.evaluate.stdout)
-    complete = {p: s for p, s in stack.checkpoints(RUN).items() if s is not None}
+    complete = stack.complete_checkpoints(RUN)
     newest = max(complete, key=complete.get)
     assert metrics["checkpoint"] == f"s3://{newest}" and metrics["step"] == 4
     assert metrics["videos"] == 8 and metrics["dropped_total"] == 0 and metrics["manifest"] == f"{DATA}/val.csv"
