@@ -16,9 +16,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ -d "$REPO/.gpu" ]; then
   export PYTHONPATH=/tmp/site:$REPO
-  if [ ! -d /tmp/site/av ]; then
-    mkdir -p /tmp/site && (cd /tmp/site && for t in "$REPO"/.gpu/*.tar.xz; do tar xJf "$t"; done \
-      && for w in "$REPO"/.gpu/whl/*.whl; do python3 -m zipfile -e "$w" . ; done) || exit 3
+  if [ ! -e /tmp/site/.unpacked ]; then  # once per machine: a later call on the same warm machine reuses it
+    mkdir -p /tmp/site && (cd /tmp/site && shopt -s nullglob && for t in "$REPO"/.gpu/*.tar.xz; do tar xJf "$t"; done \
+      && for w in "$REPO"/.gpu/whl/*.whl; do python3 -m zipfile -e "$w" . ; done) && touch /tmp/site/.unpacked || exit 3
   fi
 fi
 DRY_RUN=${DRY_RUN:-0}

@@ -44,7 +44,11 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 # went from 231 to 160 MiB (the branch's FFNs, temporal FFNs and pooling MLPs).
 def _autocast_on(x: torch.Tensor) -> bool:
     kind = x.device.type
-    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)  # (no autocast on e.g. meta)
+    # No autocast exists on e.g. meta tensors. torch 2.11's dynamo cannot trace that check (the GPU machines' torch),
+    # and a compiled step never runs on such a device, so it is made in eager only.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(kind):
+        return False
+    return torch.is_autocast_enabled(kind)
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -284,18 +284,22 @@ class FrozenCLIP(nn.Module):
         return self.model.logit_scale.detach()
 
     def compile_forward(self, mode: str | None = None, fullgraph: bool = False) -> None:
-        """torch.compile `forward_tokens` (one graph per tap set; `fullgraph=True`: a graph break raises). Off by
+        """torch.compile the tower's forward (one graph per tap set; `fullgraph=True`: a graph break raises). Off by
         default: on CPU the eager tower already runs one fused inference path that inductor's GEMMs did not beat; on
         a GPU, where small batches are bound by the host launching ops, it removes the tower's per-op dispatch."""
-        self.forward_tokens = torch.compile(self.forward_tokens, mode=mode, fullgraph=fullgraph)
+        self._forward_taps = torch.compile(self._forward_taps, mode=mode, fullgraph=fullgraph)
 
-    @torch.no_grad()
     def forward_tokens(self, frames: torch.Tensor, taps: Iterable[int], stop: int) -> dict[int, torch.Tensor]:
         """Run the image tower on frames (N, 3, H, W) up to block `stop`; return {block: (N, L+1, C)} for `taps`.
 
         Outputs are the raw residual stream after each block (before `ln_post`), CLS at token 0.
         """
-        taps = set(taps)
+        # The compiled forward takes the taps as a sorted tuple of ints: torch 2.11's dynamo (the GPU machines')
+        # fails on a set passed into a compiled function (an internal assertion at `set(taps)`); 2.14's does not.
+        return self._forward_taps(frames, tuple(sorted(set(taps))), stop)
+
+    @torch.no_grad()
+    def _forward_taps(self, frames: torch.Tensor, taps: tuple[int, ...], stop: int) -> dict[int, torch.Tensor]:
         visual = self.model.visual
         x = visual._embeds(frames.to(self.dtype))  # (N, L+1, C): patch embed + CLS + pos + ln_pre
         out: dict[int, torch.Tensor] = {}
