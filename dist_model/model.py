@@ -18,7 +18,7 @@ from dist_model.config import DiSTConfig, recomputed_layer_count
 from dist_model.head import AdaPoolingLayer, TextClassifier, cosine_logits
 from dist_model.integration import IntegrationBlock, IntegrationToTemporal, TemporalToIntegration
 from dist_model.layers import TOKEN_PARAM_NAMES, for_weights, init_dist_weights
-from dist_model.spatial import FrozenCLIP
+from dist_model.spatial import FrozenCLIP, uses_cuda_graphs
 from dist_model.temporal import TemporalBlock, build_temporal_stem
 
 
@@ -157,6 +157,19 @@ class VideoTextModel(nn.Module):
         benchmark uses it: a break would put host dispatch back into the step). On CPU inductor needs a C++
         compiler."""
         self.trainable.compile(mode=mode, fullgraph=fullgraph)
+        self._trainable_cuda_graphs = uses_cuda_graphs(mode)
+
+    _trainable_cuda_graphs = False
+
+    def _begin_pass(self) -> None:
+        """Mark one pass of the model as one CUDA-graph iteration when a part runs as CUDA graphs. Unmarked, torch
+        starts a new iteration at every call of a compiled part (without a backward pending) and reclaims the
+        previous iteration's outputs: the branch's call would reclaim the frozen CLIP's tokens it is about to read
+        ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"). A marked pass's
+        outputs live until the next pass begins; the trainer and the benchmark read none later (the loss and logits
+        are computed outside the compiled parts)."""
+        if self._trainable_cuda_graphs or self.clip.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     # --- forward ---
     def sparse_frames(self, video: torch.Tensor) -> torch.Tensor:
@@ -172,6 +185,7 @@ class VideoTextModel(nn.Module):
         return sparse.transpose(1, 2).flatten(0, 1)  # (B*T, 3, H, W)
 
     def _clip_features(self, video: torch.Tensor, to_top: bool) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+        self._begin_pass()  # every pass starts here, before the frozen CLIP's forward
         layers, cls_layer = self.fusion_layers, self.head_cls_layer
         top = self.clip.num_blocks - 1
         taps = set(layers) | {cls_layer} | ({top} if to_top else set())

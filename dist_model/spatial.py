@@ -246,6 +246,11 @@ _TEXT_TOWER_MODULES = ("transformer", "token_embedding", "ln_final")
 _TEXT_TOWER_TENSORS = ("positional_embedding", "text_projection", "attn_mask")
 
 
+def uses_cuda_graphs(compile_mode: str | None) -> bool:
+    """Whether torch.compile in `compile_mode` captures CUDA graphs (on a GPU; on CPU the modes only compile)."""
+    return compile_mode in ("reduce-overhead", "max-autotune")
+
+
 class FrozenCLIP(nn.Module):
     """An open_clip model used read-only: image-block tokens, CLIP image embeddings, text embeddings.
 
@@ -278,6 +283,8 @@ class FrozenCLIP(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.visual.conv1.weight.dtype
 
+    cuda_graphs = False  # compile_forward in a mode that captures CUDA graphs
+
     @property
     def logit_scale(self) -> torch.Tensor:
         """CLIP's learned temperature (log scale); frozen, never optimised."""
@@ -288,6 +295,7 @@ class FrozenCLIP(nn.Module):
         default: on CPU the eager tower already runs one fused inference path that inductor's GEMMs did not beat; on
         a GPU, where small batches are bound by the host launching ops, it removes the tower's per-op dispatch."""
         self._forward_taps = torch.compile(self._forward_taps, mode=mode, fullgraph=fullgraph)
+        self.cuda_graphs = uses_cuda_graphs(mode)
 
     def forward_tokens(self, frames: torch.Tensor, taps: Iterable[int], stop: int) -> dict[int, torch.Tensor]:
         """Run the image tower on frames (N, 3, H, W) up to block `stop`; return {block: (N, L+1, C)} for `taps`.

@@ -110,6 +110,12 @@ class TrainSection:
         if self.cuda_graphs and self.compile == "off":
             raise ValueError("train.cuda_graphs needs compiled parts to capture: set train.compile to branch, frozen "
                              "or all")
+        if self.cuda_graphs and self.zero_stage != 2:
+            # The backward's CUDA graph writes the gradients into its own memory, which the next micro-batch's graphs
+            # reuse. ZeRO-2 copies each gradient out during the backward; ZeRO-0/1 accumulate in it across
+            # micro-batches, which torch's CUDA graphs break (pytorch/pytorch#169545).
+            raise ValueError(f"train.cuda_graphs needs train.zero_stage 2, got {self.zero_stage}: with ZeRO-0/1 the "
+                             "gradients would accumulate in CUDA-graph memory that the next micro-batch overwrites")
         if self.zero_stage == 3:
             raise ValueError("train.zero_stage 3 is not supported: DeepSpeed ZeRO-3 mishandles the frozen CLIP "
                              "inside the engine; use 1 or 2 (the trainable part is small)")

@@ -315,6 +315,38 @@ def test_compiled_frozen_clip_matches_eager():
     assert not compiled[stop].requires_grad  # still under no_grad
 
 
+def test_each_pass_is_one_cuda_graph_iteration_when_a_part_runs_as_cuda_graphs(tiny_clip, monkeypatch):
+    """Compiled in a CUDA-graph mode, the frozen CLIP and the branch are two graphs and the branch reads the first's
+    outputs: torch would take the branch's call for a new iteration and reclaim them. Each pass (train, validation,
+    zero-shot) marks one iteration, before the frozen forward; eager and plain-compiled models mark nothing."""
+    import copy
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(marks)))
+    video, names = tiny_video(), ["a", "b", "c"]
+
+    def passes(model) -> int:
+        marks.clear()
+        with torch.compiler.set_stance("force_eager"):  # the marks, not the compilation, are under test
+            model(video, names)
+            model.encode_video(video)
+            model(video, names, zero_shot_fusion=True)
+        return len(marks)
+
+    eager = build_dist("dist_tiny", clip=copy.deepcopy(tiny_clip))
+    assert passes(eager) == 0
+    eager.compile_trainable()  # compiled, no CUDA graphs
+    eager.clip.compile_forward("max-autotune-no-cudagraphs")
+    assert passes(eager) == 0
+    for part in ("frozen", "branch"):
+        model = build_dist("dist_tiny", clip=copy.deepcopy(tiny_clip))
+        if part == "frozen":
+            model.clip.compile_forward("reduce-overhead")
+        else:
+            model.compile_trainable("max-autotune")  # captures CUDA graphs too
+        assert passes(model) == 3, part
+
+
 # --- an independent transcription of the authors' sequence-first forward (reference §2.3-2.5) ---
 def _authors_forward(model, video: torch.Tensor) -> torch.Tensor:
     """Written from the spec in the authors' (N+1, B*T, C) layout with torch's own nn.MultiheadAttention."""

@@ -55,6 +55,9 @@ def test_compile_parts_and_cuda_graphs_are_checked_before_any_work():
         train("train.cuda_graphs=true")
     with pytest.raises(ConfigError, match="train.cuda_graphs needs GPUs"):
         train("train.compile=all", "train.cuda_graphs=true")
+    for stage in (0, 1):  # gradients accumulated in CUDA-graph memory (pytorch/pytorch#169545)
+        with pytest.raises(ConfigError, match=f"train.cuda_graphs needs train.zero_stage 2, got {stage}"):
+            train("train.compile=all", "train.cuda_graphs=true", f"train.zero_stage={stage}")
     gpu = load_recipe(SMOKE, ["scaling.use_gpu=true", "train.compile=all", "train.cuda_graphs=true"],
                       check_files=False)
     assert gpu.train.cuda_graphs and gpu.train.compile == "all"
