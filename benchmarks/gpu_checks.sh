@@ -7,8 +7,8 @@
 #   bash benchmarks/gpu_checks.sh train_step_more  # the same with CUDA graphs, and L/14 32+64f (longer)
 # Logs go to $OUT (default /tmp/gpu_checks). Needs the sample data: `python -m workflows data sample --out data/sample` writes it.
 # DRY_RUN=1 runs the train_step modes' logic on this machine's CPU (dist_tiny, eager, one step; tests/test_benchmarks.py).
-# Machines without the project's packages: put a bundle in .gpu/ (see benchmarks/README.md, "GPU acceptance
-# checks"); it is unpacked into /tmp/site and put first on PYTHONPATH.
+# Machines without the project's packages: `bash benchmarks/gpu_bundle.sh targets|pretrain` puts a bundle in .gpu/
+# (carry it); it is unpacked into /tmp/site and put first on PYTHONPATH. Rehearse first: `make gpu-preflight`.
 set -u
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_checks}

@@ -1,0 +1,88 @@
+#!/bin/bash
+# Rehearses a lent GPU machine's run on this CPU, so the device's 15 minutes are not spent finding out that the
+# script or the code does not run there (`make gpu-preflight`, PREFLIGHT=pretrain for the workflows' bundle):
+#   bash benchmarks/gpu_preflight.sh targets    # ~8 min after the first venv build (~5 GB, a few minutes)
+#   bash benchmarks/gpu_preflight.sh pretrain   # + the pretrain bundle: Ray, DeepSpeed, decord, PyAV (~15 min)
+# The machine's own Python and torch (KINDS.md: Python 3.12, torch 2.11.0+cu130; the CUDA build runs on the CPU)
+# go into $GPU_VENV with stand-ins for what its image holds and the checks import, never the project's other
+# packages: those come from the bundle (benchmarks/gpu_bundle.sh), unpacked as gpu_checks.sh unpacks it. Then:
+#   targets: tests/dist_model under that torch (its compile tests: fullgraph with that dynamo), one train_step
+#            compiled as the targets rows are (--compile --compile-frozen, dist_tiny), gpu_checks.sh targets DRY_RUN
+#   pretrain: also a CPU smoke pre-training run through the carried Ray and DeepSpeed
+# Versions: GPU_PYTHON (a python3.12), GPU_TORCH, GPU_TORCHVISION. Logs in $OUT (default /tmp/gpu_preflight).
+set -euo pipefail
+MODE=${1:-targets}
+case "$MODE" in targets|pretrain) ;; *) echo "usage: bash benchmarks/gpu_preflight.sh targets|pretrain" >&2; exit 2 ;; esac
+REPO=$PWD
+OUT=${OUT:-/tmp/gpu_preflight}
+GPU_VENV=${GPU_VENV:-.venv-gpu}
+GPU_TORCH=${GPU_TORCH:-2.11.0}
+GPU_TORCHVISION=${GPU_TORCHVISION:-0.26.0}
+is_312() { "$1" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null; }
+if [ -z "${GPU_PYTHON:-}" ]; then  # python3.12 on PATH, else pyenv's (its shim fails when 3.12 is not selected)
+  for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    if is_312 "$candidate"; then GPU_PYTHON=$candidate; break; fi
+  done
+fi
+is_312 "${GPU_PYTHON:-none}" || { echo "needs a Python 3.12 (the GPU machines'): set GPU_PYTHON" >&2; exit 3; }
+mkdir -p "$OUT"
+START=$(date +%s)
+say() { echo "=== $* ($(( $(date +%s) - START )) s)"; }
+
+# What the image holds (KINDS.md's package list) that the checks import, less what the bundle must bring: for
+# pretrain, the part of Ray's, DeepSpeed's and the data stack's closure that gpu_bundle.sh leaves to the image, and
+# matplotlib (the run's plots).
+IMAGE=(numpy psutil regex huggingface_hub safetensors timm tqdm pyyaml pytest pytest-timeout)
+[ "$MODE" = pretrain ] && IMAGE+=(aiohappyeyeballs aiohttp aiosignal anyio attrs certifi charset-normalizer click
+  einops filelock frozenlist fsspec grpcio h11 hf-xet idna jinja2 markupsafe msgpack multidict networkx ninja
+  opencv-python-headless packaging pandas pillow prometheus-client propcache protobuf py-cpuinfo pyarrow
+  python-dateutil requests setuptools six sympy typing-extensions urllib3 wrapt yarl matplotlib)
+stamp="$GPU_VENV/.stamp-$(echo "$GPU_PYTHON $GPU_TORCH ${IMAGE[*]}" | md5sum | cut -c1-12)"
+if [ ! -e "$stamp" ]; then
+  say "venv $GPU_VENV: $("$GPU_PYTHON" --version), torch $GPU_TORCH and the image's ${#IMAGE[@]} stand-ins"
+  rm -rf "$GPU_VENV"
+  "$GPU_PYTHON" -m venv "$GPU_VENV"
+  "$GPU_VENV/bin/python" -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  "$GPU_VENV/bin/python" -m pip install --quiet "torch==$GPU_TORCH" "torchvision==$GPU_TORCHVISION" "${IMAGE[@]}" \
+    2>&1 | grep -v "^WARNING: Location" || true
+  "$GPU_VENV/bin/python" -c "import torch" && touch "$stamp"
+fi
+for p in open_clip ray deepspeed; do  # the bundle's packages must not be in the venv, or the rehearsal proves nothing
+  if "$GPU_VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$p') is None)"; then
+    echo "$GPU_VENV holds $p: the bundle would not be tested; remove $GPU_VENV" >&2; exit 3
+  fi
+done
+
+say "bundle ($MODE)"
+bash benchmarks/gpu_bundle.sh "$MODE" 2>&1 | grep -v "^WARNING: Location"
+SITE=$(mktemp -d)  # as gpu_checks.sh unpacks it on the machine
+(cd "$SITE" && shopt -s nullglob && for t in "$REPO"/.gpu/*.tar.xz; do tar xJf "$t"; done \
+  && for w in "$REPO"/.gpu/whl/*.whl; do "$REPO/$GPU_VENV/bin/python" -m zipfile -e "$w" .; done)
+export PATH="$REPO/$GPU_VENV/bin:$PATH" PYTHONPATH="$SITE:$REPO" PYTHONUNBUFFERED=1 RAY_ADDRESS=
+python -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)"
+
+say "tests/dist_model under torch $GPU_TORCH"
+python -m pytest -p no:cacheprovider tests/dist_model > "$OUT/dist_model_tests.log" 2>&1 \
+  || { tail -30 "$OUT/dist_model_tests.log"; echo "tests/dist_model failed under torch $GPU_TORCH" >&2; exit 1; }
+tail -1 "$OUT/dist_model_tests.log"
+say "train_step compiled as the targets rows are (dist_tiny, CPU)"
+python -m benchmarks.train_step --device cpu --dtype bf16 --preset dist_tiny --matmul-size 256 --batch 2 --steps 2 \
+  --warmup 1 --compile --compile-frozen 2>&1 | tee "$OUT/train_step_compiled.log" | tail -1
+grep -q "^ratios: " "$OUT/train_step_compiled.log" || { echo "the compiled train_step failed: $OUT/train_step_compiled.log" >&2; exit 1; }
+say "gpu_checks.sh targets, DRY_RUN"
+rm -rf /tmp/site  # gpu_checks.sh unpacks .gpu there itself, as on the machine
+DRY_RUN=1 OUT="$OUT/targets" PYTHON=python bash benchmarks/gpu_checks.sh targets > "$OUT/targets_dry_run.log" 2>&1
+tail -4 "$OUT/targets_dry_run.log"
+if grep -q "FAILED" "$OUT/targets_dry_run.log"; then echo "a targets row failed: $OUT/targets_dry_run.log" >&2; exit 1; fi
+
+if [ "$MODE" = pretrain ]; then
+  say "smoke pre-training on the CPU through the carried Ray and DeepSpeed"
+  [ -f data/sample/labels.json ] || python -m workflows data sample --out data/sample --videos-per-class 4 > "$OUT/sample.log" 2>&1
+  runs=$(mktemp -d)
+  python -m workflows pretrain --config workflows/configs/smoke.yaml --set mlflow.enabled=false \
+    "run.storage_path=$runs" run.name=preflight 2>&1 | tee "$OUT/pretrain_smoke.log" | grep "\[pretrain\]" | tail -4
+  ls "$runs"/preflight/checkpoint_* > /dev/null || { echo "no checkpoint written: $OUT/pretrain_smoke.log" >&2; exit 1; }
+  rm -rf "$runs"
+fi
+rm -rf "$SITE"
+say "preflight $MODE passed"
