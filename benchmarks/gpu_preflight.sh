@@ -15,7 +15,7 @@ MODE=${1:-targets}
 case "$MODE" in targets|pretrain) ;; *) echo "usage: bash benchmarks/gpu_preflight.sh targets|pretrain" >&2; exit 2 ;; esac
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_preflight}
-GPU_VENV=${GPU_VENV:-.venv-gpu}
+GPU_VENV=$(realpath -m "${GPU_VENV:-.venv-gpu}")  # absolute: used from other directories below
 GPU_TORCH=${GPU_TORCH:-2.11.0}
 GPU_TORCHVISION=${GPU_TORCHVISION:-0.26.0}
 is_312() { "$1" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null; }
@@ -28,6 +28,12 @@ is_312 "${GPU_PYTHON:-none}" || { echo "needs a Python 3.12 (the GPU machines'):
 mkdir -p "$OUT"
 START=$(date +%s)
 say() { echo "=== $* ($(( $(date +%s) - START )) s)"; }
+fail() { echo "preflight $MODE FAILED: $*" >&2; exit 1; }
+quiet_pip() {  # pip's exit status, without this machine's "Location ... is ignored" warnings
+  local log rc=0; log=$(mktemp)
+  "$GPU_VENV/bin/python" -m pip "$@" > "$log" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$log" || true; rm -f "$log"; return $rc
+}
 
 # What the image holds (KINDS.md's package list) that the checks import, less what the bundle must bring: for
 # pretrain, the part of Ray's, DeepSpeed's and the data stack's closure that gpu_bundle.sh leaves to the image, and
@@ -42,10 +48,9 @@ if [ ! -e "$stamp" ]; then
   say "venv $GPU_VENV: $("$GPU_PYTHON" --version), torch $GPU_TORCH and the image's ${#IMAGE[@]} stand-ins"
   rm -rf "$GPU_VENV"
   "$GPU_PYTHON" -m venv "$GPU_VENV"
-  "$GPU_VENV/bin/python" -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  "$GPU_VENV/bin/python" -m pip install --quiet "torch==$GPU_TORCH" "torchvision==$GPU_TORCHVISION" "${IMAGE[@]}" \
-    2>&1 | grep -v "^WARNING: Location" || true
-  "$GPU_VENV/bin/python" -c "import torch" && touch "$stamp"
+  quiet_pip install --quiet --upgrade pip
+  quiet_pip install --quiet "torch==$GPU_TORCH" "torchvision==$GPU_TORCHVISION" "${IMAGE[@]}"
+  touch "$stamp"
 fi
 for p in open_clip ray deepspeed; do  # the bundle's packages must not be in the venv, or the rehearsal proves nothing
   if "$GPU_VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$p') is None)"; then
@@ -57,31 +62,36 @@ say "bundle ($MODE)"
 bash benchmarks/gpu_bundle.sh "$MODE" 2>&1 | grep -v "^WARNING: Location"
 SITE=$(mktemp -d)  # as gpu_checks.sh unpacks it on the machine
 (cd "$SITE" && shopt -s nullglob && for t in "$REPO"/.gpu/*.tar.xz; do tar xJf "$t"; done \
-  && for w in "$REPO"/.gpu/whl/*.whl; do "$REPO/$GPU_VENV/bin/python" -m zipfile -e "$w" .; done)
-export PATH="$REPO/$GPU_VENV/bin:$PATH" PYTHONPATH="$SITE:$REPO" PYTHONUNBUFFERED=1 RAY_ADDRESS=
+  && for w in "$REPO"/.gpu/whl/*.whl; do "$GPU_VENV/bin/python" -m zipfile -e "$w" .; done)
+export PATH="$GPU_VENV/bin:$PATH" PYTHONPATH="$SITE:$REPO" PYTHONUNBUFFERED=1 RAY_ADDRESS=
 python -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)"
 
 say "tests/dist_model under torch $GPU_TORCH"
 python -m pytest -p no:cacheprovider tests/dist_model > "$OUT/dist_model_tests.log" 2>&1 \
-  || { tail -30 "$OUT/dist_model_tests.log"; echo "tests/dist_model failed under torch $GPU_TORCH" >&2; exit 1; }
+  || { tail -30 "$OUT/dist_model_tests.log"; fail "tests/dist_model under torch $GPU_TORCH"; }
 tail -1 "$OUT/dist_model_tests.log"
 say "train_step compiled as the targets rows are (dist_tiny, CPU)"
 python -m benchmarks.train_step --device cpu --dtype bf16 --preset dist_tiny --matmul-size 256 --batch 2 --steps 2 \
-  --warmup 1 --compile --compile-frozen 2>&1 | tee "$OUT/train_step_compiled.log" | tail -1
-grep -q "^ratios: " "$OUT/train_step_compiled.log" || { echo "the compiled train_step failed: $OUT/train_step_compiled.log" >&2; exit 1; }
+  --warmup 1 --compile --compile-frozen > "$OUT/train_step_compiled.log" 2>&1 \
+  || { tail -30 "$OUT/train_step_compiled.log"; fail "the compiled train_step"; }
+tail -1 "$OUT/train_step_compiled.log"
 say "gpu_checks.sh targets, DRY_RUN"
 rm -rf /tmp/site  # gpu_checks.sh unpacks .gpu there itself, as on the machine
-DRY_RUN=1 OUT="$OUT/targets" PYTHON=python bash benchmarks/gpu_checks.sh targets > "$OUT/targets_dry_run.log" 2>&1
+DRY_RUN=1 OUT="$OUT/targets" PYTHON=python bash benchmarks/gpu_checks.sh targets > "$OUT/targets_dry_run.log" 2>&1 \
+  || { tail -30 "$OUT/targets_dry_run.log"; fail "gpu_checks.sh targets (DRY_RUN)"; }
 tail -4 "$OUT/targets_dry_run.log"
-if grep -q "FAILED" "$OUT/targets_dry_run.log"; then echo "a targets row failed: $OUT/targets_dry_run.log" >&2; exit 1; fi
+if grep -q "FAILED" "$OUT/targets_dry_run.log"; then fail "a targets row: $OUT/targets_dry_run.log"; fi
 
 if [ "$MODE" = pretrain ]; then
   say "smoke pre-training on the CPU through the carried Ray and DeepSpeed"
-  [ -f data/sample/labels.json ] || python -m workflows data sample --out data/sample --videos-per-class 4 > "$OUT/sample.log" 2>&1
+  [ -f data/sample/labels.json ] || python -m workflows data sample --out data/sample --videos-per-class 4 \
+    > "$OUT/sample.log" 2>&1 || fail "writing the sample data: $OUT/sample.log"
   runs=$(mktemp -d)
   python -m workflows pretrain --config workflows/configs/smoke.yaml --set mlflow.enabled=false \
-    "run.storage_path=$runs" run.name=preflight 2>&1 | tee "$OUT/pretrain_smoke.log" | grep "\[pretrain\]" | tail -4
-  ls "$runs"/preflight/checkpoint_* > /dev/null || { echo "no checkpoint written: $OUT/pretrain_smoke.log" >&2; exit 1; }
+    "run.storage_path=$runs" run.name=preflight > "$OUT/pretrain_smoke.log" 2>&1 \
+    || { tail -30 "$OUT/pretrain_smoke.log"; fail "the smoke pre-training run"; }
+  grep "\[pretrain\]" "$OUT/pretrain_smoke.log" | tail -3
+  ls "$runs"/preflight/checkpoint_* > /dev/null || fail "no checkpoint written: $OUT/pretrain_smoke.log"
   rm -rf "$runs"
 fi
 rm -rf "$SITE"
