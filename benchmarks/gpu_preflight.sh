@@ -1,14 +1,14 @@
 #!/bin/bash
 # Rehearses a lent GPU machine's run on this CPU, so the device's 15 minutes are not spent finding out that the
 # script or the code does not run there (`make gpu-preflight`, PREFLIGHT=pretrain for the workflows' bundle):
-#   bash benchmarks/gpu_preflight.sh targets    # ~8 min after the first venv build (~5 GB, a few minutes)
-#   bash benchmarks/gpu_preflight.sh pretrain   # + the pretrain bundle: Ray, DeepSpeed, decord, PyAV (~15 min)
+#   bash benchmarks/gpu_preflight.sh targets    # ~4 min after the first venv build (~5 GB, a minute or two)
+#   bash benchmarks/gpu_preflight.sh pretrain   # + the pretrain bundle: Ray, DeepSpeed, decord, PyAV (~10 min)
 # The machine's own Python and torch (KINDS.md: Python 3.12, torch 2.11.0+cu130; the CUDA build runs on the CPU)
 # go into $GPU_VENV with stand-ins for what its image holds and the checks import, never the project's other
 # packages: those come from the bundle (benchmarks/gpu_bundle.sh), unpacked as gpu_checks.sh unpacks it. Then:
 #   targets: tests/dist_model under that torch (its compile tests: fullgraph with that dynamo), one train_step
 #            compiled as the targets rows are (--compile --compile-frozen, dist_tiny), gpu_checks.sh targets DRY_RUN
-#   pretrain: also a CPU smoke pre-training run through the carried Ray and DeepSpeed
+#   pretrain: also a CPU smoke pre-training run through the carried Ray and DeepSpeed (train.compile=all)
 # Versions: GPU_PYTHON (a python3.12), GPU_TORCH, GPU_TORCHVISION. Logs in $OUT (default /tmp/gpu_preflight).
 set -euo pipefail
 MODE=${1:-targets}
@@ -83,11 +83,11 @@ tail -4 "$OUT/targets_dry_run.log"
 if grep -q "FAILED" "$OUT/targets_dry_run.log"; then fail "a targets row: $OUT/targets_dry_run.log"; fi
 
 if [ "$MODE" = pretrain ]; then
-  say "smoke pre-training on the CPU through the carried Ray and DeepSpeed"
+  say "smoke pre-training on the CPU through the carried Ray and DeepSpeed, both parts compiled (train.compile=all)"
   [ -f data/sample/labels.json ] || python -m workflows data sample --out data/sample --videos-per-class 4 \
     > "$OUT/sample.log" 2>&1 || fail "writing the sample data: $OUT/sample.log"
   runs=$(mktemp -d)
-  python -m workflows pretrain --config workflows/configs/smoke.yaml --set mlflow.enabled=false \
+  python -m workflows pretrain --config workflows/configs/smoke.yaml --set mlflow.enabled=false train.compile=all \
     "run.storage_path=$runs" run.name=preflight > "$OUT/pretrain_smoke.log" 2>&1 \
     || { tail -30 "$OUT/pretrain_smoke.log"; fail "the smoke pre-training run"; }
   grep "\[pretrain\]" "$OUT/pretrain_smoke.log" | tail -3
