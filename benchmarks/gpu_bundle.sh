@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_bundle.sh pretrain   # and what `gpu_checks.sh pretrain` needs: Ray, DeepSpeed, decord, PyAV
 # Pass `.gpu` in the device tool's `carry`. Versions are this venv's (what the suite ran), for CPython 3.12 on x86-64.
 # What the machine's image already holds (the device tool's KINDS.md, 2026-11-17) is not carried: torch, numpy,
-# pyarrow, aiohttp, grpcio, opencv, ...; benchmarks/README.md ("GPU acceptance checks") says how this was checked.
+# pyarrow, aiohttp, grpcio, opencv, ...; `make gpu-preflight` tries the bundle beside stand-ins for that image.
 set -euo pipefail
 MODE=${1:-}
 VENV_PY=${VENV_PY:-.venv/bin/python}
@@ -13,8 +13,8 @@ DEST=${DEST:-.gpu}
 LIMIT_BYTES=$(( 64 * 1024 * 1024 ))  # the device tool's carry limit, for the whole working tree
 
 # The targets need open_clip beyond the image. The pretrain list is the closure of ray[default,train,data,tune],
-# deepspeed, decord, av, open_clip_torch and opencv in this venv, less what the image holds, less Ray itself (packed
-# apart, below) and less what only features the checks never use import, to stay under the carry limit:
+# deepspeed, decord, av, open_clip_torch and opencv in this venv, less what the image holds, less Ray itself (trimmed,
+# below) and less what only features the checks never use import, to stay under the carry limit:
 # virtualenv with distlib and python-discovery (Ray's pip/uv runtime environments), cryptography with cffi and
 # pycparser (TLS and certificate credentials), py-spy (the dashboard's stack dumps).
 TARGETS=(open_clip_torch ftfy wcwidth)
@@ -25,8 +25,7 @@ PRETRAIN=(aiohttp-cors annotated-types av colorful decord google-api-core google
   truststore typing-inspection)
 
 case "$MODE" in
-targets) names=("${TARGETS[@]}") ;;
-pretrain) names=("${TARGETS[@]}" "${PRETRAIN[@]}") ;;
+targets|pretrain) ;;
 *) echo "usage: bash benchmarks/gpu_bundle.sh targets|pretrain" >&2; exit 2 ;;
 esac
 
