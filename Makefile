@@ -36,7 +36,8 @@ elastic-test: $(STAMP)
 
 # Not part of `make test`: before device time is spent, rehearse a lent GPU machine's run here: its Python 3.12 and
 # torch 2.11 (in .venv-gpu, ~5 GB), the .gpu/ bundle it carries, the compile tests and gpu_checks.sh targets' logic
-# under them (~8 min after the venv; PREFLIGHT=pretrain adds the workflows' bundle and a CPU smoke run). benchmarks/README.md
+# under them (~4 min after the venv; PREFLIGHT=pretrain, ~10 min, adds the workflows' bundle and a CPU smoke
+# run). benchmarks/README.md
 PREFLIGHT ?= targets
 gpu-preflight: $(STAMP)
 	bash benchmarks/gpu_preflight.sh $(PREFLIGHT)

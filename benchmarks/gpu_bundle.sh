@@ -35,10 +35,11 @@ PLATFORMS=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
   PLATFORMS+=(--platform "$p")
 done
-download() {  # name==version ... into $1
-  local into=$1; shift
+download() {  # name==version ... into $1; pip's exit status, without this machine's "Location ... is ignored" lines
+  local into=$1 log rc=0; shift; log=$(mktemp)
   "$VENV_PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    "${PLATFORMS[@]}" -d "$into" "$@"
+    "${PLATFORMS[@]}" -d "$into" "$@" > "$log" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$log" || true; rm -f "$log"; return $rc
 }
 
 rm -rf "$DEST"

@@ -8,19 +8,22 @@
 # Logs go to $OUT (default /tmp/gpu_checks). Needs the sample data: `python -m workflows data sample --out data/sample` writes it.
 # DRY_RUN=1 runs the train_step modes' logic on this machine's CPU (dist_tiny, eager, one step; tests/test_benchmarks.py).
 # Machines without the project's packages: `bash benchmarks/gpu_bundle.sh targets|pretrain` puts a bundle in .gpu/
-# (carry it); it is unpacked into /tmp/site and put first on PYTHONPATH. Rehearse first: `make gpu-preflight`.
+# (carry it); it is unpacked into $SITE (/tmp/site) and put first on PYTHONPATH (`unpack`: only that). Rehearse first:
+# `make gpu-preflight`.
 set -u
 REPO=$PWD
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+SITE=${SITE:-/tmp/site}  # where .gpu is unpacked (gpu_preflight.sh points it at a fresh folder)
 if [ -d "$REPO/.gpu" ]; then
-  export PYTHONPATH=/tmp/site:$REPO
-  if [ ! -e /tmp/site/.unpacked ]; then  # once per machine: a later call on the same warm machine reuses it
-    mkdir -p /tmp/site && (cd /tmp/site && shopt -s nullglob && for t in "$REPO"/.gpu/*.tar.xz; do tar xJf "$t"; done \
-      && for w in "$REPO"/.gpu/whl/*.whl; do python3 -m zipfile -e "$w" . ; done) && touch /tmp/site/.unpacked || exit 3
+  export PYTHONPATH=$SITE:$REPO
+  if [ ! -e "$SITE/.unpacked" ]; then  # once per machine: a later call on the same warm machine reuses it
+    mkdir -p "$SITE" && (cd "$SITE" && shopt -s nullglob && for t in "$REPO"/.gpu/*.tar.xz; do tar xJf "$t"; done \
+      && for w in "$REPO"/.gpu/whl/*.whl; do python3 -m zipfile -e "$w" . ; done) && touch "$SITE/.unpacked" || exit 3
   fi
 fi
+[ "${1:-}" = unpack ] && exit 0  # only the above (gpu_preflight.sh)
 DRY_RUN=${DRY_RUN:-0}
 PYTHON=${PYTHON:-python3}
 START=$(date +%s)

@@ -59,11 +59,10 @@ for p in open_clip ray deepspeed; do  # the bundle's packages must not be in the
 done
 
 say "bundle ($MODE)"
-bash benchmarks/gpu_bundle.sh "$MODE" 2>&1 | grep -v "^WARNING: Location"
-SITE=$(mktemp -d)  # as gpu_checks.sh unpacks it on the machine
-(cd "$SITE" && shopt -s nullglob && for t in "$REPO"/.gpu/*.tar.xz; do tar xJf "$t"; done \
-  && for w in "$REPO"/.gpu/whl/*.whl; do "$GPU_VENV/bin/python" -m zipfile -e "$w" .; done)
-export PATH="$GPU_VENV/bin:$PATH" PYTHONPATH="$SITE:$REPO" PYTHONUNBUFFERED=1 RAY_ADDRESS=
+bash benchmarks/gpu_bundle.sh "$MODE"
+export SITE=$(mktemp -d) PATH="$GPU_VENV/bin:$PATH" PYTHONUNBUFFERED=1 RAY_ADDRESS=
+bash benchmarks/gpu_checks.sh unpack || fail "unpacking .gpu"  # gpu_checks.sh's own unpack, as on the machine
+export PYTHONPATH="$SITE:$REPO"
 python -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)"
 
 say "tests/dist_model under torch $GPU_TORCH"
@@ -76,7 +75,6 @@ python -m benchmarks.train_step --device cpu --dtype bf16 --preset dist_tiny --m
   || { tail -30 "$OUT/train_step_compiled.log"; fail "the compiled train_step"; }
 tail -1 "$OUT/train_step_compiled.log"
 say "gpu_checks.sh targets, DRY_RUN"
-rm -rf /tmp/site  # gpu_checks.sh unpacks .gpu there itself, as on the machine
 DRY_RUN=1 OUT="$OUT/targets" PYTHON=python bash benchmarks/gpu_checks.sh targets > "$OUT/targets_dry_run.log" 2>&1 \
   || { tail -30 "$OUT/targets_dry_run.log"; fail "gpu_checks.sh targets (DRY_RUN)"; }
 tail -4 "$OUT/targets_dry_run.log"
