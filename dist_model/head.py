@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -51,10 +52,10 @@ class AdaPoolingLayer(nn.Module):
         return q_s, q_v
 
 
-def cosine_logits(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def cosine_logits(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """exp(logit_scale) * cos(video, text): (B, E) x (K, E) -> (B, K). `text_emb` must already be L2-normalised."""
     video = F.normalize(video_emb.float(), dim=-1)
-    return logit_scale.float().exp() * video @ text_emb.float().t()
+    return math.exp(logit_scale) * video @ text_emb.float().t()
 
 
 _DOUBLE_QUOTES = re.compile("[\"\u201c\u201d]")  # straight and typographic double quotes; never apostrophes

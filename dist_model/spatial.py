@@ -267,6 +267,9 @@ class FrozenCLIP(nn.Module):
                  self.activation_source)
         self.model.requires_grad_(False)
         _scalar_parameters_to_buffers(self.model)
+        # CLIP's learned temperature (log scale), frozen: read before the cast, which would round it (bf16 holds
+        # ln 100 as 4.594, a scale of 98.9, not 100).
+        self.logit_scale = float(self.model.logit_scale)
         self.model.to(PRECISION_DTYPES[precision])
         self.tokenizer = open_clip.get_tokenizer(arch)
         visual = self.model.visual
@@ -284,11 +287,6 @@ class FrozenCLIP(nn.Module):
         return self.model.visual.conv1.weight.dtype
 
     cuda_graphs = False  # compile_forward in a mode that captures CUDA graphs
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        """CLIP's learned temperature (log scale); frozen, never optimised."""
-        return self.model.logit_scale.detach()
 
     def compile_forward(self, mode: str | None = None, fullgraph: bool = False) -> None:
         """torch.compile the tower's forward (one graph per tap set; `fullgraph=True`: a graph break raises). Off by

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from torch import nn
 
 from dist_model import DiSTConfig, DiSTNet, build_clip, build_dist, build_spatial_only, normalize_video
 from dist_model.config import recomputed_layer_count
+from dist_model.head import cosine_logits
 from dist_model.layers import quick_gelu
 
 
@@ -105,6 +108,18 @@ def test_bf16_clip_runs_and_branch_stays_fp32(tiny_clip):
     assert model.clip.dtype == torch.bfloat16 and model.dist_net.proj.dtype == torch.float32
     logits = model(tiny_video(), ["a", "b"])
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_logit_scale_is_clips_temperature_whatever_the_clip_dtype():
+    """exp(logit_scale) is 100 for CLIP's ln 100 also with a bf16 CLIP (a bf16 ln 100 is 4.594: 98.9), and a later
+    cast of the whole model does not round it either: a video embedding equal to a class's text embedding scores
+    exactly 100 (cosine 1)."""
+    model = build_dist(DiSTConfig.from_name("dist_tiny", clip_precision="bf16"))
+    assert model.clip.logit_scale == pytest.approx(math.log(100))
+    model.to(torch.bfloat16)
+    text = F.normalize(torch.randn(3, 8), dim=-1)
+    logits = cosine_logits(text[1:2] * 3, text, model.clip.logit_scale)
+    assert logits[0, 1].item() == pytest.approx(100.0, rel=1e-5)
 
 
 def test_normalize_video_layout_and_values():
@@ -304,7 +319,8 @@ def test_compiled_frozen_clip_matches_eager():
     """FrozenCLIP.compile_forward (the train_step benchmark's --compile-frozen): the same tapped tokens as eager."""
     torch.manual_seed(0)
     clip = build_clip(DiSTConfig.from_name("dist_tiny"))  # its own: compiling mutates it
-    frames = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    # An input that asks for a gradient: the tower's tokens must still come without one (its own no_grad).
+    frames = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)).requires_grad_()
     taps, stop = {0, clip.num_blocks - 1}, clip.num_blocks - 1
     eager = clip.forward_tokens(frames, taps, stop)
     clip.compile_forward()
