@@ -107,18 +107,29 @@ def test_authors_checkpoint_round_trips_exactly(tiny_clip, tmp_path, old_names):
 
 
 def test_frame_dependent_tensors_are_interpolated(tiny_clip):
-    torch.manual_seed(7)
     source = build_dist("dist_tiny", clip=tiny_clip)  # 8 dense / 4 sparse frames
     target = build_dist(DiSTConfig.from_name("dist_tiny", num_frames=16), clip=tiny_clip)  # 8 sparse
+    # Known per-frame values: the pooling's positional embedding a ramp in time (frame t, channel c: t * (c + 1)),
+    # the integration's CLS token constant in time (channel c: c).
+    pos_src = source.dist_net.adapooling_nets[0].positional_embedding  # (1, T, D)
+    cls_src = source.dist_net.temporal2integration_nets[0].cls_token  # (1, 1, T, D)
+    channels = torch.arange(pos_src.shape[-1], dtype=torch.float32)
+    with torch.no_grad():
+        pos_src.copy_(torch.arange(4.0)[None, :, None] * (channels + 1))
+        cls_src.copy_(channels.expand_as(cls_src))
     report = load_authors_checkpoint(target, to_authors_state_dict(source))
     assert report.ok, report.summary()
     assert report.interpolated["temporal2integration_nets.0.cls_token"] == (4, 8)
     assert report.interpolated["adapooling_nets.0.positional_embedding"] == (4, 8)
+    # Linear resampling with half-pixel centres (align_corners=False): output frame i of 8 reads source position
+    # (i + 0.5) * 4 / 8 - 0.5, clamped to the first and last frame, so the ramp's times are:
+    times = torch.tensor([0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0])
     pos = target.dist_net.adapooling_nets[0].positional_embedding
     assert pos.shape == (1, 8, 64)
-    src = source.dist_net.adapooling_nets[0].positional_embedding
-    # Interpolating a constant-in-time tensor must keep it constant; the mean is preserved closely.
-    assert torch.allclose(pos.mean(1), src.mean(1), atol=0.02)
+    torch.testing.assert_close(pos.detach(), times[None, :, None] * (channels + 1))
+    cls = target.dist_net.temporal2integration_nets[0].cls_token
+    assert cls.shape == (1, 1, 8, 64)
+    torch.testing.assert_close(cls.detach(), channels.expand(1, 1, 8, 64))
 
 
 def test_shape_mismatch_and_missing_are_reported(tiny_clip):

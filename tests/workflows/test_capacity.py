@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -142,10 +141,8 @@ def test_nodes_that_come_up_after_some_polls_are_waited_for(capsys) -> None:
 
 def test_nodes_that_never_come_time_out_with_the_checks_message(capsys) -> None:
     fake = Fake([COLD])
-    started = time.monotonic()
     with pytest.raises(ConfigError) as info:
         check_capacity(k710(wait=62), "[pretrain]", fake.cluster())
-    assert time.monotonic() - started < 2  # the fake clock, not real time
     message = str(info.value)
     assert message.startswith(NO_TRAIN_NODES)
     assert "waited 62 s (scaling.wait_for_nodes_s=62) for the autoscaler to add 8 x {CPU: 4, GPU: 1}" in message
@@ -302,7 +299,7 @@ def test_a_real_autoscaler_reports_an_impossible_request() -> None:
     infeasible, the driver stops long before the wait is over and clears the request. Its own process: a second
     Ray cluster, never the session's."""
     script = textwrap.dedent(f"""
-        import os, time
+        import os
         os.environ["RAY_enable_autoscaler_v2"] = "1"
         import ray
         from ray._raylet import GcsClient
@@ -314,12 +311,10 @@ def test_a_real_autoscaler_reports_an_impossible_request() -> None:
         ray.init(address="local", num_cpus=2, include_dashboard=False)
         recipe = load_recipe({str(SMOKE)!r}, ["scaling.use_gpu=true", "scaling.wait_for_nodes_s=120"],
                              check_files=False)
-        start = time.monotonic()
         try:
             check_capacity(recipe, "[test]", Cluster(poll_s=1.0))
         except ConfigError as exc:
             print("ERROR", exc)
-        print("SECONDS", time.monotonic() - start)
         reply = GetClusterStatusReply()
         reply.ParseFromString(GcsClient(ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=10))
         left = [r for c in reply.cluster_resource_state.cluster_resource_constraints for r in c.resource_requests]
@@ -327,13 +322,13 @@ def test_a_real_autoscaler_reports_an_impossible_request() -> None:
         ray.shutdown()
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180)
-    print(done.stdout)
     out = done.stdout
     assert done.returncode == 0, done.stderr[-3000:]
     assert "asked the autoscaler for 2 x {CPU: 1, GPU: 1} on any node + 1 x {CPU: 1} on any node" in out, out
     error = next(line for line in out.splitlines() if line.startswith("ERROR"))
+    # The infeasible branch, not the wait's timeout (which says "for the autoscaler to add"): it stopped early.
     assert "the cluster has 0 GPUs" in error and "the Ray autoscaler reports that no node type" in error, error
-    assert float(out.split("SECONDS")[1].split()[0]) < 60, out
+    assert "for the autoscaler to add" not in error, error
     assert "LEFT 0" in out, out  # the constraint is cleared in GCS at once
 
 

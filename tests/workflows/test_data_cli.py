@@ -88,6 +88,8 @@ def test_upload_refuses_what_a_bucket_copy_could_not_read(tmp_path, capsys) -> N
     (root / "extra.csv").write_text("path,label\nvideos/moving_left/gone.mp4,moving left\n")
     assert check_manifests(root)[1] == {"extra.csv": 1}  # a missing video is counted (data check reports it)
     (root / "notes.csv").write_text("a,b\n1,2\n")  # not a manifest: ignored
+    manifests, missing = check_manifests(root)
+    assert [m.name for m in manifests] == ["extra.csv", "train.csv", "val.csv"] and missing == {"extra.csv": 1}
     assert main(["upload", str(tmp_path / "nope"), "s3://bucket/data"]) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert main(["upload", str(root), str(tmp_path / "copy")]) == 2

@@ -22,10 +22,14 @@ def test_config_defaults_and_validation() -> None:
                                  "decode_node_label": "dist-role=decode"})
     assert cfg.node_label_selector() == {"dist-role": "decode"}
     assert DataConfig().node_label_selector() is None
-    for bad in ({"flip": "swap_labels"}, {"flip_pairs": [[1, 2], [2, 3]]}, {"flip_pairs": [[4, 4]]},
-                {"decode_node_label": "dist-role"}, {"max_bad_fraction": 1.5},
-                {"crop_scale": [0.5, 0.4]}, {"flip": "mirror"}, {"decode_actors": -1}):
-        with pytest.raises(ConfigError):
+    for bad, why in (({"flip": "swap_labels"}, "needs flip_pairs"),
+                     ({"flip_pairs": [[1, 2], [2, 3]]}, r"class \[2\] appears in more than one pair"),
+                     ({"flip_pairs": [[4, 4]]}, "two different non-negative class indices"),
+                     ({"decode_node_label": "dist-role"}, "one Ray node label key=value"),
+                     ({"max_bad_fraction": 1.5}, r"max_bad_fraction must lie in \[0, 1\]"),
+                     ({"crop_scale": [0.5, 0.4]}, "crop_scale must be"), ({"flip": "mirror"}, "'mirror' is not valid"),
+                     ({"decode_actors": -1}, "decode_actors must be >= 0")):
+        with pytest.raises(ConfigError, match=why):
             from_dict(DataConfig, bad)
 
 

@@ -108,8 +108,10 @@ def test_what_is_left_is_shared_out_once_at_any_size(world):
     shares = [remaining_assignment(order, consumed, views, plan, r) for r in range(world)]
     every = np.concatenate(shares)
     assert sorted(every.tolist()) == list(range(9, n)), "each video with clips left goes to exactly one rank"
-    if not plan.even:  # contiguous runs sized by the shares
-        assert all(len(s) for s in shares)
+    if not plan.even:  # contiguous runs in the epoch's order, in rank order, each sized by the rank's share
+        assert every.tolist() == list(range(9, n))
+        for share, got in zip(plan.shares, shares, strict=True):
+            assert abs(len(got) - share * (n - 9) / plan.global_batch) < 1, (plan.shares, [len(s) for s in shares])
 
 
 def test_legacy_positions_mark_each_ranks_first_videos():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -41,12 +42,14 @@ def test_record_validation_keeps_the_best_and_its_step():
 
 
 def test_progress_window_sums_the_loss_on_its_device_and_reports_totals():
-    window = ProgressWindow(torch.device("cpu"), start=0.0)
+    opened = time.perf_counter()
+    window = ProgressWindow(torch.device("cpu"), start=opened)
     for loss in (1.0, 2.0, 3.0):
         window.add(torch.tensor(loss), clips=4)
     window.wait = 0.5
     loss_sum, micro, clips, wait, elapsed = window.totals().tolist()
-    assert (loss_sum, micro, clips, wait) == (6.0, 3, 12, 0.5) and elapsed > 0
+    assert (loss_sum, micro, clips, wait) == (6.0, 3, 12, 0.5)
+    assert 0 < elapsed <= time.perf_counter() - opened  # the window's own age, on the same clock
 
 
 def test_progress_stats_over_ranks():
@@ -110,12 +113,13 @@ def test_injected_failure_fires_once_and_remembers_it_in_the_run_storage(tmp_pat
     storage = tmp_path / "bucket" / "runs"
     recipe = load_recipe(smoke, [f"run.storage_path={storage.as_uri()}", "run.name=failing", "train.fail_at_step=3",
                                  "train.fail_rank=1"], check_files=False)
+    other_rank = Trainer(recipe, rank=0, world=2, device=torch.device("cpu"))
+    other_rank.state.step = 3
+    other_rank._maybe_inject_failure()  # not train.fail_rank: no failure, no marker
+    assert not (storage / "failing" / ".injected_failure_done").exists()
     trainer = Trainer(recipe, rank=1, world=2, device=torch.device("cpu"))
     trainer.state.step = 3
     with pytest.raises(RuntimeError, match="injected failure at step 3"):
         trainer._maybe_inject_failure()
     assert (storage / "failing" / ".injected_failure_done").is_file()
     trainer._maybe_inject_failure()  # the restarted attempt: no second failure
-    other_rank = Trainer(recipe, rank=0, world=2, device=torch.device("cpu"))
-    other_rank.state.step = 3
-    other_rank._maybe_inject_failure()
