@@ -304,7 +304,7 @@ def _build_presets() -> dict[str, DiSTConfig]:
         for sparse, dense in ((8, 16), (32, 64)):
             presets[f"dist_l14_{dataset}_{sparse}x{dense}f"] = _preset("ViT-L-14", dense, pooling, 14)
         presets[f"dist_l14_{dataset}"] = presets[f"dist_l14_{dataset}_32x64f"]
-    # CPU-sized variants: tiny for unit tests, small for the local demo. Same wiring, narrower widths.
+    # CPU-sized variants: tiny for the demo and the tests, small a wider one. Same wiring, narrower widths.
     presets["dist_tiny"] = _preset(
         "DiST-Tiny-CLIP", 8, 1, integration_dim=64, temporal_dim=16, head_dim=32
     )

@@ -491,7 +491,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--preset", help="with --clip-only: the DiST preset whose CLIP to use")
     parser.add_argument("--out", help="output directory (default: <checkpoint>/eval-<time>, or eval/<name>-<time> "
                                       "for a registered or remote checkpoint)")
-    parser.add_argument("--actors", type=int, help="scoring actors (default: one per GPU, or CPUs / 4)")
+    parser.add_argument("--actors", type=int, help="scoring actors (default: one per GPU, or CPUs / 4 capped at 4)")
     tracking = parser.add_mutually_exclusive_group()
     tracking.add_argument("--mlflow", dest="mlflow", action="store_true", default=None,
                           help="log to MLflow (default: only when the run already has a tracking store)")

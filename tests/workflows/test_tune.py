@@ -1,6 +1,6 @@
 """Tune sweeps: the sweep schema and its validation, the concurrency derivation, Pareto fronts, counted FLOPs and
 the closing of trials' MLflow runs (unit); and two real sweeps on the smoke recipe into sqlite MLflow stores
-(integration): a 3-trial grid interrupted after its first trial and resumed, and a 4-trial optuna + ASHA sweep in
+(integration): a 3-trial grid interrupted after its first trial and resumed, and a 3-trial optuna + ASHA sweep in
 which ASHA stops one trial on validation top-1 and another trial fails."""
 
 from __future__ import annotations
