@@ -112,6 +112,50 @@ def test_multi_view_clips_get_a_local_shuffle_buffer():
     with pytest.raises(ConfigError, match="train_shuffle_clips must be >= 0"):
         load_recipe(SMOKE, ["data.train_shuffle_clips=-1"], check_files=False)
 
+def test_the_recipe_defaults_and_shipped_recipes_keep_the_reference_recipe():
+    """Reference §4.1 and §5, pinned: the TrainSection defaults are the released from-CLIP recipe; every GPU recipe
+    keeps its global batch, regularisation and augmentation; K400/K710 flip plainly and SSV2 swaps the direction
+    pairs (the authors' K400 configs inherited SSV2's swap, reference §8)."""
+    from workflows.data.data_config import SSV2_FLIP_PAIRS, DataConfig
+    from workflows.recipe import TrainSection
+
+    reference = {"epochs": 36.0, "warmup_epochs": 6.0, "global_batch_size": 256, "base_lr": 3.2e-4,
+                 "warmup_start_lr": 8e-7, "min_lr": 0.0, "weight_decay": 1e-4, "betas": [0.9, 0.999],
+                 "grad_clip": 0.0, "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mix_prob": 1.0, "mix_switch_prob": 0.5,
+                 "label_smoothing": 0.1}
+    defaults = TrainSection()
+    assert {k: getattr(defaults, k) for k in reference} == reference
+    data = DataConfig()
+    assert (data.crop_scale, data.crop_ratio, data.grayscale_p) == ([0.4, 1.0], [3 / 4, 4 / 3], 0.2)
+    assert SSV2_FLIP_PAIRS == [[86, 87], [93, 94], [166, 167]]
+    kept = ("global_batch_size", "weight_decay", "warmup_start_lr", "mixup_alpha", "cutmix_alpha", "mix_switch_prob",
+            "label_smoothing", "grad_clip")
+    for name, flip in (("k710_b16_8x16f", "plain"), ("k710_l14_32x64f", "plain"),
+                       ("k400_b16_8x16f_from_k710", "plain"), ("ssv2_b16_8x16f_from_k710", "swap_labels")):
+        recipe = load_recipe(SMOKE.parent / f"{name}.yaml", check_files=False)
+        assert {k: getattr(recipe.train, k) for k in kept} == {k: reference[k] for k in kept}, name
+        assert recipe.data.flip == flip, name
+        assert recipe.data.flip_pairs == (SSV2_FLIP_PAIRS if flip == "swap_labels" else []), name
+        assert recipe.model_cfg.clip_precision == "bf16" and recipe.train.precision == "bf16", name
+
+
+def test_cutmix_cuts_the_same_box_from_every_frame():
+    """The dense and the sparse stream are one tensor: a CutMix box must be the same in every frame (reference §4.1),
+    or the two streams would see different mixes."""
+    frames = torch.arange(8.0).view(1, 1, 8, 1, 1).expand(2, 3, 8, 16, 16)  # each frame its own constant
+    video = torch.stack([frames[0], -frames[1] - 1])  # clip 1 is clip 0's negative: the box shows as negatives
+    kw = {"mixup_alpha": 0.0, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 1.0, "smoothing": 0.0}
+    areas = []
+    for seed in range(5):
+        mixed, targets = mix_batch(video, torch.tensor([0, 1]), 2, generator=torch.Generator().manual_seed(seed), **kw)
+        box = mixed[0] < 0  # (3, T, H, W): where clip 0 took clip 1's pixels
+        assert torch.equal(box, box[:, :1].expand_as(box)), seed  # the same pixels in every frame and channel
+        area = box[0, 0].float().mean().item()
+        assert targets[0].tolist() == pytest.approx([1 - area, area]), seed  # lambda is the box's real area
+        areas.append(area)
+    assert all(0 < a < 1 for a in areas), areas  # real boxes: neither empty nor the whole frame
+
+
 def test_mixing_keeps_targets_normalised_and_is_seeded():
     video, labels = torch.randn(4, 3, 8, 16, 16), torch.tensor([0, 1, 2, 3])
     kw = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5, "smoothing": 0.1}
