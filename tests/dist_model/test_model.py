@@ -39,10 +39,16 @@ def tiny_video(batch: int = 2, seed: int = 0) -> torch.Tensor:
      ("dist_b16_k400_16x32f", 26.15), ("dist_b16_k400_32x64f", 26.25), ("dist_l14_ssv2", 32.75)],
 )
 def test_trainable_parameter_count_matches_reference(preset, millions):
+    cfg = DiSTConfig.from_name(preset)
     with torch.device("meta"):
-        net = DiSTNet(DiSTConfig.from_name(preset))
-    count = sum(p.numel() for p in net.parameters()) / 1e6
-    assert abs(count - millions) / millions < 0.005, f"{preset}: {count:.3f} M vs reference {millions} M"
+        net = DiSTNet(cfg)
+    count = sum(p.numel() for p in net.parameters())
+    # The reference counts one more integration->temporal map than is built (the last fusion layer's, which feeds
+    # nothing): with it, the count rounds to the reference's two decimals (within 5 k parameters), so losing the
+    # per-frame CLS tokens (37 k at B/16) or the pooling positional embeddings (12 k) fails here.
+    unbuilt = sum(p.numel() for p in net.integration2temporal_nets[0].parameters())
+    assert len(net.integration2temporal_nets) == len(cfg.layers) - 1
+    assert round((count + unbuilt) / 1e6, 2) == millions, f"{preset}: {count + unbuilt:,} vs reference {millions} M"
 
 
 def test_l14_presets_use_patch_14_stem():
