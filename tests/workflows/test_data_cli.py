@@ -104,3 +104,73 @@ def test_upload_refuses_what_a_bucket_copy_could_not_read(tmp_path, capsys) -> N
         err = capsys.readouterr().err
         assert f"{name} (1 of 1 rows, e.g. row 1: {entry})" in err and "relative to the manifest's folder" in err
         (root / name).unlink()
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if a data tool gets as far as starting Ray: bad input must be refused before that."""
+    import workflows.data.cli as cli
+
+    def started(address):
+        raise AssertionError("Ray was started before the bad input was refused")
+
+    monkeypatch.setattr(cli, "_init_ray", started)
+
+
+def _tiny_manifest(tmp_path: Path) -> Path:
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.csv").write_text("path,label\nvideos/a.mp4,jump\n")
+    return tmp_path / "ds" / "train.csv"
+
+
+def test_check_refuses_bad_labels_and_frame_counts_before_ray(tmp_path, capsys, no_ray) -> None:
+    manifest = str(_tiny_manifest(tmp_path))
+    (tmp_path / "bad.json").write_text('{"jump": ')
+    for extra, message in ((["--labels", str(tmp_path / "nope.json")], f"label file {tmp_path / 'nope.json'} does "
+                                                                          f"not exist"),
+                           (["--labels", str(tmp_path / "bad.json")], f"label file {tmp_path / 'bad.json'} is not "
+                                                                       f"valid JSON"),
+                           (["--frames", "0"], "--frames 0: frames decoded per video must be at least 1"),
+                           (["--min-frames", "0"], "--min-frames 0: must be at least 1")):
+        assert main(["check", "--manifest", manifest, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and "Traceback" not in err, err
+
+
+def test_check_names_an_unreachable_bucket_and_the_variables_to_set(tmp_path, capsys, monkeypatch, no_ray) -> None:
+    for key, value in (("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), ("AWS_ACCESS_KEY_ID", "x"),
+                       ("AWS_SECRET_ACCESS_KEY", "y"), ("AWS_EC2_METADATA_DISABLED", "true")):
+        monkeypatch.setenv(key, value)  # a closed local port: refused at once, no network needed
+    assert main(["check", "--manifest", "s3://bucket/data/train.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read manifest s3://bucket/data/train.csv: ") and err.count("\n") == 1
+    assert "AWS_ENDPOINT_URL" in err and "AWS_ACCESS_KEY_ID" in err
+    # Other unreadable label files take the same path (an OSError, not a traceback); a folder needs no bucket.
+    assert main(["check", "--manifest", str(_tiny_manifest(tmp_path)), "--labels", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot read label file {tmp_path}: ")
+
+
+def test_transcode_refuses_bad_options_and_outputs_before_ray(tmp_path, capsys, no_ray) -> None:
+    manifest = _tiny_manifest(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    out = str(tmp_path / "small")
+    for extra, message in ((["--out", out, "--short-side", "0"], "--short-side 0: the short side must be at least 2"),
+                           (["--out", out, "--gop", "-1"], "--gop -1: the keyframe interval must be at least 1"),
+                           (["--out", out, "--crf", "99"], "--crf 99: x264's quality setting must be 0..51"),
+                           (["--out", str(tmp_path / "a_file")], f"--out {tmp_path / 'a_file'} is an existing file"),
+                           (["--out", str(tmp_path / "a_file" / "x")], f"lies below the file {tmp_path / 'a_file'}"),
+                           (["--out", f"{manifest.parent}/"], "is the manifest's own folder"),
+                           (["--out", "s3://bucket/small"], "transcode writes to a local folder")):
+        assert main(["transcode", "--manifest", str(manifest), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "small").exists()
+
+
+def test_sample_refuses_a_file_as_its_output_folder(tmp_path, capsys) -> None:
+    (tmp_path / "a_file").write_text("x")
+    assert main(["sample", "--out", str(tmp_path / "a_file"), "--videos-per-class", "2", "--size", "16",
+                 "--frames", "4", "--workers", "1"]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'a_file'} is an existing file; give a folder (it is " \
+                                      f"created when missing)\n"
+    assert (tmp_path / "a_file").read_text() == "x"

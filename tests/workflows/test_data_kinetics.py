@@ -194,3 +194,74 @@ def test_import_ssv2_and_plain_lists(tmp_path) -> None:
     m = load_manifest(str(tmp_path / "k400" / "train.csv"), load_labels(str(tmp_path / "k400" / "labels.json")))
     assert m.table.column("label_name").to_pylist() == ["abseiling", "juggling", "juggling"]
     assert m.table.column("path").to_pylist()[0] == str(tmp_path / "k400_videos" / "abseiling" / "a.mp4")
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    """The one-line error of a data tool that must refuse its input (exit code 2, no traceback)."""
+    from workflows.data.cli import main
+
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_k710_cli_refuses_bad_inputs_naming_the_file_or_option(tmp_path, capsys) -> None:
+    t4 = _ids(2, "a")
+    _write_csv(tmp_path / "k400" / "train.csv", [("abseiling", t4[0], "train"), ("juggling", t4[1], "train")])
+    _write_csv(tmp_path / "k400" / "empty.csv", [])
+    csv_ok = f"k400:{tmp_path / 'k400' / 'train.csv'}"
+    out = str(tmp_path / "k710")
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "unrelated.mp4").write_bytes(b"x")
+    (tmp_path / "bad_aliases.json").write_text('{"a": }')
+    err = _cli_error(["k710", "--csv", csv_ok, "--videos", str(tmp_path / "nope"), "--out", out], capsys)
+    assert f"--videos {tmp_path / 'nope'} is not a folder" in err
+    err = _cli_error(["k710", "--csv", csv_ok, "--videos", str(tmp_path / "clips"), "--out", out], capsys)
+    assert f"none of the 2 videos the CSVs list was found under --videos {tmp_path / 'clips'}" in err
+    assert "<id>_<start:06d>_<end:06d>.<ext>" in err and "--keep-missing" in err
+    err = _cli_error(["k710", "--csv", f"k400:{tmp_path / 'k400' / 'empty.csv'}", "--out", out], capsys)
+    assert f"{tmp_path / 'k400' / 'empty.csv'} has a header but no rows" in err
+    err = _cli_error(["k710", "--csv", f"k900:{tmp_path / 'k400' / 'train.csv'}", "--out", out], capsys)
+    assert "unknown Kinetics release 'k900'" in err and "valid releases: k400, k600, k700" in err
+    err = _cli_error(["k710", "--csv", csv_ok, "--aliases", str(tmp_path / "bad_aliases.json"), "--out", out], capsys)
+    assert f"--aliases file {tmp_path / 'bad_aliases.json'} is not valid JSON" in err
+    err = _cli_error(["k710", "--csv", csv_ok, "--aliases", str(tmp_path / "nope.json"), "--out", out], capsys)
+    assert f"--aliases file {tmp_path / 'nope.json'} does not exist" in err
+    err = _cli_error(["k710", "--csv", f"k400:{tmp_path / 'nope.csv'}", "--out", out], capsys)
+    assert f"Kinetics annotation CSV {tmp_path / 'nope.csv'} does not exist" in err
+    assert not (tmp_path / "k710").exists()  # nothing written by a refused run
+    # Clips still to be downloaded: --keep-missing accepts a folder that does not exist yet.
+    report = assemble_k710([("k400", tmp_path / "k400" / "train.csv")], tmp_path / "later", tmp_path / "k710",
+                           keep_missing=True)
+    assert report.train_videos == 2
+
+
+def test_import_cli_refuses_bad_inputs_naming_the_file_or_option(tmp_path, capsys) -> None:
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "labels.json").write_text(json.dumps({"Pushing something from left to right": "0"}))
+    (tmp_path / "train.json").write_text(json.dumps([{"id": "11",
+                                                      "template": "Pushing [something] from left to right"}]))
+    (tmp_path / "bad.json").write_text('[{"id": "11", template: 1}]')
+    ssv2 = ["import", "ssv2", "--labels", str(tmp_path / "labels.json"), "--out", str(tmp_path / "out" / "train.csv")]
+    err = _cli_error([*ssv2, "--annotations", str(tmp_path / "bad.json"), "--videos", str(tmp_path / "videos")], capsys)
+    assert f"annotations file (--annotations) {tmp_path / 'bad.json'} is not valid JSON" in err
+    err = _cli_error([*ssv2, "--annotations", str(tmp_path / "nope.json"), "--videos", str(tmp_path / "videos")],
+                     capsys)
+    assert f"annotations file (--annotations) {tmp_path / 'nope.json'} does not exist" in err
+    err = _cli_error([*ssv2, "--annotations", str(tmp_path / "train.json"), "--videos", str(tmp_path / "nope")], capsys)
+    assert f"video folder (--videos) {tmp_path / 'nope'} is not a folder" in err
+    err = _cli_error([*ssv2, "--annotations", str(tmp_path / "train.json"), "--videos", str(tmp_path / "videos")],
+                     capsys)
+    assert "none of the 1 videos" in err and "<id>.webm and <id>.mp4" in err
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "list.txt").write_text("a/x.mp4 jump\nb/y.mp4 run\n")
+    lst = ["import", "list", "--out", str(tmp_path / "l" / "m.csv")]
+    err = _cli_error([*lst, "--list", str(tmp_path / "nope.txt")], capsys)
+    assert f"list file (--list) {tmp_path / 'nope.txt'} does not exist" in err
+    err = _cli_error([*lst, "--list", str(tmp_path / "list.txt"), "--root", str(tmp_path / "nope"), "--check"], capsys)
+    assert f"--root {tmp_path / 'nope'} is not a folder" in err
+    err = _cli_error([*lst, "--list", str(tmp_path / "list.txt"), "--check"], capsys)
+    assert "none of the 2 files listed" in err and "relative to the list file's folder" in err
+    assert not (tmp_path / "l").exists()

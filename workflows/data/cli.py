@@ -53,14 +53,17 @@ def _format_check(report: dict[str, Any]) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from workflows.data.doctor import check_dataset
-    from workflows.data.manifest import load_manifest
+    from workflows.data.doctor import check_arguments, check_dataset
+    from workflows.data.manifest import load_labels, load_manifest
 
-    load_manifest(args.manifest, None, strict=False)  # a bad path or format fails here, before Ray starts
+    # Bad options, a bad label file and a bad manifest path or format all fail here, before Ray starts.
+    check_arguments(args.frames, args.min_frames)
+    labels = load_labels(args.labels) if args.labels else None
+    load_manifest(args.manifest, labels, strict=False)
     _init_ray(args.address)
     if not args.json:
         print(f"checking {args.manifest} ...", flush=True)
-    report = check_dataset(args.manifest, args.labels, num_frames=args.frames, min_frames=args.min_frames,
+    report = check_dataset(args.manifest, labels, num_frames=args.frames, min_frames=args.min_frames,
                            progress=not args.json)
     if args.json:
         print(json.dumps(report))
@@ -71,8 +74,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_transcode(args: argparse.Namespace) -> int:
     from workflows.data.manifest import load_manifest
-    from workflows.data.transcode import transcode_dataset
+    from workflows.data.transcode import check_transcode_arguments, transcode_dataset
 
+    check_transcode_arguments(args.manifest, args.out, short_side=args.short_side, gop=args.gop, crf=args.crf)
     load_manifest(args.manifest, None, strict=False)
     _init_ray(args.address)
     result = transcode_dataset(args.manifest, args.out, short_side=args.short_side, gop=args.gop, crf=args.crf,
@@ -84,15 +88,17 @@ def _cmd_transcode(args: argparse.Namespace) -> int:
 
 
 def _cmd_k710(args: argparse.Namespace) -> int:
-    from workflows.data.kinetics import assemble_k710, release_of
+    from workflows.data.kinetics import assemble_k710, load_alias_file, release_of
+    from workflows.data.manifest import check_output_folder
 
+    check_output_folder(args.out)
     annotations = []
     for spec in args.csv:
         release, sep, path = spec.partition(":")
         if not sep or "/" in release:  # no explicit release (or a path with a colon): infer from the path
             release, path = release_of(spec), spec
         annotations.append((release.lower(), path))
-    aliases = json.loads(open(args.aliases).read()) if args.aliases else None
+    aliases = load_alias_file(args.aliases) if args.aliases else None
     report = assemble_k710(annotations, args.videos, args.out, aliases=aliases, keep_missing=args.keep_missing)
     from dataclasses import asdict
 
@@ -103,8 +109,10 @@ def _cmd_k710(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from workflows.data.manifest import check_output_folder
     from workflows.data.sample import write_sample_dataset
 
+    check_output_folder(args.out)
     info = write_sample_dataset(args.out, videos_per_class=args.videos_per_class, size=args.size,
                                 num_frames=args.frames, seed=args.seed, fps=args.fps, num_objects=args.objects,
                                 workers=args.workers,
@@ -133,8 +141,14 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from workflows.data.importers import import_list, import_ssv2
+    from pathlib import Path
 
+    from workflows.data.importers import import_list, import_ssv2
+    from workflows.data.manifest import check_output_folder
+
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give the manifest file to write (labels.json goes beside it)")
+    check_output_folder(Path(args.out).parent, f"--out {args.out}: its folder")
     if args.format == "ssv2":
         report = import_ssv2(args.annotations, args.labels, args.videos, args.out,
                              check_files=not args.no_check)

@@ -40,6 +40,14 @@ def _check_batch(batch: dict[str, np.ndarray], num_frames: int, min_frames: int)
     return out
 
 
+def check_arguments(num_frames: int, min_frames: int) -> None:
+    """ValueError naming the option when `data check`'s frame counts cannot work (checked before Ray starts)."""
+    if num_frames < 1:
+        raise ValueError(f"--frames {num_frames}: frames decoded per video must be at least 1 (default 16)")
+    if min_frames < 1:
+        raise ValueError(f"--min-frames {min_frames}: must be at least 1 (videos with fewer frames count as too_short)")
+
+
 def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, num_frames: int = 16,
                   min_frames: int = 1, parallelism: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Decode every video of `manifest` once, in parallel on Ray; return the doctor's summary as a dict with
@@ -47,6 +55,7 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
     and decode throughput."""
     import ray
 
+    check_arguments(num_frames, min_frames)
     label_map = load_labels(labels) if isinstance(labels, str) else labels
     loaded = load_manifest(manifest, label_map, strict=False)
     table = loaded.table.select(["video_index", "path", "start", "end"])

@@ -16,6 +16,16 @@ from pathlib import Path
 from workflows.data.manifest import load_labels, relative_to, save_labels, write_manifest
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A text file's contents; errors name the file (`what`: which argument it is)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {path} cannot be read: {exc}") from None
+
+
 @dataclass
 class ImportReport:
     """Counts of an import."""
@@ -45,13 +55,23 @@ def import_ssv2(annotations: str | Path, labels: str | Path, video_dir: str | Pa
     """Write a manifest (and labels.json beside it) from SSV2 JSON annotations."""
     label_map = load_labels(str(labels))
     names_by_index = {v: k for k, v in label_map.items()}
-    records = json.loads(Path(annotations).read_text())
+    try:
+        records = json.loads(_read_text(Path(annotations), "annotations file (--annotations)"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"annotations file (--annotations) {annotations} is not valid JSON: {exc}") from None
     if not isinstance(records, list):
         raise ValueError(f"{annotations}: expected a JSON list of videos")
+    if not records:
+        raise ValueError(f"annotations file (--annotations) {annotations} lists no videos")
+    if check_files and not Path(video_dir).is_dir():
+        raise FileNotFoundError(f"video folder (--videos) {video_dir} is not a folder; give the folder holding "
+                                f"<id>.webm / <id>.mp4 (or --no-check to write the manifest without looking)")
     out = Path(out_manifest)
     report = ImportReport(manifest=str(out), labels=str(out.parent / "labels.json"), classes=len(label_map))
     rows = []
     for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{annotations}, entry {i}: expected an object with 'id' and 'template', got {rec!r}")
         vid = str(rec.get("id", "")).strip()
         if "label_idx" in rec:
             name = names_by_index.get(int(rec["label_idx"]))
@@ -69,6 +89,10 @@ def import_ssv2(annotations: str | Path, labels: str | Path, video_dir: str | Pa
                 report.missing_examples.append(vid)
             continue
         rows.append({"path": relative_to(path, out.parent), "label": name})
+    if not rows:
+        raise ValueError(f"none of the {len(records)} videos of {annotations} is in {video_dir} (looked for "
+                         f"<id>.webm and <id>.mp4 directly in it, e.g. {report.missing_examples[0]}.webm); check "
+                         f"--videos, or pass --no-check to write the manifest without looking")
     write_manifest(rows, out)
     save_labels(label_map, out.parent / "labels.json")
     report.videos = len(rows)
@@ -85,14 +109,18 @@ def import_list(list_file: str | Path, out_manifest: str | Path, *, root: str | 
     names_by_index = {v: k for k, v in (label_map or {}).items()}
     out = Path(out_manifest)
     report = ImportReport(manifest=str(out), labels=str(out.parent / "labels.json"))
-    rows, seen = [], {}
-    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+    if check_files and not base.is_dir():
+        raise FileNotFoundError(f"{'--root' if root is not None else 'the list folder'} {base} is not a folder; it "
+                                f"is where the list's paths are looked up")
+    rows, seen, listed = [], {}, 0
+    for n, line in enumerate(_read_text(list_file, "list file (--list)").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise ValueError(f"{list_file}, line {n}: expected 'path label', got {line!r}")
         rel, label = parts
+        listed += 1
         if label.lstrip("-").isdigit():
             index = int(label)
             if label_map is not None:
@@ -109,6 +137,12 @@ def import_list(list_file: str | Path, out_manifest: str | Path, *, root: str | 
             continue
         seen.setdefault(label, len(seen))
         rows.append({"path": relative_to(path, out.parent), "label": label})
+    if not listed:
+        raise ValueError(f"list file (--list) {list_file} has no `path label` lines")
+    if not rows:
+        relative = "--root" if root is not None else "the list file's folder (pass --root for another)"
+        raise ValueError(f"none of the {listed} files listed in {list_file} exists (e.g. "
+                         f"{report.missing_examples[0]}): its paths are taken relative to {relative}")
     if label_map is None:  # classes sorted by name, or by index when the list holds integers
         names = list(seen)
         if names and all(s.lstrip("-").isdigit() for s in names):

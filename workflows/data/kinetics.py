@@ -45,6 +45,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 _CLIP_NAME = re.compile(r"^(?P<id>[A-Za-z0-9_-]{11})(?:_\d+_\d+)?$")
 _QUOTES = re.compile(r"[\"'`\u2018\u2019\u201c\u201d]")  # all quotes and apostrophes: ignored when matching names
 _DOUBLE_QUOTES = re.compile(r"[\"\u201c\u201d]")  # dropped from display names (the authors strip double quotes)
+KINETICS_RELEASES = ("k400", "k600", "k700")
 K710_ALIASES_FILE = Path(__file__).with_name("k710_aliases.json")
 KINETICS_CLASSES_FILE = Path(__file__).with_name("kinetics_classes.json")
 
@@ -67,6 +68,8 @@ def display_class_name(name: str) -> str:
 def alias_table(raw: Mapping[str, object]) -> dict[str, str]:
     """{variant: canonical} from an alias mapping: either flat, or a file like k710_aliases.json whose "aliases"
     key holds it (other keys are notes)."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"class aliases must be a JSON object {{variant: canonical}}, got {type(raw).__name__}")
     inner = raw.get("aliases") if isinstance(raw.get("aliases"), Mapping) else raw
     table = {}
     for k, v in inner.items():  # type: ignore[union-attr]
@@ -74,6 +77,22 @@ def alias_table(raw: Mapping[str, object]) -> dict[str, str]:
             raise ValueError(f"alias {k!r} maps to {v!r}; expected a class name (JSON {{variant: canonical}})")
         table[str(k)] = v
     return table
+
+
+def load_alias_file(path: str | Path) -> dict[str, str]:
+    """The alias table of a JSON file (`data k710 --aliases`); errors name the file."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--aliases file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--aliases file {path} cannot be read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--aliases file {path} is not valid JSON: {exc}") from None
+    try:
+        return alias_table(raw)
+    except ValueError as exc:
+        raise ValueError(f"--aliases file {path}: {exc}") from None
 
 
 @cache
@@ -133,14 +152,25 @@ def read_kinetics_csv(path: str | Path, release: str | None = None) -> list[Kine
     """Rows of one official annotation CSV (`label,youtube_id,time_start,time_end,split`; test CSVs may lack the
     label column)."""
     path = Path(path)
-    release = release or release_of(path)
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "youtube_id" not in reader.fieldnames:
-            raise ValueError(f"{path} is not a Kinetics annotation CSV (needs a youtube_id column; has "
-                             f"{reader.fieldnames})")
-        return [KineticsRow(release=release, split=_split_of(row, path), youtube_id=row["youtube_id"].strip(),
-                            label=(row.get("label") or "").strip()) for row in reader]
+    release = (release or release_of(path)).lower()
+    if release not in KINETICS_RELEASES:
+        raise ValueError(f"unknown Kinetics release {release!r} for {path}; valid releases: "
+                         f"{', '.join(KINETICS_RELEASES)} (write RELEASE:PATH, e.g. k400:{path})")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "youtube_id" not in reader.fieldnames:
+                raise ValueError(f"{path} is not a Kinetics annotation CSV (needs a youtube_id column; has "
+                                 f"{reader.fieldnames})")
+            rows = [KineticsRow(release=release, split=_split_of(row, path), youtube_id=row["youtube_id"].strip(),
+                                label=(row.get("label") or "").strip()) for row in reader]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Kinetics annotation CSV {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"Kinetics annotation CSV {path} cannot be read: {exc}") from None
+    if not rows:
+        raise ValueError(f"Kinetics annotation CSV {path} has a header but no rows; pass the full annotation file")
+    return rows
 
 
 def index_clips(video_dir: str | Path) -> dict[str, Path]:
@@ -251,11 +281,18 @@ def assemble_k710(
     """Build K710 from (release, csv path) pairs; write out_dir/{train.csv, val.csv, labels.json,
     k710_report.json}. Class names merge by `normalize_class_name`, the built-in rename table (unless
     `builtin_aliases` is False) and `aliases` (which override it). With `video_dir` None (or `keep_missing`),
-    listed videos are kept without checking files and the manifests name `<id>.mp4` under video_dir."""
+    listed videos are kept without checking files and the manifests name `<id>.mp4` under video_dir. ValueError
+    when the CSVs hold no labelled train or val rows, or when none of the videos they list is under `video_dir`
+    (unless `keep_missing`); FileNotFoundError when `video_dir` is not a folder (unless `keep_missing`)."""
+    if video_dir is not None and not keep_missing and not Path(video_dir).is_dir():
+        raise FileNotFoundError(f"--videos {video_dir} is not a folder; give the folder of downloaded clips (or "
+                                f"add --keep-missing to write manifests naming <id>.mp4 under it anyway)")
     alias = alias_resolver(aliases, builtin=builtin_aliases)
     rows: list[KineticsRow] = []
     report = K710Report()
+    csv_paths = []
     for release, path in annotations:
+        csv_paths.append(str(path))
         got = read_kinetics_csv(path, release)
         rows += got
         for r in got:
@@ -282,17 +319,27 @@ def assemble_k710(
     merged = {display_class_name(label): key for label, key in keys.items() if normalize_class_name(label) in alias}
     train, val = _merge_splits(rows, order, key_of, report)
     classes = sorted(set(train.values()) | set(val.values()))
+    if not classes:
+        raise ValueError(f"no labelled train or val rows in {', '.join(csv_paths)} "
+                         f"(read {report.rows_read}); K710 needs the train and validate CSVs")
     names = {k: display[k] for k in classes}
     if len(set(names.values())) != len(names):  # two keys with one display name cannot happen, but be safe
         raise ValueError("class display names collide after normalisation")
     labels = {names[k]: i for i, k in enumerate(classes)}
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     clips = index_clips(video_dir) if video_dir is not None else {}
 
     train_rows, val_rows = (_manifest_rows(items, split, names, clips, video_dir, out, keep_missing, report)
                             for items, split in ((train, "train"), (val, "val")))
+    if video_dir is not None and not keep_missing and not train_rows and not val_rows:
+        raise ValueError(
+            f"none of the {len(train) + len(val)} videos the CSVs list was found under --videos {video_dir} "
+            f"(missing e.g. {', '.join(report.missing_examples[:3])}; {len(clips)} files there have a clip name): "
+            f"clips are looked up by YouTube id, as <id>.<ext> or <id>_<start:06d>_<end:06d>.<ext> (ext one of "
+            f"{', '.join(VIDEO_EXTENSIONS)}) at any depth below the folder; pass --keep-missing to write the "
+            f"manifests anyway")
+    out.mkdir(parents=True, exist_ok=True)
     write_manifest(train_rows, out / "train.csv")
     write_manifest(val_rows, out / "val.csv")
     save_labels(labels, out / "labels.json")

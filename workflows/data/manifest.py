@@ -83,6 +83,30 @@ def parent_dir(uri: str) -> str:
     return str(Path(uri).expanduser().resolve().parent)
 
 
+def storage_hint(uri: str) -> str:
+    """What to set when a remote file cannot be reached: the environment pyarrow's filesystem for `uri` reads its
+    endpoint and credentials from ("" for a local path)."""
+    scheme = uri.split("://", 1)[0].lower() if _has_scheme(uri) else ""
+    if scheme in ("s3", "s3a"):
+        return ("; check the bucket and key, and set AWS_ENDPOINT_URL (an S3-compatible store such as MinIO), "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials) and "
+                "AWS_DEFAULT_REGION as the bucket needs")
+    if scheme in ("gs", "gcs"):
+        return "; check the bucket and object, and set GOOGLE_APPLICATION_CREDENTIALS to a service account key file"
+    if scheme:
+        return ("; check the URI (pyarrow's filesystems read s3://, gs://, hdfs://, ...) and the endpoint and "
+                "credentials it needs")
+    return ""
+
+
+def unreadable(kind: str, uri: str, exc: BaseException) -> ManifestError:
+    """The error for a file that cannot be opened or reached: names the file, the reason and (for a bucket) the
+    environment to set."""
+    from workflows.runtime import redact_secrets
+
+    return ManifestError(f"cannot read {kind} {redact_secrets(uri)}: {exc}{storage_hint(uri)}")
+
+
 def read_bytes(uri: str) -> bytes:
     """Whole file contents from any pyarrow filesystem."""
     fs, path = resolve_filesystem(uri)
@@ -101,6 +125,8 @@ def load_labels(path: str) -> dict[str, int]:
         raw = json.loads(read_bytes(path).decode("utf-8"))
     except FileNotFoundError as exc:
         raise ManifestError(f"label file {path} does not exist") from exc
+    except (OSError, pa.ArrowInvalid) as exc:  # unreachable storage, missing credentials, a folder, a bad URI
+        raise unreadable("label file", path, exc) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"label file {path} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict) or not raw:
@@ -148,8 +174,11 @@ class Manifest:
 
 
 def _read_table(path: str) -> pa.Table:
-    fs, inner = resolve_filesystem(path)
-    info = fs.get_file_info(inner)
+    try:
+        fs, inner = resolve_filesystem(path)
+        info = fs.get_file_info(inner)
+    except (OSError, pa.ArrowInvalid) as exc:  # unreachable storage, missing credentials, a scheme pyarrow lacks
+        raise unreadable("manifest", path, exc) from None
     if info.type == pafs.FileType.NotFound:
         raise ManifestError(f"manifest {path} does not exist")
     try:
@@ -163,7 +192,7 @@ def _read_table(path: str) -> pa.Table:
         return pacsv.read_csv(io.BytesIO(data), convert_options=convert)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"manifest {path} cannot be read as {'Parquet' if inner.endswith('.parquet') else 'CSV'}:"
-                            f" {exc}") from exc
+                            f" {exc}{storage_hint(path) if isinstance(exc, OSError) else ''}") from exc
 
 
 def _float_or_nan(value: object, path: str, row: int, column: str) -> float:
@@ -253,6 +282,17 @@ def write_manifest(rows: list[dict[str, object]], path: str | Path) -> None:
         pq.write_table(table, path)
     else:
         pacsv.write_csv(table, path)
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """`path` as a local folder a tool may create and write into; ValueError naming `option` when it, or a folder
+    above it, is an existing file."""
+    out = Path(path).expanduser()
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "is an existing file" if existing == out.absolute() else f"lies below the file {existing}"
+        raise ValueError(f"{option} {path} {where}; give a folder (it is created when missing)")
+    return out
 
 
 def relative_to(path: str | Path, base: str | Path) -> str:

@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from workflows.data.manifest import load_manifest, parent_dir, read_bytes, relative_to, write_manifest
+from workflows.data.manifest import (
+    check_output_folder,
+    load_manifest,
+    parent_dir,
+    read_bytes,
+    relative_to,
+    write_manifest,
+)
 from workflows.data.video import BadVideo, probe
 from workflows.runtime import is_remote
 
@@ -103,6 +110,28 @@ def _transcode_batch(batch: dict[str, np.ndarray], out_dir: str, short_side: int
     return {k: np.array(v) for k, v in results.items()}
 
 
+def check_transcode_arguments(manifest: str, out_dir: str | Path, *, short_side: int = 320, gop: int = 16,
+                              crf: int = 23) -> Path:
+    """The resolved output folder, after checking what `data transcode` was given (before Ray starts): ValueError
+    naming the option for sizes x264 cannot use, an output that is not a new local folder, or the manifest's own
+    folder (the originals must stay untouched)."""
+    if short_side < 2:
+        raise ValueError(f"--short-side {short_side}: the short side must be at least 2 pixels (default 320)")
+    if gop < 1:
+        raise ValueError(f"--gop {gop}: the keyframe interval must be at least 1 frame (default 16)")
+    if not 0 <= crf <= 51:
+        raise ValueError(f"--crf {crf}: x264's quality setting must be 0..51 (0 lossless, 23 the default, higher "
+                         f"is smaller and worse)")
+    if is_remote(out_dir):
+        raise ValueError(f"--out {out_dir}: transcode writes to a local folder; copy it into a bucket afterwards "
+                         f"with `data upload`")
+    out = check_output_folder(out_dir).resolve()
+    source_dir = parent_dir(manifest)
+    if not is_remote(source_dir) and out == Path(source_dir).resolve():
+        raise ValueError(f"--out {out} is the manifest's own folder; choose a new folder so originals stay untouched")
+    return out
+
+
 def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 320, gop: int = 16, crf: int = 23,
                       progress: bool = True) -> dict[str, Any]:
     """Transcode every video of `manifest` (in parallel on Ray) into out_dir/videos/ and write
@@ -110,10 +139,8 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
     import pyarrow as pa
     import ray
 
-    out = Path(out_dir).resolve()
+    out = check_transcode_arguments(manifest, out_dir, short_side=short_side, gop=gop, crf=crf)
     source_dir = parent_dir(manifest)
-    if not is_remote(manifest) and out == Path(source_dir).resolve():
-        raise ValueError(f"--out {out} is the manifest's own folder; choose a new folder so originals stay untouched")
     loaded = load_manifest(manifest, None, strict=False)
     table = loaded.table
     names = [_output_name(p, source_dir, i) for i, p in enumerate(table.column("path").to_pylist())]
