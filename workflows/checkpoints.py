@@ -288,22 +288,98 @@ def write_model_files(directory: Path, *, model: torch.nn.Module, state: dict[st
     (directory / RECIPE).write_text(recipe_yaml)
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that is there but cannot be read: truncated (a copy or an upload cut short), overwritten,
+    or not what its name says. Built by `corrupt_checkpoint`, whose message names the file, what is wrong and what
+    to use instead (a plain ValueError otherwise: it pickles, e.g. raised in a Ray Train worker)."""
+
+
+def corrupt_checkpoint(directory: str | Path, name: str, problem: Any) -> CorruptCheckpoint:
+    """The one error for an unreadable file `name` (weights.safetensors, state.json, recipe.yaml) of the checkpoint
+    `directory`: the reader's complaint (on one line), the size the checkpoint's file list records when it
+    differs, and the run's other checkpoints (siblings holding state.json and weights.safetensors) to use instead."""
+    directory = Path(directory)
+    lines = [line.strip() for line in str(problem).splitlines() if line.strip() and not line[0].isspace()]
+    detail = ": ".join(lines[:2]) or type(problem).__name__  # a YAML error's context and problem, not its excerpt
+    written, size = _listed_size(directory, name), (directory / name).stat().st_size
+    if written is not None and written != size:
+        detail = f"{size} of the {written} bytes written; {detail}"
+    others = sorted((d.name for d in directory.parent.glob("checkpoint_*")
+                     if d.resolve() != directory.resolve() and (d / STATE).is_file() and (d / WEIGHTS).is_file()),
+                    reverse=True)
+    instead = (f"another checkpoint of the run (in {directory.parent}: {', '.join(others[:3])}"
+               f"{', ...' if len(others) > 3 else ''})" if others else "another checkpoint")
+    return CorruptCheckpoint(f"{directory / name} is corrupt or truncated ({detail}): use {instead}, or copy this "
+                             f"one again from where the run stored it")
+
+
+def _listed_size(directory: Path, name: str) -> int | None:
+    """The size the checkpoint's complete/rank_*.json lists record for file `name` (None: not listed)."""
+    for listing in sorted((directory / COMPLETE).glob("rank_*.json")):
+        try:
+            size = json.loads(listing.read_text()).get(name)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(size, int):
+            return size
+    return None
+
+
 def read_state(directory: str | Path) -> dict[str, Any]:
+    """state.json of a checkpoint directory; CorruptCheckpoint when it is not a JSON object."""
     path = Path(directory) / STATE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a DiST checkpoint (no {STATE})")
-    return json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise corrupt_checkpoint(directory, STATE, exc) from None
+    if not isinstance(state, dict):
+        raise corrupt_checkpoint(directory, STATE, f"a JSON {type(state).__name__}, not an object")
+    return state
+
+
+def read_recipe(directory: str | Path) -> dict[str, Any]:
+    """recipe.yaml of a checkpoint directory as written ({} when it has none); CorruptCheckpoint when it is not a
+    YAML mapping."""
+    from workflows.config_loader import ConfigError, load_yaml
+
+    path = Path(directory) / RECIPE
+    if not path.is_file():
+        return {}
+    try:
+        return load_yaml(path)
+    except (ConfigError, UnicodeDecodeError) as exc:  # the YAML parser's own words, without load_yaml's prefix
+        raise corrupt_checkpoint(directory, RECIPE, exc.__cause__ or exc) from None
 
 
 def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Trainable weights of a checkpoint directory (safetensors: data only)."""
+    """Trainable weights of a checkpoint directory (safetensors: data only); CorruptCheckpoint when unreadable."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a DiST checkpoint (no {WEIGHTS})")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise corrupt_checkpoint(directory, WEIGHTS, exc) from None
 
+
+def weight_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a checkpoint's trainable weights, from the safetensors header alone (no tensor is read; a
+    truncated file is caught too: the header must cover the file); CorruptCheckpoint when unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a DiST checkpoint (no {WEIGHTS})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except SafetensorError as exc:
+        raise corrupt_checkpoint(directory, WEIGHTS, exc) from None
 
 def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
     """Initialise trainable weights from one of our checkpoint directories or an authors' checkpoint file.

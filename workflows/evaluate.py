@@ -138,6 +138,7 @@ class EvalPlan:
 def plan_evaluation(request: EvalRequest) -> EvalPlan:
     """Resolve the recipe, model, label set and manifest; raise ConfigError/ManifestError/FileNotFoundError
     with the reason when something does not fit."""
+    _check_counts(request)
     checkpoint = _checkpoint_of(request)
     recipe = _recipe_of(request, checkpoint)
     if checkpoint is not None and not request.clip_only:
@@ -145,10 +146,11 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
     seed = checkpoint.training_seed(recipe) if checkpoint is not None else recipe.train.seed
     label_map, labels_source = _label_set(request, recipe, checkpoint)
     manifest = _manifest(request, recipe, label_map, labels_source)
-    views = request.views or recipe.eval.test_views
-    crops = request.crops or recipe.eval.test_crops
-    if views < 1 or crops not in (1, 3):
-        raise ConfigError(f"--views must be >= 1 and --crops 1 or 3 (got {views} x {crops})")
+    views = request.views if request.views is not None else recipe.eval.test_views
+    crops = request.crops if request.crops is not None else recipe.eval.test_crops
+    if views < 1 or crops not in (1, 3):  # the recipe's values (the flags are checked first)
+        raise ConfigError(f"eval.test_views must be >= 1 and eval.test_crops 1 or 3 (got {views} x {crops}); pass "
+                          f"--views / --crops or --set eval.test_views=3 eval.test_crops=1")
     mode: Mode = "clip_only" if request.clip_only else \
         "fusion" if request.zero_shot_fusion or recipe.eval.zero_shot_fusion else "dist"
     directory = checkpoint.directory if checkpoint is not None else None
@@ -157,6 +159,18 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
                     out_dir=_out_dir(request, recipe, directory), tracking_uri=request.tracking_uri,
                     checkpoint_source=checkpoint.source if checkpoint is not None else None)
+
+
+def _check_counts(request: EvalRequest) -> None:
+    """--views, --crops and --actors as given (None: the default) are usable counts: a 0 is never replaced by the
+    default, a negative one never reaches Ray."""
+    defaults = {"--views": "eval.test_views of the recipe, 3 by default",
+                "--actors": "one per GPU, or CPUs / 4 capped at 4 without GPUs"}
+    for flag, value in (("--views", request.views), ("--actors", request.actors)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {value}); leave it out for the default ({defaults[flag]})")
+    if request.crops not in (None, 1, 3):
+        raise ConfigError(f"--crops must be 1 (centre) or 3 (left, centre, right), got {request.crops}")
 
 
 def _checkpoint_of(request: EvalRequest) -> LoadedCheckpoint | None:
@@ -203,11 +217,14 @@ def _manifest(request: EvalRequest, recipe: Recipe, label_map: dict[str, int], l
     manifest_path = request.manifest or recipe.data.val_manifest
     if not manifest_path:
         raise ConfigError("no manifest to evaluate: pass --manifest or set data.val_manifest")
-    try:
-        return load_manifest(manifest_path, label_map, strict=True)
-    except ManifestError as exc:
-        raise ManifestError(f"{exc}. Evaluate with a label file that names every class of the manifest "
-                            f"(--labels; current: {labels_source})") from exc
+    manifest = load_manifest(manifest_path, label_map, strict=False)  # unknown labels: said below, with the fix
+    if manifest.unknown_labels:
+        shown = "; ".join(f"{name!r} (row {', '.join(str(r + 1) for r in rows)})"
+                          for name, rows in list(manifest.unknown_labels.items())[:5])
+        raise ManifestError(f"manifest {manifest_path}: {len(manifest.unknown_labels)} label(s) not in the label "
+                            f"set ({len(label_map)} classes, from {labels_source}): {shown}. Evaluate with a label "
+                            f"file that names every class of the manifest (--labels)")
+    return manifest
 
 
 def _out_dir(request: EvalRequest, recipe: Recipe, checkpoint: Path | None) -> Path:
@@ -256,7 +273,9 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
     gpus = ray.cluster_resources().get("GPU", 0.0)
     use_gpu = gpus >= 1
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    pool = actors or (int(gpus) if use_gpu else max(1, min(4, int(cpus) // 4)))
+    pool = actors if actors is not None else int(gpus) if use_gpu else max(1, min(4, int(cpus) // 4))
+    if pool < 1:
+        raise ConfigError(f"actors must be >= 1, got {pool}")
     data = plan.recipe.data
     if not use_gpu and not data.decode_actors:  # leave CPUs for the scoring actors
         data = dataclasses.replace(data, decode_actors=max(1, decode_pool_size(data) - pool))

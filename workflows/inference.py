@@ -17,8 +17,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from workflows.checkpoints import RECIPE, find_checkpoint, read_state, read_weights
-from workflows.config_loader import ConfigError, drop_removed_keys, from_dict, load_yaml
+from workflows.checkpoints import (
+    RECIPE,
+    CorruptCheckpoint,
+    find_checkpoint,
+    read_recipe,
+    read_state,
+    read_weights,
+    weight_shapes,
+)
+from workflows.config_loader import ConfigError, drop_removed_keys, from_dict
 from workflows.recipe import Recipe, model_config
 from workflows.runtime import scratch_dir
 
@@ -130,19 +138,27 @@ def read_checkpoint(path: str | Path, tracking_uri: str | None = None) -> Loaded
     """The checkpoint at `path`: a checkpoint directory, a run directory (its latest checkpoint), either local or
     in a bucket (s3://, gs://, ...: see `fetch_remote_checkpoint`), or a registered model version
     `models:/NAME/VERSION` (fetched from `tracking_uri`). Raises FileNotFoundError when there is none, ConfigError
-    when its state.json names no model."""
+    when its state.json names no model, CorruptCheckpoint when one of its files cannot be read (a fetched copy's
+    weights are checked here, so the error names where they came from, not the temporary copy)."""
     from workflows.runtime import is_remote
 
     source = str(path)
+    fetched = source.startswith(REGISTRY_SCHEME) or is_remote(source)
     if source.startswith(REGISTRY_SCHEME):
         path = fetch_registered_model(source, tracking_uri)
-    elif is_remote(source):
+    elif fetched:
         path, source = fetch_remote_checkpoint(source)
     directory = find_checkpoint(path)
-    state = read_state(directory)
+    try:
+        state, raw = read_state(directory), read_recipe(directory)
+        if fetched:
+            weight_shapes(directory)  # the header alone
+    except CorruptCheckpoint as exc:
+        if not fetched:
+            raise
+        raise CorruptCheckpoint(str(exc).replace(str(directory), source)) from None
     if "model" not in state:
         raise ConfigError(f"{directory}/state.json has no model section: not a checkpoint of this workflow")
-    raw = load_yaml(directory / RECIPE) if (directory / RECIPE).is_file() else {}
     raw, _ = drop_removed_keys(Recipe, raw)  # a recipe.yaml written before a key was removed still loads
     return LoadedCheckpoint(directory=directory, state=state, raw_recipe=raw,
                             source=source if source != str(path) else "")
@@ -175,7 +191,7 @@ def check_weights_fit(checkpoint: Path, recipe: Recipe) -> None:
     prefix = "head." if recipe.model.variant == "spatial_only" else "dist_net."
     with torch.device("meta"):
         expected = {prefix + k: tuple(v.shape) for k, v in module(model_config(recipe.model)).state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in read_weights(checkpoint).items()}
+    found = weight_shapes(checkpoint)  # the safetensors header alone: no tensor is read
     problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
     problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
     problems += [f"{k}: {found[k]} in the checkpoint, {expected[k]} in the model" for k in sorted(expected)

@@ -111,3 +111,51 @@ def test_a_finished_run_keeps_what_ray_retains_or_would_have(tmp_path):
 
     run, dirs = run_dir("two")  # keep 2: both unregistered complete ones are within the best two
     assert prune_unretained_checkpoints(str(run), [str(dirs["retained"])], keep=2) == {str(dirs["partial"]): None}
+
+
+def test_an_unreadable_checkpoint_file_is_named_with_the_runs_other_checkpoints(tmp_path):
+    """weights.safetensors, state.json or recipe.yaml cut short or overwritten: one CorruptCheckpoint (a ValueError,
+    so the CLIs report it as an error line) naming the file, the bytes its file list recorded, the reader's
+    complaint on one line, and the run's other checkpoints to use instead; it pickles (raised in Ray workers)."""
+    import pickle
+
+    import pytest
+    import torch
+
+    from workflows.checkpoints import (
+        CorruptCheckpoint,
+        read_recipe,
+        read_state,
+        read_weights,
+        weight_shapes,
+        write_model_files,
+    )
+
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        write_model_files(run / f"checkpoint_00000{step}", model=torch.nn.Linear(4, 3), state={"step": step},
+                          recipe_yaml="train:\n  seed: 1\n")
+        write_file_list(run / f"checkpoint_00000{step}", 0)
+    good, bad = run / "checkpoint_000001", run / "checkpoint_000003"
+    assert weight_shapes(good) == {"weight": (3, 4), "bias": (3,)} and read_recipe(good) == {"train": {"seed": 1}}
+    weights = bad / "weights.safetensors"
+    written = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:written - 5])  # a copy cut short: the header no longer covers the file
+    for read in (read_weights, weight_shapes):
+        with pytest.raises(CorruptCheckpoint) as caught:
+            read(bad)
+        message = str(caught.value)
+        assert message.startswith(f"{weights} is corrupt or truncated ({written - 5} of the {written} bytes written; ")
+        assert f"another checkpoint of the run (in {run}: checkpoint_000002, checkpoint_000001)" in message
+        assert "\n" not in message and str(pickle.loads(pickle.dumps(caught.value))) == message
+    (bad / "state.json").write_text('{"step": 3,')
+    with pytest.raises(CorruptCheckpoint, match=r"state.json is corrupt or truncated \(11 of the .*Expecting"):
+        read_state(bad)
+    (bad / "state.json").write_text("[3]")
+    with pytest.raises(CorruptCheckpoint, match="state.json is corrupt or truncated.*a JSON list, not an object"):
+        read_state(bad)
+    (bad / "recipe.yaml").write_text("train: [\n")
+    with pytest.raises(CorruptCheckpoint, match=r"recipe.yaml is corrupt.*while parsing a flow node: expected"):
+        read_recipe(bad)
+    (bad / "recipe.yaml").unlink()
+    assert read_recipe(bad) == {}  # no recipe.yaml: the caller's recipe applies

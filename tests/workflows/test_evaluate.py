@@ -88,6 +88,69 @@ def test_clear_errors_before_any_ray_work(run_dir: Path, video_dir: Path, tmp_pa
         plan_evaluation(EvalRequest(checkpoint=str(run_dir), overrides=["eval.nope=1"]))
 
 
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting Ray fails the test: what it checks must be refused before any Ray work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("workflows.runtime.ensure_ray", refuse)
+
+
+def test_counts_below_one_are_refused_not_replaced_by_defaults(run_dir: Path, no_ray: None, capsys) -> None:
+    """--views 0 / --actors 0 were taken as "the default", a negative --actors reached Ray."""
+    for flag, value in (("--views", "0"), ("--actors", "0"), ("--actors", "-2"), ("--views", "-1")):
+        assert evaluate_main(["--checkpoint", str(run_dir), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} must be >= 1 (got {value}); leave it out for the default" in err and "Traceback" not in err
+    for request, message in ((EvalRequest(checkpoint=str(run_dir), views=0), "--views must be >= 1"),
+                             (EvalRequest(checkpoint=str(run_dir), actors=0), "--actors must be >= 1"),
+                             (EvalRequest(checkpoint=str(run_dir), crops=0), "--crops must be 1 .* or 3"),
+                             (EvalRequest(checkpoint=str(run_dir), crops=2), "--crops must be 1 .* or 3")):
+        with pytest.raises(ConfigError, match=message):
+            plan_evaluation(request)
+    plan = plan_evaluation(EvalRequest(checkpoint=str(run_dir), views=1, crops=3))
+    assert (plan.views, plan.crops) == (1, 3)
+
+
+def test_the_labels_hint_comes_only_with_labels_missing_from_the_label_set(run_dir: Path, tmp_path: Path,
+                                                                            capsys) -> None:
+    assert evaluate_main(["--checkpoint", str(run_dir), "--manifest", str(tmp_path / "nope.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"manifest {tmp_path / 'nope.csv'} does not exist" in err and "--labels" not in err
+    (tmp_path / "rows.csv").write_text("path,label\na.mp4,cls0\nb.mp4,cls9\nc.mp4,cls9\n")
+    assert evaluate_main(["--checkpoint", str(run_dir), "--manifest", str(tmp_path / "rows.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"1 label(s) not in the label set ({N} classes, from " in err and "'cls9' (row 2, 3)" in err
+    assert err.rstrip().endswith("Evaluate with a label file that names every class of the manifest (--labels)")
+
+
+def test_a_corrupt_checkpoint_file_is_one_clear_error_in_evaluate_and_predict(run_dir: Path, video_dir: Path,
+                                                                             tmp_path: Path, capsys) -> None:
+    """A truncated or overwritten weights.safetensors, state.json or recipe.yaml: exit 2 with one line naming the
+    file and the run's other checkpoints, not a SafetensorError / JSONDecodeError traceback."""
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    weights = run / "checkpoint_000001" / "weights.safetensors"  # the newest: what the run directory resolves to
+    weights.write_bytes(weights.read_bytes()[:1000])
+    video = str(video_dir / "clips" / "mid.mp4")
+    for main, args in ((evaluate_main, ["--checkpoint", str(run)]), (predict_main, ["--checkpoint", str(run), video])):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {weights} is corrupt or truncated (") and err.count("\n") == 1
+        assert f"use another checkpoint of the run (in {run}: checkpoint_000000)" in err
+    # Fetched from a bucket (file:// here, the same code path): named by its URI, not by the temporary copy.
+    assert evaluate_main(["--checkpoint", (run / "checkpoint_000001").as_uri()]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {weights.as_uri()} is corrupt or truncated (")
+    for name, text in (("state.json", '{"step": 2, "mod'), ("recipe.yaml", "train: [\n")):
+        ckpt = _edited_copy(run_dir, tmp_path / name)
+        (ckpt / name).write_text(text)
+        for main, args in ((evaluate_main, ["--checkpoint", str(ckpt)]),
+                           (predict_main, ["--checkpoint", str(ckpt), video])):
+            assert main(args) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {ckpt / name} is corrupt or truncated (") and err.count("\n") == 1
+
+
 def test_plan_uses_the_checkpoint_model_and_latest_step(run_dir: Path, seven_labels: Path) -> None:
     plan = plan_evaluation(EvalRequest(checkpoint=str(run_dir)))
     assert plan.checkpoint == run_dir / "checkpoint_000001" and plan.state["step"] == 2
