@@ -10,6 +10,7 @@ not match. Files are read with `weights_only=True`: a checkpoint can never run c
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,12 +61,22 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def looks_like_torch_file(path: str | Path) -> bool:
+    """A torch.save / torch.jit.save file: a complete zip archive, or (torch.save before 1.6) a pickle stream."""
+    with open(path, "rb") as f:
+        first = f.read(1)
+    return zipfile.is_zipfile(path) or first == b"\x80"
+
+
 def read_state_dict(source: str | Path | dict) -> dict[str, torch.Tensor]:
     """Read a checkpoint file (safely) or take a dict, and unwrap the usual containers."""
     if isinstance(source, (str, Path)):
         try:
             state = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - re-raised with the file and the reason
+            if not looks_like_torch_file(source):  # torch's message would suggest weights_only=False: wrong here
+                raise RuntimeError(f"{source} is not a PyTorch checkpoint (a torch.save file): another kind of "
+                                   "file, or a truncated download") from None
             raise RuntimeError(
                 f"could not read checkpoint {source}: {exc}. Only tensor checkpoints are accepted (weights_only); "
                 "re-save untrusted pickles as plain state dicts."

@@ -183,8 +183,9 @@ def add_override_option(parser: Any, help: str) -> None:
                         help=f"{help}; several pairs after one --set, or --set repeated")
 
 
-def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `--set` overrides to a raw config dict, checking every key path against the schema `cls`."""
+def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str], where: str = "--set") -> dict[str, Any]:
+    """Apply `--set` overrides to a raw config dict, checking every key path against the schema `cls`. `where`
+    names the overrides' source in errors."""
     data = dict(data)
     for text in overrides:
         path, value = parse_override(text)
@@ -195,7 +196,7 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
             if names is not None and part not in names:
                 valid = ", ".join(".".join(path[:depth] + [n]) for n in names)
                 hint = _removed_hints(schema, [part], ".".join(path[:depth] + [""]))
-                raise ConfigError(f"unknown key {shown} in --set {text!r}{hint}; valid keys here: {valid}")
+                raise ConfigError(f"unknown key {shown} in {where} {text!r}{hint}; valid keys here: {valid}")
             if depth == len(path) - 1:
                 node[part] = value
                 break

@@ -6,6 +6,7 @@ import copy
 import math
 from typing import Any
 
+from workflows.config_loader import ConfigError
 from workflows.recipe import Recipe
 
 
@@ -56,4 +57,16 @@ def build_deepspeed_config(recipe: Recipe, world: int | None = None) -> dict[str
         "steps_per_print": 10**9,  # progress is printed by the workflow
         "wall_clock_breakdown": False,
     }
-    return deep_merge(config, train.deepspeed)
+    merged = deep_merge(config, train.deepspeed)
+    # The trainer steps, accumulates and weights by the recipe's batch plan; DeepSpeed's own copy must agree with it.
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if merged[key] != config[key]:
+            raise ConfigError(f"train.deepspeed sets {key}: {merged[key]}, but the recipe's batch plan gives "
+                              f"{config[key]} (train.global_batch_size {train.global_batch_size} = micro-batch "
+                              f"{plan.micro} x accumulation {plan.accum} x {plan.world} workers): set "
+                              "train.global_batch_size and train.micro_batch_size instead")
+    stage = (merged.get("zero_optimization") or {}).get("stage")
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"train.deepspeed sets zero_optimization.stage: {stage!r}; use train.zero_stage (0, 1 or 2; "
+                          "3 is not supported)")
+    return merged

@@ -96,11 +96,16 @@ def validate_before_start(recipe: Recipe) -> None:
     from workflows.data.manifest import load_labels, load_manifest
     from workflows.optim import build_deepspeed_config
 
-    labels = load_labels(recipe.data.labels)
-    for key in ("train_manifest", "val_manifest"):
-        manifest = load_manifest(getattr(recipe.data, key), labels, strict=True)
+    try:
+        labels = load_labels(recipe.data.labels)
+        manifests = {key: load_manifest(getattr(recipe.data, key), labels, strict=True)
+                     for key in ("train_manifest", "val_manifest")}
+    except (ValueError, OSError) as exc:  # ManifestError: names the file and what is wrong with it
+        raise ConfigError(str(exc)) from None
+    for key, manifest in manifests.items():
         if len(manifest) == 0:
             raise ConfigError(f"data.{key} {getattr(recipe.data, key)} lists no videos")
+        check_videos_reachable(manifest, f"data.{key}")
     if recipe.train.micro_batch_size == "auto":  # the workers probe it; the rest is checked with one micro-batch each
         build_deepspeed_config(recipe.with_probed_micro_batch(recipe.train.global_batch_size))
     else:
@@ -108,12 +113,81 @@ def validate_before_start(recipe: Recipe) -> None:
     problem = recipe.train.compile != "off" and compile_toolchain_problem(recipe.scaling.use_gpu)
     if problem:
         raise ConfigError(f"train.compile: {problem}")
-    init_from = recipe.train.init_from
-    if init_from and not is_remote(init_from) and not Path(init_from).exists():
-        raise ConfigError(f"train.init_from: {init_from} does not exist (a checkpoint directory of ours, or an "
-                          "authors' .pyth file)")
+    check_model_weights(recipe)
+    if is_remote(recipe.run_dir):
+        check_storage_answers(recipe.run_dir)
     if recipe.mlflow.enabled and is_remote(recipe.run_dir):  # a remote run directory needs a tracking server
         resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir)
+
+
+def check_storage_answers(run_dir: str) -> None:
+    """One listing of a remote run directory (a missing one is fine: the run creates it): unreachable storage or
+    missing credentials fail here, not at the run's first write on the cluster."""
+    import pyarrow
+    import pyarrow.fs
+
+    from workflows.data.manifest import storage_hint
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(run_dir)
+        fs.get_file_info(path)
+    except (OSError, pyarrow.ArrowInvalid) as exc:
+        raise ConfigError(f"run.storage_path: cannot reach {redact_secrets(run_dir)}: "
+                          f"{redact_secrets(str(exc))}{storage_hint(run_dir)}") from None
+
+
+VIDEOS_PROBED = 64
+
+
+def check_videos_reachable(manifest: Any, key: str) -> None:
+    """Fail when none of up to VIDEOS_PROBED local videos of a manifest, spread over it, exists: a manifest moved
+    away from its videos, or paths relative to another folder. Some missing videos are the data pipeline's to count
+    and drop (data.max_bad_fraction); videos in a bucket are not probed here."""
+    paths = manifest.table.column("path").to_pylist()
+    local = [p for p in paths if not is_remote(p)]
+    if not local:
+        return
+    probe = local[:: max(1, len(local) // VIDEOS_PROBED)][:VIDEOS_PROBED]
+    if not any(Path(p).is_file() for p in probe):
+        raise ConfigError(f"{key} {manifest.source}: none of the {len(probe)} videos checked exists (e.g. {probe[0]}). "
+                          "Relative paths in a manifest resolve against the manifest's own folder: keep the manifest "
+                          "beside its videos, or write absolute paths (`data check` reports every missing one)")
+
+
+def check_model_weights(recipe: Recipe) -> None:
+    """Read the weights the workers will start from, here, so a wrong file fails before any Ray work: the CLIP
+    weights (`check_clip_weights`: a local file is loaded once on the driver) and a local `train.init_from`, fitted
+    against the trainable module's shapes (built on the meta device: no memory). A remote init_from is read by the
+    workers only."""
+    import warnings
+
+    import torch
+
+    from dist_model import DiSTNet
+    from dist_model.spatial import check_clip_weights
+    from workflows.checkpoints import init_model_from
+
+    cfg = recipe.model_cfg
+    try:
+        check_clip_weights(cfg.clip_arch, cfg.clip_pretrained, cfg.clip_activation)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ConfigError(f"model.clip_pretrained: {exc}") from None
+    init_from = recipe.train.init_from
+    if not init_from or is_remote(init_from):
+        return
+    if not Path(init_from).exists():
+        raise ConfigError(f"train.init_from: {init_from} does not exist (a checkpoint directory of ours, or an "
+                          "authors' .pyth file)")
+    if recipe.model.variant != "dist":  # the baseline's head: read by the workers only
+        return
+    with torch.device("meta"):
+        net = DiSTNet(cfg)
+    try:
+        with warnings.catch_warnings():  # loading into meta tensors copies nothing, which torch warns about
+            warnings.simplefilter("ignore", UserWarning)
+            init_model_from(net, init_from)
+    except Exception as exc:  # noqa: BLE001 - whatever reading it raised, the file is what to fix
+        raise ConfigError(f"train.init_from: {exc}") from None
 
 
 def save_resolved_recipe(recipe: Recipe) -> str:
@@ -152,19 +226,20 @@ def fit_through_storage_outages(make_trainer: Any, recipe: Recipe, wait_s: float
     """`make_trainer().fit()`, fitted again (a new trainer of the same run, which resumes from its newest complete
     checkpoint) when the Train controller failed on a storage write, after the storage answers again; at most
     run.max_failures times. Any other failure, or storage still away after `wait_s`, is raised."""
-    relaunches = 0
+    relaunches, limit = 0, recipe.run.max_failures
     while True:
         try:
             return make_trainer().fit()
         except Exception as exc:
             failure = storage_failure(exc)
-            if failure is None or relaunches >= recipe.run.max_failures:
+            if failure is None or 0 <= limit <= relaunches:  # -1: no limit, as Ray Train's FailureConfig reads it
                 raise
             relaunches += 1
             where = redact_secrets(recipe.run_dir)
+            of = f"of {limit}" if limit >= 0 else "of unlimited"
             print(f"{LOG_PREFIX} the Train controller could not write to {where} ({redact_secrets(str(failure))}); "
                   f"waiting up to {wait_s:.0f} s for the storage, then resuming the run from its newest complete "
-                  f"checkpoint (relaunch {relaunches} of {recipe.run.max_failures}, run.max_failures)", flush=True)
+                  f"checkpoint (relaunch {relaunches} {of}, run.max_failures)", flush=True)
             if not wait_for_storage(recipe.run_dir, wait_s):
                 raise
             print(f"{LOG_PREFIX} {where} answers again: relaunching the run", flush=True)
@@ -214,7 +289,7 @@ def main(argv: list[str]) -> int:
     try:
         recipe = load_recipe(args.config, args.overrides)
         validate_before_start(recipe)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -100,6 +100,11 @@ class TrainSection:
         for name in ("global_batch_size", "micro_batch_size", "log_every_steps"):
             if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
+        for name in ("base_lr", "warmup_start_lr", "min_lr", "weight_decay", "grad_clip", "warmup_epochs"):
+            if not getattr(self, name) >= 0:  # also rejects NaN
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0 (or null: base_lr scaled by the global batch), got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.label_smoothing < 1:
@@ -132,6 +137,17 @@ class EvalSection:
     cache_limit_mb: int = 2048
     zero_shot_fusion: bool = False  # blend with frozen-CLIP logits at evaluation (unseen label sets)
 
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            raise ValueError(f"eval.every_steps must be >= 0 (0: at the end of every epoch), got {self.every_steps}")
+        for name in ("views", "batch_size", "test_views", "test_crops"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.test_crops not in (1, 3):
+            raise ValueError(f"eval.test_crops must be 1 (centre) or 3 (left, centre, right), got {self.test_crops}")
+        if self.cache_limit_mb < 0:
+            raise ValueError(f"eval.cache_limit_mb must be >= 0, got {self.cache_limit_mb}")
+
 
 @dataclass
 class ScalingSection:
@@ -160,6 +176,8 @@ class ScalingSection:
         if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes[0] > sizes[-1]:
             raise ValueError(f"scaling.num_workers must be a number of workers >= 1 or [min, max] with 1 <= min <= "
                              f"max, got {self.num_workers}")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if not self.resize_check_s >= 0:
             raise ValueError(f"scaling.resize_check_s must be >= 0 seconds, got {self.resize_check_s}")
         if self.use_gpu and self.gpus_per_worker != 1:
@@ -188,8 +206,16 @@ class ScalingSection:
 class RunSection:
     name: str = "dist-run"
     storage_path: str = "./runs"  # local path or a URI (s3://, gs://) shared by all nodes
-    max_failures: int = 1  # automatic restarts of the worker group from the latest checkpoint
+    max_failures: int = 1  # automatic restarts of the worker group from the latest checkpoint; -1: no limit
     keep_checkpoints: int = 2  # checkpoints come with every validation: best k by val top-1, plus the latest
+
+    def __post_init__(self) -> None:
+        if self.max_failures < -1:
+            raise ValueError(f"run.max_failures must be >= 0 (0: no automatic restart) or -1 (no limit), got "
+                             f"{self.max_failures}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"run.keep_checkpoints must be >= 1 (the newest is what a restart resumes from), got "
+                             f"{self.keep_checkpoints}")
 
 
 @dataclass

@@ -173,3 +173,36 @@ def test_random_init_honours_an_explicit_activation():
     assert build_clip(DiSTConfig.from_name("dist_tiny")).activation == "gelu"
     clip = build_clip(DiSTConfig.from_name("dist_tiny", clip_activation="quick_gelu"))
     assert {type(b.mlp.gelu).__name__ for b in clip.model.visual.transformer.resblocks} == {"QuickGELU"}
+
+
+def test_unreadable_and_other_architecture_files_say_what_is_wrong(tmp_path):
+    """Not a checkpoint at all (random bytes, an empty file, a truncated download): named as such, never torch's
+    advice to load with weights_only=False. Another CLIP's weights: how many keys and shapes differ, with examples,
+    not a list of hundreds of names. check_clip_weights (what the training drivers run before Ray) raises the same."""
+    from dist_model.spatial import check_clip_weights
+
+    full = tmp_path / "clip.pt"
+    torch.save(_weights(quick_gelu=False), full)
+    for name, data in (("random.pt", bytes(range(256)) * 64), ("empty.pt", b""),
+                       ("truncated.pt", full.read_bytes()[: full.stat().st_size // 2])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name} is not a PyTorch file.*truncated download") as info:
+            check_clip_weights(ARCH, str(tmp_path / name), "gelu")
+        assert "weights_only" not in str(info.value)
+    register_clip_configs()
+    other = tmp_path / "small.pt"  # DiST-Small-CLIP: wider, deeper
+    torch.save(open_clip.create_model("DiST-Small-CLIP").state_dict(), other)
+    with pytest.raises(RuntimeError, match=r"the CLIP weights in .*small.pt do not fit DiST-Tiny-CLIP: \d+ unexpected "
+                                           r"key\(s\) \(e\.g\. .*\); \d+ tensor\(s\) of another shape \(e\.g\. .*: "
+                                           r"\[\d+.*\] in the file, \[\d+.*\] here\)"):
+        check_clip_weights(ARCH, str(other), "gelu")
+    partial = tmp_path / "partial.pt"  # the right architecture, two tensors short
+    torch.save({k: v for k, v in _weights(quick_gelu=False).items() if k not in ("visual.proj", "logit_scale")},
+               partial)
+    with pytest.raises(RuntimeError, match=r"partial.pt do not fit DiST-Tiny-CLIP: 2 missing key\(s\) \(e\.g\. "
+                                           r"(visual.proj, logit_scale|logit_scale, visual.proj)\)\. Use the file"):
+        check_clip_weights(ARCH, str(partial), "gelu")
+    check_clip_weights(ARCH, str(full), "gelu")  # the right file passes
+    check_clip_weights("ViT-B-16", "openai")  # a tag is not fetched here
+    with pytest.raises(RuntimeError, match="neither a pretrained tag of ViT-B-16"):
+        check_clip_weights("ViT-B-16", "opnai")

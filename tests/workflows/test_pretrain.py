@@ -41,6 +41,83 @@ def test_bad_recipe_fails_before_any_work():
             load_recipe(SMOKE, ["scaling.use_gpu=true", f"scaling.gpus_per_worker={share}"], check_files=False)
 
 
+@pytest.mark.parametrize("override, why", [
+    ("eval.batch_size=0", "eval.batch_size must be >= 1"), ("eval.views=0", "eval.views must be >= 1"),
+    ("eval.every_steps=-3", "eval.every_steps must be >= 0"), ("eval.test_crops=2", "eval.test_crops must be 1"),
+    ("run.keep_checkpoints=0", "run.keep_checkpoints must be >= 1"),
+    ("run.max_failures=-2", r"run.max_failures must be >= 0 \(0: no automatic restart\) or -1"),
+    ("train.lr=-0.001", "train.lr must be > 0"), ("train.lr=0", "train.lr must be > 0"),
+    ("train.warmup_epochs=-1", "train.warmup_epochs must be >= 0"), ("train.weight_decay=nan", "weight_decay"),
+    ("scaling.cpus_per_worker=0", "scaling.cpus_per_worker must be > 0"),
+    ("train.deepspeed.zero_optimization.stage=7", "zero_optimization.stage: 7; use train.zero_stage"),
+    ("train.deepspeed.train_batch_size=12", "train.deepspeed sets train_batch_size: 12, but the recipe's batch plan "
+                                            "gives 8"),
+])
+def test_out_of_range_numbers_fail_before_any_work(override, why):
+    from workflows.optim import build_deepspeed_config
+
+    with pytest.raises(ConfigError, match=why):
+        build_deepspeed_config(load_recipe(SMOKE, [override], check_files=False))  # the check validate runs
+
+
+def test_the_weights_and_videos_a_run_starts_from_are_read_before_any_work(sample_data, tmp_path, monkeypatch):
+    """validate_before_start reads what the workers would fail on minutes later: the CLIP file (unreadable, another
+    architecture), train.init_from (not a checkpoint, another preset's weights), a manifest whose videos are not
+    where its relative paths point, and a bucket for the run that does not answer. What is right passes."""
+    import open_clip
+
+    from dist_model import build_dist
+    from dist_model.checkpoint import to_authors_state_dict
+    from dist_model.config import register_clip_configs
+    from workflows.pretrain import validate_before_start
+
+    def check(*overrides: str) -> None:
+        validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false", *overrides))
+
+    check()
+    register_clip_configs()
+    clip_file, small_clip, junk = tmp_path / "tiny_clip.pt", tmp_path / "small_clip.pt", tmp_path / "junk.pt"
+    torch.save(open_clip.create_model("DiST-Tiny-CLIP").state_dict(), clip_file)
+    torch.save(open_clip.create_model("DiST-Small-CLIP").state_dict(), small_clip)
+    junk.write_bytes(b"<html>403 Forbidden</html>")  # what a failed download leaves
+    check(f"model.clip_pretrained={clip_file}", "model.clip_activation=gelu")
+    with pytest.raises(ConfigError, match=r"model.clip_pretrained: .*junk.pt is not a PyTorch file"):
+        check(f"model.clip_pretrained={junk}", "model.clip_activation=gelu")
+    with pytest.raises(ConfigError, match=r"model.clip_pretrained: the CLIP weights in .*small_clip.pt do not fit "
+                                          r"DiST-Tiny-CLIP: \d+ unexpected key"):
+        check(f"model.clip_pretrained={small_clip}", "model.clip_activation=gelu")
+    with pytest.raises(ConfigError, match="model.clip_pretrained: .*cannot tell which activation"):
+        check(f"model.clip_pretrained={clip_file}")
+
+    ours, other = tmp_path / "tiny.pyth", tmp_path / "small.pyth"
+    torch.save(to_authors_state_dict(build_dist("dist_tiny")), ours)
+    torch.save(to_authors_state_dict(build_dist("dist_small")), other)
+    check(f"train.init_from={ours}")
+    with pytest.raises(ConfigError, match=r"train.init_from: init_from .*small.pyth does not fit this model"):
+        check(f"train.init_from={other}")
+    with pytest.raises(ConfigError, match=r"train.init_from: .*junk.pt is not a PyTorch checkpoint"):
+        check(f"train.init_from={junk}")
+    with pytest.raises(ConfigError, match=r"train.init_from: .* is not a DiST checkpoint \(no weights.safetensors\)"):
+        check(f"train.init_from={tmp_path}")
+    with pytest.raises(ConfigError, match="train.init_from: /nope does not exist"):
+        check("train.init_from=/nope")
+
+    moved = tmp_path / "moved"  # the manifests and labels copied away from their videos
+    moved.mkdir()
+    for name in ("train.csv", "val.csv", "labels.json"):
+        (moved / name).write_bytes((Path(sample_data.train_manifest).parent / name).read_bytes())
+    with pytest.raises(ConfigError, match=r"data.val_manifest .*moved/val.csv: none of the \d+ videos checked exists "
+                                          r"\(e.g. .*moved/videos/.*\)\. Relative paths in a manifest resolve"):
+        check(f"data.val_manifest={moved / 'val.csv'}")
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "test")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nobody listens there: connection refused
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigError, match=r"run.storage_path: cannot reach s3://bucket/runs/it: .*AWS_ENDPOINT_URL"):
+        validate_before_start(_recipe(sample_data, "s3://bucket/runs", "mlflow.enabled=false"))
+
+
 def test_compile_parts_and_cuda_graphs_are_checked_before_any_work():
     def train(*sets: str):
         return load_recipe(SMOKE, list(sets), check_files=False).train
@@ -201,6 +278,10 @@ def test_a_controller_storage_failure_relaunches_the_run_once_storage_answers(tm
     failures = [ControllerError(outage), ControllerError(outage)]
     with pytest.raises(ControllerError):  # only run.max_failures relaunches
         fit_through_storage_outages(lambda: Trainer(failures), recipe, wait_s=5)
+    unlimited = Recipe(run=RunSection(storage_path=str(tmp_path), max_failures=-1))  # -1: no limit, as Ray reads it
+    failures = [ControllerError(outage)] * 3
+    assert fit_through_storage_outages(lambda: Trainer(failures), unlimited, wait_s=5) == "result"
+    assert "relaunch 3 of unlimited" in capsys.readouterr().out
     failures = [ControllerError(ValueError("a bug in a callback"))]
     with pytest.raises(ControllerError):
         fit_through_storage_outages(lambda: Trainer(failures), recipe, wait_s=5)

@@ -290,10 +290,14 @@ def main(argv: list[str]) -> int:
                         help="continue an interrupted sweep (also automatic when its directory holds one)")
     parser.add_argument("--retry-failed", action="store_true", help="when resuming, rerun failed trials from scratch")
     args = parser.parse_args(argv)
-    try:
+    try:  # everything checked before Ray (ValueError: a bad manifest or label file, ManifestError)
         plan = plan_sweep(load_sweep(args.config, args.overrides))
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         result = run_sweep(plan, resume=args.resume, retry_failed=args.retry_failed)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError) as exc:  # the recipe checks and the cluster's capacity, before trials
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0 if result.best is not None and not result.interrupted else 1

@@ -339,7 +339,8 @@ class SweepPlan:
 def plan_sweep(sweep: SweepConfig, check_files: bool = True) -> SweepPlan:
     """Validate everything that can be checked before Ray starts: the base recipe, every search-space key against
     the recipe schema, the recipe of every grid point, the searcher's needs, the data files."""
-    raw = apply_overrides(Recipe, load_yaml(sweep.base), list(sweep.base_overrides))
+    raw = apply_overrides(Recipe, load_yaml(sweep.base), list(sweep.base_overrides),
+                          where="the sweep's base_overrides (or a recipe key given with --set)")
     check_space_keys(sweep.search_space)
     uri = tracking_uri(sweep)
     raw = apply_overrides(Recipe, raw, ["mlflow.enabled=true", f"mlflow.tracking_uri={json.dumps(uri)}",
