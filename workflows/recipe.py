@@ -103,8 +103,8 @@ class TrainSection:
         for name in ("base_lr", "warmup_start_lr", "min_lr", "weight_decay", "grad_clip", "warmup_epochs"):
             if not getattr(self, name) >= 0:  # also rejects NaN
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0 (or null: base_lr scaled by the global batch), got {self.lr}")
+        if self.lr is not None and not self.lr >= 0:  # 0 is allowed: a run that must leave the weights as they are
+            raise ValueError(f"train.lr must be >= 0 (or null: base_lr scaled by the global batch), got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.label_smoothing < 1:
@@ -321,7 +321,13 @@ class Recipe:
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
     """Load and validate a recipe; with `check_files`, the manifests and label file must exist (local paths)."""
-    recipe = load_config(Recipe, path, overrides)
+    try:
+        recipe = load_config(Recipe, path, overrides)
+    except ConfigError as exc:
+        if "unknown key(s)" in str(exc) and "search_space" in str(exc):  # a sweep file given as a recipe
+            raise ConfigError(f"{exc}. {path} is a Tune sweep, not a recipe: run it with `python -m workflows tune "
+                              f"--config {path}`") from None
+        raise
     if check_files:
         check_data_files(recipe)
     return recipe

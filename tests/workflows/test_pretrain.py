@@ -36,6 +36,9 @@ def test_bad_recipe_fails_before_any_work():
         load_recipe(SMOKE, ["model.fusion_layers=every7"], check_files=False)
     with pytest.raises(ConfigError, match="data.train_manifest: /nope.csv does not exist"):
         load_recipe(SMOKE, ["data.train_manifest=/nope.csv"])
+    with pytest.raises(ConfigError, match=r"sweep_smoke.yaml is a Tune sweep, not a recipe: run it with `python -m "
+                                          r"workflows tune --config"):
+        load_recipe(SMOKE.parent / "sweep_smoke.yaml", check_files=False)
     for share in ("0.5", "2"):  # DeepSpeed drives exactly one GPU per rank
         with pytest.raises(ConfigError, match=f"gpus_per_worker must be 1 with scaling.use_gpu.*got {share}"):
             load_recipe(SMOKE, ["scaling.use_gpu=true", f"scaling.gpus_per_worker={share}"], check_files=False)
@@ -46,7 +49,7 @@ def test_bad_recipe_fails_before_any_work():
     ("eval.every_steps=-3", "eval.every_steps must be >= 0"), ("eval.test_crops=2", "eval.test_crops must be 1"),
     ("run.keep_checkpoints=0", "run.keep_checkpoints must be >= 1"),
     ("run.max_failures=-2", r"run.max_failures must be >= 0 \(0: no automatic restart\) or -1"),
-    ("train.lr=-0.001", "train.lr must be > 0"), ("train.lr=0", "train.lr must be > 0"),
+    ("train.lr=-0.001", "train.lr must be >= 0"), ("train.lr=nan", "train.lr must be >= 0"),
     ("train.warmup_epochs=-1", "train.warmup_epochs must be >= 0"), ("train.weight_decay=nan", "weight_decay"),
     ("scaling.cpus_per_worker=0", "scaling.cpus_per_worker must be > 0"),
     ("train.deepspeed.zero_optimization.stage=7", "zero_optimization.stage: 7; use train.zero_stage"),
