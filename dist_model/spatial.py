@@ -216,24 +216,24 @@ def load_open_clip(arch: str, pretrained: str | None, activation: str = "auto") 
     if pretrained and not is_tag and not os.path.isfile(pretrained):
         raise RuntimeError(
             f"could not load CLIP weights {pretrained!r} for {arch}: it is neither a pretrained tag of {arch} "
-            f"({open_clip.list_pretrained_tags_by_model(arch)}) nor a file. Without network access, download the "
-            "weights once and pass the local file path as clip_pretrained."
+            f"({open_clip.list_pretrained_tags_by_model(arch) or 'it has none'}) nor a file. Without network access, "
+            "download the weights once and pass the local file path as clip_pretrained."
         )
     checkpoint = inspect_clip_checkpoint(pretrained, arch) if pretrained and not is_tag else None
     activation, why = resolve_clip_activation(arch, pretrained, activation, checkpoint)
     # force_quick_gelu, not a quick_gelu model kwarg: open_clip compares the tag's activation with the config's.
     kwargs = {"force_quick_gelu": True} if activation == "quick_gelu" else {}
     if checkpoint is not None and checkpoint.state_dict is not None:
-        model = open_clip.create_model(arch, pretrained=None, **kwargs)
+        model = _create_model(arch, None, kwargs)
         _load_exported_state(model, checkpoint.state_dict, checkpoint.path, arch)
     else:
         try:
-            model = open_clip.create_model(arch, pretrained=pretrained, **kwargs)
+            model = _create_model(arch, pretrained, kwargs)
         except (RuntimeError, AssertionError) as exc:  # open_clip asserts on some shape changes before loading
             if checkpoint is not None:  # a file that open_clip read, but whose tensors are not this architecture's
                 from open_clip.factory import load_state_dict
 
-                empty = open_clip.create_model(arch, pretrained=None, **kwargs)
+                empty = _create_model(arch, None, kwargs)
                 state = load_state_dict(pretrained, device="cpu", weights_only=True)
                 raise RuntimeError(_not_this_architecture(pretrained, arch, _state_dict_mismatch(empty, state) or
                                                           str(exc).splitlines()[0])) from exc
@@ -246,6 +246,26 @@ def load_open_clip(arch: str, pretrained: str | None, activation: str = "auto") 
     if built != {"QuickGELU" if activation == "quick_gelu" else "GELU"}:  # open_clip did not build what was resolved
         raise RuntimeError(f"{arch}: resolved activation {activation} ({why}) but open_clip built {sorted(built)}")
     return model, activation, why
+
+
+class _NoRandomInitWarning(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" whenever it is given no tag, also
+    where the weights are loaded right after (OpenAI's exported files, a wrong file being diagnosed): misleading.
+    A real random init is said by FrozenCLIP's own log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def _create_model(arch: str, pretrained: str | None, kwargs: dict) -> nn.Module:
+    import open_clip
+
+    quiet, root = _NoRandomInitWarning(), logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(quiet)
+    try:
+        return open_clip.create_model(arch, pretrained=pretrained, **kwargs)
+    finally:
+        root.removeFilter(quiet)
 
 
 def _load_exported_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, arch: str) -> None:

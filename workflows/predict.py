@@ -62,9 +62,10 @@ def main(argv: list[str]) -> int:
                         help="where the model runs (default auto: the GPU when there is one)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of tables")
     args = parser.parse_args(argv)
-    if args.views < 1 or args.top < 1:
-        print("error: --views and --top must be >= 1", file=sys.stderr)
-        return 2
+    for flag, value in (("--views", args.views), ("--top", args.top)):
+        if value < 1:
+            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():

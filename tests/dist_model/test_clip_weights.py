@@ -8,6 +8,7 @@ architecture with force_quick_gelu, loaded in-process with the same random weigh
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 
 import open_clip
@@ -206,3 +207,16 @@ def test_unreadable_and_other_architecture_files_say_what_is_wrong(tmp_path):
     check_clip_weights("ViT-B-16", "openai")  # a tag is not fetched here
     with pytest.raises(RuntimeError, match="neither a pretrained tag of ViT-B-16"):
         check_clip_weights("ViT-B-16", "opnai")
+
+
+def test_a_random_init_or_a_loaded_file_logs_no_random_init_warning(tmp_path, caplog):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" whenever it gets no tag, also where the
+    weights are loaded right after (OpenAI's exported files): it is kept out of the log."""
+    path = tmp_path / "openai_state.pt"
+    _openai_state_dict(_weights(quick_gelu=True), path)  # the test's own open_clip call warns: not counted
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        build_clip(DiSTConfig.from_name("dist_tiny"))
+        build_clip(DiSTConfig.from_name("dist_tiny", clip_pretrained=str(path)))
+    assert "No pretrained weights loaded" not in caplog.text
+    assert "random init" in caplog.text  # FrozenCLIP's own line says when the init is random

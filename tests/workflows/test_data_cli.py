@@ -174,3 +174,7 @@ def test_sample_refuses_a_file_as_its_output_folder(tmp_path, capsys) -> None:
     assert capsys.readouterr().err == f"error: --out {tmp_path / 'a_file'} is an existing file; give a folder (it is " \
                                       f"created when missing)\n"
     assert (tmp_path / "a_file").read_text() == "x"
+    for workers in ("0", "-1"):  # was: 0 silently meant the default, -1 ran serially
+        assert main(["sample", "--out", str(tmp_path / "new"), "--workers", workers]) == 2
+        assert f"error: --workers {workers}: must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

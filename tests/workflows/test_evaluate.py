@@ -380,3 +380,9 @@ def test_a_checkpoint_recipe_with_a_since_removed_key_still_loads(tmp_path):
     (ckpt / "recipe.yaml").write_text("data:\n  eval_views: 3\n  eval_crops: 1\ntrain:\n  seed: 5\n")
     loaded = read_checkpoint(ckpt)
     assert loaded.recipe.train.seed == 5 and "eval_views" not in loaded.raw_recipe["data"]
+
+
+def test_predict_names_the_count_that_is_below_one(capsys):
+    for flag in ("--views", "--top"):
+        assert predict_main(["--checkpoint", "/nope", flag, "0", "video.mp4"]) == 2
+        assert capsys.readouterr().err == f"error: {flag} must be >= 1, got 0\n"

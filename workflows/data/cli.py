@@ -113,6 +113,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from workflows.data.sample import write_sample_dataset
 
     check_output_folder(args.out)
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: must be at least 1 (leave it out for the CPUs, at most 4)")
     info = write_sample_dataset(args.out, videos_per_class=args.videos_per_class, size=args.size,
                                 num_frames=args.frames, seed=args.seed, fps=args.fps, num_objects=args.objects,
                                 workers=args.workers,
@@ -201,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fps", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--objects", type=int, default=1, help="objects per video, all moving as the class says")
-    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--workers", type=int, default=None,
+                   help="processes writing videos (default: the CPUs, at most 4)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_cmd_sample)
 
