@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
         print("error: --device cuda, but torch sees no CUDA GPU here; use --device cpu (or auto)", file=sys.stderr)
         return 2
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    from workflows.data.video import BadVideo
+    from workflows.data.video import BadVideo, StorageUnreachable
 
     try:
         model, recipe, class_names = load_predictor(args.checkpoint, args.labels, device, args.tracking_uri)
@@ -85,11 +85,13 @@ def main(argv: list[str]) -> int:
         try:
             top = predict_video(model, recipe, class_names, path, views=args.views, crops=args.crops, top=args.top,
                                 mode=mode)
-        except BadVideo as exc:
+        except (BadVideo, StorageUnreachable) as exc:  # the second: a bucket that did not answer, not a bad video
+            reason, detail = (exc.reason, exc.detail) if isinstance(exc, BadVideo) else ("unreachable", str(exc))
             failed += 1
-            results.append({"path": path, "error": exc.reason, "detail": exc.detail})
+            results.append({"path": path, "error": reason, "detail": detail})
             if not args.json:
-                print(f"{path}: dropped ({exc.reason}: {exc.detail})", flush=True)
+                print(f"{path}: {'dropped' if isinstance(exc, BadVideo) else 'not read'} ({reason}: {detail})",
+                      flush=True)
             continue
         results.append({"path": path, "top": [{"class": name, "prob": p} for name, p in top]})
         if not args.json:

@@ -19,6 +19,10 @@ when the source is much larger than needed). Every failure becomes a `BadVideo` 
 
 decord 0.6.0 mis-copies frames for a few output widths (e.g. 48 or 72 px: "The size must exactly match");
 those videos are decoded with PyAV instead of being dropped.
+
+A video in a bucket whose storage does not answer is not a bad video: each read is retried for up to
+STORAGE_RETRY_S seconds (the storage SDK's own retries come first), then `StorageUnreachable` (an OSError, never a
+BadVideo) fails the batch, so the run restarts from its newest complete checkpoint instead of dropping good videos.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
@@ -33,7 +38,7 @@ from typing import IO
 import numpy as np
 import pyarrow.fs as pafs
 
-from workflows.data.manifest import resolve_filesystem
+from workflows.data.manifest import resolve_filesystem, storage_hint
 
 DROP_REASONS = ("missing", "empty", "truncated", "corrupt", "no_video_stream", "unsupported_codec", "zero_frames",
                 "too_short", "decode_error")
@@ -79,13 +84,43 @@ class DecodedVideo:
         return self.frames[np.searchsorted(self.indices, wanted)]
 
 
+STORAGE_RETRY_S = 120.0  # how long a read from a bucket is retried before the storage counts as unreachable
+
+
+class StorageUnreachable(OSError):
+    """A bucket that did not answer for STORAGE_RETRY_S seconds: the run's problem, not the video's."""
+
+
+def _from_storage(path: str, fs: pafs.FileSystem, read: Callable[[], object]) -> object:
+    """`read()` against the storage of `path`; on a remote filesystem an OSError (connection reset or refused,
+    throttling, a 5xx) is retried with backoff until STORAGE_RETRY_S have passed, then raised as StorageUnreachable.
+    A missing file is no OSError here: pyarrow reports it as FileType.NotFound."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return read()
+    started, pause = time.monotonic(), 0.5
+    while True:
+        try:
+            return read()
+        except OSError as exc:
+            waited = time.monotonic() - started
+            if waited >= STORAGE_RETRY_S:
+                raise StorageUnreachable(f"cannot read {path}: its storage did not answer for {waited:.0f} s ({exc})"
+                                         f"{storage_hint(path)}") from None
+            time.sleep(min(pause, max(0.0, STORAGE_RETRY_S - waited)))
+            pause = min(pause * 2, 10.0)
+
+
 def _source(path: str, size: int) -> str | IO[bytes]:
     """What decord/PyAV open: the local path itself, or the bytes of a remote file."""
     fs, inner = resolve_filesystem(path)
     if isinstance(fs, pafs.LocalFileSystem):
         return inner
-    with fs.open_input_stream(inner) as f:
-        return io.BytesIO(f.read())
+
+    def fetch() -> IO[bytes]:
+        with fs.open_input_stream(inner) as f:
+            return io.BytesIO(f.read())
+
+    return _from_storage(path, fs, fetch)
 
 
 def mp4_truncated(f: IO[bytes], size: int) -> bool | None:
@@ -141,13 +176,18 @@ def video_has_packets(source: str | IO[bytes]) -> bool | None:
 
 def probe(path: str) -> VideoInfo:
     """Check that `path` exists, is non-empty and holds a readable video stream; raise BadVideo otherwise."""
+    return _probe(path)[0]
+
+
+def _probe(path: str) -> tuple[VideoInfo, str | IO[bytes]]:
+    """`probe`, plus what the decoder opens (`_source`): a remote video is fetched once, not again to decode it."""
     import av  # imported here: workers import it once, the CLI only when needed
 
     try:
         fs, inner = resolve_filesystem(path)
-        info = fs.get_file_info(inner)
-    except (OSError, ValueError) as exc:  # unreachable storage, or a URI no filesystem takes
+    except (OSError, ValueError) as exc:  # a URI no filesystem takes
         raise BadVideo("missing", str(exc)) from None
+    info = _from_storage(path, fs, lambda: fs.get_file_info(inner))
     if info.type == pafs.FileType.NotFound:
         raise BadVideo("missing", "no such file")
     if info.type != pafs.FileType.File:
@@ -155,15 +195,17 @@ def probe(path: str) -> VideoInfo:
     size = int(info.size or 0)
     if size == 0:
         raise BadVideo("empty", "zero bytes")
+    source = _source(path, size)  # outside the try below: a storage failure is not an unopenable video
     try:
-        with av.open(_source(path, size), metadata_errors="ignore") as container:
+        with av.open(source, metadata_errors="ignore") as container:
             streams = container.streams.video
             if not streams:
                 kinds = sorted({s.type for s in container.streams})
                 raise BadVideo("no_video_stream", f"streams: {kinds or 'none'}")
             ctx = streams[0].codec_context
-            return VideoInfo(width=int(ctx.width or 0), height=int(ctx.height or 0), codec=str(ctx.name or "?"),
+            info = VideoInfo(width=int(ctx.width or 0), height=int(ctx.height or 0), codec=str(ctx.name or "?"),
                              size_bytes=size)
+            return info, source
     except BadVideo:
         raise
     except Exception as exc:  # PyAV raises FFmpegError subclasses; anything here means "cannot open"
@@ -223,9 +265,10 @@ def read_frames(
 
     from workflows.data.sampling import frame_window
 
-    info = probe(path)
+    info, source = _probe(path)
+    if not isinstance(source, str):
+        source.seek(0)  # PyAV read it
     size = decode_size(info.width, info.height, target_short, resize_threshold)
-    source = _source(path, info.size_bytes)
     try:
         vr = decord.VideoReader(source, ctx=decord.cpu(0), width=size[0] if size else -1,
                                 height=size[1] if size else -1, num_threads=num_threads)
