@@ -102,6 +102,12 @@ def inspect_clip_checkpoint(path: str, arch: str) -> ClipCheckpoint:
     return ClipCheckpoint(path, evidence, state)
 
 
+class ClipWeightsError(ValueError, RuntimeError):
+    """The CLIP weights cannot be built as asked: an unknown tag, a missing or unreadable file, another
+    architecture's weights, an activation that cannot be decided. The message says which and what to do. (A
+    ValueError and a RuntimeError, the two kinds these errors were raised as before.)"""
+
+
 def _is_torchscript_archive(path: str) -> bool:
     """A torch.jit.save archive: a zip whose top folder holds constants.pkl and code/ (a torch.save zip does not)."""
     if not zipfile.is_zipfile(path):
@@ -149,14 +155,14 @@ def _checkpoint_keys(path: str) -> set[str]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if not looks_like_torch_file(path):  # torch's own message would suggest weights_only=False: wrong here
-            raise ValueError(f"the CLIP checkpoint {path} is not a PyTorch file (torch.save or TorchScript), a "
+            raise ClipWeightsError(f"the CLIP checkpoint {path} is not a PyTorch file (torch.save or TorchScript), a "
                              "safetensors file or big_vision .npz weights: another kind of file, or a truncated "
                              "download") from None
-        raise ValueError(f"could not read the CLIP checkpoint {path}: {exc}") from exc
+        raise ClipWeightsError(f"could not read the CLIP checkpoint {path}: {exc}") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a CLIP state dict")
+        raise ClipWeightsError(f"{path} holds a {type(obj).__name__}, not a CLIP state dict")
     return {k[len("module."):] if k.startswith("module.") else k for k in obj}
 
 
@@ -194,7 +200,7 @@ def resolve_clip_activation(
         return "gelu", f"random init; {arch} declares no activation (open_clip's default GELU)"
     variant = f"{arch}-quickgelu"
     alternative = f", or clip_arch {variant}" if variant in open_clip.list_models() else ""
-    raise ValueError(
+    raise ClipWeightsError(
         f"cannot tell which activation the CLIP weights in {checkpoint.path} were trained with: a plain CLIP state "
         "dict has the same keys whether its blocks used QuickGELU (OpenAI's weights) or GELU (LAION, DataComp and "
         "most open_clip-trained weights), and running them with the other one gives wrong features. Set "
@@ -214,7 +220,7 @@ def load_open_clip(arch: str, pretrained: str | None, activation: str = "auto") 
     register_clip_configs()
     is_tag = bool(pretrained) and bool(open_clip.get_pretrained_cfg(arch, pretrained))
     if pretrained and not is_tag and not os.path.isfile(pretrained):
-        raise RuntimeError(
+        raise ClipWeightsError(
             f"could not load CLIP weights {pretrained!r} for {arch}: it is neither a pretrained tag of {arch} "
             f"({open_clip.list_pretrained_tags_by_model(arch) or 'it has none'}) nor a file. Without network access, "
             "download the weights once and pass the local file path as clip_pretrained."
@@ -235,10 +241,10 @@ def load_open_clip(arch: str, pretrained: str | None, activation: str = "auto") 
 
                 empty = _create_model(arch, None, kwargs)
                 state = load_state_dict(pretrained, device="cpu", weights_only=True)
-                raise RuntimeError(_not_this_architecture(pretrained, arch, _state_dict_mismatch(empty, state) or
+                raise ClipWeightsError(_not_this_architecture(pretrained, arch, _state_dict_mismatch(empty, state) or
                                                           str(exc).splitlines()[0])) from exc
             tags = open_clip.list_pretrained_tags_by_model(arch)
-            raise RuntimeError(
+            raise ClipWeightsError(
                 f"could not load CLIP weights {pretrained!r} for {arch}: {exc}. Known tags for {arch}: {tags}. "
                 "Without network access, download the weights once and pass the local file path as clip_pretrained."
             ) from exc
@@ -278,7 +284,7 @@ def _load_exported_state(model: nn.Module, state: dict[str, torch.Tensor], path:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise RuntimeError(_not_this_architecture(path, arch, _state_dict_mismatch(model, state) or
+        raise ClipWeightsError(_not_this_architecture(path, arch, _state_dict_mismatch(model, state) or
                                                   str(exc).splitlines()[0])) from exc
 
 
@@ -288,11 +294,11 @@ def _not_this_architecture(path: str, arch: str, difference: str) -> str:
 
 
 def check_clip_weights(arch: str, pretrained: str | None, activation: str = "auto") -> None:
-    """Raise what building this CLIP on a worker would raise, before any worker exists. A tag is only checked to
-    be one of `arch`'s (the workers fetch it, or find it in their cache); a local file is loaded whole into a CPU
-    model here and dropped (seconds, and the file's size in memory for that time: 0.6 GB at B/16, 1.7 GB at L/14), so
-    a missing, unreadable or truncated file, another architecture's weights and an undecidable activation fail at
-    once."""
+    """Raise what building this CLIP on a worker would raise (ClipWeightsError), before any worker exists. A tag
+    is only checked to be one of `arch`'s (the workers fetch it, or find it in their cache); a local file is loaded
+    whole into a CPU model here and dropped (seconds, and the file's size in memory for that time: 0.6 GB at B/16,
+    1.7 GB at L/14), so a missing, unreadable or truncated file, another architecture's weights and an undecidable
+    activation fail at once."""
     import open_clip
 
     register_clip_configs()

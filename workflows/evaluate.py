@@ -143,6 +143,7 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
     recipe = _recipe_of(request, checkpoint)
     if checkpoint is not None and not request.clip_only:
         check_weights_fit(checkpoint.directory, recipe)
+    _check_clip_weights(recipe)
     seed = checkpoint.training_seed(recipe) if checkpoint is not None else recipe.train.seed
     label_map, labels_source = _label_set(request, recipe, checkpoint)
     manifest = _manifest(request, recipe, label_map, labels_source)
@@ -159,6 +160,18 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
                     out_dir=_out_dir(request, recipe, directory), tracking_uri=request.tracking_uri,
                     checkpoint_source=checkpoint.source if checkpoint is not None else None)
+
+
+def _check_clip_weights(recipe: Recipe) -> None:
+    """The frozen CLIP the scoring actors will build, read here first (`check_clip_weights`: a local file is loaded
+    once on the driver), so a moved, truncated or wrong file fails before Ray."""
+    from dist_model.spatial import check_clip_weights
+
+    cfg = recipe.model_cfg
+    try:
+        check_clip_weights(cfg.clip_arch, cfg.clip_pretrained, cfg.clip_activation)
+    except ValueError as exc:  # ClipWeightsError, or an explicit clip_activation the file contradicts
+        raise ConfigError(f"model.clip_pretrained (the CLIP the checkpoint was trained with): {exc}") from None
 
 
 def _check_counts(request: EvalRequest) -> None:

@@ -170,7 +170,7 @@ def check_model_weights(recipe: Recipe) -> None:
     cfg = recipe.model_cfg
     try:
         check_clip_weights(cfg.clip_arch, cfg.clip_pretrained, cfg.clip_activation)
-    except (RuntimeError, ValueError, OSError) as exc:
+    except ValueError as exc:  # ClipWeightsError, or an explicit clip_activation the file contradicts
         raise ConfigError(f"model.clip_pretrained: {exc}") from None
     init_from = recipe.train.init_from
     if not init_from or is_remote(init_from):

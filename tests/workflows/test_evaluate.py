@@ -386,3 +386,18 @@ def test_predict_names_the_count_that_is_below_one(capsys):
     for flag in ("--views", "--top"):
         assert predict_main(["--checkpoint", "/nope", flag, "0", "video.mp4"]) == 2
         assert capsys.readouterr().err == f"error: {flag} must be >= 1, got 0\n"
+
+
+def test_a_clip_file_that_is_gone_fails_before_any_work(run_dir: Path, video_dir: Path, tmp_path: Path,
+                                                         capsys) -> None:
+    """The checkpoint records the CLIP file it was trained with; moved or deleted since, evaluate says so before Ray
+    and predict before decoding (both exit 2 with one line)."""
+    state = read_state(run_dir / "checkpoint_000001")
+    state["model"] = {**state["model"], "clip_pretrained": str(tmp_path / "moved_clip.pt"),
+                      "clip_activation": "gelu"}
+    ckpt = _edited_copy(run_dir, tmp_path, state=state)
+    video = str(video_dir / "clips" / "mid.mp4")
+    for main, args in ((evaluate_main, ["--checkpoint", str(ckpt)]), (predict_main, ["--checkpoint", str(ckpt), video])):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "moved_clip.pt" in err and "nor a file" in err and err.startswith("error: ") and err.count("\n") == 1
