@@ -1,8 +1,10 @@
 """A video in a bucket is read from a real S3 API (moto's server on loopback) through a proxy that takes the endpoint
 away: a storage outage shorter than STORAGE_RETRY_S is waited out and the video decodes as if nothing happened; a
 longer one fails with StorageUnreachable, never a BadVideo (a good video must not be dropped as "missing" or
-"corrupt" because the network went away). A remote video is fetched once per read, not once to probe and again to
-decode. No Ray here: the decode actors call exactly this."""
+"corrupt" because the network went away), and the decode actors' batch function lets it through (the batch fails;
+Ray Data fails the pipeline on a batch function's error, and Ray Train restarts the run from its newest complete
+checkpoint). A remote video is fetched once per read, not once to probe and again to decode. No Ray here: the decode
+actors call exactly this."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 from tests.workflows.conftest import GOOD_VIDEOS
 from tests.workflows.object_store import FaultyProxy, MotoServer, S3Credentials
 from workflows.data import video
+from workflows.data.pipeline import ClipSpec, decode_batch
 from workflows.data.sampling import segment_indices
 from workflows.data.video import BadVideo, StorageUnreachable, read_frames
 
@@ -72,15 +75,22 @@ def test_an_outage_is_waited_out_and_a_longer_one_is_not_a_bad_video(bucket, mon
     assert np.array_equal(_read(uri), frames)
     assert proxy.resets > resets, "the outage never reset a connection: nothing was retried"
 
-    # Longer than the retry budget: the storage's problem, said as such, never a dropped video.
+    # Longer than the retry budget: the storage's problem, said as such, never a dropped video. The decode actors'
+    # batch function (what Ray Data runs) lets it through, so the batch fails instead of shrinking.
     monkeypatch.setattr(video, "STORAGE_RETRY_S", 2.0)
-    proxy.outage(30)
+    proxy.outage(60)
+    drops: list = []
+    batch = {"path": np.array([uri], object), "label": np.array([0]), "video_index": np.array([0]),
+             "start": np.array([np.nan]), "end": np.array([np.nan])}
     try:
         with pytest.raises(StorageUnreachable, match=rf"cannot read {uri}: its storage did not answer for \d+ s "
                                                      r"\(.*\); check the bucket and key, and set AWS_ENDPOINT_URL"):
             _read(uri)
+        with pytest.raises(StorageUnreachable):
+            decode_batch(batch, ClipSpec(split="eval", num_frames=4, crop_size=24), lambda *args: drops.append(args))
     finally:
         proxy.outage(0)  # back at once for the next test
+    assert drops == []
     assert not issubclass(StorageUnreachable, BadVideo) and issubclass(StorageUnreachable, OSError)
 
 
