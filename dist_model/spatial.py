@@ -155,9 +155,9 @@ def _checkpoint_keys(path: str) -> set[str]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if not looks_like_torch_file(path):  # torch's own message would suggest weights_only=False: wrong here
-            raise ClipWeightsError(f"the CLIP checkpoint {path} is not a PyTorch file (torch.save or TorchScript), a "
-                             "safetensors file or big_vision .npz weights: another kind of file, or a truncated "
-                             "download") from None
+            raise ClipWeightsError(f"the CLIP checkpoint {path} is not a PyTorch file (torch.save or TorchScript), "
+                                   "a safetensors file or big_vision .npz weights: another kind of file, or a "
+                                   "truncated download") from None
         raise ClipWeightsError(f"could not read the CLIP checkpoint {path}: {exc}") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

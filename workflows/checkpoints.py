@@ -304,8 +304,7 @@ def corrupt_checkpoint(directory: str | Path, name: str, problem: Any) -> Corrup
     written, size = _listed_size(directory, name), (directory / name).stat().st_size
     if written is not None and written != size:
         detail = f"{size} of the {written} bytes written; {detail}"
-    others = sorted((d.name for d in directory.parent.glob("checkpoint_*")
-                     if d.resolve() != directory.resolve() and (d / STATE).is_file() and (d / WEIGHTS).is_file()),
+    others = sorted((d.name for d in _model_checkpoints(directory.parent) if d.resolve() != directory.resolve()),
                     reverse=True)
     instead = (f"another checkpoint of the run (in {directory.parent}: {', '.join(others[:3])}"
                f"{', ...' if len(others) > 3 else ''})" if others else "another checkpoint")
@@ -353,33 +352,38 @@ def read_recipe(directory: str | Path) -> dict[str, Any]:
         raise corrupt_checkpoint(directory, RECIPE, exc.__cause__ or exc) from None
 
 
-def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Trainable weights of a checkpoint directory (safetensors: data only); CorruptCheckpoint when unreadable."""
+def _read_weights_file(directory: str | Path, read: Any) -> Any:
+    """`read(path)` of a checkpoint's weights.safetensors; FileNotFoundError without one, CorruptCheckpoint when
+    the safetensors reader refuses it."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a DiST checkpoint (no {WEIGHTS})")
     try:
-        return load_file(str(path))
+        return read(str(path))
     except SafetensorError as exc:
         raise corrupt_checkpoint(directory, WEIGHTS, exc) from None
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Trainable weights of a checkpoint directory (safetensors: data only); CorruptCheckpoint when unreadable."""
+    from safetensors.torch import load_file
+
+    return _read_weights_file(directory, load_file)
 
 
 def weight_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
     """{key: shape} of a checkpoint's trainable weights, from the safetensors header alone (no tensor is read; a
     truncated file is caught too: the header must cover the file); CorruptCheckpoint when unreadable."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
-    path = Path(directory) / WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a DiST checkpoint (no {WEIGHTS})")
-    try:
-        with safe_open(str(path), framework="pt") as f:
+    def header(path: str) -> dict[str, tuple[int, ...]]:
+        with safe_open(path, framework="pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except SafetensorError as exc:
-        raise corrupt_checkpoint(directory, WEIGHTS, exc) from None
+
+    return _read_weights_file(directory, header)
+
 
 def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
     """Initialise trainable weights from one of our checkpoint directories or an authors' checkpoint file.
@@ -408,6 +412,11 @@ def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
     return f"initialised from {source}: {report.summary()}"
 
 
+def _model_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoint_* directories of a local run that hold the model files (state.json and weights)."""
+    return [d for d in run_dir.glob("checkpoint_*") if (d / STATE).is_file() and (d / WEIGHTS).is_file()]
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from `path`: a checkpoint itself, or a run directory (its latest checkpoint by
     step). Raises FileNotFoundError saying what was expected."""
@@ -421,7 +430,7 @@ def find_checkpoint(path: str | Path) -> Path:
         if not (path / WEIGHTS).is_file():
             raise FileNotFoundError(f"{path} has {STATE} but no {WEIGHTS}: an incomplete DiST checkpoint")
         return path
-    found = [d for d in path.glob("checkpoint_*") if (d / STATE).is_file() and (d / WEIGHTS).is_file()]
+    found = _model_checkpoints(path)
     if not found:
         raise FileNotFoundError(f"{path} is not a DiST checkpoint: no {STATE}/{WEIGHTS} in it, and no checkpoint_* "
                                 f"directories holding them (pass a <run>/checkpoint_* directory of a training run)")

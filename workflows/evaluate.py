@@ -45,7 +45,7 @@ from workflows.inference import (
     scoring_autocast,
     scoring_precision,
 )
-from workflows.recipe import Recipe, model_config, recipe_to_dict
+from workflows.recipe import Recipe, check_clip_file, model_config, recipe_to_dict
 from workflows.runtime import is_remote
 
 LOG_PREFIX = "[evaluate]"
@@ -143,15 +143,13 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
     recipe = _recipe_of(request, checkpoint)
     if checkpoint is not None and not request.clip_only:
         check_weights_fit(checkpoint.directory, recipe)
-    _check_clip_weights(recipe)
+    check_clip_file(recipe, "model.clip_pretrained (the CLIP the checkpoint was trained with)")
     seed = checkpoint.training_seed(recipe) if checkpoint is not None else recipe.train.seed
     label_map, labels_source = _label_set(request, recipe, checkpoint)
     manifest = _manifest(request, recipe, label_map, labels_source)
+    # Both valid: the flags by _check_counts, the recipe's eval.test_views / test_crops by EvalSection.
     views = request.views if request.views is not None else recipe.eval.test_views
     crops = request.crops if request.crops is not None else recipe.eval.test_crops
-    if views < 1 or crops not in (1, 3):  # the recipe's values (the flags are checked first)
-        raise ConfigError(f"eval.test_views must be >= 1 and eval.test_crops 1 or 3 (got {views} x {crops}); pass "
-                          f"--views / --crops or --set eval.test_views=3 eval.test_crops=1")
     mode: Mode = "clip_only" if request.clip_only else \
         "fusion" if request.zero_shot_fusion or recipe.eval.zero_shot_fusion else "dist"
     directory = checkpoint.directory if checkpoint is not None else None
@@ -160,18 +158,6 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
                     out_dir=_out_dir(request, recipe, directory), tracking_uri=request.tracking_uri,
                     checkpoint_source=checkpoint.source if checkpoint is not None else None)
-
-
-def _check_clip_weights(recipe: Recipe) -> None:
-    """The frozen CLIP the scoring actors will build, read here first (`check_clip_weights`: a local file is loaded
-    once on the driver), so a moved, truncated or wrong file fails before Ray."""
-    from dist_model.spatial import check_clip_weights
-
-    cfg = recipe.model_cfg
-    try:
-        check_clip_weights(cfg.clip_arch, cfg.clip_pretrained, cfg.clip_activation)
-    except ValueError as exc:  # ClipWeightsError, or an explicit clip_activation the file contradicts
-        raise ConfigError(f"model.clip_pretrained (the CLIP the checkpoint was trained with): {exc}") from None
 
 
 def _check_counts(request: EvalRequest) -> None:

@@ -19,6 +19,7 @@ from workflows.console import quiet_ray_console, recipe_summary, train_logging_c
 from workflows.elastic import grow_checkpoint_callback
 from workflows.recipe import (
     Recipe,
+    check_clip_file,
     load_recipe,
     recipe_to_dict,
     with_absolute_paths,
@@ -120,17 +121,24 @@ def validate_before_start(recipe: Recipe) -> None:
         resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir)
 
 
-def check_storage_answers(run_dir: str) -> None:
-    """One listing of a remote run directory (a missing one is fine: the run creates it): unreachable storage or
-    missing credentials fail here, not at the run's first write on the cluster."""
-    import pyarrow
+def list_run_dir(run_dir: str) -> None:
+    """One listing of the run directory's storage (a missing directory is fine: the run creates it); raises what
+    the storage raises (OSError: unreachable, no credentials)."""
     import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(run_dir)
+    fs.get_file_info(path)
+
+
+def check_storage_answers(run_dir: str) -> None:
+    """`list_run_dir` once, before Ray: unreachable storage or missing credentials fail here, not at the run's
+    first write on the cluster."""
+    import pyarrow
 
     from workflows.data.manifest import storage_hint
 
     try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(run_dir)
-        fs.get_file_info(path)
+        list_run_dir(run_dir)
     except (OSError, pyarrow.ArrowInvalid) as exc:
         raise ConfigError(f"run.storage_path: cannot reach {redact_secrets(run_dir)}: "
                           f"{redact_secrets(str(exc))}{storage_hint(run_dir)}") from None
@@ -164,14 +172,10 @@ def check_model_weights(recipe: Recipe) -> None:
     import torch
 
     from dist_model import DiSTNet
-    from dist_model.spatial import check_clip_weights
     from workflows.checkpoints import init_model_from
 
     cfg = recipe.model_cfg
-    try:
-        check_clip_weights(cfg.clip_arch, cfg.clip_pretrained, cfg.clip_activation)
-    except ValueError as exc:  # ClipWeightsError, or an explicit clip_activation the file contradicts
-        raise ConfigError(f"model.clip_pretrained: {exc}") from None
+    check_clip_file(recipe, "model.clip_pretrained")
     init_from = recipe.train.init_from
     if not init_from or is_remote(init_from):
         return
@@ -207,14 +211,11 @@ def storage_failure(exc: BaseException) -> OSError | None:
 
 
 def wait_for_storage(run_dir: str, timeout_s: float = STORAGE_WAIT_S, probe_s: float = STORAGE_PROBE_S) -> bool:
-    """Whether the run directory's storage answers (a listing of the run directory) within `timeout_s`."""
-    import pyarrow.fs
-
+    """Whether the run directory's storage answers (`list_run_dir`) within `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            fs, path = pyarrow.fs.FileSystem.from_uri(run_dir)
-            fs.get_file_info(path)
+            list_run_dir(run_dir)
             return True
         except OSError:
             if time.monotonic() >= deadline:

@@ -343,6 +343,18 @@ def check_data_files(recipe: Recipe) -> None:
             raise ConfigError(f"data.{key}: {value} does not exist")
 
 
+def check_clip_file(recipe: Recipe, key: str) -> None:
+    """The recipe's frozen CLIP as the workers will build it, read here first (`check_clip_weights`: a local file
+    is loaded once, a tag only checked), so a missing, truncated or wrong file fails before Ray, named as `key`."""
+    from dist_model.spatial import check_clip_weights
+
+    cfg = recipe.model_cfg
+    try:
+        check_clip_weights(cfg.clip_arch, cfg.clip_pretrained, cfg.clip_activation)
+    except ValueError as exc:  # ClipWeightsError, or an explicit clip_activation the file contradicts
+        raise ConfigError(f"{key}: {exc}") from None
+
+
 def with_absolute_paths(recipe: Recipe) -> Recipe:
     """A copy whose local, relative file paths are absolute: Ray workers do not run in the driver's directory."""
 

@@ -397,7 +397,8 @@ def test_a_clip_file_that_is_gone_fails_before_any_work(run_dir: Path, video_dir
                       "clip_activation": "gelu"}
     ckpt = _edited_copy(run_dir, tmp_path, state=state)
     video = str(video_dir / "clips" / "mid.mp4")
-    for main, args in ((evaluate_main, ["--checkpoint", str(ckpt)]), (predict_main, ["--checkpoint", str(ckpt), video])):
+    for main, args in ((evaluate_main, ["--checkpoint", str(ckpt)]),
+                       (predict_main, ["--checkpoint", str(ckpt), video])):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "moved_clip.pt" in err and "nor a file" in err and err.startswith("error: ") and err.count("\n") == 1

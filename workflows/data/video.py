@@ -110,9 +110,9 @@ def _from_storage(path: str, fs: pafs.FileSystem, read: Callable[[], object]) ->
             pause = min(pause * 2, 10.0)
 
 
-def _source(path: str, size: int) -> str | IO[bytes]:
-    """What decord/PyAV open: the local path itself, or the bytes of a remote file."""
-    fs, inner = resolve_filesystem(path)
+def _source(path: str, fs: pafs.FileSystem, inner: str) -> str | IO[bytes]:
+    """What decord/PyAV open: the local path itself, or the bytes of a remote file (`fs`, `inner`: `path` as
+    `resolve_filesystem` gives it)."""
     if isinstance(fs, pafs.LocalFileSystem):
         return inner
 
@@ -195,7 +195,7 @@ def _probe(path: str) -> tuple[VideoInfo, str | IO[bytes]]:
     size = int(info.size or 0)
     if size == 0:
         raise BadVideo("empty", "zero bytes")
-    source = _source(path, size)  # outside the try below: a storage failure is not an unopenable video
+    source = _source(path, fs, inner)  # outside the try below: a storage failure is not an unopenable video
     try:
         with av.open(source, metadata_errors="ignore") as container:
             streams = container.streams.video
