@@ -17,6 +17,7 @@ import pytest
 from tests.workflows.conftest import GOOD_VIDEOS
 from tests.workflows.object_store import FaultyProxy, MotoServer, S3Credentials
 from workflows.data import video
+from workflows.data.data_config import DataConfig
 from workflows.data.pipeline import ClipSpec, decode_batch
 from workflows.data.sampling import segment_indices
 from workflows.data.video import BadVideo, StorageUnreachable, read_frames
@@ -77,17 +78,20 @@ def test_an_outage_is_waited_out_and_a_longer_one_is_not_a_bad_video(bucket, mon
 
     # Longer than the retry budget: the storage's problem, said as such, never a dropped video. The decode actors'
     # batch function (what Ray Data runs) lets it through, so the batch fails instead of shrinking.
-    monkeypatch.setattr(video, "STORAGE_RETRY_S", 2.0)
+    # The decode actors take the budget from the recipe (data.storage_retry_s, through ClipSpec): 2 s here while the
+    # module default stays 120 s, so a budget that did not reach the read would wait the outage out instead.
     proxy.outage(60)
     drops: list = []
     batch = {"path": np.array([uri], object), "label": np.array([0]), "video_index": np.array([0]),
              "start": np.array([np.nan]), "end": np.array([np.nan])}
+    spec = ClipSpec.from_config(DataConfig(storage_retry_s=2.0), split="eval", num_frames=4, crop_size=24)
     try:
+        with pytest.raises(StorageUnreachable, match=r"did not answer for [2-9] s"):
+            decode_batch(batch, spec, lambda *args: drops.append(args))
+        monkeypatch.setattr(video, "STORAGE_RETRY_S", 2.0)  # what `data check` and `predict` wait
         with pytest.raises(StorageUnreachable, match=rf"cannot read {uri}: its storage did not answer for \d+ s "
                                                      r"\(.*\); check the bucket and key, and set AWS_ENDPOINT_URL"):
             _read(uri)
-        with pytest.raises(StorageUnreachable):
-            decode_batch(batch, ClipSpec(split="eval", num_frames=4, crop_size=24), lambda *args: drops.append(args))
     finally:
         proxy.outage(0)  # back at once for the next test
     assert drops == []

@@ -62,6 +62,9 @@ class DataConfig:
     min_frames: int = 4  # videos (or start/end windows) with fewer frames are dropped as too_short
     # Stop with an error once more than this fraction of a split's videos has been dropped.
     max_bad_fraction: float = 0.05
+    # A video in a bucket whose storage does not answer is retried this long (after the storage SDK's own retries),
+    # then the batch fails and the run restarts from its newest complete checkpoint: never dropped as a bad video.
+    storage_retry_s: float = 120.0
     drop_counter: str = "dist-data-drops"  # name of the Ray actor that counts dropped videos
 
     # Keys this section once had, with where their setting lives now: the strict loader rejects them with this hint
@@ -111,6 +114,8 @@ class DataConfig:
             raise ValueError(f"train_shuffle_clips must be >= 0 (0 = off) or null, got {self.train_shuffle_clips}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
+        if not self.storage_retry_s >= 0.0:  # NaN too
+            raise ValueError(f"storage_retry_s must be >= 0 seconds, got {self.storage_retry_s}")
 
     def node_label_selector(self) -> dict[str, str] | None:
         """`decode_node_label` as a Ray label selector ({key: value}), or None (any node: unset or "any").

@@ -64,6 +64,7 @@ class ClipSpec:
     decode_short_side: int | None = None
     decode_resize_threshold: float = 1.25
     decode_threads: int = 1
+    storage_retry_s: float = 120.0
     counter_split: str = "train"  # key under which drops are counted
 
     @classmethod
@@ -71,7 +72,8 @@ class ClipSpec:
         return cls(flip=cfg.flip, flip_pairs=[list(p) for p in cfg.flip_pairs], flip_p=cfg.flip_p,
                    crop_scale=list(cfg.crop_scale), crop_ratio=list(cfg.crop_ratio), grayscale_p=cfg.grayscale_p,
                    min_frames=cfg.min_frames, decode_short_side=cfg.decode_short_side,
-                   decode_resize_threshold=cfg.decode_resize_threshold, decode_threads=cfg.decode_threads, **kwargs)
+                   decode_resize_threshold=cfg.decode_resize_threshold, decode_threads=cfg.decode_threads,
+                   storage_retry_s=cfg.storage_retry_s, **kwargs)
 
     def target_short(self) -> int:
         """Short side to decode at when the source is much larger."""
@@ -101,7 +103,7 @@ def clips_from_video(path: str, label: int, video_index: int, start: float, end:
 
     decoded = read_frames(path, choose, start=start, end=end, min_frames=spec.min_frames,
                           target_short=spec.target_short(), resize_threshold=spec.decode_resize_threshold,
-                          num_threads=spec.decode_threads)
+                          num_threads=spec.decode_threads, storage_retry_s=spec.storage_retry_s)
     rows = []
     for v, idx in enumerate(plans):
         frames = decoded.take(idx)  # (T_d, H, W, 3)

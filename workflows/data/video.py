@@ -85,32 +85,34 @@ class DecodedVideo:
 
 
 STORAGE_RETRY_S = 120.0  # how long a read from a bucket is retried before the storage counts as unreachable
+# (the default of data.storage_retry_s, and what `data check` and `predict` wait)
 
 
 class StorageUnreachable(OSError):
-    """A bucket that did not answer for STORAGE_RETRY_S seconds: the run's problem, not the video's."""
+    """A bucket that did not answer for the retry budget: the run's problem, not the video's."""
 
 
-def _from_storage(path: str, fs: pafs.FileSystem, read: Callable[[], object]) -> object:
+def _from_storage(path: str, fs: pafs.FileSystem, read: Callable[[], object], retry_s: float | None) -> object:
     """`read()` against the storage of `path`; on a remote filesystem an OSError (connection reset or refused,
-    throttling, a 5xx) is retried with backoff until STORAGE_RETRY_S have passed, then raised as StorageUnreachable.
-    A missing file is no OSError here: pyarrow reports it as FileType.NotFound."""
+    throttling, a 5xx) is retried with backoff until `retry_s` (None: STORAGE_RETRY_S) seconds have passed, then
+    raised as StorageUnreachable. A missing file is no OSError here: pyarrow reports it as FileType.NotFound."""
     if isinstance(fs, pafs.LocalFileSystem):
         return read()
+    budget = STORAGE_RETRY_S if retry_s is None else retry_s
     started, pause = time.monotonic(), 0.5
     while True:
         try:
             return read()
         except OSError as exc:
             waited = time.monotonic() - started
-            if waited >= STORAGE_RETRY_S:
+            if waited >= budget:
                 raise StorageUnreachable(f"cannot read {path}: its storage did not answer for {waited:.0f} s ({exc})"
                                          f"{storage_hint(path)}") from None
-            time.sleep(min(pause, max(0.0, STORAGE_RETRY_S - waited)))
+            time.sleep(min(pause, max(0.0, budget - waited)))
             pause = min(pause * 2, 10.0)
 
 
-def _source(path: str, fs: pafs.FileSystem, inner: str) -> str | IO[bytes]:
+def _source(path: str, fs: pafs.FileSystem, inner: str, retry_s: float | None) -> str | IO[bytes]:
     """What decord/PyAV open: the local path itself, or the bytes of a remote file (`fs`, `inner`: `path` as
     `resolve_filesystem` gives it)."""
     if isinstance(fs, pafs.LocalFileSystem):
@@ -120,7 +122,7 @@ def _source(path: str, fs: pafs.FileSystem, inner: str) -> str | IO[bytes]:
         with fs.open_input_stream(inner) as f:
             return io.BytesIO(f.read())
 
-    return _from_storage(path, fs, fetch)
+    return _from_storage(path, fs, fetch, retry_s)
 
 
 def mp4_truncated(f: IO[bytes], size: int) -> bool | None:
@@ -179,7 +181,7 @@ def probe(path: str) -> VideoInfo:
     return _probe(path)[0]
 
 
-def _probe(path: str) -> tuple[VideoInfo, str | IO[bytes]]:
+def _probe(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO[bytes]]:
     """`probe`, plus what the decoder opens (`_source`): a remote video is fetched once, not again to decode it."""
     import av  # imported here: workers import it once, the CLI only when needed
 
@@ -187,7 +189,7 @@ def _probe(path: str) -> tuple[VideoInfo, str | IO[bytes]]:
         fs, inner = resolve_filesystem(path)
     except (OSError, ValueError) as exc:  # a URI no filesystem takes
         raise BadVideo("missing", str(exc)) from None
-    info = _from_storage(path, fs, lambda: fs.get_file_info(inner))
+    info = _from_storage(path, fs, lambda: fs.get_file_info(inner), retry_s)
     if info.type == pafs.FileType.NotFound:
         raise BadVideo("missing", "no such file")
     if info.type != pafs.FileType.File:
@@ -195,7 +197,7 @@ def _probe(path: str) -> tuple[VideoInfo, str | IO[bytes]]:
     size = int(info.size or 0)
     if size == 0:
         raise BadVideo("empty", "zero bytes")
-    source = _source(path, fs, inner)  # outside the try below: a storage failure is not an unopenable video
+    source = _source(path, fs, inner, retry_s)  # outside the try below: a storage failure is not an unopenable video
     try:
         with av.open(source, metadata_errors="ignore") as container:
             streams = container.streams.video
@@ -258,14 +260,16 @@ def read_frames(
     target_short: int | None = None,
     resize_threshold: float = 1.25,
     num_threads: int = 1,
+    storage_retry_s: float | None = None,
 ) -> DecodedVideo:
     """Decode the frames `choose(first, last, fps)` picks (any int array of indices in [first, last)) from the
-    [start, end) seconds window of `path`. Raises BadVideo (with a reason from DROP_REASONS) on any failure."""
+    [start, end) seconds window of `path`. Raises BadVideo (with a reason from DROP_REASONS) on any failure, and
+    StorageUnreachable when a bucket did not answer for `storage_retry_s` (None: STORAGE_RETRY_S) seconds."""
     import decord
 
     from workflows.data.sampling import frame_window
 
-    info, source = _probe(path)
+    info, source = _probe(path, storage_retry_s)
     if not isinstance(source, str):
         source.seek(0)  # PyAV read it
     size = decode_size(info.width, info.height, target_short, resize_threshold)
