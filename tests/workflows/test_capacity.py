@@ -21,7 +21,8 @@ CONFIGS = REPO / "workflows" / "configs"
 K710 = CONFIGS / "k710_b16_8x16f.yaml"
 FIXED_8 = "scaling.num_workers=8"
 SMOKE = CONFIGS / "smoke.yaml"
-CLUSTER_RECIPES = ("k710_b16_8x16f", "k710_l14_32x64f", "k400_b16_8x16f_from_k710", "ssv2_b16_8x16f_from_k710")
+CLUSTER_RECIPES = ("k710_b16_8x16f", "k710_l14_32x64f", "k400_b16_8x16f_from_k710", "ssv2_b16_8x16f_from_k710",
+                   "k400_b16_8x16f", "ssv2_b16_8x16f")
 
 
 def node(role: str | None, cpus: float, gpus: float = 0.0, alive: bool = True) -> dict:

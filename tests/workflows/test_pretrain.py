@@ -211,12 +211,20 @@ def test_the_recipe_defaults_and_shipped_recipes_keep_the_reference_recipe():
     kept = ("global_batch_size", "weight_decay", "warmup_start_lr", "mixup_alpha", "cutmix_alpha", "mix_switch_prob",
             "label_smoothing", "grad_clip")
     for name, flip in (("k710_b16_8x16f", "plain"), ("k710_l14_32x64f", "plain"),
-                       ("k400_b16_8x16f_from_k710", "plain"), ("ssv2_b16_8x16f_from_k710", "swap_labels")):
+                       ("k400_b16_8x16f_from_k710", "plain"), ("ssv2_b16_8x16f_from_k710", "swap_labels"),
+                       ("k400_b16_8x16f", "plain"), ("ssv2_b16_8x16f", "swap_labels")):
         recipe = load_recipe(SMOKE.parent / f"{name}.yaml", check_files=False)
         assert {k: getattr(recipe.train, k) for k in kept} == {k: reference[k] for k in kept}, name
         assert recipe.data.flip == flip, name
         assert recipe.data.flip_pairs == (SSV2_FLIP_PAIRS if flip == "swap_labels" else []), name
         assert recipe.model_cfg.clip_precision == "bf16" and recipe.train.precision == "bf16", name
+    # The from-CLIP recipes are the released one whole: the schedule and lr too, and the authors' pooling depth.
+    for name, pooling in (("k400_b16_8x16f", 4), ("ssv2_b16_8x16f", 2)):
+        recipe = load_recipe(SMOKE.parent / f"{name}.yaml", check_files=False)
+        assert {k: getattr(recipe.train, k) for k in reference} == reference, name
+        assert recipe.train.lr is None and recipe.train.init_from is None, name
+        assert (recipe.model_cfg.clip_arch, recipe.model_cfg.num_frames, recipe.model_cfg.pooling_layers) == (
+            "ViT-B-16", 16, pooling), name
 
 
 def test_cutmix_cuts_the_same_box_from_every_frame():
