@@ -7,7 +7,8 @@
     data upload    DIR s3://bucket/prefix                  copy a dataset folder into a bucket (no shared disk)
     data import    ssv2|list ...                           manifests from SSV2 JSON or `path label` lists
 
-`check` exits with 0 when every video decodes and every label is in the label file, 1 otherwise. Ray tools
+`check` exits with 0 when every video decodes and every label is in the label file, 1 otherwise (also when a bucket
+stopped answering: those videos are reported as not checked, never as dropped). Ray tools
 connect to `--address` (or RAY_ADDRESS) when given and start a local Ray otherwise.
 """
 
@@ -30,7 +31,10 @@ def _init_ray(address: str | None) -> None:
 
 def _format_check(report: dict[str, Any]) -> str:
     lines = [f"manifest: {report['manifest']}",
-             f"videos: {report['videos']}   ok: {report['ok']}   dropped: {report['videos'] - report['ok']}"]
+             f"videos: {report['videos']}   ok: {report['ok']}   dropped: {sum(report['dropped'].values())}"]
+    if report["unreachable"]:
+        lines.append(f"NOT CHECKED: {report['unreachable']} videos, their storage stopped answering and the check "
+                     f"stopped (not bad videos: run it again once the storage answers): {report['storage_error']}")
     for reason, count in sorted(report["dropped"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {reason}: {count}")
         for path in report["examples"].get(reason, []):
@@ -57,14 +61,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from workflows.data.manifest import load_labels, load_manifest
 
     # Bad options, a bad label file and a bad manifest path or format all fail here, before Ray starts.
-    check_arguments(args.frames, args.min_frames)
+    check_arguments(args.frames, args.min_frames, args.storage_retry_s)
     labels = load_labels(args.labels) if args.labels else None
     load_manifest(args.manifest, labels, strict=False)
     _init_ray(args.address)
     if not args.json:
         print(f"checking {args.manifest} ...", flush=True)
     report = check_dataset(args.manifest, labels, num_frames=args.frames, min_frames=args.min_frames,
-                           progress=not args.json)
+                           progress=not args.json, storage_retry_s=args.storage_retry_s)
     if args.json:
         print(json.dumps(report))
     else:
@@ -172,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--frames", type=int, default=16, help="frames decoded per video, spread over its length")
     c.add_argument("--min-frames", type=int, default=1, help="videos with fewer frames count as too_short")
+    c.add_argument("--storage-retry-s", type=float,
+                   help="how long a video in a bucket that does not answer is retried before the check stops "
+                        "(default 120 s)")
     c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
     c.set_defaults(run=_cmd_check)
 

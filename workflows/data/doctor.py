@@ -1,5 +1,9 @@
 """The dataset doctor: decode every video of a manifest once, in parallel on Ray, and summarise what is usable
-(`python -m workflows data check`)."""
+(`python -m workflows data check`).
+
+A bucket that stops answering is not a property of the videos: a video whose read gave up (StorageUnreachable, after
+`storage_retry_s`) is counted as unreachable, never as dropped; the rest of its batch is not tried (each would wait
+the whole budget again), and the check stops at the first such batch, reporting what it had checked."""
 
 from __future__ import annotations
 
@@ -12,36 +16,55 @@ import numpy as np
 from workflows.data.drops import MAX_EXAMPLES
 from workflows.data.manifest import load_labels, load_manifest
 from workflows.data.pipeline import manifest_blocks
-from workflows.data.video import DROP_REASONS, BadVideo, read_frames
+from workflows.data.video import DROP_REASONS, BadVideo, StorageUnreachable, read_frames
+
+UNREACHABLE = "unreachable"  # a row's reason when its storage did not answer: not one of DROP_REASONS
+
+
+def _row(path: str) -> dict[str, Any]:
+    return {"path": path, "ok": False, "reason": "", "detail": "", "frames": 0, "fps": 0.0, "width": 0, "height": 0,
+            "decoded": 0, "seconds": 0.0}
 
 
 def check_video(path: str, start: float = math.nan, end: float = math.nan, *, num_frames: int = 16,
-                min_frames: int = 1) -> dict[str, Any]:
+                min_frames: int = 1, storage_retry_s: float | None = None) -> dict[str, Any]:
     """Decode `num_frames` frames spread over the whole video (first and last included); a stats row."""
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"path": path, "ok": False, "reason": "", "detail": "", "frames": 0, "fps": 0.0,
-                           "width": 0, "height": 0, "decoded": 0}
+    row = _row(path)
     try:
         decoded = read_frames(path, lambda a, b, fps: np.unique(np.linspace(a, b - 1, num_frames).round()),
-                              start=start, end=end, min_frames=min_frames)
+                              start=start, end=end, min_frames=min_frames, storage_retry_s=storage_retry_s)
         row.update(ok=True, frames=decoded.num_frames, fps=decoded.fps, width=decoded.width, height=decoded.height,
                    decoded=len(decoded.indices))
     except BadVideo as exc:
         row.update(reason=exc.reason, detail=exc.detail[:300])
+    except StorageUnreachable as exc:
+        row.update(reason=UNREACHABLE, detail=str(exc))
     row["seconds"] = time.perf_counter() - t0
     return row
 
 
-def _check_batch(batch: dict[str, np.ndarray], num_frames: int, min_frames: int) -> dict[str, np.ndarray]:
-    rows = [check_video(str(p), float(s), float(e), num_frames=num_frames, min_frames=min_frames)
-            for p, s, e in zip(batch["path"], batch["start"], batch["end"], strict=True)]
+def _check_batch(batch: dict[str, np.ndarray], num_frames: int, min_frames: int,
+                 storage_retry_s: float | None = None) -> dict[str, np.ndarray]:
+    rows: list[dict[str, Any]] = []
+    gave_up = ""  # why the storage was given up on, once it was: the rest of the batch does not wait again
+    for p, s, e in zip(batch["path"], batch["start"], batch["end"], strict=True):
+        if gave_up:
+            rows.append({**_row(str(p)), "reason": UNREACHABLE, "detail": "not tried: " + gave_up})
+            continue
+        rows.append(check_video(str(p), float(s), float(e), num_frames=num_frames, min_frames=min_frames,
+                                storage_retry_s=storage_retry_s))
+        if rows[-1]["reason"] == UNREACHABLE:
+            gave_up = rows[-1]["detail"]
     out = {k: np.array([r[k] for r in rows]) for k in rows[0]}
     out["video_index"] = np.asarray(batch["video_index"], np.int64)
     return out
 
 
-def check_arguments(num_frames: int, min_frames: int) -> None:
-    """ValueError naming the option when `data check`'s frame counts cannot work (checked before Ray starts)."""
+def check_arguments(num_frames: int, min_frames: int, storage_retry_s: float | None = None) -> None:
+    """ValueError naming the option when `data check`'s numbers cannot work (checked before Ray starts)."""
+    if storage_retry_s is not None and not storage_retry_s >= 0:
+        raise ValueError(f"--storage-retry-s {storage_retry_s}: must be >= 0 seconds (default 120)")
     if num_frames < 1:
         raise ValueError(f"--frames {num_frames}: frames decoded per video must be at least 1 (default 16)")
     if min_frames < 1:
@@ -49,25 +72,30 @@ def check_arguments(num_frames: int, min_frames: int) -> None:
 
 
 def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, num_frames: int = 16,
-                  min_frames: int = 1, parallelism: int | None = None, progress: bool = False) -> dict[str, Any]:
+                  min_frames: int = 1, parallelism: int | None = None, progress: bool = False,
+                  storage_retry_s: float | None = None) -> dict[str, Any]:
     """Decode every video of `manifest` once, in parallel on Ray; return the doctor's summary as a dict with
     videos, ok, dropped {reason: count}, examples {reason: paths}, unknown_labels, frame/resolution statistics
-    and decode throughput."""
+    and decode throughput; `unreachable` counts the videos not read because their storage did not answer
+    (`storage_error` says why), after which the check stopped."""
     import ray
 
-    check_arguments(num_frames, min_frames)
+    check_arguments(num_frames, min_frames, storage_retry_s)
     label_map = load_labels(labels) if isinstance(labels, str) else labels
     loaded = load_manifest(manifest, label_map, strict=False)
     table = loaded.table.select(["video_index", "path", "start", "end"])
     cpus = max(1, int(parallelism or ray.cluster_resources().get("CPU", 1)))
     t0 = time.perf_counter()
     ds = ray.data.from_arrow(manifest_blocks(table, max(1, math.ceil(table.num_rows / (4 * cpus)))))
-    ds = ds.map_batches(_check_batch, fn_kwargs={"num_frames": num_frames, "min_frames": min_frames},
+    ds = ds.map_batches(_check_batch, fn_kwargs={"num_frames": num_frames, "min_frames": min_frames,
+                                                 "storage_retry_s": storage_retry_s},
                         batch_size=None, batch_format="numpy", num_cpus=1)
     rows: list[dict[str, Any]] = []
     last = t0
     for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
         rows += batch.to_dict("records")
+        if (batch["reason"] == UNREACHABLE).any():
+            break  # the storage went away: every further batch would wait out the same budget
         if progress and time.perf_counter() - last > 5:
             last = time.perf_counter()
             print(f"  checked {len(rows)}/{table.num_rows} videos ({len(rows) / (last - t0):.1f}/s)", flush=True)
@@ -77,8 +105,9 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
     dropped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
     details: dict[str, str] = {}
+    unreachable = [r for r in rows if r["reason"] == UNREACHABLE]
     for r in rows:
-        if not r["ok"]:
+        if not r["ok"] and r["reason"] != UNREACHABLE:
             dropped[r["reason"]] = dropped.get(r["reason"], 0) + 1
             if len(examples.setdefault(r["reason"], [])) < MAX_EXAMPLES:
                 examples[r["reason"]].append(r["path"])
@@ -97,8 +126,11 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
     decode_seconds = float(sum(r["seconds"] for r in rows))
     return {
         "manifest": manifest,
-        "videos": len(rows),
+        "videos": table.num_rows,
         "ok": len(ok),
+        # not read because the storage did not answer, plus those the check did not reach after it stopped
+        "unreachable": len(unreachable) + table.num_rows - len(rows),
+        "storage_error": next((r["detail"] for r in unreachable if not r["detail"].startswith("not tried")), ""),
         "dropped": dropped,
         "examples": examples,
         "details": details,

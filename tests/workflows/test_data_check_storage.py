@@ -1,0 +1,107 @@
+"""`data check` on a bucket that stops answering (moto's real S3 API behind the proxy that takes the endpoint away).
+
+The doctor reports videos, so the storage's failure must not read as theirs: a video whose read gave up is counted as
+unreachable, never as a drop; the rest of its batch is not tried (each would wait the whole retry budget again), and
+the check stops at the first such batch, says why, and exits 1. The CLI runs as a real subprocess with the AWS_*
+variables a user exports (it starts its own local Ray, whose workers inherit them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.workflows.conftest import GOOD_VIDEOS
+from tests.workflows.object_store import FaultyProxy, MotoServer, S3Credentials
+from workflows.data import doctor
+from workflows.data.cli import _format_check
+from workflows.data.doctor import UNREACHABLE, _check_batch, check_video
+from workflows.data.manifest import write_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "checked"
+
+
+@pytest.fixture(scope="module")
+def videos_in_a_bucket(tmp_path_factory, video_dir):
+    """moto behind the faulty proxy, the good videos in a bucket: (proxy, their s3:// URIs, the credentials)."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("s3-check")
+    moto = MotoServer(root)
+    moto.start()
+    proxy = FaultyProxy(moto.port)
+    proxy.start()
+    try:
+        creds = S3Credentials(endpoint=proxy.url)
+        client = boto3.client("s3", endpoint_url=moto.url, aws_access_key_id=creds.access_key,
+                              aws_secret_access_key=creds.secret_key, region_name=creds.region)
+        client.create_bucket(Bucket=BUCKET)
+        uris = []
+        for name in GOOD_VIDEOS:
+            client.put_object(Bucket=BUCKET, Key=f"clips/{name}.mp4",
+                              Body=(video_dir / "clips" / f"{name}.mp4").read_bytes())
+            uris.append(f"s3://{BUCKET}/clips/{name}.mp4")
+        yield proxy, uris, creds
+    finally:
+        proxy.stop()
+        moto.stop()
+
+
+def _batch(uris: list[str]) -> dict[str, np.ndarray]:
+    n = len(uris)
+    return {"path": np.array(uris, object), "start": np.full(n, np.nan), "end": np.full(n, np.nan),
+            "video_index": np.arange(n)}
+
+
+def test_a_batch_stops_reading_once_its_storage_gave_up(videos_in_a_bucket, monkeypatch):
+    proxy, uris, creds = videos_in_a_bucket
+    for name, value in creds.env().items():
+        monkeypatch.setenv(name, value)
+    assert _check_batch(_batch(uris), 4, 1)["ok"].all()  # the bucket answers: every video is fine
+
+    tried: list[str] = []
+
+    def counted(path, *args, **kwargs):
+        tried.append(path)
+        return check_video(path, *args, **kwargs)
+
+    monkeypatch.setattr(doctor, "check_video", counted)
+    proxy.outage(120)
+    try:
+        out = _check_batch(_batch(uris), 4, 1, storage_retry_s=1.0)
+    finally:
+        proxy.outage(0)
+    assert list(out["reason"]) == [UNREACHABLE] * len(uris) and not out["ok"].any()
+    assert "did not answer for" in out["detail"][0] and "AWS_ENDPOINT_URL" in out["detail"][0]
+    assert all(d.startswith("not tried: cannot read ") for d in out["detail"][1:])
+    assert tried == uris[:1]  # the others did not each wait out the budget again
+
+
+@pytest.mark.integration
+def test_data_check_on_a_bucket_that_stopped_answering(videos_in_a_bucket, tmp_path):
+    proxy, uris, creds = videos_in_a_bucket
+    manifest = tmp_path / "in_bucket.csv"
+    write_manifest([{"path": uri, "label": f"cls{i}"} for i, uri in enumerate(uris)], manifest)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(creds.env(), PYTHONPATH=str(REPO))
+    proxy.outage(600)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "workflows", "data", "check", "--manifest", str(manifest),
+                               "--json", "--storage-retry-s", "2"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        proxy.outage(0)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert (report["videos"], report["ok"], report["unreachable"]) == (len(uris), 0, len(uris))
+    assert report["dropped"] == {} and report["examples"] == {}  # none of them is a bad video
+    assert f"cannot read s3://{BUCKET}/clips/" in report["storage_error"]
+    assert "did not answer" in report["storage_error"]
+    text = _format_check(report)
+    assert "dropped: 0" in text and f"NOT CHECKED: {len(uris)} videos" in text and "run it again" in text
