@@ -246,6 +246,32 @@ def fit_through_storage_outages(make_trainer: Any, recipe: Recipe, wait_s: float
             print(f"{LOG_PREFIX} {where} answers again: relaunching the run", flush=True)
 
 
+def describe_training_failure(exc: Exception, recipe: Recipe) -> str:
+    """One paragraph for a run Ray Train gave up on (its restarts spent): the root cause the first failing rank
+    recorded (`elastic.note_failure`; else the lowest failing rank's error, else the error itself) and where the
+    same command would resume."""
+    from ray.train import WorkerGroupError
+
+    from workflows.checkpoints import newest_complete_checkpoint
+    from workflows.elastic import root_cause, take_failure
+
+    try:
+        why = take_failure(recipe.run_dir)
+    except Exception:  # noqa: BLE001 - no Ray to ask: fall back on the error in hand
+        why = None
+    if why is None and isinstance(exc, WorkerGroupError) and exc.worker_failures:
+        rank = min(exc.worker_failures)
+        why = f"rank {rank} failed: {root_cause(exc.worker_failures[rank])}"
+    why = why or root_cause(exc)
+    limit = recipe.run.max_failures
+    restarts = f" after {limit} restart{'s' * (limit != 1)} (run.max_failures)" if limit > 0 else ""
+    newest = newest_complete_checkpoint(recipe.run_dir)
+    where = redact_secrets(recipe.run_dir)
+    resume = (f"the same command resumes it from its newest complete checkpoint, {redact_secrets(newest[1])} (step "
+              f"{newest[2]})" if newest else f"no complete checkpoint is in {where}: the same command starts it anew")
+    return f"the run failed{restarts}: {redact_secrets(why)}. Once that is fixed, {resume}."
+
+
 def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
     """Validate, start (or join) Ray, train; returns the Ray Train Result. `verbose`: Ray Data's and Ray Train's
     own INFO lines on the console too (by default they go to Ray's log files only)."""
@@ -293,9 +319,14 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from ray.train import TrainingFailedError
+
     try:
         run_pretrain(recipe, verbose=args.verbose)
     except ConfigError as exc:  # the cluster cannot hold the recipe (check_capacity), before any training work
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFailedError as exc:  # the workers' tracebacks are above; Ray's own summary is cut short
+        print(f"error: {describe_training_failure(exc, recipe)}", file=sys.stderr)
+        return 1
     return 0

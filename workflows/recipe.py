@@ -83,6 +83,10 @@ class TrainSection:
     # instead of launching each op from Python. GPU only; one graph is recorded per micro-batch shape.
     cuda_graphs: bool = False
     seed: int = 0
+    # Reproducible kernels (the reference's cudnn.deterministic, mmaction2's `deterministic`): cuDNN's deterministic
+    # algorithms without autotuning, torch's deterministic implementations where they exist (a warning where none
+    # does) and cuBLAS's fixed workspace. Costs GPU speed; off by default.
+    deterministic: bool = False
     log_every_steps: int = 10
     init_from: str | None = None  # a checkpoint of ours (directory) or an authors' .pyth file
     fail_at_step: int | None = None  # debug: rank `fail_rank` raises once at this step, to exercise recovery

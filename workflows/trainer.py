@@ -24,7 +24,19 @@ import numpy as np
 import torch
 
 from workflows.config_loader import ConfigError, dump_yaml
-from workflows.elastic import DRAIN, GROW, NONE, REASONS, ResizeWatch, kv_get, kv_key, kv_put, legacy_consumed
+from workflows.elastic import (
+    DRAIN,
+    GROW,
+    NONE,
+    REASONS,
+    ResizeWatch,
+    kv_get,
+    kv_key,
+    kv_put,
+    legacy_consumed,
+    note_failure,
+    take_failure,
+)
 from workflows.recipe import Recipe, recipe_from_dict, recipe_to_dict
 from workflows.runtime import compile_toolchain_problem, write_text
 
@@ -32,6 +44,20 @@ LOG_PREFIX = "[pretrain]"
 CONSUMED_KEY = "dist_consumed"  # DeepSpeed client state: clips trained on per video in the checkpoint's epoch
 PARK_LIMIT_S = 300.0  # after a resize checkpoint, how long past the deadline a worker waits to be restarted
 HISTORY_KEYS = ("loss", "lr", "val_top1", "clips_per_s")
+
+
+def seed_and_determinism(seed: int, deterministic: bool) -> None:
+    """Seed torch (identical init on every rank; DeepSpeed also broadcasts it) and, when asked, make the kernels
+    reproducible (train.deterministic). Before the model and the engine exist: cuBLAS reads its workspace setting when
+    its first handle is made."""
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        # warn_only: an op without a deterministic kernel (e.g. some CUDA scatter/interpolate backwards) warns once
+        # instead of stopping a run that was asked to be reproducible where it can be
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _empty_history() -> dict[str, list[tuple[int, float]]]:
@@ -142,7 +168,10 @@ class Trainer:
         """Model, feeds, optimizer + schedule in a DeepSpeed engine, resume from `checkpoint` (a Ray Train
         Checkpoint or None), tracking."""
         recipe = self.recipe
-        torch.manual_seed(recipe.train.seed)  # identical init on every rank (DeepSpeed also broadcasts it)
+        seed_and_determinism(recipe.train.seed, recipe.train.deterministic)
+        if recipe.train.deterministic:  # what the worker's torch now says, not what was asked
+            self.log(f"train.deterministic: cudnn.deterministic {torch.backends.cudnn.deterministic}, "
+                     f"deterministic algorithms {torch.are_deterministic_algorithms_enabled()} (slower on GPU)")
         if not recipe.scaling.use_gpu:
             torch.set_num_threads(max(1, int(recipe.scaling.cpus_per_worker)))
         self._build_model(init=checkpoint is None)
@@ -323,8 +352,8 @@ class Trainer:
     def _note_restart(self, previous_world: int | None) -> None:
         """Rank 0: one console line and MLflow record per restart: the old and new size (the old one is the last
         group's that trained, from the GCS store; else the checkpoint's), why (a drain notice or added nodes, when
-        the previous group said so; otherwise a lost worker or node) and the steps lost (the last step any attempt
-        reached, from the GCS store, less the step resumed at)."""
+        the previous group said so; else the error a worker raised, `note_failure`; otherwise a lost worker or node)
+        and the steps lost (the last step any attempt reached, from the GCS store, less the step resumed at)."""
         if self.rank != 0:
             return
         run_dir, step = self.recipe.run_dir, self.state.step
@@ -332,10 +361,11 @@ class Trainer:
         reached = progress.get("step")
         previous_world = progress.get("world") or previous_world  # the group that stopped, not the checkpoint's
         event = kv_get(kv_key(run_dir, "event")) or {}
-        reason = event.get("reason") or "a worker or node was lost"
+        failure = take_failure(run_dir)  # taken even when the event outdoes it: a later failure is not this one
+        reason = event.get("reason") or failure or "a worker or node was lost"
         lost = max(0, reached - step) if reached is not None else None
         if event:
-            kv_put(kv_key(run_dir, "event"), {})  # said once; a later failure is not this one
+            kv_put(kv_key(run_dir, "event"), {})
         lost_text = f"{lost} steps lost" if lost is not None else "steps lost unknown (no record of progress)"
         self.log(f"restart: {previous_world} -> {self.world} workers ({reason}); resuming at step {step}, {lost_text}")
         self.tracker.log_metrics({"world_size": float(self.world), "restart_steps_lost": float(lost or 0)}, step=step)
@@ -652,8 +682,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     trainer = Trainer(recipe, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
                       mlflow_parent_run_id=config.get("mlflow_parent_run_id"))
-    trainer.setup(checkpoint_to_resume(ray.train.get_checkpoint(), recipe.run_dir, trainer.log))
-    trainer.train()
+    try:
+        trainer.setup(checkpoint_to_resume(ray.train.get_checkpoint(), recipe.run_dir, trainer.log))
+        trainer.train()
+    except Exception as exc:
+        note_failure(recipe.run_dir, trainer.rank, exc)
+        raise
     trainer.cleanup()
 
 

@@ -197,3 +197,49 @@ def test_zero_optimizer_state_loads_bitwise_at_another_number_of_workers(tmp_pat
         for key, tensor in saved.items():
             assert torch.equal(loaded[key], tensor), f"{key} at {world} workers"
         assert torch.isfinite(loaded["after"]).all()
+
+
+def test_the_root_cause_of_a_failure_follows_direct_causes_only():
+    """What a restart line and a failed run's last line name (elastic.root_cause): through `raise ... from` (and the
+    text of a chain, as Ray carries a remote one) back to its root, but an error raised while handling another is
+    the failure itself, not that other one."""
+    import traceback
+
+    from workflows.elastic import _root_in_text, root_cause
+
+    def raised(body) -> BaseException:
+        try:
+            body()
+        except Exception as exc:  # noqa: BLE001
+            return exc
+        raise AssertionError("nothing raised")
+
+    def storage_then_wrapped() -> None:
+        try:
+            raise OSError("cannot read s3://b/v.mp4: its storage did not answer for 6 s\nsecond line")
+        except OSError as storage:
+            raise ValueError("UDF failed to process a data block.") from storage
+
+    def bad_video_then_too_many() -> None:
+        try:
+            raise KeyError("corrupt")
+        except KeyError:
+            raise RuntimeError("4 of 12 train videos are unusable")  # noqa: B904 - the context is the point
+
+    def too_many_then_wrapped() -> None:
+        try:
+            bad_video_then_too_many()
+        except RuntimeError as too_many:
+            raise ValueError("UDF failed to process a data block.") from too_many
+
+    storage = "OSError: cannot read s3://b/v.mp4: its storage did not answer for 6 s"
+    too_many = "RuntimeError: 4 of 12 train videos are unusable"
+    for body, root in ((storage_then_wrapped, storage), (too_many_then_wrapped, too_many),
+                       (bad_video_then_too_many, too_many)):
+        exc = raised(body)
+        assert root_cause(exc) == root, body.__name__
+        text = "".join(traceback.format_exception(exc))  # the chain as Ray carries a remote one
+        assert _root_in_text(text).group(0) == root, (body.__name__, text)
+    wrapped_text = "".join(traceback.format_exception(raised(too_many_then_wrapped)))
+    assert "During handling of the above exception" in wrapped_text and "direct cause" in wrapped_text
+    assert root_cause(RuntimeError("injected failure at step 3")) == "RuntimeError: injected failure at step 3"

@@ -139,3 +139,29 @@ def test_pretrain_runs_on_a_corpus_whose_bad_files_all_land_on_one_worker(counte
         "mlflow.enabled=false", "run.max_failures=0"])
     result = run_pretrain(recipe)
     assert result.metrics["step"] == 2 and result.error is None
+
+
+@pytest.mark.integration
+def test_a_run_that_fails_for_good_says_why_in_one_line(ray_local, video_dir, tmp_path):
+    """The same corpus with max_bad_fraction 0.2: the decoder's TooManyBadVideos fails the run once its restarts are
+    spent. Ray's own summary (WorkerGroupError) cuts the cause off; `pretrain` ends with one line naming the root
+    cause the failing rank recorded and what the same command would do."""
+    from ray.train import TrainingFailedError
+
+    from workflows.elastic import take_failure
+    from workflows.pretrain import describe_training_failure, run_pretrain
+
+    manifest, _ = _manifest(video_dir, tmp_path, rows=12, bad_on_rank1=[0, 1, 2, 3])
+    recipe = load_recipe(SMOKE, [
+        f"data.train_manifest={manifest}", f"data.val_manifest={video_dir / 'good.csv'}",
+        f"data.labels={video_dir / 'labels.json'}", "scaling.num_workers=2", "data.max_bad_fraction=0.2",
+        f"train.seed={SEED}", "train.micro_batch_size=4", "train.global_batch_size=8", "data.train_views=1",
+        "train.max_steps=2", "eval.every_steps=2", f"run.storage_path={tmp_path / 'runs'}", "run.name=too-bad",
+        "mlflow.enabled=false", "run.max_failures=0"])
+    with pytest.raises(TrainingFailedError) as info:
+        run_pretrain(recipe)
+    line = describe_training_failure(info.value, recipe)
+    assert line.startswith("the run failed: rank 1 failed: TooManyBadVideos: ") and "max_bad_fraction=0.2" in line, line
+    assert line.endswith(f"no complete checkpoint is in {tmp_path / 'runs' / 'too-bad'}: the same command starts it "
+                         "anew."), line
+    assert take_failure(recipe.run_dir) is None  # taken: a later attempt's restart line does not repeat it

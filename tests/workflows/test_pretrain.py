@@ -336,11 +336,17 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
     # Rank 1 fails once at step 3; FailureConfig restarts the group from the step-2 checkpoint.
     # bf16 (DeepSpeed's bf16 optimizer over gloo), the precision GPU recipes use; fine-tuning below runs fp32.
     # The micro-batch is probed (auto): the first start measures, the restart reuses what it found.
+    # Deterministic kernels on (train.deterministic): every op of the step has a deterministic kernel or warns.
     result = run_pretrain(_recipe(sample_data, storage, "train.max_steps=4", "train.fail_at_step=3",
-                                  "train.fail_rank=1", "train.precision=bf16", "train.micro_batch_size=auto"))
+                                  "train.fail_rank=1", "train.precision=bf16", "train.micro_batch_size=auto",
+                                  "train.deterministic=true"))
     assert result.metrics["step"] == 4
     assert (storage / "it" / ".injected_failure_done").exists()
     console = "".join(capfd.readouterr())
+    assert console.count("train.deterministic: cudnn.deterministic True, deterministic algorithms True") == 2
+    # The restart line says why: the error the failing rank raised (a worker lost without one says so instead).
+    assert ("restart: 2 -> 2 workers (rank 1 failed: RuntimeError: injected failure at step 3 (train.fail_at_step) "
+            "on rank 1); resuming at step 2, 1 steps lost") in console, console[-3000:]
     # 8 clips on 2 workers: each rank's share of 4 fits the CPU, as one micro-batch
     assert console.count("train.micro_batch_size auto: micro-batch 4 (auto; probed on cpu") == 1, console[-3000:]
     assert console.count("train.micro_batch_size auto: micro-batch 4 (auto; probed before on cpu") == 1

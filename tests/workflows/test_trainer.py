@@ -123,3 +123,25 @@ def test_injected_failure_fires_once_and_remembers_it_in_the_run_storage(tmp_pat
         trainer._maybe_inject_failure()
     assert (storage / "failing" / ".injected_failure_done").is_file()
     trainer._maybe_inject_failure()  # the restarted attempt: no second failure
+
+
+def test_deterministic_kernels_are_set_only_when_asked():
+    """train.deterministic, in a fresh interpreter each (the settings are process-wide): off leaves torch's defaults,
+    on sets cuDNN's deterministic mode without autotuning, torch's deterministic algorithms (warning where an op has
+    none) and cuBLAS's fixed workspace, and the seed either way."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    probe = ("import os, torch; from workflows.trainer import seed_and_determinism as s; s(5, {}); "
+             "print(torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, "
+             "torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), "
+             "os.environ.get('CUBLAS_WORKSPACE_CONFIG'), torch.initial_seed())")
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    env["PYTHONPATH"] = str(repo)
+    seen = [subprocess.run([sys.executable, "-c", probe.format(flag)], cwd=repo, env=env, capture_output=True,
+                           text=True, check=True).stdout.split() for flag in (False, True)]
+    assert seen[0] == ["False", "False", "False", "False", "None", "5"]
+    assert seen[1] == ["True", "False", "True", "True", ":4096:8", "5"]
