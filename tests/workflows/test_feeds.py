@@ -124,20 +124,25 @@ def test_an_epoch_where_no_video_decodes_fails_clearly(counters, video_dir, tmp_
         list(feeds.train_batches(epoch=0))
 
 
+def _bad_corpus_run(video_dir: Path, tmp_path: Path, max_bad_fraction: float, name: str):
+    """A 2-step smoke run on 12 clips whose 4 bad ones (missing, empty, truncated, random bytes) all land on rank 1."""
+    manifest, _ = _manifest(video_dir, tmp_path, rows=12, bad_on_rank1=[0, 1, 2, 3])
+    return load_recipe(SMOKE, [
+        f"data.train_manifest={manifest}", f"data.val_manifest={video_dir / 'good.csv'}",
+        f"data.labels={video_dir / 'labels.json'}", "scaling.num_workers=2",
+        f"data.max_bad_fraction={max_bad_fraction}",
+        f"train.seed={SEED}", "train.micro_batch_size=4", "train.global_batch_size=8", "data.train_views=1",
+        "train.max_steps=2", "eval.every_steps=2", f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
+        "mlflow.enabled=false", "run.max_failures=0"])
+
+
 @pytest.mark.integration
 def test_pretrain_runs_on_a_corpus_whose_bad_files_all_land_on_one_worker(counters, video_dir, tmp_path):
     """The reported case: 12 clips, 4 bad (missing, empty, truncated, random bytes), 2 workers, micro-batch 4,
     max_bad_fraction 0.5. `data check` counted 8 ok / 4 dropped, but every attempt of `pretrain` failed on rank 1."""
     from workflows.pretrain import run_pretrain
 
-    manifest, _ = _manifest(video_dir, tmp_path, rows=12, bad_on_rank1=[0, 1, 2, 3])
-    recipe = load_recipe(SMOKE, [
-        f"data.train_manifest={manifest}", f"data.val_manifest={video_dir / 'good.csv'}",
-        f"data.labels={video_dir / 'labels.json'}", "scaling.num_workers=2", "data.max_bad_fraction=0.5",
-        f"train.seed={SEED}", "train.micro_batch_size=4", "train.global_batch_size=8", "data.train_views=1",
-        "train.max_steps=2", "eval.every_steps=2", f"run.storage_path={tmp_path / 'runs'}", "run.name=bad-corpus",
-        "mlflow.enabled=false", "run.max_failures=0"])
-    result = run_pretrain(recipe)
+    result = run_pretrain(_bad_corpus_run(video_dir, tmp_path, max_bad_fraction=0.5, name="bad-corpus"))
     assert result.metrics["step"] == 2 and result.error is None
 
 
@@ -151,13 +156,7 @@ def test_a_run_that_fails_for_good_says_why_in_one_line(ray_local, video_dir, tm
     from workflows.elastic import take_failure
     from workflows.pretrain import describe_training_failure, run_pretrain
 
-    manifest, _ = _manifest(video_dir, tmp_path, rows=12, bad_on_rank1=[0, 1, 2, 3])
-    recipe = load_recipe(SMOKE, [
-        f"data.train_manifest={manifest}", f"data.val_manifest={video_dir / 'good.csv'}",
-        f"data.labels={video_dir / 'labels.json'}", "scaling.num_workers=2", "data.max_bad_fraction=0.2",
-        f"train.seed={SEED}", "train.micro_batch_size=4", "train.global_batch_size=8", "data.train_views=1",
-        "train.max_steps=2", "eval.every_steps=2", f"run.storage_path={tmp_path / 'runs'}", "run.name=too-bad",
-        "mlflow.enabled=false", "run.max_failures=0"])
+    recipe = _bad_corpus_run(video_dir, tmp_path, max_bad_fraction=0.2, name="too-bad")
     with pytest.raises(TrainingFailedError) as info:
         run_pretrain(recipe)
     line = describe_training_failure(info.value, recipe)
