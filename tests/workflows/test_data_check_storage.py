@@ -3,7 +3,8 @@
 The doctor reports videos, so the storage's failure must not read as theirs: a video whose read gave up is counted as
 unreachable, never as a drop; the rest of its batch is not tried (each would wait the whole retry budget again), and
 the check stops at the first such batch, says why, and exits 1. The CLI runs as a real subprocess with the AWS_*
-variables a user exports (it starts its own local Ray, whose workers inherit them)."""
+variables a user exports and `--address local`: a new local Ray, whose workers inherit them (without it the CLI
+joins any Ray already running on the machine, such as this test session's)."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def test_data_check_on_a_bucket_that_stopped_answering(videos_in_a_bucket, tmp_p
     proxy.outage(600)
     try:
         proc = subprocess.run([sys.executable, "-m", "workflows", "data", "check", "--manifest", str(manifest),
-                               "--json", "--storage-retry-s", "2"],
+                               "--json", "--storage-retry-s", "2", "--address", "local"],
                               cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     finally:
         proxy.outage(0)
