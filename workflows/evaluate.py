@@ -266,6 +266,8 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
 
     from workflows.data.decode_nodes import decode_pool_size
     from workflows.data.drops import TooManyBadVideos, drop_counter, get_drop_report
+    from workflows.data.pipeline import decode_failure
+    from workflows.data.video import StorageUnreachable
     from workflows.metrics import VideoScores
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress line instead
@@ -306,12 +308,15 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
                 print(f"{LOG_PREFIX} {done:.0f}/{total} videos ({100 * done / total:.0f}%), "
                       f"{rows / (now - start):.1f} clips/s, ETA {eta / 60:.1f} min", flush=True)
         drops = get_drop_report("eval", 0, name=name)
-    except Exception as exc:  # Ray wraps the decoder's TooManyBadVideos; say it plainly
-        lines = [line for line in str(exc).splitlines() if "max_bad_fraction" in line]
-        if not lines:
-            raise
-        raise TooManyBadVideos(f"{lines[-1].strip()} To score the readable videos anyway: "
-                               f"--set data.max_bad_fraction=1.0") from None
+    except Exception as exc:  # Ray wraps the decoders' errors; say them plainly
+        plain = decode_failure(exc)
+        if isinstance(plain, TooManyBadVideos):
+            raise TooManyBadVideos(f"{plain} To score the readable videos anyway: --set data.max_bad_fraction=1.0") \
+                from None
+        if isinstance(plain, StorageUnreachable):
+            raise StorageUnreachable(f"{plain}. Nothing was written; run the evaluation again once the storage "
+                                     f"answers (data.storage_retry_s sets how long a read is retried)") from None
+        raise
     finally:
         ray.kill(counter)
     seconds = time.perf_counter() - start
@@ -523,10 +528,11 @@ def main(argv: list[str]) -> int:
     if args.json:  # keep stdout for the JSON alone
         real_stdout, sys.stdout = sys.stdout, sys.stderr
     from workflows.data.drops import TooManyBadVideos
+    from workflows.data.video import StorageUnreachable
 
     try:
         metrics = run_evaluate(request)
-    except (ConfigError, ValueError, FileNotFoundError, TooManyBadVideos) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, TooManyBadVideos, StorageUnreachable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -32,6 +32,7 @@ from workflows.runtime import (
     label_selector,
     local_cpus_for,
     redact_secrets,
+    root_cause,
     write_text,
 )
 from workflows.tracking import resolve_tracking_uri
@@ -248,20 +249,15 @@ def fit_through_storage_outages(make_trainer: Any, recipe: Recipe, wait_s: float
 
 def describe_training_failure(exc: Exception, recipe: Recipe) -> str:
     """One paragraph for a run Ray Train gave up on (its restarts spent): the root cause the first failing rank
-    recorded (`elastic.note_failure`; else the lowest failing rank's error, else the error itself) and where the
+    recorded (`elastic.note_failure`; else `root_cause` of the error: the lowest failing rank's) and where the
     same command would resume."""
-    from ray.train import WorkerGroupError
-
     from workflows.checkpoints import newest_complete_checkpoint
-    from workflows.elastic import root_cause, take_failure
+    from workflows.elastic import take_failure
 
     try:
         why = take_failure(recipe.run_dir)
     except Exception:  # noqa: BLE001 - no Ray to ask: fall back on the error in hand
         why = None
-    if why is None and isinstance(exc, WorkerGroupError) and exc.worker_failures:
-        rank = min(exc.worker_failures)
-        why = f"rank {rank} failed: {root_cause(exc.worker_failures[rank])}"
     why = why or root_cause(exc)
     limit = recipe.run.max_failures
     restarts = f" after {limit} restart{'s' * (limit != 1)} (run.max_failures)" if limit > 0 else ""

@@ -179,3 +179,41 @@ def _gcs_address() -> str | None:
         return ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     except Exception:  # noqa: BLE001 - only a hint; never let it break a run
         return None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.M)  # "module.Type: message", at the line's start
+_CAUSED = "The above exception was the direct cause of the following exception:"  # `raise ... from`
+_DURING = "During handling of the above exception, another exception occurred:"  # raised in an `except`
+_SEPARATOR = re.compile(f"({re.escape(_CAUSED)}|{re.escape(_DURING)})")
+
+
+def _root_in_text(text: str) -> re.Match | None:
+    """The error line of the root cause in a printed exception chain (oldest first): from the last exception back
+    through its direct causes, stopping at one raised while handling another (that one is the failure)."""
+    parts = _SEPARATOR.split(_ANSI.sub("", text))  # [exc, separator, exc, separator, exc, ...]
+    i = len(parts) - 1
+    while i >= 2 and parts[i - 1] == _CAUSED:
+        i -= 2
+    return _ERROR_LINE.search(parts[i])
+
+
+def root_cause(exc: BaseException) -> str:
+    """"Type: first line of the message" of the error at the root of `exc` (followed through `raise ... from`), for
+    a one-line report. A remote error (a decode actor's, say) reaches a Train worker as RayTaskError(UserCodeException),
+    whose chain survives only as text; Ray Train's WorkerGroupError holds each rank's (the lowest rank's is named)."""
+    chain = [exc]
+    while (inner := getattr(chain[-1], "cause", None) or chain[-1].__cause__) is not None and inner not in chain:
+        chain.append(inner)
+    from ray.exceptions import RayTaskError
+
+    for error in chain:
+        failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError: {rank: its error}
+        if failures:
+            rank = min(failures)
+            return f"rank {rank} failed: {root_cause(failures[rank])}"
+        found = _root_in_text(str(error)) if isinstance(error, RayTaskError) else None
+        if found:
+            return f"{found[1].rsplit('.', 1)[-1]}: {found[2].strip()}"
+    lines = _ANSI.sub("", str(chain[-1])).strip().splitlines()
+    return f"{type(chain[-1]).__name__}: {lines[0]}" if lines else type(chain[-1]).__name__

@@ -106,3 +106,36 @@ def test_decode_actors_follow_node_labels(ray_local, video_dir) -> None:
     ds = build_clip_dataset(cfg, str(video_dir / "good.csv"), str(video_dir / "labels.json"), split="eval",
                             num_frames=4, crop_size=S)
     assert len(ds.take_all()) == len(GOOD_VIDEOS)
+
+
+def test_the_decoders_own_errors_come_out_of_rays_wrapping(ray_local):
+    """A decode actor's TooManyBadVideos (raised while handling the BadVideo that tipped it) or StorageUnreachable
+    reaches the driver as RayTaskError(UserCodeException), its chain only text; `decode_failure` gives the driver the
+    error itself to say in one line (evaluate does), and None for anything else."""
+    from workflows.data.drops import TooManyBadVideos
+    from workflows.data.pipeline import decode_failure
+    from workflows.data.video import BadVideo, StorageUnreachable
+
+    too_many = "3 of 4 train videos are unusable, more than max_bad_fraction=0.05: {'corrupt': 3}. Examples: a.mp4"
+    unreachable = "cannot read s3://b/v.mp4: its storage did not answer for 120 s (reset); check the bucket"
+
+    def tipped(batch):
+        try:
+            raise BadVideo("corrupt", "moov atom not found")
+        except BadVideo:
+            raise TooManyBadVideos(too_many)  # noqa: B904 - as ClipDecoder._on_drop raises it
+
+    def gone(batch):
+        raise StorageUnreachable(unreachable)
+
+    def other(batch):
+        raise KeyError("not a decode failure")
+
+    found = {}
+    for udf in (tipped, gone, other):
+        with pytest.raises(Exception) as info:  # noqa: PT011 - Ray's wrapping is what is under test
+            ray_local.data.range(2).map_batches(udf).materialize()
+        found[udf.__name__] = decode_failure(info.value)
+    assert isinstance(found["tipped"], TooManyBadVideos) and str(found["tipped"]) == too_many
+    assert isinstance(found["gone"], StorageUnreachable) and str(found["gone"]) == unreachable
+    assert found["other"] is None

@@ -200,12 +200,12 @@ def test_zero_optimizer_state_loads_bitwise_at_another_number_of_workers(tmp_pat
 
 
 def test_the_root_cause_of_a_failure_follows_direct_causes_only():
-    """What a restart line and a failed run's last line name (elastic.root_cause): through `raise ... from` (and the
+    """What a restart line and a failed run's last line name (runtime.root_cause): through `raise ... from` (and the
     text of a chain, as Ray carries a remote one) back to its root, but an error raised while handling another is
     the failure itself, not that other one."""
     import traceback
 
-    from workflows.elastic import _root_in_text, root_cause
+    from workflows.runtime import _root_in_text, root_cause
 
     def raised(body) -> BaseException:
         try:

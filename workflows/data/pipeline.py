@@ -38,7 +38,8 @@ from workflows.data.drops import TooManyBadVideos, drop_counter
 from workflows.data.manifest import Manifest, load_labels, load_manifest
 from workflows.data.sampling import segment_indices
 from workflows.data.transforms import eval_clips, train_clip
-from workflows.data.video import BadVideo, read_frames
+from workflows.data.video import BadVideo, StorageUnreachable, read_frames
+from workflows.runtime import root_cause
 
 MAX_BLOCKS = 4096
 
@@ -142,6 +143,17 @@ def decode_batch(batch: dict[str, np.ndarray], spec: ClipSpec,
     out["flipped"] = np.array([r["flipped"] for r in rows], bool)
     out["path"] = np.array([r["path"] for r in rows], object)
     return out
+
+
+def decode_failure(exc: BaseException) -> TooManyBadVideos | StorageUnreachable | None:
+    """The decode actors' own error (too many bad videos, or a bucket that stopped answering) out of Ray's wrapping
+    (RayTaskError(UserCodeException), whose chain is only text), re-raised by the driver with its message alone;
+    None for any other error."""
+    cause = root_cause(exc)
+    for kind in (TooManyBadVideos, StorageUnreachable):
+        if cause.startswith(f"{kind.__name__}: "):
+            return kind(cause.removeprefix(f"{kind.__name__}: "))
+    return None
 
 
 class ClipDecoder:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from workflows.recipe import recipe_to_dict
-from workflows.runtime import is_remote
+from workflows.runtime import is_remote, root_cause
 from workflows.tracking import Tracker
 from workflows.tune.sweep_config import (
     LOG_PREFIX,
@@ -139,9 +139,8 @@ def trial_row(result: Any, plan: SweepPlan, keys: list[str]) -> dict[str, Any]:
     row["best_step"] = best.get("step", "")
     row["last_step"] = reports[-1].get("step", "") if reports else ""
     row["checkpoint"] = best.get("checkpoint_path", "")
-    if result.error is not None:
-        first = str(result.error).strip().splitlines()
-        row["status"] = "error: " + (first[-1] if first else type(result.error).__name__)[:120]
+    if result.error is not None:  # the root cause, not Ray's wrapping (a trial's Train run fails as WorkerGroupError)
+        row["status"] = "error: " + root_cause(result.error)[:160]
     elif not reports:
         row["status"] = "no report"
     else:  # each report says whether it was the run's last step (storage may be remote: nothing is read from it)
