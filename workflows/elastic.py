@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -133,15 +134,22 @@ def kv_put(key: bytes, value: dict[str, Any]) -> None:
     internal_kv._internal_kv_put(key, json.dumps(value).encode(), overwrite=True)
 
 
+# A collective whose peer died (gloo's "Read error ...: Connection reset by peer", NCCL's): a survivor's error, not
+# the cause. Seen on the rank that outlived a SIGKILLed one (tests/workflows/test_pretrain.py's SIGKILL test).
+_COLLECTIVE_ERROR = re.compile(r"gloo|NCCL|DistBackendError|DistNetworkError")
+
+
 def note_failure(run_dir: str, rank: int, exc: BaseException) -> None:
     """Why a worker group is about to fail, for the next group's restart line (`take_failure`): the first error
-    raised on any rank; the others' errors (e.g. a collective whose peer died) come after it and are not the cause. A
-    worker or node that dies without raising leaves none."""
+    raised on any rank; the others' errors come after it and are not the cause. A worker or node that dies without
+    raising leaves none, and neither do the collectives it leaves failing on the other ranks."""
     from ray.experimental import internal_kv
 
     from workflows.runtime import root_cause
 
     what = root_cause(exc)
+    if _COLLECTIVE_ERROR.search(what):  # a peer is gone: said as a lost worker unless that peer recorded more
+        return
     what = what if len(what) <= 200 else what[:197] + "..."
     try:  # overwrite=False: the first writer wins
         internal_kv._internal_kv_put(kv_key(run_dir, "failure"), json.dumps({"reason": f"rank {rank} failed: {what}"})

@@ -511,7 +511,12 @@ def test_a_sigkilled_worker_resumes_from_the_newest_complete_checkpoint(ray_loca
     assert state["step"] == 4 and state["resumed_from_step"] == 2, state
     # After the run the driver matched Ray's retained checkpoints in storage and pruned by Ray's rule: what is left is
     # complete and at most run.keep_checkpoints (2) best plus the latest.
-    assert "checkpoint pruning skipped" not in "".join(capfd.readouterr())
+    console = "".join(capfd.readouterr())
+    assert "checkpoint pruning skipped" not in console
+    # The killed worker raised nothing; the survivor's collective then failed (gloo: connection reset by peer), which
+    # is not the cause: the restart line says a worker was lost.
+    assert "restart: 2 -> 2 workers (a worker or node was lost); resuming at step 2, 0 steps lost" in console, \
+        [line for line in console.splitlines() if "restart:" in line]
     left = [p for p in (storage / "it").glob("checkpoint_*") if p.is_dir()]
     retained = {Path(c.path) for c, _ in result.best_checkpoints} | {Path(result.checkpoint.path)}
     assert retained <= set(left) and len(left) <= 3
