@@ -9,7 +9,8 @@
 
 `check` exits with 0 when every video decodes and every label is in the label file, 1 otherwise (also when a bucket
 stopped answering: those videos are reported as not checked, never as dropped). Ray tools
-connect to `--address` (or RAY_ADDRESS) when given and start a local Ray otherwise.
+connect to `--address` (or RAY_ADDRESS) when given, else to a Ray running on this machine, else start a local one
+(`--address local`: always a new local Ray).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import argparse
 import json
 import sys
 from typing import Any
+
+ADDRESS_HELP = ("Ray cluster address (default: RAY_ADDRESS, else a Ray running on this machine, else a new local "
+                "one; 'local': always a new local Ray)")
 
 
 def _init_ray(address: str | None) -> None:
@@ -179,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--storage-retry-s", type=float,
                    help="how long a video in a bucket that does not answer is retried before the check stops "
                         "(default 120 s)")
-    c.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
+    c.add_argument("--address", help=ADDRESS_HELP)
     c.set_defaults(run=_cmd_check)
 
     t = sub.add_parser("transcode", help="rewrite videos at a small short side with a short keyframe interval")
@@ -189,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gop", type=int, default=16, help="keyframe interval in frames")
     t.add_argument("--crf", type=int, default=23)
     t.add_argument("--json", action="store_true")
-    t.add_argument("--address")
+    t.add_argument("--address", help=ADDRESS_HELP)
     t.set_defaults(run=_cmd_transcode)
 
     k = sub.add_parser("k710", help="assemble Kinetics-710 from the K400/600/700 CSVs")
