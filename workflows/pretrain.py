@@ -263,8 +263,10 @@ def describe_training_failure(exc: Exception, recipe: Recipe) -> str:
     restarts = f" after {limit} restart{'s' * (limit != 1)} (run.max_failures)" if limit > 0 else ""
     newest = newest_complete_checkpoint(recipe.run_dir)
     where = redact_secrets(recipe.run_dir)
+    # (a run directory in a bucket that does not answer lists nothing either: hence "found", not "is")
     resume = (f"the same command resumes it from its newest complete checkpoint, {redact_secrets(newest[1])} (step "
-              f"{newest[2]})" if newest else f"no complete checkpoint is in {where}: the same command starts it anew")
+              f"{newest[2]})" if newest else f"the same command resumes from the newest complete checkpoint in "
+              f"{where} (none was found there now: it would start anew)")
     return f"the run failed{restarts}: {redact_secrets(why)}. Once that is fixed, {resume}."
 
 

@@ -161,6 +161,6 @@ def test_a_run_that_fails_for_good_says_why_in_one_line(ray_local, video_dir, tm
         run_pretrain(recipe)
     line = describe_training_failure(info.value, recipe)
     assert line.startswith("the run failed: rank 1 failed: TooManyBadVideos: ") and "max_bad_fraction=0.2" in line, line
-    assert line.endswith(f"no complete checkpoint is in {tmp_path / 'runs' / 'too-bad'}: the same command starts it "
-                         "anew."), line
+    assert line.endswith(f"the same command resumes from the newest complete checkpoint in "
+                         f"{tmp_path / 'runs' / 'too-bad'} (none was found there now: it would start anew)."), line
     assert take_failure(recipe.run_dir) is None  # taken: a later attempt's restart line does not repeat it

@@ -8,9 +8,9 @@
     data import    ssv2|list ...                           manifests from SSV2 JSON or `path label` lists
 
 `check` exits with 0 when every video decodes and every label is in the label file, 1 otherwise (also when a bucket
-stopped answering: those videos are reported as not checked, never as dropped). Ray tools
-connect to `--address` (or RAY_ADDRESS) when given, else to a Ray running on this machine, else start a local one
-(`--address local`: always a new local Ray).
+stopped answering: those videos are reported as not checked, never as dropped). Ray tools connect to `--address` (or
+RAY_ADDRESS) when given, else to a Ray running on this machine, else start a local one (`--address local`: always a
+new local Ray).
 """
 
 from __future__ import annotations
