@@ -128,10 +128,11 @@ def kv_key(run_dir: str, what: str) -> bytes:
     return f"dist-elastic:{run_dir}:{what}".encode()
 
 
-def kv_put(key: bytes, value: dict[str, Any]) -> None:
+def kv_put(key: bytes, value: dict[str, Any], overwrite: bool = True) -> None:
+    """`overwrite=False`: only when `key` holds nothing yet (the first of several writers wins)."""
     from ray.experimental import internal_kv
 
-    internal_kv._internal_kv_put(key, json.dumps(value).encode(), overwrite=True)
+    internal_kv._internal_kv_put(key, json.dumps(value).encode(), overwrite=overwrite)
 
 
 # A collective whose peer died (gloo's "Read error ...: Connection reset by peer", NCCL's): a survivor's error, not
@@ -143,17 +144,14 @@ def note_failure(run_dir: str, rank: int, exc: BaseException) -> None:
     """Why a worker group is about to fail, for the next group's restart line (`take_failure`): the first error
     raised on any rank; the others' errors come after it and are not the cause. A worker or node that dies without
     raising leaves none, and neither do the collectives it leaves failing on the other ranks."""
-    from ray.experimental import internal_kv
-
     from workflows.runtime import root_cause
 
     what = root_cause(exc)
     if _COLLECTIVE_ERROR.search(what):  # a peer is gone: said as a lost worker unless that peer recorded more
         return
     what = what if len(what) <= 200 else what[:197] + "..."
-    try:  # overwrite=False: the first writer wins
-        internal_kv._internal_kv_put(kv_key(run_dir, "failure"), json.dumps({"reason": f"rank {rank} failed: {what}"})
-                                     .encode(), overwrite=False)
+    try:
+        kv_put(kv_key(run_dir, "failure"), {"reason": f"rank {rank} failed: {what}"}, overwrite=False)
     except Exception:  # noqa: BLE001 - the GCS unreachable too: the error being raised is what matters
         pass
 

@@ -7,6 +7,7 @@ way users configure them (AWS_* environment variables, an http:// tracking URI),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,8 +20,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -162,6 +165,13 @@ class S3Credentials:
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def client(self, endpoint: str | None = None):
+        """A boto3 S3 client with these credentials, to `endpoint` (default: theirs)."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=endpoint or self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name=self.region)
 
 
 class LoopbackServer:
@@ -336,6 +346,24 @@ class FaultyProxy:
                 return True
             self.requests.append((time.monotonic(), method, path))
         return False
+
+
+@contextlib.contextmanager
+def proxied_bucket(root: Path, bucket: str) -> Iterator[tuple[FaultyProxy, S3Credentials, Any]]:
+    """moto (state under `root`) behind a FaultyProxy, `bucket` created: (the proxy, credentials whose endpoint is
+    the proxy, a boto3 client straight to moto for filling the bucket). Both servers end with the block."""
+    moto = MotoServer(root)
+    moto.start()
+    proxy = FaultyProxy(moto.port)
+    proxy.start()
+    try:
+        creds = S3Credentials(endpoint=proxy.url)
+        client = creds.client(moto.url)
+        client.create_bucket(Bucket=bucket)
+        yield proxy, creds, client
+    finally:
+        proxy.stop()
+        moto.stop()
 
 
 def _reset(sock: socket.socket) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.workflows.conftest import GOOD_VIDEOS
-from tests.workflows.object_store import FaultyProxy, MotoServer, S3Credentials
+from tests.workflows.object_store import proxied_bucket
 from workflows.data import doctor
 from workflows.data.cli import _format_check
 from workflows.data.doctor import UNREACHABLE, _check_batch, check_video
@@ -31,27 +31,13 @@ BUCKET = "checked"
 @pytest.fixture(scope="module")
 def videos_in_a_bucket(tmp_path_factory, video_dir):
     """moto behind the faulty proxy, the good videos in a bucket: (proxy, their s3:// URIs, the credentials)."""
-    import boto3
-
-    root = tmp_path_factory.mktemp("s3-check")
-    moto = MotoServer(root)
-    moto.start()
-    proxy = FaultyProxy(moto.port)
-    proxy.start()
-    try:
-        creds = S3Credentials(endpoint=proxy.url)
-        client = boto3.client("s3", endpoint_url=moto.url, aws_access_key_id=creds.access_key,
-                              aws_secret_access_key=creds.secret_key, region_name=creds.region)
-        client.create_bucket(Bucket=BUCKET)
+    with proxied_bucket(tmp_path_factory.mktemp("s3-check"), BUCKET) as (proxy, creds, client):
         uris = []
         for name in GOOD_VIDEOS:
             client.put_object(Bucket=BUCKET, Key=f"clips/{name}.mp4",
                               Body=(video_dir / "clips" / f"{name}.mp4").read_bytes())
             uris.append(f"s3://{BUCKET}/clips/{name}.mp4")
         yield proxy, uris, creds
-    finally:
-        proxy.stop()
-        moto.stop()
 
 
 def _batch(uris: list[str]) -> dict[str, np.ndarray]:

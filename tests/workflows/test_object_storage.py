@@ -165,8 +165,6 @@ class Stack:
 def stack(tmp_path_factory):
     """moto + proxy, the MLflow server, and a two-node Ray cluster (head and one more raylet, 2 CPUs each: a Train
     worker and a decode actor on each). About 40-60 s to start here."""
-    import boto3
-
     root = Path(tempfile.mkdtemp(prefix="os-", dir="/tmp"))  # short: Ray's socket paths live below it
     reaper = Reaper(root, MARKER)  # ends all of it should this process die without the teardown below
     moto = MotoServer(root)
@@ -180,8 +178,7 @@ def stack(tmp_path_factory):
         proxy = FaultyProxy(moto.port)
         proxy.start()
         creds = S3Credentials(endpoint=proxy.url)
-        boto3.client("s3", endpoint_url=moto.url, aws_access_key_id=creds.access_key,
-                     aws_secret_access_key=creds.secret_key, region_name=creds.region).create_bucket(Bucket=BUCKET)
+        creds.client(moto.url).create_bucket(Bucket=BUCKET)
         (root / "mlflow").mkdir()
         server_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
         mlflow = MlflowServer(root / "mlflow", f"s3://{BUCKET}/mlartifacts", {**server_env, **creds.env()})

@@ -34,7 +34,7 @@ import pytest
 
 from tests.ray_nodes import MARKER, REPO, Cluster
 from tests.workflows.conftest import GOOD_VIDEOS
-from tests.workflows.object_store import FaultyProxy, MotoServer, Reaper, S3Credentials
+from tests.workflows.object_store import FaultyProxy, Reaper, proxied_bucket
 from workflows.data import video
 from workflows.data.data_config import DataConfig
 from workflows.data.pipeline import ClipSpec, decode_batch
@@ -47,25 +47,11 @@ BUCKET = "videos"
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory, video_dir):
     """moto behind the faulty proxy, a bucket holding one good video: (proxy, its s3:// URI, the credentials)."""
-    import boto3
-
-    root = tmp_path_factory.mktemp("s3")
-    moto = MotoServer(root)
-    moto.start()
-    proxy = FaultyProxy(moto.port)
-    proxy.start()
-    try:
-        creds = S3Credentials(endpoint=proxy.url)
-        client = boto3.client("s3", endpoint_url=moto.url, aws_access_key_id=creds.access_key,
-                              aws_secret_access_key=creds.secret_key, region_name=creds.region)
-        client.create_bucket(Bucket=BUCKET)
+    with proxied_bucket(tmp_path_factory.mktemp("s3"), BUCKET) as (proxy, creds, client):
         name = next(iter(GOOD_VIDEOS))
         body = (video_dir / "clips" / f"{name}.mp4").read_bytes()
         client.put_object(Bucket=BUCKET, Key=f"clips/{name}.mp4", Body=body)
         yield proxy, f"s3://{BUCKET}/clips/{name}.mp4", creds
-    finally:
-        proxy.stop()
-        moto.stop()
 
 
 def _read(uri: str) -> np.ndarray:
@@ -144,15 +130,12 @@ RUN_TIMEOUT_S = 480
 def sample_in_bucket(bucket, tmp_path_factory):
     """The sample dataset as test_pretrain writes it (16 training and 8 validation videos of 8 classes) copied into
     the bucket below SAMPLE, as `data upload` copies a folder: its manifests' relative paths resolve there."""
-    import boto3
-
     from workflows.data.sample import write_sample_dataset
 
     proxy, _, creds = bucket
     local = tmp_path_factory.mktemp("sample")
     info = write_sample_dataset(local, videos_per_class=3, size=48, num_frames=24, seed=1, workers=1)
-    client = boto3.client("s3", endpoint_url=proxy.url, aws_access_key_id=creds.access_key,
-                          aws_secret_access_key=creds.secret_key, region_name=creds.region)
+    client = creds.client()
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         client.put_object(Bucket=BUCKET, Key=f"datasets/sample/{path.relative_to(local).as_posix()}",
                           Body=path.read_bytes())

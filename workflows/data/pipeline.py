@@ -65,7 +65,7 @@ class ClipSpec:
     decode_short_side: int | None = None
     decode_resize_threshold: float = 1.25
     decode_threads: int = 1
-    storage_retry_s: float = 120.0
+    storage_retry_s: float | None = None  # None: video.STORAGE_RETRY_S (what data.storage_retry_s defaults to)
     counter_split: str = "train"  # key under which drops are counted
 
     @classmethod
