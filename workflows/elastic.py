@@ -140,29 +140,63 @@ def kv_put(key: bytes, value: dict[str, Any], overwrite: bool = True) -> None:
 _COLLECTIVE_ERROR = re.compile(r"gloo|NCCL|DistBackendError|DistNetworkError")
 
 
-def note_failure(run_dir: str, rank: int, exc: BaseException) -> None:
+def note_failure(run_dir: str, rank: int, exc: BaseException, restartable: bool = True) -> None:
     """Why a worker group is about to fail, for the next group's restart line (`take_failure`): the first error
     raised on any rank; the others' errors come after it and are not the cause. A worker or node that dies without
-    raising leaves none, and neither do the collectives it leaves failing on the other ranks."""
+    raising leaves none, and neither do the collectives it leaves failing on the other ranks. `restartable=False`:
+    an error a restart cannot fix (a corpus over its bad-video limit); the next group ends at once instead of
+    training into it again (`unrestartable_failure`)."""
     from workflows.runtime import root_cause
 
     what = root_cause(exc)
     if _COLLECTIVE_ERROR.search(what):  # a peer is gone: said as a lost worker unless that peer recorded more
         return
     what = what if len(what) <= 200 else what[:197] + "..."
+    reason = {"reason": f"rank {rank} failed: {what}"}
     try:
-        kv_put(kv_key(run_dir, "failure"), {"reason": f"rank {rank} failed: {what}"}, overwrite=False)
+        kv_put(kv_key(run_dir, "failure"), reason, overwrite=False)
+        if not restartable:
+            kv_put(kv_key(run_dir, "unrestartable"), reason, overwrite=False)
     except Exception:  # noqa: BLE001 - the GCS unreachable too: the error being raised is what matters
         pass
 
 
 def take_failure(run_dir: str) -> str | None:
     """The failure `note_failure` recorded for this run (None: none), removed: a later failure is not this one."""
+    return _take(kv_key(run_dir, "failure"))
+
+
+class RunNotRestarted(RuntimeError):
+    """A worker failed on an error a restart cannot fix; the restarted group ended without training (its message:
+    the recorded reason, e.g. "rank 1 failed: TooManyBadVideos: ...")."""
+
+
+def unrestartable_failure(run_dir: str) -> str | None:
+    """The reason of a failure a restart cannot fix, recorded by a worker of this run (None: none). Read by each
+    worker of a (re)started group before it builds anything: such a group returns at once."""
+    return (kv_get(kv_key(run_dir, "unrestartable")) or {}).get("reason")
+
+
+def forget_unrestartable_failure(run_dir: str) -> None:
+    """By the driver before it starts the run: a record left by an earlier attempt (the corpus fixed since) must not
+    end this one. The GCS store outlives runs on a long-lived cluster."""
+    _take(kv_key(run_dir, "unrestartable"))
+
+
+def raise_if_not_restarted(run_dir: str) -> None:
+    """By the driver after Ray Train returned: the run ended because a group found `unrestartable_failure`."""
+    reason = _take(kv_key(run_dir, "unrestartable"))
+    if reason is not None:
+        take_failure(run_dir)  # the same failure: no later restart line should repeat it
+        raise RunNotRestarted(reason)
+
+
+def _take(key: bytes) -> str | None:
     from ray.experimental import internal_kv
 
-    failure = kv_get(kv_key(run_dir, "failure"))
-    internal_kv._internal_kv_del(kv_key(run_dir, "failure"))
-    return (failure or {}).get("reason")
+    record = kv_get(key)
+    internal_kv._internal_kv_del(key)
+    return (record or {}).get("reason")
 
 
 def kv_get(key: bytes) -> dict[str, Any] | None:

@@ -16,7 +16,12 @@ from typing import Any
 from workflows.capacity import check_capacity, worker_bundle
 from workflows.config_loader import ConfigError, config_parser, dump_yaml
 from workflows.console import quiet_ray_console, recipe_summary, train_logging_config
-from workflows.elastic import grow_checkpoint_callback
+from workflows.elastic import (
+    RunNotRestarted,
+    forget_unrestartable_failure,
+    grow_checkpoint_callback,
+    raise_if_not_restarted,
+)
 from workflows.recipe import (
     Recipe,
     check_clip_file,
@@ -252,15 +257,18 @@ def describe_training_failure(exc: Exception, recipe: Recipe) -> str:
     recorded (`elastic.note_failure`; else `root_cause` of the error: the lowest failing rank's) and where the
     same command would resume."""
     from workflows.checkpoints import newest_complete_checkpoint
-    from workflows.elastic import take_failure
+    from workflows.elastic import RunNotRestarted, take_failure
 
-    try:
-        why = take_failure(recipe.run_dir)
-    except Exception:  # noqa: BLE001 - no Ray to ask: fall back on the error in hand
-        why = None
-    why = why or root_cause(exc)
     limit = recipe.run.max_failures
-    restarts = f" after {limit} restart{'s' * (limit != 1)} (run.max_failures)" if limit > 0 else ""
+    if isinstance(exc, RunNotRestarted):
+        why, restarts = str(exc), " and was not restarted, as a restart cannot fix this"
+    else:
+        try:
+            why = take_failure(recipe.run_dir)
+        except Exception:  # noqa: BLE001 - no Ray to ask: fall back on the error in hand
+            why = None
+        why = why or root_cause(exc)
+        restarts = f" after {limit} restart{'s' * (limit != 1)} (run.max_failures)" if limit > 0 else ""
     newest = newest_complete_checkpoint(recipe.run_dir)
     where = redact_secrets(recipe.run_dir)
     # (a run directory in a bucket that does not answer lists nothing either: hence "found", not "is")
@@ -286,8 +294,10 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
     recipe = with_run_scoped_names(recipe)
     print(f"{LOG_PREFIX} the full resolved recipe: {redact_secrets(save_resolved_recipe(recipe))}", flush=True)
     counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts
+    forget_unrestartable_failure(recipe.run_dir)
     result = fit_through_storage_outages(lambda: build_trainer(recipe, verbose=verbose), recipe)
     del counter
+    raise_if_not_restarted(recipe.run_dir)
     retained = [c.path for c, _ in result.best_checkpoints or []] + ([result.checkpoint.path] if result.checkpoint
                                                                      else [])
     removed = prune_unretained_checkpoints(recipe.run_dir, retained, recipe.run.keep_checkpoints)
@@ -324,7 +334,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:  # the cluster cannot hold the recipe (check_capacity), before any training work
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrainingFailedError as exc:  # the workers' tracebacks are above; Ray's own summary is cut short
+    except (TrainingFailedError, RunNotRestarted) as exc:  # the workers' tracebacks are above; Ray's is cut short
         print(f"error: {describe_training_failure(exc, recipe)}", file=sys.stderr)
         return 1
     return 0

@@ -36,6 +36,7 @@ from workflows.elastic import (
     legacy_consumed,
     note_failure,
     take_failure,
+    unrestartable_failure,
 )
 from workflows.recipe import Recipe, recipe_from_dict, recipe_to_dict
 from workflows.runtime import compile_toolchain_problem, write_text
@@ -678,15 +679,25 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     recipe = recipe_from_dict(config["recipe"])
     prepare_worker_process(recipe, verbose=config.get("verbose", False))
-    device = ray.train.torch.get_device() if recipe.scaling.use_gpu else torch.device("cpu")
     ctx = ray.train.get_context()
+    unfixable = unrestartable_failure(recipe.run_dir)
+    if unfixable is not None:  # the last group failed on what a restart cannot fix: end; the driver says why
+        if ctx.get_world_rank() == 0:
+            print(f"{LOG_PREFIX} not restarting: {unfixable} (a restart cannot fix that)", flush=True)
+        return
+    device = ray.train.torch.get_device() if recipe.scaling.use_gpu else torch.device("cpu")
     trainer = Trainer(recipe, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
                       mlflow_parent_run_id=config.get("mlflow_parent_run_id"))
     try:
         trainer.setup(checkpoint_to_resume(ray.train.get_checkpoint(), recipe.run_dir, trainer.log))
         trainer.train()
     except Exception as exc:
-        note_failure(recipe.run_dir, trainer.rank, exc)
+        from workflows.data.drops import TooManyBadVideos
+        from workflows.data.pipeline import decode_failure
+
+        # a corpus over its bad-video limit is over it again after a restart (the drop counts survive restarts)
+        note_failure(recipe.run_dir, trainer.rank, exc,
+                     restartable=not isinstance(decode_failure(exc), TooManyBadVideos))
         raise
     trainer.cleanup()
 

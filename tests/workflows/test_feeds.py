@@ -124,7 +124,7 @@ def test_an_epoch_where_no_video_decodes_fails_clearly(counters, video_dir, tmp_
         list(feeds.train_batches(epoch=0))
 
 
-def _bad_corpus_run(video_dir: Path, tmp_path: Path, max_bad_fraction: float, name: str):
+def _bad_corpus_run(video_dir: Path, tmp_path: Path, max_bad_fraction: float, name: str, max_failures: int = 0):
     """A 2-step smoke run on 12 clips whose 4 bad ones (missing, empty, truncated, random bytes) all land on rank 1."""
     manifest, _ = _manifest(video_dir, tmp_path, rows=12, bad_on_rank1=[0, 1, 2, 3])
     return load_recipe(SMOKE, [
@@ -133,7 +133,7 @@ def _bad_corpus_run(video_dir: Path, tmp_path: Path, max_bad_fraction: float, na
         f"data.max_bad_fraction={max_bad_fraction}",
         f"train.seed={SEED}", "train.micro_batch_size=4", "train.global_batch_size=8", "data.train_views=1",
         "train.max_steps=2", "eval.every_steps=2", f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
-        "mlflow.enabled=false", "run.max_failures=0"])
+        "mlflow.enabled=false", f"run.max_failures={max_failures}"])
 
 
 @pytest.mark.integration
@@ -147,20 +147,35 @@ def test_pretrain_runs_on_a_corpus_whose_bad_files_all_land_on_one_worker(counte
 
 
 @pytest.mark.integration
-def test_a_run_that_fails_for_good_says_why_in_one_line(ray_local, video_dir, tmp_path):
-    """The same corpus with max_bad_fraction 0.2: the decoder's TooManyBadVideos fails the run once its restarts are
-    spent. Ray's own summary (WorkerGroupError) cuts the cause off; `pretrain` ends with one line naming the root
-    cause the failing rank recorded and what the same command would do."""
-    from ray.train import TrainingFailedError
-
-    from workflows.elastic import take_failure
+def test_a_corpus_over_its_bad_video_limit_is_not_retried_and_says_why_in_one_line(ray_local, video_dir, tmp_path,
+                                                                                   capfd):
+    """The same corpus with max_bad_fraction 0.2 and two restarts allowed: the decoder's TooManyBadVideos fails
+    rank 1. A restart cannot fix a corpus (the drop counts survive it), so the next group ends before it builds
+    anything and the run fails at once, not after run.max_failures more attempts. Ray's own summary would cut the
+    cause off; `pretrain` ends with one line naming the root cause the failing rank recorded and what the same
+    command would do."""
+    from workflows.elastic import RunNotRestarted, kv_key, kv_put, take_failure, unrestartable_failure
     from workflows.pretrain import describe_training_failure, run_pretrain
 
-    recipe = _bad_corpus_run(video_dir, tmp_path, max_bad_fraction=0.2, name="too-bad")
-    with pytest.raises(TrainingFailedError) as info:
-        run_pretrain(recipe)
+    recipe = _bad_corpus_run(video_dir, tmp_path, max_bad_fraction=0.2, name="too-bad", max_failures=2)
+    kv_put(kv_key(recipe.run_dir, "unrestartable"), {"reason": "an earlier attempt's, fixed since"})
+    with pytest.raises(RunNotRestarted) as info:
+        run_pretrain(recipe)  # the stale record above did not end it before the corpus was read
+    out = capfd.readouterr().out
+    assert out.count("not restarting: rank 1 failed: TooManyBadVideos: ") == 1, out
+    assert "restart: " not in out and "resumed from step" not in out, out  # no group trained after the failure
     line = describe_training_failure(info.value, recipe)
-    assert line.startswith("the run failed: rank 1 failed: TooManyBadVideos: ") and "max_bad_fraction=0.2" in line, line
+    assert line.startswith("the run failed and was not restarted, as a restart cannot fix this: rank 1 failed: "
+                           "TooManyBadVideos: ") and "max_bad_fraction=0.2" in line, line
     assert line.endswith(f"the same command resumes from the newest complete checkpoint in "
                          f"{tmp_path / 'runs' / 'too-bad'} (none was found there now: it would start anew)."), line
-    assert take_failure(recipe.run_dir) is None  # taken: a later attempt's restart line does not repeat it
+    # both records taken: neither a later attempt of this run directory nor its restart line sees them
+    assert unrestartable_failure(recipe.run_dir) is None and take_failure(recipe.run_dir) is None
+
+    # Ray Train's own give-up (a failure a restart may fix, its restarts spent): the reason recorded, the count said
+    from ray.train import TrainingFailedError
+
+    kv_put(kv_key(recipe.run_dir, "failure"), {"reason": "rank 0 failed: RuntimeError: lost the disk"})
+    line = describe_training_failure(TrainingFailedError("cut short"), recipe)
+    assert line.startswith("the run failed after 2 restarts (run.max_failures): rank 0 failed: RuntimeError: lost "
+                           "the disk. Once that is fixed, "), line

@@ -129,6 +129,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from workflows.data.drops import drop_counter
+    from workflows.elastic import forget_unrestartable_failure, raise_if_not_restarted
     from workflows.pretrain import build_trainer
     from workflows.recipe import with_run_scoped_names
 
@@ -145,8 +146,10 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     counter = drop_counter(recipe.data.drop_counter)  # owned by this trial: survives its worker restarts
     trainer = build_trainer(recipe, extra_config={"mlflow_parent_run_id": context["parent_run_id"]},
                             callbacks=[TuneReportCallback()], name=name)
+    forget_unrestartable_failure(recipe.run_dir)
     trainer.fit()
     del counter
+    raise_if_not_restarted(recipe.run_dir)  # the trial errors with the reason, not a finish without results
 
 
 def trial_dirname(trial: Any) -> str:
