@@ -692,14 +692,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         trainer.setup(checkpoint_to_resume(ray.train.get_checkpoint(), recipe.run_dir, trainer.log))
         trainer.train()
     except Exception as exc:
-        from workflows.data.drops import TooManyBadVideos
-        from workflows.data.pipeline import decode_failure
-
-        # a corpus over its bad-video limit is over it again after a restart (the drop counts survive restarts)
-        note_failure(recipe.run_dir, trainer.rank, exc,
-                     restartable=not isinstance(decode_failure(exc), TooManyBadVideos))
+        note_failure(recipe.run_dir, trainer.rank, exc, restartable=not restart_cannot_fix(exc))
         raise
     trainer.cleanup()
+
+
+def restart_cannot_fix(exc: BaseException) -> bool:
+    """An error a new worker group would meet again: a corpus over its bad-video limit (the drop counts survive
+    restarts) or a recipe the worker's node cannot run (ConfigError, e.g. train.compile without a compiler)."""
+    from workflows.data.drops import TooManyBadVideos
+    from workflows.data.pipeline import decode_failure
+
+    return isinstance(exc, ConfigError) or isinstance(decode_failure(exc), TooManyBadVideos)
 
 
 def checkpoint_to_resume(registered: Any, run_dir: str, log: Any = print) -> Any:

@@ -145,3 +145,17 @@ def test_deterministic_kernels_are_set_only_when_asked():
                            text=True, check=True).stdout.split() for flag in (False, True)]
     assert seen[0] == ["False", "False", "False", "False", "None", "5"]
     assert seen[1] == ["True", "False", "True", "True", ":4096:8", "5"]
+
+
+def test_only_errors_a_restart_would_meet_again_end_the_run_at_once():
+    """What `note_failure(restartable=False)` is given: the decoder's TooManyBadVideos (here raw; wrapped by Ray Data
+    in test_feeds' end-to-end run) and a recipe the node cannot run. Anything else may pass with a new worker group."""
+    from workflows.config_loader import ConfigError
+    from workflows.data.drops import TooManyBadVideos
+    from workflows.data.video import StorageUnreachable
+    from workflows.trainer import restart_cannot_fix
+
+    assert restart_cannot_fix(TooManyBadVideos("4 of 12 train videos are unusable"))
+    assert restart_cannot_fix(ConfigError("train.compile on node 10.0.0.2: needs a C++ compiler"))
+    assert not restart_cannot_fix(StorageUnreachable("cannot read s3://b/v.mp4: its storage did not answer"))
+    assert not restart_cannot_fix(RuntimeError("injected failure at step 3 (train.fail_at_step) on rank 1"))
