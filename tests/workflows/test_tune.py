@@ -479,6 +479,26 @@ def test_trial_status_comes_from_the_reports_even_on_remote_storage(tmp_path):
     assert trial_row(result([0.0, 1.0]), sweep_plan, [])["status"] == "completed"
 
 
+def test_a_trial_not_restarted_reports_the_recorded_cause(tmp_path):
+    """A trial whose Train run ended on a failure a restart cannot fix (run_trial raises RunNotRestarted, which Tune
+    wraps in a RayTaskError as it did in a by-hand sweep over a corpus with 3 corrupt files of 22): the status is
+    the cause the failing rank recorded, not the wrapper's name."""
+    import types
+
+    from ray.exceptions import RayTaskError
+
+    from workflows.elastic import RunNotRestarted
+    from workflows.tune.report import trial_row
+
+    sweep_plan = plan(write_sweep(tmp_path, "  train.lr: {grid: [0.001]}"))
+    cause = RunNotRestarted("rank 0 failed: TooManyBadVideos: 3 of 22 train videos are unusable, more than "
+                            "max_bad_fraction=0.1")
+    error = RayTaskError("ImplicitFunc.train", "Traceback (most recent call last): ...", cause)
+    trial = types.SimpleNamespace(path=str(tmp_path / "trial_x"), config={}, error=error, metrics_dataframe=None)
+    assert trial_row(trial, sweep_plan, [])["status"] == ("error: rank 0 failed: TooManyBadVideos: 3 of 22 train "
+                                                          "videos are unusable, more than max_bad_fraction=0.1")
+
+
 def test_trials_get_no_copy_of_the_drivers_aws_credentials(monkeypatch):
     """Ray Tune 2.60 copies AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN from the driver into each
     trial actor's runtime env, which Ray writes to every node's runtime_env_agent.log (seen by

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workflows.elastic import RunNotRestarted
 from workflows.recipe import recipe_to_dict
 from workflows.runtime import is_remote, root_cause
 from workflows.tracking import Tracker
@@ -140,7 +141,8 @@ def trial_row(result: Any, plan: SweepPlan, keys: list[str]) -> dict[str, Any]:
     row["last_step"] = reports[-1].get("step", "") if reports else ""
     row["checkpoint"] = best.get("checkpoint_path", "")
     if result.error is not None:  # the root cause, not Ray's wrapping (a trial's Train run fails as WorkerGroupError)
-        row["status"] = "error: " + root_cause(result.error)[:160]
+        # a RunNotRestarted's message is the recorded root cause already ("rank 0 failed: TooManyBadVideos: ...")
+        row["status"] = "error: " + root_cause(result.error).removeprefix(f"{RunNotRestarted.__name__}: ")[:160]
     elif not reports:
         row["status"] = "no report"
     else:  # each report says whether it was the run's last step (storage may be remote: nothing is read from it)
