@@ -481,7 +481,7 @@ def test_trial_status_comes_from_the_reports_even_on_remote_storage(tmp_path):
 
 def test_a_trial_not_restarted_reports_the_recorded_cause(tmp_path):
     """A trial whose Train run ended on a failure a restart cannot fix (run_trial raises RunNotRestarted, which Tune
-    wraps in a RayTaskError as it did in a by-hand sweep over a corpus with 3 corrupt files of 22): the status is
+    wraps in a RayTaskError, as it did in a by-hand sweep over 16 good and 6 corrupt videos): the status is
     the cause the failing rank recorded, not the wrapper's name."""
     import types
 
