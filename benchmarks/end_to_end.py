@@ -205,9 +205,11 @@ def _loop_worker(rank: int, world: int, engine_name: str, recipe_dict: dict, por
     from workflows.data.pipeline import ClipSpec
     from workflows.feeds import ClipFeeds
     from workflows.recipe import recipe_from_dict
+    from workflows.runtime import tools_of_this_interpreter_first
     from workflows.step import train_micro_step
 
     recipe = recipe_from_dict(recipe_dict)
+    tools_of_this_interpreter_first()  # the ninja the workflow's workers use: DeepSpeed's CPU op is built once
     # As the workflow does: DeepSpeed's ZeRO calls a deprecated collective on every step.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     torch.set_num_threads(max(1, int(recipe.scaling.cpus_per_worker)))

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
+
+from workflows.runtime import tools_of_this_interpreter_first
 
 # Ray Train's worker group can take longer than its default timeout to start on a busy 2-core machine.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Never let a test reach for a GPU or the network for weights.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Every process of the session finds the venv's tools first, as an activated venv and the test clusters' nodes do.
-# Above all one `ninja`: the venv's (1.13) and Debian's (1.11) hash build commands differently, so processes that
-# alternated between them rebuilt DeepSpeed's CPU shared-memory op (~30 s) five times per suite instead of once.
-_VENV_BIN = str(Path(sys.executable).parent)
-if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
-    os.environ["PATH"] = os.pathsep.join([_VENV_BIN, os.environ.get("PATH", "")])
+# Every process of the session finds the venv's tools first, as an activated venv, the test clusters' nodes and the
+# training workers (prepare_worker_process) do: one `ninja` for DeepSpeed's JIT ops, so the suite builds its CPU
+# shared-memory op once (the processes the tests spawn inherit this PATH).
+tools_of_this_interpreter_first()
 
 
 @pytest.fixture(scope="session")

@@ -126,6 +126,20 @@ def local_cpus_for(recipe: Recipe) -> float:
     return recipe.scaling.max_workers * (recipe.scaling.cpus_per_worker + recipe.data.decode_threads)
 
 
+def tools_of_this_interpreter_first() -> None:
+    """Put this interpreter's bin directory first on PATH, as an activated venv does, so the tools installed beside it
+    (above all the `ninja` DeepSpeed's wheel brings) are the ones found, however the process was started. Torch keys
+    its JIT build cache by the build commands' hash, and a venv's ninja (1.13) and a system one (1.11) hash them
+    differently: processes that alternated between them rebuilt DeepSpeed's CPU shared-memory op (~30 s on 2 cores)
+    at every switch, e.g. `make demo` (venv not on PATH) after `make test` (venv first)."""
+    import sys
+
+    here = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != here:
+        os.environ["PATH"] = os.pathsep.join([here, path]) if path else here
+
+
 def compile_toolchain_problem(use_gpu: bool) -> str | None:
     """Why torch.compile cannot build kernels on this machine, or None. Inductor writes C++ for CPU kernels; on a
     GPU its kernels are Triton's, and Triton builds a small C launcher for each with the system C compiler."""

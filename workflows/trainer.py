@@ -39,7 +39,7 @@ from workflows.elastic import (
     unrestartable_failure,
 )
 from workflows.recipe import Recipe, recipe_from_dict, recipe_to_dict
-from workflows.runtime import compile_toolchain_problem, write_text
+from workflows.runtime import compile_toolchain_problem, tools_of_this_interpreter_first, write_text
 
 LOG_PREFIX = "[pretrain]"
 CONSUMED_KEY = "dist_consumed"  # DeepSpeed client state: clips trained on per video in the checkpoint's epoch
@@ -747,6 +747,7 @@ def prepare_worker_process(recipe: Recipe, verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     if not recipe.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo); before importing it
+    tools_of_this_interpreter_first()  # one ninja for DeepSpeed's JIT ops, whether or not the driver's venv was active
     ctx = ray.train.get_context()
     print(f"{LOG_PREFIX} worker rank {ctx.get_world_rank()}/{ctx.get_world_size()} on node "
           f"{ray.get_runtime_context().get_node_id()} (ip {ray.util.get_node_ip_address()}, pid {os.getpid()})",
