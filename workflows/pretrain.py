@@ -21,6 +21,7 @@ from workflows.elastic import (
     forget_unrestartable_failure,
     grow_checkpoint_callback,
     raise_if_not_restarted,
+    take_failure,
 )
 from workflows.recipe import (
     Recipe,
@@ -253,11 +254,11 @@ def fit_through_storage_outages(make_trainer: Any, recipe: Recipe, wait_s: float
 
 
 def describe_training_failure(exc: Exception, recipe: Recipe) -> str:
-    """One paragraph for a run Ray Train gave up on (its restarts spent): the root cause the first failing rank
+    """One paragraph for a run Ray Train gave up on (its restarts spent) or that was not restarted
+    (`RunNotRestarted`, a failure a restart cannot fix): the root cause the first failing rank
     recorded (`elastic.note_failure`; else `root_cause` of the error: the lowest failing rank's) and where the
     same command would resume."""
     from workflows.checkpoints import newest_complete_checkpoint
-    from workflows.elastic import RunNotRestarted, take_failure
 
     limit = recipe.run.max_failures
     if isinstance(exc, RunNotRestarted):
