@@ -385,6 +385,81 @@ def weight_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
     return _read_weights_file(directory, header)
 
 
+def child_uri(uri: str, root: str, path: str) -> str:
+    """`uri` (whose filesystem path is `root`) with its path replaced by `path`, a path below `root` on the same
+    filesystem: the scheme, user-info and query (endpoint_override=..., credentials) are kept, as workers need them."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path[len(root.rstrip("/")):]))
+
+
+def remote_checkpoint(uri: str) -> tuple[Any, str, str]:
+    """(pyarrow filesystem, path, URI) of the checkpoint `uri` names in a bucket: `uri` itself when it holds
+    state.json and the weights, else, for a run directory, its newest complete checkpoint (every rank's file list
+    there with every file at its size, so a partial upload is never used). FileNotFoundError saying what was
+    expected otherwise. Credentials and endpoint come from the URI or the environment (AWS_*, GOOGLE_*)."""
+    import pyarrow.fs as pafs
+
+    from workflows.runtime import redact_secrets
+
+    shown = redact_secrets(uri)
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        root = root.rstrip("/")
+        state, weights, folder = fs.get_file_info([f"{root}/{STATE}", f"{root}/{WEIGHTS}", root])
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"checkpoint {shown} cannot be read: {exc}") from None
+    if state.type == pafs.FileType.File:
+        if weights.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{shown} has {STATE} but no {WEIGHTS}: an incomplete DiST checkpoint")
+        return fs, root, uri
+    if folder.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"checkpoint {shown} does not exist")
+    found = newest_complete_checkpoint(uri)
+    if found is None:
+        raise FileNotFoundError(f"{shown} is not a DiST checkpoint (no {STATE}) and holds no complete checkpoint_* "
+                                f"directory (a partial upload is never used); pass a checkpoint directory")
+    return fs, found[1], child_uri(uri, root, found[1])
+
+
+def fetch_remote_checkpoint(uri: str, names: tuple[str, ...] = (STATE, WEIGHTS, RECIPE),
+                            into: str | Path | None = None) -> tuple[Path, str]:
+    """Download the files `names` (by default what scoring reads; never DeepSpeed's optimizer files) of the
+    checkpoint `uri` names in a bucket (see `remote_checkpoint`) into `into` (default a new scratch directory).
+    Returns (local directory, URI of the checkpoint used)."""
+    import pyarrow.fs as pafs
+
+    from workflows.runtime import scratch_dir
+
+    fs, chosen, chosen_uri = remote_checkpoint(uri)
+    local = Path(into) if into is not None else scratch_dir("dist-checkpoint-")
+    for name in names:
+        if fs.get_file_info(f"{chosen}/{name}").type == pafs.FileType.File:
+            pafs.copy_files(f"{chosen}/{name}", str(local / name), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+    return local, chosen_uri
+
+
+def resolve_init_from(source: str) -> tuple[str, int | None]:
+    """The one checkpoint `train.init_from` names, chosen once on the driver so every worker (and every restart)
+    reads the same one, and the resolved recipe records it: a run directory (local or in a bucket) becomes its newest
+    checkpoint (as `evaluate --checkpoint` takes it); a checkpoint directory or an authors' file stays as given.
+    Returns (source, step of the chosen checkpoint when a run directory was resolved, else None); FileNotFoundError
+    when there is nothing to start from."""
+    if is_remote(source):
+        fs, chosen, chosen_uri = remote_checkpoint(source)
+        return (source, None) if chosen_uri == source else (chosen_uri, int(read_state_at(fs, chosen)["step"]))
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{source} does not exist (a checkpoint or run directory of ours, or an authors' "
+                                ".pyth file)")
+    if path.is_file() or (path / STATE).is_file() or (path / WEIGHTS).is_file():
+        return source, None
+    chosen = find_checkpoint(path)
+    return str(chosen), int(read_state(chosen).get("step", 0))
+
+
 def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
     """Initialise trainable weights from one of our checkpoint directories or an authors' checkpoint file.
 
@@ -393,14 +468,12 @@ def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
     """
     from dist_model.checkpoint import load_authors_checkpoint
 
-    if is_remote(str(source)):  # a checkpoint on shared storage (s3://, gs://): fetch it through Ray's filesystems
+    if is_remote(str(source)):  # a checkpoint in a bucket (s3://, gs://): fetch its weights alone
         import tempfile
 
-        from ray.train import Checkpoint
-
         with tempfile.TemporaryDirectory(prefix="dist-init-") as local:  # the weights are read into memory below
-            Checkpoint(str(source)).to_directory(local)
-            return init_model_from(model, local).replace(local, str(source))
+            _, chosen = fetch_remote_checkpoint(str(source), names=(WEIGHTS,), into=local)
+            return init_model_from(model, local).replace(local, chosen)
     source = Path(source)
     state: Any = read_weights(source) if source.is_dir() else source
     if getattr(model, "trainable_name", "dist_net") != "dist_net":

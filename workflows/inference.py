@@ -18,8 +18,8 @@ from typing import Any, Literal
 import numpy as np
 
 from workflows.checkpoints import (
-    RECIPE,
     CorruptCheckpoint,
+    fetch_remote_checkpoint,
     find_checkpoint,
     read_recipe,
     read_state,
@@ -94,53 +94,13 @@ def fetch_registered_model(uri: str, tracking_uri: str | None = None) -> Path:
         raise FileNotFoundError(f"{uri} in {tracking_uri}: {exc.message}") from None
 
 
-def fetch_remote_checkpoint(uri: str) -> tuple[Path, str]:
-    """Download what scoring reads (state.json, weights.safetensors, recipe.yaml; not DeepSpeed's optimizer files)
-    of a checkpoint in a bucket into a new local directory: `uri` is a checkpoint directory, or a run directory
-    (its newest complete checkpoint: every rank's file list there with every file at its size, so a partial upload
-    is never used). Credentials and endpoint come from the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS).
-    Returns (local directory, URI of the checkpoint used)."""
-    from urllib.parse import urlsplit
-
-    import pyarrow.fs as pafs
-
-    from workflows.checkpoints import STATE, WEIGHTS, newest_complete_checkpoint
-    from workflows.runtime import redact_secrets
-
-    shown = redact_secrets(uri)
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        path = path.rstrip("/")
-        state, weights, folder = fs.get_file_info([f"{path}/{STATE}", f"{path}/{WEIGHTS}", path])
-    except (OSError, ValueError) as exc:
-        raise FileNotFoundError(f"checkpoint {shown} cannot be read: {exc}") from None
-    if state.type == pafs.FileType.File:
-        if weights.type != pafs.FileType.File:
-            raise FileNotFoundError(f"{shown} has {STATE} but no {WEIGHTS}: an incomplete DiST checkpoint")
-        chosen = path
-    elif folder.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"checkpoint {shown} does not exist")
-    else:
-        found = newest_complete_checkpoint(uri)
-        if found is None:
-            raise FileNotFoundError(f"{shown} is not a DiST checkpoint (no {STATE}) and holds no complete checkpoint_* "
-                                    f"directory (a partial upload is never used); pass a checkpoint directory")
-        chosen = found[1]
-    local = scratch_dir("dist-checkpoint-")
-    for name in (STATE, WEIGHTS, RECIPE):
-        if fs.get_file_info(f"{chosen}/{name}").type == pafs.FileType.File:
-            pafs.copy_files(f"{chosen}/{name}", str(local / name), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-    return local, f"{urlsplit(uri).scheme}://{chosen}"
-
-
 def read_checkpoint(path: str | Path, tracking_uri: str | None = None) -> LoadedCheckpoint:
     """The checkpoint at `path`: a checkpoint directory, a run directory (its latest checkpoint), either local or
     in a bucket (s3://, gs://, ...: see `fetch_remote_checkpoint`), or a registered model version
     `models:/NAME/VERSION` (fetched from `tracking_uri`). Raises FileNotFoundError when there is none, ConfigError
     when its state.json names no model, CorruptCheckpoint when one of its files cannot be read (a fetched copy's
     weights are checked here, so the error names where they came from, not the temporary copy)."""
-    from workflows.runtime import is_remote
+    from workflows.runtime import is_remote, redact_secrets
 
     source = str(path)
     fetched = source.startswith(REGISTRY_SCHEME) or is_remote(source)
@@ -148,6 +108,7 @@ def read_checkpoint(path: str | Path, tracking_uri: str | None = None) -> Loaded
         path = fetch_registered_model(source, tracking_uri)
     elif fetched:
         path, source = fetch_remote_checkpoint(source)
+        source = redact_secrets(source)  # what is printed and logged
     directory = find_checkpoint(path)
     try:
         state, raw = read_state(directory), read_recipe(directory)

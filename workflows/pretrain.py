@@ -7,6 +7,7 @@ with `train.init_from` and another label file: only the label texts change.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -171,9 +172,9 @@ def check_videos_reachable(manifest: Any, key: str) -> None:
 
 def check_model_weights(recipe: Recipe) -> None:
     """Read the weights the workers will start from, here, so a wrong file fails before any Ray work: the CLIP
-    weights (`check_clip_weights`: a local file is loaded once on the driver) and a local `train.init_from`, fitted
-    against the trainable module's shapes (built on the meta device: no memory). A remote init_from is read by the
-    workers only."""
+    weights (`check_clip_weights`: a local file is loaded once on the driver) and `train.init_from`: a local one is
+    fitted against the trainable module's shapes (built on the meta device: no memory); one in a bucket is found
+    (a checkpoint directory with its files, or a run directory with a complete checkpoint) and read by the workers."""
     import warnings
 
     import torch
@@ -183,13 +184,10 @@ def check_model_weights(recipe: Recipe) -> None:
 
     cfg = recipe.model_cfg
     check_clip_file(recipe, "model.clip_pretrained")
-    init_from = recipe.train.init_from
-    if not init_from or is_remote(init_from):
+    if not recipe.train.init_from:
         return
-    if not Path(init_from).exists():
-        raise ConfigError(f"train.init_from: {init_from} does not exist (a checkpoint directory of ours, or an "
-                          "authors' .pyth file)")
-    if recipe.model.variant != "dist":  # the baseline's head: read by the workers only
+    init_from, _ = resolved_init_from(recipe)
+    if is_remote(init_from) or recipe.model.variant != "dist":  # the baseline's head: read by the workers only
         return
     with torch.device("meta"):
         net = DiSTNet(cfg)
@@ -199,6 +197,31 @@ def check_model_weights(recipe: Recipe) -> None:
             init_model_from(net, init_from)
     except Exception as exc:  # noqa: BLE001 - whatever reading it raised, the file is what to fix
         raise ConfigError(f"train.init_from: {exc}") from None
+
+
+def resolved_init_from(recipe: Recipe) -> tuple[str, int | None]:
+    """`train.init_from` as the one checkpoint it names (`checkpoints.resolve_init_from`: a run directory becomes its
+    newest checkpoint), and that checkpoint's step when a run directory was resolved; ConfigError when it names
+    nothing to start from."""
+    from workflows.checkpoints import resolve_init_from
+
+    try:
+        return resolve_init_from(with_absolute_paths(recipe).train.init_from)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"train.init_from: {redact_secrets(str(exc))}") from None
+
+
+def with_resolved_init_from(recipe: Recipe, log_prefix: str = LOG_PREFIX) -> Recipe:
+    """The recipe with `train.init_from` pinned to the checkpoint it names now, chosen once here so every worker and
+    every restart starts from the same one (a run directory still being written to would give later readers a newer
+    one) and the run's recipe.yaml records which; prints the choice when a run directory was resolved."""
+    if not recipe.train.init_from:
+        return recipe
+    init_from, step = resolved_init_from(recipe)
+    if step is not None:
+        print(f"{log_prefix} train.init_from {redact_secrets(recipe.train.init_from)} is a run directory: starting "
+              f"from its newest checkpoint, {redact_secrets(init_from)} (step {step})", flush=True)
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, init_from=init_from))
 
 
 def save_resolved_recipe(recipe: Recipe) -> str:
@@ -292,7 +315,7 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
     # Waits for nodes when scaling.wait_for_nodes_s > 0 (scale from zero); resolves data.decode_node_label: the
     # workers get the resolved recipe.
     recipe = check_capacity(recipe, log_prefix=LOG_PREFIX)
-    recipe = with_run_scoped_names(recipe)
+    recipe = with_run_scoped_names(with_resolved_init_from(recipe))
     print(f"{LOG_PREFIX} the full resolved recipe: {redact_secrets(save_resolved_recipe(recipe))}", flush=True)
     counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts
     forget_unrestartable_failure(recipe.run_dir)
@@ -312,8 +335,27 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
               f"keep (run.keep_checkpoints={recipe.run.keep_checkpoints}): {names}", flush=True)
     metrics = result.metrics or {}
     print(f"{LOG_PREFIX} finished: step {metrics.get('step')}, val top-1 {metrics.get('val_top1', float('nan')):.2f}%;"
-          f" checkpoint: {result.checkpoint.path if result.checkpoint else None}", flush=True)
+          f" checkpoint: {result.checkpoint.path if result.checkpoint else None}{best_checkpoint_note(result)}",
+          flush=True)
     return result
+
+
+def best_checkpoint_note(result: Any) -> str:
+    """"; best: ..." naming the retained checkpoint with the highest val top-1 when it is not the latest one (what to
+    fine-tune or evaluate from instead of the final weights), else ""."""
+    import math
+
+    def top1(metrics: dict[str, Any]) -> float:
+        value = metrics.get("val_top1")
+        return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else -math.inf
+
+    scored = [(c, m) for c, m in result.best_checkpoints or [] if top1(m) > -math.inf]
+    if not scored:
+        return ""
+    best, metrics = max(scored, key=lambda cm: (top1(cm[1]), cm[1].get("step", -1)))
+    if result.checkpoint is not None and best.path == result.checkpoint.path:
+        return ""
+    return f"; best: {best.path} (val top-1 {top1(metrics):.2f}% at step {metrics.get('step')})"
 
 
 def main(argv: list[str]) -> int:

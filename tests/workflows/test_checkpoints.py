@@ -56,11 +56,13 @@ def test_no_run_directory_means_no_checkpoint(tmp_path):
 
 
 def test_init_from_a_uri_fetches_the_weights_and_leaves_no_copy(tmp_path, monkeypatch):
-    """train.init_from as a URI (s3://, gs://; here file://, the same fetch through Ray's filesystems): the weights are
-    loaded, and the fetched copy is deleted as soon as they are in memory (each worker would otherwise leave one in
-    its temp folder per run)."""
+    """train.init_from as a URI (s3://, gs://; here file://, the same fetch through pyarrow's filesystems): the
+    weights alone are fetched (not DeepSpeed's optimizer files, several times their size) and loaded, and the fetched
+    copy is deleted as soon as they are in memory (each worker would otherwise leave one in its temp folder per
+    run)."""
     import tempfile
 
+    import pyarrow.fs as pafs
     import torch
 
     from dist_model import build_dist
@@ -71,13 +73,19 @@ def test_init_from_a_uri_fetches_the_weights_and_leaves_no_copy(tmp_path, monkey
     torch.manual_seed(1)
     source = build_dist(cfg)
     write_model_files(tmp_path / "ckpt", model=source, state={"step": 1}, recipe_yaml="")
+    (tmp_path / "ckpt" / "ds").mkdir()
+    (tmp_path / "ckpt" / "ds" / "zero_pp_rank_0_optim_states.pt").write_bytes(b"o" * 1000)
     torch.manual_seed(2)
     target = build_dist(cfg)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    copied: list[str] = []
+    copy_files = pafs.copy_files
+    monkeypatch.setattr(pafs, "copy_files", lambda src, *a, **k: copied.append(src) or copy_files(src, *a, **k))
     report = init_model_from(target, f"file://{tmp_path / 'ckpt'}")
     assert f"file://{tmp_path / 'ckpt'}" in report and str(scratch) not in report
+    assert [Path(c).name for c in copied] == ["weights.safetensors"], copied
     assert not list(scratch.iterdir()), "the fetched copy is gone"
     theirs, ours = source.dist_net.state_dict(), target.dist_net.state_dict()
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
@@ -159,3 +167,40 @@ def test_an_unreadable_checkpoint_file_is_named_with_the_runs_other_checkpoints(
         read_recipe(bad)
     (bad / "recipe.yaml").unlink()
     assert read_recipe(bad) == {}  # no recipe.yaml: the caller's recipe applies
+
+
+def test_init_from_a_run_directory_pins_its_newest_checkpoint_once(tmp_path):
+    """train.init_from may name a run directory, as `evaluate --checkpoint` may: the driver resolves it to the newest
+    checkpoint (complete, in a bucket), which the workers then read; a checkpoint directory or an authors' file
+    stays as given, and a directory with neither says what it expected."""
+    import pytest
+
+    from workflows.checkpoints import resolve_init_from
+
+    run = tmp_path / "k710"
+    _checkpoint(run, "checkpoint_a", step=4)
+    newest = _checkpoint(run, "checkpoint_b", step=8)
+    assert resolve_init_from(str(run)) == (str(newest), 8)
+    assert resolve_init_from(str(newest)) == (str(newest), None)
+    authors = tmp_path / "k710.pyth"
+    authors.write_bytes(b"x")
+    assert resolve_init_from(str(authors)) == (str(authors), None)
+    # In a bucket (file:// goes through the same pyarrow path as s3://): only a complete checkpoint is chosen.
+    partial = _checkpoint(run, "checkpoint_c", step=12)
+    (partial / "complete" / "rank_1.json").unlink()
+    assert resolve_init_from(run.as_uri()) == (newest.as_uri(), 8)
+    assert resolve_init_from(newest.as_uri()) == (newest.as_uri(), None)
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint_"):
+        resolve_init_from((tmp_path / "empty").mkdir() or (tmp_path / "empty").as_uri())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_init_from(str(tmp_path / "absent"))
+
+
+def test_a_checkpoint_uri_below_a_run_uri_keeps_its_credentials_and_endpoint():
+    from workflows.checkpoints import child_uri
+
+    uri = "s3://KEY:SECRET@bucket/runs/k710?endpoint_override=http://127.0.0.1:9000&region=x"
+    assert child_uri(uri, "bucket/runs/k710", "bucket/runs/k710/checkpoint_2026") == \
+        "s3://KEY:SECRET@bucket/runs/k710/checkpoint_2026?endpoint_override=http://127.0.0.1:9000&region=x"
+    assert child_uri("gs://b/r/", "b/r", "b/r/checkpoint_1") == "gs://b/r/checkpoint_1"
+

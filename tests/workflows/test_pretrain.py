@@ -100,10 +100,13 @@ def test_the_weights_and_videos_a_run_starts_from_are_read_before_any_work(sampl
         check(f"train.init_from={other}")
     with pytest.raises(ConfigError, match=r"train.init_from: .*junk.pt is not a PyTorch checkpoint"):
         check(f"train.init_from={junk}")
-    with pytest.raises(ConfigError, match=r"train.init_from: .* is not a DiST checkpoint \(no weights.safetensors\)"):
-        check(f"train.init_from={tmp_path}")
+    with pytest.raises(ConfigError, match=r"train.init_from: .* is not a DiST checkpoint: no state.json/weights"
+                                          r".safetensors in it, and no checkpoint_\* directories"):
+        check(f"train.init_from={tmp_path}")  # neither a checkpoint nor a run directory
     with pytest.raises(ConfigError, match="train.init_from: /nope does not exist"):
         check("train.init_from=/nope")
+    with pytest.raises(ConfigError, match="train.init_from: checkpoint file:///nope does not exist"):
+        check("train.init_from=file:///nope")  # in a bucket: found (not read) here too
 
     moved = tmp_path / "moved"  # the manifests and labels copied away from their videos
     moved.mkdir()
@@ -321,6 +324,24 @@ def _recipe(sample, storage: Path, *extra: str):
         "data.train_views=2", *extra])
 
 
+def test_the_finish_line_names_the_best_checkpoint_when_it_is_not_the_latest():
+    """Ray retains the best run.keep_checkpoints by val top-1 plus the latest; the last line names the best one (what
+    to fine-tune or evaluate from instead of the final weights) when that is another checkpoint."""
+    from types import SimpleNamespace
+
+    from workflows.pretrain import best_checkpoint_note
+
+    def result(latest: str, *kept: tuple[str, float, int]) -> SimpleNamespace:
+        return SimpleNamespace(checkpoint=SimpleNamespace(path=latest), best_checkpoints=[
+            (SimpleNamespace(path=path), {"val_top1": top1, "step": step}) for path, top1, step in kept])
+
+    assert best_checkpoint_note(result("r/c3", ("r/c1", 61.0, 100), ("r/c2", 64.5, 200), ("r/c3", 63.0, 300))) == \
+        "; best: r/c2 (val top-1 64.50% at step 200)"
+    assert best_checkpoint_note(result("r/c3", ("r/c2", 60.0, 200), ("r/c3", 63.0, 300))) == ""  # the latest
+    assert best_checkpoint_note(result("r/c3", ("r/c3", float("nan"), 300))) == ""  # nothing scored
+    assert best_checkpoint_note(SimpleNamespace(checkpoint=None, best_checkpoints=None)) == ""
+
+
 def _latest_state(storage: Path) -> tuple[Path, dict]:
     checkpoints = sorted(p for p in (storage / "it").glob("checkpoint_*") if p.is_dir())
     assert checkpoints, "no checkpoint was reported"
@@ -423,14 +444,20 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
         assert torch.equal(model.state_dict()[key], value), key
 
     # Fine-tuning on another label set starts from the pre-trained weights: with lr 0 they must come out unchanged.
+    # init_from names the pre-training run's directory: the driver pins its newest checkpoint for the workers.
     relabelled = _relabel(sample_data, tmp_path / "renamed")
     ft_storage = tmp_path / "ft"
+    capfd.readouterr()
     run_pretrain(load_recipe(SMOKE, [
         f"data.train_manifest={relabelled['train']}", f"data.val_manifest={relabelled['val']}",
         f"data.labels={relabelled['labels']}", f"run.storage_path={ft_storage}", "run.name=it",
-        f"train.init_from={latest}", "train.max_steps=1", "train.lr=0", "train.warmup_start_lr=0",
+        f"train.init_from={storage / 'it'}", "train.max_steps=1", "train.lr=0", "train.warmup_start_lr=0",
         # the frozen CLIP's forward and the branch compiled in place: same weights, same checkpoint keys
         "mlflow.enabled=false", "train.compile=all"]))
+    console = "".join(capfd.readouterr())
+    assert f"train.init_from {storage / 'it'} is a run directory: starting from its newest checkpoint, {latest} " \
+           "(step 6)" in console, console[-3000:]
+    assert f"initialised from {latest}" in console, console[-3000:]  # what every worker loaded
     ft_latest, ft_state = _latest_state(ft_storage)
     assert ft_state["class_names"] == relabelled["order"]  # the fine-tuning run scored the new label texts
     pretrained, finetuned = _weights(latest), _weights(ft_latest)

@@ -230,7 +230,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     from ray import tune
 
     from workflows.capacity import check_capacity
-    from workflows.pretrain import validate_before_start
+    from workflows.pretrain import validate_before_start, with_resolved_init_from
 
     sweep = plan.sweep
     validate_before_start(plan.base_recipe)
@@ -245,7 +245,8 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     ensure_ray(per_trial["CPU"])
     # Resolve data.decode_node_label once, here; every trial starts from the resolved base recipe. With the base
     # recipe's scaling.wait_for_nodes_s > 0, wait (asking the autoscaler) until one trial's nodes are up.
-    base_recipe = check_capacity(plan.base_recipe, log_prefix=LOG_PREFIX)
+    # A train.init_from run directory is pinned to its newest checkpoint: every trial starts from the same one.
+    base_recipe = with_resolved_init_from(check_capacity(plan.base_recipe, log_prefix=LOG_PREFIX), LOG_PREFIX)
     plan = dataclasses.replace(plan, base_recipe=base_recipe, base=recipe_to_dict(base_recipe))
     per_trial = trial_resources(plan.base_recipe)
     concurrent = resolve_max_concurrent(sweep.max_concurrent_trials,
