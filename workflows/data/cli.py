@@ -20,6 +20,8 @@ import json
 import sys
 from typing import Any
 
+from workflows.data.doctor import MIN_FRAMES
+
 ADDRESS_HELP = ("Ray cluster address (default: RAY_ADDRESS, else a Ray running on this machine, else a new local "
                 "one; 'local': always a new local Ray)")
 
@@ -42,7 +44,12 @@ def _format_check(report: dict[str, Any]) -> str:
     for reason, count in sorted(report["dropped"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {reason}: {count}")
         for path in report["examples"].get(reason, []):
-            lines.append(f"      {path}  ({report['details'].get(path, '')[:100]})")
+            lines.append(f"      {path}  ({report['details'].get(path, '')[:160]})")
+    shorter = report["shorter_than_declared"]
+    if shorter["count"]:
+        lines.append(f"usable, but decode to well under the duration their header declares (cut short or damaged; "
+                     f"not dropped): {shorter['count']}")
+        lines += [f"      {example}" for example in shorter["examples"]]
     if report["unknown_labels"]:
         lines.append(f"labels not in the label file: {len(report['unknown_labels'])}")
         for name, rows in list(report["unknown_labels"].items())[:10]:
@@ -73,11 +80,25 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"checking {args.manifest} ...", flush=True)
     report = check_dataset(args.manifest, labels, num_frames=args.frames, min_frames=args.min_frames,
                            progress=not args.json, storage_retry_s=args.storage_retry_s)
+    if args.bad_list:
+        _write_bad_list(args.bad_list, report["bad"])
     if args.json:
         print(json.dumps(report))
     else:
         print(_format_check(report))
+        if args.bad_list:
+            print(f"every video not ok ({len(report['bad'])}): {args.bad_list}")
     return 0 if report["ok"] == report["videos"] and not report["unknown_labels"] else 1
+
+
+def _write_bad_list(path: str, bad: list[dict[str, str]]) -> None:
+    """`data check --bad-list`: one CSV row (path, reason, detail) per video that is not ok."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "reason", "detail"])
+        writer.writeheader()
+        writer.writerows(bad)
 
 
 def _cmd_transcode(args: argparse.Namespace) -> int:
@@ -179,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--labels", help="label file JSON {class: index}; labels not in it are reported")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.add_argument("--frames", type=int, default=16, help="frames decoded per video, spread over its length")
-    c.add_argument("--min-frames", type=int, default=1, help="videos with fewer frames count as too_short")
+    c.add_argument("--min-frames", type=int, default=MIN_FRAMES,
+                   help=f"videos with fewer frames count as too_short (default {MIN_FRAMES}, data.min_frames' default)")
+    c.add_argument("--bad-list", metavar="CSV", help="write every video that is not ok (path, reason, detail) here")
     c.add_argument("--storage-retry-s", type=float,
                    help="how long a video in a bucket that does not answer is retried before the check stops "
                         "(default 120 s)")

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from workflows.data.data_config import DataConfig
 from workflows.data.drops import MAX_EXAMPLES
 from workflows.data.manifest import load_labels, load_manifest
 from workflows.data.pipeline import manifest_blocks
@@ -21,13 +22,22 @@ from workflows.data.video import DROP_REASONS, BadVideo, StorageUnreachable, rea
 UNREACHABLE = "unreachable"  # a row's reason when its storage did not answer: not one of DROP_REASONS
 
 
+MIN_FRAMES = DataConfig().min_frames  # what training drops as too_short, unless a recipe says otherwise
+
+
 def _row(path: str) -> dict[str, Any]:
     return {"path": path, "ok": False, "reason": "", "detail": "", "frames": 0, "fps": 0.0, "width": 0, "height": 0,
-            "decoded": 0, "seconds": 0.0}
+            "duration": 0.0, "declared_duration": 0.0, "decoded": 0, "seconds": 0.0}
+
+
+def shorter_than_declared(duration: float, declared: float) -> bool:
+    """Whether a video decodes to well under the duration its header declares (over 10% and over half a second
+    short): a Matroska/WebM cut short or damaged in the middle still decodes, to fewer frames."""
+    return declared > 0 and declared - duration > max(0.1 * declared, 0.5)
 
 
 def check_video(path: str, start: float = math.nan, end: float = math.nan, *, num_frames: int = 16,
-                min_frames: int = 1, storage_retry_s: float | None = None) -> dict[str, Any]:
+                min_frames: int = MIN_FRAMES, storage_retry_s: float | None = None) -> dict[str, Any]:
     """Decode `num_frames` frames spread over the whole video (first and last included); a stats row."""
     t0 = time.perf_counter()
     row = _row(path)
@@ -35,6 +45,7 @@ def check_video(path: str, start: float = math.nan, end: float = math.nan, *, nu
         decoded = read_frames(path, lambda a, b, fps: np.unique(np.linspace(a, b - 1, num_frames).round()),
                               start=start, end=end, min_frames=min_frames, storage_retry_s=storage_retry_s)
         row.update(ok=True, frames=decoded.num_frames, fps=decoded.fps, width=decoded.width, height=decoded.height,
+                   duration=decoded.duration, declared_duration=decoded.declared_duration,
                    decoded=len(decoded.indices))
     except BadVideo as exc:
         row.update(reason=exc.reason, detail=exc.detail[:300])
@@ -72,12 +83,13 @@ def check_arguments(num_frames: int, min_frames: int, storage_retry_s: float | N
 
 
 def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, num_frames: int = 16,
-                  min_frames: int = 1, parallelism: int | None = None, progress: bool = False,
+                  min_frames: int = MIN_FRAMES, parallelism: int | None = None, progress: bool = False,
                   storage_retry_s: float | None = None) -> dict[str, Any]:
     """Decode every video of `manifest` once, in parallel on Ray; return the doctor's summary as a dict with
-    videos, ok, dropped {reason: count}, examples {reason: paths}, unknown_labels, frame/resolution statistics
-    and decode throughput; `unreachable` counts the videos not read because their storage did not answer
-    (`storage_error` says why), after which the check stopped."""
+    videos, ok, dropped {reason: count}, examples {reason: paths}, `bad` (every video not ok: path, reason, detail),
+    `shorter_than_declared` (usable videos that decode to well under their header's duration: count, examples),
+    unknown_labels, frame/resolution statistics and decode throughput; `unreachable` counts the videos not read
+    because their storage did not answer (`storage_error` says why), after which the check stopped."""
     import ray
 
     check_arguments(num_frames, min_frames, storage_retry_s)
@@ -119,6 +131,7 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
         a = np.asarray(values, np.float64)
         return {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max()), "mean": float(a.mean())}
 
+    short = [r for r in ok if shorter_than_declared(r["duration"], r["declared_duration"])]
     resolutions: dict[str, int] = {}
     for r in ok:
         key = f"{r['width']}x{r['height']}"
@@ -134,12 +147,17 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
         "dropped": dropped,
         "examples": examples,
         "details": details,
+        "bad": [{"path": r["path"], "reason": r["reason"], "detail": r["detail"]} for r in rows if not r["ok"]],
+        "shorter_than_declared": {
+            "count": len(short),
+            "examples": [f"{r['path']} ({r['duration']:.2f} of {r['declared_duration']:.2f} s)"
+                         for r in short[:MAX_EXAMPLES]]},
         "unknown_labels": {k: [i + 1 for i in v] for k, v in loaded.unknown_labels.items()} if label_map else {},
         "frames": stats([r["frames"] for r in ok]),
         "fps": stats([r["fps"] for r in ok]),
         "short_side": stats([min(r["width"], r["height"]) for r in ok]),
         "resolutions": dict(sorted(resolutions.items(), key=lambda kv: -kv[1])[:10]),
-        "duration_s": stats([r["frames"] / r["fps"] for r in ok if r["fps"] > 0]),
+        "duration_s": stats([r["duration"] for r in ok if r["duration"] > 0]),
         "wall_seconds": wall,
         "videos_per_second": len(rows) / wall if wall > 0 else 0.0,
         "decode_seconds_per_video": decode_seconds / len(rows) if rows else 0.0,

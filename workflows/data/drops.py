@@ -57,7 +57,7 @@ def _too_many_message(report: DropReport, limit: float) -> str:
     examples = [f"{p} ({report.details.get(p, reason)})" for reason, paths in report.examples.items() for p in paths]
     return (f"{report.total_dropped} of {report.videos} {report.split} videos are unusable, more than "
             f"max_bad_fraction={limit:g}: {dict(report.dropped)}. Examples: {'; '.join(examples[:8])}. "
-            f"Run `python -m workflows data check --manifest ...` to list them all.")
+            f"`python -m workflows data check --manifest ... --bad-list bad.csv` lists them all.")
 
 
 class DropCounter:

@@ -21,13 +21,19 @@ from typing import Literal
 import numpy as np
 
 
-def frame_window(num_frames: int, fps: float, start: float = math.nan, end: float = math.nan) -> tuple[int, int]:
-    """[first, last) frame range covered by `start`/`end` seconds (NaN: video start/end), clipped to the video."""
-    first = 0 if math.isnan(start) or fps <= 0 else int(math.floor(start * fps + 1e-6))
-    last = num_frames if math.isnan(end) or fps <= 0 else int(math.ceil(end * fps - 1e-6))
-    first = min(max(first, 0), num_frames)
-    last = min(max(last, first), num_frames)
-    return first, last
+def frame_window(times: np.ndarray, start: float = math.nan, end: float = math.nan) -> tuple[int, int]:
+    """[first, last) frame range covered by the [start, end) seconds window (NaN: video start/end), from each frame's
+    presentation time `times` (seconds from the first frame, ascending): `first` is the frame on screen at `start`,
+    and frames that start at or after `end` are out. Presentation times, not index / average fps, which drifts by
+    seconds on variable-frame-rate video (phone and screen recordings)."""
+    n = len(times)
+    first, last = 0, n
+    if not math.isnan(start) and n:
+        on_screen_until = times[-1] + (times[-1] - times[-2] if n > 1 else 0.0)
+        first = n if start > on_screen_until + 1e-6 else max(int(np.searchsorted(times, start + 1e-6, "right")) - 1, 0)
+    if not math.isnan(end):
+        last = int(np.searchsorted(times, end - 1e-6, "left"))
+    return first, min(max(last, first), n)
 
 
 def segment_indices(

@@ -9,7 +9,7 @@ when the source is much larger than needed). Every failure becomes a `BadVideo` 
     truncated          an MP4/MOV whose boxes run past the end of the file (an interrupted download/copy)
     corrupt            not a container FFmpeg recognises (random bytes, HTML error pages, ...)
     no_video_stream    a container without a video stream (audio only)
-    unsupported_codec  a video stream decord cannot decode (e.g. AV1 with the pinned decord 0.6.0)
+    unsupported_codec  a video stream neither decord nor PyAV can decode
     zero_frames        a video stream without a single packet (e.g. an interrupted fragmented-MP4 recording,
                        or a sample table emptied by a broken muxer); found with PyAV when decord cannot open the
                        stream: decord 0.6.0 never reports 0 frames for such files, it fails earlier because no
@@ -17,8 +17,15 @@ when the source is much larger than needed). Every failure becomes a `BadVideo` 
     too_short          fewer frames than the configured minimum (in the start/end window)
     decode_error       anything else that failed while decoding frames
 
-decord 0.6.0 mis-copies frames for a few output widths (e.g. 48 or 72 px: "The size must exactly match");
-those videos are decoded with PyAV instead of being dropped.
+PyAV decodes what decord 0.6.0 cannot, instead of dropping it: streams in a codec decord lacks (AV1), containers
+without a duration or frame count (live/streamed Matroska and WebM, raw H.264), and the few output widths decord
+mis-copies (e.g. 48 or 72 px: "The size must exactly match"). PyAV decodes sequentially from the first frame, so
+these cost more per clip than decord's seek-and-decode.
+
+Frames come out as displayed: a phone video's rotation (an MP4/MOV display matrix) is applied, by decord or here,
+and a decode-time resize keeps the displayed aspect ratio (another container's rotation, rare, is not applied:
+decord 0.6.0 ignores it, and the frames stay as stored in every path). Windows in seconds (a manifest's start/end)
+are found from each frame's presentation time, which stays right for variable frame rates.
 
 A video in a bucket whose storage does not answer is not a bad video: each read is retried for up to
 STORAGE_RETRY_S seconds (the storage SDK's own retries come first), then `StorageUnreachable` (an OSError, never a
@@ -29,9 +36,10 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -66,6 +74,8 @@ class VideoInfo:
     height: int
     codec: str
     size_bytes: int
+    declared_duration: float = 0.0  # seconds, as the header says (0: it does not say)
+    rotation: int = 0  # counter-clockwise degrees an MP4/MOV's picture is turned by for display (a phone's)
 
 
 @dataclass
@@ -76,8 +86,10 @@ class DecodedVideo:
     indices: np.ndarray
     num_frames: int
     fps: float
-    width: int  # source resolution (before any decode-time resize)
+    width: int  # source resolution as displayed (rotation applied; before any decode-time resize)
     height: int
+    duration: float = 0.0  # seconds from the first frame's start to the last frame's end
+    declared_duration: float = 0.0  # what the header says (0: nothing); far above `duration` when frames are lost
 
     def take(self, wanted: np.ndarray) -> np.ndarray:
         """Frames for `wanted` indices (T,) -> (T, H, W, 3)."""
@@ -149,6 +161,78 @@ def mp4_truncated(f: IO[bytes], size: int) -> bool | None:
     return offset > size
 
 
+def _boxes(f: IO[bytes], start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, first byte of the body, end) of each ISO-BMFF box in [start, end) of `f`."""
+    offset = start
+    while offset + 8 <= end:
+        f.seek(offset)
+        head = f.read(16)
+        if len(head) < 8:
+            return
+        box_size, box_type = struct.unpack(">I4s", head[:8])
+        header = 8
+        if box_size == 1 and len(head) >= 16:
+            box_size, header = struct.unpack(">Q", head[8:16])[0], 16
+        elif box_size == 0:  # runs to the end
+            box_size = end - offset
+        if box_size < header:
+            return
+        yield box_type, offset + header, min(offset + box_size, end)
+        offset += box_size
+
+
+def mp4_rotation(f: IO[bytes], size: int) -> int | None:
+    """Counter-clockwise degrees (0, 90, 180, 270) by which the first video track of an MP4/MOV is turned for display:
+    its track header's display matrix, which phones write instead of turning the picture. None when `f` is no
+    MP4/MOV or has no video track. A few small reads, no decoding (PyAV shows the rotation only on decoded frames)."""
+    try:
+        return _mp4_rotation(f, size)
+    except (struct.error, IndexError, OSError):  # a box cut short: the decoders report what is wrong
+        return None
+
+
+def _mp4_rotation(f: IO[bytes], size: int) -> int | None:
+    if mp4_truncated(f, size) is None:
+        return None
+    for kind, body, end in _boxes(f, 0, size):
+        if kind != b"moov":
+            continue
+        for kind, trak, trak_end in _boxes(f, body, end):
+            if kind != b"trak":
+                continue
+            matrix, handler = None, None
+            for kind, inner, inner_end in _boxes(f, trak, trak_end):
+                if kind == b"tkhd":
+                    f.seek(inner)
+                    version = f.read(1)[0]
+                    # version/flags, times, track id, reserved, duration (v1: 64-bit times), reserved, layer, group,
+                    # volume, reserved: then the matrix a b u c d v x y w (a b c d in 16.16 fixed point)
+                    f.seek(inner + 4 + (32 if version == 1 else 20) + 16)
+                    matrix = struct.unpack(">9i", f.read(36))
+                elif kind == b"mdia":
+                    for sub, sub_body, _ in _boxes(f, inner, inner_end):
+                        if sub == b"hdlr":
+                            f.seek(sub_body + 8)  # version/flags, pre-defined
+                            handler = f.read(4)
+            if handler == b"vide" and matrix is not None:
+                degrees = -math.degrees(math.atan2(matrix[1], matrix[0]))  # as FFmpeg's av_display_rotation_get
+                return int(round(degrees / 90.0)) % 4 * 90
+    return None
+
+
+def _mp4_file_rotation(source: str | IO[bytes], size: int) -> int | None:
+    """`mp4_rotation` of a local path or of fetched bytes (left at their start for the decoders)."""
+    if isinstance(source, str):
+        try:
+            with open(source, "rb") as f:
+                return mp4_rotation(f, size)
+        except OSError:
+            return None
+    rotation = mp4_rotation(source, size)
+    source.seek(0)
+    return rotation
+
+
 def _classify_unopenable(path: str, size: int, message: str) -> BadVideo:
     fs, inner = resolve_filesystem(path)
     try:
@@ -182,7 +266,9 @@ def probe(path: str) -> VideoInfo:
 
 
 def _probe(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO[bytes]]:
-    """`probe`, plus what the decoder opens (`_source`): a remote video is fetched once, not again to decode it."""
+    """`probe`, plus what the decoder opens (`_source`): a remote video is fetched once, not again to decode it.
+    The display rotation is an MP4/MOV's (its track header): decord 0.6.0 applies that one and no other container's
+    (a rotated Matroska comes out as stored), so that is the one the PyAV fallback and the resize box follow too."""
     import av  # imported here: workers import it once, the CLI only when needed
 
     try:
@@ -198,6 +284,7 @@ def _probe(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO
     if size == 0:
         raise BadVideo("empty", "zero bytes")
     source = _source(path, fs, inner, retry_s)  # outside the try below: a storage failure is not an unopenable video
+    rotation = _mp4_file_rotation(source, size)
     try:
         with av.open(source, metadata_errors="ignore") as container:
             streams = container.streams.video
@@ -205,11 +292,18 @@ def _probe(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO
                 kinds = sorted({s.type for s in container.streams})
                 raise BadVideo("no_video_stream", f"streams: {kinds or 'none'}")
             ctx = streams[0].codec_context
+            if ctx is None:  # a codec id FFmpeg has no decoder for
+                raise BadVideo("unsupported_codec", "FFmpeg knows no decoder for the video stream's codec")
+            stream = streams[0]
+            declared = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base else
+                        (container.duration or 0) / av.time_base)  # Matroska/WebM: the container's, all streams
             info = VideoInfo(width=int(ctx.width or 0), height=int(ctx.height or 0), codec=str(ctx.name or "?"),
-                             size_bytes=size)
+                             size_bytes=size, declared_duration=max(float(declared), 0.0))
+            info.rotation = rotation or 0
             return info, source
-    except BadVideo:
-        raise
+    except BadVideo as bad:  # no stream or no codec to find: an MP4 cut inside its index looks the same
+        truncated = _classify_unopenable(path, size, str(bad))
+        raise (truncated if truncated.reason == "truncated" else bad) from None
     except Exception as exc:  # PyAV raises FFmpegError subclasses; anything here means "cannot open"
         raise _classify_unopenable(path, size, f"{type(exc).__name__}: {exc}") from None
 
@@ -224,8 +318,41 @@ def decode_size(width: int, height: int, target_short: int | None, threshold: fl
     return 2 * math.ceil(width * scale / 2), 2 * math.ceil(height * scale / 2)
 
 
-def _pyav_frames(source: str | IO[bytes], wanted: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    """Decode frames `wanted` (sorted unique) sequentially with PyAV -> (K, H, W, 3) uint8."""
+def decoder_message(exc: BaseException) -> str:
+    """`Type: message` of a decoder's exception, on one line: the last line of decord's message without its
+    `[time] /source/file.cc:line:` and `[path]` prefixes, which would otherwise fill a short report."""
+    text = str(exc).strip()
+    last = text.splitlines()[-1] if text else ""
+    last = re.sub(r"^(?:\[[\d:]+\] \S+:\d+: )+", "", last)
+    last = re.sub(r"^\[[^\]]*\] ", "", last)
+    return f"{type(exc).__name__}: {last}"
+
+
+def _pyav_index(source: str | IO[bytes]) -> tuple[int, float, np.ndarray | None]:
+    """(frames, fps, presentation times in seconds from the first frame or None) of the first video stream, from its
+    packets alone (demuxed, not decoded): for videos decord cannot index. Raises what PyAV raises."""
+    import av
+
+    if not isinstance(source, str):
+        source.seek(0)
+    with av.open(source, metadata_errors="ignore") as container:
+        stream = container.streams.video[0]
+        pts = [packet.pts for packet in container.demux(stream) if packet.size]
+        rate, base = stream.average_rate or stream.guessed_rate, stream.time_base
+    fps = float(rate) if rate else 0.0
+    if not pts or any(p is None for p in pts) or not base:  # e.g. a raw H.264 stream: no timestamps
+        return len(pts), fps, None
+    times = np.sort(np.asarray(pts, np.float64)) * float(base)
+    times -= times[0]
+    if fps <= 0 and times[-1] > 0:
+        fps = (len(times) - 1) / float(times[-1])
+    return len(pts), fps, times
+
+
+def _pyav_frames(source: str | IO[bytes], wanted: np.ndarray, size: tuple[int, int] | None,
+                 rotation: int = 0) -> np.ndarray:
+    """Decode frames `wanted` (sorted unique) sequentially with PyAV -> (K, H, W, 3) uint8, turned counter-clockwise
+    by `rotation` degrees, as decord turns them; `size`: (w, h) after turning."""
     import av
 
     if not isinstance(source, str):
@@ -235,12 +362,15 @@ def _pyav_frames(source: str | IO[bytes], wanted: np.ndarray, size: tuple[int, i
     with av.open(source) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        turns = rotation // 90 % 4
         for frame in container.decode(stream):
             while k < len(wanted) and wanted[k] == pos:
                 if size is None:
-                    out.append(frame.to_ndarray(format="rgb24"))
-                else:
-                    out.append(frame.to_ndarray(format="rgb24", width=size[0], height=size[1]))
+                    image = frame.to_ndarray(format="rgb24")
+                else:  # the stored picture is scaled before it is turned
+                    w, h = size if turns % 2 == 0 else size[::-1]
+                    image = frame.to_ndarray(format="rgb24", width=w, height=h)
+                out.append(np.ascontiguousarray(np.rot90(image, turns)) if turns else image)
                 k += 1
             pos += 1
             if k == len(wanted):
@@ -248,6 +378,10 @@ def _pyav_frames(source: str | IO[bytes], wanted: np.ndarray, size: tuple[int, i
     if k < len(wanted):
         raise BadVideo("truncated", f"only {pos} frames decodable, frame {int(wanted[k])} requested")
     return np.stack(out)
+
+
+# decord 0.6.0 cannot open these, though PyAV decodes them: a codec it lacks, or no duration/frame count to index by
+_DECORD_CANNOT = re.compile(r"video stream|codec|decoder|broken metadata", re.IGNORECASE)
 
 
 def read_frames(
@@ -269,40 +403,75 @@ def read_frames(
 
     from workflows.data.sampling import frame_window
 
-    info, source = _probe(path, storage_retry_s)
+    info, source = _probe(path, storage_retry_s)  # a decode-time resize box must have the displayed shape
+    width, height = (info.height, info.width) if info.rotation % 180 else (info.width, info.height)
+    size = decode_size(width, height, target_short, resize_threshold)
     if not isinstance(source, str):
         source.seek(0)  # PyAV read it
-    size = decode_size(info.width, info.height, target_short, resize_threshold)
+    vr = None
     try:
         vr = decord.VideoReader(source, ctx=decord.cpu(0), width=size[0] if size else -1,
                                 height=size[1] if size else -1, num_threads=num_threads)
     except AssertionError as exc:  # decord's own check of a positive frame count
-        raise BadVideo("zero_frames", str(exc)) from None
+        _raise_unreadable(path, info, "zero_frames", str(exc))
     except Exception as exc:
-        message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        message = decoder_message(exc)
         if video_has_packets(source) is False:  # decord fails on these before counting frames (no pixel format)
-            raise BadVideo("zero_frames", f"{info.codec} stream without packets; decord: {message}") from None
-        if "video stream" in message or "codec" in message.lower() or "decoder" in message.lower():
-            raise BadVideo("unsupported_codec", f"{info.codec}: {message}") from None
-        bad = _classify_unopenable(path, info.size_bytes, message)
-        raise BadVideo(bad.reason if bad.reason == "truncated" else "decode_error", message) from None
-    n, fps = len(vr), float(vr.get_avg_fps())
-    first, last = frame_window(n, fps, start, end)
+            _raise_unreadable(path, info, "zero_frames", f"{info.codec} stream without packets; decord: {message}")
+        if not _DECORD_CANNOT.search(message):
+            bad = _classify_unopenable(path, info.size_bytes, message)
+            raise BadVideo(bad.reason if bad.reason == "truncated" else "decode_error", message) from None
+        try:  # PyAV instead: it decodes what decord lacks
+            n, fps, times = _pyav_index(source)
+        except Exception as pyav_exc:  # noqa: BLE001
+            raise BadVideo("unsupported_codec", f"{info.codec}: {message}; PyAV: {decoder_message(pyav_exc)}") from None
+    if vr is not None:
+        n, fps = len(vr), float(vr.get_avg_fps())
+        times = vr.get_frame_timestamp(np.arange(n))[:, 0].astype(np.float64) if n else np.zeros(0)
+    times = _rising_times(times, n, fps)
+    first, last = frame_window(times, start, end) if times is not None else (0, n)
     if last - first < min_frames:
         raise BadVideo("too_short", f"{last - first} frames in window [{first}, {last}) of {n}; need {min_frames}")
     wanted = np.unique(np.asarray(choose(first, last, fps), dtype=np.int64))
     if wanted.size == 0 or wanted[0] < 0 or wanted[-1] >= n:
         raise ValueError(f"frame indices {wanted[:4]}... outside [0, {n})")  # a sampling bug, not a bad video
-    try:
-        frames = vr.get_batch(wanted.tolist()).asnumpy()  # (K, H, W, 3)
-    except Exception as exc:
-        message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-        if "must exactly match" not in message:
-            bad = _classify_unopenable(path, info.size_bytes, message)
-            raise BadVideo(bad.reason if bad.reason == "truncated" else "decode_error", message) from None
-        frames = _pyav_frames(source, wanted, size)  # decord's copy bug for some widths
-    finally:
-        del vr
+    frames = None
+    if vr is not None:
+        try:
+            frames = vr.get_batch(wanted.tolist()).asnumpy()  # (K, H, W, 3)
+        except Exception as exc:
+            message = decoder_message(exc)
+            if "must exactly match" not in message:  # decord's copy bug for some widths: PyAV below
+                bad = _classify_unopenable(path, info.size_bytes, message)
+                raise BadVideo(bad.reason if bad.reason == "truncated" else "decode_error", message) from None
+        finally:
+            del vr
+    if frames is None:
+        try:
+            frames = _pyav_frames(source, wanted, size, info.rotation)
+        except BadVideo:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PyAV failed inside the stream
+            raise BadVideo("decode_error", decoder_message(exc)) from None
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != wanted.size:
         raise BadVideo("decode_error", f"decoder returned frames of shape {frames.shape}")
-    return DecodedVideo(frames=frames, indices=wanted, num_frames=n, fps=fps, width=info.width, height=info.height)
+    if size is None:  # decoded as displayed, at the source size
+        height, width = frames.shape[1:3]
+    duration = float(times[-1] + (times[-1] - times[-2] if n > 1 else 0.0)) if times is not None and n else 0.0
+    return DecodedVideo(frames=frames, indices=wanted, num_frames=n, fps=fps, width=width, height=height,
+                        duration=duration, declared_duration=info.declared_duration)
+
+
+def _rising_times(times: np.ndarray | None, n: int, fps: float) -> np.ndarray | None:
+    """The frames' presentation times when they rise frame after frame, else (a container without usable
+    timestamps) index / fps, else (no frame rate either) None: windows then keep the whole video."""
+    if times is not None and len(times) == n and (n < 2 or (np.all(np.diff(times) >= 0) and times[-1] > times[0])):
+        return times
+    return np.arange(n) / fps if fps > 0 else None
+
+
+def _raise_unreadable(path: str, info: VideoInfo, reason: str, detail: str) -> None:
+    """Raise BadVideo(`reason`) for a stream decord found no frame in, or `truncated` when the container ends early
+    (an MP4 cut inside its index also has no frames to find)."""
+    bad = _classify_unopenable(path, info.size_bytes, detail)
+    raise BadVideo("truncated" if bad.reason == "truncated" else reason, detail) from None

@@ -1,0 +1,184 @@
+"""Video files as real corpora hold them, beyond the H.264 MP4s the other tests write: phone videos with a display
+rotation, live/streamed Matroska and WebM without a duration, variable frame rates, AV1, a codec FFmpeg does not
+know, an MP4 cut inside its index, a WebM cut in half. Each is a real file encoded with PyAV (FFmpeg's encoders)
+and read through `read_frames`, the one decode path training, evaluation and `data check` share."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.workflows.conftest import frame_ids, index_frames
+from workflows.data.video import BadVideo, read_frames
+
+
+def _encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int = 10, rotation: int = 0,
+            pts_ms: list[int] | None = None, container_options: dict[str, str] | None = None) -> Path:
+    """(T, H, W, 3) RGB frames as a video file; `rotation`: a display matrix (counter-clockwise degrees) as phones
+    write it; `pts_ms`: each frame's presentation time (variable frame rate)."""
+    import av
+
+    with av.open(str(path), "w", options=container_options or {}) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.codec_context.options = {"preset": "veryfast", "crf": "18", "threads": "1"}
+        if pts_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            if pts_ms is not None:
+                frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _all(first: int, last: int, fps: float) -> np.ndarray:
+    return np.arange(first, last)
+
+
+def _ramp_runs(frames: np.ndarray) -> str:
+    """Where the source's left-dark/right-bright green ramp ends up: "right", "left", "up" or "down"."""
+    g = frames[..., 1].astype(np.float64).mean(0)
+    dx, dy = g[:, -4:].mean() - g[:, :4].mean(), g[:4].mean() - g[-4:].mean()
+    if abs(dx) > abs(dy):
+        return "right" if dx > 0 else "left"
+    return "up" if dy > 0 else "down"
+
+
+@pytest.mark.parametrize("stored", [(96, 64), (64, 48)])  # 64x48 turned is 48 wide: decord's copy bug -> PyAV
+def test_a_phone_video_comes_out_as_displayed_and_keeps_its_shape_when_resized(tmp_path, stored) -> None:
+    """A display matrix turns the stored picture: the frames come out turned (by decord, or by PyAV where decord
+    cannot), and a decode-time resize keeps the displayed aspect ratio instead of squeezing a portrait picture into
+    a landscape box (what happened when the resize box came from the stored size)."""
+    width, height = stored
+    frames = index_frames(width, height, 12)
+    for rotation, runs in ((90, "up"), (-90, "down"), (180, "left"), (0, "right")):
+        path = _encode(tmp_path / f"rot{rotation}_{width}.mp4", frames, rotation=rotation)
+        shown = (height, width) if rotation % 180 == 0 else (width, height)  # (H, W) on screen
+        decoded = read_frames(str(path), _all)
+        assert decoded.frames.shape[1:3] == shown and (decoded.height, decoded.width) == shown, rotation
+        assert _ramp_runs(decoded.frames) == runs, rotation
+        np.testing.assert_array_equal(frame_ids(decoded.frames), np.arange(12))
+        small = read_frames(str(path), _all, target_short=24, resize_threshold=1.0)
+        h, w = small.frames.shape[1:3]
+        assert min(h, w) == 24 and abs(w / h - shown[1] / shown[0]) < 0.1, (rotation, small.frames.shape)
+        assert (small.height, small.width) == shown and _ramp_runs(small.frames) == runs, rotation
+    # Matroska can carry a rotation too, which decord 0.6.0 does not apply: such frames stay as stored, and are
+    # never squeezed into the turned shape.
+    path = _encode(tmp_path / f"rot90_{width}.mkv", frames, rotation=90)
+    for target in (None, 24):
+        decoded = read_frames(str(path), _all, target_short=target, resize_threshold=1.0)
+        h, w = decoded.frames.shape[1:3]
+        assert abs(w / h - width / height) < 0.1 and _ramp_runs(decoded.frames) == "right", decoded.frames.shape
+        assert (decoded.height, decoded.width) == (height, width)
+
+
+@pytest.mark.parametrize("name, codec", [("live.mkv", "libx264"), ("live.webm", "libvpx-vp9")])
+def test_a_live_recording_without_duration_is_decoded_not_dropped(tmp_path, name, codec) -> None:
+    """Matroska/WebM written live (a stream dump, a browser's MediaRecorder) has no duration or index; decord 0.6.0
+    refuses it ("broken metadata"), PyAV demuxes and decodes it."""
+    import decord
+
+    path = _encode(tmp_path / name, index_frames(64, 64, 20), codec=codec, container_options={"live": "1"})
+    with pytest.raises(decord.DECORDError, match="broken metadata"):
+        decord.VideoReader(str(path))
+    decoded = read_frames(str(path), lambda first, last, fps: np.array([0, 7, last - 1]), min_frames=4)
+    assert decoded.num_frames == 20 and decoded.fps == pytest.approx(10.0)
+    np.testing.assert_array_equal(frame_ids(decoded.frames), [0, 7, 19])
+    assert decoded.duration == pytest.approx(2.0)
+    window = read_frames(str(path), _all, start=0.5, end=1.0)  # its windows are found too
+    np.testing.assert_array_equal(frame_ids(window.frames), [5, 6, 7, 8, 9])
+
+
+def test_av1_is_decoded_through_pyav_and_an_unknown_codec_is_unsupported(tmp_path) -> None:
+    """decord 0.6.0 has no AV1 decoder (yt-dlp fetches AV1 for many newer YouTube videos): PyAV decodes it. A
+    stream whose codec FFmpeg does not know at all is `unsupported_codec`."""
+    av1 = _encode(tmp_path / "av1.mp4", index_frames(64, 64, 10), codec="libsvtav1")
+    decoded = read_frames(str(av1), _all)
+    np.testing.assert_array_equal(frame_ids(decoded.frames), np.arange(10))
+    vp9 = _encode(tmp_path / "vp9.webm", index_frames(64, 64, 10), codec="libvpx-vp9")
+    data = vp9.read_bytes()
+    assert data.count(b"V_VP9") == 1
+    unknown = tmp_path / "unknown.webm"
+    unknown.write_bytes(data.replace(b"V_VP9", b"V_QQ9"))  # the codec id a decoder is chosen by
+    with pytest.raises(BadVideo) as info:
+        read_frames(str(unknown), _all)
+    assert info.value.reason == "unsupported_codec", info.value
+
+
+def test_a_variable_frame_rate_window_is_found_by_presentation_time(tmp_path) -> None:
+    """A manifest's start/end seconds pick the frames shown then. Index / average fps drifts by seconds on a
+    variable-frame-rate video: frames 10 ms apart, then 250 ms apart."""
+    pts = [10 * i for i in range(20)] + [200 + 250 * i for i in range(10)]  # 0.0-0.19 s, then 0.2-2.45 s
+    for suffix in ("mkv", "mp4"):
+        path = _encode(tmp_path / f"vfr.{suffix}", index_frames(64, 64, 30), pts_ms=pts)
+        decoded = read_frames(str(path), _all, start=1.0, end=2.0)
+        np.testing.assert_array_equal(frame_ids(decoded.frames), [23, 24, 25, 26, 27])  # 0.95 ... 1.95 s
+        assert decoded.duration == pytest.approx(2.7, abs=0.01), suffix  # the last frame lasts as the one before
+        with pytest.raises(BadVideo, match="too_short"):
+            read_frames(str(path), _all, start=3.0, min_frames=1)  # after the video's end
+
+
+@pytest.mark.parametrize("into_index", [0.1, 0.3, 0.9])
+def test_an_mp4_cut_inside_its_index_is_truncated(tmp_path, into_index) -> None:
+    """An interrupted download of an MP4 whose index (moov) follows the frames: cut early in the index it shows no
+    video stream, then a stream without a codec, late in it a stream without frames; each is `truncated`, which
+    says what happened (it was `no_video_stream`, `unsupported_codec` or `zero_frames`)."""
+    path = _encode(tmp_path / "whole.mp4", index_frames(64, 64, 30))
+    data = path.read_bytes()
+    moov = data.rfind(b"moov") - 4  # the box starts with its size
+    assert moov > len(data) // 2
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: moov + int((len(data) - moov) * into_index)])
+    with pytest.raises(BadVideo) as info:
+        read_frames(str(cut), _all)
+    assert info.value.reason == "truncated", info.value
+
+
+@pytest.mark.integration
+def test_data_check_counts_rotated_live_and_cut_videos_and_lists_every_bad_one(ray_local, tmp_path, capsys) -> None:
+    """The doctor on such a corpus: displayed sizes, true durations, a WebM cut in half reported as usable but far
+    shorter than its header says, videos under data.min_frames' default (4) as too_short, as training drops them,
+    and `--bad-list` writing every video that is not ok with its reason."""
+    from workflows.data.cli import main as data_main
+    from workflows.data.manifest import save_labels, write_manifest
+
+    videos = {
+        "phone.mp4": _encode(tmp_path / "phone.mp4", index_frames(96, 64, 20), rotation=90),
+        "live.webm": _encode(tmp_path / "live.webm", index_frames(64, 64, 20), codec="libvpx-vp9",
+                             container_options={"live": "1"}),
+        "three.mp4": _encode(tmp_path / "three.mp4", index_frames(64, 64, 3)),
+    }
+    whole = _encode(tmp_path / "whole.webm", index_frames(64, 64, 30), codec="libvpx-vp9")
+    (tmp_path / "half.webm").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    videos["half.webm"] = tmp_path / "half.webm"
+    (tmp_path / "junk.mp4").write_text("<html>404</html>")
+    videos["junk.mp4"] = tmp_path / "junk.mp4"
+    write_manifest([{"path": name, "label": "a"} for name in videos], tmp_path / "m.csv")
+    save_labels({"a": 0}, tmp_path / "labels.json")
+    bad_list = tmp_path / "bad.csv"
+    assert data_main(["check", "--manifest", str(tmp_path / "m.csv"), "--json", "--bad-list", str(bad_list)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] == 3 and report["dropped"] == {"too_short": 1, "corrupt": 1}, report["dropped"]
+    assert report["resolutions"] == {"64x64": 2, "64x96": 1}  # the phone video as displayed
+    assert report["duration_s"]["max"] == pytest.approx(2.0)
+    shorter = report["shorter_than_declared"]
+    assert shorter["count"] == 1 and shorter["examples"][0].startswith(str(tmp_path / "half.webm")), shorter
+    with open(bad_list, newline="") as f:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    assert {name: r["reason"] for name, r in rows.items()} == {"three.mp4": "too_short", "junk.mp4": "corrupt"}
+    assert "need 4" in rows["three.mp4"]["detail"]
+    assert not math.isnan(report["decode_seconds_per_video"])
