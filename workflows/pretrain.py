@@ -115,6 +115,8 @@ def validate_before_start(recipe: Recipe) -> None:
         if len(manifest) == 0:
             raise ConfigError(f"data.{key} {getattr(recipe.data, key)} lists no videos")
         check_videos_reachable(manifest, f"data.{key}")
+        for line in manifest.duplicate_warnings():
+            warn_once(f"warning: data.{key}: {line}")
     if recipe.train.micro_batch_size == "auto":  # the workers probe it; the rest is checked with one micro-batch each
         build_deepspeed_config(recipe.with_probed_micro_batch(recipe.train.global_batch_size))
     else:
@@ -153,14 +155,24 @@ def check_storage_answers(run_dir: str) -> None:
 
 
 VIDEOS_PROBED = 64
+_WARNED: set[str] = set()
+
+
+def warn_once(line: str) -> None:
+    """Print a warning on stderr once per process (the driver validates a recipe more than once)."""
+    if line not in _WARNED:
+        _WARNED.add(line)
+        print(line, file=sys.stderr, flush=True)
 
 
 def check_videos_reachable(manifest: Any, key: str) -> None:
     """Fail when none of up to VIDEOS_PROBED local videos of a manifest, spread over it, exists: a manifest moved
     away from its videos, or paths relative to another folder. Some missing videos are the data pipeline's to count
     and drop (data.max_bad_fraction); videos in a bucket are not probed here."""
+    from workflows.data.manifest import resolve_filesystem
+
     paths = manifest.table.column("path").to_pylist()
-    local = [p for p in paths if not is_remote(p)]
+    local = [resolve_filesystem(p)[1] for p in paths if not is_remote(p) or p[:5].lower() == "file:"]
     if not local:
         return
     probe = local[:: max(1, len(local) // VIDEOS_PROBED)][:VIDEOS_PROBED]

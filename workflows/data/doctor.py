@@ -153,6 +153,9 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
             "examples": [f"{r['path']} ({r['duration']:.2f} of {r['declared_duration']:.2f} s)"
                          for r in short[:MAX_EXAMPLES]]},
         "unknown_labels": {k: [i + 1 for i in v] for k, v in loaded.unknown_labels.items()} if label_map else {},
+        # rows naming the same clip (path, start, end) as an earlier row, 1-based [row, earlier row] pairs
+        "repeated_rows": [[r + 1, e + 1] for r, e in loaded.repeated_rows],
+        "label_conflicts": [[r + 1, e + 1] for r, e in loaded.label_conflicts],
         "frames": stats([r["frames"] for r in ok]),
         "fps": stats([r["fps"] for r in ok]),
         "short_side": stats([min(r["width"], r["height"]) for r in ok]),

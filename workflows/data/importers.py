@@ -13,13 +13,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workflows.data.manifest import load_labels, relative_to, save_labels, write_manifest
+from workflows.data.kinetics import VIDEO_EXTENSIONS
+from workflows.data.manifest import class_key, load_labels, relative_to, save_labels, write_manifest
 
 
 def _read_text(path: Path, what: str) -> str:
     """A text file's contents; errors name the file (`what`: which argument it is)."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of line 1
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -99,16 +100,31 @@ def import_ssv2(annotations: str | Path, labels: str | Path, video_dir: str | Pa
     return report
 
 
+def _check_list_path(rel: str, list_file: Path, line: int) -> None:
+    """A list line split at the wrong space leaves a video's name inside the path ("a.mp4 playing" + "guitar"):
+    refuse it, naming the way to write class names with spaces."""
+    words = rel.split()
+    if len(words) > 1 and not rel.lower().endswith(VIDEO_EXTENSIONS) and any(
+            w.lower().endswith(VIDEO_EXTENSIONS) for w in words[:-1]):
+        raise ValueError(f"{list_file}, line {line}: the path {rel!r} does not end in a video file name; a class "
+                         f"name with spaces needs a tab between path and class (path<TAB>class name)")
+
+
 def import_list(list_file: str | Path, out_manifest: str | Path, *, root: str | Path | None = None,
                 labels: str | Path | None = None, check_files: bool = False) -> ImportReport:
     """Write a manifest (and labels.json beside it) from a `path label` list. `root` is the folder the list's
     paths are relative to (default: the list's folder)."""
     list_file = Path(list_file)
     base = Path(root) if root is not None else list_file.parent
+    out = Path(out_manifest)
+    existing = out.parent / "labels.json"
+    if labels is None and existing.is_file():  # an earlier import's (train before val): keep its indices
+        labels = existing
     label_map = load_labels(str(labels)) if labels is not None else None
     names_by_index = {v: k for k, v in (label_map or {}).items()}
-    out = Path(out_manifest)
-    report = ImportReport(manifest=str(out), labels=str(out.parent / "labels.json"))
+    not_in = (f"{labels} (written by an earlier import into this folder; pass --labels for another label file, or "
+              f"import into another folder)" if labels == existing else str(labels))
+    report = ImportReport(manifest=str(out), labels=str(existing))
     if check_files and not base.is_dir():
         raise FileNotFoundError(f"{'--root' if root is not None else 'the list folder'} {base} is not a folder; it "
                                 f"is where the list's paths are looked up")
@@ -116,19 +132,21 @@ def import_list(list_file: str | Path, out_manifest: str | Path, *, root: str | 
     for n, line in enumerate(_read_text(list_file, "list file (--list)").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2:
-            raise ValueError(f"{list_file}, line {n}: expected 'path label', got {line!r}")
+        # A tab separates path and class when there is one (class names with spaces); else the last whitespace.
+        parts = [part.strip() for part in line.split("\t")] if "\t" in line else line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"{list_file}, line {n}: expected 'path label' (or path<TAB>label), got {line!r}")
         rel, label = parts
+        _check_list_path(rel, list_file, n)
         listed += 1
-        if label.lstrip("-").isdigit():
+        if label.lstrip("-").isdecimal():
             index = int(label)
             if label_map is not None:
                 if index not in names_by_index:
-                    raise ValueError(f"{list_file}, line {n}: index {index} is not in {labels}")
+                    raise ValueError(f"{list_file}, line {n}: index {index} is not in {not_in}")
                 label = names_by_index[index]
-        elif label_map is not None and label not in label_map:
-            raise ValueError(f"{list_file}, line {n}: class {label!r} is not in {labels}")
+        elif label_map is not None and class_key(label) not in label_map:
+            raise ValueError(f"{list_file}, line {n}: class {label!r} is not in {not_in}")
         path = base / rel
         if check_files and not path.is_file():
             report.missing += 1
@@ -145,7 +163,11 @@ def import_list(list_file: str | Path, out_manifest: str | Path, *, root: str | 
                          f"{report.missing_examples[0]}): its paths are taken relative to {relative}")
     if label_map is None:  # classes sorted by name, or by index when the list holds integers
         names = list(seen)
-        if names and all(s.lstrip("-").isdigit() for s in names):
+        numbers = [s for s in names if s.lstrip("-").isdecimal()]
+        if numbers and len(numbers) < len(names):
+            raise ValueError(f"{list_file}: labels mix class indices ({numbers[0]!r}) and names "
+                             f"({next(s for s in names if s not in numbers)!r}); pass --labels to name the indices")
+        if numbers:
             names = sorted(names, key=int)
             if [int(s) for s in names] != list(range(len(names))):
                 raise ValueError(f"{list_file}: integer labels must be 0..K-1 without gaps; pass --labels")

@@ -82,7 +82,7 @@ def alias_table(raw: Mapping[str, object]) -> dict[str, str]:
 def load_alias_file(path: str | Path) -> dict[str, str]:
     """The alias table of a JSON file (`data k710 --aliases`); errors name the file."""
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise FileNotFoundError(f"--aliases file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -157,7 +157,7 @@ def read_kinetics_csv(path: str | Path, release: str | None = None) -> list[Kine
         raise ValueError(f"unknown Kinetics release {release!r} for {path}; valid releases: "
                          f"{', '.join(KINETICS_RELEASES)} (write RELEASE:PATH, e.g. k400:{path})")
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # a BOM would rename the first column
             reader = csv.DictReader(f)
             if not reader.fieldnames or "youtube_id" not in reader.fieldnames:
                 raise ValueError(f"{path} is not a Kinetics annotation CSV (needs a youtube_id column; has "

@@ -3,7 +3,8 @@
 A manifest is a CSV or Parquet table with one row per video and the columns
 
     path   the video file; relative paths resolve against the manifest's own folder
-    label  the class name exactly as written in the label file (an integer index is accepted too)
+    label  the class name as written in the label file (matched without surrounding spaces and in Unicode NFC
+           form); an integer index is accepted too
     start  optional, seconds: only frames from here on are sampled (empty / null: from the beginning)
     end    optional, seconds: only frames before this are sampled (empty / null: to the end)
 
@@ -19,6 +20,7 @@ import io
 import json
 import math
 import posixpath
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -66,7 +68,10 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def resolve_path(path: str, base_dir: str) -> str:
-    """A manifest entry made absolute: URIs and absolute paths as they are, others joined onto `base_dir`."""
+    """A manifest entry made absolute: URIs and absolute paths as they are, `~/...` in the home folder, others
+    joined onto `base_dir`."""
+    if path.startswith("~"):
+        return str(Path(path).expanduser())
     if _has_scheme(path) or _is_file_uri(path) or posixpath.isabs(path) or Path(path).is_absolute():
         return path
     if _has_scheme(base_dir):
@@ -119,10 +124,28 @@ def class_names(label_map: dict[str, int]) -> list[str]:
     return [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
 
 
+def class_key(name: object) -> str:
+    """A class name as labels are matched: stripped, in Unicode NFC form ("café" typed or pasted either way)."""
+    return unicodedata.normalize("NFC", str(name)).strip()
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json object hook: a class written twice (the last would silently win) is an error."""
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ManifestError(f"class {key!r} appears twice (indices {seen[key]!r} and {value!r})")
+        seen[key] = value
+    return seen
+
+
 def load_labels(path: str) -> dict[str, int]:
-    """Read a label file `{class name: index}`; indices must be 0..K-1, each used once."""
+    """Read a label file `{class name: index}`; indices must be 0..K-1, each used once. Names are stripped and put
+    in Unicode NFC form (`class_key`), as manifest labels are when matched against them."""
     try:
-        raw = json.loads(read_bytes(path).decode("utf-8"))
+        raw = json.loads(read_bytes(path).decode("utf-8-sig"), object_pairs_hook=_unique_keys)
+    except ManifestError as exc:
+        raise ManifestError(f"label file {path}: {exc}") from None
     except FileNotFoundError as exc:
         raise ManifestError(f"label file {path} does not exist") from exc
     except (OSError, pa.ArrowInvalid) as exc:  # unreachable storage, missing credentials, a folder, a bad URI
@@ -133,11 +156,15 @@ def load_labels(path: str) -> dict[str, int]:
         raise ManifestError(f"label file {path} must hold a non-empty JSON object {{class name: index}}")
     labels: dict[str, int] = {}
     for name, index in raw.items():
-        if isinstance(index, str) and index.strip().isdigit():  # SSV2 ships {"name": "12"}
+        if isinstance(index, str) and index.strip().isdecimal():  # SSV2 ships {"name": "12"}
             index = int(index)
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ManifestError(f"label file {path}: class {name!r} has index {index!r}; expected an integer >= 0")
-        labels[str(name)] = index
+        key = class_key(name)
+        if key in labels:
+            raise ManifestError(f"label file {path}: classes {name!r} and another one are the same name once spaces "
+                                f"and Unicode form are set aside ({key!r})")
+        labels[key] = index
     _check_indices(labels, path)
     return labels
 
@@ -168,6 +195,20 @@ class Manifest:
     table: pa.Table
     source: str
     unknown_labels: dict[str, list[int]] = field(default_factory=dict)  # label -> 0-based rows (first few)
+    # Rows naming the same clip (path, start, end) as an earlier row: 0-based (row, earlier row) pairs.
+    repeated_rows: list[tuple[int, int]] = field(default_factory=list)  # ... with the same label
+    label_conflicts: list[tuple[int, int]] = field(default_factory=list)  # ... with another label
+
+    def duplicate_warnings(self) -> list[str]:
+        """One line per kind of repeated clip, with examples (1-based rows); [] when every clip is listed once."""
+        out = []
+        for pairs, what in ((self.repeated_rows, "repeat an earlier row (the clip is then sampled that many times "
+                                                 "more often)"),
+                            (self.label_conflicts, "name the same clip as an earlier row with another label")):
+            if pairs:
+                shown = ", ".join(f"row {r + 1} = row {e + 1}" for r, e in pairs[:5])
+                out.append(f"manifest {self.source}: {len(pairs)} row(s) {what}: {shown}")
+        return out
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -181,18 +222,25 @@ def _read_table(path: str) -> pa.Table:
         raise unreadable("manifest", path, exc) from None
     if info.type == pafs.FileType.NotFound:
         raise ManifestError(f"manifest {path} does not exist")
+    parquet = inner.lower().endswith((".parquet", ".pq"))
     try:
-        if inner.endswith((".parquet", ".pq")):
-            return pq.read_table(inner, filesystem=fs)
-        with fs.open_input_stream(inner) as f:
-            data = f.read()
-        # Every column as text: labels like "0" must not become numbers, empty start/end become null.
-        convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS},
-                                       strings_can_be_null=True)
-        return pacsv.read_csv(io.BytesIO(data), convert_options=convert)
+        if parquet:
+            table = pq.read_table(inner, filesystem=fs)
+        else:
+            with fs.open_input_stream(inner) as f:
+                data = f.read()
+            # Every column as text: labels like "0" must not become numbers; only an empty cell is missing (a
+            # class may be called "NA" or "null", which pyarrow's default null markers would empty).
+            convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS},
+                                           strings_can_be_null=True, null_values=[""])
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=convert)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ManifestError(f"manifest {path} cannot be read as {'Parquet' if inner.endswith('.parquet') else 'CSV'}:"
+        raise ManifestError(f"manifest {path} cannot be read as {'Parquet' if parquet else 'CSV'}:"
                             f" {exc}{storage_hint(path) if isinstance(exc, OSError) else ''}") from exc
+    twice = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    if twice:
+        raise ManifestError(f"manifest {path} has column(s) {twice} more than once; keep one of each")
+    return table
 
 
 def _float_or_nan(value: object, path: str, row: int, column: str) -> float:
@@ -231,14 +279,16 @@ def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = Tr
     unknown: dict[str, list[int]] = {}
     for i in range(n):
         p = raw_paths[i]
+        if isinstance(p, bytes):  # a Parquet binary column
+            p = p.decode("utf-8", errors="replace")
         if p is None or not str(p).strip():
             raise ManifestError(f"manifest {path}, row {i + 1}: empty path")
         paths.append(resolve_path(str(p).strip(), base))
-        name = "" if raw_labels[i] is None else str(raw_labels[i]).strip()
+        name = "" if raw_labels[i] is None else class_key(raw_labels[i])
         index = -1
         if labels is not None and name in labels:
             index = labels[name]
-        elif name.lstrip("-").isdigit() and (num_classes is None or 0 <= int(name) < num_classes):
+        elif name.lstrip("-").isdecimal() and (num_classes is None or 0 <= int(name) < num_classes):
             index = int(name)  # an integer label is taken as the class index
             name = names_by_index.get(index, name)
         else:
@@ -251,6 +301,14 @@ def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = Tr
         end_arr[i] = _float_or_nan(ends[i], path, i, "end")
         if start_arr[i] >= end_arr[i]:
             raise ManifestError(f"manifest {path}, row {i + 1}: start={start_arr[i]} is not before end={end_arr[i]}")
+    first_row: dict[tuple[str, float, float], int] = {}
+    repeated, conflicts = [], []
+    for i in range(n):
+        clip = (paths[i], -1.0 if math.isnan(start_arr[i]) else start_arr[i], -1.0 if math.isnan(end_arr[i])
+                else end_arr[i])
+        earlier = first_row.setdefault(clip, i)
+        if earlier != i:
+            (repeated if names[earlier] == names[i] else conflicts).append((i, earlier))
     if labels is not None and unknown and strict:
         shown = "; ".join(f"{name!r} (row {', '.join(str(r + 1) for r in rows)})"
                           for name, rows in list(unknown.items())[:5])
@@ -264,7 +322,8 @@ def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = Tr
         "start": pa.array(start_arr),
         "end": pa.array(end_arr),
     })
-    return Manifest(table=out, source=path, unknown_labels=unknown)
+    return Manifest(table=out, source=path, unknown_labels=unknown, repeated_rows=repeated,
+                    label_conflicts=conflicts)
 
 
 def write_manifest(rows: list[dict[str, object]], path: str | Path) -> None:

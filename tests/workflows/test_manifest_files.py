@@ -1,0 +1,114 @@
+"""Manifests, label files and lists as people write them by hand or download them: byte-order marks, classes called
+"NA", names that differ only in spaces or Unicode form, repeated rows, a repeated column, `~` paths, class names
+with spaces in a `path label` list, a second import into the same folder. Each was silently misread or a raw
+traceback before; now each loads right or fails naming the file, row and what to do."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from workflows.data.manifest import ManifestError, load_labels, load_manifest
+
+NFD_CAFE = unicodedata.normalize("NFD", "café")
+
+
+def _write(path: Path, text: str, encoding: str = "utf-8") -> str:
+    path.write_text(text, encoding=encoding)
+    return str(path)
+
+
+def test_class_names_match_whatever_spaces_unicode_form_or_null_markers_they_were_written_with(tmp_path) -> None:
+    labels = load_labels(_write(tmp_path / "labels.json", json.dumps({"NA": 0, "null": 1, "walking ": 2, NFD_CAFE: 3},
+                                                                     ensure_ascii=False), "utf-8-sig"))  # with a BOM
+    assert labels == {"NA": 0, "null": 1, "walking": 2, "café": 3}
+    manifest = load_manifest(_write(tmp_path / "m.csv", f"path,label\na.mp4,NA\nb.mp4,null\nc.mp4,walking\n"
+                                                         f"d.mp4,café\ne.mp4, {NFD_CAFE} \nf.mp4,²\n"), labels,
+                             strict=False)
+    assert manifest.table.column("label").to_pylist() == [0, 1, 2, 3, 3, -1]  # "²" is a name, not an index
+    assert manifest.unknown_labels == {"²": [5]}
+    with pytest.raises(ManifestError, match=r"labels.json: class 'run' appears twice \(indices 0 and 1\)"):
+        load_labels(_write(tmp_path / "labels.json", '{"run": 0, "walk": 2, "run": 1}'))
+    with pytest.raises(ManifestError, match="the same name once spaces and Unicode form are set aside"):
+        load_labels(_write(tmp_path / "labels.json", json.dumps({"café": 0, NFD_CAFE: 1}, ensure_ascii=False)))
+
+
+def test_repeated_rows_and_one_clip_with_two_labels_are_reported_not_silently_kept(tmp_path) -> None:
+    labels = {"walking": 0, "running": 1}
+    manifest = load_manifest(_write(tmp_path / "m.csv", "path,label,start,end\na.mp4,walking,,\nb.mp4,walking,0,2\n"
+                                                         "b.mp4,running,2,4\na.mp4,walking,,\n./a.mp4,running,,\n"),
+                             labels)
+    assert manifest.repeated_rows == [(3, 0)] and manifest.label_conflicts == [(4, 0)]  # b's windows differ: fine
+    warnings = manifest.duplicate_warnings()
+    assert len(warnings) == 2 and "1 row(s) repeat an earlier row" in warnings[0] and "row 4 = row 1" in warnings[0]
+    assert "name the same clip as an earlier row with another label: row 5 = row 1" in warnings[1]
+
+
+def test_a_column_twice_home_paths_and_parquet_quirks(tmp_path, monkeypatch) -> None:
+    with pytest.raises(ManifestError, match=r"has column\(s\) \['label'\] more than once"):
+        load_manifest(_write(tmp_path / "m.csv", "path,label,label\na.mp4,walking,running\n"), {"walking": 0})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    manifest = load_manifest(_write(tmp_path / "m.csv", "path,label\n~/videos/a.mp4,walking\n"), {"walking": 0})
+    assert manifest.table.column("path").to_pylist() == [str(tmp_path / "home" / "videos" / "a.mp4")]
+    pq.write_table(pa.table({"path": pa.array([b"a.mp4"], pa.binary()), "label": [0]}), tmp_path / "M.PARQUET")
+    manifest = load_manifest(str(tmp_path / "M.PARQUET"), {"walking": 0})  # upper-case suffix, bytes paths
+    assert manifest.table.column("path").to_pylist() == [str(tmp_path / "a.mp4")]
+
+
+def test_a_path_label_list_with_spaces_tabs_and_a_second_import(tmp_path) -> None:
+    from workflows.data.importers import import_list
+
+    out = tmp_path / "out"
+    train = _write(tmp_path / "train.txt", "videos/a.mp4\tplaying guitar\nvideos/b c.mp4 walking\n", "utf-8-sig")
+    import_list(train, out / "train.csv")
+    assert load_labels(str(out / "labels.json")) == {"playing guitar": 0, "walking": 1}
+    rows = load_manifest(str(out / "train.csv"), None).table.column("label_name").to_pylist()
+    assert rows == ["playing guitar", "walking"]
+    # The validation list of the same dataset, imported into the same folder, keeps train's indices.
+    import_list(_write(tmp_path / "val.txt", "videos/c.mp4 walking\n"), out / "val.csv")
+    assert load_labels(str(out / "labels.json")) == {"playing guitar": 0, "walking": 1}
+    with pytest.raises(ValueError, match="class 'jumping' is not in .*labels.json \\(written by an earlier import"):
+        import_list(_write(tmp_path / "test.txt", "videos/d.mp4 jumping\n"), out / "test.csv")
+    with pytest.raises(ValueError, match=r"line 1: the path 'videos/a.mp4 playing' does not end in a video file name"):
+        import_list(_write(tmp_path / "spaces.txt", "videos/a.mp4 playing guitar\n"), tmp_path / "o2" / "m.csv")
+    with pytest.raises(ValueError, match=r"labels mix class indices \('0'\) and names \('walking'\)"):
+        import_list(_write(tmp_path / "mixed.txt", "a.mp4 0\nb.mp4 walking\n"), tmp_path / "o3" / "m.csv")
+
+
+def test_a_kinetics_csv_saved_with_a_byte_order_mark_keeps_its_labels(tmp_path) -> None:
+    from workflows.data.kinetics import read_kinetics_csv
+
+    rows = read_kinetics_csv(_write(tmp_path / "train.csv", "label,youtube_id,time_start,time_end,split\n"
+                                                             "abseiling,abc123def45,0,10,train\n", "utf-8-sig"),
+                             release="k400")
+    assert [r.label for r in rows] == ["abseiling"]
+
+
+def test_the_driver_warns_once_about_repeated_rows_and_probes_file_uri_rows(tmp_path, capsys) -> None:
+    from workflows.data.sample import write_sample_dataset
+    from workflows.pretrain import check_videos_reachable, validate_before_start
+    from workflows.recipe import load_recipe
+
+    sample_data = write_sample_dataset(tmp_path / "sample", videos_per_class=2, size=32, num_frames=8, workers=1)
+
+    source = Path(sample_data.train_manifest)
+    text = source.read_text()
+    first_row = text.splitlines()[1]
+    repeated = _write(source.parent / "repeated.csv", text + first_row + "\n")
+    recipe = load_recipe(Path(__file__).parents[2] / "workflows/configs/smoke.yaml", [
+        f"data.train_manifest={repeated}", f"data.val_manifest={sample_data.val_manifest}",
+        f"data.labels={sample_data.labels}", "mlflow.enabled=false", f"run.storage_path={tmp_path / 'runs'}"])
+    validate_before_start(recipe)
+    validate_before_start(recipe)
+    err = capsys.readouterr().err
+    assert err.count("warning: data.train_manifest: manifest") == 1 and "1 row(s) repeat an earlier row" in err, err
+    table = load_manifest(str(source), None).table  # file:/abs rows (one slash) are local files to probe
+    uris = _write(tmp_path / "uris.csv", "path,label\n" + "".join(
+        f"file:{path},{label}\n" for path, label in zip(table.column("path").to_pylist()[:2],
+                                                         table.column("label_name").to_pylist()[:2], strict=True)))
+    check_videos_reachable(load_manifest(uris, load_labels(sample_data.labels)), "data.train_manifest")
