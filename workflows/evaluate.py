@@ -23,6 +23,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import sys
 import time
 import uuid
@@ -107,6 +108,7 @@ class EvalRequest:
     actors: int | None = None
     mlflow: bool | None = None  # None: log when the run already has a tracking store
     tracking_uri: str | None = None  # the MLflow store of a models:/ checkpoint; the evaluation is logged there too
+    verbose: bool = False  # Ray's own INFO lines and worker output on the console too
 
 
 @dataclass
@@ -153,10 +155,12 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
     mode: Mode = "clip_only" if request.clip_only else \
         "fusion" if request.zero_shot_fusion or recipe.eval.zero_shot_fusion else "dist"
     directory = checkpoint.directory if checkpoint is not None else None
+    out_dir = _out_dir(request, recipe, directory)
+    check_writable_folder(out_dir, "--out" if request.out else "the output folder (--out to choose another)")
     return EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"], seed=seed, checkpoint=directory,
                     state=checkpoint.state if checkpoint is not None else {}, manifest=manifest, label_map=label_map,
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
-                    out_dir=_out_dir(request, recipe, directory), tracking_uri=request.tracking_uri,
+                    out_dir=out_dir, tracking_uri=request.tracking_uri,
                     checkpoint_source=checkpoint.source if checkpoint is not None else None)
 
 
@@ -226,12 +230,28 @@ def _manifest(request: EvalRequest, recipe: Recipe, label_map: dict[str, int], l
     return manifest
 
 
+def check_writable_folder(out: Path, option: str) -> None:
+    """ConfigError naming `option` when `out` cannot become a folder this process writes into (an existing file, a
+    file above it, a read-only place): found before any scoring, not after it."""
+    from workflows.data.manifest import check_output_folder
+
+    try:
+        check_output_folder(out, option)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {out}: {existing} is not writable here; pass --out with a folder you can write")
+
+
 def _out_dir(request: EvalRequest, recipe: Recipe, checkpoint: Path | None) -> Path:
     """--out, else `<checkpoint>/eval-<time>` for a local checkpoint, `eval/<name>-<time>` for one fetched from a
-    registry or a bucket, else `eval/clip-only-<preset>-<time>`."""
+    registry or a bucket, else (frozen CLIP alone) `eval/clip-only-<preset>-<time>`."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if request.out:
-        return Path(request.out)
+        return Path(request.out).expanduser()
+    if request.clip_only:  # not the checkpoint's evaluation: kept out of its folder
+        return Path("eval") / f"clip-only-{recipe.model.preset}-{stamp}"
     if request.checkpoint and request.checkpoint.startswith(REGISTRY_SCHEME):  # fetched into a temporary directory
         return Path("eval") / f"{request.checkpoint.removeprefix(REGISTRY_SCHEME).replace('/', '-')}-{stamp}"
     if request.checkpoint and is_remote(request.checkpoint):  # fetched from a bucket into a temporary directory
@@ -420,7 +440,9 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
 
 def format_summary(metrics: dict[str, Any], max_classes: int = 30) -> str:
     """The printed result: a header line, the accuracies, and per-class accuracy (the worst when many)."""
-    what = metrics["checkpoint"] or f"frozen CLIP ({metrics['preset']})"
+    labels_of = f", the label set of {metrics['checkpoint']}" if metrics["checkpoint"] else ""
+    what = f"frozen CLIP alone ({metrics['preset']}{labels_of})" if metrics["mode"] == "clip_only" else \
+        metrics["checkpoint"]
     lines = [f"evaluation of {what}",
              f"  mode {metrics['mode']}, {metrics['views']} views x {metrics['crops']} crops, "
              f"{metrics['num_classes']} classes, manifest {metrics['manifest']}",
@@ -462,12 +484,14 @@ def log_to_mlflow(plan: EvalPlan, metrics: dict[str, Any], uri: str) -> str | No
     """Log the evaluation as an MLflow run (a child of the training run when known); returns its run id."""
     from workflows.tracking import Tracker
 
-    name = f"eval-{plan.recipe.run.name if plan.checkpoint else 'clip-only'}"
+    clip_only = plan.mode == "clip_only"  # a baseline, not an evaluation of the checkpoint: not under its run
+    name = "eval-clip-only" if clip_only or not plan.checkpoint else f"eval-{plan.recipe.run.name}"
     tracker = Tracker(uri, plan.recipe.mlflow.experiment, run_name=name,
-                      parent_run_id=plan.state.get("mlflow_run_id"), tags={"dist.kind": "evaluate"})
+                      parent_run_id=None if clip_only else plan.state.get("mlflow_run_id"),
+                      tags={"dist.kind": "evaluate"})
     tracker.log_params({k: metrics[k] for k in ("checkpoint", "step", "manifest", "labels", "mode", "views", "crops",
                                                 "num_classes", "preset")})
-    step = int(metrics["step"] or 0)
+    step = 0 if clip_only else int(metrics["step"] or 0)
     tracker.log_metrics({f"eval_{k}": float(metrics[k]) for k in ("top1", "top5", "mean_class_acc", "videos")}
                         | {"eval_dropped_total": float(metrics["dropped_total"])}, step=step)
     for name in ("metrics.json", "per_class_accuracy.csv", "confusion_matrix.png"):
@@ -478,16 +502,25 @@ def log_to_mlflow(plan: EvalPlan, metrics: dict[str, Any], uri: str) -> str | No
 
 def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
     """Plan (fails before Ray on bad input), score on Ray, write the outputs, log to MLflow; returns metrics."""
-    from workflows.runtime import ensure_ray, local_cpus_for
+    from workflows.console import quiet_ray_console
+    from workflows.runtime import ensure_ray, local_cpus_for, ray_description
 
     plan = plan_evaluation(request)
     if progress:
-        what = plan.checkpoint_source or plan.checkpoint or "frozen CLIP"
+        what = "frozen CLIP alone" if plan.mode == "clip_only" else plan.checkpoint_source or plan.checkpoint
         print(f"{LOG_PREFIX} {what} ({plan.recipe.model.preset}, step "
-              f"{plan.state.get('step', '-')}) on {plan.manifest.source}: {len(plan.manifest)} videos, labels "
-              f"{plan.labels_source}", flush=True)
-    ensure_ray(local_cpus_for(plan.recipe))
+              f"{plan.state.get('step', '-') if plan.mode != 'clip_only' else '-'}) on {plan.manifest.source}: "
+              f"{len(plan.manifest)} videos, labels {plan.labels_source}", flush=True)
+    quiet_ray_console(request.verbose)
+    ensure_ray(local_cpus_for(plan.recipe), quiet=not request.verbose)
+    if progress:
+        print(f"{LOG_PREFIX} on {ray_description()}", flush=True)
     results = score_views(plan, actors=request.actors, progress=progress)
+    if not results.scores.scores:  # every video dropped (data.max_bad_fraction=1.0 lets the run get here)
+        drops = results.drops
+        raise ValueError(f"none of the {len(plan.manifest)} videos could be read ({dict(drops.dropped)}; e.g. "
+                         f"{'; '.join(p for paths in drops.examples.values() for p in paths[:2])}); nothing was "
+                         f"written")
     metrics = write_outputs(plan, results)
     uri = _tracking_uri(plan, request.mlflow)
     if uri:
@@ -520,11 +553,14 @@ def main(argv: list[str]) -> int:
                           help="log to MLflow (default: only when the run already has a tracking store)")
     tracking.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     parser.add_argument("--json", action="store_true", help="print metrics.json to stdout (the summary to stderr)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray's own log lines and the workers' output (default: Ray's log files only)")
     args = parser.parse_args(argv)
     request = EvalRequest(checkpoint=args.checkpoint, config=args.config, overrides=args.overrides,
                           manifest=args.manifest, labels=args.labels, views=args.views, crops=args.crops,
                           zero_shot_fusion=args.zero_shot_fusion, clip_only=args.clip_only, preset=args.preset,
-                          out=args.out, actors=args.actors, mlflow=args.mlflow, tracking_uri=args.tracking_uri)
+                          out=args.out, actors=args.actors, mlflow=args.mlflow, tracking_uri=args.tracking_uri,
+                          verbose=args.verbose)
     if args.json:  # keep stdout for the JSON alone
         real_stdout, sys.stdout = sys.stdout, sys.stderr
     from workflows.data.drops import TooManyBadVideos

@@ -186,6 +186,19 @@ def ray_started_here() -> bool:
     return _started_gcs_address is not None and _started_gcs_address == _gcs_address()
 
 
+def ray_description() -> str:
+    """Which Ray this process is connected to, for a console line: one it started, or a running cluster it joined
+    (which a user may not have meant)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    size = f"{int(resources.get('CPU', 0))} CPUs" + (f", {int(resources['GPU'])} GPUs" if resources.get("GPU") else "")
+    if ray_started_here():
+        return f"a local Ray started for this command ({size})"
+    return (f"the running Ray cluster at {_gcs_address()} ({size}; RAY_ADDRESS=local starts a separate local one "
+            f"instead)")
+
+
 def _gcs_address() -> str | None:
     try:
         import ray

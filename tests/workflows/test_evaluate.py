@@ -86,6 +86,12 @@ def test_clear_errors_before_any_ray_work(run_dir: Path, video_dir: Path, tmp_pa
         plan_evaluation(EvalRequest())
     with pytest.raises(ConfigError, match="unknown key"):
         plan_evaluation(EvalRequest(checkpoint=str(run_dir), overrides=["eval.nope=1"]))
+    # An output folder that cannot be written fails here, not after every video was scored.
+    (tmp_path / "a_file").write_text("x")
+    assert evaluate_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "a_file")]) == 2
+    assert "error: --out" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--out .*lies below the file"):
+        plan_evaluation(EvalRequest(checkpoint=str(run_dir), out=str(tmp_path / "a_file" / "eval")))
 
 
 @pytest.fixture
@@ -286,8 +292,9 @@ def test_predict_prints_top_k_and_reports_a_corrupt_video(run_dir: Path, video_d
     clips = video_dir / "clips"
     videos = [str(clips / "wide.mp4"), str(clips / "random.mp4"), str(clips / "tall.mp4")]
     assert predict_main(["--checkpoint", str(run_dir), *videos, "--top", "3"]) == 1
-    out = capsys.readouterr().out
-    assert "random.mp4: dropped (corrupt" in out
+    out, err = capsys.readouterr()
+    assert "random.mp4: could not be read (corrupt" in err and "1 of 3 videos could not be read" in err
+    assert "dist logits, 3 views x 1 crops, 5 classes, on cpu: 3 video(s)" in err  # the recipe's eval section
     for name in ("wide.mp4", "tall.mp4"):
         block = out.split(f"{name}:")[1].splitlines()[1:4]
         assert [line.split()[0] for line in block] == ["1.", "2.", "3."]
@@ -302,6 +309,33 @@ def test_predict_prints_top_k_and_reports_a_corrupt_video(run_dir: Path, video_d
     if not torch.cuda.is_available():  # asking for a GPU that is not there is a clear error, not a traceback
         assert predict_main(["--checkpoint", str(run_dir), str(clips / "mid.mp4"), "--device", "cuda"]) == 2
         assert "torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_predict_scores_as_the_recipe_evaluates_and_takes_folders(run_dir: Path, video_dir: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    """predict's views, crops and fusion default to the checkpoint recipe's eval section, as evaluate's do (it
+    used 3 x 1 pure DiST whatever the recipe said); a folder stands for the videos below it."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run_dir / "checkpoint_000001", ckpt)
+    recipe = (ckpt / "recipe.yaml").read_text()
+    assert "test_views: 3" in recipe and "zero_shot_fusion: false" in recipe
+    (ckpt / "recipe.yaml").write_text(recipe.replace("test_views: 3", "test_views: 2")
+                                      .replace("zero_shot_fusion: false", "zero_shot_fusion: true"))
+    folder = tmp_path / "videos" / "sub"
+    folder.mkdir(parents=True)
+    for name in ("wide.mp4", "tall.mp4"):
+        shutil.copy(video_dir / "clips" / name, folder / name)
+    assert predict_main(["--checkpoint", str(ckpt), str(tmp_path / "videos"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "fusion logits, 2 views x 1 crops" in err and "2 video(s)" in err
+    assert [r["path"] for r in json.loads(out)] == [str(folder / "tall.mp4"), str(folder / "wide.mp4")]
+    assert predict_main(["--checkpoint", str(ckpt), str(tmp_path / "videos"), "--views", "1", "--no-zero-shot-fusion",
+                         "--json"]) == 0
+    assert "dist logits, 1 views x 1 crops" in capsys.readouterr().err
+    assert predict_main(["--checkpoint", str(ckpt), str(tmp_path / "nothing*.mp4")]) == 2
+    assert "no video files in" in capsys.readouterr().err
 
 
 # --- evaluate on Ray --------------------------------------------------------------------------------------------
@@ -366,7 +400,17 @@ def test_evaluate_clip_only_without_checkpoint(ray_local, video_dir: Path, tmp_p
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["mode"], metrics["checkpoint"], metrics["rows"], metrics["videos"]) == ("clip_only", None,
                                                                                            2 * N, N)
-    assert "frozen CLIP (dist_tiny)" in captured.out
+    assert "frozen CLIP alone (dist_tiny)" in captured.out and "[evaluate] on " in captured.out
+    # Nothing readable, with the bad-video limit lifted: an error, not a 0% evaluation of 0 videos.
+    from workflows.data.manifest import write_manifest
+
+    write_manifest([{"path": str(video_dir / "clips" / name), "label": "cls0"}
+                    for name in ("missing.mp4", "empty.mp4", "random.mp4")], tmp_path / "bad_only.csv")
+    rc = evaluate_main(["--clip-only", "--preset", "dist_tiny", "--manifest", str(tmp_path / "bad_only.csv"),
+                        "--labels", str(video_dir / "labels.json"), "--set", "data.max_bad_fraction=1.0",
+                        "--out", str(tmp_path / "none")])
+    assert rc == 2 and "none of the 3 videos could be read" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_checkpoint_recipe_with_a_since_removed_key_still_loads(tmp_path):

@@ -82,7 +82,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     load_manifest(args.manifest, labels, strict=False)
     _init_ray(args.address)
     if not args.json:
-        print(f"checking {args.manifest} ...", flush=True)
+        from workflows.runtime import ray_description
+
+        print(f"checking {args.manifest} on {ray_description()} ...", flush=True)
     report = check_dataset(args.manifest, labels, num_frames=args.frames, min_frames=args.min_frames,
                            progress=not args.json, storage_retry_s=args.storage_retry_s)
     if args.bad_list:
