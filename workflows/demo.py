@@ -94,7 +94,8 @@ def run_demo(out: Path, overrides: list[str], videos_per_class: int, num_objects
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workflows demo",
+                                     description=__doc__.split("\n")[0].rstrip(":"))
     parser.add_argument("--out", default="demo_output", help="folder for data, runs and the MLflow store")
     parser.add_argument("--videos-per-class", type=int, default=150)
     parser.add_argument("--objects", type=int, default=3,

@@ -391,8 +391,8 @@ def per_class_rows(confusion: Any, class_names: list[str]) -> list[dict[str, Any
 
 
 def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
-    """metrics.json, per_class_accuracy.csv, predictions.csv (one row per video) and confusion_matrix.png in
-    `plan.out_dir`; returns the metrics."""
+    """metrics.json, per_class_accuracy.csv, predictions.csv (one row per video), confusion_matrix.csv (counts) and
+    confusion_matrix.png in `plan.out_dir`; returns the metrics."""
     from workflows.metrics import accuracy_summary, save_confusion_png
 
     counts = results.scores.counts()
@@ -432,6 +432,10 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
             label, predicted = results.scores.labels[vid], int(probs.argmax())
             writer.writerow([vid, paths[vid], names[label], names[predicted], round(float(probs[predicted]), 6),
                              int(label == predicted)])
+    with (out / "confusion_matrix.csv").open("w", newline="") as f:  # the counts behind the row-normalised image
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *names])
+        writer.writerows([name, *map(int, row)] for name, row in zip(names, counts["confusion"].tolist(), strict=True))
     title = f"{plan.mode}, {plan.views}x{plan.crops} views: top-1 {metrics['top1']:.1f}% ({metrics['videos']} videos)"
     save_confusion_png(counts["confusion"], names, out / "confusion_matrix.png", title)
     (out / "recipe.yaml").write_text(dump_yaml(plan.recipe))
@@ -531,7 +535,8 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workflows evaluate",
+                                     description=__doc__.split("\n")[0].rstrip(":"))
     parser.add_argument("--checkpoint", help="checkpoint directory, a run directory (its latest checkpoint), local or "
                                              "in a bucket (s3://...), or a registered model models:/NAME/VERSION")
     parser.add_argument("--tracking-uri", help="the MLflow store of a models:/ checkpoint (default: "
@@ -576,6 +581,9 @@ def main(argv: list[str]) -> int:
             sys.stdout = real_stdout
     print(format_summary(metrics), file=sys.stderr if args.json else sys.stdout)
     print(f"results in {metrics['out_dir']}", file=sys.stderr if args.json else sys.stdout, flush=True)
+    if metrics.get("mlflow_run_id"):
+        print(f"MLflow run {metrics['mlflow_run_id']} in {metrics['mlflow_tracking_uri']}",
+              file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         print(json.dumps(metrics, indent=2))
     return 0

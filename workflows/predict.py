@@ -69,7 +69,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows predict", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m workflows predict",
+                                     description=__doc__.split("\n")[0].rstrip(":"))
     parser.add_argument("videos", nargs="+", help="video files (local paths or URIs pyarrow reads), folders (their "
                                                   "videos at any depth) or quoted glob patterns")
     parser.add_argument("--checkpoint", required=True,

@@ -371,7 +371,7 @@ def best_checkpoint_note(result: Any) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = config_parser("python -m workflows pretrain", __doc__.split("\n")[0],
+    parser = config_parser("python -m workflows pretrain", __doc__.split("\n")[0].rstrip(":"),
                            "recipe YAML (see workflows/configs/)", "override a recipe key, e.g. --set train.lr=1e-4")
     parser.add_argument("--verbose", action="store_true",
                         help="also print Ray Data's and Ray Train's own INFO lines (default: only in Ray's log files)")

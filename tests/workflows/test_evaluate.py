@@ -371,6 +371,10 @@ def test_evaluate_multiview_on_a_swapped_label_set(ray_local, run_dir: Path, vid
     accs = [float(r["accuracy"]) for r in per_class if int(r["videos"])]
     assert len(accs) == N and metrics["mean_class_acc"] == pytest.approx(sum(accs) / len(accs))
     assert (out / "confusion_matrix.png").stat().st_size > 1000
+    confusion = list(csv.reader((out / "confusion_matrix.csv").open()))
+    assert confusion[0][1:] == [r["class"] for r in per_class] and len(confusion) == 1 + len(per_class)
+    assert sum(int(row[1 + i]) for i, row in enumerate(confusion[1:])) == correct  # the diagonal
+    assert sum(int(v) for row in confusion[1:] for v in row[1:]) == N
     assert "top-1" in captured.err and "dropped 4" in captured.err
     # The same clips scored locally (predict's path, no Ray) give the same winner and probability per video.
     import math

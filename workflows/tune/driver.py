@@ -287,7 +287,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
 
 
 def main(argv: list[str]) -> int:
-    parser = config_parser("python -m workflows tune", __doc__.split("\n")[0],
+    parser = config_parser("python -m workflows tune", __doc__.split("\n")[0].rstrip(":"),
                            "sweep YAML (see workflows/configs/sweep_*.yaml)",
                            "override a sweep key (num_samples=4) or a base recipe key (data.train_manifest=...)")
     parser.add_argument("--resume", action="store_true",
