@@ -80,6 +80,24 @@ def test_a_path_label_list_with_spaces_tabs_and_a_second_import(tmp_path) -> Non
         import_list(_write(tmp_path / "mixed.txt", "a.mp4 0\nb.mp4 walking\n"), tmp_path / "o3" / "m.csv")
 
 
+def test_a_videos_symlink_to_shared_storage_stays_relative_in_an_imported_manifest(tmp_path) -> None:
+    """`videos/` as a symlink to a mount elsewhere: the manifest keeps `videos/...` (relocatable, and accepted by
+    `data upload`), not the mount's absolute paths."""
+    from tests.workflows.conftest import index_frames
+    from workflows.data.importers import import_list
+    from workflows.data.sample import write_video
+    from workflows.data.upload import check_manifests
+
+    storage = tmp_path / "mnt" / "clips"
+    write_video(storage / "a.mp4", index_frames(32, 32, 4))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "videos").symlink_to(storage, target_is_directory=True)
+    import_list(_write(data / "train.txt", "videos/a.mp4 walking\n"), data / "train.csv", check_files=True)
+    assert (data / "train.csv").read_text().splitlines()[1].startswith('"videos/a.mp4"')
+    check_manifests(data)
+
+
 def test_a_kinetics_csv_saved_with_a_byte_order_mark_keeps_its_labels(tmp_path) -> None:
     from workflows.data.kinetics import read_kinetics_csv
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import posixpath
 import unicodedata
 from dataclasses import dataclass, field
@@ -355,9 +356,12 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
 
 
 def relative_to(path: str | Path, base: str | Path) -> str:
-    """`path` relative to `base` when it lies below it, else absolute: what a relocatable manifest stores."""
-    p, b = Path(path).resolve(), Path(base).resolve()
-    try:
-        return p.relative_to(b).as_posix()
-    except ValueError:
-        return str(p)
+    """`path` relative to `base` when it lies below it, else absolute: what a relocatable manifest stores. Below
+    it as written (a `videos/` symlink to shared storage stays `videos/...`), or else once symlinks are resolved."""
+    for resolve in (lambda q: Path(os.path.normpath(Path(q).expanduser().absolute())), lambda q: Path(q).resolve()):
+        p, b = resolve(path), resolve(base)
+        try:
+            return p.relative_to(b).as_posix()
+        except ValueError:
+            continue
+    return str(Path(path).resolve())
