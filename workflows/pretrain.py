@@ -21,6 +21,8 @@ from workflows.elastic import (
     RunNotRestarted,
     forget_unrestartable_failure,
     grow_checkpoint_callback,
+    kv_key,
+    kv_put,
     raise_if_not_restarted,
     take_failure,
 )
@@ -32,6 +34,7 @@ from workflows.recipe import (
     with_absolute_paths,
     with_run_scoped_names,
 )
+from workflows.relaunch import relaunch_changes
 from workflows.runtime import (
     compile_toolchain_problem,
     ensure_ray,
@@ -321,9 +324,16 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
     from workflows.data.drops import drop_counter
 
     validate_before_start(recipe)
+    relaunch = relaunch_changes(recipe)  # a relaunch of an existing run: what changed, or a refusal naming it
     quiet_ray_console(verbose)
     print(f"{LOG_PREFIX} {recipe_summary(recipe)}", flush=True)
+    if relaunch and relaunch[2]:
+        print(f"{LOG_PREFIX} resuming run {recipe.run.name} from step {relaunch[1]} with changed settings: "
+              f"{'; '.join(relaunch[2])} (the lr, betas and weight decay are the recipe's, and the lr schedule from "
+              f"step {relaunch[1]} on is the new recipe's)", flush=True)
     ensure_ray(local_cpus_for(recipe))
+    if relaunch:  # the first worker group's restart line says why it resumes (not "a worker or node was lost")
+        kv_put(kv_key(recipe.run_dir, "event"), {"reason": "the run was relaunched"})
     # Waits for nodes when scaling.wait_for_nodes_s > 0 (scale from zero); resolves data.decode_node_label: the
     # workers get the resolved recipe.
     recipe = check_capacity(recipe, log_prefix=LOG_PREFIX)
@@ -392,4 +402,29 @@ def main(argv: list[str]) -> int:
     except (TrainingFailedError, RunNotRestarted) as exc:  # the workers' tracebacks are above; Ray's is cut short
         print(f"error: {describe_training_failure(exc, recipe)}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train's SIGINT handler aborts the run, and the driver's
+        # wait for it ends in a SystemExit (before the fit started: a KeyboardInterrupt)
+        print(f"interrupted: {describe_interruption(recipe)}", file=sys.stderr, flush=True)
+        return 130
     return 0
+
+
+def describe_interruption(recipe: Recipe) -> str:
+    """Where an interrupted run stands: its MLflow run marked KILLED (rank 0, which kept it open, is gone), and
+    what the same command resumes from."""
+    from workflows.checkpoints import newest_complete_checkpoint, read_state_at
+
+    newest = newest_complete_checkpoint(recipe.run_dir)
+    run_id = read_state_at(newest[0], newest[1]).get("mlflow_run_id") if newest else None
+    if run_id and recipe.mlflow.enabled:
+        try:
+            from mlflow import MlflowClient
+
+            uri = resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir, create=False)
+            if uri:
+                MlflowClient(uri).set_terminated(run_id, "KILLED")
+        except Exception:  # noqa: BLE001 - the record only; the message below matters more
+            pass
+    where = (f"its newest complete checkpoint, {redact_secrets(newest[1])} (step {newest[2]})" if newest else
+             f"the start (no complete checkpoint in {redact_secrets(recipe.run_dir)} yet)")
+    return f"the run was stopped; the same command resumes it from {where}"

@@ -167,6 +167,8 @@ def ensure_ray(min_cpus: float = 1, *, address: str | None = None, fresh_local: 
         return
     local_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
     options = {"log_to_driver": False, "logging_level": "WARNING"} if quiet else {}
+    if (address or os.environ.get("RAY_ADDRESS")) == "local":  # a new local cluster, sized as one started here
+        fresh_local = True
     if fresh_local:
         ray.init(address="local", num_cpus=local_cpus, **options)
     elif address or os.environ.get("RAY_ADDRESS"):

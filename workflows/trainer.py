@@ -327,6 +327,11 @@ class Trainer:
                 _, client = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False,
                                                         load_optimizer_states=False)
                 restore_full_optimizer_state(self.engine, self.model, directory)
+        # torch restores the saved lr peak (the scheduler's base_lrs), betas and weight decay with the optimizer:
+        # a relaunch with a changed lr trained on with the old one while every record showed the new.
+        train = self.recipe.train
+        apply_recipe_hyperparameters(self.engine.lr_scheduler, self.recipe.peak_lr, tuple(train.betas),
+                                     [g["weight_decay"] for g in self.model.param_groups(train.weight_decay)])
         saved = client["dist_state"]
         self.state = TrainState.from_dict(saved)
         self.state.resumed_from_step = self.state.step
@@ -671,6 +676,17 @@ class Trainer:
 def fail_once_marker(recipe: Recipe) -> str:
     """The injected-failure marker: a file in the run directory (a local path or a URI pyarrow can write)."""
     return f"{recipe.run_dir.rstrip('/')}/.injected_failure_done"
+
+
+def apply_recipe_hyperparameters(scheduler: Any, peak: float, betas: tuple[float, float],
+                                 weight_decays: list[float]) -> None:
+    """Put the recipe's lr peak, betas and per-group weight decay into a LambdaLR scheduler and its optimizer after
+    a checkpoint's states were loaded over them, with each group's lr for the scheduler's current step."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [peak] * len(groups)
+    for group, factor, decay in zip(groups, scheduler.lr_lambdas, weight_decays, strict=True):
+        group.update(initial_lr=peak, lr=peak * factor(scheduler.last_epoch), betas=betas, weight_decay=decay)
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:

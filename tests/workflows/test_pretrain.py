@@ -397,9 +397,14 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
         assert torch.equal(value, master[key].float()), key
     assert any(not torch.equal(w, w.bfloat16().float()) for w in weights_before.values()), "bf16-rounded weights"
 
-    # Relaunching with the same name and storage resumes where the run stopped.
+    # Relaunching with the same name and storage resumes where the run stopped, listing what the recipe changed.
+    capfd.readouterr()
     result = run_pretrain(_recipe(sample_data, storage, "train.max_steps=6", "train.precision=bf16"))
     assert result.metrics["step"] == 6
+    console = "".join(capfd.readouterr())
+    assert "[pretrain] resuming run it from step 4 with changed settings: " in console, console[-3000:]
+    assert "train.deterministic: True -> False; train.max_steps: 4 -> 6" in console, console[-3000:]
+    assert "restart: 2 -> 2 workers (the run was relaunched); resuming at step 4" in console, console[-3000:]
     latest, state = _latest_state(storage)
     assert state["resumed_from_step"] == 4 and state["final"] is True
     assert not all(torch.equal(weights_before[k], v) for k, v in _weights(latest).items())
@@ -548,3 +553,45 @@ def test_a_sigkilled_worker_resumes_from_the_newest_complete_checkpoint(ray_loca
     retained = {Path(c.path) for c, _ in result.best_checkpoints} | {Path(result.checkpoint.path)}
     assert retained <= set(left) and len(left) <= 3
     assert all(checkpoint_step(pyarrow.fs.LocalFileSystem(), str(p)) is not None for p in left)
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_the_run_says_where_it_resumes_and_closes_its_mlflow_run(sample_data, tmp_path):
+    """A real SIGINT to `python -m workflows pretrain` (its own local Ray) once the step-2 checkpoint is reported:
+    Ray Train aborts the run, and the driver prints where the same command resumes, marks the MLflow run KILLED
+    (its rank-0 owner is gone) and exits 130. It printed Ray's line alone, exited 1 and left the run RUNNING."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from workflows.checkpoints import newest_complete_checkpoint
+
+    repo = Path(__file__).parents[2]
+    storage = tmp_path / "runs"
+    args = [f"data.train_manifest={sample_data.train_manifest}", f"data.val_manifest={sample_data.val_manifest}",
+            f"data.labels={sample_data.labels}", f"run.storage_path={storage}", "run.name=it", "train.max_steps=200",
+            "eval.every_steps=2"]
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(repo)}  # its own Ray, sized for the recipe
+    driver = subprocess.Popen([sys.executable, "-m", "workflows", "pretrain", "--config", str(SMOKE), "--set", *args],
+                              cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    lines = []
+    try:
+        for line in driver.stdout:
+            lines.append(line)
+            if "checkpoint of step 2 reported" in line:
+                driver.send_signal(signal.SIGINT)
+                break
+        lines += driver.stdout.readlines()
+        rc = driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    console = "".join(lines)
+    _, newest, step = newest_complete_checkpoint(str(storage / "it"))
+    assert rc == 130, console[-3000:]
+    assert (f"interrupted: the run was stopped; the same command resumes it from its newest complete checkpoint, "
+            f"{newest} (step {step})") in console, console[-3000:]
+    with sqlite3.connect(storage / "it" / "mlflow.db") as con:
+        assert con.execute("select status from runs").fetchall() == [("KILLED",)]
