@@ -473,7 +473,9 @@ def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
 
         with tempfile.TemporaryDirectory(prefix="dist-init-") as local:  # the weights are read into memory below
             _, chosen = fetch_remote_checkpoint(str(source), names=(WEIGHTS,), into=local)
-            return init_model_from(model, local).replace(local, chosen)
+            from workflows.runtime import redact_secrets
+
+            return init_model_from(model, local).replace(local, redact_secrets(chosen))  # workers log this line
     source = Path(source)
     state: Any = read_weights(source) if source.is_dir() else source
     if getattr(model, "trainable_name", "dist_net") != "dist_net":
