@@ -23,7 +23,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import os
 import sys
 import time
 import uuid
@@ -155,8 +154,13 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
     mode: Mode = "clip_only" if request.clip_only else \
         "fusion" if request.zero_shot_fusion or recipe.eval.zero_shot_fusion else "dist"
     directory = checkpoint.directory if checkpoint is not None else None
+    from workflows.data.manifest import check_output_folder
+
     out_dir = _out_dir(request, recipe, directory)
-    check_writable_folder(out_dir, "--out" if request.out else "the output folder (--out to choose another)")
+    try:  # an existing file there, or a read-only place: found before any scoring, not after it
+        check_output_folder(out_dir, "--out" if request.out else "the output folder (--out to choose another)")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"], seed=seed, checkpoint=directory,
                     state=checkpoint.state if checkpoint is not None else {}, manifest=manifest, label_map=label_map,
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
@@ -228,20 +232,6 @@ def _manifest(request: EvalRequest, recipe: Recipe, label_map: dict[str, int], l
                             f"set ({len(label_map)} classes, from {labels_source}): {shown}. Evaluate with a label "
                             f"file that names every class of the manifest (--labels)")
     return manifest
-
-
-def check_writable_folder(out: Path, option: str) -> None:
-    """ConfigError naming `option` when `out` cannot become a folder this process writes into (an existing file, a
-    file above it, a read-only place): found before any scoring, not after it."""
-    from workflows.data.manifest import check_output_folder
-
-    try:
-        check_output_folder(out, option)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {out}: {existing} is not writable here; pass --out with a folder you can write")
 
 
 def _out_dir(request: EvalRequest, recipe: Recipe, checkpoint: Path | None) -> Path:

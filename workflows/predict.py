@@ -53,14 +53,13 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     import glob
     from pathlib import Path
 
-    from workflows.data.kinetics import VIDEO_EXTENSIONS
+    from workflows.data.manifest import video_files
     from workflows.runtime import is_remote
 
     out: list[str] = []
     for arg in inputs:
         if not is_remote(arg) and Path(arg).expanduser().is_dir():
-            out += sorted(str(p) for p in Path(arg).expanduser().rglob("*")
-                          if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+            out += [str(p) for p in video_files(arg)]
         elif not is_remote(arg) and glob.has_magic(arg) and not Path(arg).exists():
             out += sorted(glob.glob(str(Path(arg).expanduser()), recursive=True))
         else:

@@ -308,13 +308,16 @@ def describe_training_failure(exc: Exception, recipe: Recipe) -> str:
             why = None
         why = why or root_cause(exc)
         restarts = f" after {limit} restart{'s' * (limit != 1)} (run.max_failures)" if limit > 0 else ""
-    newest = newest_complete_checkpoint(recipe.run_dir)
-    where = redact_secrets(recipe.run_dir)
+    return (f"the run failed{restarts}: {redact_secrets(why)}. Once that is fixed, "
+            f"{where_it_resumes(recipe, newest_complete_checkpoint(recipe.run_dir))}.")
+
+
+def where_it_resumes(recipe: Recipe, newest: tuple[Any, str, int] | None) -> str:
+    """"the same command resumes ..." for a run that stopped, `newest` its newest complete checkpoint (or None)."""
     # (a run directory in a bucket that does not answer lists nothing either: hence "found", not "is")
-    resume = (f"the same command resumes it from its newest complete checkpoint, {redact_secrets(newest[1])} (step "
-              f"{newest[2]})" if newest else f"the same command resumes from the newest complete checkpoint in "
-              f"{where} (none was found there now: it would start anew)")
-    return f"the run failed{restarts}: {redact_secrets(why)}. Once that is fixed, {resume}."
+    return (f"the same command resumes it from its newest complete checkpoint, {redact_secrets(newest[1])} (step "
+            f"{newest[2]})" if newest else f"the same command resumes from the newest complete checkpoint in "
+            f"{redact_secrets(recipe.run_dir)} (none was found there now: it would start anew)")
 
 
 def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
@@ -425,6 +428,4 @@ def describe_interruption(recipe: Recipe) -> str:
                 MlflowClient(uri).set_terminated(run_id, "KILLED")
         except Exception:  # noqa: BLE001 - the record only; the message below matters more
             pass
-    where = (f"its newest complete checkpoint, {redact_secrets(newest[1])} (step {newest[2]})" if newest else
-             f"the start (no complete checkpoint in {redact_secrets(recipe.run_dir)} yet)")
-    return f"the run was stopped; the same command resumes it from {where}"
+    return f"the run was stopped; {where_it_resumes(recipe, newest)}"

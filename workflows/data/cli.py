@@ -50,11 +50,7 @@ def _format_check(report: dict[str, Any]) -> str:
         lines.append(f"usable, but decode to well under the duration their header declares (cut short or damaged; "
                      f"not dropped): {shorter['count']}")
         lines += [f"      {example}" for example in shorter["examples"]]
-    for key, what in (("repeated_rows", "rows repeating an earlier row (sampled that many times more often)"),
-                      ("label_conflicts", "rows naming the same clip as an earlier row with another label")):
-        if report[key]:
-            shown = ", ".join(f"row {r} = row {e}" for r, e in report[key][:5])
-            lines.append(f"{what}: {len(report[key])}, e.g. {shown}")
+    lines += report["duplicate_warnings"]
     if report["unknown_labels"]:
         lines.append(f"labels not in the label file: {len(report['unknown_labels'])}")
         for name, rows in list(report["unknown_labels"].items())[:10]:

@@ -156,6 +156,7 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
         # rows naming the same clip (path, start, end) as an earlier row, 1-based [row, earlier row] pairs
         "repeated_rows": [[r + 1, e + 1] for r, e in loaded.repeated_rows],
         "label_conflicts": [[r + 1, e + 1] for r, e in loaded.label_conflicts],
+        "duplicate_warnings": loaded.duplicate_warnings(),
         "frames": stats([r["frames"] for r in ok]),
         "fps": stats([r["fps"] for r in ok]),
         "short_side": stats([min(r["width"], r["height"]) for r in ok]),

@@ -13,8 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workflows.data.kinetics import VIDEO_EXTENSIONS
-from workflows.data.manifest import class_key, load_labels, relative_to, save_labels, write_manifest
+from workflows.data.manifest import VIDEO_EXTENSIONS, class_key, load_labels, relative_to, save_labels, write_manifest
 
 
 def _read_text(path: Path, what: str) -> str:

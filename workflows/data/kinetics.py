@@ -39,9 +39,8 @@ from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
-from workflows.data.manifest import relative_to, save_labels, write_manifest
+from workflows.data.manifest import VIDEO_EXTENSIONS, relative_to, save_labels, video_files, write_manifest
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 _CLIP_NAME = re.compile(r"^(?P<id>[A-Za-z0-9_-]{11})(?:_\d+_\d+)?$")
 _QUOTES = re.compile(r"[\"'`\u2018\u2019\u201c\u201d]")  # all quotes and apostrophes: ignored when matching names
 _DOUBLE_QUOTES = re.compile(r"[\"\u201c\u201d]")  # dropped from display names (the authors strip double quotes)
@@ -176,11 +175,10 @@ def read_kinetics_csv(path: str | Path, release: str | None = None) -> list[Kine
 def index_clips(video_dir: str | Path) -> dict[str, Path]:
     """YouTube id -> clip file, for every video file under `video_dir` named <id> or <id>_<start>_<end>."""
     found: dict[str, Path] = {}
-    for p in sorted(Path(video_dir).rglob("*")):
-        if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file():
-            m = _CLIP_NAME.match(p.stem)
-            if m and m.group("id") not in found:
-                found[m.group("id")] = p
+    for p in video_files(video_dir):
+        m = _CLIP_NAME.match(p.stem)
+        if m and m.group("id") not in found:
+            found[m.group("id")] = p
     return found
 
 

@@ -33,6 +33,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 MANIFEST_COLUMNS = ("path", "label", "start", "end")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+
+
+def video_files(folder: str | Path) -> list[Path]:
+    """The video files (by extension) at any depth below a local folder, sorted."""
+    return sorted(p for p in Path(folder).expanduser().rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
+                  and p.is_file())
 
 
 class ManifestError(ValueError):
@@ -352,6 +359,8 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     if not existing.is_dir():
         where = "is an existing file" if existing == out.absolute() else f"lies below the file {existing}"
         raise ValueError(f"{option} {path} {where}; give a folder (it is created when missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {existing} is not writable here; give a folder you can write")
     return out
 
 

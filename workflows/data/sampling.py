@@ -29,11 +29,17 @@ def frame_window(times: np.ndarray, start: float = math.nan, end: float = math.n
     n = len(times)
     first, last = 0, n
     if not math.isnan(start) and n:
-        on_screen_until = times[-1] + (times[-1] - times[-2] if n > 1 else 0.0)
-        first = n if start > on_screen_until + 1e-6 else max(int(np.searchsorted(times, start + 1e-6, "right")) - 1, 0)
+        first = n if start > last_frame_end(times) + 1e-6 else \
+            max(int(np.searchsorted(times, start + 1e-6, "right")) - 1, 0)
     if not math.isnan(end):
         last = int(np.searchsorted(times, end - 1e-6, "left"))
     return first, min(max(last, first), n)
+
+
+def last_frame_end(times: np.ndarray) -> float:
+    """When the last of frames shown at `times` (ascending, at least one) leaves the screen: it lasts as long as the
+    one before it."""
+    return float(times[-1] + (times[-1] - times[-2] if len(times) > 1 else 0.0))
 
 
 def segment_indices(

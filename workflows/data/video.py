@@ -298,8 +298,7 @@ def _probe(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO
             declared = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base else
                         (container.duration or 0) / av.time_base)  # Matroska/WebM: the container's, all streams
             info = VideoInfo(width=int(ctx.width or 0), height=int(ctx.height or 0), codec=str(ctx.name or "?"),
-                             size_bytes=size, declared_duration=max(float(declared), 0.0))
-            info.rotation = rotation or 0
+                             size_bytes=size, declared_duration=max(float(declared), 0.0), rotation=rotation or 0)
             return info, source
     except BadVideo as bad:  # no stream or no codec to find: an MP4 cut inside its index looks the same
         truncated = _classify_unopenable(path, size, str(bad))
@@ -401,7 +400,7 @@ def read_frames(
     StorageUnreachable when a bucket did not answer for `storage_retry_s` (None: STORAGE_RETRY_S) seconds."""
     import decord
 
-    from workflows.data.sampling import frame_window
+    from workflows.data.sampling import frame_window, last_frame_end
 
     info, source = _probe(path, storage_retry_s)  # a decode-time resize box must have the displayed shape
     width, height = (info.height, info.width) if info.rotation % 180 else (info.width, info.height)
@@ -419,8 +418,7 @@ def read_frames(
         if video_has_packets(source) is False:  # decord fails on these before counting frames (no pixel format)
             _raise_unreadable(path, info, "zero_frames", f"{info.codec} stream without packets; decord: {message}")
         if not _DECORD_CANNOT.search(message):
-            bad = _classify_unopenable(path, info.size_bytes, message)
-            raise BadVideo(bad.reason if bad.reason == "truncated" else "decode_error", message) from None
+            _raise_unreadable(path, info, "decode_error", message)
         try:  # PyAV instead: it decodes what decord lacks
             n, fps, times = _pyav_index(source)
         except Exception as pyav_exc:  # noqa: BLE001
@@ -442,8 +440,7 @@ def read_frames(
         except Exception as exc:
             message = decoder_message(exc)
             if "must exactly match" not in message:  # decord's copy bug for some widths: PyAV below
-                bad = _classify_unopenable(path, info.size_bytes, message)
-                raise BadVideo(bad.reason if bad.reason == "truncated" else "decode_error", message) from None
+                _raise_unreadable(path, info, "decode_error", message)
         finally:
             del vr
     if frames is None:
@@ -457,7 +454,7 @@ def read_frames(
         raise BadVideo("decode_error", f"decoder returned frames of shape {frames.shape}")
     if size is None:  # decoded as displayed, at the source size
         height, width = frames.shape[1:3]
-    duration = float(times[-1] + (times[-1] - times[-2] if n > 1 else 0.0)) if times is not None and n else 0.0
+    duration = last_frame_end(times) if times is not None and n else 0.0
     return DecodedVideo(frames=frames, indices=wanted, num_frames=n, fps=fps, width=width, height=height,
                         duration=duration, declared_duration=info.declared_duration)
 
@@ -471,7 +468,7 @@ def _rising_times(times: np.ndarray | None, n: int, fps: float) -> np.ndarray | 
 
 
 def _raise_unreadable(path: str, info: VideoInfo, reason: str, detail: str) -> None:
-    """Raise BadVideo(`reason`) for a stream decord found no frame in, or `truncated` when the container ends early
-    (an MP4 cut inside its index also has no frames to find)."""
+    """Raise BadVideo(`reason`) for a stream the decoders could not read, or `truncated` when the container ends
+    early (an interrupted download; an MP4 cut inside its index also has no frames to find)."""
     bad = _classify_unopenable(path, info.size_bytes, detail)
     raise BadVideo("truncated" if bad.reason == "truncated" else reason, detail) from None
