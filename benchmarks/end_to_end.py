@@ -226,6 +226,9 @@ def _loop_worker(rank: int, world: int, engine_name: str, recipe_dict: dict, por
             import deepspeed
 
             from workflows.optim import build_deepspeed_config
+            from workflows.trainer import skip_deepspeed_shm_op
+
+            skip_deepspeed_shm_op()  # as the workflow's CPU workers do
 
             for group in optimizer.param_groups:
                 group.pop("name", None)  # as the workflow does for DeepSpeed's ZeRO wrapper

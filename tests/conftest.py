@@ -11,11 +11,14 @@ from workflows.runtime import tools_of_this_interpreter_first
 # Ray Train's worker group can take longer than its default timeout to start on a busy 2-core machine.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller polls its workers every 2 s by default: each run's end (and each failure) waited up to that
+# long to be seen, ~3 s a run here. Every run of the suite is short, so poll faster.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Never let a test reach for a GPU or the network for weights.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Every process of the session finds the venv's tools first, as an activated venv, the test clusters' nodes and the
-# training workers (prepare_worker_process) do: one `ninja` for DeepSpeed's JIT ops, so the suite builds its CPU
-# shared-memory op once (the processes the tests spawn inherit this PATH).
+# training workers (prepare_worker_process) do: one `ninja` for any JIT op DeepSpeed builds (the processes the tests
+# spawn inherit this PATH).
 tools_of_this_interpreter_first()
 
 

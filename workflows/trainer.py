@@ -749,6 +749,19 @@ def checkpoint_to_resume(registered: Any, run_dir: str, log: Any = print) -> Any
     return ray.train.Checkpoint(choice[0], filesystem=fs)
 
 
+def skip_deepspeed_shm_op() -> None:
+    """Tell DeepSpeed its CPU shared-memory collective op cannot be built, so its CPU backend never JIT-compiles it
+    (~35 s on a fresh 2-core machine: every first CPU run, `make demo` and CI paid it). Only DeepSpeed's inference
+    all-reduce uses that op; ZeRO training's collectives are torch.distributed's (gloo) either way. DeepSpeed reads
+    the compatibility table it caches in deepspeed.ops, and its comment says edits to that table persist."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def prepare_worker_process(recipe: Recipe, verbose: bool = False) -> None:
     """Process-wide settings of a training worker, and one line saying where it landed."""
     import ray
@@ -763,6 +776,7 @@ def prepare_worker_process(recipe: Recipe, verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     if not recipe.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo); before importing it
+        skip_deepspeed_shm_op()
     tools_of_this_interpreter_first()  # one ninja for DeepSpeed's JIT ops, whether or not the driver's venv was active
     ctx = ray.train.get_context()
     print(f"{LOG_PREFIX} worker rank {ctx.get_world_rank()}/{ctx.get_world_size()} on node "
