@@ -155,6 +155,8 @@ class Cluster:
             # API with address "auto") must not find another cluster running on the same machine.
             "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}",
             "RAY_USAGE_STATS_ENABLED": "0",
+            # the session's faster Train health checks (tests/conftest.py), so each run's end is seen sooner
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"),
             **self.extra_env,
             MARKER: self.tag,
         })
