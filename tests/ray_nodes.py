@@ -279,7 +279,7 @@ class Cluster:
             status, body = self.http(f"/api/jobs/{job_id}")
             if status == 200 and json.loads(body)["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return json.loads(body)["status"]
-            time.sleep(2)
+            time.sleep(0.5)
         return "TIMEOUT"
 
     def job_logs(self, job_id: str) -> str:

@@ -7,18 +7,22 @@ started: every process of a test cluster carries a marker variable in its enviro
 inherited by the raylet, GCS, dashboard, workers and job drivers), and the test ends those processes and checks
 with `ps` that none is left. Other Ray clusters on the host, like the session fixture's, are untouched.
 
-One cluster (a token-guarded head and a second raylet) and one job cover the checks, because each cluster and job
-costs about a minute on an otherwise idle 2-core machine (most of it Ray, Ray Train and DeepSpeed start-up; the job
-itself is 3 optimizer steps), and longer when other work shares the cores.
+One cluster (a token-guarded head and a second raylet) and two jobs cover the checks, because each cluster and job
+costs about a minute on an otherwise idle 2-core machine (most of it Ray, Ray Train and DeepSpeed start-up; the first
+job is 3 optimizer steps, the second is stopped with `ray job stop` after its step-2 checkpoint), and longer when
+other work shares the cores.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +48,8 @@ class SmokeCluster(Cluster):
 @pytest.fixture
 def cluster():
     root = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short, unlike tmp_path
-    made = SmokeCluster(root)
+    # as the cluster configs' head: `ray job stop` gives the driver 30 s between SIGTERM and SIGKILL
+    made = SmokeCluster(root, env={"RAY_JOB_STOP_WAIT_TIME_S": "30"})
     try:
         yield made
     finally:
@@ -117,3 +122,26 @@ def test_a_token_guarded_two_node_cluster_runs_a_submitted_smoke_job_one_worker_
     assert set(placed.values()) == set(nodes)
     checkpoints = list((runs / "smoke-2node").glob("checkpoint_*"))
     assert checkpoints, f"no checkpoint under {runs / 'smoke-2node'}"
+
+    # `ray job stop` of a running pre-training job (SIGTERM to the driver, SIGKILL 30 s later): the driver aborts
+    # the run as on Ctrl-C, says where the same command resumes, marks its MLflow run KILLED and exits 143.
+    cluster.submit_smoke("stopped", sample, runs, "train.max_steps=200", "eval.every_steps=2")
+    deadline = time.monotonic() + 300
+    while "checkpoint of step 2 reported" not in _live_logs(cluster, "stopped") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stop = cluster.ray("job", "stop", "--address", cluster.dashboard, "stopped")
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert cluster.wait_for_job("stopped") == "STOPPED"
+    logs = cluster.job_logs("stopped")
+    newest = re.search(r"^interrupted by SIGTERM \(ray job stop, or the scheduler\): the run was stopped; the same "
+                       r"command resumes it from its newest complete checkpoint, (\S+) \(step (\d+)\)$", logs, re.M)
+    assert newest, logs[-6000:]
+    assert Path(newest[1]).parent == runs / "stopped" and int(newest[2]) >= 2, newest[0]
+    with sqlite3.connect(runs / "stopped" / "mlflow.db") as con:
+        assert con.execute("select status from runs").fetchall() == [("KILLED",)]
+
+
+def _live_logs(cluster: Cluster, job_id: str) -> str:
+    """A running job's logs so far, through the Jobs API (cheaper than a `ray job logs` process per poll)."""
+    status, body = cluster.http(f"/api/jobs/{job_id}/logs")
+    return json.loads(body).get("logs", "") if status == 200 else ""

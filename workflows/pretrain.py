@@ -38,11 +38,14 @@ from workflows.relaunch import relaunch_changes
 from workflows.runtime import (
     compile_toolchain_problem,
     ensure_ray,
+    interrupted_exit_code,
     is_remote,
     label_selector,
     local_cpus_for,
     redact_secrets,
     root_cause,
+    stop_like_ctrl_c,
+    stop_signal_note,
     write_text,
 )
 from workflows.tracking import resolve_tracking_uri
@@ -335,8 +338,9 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
               f"{'; '.join(relaunch[2])} (the lr, betas and weight decay are the recipe's, and the lr schedule from "
               f"step {relaunch[1]} on is the new recipe's)", flush=True)
     ensure_ray(local_cpus_for(recipe))
-    if relaunch:  # the first worker group's restart line says why it resumes (not "a worker or node was lost")
-        kv_put(kv_key(recipe.run_dir, "event"), {"reason": "the run was relaunched"})
+    if relaunch:  # the first worker group's restart line says why it resumes (not "a worker or node was lost"), and
+        # rank 0 records the changed settings in the MLflow run (whose params keep the first launch's values)
+        kv_put(kv_key(recipe.run_dir, "event"), {"reason": "the run was relaunched", "changes": relaunch[2]})
     # Waits for nodes when scaling.wait_for_nodes_s > 0 (scale from zero); resolves data.decode_node_label: the
     # workers get the resolved recipe.
     recipe = check_capacity(recipe, log_prefix=LOG_PREFIX)
@@ -397,6 +401,7 @@ def main(argv: list[str]) -> int:
         return 2
     from ray.train import TrainingFailedError
 
+    stop_like_ctrl_c()  # `ray job stop` sends SIGTERM
     try:
         run_pretrain(recipe, verbose=args.verbose)
     except ConfigError as exc:  # the cluster cannot hold the recipe (check_capacity), before any training work
@@ -405,10 +410,10 @@ def main(argv: list[str]) -> int:
     except (TrainingFailedError, RunNotRestarted) as exc:  # the workers' tracebacks are above; Ray's is cut short
         print(f"error: {describe_training_failure(exc, recipe)}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train's SIGINT handler aborts the run, and the driver's
-        # wait for it ends in a SystemExit (before the fit started: a KeyboardInterrupt)
-        print(f"interrupted: {describe_interruption(recipe)}", file=sys.stderr, flush=True)
-        return 130
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: Ray Train's SIGINT handler aborts the run, and the
+        # driver's wait for it ends in a SystemExit (before the fit started: a KeyboardInterrupt)
+        print(f"interrupted{stop_signal_note()}: {describe_interruption(recipe)}", file=sys.stderr, flush=True)
+        return interrupted_exit_code()
     return 0
 
 

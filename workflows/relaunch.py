@@ -115,4 +115,5 @@ def relaunch_changes(recipe: Recipe) -> tuple[str, int, list[str]] | None:
             f"{'; '.join(refused)}. Start a new run instead (another run.name; add "
             f"train.init_from={redact_secrets(recipe.run_dir)} to start from this run's weights), or relaunch with "
             f"the recorded values")
-    return path, step, [redact_secrets(f"{key}: {a!r} -> {b!r}") for key, (a, b) in sorted(changed.items())]
+    return path, step, [f"{key}: {redact_secrets(a)!r} -> {redact_secrets(b)!r}"
+                        for key, (a, b) in sorted(changed.items())]

@@ -140,6 +140,48 @@ def tools_of_this_interpreter_first() -> None:
         os.environ["PATH"] = os.pathsep.join([here, path]) if path else here
 
 
+# The signal that stopped this driver when it was not Ctrl-C (set by stop_like_ctrl_c's handler), else None.
+_stop_signal: int | None = None
+
+
+def stop_like_ctrl_c() -> None:
+    """Let SIGTERM stop this driver as Ctrl-C does. `ray job stop`, Kubernetes and batch schedulers end a driver with
+    SIGTERM, then SIGKILL after a grace period (RAY_JOB_STOP_WAIT_TIME_S for `ray job stop`, 3 s by default; the
+    cluster configs give 30 s). Whatever SIGINT handler is installed when SIGTERM arrives runs (Ray Train's abort of
+    the run, Tune's last save of the sweep, else KeyboardInterrupt), so the driver says where the work resumes and
+    closes its MLflow run instead of dying without a word. Main thread only (Python's rule for handlers)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def forward(signum: int, frame: Any) -> None:
+        global _stop_signal
+        _stop_signal = signum
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIG_DFL, SIG_IGN, or one installed outside Python
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    signal.signal(signal.SIGTERM, forward)
+
+
+def stop_signal_note() -> str:
+    """' by SIGTERM (ray job stop, or the scheduler)' after stop_like_ctrl_c forwarded one, else ''."""
+    import signal
+
+    return f" by {signal.Signals(_stop_signal).name} (ray job stop, or the scheduler)" if _stop_signal else ""
+
+
+def interrupted_exit_code() -> int:
+    """A stopped driver's exit status, as a shell reports a process a signal ended: 128 + the signal (130 for
+    Ctrl-C, 143 for SIGTERM)."""
+    import signal
+
+    return 128 + (_stop_signal or signal.SIGINT)
+
+
 def compile_toolchain_problem(use_gpu: bool) -> str | None:
     """Why torch.compile cannot build kernels on this machine, or None. Inductor writes C++ for CPU kernels; on a
     GPU its kernels are Triton's, and Triton builds a small C launcher for each with the system C compiler."""

@@ -377,6 +377,9 @@ class Trainer:
         self.tracker.log_metrics({"world_size": float(self.world), "restart_steps_lost": float(lost or 0)}, step=step)
         self.tracker.set_tags({f"restart.step_{step}": f"{previous_world} -> {self.world} workers; {reason}; "
                                                        f"{lost_text}"})
+        if event.get("changes"):  # MLflow params cannot change: a relaunch's new settings are tags, and its recipe
+            self.tracker.set_tags({f"relaunch.step_{step}.changes": "; ".join(event["changes"])[:5000]})
+            self.tracker.log_text(dump_yaml(self.recipe), f"recipe_relaunched_at_step_{step}.yaml")
 
     def _open_tracker(self) -> None:
         """Rank 0's MLflow run: a resumed run continues its own; the others get a no-op tracker."""

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from ray import tune
 
+from workflows import runtime
 from workflows.config_loader import ConfigError
+from workflows.runtime import stop_like_ctrl_c
 from workflows.tune.driver import (
     build_param_space,
     max_trials_that_fit,
@@ -251,8 +253,9 @@ def test_counted_flops_follow_the_fusion_depth():
 
 # --- a real sweep, interrupted after its first trial and resumed ---
 class InterruptAfterFirstTrial(tune.Callback):
-    """Sends this process SIGUSR1 once, when the first trial completes: Tune's handler for it (like Ctrl-C) ends the
-    run and saves its state, as an interrupted driver would. Module-level: Tune pickles it with the sweep state."""
+    """Sends this process SIGTERM once, when the first trial completes, as `ray job stop` does to a sweep driver:
+    stop_like_ctrl_c hands it to Tune's Ctrl-C handler, which ends the run and saves its state. Module-level: Tune
+    pickles it with the sweep state."""
 
     def __init__(self, marker: str):
         self.marker = marker
@@ -260,7 +263,7 @@ class InterruptAfterFirstTrial(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if not os.path.exists(self.marker):
             Path(self.marker).write_text(trial.trial_id)
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +286,13 @@ def resumed_sweep(ray_local, smoke_data, tmp_path_factory):
                  "max_concurrent_trials=1", "train.max_steps=2", "eval.every_steps=2"]
     sweep_plan = plan_sweep(load_sweep(SWEEP_SMOKE, overrides))
     marker = root / "interrupted"
-    first = run_sweep(sweep_plan, callbacks=[InterruptAfterFirstTrial(str(marker))])
+    pytests_sigterm = signal.getsignal(signal.SIGTERM)
+    stop_like_ctrl_c()  # as the tune CLI does
+    try:
+        first = run_sweep(sweep_plan, callbacks=[InterruptAfterFirstTrial(str(marker))])
+    finally:
+        signal.signal(signal.SIGTERM, pytests_sigterm)
+        runtime._stop_signal = None  # the note is this process's; later tests run in it too
     second = run_sweep(sweep_plan, resume=True)
     return sweep_plan, first, second, marker.read_text()
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from workflows.config_loader import ConfigError, config_parser, dump_yaml, to_dict
 from workflows.recipe import Recipe, recipe_to_dict
-from workflows.runtime import is_remote
+from workflows.runtime import is_remote, stop_like_ctrl_c, stop_signal_note
 from workflows.tracking import Tracker
 from workflows.tune.report import SweepResult, summarize_sweep
 from workflows.tune.sweep_config import (
@@ -281,8 +281,9 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     interrupted = finished < max(len(grid), expected_trials(sweep))
     result = summarize_sweep(grid, plan, parent, interrupted)
     if interrupted:
-        print(f"{LOG_PREFIX} the sweep was interrupted with {finished} of {expected_trials(sweep)} trial(s) "
-              f"finished; continue it with the same command plus --resume", flush=True)
+        print(f"{LOG_PREFIX} the sweep was interrupted{stop_signal_note()} with {finished} of "
+              f"{expected_trials(sweep)} trial(s) finished; continue it with the same command plus --resume",
+              flush=True)
     return result
 
 
@@ -299,6 +300,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    stop_like_ctrl_c()  # `ray job stop` sends SIGTERM: Tune saves the sweep's state as on Ctrl-C
     try:
         result = run_sweep(plan, resume=args.resume, retry_failed=args.retry_failed)
     except (ConfigError, FileNotFoundError) as exc:  # the recipe checks and the cluster's capacity, before trials
