@@ -265,6 +265,7 @@ class ViewResults:
     rows: int
     rows_per_video: dict[int, int]
     drops: Any  # workflows.data.drops.DropReport
+    dropped_videos: dict[int, str]  # manifest row -> why it was dropped
     seconds: float
 
 
@@ -318,6 +319,7 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
                 print(f"{LOG_PREFIX} {done:.0f}/{total} videos ({100 * done / total:.0f}%), "
                       f"{rows / (now - start):.1f} clips/s, ETA {eta / 60:.1f} min", flush=True)
         drops = get_drop_report("eval", 0, name=name)
+        dropped_videos = ray.get(counter.dropped_videos.remote("eval", 0))
     except Exception as exc:  # Ray wraps the decoders' errors; say them plainly
         plain = decode_failure(exc)
         if isinstance(plain, TooManyBadVideos):
@@ -332,7 +334,8 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
     seconds = time.perf_counter() - start
     if progress:
         print(f"{LOG_PREFIX} scored {rows} clips of {len(rows_per_video)} videos in {seconds:.1f} s", flush=True)
-    return ViewResults(scores=scores, rows=rows, rows_per_video=rows_per_video, drops=drops, seconds=seconds)
+    return ViewResults(scores=scores, rows=rows, rows_per_video=rows_per_video, drops=drops,
+                       dropped_videos=dropped_videos, seconds=seconds)
 
 
 def _scored_views(plan: EvalPlan, data: Any, pool: int, use_gpu: bool) -> Any:
@@ -414,14 +417,18 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
         writer.writeheader()
         writer.writerows([{**r, "accuracy": "" if r["accuracy"] is None else r["accuracy"]} for r in per_class])
     paths = plan.manifest.table.column("path").to_pylist()
-    with (out / "predictions.csv").open("w", newline="") as f:
+    label_names = plan.manifest.table.column("label_name").to_pylist()
+    with (out / "predictions.csv").open("w", newline="") as f:  # every manifest row: scored, or why it was dropped
         writer = csv.writer(f)
-        writer.writerow(["video_index", "path", "label", "predicted", "probability", "correct"])
-        for vid in sorted(results.scores.scores):
+        writer.writerow(["video_index", "path", "label", "predicted", "probability", "correct", "dropped"])
+        for vid in sorted(results.scores.scores.keys() | results.dropped_videos.keys()):
+            if vid not in results.scores.scores:
+                writer.writerow([vid, paths[vid], label_names[vid], "", "", "", results.dropped_videos[vid]])
+                continue
             probs = results.scores.scores[vid] / (plan.views * plan.crops)  # mean softmax over the clips
             label, predicted = results.scores.labels[vid], int(probs.argmax())
             writer.writerow([vid, paths[vid], names[label], names[predicted], round(float(probs[predicted]), 6),
-                             int(label == predicted)])
+                             int(label == predicted), ""])
     with (out / "confusion_matrix.csv").open("w", newline="") as f:  # the counts behind the row-normalised image
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted", *names])

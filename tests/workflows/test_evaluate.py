@@ -360,7 +360,14 @@ def test_evaluate_multiview_on_a_swapped_label_set(ray_local, run_dir: Path, vid
     assert metrics["manifest_videos"] == N + 4
     assert metrics["dropped"] == {"missing": 1, "empty": 1, "truncated": 1, "corrupt": 1}
     per_class = _read_csv(out / "per_class_accuracy.csv")
-    predictions = _read_csv(out / "predictions.csv")
+    listed = _read_csv(out / "predictions.csv")  # every manifest row, the dropped ones with why
+    assert [int(r["video_index"]) for r in listed] == list(range(N + 4))
+    dropped = {r["path"].rsplit("/", 1)[-1]: r for r in listed if r["dropped"]}
+    assert {name: r["dropped"].split(":")[0] for name, r in dropped.items()} == \
+        {"missing.mp4": "missing", "empty.mp4": "empty", "truncated.mp4": "truncated", "random.mp4": "corrupt"}
+    assert all(r["predicted"] == r["probability"] == r["correct"] == "" for r in dropped.values())
+    assert dropped["truncated.mp4"]["label"] == "cls2"
+    predictions = [r for r in listed if not r["dropped"]]
     assert [r["class"] for r in per_class] == list(json.loads(seven_labels.read_text())) and len(predictions) == N
     assert {r["path"].rsplit("/", 1)[-1]: r["label"] for r in predictions} == \
         {f"{name}.mp4": f"cls{i}" for i, name in enumerate(GOOD_VIDEOS)}

@@ -78,6 +78,11 @@ class DropCounter:
             return _too_many_message(self.get(split, epoch), run["limit"])
         return None
 
+    def dropped_videos(self, split: str, epoch: int) -> dict[int, str]:
+        """Every dropped video of one epoch: manifest row -> "reason: what failed" (evaluate lists them all)."""
+        drops = self._runs.get((split, epoch), {}).get("drops", {})
+        return {index: f"{reason}: {detail}"[:300] for index, (reason, _, detail) in drops.items()}
+
     def get(self, split: str, epoch: int | None = None) -> DropReport:
         """Report for one epoch, or (epoch None) for the latest epoch seen of this split."""
         epochs = sorted(e for s, e in self._runs if s == split)
