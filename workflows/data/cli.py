@@ -5,7 +5,8 @@
     data k710      --csv [k400:]train.csv ... --videos DIR --out DIR   assemble Kinetics-710
     data sample    --out DIR                               write the synthetic motion dataset
     data upload    DIR s3://bucket/prefix                  copy a dataset folder into a bucket (no shared disk)
-    data import    ssv2|list ...                           manifests from SSV2 JSON or `path label` lists
+    data import    ssv2|list|ucf101|hmdb51 ...             manifests from SSV2 JSON, `path label` lists, or the
+                                                           official UCF101 / HMDB51 split files
 
 `check` exits with 0 when every video decodes and every label is in the label file, 1 otherwise (also when a bucket
 stopped answering: those videos are reported as not checked, never as dropped). Ray tools connect to `--address` (or
@@ -178,9 +179,15 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from workflows.data.importers import import_list, import_ssv2
+    from workflows.data.importers import import_hmdb51, import_list, import_ssv2, import_ucf101
     from workflows.data.manifest import check_output_folder
 
+    if args.format in ("ucf101", "hmdb51"):  # --out is a folder: train.csv, val.csv and labels.json go into it
+        importer = import_ucf101 if args.format == "ucf101" else import_hmdb51
+        check_output_folder(args.out)
+        for report in importer(args.videos, args.splits, args.split, args.out, check_files=args.check):
+            print(report.summary())
+        return 0
     if Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder; give the manifest file to write (labels.json goes beside it)")
     check_output_folder(Path(args.out).parent, f"--out {args.out}: its folder")
@@ -254,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--json", action="store_true")
     u.set_defaults(run=_cmd_upload)
 
-    i = sub.add_parser("import", help="write a manifest from SSV2 JSON or a `path label` list")
+    i = sub.add_parser("import", help="write manifests from SSV2 JSON, a `path label` list, or the official UCF101 / "
+                                      "HMDB51 split files")
     isub = i.add_subparsers(dest="format", required=True)
     i1 = isub.add_parser("ssv2")
     i1.add_argument("--annotations", required=True, help="something-something-v2-{train,validation}.json")
@@ -268,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     i2.add_argument("--root", help="folder the list's paths are relative to (default: the list's folder)")
     i2.add_argument("--labels", help="label file; needed to name integer labels")
     i2.add_argument("--check", action="store_true", help="drop (and count) listed files that do not exist")
+    for name, videos, splits in (
+            ("ucf101", "UCF101", "ucfTrainTestlist (classInd.txt, trainlist0N.txt, testlist0N.txt)"),
+            ("hmdb51", "hmdb51_org", "testTrainMulti_7030_splits (<class>_test_split<N>.txt)")):
+        b = isub.add_parser(name)
+        b.add_argument("--videos", required=True, help=f"the folder of one folder per class ({videos})")
+        b.add_argument("--splits", required=True, help=f"the official split folder, {splits}")
+        b.add_argument("--split", type=int, required=True, help="official split 1, 2 or 3")
+        b.add_argument("--out", required=True, help="folder for train.csv, val.csv (the official test list) and "
+                                                    "labels.json")
+        b.add_argument("--check", action="store_true",
+                       help="drop (and count) listed files that do not exist (a path that differs only in case is "
+                            "found)")
     i.set_defaults(run=_cmd_import)
     return p
 

@@ -5,13 +5,21 @@
   with `something-something-v2-labels.json` ({class name: "index"}); videos are `<video_dir>/<id>.webm` (or .mp4).
 - Plain lists, as most Kinetics repos ship (`kinetics400_train_list.txt`): one `relative/path.mp4 label` per
   line, the label a class name without spaces or an integer index (names then come from `--labels`).
+- UCF101: the official `ucfTrainTestlist/` (`classInd.txt`: `1 ApplyEyeMakeup`; `trainlist0N.txt`:
+  `Class/v_Class_g08_c01.avi 1`; `testlist0N.txt`: `Class/v_Class_g01_c01.avi`) and the `UCF101/` folder of
+  one folder per class; one split becomes train.csv, val.csv (the official test list) and labels.json.
+- HMDB51: the official `testTrainMulti_7030_splits/` (`<class>_test_split<N>.txt`, lines `<video>.avi <tag>`,
+  tag 1 train, 2 test, 0 unused) and a folder of one folder per class; written as UCF101's.
+UCF101 and HMDB51 class names become words ("ApplyEyeMakeup" -> "apply eye makeup", "brush_hair" -> "brush hair"):
+the model scores videos against the text of the class names.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from workflows.data.manifest import VIDEO_EXTENSIONS, class_key, load_labels, relative_to, save_labels, write_manifest
 
@@ -177,3 +185,299 @@ def import_list(list_file: str | Path, out_manifest: str | Path, *, root: str | 
     save_labels(label_map, out.parent / "labels.json")
     report.videos, report.classes = len(rows), len(label_map)
     return report
+
+
+# UCF101 and HMDB51: the official split files of the standard transfer benchmarks.
+
+OFFICIAL_SPLITS = (1, 2, 3)
+UCF101_SPLITS_HINT = ("the folder holding classInd.txt, trainlist01..03.txt and testlist01..03.txt (ucfTrainTestlist, "
+                      "from UCF101TrainTestSplits-RecognitionTask.zip)")
+HMDB51_SPLITS_HINT = ("the folder holding <class>_test_split<N>.txt for every class and N = 1, 2, 3 "
+                      "(testTrainMulti_7030_splits, from test_train_splits.rar)")
+
+
+def ucf101_class_text(name: str) -> str:
+    """A UCF101 class name as words, what the model's text encoder reads: "ApplyEyeMakeup" -> "apply eye makeup",
+    "YoYo" -> "yo yo", "CleanAndJerk" -> "clean and jerk"."""
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", name.replace("_", " "))
+    return " ".join(words.lower().split())
+
+
+def hmdb51_class_text(name: str) -> str:
+    """An HMDB51 class name as words: "brush_hair" -> "brush hair", "fall_floor" -> "fall floor"."""
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+@dataclass
+class _Listed:
+    """One video of a split list: its path below the video folder, its class, and where it was listed."""
+
+    rel: str
+    label: str
+    source: Path
+    line: int
+
+
+def _check_split(split: int, dataset: str) -> None:
+    if isinstance(split, bool) or split not in OFFICIAL_SPLITS:
+        raise ValueError(f"--split {split!r}: {dataset} has the official splits 1, 2 and 3")
+
+
+def _lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """(1-based line number, line) of a text file's non-blank lines (CRLF or LF)."""
+    return [(n, line) for n, line in enumerate(_read_text(path, what).splitlines(), 1) if line.strip()]
+
+
+def _splits_folder(splits: Path, hint: str) -> None:
+    if not splits.is_dir():
+        raise FileNotFoundError(f"split folder (--splits) {splits} is not a folder; give {hint}")
+
+
+def _split_file(splits: Path, name: str, what: str, hint: str) -> Path:
+    path = splits / name
+    if not path.is_file():
+        nested = next((p for p in splits.iterdir() if p.is_dir() and (p / name).is_file()), None)
+        also = f" (did you mean --splits {nested}?)" if nested else ""
+        raise FileNotFoundError(f"split folder (--splits) {splits} has no {name} ({what}){also}; give {hint}")
+    return path
+
+
+def _readable_labels(names: list[str], text, source: str) -> dict[str, int]:
+    """{class text: 0-based index} in the official order; two classes that read the same are an error."""
+    labels: dict[str, int] = {}
+    for index, name in enumerate(names):
+        key = class_key(text(name))
+        if not key:
+            raise ValueError(f"{source}: class {name!r} has no words to name it by")
+        if key in labels:
+            raise ValueError(f"{source}: classes {names[labels[key]]!r} and {name!r} both read {key!r} once written "
+                             f"as words; the model could not tell them apart: rename one")
+        labels[key] = index
+    return labels
+
+
+def _video_rel(rel: str, source: Path, n: int, expected: str) -> tuple[str, str]:
+    """(class folder, file name) of a listed `<class folder>/<video file>` path."""
+    parts = PurePosixPath(rel.replace("\\", "/")).parts
+    if len(parts) != 2 or not rel.lower().endswith(VIDEO_EXTENSIONS):
+        raise ValueError(f"{source}, line {n}: {rel!r} is not a <class folder>/<video file> path; expected {expected}")
+    return parts[0], parts[1]
+
+
+_PART_WORDS = {"train": "train", "val": "test", "unused": "not used (tag 0)"}
+
+
+def _no_repeats(lists: dict[str, list[_Listed]]) -> None:
+    """A video listed twice in one split (in both train and test, or twice in one of them) is an error."""
+    seen: dict[str, tuple[str, _Listed]] = {}
+    for part, entries in lists.items():
+        for e in entries:
+            first = seen.setdefault(e.rel.lower(), (part, e))
+            if first[1] is not e:
+                what = (f"listed twice as {_PART_WORDS[part]}" if first[0] == part else
+                        f"both {_PART_WORDS[first[0]]} and {_PART_WORDS[part]}")
+                raise ValueError(f"{e.source}, line {e.line}: {e.rel} is {what} in this split (also "
+                                 f"{first[1].source}, line {first[1].line}); fix or re-extract the split files")
+
+
+class _Finder:
+    """Listed videos looked up below the video folder; a path that is missing is matched case-insensitively, one
+    folder at a time, before it counts as missing (UCF101's HandstandPushups folder is HandStandPushups in some
+    extracted copies)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._listings: dict[Path, dict[str, str]] = {}
+
+    def _entries(self, folder: Path) -> dict[str, str]:
+        if folder not in self._listings:
+            entries: dict[str, str] = {}
+            if folder.is_dir():
+                for child in sorted(folder.iterdir()):
+                    entries.setdefault(child.name.lower(), child.name)
+            self._listings[folder] = entries
+        return self._listings[folder]
+
+    def find(self, rel: str) -> Path | None:
+        path = self.root / rel
+        if path.is_file():
+            return path
+        current = self.root
+        for part in PurePosixPath(rel).parts:
+            real = part if (current / part).exists() else self._entries(current).get(part.lower())
+            if real is None:
+                return None
+            current = current / real
+        return current if current.is_file() else None
+
+
+def _write_benchmark(lists: dict[str, list[_Listed]], label_map: dict[str, int], videos: Path, out_dir: Path,
+                     check_files: bool, dataset: str) -> list[ImportReport]:
+    """train.csv / val.csv / labels.json of one official split in `out_dir`; nothing is written when any check
+    fails."""
+    if check_files and not videos.is_dir():
+        raise FileNotFoundError(f"video folder (--videos) {videos} is not a folder; it is the {dataset} folder holding "
+                                f"one folder per class, where the lists' paths are looked up")
+    existing = out_dir / "labels.json"
+    if existing.is_file() and load_labels(str(existing)) != label_map:
+        raise ValueError(f"{existing} (written by an earlier import into this folder) holds other classes or indices "
+                         f"than the {dataset} split files ({len(label_map)} classes); import into another folder, or "
+                         f"delete it")
+    finder = _Finder(videos)
+    reports, manifests = [], []
+    for part, entries in lists.items():
+        out = out_dir / f"{part}.csv"
+        report = ImportReport(manifest=str(out), labels=str(existing), classes=len(label_map))
+        rows = []
+        for e in entries:
+            path = finder.find(e.rel) if check_files else videos / e.rel
+            if path is None:
+                report.missing += 1
+                if len(report.missing_examples) < 10:
+                    report.missing_examples.append(str(videos / e.rel))
+                continue
+            rows.append({"path": relative_to(path, out_dir), "label": e.label})
+        if not entries:
+            raise ValueError(f"the {dataset} split files list no {part} videos ({part}.csv would be empty)")
+        if not rows:
+            raise ValueError(f"none of the {len(entries)} {part} videos of the {dataset} split files is below video "
+                             f"folder (--videos) {videos} (e.g. {report.missing_examples[0]}); give the folder holding "
+                             f"one folder per class")
+        report.videos = len(rows)
+        reports.append(report)
+        manifests.append((rows, out))
+    for rows, out in manifests:
+        write_manifest(rows, out)
+    save_labels(label_map, existing)
+    return reports
+
+
+def _ucf101_classes(path: Path) -> list[str]:
+    """classInd.txt's class names in index order (indices 1..K)."""
+    by_index: dict[int, tuple[str, int]] = {}
+    lines_by_name: dict[str, int] = {}
+    for n, line in _lines(path, "UCF101 class list"):
+        fields = line.split()
+        if len(fields) != 2 or not fields[0].isdecimal():
+            many = " (too many fields)" if len(fields) > 2 else ""
+            raise ValueError(f"{path}, line {n}: expected '<index> <ClassName>' (e.g. '1 ApplyEyeMakeup'), got "
+                             f"{line!r}{many}")
+        index, name = int(fields[0]), fields[1]
+        if index in by_index:
+            raise ValueError(f"{path}, line {n}: index {index} is given twice (also line {by_index[index][1]})")
+        if name.lower() in lines_by_name:
+            raise ValueError(f"{path}, line {n}: class {name!r} is given twice (also line "
+                             f"{lines_by_name[name.lower()]})")
+        by_index[index] = (name, n)
+        lines_by_name[name.lower()] = n
+    if not by_index:
+        raise ValueError(f"UCF101 class list {path} lists no classes")
+    gaps = sorted(set(range(1, len(by_index) + 1)) - set(by_index))
+    if gaps:
+        raise ValueError(f"{path}: class indices must be 1..{len(by_index)}; missing {gaps[:10]}")
+    return [by_index[i][0] for i in sorted(by_index)]
+
+
+def import_ucf101(videos: str | Path, splits: str | Path, split: int, out_dir: str | Path, *,
+                  check_files: bool = False) -> list[ImportReport]:
+    """Write `out_dir`/train.csv, val.csv (the official test list) and labels.json for one official UCF101 split.
+    `videos`: the UCF101 folder of one folder per class; `splits`: ucfTrainTestlist. Labels are classInd's classes
+    as words, 0-based in its order."""
+    _check_split(split, "UCF101")
+    videos, splits, out_dir = Path(videos), Path(splits), Path(out_dir)
+    _splits_folder(splits, UCF101_SPLITS_HINT)
+    class_file = _split_file(splits, "classInd.txt", "the class list", UCF101_SPLITS_HINT)
+    train_file = _split_file(splits, f"trainlist0{split}.txt", f"split {split}'s training list", UCF101_SPLITS_HINT)
+    test_file = _split_file(splits, f"testlist0{split}.txt", f"split {split}'s test list", UCF101_SPLITS_HINT)
+    names = _ucf101_classes(class_file)
+    label_map = _readable_labels(names, ucf101_class_text, str(class_file))
+    by_folder = {name.lower(): name for name in names}
+    lists: dict[str, list[_Listed]] = {"train": [], "val": []}
+    for n, line in _lines(train_file, "UCF101 training list"):
+        fields = line.split()
+        expected = "'<Class>/<video>.avi <class index>' (e.g. 'ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1')"
+        if len(fields) != 2:
+            many = " (too many fields)" if len(fields) > 2 else ""
+            raise ValueError(f"{train_file}, line {n}: expected {expected}, got {line!r}{many}")
+        rel, index = fields
+        if not index.isdecimal() or not 1 <= int(index) <= len(names):
+            raise ValueError(f"{train_file}, line {n}: class index {index!r} is not in {class_file} (1..{len(names)});"
+                             f" the lists and classInd.txt must come from the same download")
+        folder, _ = _video_rel(rel, train_file, n, expected)
+        name = names[int(index) - 1]
+        if folder.lower() != name.lower():
+            raise ValueError(f"{train_file}, line {n}: {rel} is in folder {folder!r}, but class {index} is {name!r} "
+                             f"in {class_file}; the lists and classInd.txt must come from the same download")
+        lists["train"].append(_Listed(rel, ucf101_class_text(name), train_file, n))
+    for n, line in _lines(test_file, "UCF101 test list"):
+        fields = line.split()
+        expected = "'<Class>/<video>.avi' (e.g. 'ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi')"
+        if len(fields) != 1:
+            raise ValueError(f"{test_file}, line {n}: expected {expected}, got {line!r} (too many fields)")
+        folder, _ = _video_rel(fields[0], test_file, n, expected)
+        if folder.lower() not in by_folder:
+            raise ValueError(f"{test_file}, line {n}: folder {folder!r} of {fields[0]} is not a class of {class_file}; "
+                             f"a test video's class is its folder")
+        lists["val"].append(_Listed(fields[0], ucf101_class_text(by_folder[folder.lower()]), test_file, n))
+    _no_repeats(lists)
+    return _write_benchmark(lists, label_map, videos, out_dir, check_files, "UCF101")
+
+
+HMDB51_TAGS = {"1": "train", "2": "val"}  # "0": not used in this split
+
+
+def _hmdb51_split_files(splits: Path, split: int) -> dict[str, Path]:
+    """{class: its <class>_test_split<split>.txt}, sorted by class; every class with a split file must have this
+    split's."""
+    _splits_folder(splits, HMDB51_SPLITS_HINT)
+    by_class: dict[str, dict[int, Path]] = {}
+    for path in splits.iterdir():
+        # Class names hold underscores (fall_floor): the class is what precedes the last "_test_split".
+        name, sep, number = path.name.removesuffix(".txt").rpartition("_test_split")
+        if path.name.endswith(".txt") and sep and name and number.isdecimal() and path.is_file():
+            by_class.setdefault(name, {})[int(number)] = path
+    if not by_class:
+        nested = next((p for p in splits.iterdir() if p.is_dir() and any(p.glob("*_test_split*.txt"))), None)
+        also = f" (did you mean --splits {nested}?)" if nested else ""
+        raise FileNotFoundError(f"split folder (--splits) {splits} holds no <class>_test_split<N>.txt files{also}; "
+                                f"give {HMDB51_SPLITS_HINT}")
+    lacking = sorted(name for name, files in by_class.items() if split not in files)
+    if lacking:
+        shown = ", ".join(f"{name}_test_split{split}.txt" for name in lacking[:5])
+        raise FileNotFoundError(f"split folder (--splits) {splits} lacks split {split}'s file of {len(lacking)} of "
+                                f"its {len(by_class)} classes: {shown}{', ...' if len(lacking) > 5 else ''}; give "
+                                f"{HMDB51_SPLITS_HINT}")
+    return {name: by_class[name][split] for name in sorted(by_class)}
+
+
+def import_hmdb51(videos: str | Path, splits: str | Path, split: int, out_dir: str | Path, *,
+                  check_files: bool = False) -> list[ImportReport]:
+    """Write `out_dir`/train.csv, val.csv (the official test videos) and labels.json for one official HMDB51 split.
+    `videos`: the folder of one folder per class (hmdb51_org); `splits`: testTrainMulti_7030_splits. Labels are
+    the classes as words, 0-based in sorted order of the class names."""
+    _check_split(split, "HMDB51")
+    videos, splits, out_dir = Path(videos), Path(splits), Path(out_dir)
+    files = _hmdb51_split_files(splits, split)
+    label_map = _readable_labels(list(files), hmdb51_class_text, f"split folder (--splits) {splits}")
+    lists: dict[str, list[_Listed]] = {"train": [], "val": []}
+    expected = "'<video>.avi <tag>' (tag 1: train, 2: test, 0: not in this split)"
+    for name, path in files.items():
+        for n, line in _lines(path, "HMDB51 split file"):
+            fields = line.split()
+            if len(fields) != 2:
+                many = " (too many fields)" if len(fields) > 2 else ""
+                raise ValueError(f"{path}, line {n}: expected {expected}, got {line!r}{many}")
+            video, tag = fields
+            if tag not in ("0", "1", "2"):
+                raise ValueError(f"{path}, line {n}: tag {tag!r} of {video} is not 0 (not in this split), 1 (train) "
+                                 f"or 2 (test)")
+            rel = f"{name}/{video}"
+            _video_rel(rel, path, n, expected)
+            entry = _Listed(rel, hmdb51_class_text(name), path, n)
+            if tag == "0":  # still a listing: a video tagged twice in one split is caught below
+                lists.setdefault("unused", []).append(entry)
+            else:
+                lists[HMDB51_TAGS[tag]].append(entry)
+    _no_repeats(lists)
+    lists.pop("unused", None)
+    return _write_benchmark(lists, label_map, videos, out_dir, check_files, "HMDB51")
