@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -142,14 +143,35 @@ def tools_of_this_interpreter_first() -> None:
 
 # The signal that stopped this driver when it was not Ctrl-C (set by stop_like_ctrl_c's handler), else None.
 _stop_signal: int | None = None
+_sigterm_like_ctrl_c = False  # stop_like_ctrl_c was called: ensure_ray takes SIGTERM back after ray.init
 
 
-def stop_like_ctrl_c() -> None:
+def stop_like_ctrl_c() -> Callable[[], None]:
     """Let SIGTERM stop this driver as Ctrl-C does. `ray job stop`, Kubernetes and batch schedulers end a driver with
     SIGTERM, then SIGKILL after a grace period (RAY_JOB_STOP_WAIT_TIME_S for `ray job stop`, 3 s by default; the
     cluster configs give 30 s). Whatever SIGINT handler is installed when SIGTERM arrives runs (Ray Train's abort of
     the run, Tune's last save of the sweep, else KeyboardInterrupt), so the driver says where the work resumes and
-    closes its MLflow run instead of dying without a word. Main thread only (Python's rule for handlers)."""
+    closes its MLflow run instead of dying without a word. Main thread only (Python's rule for handlers). ray.init
+    installs a SIGTERM handler of Ray's core worker (it logs "SIGTERM received" and ends the process), so
+    ensure_ray installs this one again after connecting. Returns what undoes it (for a process that goes on, as a
+    test session does)."""
+    import signal
+
+    global _sigterm_like_ctrl_c
+    previous = signal.getsignal(signal.SIGTERM)
+    _sigterm_like_ctrl_c = True
+    _forward_sigterm()
+
+    def undo() -> None:
+        global _sigterm_like_ctrl_c, _stop_signal
+        _sigterm_like_ctrl_c, _stop_signal = False, None
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+    return undo
+
+
+def _forward_sigterm() -> None:
     import signal
     import threading
 
@@ -204,9 +226,17 @@ def ensure_ray(min_cpus: float = 1, *, address: str | None = None, fresh_local: 
     fine: decode actors and training workers take turns). `quiet`: workers' output stays in Ray's log files."""
     import ray
 
-    global _started_gcs_address
     if ray.is_initialized():
         return
+    _connect_ray(min_cpus, address, fresh_local, quiet)
+    if _sigterm_like_ctrl_c:  # ray.init installed the core worker's own SIGTERM handler (a log line, then exit)
+        _forward_sigterm()
+
+
+def _connect_ray(min_cpus: float, address: str | None, fresh_local: bool, quiet: bool) -> None:
+    import ray
+
+    global _started_gcs_address
     local_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
     options = {"log_to_driver": False, "logging_level": "WARNING"} if quiet else {}
     if (address or os.environ.get("RAY_ADDRESS")) == "local":  # a new local cluster, sized as one started here

@@ -49,15 +49,19 @@ def test_a_process_started_without_the_venv_on_path_finds_the_venvs_ninja():
 def test_sigterm_runs_the_sigint_handler_installed_when_it_arrives():
     """`ray job stop` and schedulers send SIGTERM. After stop_like_ctrl_c, a real SIGTERM runs the SIGINT handler
     installed later (Ray Train's abort of the run, Tune's last save: here one that ends the wait as Ray Train's does,
-    with SystemExit), and the driver's message and exit status name SIGTERM; with no Python SIGINT handler it is a
-    KeyboardInterrupt. The whole path of a stopped pre-training job: tests/test_cluster_integration.py."""
+    with SystemExit), also once ray.init has put its core worker's SIGTERM handler in (which logs and exits: the CLI
+    calls stop_like_ctrl_c before it connects), and the driver's message and exit status name SIGTERM; with no
+    Python SIGINT handler it is a KeyboardInterrupt. The whole path of a stopped pre-training job:
+    tests/test_cluster_integration.py."""
     script = """
 import os, signal, sys, time
-from workflows.runtime import interrupted_exit_code, stop_like_ctrl_c, stop_signal_note
+from workflows.runtime import ensure_ray, interrupted_exit_code, stop_like_ctrl_c, stop_signal_note
 print(repr(stop_signal_note()), interrupted_exit_code(), flush=True)  # before any signal: Ctrl-C's 130
 stop_like_ctrl_c()
 mode = sys.argv[1]
-if mode == "handler":
+if mode == "ray":
+    ensure_ray(1, fresh_local=True, quiet=True)
+if mode in ("handler", "ray"):
     def abort(signum, frame):
         print("SIGINT handler ran for", signal.Signals(signum).name, flush=True)
         sys.exit(0)
@@ -71,12 +75,12 @@ except (KeyboardInterrupt, SystemExit) as exc:
     print(type(exc).__name__, f"interrupted{stop_signal_note()}", flush=True)
     sys.exit(interrupted_exit_code())
 """
-    for mode, raised in (("handler", "SystemExit"), ("none", "KeyboardInterrupt")):
+    for mode, raised in (("handler", "SystemExit"), ("none", "KeyboardInterrupt"), ("ray", "SystemExit")):
         done = subprocess.run([sys.executable, "-c", script, mode], cwd=REPO, capture_output=True, text=True,
                               timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
         lines = done.stdout.splitlines()
         assert done.returncode == 143, (mode, done.stdout, done.stderr)
         assert lines[0] == "'' 130", lines
-        if mode == "handler":
+        if mode != "none":
             assert lines[1] == "SIGINT handler ran for SIGINT", lines
         assert lines[-1] == f"{raised} interrupted by SIGTERM (ray job stop, or the scheduler)", lines

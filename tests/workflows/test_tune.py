@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from ray import tune
 
-from workflows import runtime
 from workflows.config_loader import ConfigError
 from workflows.runtime import stop_like_ctrl_c
 from workflows.tune.driver import (
@@ -286,13 +285,11 @@ def resumed_sweep(ray_local, smoke_data, tmp_path_factory):
                  "max_concurrent_trials=1", "train.max_steps=2", "eval.every_steps=2"]
     sweep_plan = plan_sweep(load_sweep(SWEEP_SMOKE, overrides))
     marker = root / "interrupted"
-    pytests_sigterm = signal.getsignal(signal.SIGTERM)
-    stop_like_ctrl_c()  # as the tune CLI does
+    undo = stop_like_ctrl_c()  # as the tune CLI does
     try:
         first = run_sweep(sweep_plan, callbacks=[InterruptAfterFirstTrial(str(marker))])
     finally:
-        signal.signal(signal.SIGTERM, pytests_sigterm)
-        runtime._stop_signal = None  # the note is this process's; later tests run in it too
+        undo()  # pytest's own SIGTERM handling again, for the tests after this one
     second = run_sweep(sweep_plan, resume=True)
     return sweep_plan, first, second, marker.read_text()
 
