@@ -130,3 +130,19 @@ def test_the_driver_warns_once_about_repeated_rows_and_probes_file_uri_rows(tmp_
         f"file:{path},{label}\n" for path, label in zip(table.column("path").to_pylist()[:2],
                                                          table.column("label_name").to_pylist()[:2], strict=True)))
     check_videos_reachable(load_manifest(uris, load_labels(sample_data.labels)), "data.train_manifest")
+
+
+def test_a_spreadsheets_text_exports_tab_separated_read_utf16_named(tmp_path) -> None:
+    """Excel's "Text (Tab delimited)" export is read (a path may hold spaces); its "Unicode Text" export, and a
+    label file Notepad saved as "Unicode", are UTF-16: refused naming the encoding and the conversion, not a
+    "column count" or "invalid start byte" error."""
+    labels = _write(tmp_path / "labels.json", '{"cls 0": 0, "cls1": 1}')
+    tsv = _write(tmp_path / "train.tsv", "path\tlabel\nclips/a b.mp4\tcls 0\nclips/c.mp4\tcls1\n")
+    table = load_manifest(tsv, load_labels(labels)).table
+    assert table.column("path").to_pylist() == [str(tmp_path / "clips" / "a b.mp4"), str(tmp_path / "clips" / "c.mp4")]
+    assert table.column("label").to_pylist() == [0, 1]
+    for path, loader in ((_write(tmp_path / "u16.txt", "path\tlabel\nclips/c.mp4\tcls1\n", "utf-16"),
+                          lambda p: load_manifest(p, load_labels(labels))),
+                         (_write(tmp_path / "u16.json", '{"cls1": 0}', "utf-16"), load_labels)):
+        with pytest.raises(ManifestError, match=r"is UTF-16 text .*iconv -f UTF-16 -t UTF-8"):
+            loader(path)

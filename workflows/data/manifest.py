@@ -147,11 +147,21 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return seen
 
 
+def utf16_hint(data: bytes) -> str:
+    """What to say of a text file saved as UTF-16 (a byte-order mark first: Excel's "Unicode Text", Windows
+    Notepad's "Unicode"), else ""."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return ("is UTF-16 text (Excel's \"Unicode Text\" and Notepad's \"Unicode\" save that); save it as UTF-8 "
+                "(Excel: \"CSV UTF-8\") or convert it: iconv -f UTF-16 -t UTF-8 FILE > NEW")
+    return ""
+
+
 def load_labels(path: str) -> dict[str, int]:
     """Read a label file `{class name: index}`; indices must be 0..K-1, each used once. Names are stripped and put
     in Unicode NFC form (`class_key`), as manifest labels are when matched against them."""
     try:
-        raw = json.loads(read_bytes(path).decode("utf-8-sig"), object_pairs_hook=_unique_keys)
+        data = read_bytes(path)
+        raw = None if utf16_hint(data) else json.loads(data.decode("utf-8-sig"), object_pairs_hook=_unique_keys)
     except ManifestError as exc:
         raise ManifestError(f"label file {path}: {exc}") from None
     except FileNotFoundError as exc:
@@ -160,6 +170,8 @@ def load_labels(path: str) -> dict[str, int]:
         raise unreadable("label file", path, exc) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"label file {path} is not valid JSON: {exc}") from exc
+    if raw is None:
+        raise ManifestError(f"label file {path} {utf16_hint(data)}")
     if not isinstance(raw, dict) or not raw:
         raise ManifestError(f"label file {path} must hold a non-empty JSON object {{class name: index}}")
     labels: dict[str, int] = {}
@@ -237,11 +249,17 @@ def _read_table(path: str) -> pa.Table:
         else:
             with fs.open_input_stream(inner) as f:
                 data = f.read()
+            utf16 = utf16_hint(data)
+            if utf16:
+                raise ManifestError(f"manifest {path} {utf16}")
             # Every column as text: labels like "0" must not become numbers; only an empty cell is missing (a
             # class may be called "NA" or "null", which pyarrow's default null markers would empty).
             convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS},
                                            strings_can_be_null=True, null_values=[""])
-            table = pacsv.read_csv(io.BytesIO(data), convert_options=convert)
+            header = data.split(b"\n", 1)[0]
+            tabs = b"\t" in header and b"," not in header  # tab-separated (.tsv, a spreadsheet's text export)
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=convert,
+                                   parse_options=pacsv.ParseOptions(delimiter="\t" if tabs else ","))
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"manifest {path} cannot be read as {'Parquet' if parquet else 'CSV'}:"
                             f" {exc}{storage_hint(path) if isinstance(exc, OSError) else ''}") from exc
