@@ -23,7 +23,7 @@ from workflows.runtime import redact_secrets
 # DiSTConfig fields a resumed run may change: how the frozen towers run and what only evaluation reads.
 _MODEL_FREE = {"clip_precision", "activation_checkpointing", "zero_shot_weight"}
 # Keys whose change means nothing to a resumed run (where it is written, how it is watched and evaluated).
-_IGNORED = ("run.", "mlflow.", "scaling.wait_for_nodes_s", "scaling.resize_check_s", "data.decode_node_label",
+NOT_COMPARED = ("run.", "mlflow.", "scaling.wait_for_nodes_s", "scaling.resize_check_s", "data.decode_node_label",
             "data.drop_counter", "train.fail_at_step", "train.fail_rank", "train.init_from")
 
 
@@ -32,12 +32,12 @@ def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def _flat(section: Any, prefix: str = "") -> dict[str, Any]:
+def flat_settings(section: Any, prefix: str = "") -> dict[str, Any]:
     """{"train.lr": ..., ...} of a nested recipe dict."""
     if isinstance(section, dict):
         out: dict[str, Any] = {}
         for key, value in section.items():
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_settings(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: _plain(section)}
 
@@ -73,11 +73,11 @@ def relaunch_changes(recipe: Recipe) -> tuple[str, int, list[str]] | None:
     path, state, recorded = found
     recipe = with_absolute_paths(recipe)  # as the record holds them
     now = recipe_to_dict(recipe)
-    old = _flat({k: v for k, v in recorded.items() if k != "model"})
-    new = _flat({k: v for k, v in now.items() if k != "model"})
+    old = flat_settings({k: v for k, v in recorded.items() if k != "model"})
+    new = flat_settings({k: v for k, v in now.items() if k != "model"})
     refused_model: dict[str, tuple[Any, Any]] = {}
     changed = {key: (old[key], new.get(key)) for key in sorted(old)
-               if old[key] != new.get(key) and not key.startswith(_IGNORED)}
+               if old[key] != new.get(key) and not key.startswith(NOT_COMPARED)}
     if changed.get("train.micro_batch_size", (None, None))[1] == "auto":  # the record holds what the probe found
         del changed["train.micro_batch_size"]
     refused = []

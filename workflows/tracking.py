@@ -140,14 +140,22 @@ class Tracker:
         other.run_id, other.created = run_id, False
         return other
 
-    def children(self) -> dict[str, Any]:
-        """Run name -> MLflow `Run` of every run nested under this one (empty when tracking is off)."""
-        def search() -> dict[str, Any]:
+    def child_attempts(self) -> dict[str, list[Any]]:
+        """Run name -> the MLflow `Run`s nested under this one with that name, newest first (a trial rerun after
+        its sweep was interrupted opens a second run of the same name); empty when tracking is off."""
+        def search() -> dict[str, list[Any]]:
             experiment_id = self.experiment_id or self._client.get_run(self.run_id).info.experiment_id
             runs = self._client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'")
-            return {r.info.run_name: r for r in runs}
+            by_name: dict[str, list[Any]] = {}
+            for run in sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True):
+                by_name.setdefault(run.info.run_name, []).append(run)
+            return by_name
 
         return self._guard("search nested runs", search) or {}
+
+    def children(self) -> dict[str, Any]:
+        """Run name -> the newest MLflow `Run` of that name nested under this one (empty when tracking is off)."""
+        return {name: runs[0] for name, runs in self.child_attempts().items()}
 
     def metric_history(self, key: str) -> list[float]:
         """Every value logged for `key`, in logging order."""

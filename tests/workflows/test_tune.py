@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,8 @@ def test_points_to_evaluate_are_checked_and_reach_the_searcher(tmp_path):
 def test_trial_runs_are_closed_to_match_the_table(tmp_path):
     """A trial that Tune stopped or that failed leaves its nested run RUNNING: the summary closes it with the
     status its row shows (an interrupted sweep closes only the failed ones: the others resume)."""
+    import mlflow
+
     from workflows.tracking import Tracker
     from workflows.tune.report import annotate_trial_runs
 
@@ -180,6 +183,10 @@ def test_trial_runs_are_closed_to_match_the_table(tmp_path):
     statuses = ["completed", "stopped early", "error: boom", "completed"]
     for interrupted in (True, False):
         parent = Tracker(uri, experiment=f"e{interrupted}", run_name="sweep")
+        # t0's first attempt, abandoned when its sweep was stopped before the trial's first checkpoint: the resumed
+        # sweep ran it again under the same name (the audit saw the table read, and tag, this empty run)
+        abandoned = Tracker(uri, experiment=f"e{interrupted}", run_name="t0", parent_run_id=parent.run_id)
+        time.sleep(0.01)  # MLflow orders runs by start time (ms)
         rows = []
         for i, status in enumerate(statuses):
             nested = Tracker(uri, experiment=f"e{interrupted}", run_name=f"t{i}", parent_run_id=parent.run_id)
@@ -197,6 +204,9 @@ def test_trial_runs_are_closed_to_match_the_table(tmp_path):
         assert [r["clips_per_s"] for r in rows] == [2.0, 3.0, 4.0, 5.0]
         assert runs["t1"].data.tags["tune.status"] == "stopped early"
         assert runs["t1"].data.metrics["total_gflops_per_clip"] == 3.0
+        assert runs["t0"].info.run_id != abandoned.run_id and runs["t0"].data.tags["tune.status"] == "completed"
+        old = mlflow.MlflowClient(uri).get_run(abandoned.run_id)
+        assert old.info.status == "KILLED" and old.data.tags["tune.status"].startswith("superseded")
 
 
 # --- concurrency ---
@@ -219,6 +229,64 @@ def test_max_concurrent_trials_derivation(tmp_path):
     assert need == {"CPU": pytest.approx(2.1), "GPU": 2.0, "decode_CPU": 2.0}
     assert max_trials_that_fit({"CPU": 64.0, "GPU": 8.0, "decode_CPU": 4.0}, need) == 2  # decode nodes bind
     assert max_trials_that_fit({"CPU": 64.0, "GPU": 8.0, "decode_CPU": 64.0}, need) == 4  # GPUs bind
+
+
+def test_a_resumed_sweep_must_be_the_sweep_it_was_started_as(tmp_path):
+    """A sweep directory is resumed as it was started (Tune restores its search and trials): a changed search space,
+    objective, sample count or base recipe is refused before Ray, naming each change (it was reported under the new
+    settings, and a raised num_samples left the sweep "interrupted" forever); concurrency may change."""
+    from workflows.tune.driver import DEFINITION_FILE, check_sweep_unchanged, sweep_definition
+
+    space = "  model.fusion_layers: {grid: [all, every2]}"
+    started = plan(write_sweep(tmp_path, space), [f"storage_path={tmp_path / 'runs'}"])
+    Path(started.path).mkdir(parents=True, exist_ok=True)
+    Path(started.path, DEFINITION_FILE).write_text(json.dumps(sweep_definition(started)))
+    check_sweep_unchanged(plan(write_sweep(tmp_path, space), [f"storage_path={tmp_path / 'runs'}",
+                                                              "max_concurrent_trials=1", "trial_max_failures=2"]))
+    changed = plan(write_sweep(tmp_path, "  model.fusion_layers: {grid: [all, last_third]}"),
+                   [f"storage_path={tmp_path / 'runs'}", "num_samples=2", "metric=val_top5", "train.lr=0.01"])
+    with pytest.raises(ConfigError) as refused:
+        check_sweep_unchanged(changed)
+    message = str(refused.value)
+    for change in ("metric: 'val_top1' -> 'val_top5'", "num_samples: 1 -> 2", "train.lr: 0.001 -> 0.01",
+                   "search_space.model.fusion_layers.grid: ['all', 'every2'] -> ['all', 'last_third']"):
+        assert change in message, message
+    assert "give it another name (--set name=...)" in message
+    # A sweep from before the definition was recorded: nothing to compare
+    Path(started.path, DEFINITION_FILE).unlink()
+    check_sweep_unchanged(changed)
+
+
+def test_real_valued_axes_on_integer_keys_and_chosen_data_files_fail_before_ray(tmp_path):
+    """uniform/loguniform ends that are whole numbers passed the check while every draw failed its trial (and the
+    summary with it); a data file a choice names that does not exist failed only in its trial, after Ray started."""
+    path = write_sweep(tmp_path, "  model.pooling_layers: {uniform: [1, 4]}", "searcher: random\nnum_samples: 2")
+    with pytest.raises(ConfigError, match=r"uniform draws real numbers such as 2\.11.*use randint"):
+        plan(path)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.csv", "val.csv"):
+        (data / name).write_text("path,label\na.mp4,x\n")
+    (data / "labels.json").write_text('{"x": 0}')
+    sets = [f"data.train_manifest={data / 'train.csv'}", f"data.labels={data / 'labels.json'}",
+            f"data.val_manifest={data / 'val.csv'}"]
+    path = write_sweep(tmp_path, f"  data.val_manifest: {{choice: [{data / 'val.csv'}, {data / 'val2.csv'}]}}",
+                       "searcher: random\nnum_samples: 2")
+    with pytest.raises(ConfigError, match=r"val2.csv.*invalid: data.val_manifest: .*val2.csv does not exist"):
+        plan_sweep(load_sweep(path, sets))
+
+
+def test_of_equally_good_trials_the_cheapest_is_best():
+    from workflows.tune.report import _best_row
+
+    rows = [{"trial_id": "a", "val_top1": 12.5, "total_gflops": 0.041}, {"trial_id": "b", "val_top1": 12.5,
+                                                                         "total_gflops": 0.038},
+            {"trial_id": "c", "val_top1": math.nan, "total_gflops": 0.01}]
+    assert _best_row(rows, "val_top1", "max")["trial_id"] == "b"
+    assert _best_row(rows, "val_top1", "min")["trial_id"] == "b"
+    rows[0]["val_top1"] = 13.0
+    assert _best_row(rows, "val_top1", "max")["trial_id"] == "a"
+    assert _best_row(rows, "val_top1", "min")["trial_id"] == "b"
 
 
 # --- Pareto front ---

@@ -29,7 +29,7 @@ from typing import Any
 
 from workflows.config_loader import ConfigError, config_parser, dump_yaml, to_dict
 from workflows.recipe import Recipe, recipe_to_dict
-from workflows.runtime import is_remote, stop_like_ctrl_c, stop_signal_note
+from workflows.runtime import is_remote, redact_secrets, stop_like_ctrl_c, stop_signal_note, write_text
 from workflows.tracking import Tracker
 from workflows.tune.report import SweepResult, summarize_sweep
 from workflows.tune.sweep_config import (
@@ -223,6 +223,43 @@ def open_parent_run(plan: SweepPlan) -> Tracker:
     return parent
 
 
+DEFINITION_FILE = "sweep_definition.json"  # in the sweep directory: what the sweep was started as
+# What makes a sweep the sweep it is; the rest (concurrency, retries, tracking) may change when it resumes.
+DEFINING_KEYS = ("search_space", "searcher", "num_samples", "seed", "points_to_evaluate", "metric", "mode",
+                 "scheduler", "asha")
+
+
+def sweep_definition(plan: SweepPlan) -> dict[str, Any]:
+    """The sweep's search, objective and schedule, and the base recipe every trial starts from, as plain JSON."""
+    from workflows.relaunch import NOT_COMPARED, flat_settings
+
+    definition = {k: v for k, v in to_dict(plan.sweep).items() if k in DEFINING_KEYS}
+    definition["base"] = {k: v for k, v in flat_settings(plan.base).items() if not k.startswith(NOT_COMPARED)}
+    return json.loads(json.dumps(definition, default=str))
+
+
+def check_sweep_unchanged(plan: SweepPlan) -> None:
+    """A sweep directory is resumed as it was started: Tune restores the recorded search and trials whatever the
+    sweep file now says. Refuse a changed definition before any Ray work, naming each change, instead of reporting
+    the old trials under the new settings (or, with num_samples raised, calling the sweep unfinished forever)."""
+    from workflows.data.manifest import read_bytes
+    from workflows.relaunch import flat_settings
+
+    try:
+        recorded = json.loads(read_bytes(f"{plan.path}/{DEFINITION_FILE}"))
+    except (OSError, ValueError):  # a sweep started before this file existed: nothing to compare
+        return
+    old, new = flat_settings(recorded), flat_settings(sweep_definition(plan))
+    changed = [f"{key}: {redact_secrets(old.get(key))!r} -> {redact_secrets(new.get(key))!r}"
+               for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    if changed:
+        raise ConfigError(
+            f"sweep {plan.sweep.name} in {redact_secrets(plan.path)} exists and would be resumed as it was started, "
+            f"but these settings changed: {'; '.join(changed)}. To run the changed sweep, give it another name "
+            f"(--set name=...); to resume this one, put the settings back (its definition: "
+            f"{redact_secrets(plan.path)}/{DEFINITION_FILE})")
+
+
 def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
               callbacks: list | None = None) -> SweepResult:
     """Run (or resume) a validated sweep on Ray Tune and summarise it. A sweep whose directory holds a restorable
@@ -237,6 +274,8 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     restorable = tune.Tuner.can_restore(plan.path)
     if resume and not restorable:
         raise ConfigError(f"--resume: no sweep to resume at {plan.path}")
+    if restorable:
+        check_sweep_unchanged(plan)
     print(f"{LOG_PREFIX} sweep {sweep.name} in {plan.path} ({'resuming' if restorable else 'new'}); MLflow "
           f"{plan.tracking_uri}, experiment {sweep.mlflow.experiment}\n{dump_yaml(sweep)}", flush=True)
     per_trial = trial_resources(plan.base_recipe)
@@ -255,6 +294,8 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
 
     if not is_remote(plan.path):
         Path(plan.path).mkdir(parents=True, exist_ok=True)
+    if not restorable:
+        write_text(f"{plan.path}/{DEFINITION_FILE}", json.dumps(sweep_definition(plan), indent=1) + "\n")
     parent = open_parent_run(plan)
     parent_id = parent.run_id
     context = {"name": sweep.name, "base": plan.base, "path": plan.path, "train_storage": plan.train_storage,
@@ -277,10 +318,11 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
                                       callbacks=callbacks or []),
         )
     grid = tuner.fit()
-    finished = grid.num_terminated + grid.num_errors
-    interrupted = finished < max(len(grid), expected_trials(sweep))
+    interrupted = grid.num_terminated + grid.num_errors < max(len(grid), expected_trials(sweep))
     result = summarize_sweep(grid, plan, parent, interrupted)
-    if interrupted:
+    if interrupted:  # counted from the table: a trial Tune ended mid-run without a report is not finished
+        finished = sum(r["status"] in ("completed", "stopped early") or r["status"].startswith("error")
+                       for r in result.rows)
         print(f"{LOG_PREFIX} the sweep was interrupted{stop_signal_note()} with {finished} of "
               f"{expected_trials(sweep)} trial(s) finished; continue it with the same command plus --resume",
               flush=True)

@@ -208,10 +208,13 @@ def fetch_checkpoint_files(checkpoint: str, sweep_path: str, dest: Path,
 
 
 def _best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The trial with the best `metric`; of equally good ones the cheapest (the one on the Pareto front: ties are
+    common in short sweeps)."""
     scored = [r for r in rows if not math.isnan(r.get(metric, math.nan))]
     if not scored:
         return None
-    return (max if mode == "max" else min)(scored, key=lambda r: r[metric])
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda r: (sign * r[metric], -r.get("total_gflops", 0.0)))
 
 
 def mlflow_status(status: str) -> str:
@@ -227,9 +230,16 @@ def annotate_trial_runs(rows: list[dict[str, Any]], parent: Tracker, interrupted
     """Median clips/s of each trial (from its nested run) into its row; cost, trial id and status onto the nested
     run; runs left open by a stopped or failed trial closed with the matching status (an interrupted sweep closes
     only failed ones: the others resume)."""
-    nested = parent.children()
+    attempts = parent.child_attempts()
     for row in rows:
-        run = nested.get(row["run_name"])
+        runs = attempts.get(row["run_name"], [])
+        run = runs[0] if runs else None  # the trial's newest attempt: the one a resumed sweep finished
+        for earlier in runs[1:]:  # attempts a resumed sweep started again: closed, and said so
+            old = parent.child(earlier.info.run_id)
+            old.set_tags({"tune.trial_id": row["trial_id"], "tune.status": "superseded: the trial was started "
+                          "again when its sweep resumed (see the newest run of this name)"})
+            if earlier.info.status == "RUNNING":
+                old.finish("KILLED")
         trial = parent.child(run.info.run_id) if run is not None else None
         rates = trial.metric_history("clips_per_s") if trial is not None else []
         row["clips_per_s"] = statistics.median(rates) if rates else math.nan

@@ -300,10 +300,22 @@ def _probe_values(spec: dict) -> list[Any]:
     return list(values)
 
 
-def check_space_values(base: dict[str, Any], space: dict[str, dict]) -> int:
+def check_space_values(base: dict[str, Any], space: dict[str, dict], check_files: bool = False) -> int:
     """Build the recipe of every combination of probe values (all of them up to MAX_VALIDATED_COMBINATIONS, else
     each axis alone) so that an invalid value (integration_dim not a multiple of head_dim, an unknown preset) fails
-    now. Returns the number of recipes built."""
+    now; with `check_files`, the data files each one names must exist. A real-valued axis (uniform, loguniform) is
+    also built at a value between its ends: its ends may be whole numbers that an integer key takes while every
+    draw is not. Returns the number of recipes built."""
+    for key, spec in space.items():
+        kind, values = next(iter(spec.items()))
+        if kind in ("uniform", "loguniform"):
+            lo, hi = float(values[0]), float(values[1])
+            inside = lo * (hi / lo) ** 0.37 if kind == "loguniform" else lo + 0.37 * (hi - lo)
+            try:
+                build_trial_recipe(base, {key: inside})
+            except ConfigError as exc:
+                raise ConfigError(f"search_space.{key}: {kind} draws real numbers such as {inside:.4g}, which {key} "
+                                  f"does not take ({exc}); use randint for whole numbers, or choice") from None
     keys = list(space)
     probes = [_probe_values(space[k]) for k in keys]
     total = math.prod(len(p) for p in probes)
@@ -313,7 +325,9 @@ def check_space_values(base: dict[str, Any], space: dict[str, dict]) -> int:
         combos = [{k: v} for k, p in zip(keys, probes, strict=True) for v in p]
     for combo in combos:
         try:
-            build_trial_recipe(base, combo)
+            recipe = build_trial_recipe(base, combo)
+            if check_files and any(k.startswith("data.") for k in combo):  # a file the search space chooses
+                check_data_files(with_absolute_paths(recipe))
         except ConfigError as exc:
             shown = ", ".join(f"{k}={plain_value(v)!r}" for k, v in combo.items())
             raise ConfigError(f"search_space: the trial {{{shown}}} is invalid: {exc}") from exc
@@ -350,7 +364,7 @@ def plan_sweep(sweep: SweepConfig, check_files: bool = True) -> SweepPlan:
     if check_files:
         check_data_files(recipe)
     base = recipe_to_dict(recipe)
-    check_space_values(base, sweep.search_space)
+    check_space_values(base, sweep.search_space, check_files)
     for i, point in enumerate(sweep.points_to_evaluate):
         try:
             build_trial_recipe(base, point)
