@@ -143,7 +143,8 @@ def drop_removed_keys(cls: type, data: dict[str, Any], prefix: str = "") -> tupl
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) of a config dataclass: what Ray, YAML and MLflow receive."""
+    """Plain nested dict (tuples as lists) of a config dataclass (or of a dict): what Ray, YAML and MLflow
+    receive."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, dict):
@@ -152,7 +153,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
             return [plain(v) for v in value]
         return value
 
-    return plain(dataclasses.asdict(obj))
+    return plain(obj if isinstance(obj, dict) else dataclasses.asdict(obj))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

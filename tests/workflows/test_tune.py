@@ -276,6 +276,19 @@ def test_real_valued_axes_on_integer_keys_and_chosen_data_files_fail_before_ray(
         plan_sweep(load_sweep(path, sets))
 
 
+def test_the_console_shows_a_long_axis_and_a_long_error_cut_short(tmp_path):
+    """A 100-value grid printed 400 banner lines, and an error's message made every table row 300+ characters."""
+    from workflows.tune.driver import banner_yaml
+    from workflows.tune.report import TABLE_CELL_CHARS, format_table
+
+    lrs = ", ".join(str(i / 1000) for i in range(1, 101))
+    sweep = load_sweep(write_sweep(tmp_path, f"  train.lr: {{grid: [{lrs}]}}\n  model.fusion_layers: {{grid: [all]}}"))
+    assert "'... (100 values)'" in banner_yaml(sweep) and len(banner_yaml(sweep).splitlines()) < 50
+    assert expected_trials(sweep) == 100
+    table = format_table([{"trial_id": "t", "status": "error: " + "x" * 200}], ["trial_id", "status"])
+    assert max(len(line) for line in table.splitlines()) == len("trial_id") + 2 + TABLE_CELL_CHARS
+
+
 def test_of_equally_good_trials_the_cheapest_is_best():
     from workflows.tune.report import _best_row
 

@@ -223,6 +223,21 @@ def open_parent_run(plan: SweepPlan) -> Tracker:
     return parent
 
 
+MANY_TRIALS = 100  # more trials than this: the start says so
+SHOWN_VALUES = 8  # values of one search-space axis the start-up banner lists
+
+
+def banner_yaml(sweep: SweepConfig) -> str:
+    """The sweep as YAML for the start-up banner, an axis' long list of values cut short (the whole sweep file is
+    the MLflow parent run's sweep.yaml)."""
+    shown = to_dict(sweep)
+    for spec in shown["search_space"].values():
+        for kind, values in spec.items():
+            if isinstance(values, list) and len(values) > SHOWN_VALUES:
+                spec[kind] = values[:SHOWN_VALUES - 1] + [f"... ({len(values)} values)"]
+    return dump_yaml(shown)
+
+
 DEFINITION_FILE = "sweep_definition.json"  # in the sweep directory: what the sweep was started as
 # What makes a sweep the sweep it is; the rest (concurrency, retries, tracking) may change when it resumes.
 DEFINING_KEYS = ("search_space", "searcher", "num_samples", "seed", "points_to_evaluate", "metric", "mode",
@@ -276,8 +291,13 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
         raise ConfigError(f"--resume: no sweep to resume at {plan.path}")
     if restorable:
         check_sweep_unchanged(plan)
-    print(f"{LOG_PREFIX} sweep {sweep.name} in {plan.path} ({'resuming' if restorable else 'new'}); MLflow "
-          f"{plan.tracking_uri}, experiment {sweep.mlflow.experiment}\n{dump_yaml(sweep)}", flush=True)
+    trials = expected_trials(sweep)
+    print(f"{LOG_PREFIX} sweep {sweep.name} in {plan.path} ({'resuming' if restorable else 'new'}), {trials} "
+          f"trial(s); MLflow {plan.tracking_uri}, experiment {sweep.mlflow.experiment}\n{banner_yaml(sweep)}",
+          flush=True)
+    if trials > MANY_TRIALS:
+        print(f"{LOG_PREFIX} warning: {trials} trials at one trial's cost each (the grid's sizes multiply, times "
+              f"num_samples); Ctrl-C stops the sweep and the same command resumes it", flush=True)
     per_trial = trial_resources(plan.base_recipe)
     from workflows.runtime import ensure_ray
 
@@ -320,6 +340,9 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     grid = tuner.fit()
     interrupted = grid.num_terminated + grid.num_errors < max(len(grid), expected_trials(sweep))
     result = summarize_sweep(grid, plan, parent, interrupted)
+    failed = [r for r in result.rows if r["status"].startswith("error")]
+    if result.rows and len(failed) == len(result.rows):
+        print(f"{LOG_PREFIX} all {len(failed)} trial(s) failed; the first: {failed[0]['status']}", flush=True)
     if interrupted:  # counted from the table: a trial Tune ended mid-run without a report is not finished
         finished = sum(r["status"] in ("completed", "stopped early") or r["status"].startswith("error")
                        for r in result.rows)

@@ -66,9 +66,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+TABLE_CELL_CHARS = 48  # the console table's widest cell (an error's whole message is in results.csv and MLflow)
+
+
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A fixed-width text table of `rows` (what the console shows)."""
-    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    """A fixed-width text table of `rows` (what the console shows); long cells are cut at TABLE_CELL_CHARS."""
+    def cell(value: Any) -> str:
+        text = _fmt(value)
+        return text if len(text) <= TABLE_CELL_CHARS else text[:TABLE_CELL_CHARS - 3] + "..."
+
+    cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
