@@ -140,6 +140,17 @@ class Tracker:
         other.run_id, other.created = run_id, False
         return other
 
+    def new_child(self, run_name: str, tags: dict[str, Any]) -> Tracker:
+        """A new run nested under this one, e.g. for a trial that failed before its own run opened."""
+        def create() -> str:
+            experiment_id = self.experiment_id or self._client.get_run(self.run_id).info.experiment_id
+            run = self._client.create_run(experiment_id, run_name=run_name,
+                                          tags={**{k: str(v) for k, v in tags.items()},
+                                                "mlflow.parentRunId": self.run_id})
+            return run.info.run_id
+
+        return self.child(self._guard("create a nested run", create))
+
     def child_attempts(self) -> dict[str, list[Any]]:
         """Run name -> the MLflow `Run`s nested under this one with that name, newest first (a trial rerun after
         its sweep was interrupted opens a second run of the same name); empty when tracking is off."""

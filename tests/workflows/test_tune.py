@@ -195,8 +195,16 @@ def test_trial_runs_are_closed_to_match_the_table(tmp_path):
                 nested.finish()  # closed by its own driver
             rows.append({"trial_id": f"t{i}", "run_name": f"t{i}", "status": status, "dist_gflops": 1.0,
                          "frozen_clip_gflops": 2.0, "total_gflops": 3.0})
-        annotate_trial_runs(rows, parent, interrupted)
+        # a trial that failed before its workers opened a run (a missing file): the summary opens one, FAILED
+        rows.append({"trial_id": "t4", "run_name": "t4", "status": "error: ManifestError: val2.csv does not exist",
+                     "model.fusion_layers": "every2", "dist_gflops": 1.0, "frozen_clip_gflops": 2.0,
+                     "total_gflops": 3.0})
+        annotate_trial_runs(rows, parent, interrupted, ["model.fusion_layers"])
         runs = parent.children()
+        assert runs["t4"].info.status == "FAILED" == rows[4]["mlflow_status"]
+        assert runs["t4"].data.params == {"model.fusion_layers": "every2"}
+        assert runs["t4"].data.tags["tune.status"].startswith("error: ManifestError")
+        rows.pop()
         closed = {r.info.run_name: r.info.status for r in runs.values()}
         expected = ["RUNNING", "RUNNING", "FAILED", "FINISHED"] if interrupted else \
             ["FINISHED", "KILLED", "FAILED", "FINISHED"]

@@ -233,13 +233,21 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}
 
 
-def annotate_trial_runs(rows: list[dict[str, Any]], parent: Tracker, interrupted: bool) -> None:
+def annotate_trial_runs(rows: list[dict[str, Any]], parent: Tracker, interrupted: bool,
+                        keys: Sequence[str] = ()) -> None:
     """Median clips/s of each trial (from its nested run) into its row; cost, trial id and status onto the nested
     run; runs left open by a stopped or failed trial closed with the matching status (an interrupted sweep closes
-    only failed ones: the others resume)."""
+    only failed ones: the others resume). A trial that failed before its workers opened a run (a bad file, a
+    start-up error) gets one here, FAILED, with its values (`keys`) as params: one nested run per trial."""
     attempts = parent.child_attempts()
     for row in rows:
         runs = attempts.get(row["run_name"], [])
+        if not runs and parent.active and row["status"].startswith("error"):
+            failed = parent.new_child(row["run_name"], {"tune.trial_id": row["trial_id"], "tune.status": row["status"]})
+            failed.log_params({k: row.get(k) for k in keys})
+            failed.finish("FAILED")
+            row["mlflow_status"], row["clips_per_s"] = "FAILED", math.nan
+            continue
         run = runs[0] if runs else None  # the trial's newest attempt: the one a resumed sweep finished
         for earlier in runs[1:]:  # attempts a resumed sweep started again: closed, and said so
             old = parent.child(earlier.info.run_id)
@@ -275,7 +283,7 @@ def summarize_sweep(grid: Any, plan: SweepPlan, parent: Tracker, interrupted: bo
     keys = list(sweep.search_space)
     rows = [trial_row(result, plan, keys) for result in grid]  # in the order Tune created the trials
     add_costs(rows, plan, keys)
-    annotate_trial_runs(rows, parent, interrupted)
+    annotate_trial_runs(rows, parent, interrupted, keys)
     best = _best_row(rows, sweep.metric, sweep.mode)
     fronts = pareto_front([r["total_gflops"] for r in rows], [r.get(sweep.metric, math.nan) for r in rows],
                           maximize=sweep.mode == "max")
