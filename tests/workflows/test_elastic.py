@@ -141,7 +141,9 @@ def _zero_worker(rank: int, world: int, port: int, directory: str, phase: str, o
 
     from workflows.checkpoints import DS_TAG, full_optimizer_state, restore_full_optimizer_state, write_checkpoint
     from workflows.optim import build_deepspeed_config
+    from workflows.trainer import skip_deepspeed_shm_op
 
+    skip_deepspeed_shm_op()  # as the workflow's CPU workers do (else the suite's first engine compiles it, ~30 s)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         recipe = load_recipe(SMOKE, ["train.micro_batch_size=1", "train.global_batch_size=12",
