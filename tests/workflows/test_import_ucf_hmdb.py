@@ -51,6 +51,13 @@ def _cli_error(argv: list[str], capsys) -> str:
     return err
 
 
+def _import_split_1(dataset: str, videos: Path, splits: Path, out: Path, capsys) -> list[str]:
+    """`data import <dataset> ... --split 1 --check` as a user runs it (exit code 0); the lines it printed."""
+    assert main(["import", dataset, "--videos", str(videos), "--splits", str(splits), "--split", "1",
+                 "--out", str(out), "--check"]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
 def _rows(manifest: Path) -> list[tuple[str, str]]:
     lines = manifest.read_text().splitlines()
     assert lines[0] == '"path","label"'
@@ -102,10 +109,7 @@ def _ucf101(root: Path, classes: list[str] | None = None, train: list[str] | Non
 def test_a_ucf101_split_becomes_train_val_and_labels(tmp_path, capsys) -> None:
     videos, splits = _ucf101(tmp_path)
     out = tmp_path / "data" / "ucf101"
-    assert main(["import", "ucf101", "--videos", str(videos), "--splits", str(splits), "--split", "1",
-                 "--out", str(out), "--check"]) == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert printed == [
+    assert _import_split_1("ucf101", videos, splits, out, capsys) == [
         f"wrote {out / 'train.csv'}: 3 videos, 4 classes; labels {out / 'labels.json'}; 1 listed but missing "
         f"(e.g. {videos / 'YoYo/v_YoYo_g09_c01.avi'})",
         f"wrote {out / 'val.csv'}: 3 videos, 4 classes; labels {out / 'labels.json'}; 0 listed but missing"]
@@ -219,10 +223,7 @@ def _hmdb51(root: Path, files: dict[str, list[str]] | None = None) -> tuple[Path
 def test_an_hmdb51_split_becomes_train_val_and_labels(tmp_path, capsys) -> None:
     videos, splits = _hmdb51(tmp_path)
     out = tmp_path / "data" / "hmdb51"
-    assert main(["import", "hmdb51", "--videos", str(videos), "--splits", str(splits), "--split", "1",
-                 "--out", str(out), "--check"]) == 0
-    printed = capsys.readouterr().out.splitlines()
-    assert printed == [
+    assert _import_split_1("hmdb51", videos, splits, out, capsys) == [
         f"wrote {out / 'train.csv'}: 2 videos, 3 classes; labels {out / 'labels.json'}; 1 listed but missing "
         f"(e.g. {videos / 'ride_bike/missing_ride_bike.avi'})",
         f"wrote {out / 'val.csv'}: 3 videos, 3 classes; labels {out / 'labels.json'}; 0 listed but missing"]

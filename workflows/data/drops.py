@@ -60,6 +60,11 @@ def _too_many_message(report: DropReport, limit: float) -> str:
             f"`python -m workflows data check --manifest ... --bad-list bad.csv` lists them all.")
 
 
+def _what_failed(reason: str, detail: str) -> str:
+    """A dropped video's reason and the decoder's words, as reports and evaluate's predictions.csv give them."""
+    return f"{reason}: {detail}"[:300]
+
+
 class DropCounter:
     """Counts dropped videos per (split, epoch); one drop per video per epoch however often it is retried."""
 
@@ -81,7 +86,7 @@ class DropCounter:
     def dropped_videos(self, split: str, epoch: int) -> dict[int, str]:
         """Every dropped video of one epoch: manifest row -> "reason: what failed" (evaluate lists them all)."""
         drops = self._runs.get((split, epoch), {}).get("drops", {})
-        return {index: f"{reason}: {detail}"[:300] for index, (reason, _, detail) in drops.items()}
+        return {index: _what_failed(reason, detail) for index, (reason, _, detail) in drops.items()}
 
     def get(self, split: str, epoch: int | None = None) -> DropReport:
         """Report for one epoch, or (epoch None) for the latest epoch seen of this split."""
@@ -96,7 +101,7 @@ class DropCounter:
             shown = report.examples.setdefault(reason, [])
             if len(shown) < MAX_EXAMPLES:
                 shown.append(path)
-                report.details[path] = f"{reason}: {detail}"[:300]
+                report.details[path] = _what_failed(reason, detail)
         return report
 
 

@@ -161,7 +161,8 @@ def load_labels(path: str) -> dict[str, int]:
     in Unicode NFC form (`class_key`), as manifest labels are when matched against them."""
     try:
         data = read_bytes(path)
-        raw = None if utf16_hint(data) else json.loads(data.decode("utf-8-sig"), object_pairs_hook=_unique_keys)
+        utf16 = utf16_hint(data)
+        raw = None if utf16 else json.loads(data.decode("utf-8-sig"), object_pairs_hook=_unique_keys)
     except ManifestError as exc:
         raise ManifestError(f"label file {path}: {exc}") from None
     except FileNotFoundError as exc:
@@ -171,7 +172,7 @@ def load_labels(path: str) -> dict[str, int]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"label file {path} is not valid JSON: {exc}") from exc
     if raw is None:
-        raise ManifestError(f"label file {path} {utf16_hint(data)}")
+        raise ManifestError(f"label file {path} {utf16}")
     if not isinstance(raw, dict) or not raw:
         raise ManifestError(f"label file {path} must hold a non-empty JSON object {{class name: index}}")
     labels: dict[str, int] = {}
