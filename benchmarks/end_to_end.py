@@ -236,7 +236,7 @@ def _loop_worker(rank: int, world: int, engine_name: str, recipe_dict: dict, por
                                                    config=build_deepspeed_config(recipe, world))
         else:
             engine = DDPEngine(model, optimizer, recipe.batch_plan(world).accum, train.grad_clip)
-        # The workflow's feed for this rank, for its geometry, class names and share of the decode actors.
+        # The workflow's feed for this rank, for its geometry, class names and share of the decoders.
         feeds = ClipFeeds(recipe, rank, world, torch.device("cpu"))
         spec = ClipSpec.from_config(feeds.data_cfg, split="train", num_frames=feeds.num_frames, crop_size=feeds.crop,
                                     num_views=recipe.data.train_views, seed=train.seed, epoch=0)

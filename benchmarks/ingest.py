@@ -303,7 +303,7 @@ def ray_batches(videos: VideoSet, cfg: DataConfig, spec: ClipSpec, batch: int,
     consumer "collate": the two columns are picked in iter_torch_batches' collate_fn, in the consuming process
     (as workflows/feeds.py does).
     consumer "select_columns": `.select_columns(["frames", "label"])` first. That adds a
-    task-based Project operator behind the decode actors; on a small cluster Ray Data reserves part of the CPU
+    task-based Project operator behind the decoders; on a small cluster Ray Data reserves part of the CPU
     budget for it, so the autoscaling decode pool (min_size 1) is refused its second actor (see README)."""
     ds = build_clip_dataset(cfg, videos.manifest, videos.labels, split="train", num_frames=spec.num_frames,
                             crop_size=spec.crop_size, seed=spec.seed, epoch=spec.epoch)
@@ -450,7 +450,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="340x256,640x360", help="comma-separated WIDTHxHEIGHT; the first is "
                                                                    "the headline")
     parser.add_argument("--video-frames", type=int, default=96, help="frames per generated video (24 fps)")
-    parser.add_argument("--workers", type=int, default=0, help="decode actors = DataLoader workers (0: cores)")
+    parser.add_argument("--workers", type=int, default=0, help="decoders = DataLoader workers (0: cores)")
     parser.add_argument("--threads", type=int, default=1, help="decord (and BLAS) threads per worker")
     parser.add_argument("--frames", type=int, default=16, help="dense frames per clip (T_d)")
     parser.add_argument("--crop", type=int, default=224, help="clip crop size")

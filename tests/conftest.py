@@ -24,7 +24,7 @@ tools_of_this_interpreter_first()
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray cluster for the whole session (4 logical CPUs on 2 cores: decode actors + workers)."""
+    """A real local Ray cluster for the whole session (4 logical CPUs on 2 cores: decoders + workers)."""
     import ray
 
     if ray.is_initialized():

@@ -93,7 +93,7 @@ def _placement(logs: str) -> dict[int, str]:
 
 
 def test_a_token_guarded_two_node_cluster_runs_a_submitted_smoke_job_one_worker_per_node(cluster, sample, tmp_path):
-    # Each node holds one Train worker (1 CPU) and one decode actor (1 CPU); both are labelled for training.
+    # Each node holds one Train worker (1 CPU) and one decoder (1 CPU); both are labelled for training.
     cluster.start_head("--num-cpus=2", "--labels=dist-role=train,dist-node=head")
 
     # Token authentication is on: the Jobs API and GCS refuse requests without the token, accept it with.

@@ -3,7 +3,7 @@ scales from zero, the wait for the autoscaler to add the nodes.
 
     check_capacity(recipe, log_prefix) -> the recipe with data.decode_node_label resolved (what the workers get)
 
-It counts the Train workers and their decode actors against the alive nodes that their labels select and fails
+It counts the Train workers and their decoders against the alive nodes that their labels select and fails
 naming what is missing; with `scaling.wait_for_nodes_s` > 0 it first asks the autoscaler for exactly those bundles
 and waits (0, the default, fails at once). What it counts, how it waits and when it gives up: cluster/README.md,
 "Scale from zero". Everything that talks to Ray goes through a `Cluster`, so tests replace the nodes, the clock and
@@ -42,7 +42,7 @@ INFEASIBLE_POLLS = 2  # consecutive polls the autoscaler must report the request
 
 @dataclass(frozen=True)
 class NodeRequest:
-    """Resource bundles for the autoscaler (one per Train worker and per decode actor) with a label selector each
+    """Resource bundles for the autoscaler (one per Train worker and per decoder) with a label selector each
     ({} = any node): the shape of `ray.autoscaler.sdk.request_resources(bundles, bundle_label_selectors)`."""
 
     bundles: list[dict[str, float]] = field(default_factory=list)
@@ -204,7 +204,7 @@ def _assess(recipe: Recipe, nodes: list[dict[str, Any]]) -> tuple[Recipe, Any]:
     `DecodeNodes`, or a ConfigError saying what is missing.
 
     The Train workers count only the alive nodes that `scaling.worker_node_label` selects (all of them when it is
-    unset), the decode actors only those that the resolved `data.decode_node_label` selects. Where the two sets
+    unset), the decoders only those that the resolved `data.decode_node_label` selects. Where the two sets
     overlap the CPUs are shared, so: workers' CPUs <= the worker nodes' CPUs, decode CPUs <= the decode nodes'
     (`DecodeNodes.check`), and both together <= the CPUs of the nodes in either set."""
     from workflows.data.decode_nodes import DecodeNodesError, resolve_decode_nodes
@@ -245,7 +245,7 @@ def _assess(recipe: Recipe, nodes: list[dict[str, Any]]) -> tuple[Recipe, Any]:
                     f"`ray start --resources='{{\"{next(iter(scaling.worker_resources))}\": 1}}'`)")
         raise ConfigError(f"scaling asks for {scaling.min_workers} workers of {shape} each, but a worker cannot span "
                           f"nodes and {nodes_held} hold only {fit} of them. {fix}")
-    try:  # each worker's pipeline keeps at least one decode actor
+    try:  # each worker's pipeline keeps at least one decoder
         decode.check(scaling.min_workers, data.decode_threads)
     except DecodeNodesError as exc:
         raise ConfigError(str(exc)) from None
@@ -303,7 +303,7 @@ WAIT_HINT = ("Only alive nodes count: on a cluster whose nodes scale from zero, 
 
 
 def check_capacity(recipe: Recipe, log_prefix: str = "[pretrain]", cluster: Cluster | None = None) -> Recipe:
-    """Fail fast, instead of hanging, when the cluster cannot hold the workers and the decode actors beside them;
+    """Fail fast, instead of hanging, when the cluster cannot hold the workers and the decoders beside them;
     with `scaling.wait_for_nodes_s` > 0, first ask the autoscaler for the missing nodes and wait for them (see the
     module docstring).
 

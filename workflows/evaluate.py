@@ -3,7 +3,7 @@
 
 The reference test protocol (§4.2): `views` temporal views x `crops` spatial crops per video, softmax scores
 summed per video, each video counted once. Runs on Ray Data: the ingest layer's `build_clip_dataset` decodes
-(CPU actor pool), a `map_batches` actor pool of `ViewScorer`s runs the model (one GPU per actor when the cluster
+(CPU tasks), a `map_batches` actor pool of `ViewScorer`s runs the model (one GPU per actor when the cluster
 has GPUs, CPU otherwise) and returns per-view logits, and the driver sums them per video (`VideoScores`).
 
 The model is rebuilt from the checkpoint by `workflows.inference` (shared with `predict`): the architecture its

@@ -4,7 +4,7 @@ Each worker builds its own streaming Ray Data pipeline (the ingest layer's `buil
 of the epoch's seeded order: rank r reads videos r, r+W, r+2W, ... of the (seed, epoch) permutation, so every
 video is decoded once per epoch and the order and augmentation are reproducible from the seed. A resumed run,
 at the same or another number of workers, shares out only what the epoch has left: checkpoints count the clips
-trained on per video (workflows/elastic.py). Decode actors are shared out so all workers together use the
+trained on per video (workflows/elastic.py). Decoders are shared out so all workers together use the
 cluster's decode capacity (recomputed at every start, so after a resize too).
 
 Every worker yields exactly the same number of micro-batches per epoch (ranks must step together); if bad

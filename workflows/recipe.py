@@ -164,7 +164,7 @@ class ScalingSection:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Ray node label (key=value) the training workers must run on, e.g. "dist-role=train"; None: anywhere.
     worker_node_label: str | None = None
-    # Seconds the driver waits for nodes when the alive ones cannot hold the run (workers, decode actors): it asks
+    # Seconds the driver waits for nodes when the alive ones cannot hold the run (workers, decoders): it asks
     # the autoscaler for exactly those (scale from zero) and polls. 0: fail at once (local runs, tests). See
     # workflows/capacity.py.
     wait_for_nodes_s: float = 0.0

@@ -123,7 +123,7 @@ def node_resources(node: dict[str, Any]) -> tuple[float, float]:
 
 
 def local_cpus_for(recipe: Recipe) -> float:
-    """Logical CPUs a local cluster needs for a run: the training workers plus one decode actor per worker."""
+    """Logical CPUs a local cluster needs for a run: the training workers plus one decoder per worker."""
     return recipe.scaling.max_workers * (recipe.scaling.cpus_per_worker + recipe.data.decode_threads)
 
 
@@ -223,7 +223,7 @@ def ensure_ray(min_cpus: float = 1, *, address: str | None = None, fresh_local: 
                quiet: bool = False) -> None:
     """Join the cluster at `address` (else RAY_ADDRESS, else one running on this machine); failing that, or with
     `fresh_local`, start a local cluster with at least `min_cpus` logical CPUs (more than the machine's cores is
-    fine: decode actors and training workers take turns). `quiet`: workers' output stays in Ray's log files."""
+    fine: decoders and training workers take turns). `quiet`: workers' output stays in Ray's log files."""
     import ray
 
     if ray.is_initialized():
@@ -301,7 +301,7 @@ def _root_in_text(text: str) -> re.Match | None:
 
 def root_cause(exc: BaseException) -> str:
     """"Type: first line of the message" of the error at the root of `exc` (followed through `raise ... from`), for
-    a one-line report. A remote error (a decode actor's, say) reaches a Train worker as RayTaskError(UserCodeException),
+    a one-line report. A remote error (a decoder's, say) reaches a Train worker as RayTaskError(UserCodeException),
     whose chain survives only as text; Ray Train's WorkerGroupError holds each rank's (the lowest rank's is named)."""
     chain = [exc]
     while (inner := getattr(chain[-1], "cause", None) or chain[-1].__cause__) is not None and inner not in chain:

@@ -3,7 +3,7 @@ own process by test_elastic_cluster.py (a pytest process holds the session's own
 
     python tests/workflows/elastic_scenario.py OUT_DIR
 
-A head node (driver, decode actors) and two worker raylets labelled dist-role=train, one Train worker each, run
+A head node (driver, decoders) and two worker raylets labelled dist-role=train, one Train worker each, run
 `scaling.num_workers: [1, 2]`. While training:
   1. drain: `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds 60` of one worker
      node, whose raylet is then killed (SIGKILL) 60 s later;

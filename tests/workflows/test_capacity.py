@@ -137,7 +137,7 @@ def test_nodes_that_come_up_after_some_polls_are_waited_for(capsys) -> None:
     progress = [line for line in out if "still waiting" in line]
     assert len(progress) == 1 and "after 30 of 900 s" in progress[0]  # at most one line per 30 s
     assert "the nodes are up after 55 s" in out[-2] and "8/8 GPUs" in out[-2]
-    assert "decode actors run on the 1 alive node(s) labelled dist-role=decode" in out[-1]
+    assert "decoders run on the 1 alive node(s) labelled dist-role=decode" in out[-1]
 
 
 def test_nodes_that_never_come_time_out_with_the_checks_message(capsys) -> None:
@@ -240,7 +240,7 @@ def test_enough_labelled_worker_nodes_pass_and_the_decode_nodes_stay_separate(ca
     two = [node("train", 48, 4), {**node("train", 48, 4), "Labels": {"dist-role": "train", "ray.io/node-id": "b"}}]
     resolved = check_capacity(k710(wait=0), "[pretrain]", Fake([[HEAD, *two, DECODE_NODE]]).cluster())
     assert resolved.data.decode_node_label == "dist-role=decode"
-    assert "decode actors run on the 1 alive node(s) labelled dist-role=decode" in capsys.readouterr().out
+    assert "decoders run on the 1 alive node(s) labelled dist-role=decode" in capsys.readouterr().out
     # Without the decode nodes the training nodes' spare CPUs do not count for the decode label...
     with pytest.raises(ConfigError, match="'dist-role=decode' .*no alive Ray node carries it"):
         check_capacity(k710(wait=0), "[pretrain]", Fake([[HEAD, *two]]).cluster())
@@ -249,8 +249,8 @@ def test_enough_labelled_worker_nodes_pass_and_the_decode_nodes_stay_separate(ca
     check_capacity(anywhere, "[pretrain]", Fake([[HEAD, node(None, 96, 8), DECODE_NODE]]).cluster())
 
 
-def test_workers_and_decode_actors_on_one_label_share_its_cpus() -> None:
-    """Workers and decode actors both on dist-role=train: 8 x 4 worker CPUs + 8 x 1 decode CPUs = 40 > 36."""
+def test_workers_and_decoders_on_one_label_share_its_cpus() -> None:
+    """Workers and decoders both on dist-role=train: 8 x 4 worker CPUs + 8 x 1 decode CPUs = 40 > 36."""
     recipe = load_recipe(K710, [FIXED_8, "data.decode_node_label=dist-role=train"], check_files=False)
     with pytest.raises(ConfigError, match="the nodes labelled dist-role=train or dist-role=train have 36 CPUs; the 8 "
                                           "training workers take 32, leaving 4 for video decoding \\(needs 8\\)"):

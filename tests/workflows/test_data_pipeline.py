@@ -89,7 +89,7 @@ def test_too_many_bad_videos_stop_with_examples(ray_local, video_dir) -> None:
     assert any(name in str(info.value) for name in ("missing.mp4", "empty.mp4", "truncated.mp4", "random.mp4"))
 
 
-def test_decode_actors_follow_node_labels(ray_local, video_dir) -> None:
+def test_decoders_follow_node_labels(ray_local, video_dir) -> None:
     from workflows.data.decode_nodes import decode_cpus, decode_pool_size
 
     node_id = ray_local.get_runtime_context().get_node_id()
@@ -101,15 +101,38 @@ def test_decode_actors_follow_node_labels(ray_local, video_dir) -> None:
     with pytest.raises(RuntimeError, match="dist-role"):
         build_clip_dataset(DataConfig(decode_node_label="dist-role=decode"), str(video_dir / "good.csv"),
                            str(video_dir / "labels.json"), split="eval", num_frames=T, crop_size=S)
-    # A selector that matches (Ray's default node-id label) really places the decode actors.
+    # A selector that matches (Ray's default node-id label) really places the decoders.
     cfg = DataConfig(decode_node_label=f"ray.io/node-id={node_id}", drop_counter="test-label-drops")
     ds = build_clip_dataset(cfg, str(video_dir / "good.csv"), str(video_dir / "labels.json"), split="eval",
                             num_frames=4, crop_size=S)
     assert len(ds.take_all()) == len(GOOD_VIDEOS)
 
 
+def test_decode_tasks_are_a_few_calls_each_and_start_no_actor(ray_local, video_dir) -> None:
+    """Decoders are Ray tasks, whose worker processes Ray keeps between a run's many executions (one per epoch and
+    per validation), not an actor pool started anew for each; a task takes up to BATCHES_PER_TASK calls' videos
+    while every decoder of the pool still gets a block."""
+    from ray.util.state import list_actors
+
+    from workflows.data.pipeline import BATCHES_PER_TASK, decode_block_rows
+
+    assert decode_block_rows(10_000, 4, 8) == 4 * BATCHES_PER_TASK  # large: the most per task
+    assert decode_block_rows(8, 4, 2) == 4  # a small shard: one call each, both decoders busy
+    assert decode_block_rows(20, 4, 2) == 10  # between: as many blocks as decoders
+    assert decode_block_rows(3, 4, 8) == 4  # never under one call
+
+    before = {a.actor_id for a in list_actors(limit=10_000)}
+    cfg = DataConfig(batch_size=2, drop_counter="test-task-drops")
+    for _ in range(2):
+        ds = build_clip_dataset(cfg, str(video_dir / "good.csv"), str(video_dir / "labels.json"), split="eval",
+                                num_frames=4, crop_size=S)
+        assert len(ds.take_all()) == len(GOOD_VIDEOS)
+    started = [a.class_name for a in list_actors(limit=10_000) if a.actor_id not in before]
+    assert not [name for name in started if "MapWorker" in name], started
+
+
 def test_the_decoders_own_errors_come_out_of_rays_wrapping(ray_local):
-    """A decode actor's TooManyBadVideos (raised while handling the BadVideo that tipped it) or StorageUnreachable
+    """A decoder's TooManyBadVideos (raised while handling the BadVideo that tipped it) or StorageUnreachable
     reaches the driver as RayTaskError(UserCodeException), its chain only text; `decode_failure` gives the driver the
     error itself to say in one line (evaluate does), and None for anything else."""
     from workflows.data.drops import TooManyBadVideos
@@ -123,7 +146,7 @@ def test_the_decoders_own_errors_come_out_of_rays_wrapping(ray_local):
         try:
             raise BadVideo("corrupt", "moov atom not found")
         except BadVideo:
-            raise TooManyBadVideos(too_many)  # noqa: B904 - as ClipDecoder._on_drop raises it
+            raise TooManyBadVideos(too_many)  # noqa: B904 - as decode_clips raises it
 
     def gone(batch):
         raise StorageUnreachable(unreachable)

@@ -1,4 +1,4 @@
-"""Where the decode actors run: resolving `data.decode_node_label` against the alive nodes (unset: the
+"""Where the decoders run: resolving `data.decode_node_label` against the alive nodes (unset: the
 dist-role=decode nodes when there are any; "any": anywhere; a label: those nodes or a fail-fast error), on
 `ray.nodes()`-shaped dicts, through the drivers' `check_capacity`, and once against a real local Ray."""
 
@@ -75,7 +75,7 @@ def test_a_missing_label_fails_fast_naming_the_labels_there_are() -> None:
 def test_too_few_labelled_cpus_fail_fast() -> None:
     found = resolve_decode_nodes("dist-role=decode", CLUSTER)
     found.check(actors=96, threads=1)
-    with pytest.raises(DecodeNodesError, match=r"have 96 CPUs \(largest 64\), but the decode actors need 128"):
+    with pytest.raises(DecodeNodesError, match=r"have 96 CPUs \(largest 64\), but the decoders need 128"):
         found.check(actors=64, threads=2)
     with pytest.raises(DecodeNodesError, match="need 128"):  # one 128-thread actor fits on no single node
         found.check(actors=1, threads=128)

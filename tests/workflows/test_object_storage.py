@@ -164,7 +164,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """moto + proxy, the MLflow server, and a two-node Ray cluster (head and one more raylet, 2 CPUs each: a Train
-    worker and a decode actor on each). About 40-60 s to start here."""
+    worker and a decoder on each). About 40-60 s to start here."""
     root = Path(tempfile.mkdtemp(prefix="os-", dir="/tmp"))  # short: Ray's socket paths live below it
     reaper = Reaper(root, MARKER)  # ends all of it should this process die without the teardown below
     moto = MotoServer(root)

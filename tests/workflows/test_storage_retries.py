@@ -1,14 +1,14 @@
 """A video in a bucket is read from a real S3 API (moto's server on loopback) through a proxy that takes the endpoint
 away: a storage outage shorter than STORAGE_RETRY_S is waited out and the video decodes as if nothing happened; a
 longer one fails with StorageUnreachable, never a BadVideo (a good video must not be dropped as "missing" or
-"corrupt" because the network went away), and the decode actors' batch function lets it through (the batch fails
+"corrupt" because the network went away), and the decoders' batch function lets it through (the batch fails
 instead of shrinking). A remote video is fetched once per read, not once to probe and again to decode. These tests
-use no Ray: the decode actors call exactly this.
+use no Ray: the decoders call exactly this.
 
 The last test [integration] runs the whole path with real parts: the `pretrain` CLI (a Ray node of the test's own,
 started with the credentials; 2 Train workers, 4 steps) on the sample dataset in the bucket, its run directory
 local. After every rank has written the step-2 checkpoint the endpoint goes away until the run reports it
-unreachable: a decode actor's read gives up with StorageUnreachable after data.storage_retry_s (3 s here, from the
+unreachable: a decoder's read gives up with StorageUnreachable after data.storage_retry_s (3 s here, from the
 recipe) and the SDK's own retries, the Ray Data execution and so the Train worker group fail, Ray Train restarts the
 group (run.max_failures), and the new group resumes from the step-2 checkpoint (state.json resumed_from_step 2) with
 the endpoint back and finishes, no video dropped (the run's drop report and every validation's video count). About
@@ -81,9 +81,9 @@ def test_an_outage_is_waited_out_and_a_longer_one_is_not_a_bad_video(bucket, mon
     assert np.array_equal(_read(uri), frames)
     assert proxy.resets > resets, "the outage never reset a connection: nothing was retried"
 
-    # Longer than the retry budget: the storage's problem, said as such, never a dropped video. The decode actors'
+    # Longer than the retry budget: the storage's problem, said as such, never a dropped video. The decoders'
     # batch function (what Ray Data runs) lets it through, so the batch fails instead of shrinking.
-    # The decode actors take the budget from the recipe (data.storage_retry_s, through ClipSpec): 2 s here while the
+    # The decoders take the budget from the recipe (data.storage_retry_s, through ClipSpec): 2 s here while the
     # module default stays 120 s, so a budget that did not reach the read would wait the outage out instead.
     proxy.outage(60)
     drops: list = []
@@ -200,7 +200,7 @@ def test_an_outage_longer_than_the_retry_budget_restarts_the_run_from_its_newest
 
     watcher = threading.Thread(target=watch_the_outage, daemon=True)
     try:
-        cluster.start_head("--num-cpus=4")  # 2 Train workers and 2 decode actors, as the CLI's own Ray would have
+        cluster.start_head("--num-cpus=4")  # 2 Train workers and 2 decoders, as the CLI's own Ray would have
         sets = [f"data.train_manifest={SAMPLE}/train.csv", f"data.val_manifest={SAMPLE}/val.csv",
                 f"data.labels={SAMPLE}/labels.json", f"run.storage_path={runs}", "run.name=it", "train.max_steps=4",
                 # 16 videos x 2 views / global batch 8 = 4 steps per epoch: step 2 lies inside epoch 0
@@ -246,13 +246,13 @@ def test_an_outage_longer_than_the_retry_budget_restarts_the_run_from_its_newest
     assert _val_gets(proxy, outage["down"]) - _val_gets(proxy, started) == sample_in_bucket.val_videos
     assert outage.get("reported"), f"the run never said StorageUnreachable in {OUTAGE_MAX_S} s: {tail}"
     assert outage["up"] - outage["down"] > RETRY_S and proxy.resets > outage["resets"]
-    # The decode actor's read gave up with StorageUnreachable (after data.storage_retry_s, not the module's 120 s),
+    # The decoder's read gave up with StorageUnreachable (after data.storage_retry_s, not the module's 120 s),
     # which failed the Ray Data execution and the training function of a Train worker.
     failure = re.search(r"workflows\.data\.video\.StorageUnreachable: cannot read (s3://\S+): its storage did not "
                         r"answer for (\d+) s", console)
     assert failure, tail
     assert failure[1].startswith(f"{SAMPLE}/videos/") and int(failure[2]) < 60, failure[0]
-    assert "Error in training function" in console and 'operator "MapBatches(ClipDecoder)"' in console, tail
+    assert "Error in training function" in console and 'operator "MapBatches(decode_clips)"' in console, tail
     # Ray Train started a new worker group once (FailureConfig), not the driver a new run (its relaunch after a
     # controller failure), and the new group resumed from the checkpoint the outage came after, read the videos
     # from the bucket again and finished.

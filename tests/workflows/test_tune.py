@@ -222,7 +222,7 @@ def test_max_concurrent_trials_derivation(tmp_path):
     recipe = plan(write_sweep(tmp_path, "  model.fusion_layers: {grid: [all]}"),
                   ["scaling.num_workers=2", "scaling.cpus_per_worker=2"]).base_recipe
     need = trial_resources(recipe)
-    assert need == {"CPU": pytest.approx(0.1 + 2 * 2 + 2 * 1)}  # driver + workers + one decode actor per worker
+    assert need == {"CPU": pytest.approx(0.1 + 2 * 2 + 2 * 1)}  # driver + workers + one decoder per worker
     assert max_trials_that_fit({"CPU": 16.0}, need) == 2
     assert max_trials_that_fit({"CPU": 6.0}, need) == 0
     assert resolve_max_concurrent(None, {"CPU": 32.0}, need) == 5

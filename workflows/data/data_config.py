@@ -39,10 +39,11 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # random-resized-crop area range
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # and aspect-ratio range
     grayscale_p: float = 0.2  # one draw per clip, the same for all frames
-    # Decoding. decode_actors None or 0: one actor per decode_threads CPUs of the (labelled) nodes.
+    # Decoding: how many decoders (Ray Data tasks; the key keeps the name it had when they were actors) run at once.
+    # None or 0: one per decode_threads CPUs of the (labelled) nodes.
     decode_actors: int | None = None
-    decode_threads: int = 1  # decord threads per reader = CPUs reserved per actor
-    # Where the decode actors run. "key=value": only on nodes carrying that Ray node label (the cluster YAMLs
+    decode_threads: int = 1  # decord threads per reader = CPUs reserved per decoder
+    # Where the decoders run. "key=value": only on nodes carrying that Ray node label (the cluster YAMLs
     # label CPU decode nodes "dist-role=decode"); the run stops before training when no alive node carries it.
     # None (unset): the training drivers look for alive nodes labelled DECODE_LABEL_AUTO ("dist-role=decode")
     # and use them when there are any, else any node. "any" (DECODE_ANYWHERE): any node, no auto-detection.

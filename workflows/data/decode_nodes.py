@@ -1,4 +1,4 @@
-"""Where the decode actors may run: `data.decode_node_label` resolved against the alive Ray nodes.
+"""Where the decoders may run: `data.decode_node_label` resolved against the alive Ray nodes.
 
 `resolve_decode_nodes(cfg.decode_node_label)` reads the alive nodes' labels and CPUs: an unset label becomes
 "dist-role=decode" when some alive node carries it (the label cluster/*.yaml give CPU decode nodes), else "any";
@@ -25,7 +25,7 @@ from workflows.runtime import (
 
 
 class DecodeNodesError(RuntimeError):
-    """The nodes that `data.decode_node_label` selects cannot hold the decode actors (none alive, or too few CPUs)."""
+    """The nodes that `data.decode_node_label` selects cannot hold the decoders (none alive, or too few CPUs)."""
 
 
 def _selector(label: str | None) -> dict[str, str] | None:
@@ -34,7 +34,7 @@ def _selector(label: str | None) -> dict[str, str] | None:
 
 @dataclass(frozen=True)
 class DecodeNodes:
-    """Where the decode actors may run, resolved against the alive Ray nodes by `resolve_decode_nodes`."""
+    """Where the decoders may run, resolved against the alive Ray nodes by `resolve_decode_nodes`."""
 
     label: str | None  # the node label they are restricted to ("key=value"); None: any node
     auto: bool  # the label was found on the cluster because data.decode_node_label was unset
@@ -63,10 +63,10 @@ class DecodeNodes:
         return ", ".join(parts) or "no alive nodes"
 
     def describe(self) -> str:
-        """One line for the console: where the decode actors go and why."""
+        """One line for the console: where the decoders go and why."""
         if self.label is None:
-            return f"decode actors may run on any node ({self.nodes} alive, {self.cpus:g} CPUs)"
-        where = (f"decode actors run on the {self.nodes} alive node(s) labelled {self.label} "
+            return f"decoders may run on any node ({self.nodes} alive, {self.cpus:g} CPUs)"
+        where = (f"decoders run on the {self.nodes} alive node(s) labelled {self.label} "
                  f"({self.cpus:g} CPUs)")
         if self.auto:
             return (f"{where}, found automatically (data.decode_node_label is unset); set "
@@ -75,7 +75,7 @@ class DecodeNodes:
 
     def check(self, actors: int, threads: int) -> None:
         """Raise DecodeNodesError, naming the label, the labels the nodes do carry and what to do, when the
-        selected nodes cannot hold `actors` decode actors of `threads` CPUs each (they would wait forever)."""
+        selected nodes cannot hold `actors` decoders of `threads` CPUs each (they would wait forever)."""
         if self.label is None:
             return  # any node: the cluster-wide CPU check (capacity.check_capacity) covers it
         key, value = parse_node_label(self.label)
@@ -94,7 +94,7 @@ class DecodeNodes:
         if self.cpus < need or self.largest_cpus < threads:
             raise DecodeNodesError(
                 f"decode node label {self.label!r} ({origin}): the {self.nodes} alive node(s) carrying it have "
-                f"{self.cpus:g} CPUs (largest {self.largest_cpus:g}), but the decode actors need {need:g}: {actors} "
+                f"{self.cpus:g} CPUs (largest {self.largest_cpus:g}), but the decoders need {need:g}: {actors} "
                 f"actor(s) (at least one per training worker) x data.decode_threads={threads}, each on one node. "
                 f"Add or enlarge nodes with that label ({label_them}), lower data.decode_threads, or set "
                 f"data.decode_node_label={DECODE_ANYWHERE} to decode on any node.")
@@ -134,12 +134,12 @@ def resolve_decode_nodes(setting: str | None, nodes: list[dict[str, Any]] | None
 
 
 def decode_cpus(label_selector: dict[str, str] | None = None) -> float:
-    """CPUs of the alive nodes that may run decode actors (all nodes, or those carrying every selected label)."""
+    """CPUs of the alive nodes that may run decoders (all nodes, or those carrying every selected label)."""
     return sum(node_resources(node)[0] for node in alive_nodes() if node_matches(node, label_selector))
 
 
 def decode_pool_size(cfg: DataConfig) -> int:
-    """Number of decode actors: cfg.decode_actors, or one per decode_threads CPUs of the eligible nodes.
+    """Number of decoders: cfg.decode_actors, or one per decode_threads CPUs of the eligible nodes.
     An unset decode_node_label means any node here: the drivers resolve it before the workers start."""
     if cfg.decode_actors:
         return cfg.decode_actors

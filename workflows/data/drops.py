@@ -5,7 +5,7 @@ A video that cannot give a clip (see `video.DROP_REASONS`) is dropped and report
 `get_drop_report(split, epoch, name=cfg.drop_counter)` during or after an epoch and gets a `DropReport` (videos,
 dropped {reason: count}, examples {reason: [paths]}). The bad-fraction limit is checked when a drop is reported:
 the number of drops only grows during an epoch, so as soon as it exceeds `max_bad_fraction x videos` the result is
-certain and the decoding actor raises `TooManyBadVideos` (naming examples), which fails the dataset's iteration at
+certain and the decoder raises `TooManyBadVideos` (naming examples), which fails the dataset's iteration at
 once instead of after hours of training on a broken corpus. The drivers (pretrain, tune, evaluate) create the counter
 before their workers start, so the counts survive worker restarts; `build_clip_dataset` gets it, or creates it.
 """

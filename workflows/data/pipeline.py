@@ -3,7 +3,7 @@
     build_clip_dataset(cfg, manifest, labels, split=..., num_frames=T_d, crop_size=S, ...) -> ray.data.Dataset
 
 The manifest (one small row per video) is shuffled on the driver with a generator seeded by (seed, epoch) for
-training, cut into blocks, and decoded by `ClipDecoder` actors in `map_batches` (an autoscaling actor pool sized
+training, cut into blocks, and decoded by `decode_clips` tasks in `map_batches` (at most a pool of them at once, sized
 from the cluster's CPUs, or from the CPUs of the nodes labelled `cfg.decode_node_label`). Decoding is the
 expensive step, so only the manifest is shuffled, never the frames; execution streams. Each video is decoded
 once and gives `views x crops` rows:
@@ -19,7 +19,7 @@ once and gives `views x crops` rows:
 Random draws come from a generator seeded by (seed, epoch, video_index), so results do not depend on which
 actor decodes which video; output order is not deterministic (sort by video_index/view/crop to compare).
 
-Alongside: `decode_nodes` (which nodes the decode actors may use), `drops` (bad videos counted, and a run failed
+Alongside: `decode_nodes` (which nodes the decoders may use), `drops` (bad videos counted, and a run failed
 early when too many are bad), `doctor` (decode a whole manifest once and summarise it).
 """
 
@@ -42,11 +42,12 @@ from workflows.data.video import BadVideo, StorageUnreachable, read_frames
 from workflows.runtime import root_cause
 
 MAX_BLOCKS = 4096
+BATCHES_PER_TASK = 4
 
 
 @dataclass
 class ClipSpec:
-    """Everything a decoding actor needs to turn a manifest row into clips (a plain dict on the wire)."""
+    """Everything a decoder needs to turn a manifest row into clips (a plain dict on the wire)."""
 
     split: Literal["train", "eval"]
     num_frames: int
@@ -146,7 +147,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: ClipSpec,
 
 
 def decode_failure(exc: BaseException) -> TooManyBadVideos | StorageUnreachable | None:
-    """The decode actors' own error (too many bad videos, or a bucket that stopped answering) out of Ray's wrapping
+    """The decoders' own error (too many bad videos, or a bucket that stopped answering) out of Ray's wrapping
     (RayTaskError(UserCodeException), whose chain is only text), re-raised by the driver with its message alone;
     None for any other error."""
     cause = root_cause(exc)
@@ -156,25 +157,26 @@ def decode_failure(exc: BaseException) -> TooManyBadVideos | StorageUnreachable 
     return None
 
 
-class ClipDecoder:
-    """Ray Data actor UDF: decode_batch plus drop reporting to the DropCounter actor."""
+def decode_clips(batch: dict[str, np.ndarray], spec: dict[str, Any], counter: Any = None) -> pa.Table:
+    """Ray Data task UDF: `decode_batch`, each dropped video reported to the DropCounter actor `counter`, which
+    answers with an error once the split's bad fraction passes its limit (raised here as TooManyBadVideos).
 
-    def __init__(self, spec: dict[str, Any], counter: Any = None) -> None:
-        self.spec = ClipSpec(**spec)
-        self.counter = counter
+    A task, not an actor pool: Ray keeps its idle task workers (imports done) between executions, and a dataset is
+    executed once per epoch and per validation. An actor pool started new decoder processes each time, ~3 s of
+    every epoch boundary and validation on 2 cores, which dominated fine-tuning on small datasets."""
+    clip_spec = ClipSpec(**spec)
 
-    def _on_drop(self, video_index: int, path: str, reason: str, detail: str) -> None:
-        if self.counter is None:
+    def on_drop(video_index: int, path: str, reason: str, detail: str) -> None:
+        if counter is None:
             return
         import ray
 
-        error = ray.get(self.counter.report.remote(self.spec.counter_split, self.spec.epoch, video_index, path,
-                                                   reason, detail))
+        error = ray.get(counter.report.remote(clip_spec.counter_split, clip_spec.epoch, video_index, path, reason,
+                                              detail))
         if error:
             raise TooManyBadVideos(error)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        return clips_to_table(decode_batch(batch, self.spec, self._on_drop))
+    return clips_to_table(decode_batch(batch, clip_spec, on_drop))
 
 
 def clips_to_table(clips: dict[str, np.ndarray]) -> pa.Table:
@@ -190,12 +192,20 @@ def clips_to_table(clips: dict[str, np.ndarray]) -> pa.Table:
     })
 
 
-def manifest_blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
-    """Cut the manifest into blocks of one map_batches call each (more rows per block only beyond MAX_BLOCKS
-    blocks): small blocks keep every actor busy and bound the frames one task holds."""
+def manifest_blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    """Cut the manifest into blocks of `rows` videos, one decode task each (more rows per block only beyond
+    MAX_BLOCKS blocks)."""
     n = table.num_rows
-    rows = max(batch_size, math.ceil(n / MAX_BLOCKS))
+    rows = max(1, rows, math.ceil(n / MAX_BLOCKS))
     return [table.slice(i, rows) for i in range(0, n, rows)]
+
+
+def decode_block_rows(videos: int, batch_size: int, pool: int) -> int:
+    """Videos per decode task: up to BATCHES_PER_TASK map_batches calls, fewer when that would leave some of the
+    `pool` decoders without a block, never under one call. Each task pays its own scheduling: with one 8-video call
+    per task, a quarter of the machine stayed idle and Ray Data fell to 0.74x the DataLoader's clips/s; with four
+    calls per task it is back at or above it (benchmarks.ingest, results/2026-12-06.md)."""
+    return max(batch_size, min(batch_size * BATCHES_PER_TASK, math.ceil(videos / max(1, pool))))
 
 
 def build_clip_dataset(
@@ -260,14 +270,14 @@ def build_clip_dataset(
                                 num_crops=num_crops, seed=seed if augment_seed is None else augment_seed, epoch=epoch,
                                 counter_split=key)
     pool = decode_pool_size(cfg)
-    ds = ray.data.from_arrow(manifest_blocks(table, cfg.batch_size))
+    ds = ray.data.from_arrow(manifest_blocks(table, decode_block_rows(table.num_rows, cfg.batch_size, pool)))
     selector = cfg.node_label_selector()
     return ds.map_batches(
-        ClipDecoder,
-        fn_constructor_kwargs={"spec": asdict(spec), "counter": counter},
+        decode_clips,
+        fn_kwargs={"spec": asdict(spec), "counter": counter},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+        compute=ray.data.TaskPoolStrategy(size=pool),
         num_cpus=cfg.decode_threads,
         **({"label_selector": selector} if selector else {}),
     )
@@ -276,7 +286,7 @@ def build_clip_dataset(
 def columns_collate(columns: list[str], device: Any = None) -> Any:
     """A collate_fn for `iter_torch_batches` that keeps only `columns` (Ray's default Arrow -> torch conversion).
     Consumers pick their columns here rather than with `Dataset.select_columns`: that adds a Project operator
-    behind the decode actors, and on a small cluster Ray Data's per-operator CPU reservation for it keeps the
+    behind the decoders, and on a small cluster Ray Data's per-operator CPU reservation for it keeps the
     decode pool at one actor (measured: half the clips/s; benchmarks/README.md, ingest).
 
     As Ray's default does, chunks are combined on the host only for a CPU `device`; for an accelerator they are

@@ -10,7 +10,7 @@ Outputs stay uint8 (T, crop, crop, 3): CLIP normalisation happens on the trainin
 quarter of the bytes. Resizing is bilinear with half-pixel centres (no antialiasing; large sources are already
 shrunk at decode time, see video.py), run by OpenCV's fixed-point SIMD kernel (values within 1 of float arithmetic):
 ~2 ms for a 16-frame crop on one core, where numpy float passes took ~47 ms of a ~110 ms clip at 640x360. OpenCV
-rather than torch's equally fast uint8 kernel because every decode actor imports it: 0.15 s and ~35 MiB, against
+rather than torch's equally fast uint8 kernel because every decoder imports it: 0.15 s and ~35 MiB, against
 torch's ~2 s and ~280 MiB of private memory (CUDA build) in a process that starts again every epoch.
 """
 

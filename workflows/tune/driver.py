@@ -71,7 +71,7 @@ def keep_credentials_out_of_trial_runtime_envs() -> None:
 
 
 def trial_resources(recipe: Recipe) -> dict[str, float]:
-    """What one trial holds while it runs: its driver, the Train workers, and at least one decode actor per worker
+    """What one trial holds while it runs: its driver, the Train workers, and at least one decoder per worker
     (Ray Data's pool never goes below one). Decode CPUs count as `decode_CPU` when decoding runs on labelled nodes."""
     scaling, data = recipe.scaling, recipe.data
     need = {"CPU": TRIAL_DRIVER_CPUS + scaling.max_workers * scaling.cpus_per_worker}
@@ -110,7 +110,7 @@ def resolve_max_concurrent(requested: int | None, cluster: dict[str, float], per
     if fits < 1:
         need = ", ".join(f"{v:g} {k}" for k, v in per_trial.items())
         have = ", ".join(f"{cluster.get(k, 0.0):g} {k}" for k in per_trial)
-        raise ConfigError(f"one trial needs {need} (driver, workers, one decode actor per worker) but the cluster has "
+        raise ConfigError(f"one trial needs {need} (driver, workers, one decoder per worker) but the cluster has "
                           f"{have}: lower scaling.num_workers / cpus_per_worker or add nodes")
     if requested and requested > fits:
         print(f"{LOG_PREFIX} max_concurrent_trials {requested} lowered to {fits}: the cluster holds {fits} trials of "
