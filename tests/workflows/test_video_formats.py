@@ -1,6 +1,6 @@
 """Video files as real corpora hold them, beyond the H.264 MP4s the other tests write: phone videos with a display
 rotation, live/streamed Matroska and WebM without a duration, variable frame rates, AV1, a codec FFmpeg does not
-know, an MP4 cut inside its index, a WebM cut in half. Each is a real file encoded with PyAV (FFmpeg's encoders)
+know, an MP4 cut inside its index, a WebM or MKV cut short. Each is a real file encoded with PyAV (FFmpeg's encoders)
 and read through `read_frames`, the one decode path training, evaluation and `data check` share."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.workflows.conftest import frame_ids, index_frames
-from workflows.data.video import BadVideo, read_frames
+from workflows.data.video import BadVideo, mkv_truncated, read_frames
 
 
 def _encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int = 10, rotation: int = 0,
@@ -168,11 +168,107 @@ def test_an_mp4_cut_inside_its_index_is_truncated(tmp_path, into_index) -> None:
     assert info.value.reason == "truncated", info.value
 
 
+@pytest.mark.parametrize("name, codec", [("whole.webm", "libvpx-vp9"), ("whole.mkv", "libx264")])
+def test_a_cut_webm_or_mkv_is_truncated_not_decoded_short(tmp_path, monkeypatch, name, codec) -> None:
+    """An interrupted download of a Matroska/WebM: its EBML header declares the Segment's size, and the file ends
+    before it. Both decoders gave the frames before the cut without an error, so such a video trained as a shorter
+    one (cut at 70%) or was dropped as `zero_frames` (cut at 30%); it is `truncated`, from the header alone, in a
+    bucket too. A live recording's Segment has an unknown size: the header cannot tell a cut one, and it decodes."""
+    import io
+
+    import pyarrow.fs as pafs
+
+    import workflows.data.video as video_mod
+
+    path = _encode(tmp_path / name, index_frames(64, 64, 30), codec=codec)
+    assert frame_ids(read_frames(str(path), _all).frames).tolist() == list(range(30))
+    data = path.read_bytes()
+    for fraction in (0.3, 0.7):
+        cut = tmp_path / f"cut{int(fraction * 100)}_{name}"
+        cut.write_bytes(data[: int(len(data) * fraction)])
+        with pytest.raises(BadVideo) as info:
+            read_frames(str(cut), _all)
+        assert info.value.reason == "truncated", (fraction, info.value)
+    store = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # not local: fetched as bytes
+    local = video_mod.resolve_filesystem
+    monkeypatch.setattr(video_mod, "resolve_filesystem", lambda uri: (store, uri.removeprefix("mem://bucket/"))
+                        if uri.startswith("mem://bucket/") else local(uri))
+    with pytest.raises(BadVideo) as info:
+        read_frames(f"mem://bucket/cut70_{name}", _all)
+    assert info.value.reason == "truncated", info.value
+    assert read_frames(f"mem://bucket/{name}", _all).num_frames == 30
+
+    live = _encode(tmp_path / f"live_{name}", index_frames(64, 64, 30), codec=codec, container_options={"live": "1"})
+    live_cut = tmp_path / f"live_cut_{name}"
+    live_cut.write_bytes(live.read_bytes()[: int(live.stat().st_size * 0.7)])
+    assert read_frames(str(live), _all).num_frames == 30
+    assert 0 < read_frames(str(live_cut), _all).num_frames < 30  # what is there, as before
+    for video in (path, live, live_cut):
+        with open(video, "rb") as f:
+            assert mkv_truncated(f, video.stat().st_size) is False  # (an unknown size cannot be judged)
+    assert mkv_truncated(io.BytesIO(data[:-1]), len(data) - 1) is True
+
+
+def _ebml(element_id: int, body: bytes, size_bytes: int = 1, unknown: bool = False) -> bytes:
+    """An EBML element: its ID, its body's size as a `size_bytes`-long variable-length integer (all value bits set:
+    unknown), its body."""
+    value = (1 << 7 * size_bytes) - 1 if unknown else len(body)
+    return element_id.to_bytes((element_id.bit_length() + 7) // 8, "big") + (
+        (1 << 7 * size_bytes) | value).to_bytes(size_bytes, "big") + body
+
+
+def test_mkv_truncated_reads_the_header_and_the_segment_size() -> None:
+    """The Matroska header check on bytes: variable-length sizes of 1 and 8 bytes, Void elements before the
+    Segment, an unknown size, cuts inside the header or the Segment's size, and files that are no Matroska."""
+    import io
+
+    def judge(data: bytes) -> bool | None:
+        return mkv_truncated(io.BytesIO(data), len(data))
+
+    header = _ebml(0x1A45DFA3, _ebml(0x4282, b"webm"), size_bytes=1)  # 12 bytes
+    segment = _ebml(0x18538067, _ebml(0x1549A966, b"\0" * 40), size_bytes=8)
+    void = _ebml(0xEC, b"\0" * 3)  # 5 bytes
+    for whole, end in ((header + segment, None), (header + void + segment, None),  # Void padding between
+                       (header + _ebml(0x18538067, b"\0" * 20), None), (header + segment + b"trailing", -8)):
+        assert judge(whole) is False, whole.hex()
+        # cut inside the EBML header, right after it, inside the Segment's ID or size, a byte short of its end
+        for cut in (len(header) // 2, len(header), len(header) + 7, len(whole[:end]) - 1):
+            assert judge(whole[:cut]) is True, (whole.hex(), cut)
+    for size_bytes in (1, 8):  # a live recording's Segment: unknown size, whatever its length
+        live = header + _ebml(0x18538067, b"\0" * 20, size_bytes=size_bytes, unknown=True)
+        assert judge(live) is False and judge(live[:-10]) is False
+    for other in (b"\x00\x00\x00\x18ftypisom" + b"\0" * 40, b"<html>404</html>", b"\x1a\x45\xdf",
+                  header + _ebml(0x1F43B675, b"\0" * 8),  # a Cluster where the Segment should start
+                  _ebml(0x1A45DFA3, b"", unknown=True) + segment):  # an EBML header of unknown size
+        assert judge(other) is None, other.hex()
+
+
+def _video_shorter_than_its_audio(path: Path) -> Path:
+    """An MKV whose H.264 video (10 frames at 10 fps) stops 2 s before its AAC audio: the container's duration, 3 s,
+    says more than the video holds (a screen recording whose video stopped)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
+        audio = container.add_stream("aac", rate=48000)
+        for image in index_frames(64, 64, 10):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(video.encode())
+        for i in range(3 * 48000 // 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 48000, i * 1024
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    return path
+
+
 @pytest.mark.integration
 def test_data_check_counts_rotated_live_and_cut_videos_and_lists_every_bad_one(ray_local, tmp_path, capsys) -> None:
-    """The doctor on such a corpus: displayed sizes, true durations, a WebM cut in half reported as usable but far
-    shorter than its header says, videos under data.min_frames' default (4) as too_short, as training drops them,
-    and `--bad-list` writing every video that is not ok with its reason."""
+    """The doctor on such a corpus: displayed sizes, true durations, a WebM cut in half as truncated (it used to
+    decode, to half its frames), an MKV whose video stops long before its audio reported as usable but far shorter
+    than its header says, videos under data.min_frames' default (4) as too_short, as training drops them, and
+    `--bad-list` writing every video that is not ok with its reason."""
     from workflows.data.cli import main as data_main
     from workflows.data.manifest import save_labels, write_manifest
 
@@ -185,6 +281,7 @@ def test_data_check_counts_rotated_live_and_cut_videos_and_lists_every_bad_one(r
     whole = _encode(tmp_path / "whole.webm", index_frames(64, 64, 30), codec="libvpx-vp9")
     (tmp_path / "half.webm").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     videos["half.webm"] = tmp_path / "half.webm"
+    videos["early_end.mkv"] = _video_shorter_than_its_audio(tmp_path / "early_end.mkv")
     (tmp_path / "junk.mp4").write_text("<html>404</html>")
     videos["junk.mp4"] = tmp_path / "junk.mp4"
     write_manifest([{"path": name, "label": "a"} for name in videos], tmp_path / "m.csv")
@@ -192,13 +289,14 @@ def test_data_check_counts_rotated_live_and_cut_videos_and_lists_every_bad_one(r
     bad_list = tmp_path / "bad.csv"
     assert data_main(["check", "--manifest", str(tmp_path / "m.csv"), "--json", "--bad-list", str(bad_list)]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert report["ok"] == 3 and report["dropped"] == {"too_short": 1, "corrupt": 1}, report["dropped"]
+    assert report["ok"] == 3 and report["dropped"] == {"too_short": 1, "corrupt": 1, "truncated": 1}, report
     assert report["resolutions"] == {"64x64": 2, "64x96": 1}  # the phone video as displayed
     assert report["duration_s"]["max"] == pytest.approx(2.0)
     shorter = report["shorter_than_declared"]
-    assert shorter["count"] == 1 and shorter["examples"][0].startswith(str(tmp_path / "half.webm")), shorter
+    assert shorter["count"] == 1 and shorter["examples"][0].startswith(str(tmp_path / "early_end.mkv")), shorter
     with open(bad_list, newline="") as f:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
-    assert {name: r["reason"] for name, r in rows.items()} == {"three.mp4": "too_short", "junk.mp4": "corrupt"}
+    assert {name: r["reason"] for name, r in rows.items()} == {"three.mp4": "too_short", "junk.mp4": "corrupt",
+                                                               "half.webm": "truncated"}
     assert "need 4" in rows["three.mp4"]["detail"]
     assert not math.isnan(report["decode_seconds_per_video"])

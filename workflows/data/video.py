@@ -6,7 +6,9 @@ when the source is much larger than needed). Every failure becomes a `BadVideo` 
 
     missing            the file does not exist
     empty              zero bytes
-    truncated          an MP4/MOV whose boxes run past the end of the file (an interrupted download/copy)
+    truncated          an MP4/MOV whose boxes, or a Matroska/WebM whose Segment, run past the end of the file (an
+                       interrupted download/copy); a Matroska/WebM is checked before decoding, as its decoders give
+                       the frames before the cut without an error
     corrupt            not a container FFmpeg recognises (random bytes, HTML error pages, ...)
     no_video_stream    a container without a video stream (audio only)
     unsupported_codec  a video stream neither decord nor PyAV can decode
@@ -50,6 +52,10 @@ from workflows.data.manifest import resolve_filesystem, storage_hint
 
 DROP_REASONS = ("missing", "empty", "truncated", "corrupt", "no_video_stream", "unsupported_codec", "zero_frames",
                 "too_short", "decode_error")
+
+# Matroska/WebM (EBML) element IDs, as written (length marker included): the EBML header a file starts with, the
+# Segment holding everything else, and the two elements EBML allows anywhere (Void padding, CRC-32)
+_EBML_HEADER, _MKV_SEGMENT, _EBML_VOID, _EBML_CRC32 = 0x1A45DFA3, 0x18538067, 0xEC, 0xBF
 
 # ISO base media (MP4/MOV/3GP) top-level box types we expect to see at the start of a healthy file.
 _MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"uuid", b"pnot", b"styp", b"sidx", b"moof",
@@ -220,17 +226,74 @@ def _mp4_rotation(f: IO[bytes], size: int) -> int | None:
     return None
 
 
-def _mp4_file_rotation(source: str | IO[bytes], size: int) -> int | None:
-    """`mp4_rotation` of a local path or of fetched bytes (left at their start for the decoders)."""
+def _ebml_element(data: bytes) -> tuple[int, int | None, int] | None:
+    """(ID, declared body size or None when unknown, header length) of the EBML element `data` starts with; None when
+    its ID or size is no valid variable-length integer, EOFError when `data` ends inside them. An EBML
+    variable-length integer's first byte gives its length (1 + its leading zero bits); a size whose value bits are
+    all 1 is unknown (a live recording's Segment)."""
+    if not data:
+        raise EOFError
+    if data[0] < 0x10:  # IDs are 1 to 4 bytes long
+        return None
+    id_length = 9 - data[0].bit_length()
+    if len(data) <= id_length:
+        raise EOFError
+    if data[id_length] == 0:  # sizes are 1 to 8 bytes long
+        return None
+    header = id_length + 9 - data[id_length].bit_length()
+    if len(data) < header:
+        raise EOFError
+    unknown = (1 << 7 * (header - id_length)) - 1
+    body = int.from_bytes(data[id_length:header], "big") & unknown
+    return int.from_bytes(data[:id_length], "big"), None if body == unknown else body, header
+
+
+def mkv_truncated(f: IO[bytes], size: int) -> bool | None:
+    """Read the EBML header and the Segment's declared size of a Matroska/WebM file: True if the Segment (or the
+    header) runs past the end of the file, False if it fits or its size is unknown (a live recording: it cannot be
+    judged so), None if this does not look like a Matroska/WebM file. Two reads of 12 bytes (more only past Void
+    elements between the two)."""
+    f.seek(0)
+    head = f.read(12)
+    if head[:4] != _EBML_HEADER.to_bytes(4, "big"):
+        return None
+    offset = 0
+    for _ in range(8):  # the EBML header, then the Segment after at most a few Void/CRC-32 elements
+        if offset:
+            if offset >= size:  # cut inside the EBML header (or a Void), or right after it
+                return True
+            f.seek(offset)
+            head = f.read(12)
+        try:
+            element = _ebml_element(head)
+        except EOFError:  # the file ends inside the element's ID or size
+            return True
+        if element is None:
+            return None
+        kind, body, header = element
+        if kind == _MKV_SEGMENT:
+            return body is not None and offset + header + body > size
+        if kind not in ((_EBML_VOID, _EBML_CRC32) if offset else (_EBML_HEADER,)) or body is None:
+            return None
+        offset += header + body
+    return None
+
+
+def _container_header(source: str | IO[bytes], size: int) -> tuple[int | None, bool | None]:
+    """`mp4_rotation` and `mkv_truncated` of a local path (one open) or of fetched bytes (left at their start for the
+    decoders): a few small reads, no decoding."""
+    def read(f: IO[bytes]) -> tuple[int | None, bool | None]:
+        return mp4_rotation(f, size), mkv_truncated(f, size)
+
     if isinstance(source, str):
         try:
             with open(source, "rb") as f:
-                return mp4_rotation(f, size)
+                return read(f)
         except OSError:
-            return None
-    rotation = mp4_rotation(source, size)
+            return None, None
+    facts = read(source)
     source.seek(0)
-    return rotation
+    return facts
 
 
 def _classify_unopenable(path: str, size: int, message: str) -> BadVideo:
@@ -284,7 +347,9 @@ def _probe(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO
     if size == 0:
         raise BadVideo("empty", "zero bytes")
     source = _source(path, fs, inner, retry_s)  # outside the try below: a storage failure is not an unopenable video
-    rotation = _mp4_file_rotation(source, size)
+    rotation, mkv_cut = _container_header(source, size)
+    if mkv_cut:  # decord and PyAV would decode the frames before the cut as if they were the whole video
+        raise BadVideo("truncated", f"container ends early ({size} bytes): its Matroska Segment runs past the end")
     try:
         with av.open(source, metadata_errors="ignore") as container:
             streams = container.streams.video
