@@ -48,8 +48,8 @@ def _format_check(report: dict[str, Any]) -> str:
             lines.append(f"      {path}  ({report['details'].get(path, '')[:160]})")
     shorter = report["shorter_than_declared"]
     if shorter["count"]:
-        lines.append(f"usable, but decode to well under the duration their header declares (cut short or damaged; "
-                     f"not dropped): {shorter['count']}")
+        lines.append(f"usable, but decode to well under the duration their header declares (damaged, or a video "
+                     f"track that ends early; not dropped): {shorter['count']}")
         lines += [f"      {example}" for example in shorter["examples"]]
     lines += report["duplicate_warnings"]
     if report["unknown_labels"]:

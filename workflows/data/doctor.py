@@ -32,7 +32,8 @@ def _row(path: str) -> dict[str, Any]:
 
 def shorter_than_declared(duration: float, declared: float) -> bool:
     """Whether a video decodes to well under the duration its header declares (over 10% and over half a second
-    short): a Matroska/WebM cut short or damaged in the middle still decodes, to fewer frames."""
+    short): a video damaged in the middle, or one whose video track stops long before its audio, still decodes, to
+    fewer frames (a Matroska/WebM cut short is dropped as truncated when its header declares its size)."""
     return declared > 0 and declared - duration > max(0.1 * declared, 0.5)
 
 
