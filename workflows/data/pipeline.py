@@ -270,14 +270,16 @@ def build_clip_dataset(
                                 num_crops=num_crops, seed=seed if augment_seed is None else augment_seed, epoch=epoch,
                                 counter_split=key)
     pool = decode_pool_size(cfg)
-    ds = ray.data.from_arrow(manifest_blocks(table, decode_block_rows(table.num_rows, cfg.batch_size, pool)))
+    blocks = manifest_blocks(table, decode_block_rows(table.num_rows, cfg.batch_size, pool))
+    ds = ray.data.from_arrow(blocks)
     selector = cfg.node_label_selector()
     return ds.map_batches(
         decode_clips,
         fn_kwargs={"spec": asdict(spec), "counter": counter},
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=pool),
+        # no more at once than there are blocks (Ray Data warns about a limit it cannot reach)
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(pool, len(blocks)))),
         num_cpus=cfg.decode_threads,
         **({"label_selector": selector} if selector else {}),
     )
