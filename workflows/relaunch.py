@@ -3,8 +3,9 @@ checkpoint, so the driver compares the recipe with the one that checkpoint was t
 
 - Changes the run cannot absorb are refused, naming each key: the model's architecture (the weights would not fit),
   the class names (a checkpoint's head scores its own label set; best-checkpoint tracking and the registered model
-  would mix label sets), the precision (DeepSpeed's optimizer files differ), and the number of workers of a
-  fixed-size run (its ZeRO optimizer files load only at the size that wrote them). The way out is a new `run.name`,
+  would mix label sets), the precision (DeepSpeed's optimizer files differ), ZeRO-0 <-> ZeRO-1/2 (likewise; 1 <-> 2
+  loads bitwise, tests/workflows/test_elastic.py), and the number of workers of a fixed-size run (its ZeRO
+  optimizer files load only at the size that wrote them). The way out is a new `run.name`,
   with `train.init_from` naming this run to start from its weights.
 - Every other change is allowed and listed (`[pretrain] resuming <run> from step N with changed settings: key: old
   -> new`): the trainer applies the recipe's lr, betas and weight decay over the ones the checkpoint restores, and
@@ -102,6 +103,12 @@ def relaunch_changes(recipe: Recipe) -> tuple[str, int, list[str]] | None:
     if names and new_names != list(names):
         refused.append(f"the classes of data.labels: {len(names)} ({', '.join(names[:3])}, ...) -> "
                        f"{len(new_names)} ({', '.join(new_names[:3])}, ...)")
+    old_stage = old_train.get("zero_stage", recipe.train.zero_stage)
+    if (old_stage == 0) != (recipe.train.zero_stage == 0):
+        changed.pop("train.zero_stage", None)
+        refused.append(f"train.zero_stage: {old_stage} -> {recipe.train.zero_stage} (ZeRO-0 saves a plain optimizer "
+                       f"state and ZeRO-1/2 partitioned files, and DeepSpeed reads neither as the other; 1 <-> 2 "
+                       f"is allowed)")
     world = int(state.get("world_size") or 0)
     if world and not recipe.scaling.elastic and recipe.scaling.min_workers != world:
         refused.append(f"scaling.num_workers: {world} -> {recipe.scaling.min_workers} (a fixed-size run's ZeRO "

@@ -169,11 +169,13 @@ def _zero_worker(rank: int, world: int, port: int, directory: str, phase: str, o
             train(2)
             write_checkpoint(Path(directory), engine=engine, model=model, rank=rank, state={"world_size": world},
                              recipe_yaml="", elastic=True)
+        elif phase == "load_same_size":  # as Trainer.resume at the size that saved: DeepSpeed's own files
+            engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
         else:
             engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=False)
             restore_full_optimizer_state(engine, model, directory)
         state = full_optimizer_state(engine, model)
-        if phase == "load":
+        if phase != "save":
             train(1)  # the restored state steps like any other
             state["after"] = torch.cat([p.detach().flatten() for p in model.parameters()])
         if rank == 0:
@@ -198,6 +200,24 @@ def test_zero_optimizer_state_loads_bitwise_at_another_number_of_workers(tmp_pat
         loaded = run(world, "load")
         for key, tensor in saved.items():
             assert torch.equal(loaded[key], tensor), f"{key} at {world} workers"
+        assert torch.isfinite(loaded["after"]).all()
+
+
+def test_a_relaunch_between_zero_1_and_2_loads_the_optimizer_state_bitwise(tmp_path):
+    """A relaunch may change train.zero_stage between 1 and 2 (relaunch.py lists it, does not refuse it): DeepSpeed
+    loads the other stage's optimizer files at the same number of workers, every Adam moment and fp32 weight
+    intact, and trains on."""
+    def run(phase: str, stage: int, directory: str) -> dict:
+        out = str(tmp_path / f"{phase}_{stage}.pt")
+        mp.spawn(_zero_worker, args=(2, _free_port(), directory, phase, out, stage), nprocs=2, join=True)
+        return torch.load(out)
+
+    for saved_stage, loaded_stage in ((1, 2), (2, 1)):
+        directory = str(tmp_path / f"ckpt_{saved_stage}")
+        saved = run("save", saved_stage, directory)
+        loaded = run("load_same_size", loaded_stage, directory)
+        for key, tensor in saved.items():
+            assert torch.equal(loaded[key], tensor), f"{key}: ZeRO-{saved_stage} -> ZeRO-{loaded_stage}"
         assert torch.isfinite(loaded["after"]).all()
 
 

@@ -58,10 +58,11 @@ def test_what_a_resumed_run_takes_is_listed(tmp_path) -> None:
 
     _checkpoint_of(_recipe(tmp_path))
     _, step, changes = relaunch_changes(_recipe(tmp_path, "train.lr=0.01", "train.max_steps=12",
-                                                "train.betas=[0.8,0.99]", "model.clip_precision=bf16"))
+                                                "train.betas=[0.8,0.99]", "model.clip_precision=bf16",
+                                                "train.zero_stage=1"))
     assert step == 6
     assert changes == ["model.clip_precision: 'fp32' -> 'bf16'", "train.betas: [0.9, 0.999] -> [0.8, 0.99]",
-                       "train.lr: 0.001 -> 0.01", "train.max_steps: 6 -> 12"]
+                       "train.lr: 0.001 -> 0.01", "train.max_steps: 6 -> 12", "train.zero_stage: 2 -> 1"]
 
 
 @pytest.mark.parametrize("override, named", [
@@ -70,6 +71,7 @@ def test_what_a_resumed_run_takes_is_listed(tmp_path) -> None:
     ("model.variant=spatial_only", "model.variant: 'dist' -> 'spatial_only'"),
     ("train.precision=bf16", "train.precision: 'fp32' -> 'bf16'"),  # smoke's auto is fp32 on CPU
     ("scaling.num_workers=1", "scaling.num_workers: 2 -> 1"),
+    ("train.zero_stage=0", "train.zero_stage: 2 -> 0 (ZeRO-0 saves a plain optimizer state"),
     ("labels", "the classes of data.labels: 3 (walking, running, jumping, ...) -> 2 (walking, running, ...)"),
 ])
 def test_what_a_resumed_run_cannot_take_is_refused_before_ray_naming_the_key(tmp_path, override, named) -> None:
