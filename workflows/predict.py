@@ -7,8 +7,10 @@ segment sampling of `views` temporal views, short-side resize and centre crop; v
 default to the checkpoint recipe's eval section, as `evaluate`'s do), scored, and the softmax
 probabilities are averaged over its clips. A video that cannot be decoded is reported with its drop reason;
 the others are still classified (exit status 1 when any video failed). The model runs on the GPU when there is
-one (`--device auto`), in the recipe's precision there, as `evaluate` scores. Loading the checkpoint and
-scoring are `workflows.inference`'s, shared with `evaluate`.
+one (`--device auto`), in the recipe's precision there, as `evaluate` scores. While it scores one video, the next
+ones decode in a small thread pool (`decode_ahead`: decord, PyAV and OpenCV release the GIL), at most
+DECODE_AHEAD videos and DECODE_AHEAD_BYTES of clips ahead; results come in the order the videos were given.
+Loading the checkpoint and scoring are `workflows.inference`'s, shared with `evaluate`.
 """
 
 from __future__ import annotations
@@ -16,34 +18,98 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from workflows.config_loader import ConfigError
 from workflows.inference import Mode, load_predictor, model_logits, scoring_autocast, scoring_precision
 from workflows.recipe import Recipe
 
+DECODE_AHEAD = 4  # videos decoded ahead of the one being scored, at most ...
+DECODE_AHEAD_BYTES = 1 << 30  # ... and at most this many bytes of their clips (views x crops x T x S x S x 3)
 
-def predict_video(model: Any, recipe: Recipe, class_names: list[str], path: str, *, views: int = 3,
-                  crops: int = 1, top: int = 5, mode: Mode = "dist") -> list[tuple[str, float]]:
-    """Top-`top` (class name, probability) of one video, probabilities averaged over views x crops clips.
-    Raises workflows.data.video.BadVideo when the video is unusable."""
-    import numpy as np
-    import torch
 
-    from workflows.data.pipeline import ClipSpec, clips_from_video
+def clip_spec(model: Any, recipe: Recipe, views: int, crops: int) -> Any:
+    """The data layer's ClipSpec for scoring: the recipe's eval decoding, the model's frames and crop size."""
+    from workflows.data.pipeline import ClipSpec
 
     cfg = model.cfg
-    spec = ClipSpec.from_config(recipe.data, split="eval", num_frames=cfg.num_frames, crop_size=cfg.image_size,
+    return ClipSpec.from_config(recipe.data, split="eval", num_frames=cfg.num_frames, crop_size=cfg.image_size,
                                 num_views=views, num_crops=crops)
-    rows = clips_from_video(path, 0, 0, math.nan, math.nan, spec)
+
+
+def decode_clips(path: str, spec: Any) -> Any:
+    """(views * crops, T_d, S, S, 3) uint8 clips of one video, one contiguous array (what a decoded video holds in
+    memory while it waits to be scored). Raises workflows.data.video.BadVideo when the video is unusable."""
+    import numpy as np
+
+    from workflows.data.pipeline import clips_from_video
+
+    return np.stack([r["frames"] for r in clips_from_video(path, 0, 0, math.nan, math.nan, spec)])
+
+
+def score_clips(model: Any, recipe: Recipe, class_names: list[str], clips: Any, *, top: int = 5,
+                mode: Mode = "dist") -> list[tuple[str, float]]:
+    """Top-`top` (class name, probability) of one video's clips (`decode_clips`), probabilities averaged over them."""
+    import torch
+
     device = next(model.parameters()).device
-    frames = torch.from_numpy(np.stack([r["frames"] for r in rows])).to(device)  # (views * crops, T_d, S, S, 3) uint8
+    frames = torch.from_numpy(clips).to(device)  # (views * crops, T_d, S, S, 3) uint8
     with scoring_autocast(device, scoring_precision(recipe)):
         logits = model_logits(model, frames, class_names, mode)
     probs = torch.softmax(logits.float(), dim=-1).mean(dim=0).cpu()  # (K,)
     values, indices = probs.topk(min(top, len(class_names)))
     return [(class_names[i], float(p)) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def predict_video(model: Any, recipe: Recipe, class_names: list[str], path: str, *, views: int = 3,
+                  crops: int = 1, top: int = 5, mode: Mode = "dist") -> list[tuple[str, float]]:
+    """Top-`top` (class name, probability) of one video, probabilities averaged over views x crops clips.
+    Raises workflows.data.video.BadVideo when the video is unusable."""
+    clips = decode_clips(path, clip_spec(model, recipe, views, crops))
+    return score_clips(model, recipe, class_names, clips, top=top, mode=mode)
+
+
+def decode_ahead(paths: list[str], decode: Callable[[str], Any], ahead: int,
+                 workers: int) -> Iterator[tuple[str, Future]]:
+    """(path, future of `decode(path)`) for each path, in order, while the next `ahead` paths (at most) are already
+    being decoded in a pool of `workers` threads (decord, PyAV and OpenCV release the GIL): the caller scores one
+    video while the next ones decode. At most `ahead` + 1 decoded videos are held at once (the one yielded and
+    the ones ahead of it; `ahead` 0: one at a time). The caller takes each result (`future.result()` raises what
+    the decode raised) before asking for the next; leaving the loop early cancels the decodes not yet started."""
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="predict-decode")
+    pending: deque[tuple[str, Future]] = deque()
+    upcoming = iter(paths)
+
+    def start_next() -> None:
+        path = next(upcoming, None)
+        if path is not None:
+            pending.append((path, pool.submit(decode, path)))
+
+    try:
+        for _ in range(ahead + 1):
+            start_next()
+        while pending:
+            yield pending.popleft()
+            start_next()  # the caller is done with the one yielded: the next may start
+    finally:
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def decode_plan(spec: Any, decode_threads: int) -> tuple[int, int]:
+    """(videos decoded ahead, decoding threads) for clips of `spec`: DECODE_AHEAD videos, fewer when their clips
+    would hold more than DECODE_AHEAD_BYTES (none ahead when one video's clips alone exceed it); a thread per
+    video ahead, as far as the CPUs go at `decode_threads` decord threads each."""
+    clip_bytes = spec.num_views * spec.num_crops * spec.num_frames * spec.crop_size ** 2 * 3
+    ahead = max(0, min(DECODE_AHEAD, DECODE_AHEAD_BYTES // clip_bytes - 1))
+    workers = max(1, min(ahead, (os.cpu_count() or 1) // max(1, decode_threads)))
+    return ahead, workers
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -117,11 +183,12 @@ def main(argv: list[str]) -> int:
     mode: Mode = "fusion" if fusion else "dist"
     print(f"[predict] {args.checkpoint} ({recipe.model.preset}), {mode} logits, {views} views x {crops} crops, "
           f"{len(class_names)} classes, on {device}: {len(videos)} video(s)", file=sys.stderr, flush=True)
+    spec = clip_spec(model, recipe, views, crops)
+    ahead, workers = decode_plan(spec, recipe.data.decode_threads)
     results, failed = [], 0
-    for path in videos:
+    for path, decoded in decode_ahead(videos, lambda p: decode_clips(p, spec), ahead, workers):
         try:
-            top = predict_video(model, recipe, class_names, path, views=views, crops=crops, top=args.top,
-                                mode=mode)
+            top = score_clips(model, recipe, class_names, decoded.result(), top=args.top, mode=mode)
         except (BadVideo, StorageUnreachable) as exc:  # the second: a bucket that did not answer, not a bad video
             reason, detail = (exc.reason, exc.detail) if isinstance(exc, BadVideo) else ("unreachable", str(exc))
             failed += 1

@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -336,6 +337,83 @@ def test_predict_scores_as_the_recipe_evaluates_and_takes_folders(run_dir: Path,
     assert "dist logits, 1 views x 1 crops" in capsys.readouterr().err
     assert predict_main(["--checkpoint", str(ckpt), str(tmp_path / "nothing*.mp4")]) == 2
     assert "no video files in" in capsys.readouterr().err
+
+
+def _decode_ahead_watched(paths: list[str], ahead: int, workers: int) -> tuple[list, list[str]]:
+    """predict's decode_ahead over `paths`, checking as it goes that no more than `ahead` videos beyond the one
+    handed over were ever started and (`ahead` >= 1) that the next one starts before the caller is done with the
+    current one; returns (path, clip shape or drop reason) in the order handed over, and the paths started."""
+    import threading
+
+    from workflows.data.pipeline import ClipSpec
+    from workflows.data.video import BadVideo
+    from workflows.predict import decode_ahead, decode_clips
+
+    spec = ClipSpec(split="eval", num_frames=4, crop_size=24, num_views=2)
+    started: list[str] = []
+    changed = threading.Condition()
+
+    def decode(path: str) -> np.ndarray:
+        with changed:
+            started.append(path)
+            changed.notify_all()
+        return decode_clips(path, spec)
+
+    seen = []
+    for i, (path, decoded) in enumerate(decode_ahead(paths, decode, ahead, workers)):
+        with changed:
+            assert set(started) <= set(paths[: i + ahead + 1])
+        try:
+            seen.append((path, decoded.result().shape))
+        except BadVideo as exc:
+            seen.append((path, exc.reason))
+        with changed:
+            if not ahead:  # nothing decoded ahead: one at a time
+                assert started == paths[: i + 1]
+            elif i + 1 < len(paths):  # the next one decodes while this one is scored
+                assert changed.wait_for(lambda i=i: paths[i + 1] in started, timeout=60)
+    return seen, started
+
+
+def test_predict_decodes_the_next_videos_while_one_is_scored(video_dir: Path) -> None:
+    """predict decoded and scored one video at a time (the model waited while each decoded): the next videos now
+    decode in a small thread pool while one is scored, handed over in input order, a bad video's error in its place,
+    and no more than `ahead` videos beyond the one being scored are ever started."""
+    from workflows.data.pipeline import ClipSpec
+    from workflows.predict import DECODE_AHEAD, decode_plan
+
+    clips = video_dir / "clips"
+    paths = [str(clips / f"{name}.mp4") for name in ("wide", "random", "tall", "mid", "missing", "big", "narrow")]
+    dropped = {"random": "corrupt", "missing": "missing"}
+    for ahead, workers in ((2, 2), (0, 1)):
+        seen, started = _decode_ahead_watched(paths, ahead, workers)
+        assert seen == [(p, dropped.get(Path(p).stem, (2, 4, 24, 24, 3))) for p in paths]
+        assert sorted(started) == sorted(paths)
+    # The look-ahead is bounded by the clips' bytes: DECODE_AHEAD videos of a usual eval, none for an absurd --views.
+    assert decode_plan(ClipSpec(split="eval", num_frames=16, crop_size=224, num_views=3), 1)[0] == DECODE_AHEAD
+    assert decode_plan(ClipSpec(split="eval", num_frames=16, crop_size=224, num_views=1000), 1) == (0, 1)
+
+
+def test_predict_output_is_the_one_video_at_a_time_result(run_dir: Path, video_dir: Path, capsys) -> None:
+    """Decoding ahead changes neither the order, the numbers, nor the report of a bad video."""
+    from workflows.inference import load_predictor
+    from workflows.predict import predict_video
+
+    clips = video_dir / "clips"
+    paths = [str(clips / f"{name}.mp4") for name in ("wide", "random", "tall", "missing", "mid", "big", "narrow")]
+    assert predict_main(["--checkpoint", str(run_dir), *paths, "--json"]) == 1
+    out, err = capsys.readouterr()
+    results = json.loads(out)
+    assert [r["path"] for r in results] == paths
+    assert [r.get("error") for r in results] == [None, "corrupt", None, "missing", None, None, None]
+    assert err.index("random.mp4: could not be read (corrupt") < err.index("missing.mp4: could not be read (missing")
+    assert "2 of 7 videos could not be read" in err
+    model, recipe, names = load_predictor(str(run_dir), None, "cpu")
+    for result in results:
+        if "top" in result:
+            alone = predict_video(model, recipe, names, result["path"], views=3, crops=1, top=5)
+            assert [(t["class"], t["prob"]) for t in result["top"]] == \
+                [(name, pytest.approx(p, abs=1e-6)) for name, p in alone]
 
 
 # --- evaluate on Ray --------------------------------------------------------------------------------------------
