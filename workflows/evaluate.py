@@ -44,6 +44,7 @@ from workflows.inference import (
     resolve_labels,
     scoring_autocast,
     scoring_precision,
+    scoring_warnings,
 )
 from workflows.recipe import Recipe, check_clip_file, model_config, recipe_to_dict
 from workflows.runtime import is_remote
@@ -128,6 +129,7 @@ class EvalPlan:
     out_dir: Path
     tracking_uri: str | None = None  # the store a models:/ checkpoint came from
     checkpoint_source: str | None = None  # where the checkpoint came from (its URI when fetched from a bucket)
+    warnings: list[str] = field(default_factory=list)  # printed once before the scoring starts
 
     @property
     def class_names(self) -> list[str]:
@@ -161,11 +163,18 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
         check_output_folder(out_dir, "--out" if request.out else "the output folder (--out to choose another)")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"], seed=seed, checkpoint=directory,
+    plan = EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"], seed=seed, checkpoint=directory,
                     state=checkpoint.state if checkpoint is not None else {}, manifest=manifest, label_map=label_map,
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
                     out_dir=out_dir, tracking_uri=request.tracking_uri,
                     checkpoint_source=checkpoint.source if checkpoint is not None else None)
+    plan.warnings = scoring_warnings(
+        views=views, views_from="--views" if request.views is not None else "eval.test_views",
+        fix_views=f"Lower --views (left out: eval.test_views, {recipe.eval.test_views})" if request.views is not None
+        else "Pass --views 3, or lower eval.test_views (--set eval.test_views=3)",
+        crops=crops, num_frames=model_config(recipe.model).num_frames, class_names=plan.class_names,
+        labels_from=labels_source)
+    return plan
 
 
 def _check_counts(request: EvalRequest) -> None:
@@ -512,6 +521,8 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
         print(f"{LOG_PREFIX} {what} ({plan.recipe.model.preset}, step "
               f"{plan.state.get('step', '-') if plan.mode != 'clip_only' else '-'}) on {plan.manifest.source}: "
               f"{len(plan.manifest)} videos, labels {plan.labels_source}", flush=True)
+    for line in plan.warnings:
+        print(line, file=sys.stderr, flush=True)
     quiet_ray_console(request.verbose)
     ensure_ray(local_cpus_for(plan.recipe), quiet=not request.verbose)
     if progress:

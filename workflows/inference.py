@@ -207,6 +207,26 @@ def load_predictor(checkpoint: str | Path, labels: str | None = None, device: st
 # scoring
 # ---------------------------------------------------------------------------------------------------------------
 
+MANY_VIEWS = 32  # temporal views per video above which evaluate and predict warn (the reference protocol uses 3)
+
+
+def scoring_warnings(*, views: int, views_from: str, fix_views: str, crops: int, num_frames: int,
+                     class_names: list[str], labels_from: str) -> list[str]:
+    """One-line warnings, for before the scoring starts, about a scoring that runs but costs far more than meant or
+    cannot tell anything apart: more than MANY_VIEWS temporal views per video (`views_from`: the flag or recipe
+    key that set them, `fix_views`: what to do), a label set of one class (`labels_from`: where it came from)."""
+    out = []
+    if views > MANY_VIEWS:
+        out.append(f"warning: {views_from} {views} scores {views * crops} clips of {num_frames} frames per video, "
+                   f"{views / 3:.0f}x the work of the usual 3 views, and a video only has distinct views up to its "
+                   f"frames / {num_frames} (a 10 s video at 30 fps: {300 // num_frames}); more resample the same "
+                   f"frames. {fix_views}")
+    if len(class_names) == 1:
+        out.append(f"warning: the label set ({labels_from}) has one class, {class_names[0]!r}: every video gets it "
+                   f"at 100%, so the scores tell nothing apart. Pass --labels with every class to tell apart")
+    return out
+
+
 
 def model_logits(model: Any, frames: Any, class_names: list[str], mode: Mode, dtype: Any = None) -> Any:
     """Logits (N, K) of uint8 clips (N, T_d, S, S, 3) on the model's device: DiST, DiST blended with frozen

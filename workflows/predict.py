@@ -26,7 +26,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from workflows.config_loader import ConfigError
-from workflows.inference import Mode, load_predictor, model_logits, scoring_autocast, scoring_precision
+from workflows.inference import (
+    Mode,
+    load_predictor,
+    model_logits,
+    scoring_autocast,
+    scoring_precision,
+    scoring_warnings,
+)
 from workflows.recipe import Recipe
 
 DECODE_AHEAD = 4  # videos decoded ahead of the one being scored, at most ...
@@ -183,6 +190,13 @@ def main(argv: list[str]) -> int:
     mode: Mode = "fusion" if fusion else "dist"
     print(f"[predict] {args.checkpoint} ({recipe.model.preset}), {mode} logits, {views} views x {crops} crops, "
           f"{len(class_names)} classes, on {device}: {len(videos)} video(s)", file=sys.stderr, flush=True)
+    fix_views = (f"Lower --views (left out: the recipe's eval.test_views, {recipe.eval.test_views})"
+                 if args.views is not None else "Pass --views 3")
+    for line in scoring_warnings(views=views, views_from="--views" if args.views is not None else
+                                 "the checkpoint recipe's eval.test_views", fix_views=fix_views, crops=crops,
+                                 num_frames=model.cfg.num_frames, class_names=class_names,
+                                 labels_from=args.labels or "the checkpoint's class names"):
+        print(line, file=sys.stderr, flush=True)
     spec = clip_spec(model, recipe, views, crops)
     ahead, workers = decode_plan(spec, recipe.data.decode_threads)
     results, failed = [], 0

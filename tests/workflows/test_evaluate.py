@@ -120,6 +120,44 @@ def test_counts_below_one_are_refused_not_replaced_by_defaults(run_dir: Path, no
     assert (plan.views, plan.crops) == (1, 3)
 
 
+def test_absurd_views_and_a_one_class_label_set_are_warned_once_before_any_work(run_dir: Path, video_dir: Path,
+                                                                                  tmp_path: Path, no_ray: None,
+                                                                                  capsys) -> None:
+    """--views 1000 (or such a recipe eval.test_views) was accepted silently and took forever; a label set of one
+    class (every video trivially at 100%) got no word either. Each is now one warning line, not an error."""
+    assert plan_evaluation(EvalRequest(checkpoint=str(run_dir), views=32)).warnings == []
+    (warning,) = plan_evaluation(EvalRequest(checkpoint=str(run_dir), views=1000, crops=3)).warnings
+    assert warning.startswith("warning: --views 1000 scores 3000 clips of 8 frames per video, 333x the work of the "
+                              "usual 3 views") and warning.endswith("Lower --views (left out: eval.test_views, 3)")
+    (warning,) = plan_evaluation(EvalRequest(checkpoint=str(run_dir), overrides=["eval.test_views=100"])).warnings
+    assert warning.startswith("warning: eval.test_views 100 scores 100 clips") and "--set eval.test_views=3" in warning
+    save_labels({"cls0": 0}, tmp_path / "one.json")
+    (tmp_path / "one.csv").write_text(f"path,label\n{video_dir / 'clips' / 'wide.mp4'},cls0\n")
+    one_class = ["--checkpoint", str(run_dir), "--labels", str(tmp_path / "one.json"), "--manifest",
+                 str(tmp_path / "one.csv")]
+    (warning,) = plan_evaluation(EvalRequest(checkpoint=str(run_dir), labels=str(tmp_path / "one.json"),
+                                             manifest=str(tmp_path / "one.csv"))).warnings
+    assert warning == (f"warning: the label set ({tmp_path / 'one.json'}) has one class, 'cls0': every video gets it "
+                       f"at 100%, so the scores tell nothing apart. Pass --labels with every class to tell apart")
+    with pytest.raises(AssertionError, match="Ray was started"):  # printed once, before Ray starts
+        evaluate_main([*one_class, "--views", "40", "--out", str(tmp_path / "out")])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and warnings[0].startswith("warning: --views 40 scores 40 clips of 8 frames per video")
+    assert warnings[1].startswith(f"warning: the label set ({tmp_path / 'one.json'}) has one class, 'cls0'")
+    # predict: the same lines, once, before the first video; the videos are still classified (it is no error).
+    video = str(video_dir / "clips" / "mid.mp4")
+    assert predict_main(["--checkpoint", str(run_dir), video, video, "--views", "33", "--labels",
+                         str(tmp_path / "one.json")]) == 0
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("[predict]") and out.count("cls0  100.0%") == 2
+    assert lines[1].startswith("warning: --views 33 scores 33 clips of 8 frames per video, 11x the work")
+    assert lines[1].endswith("Lower --views (left out: the recipe's eval.test_views, 3)")
+    assert lines[2].startswith(f"warning: the label set ({tmp_path / 'one.json'}) has one class, 'cls0'")
+    assert predict_main(["--checkpoint", str(run_dir), video]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_the_labels_hint_comes_only_with_labels_missing_from_the_label_set(run_dir: Path, tmp_path: Path,
                                                                             capsys) -> None:
     assert evaluate_main(["--checkpoint", str(run_dir), "--manifest", str(tmp_path / "nope.csv")]) == 2
