@@ -235,7 +235,7 @@ def _manifest(request: EvalRequest, recipe: Recipe, label_map: dict[str, int], l
         raise ConfigError("no manifest to evaluate: pass --manifest or set data.val_manifest")
     manifest = load_manifest(manifest_path, label_map, strict=False)  # unknown labels: said below, with the fix
     if manifest.unknown_labels:
-        shown = "; ".join(f"{name!r} (row {', '.join(str(r + 1) for r in rows)})"
+        shown = "; ".join(f"{name!r} ({manifest.where(rows)})"
                           for name, rows in list(manifest.unknown_labels.items())[:5])
         raise ManifestError(f"manifest {manifest_path}: {len(manifest.unknown_labels)} label(s) not in the label "
                             f"set ({len(label_map)} classes, from {labels_source}): {shown}. Evaluate with a label "

@@ -44,6 +44,17 @@ def test_data_check_on_sample_data_and_bad_manifest(ray_local, video_dir, tmp_pa
     assert report["dropped"] == {"missing": 1, "empty": 1, "truncated": 1, "corrupt": 1}
     assert {r: [p.rsplit("/", 1)[-1] for p in ps] for r, ps in report["examples"].items()} == {
         "missing": ["missing.mp4"], "empty": ["empty.mp4"], "truncated": ["truncated.mp4"], "corrupt": ["random.mp4"]}
+    # Unknown labels and repeated rows are named by the manifest's lines, the header and blank lines counted.
+    clips = video_dir / "clips"
+    (tmp_path / "odd.csv").write_text(f"path,label\n\n{clips / 'wide.mp4'},cls0\n\n{clips / 'tall.mp4'},zebra\n"
+                                      f"{clips / 'wide.mp4'},cls0\n")
+    rc, report = _check(tmp_path / "odd.csv", video_dir / "labels.json", address)
+    assert rc == 1 and report["numbered_by"] == "line"
+    assert report["unknown_labels"] == {"zebra": [5]} and report["repeated_rows"] == [[6, 3]]
+    from workflows.data.cli import _format_check
+
+    assert "'zebra' (line 5)" in _format_check(report) and "1 row(s) repeat an earlier row" in _format_check(report)
+    assert "line 6 = line 3" in _format_check(report)
 
 
 @pytest.mark.integration
@@ -102,7 +113,7 @@ def test_upload_refuses_what_a_bucket_copy_could_not_read(tmp_path, capsys) -> N
         (root / name).write_text(f"path,label\n{entry},moving left\n")
         assert main(["upload", str(root), "s3://bucket/data"]) == 2
         err = capsys.readouterr().err
-        assert f"{name} (1 of 1 rows, e.g. row 1: {entry})" in err and "relative to the manifest's folder" in err
+        assert f"{name} (1 of 1 rows, e.g. line 2: {entry})" in err and "relative to the manifest's folder" in err
         (root / name).unlink()
 
 

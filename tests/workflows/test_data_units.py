@@ -135,7 +135,7 @@ def test_manifest_and_videos_through_a_non_local_filesystem(video_dir, monkeypat
 
 def test_manifest_errors_name_rows_and_labels(tmp_path) -> None:
     write_manifest([{"path": "a.mp4", "label": "a"}, {"path": "b.mp4", "label": "zebra"}], tmp_path / "m.csv")
-    with pytest.raises(ManifestError, match=r"'zebra' \(row 2\)"):
+    with pytest.raises(ManifestError, match=r"'zebra' \(line 3\)"):  # the file's line: the header is line 1
         load_manifest(str(tmp_path / "m.csv"), {"a": 0})
     lenient = load_manifest(str(tmp_path / "m.csv"), {"a": 0}, strict=False)
     assert lenient.unknown_labels == {"zebra": [1]} and lenient.table.column("label").to_pylist() == [0, -1]

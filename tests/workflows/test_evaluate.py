@@ -166,7 +166,7 @@ def test_the_labels_hint_comes_only_with_labels_missing_from_the_label_set(run_d
     (tmp_path / "rows.csv").write_text("path,label\na.mp4,cls0\nb.mp4,cls9\nc.mp4,cls9\n")
     assert evaluate_main(["--checkpoint", str(run_dir), "--manifest", str(tmp_path / "rows.csv")]) == 2
     err = capsys.readouterr().err
-    assert f"1 label(s) not in the label set ({N} classes, from " in err and "'cls9' (row 2, 3)" in err
+    assert f"1 label(s) not in the label set ({N} classes, from " in err and "'cls9' (lines 3, 4)" in err
     assert err.rstrip().endswith("Evaluate with a label file that names every class of the manifest (--labels)")
 
 

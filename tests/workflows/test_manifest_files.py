@@ -45,8 +45,53 @@ def test_repeated_rows_and_one_clip_with_two_labels_are_reported_not_silently_ke
                              labels)
     assert manifest.repeated_rows == [(3, 0)] and manifest.label_conflicts == [(4, 0)]  # b's windows differ: fine
     warnings = manifest.duplicate_warnings()
-    assert len(warnings) == 2 and "1 row(s) repeat an earlier row" in warnings[0] and "row 4 = row 1" in warnings[0]
-    assert "name the same clip as an earlier row with another label: row 5 = row 1" in warnings[1]
+    assert len(warnings) == 2 and "1 row(s) repeat an earlier row" in warnings[0] and "line 5 = line 2" in warnings[0]
+    assert "name the same clip as an earlier row with another label: line 6 = line 2" in warnings[1]
+
+
+@pytest.mark.parametrize("sep", [",", "\t"], ids=["csv", "tsv"])
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_errors_name_the_line_an_editor_shows(tmp_path, sep: str, newline: str) -> None:
+    """Errors counted data rows ("row 1" was the line after the header, and blank lines were not counted): they
+    now give the file's line, as an editor numbers it, for CSV and TSV, LF or CRLF, with blank lines anywhere (the
+    header's too) and a quoted path that runs over two lines; a Parquet table has no lines and says "row N"."""
+    labels = {"walking": 0, "running": 1}
+    head = ["", "path,label,start,end", ""]  # a blank line before the header and after it: lines 1 and 3
+
+    def manifest(*rows: str) -> str:
+        text = newline.join(r.replace(",", sep) for r in head + list(rows)) + newline
+        return _write(tmp_path / f"m.{'tsv' if sep == chr(9) else 'csv'}", text)
+
+    ok = ["a.mp4,walking,,", "", "", "b.mp4,running,0,2"]  # lines 4 and 7
+    for bad, line, message in ((",walking,,", 8, "empty path"),
+                               ("c.mp4,walking,soon,", 8, "start='soon' is not a number of seconds"),
+                               ("c.mp4,walking,-1,", 8, "start='-1' is negative"),
+                               ("c.mp4,walking,3,2", 8, "start=3.0 is not before end=2.0")):
+        with pytest.raises(ManifestError, match=rf", line {line}: {message}"):
+            load_manifest(manifest(*ok, bad), labels)
+    with pytest.raises(ManifestError, match=r"2 label\(s\) not in the label file \(2 classes\): 'jumping' \(lines 8, "
+                                            r"10\); 'swimming' \(line 12\)"):
+        load_manifest(manifest(*ok, "c.mp4,jumping,,", "", "d.mp4,jumping,,", "", "e.mp4,swimming,,"), labels)
+    loaded = load_manifest(manifest('"x', 'y.mp4",walking,,', *ok, "a.mp4,walking,,", "", "a.mp4,running,,"),
+                           labels)  # the quoted path runs over lines 4 and 5: the rows below move down one
+    assert loaded.lines == [4, 6, 9, 10, 12] and loaded.where(2) == "line 9" and loaded.where([0, 1]) == "lines 4, 6"
+    assert [w.rsplit(": ", 1)[1] for w in loaded.duplicate_warnings()] == ["line 10 = line 6", "line 12 = line 6"]
+    with pytest.raises(ManifestError, match=r"cannot be read as CSV at line 8: CSV parse error: Expected 4 columns, "
+                                            r"got 5"):
+        load_manifest(manifest(*ok, "c.mp4,walking,,,"), labels)
+    # Without a header the first video was taken for the column names ("lacks column(s) ['path', 'label']; it has
+    # ['a.mp4', 'walking']", or a column '' twice): said so, with the fix.
+    head = []
+    for rows in (["a.mp4,walking", "b.mp4,running"], ok):
+        with pytest.raises(ManifestError, match=r"has no header line: its first line names a video \('a.mp4'\), not "
+                                                r"the columns; add the line path,label"):
+            load_manifest(manifest(*rows), labels)
+    # Parquet: no lines, so rows (1-based, no header), said as such.
+    pq.write_table(pa.table({"path": ["a.mp4", "b.mp4", "c.mp4"], "label": ["walking", "jumping", "jumping"]}),
+                   tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=r"'jumping' \(rows 2, 3\)"):
+        load_manifest(str(tmp_path / "m.parquet"), labels)
+    assert load_manifest(str(tmp_path / "m.parquet"), labels, strict=False).where(1) == "row 2"
 
 
 def test_a_column_twice_home_paths_and_parquet_quirks(tmp_path, monkeypatch) -> None:

@@ -153,10 +153,13 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
             "count": len(short),
             "examples": [f"{r['path']} ({r['duration']:.2f} of {r['declared_duration']:.2f} s)"
                          for r in short[:MAX_EXAMPLES]]},
-        "unknown_labels": {k: [i + 1 for i in v] for k, v in loaded.unknown_labels.items()} if label_map else {},
-        # rows naming the same clip (path, start, end) as an earlier row, 1-based [row, earlier row] pairs
-        "repeated_rows": [[r + 1, e + 1] for r, e in loaded.repeated_rows],
-        "label_conflicts": [[r + 1, e + 1] for r, e in loaded.label_conflicts],
+        # rows as a user finds them: file lines of a CSV/TSV manifest, 1-based rows of a Parquet one (`numbered_by`)
+        "numbered_by": "line" if loaded.lines is not None else "row",
+        "unknown_labels": {k: [loaded.number(i) for i in v] for k, v in loaded.unknown_labels.items()}
+        if label_map else {},
+        # rows naming the same clip (path, start, end) as an earlier row, [row, earlier row] pairs (numbered_by)
+        "repeated_rows": [[loaded.number(r), loaded.number(e)] for r, e in loaded.repeated_rows],
+        "label_conflicts": [[loaded.number(r), loaded.number(e)] for r, e in loaded.label_conflicts],
         "duplicate_warnings": loaded.duplicate_warnings(),
         "frames": stats([r["frames"] for r in ok]),
         "fps": stats([r["fps"] for r in ok]),

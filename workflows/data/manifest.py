@@ -9,6 +9,8 @@ A manifest is a CSV or Parquet table with one row per video and the columns
     end    optional, seconds: only frames before this are sampled (empty / null: to the end)
 
 A label file is JSON `{class name: index}` with indices 0..K-1, as the authors' releases ship them.
+Errors and reports name a CSV/TSV manifest's rows by their line in the file, as an editor numbers them (the header
+and blank lines counted; `Manifest.where`), and a Parquet manifest's by row number (1-based, no header).
 Paths and manifests may live on any filesystem pyarrow reads (local, `s3://`, `gs://`, `hdfs://`, ...). A
 `file:` URI (`file:///data/my%20set/train.csv`, percent-encoded as `Path.as_uri()` writes it) is a local path:
 a manifest given that way resolves its relative entries against its folder as plain local paths.
@@ -16,11 +18,13 @@ a manifest given that way resolves its relative entries against its folder as pl
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
 import os
 import posixpath
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,15 +223,26 @@ class Manifest:
     # Rows naming the same clip (path, start, end) as an earlier row: 0-based (row, earlier row) pairs.
     repeated_rows: list[tuple[int, int]] = field(default_factory=list)  # ... with the same label
     label_conflicts: list[tuple[int, int]] = field(default_factory=list)  # ... with another label
+    lines: list[int] | None = None  # the file line of each row (CSV/TSV); None: rows are numbered (Parquet)
+
+    def number(self, row: int) -> int:
+        """The number a user finds 0-based `row` by: its line in a CSV/TSV file, else its 1-based row."""
+        return _number(self.lines, row)
+
+    def where(self, rows: int | list[int]) -> str:
+        """`row` (0-based) or rows as a user finds them: "line 5" / "lines 5, 9" of a CSV/TSV file (the header
+        and blank lines counted, as an editor numbers them), "row 4" / "rows 4, 8" of a Parquet table."""
+        return _where(self.lines, rows)
 
     def duplicate_warnings(self) -> list[str]:
-        """One line per kind of repeated clip, with examples (1-based rows); [] when every clip is listed once."""
+        """One line per kind of repeated clip, with examples (file lines, or rows of a Parquet table); [] when every
+        clip is listed once."""
         out = []
         for pairs, what in ((self.repeated_rows, "repeat an earlier row (the clip is then sampled that many times "
                                                  "more often)"),
                             (self.label_conflicts, "name the same clip as an earlier row with another label")):
             if pairs:
-                shown = ", ".join(f"row {r + 1} = row {e + 1}" for r, e in pairs[:5])
+                shown = ", ".join(f"{self.where(r)} = {self.where(e)}" for r, e in pairs[:5])
                 out.append(f"manifest {self.source}: {len(pairs)} row(s) {what}: {shown}")
         return out
 
@@ -235,7 +250,42 @@ class Manifest:
         return self.table.num_rows
 
 
+def _number(lines: list[int] | None, row: int) -> int:
+    return lines[row] if lines is not None else row + 1
+
+
+def _where(lines: list[int] | None, rows: int | list[int]) -> str:
+    """See `Manifest.where`."""
+    rows = [rows] if isinstance(rows, int) else rows
+    kind = "line" if lines is not None else "row"
+    return f"{kind}{'s' if len(rows) > 1 else ''} {', '.join(str(_number(lines, r)) for r in rows)}"
+
+
+def _records(text: str, delimiter: str) -> list[tuple[int, int]] | None:
+    """(file line it starts on, fields) of each record of a CSV/TSV text, the header first, as pyarrow reads them:
+    empty lines skipped, a quoted value may run over several lines, a line ends at \\n, \\r\\n or \\r. None when
+    Python's csv module cannot read it (a value over its size limit)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    out, consumed = [], 0
+    try:
+        for record in reader:
+            if record:
+                out.append((consumed + 1, len(record)))
+            consumed = reader.line_num
+    except csv.Error:
+        return None
+    return out
+
+
 def _read_table(path: str) -> pa.Table:
+    """The manifest file as a table (every CSV/TSV column as text)."""
+    return _read_table_lines(path)[0]
+
+
+def _read_table_lines(path: str) -> tuple[pa.Table, list[int] | None]:
+    """(the manifest file as a table, the file line each of its rows starts on: None for Parquet, which has no lines,
+    and in the unlikely case that Python's csv module splits a CSV into other records than pyarrow did)."""
+    lines = None
     try:
         fs, inner = resolve_filesystem(path)
         info = fs.get_file_info(inner)
@@ -257,28 +307,41 @@ def _read_table(path: str) -> pa.Table:
             # class may be called "NA" or "null", which pyarrow's default null markers would empty).
             convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS},
                                            strings_can_be_null=True, null_values=[""])
-            header = data.split(b"\n", 1)[0]
-            tabs = b"\t" in header and b"," not in header  # tab-separated (.tsv, a spreadsheet's text export)
-            table = pacsv.read_csv(io.BytesIO(data), convert_options=convert,
-                                   parse_options=pacsv.ParseOptions(delimiter="\t" if tabs else ","))
+            header = re.match(rb"[^\r\n]*", data.lstrip(b"\r\n")).group()  # the first line that is not empty
+            delimiter = "\t" if b"\t" in header and b"," not in header else ","  # .tsv, a spreadsheet's text export
+            records = _records(data.decode("utf-8-sig", errors="replace"), delimiter)
+            try:
+                table = pacsv.read_csv(io.BytesIO(data), convert_options=convert,
+                                       parse_options=pacsv.ParseOptions(delimiter=delimiter))
+            except pa.ArrowInvalid as exc:  # "Expected 2 columns, got 3": say on which line
+                uneven = [line for line, fields in records[1:] if fields != records[0][1]] if records else []
+                where = f" at line {uneven[0]}" if uneven and "columns, got" in str(exc) else ""
+                raise ManifestError(f"manifest {path} cannot be read as CSV{where}: {exc}") from exc
+            if records is not None and len(records) == table.num_rows + 1:
+                lines = [line for line, _ in records[1:]]
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"manifest {path} cannot be read as {'Parquet' if parquet else 'CSV'}:"
                             f" {exc}{storage_hint(path) if isinstance(exc, OSError) else ''}") from exc
+    video = next((c for c in table.column_names if c.strip().lower().endswith(VIDEO_EXTENSIONS)), None)
+    if video is not None and "path" not in table.column_names:  # the first row was taken for the column names
+        raise ManifestError(f"manifest {path} has no header line: its first line names a video ({video!r}), not the "
+                            f"columns; add the line path,label (path<TAB>label in a TSV) above it")
     twice = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
     if twice:
         raise ManifestError(f"manifest {path} has column(s) {twice} more than once; keep one of each")
-    return table
+    return table, lines
 
 
-def _float_or_nan(value: object, path: str, row: int, column: str) -> float:
+def _float_or_nan(value: object, where: str, column: str) -> float:
+    """A start/end cell in seconds (NaN: not set); `where`: "manifest M, line N" for the error."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return math.nan
     try:
         out = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ManifestError(f"manifest {path}, row {row + 1}: {column}={value!r} is not a number of seconds") from None
+        raise ManifestError(f"{where}: {column}={value!r} is not a number of seconds") from None
     if out < 0 and not math.isnan(out):
-        raise ManifestError(f"manifest {path}, row {row + 1}: {column}={value!r} is negative")
+        raise ManifestError(f"{where}: {column}={value!r} is negative")
     return out
 
 
@@ -286,7 +349,7 @@ def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = Tr
     """Read and validate a manifest. With `strict`, a label missing from `labels` is an error naming the rows;
     otherwise such rows get label -1 and are listed in `Manifest.unknown_labels`. `labels=None` skips the check
     (every label is then -1 unless it is an integer)."""
-    table = _read_table(path)
+    table, lines = _read_table_lines(path)
     missing = [c for c in ("path", "label") if c not in table.column_names]
     if missing:
         raise ManifestError(f"manifest {path} lacks column(s) {missing}; it has {table.column_names} "
@@ -308,8 +371,9 @@ def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = Tr
         p = raw_paths[i]
         if isinstance(p, bytes):  # a Parquet binary column
             p = p.decode("utf-8", errors="replace")
+        where = f"manifest {path}, {_where(lines, i)}"
         if p is None or not str(p).strip():
-            raise ManifestError(f"manifest {path}, row {i + 1}: empty path")
+            raise ManifestError(f"{where}: empty path")
         paths.append(resolve_path(str(p).strip(), base))
         name = "" if raw_labels[i] is None else class_key(raw_labels[i])
         index = -1
@@ -324,10 +388,10 @@ def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = Tr
                 rows.append(i)
         label_ids[i] = index
         names.append(name)
-        start_arr[i] = _float_or_nan(starts[i], path, i, "start")
-        end_arr[i] = _float_or_nan(ends[i], path, i, "end")
+        start_arr[i] = _float_or_nan(starts[i], where, "start")
+        end_arr[i] = _float_or_nan(ends[i], where, "end")
         if start_arr[i] >= end_arr[i]:
-            raise ManifestError(f"manifest {path}, row {i + 1}: start={start_arr[i]} is not before end={end_arr[i]}")
+            raise ManifestError(f"{where}: start={start_arr[i]} is not before end={end_arr[i]}")
     first_row: dict[tuple[str, float, float], int] = {}
     repeated, conflicts = [], []
     for i in range(n):
@@ -337,8 +401,7 @@ def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = Tr
         if earlier != i:
             (repeated if names[earlier] == names[i] else conflicts).append((i, earlier))
     if labels is not None and unknown and strict:
-        shown = "; ".join(f"{name!r} (row {', '.join(str(r + 1) for r in rows)})"
-                          for name, rows in list(unknown.items())[:5])
+        shown = "; ".join(f"{name!r} ({_where(lines, rows)})" for name, rows in list(unknown.items())[:5])
         raise ManifestError(f"manifest {path}: {len(unknown)} label(s) not in the label file ({len(labels)} "
                             f"classes): {shown}")
     out = pa.table({
@@ -350,7 +413,7 @@ def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = Tr
         "end": pa.array(end_arr),
     })
     return Manifest(table=out, source=path, unknown_labels=unknown, repeated_rows=repeated,
-                    label_conflicts=conflicts)
+                    label_conflicts=conflicts, lines=lines)
 
 
 def write_manifest(rows: list[dict[str, object]], path: str | Path) -> None:

@@ -47,17 +47,19 @@ def _is_uri(value: str) -> bool:
     return "://" in value
 
 
-def _manifest_paths(path: Path) -> list[str] | None:
-    """The raw `path` column of a manifest, or None when the file is not a manifest (no path/label columns)."""
-    from workflows.data.manifest import ManifestError, _read_table
+def _manifest_paths(path: Path) -> list[tuple[str, str]] | None:
+    """(where the row is, as `Manifest.where` says it: "line 5" or a Parquet table's "row 4"; its `path` cell) of
+    each row of a manifest with a path, or None when the file is not a manifest (no path/label columns)."""
+    from workflows.data.manifest import ManifestError, _read_table_lines, _where
 
     try:
-        table = _read_table(str(path))
+        table, lines = _read_table_lines(str(path))
     except ManifestError:
         return None
     if not {"path", "label"} <= set(table.column_names):
         return None
-    return [str(p).strip() for p in table.column("path").to_pylist() if p is not None and str(p).strip()]
+    return [(_where(lines, i), str(p).strip()) for i, p in enumerate(table.column("path").to_pylist())
+            if p is not None and str(p).strip()]
 
 
 def check_manifests(root: Path) -> tuple[list[Path], dict[str, int]]:
@@ -72,13 +74,13 @@ def check_manifests(root: Path) -> tuple[list[Path], dict[str, int]]:
         manifests.append(path)
         folder = path.parent.relative_to(root).as_posix()
         bad, gone = [], 0
-        for row, entry in enumerate(entries, start=1):
+        for where, entry in entries:
             if _is_uri(entry) and not entry.lower().startswith("file:"):
                 continue  # already remote: the cluster reads it where it is
             inside = posixpath.normpath(posixpath.join(folder, entry))
             if entry.lower().startswith("file:") or posixpath.isabs(entry) or Path(entry).is_absolute() \
                     or inside == ".." or inside.startswith("../"):
-                bad.append(f"row {row}: {entry}")
+                bad.append(f"{where}: {entry}")
             elif not (root / inside).is_file():
                 gone += 1
         if bad:
