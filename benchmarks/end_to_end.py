@@ -92,13 +92,15 @@ def cpu_group(pid: int, proc: Any) -> str:
         return "driver"
     if "RayTrainWorker" in name:
         return "training processes"
-    if "MapWorker" in name:
+    # Decoders are Ray Data tasks ("ray::MapBatches(decode_clips)" while one runs); between tasks their process
+    # reads "ray::IDLE", and in a training run no other tasks run (Ray Train's controller is an actor).
+    if "decode_clips" in name or name.startswith("ray::IDLE"):
         return "decode workers"
     if any(k in name for k in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env",
                                "DashboardAgent", "RuntimeEnvAgent")):
         return "Ray daemons"
     if name.startswith("ray::"):
-        return "other Ray workers"  # Ray Train's controller, Ray Data's tasks (Project) and internal actors
+        return "other Ray workers"  # Ray Train's controller and Ray's internal actors
     if "resource_tracker" in name:
         return "other"
     # The baselines: torch.multiprocessing ranks below the driver, their DataLoader workers below them.

@@ -49,7 +49,7 @@ def clip_spec(model: Any, recipe: Recipe, views: int, crops: int) -> Any:
                                 num_views=views, num_crops=crops)
 
 
-def decode_clips(path: str, spec: Any) -> Any:
+def video_clips(path: str, spec: Any) -> Any:
     """(views * crops, T_d, S, S, 3) uint8 clips of one video, one contiguous array (what a decoded video holds in
     memory while it waits to be scored). Raises workflows.data.video.BadVideo when the video is unusable."""
     import numpy as np
@@ -61,7 +61,7 @@ def decode_clips(path: str, spec: Any) -> Any:
 
 def score_clips(model: Any, recipe: Recipe, class_names: list[str], clips: Any, *, top: int = 5,
                 mode: Mode = "dist") -> list[tuple[str, float]]:
-    """Top-`top` (class name, probability) of one video's clips (`decode_clips`), probabilities averaged over them."""
+    """Top-`top` (class name, probability) of one video's clips (`video_clips`), probabilities averaged over them."""
     import torch
 
     device = next(model.parameters()).device
@@ -77,7 +77,7 @@ def predict_video(model: Any, recipe: Recipe, class_names: list[str], path: str,
                   crops: int = 1, top: int = 5, mode: Mode = "dist") -> list[tuple[str, float]]:
     """Top-`top` (class name, probability) of one video, probabilities averaged over views x crops clips.
     Raises workflows.data.video.BadVideo when the video is unusable."""
-    clips = decode_clips(path, clip_spec(model, recipe, views, crops))
+    clips = video_clips(path, clip_spec(model, recipe, views, crops))
     return score_clips(model, recipe, class_names, clips, top=top, mode=mode)
 
 
@@ -200,7 +200,7 @@ def main(argv: list[str]) -> int:
     spec = clip_spec(model, recipe, views, crops)
     ahead, workers = decode_plan(spec, recipe.data.decode_threads)
     results, failed = [], 0
-    for path, decoded in decode_ahead(videos, lambda p: decode_clips(p, spec), ahead, workers):
+    for path, decoded in decode_ahead(videos, lambda p: video_clips(p, spec), ahead, workers):
         try:
             top = score_clips(model, recipe, class_names, decoded.result(), top=args.top, mode=mode)
         except (BadVideo, StorageUnreachable) as exc:  # the second: a bucket that did not answer, not a bad video

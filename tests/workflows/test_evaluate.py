@@ -385,7 +385,7 @@ def _decode_ahead_watched(paths: list[str], ahead: int, workers: int) -> tuple[l
 
     from workflows.data.pipeline import ClipSpec
     from workflows.data.video import BadVideo
-    from workflows.predict import decode_ahead, decode_clips
+    from workflows.predict import decode_ahead, video_clips
 
     spec = ClipSpec(split="eval", num_frames=4, crop_size=24, num_views=2)
     started: list[str] = []
@@ -395,7 +395,7 @@ def _decode_ahead_watched(paths: list[str], ahead: int, workers: int) -> tuple[l
         with changed:
             started.append(path)
             changed.notify_all()
-        return decode_clips(path, spec)
+        return video_clips(path, spec)
 
     seen = []
     for i, (path, decoded) in enumerate(decode_ahead(paths, decode, ahead, workers)):

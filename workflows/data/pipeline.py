@@ -26,6 +26,7 @@ early when too many are bad), `doctor` (decode a whole manifest once and summari
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -43,6 +44,13 @@ from workflows.runtime import root_cause
 
 MAX_BLOCKS = 4096
 BATCHES_PER_TASK = 4
+# Ray Data's cluster autoscaler, read when an execution starts. Ray 2.60's default ("RATE_BASED") shares the
+# cluster between concurrent executions by their measured rates: with one task-based decode execution per Train
+# worker, each was starved of CPUs in turn ("Cluster resources are not enough to run any task"), and the coordinator
+# traffic took the training processes' CPU: the end-to-end benchmark fell to 0.24x its DDP baseline. "V2" (the
+# previous default) measured 1.02x, as the actor pool did (benchmarks/results/2026-12-06.md). A value set in the
+# environment wins.
+RAY_DATA_AUTOSCALER = ("RAY_DATA_CLUSTER_AUTOSCALER", "V2")
 
 
 @dataclass
@@ -264,6 +272,7 @@ def build_clip_dataset(
     if skip:
         table = table.slice(min(skip, table.num_rows))
     key = counter_split or split
+    os.environ.setdefault(*RAY_DATA_AUTOSCALER)  # this process runs the execution: it iterates the dataset
     counter = drop_counter(cfg.drop_counter)
     ray.get(counter.register.remote(key, epoch, videos_in_epoch, cfg.max_bad_fraction))
     spec = ClipSpec.from_config(cfg, split=split, num_frames=num_frames, crop_size=crop_size, num_views=num_views,
