@@ -277,11 +277,6 @@ def _records(text: str, delimiter: str) -> list[tuple[int, int]] | None:
     return out
 
 
-def _read_table(path: str) -> pa.Table:
-    """The manifest file as a table (every CSV/TSV column as text)."""
-    return _read_table_lines(path)[0]
-
-
 def _read_table_lines(path: str) -> tuple[pa.Table, list[int] | None]:
     """(the manifest file as a table, the file line each of its rows starts on: None for Parquet, which has no lines,
     and in the unlikely case that Python's csv module splits a CSV into other records than pyarrow did)."""
@@ -332,16 +327,16 @@ def _read_table_lines(path: str) -> tuple[pa.Table, list[int] | None]:
     return table, lines
 
 
-def _float_or_nan(value: object, where: str, column: str) -> float:
-    """A start/end cell in seconds (NaN: not set); `where`: "manifest M, line N" for the error."""
+def _float_or_nan(value: object, column: str) -> float:
+    """A start/end cell in seconds (NaN: not set); ValueError naming the cell when it is not a usable one."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return math.nan
     try:
         out = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ManifestError(f"{where}: {column}={value!r} is not a number of seconds") from None
+        raise ValueError(f"{column}={value!r} is not a number of seconds") from None
     if out < 0 and not math.isnan(out):
-        raise ManifestError(f"{where}: {column}={value!r} is negative")
+        raise ValueError(f"{column}={value!r} is negative")
     return out
 
 
@@ -371,9 +366,9 @@ def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = Tr
         p = raw_paths[i]
         if isinstance(p, bytes):  # a Parquet binary column
             p = p.decode("utf-8", errors="replace")
-        where = f"manifest {path}, {_where(lines, i)}"
+        # the row's place (`_where`) is formatted only when raising: this loop runs once per row
         if p is None or not str(p).strip():
-            raise ManifestError(f"{where}: empty path")
+            raise ManifestError(f"manifest {path}, {_where(lines, i)}: empty path")
         paths.append(resolve_path(str(p).strip(), base))
         name = "" if raw_labels[i] is None else class_key(raw_labels[i])
         index = -1
@@ -388,10 +383,14 @@ def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = Tr
                 rows.append(i)
         label_ids[i] = index
         names.append(name)
-        start_arr[i] = _float_or_nan(starts[i], where, "start")
-        end_arr[i] = _float_or_nan(ends[i], where, "end")
+        try:
+            start_arr[i] = _float_or_nan(starts[i], "start")
+            end_arr[i] = _float_or_nan(ends[i], "end")
+        except ValueError as exc:
+            raise ManifestError(f"manifest {path}, {_where(lines, i)}: {exc}") from None
         if start_arr[i] >= end_arr[i]:
-            raise ManifestError(f"{where}: start={start_arr[i]} is not before end={end_arr[i]}")
+            raise ManifestError(f"manifest {path}, {_where(lines, i)}: start={start_arr[i]} is not before "
+                                f"end={end_arr[i]}")
     first_row: dict[tuple[str, float, float], int] = {}
     repeated, conflicts = [], []
     for i in range(n):
