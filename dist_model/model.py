@@ -148,15 +148,16 @@ class VideoTextModel(nn.Module):
     def trainable(self) -> nn.Module:
         return getattr(self, self.trainable_name)
 
-    def compile_trainable(self, mode: str | None = None, fullgraph: bool = False) -> None:
+    def compile_trainable(self, mode: str | None = None, fullgraph: bool = False, backend: str = "inductor") -> None:
         """torch.compile the trainable module in place (its state-dict keys do not change): inductor fuses the
         branch's LayerNorms, activations, casts and adds around the matmuls (~15% off DiST's bf16 branch step on
         CPU), and AOTAutograd compiles its backward as one graph too. The frozen CLIP stays eager (see
         `FrozenCLIP.compile_forward`). `mode` is torch.compile's ("reduce-overhead": CUDA graphs on a GPU);
         `fullgraph=True` raises on any graph break instead of running the pieces between breaks eagerly (the
         benchmark uses it: a break would put host dispatch back into the step). On CPU inductor needs a C++
-        compiler."""
-        self.trainable.compile(mode=mode, fullgraph=fullgraph)
+        compiler. `backend` is torch.compile's: "aot_eager" and "eager" trace the same graphs without generating
+        kernels (torch's way to find which layer of the compiler a failure comes from)."""
+        self.trainable.compile(mode=mode, fullgraph=fullgraph, backend=backend)
         self._trainable_cuda_graphs = uses_cuda_graphs(mode)
 
     _trainable_cuda_graphs = False

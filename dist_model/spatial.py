@@ -364,11 +364,11 @@ class FrozenCLIP(nn.Module):
 
     cuda_graphs = False  # compile_forward in a mode that captures CUDA graphs
 
-    def compile_forward(self, mode: str | None = None, fullgraph: bool = False) -> None:
+    def compile_forward(self, mode: str | None = None, fullgraph: bool = False, backend: str = "inductor") -> None:
         """torch.compile the tower's forward (one graph per tap set; `fullgraph=True`: a graph break raises). Off by
         default: on CPU the eager tower already runs one fused inference path that inductor's GEMMs did not beat; on
         a GPU, where small batches are bound by the host launching ops, it removes the tower's per-op dispatch."""
-        self._forward_taps = torch.compile(self._forward_taps, mode=mode, fullgraph=fullgraph)
+        self._forward_taps = torch.compile(self._forward_taps, mode=mode, fullgraph=fullgraph, backend=backend)
         self.cuda_graphs = uses_cuda_graphs(mode)
 
     def forward_tokens(self, frames: torch.Tensor, taps: Iterable[int], stop: int) -> dict[int, torch.Tensor]:

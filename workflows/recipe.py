@@ -82,6 +82,11 @@ class TrainSection:
     # CUDA graphs for the compiled parts (torch.compile's "reduce-overhead"): the step replays recorded kernels
     # instead of launching each op from Python. GPU only; one graph is recorded per micro-batch shape.
     cuda_graphs: bool = False
+    # torch.compile's backend for the compiled parts. "inductor" generates the fused kernels (the speed); "aot_eager"
+    # traces the same forward and backward graphs and runs them with eager kernels, "eager" traces the forward only:
+    # torch's troubleshooting ladder for finding which layer of the compiler a failure comes from, and a quick check
+    # that a recipe's compile works at all (no kernels to build, no C++ compiler needed).
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     seed: int = 0
     # Reproducible kernels (the reference's cudnn.deterministic, mmaction2's `deterministic`): cuDNN's deterministic
     # algorithms without autotuning, torch's deterministic implementations where they exist (a warning where none
@@ -119,6 +124,9 @@ class TrainSection:
         if self.cuda_graphs and self.compile == "off":
             raise ValueError("train.cuda_graphs needs compiled parts to capture: set train.compile to branch, frozen "
                              "or all")
+        if self.cuda_graphs and self.compile_backend != "inductor":
+            raise ValueError(f"train.cuda_graphs needs train.compile_backend inductor, got {self.compile_backend!r}: "
+                             "CUDA graphs are captured by inductor's reduce-overhead mode")
         if self.cuda_graphs and self.zero_stage != 2:
             # The backward's CUDA graph writes the gradients into its own memory, which the next micro-batch's graphs
             # reuse. ZeRO-2 copies each gradient out during the backward; ZeRO-0/1 accumulate in it across

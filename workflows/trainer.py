@@ -217,21 +217,23 @@ class Trainer:
         self.feeds = ClipFeeds(self.recipe, self.rank, self.world, self.device, label_map)
         parts = recipe.train.compile
         if parts != "off":
-            problem = compile_toolchain_problem(recipe.scaling.use_gpu)
+            backend = recipe.train.compile_backend
+            problem = compile_toolchain_problem(recipe.scaling.use_gpu) if backend == "inductor" else None
             if problem:
                 import ray
 
                 raise ConfigError(f"train.compile on node {ray.util.get_node_ip_address()}: {problem}")
             mode = "reduce-overhead" if recipe.train.cuda_graphs else None
             if parts in ("branch", "all"):
-                self.model.compile_trainable(mode)
+                self.model.compile_trainable(mode, backend=backend)
             if parts in ("frozen", "all"):
-                self.model.clip.compile_forward(mode)
+                self.model.clip.compile_forward(mode, backend=backend)
             what = {"branch": "the trainable branch", "frozen": "the frozen CLIP's forward",
                     "all": "the frozen CLIP's forward and the trainable branch"}[parts]
             graphs = ", with CUDA graphs" if recipe.train.cuda_graphs else ""
-            self.log(f"train.compile: {what} compiled at the first step{graphs} (a minute or more on a few CPU "
-                     f"cores)")
+            cost = "a minute or more on a few CPU cores" if backend == "inductor" else \
+                f"backend {backend}: traced, eager kernels, no speed-up"
+            self.log(f"train.compile: {what} compiled at the first step{graphs} ({cost})")
 
     def _probe_micro_batch(self) -> None:
         """train.micro_batch_size auto: the largest micro-batch every rank's device holds (workflows/micro_batch.py),

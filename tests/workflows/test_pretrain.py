@@ -134,6 +134,8 @@ def test_compile_parts_and_cuda_graphs_are_checked_before_any_work():
     assert train("train.compile=all").compile == "all" and train("train.compile=frozen").compile == "frozen"
     with pytest.raises(ConfigError, match="train.compile: 'everything' matches none of the allowed types"):
         train("train.compile=everything")
+    with pytest.raises(ConfigError, match="train.cuda_graphs needs train.compile_backend inductor, got 'aot_eager'"):
+        train("train.compile=all", "train.cuda_graphs=true", "train.compile_backend=aot_eager")
     with pytest.raises(ConfigError, match="train.cuda_graphs needs compiled parts"):
         train("train.cuda_graphs=true")
     with pytest.raises(ConfigError, match="train.cuda_graphs needs GPUs"):
@@ -464,9 +466,13 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
         f"data.train_manifest={relabelled['train']}", f"data.val_manifest={relabelled['val']}",
         f"data.labels={relabelled['labels']}", f"run.storage_path={ft_storage}", "run.name=it",
         f"train.init_from={storage / 'it'}", "train.max_steps=1", "train.lr=0", "train.warmup_start_lr=0",
-        # the frozen CLIP's forward and the branch compiled in place: same weights, same checkpoint keys
-        "mlflow.enabled=false", "train.compile=all"]))
+        # the frozen CLIP's forward and the branch compiled in place: same weights, same checkpoint keys. aot_eager
+        # traces the forward and backward graphs as inductor would and skips building kernels (~90 s of g++ on 2
+        # cores here; tests/dist_model checks inductor's kernels against eager)
+        "mlflow.enabled=false", "train.compile=all", "train.compile_backend=aot_eager"]))
     console = "".join(capfd.readouterr())
+    assert "train.compile: the frozen CLIP's forward and the trainable branch compiled at the first step (backend " \
+           "aot_eager" in console, console[-3000:]
     assert f"train.init_from {storage / 'it'} is a run directory: starting from its newest checkpoint, {latest} " \
            "(step 6)" in console, console[-3000:]
     assert f"initialised from {latest}" in console, console[-3000:]  # what every worker loaded
