@@ -83,7 +83,10 @@ def test_the_step_with_its_backward_traces_as_one_graph(model):
 def test_compiled_step_is_fullgraph_and_matches_eager(model):
     """What `benchmarks.train_step --compile --compile-frozen` runs: CLIP's forward and the branch compiled with
     fullgraph=True (a break raises), the branch's backward one AOTAutograd graph. Same loss and gradients as eager,
-    and the step dispatches a small fraction of eager's aten ops (the rest run inside compiled kernels)."""
+    and the step dispatches a small fraction of eager's aten ops (the rest run inside compiled kernels). Also the
+    regression test for the fused linears' bias gradient: reduced in bf16 under autocast, inductor emitted C++ that did
+    not compile (torch 2.14), so `train.compile` failed at its first step (checked: with that sum back in bf16 this
+    fails with CppCompileError)."""
     import copy
 
     video, labels = _batch()
