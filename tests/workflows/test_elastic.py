@@ -130,11 +130,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _zero_worker(rank: int, world: int, port: int, directory: str, phase: str, out: str, stage: int) -> None:
-    """One rank: build the engine the workflow builds (its DeepSpeed config at this world size), train two steps
-    and write a checkpoint as an elastic run does (phase "save"), or load it as the trainer does at another size
-    (phase "load") and train one more step; then gather every parameter's whole Adam moments and fp32 weights (a
-    collective) and write them from rank 0."""
+def _zero_worker(rank: int, world: int, port: int, jobs: list[tuple[str, int, str, str]]) -> None:
+    """One rank of one process group, running `jobs` (phase, ZeRO stage, checkpoint directory, output file) in turn,
+    each on a fresh engine (one spawn per world size: each spawn pays torch's and DeepSpeed's imports, ~6 s a rank).
+    A job builds the engine the workflow builds (its DeepSpeed config at this world size), trains two steps and
+    writes a checkpoint as an elastic run does (phase "save"), loads it as the trainer does at another size (phase
+    "load") or at the same size (phase "load_same_size": DeepSpeed's own files, as Trainer.resume) and trains one
+    more step; then gathers every parameter's whole Adam moments and fp32 weights (a collective) and writes them
+    from rank 0."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import deepspeed
@@ -146,76 +149,91 @@ def _zero_worker(rank: int, world: int, port: int, directory: str, phase: str, o
     skip_deepspeed_shm_op()  # as the workflow's CPU workers do (else the suite's first engine compiles it, ~30 s)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        recipe = load_recipe(SMOKE, ["train.micro_batch_size=1", "train.global_batch_size=12",
-                                     "scaling.num_workers=[1, 4]", f"train.zero_stage={stage}"], check_files=False)
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.GELU(), torch.nn.Linear(13, 3))
-        # Two parameter groups, as DiST has (with and without weight decay).
-        decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
-        rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                      lr=1e-2)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
-                                               config=build_deepspeed_config(recipe, world))
-        plan = recipe.batch_plan(world)
-        gen = torch.Generator().manual_seed(rank)
+        for phase, stage, directory, out in jobs:
+            recipe = load_recipe(SMOKE, ["train.micro_batch_size=1", "train.global_batch_size=12",
+                                         "scaling.num_workers=[1, 4]", f"train.zero_stage={stage}"],
+                                 check_files=False)
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.GELU(), torch.nn.Linear(13, 3))
+            # Two parameter groups, as DiST has (with and without weight decay).
+            decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+            rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+            optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                           {"params": rest, "weight_decay": 0.0}], lr=1e-2)
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
+                                                   config=build_deepspeed_config(recipe, world))
+            plan = recipe.batch_plan(world)
+            gen = torch.Generator().manual_seed(rank)
 
-        def train(steps: int) -> None:
-            for _ in range(steps * plan.accum):
-                engine.backward(engine(torch.randn(2, 7, generator=gen)).pow(2).mean())
-                engine.step()
+            def train(steps: int, engine=engine, plan=plan, gen=gen) -> None:
+                for _ in range(steps * plan.accum):
+                    engine.backward(engine(torch.randn(2, 7, generator=gen)).pow(2).mean())
+                    engine.step()
 
-        if phase == "save":
-            train(2)
-            write_checkpoint(Path(directory), engine=engine, model=model, rank=rank, state={"world_size": world},
-                             recipe_yaml="", elastic=True)
-        elif phase == "load_same_size":  # as Trainer.resume at the size that saved: DeepSpeed's own files
-            engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
-        else:
-            engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=False)
-            restore_full_optimizer_state(engine, model, directory)
-        state = full_optimizer_state(engine, model)
-        if phase != "save":
-            train(1)  # the restored state steps like any other
-            state["after"] = torch.cat([p.detach().flatten() for p in model.parameters()])
-        if rank == 0:
-            torch.save(state, out)
+            if phase == "save":
+                train(2)
+                write_checkpoint(Path(directory), engine=engine, model=model, rank=rank, state={"world_size": world},
+                                 recipe_yaml="", elastic=True)
+            elif phase == "load_same_size":
+                engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
+            else:
+                engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=False)
+                restore_full_optimizer_state(engine, model, directory)
+            state = full_optimizer_state(engine, model)
+            if phase != "save":
+                train(1)  # the restored state steps like any other
+                state["after"] = torch.cat([p.detach().flatten() for p in model.parameters()])
+            if rank == 0:
+                torch.save(state, out)
+            dist.barrier()  # every rank's checkpoint files are written before any rank's next job reads them
     finally:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def zero_states(tmp_path_factory) -> dict[tuple[str, int, int | str], dict]:
+    """Every ZeRO checkpoint save and load the tests below compare, run in three spawns (one per world size):
+    at 2 workers a ZeRO-1 and a ZeRO-2 checkpoint are saved and each loaded at the other stage; at 3 and at 1 worker
+    each is loaded at its own stage (grow, then shrink below the size that saved). Keyed (phase, stage, world or
+    the saved stage it loaded)."""
+    root = tmp_path_factory.mktemp("zero")
+    ckpt = {stage: str(root / f"ckpt_{stage}") for stage in (1, 2)}
+    out = {}
+
+    def job(phase: str, stage: int, saved: int, key) -> tuple[str, int, str, str]:
+        out[(phase, stage, key)] = path = str(root / f"{phase}_{stage}_{key}.pt")
+        return phase, stage, ckpt[saved], path
+
+    by_world = {
+        2: [job("save", 1, 1, 2), job("save", 2, 2, 2),
+            job("load_same_size", 2, 1, "from_1"), job("load_same_size", 1, 2, "from_2")],
+        3: [job("load", stage, stage, 3) for stage in (1, 2)],
+        1: [job("load", stage, stage, 1) for stage in (1, 2)],
+    }
+    for world, jobs in by_world.items():
+        mp.spawn(_zero_worker, args=(world, _free_port(), jobs), nprocs=world, join=True)
+    return {key: torch.load(path) for key, path in out.items()}
+
+
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_zero_optimizer_state_loads_bitwise_at_another_number_of_workers(tmp_path, zero_stage):
-    directory = str(tmp_path / "ckpt")
-
-    def run(world: int, phase: str) -> dict:
-        out = str(tmp_path / f"{phase}_{world}.pt")
-        mp.spawn(_zero_worker, args=(world, _free_port(), directory, phase, out, zero_stage), nprocs=world, join=True)
-        return torch.load(out)
-
-    saved = run(2, "save")
+def test_zero_optimizer_state_loads_bitwise_at_another_number_of_workers(zero_states, zero_stage):
+    saved = zero_states[("save", zero_stage, 2)]
     assert float(saved["step"][0]) == 2.0
     assert all(float(v.abs().sum()) > 0 for k, v in saved.items() if k.startswith("exp_avg_sq/")), "moments trained"
     for world in (3, 1):  # grow, then shrink below the size that saved
-        loaded = run(world, "load")
+        loaded = zero_states[("load", zero_stage, world)]
         for key, tensor in saved.items():
             assert torch.equal(loaded[key], tensor), f"{key} at {world} workers"
         assert torch.isfinite(loaded["after"]).all()
 
 
-def test_a_relaunch_between_zero_1_and_2_loads_the_optimizer_state_bitwise(tmp_path):
+def test_a_relaunch_between_zero_1_and_2_loads_the_optimizer_state_bitwise(zero_states):
     """A relaunch may change train.zero_stage between 1 and 2 (relaunch.py lists it, does not refuse it): DeepSpeed
     loads the other stage's optimizer files at the same number of workers, every Adam moment and fp32 weight
     intact, and trains on."""
-    def run(phase: str, stage: int, directory: str) -> dict:
-        out = str(tmp_path / f"{phase}_{stage}.pt")
-        mp.spawn(_zero_worker, args=(2, _free_port(), directory, phase, out, stage), nprocs=2, join=True)
-        return torch.load(out)
-
     for saved_stage, loaded_stage in ((1, 2), (2, 1)):
-        directory = str(tmp_path / f"ckpt_{saved_stage}")
-        saved = run("save", saved_stage, directory)
-        loaded = run("load_same_size", loaded_stage, directory)
+        saved = zero_states[("save", saved_stage, 2)]
+        loaded = zero_states[("load_same_size", loaded_stage, f"from_{saved_stage}")]
         for key, tensor in saved.items():
             assert torch.equal(loaded[key], tensor), f"{key}: ZeRO-{saved_stage} -> ZeRO-{loaded_stage}"
         assert torch.isfinite(loaded["after"]).all()
