@@ -110,15 +110,27 @@ def _ray_dir(*parts: str) -> str:
     return os.path.join(os.path.dirname(ray.__file__), *parts) + os.sep
 
 
+def _package_dir(name: str) -> tuple[str, ...]:
+    """A package's directory (with a trailing separator) without importing it; () when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    return tuple(os.path.join(location, "") for location in spec.submodule_search_locations)
+
+
 class RayInfoToFiles(logging.Filter):
     """A console-handler filter: drops Ray Data's and Ray Train's records below WARNING (and Ray's hints about
-    settings we chose). Records are matched by source file, not logger name: Train logs its per-report line
-    through a logger named after the file path, which propagates to the root logger. Ray Train's public API
-    (`ray/train/v2/api`, the driver side: Ctrl-C messages) passes. File handlers keep every record."""
+    settings we chose), and open_clip's INFO lines (seven per worker about building the tiny or named CLIP, which
+    the trainer's own line already names). Records are matched by source file, not logger name: Train logs its
+    per-report line through a logger named after the file path, which propagates to the root logger, and open_clip
+    logs through the root logger. Ray Train's public API (`ray/train/v2/api`, the driver side: Ctrl-C messages)
+    passes. File handlers keep every record."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._sources = (_ray_dir("data"), _ray_dir("train"))
+        self._sources = (_ray_dir("data"), _ray_dir("train"), *_package_dir("open_clip"))
         self._kept = _ray_dir("train", "v2", "api")
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -87,6 +87,11 @@ def test_console_filter_drops_ray_data_and_train_info_only():
     assert keep(record(ray_dir / "train/v2/api/data_parallel_trainer.py", msg="Received SIGINT."))  # driver API
     assert keep(record(ray_dir / "_private/worker.py", msg="Started a local Ray instance."))
     assert keep(record(Path(__file__), msg="step 3/6 | loss 1.2"))  # our own lines (and Train's patched print)
+    import importlib.util
+
+    factory = Path(importlib.util.find_spec("open_clip").origin).parent / "factory.py"
+    assert not keep(record(factory, msg="Parsing model identifier. Schema: None, Identifier: DiST-Tiny-CLIP"))
+    assert keep(record(factory, logging.WARNING, "Pretrained weights (x) not found"))  # open_clip's warnings stay
 
 
 def _console_until(capfd, sentinel: str, timeout_s: float = 60) -> str:

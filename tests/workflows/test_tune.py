@@ -5,7 +5,9 @@ which ASHA stops one trial on validation top-1 and another trial fails."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -454,7 +456,7 @@ def asha_sweep(ray_local, smoke_data, tmp_path_factory):
        recorded trial 1's 100/K at the first rung, and the failed trial between must not have changed that, so it
        must stop this one after its first report.
 
-    Returns (plan, result, labels K)."""
+    Returns (plan, result, labels K, what the driver printed)."""
     root = tmp_path_factory.mktemp("asha")
     labels = json.loads((smoke_data / "labels.json").read_text())
     with (smoke_data / "val.csv").open() as f:
@@ -495,14 +497,17 @@ name: asha-optuna
 storage_path: {root / 'runs'}
 """)
     sweep_plan = plan_sweep(load_sweep(path))
-    return sweep_plan, run_sweep(sweep_plan), len(labels)
+    console = io.StringIO()  # the driver's console: Tune's reporter and our callback print to sys.stdout
+    with contextlib.redirect_stdout(console):
+        result = run_sweep(sweep_plan)
+    return sweep_plan, result, len(labels), console.getvalue()
 
 
 @pytest.mark.integration
 def test_asha_stops_a_trial_and_a_failed_trial_does_not_stop_the_sweep(asha_sweep):
     import mlflow
 
-    sweep_plan, result, num_labels = asha_sweep
+    sweep_plan, result, num_labels, _ = asha_sweep
     sweep = sweep_plan.sweep
     assert not result.interrupted and len(result.rows) == 3
     rows = result.rows  # in the order Tune created the trials: the three points
@@ -551,6 +556,40 @@ def test_asha_stops_a_trial_and_a_failed_trial_does_not_stop_the_sweep(asha_swee
     assert parent.data.metrics["trials"] == 3
     assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_stopped_early"] == 1
     assert parent.data.metrics["best_val_top1"] == result.best["val_top1"]
+
+
+@pytest.mark.integration
+def test_the_sweep_console_is_a_line_per_trial_event_not_tunes_tables(asha_sweep):
+    _, result, _, console = asha_sweep
+    steady, failed, stopped = result.rows
+    assert "Trial status:" not in console and "started with configuration" not in console, console[-4000:]
+    assert "result" not in "".join(line for line in console.splitlines() if line.startswith("│")), console[-4000:]
+    assert f"[tune] trial {steady['trial_id']}: val_top1 " in console
+    assert f"[tune] trial {steady['trial_id']} completed after 2 report(s); 1 of 3 trials finished; best so far " \
+           f"{steady['trial_id']} val_top1 " in console, console[-4000:]
+    assert f"[tune] trial {failed['trial_id']} failed: rank 0 failed: RuntimeError: injected failure at step 1 " \
+           "(train.fail_at_step) on rank 0; 2 of 3 trials finished" in console, console[-4000:]
+    assert f"[tune] trial {stopped['trial_id']} stopped early by the scheduler after 1 report(s); 3 of 3 trials " \
+           "finished" in console, console[-4000:]
+
+
+def test_the_sweep_status_line_counts_the_trials_and_names_the_best():
+    from types import SimpleNamespace
+
+    from workflows.tune.progress import SweepProgress
+
+    def trial(trial_id: str, status: str, best: float | None = None):
+        return SimpleNamespace(trial_id=trial_id, status=status,
+                               metric_analysis={"val_top1": {"max": best}} if best is not None else {})
+
+    trials = [trial("a", "TERMINATED", 20.0), trial("b", "RUNNING", 35.0), trial("c", "PENDING")]
+    progress = SweepProgress("val_top1", "max", expected_trials=4, status_every_s=0)
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        progress.on_step_end(1, trials)
+        progress.on_step_end(2, [trial("a", "TERMINATED", 20.0)])  # nothing running: no line
+    assert console.getvalue() == "[tune] 1 pending, 1 running, 1 terminated; 1 of 4 trials finished; best so far b " \
+                                 "val_top1 35.00\n"
 
 
 def test_trial_status_comes_from_the_reports_even_on_remote_storage(tmp_path):

@@ -145,7 +145,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     recipe = with_run_scoped_names(recipe)
     counter = drop_counter(recipe.data.drop_counter)  # owned by this trial: survives its worker restarts
     trainer = build_trainer(recipe, extra_config={"mlflow_parent_run_id": context["parent_run_id"]},
-                            callbacks=[TuneReportCallback()], name=name)
+                            callbacks=[TuneReportCallback()], name=name, verbose=context.get("verbose", False))
     forget_unrestartable_failure(recipe.run_dir)
     trainer.fit()
     del counter
@@ -276,13 +276,17 @@ def check_sweep_unchanged(plan: SweepPlan) -> None:
 
 
 def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
-              callbacks: list | None = None) -> SweepResult:
+              callbacks: list | None = None, verbose: bool = False) -> SweepResult:
     """Run (or resume) a validated sweep on Ray Tune and summarise it. A sweep whose directory holds a restorable
-    Tune experiment is always resumed; `resume=True` insists on one. `callbacks` go to Tune's RunConfig."""
+    Tune experiment is always resumed; `resume=True` insists on one. `callbacks` go to Tune's RunConfig. The
+    console gets a line per trial event (progress.SweepProgress); `verbose` adds Tune's own status tables and
+    result boxes, and Ray Data's and Ray Train's INFO lines, for a sweep started with it (a resumed sweep keeps
+    the console it was started with: Tune restores its settings)."""
     from ray import tune
 
     from workflows.capacity import check_capacity
     from workflows.pretrain import validate_before_start, with_resolved_init_from
+    from workflows.tune.progress import SweepProgress
 
     sweep = plan.sweep
     validate_before_start(plan.base_recipe)
@@ -319,7 +323,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     parent = open_parent_run(plan)
     parent_id = parent.run_id
     context = {"name": sweep.name, "base": plan.base, "path": plan.path, "train_storage": plan.train_storage,
-               "parent_run_id": parent_id}
+               "parent_run_id": parent_id, "verbose": verbose}
     keep_credentials_out_of_trial_runtime_envs()
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_DRIVER_CPUS})
     if restorable:
@@ -335,7 +339,8 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=sweep.trial_max_failures),
-                                      callbacks=callbacks or []),
+                                      callbacks=[SweepProgress(sweep.metric, sweep.mode, trials), *(callbacks or [])],
+                                      verbose=1 if verbose else 0),
         )
     grid = tuner.fit()
     interrupted = grid.num_terminated + grid.num_errors < max(len(grid), expected_trials(sweep))
@@ -359,6 +364,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep (also automatic when its directory holds one)")
     parser.add_argument("--retry-failed", action="store_true", help="when resuming, rerun failed trials from scratch")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also Tune's status tables and result boxes, and Ray Data's and Ray Train's INFO lines")
     args = parser.parse_args(argv)
     try:  # everything checked before Ray (ValueError: a bad manifest or label file, ManifestError)
         plan = plan_sweep(load_sweep(args.config, args.overrides))
@@ -367,7 +374,7 @@ def main(argv: list[str]) -> int:
         return 2
     stop_like_ctrl_c()  # `ray job stop` sends SIGTERM: Tune saves the sweep's state as on Ctrl-C
     try:
-        result = run_sweep(plan, resume=args.resume, retry_failed=args.retry_failed)
+        result = run_sweep(plan, resume=args.resume, retry_failed=args.retry_failed, verbose=args.verbose)
     except (ConfigError, FileNotFoundError) as exc:  # the recipe checks and the cluster's capacity, before trials
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -130,6 +130,12 @@ def save_pareto_png(rows: list[dict[str, Any]], metric: str, label_keys: list[st
     plt.close(fig)
 
 
+def trial_failure(error: BaseException) -> str:
+    """What a failed trial died of: the root cause, not Ray's wrapping (a trial's Train run fails as
+    WorkerGroupError); a RunNotRestarted's message is the recorded root cause already ("rank 0 failed: ...")."""
+    return root_cause(error).removeprefix(f"{RunNotRestarted.__name__}: ")
+
+
 def trial_row(result: Any, plan: SweepPlan, keys: list[str]) -> dict[str, Any]:
     """One results-table row from a Tune Result: the trial's values, its best report and its status."""
     sweep = plan.sweep
@@ -147,9 +153,8 @@ def trial_row(result: Any, plan: SweepPlan, keys: list[str]) -> dict[str, Any]:
     row["best_step"] = best.get("step", "")
     row["last_step"] = reports[-1].get("step", "") if reports else ""
     row["checkpoint"] = best.get("checkpoint_path", "")
-    if result.error is not None:  # the root cause, not Ray's wrapping (a trial's Train run fails as WorkerGroupError)
-        # a RunNotRestarted's message is the recorded root cause already ("rank 0 failed: TooManyBadVideos: ...")
-        row["status"] = "error: " + root_cause(result.error).removeprefix(f"{RunNotRestarted.__name__}: ")[:160]
+    if result.error is not None:
+        row["status"] = "error: " + trial_failure(result.error)[:160]
     elif not reports:
         row["status"] = "no report"
     else:  # each report says whether it was the run's last step (storage may be remote: nothing is read from it)
