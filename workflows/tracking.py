@@ -100,8 +100,13 @@ class Tracker:
         return self._switch["on"]
 
     def _start(self, uri, experiment, run_name, run_id, parent_run_id, tags, reuse_tags) -> None:
+        import logging
+
         import mlflow
 
+        # "Creating initial MLflow database tables..." / "Updating database tables": two INFO lines on the console
+        # each time a run's sqlite store is made; its warnings and errors still show
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self._client = mlflow.MlflowClient(tracking_uri=uri)
         if run_id is None:
             found = self._client.get_experiment_by_name(experiment)

@@ -380,6 +380,7 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
     # Rank 0's progress reaches the driver's console, once per line (Ray 2.60's print patch doubled every line).
     assert console.count("[pretrain] step 1/4 |") == 1, console[-3000:]
     assert "Parsing model identifier" not in console  # open_clip's INFO lines stay in Ray's log files
+    assert "Creating initial MLflow database tables" not in console  # nor MLflow's about making the sqlite store
     latest, state = _latest_state(storage)
     assert state["step"] == 4 and state["resumed_from_step"] == 2, "recovery must restart from the last checkpoint"
     at_step_2 = [json.loads((p / "state.json").read_text()) for p in (storage / "it").glob("checkpoint_*")
