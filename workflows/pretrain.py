@@ -30,6 +30,7 @@ from workflows.recipe import (
     Recipe,
     check_clip_file,
     load_recipe,
+    model_config,
     recipe_to_dict,
     with_absolute_paths,
     with_run_scoped_names,
@@ -108,7 +109,8 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
 
 def validate_before_start(recipe: Recipe) -> None:
     """Everything that can be checked without Ray: files, labels, the DeepSpeed config, the tracking store."""
-    from workflows.data.manifest import load_labels, load_manifest
+    from workflows.data.manifest import class_names, load_labels, load_manifest
+    from workflows.inference import scoring_warnings
     from workflows.optim import build_deepspeed_config
 
     try:
@@ -123,11 +125,19 @@ def validate_before_start(recipe: Recipe) -> None:
         check_videos_reachable(manifest, f"data.{key}")
         for line in manifest.duplicate_warnings():
             warn_once(f"warning: data.{key}: {line}")
+    # validation scores eval.views clips per video, as evaluate scores its views: the same warnings
+    for line in scoring_warnings(views=recipe.eval.views, views_from="eval.views",
+                                 fix_views="Lower eval.views (--set eval.views=1; `evaluate` takes the final test's "
+                                           "views from eval.test_views)",
+                                 crops=1, num_frames=model_config(recipe.model).num_frames,
+                                 class_names=class_names(labels), labels_from=f"data.labels {recipe.data.labels}"):
+        warn_once(line)
     if recipe.train.micro_batch_size == "auto":  # the workers probe it; the rest is checked with one micro-batch each
         build_deepspeed_config(recipe.with_probed_micro_batch(recipe.train.global_batch_size))
     else:
         build_deepspeed_config(recipe)
-    problem = recipe.train.compile != "off" and compile_toolchain_problem(recipe.scaling.use_gpu)
+    problem = recipe.train.compile != "off" and recipe.train.compile_backend == "inductor" and \
+        compile_toolchain_problem(recipe.scaling.use_gpu)
     if problem:
         raise ConfigError(f"train.compile: {problem}")
     check_model_weights(recipe)

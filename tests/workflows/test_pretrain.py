@@ -63,6 +63,28 @@ def test_out_of_range_numbers_fail_before_any_work(override, why):
         build_deepspeed_config(load_recipe(SMOKE, [override], check_files=False))  # the check validate runs
 
 
+def test_validation_views_that_cost_far_more_than_meant_are_warned_of_before_any_work(sample_data, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Training-time validation scores eval.views clips per video: evaluate's warning above MANY_VIEWS views, once,
+    naming the key. A compile backend that builds no kernels needs no C++ compiler."""
+    import workflows.pretrain as pretrain
+
+    pretrain.validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false", "eval.views=40"))
+    pretrain.validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false", "eval.views=40"))
+    err = capsys.readouterr().err
+    assert err.count("warning: eval.views 40 scores 40 clips of 8 frames per video") == 1, err
+    assert "Lower eval.views (--set eval.views=1;" in err
+    pretrain.validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false", "eval.views=3"))
+    assert "warning" not in capsys.readouterr().err
+
+    monkeypatch.setattr(pretrain, "compile_toolchain_problem", lambda use_gpu: "no C++ compiler")
+    with pytest.raises(ConfigError, match=r"train.compile: no C\+\+ compiler"):
+        pretrain.validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false",
+                                               "train.compile=all"))
+    pretrain.validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false",
+                                           "train.compile=all", "train.compile_backend=aot_eager"))
+
+
 def test_the_weights_and_videos_a_run_starts_from_are_read_before_any_work(sample_data, tmp_path, monkeypatch):
     """validate_before_start reads what the workers would fail on minutes later: the CLIP file (unreadable, another
     architecture), train.init_from (not a checkpoint, another preset's weights), a manifest whose videos are not
