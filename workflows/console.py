@@ -12,6 +12,9 @@ files (`<session>/logs/ray-data/`, `<session>/logs/train/`) but not the console;
   worker function; it acts on the calling process only.
 - `train_logging_config(verbose)`: the Train `RunConfig(logging_config=...)`; the only switch that reaches the
   Train controller actor, where no code of ours runs.
+- `quiet_forwarded_ray_lines()`: after `ray.init` in a driver, drops two lines Ray's own actors print per run
+  (Ray Train's preemption watcher's "E ... core_worker.cc" note, its placement-group cleaner's) from the output
+  forwarded to the console; they stay in those actors' log files.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 from workflows.config_loader import to_dict
@@ -168,6 +172,46 @@ def quiet_ray_console(verbose: bool = False) -> None:
         handler.removeFilter(_FILTER)
         if not verbose:
             handler.addFilter(_FILTER)
+
+
+# Lines Ray's own actors print once per run, forwarded to the driver's console: nothing a user can act on, and the
+# first reads as an error ("E ... core_worker.cc"). Both stay in the actors' log files.
+_RAY_ACTOR_NOISE = (
+    # Ray Train's preemption watcher is created with its arguments in the object store and restarts allowed
+    re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .*max_restarts > 0"),
+    # Ray Train's placement-group cleaner, as every run ends
+    re.compile(r"^Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group"),
+)
+_FORWARDED_FILTER = "dist_quiet_forwarded"
+
+
+def quiet_forwarded_ray_lines() -> None:
+    """Drop _RAY_ACTOR_NOISE from the worker output Ray forwards to this driver's console. Call after `ray.init`
+    (which installs the printing handler it wraps); idempotent. Ray's dispatcher of forwarded lines is internal
+    (ray._private.ray_logging): where it is not as expected, nothing is changed."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        handlers = list(dispatcher.handlers)
+    except (ImportError, AttributeError, TypeError):
+        return
+    if any(name == _FORWARDED_FILTER for name, _ in handlers):
+        return
+    printing = [(name, handler) for name, handler in handlers if name == "ray_print_logs"]
+    if not printing:
+        return
+
+    def filtered(data: dict, handle=printing[0][1]) -> None:
+        lines = data.get("lines")
+        if isinstance(lines, list):
+            kept = [line for line in lines if not any(p.search(line) for p in _RAY_ACTOR_NOISE)]
+            if not kept:
+                return
+            data = {**data, "lines": kept}
+        handle(data)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler(_FORWARDED_FILTER, filtered)
 
 
 def train_logging_config(verbose: bool = False) -> LoggingConfig:

@@ -16,7 +16,7 @@ from typing import Any
 
 from workflows.capacity import check_capacity, worker_bundle
 from workflows.config_loader import ConfigError, config_parser, dump_yaml
-from workflows.console import quiet_ray_console, recipe_summary, train_logging_config
+from workflows.console import quiet_forwarded_ray_lines, quiet_ray_console, recipe_summary, train_logging_config
 from workflows.elastic import (
     RunNotRestarted,
     forget_unrestartable_failure,
@@ -348,6 +348,8 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
               f"{'; '.join(relaunch[2])} (the lr, betas and weight decay are the recipe's, and the lr schedule from "
               f"step {relaunch[1]} on is the new recipe's)", flush=True)
     ensure_ray(local_cpus_for(recipe))
+    if not verbose:
+        quiet_forwarded_ray_lines()
     if relaunch:  # the first worker group's restart line says why it resumes (not "a worker or node was lost"), and
         # rank 0 records the changed settings in the MLflow run (whose params keep the first launch's values)
         kv_put(kv_key(recipe.run_dir, "event"), {"reason": "the run was relaunched", "changes": relaunch[2]})

@@ -207,3 +207,30 @@ def test_train_report_lines_leave_the_console(ray_local, capfd, tmp_path):
     assert _logged(_session_logs() / "train", "Reporting training result 2", run_dir)
     assert _logged(_session_logs() / "train", "Checkpoint successfully created at", run_dir)
     assert _logged(_session_logs() / "ray-data", f"Execution plan of Dataset {dataset}_")
+
+
+def test_ray_actor_noise_leaves_the_forwarded_console(ray_local, capfd):
+    """Two lines Ray's own actors print once per run, forwarded to the driver, are dropped there (the first reads as
+    an error); the other lines of the same batch, and of other processes, are printed as before."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from workflows.console import quiet_forwarded_ray_lines
+
+    quiet_forwarded_ray_lines()
+    quiet_forwarded_ray_lines()  # idempotent: one filter
+    assert [name for name, _ in dispatcher.handlers].count("dist_quiet_forwarded") == 1
+    assert "ray_print_logs" not in [name for name, _ in dispatcher.handlers]
+    watcher = ("[2026-12-06 06:14:09,125 E 24535 24566] core_worker.cc:2465: Actor with class name: "
+               "'PreemptionWatcher' and ID: '13e45ef0c7aa' has constructor arguments in the object store and "
+               "max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor restart "
+               "will fail.")
+    cleaner = ("Detected that the Ray Train controller actor (3eb522d3410eb9e2c8c4381601000000) is dead. Cleaning up "
+               "placement group = [PlacementGroupID(2d4b)]")
+    capfd.readouterr()
+    base = {"ip": "127.0.0.1", "localhost": "127.0.0.1", "job": "", "is_err": False, "task_name": "",
+            "actor_name": "TrainController"}
+    dispatcher.emit({**base, "pid": 11, "lines": [watcher, "[pretrain] step 1/4 | loss 1.0"]})
+    dispatcher.emit({**base, "pid": 12, "lines": [cleaner], "actor_name": "PlacementGroupCleaner"})
+    console = "".join(capfd.readouterr())
+    assert "[pretrain] step 1/4 | loss 1.0" in console, console
+    assert "PreemptionWatcher" not in console and "Cleaning up placement group" not in console, console
