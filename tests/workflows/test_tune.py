@@ -262,6 +262,16 @@ def test_a_resumed_sweep_must_be_the_sweep_it_was_started_as(tmp_path):
                    "search_space.model.fusion_layers.grid: ['all', 'every2'] -> ['all', 'last_third']"):
         assert change in message, message
     assert "give it another name (--set name=...)" in message
+    # A sweep recorded by an older version of this code: a recipe key added since (at its default) or dropped since
+    # is not a change; a key added since and set to another value is
+    older = json.loads(Path(started.path, DEFINITION_FILE).read_text())
+    del older["base"]["train.compile_backend"]
+    older["base"]["train.a_key_since_dropped"] = 3
+    Path(started.path, DEFINITION_FILE).write_text(json.dumps(older))
+    check_sweep_unchanged(plan(write_sweep(tmp_path, space), [f"storage_path={tmp_path / 'runs'}"]))
+    with pytest.raises(ConfigError, match=r"train.compile_backend: None -> 'aot_eager'"):
+        check_sweep_unchanged(plan(write_sweep(tmp_path, space), [f"storage_path={tmp_path / 'runs'}",
+                                                                  "train.compile_backend=aot_eager"]))
     # A sweep from before the definition was recorded: nothing to compare
     Path(started.path, DEFINITION_FILE).unlink()
     check_sweep_unchanged(changed)

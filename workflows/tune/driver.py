@@ -265,8 +265,13 @@ def check_sweep_unchanged(plan: SweepPlan) -> None:
     except (OSError, ValueError):  # a sweep started before this file existed: nothing to compare
         return
     old, new = flat_settings(recorded), flat_settings(sweep_definition(plan))
+    # A base-recipe key that a newer version of this code added (recorded nowhere) at its default, or one it
+    # dropped (recorded only), is not a change: the sweep's trials ran with that behaviour.
+    defaults = {f"base.{k}": v for k, v in flat_settings(recipe_to_dict(Recipe())).items()}
+    upgraded = {key for key in new.keys() - old.keys() if key in defaults and new[key] == defaults[key]} | \
+        {key for key in old.keys() - new.keys() if key.startswith("base.")}
     changed = [f"{key}: {redact_secrets(old.get(key))!r} -> {redact_secrets(new.get(key))!r}"
-               for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+               for key in sorted((old.keys() | new.keys()) - upgraded) if old.get(key) != new.get(key)]
     if changed:
         raise ConfigError(
             f"sweep {plan.sweep.name} in {redact_secrets(plan.path)} exists and would be resumed as it was started, "
