@@ -60,6 +60,9 @@ class SweepProgress(tune.Callback):
         print(f"{LOG_PREFIX} {line}", flush=True)
 
     # --- Tune's events ---
+    def setup(self, **info: Any) -> None:
+        self._last_status = time.monotonic()  # a resumed sweep's callback comes unpickled with another process's clock
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         value = _number(result.get(self.metric))
         if value is None:
