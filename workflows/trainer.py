@@ -192,6 +192,8 @@ class Trainer:
             self._note_restart(previous_world)
 
     def _build_model(self, init: bool) -> None:
+        import logging
+
         from dist_model import build_dist, build_spatial_only
         from workflows.checkpoints import init_model_from
         from workflows.data.manifest import class_names, load_labels
@@ -199,6 +201,8 @@ class Trainer:
 
         recipe = self.recipe
         build = build_spatial_only if recipe.model.variant == "spatial_only" else build_dist
+        # which CLIP and activation each rank builds is the same line on every rank: rank 0's is enough
+        logging.getLogger("dist_model").setLevel(logging.INFO if self.rank == 0 else logging.WARNING)
         self.model = build(recipe.model_cfg)
         if recipe.train.init_from and init:
             self.log(init_model_from(self.model, recipe.train.init_from))

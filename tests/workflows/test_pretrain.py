@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -403,6 +404,10 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
     assert console.count("[pretrain] step 1/4 |") == 1, console[-3000:]
     assert "Parsing model identifier" not in console  # open_clip's INFO lines stay in Ray's log files
     assert "Creating initial MLflow database tables" not in console  # nor MLflow's about making the sqlite store
+    # which CLIP each rank builds: said by rank 0 only (one line per worker group)
+    rank_0 = set(re.findall(r"pid=(\d+)\)\S* \[pretrain\] worker rank 0/2", console))
+    built = re.findall(r"pid=(\d+)\)\S* CLIP DiST-Tiny-CLIP \(random init\)", console)
+    assert built and set(built) <= rank_0, (built, rank_0)
     latest, state = _latest_state(storage)
     assert state["step"] == 4 and state["resumed_from_step"] == 2, "recovery must restart from the last checkpoint"
     at_step_2 = [json.loads((p / "state.json").read_text()) for p in (storage / "it").glob("checkpoint_*")
