@@ -136,8 +136,8 @@ def validate_before_start(recipe: Recipe) -> None:
         build_deepspeed_config(recipe.with_probed_micro_batch(recipe.train.global_batch_size))
     else:
         build_deepspeed_config(recipe)
-    problem = recipe.train.compile != "off" and recipe.train.compile_backend == "inductor" and \
-        compile_toolchain_problem(recipe.scaling.use_gpu)
+    problem = recipe.train.compile != "off" and \
+        compile_toolchain_problem(recipe.scaling.use_gpu, recipe.train.compile_backend)
     if problem:
         raise ConfigError(f"train.compile: {problem}")
     check_model_weights(recipe)

@@ -204,10 +204,14 @@ def interrupted_exit_code() -> int:
     return 128 + (_stop_signal or signal.SIGINT)
 
 
-def compile_toolchain_problem(use_gpu: bool) -> str | None:
+def compile_toolchain_problem(use_gpu: bool, backend: str = "inductor") -> str | None:
     """Why torch.compile cannot build kernels on this machine, or None. Inductor writes C++ for CPU kernels; on a
-    GPU its kernels are Triton's, and Triton builds a small C launcher for each with the system C compiler."""
+    GPU its kernels are Triton's, and Triton builds a small C launcher for each with the system C compiler. The
+    other backends (train.compile_backend aot_eager, eager) build no kernels and need no compiler."""
     import shutil
+
+    if backend != "inductor":
+        return None
 
     if use_gpu:
         if os.environ.get("CC") or any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):

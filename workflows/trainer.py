@@ -222,7 +222,7 @@ class Trainer:
         parts = recipe.train.compile
         if parts != "off":
             backend = recipe.train.compile_backend
-            problem = compile_toolchain_problem(recipe.scaling.use_gpu) if backend == "inductor" else None
+            problem = compile_toolchain_problem(recipe.scaling.use_gpu, backend)
             if problem:
                 import ray
 

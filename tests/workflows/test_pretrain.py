@@ -78,8 +78,9 @@ def test_validation_views_that_cost_far_more_than_meant_are_warned_of_before_any
     pretrain.validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false", "eval.views=3"))
     assert "warning" not in capsys.readouterr().err
 
-    monkeypatch.setattr(pretrain, "compile_toolchain_problem", lambda use_gpu: "no C++ compiler")
-    with pytest.raises(ConfigError, match=r"train.compile: no C\+\+ compiler"):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-compilers-here"))  # and no CXX: no C++ compiler at all
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match=r"train.compile: torch.compile needs a C\+\+ compiler"):
         pretrain.validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false",
                                                "train.compile=all"))
     pretrain.validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false",
@@ -181,6 +182,7 @@ def test_compile_without_a_cxx_compiler_fails_before_any_work(monkeypatch, tmp_p
     monkeypatch.delenv("CC", raising=False)
     assert "needs a C++ compiler" in compile_toolchain_problem(use_gpu=False)
     assert "needs a C compiler" in compile_toolchain_problem(use_gpu=True)
+    assert compile_toolchain_problem(use_gpu=False, backend="aot_eager") is None  # builds no kernels
     monkeypatch.setenv("CC", "/opt/cc")
     assert compile_toolchain_problem(use_gpu=True) is None
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ray import tune
 
-from workflows.tune.report import trial_failure
+from workflows.tune.report import stopped_before_its_last_step, trial_failure
 from workflows.tune.sweep_config import LOG_PREFIX
 
 STATUS_EVERY_S = 300.0
@@ -73,8 +73,7 @@ class SweepProgress(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
-        # each report says whether it was the run's last step; a trial the scheduler stopped ends before that
-        how = "stopped early by the scheduler" if _number(last.get("final")) == 0 else "completed"
+        how = "stopped early by the scheduler" if stopped_before_its_last_step(last) else "completed"
         self._say(f"trial {trial.trial_id} {how} after {last.get('training_iteration', 0)} report(s); "
                   f"{self._standing(trials, trial)}")
 

@@ -136,6 +136,14 @@ def trial_failure(error: BaseException) -> str:
     return root_cause(error).removeprefix(f"{RunNotRestarted.__name__}: ")
 
 
+def stopped_before_its_last_step(last_report: dict[str, Any]) -> bool:
+    """Whether a trial ended before its run's last step (the scheduler stopped it), from its last report: each
+    report says whether it was the run's last step (`final`); one from before that key counts as the last."""
+    final = last_report.get("final")
+    unknown = final is None or (isinstance(final, float) and math.isnan(final))
+    return not (unknown or final)
+
+
 def trial_row(result: Any, plan: SweepPlan, keys: list[str]) -> dict[str, Any]:
     """One results-table row from a Tune Result: the trial's values, its best report and its status."""
     sweep = plan.sweep
@@ -157,10 +165,8 @@ def trial_row(result: Any, plan: SweepPlan, keys: list[str]) -> dict[str, Any]:
         row["status"] = "error: " + trial_failure(result.error)[:160]
     elif not reports:
         row["status"] = "no report"
-    else:  # each report says whether it was the run's last step (storage may be remote: nothing is read from it)
-        final = reports[-1].get("final")
-        unknown = final is None or (isinstance(final, float) and math.isnan(final))  # a report from before the key
-        row["status"] = "completed" if unknown or final else "stopped early"
+    else:  # from the reports: storage may be remote, nothing is read from it
+        row["status"] = "stopped early" if stopped_before_its_last_step(reports[-1]) else "completed"
     attempts = attempts_file(plan.path, row["run_name"])
     row["attempts"] = len(attempts.read_text().splitlines()) if attempts is not None and attempts.exists() else ""
     return row
