@@ -12,9 +12,10 @@ seed. Classes enter only through their names, so `--labels` evaluates on any lab
 `--zero-shot-fusion` blends the frozen CLIP's logits in, and `--clip-only` scores with frozen CLIP alone (no
 checkpoint needed).
 
-Writes metrics.json, per_class_accuracy.csv, predictions.csv and confusion_matrix.png into `--out` (default
-`<checkpoint>/eval-<time>`), prints a summary, and logs an MLflow run into the training run's store when it
-has one (never failing when MLflow is unreachable).
+Writes metrics.json, per_class_accuracy.csv, predictions.csv and confusion_matrix.png (and every video's class
+probabilities in scores.npz with `--save-scores`) into `--out` (default `<checkpoint>/eval-<time>`), prints a
+summary, and logs an MLflow run into the training run's store when it has one (never failing when MLflow is
+unreachable).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class EvalRequest:
     mlflow: bool | None = None  # None: log when the run already has a tracking store
     tracking_uri: str | None = None  # the MLflow store of a models:/ checkpoint; the evaluation is logged there too
     verbose: bool = False  # Ray's own INFO lines and worker output on the console too
+    save_scores: bool = False  # also write every video's class probabilities (scores.npz)
 
 
 @dataclass
@@ -130,6 +132,7 @@ class EvalPlan:
     tracking_uri: str | None = None  # the store a models:/ checkpoint came from
     checkpoint_source: str | None = None  # where the checkpoint came from (its URI when fetched from a bucket)
     warnings: list[str] = field(default_factory=list)  # printed once before the scoring starts
+    save_scores: bool = False  # scores.npz beside the other outputs
 
     @property
     def class_names(self) -> list[str]:
@@ -167,7 +170,8 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
                     state=checkpoint.state if checkpoint is not None else {}, manifest=manifest, label_map=label_map,
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
                     out_dir=out_dir, tracking_uri=request.tracking_uri,
-                    checkpoint_source=checkpoint.source if checkpoint is not None else None)
+                    checkpoint_source=checkpoint.source if checkpoint is not None else None,
+                    save_scores=request.save_scores)
     plan.warnings = scoring_warnings(
         views=views, views_from="--views" if request.views is not None else "eval.test_views",
         fix_views=f"Lower --views (left out: eval.test_views, {recipe.eval.test_views})" if request.views is not None
@@ -381,6 +385,11 @@ def _scored_views(plan: EvalPlan, data: Any, pool: int, use_gpu: bool) -> Any:
 # outputs
 # ---------------------------------------------------------------------------------------------------------------
 
+# `--save-scores`: every scored video's class probabilities (the mean softmax over its views x crops), for fusing
+# evaluations (two checkpoints, DiST and frozen CLIP, other view counts) or an analysis of its own. Arrays: scores
+# (videos, classes) float32, video_index (the manifest row, as in predictions.csv), label, class_names.
+SCORES_FILE = "scores.npz"
+
 
 def per_class_rows(confusion: Any, class_names: list[str]) -> list[dict[str, Any]]:
     """One row per class from a (K, K) [true, predicted] confusion matrix: videos, correct, accuracy (%)."""
@@ -393,8 +402,12 @@ def per_class_rows(confusion: Any, class_names: list[str]) -> list[dict[str, Any
 
 
 def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
-    """metrics.json, per_class_accuracy.csv, predictions.csv (one row per video), confusion_matrix.csv (counts) and
-    confusion_matrix.png in `plan.out_dir`; returns the metrics."""
+    """metrics.json, per_class_accuracy.csv, predictions.csv (one row per video), confusion_matrix.csv (counts),
+    confusion_matrix.png, and with `plan.save_scores` scores.npz (`SCORES_FILE`), in `plan.out_dir`; returns the
+    metrics."""
+    import numpy as np
+    import torch
+
     from workflows.metrics import accuracy_summary, save_confusion_png
 
     counts = results.scores.counts()
@@ -420,6 +433,14 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
     }
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    scored = sorted(results.scores.scores)  # manifest rows of the videos that were read
+    probs = (torch.stack([results.scores.scores[v] for v in scored]) / (plan.views * plan.crops)).numpy()  # mean
+    row_of = {vid: i for i, vid in enumerate(scored)}  # softmax over each video's clips, one row per scored video
+    if plan.save_scores:
+        np.savez(out / SCORES_FILE, scores=probs.astype(np.float32), video_index=np.asarray(scored, np.int64),
+                 label=np.asarray([results.scores.labels[v] for v in scored], np.int64),
+                 class_names=np.asarray(names, dtype=str))
+        metrics["scores_file"] = str(out / SCORES_FILE)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out / "per_class_accuracy.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["index", "class", "videos", "correct", "accuracy"])
@@ -434,9 +455,9 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
             if vid not in results.scores.scores:
                 writer.writerow([vid, paths[vid], label_names[vid], "", "", "", results.dropped_videos[vid]])
                 continue
-            probs = results.scores.scores[vid] / (plan.views * plan.crops)  # mean softmax over the clips
-            label, predicted = results.scores.labels[vid], int(probs.argmax())
-            writer.writerow([vid, paths[vid], names[label], names[predicted], round(float(probs[predicted]), 6),
+            video_probs = probs[row_of[vid]]
+            label, predicted = results.scores.labels[vid], int(video_probs.argmax())
+            writer.writerow([vid, paths[vid], names[label], names[predicted], round(float(video_probs[predicted]), 6),
                              int(label == predicted), ""])
     with (out / "confusion_matrix.csv").open("w", newline="") as f:  # the counts behind the row-normalised image
         writer = csv.writer(f)
@@ -565,6 +586,9 @@ def main(argv: list[str]) -> int:
     tracking.add_argument("--mlflow", dest="mlflow", action="store_true", default=None,
                           help="log to MLflow (default: only when the run already has a tracking store)")
     tracking.add_argument("--no-mlflow", dest="mlflow", action="store_false")
+    parser.add_argument("--save-scores", action="store_true",
+                        help=f"also write every video's class probabilities to {SCORES_FILE} in the output folder "
+                             "(videos x classes float32), e.g. to fuse evaluations")
     parser.add_argument("--json", action="store_true", help="print metrics.json to stdout (the summary to stderr)")
     parser.add_argument("--verbose", action="store_true",
                         help="also print Ray's own log lines and the workers' output (default: Ray's log files only)")
@@ -573,7 +597,7 @@ def main(argv: list[str]) -> int:
                           manifest=args.manifest, labels=args.labels, views=args.views, crops=args.crops,
                           zero_shot_fusion=args.zero_shot_fusion, clip_only=args.clip_only, preset=args.preset,
                           out=args.out, actors=args.actors, mlflow=args.mlflow, tracking_uri=args.tracking_uri,
-                          verbose=args.verbose)
+                          verbose=args.verbose, save_scores=args.save_scores)
     if args.json:  # keep stdout for the JSON alone
         real_stdout, sys.stdout = sys.stdout, sys.stderr
     from workflows.data.drops import TooManyBadVideos

@@ -465,7 +465,7 @@ def test_evaluate_multiview_on_a_swapped_label_set(ray_local, run_dir: Path, vid
     out = tmp_path / "eval"
     rc = evaluate_main(["--checkpoint", str(run_dir), "--manifest", str(video_dir / "bad.csv"), "--labels",
                         str(seven_labels), "--views", "3", "--crops", "3", "--set", "data.max_bad_fraction=1.0",
-                        "--out", str(out), "--json", "--mlflow"])
+                        "--out", str(out), "--json", "--mlflow", "--save-scores"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     metrics = json.loads(captured.out)
@@ -499,6 +499,20 @@ def test_evaluate_multiview_on_a_swapped_label_set(ray_local, run_dir: Path, vid
     assert sum(int(row[1 + i]) for i, row in enumerate(confusion[1:])) == correct  # the diagonal
     assert sum(int(v) for row in confusion[1:] for v in row[1:]) == N
     assert "top-1" in captured.err and "dropped 4" in captured.err
+    # --save-scores: every read video's probabilities, the numbers predictions.csv and the accuracies come from.
+    import numpy as np
+
+    saved = np.load(out / "scores.npz")
+    assert metrics["scores_file"] == str(out / "scores.npz")
+    assert saved["scores"].shape == (N, 7) and saved["scores"].dtype == np.float32
+    np.testing.assert_allclose(saved["scores"].sum(1), 1.0, rtol=1e-5)  # a mean of softmaxes
+    assert list(saved["class_names"]) == [r["class"] for r in per_class]
+    assert list(saved["video_index"]) == [int(r["video_index"]) for r in predictions]
+    assert [saved["class_names"][i] for i in saved["label"]] == [r["label"] for r in predictions]
+    best = saved["scores"].argmax(1)
+    assert [saved["class_names"][i] for i in best] == [r["predicted"] for r in predictions]
+    np.testing.assert_allclose(saved["scores"].max(1), [float(r["probability"]) for r in predictions], atol=1e-6)
+    assert metrics["top1"] == pytest.approx(100 * float(np.mean(best == saved["label"])))
     # The same clips scored locally (predict's path, no Ray) give the same winner and probability per video.
     import math
 
@@ -528,6 +542,7 @@ def test_evaluate_clip_only_without_checkpoint(ray_local, video_dir: Path, tmp_p
     assert (metrics["mode"], metrics["checkpoint"], metrics["rows"], metrics["videos"]) == ("clip_only", None,
                                                                                            2 * N, N)
     assert "frozen CLIP alone (dist_tiny)" in captured.out and "[evaluate] on " in captured.out
+    assert "scores_file" not in metrics and not (out / "scores.npz").exists()  # only with --save-scores
     # Nothing readable, with the bad-video limit lifted: an error, not a 0% evaluation of 0 videos.
     from workflows.data.manifest import write_manifest
 
