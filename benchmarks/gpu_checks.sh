@@ -69,7 +69,8 @@ case "${1:-}" in
 targets)  # issue 22: the rows its target table needs, most important first; the tables go to $OUT/targets.md
   BUDGET_S=${BUDGET_S:-480}
   C="--compile --compile-frozen"
-  step b16_bs16_compiled --preset dist_b16_k400 --batch 16 --steps 10 --warmup 3 $C
+  # Profiled too (3 more steps per variant): where the step goes, for the next change, whatever the verdicts.
+  step b16_bs16_compiled --preset dist_b16_k400 --batch 16 --steps 10 --warmup 3 $C --profile "$OUT/b16_bs16_profile.txt"
   step b16_max_compiled --preset dist_b16_k400 --batch max --steps 5 --warmup 2 $C
   step b16_bs16_cudagraphs --preset dist_b16_k400 --batch 16 --steps 10 --warmup 3 $C --compile-mode reduce-overhead
   step l14_max_compiled --preset dist_l14_k400 --batch max --max-batch 32 --steps 4 --warmup 2 $C

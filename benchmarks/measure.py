@@ -93,6 +93,46 @@ def time_calls_with_cpu(fn: Callable[[], object], repeats: int, device: torch.de
     return times
 
 
+@dataclass
+class StepProfile:
+    """What `profile_calls` saw, per call: device time with at least one kernel running (0 on a CPU), kernels
+    launched, and the operator table (top ops by self device time on a GPU, self CPU time on a CPU)."""
+
+    device_busy_s: float
+    kernels: float
+    table: str
+
+
+def busy_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals: time with at least one running, overlaps counted once
+    (kernels on concurrent streams)."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def profile_calls(fn: Callable[[], object], calls: int, device: torch.device, rows: int = 40) -> StepProfile:
+    """Call `fn` `calls` times under torch.profiler (kernels too on a GPU). The busy time is what says whether a
+    step is bound by the device (busy close to the step's wall time) or by the host launching its ops; it is taken
+    from the kernels' own timestamps, which the profiler's host-side overhead does not stretch."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=rows, max_name_column_width=90)
+    return StepProfile(device_busy_s=busy_length(kernels) / 1e6 / calls, kernels=len(kernels) / calls, table=table)
+
+
 def matmul_rate(
     device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10
 ) -> float:

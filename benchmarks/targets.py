@@ -36,6 +36,7 @@ class Run:
     clips_per_s: dict[str, float] = field(default_factory=dict)
     utilisation: dict[str, float] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
+    profile: list[str] = field(default_factory=list)  # --profile's line per variant ("dist: device busy 41% ...")
 
 
 def parse_log(path: Path) -> Run | None:
@@ -49,7 +50,8 @@ def parse_log(path: Path) -> Run | None:
     mode = "eager" if compile_summary == "off" else "compiled" + (
         f" {m.group(0)}" if (m := re.search(r"mode=\S+", compile_summary)) else "")
     run = Run(name=path.stem, preset=header.group(1), batch=int(header.group(2)), largest=bool(header.group(3)),
-              mode=mode, ratios=parse_ratios(ratios_lines[-1]))
+              mode=mode, ratios=parse_ratios(ratios_lines[-1]),
+              profile=re.findall(r"^  profile: (.*)$", text, re.M))
     # | variant | params | step s | min..max | CPU s | peak MiB | resident MiB | GFLOP | GFLOP/s | % matmul
     #   | clips/s | ops |
     for row in re.finditer(r"^\| (dist|adapter|full) \|(.*)\|$", text, re.M):
@@ -126,6 +128,9 @@ def render(runs: list[Run], failed: list[str]) -> str:
             f"{steps[2]} | " + " | ".join(ratios) + " |")
     lines += ["", "| target (issue 22, B/16 8+16f, bf16) | value | measured in | verdict |", "|---|---|---|---|"]
     lines += [f"| {t} | {v} | {w} | {verdict} |" for t, v, w, verdict in check_targets(runs)]
+    for r in runs:
+        if r.profile:  # where each variant's step goes: the operator tables are in the run's --profile file
+            lines += ["", f"Profiled in {r.name} (`--profile`): " + "; ".join(r.profile)]
     if failed:
         lines += ["", "No ratios line (failed, or cut by the time budget): " + ", ".join(failed)]
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("dist", "adapter", "full")
+PROFILE_STEPS = 3  # --profile: steps run under torch.profiler, after (never among) the timed ones
 _RESULT_TAG = "TRAIN_STEP_RESULT "
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +47,15 @@ class VariantResult:
     memory_method: str
     batch: int = 1  # clips per step
     ops_per_step: int = 0  # aten ops dispatched by one forward + backward (eager)
+    profiled: bool = False  # --profile: the step ran under torch.profiler after the timed steps
+    device_busy_s: float = 0.0  # per profiled step: time with a kernel running on the GPU (0 on a CPU)
+    kernels_per_step: float = 0.0
+
+    @property
+    def device_busy(self) -> float:
+        """The share of the (unprofiled) median step in which the GPU ran a kernel: near 1 the step waits on the
+        device's arithmetic, well below it on the host launching ops."""
+        return self.device_busy_s / self.step_time
 
     @property
     def step_time(self) -> float:
@@ -214,8 +224,10 @@ def run_variant(
     compile_model: bool = False,
     compile_mode: str | None = None,
     compile_frozen: bool = False,
+    profile_path: str | None = None,
 ) -> VariantResult:
-    """Build `variant`, time `steps` optimizer steps after `warmup`, measure peak memory, count FLOPs."""
+    """Build `variant`, time `steps` optimizer steps after `warmup`, measure peak memory, count FLOPs; with
+    `profile_path`, profile `PROFILE_STEPS` more steps and append their operator table to that file."""
     import torch
 
     from benchmarks import measure
@@ -241,6 +253,13 @@ def run_variant(
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = measure.peak_rss_bytes() - base
+    profile = measure.profile_calls(step, PROFILE_STEPS, device) if profile_path else None
+    if profile:
+        with open(profile_path, "a") as f:
+            seen = (f"per step {profile.device_busy_s * 1e3:.2f} ms with a kernel running, {profile.kernels:.0f} "
+                    f"kernels" if profile.kernels else "host operator times (no device kernels)")
+            f.write(f"=== {variant}, batch {batch}: {PROFILE_STEPS} steps profiled after the timed ones; {seen}\n"
+                    f"{profile.table}\n\n")
     rate_after = measure.matmul_rate(device, built.compute_dtype, matmul_size)
     with torch.compiler.set_stance("force_eager"):  # FlopCounterMode counts eager ops; compiled code is the same math
         flops = count_flops(forward_backward)  # counting only, not timing
@@ -258,6 +277,9 @@ def run_variant(
         memory_method=built.method,
         batch=batch,
         ops_per_step=ops,
+        profiled=profile is not None,
+        device_busy_s=profile.device_busy_s if profile else 0.0,
+        kernels_per_step=profile.kernels if profile else 0.0,
     )
 
 
@@ -302,6 +324,7 @@ def run_in_subprocess(variant: str, args: argparse.Namespace, probe: bool = Fals
         *(["--compile"] if args.compile else []),
         *(["--compile-mode", args.compile_mode] if args.compile_mode else []),
         *(["--compile-frozen"] if args.compile_frozen else []),
+        *(["--profile", args.profile] if args.profile and not probe else []),
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, cwd=_REPO_ROOT, env=env, capture_output=True, text=True)
@@ -346,6 +369,9 @@ def merge_repeats(repeats: list[dict[str, VariantResult]]) -> dict[str, VariantR
             memory_method=runs[0].memory_method,
             batch=runs[0].batch,
             ops_per_step=runs[0].ops_per_step,
+            profiled=runs[0].profiled,
+            device_busy_s=statistics.median(r.device_busy_s for r in runs),
+            kernels_per_step=statistics.median(r.kernels_per_step for r in runs),
         )
     return merged
 
@@ -393,6 +419,14 @@ def format_table(results: dict[str, VariantResult]) -> str:
     return "\n".join(rows)
 
 
+def profile_summary(r: VariantResult) -> str:
+    """One line of what --profile saw for a variant (the tables are in the --profile file)."""
+    if not r.kernels_per_step:  # a CPU: no kernels to time, only the operator table
+        return f"{r.variant}: operator table written (CPU: no device-busy time)"
+    return (f"{r.variant}: device busy {100 * r.device_busy:.0f}% of the step ({r.device_busy_s * 1e3:.1f} ms of "
+            f"{r.step_time * 1e3:.1f}), {r.kernels_per_step:.0f} kernels/step")
+
+
 def _compile_summary(args: argparse.Namespace) -> str:
     if not args.compile:
         return "off"
@@ -428,6 +462,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU)")
     parser.add_argument("--compile-frozen", action="store_true",
                         help="with --compile, also compile DiST's frozen CLIP forward (baselines: compiled anyway)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="after the timed steps, run 3 more of each variant under torch.profiler and write "
+                             "their operator tables to FILE; on a GPU, also report how much of the step a kernel "
+                             "was running (device busy)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # internal: the worker probes
     args = parser.parse_args(argv)
@@ -467,7 +505,8 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
         result = run_variant(args.worker, args.preset, args.batch, args.steps, args.warmup, args.device, args.dtype,
                              args.matmul_size, keep_text_tower=args.keep_text_tower,
                              activation_checkpointing=args.activation_checkpointing, compile_model=args.compile,
-                             compile_mode=args.compile_mode, compile_frozen=args.compile_frozen)
+                             compile_mode=args.compile_mode, compile_frozen=args.compile_frozen,
+                             profile_path=args.profile)
         print(_RESULT_TAG + json.dumps(asdict(result)), flush=True)
         return {args.worker: result}
 
@@ -476,6 +515,9 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
     threads = args.threads or _default_threads()
     args.threads = threads
     probed = args.batch == "max"
+    if args.profile:  # each variant's worker appends its table
+        Path(args.profile).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.profile).write_text("")
     if probed:
         args.batch = largest_common_batch(args)
     print(
@@ -495,6 +537,8 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
             results[variant] = r = run_in_subprocess(variant, args)
             print(f"  {'' if args.repeats == 1 else f'repeat {repeat + 1}/{args.repeats} '}{variant}: "
                   f"{r.step_time:.3f} s/step, peak {r.peak_memory_bytes / 2**20:.0f} MiB", flush=True)
+            if r.profiled:
+                print(f"  profile: {profile_summary(r)}", flush=True)
         repeats.append(results)
     results = merge_repeats(repeats)
     print(f"peak memory: {results['dist'].memory_method}")

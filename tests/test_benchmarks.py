@@ -23,13 +23,19 @@ RATIO_NAMES = ("dist_vs_full_time", "dist_vs_full_mem", "dist_vs_adapter_time", 
 
 
 @pytest.fixture(scope="module")
-def tiny_run():
+def tiny_profile(tmp_path_factory) -> Path:
+    """Where `tiny_run` writes its --profile tables (in a folder that does not exist yet)."""
+    return tmp_path_factory.mktemp("profile") / "sub" / "tiny.txt"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_profile):
     """One real run of `python -m benchmarks.train_step` on dist_tiny (a probe and a timed worker subprocess per
-    variant: `--batch max` up to 2 clips), stdout captured."""
+    variant: `--batch max` up to 2 clips, then 3 profiled steps into `tiny_profile`), stdout captured."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         results = main(["--preset", "dist_tiny", "--steps", "2", "--warmup", "1", "--matmul-size", "256",
-                        "--batch", "max", "--max-batch", "2"])
+                        "--batch", "max", "--max-batch", "2", "--profile", str(tiny_profile)])
     return results, out.getvalue()
 
 
@@ -253,6 +259,31 @@ def test_end_to_end_smoke_prints_the_ratios_line(ray_local, tmp_path):
 
 
 # --- benchmarks.targets and gpu_checks.sh's `targets` mode ---
+def test_profile_appends_each_variants_operator_table_after_the_timed_steps(tiny_run, tiny_profile):
+    """--profile: every variant's worker profiles 3 steps after its timed ones (the timings stay unprofiled) and
+    appends a section to one file; on a CPU there are no kernels, so no device-busy share is claimed."""
+    from benchmarks.train_step import PROFILE_STEPS
+
+    results, stdout = tiny_run
+    sections = tiny_profile.read_text().split("=== ")[1:]
+    assert [s.split(",")[0] for s in sections] == list(VARIANTS)
+    for section in sections:
+        assert f"{PROFILE_STEPS} steps profiled after the timed ones; host operator times" in section
+        assert "Self CPU" in section and "aten::" in section and "autograd::engine" in section  # the backward too
+    assert "aten::_fused_adamw_" in sections[0]  # the optimizer step is in the profiled step
+    for variant, result in results.items():
+        assert result.profiled and result.device_busy_s == result.kernels_per_step == 0
+        assert f"  profile: {variant}: operator table written (CPU: no device-busy time)" in stdout
+
+
+def test_device_busy_time_counts_overlapping_kernels_once():
+    from benchmarks.measure import busy_length
+
+    assert busy_length([]) == 0
+    assert busy_length([(0, 2), (1, 3), (5, 6)]) == 4  # two streams overlapping, then a gap
+    assert busy_length([(5, 6), (0, 10), (2, 3)]) == 10  # inside an earlier one: not counted again
+
+
 def test_targets_reads_a_train_step_log(tiny_run, tmp_path):
     from benchmarks.targets import parse_log
 
@@ -266,6 +297,10 @@ def test_targets_reads_a_train_step_log(tiny_run, tmp_path):
     for variant, result in results.items():
         assert run.step_s[variant] == pytest.approx(result.step_time, abs=5e-4)
         assert run.clips_per_s[variant] == pytest.approx(result.clips_per_s, abs=5e-3)
+    assert run.profile == [f"{v}: operator table written (CPU: no device-busy time)" for v in VARIANTS]
+    from benchmarks.targets import render
+
+    assert "Profiled in tiny_max (`--profile`): dist: operator table" in render([run], [])
     (tmp_path / "cut.log").write_text(stdout.split("ratios: ")[0])  # cut off before its ratios line
     assert parse_log(tmp_path / "cut.log") is None
 
