@@ -215,6 +215,47 @@ def newest_complete_checkpoint(run_dir: str) -> tuple[Any, str, int] | None:
     return best
 
 
+# Ray Train's list of the checkpoints it registered, in the run directory; its controller reads it at every start.
+RAY_REGISTRY = "checkpoint_manager_snapshot.json"
+
+
+def set_aside_unusable_registry(run_dir: str) -> str | None:
+    """Move Ray Train's checkpoint registry aside when its controller could not start from it, so the run can
+    resume (from its newest complete checkpoint, `checkpoint_to_resume`) instead of failing at every launch; returns
+    the line that says so, or None when the registry is usable or absent. Unusable: cut short (Ray writes it in
+    place: a full disk, or a driver killed mid-write, leaves it empty or truncated), or naming a checkpoint that is
+    no longer in the run directory (deleted by hand, to free space). Ray's retention then no longer knows the older
+    checkpoints; the driver's pruning at the end of the run applies its rule to them."""
+    import time
+
+    import pyarrow.fs
+
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
+        path = f"{root.rstrip('/')}/{RAY_REGISTRY}"
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            text = f.read()
+    except (OSError, ValueError):  # no storage to read: the run's own start will say so
+        return None
+    try:
+        registry = json.loads(text)
+        names = {r["checkpoint_dir_name"] for r in registry["checkpoint_results"]}
+    except (ValueError, TypeError, KeyError):
+        why = f"is cut short ({len(text)} bytes: written while the disk filled up, or by a process killed mid-write)"
+    else:
+        infos = fs.get_file_info([f"{root.rstrip('/')}/{name}" for name in sorted(names)])
+        gone = [i.base_name for i in infos if i.type != pyarrow.fs.FileType.Directory]
+        if not gone:
+            return None
+        why = f"names checkpoints no longer in the run directory ({', '.join(gone)}: deleted by hand?)"
+    aside = f"{path}.unusable-{time.strftime('%Y%m%d-%H%M%S')}"
+    fs.move(path, aside)
+    return (f"Ray Train's checkpoint registry {RAY_REGISTRY} {why}; Ray would refuse to start the run from it, so it "
+            f"was moved aside to {aside.rsplit('/', 1)[-1]}: the run resumes from its newest complete checkpoint")
+
+
 def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int) -> dict[str, int | None] | None:
     """Delete the checkpoint_* directories of a finished run that Ray Train neither retains (`retained`: the paths of
     its kept checkpoints) nor would have: partial uploads cut by a storage outage, and complete checkpoints whose

@@ -40,6 +40,7 @@ from workflows.runtime import (
     compile_toolchain_problem,
     ensure_ray,
     interrupted_exit_code,
+    is_disk_full,
     is_remote,
     label_selector,
     local_cpus_for,
@@ -284,17 +285,28 @@ def wait_for_storage(run_dir: str, timeout_s: float = STORAGE_WAIT_S, probe_s: f
 def fit_through_storage_outages(make_trainer: Any, recipe: Recipe, wait_s: float = STORAGE_WAIT_S) -> Any:
     """`make_trainer().fit()`, fitted again (a new trainer of the same run, which resumes from its newest complete
     checkpoint) when the Train controller failed on a storage write, after the storage answers again; at most
-    run.max_failures times. Any other failure, or storage still away after `wait_s`, is raised."""
+    run.max_failures times. Any other failure, or storage still away after `wait_s`, is raised; a full disk is
+    raised as RunNotRestarted (waiting does not free space). Before each fit, a checkpoint registry Ray could not
+    start from is moved aside (`set_aside_unusable_registry`)."""
+    from workflows.checkpoints import set_aside_unusable_registry
+
     relaunches, limit = 0, recipe.run.max_failures
     while True:
+        note = set_aside_unusable_registry(recipe.run_dir)
+        if note:
+            print(f"{LOG_PREFIX} {note}", flush=True)
         try:
             return make_trainer().fit()
         except Exception as exc:
             failure = storage_failure(exc)
+            where = redact_secrets(recipe.run_dir)
+            if failure is not None and is_disk_full(str(failure)):  # (a worker's record of it is cleared, or
+                # outdone by the relaunch's own, at the next launch)
+                raise RunNotRestarted(f"the Train controller could not write to {where}: "
+                                      f"{redact_secrets(str(failure))}") from exc
             if failure is None or 0 <= limit <= relaunches:  # -1: no limit, as Ray Train's FailureConfig reads it
                 raise
             relaunches += 1
-            where = redact_secrets(recipe.run_dir)
             of = f"of {limit}" if limit >= 0 else "of unlimited"
             print(f"{LOG_PREFIX} the Train controller could not write to {where} ({redact_secrets(str(failure))}); "
                   f"waiting up to {wait_s:.0f} s for the storage, then resuming the run from its newest complete "
@@ -321,8 +333,41 @@ def describe_training_failure(exc: Exception, recipe: Recipe) -> str:
             why = None
         why = why or root_cause(exc)
         restarts = f" after {limit} restart{'s' * (limit != 1)} (run.max_failures)" if limit > 0 else ""
-    return (f"the run failed{restarts}: {redact_secrets(why)}. Once that is fixed, "
-            f"{where_it_resumes(recipe, newest_complete_checkpoint(recipe.run_dir))}.")
+    newest = newest_complete_checkpoint(recipe.run_dir)
+    fix = f" {disk_full_advice(recipe, newest)}" if is_disk_full(why) else ""
+    return (f"the run failed{restarts}: {redact_secrets(why)}.{fix} Once that is fixed, "
+            f"{where_it_resumes(recipe, newest)}.")
+
+
+def disk_full_advice(recipe: Recipe, newest: tuple[Any, str, int] | None) -> str:
+    """What to do about a full disk: how much a checkpoint of this run takes (its newest complete one), what the
+    run directory's disk has free (a local one), and the ways out."""
+    import shutil
+
+    import pyarrow.fs
+
+    from workflows.checkpoints import RAY_REGISTRY
+
+    size = None
+    if newest is not None:
+        fs, path, _ = newest
+        files = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+        size = sum(f.size or 0 for f in files if f.type == pyarrow.fs.FileType.File)
+    takes = f"A checkpoint of this run takes {size / 2**20:.1f} MiB" if size else "Each checkpoint takes space"
+    keep = recipe.run.keep_checkpoints
+    advice = (f"{takes}, and run.keep_checkpoints={keep} keeps up to {keep + 1} (the best and the latest). Free space "
+              f"(this run's older checkpoints may go: it resumes from its newest complete one, and Ray's "
+              f"{RAY_REGISTRY} is set aside at the next launch if it names a deleted one), lower "
+              f"run.keep_checkpoints, or move the run directory to a larger disk and point run.storage_path there.")
+    if is_remote(recipe.run_dir):
+        return advice
+    existing = next(p for p in (Path(recipe.run_dir).absolute(), *Path(recipe.run_dir).absolute().parents)
+                    if p.exists())
+    free = shutil.disk_usage(existing).free
+    if size and free > 2 * size:  # the run directory has room now: a node's temporary folder may be what filled
+        return (f"{advice} The run directory's disk has {free / 2**20:.0f} MiB free now; each worker writes its "
+                f"part of a checkpoint to its node's temporary folder first (TMPDIR), which may be what filled up.")
+    return f"{advice} {free / 2**20:.1f} MiB are free there now."
 
 
 def where_it_resumes(recipe: Recipe, newest: tuple[Any, str, int] | None) -> str:

@@ -303,6 +303,15 @@ def _root_in_text(text: str) -> re.Match | None:
     return _ERROR_LINE.search(parts[i])
 
 
+# A full disk (ENOSPC) or quota (EDQUOT), as Python, pyarrow and shells word it: no restart or wait fixes either.
+_DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|\[Errno (?:28|122)\]", re.IGNORECASE)
+
+
+def is_disk_full(error: str) -> bool:
+    """Whether an error's text (e.g. `root_cause`'s line) says a disk or a quota is full."""
+    return bool(_DISK_FULL.search(error))
+
+
 def root_cause(exc: BaseException) -> str:
     """"Type: first line of the message" of the error at the root of `exc` (followed through `raise ... from`), for
     a one-line report. A remote error (a decoder's, say) reaches a Train worker as RayTaskError(UserCodeException),

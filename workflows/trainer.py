@@ -724,11 +724,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
 def restart_cannot_fix(exc: BaseException) -> bool:
     """An error a new worker group would meet again: a corpus over its bad-video limit (the drop counts survive
-    restarts) or a recipe the worker's node cannot run (ConfigError, e.g. train.compile without a compiler)."""
+    restarts), a recipe the worker's node cannot run (ConfigError, e.g. train.compile without a compiler), or a full
+    disk (a checkpoint that did not fit: each restart would train to the next checkpoint and fail there again)."""
     from workflows.data.drops import TooManyBadVideos
     from workflows.data.pipeline import decode_failure
+    from workflows.runtime import is_disk_full, root_cause
 
-    return isinstance(exc, ConfigError) or isinstance(decode_failure(exc), TooManyBadVideos)
+    return isinstance(exc, ConfigError) or isinstance(decode_failure(exc), TooManyBadVideos) or \
+        is_disk_full(root_cause(exc))
 
 
 def checkpoint_to_resume(registered: Any, run_dir: str, log: Any = print) -> Any:
@@ -753,8 +756,11 @@ def checkpoint_to_resume(registered: Any, run_dir: str, log: Any = print) -> Any
     if choice[0] is None:
         return registered
     fs, _ = pyarrow.fs.FileSystem.from_uri(run_dir)
-    log(f"resuming from {choice[0]}: complete in storage and newer than Ray's newest registered checkpoint "
-        f"({registered.path if registered else 'none'}), whose report a lost worker did not deliver")
+    if registered is None:  # none registered: a registry set aside (`set_aside_unusable_registry`), or a lost report
+        log(f"resuming from {choice[0]}: the newest complete checkpoint in storage (Ray Train has none registered)")
+    else:
+        log(f"resuming from {choice[0]}: complete in storage and newer than Ray's newest registered checkpoint "
+            f"({registered.path}), whose report a lost worker did not deliver")
     return ray.train.Checkpoint(choice[0], filesystem=fs)
 
 

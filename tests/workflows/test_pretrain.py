@@ -289,6 +289,20 @@ def test_mixing_keeps_targets_normalised_and_is_seeded():
     assert torch.allclose(soft_cross_entropy(logits, smooth_one_hot(labels, 5, 0.0)), hard)
 
 
+def test_a_full_disk_or_quota_is_an_error_no_restart_fixes():
+    from workflows.runtime import is_disk_full
+    from workflows.trainer import restart_cannot_fix
+
+    for text in ("OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device",
+                 "OSError: [Errno 122] Disk quota exceeded: '/home/me/runs/x/ds'",
+                 "RuntimeError: No space left on device"):
+        assert is_disk_full(text), text
+    assert not is_disk_full("OSError: [Errno 2] No such file or directory: 'runs/x'")
+    assert not is_disk_full("RuntimeError: CUDA out of memory. Tried to allocate 28.00 MiB")
+    assert restart_cannot_fix(OSError(28, "No space left on device"))
+    assert not restart_cannot_fix(OSError(104, "Connection reset by peer"))
+
+
 def test_a_controller_storage_failure_relaunches_the_run_once_storage_answers(tmp_path, capsys):
     """Ray Train ends fit() with a ControllerError when its controller cannot write the checkpoint registry to
     storage (seen in tests/workflows/test_object_storage.py's outage); the driver waits for the storage and fits the
@@ -326,6 +340,15 @@ def test_a_controller_storage_failure_relaunches_the_run_once_storage_answers(tm
     failures = [ControllerError(ValueError("a bug in a callback"))]
     with pytest.raises(ControllerError):
         fit_through_storage_outages(lambda: Trainer(failures), recipe, wait_s=5)
+    # A full disk answers listings at once, and waiting frees no space: not relaunched (as pyarrow words it).
+    from workflows.elastic import RunNotRestarted
+
+    Trainer.fits = 0
+    full = OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+    failures = [ControllerError(full)]
+    with pytest.raises(RunNotRestarted, match=r"could not write to .*No space left on device"):
+        fit_through_storage_outages(lambda: Trainer(failures), recipe, wait_s=5)
+    assert Trainer.fits == 1
     assert storage_failure(RuntimeError("x")) is None and storage_failure(ControllerError(outage)) is outage
     assert wait_for_storage(str(tmp_path), timeout_s=0)
     # An endpoint nobody listens on: a real connection refused, so the wait gives up (after one probe).
@@ -597,3 +620,71 @@ def test_a_sigkilled_worker_resumes_from_the_newest_complete_checkpoint(ray_loca
     retained = {Path(c.path) for c, _ in result.best_checkpoints} | {Path(result.checkpoint.path)}
     assert retained <= set(left) and len(left) <= 3
     assert all(checkpoint_step(pyarrow.fs.LocalFileSystem(), str(p)) is not None for p in left)
+
+
+
+_FULL_DISK_SCRIPT = """
+set -u
+mount -t tmpfs -o size=6m tmpfs "$DISK" || exit 90
+run() {  # run NAME: the smoke recipe on the small disk, its output in $OUT/NAME.log, its exit status in NAME.rc
+  env RAY_ADDRESS=local "$PYTHON" -m workflows pretrain --config "$SMOKE" --set mlflow.enabled=false \
+    run.storage_path="$DISK/runs" $DATA > "$OUT/$1.log" 2>&1
+  echo $? > "$OUT/$1.rc"
+}
+run full  # 6 MiB hold the step-3 checkpoint (4.2 MiB), not the step-6 one
+mount -o remount,size=40m "$DISK"  # space freed
+# What the full disk left in the first real run of this on 2026-12-06, where Ray's controller met it: its registry
+# cut to 0 bytes, which Ray 2.60 then refused at every launch (a JSONDecodeError in the controller).
+: > "$DISK/runs/smoke/checkpoint_manager_snapshot.json"
+run freed
+cp -r "$DISK/runs" "$OUT/runs"
+"""
+
+
+@pytest.mark.integration
+def test_a_full_disk_ends_the_run_at_once_and_it_resumes_once_space_is_freed(sample_data, tmp_path):
+    """A real full disk: the run directory on a 6 MiB tmpfs (in a private mount namespace) holds the step-3
+    checkpoint, not the step-6 one. The run ends at once (a restart would train to the next checkpoint and fail
+    there again) saying what a checkpoint takes, what is free and what to do; once space is freed the same command
+    resumes from step 3, also when the full disk had cut Ray's checkpoint registry short."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from workflows.checkpoints import RAY_REGISTRY, set_aside_unusable_registry
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("mounting a small tmpfs needs root and unshare")
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir()
+    out.mkdir()
+    data = (f"data.train_manifest={sample_data.train_manifest} data.val_manifest={sample_data.val_manifest} "
+            f"data.labels={sample_data.labels}")
+    env = dict(os.environ, DISK=str(disk), OUT=str(out), PYTHON=sys.executable, SMOKE=str(SMOKE), DATA=data)
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", _FULL_DISK_SCRIPT],
+                          cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 90, f"could not mount a tmpfs: {done.stderr[-2000:]}"
+    full, freed = (out / "full.log").read_text(), (out / "freed.log").read_text()
+    assert (out / "full.rc").read_text().strip() == "1", full[-3000:]
+    error = next(line for line in full.splitlines() if line.startswith("error: "))
+    assert "No space left on device" in error and "was not restarted" in error, error
+    assert re.search(r"A checkpoint of this run takes 4\.\d MiB, and run\.keep_checkpoints=2 keeps up to 3", error)
+    assert re.search(r"\d\.\d MiB are free there now", error) and "point run.storage_path there" in error
+    assert re.search(r"resumes it from its newest complete checkpoint, \S+ \(step 3\)\.$", error), error
+    assert "step 5/6" in full and "step 4/6" in full  # trained up to the step-6 checkpoint, once: never restarted
+    assert full.count("step 4/6") == 1, "a restart trained to the next checkpoint again"
+    assert (out / "freed.rc").read_text().strip() == "0", freed[-3000:]
+    assert f"Ray Train's checkpoint registry {RAY_REGISTRY} is cut short (0 bytes" in freed
+    assert "the newest complete checkpoint in storage (Ray Train has none registered)" in freed
+    assert "resumed from step 3" in freed and "finished: step 6" in freed
+    runs = out / "runs" / "smoke"
+    assert len(list(runs.glob(f"{RAY_REGISTRY}.unusable-*"))) == 1
+    # The resumed run wrote a new registry; a checkpoint it names deleted by hand (to free space) makes it unusable
+    # too: Ray refuses a registry naming a missing checkpoint, so it is set aside at the next launch.
+    assert set_aside_unusable_registry(str(runs)) is None
+    named = json.loads((runs / RAY_REGISTRY).read_text())["checkpoint_results"]
+    shutil.rmtree(runs / named[0]["checkpoint_dir_name"])
+    note = set_aside_unusable_registry(str(runs))
+    assert note and f"({named[0]['checkpoint_dir_name']}: deleted by hand?)" in note
+    assert not (runs / RAY_REGISTRY).exists() and len(list(runs.glob(f"{RAY_REGISTRY}.unusable-*"))) == 2
