@@ -128,6 +128,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from workflows.checkpoints import set_aside_unusable_registry
     from workflows.data.drops import drop_counter
     from workflows.elastic import forget_unrestartable_failure, raise_if_not_restarted
     from workflows.pretrain import build_trainer
@@ -147,6 +148,9 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     trainer = build_trainer(recipe, extra_config={"mlflow_parent_run_id": context["parent_run_id"]},
                             callbacks=[TuneReportCallback()], name=name, verbose=context.get("verbose", False))
     forget_unrestartable_failure(recipe.run_dir)
+    note = set_aside_unusable_registry(recipe.run_dir)  # a retried trial whose last attempt met a full disk
+    if note:
+        print(f"{LOG_PREFIX} trial {trial_id}: {note}", flush=True)
     trainer.fit()
     del counter
     raise_if_not_restarted(recipe.run_dir)  # the trial errors with the reason, not a finish without results
