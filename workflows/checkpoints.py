@@ -215,6 +215,14 @@ def newest_complete_checkpoint(run_dir: str) -> tuple[Any, str, int] | None:
     return best
 
 
+def estimated_checkpoint_bytes(trainable_params: int, module_bytes: int, elastic: bool) -> int:
+    """What one checkpoint takes in storage, per trainable parameter: weights.safetensors (fp32, 4 bytes),
+    DeepSpeed's module states (`module_bytes`: 2 in bf16/fp16 runs, 4 in fp32), its ZeRO optimizer partitions (fp32
+    weights and two Adam moments, 12) and, in elastic runs, optimizer_full.safetensors (12 more). dist_tiny's
+    0.22 M parameters in fp32: 4.3 MB estimated, 4.4 MB measured (DeepSpeed's helper scripts are the rest)."""
+    return trainable_params * (4 + module_bytes + 12 + (12 if elastic else 0))
+
+
 # Ray Train's list of the checkpoints it registered, in the run directory; its controller reads it at every start.
 RAY_REGISTRY = "checkpoint_manager_snapshot.json"
 

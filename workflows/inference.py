@@ -141,9 +141,9 @@ def resolve_labels(label_file: str | None, checkpoint: LoadedCheckpoint | None,
     raise ConfigError(missing or f"{where} stores no class names; pass --labels")
 
 
-def check_weights_fit(checkpoint: Path, recipe: Recipe) -> None:
-    """Raise ConfigError when the checkpoint's weights do not fit the recipe's model (checked on the meta
-    device: no CLIP is built, nothing is allocated)."""
+def trainable_shapes(recipe: Recipe) -> dict[str, tuple[int, ...]]:
+    """{checkpoint key: shape} of the recipe's trainable weights, as weights.safetensors stores them (built on the
+    meta device: no CLIP is built, nothing is allocated)."""
     import torch
 
     from dist_model.model import DiSTNet, SpatialOnlyHead
@@ -151,7 +151,12 @@ def check_weights_fit(checkpoint: Path, recipe: Recipe) -> None:
     module = SpatialOnlyHead if recipe.model.variant == "spatial_only" else DiSTNet
     prefix = "head." if recipe.model.variant == "spatial_only" else "dist_net."
     with torch.device("meta"):
-        expected = {prefix + k: tuple(v.shape) for k, v in module(model_config(recipe.model)).state_dict().items()}
+        return {prefix + k: tuple(v.shape) for k, v in module(model_config(recipe.model)).state_dict().items()}
+
+
+def check_weights_fit(checkpoint: Path, recipe: Recipe) -> None:
+    """Raise ConfigError when the checkpoint's weights do not fit the recipe's model (`trainable_shapes`)."""
+    expected = trainable_shapes(recipe)
     found = weight_shapes(checkpoint)  # the safetensors header alone: no tensor is read
     problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
     problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]

@@ -8,6 +8,7 @@ with `train.init_from` and another label file: only the label texts change.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -144,8 +145,57 @@ def validate_before_start(recipe: Recipe) -> None:
     check_model_weights(recipe)
     if is_remote(recipe.run_dir):
         check_storage_answers(recipe.run_dir)
+    else:
+        check_free_space(recipe)
     if recipe.mlflow.enabled and is_remote(recipe.run_dir):  # a remote run directory needs a tracking server
         resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir)
+
+
+def check_free_space(recipe: Recipe) -> None:
+    """A local run directory's disk must hold the run's checkpoints: with less free than one, the run would train
+    up to its next checkpoint and fail there (ConfigError, before any work); with less than the run still adds
+    (run.keep_checkpoints + 1 are kept, the best and the latest, less those already there), a warning. A
+    checkpoint's size is the newest complete one's when the run resumes, else `estimated_checkpoint_bytes`."""
+    from workflows.checkpoints import estimated_checkpoint_bytes, newest_complete_checkpoint
+    from workflows.inference import trainable_shapes
+
+    run_dir = Path(recipe.run_dir).absolute()
+    free = free_bytes(run_dir)
+    newest = newest_complete_checkpoint(str(run_dir))
+    if newest:
+        size, there = checkpoint_bytes(newest), len(list(run_dir.glob("checkpoint_*/")))
+    else:
+        params = sum(math.prod(shape) for shape in trainable_shapes(recipe).values())
+        size = estimated_checkpoint_bytes(params, 4 if recipe.precision() == "fp32" else 2, recipe.scaling.elastic)
+        there = 0
+    keep, mib = recipe.run.keep_checkpoints, 2**20
+    what = (f"{run_dir}'s disk has {free / mib:.1f} MiB free, and a checkpoint of this run takes "
+            f"{'' if newest else 'about '}{size / mib:.1f} MiB")
+    if free < size:
+        raise ConfigError(f"{what}: the {'next' if newest else 'first'} checkpoint would not fit, after training up "
+                          f"to it. Free space, or set run.storage_path to a larger disk")
+    adds = max(1, keep + 1 - there)
+    if free < adds * size:
+        warn_once(f"warning: {what}; run.keep_checkpoints={keep} keeps up to {keep + 1}, {adds} more than are there "
+                  f"now ({adds * size / mib:.1f} MiB): the first that does not fit ends the run (free space, lower "
+                  f"run.keep_checkpoints, or set run.storage_path to a larger disk)")
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the disk that holds local `path` (its nearest existing folder: a new run's is not made yet)."""
+    import shutil
+
+    path = Path(path).absolute()
+    return shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+
+
+def checkpoint_bytes(checkpoint: tuple[Any, str, int]) -> int:
+    """The bytes of every file in a checkpoint (a `newest_complete_checkpoint` answer)."""
+    import pyarrow.fs
+
+    fs, path, _ = checkpoint
+    files = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+    return sum(f.size or 0 for f in files if f.type == pyarrow.fs.FileType.File)
 
 
 def list_run_dir(run_dir: str) -> None:
@@ -342,17 +392,10 @@ def describe_training_failure(exc: Exception, recipe: Recipe) -> str:
 def disk_full_advice(recipe: Recipe, newest: tuple[Any, str, int] | None) -> str:
     """What to do about a full disk: how much a checkpoint of this run takes (its newest complete one), what the
     run directory's disk has free (a local one), and the ways out."""
-    import shutil
-
-    import pyarrow.fs
 
     from workflows.checkpoints import RAY_REGISTRY
 
-    size = None
-    if newest is not None:
-        fs, path, _ = newest
-        files = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
-        size = sum(f.size or 0 for f in files if f.type == pyarrow.fs.FileType.File)
+    size = checkpoint_bytes(newest) if newest is not None else None
     takes = f"A checkpoint of this run takes {size / 2**20:.1f} MiB" if size else "Each checkpoint takes space"
     keep = recipe.run.keep_checkpoints
     advice = (f"{takes}, and run.keep_checkpoints={keep} keeps up to {keep + 1} (the best and the latest). Free space "
@@ -361,9 +404,7 @@ def disk_full_advice(recipe: Recipe, newest: tuple[Any, str, int] | None) -> str
               f"run.keep_checkpoints, or move the run directory to a larger disk and point run.storage_path there.")
     if is_remote(recipe.run_dir):
         return advice
-    existing = next(p for p in (Path(recipe.run_dir).absolute(), *Path(recipe.run_dir).absolute().parents)
-                    if p.exists())
-    free = shutil.disk_usage(existing).free
+    free = free_bytes(recipe.run_dir)
     if size and free > 2 * size:  # the run directory has room now: a node's temporary folder may be what filled
         return (f"{advice} The run directory's disk has {free / 2**20:.0f} MiB free now; each worker writes its "
                 f"part of a checkpoint to its node's temporary folder first (TMPDIR), which may be what filled up.")

@@ -632,6 +632,7 @@ run() {  # run NAME: the smoke recipe on the small disk, its output in $OUT/NAME
   echo $? > "$OUT/$1.rc"
 }
 run full  # 6 MiB hold the step-3 checkpoint (4.2 MiB), not the step-6 one
+run refused  # the same command before space is freed
 mount -o remount,size=40m "$DISK"  # space freed
 # What the full disk left in the first real run of this on 2026-12-06, where Ray's controller met it: its registry
 # cut to 0 bytes, which Ray 2.60 then refused at every launch (a JSONDecodeError in the controller).
@@ -646,7 +647,8 @@ def test_a_full_disk_ends_the_run_at_once_and_it_resumes_once_space_is_freed(sam
     """A real full disk: the run directory on a 6 MiB tmpfs (in a private mount namespace) holds the step-3
     checkpoint, not the step-6 one. The run ends at once (a restart would train to the next checkpoint and fail
     there again) saying what a checkpoint takes, what is free and what to do; once space is freed the same command
-    resumes from step 3, also when the full disk had cut Ray's checkpoint registry short."""
+    resumes from step 3, also when the full disk had cut Ray's checkpoint registry short. Before any work, a disk
+    short of what the run keeps is warned of, and one short of a single checkpoint refused."""
     import os
     import shutil
     import subprocess
@@ -667,13 +669,23 @@ def test_a_full_disk_ends_the_run_at_once_and_it_resumes_once_space_is_freed(sam
     assert done.returncode != 90, f"could not mount a tmpfs: {done.stderr[-2000:]}"
     full, freed = (out / "full.log").read_text(), (out / "freed.log").read_text()
     assert (out / "full.rc").read_text().strip() == "1", full[-3000:]
+    # Before any work: 6 MiB hold one checkpoint (about 4.1 MiB, estimated from the parameters), not the 3 kept.
+    warned = re.search(r"warning: \S+'s disk has 6\.0 MiB free, and a checkpoint of this run takes about "
+                       r"(\d\.\d) MiB; run\.keep_checkpoints=2 keeps up to 3, 3 more than are there now", full)
+    assert warned, full[:3000]
     error = next(line for line in full.splitlines() if line.startswith("error: "))
     assert "No space left on device" in error and "was not restarted" in error, error
-    assert re.search(r"A checkpoint of this run takes 4\.\d MiB, and run\.keep_checkpoints=2 keeps up to 3", error)
+    measured = re.search(r"A checkpoint of this run takes (\d\.\d) MiB, and run\.keep_checkpoints=2 keeps up to 3",
+                         error)
+    assert measured, error
+    assert 0.9 < float(warned[1]) / float(measured[1]) < 1.1  # the estimate from the parameters, against the files
     assert re.search(r"\d\.\d MiB are free there now", error) and "point run.storage_path there" in error
     assert re.search(r"resumes it from its newest complete checkpoint, \S+ \(step 3\)\.$", error), error
     assert "step 5/6" in full and "step 4/6" in full  # trained up to the step-6 checkpoint, once: never restarted
     assert full.count("step 4/6") == 1, "a restart trained to the next checkpoint again"
+    refused = (out / "refused.log").read_text()  # what is free now (1.8 MiB) is less than the step-3 checkpoint
+    assert (out / "refused.rc").read_text().strip() == "2" and "the next checkpoint would not fit" in refused, refused
+    assert "warning:" not in freed  # 40 MiB: room for the checkpoints still to come
     assert (out / "freed.rc").read_text().strip() == "0", freed[-3000:]
     assert f"Ray Train's checkpoint registry {RAY_REGISTRY} is cut short (0 bytes" in freed
     assert "the newest complete checkpoint in storage (Ray Train has none registered)" in freed
