@@ -146,9 +146,27 @@ def validate_before_start(recipe: Recipe) -> None:
     if is_remote(recipe.run_dir):
         check_storage_answers(recipe.run_dir)
     else:
+        check_run_dir_writable(recipe.run_dir)
         check_free_space(recipe)
     if recipe.mlflow.enabled and is_remote(recipe.run_dir):  # a remote run directory needs a tracking server
         resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir)
+
+
+def check_run_dir_writable(run_dir: str) -> None:
+    """A local run directory (or, for a new run, its nearest existing parent) must take files: a read-only mount, or
+    a folder the user may not write, fails here rather than after Ray has started. Probed by writing a file, which
+    also catches what permission bits do not tell (a read-only or root-squashed mount)."""
+    import tempfile
+
+    path = Path(run_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".dist-write-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"run.storage_path: {existing} cannot be written ({exc.strerror or exc}), so the run "
+                          f"{run_dir} could keep no checkpoint: set run.storage_path to a folder you can "
+                          f"write") from None
 
 
 def check_free_space(recipe: Recipe) -> None:

@@ -626,11 +626,12 @@ def test_a_sigkilled_worker_resumes_from_the_newest_complete_checkpoint(ray_loca
 _FULL_DISK_SCRIPT = """
 set -u
 mount -t tmpfs -o size=6m tmpfs "$DISK" || exit 90
-run() {  # run NAME: the smoke recipe on the small disk, its output in $OUT/NAME.log, its exit status in NAME.rc
+run() {  # run NAME [STORAGE]: the smoke recipe (on the small disk), its output in $OUT/NAME.log, exit status NAME.rc
   env RAY_ADDRESS=local "$PYTHON" -m workflows pretrain --config "$SMOKE" --set mlflow.enabled=false \
-    run.storage_path="$DISK/runs" $DATA > "$OUT/$1.log" 2>&1
+    run.storage_path="${2:-$DISK/runs}" $DATA > "$OUT/$1.log" 2>&1
   echo $? > "$OUT/$1.rc"
 }
+mount -t tmpfs -o size=1m,ro tmpfs "$READONLY" && run readonly "$READONLY/runs"  # a read-only mount
 run full  # 6 MiB hold the step-3 checkpoint (4.2 MiB), not the step-6 one
 run refused  # the same command before space is freed
 mount -o remount,size=40m "$DISK"  # space freed
@@ -648,7 +649,8 @@ def test_a_full_disk_ends_the_run_at_once_and_it_resumes_once_space_is_freed(sam
     checkpoint, not the step-6 one. The run ends at once (a restart would train to the next checkpoint and fail
     there again) saying what a checkpoint takes, what is free and what to do; once space is freed the same command
     resumes from step 3, also when the full disk had cut Ray's checkpoint registry short. Before any work, a disk
-    short of what the run keeps is warned of, and one short of a single checkpoint refused."""
+    short of what the run keeps is warned of, one short of a single checkpoint refused, and a read-only one
+    refused."""
     import os
     import shutil
     import subprocess
@@ -658,15 +660,21 @@ def test_a_full_disk_ends_the_run_at_once_and_it_resumes_once_space_is_freed(sam
 
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("mounting a small tmpfs needs root and unshare")
-    disk, out = tmp_path / "disk", tmp_path / "out"
-    disk.mkdir()
-    out.mkdir()
+    disk, out, readonly = tmp_path / "disk", tmp_path / "out", tmp_path / "readonly"
+    for folder in (disk, out, readonly):
+        folder.mkdir()
     data = (f"data.train_manifest={sample_data.train_manifest} data.val_manifest={sample_data.val_manifest} "
             f"data.labels={sample_data.labels}")
-    env = dict(os.environ, DISK=str(disk), OUT=str(out), PYTHON=sys.executable, SMOKE=str(SMOKE), DATA=data)
+    env = dict(os.environ, DISK=str(disk), OUT=str(out), READONLY=str(readonly), PYTHON=sys.executable,
+               SMOKE=str(SMOKE), DATA=data)
     done = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", _FULL_DISK_SCRIPT],
                           cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 90, f"could not mount a tmpfs: {done.stderr[-2000:]}"
+    # A run directory that cannot be written fails before any work (it used to fail after Ray had started, with a
+    # traceback from writing recipe.yaml).
+    assert (out / "readonly.rc").read_text().strip() == "2"
+    assert f"error: run.storage_path: {readonly} cannot be written (Read-only file system)" in \
+        (out / "readonly.log").read_text()
     full, freed = (out / "full.log").read_text(), (out / "freed.log").read_text()
     assert (out / "full.rc").read_text().strip() == "1", full[-3000:]
     # Before any work: 6 MiB hold one checkpoint (about 4.1 MiB, estimated from the parameters), not the 3 kept.
