@@ -20,6 +20,7 @@ with `torch.load(weights_only=True)` and an explicit allowlist of DeepSpeed's ow
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -196,9 +197,9 @@ def complete_checkpoint_state(fs: Any, path: str) -> dict[str, Any] | None:
     return state
 
 
-def newest_complete_checkpoint(run_dir: str) -> tuple[Any, str, int] | None:
+def newest_complete_checkpoint(run_dir: str, but: str | None = None) -> tuple[Any, str, int] | None:
     """(pyarrow filesystem, path, step) of the complete checkpoint_* directory with the highest step in a run
-    directory (a local path or a URI), or None."""
+    directory (a local path or a URI), other than the one at path `but`; or None."""
     import pyarrow.fs
 
     try:
@@ -208,7 +209,8 @@ def newest_complete_checkpoint(run_dir: str) -> tuple[Any, str, int] | None:
         return None
     best: tuple[Any, str, int] | None = None
     for entry in entries:
-        if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+        if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_") and \
+                entry.path.rstrip("/") != (but or "").rstrip("/"):
             step = checkpoint_step(fs, entry.path)
             if step is not None and (best is None or step > best[2]):
                 best = (fs, entry.path, step)
@@ -257,7 +259,7 @@ def set_aside_unusable_registry(run_dir: str) -> str | None:
         gone = [i.base_name for i in infos if i.type != pyarrow.fs.FileType.Directory]
         if not gone:
             return None
-        why = f"names checkpoints no longer in the run directory ({', '.join(gone)}: deleted by hand?)"
+        why = f"names checkpoints no longer in the run directory ({', '.join(gone)}: moved or deleted by hand?)"
     aside = f"{path}.unusable-{time.strftime('%Y%m%d-%H%M%S')}"
     fs.move(path, aside)
     return (f"Ray Train's checkpoint registry {RAY_REGISTRY} {why}; Ray would refuse to start the run from it, so it "
@@ -341,6 +343,25 @@ class CorruptCheckpoint(ValueError):
     """A checkpoint file that is there but cannot be read: truncated (a copy or an upload cut short), overwritten,
     or not what its name says. Built by `corrupt_checkpoint`, whose message names the file, what is wrong and what
     to use instead (a plain ValueError otherwise: it pickles, e.g. raised in a Ray Train worker)."""
+
+
+# What torch.load (DeepSpeed's files), safetensors and json say of bytes that are not what was written: a checkpoint
+# whose files have their listed sizes (complete) but not their content (bit rot, a partial overwrite, a bad copy).
+_UNREADABLE = re.compile(r"UnpicklingError|Weights only load failed|PytorchStreamReader|invalid load key|central "
+                         r"directory|Ran out of input|SafetensorError|deserializ|EOFError|JSONDecodeError|"
+                         r"not a zip file|corrupt", re.IGNORECASE)
+
+
+def unreadable_checkpoint(checkpoint_path: str, exc: BaseException) -> CorruptCheckpoint | None:
+    """A CorruptCheckpoint when `exc`, raised while loading the checkpoint at `checkpoint_path` to resume from it,
+    says its bytes cannot be read; None for anything else (storage that does not answer, memory, a bug), which a
+    restart may still fix."""
+    text = f"{type(exc).__name__}: {exc}"
+    if not _UNREADABLE.search(text):
+        return None
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return CorruptCheckpoint(f"{checkpoint_path.rstrip('/').rsplit('/', 1)[-1]} cannot be loaded: its files have the "
+                             f"sizes they were written with, not their content ({type(exc).__name__}: {first[:160]})")
 
 
 def corrupt_checkpoint(directory: str | Path, name: str, problem: Any) -> CorruptCheckpoint:

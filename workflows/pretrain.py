@@ -402,6 +402,13 @@ def describe_training_failure(exc: Exception, recipe: Recipe) -> str:
         why = why or root_cause(exc)
         restarts = f" after {limit} restart{'s' * (limit != 1)} (run.max_failures)" if limit > 0 else ""
     newest = newest_complete_checkpoint(recipe.run_dir)
+    if "CorruptCheckpoint" in why and newest is not None:  # the checkpoint it resumes from is the one to remove
+        before = newest_complete_checkpoint(recipe.run_dir, but=newest[1])
+        then = (f"{redact_secrets(before[1])} (step {before[2]})" if before else
+                "nothing: no other complete checkpoint is there, so it would start anew")
+        return (f"the run failed{restarts}: {redact_secrets(why)}. Move {redact_secrets(newest[1])} (step "
+                f"{newest[2]}) out of the run directory, or rename it so it no longer starts with checkpoint_: the "
+                f"same command then resumes from the complete checkpoint before it, {then}.")
     fix = f" {disk_full_advice(recipe, newest)}" if is_disk_full(why) else ""
     return (f"the run failed{restarts}: {redact_secrets(why)}.{fix} Once that is fixed, "
             f"{where_it_resumes(recipe, newest)}.")

@@ -323,16 +323,22 @@ class Trainer:
         """Load the engine (weights, optimizer, schedule; ZeRO's optimizer state re-partitioned when the number of
         workers changed), the TrainState and the epoch's consumed clips of a Ray Train checkpoint. Returns the
         number of workers that wrote it."""
-        from workflows.checkpoints import DS_TAG, read_state, restore_full_optimizer_state
+        from workflows.checkpoints import DS_TAG, read_state, restore_full_optimizer_state, unreadable_checkpoint
 
-        with checkpoint.as_directory() as directory:
-            previous_world = int(read_state(directory).get("world_size") or self.recipe.scaling.min_workers)
-            if previous_world == self.world:
-                _, client = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
-            else:  # ZeRO's partitioned optimizer files fit only their own world size: the whole state instead
-                _, client = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False,
-                                                        load_optimizer_states=False)
-                restore_full_optimizer_state(self.engine, self.model, directory)
+        try:
+            with checkpoint.as_directory() as directory:
+                previous_world = int(read_state(directory).get("world_size") or self.recipe.scaling.min_workers)
+                if previous_world == self.world:
+                    _, client = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
+                else:  # ZeRO's partitioned optimizer files fit only their own world size: the whole state instead
+                    _, client = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False,
+                                                            load_optimizer_states=False)
+                    restore_full_optimizer_state(self.engine, self.model, directory)
+        except Exception as exc:  # a checkpoint whose bytes cannot be read: every restart would read them again
+            corrupt = unreadable_checkpoint(checkpoint.path, exc)
+            if corrupt is None:
+                raise
+            raise corrupt from None  # its message carries the loader's complaint; the root cause is this
         # torch restores the saved lr peak (the scheduler's base_lrs), betas and weight decay with the optimizer:
         # a relaunch with a changed lr trained on with the old one while every record showed the new.
         train = self.recipe.train
@@ -725,13 +731,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 def restart_cannot_fix(exc: BaseException) -> bool:
     """An error a new worker group would meet again: a corpus over its bad-video limit (the drop counts survive
     restarts), a recipe the worker's node cannot run (ConfigError, e.g. train.compile without a compiler), or a full
-    disk (a checkpoint that did not fit: each restart would train to the next checkpoint and fail there again)."""
+    disk (a checkpoint that did not fit: each restart would train to the next checkpoint and fail there again), or a
+    checkpoint to resume from whose bytes cannot be read (each restart would read it again)."""
+    from workflows.checkpoints import CorruptCheckpoint
     from workflows.data.drops import TooManyBadVideos
     from workflows.data.pipeline import decode_failure
     from workflows.runtime import is_disk_full, root_cause
 
-    return isinstance(exc, ConfigError) or isinstance(decode_failure(exc), TooManyBadVideos) or \
-        is_disk_full(root_cause(exc))
+    return isinstance(exc, (ConfigError, CorruptCheckpoint)) or isinstance(decode_failure(exc), TooManyBadVideos) \
+        or is_disk_full(root_cause(exc))
 
 
 def checkpoint_to_resume(registered: Any, run_dir: str, log: Any = print) -> Any:

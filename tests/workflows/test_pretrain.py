@@ -626,31 +626,37 @@ def test_a_sigkilled_worker_resumes_from_the_newest_complete_checkpoint(ray_loca
 _FULL_DISK_SCRIPT = """
 set -u
 mount -t tmpfs -o size=6m tmpfs "$DISK" || exit 90
-run() {  # run NAME [STORAGE]: the smoke recipe (on the small disk), its output in $OUT/NAME.log, exit status NAME.rc
+run() {  # run NAME STORAGE [KEY=VALUE ...]: the smoke recipe, output in $OUT/NAME.log, exit status in NAME.rc
   env RAY_ADDRESS=local "$PYTHON" -m workflows pretrain --config "$SMOKE" --set mlflow.enabled=false \
-    run.storage_path="${2:-$DISK/runs}" $DATA > "$OUT/$1.log" 2>&1
+    run.storage_path="$2" $DATA "${@:3}" > "$OUT/$1.log" 2>&1
   echo $? > "$OUT/$1.rc"
 }
 mount -t tmpfs -o size=1m,ro tmpfs "$READONLY" && run readonly "$READONLY/runs"  # a read-only mount
-run full  # 6 MiB hold the step-3 checkpoint (4.2 MiB), not the step-6 one
-run refused  # the same command before space is freed
+run full "$DISK/runs"  # 6 MiB hold the step-3 checkpoint (4.2 MiB), not the step-6 one
+run refused "$DISK/runs"  # the same command before space is freed
 mount -o remount,size=40m "$DISK"  # space freed
 # What the full disk left in the first real run of this on 2026-12-06, where Ray's controller met it: its registry
 # cut to 0 bytes, which Ray 2.60 then refused at every launch (a JSONDecodeError in the controller).
 : > "$DISK/runs/smoke/checkpoint_manager_snapshot.json"
-run freed
+run freed "$DISK/runs"
 cp -r "$DISK/runs" "$OUT/runs"
+# Bit rot in the newest checkpoint (step 6): the same size, other bytes at the start of a DeepSpeed file.
+"$PYTHON" -c "import json, os, pathlib, sys
+newest = max(pathlib.Path(sys.argv[1]).glob('checkpoint_*/state.json'), key=lambda p: json.loads(p.read_text())['step'])
+with open(newest.parent / 'ds' / 'mp_rank_00_model_states.pt', 'r+b') as f:
+    f.seek(64); f.write(os.urandom(4096))" "$DISK/runs/smoke"
+run corrupt "$DISK/runs" train.max_steps=9
 """
 
 
 @pytest.mark.integration
-def test_a_full_disk_ends_the_run_at_once_and_it_resumes_once_space_is_freed(sample_data, tmp_path):
+def test_a_full_disk_a_read_only_one_and_a_rotted_checkpoint_end_the_run_clearly_and_it_resumes(sample_data, tmp_path):
     """A real full disk: the run directory on a 6 MiB tmpfs (in a private mount namespace) holds the step-3
     checkpoint, not the step-6 one. The run ends at once (a restart would train to the next checkpoint and fail
     there again) saying what a checkpoint takes, what is free and what to do; once space is freed the same command
     resumes from step 3, also when the full disk had cut Ray's checkpoint registry short. Before any work, a disk
     short of what the run keeps is warned of, one short of a single checkpoint refused, and a read-only one
-    refused."""
+    refused. And a newest checkpoint whose bytes rotted ends the run at once, naming the one before it."""
     import os
     import shutil
     import subprocess
@@ -698,6 +704,14 @@ def test_a_full_disk_ends_the_run_at_once_and_it_resumes_once_space_is_freed(sam
     assert f"Ray Train's checkpoint registry {RAY_REGISTRY} is cut short (0 bytes" in freed
     assert "the newest complete checkpoint in storage (Ray Train has none registered)" in freed
     assert "resumed from step 3" in freed and "finished: step 6" in freed
+    # A checkpoint whose bytes cannot be read is not read again by restart after restart: the run ends at once,
+    # naming it and the complete checkpoint before it, which the same command resumes from once it is moved away.
+    corrupt = (out / "corrupt.log").read_text()
+    assert (out / "corrupt.rc").read_text().strip() == "1", corrupt[-3000:]
+    error = next(line for line in corrupt.splitlines() if line.startswith("error: "))
+    assert "was not restarted" in error and "CorruptCheckpoint: checkpoint_" in error, error
+    assert re.search(r"Move \S+ \(step 6\) out of the run directory, .* the same command then resumes from the "
+                     r"complete checkpoint before it, \S+ \(step 3\)\.$", error), error
     runs = out / "runs" / "smoke"
     assert len(list(runs.glob(f"{RAY_REGISTRY}.unusable-*"))) == 1
     # The resumed run wrote a new registry; a checkpoint it names deleted by hand (to free space) makes it unusable
@@ -706,5 +720,5 @@ def test_a_full_disk_ends_the_run_at_once_and_it_resumes_once_space_is_freed(sam
     named = json.loads((runs / RAY_REGISTRY).read_text())["checkpoint_results"]
     shutil.rmtree(runs / named[0]["checkpoint_dir_name"])
     note = set_aside_unusable_registry(str(runs))
-    assert note and f"({named[0]['checkpoint_dir_name']}: deleted by hand?)" in note
+    assert note and f"({named[0]['checkpoint_dir_name']}: moved or deleted by hand?)" in note
     assert not (runs / RAY_REGISTRY).exists() and len(list(runs.glob(f"{RAY_REGISTRY}.unusable-*"))) == 2
