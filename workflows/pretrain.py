@@ -111,7 +111,7 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
 
 def validate_before_start(recipe: Recipe) -> None:
     """Everything that can be checked without Ray: files, labels, the DeepSpeed config, the tracking store."""
-    from workflows.data.manifest import class_names, load_labels, load_manifest
+    from workflows.data.manifest import check_output_folder, class_names, load_labels, load_manifest
     from workflows.inference import scoring_warnings
     from workflows.optim import build_deepspeed_config
 
@@ -145,28 +145,11 @@ def validate_before_start(recipe: Recipe) -> None:
     check_model_weights(recipe)
     if is_remote(recipe.run_dir):
         check_storage_answers(recipe.run_dir)
-    else:
-        check_run_dir_writable(recipe.run_dir)
+    else:  # a read-only mount or a folder the user may not write fails here, not after Ray has started
+        check_output_folder(recipe.run_dir, "the run directory under run.storage_path")
         check_free_space(recipe)
     if recipe.mlflow.enabled and is_remote(recipe.run_dir):  # a remote run directory needs a tracking server
         resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir)
-
-
-def check_run_dir_writable(run_dir: str) -> None:
-    """A local run directory (or, for a new run, its nearest existing parent) must take files: a read-only mount, or
-    a folder the user may not write, fails here rather than after Ray has started. Probed by writing a file, which
-    also catches what permission bits do not tell (a read-only or root-squashed mount)."""
-    import tempfile
-
-    path = Path(run_dir).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    try:
-        with tempfile.TemporaryFile(dir=existing, prefix=".dist-write-probe-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"run.storage_path: {existing} cannot be written ({exc.strerror or exc}), so the run "
-                          f"{run_dir} could keep no checkpoint: set run.storage_path to a folder you can "
-                          f"write") from None
 
 
 def check_free_space(recipe: Recipe) -> None:
@@ -417,7 +400,6 @@ def describe_training_failure(exc: Exception, recipe: Recipe) -> str:
 def disk_full_advice(recipe: Recipe, newest: tuple[Any, str, int] | None) -> str:
     """What to do about a full disk: how much a checkpoint of this run takes (its newest complete one), what the
     run directory's disk has free (a local one), and the ways out."""
-
     from workflows.checkpoints import RAY_REGISTRY
 
     size = checkpoint_bytes(newest) if newest is not None else None

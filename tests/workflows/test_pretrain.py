@@ -679,8 +679,8 @@ def test_a_full_disk_a_read_only_one_and_a_rotted_checkpoint_end_the_run_clearly
     # A run directory that cannot be written fails before any work (it used to fail after Ray had started, with a
     # traceback from writing recipe.yaml).
     assert (out / "readonly.rc").read_text().strip() == "2"
-    assert f"error: run.storage_path: {readonly} cannot be written (Read-only file system)" in \
-        (out / "readonly.log").read_text()
+    assert f"error: the run directory under run.storage_path {readonly}/runs/smoke: {readonly} is not writable " \
+        "here; give a folder you can write" in (out / "readonly.log").read_text()
     full, freed = (out / "full.log").read_text(), (out / "freed.log").read_text()
     assert (out / "full.rc").read_text().strip() == "1", full[-3000:]
     # Before any work: 6 MiB hold one checkpoint (about 4.1 MiB, estimated from the parameters), not the 3 kept.
