@@ -233,8 +233,9 @@ def set_aside_unusable_registry(run_dir: str) -> str | None:
     """Move Ray Train's checkpoint registry aside when its controller could not start from it, so the run can
     resume (from its newest complete checkpoint, `checkpoint_to_resume`) instead of failing at every launch; returns
     the line that says so, or None when the registry is usable or absent. Unusable: cut short (Ray writes it in
-    place: a full disk, or a driver killed mid-write, leaves it empty or truncated), or naming a checkpoint that is
-    no longer in the run directory (deleted by hand, to free space). Ray's retention then no longer knows the older
+    place: a full disk, or a driver killed mid-write, leaves it empty or truncated), naming a checkpoint that is
+    no longer in the run directory (deleted by hand, to free space), or written by another Ray version (Ray 2.60
+    refuses those: an upgrade would strand every interrupted run). Ray's retention then no longer knows the older
     checkpoints; the driver's pruning at the end of the run applies its rule to them."""
     import time
 
@@ -249,6 +250,8 @@ def set_aside_unusable_registry(run_dir: str) -> str | None:
             text = f.read()
     except (OSError, ValueError):  # no storage to read: the run's own start will say so
         return None
+    import ray
+
     try:
         registry = json.loads(text)
         names = {r["checkpoint_dir_name"] for r in registry["checkpoint_results"]}
@@ -257,10 +260,15 @@ def set_aside_unusable_registry(run_dir: str) -> str | None:
     else:
         infos = fs.get_file_info([f"{root.rstrip('/')}/{name}" for name in sorted(names)])
         gone = [i.base_name for i in infos if i.type != pyarrow.fs.FileType.Directory]
-        if not gone:
+        if gone:
+            why = f"names checkpoints no longer in the run directory ({', '.join(gone)}: moved or deleted by hand?)"
+        elif registry.get("ray_version") != ray.__version__:  # an upgrade of this project that moved Ray on
+            why = f"was written by Ray {registry.get('ray_version', '(unknown)')}, and Ray {ray.__version__} runs now"
+        else:
             return None
-        why = f"names checkpoints no longer in the run directory ({', '.join(gone)}: moved or deleted by hand?)"
     aside = f"{path}.unusable-{time.strftime('%Y%m%d-%H%M%S')}"
+    while fs.get_file_info(aside).type != pyarrow.fs.FileType.NotFound:  # one set aside in the same second
+        aside += "-1"
     fs.move(path, aside)
     return (f"Ray Train's checkpoint registry {RAY_REGISTRY} {why}; Ray would refuse to start the run from it, so it "
             f"was moved aside to {aside.rsplit('/', 1)[-1]}: the run resumes from its newest complete checkpoint")
