@@ -229,13 +229,27 @@ def estimated_checkpoint_bytes(trainable_params: int, module_bytes: int, elastic
 RAY_REGISTRY = "checkpoint_manager_snapshot.json"
 
 
+def _ray_reads_registry(registry: dict[str, Any]) -> bool:
+    """Whether Ray Train's own model of its registry takes `registry` (what its controller checks first; an internal
+    of Ray 2.60: where it is not found, the registry is taken as readable)."""
+    try:
+        from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+    except ImportError:
+        return True
+    try:
+        _CheckpointManagerState.parse_obj(registry)
+    except Exception:  # noqa: BLE001 - pydantic's ValidationError, or a TypeError on a wrong shape
+        return False
+    return True
+
+
 def set_aside_unusable_registry(run_dir: str) -> str | None:
     """Move Ray Train's checkpoint registry aside when its controller could not start from it, so the run can
     resume (from its newest complete checkpoint, `checkpoint_to_resume`) instead of failing at every launch; returns
     the line that says so, or None when the registry is usable or absent. Unusable: cut short (Ray writes it in
     place: a full disk, or a driver killed mid-write, leaves it empty or truncated), naming a checkpoint that is
-    no longer in the run directory (deleted by hand, to free space), or written by another Ray version (Ray 2.60
-    refuses those: an upgrade would strand every interrupted run). Ray's retention then no longer knows the older
+    no longer in the run directory (deleted by hand, to free space), or in a form this Ray cannot read (another
+    version's: an upgrade would otherwise strand every interrupted run). Ray's retention then no longer knows the older
     checkpoints; the driver's pruning at the end of the run applies its rule to them."""
     import time
 
@@ -262,8 +276,9 @@ def set_aside_unusable_registry(run_dir: str) -> str | None:
         gone = [i.base_name for i in infos if i.type != pyarrow.fs.FileType.Directory]
         if gone:
             why = f"names checkpoints no longer in the run directory ({', '.join(gone)}: moved or deleted by hand?)"
-        elif registry.get("ray_version") != ray.__version__:  # an upgrade of this project that moved Ray on
-            why = f"was written by Ray {registry.get('ray_version', '(unknown)')}, and Ray {ray.__version__} runs now"
+        elif not _ray_reads_registry(registry):  # an upgrade of this project moved Ray on to another format
+            why = (f"was written by Ray {registry.get('ray_version', '(unknown)')} in a form Ray {ray.__version__} "
+                   f"cannot read")
         else:
             return None
     aside = f"{path}.unusable-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -722,14 +722,16 @@ def test_a_full_disk_a_read_only_one_and_a_rotted_checkpoint_end_the_run_clearly
     note = set_aside_unusable_registry(str(runs))
     assert note and f"({named[0]['checkpoint_dir_name']}: moved or deleted by hand?)" in note
     assert not (runs / RAY_REGISTRY).exists() and len(list(runs.glob(f"{RAY_REGISTRY}.unusable-*"))) == 2
-    # One written by another Ray version, which Ray 2.60 refuses: an upgrade must not strand interrupted runs.
+    # One in a form this Ray cannot read (another version's): an upgrade must not strand interrupted runs. Another
+    # version's in this form is read, and kept.
     import ray
 
     registry = json.loads(max(runs.glob(f"{RAY_REGISTRY}.unusable-*"), key=lambda p: p.stat().st_size).read_text())
     registry["checkpoint_results"] = [r for r in registry["checkpoint_results"]  # the ones still there
                                       if (runs / r["checkpoint_dir_name"]).is_dir()]
     (runs / RAY_REGISTRY).write_text(json.dumps({**registry, "ray_version": "2.59.0"}))
+    assert set_aside_unusable_registry(str(runs)) is None
+    older = {k: v for k, v in registry.items() if k != "current_report_index"}
+    (runs / RAY_REGISTRY).write_text(json.dumps({**older, "ray_version": "2.59.0"}))
     note = set_aside_unusable_registry(str(runs))
-    assert note and f"was written by Ray 2.59.0, and Ray {ray.__version__} runs now" in note
-    (runs / RAY_REGISTRY).write_text(json.dumps({**registry, "ray_version": ray.__version__}))
-    assert set_aside_unusable_registry(str(runs)) is None  # the same registry, this Ray's: usable
+    assert note and f"was written by Ray 2.59.0 in a form Ray {ray.__version__} cannot read" in note
