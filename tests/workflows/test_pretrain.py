@@ -628,7 +628,7 @@ set -u
 mount -t tmpfs -o size=6m tmpfs "$DISK" || exit 90
 run() {  # run NAME STORAGE [KEY=VALUE ...]: the smoke recipe, output in $OUT/NAME.log, exit status in NAME.rc
   env RAY_ADDRESS=local "$PYTHON" -m workflows pretrain --config "$SMOKE" --set mlflow.enabled=false \
-    run.storage_path="$2" $DATA "${@:3}" > "$OUT/$1.log" 2>&1
+    run.storage_path="$2" scaling.num_workers=1 $DATA "${@:3}" > "$OUT/$1.log" 2>&1
   echo $? > "$OUT/$1.rc"
 }
 mount -t tmpfs -o size=1m,ro tmpfs "$READONLY" && run readonly "$READONLY/runs"  # a read-only mount
