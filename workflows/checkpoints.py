@@ -365,8 +365,10 @@ def write_model_files(directory: Path, *, model: torch.nn.Module, state: dict[st
 
 class CorruptCheckpoint(ValueError):
     """A checkpoint file that is there but cannot be read: truncated (a copy or an upload cut short), overwritten,
-    or not what its name says. Built by `corrupt_checkpoint`, whose message names the file, what is wrong and what
-    to use instead (a plain ValueError otherwise: it pickles, e.g. raised in a Ray Train worker)."""
+    or not what its name says. Built by `corrupt_checkpoint` (reading one file of a checkpoint: the message names
+    the file, what is wrong and what to use instead) or `unreadable_checkpoint` (a training run resuming from the
+    whole checkpoint: its loader's complaint). A plain ValueError otherwise: it pickles, e.g. raised in a Ray Train
+    worker."""
 
 
 # What torch.load (DeepSpeed's files), safetensors and json say of bytes that are not what was written: a checkpoint
