@@ -378,10 +378,12 @@ def smoke_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def resumed_sweep(ray_local, smoke_data, tmp_path_factory):
-    """The smoke sweep (3 fusion presets, 1 worker, 2 steps, one validation per trial), interrupted after trial 1,
-    then resumed: (plan, first run's result, resumed run's result, id of the trial finished before the stop)."""
+    """The smoke sweep on 2 of its fusion presets (1 worker, 2 steps, one validation per trial; a third trial cost
+    ~20 s and showed nothing more), interrupted after trial 1, then resumed: (plan, first run's result, resumed run's
+    result, id of the trial finished before the stop)."""
     root = tmp_path_factory.mktemp("sweep")
-    overrides = [f"data.train_manifest={smoke_data / 'train.csv'}", f"data.val_manifest={smoke_data / 'val.csv'}",
+    overrides = ['search_space={"model.fusion_layers": {"grid": ["every2", "last_third"]}}',
+                 f"data.train_manifest={smoke_data / 'train.csv'}", f"data.val_manifest={smoke_data / 'val.csv'}",
                  f"data.labels={smoke_data / 'labels.json'}", f"storage_path={root / 'runs'}", "scheduler=none",
                  "max_concurrent_trials=1", "train.max_steps=2", "eval.every_steps=2"]
     sweep_plan = plan_sweep(load_sweep(SWEEP_SMOKE, overrides))
@@ -400,10 +402,10 @@ def test_interrupted_sweep_resumes_the_rest_only(resumed_sweep):
     sweep_plan, first, second, first_id = resumed_sweep
     assert first.interrupted and not second.interrupted
     assert [r["trial_id"] for r in first.rows if r["status"] == "completed"] == [first_id]
-    assert len(second.rows) == 3 and all(r["status"] == "completed" for r in second.rows)
+    assert len(second.rows) == 2 and all(r["status"] == "completed" for r in second.rows)
     assert first_id in {r["trial_id"] for r in second.rows}
     # Each trial's driver started exactly once: the finished trial was not run again after the restore.
-    assert [r["attempts"] for r in second.rows] == [1, 1, 1]
+    assert [r["attempts"] for r in second.rows] == [1, 1]
     before = next(r for r in first.rows if r["trial_id"] == first_id)
     after = next(r for r in second.rows if r["trial_id"] == first_id)
     assert (after["reports"], after["val_top1"], after["checkpoint"]) == \
@@ -425,8 +427,8 @@ def test_sweep_is_tracked_with_nested_runs_table_plot_and_best(resumed_sweep):
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(nested) == 3
-    assert sorted(r.data.params["model.fusion_layers"] for r in nested) == ["all", "every2", "last_third"]
+    assert len(nested) == 2
+    assert sorted(r.data.params["model.fusion_layers"] for r in nested) == ["every2", "last_third"]
     for run in nested:  # config as params, metrics per report, and the cost the driver added
         assert run.data.params["train.max_steps"] == "2"
         assert {"val_top1", "loss", "clips_per_s", "trainable_params", "dist_gflops_per_clip",
@@ -436,7 +438,7 @@ def test_sweep_is_tracked_with_nested_runs_table_plot_and_best(resumed_sweep):
     assert result.table_path.exists() and result.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with result.table_path.open() as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 3 and {"model.fusion_layers", "val_top1", "val_top5", "dist_gflops", "frozen_clip_gflops",
+    assert len(table) == 2 and {"model.fusion_layers", "val_top1", "val_top5", "dist_gflops", "frozen_clip_gflops",
                                 "trainable_params", "clips_per_s", "pareto", "status"} <= set(table[0])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "accuracy_vs_cost.png", "best_checkpoint"} <= artifacts
