@@ -290,6 +290,22 @@ def set_aside_unusable_registry(run_dir: str) -> str | None:
             f"was moved aside to {aside.rsplit('/', 1)[-1]}: the run resumes from its newest complete checkpoint")
 
 
+def remove_partial_checkpoints(run_dir: str) -> list[str]:
+    """Delete the checkpoint_* directories of a run that are not complete (`checkpoint_step` is None): what a run
+    that failed on a full disk left half-written. Nothing resumes from them, and the space they hold is what the
+    run's driver needs to save its own state. Only for a run none of whose workers still writes. Returns the
+    deleted paths."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    partial = [e.path for e in entries if e.type == pyarrow.fs.FileType.Directory
+               and e.base_name.startswith("checkpoint_") and checkpoint_step(fs, e.path) is None]
+    for path in partial:
+        fs.delete_dir(path)
+    return partial
+
+
 def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int) -> dict[str, int | None] | None:
     """Delete the checkpoint_* directories of a finished run that Ray Train neither retains (`retained`: the paths of
     its kept checkpoints) nor would have: partial uploads cut by a storage outage, and complete checkpoints whose

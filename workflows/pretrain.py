@@ -38,6 +38,7 @@ from workflows.recipe import (
 )
 from workflows.relaunch import relaunch_changes
 from workflows.runtime import (
+    CHECKPOINT_WOULD_NOT_FIT,
     compile_toolchain_problem,
     ensure_ray,
     interrupted_exit_code,
@@ -109,8 +110,9 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
     )
 
 
-def validate_before_start(recipe: Recipe) -> None:
-    """Everything that can be checked without Ray: files, labels, the DeepSpeed config, the tracking store."""
+def validate_before_start(recipe: Recipe, warn_space: bool = True) -> None:
+    """Everything that can be checked without Ray: files, labels, the DeepSpeed config, the tracking store, room for
+    checkpoints (`warn_space`: also warn when the disk cannot hold what the run keeps)."""
     from workflows.data.manifest import check_output_folder, class_names, load_labels, load_manifest
     from workflows.inference import scoring_warnings
     from workflows.optim import build_deepspeed_config
@@ -147,18 +149,18 @@ def validate_before_start(recipe: Recipe) -> None:
         check_storage_answers(recipe.run_dir)
     else:  # a read-only mount or a folder the user may not write fails here, not after Ray has started
         check_output_folder(recipe.run_dir, "the run directory under run.storage_path")
-        check_free_space(recipe)
+        check_free_space(recipe, warn=warn_space)
     if recipe.mlflow.enabled and is_remote(recipe.run_dir):  # a remote run directory needs a tracking server
         resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir)
 
 
-def check_free_space(recipe: Recipe) -> None:
+def check_free_space(recipe: Recipe, warn: bool = True) -> None:
     """A local run directory's disk must hold the run's checkpoints: with less free than one, the run would train
     up to its next checkpoint and fail there (ConfigError, before any work); with less than the run still adds
-    (run.keep_checkpoints + 1 are kept, the best and the latest, less those already there), a warning. A
-    checkpoint's size is the newest complete one's when the run resumes, else `estimated_checkpoint_bytes`."""
-    from workflows.checkpoints import estimated_checkpoint_bytes, newest_complete_checkpoint
-    from workflows.inference import trainable_shapes
+    (run.keep_checkpoints + 1 are kept, the best and the latest, less those already there), a warning unless
+    `warn` is off. A checkpoint's size is the newest complete one's when the run resumes, else
+    `estimated_checkpoint_bytes`."""
+    from workflows.checkpoints import newest_complete_checkpoint
 
     run_dir = Path(recipe.run_dir).absolute()
     free = free_bytes(run_dir)
@@ -166,20 +168,27 @@ def check_free_space(recipe: Recipe) -> None:
     if newest:
         size, there = checkpoint_bytes(newest), len(list(run_dir.glob("checkpoint_*/")))
     else:
-        params = sum(math.prod(shape) for shape in trainable_shapes(recipe).values())
-        size = estimated_checkpoint_bytes(params, 4 if recipe.precision() == "fp32" else 2, recipe.scaling.elastic)
-        there = 0
+        size, there = estimated_run_checkpoint_bytes(recipe), 0
     keep, mib = recipe.run.keep_checkpoints, 2**20
     what = (f"{run_dir}'s disk has {free / mib:.1f} MiB free, and a checkpoint of this run takes "
             f"{'' if newest else 'about '}{size / mib:.1f} MiB")
     if free < size:
-        raise ConfigError(f"{what}: the {'next' if newest else 'first'} checkpoint would not fit, after training up "
-                          f"to it. Free space, or set run.storage_path to a larger disk")
+        raise ConfigError(f"{what}: the {'next' if newest else 'first'} {CHECKPOINT_WOULD_NOT_FIT}, after training "
+                          f"up to it. Free space, or set run.storage_path to a larger disk")
     adds = max(1, keep + 1 - there)
-    if free < adds * size:
+    if warn and free < adds * size:
         warn_once(f"warning: {what}; run.keep_checkpoints={keep} keeps up to {keep + 1}, {adds} more than are there "
                   f"now ({adds * size / mib:.1f} MiB): the first that does not fit ends the run (free space, lower "
                   f"run.keep_checkpoints, or set run.storage_path to a larger disk)")
+
+
+def estimated_run_checkpoint_bytes(recipe: Recipe) -> int:
+    """What one checkpoint of a run of `recipe` will take, from its trainable parameters (built on the meta device)."""
+    from workflows.checkpoints import estimated_checkpoint_bytes
+    from workflows.inference import trainable_shapes
+
+    params = sum(math.prod(shape) for shape in trainable_shapes(recipe).values())
+    return estimated_checkpoint_bytes(params, 4 if recipe.precision() == "fp32" else 2, recipe.scaling.elastic)
 
 
 def free_bytes(path: str | Path) -> int:

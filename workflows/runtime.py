@@ -303,12 +303,17 @@ def _root_in_text(text: str) -> re.Match | None:
     return _ERROR_LINE.search(parts[i])
 
 
-# A full disk (ENOSPC) or quota (EDQUOT), as Python, pyarrow and shells word it: no restart or wait fixes either.
-_DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|\[Errno (?:28|122)\]", re.IGNORECASE)
+# What the check before a run says when its disk cannot hold one more checkpoint (pretrain.check_free_space).
+CHECKPOINT_WOULD_NOT_FIT = "checkpoint would not fit"
+# A full disk (ENOSPC) or quota (EDQUOT), as Python, pyarrow and shells word it, or that check's refusal: no restart
+# or wait fixes any of them.
+_DISK_FULL = re.compile(rf"No space left on device|Disk quota exceeded|\[Errno (?:28|122)\]|{CHECKPOINT_WOULD_NOT_FIT}",
+                        re.IGNORECASE)
 
 
 def is_disk_full(error: str) -> bool:
-    """Whether an error's text (e.g. `root_cause`'s line) says a disk or a quota is full."""
+    """Whether an error's text (e.g. `root_cause`'s line) says a disk or a quota is full, or too full for the
+    run's next checkpoint."""
     return bool(_DISK_FULL.search(error))
 
 
@@ -329,5 +334,10 @@ def root_cause(exc: BaseException) -> str:
         found = _root_in_text(str(error)) if isinstance(error, RayTaskError) else None
         if found:
             return f"{found[1].rsplit('.', 1)[-1]}: {found[2].strip()}"
-    lines = _ANSI.sub("", str(chain[-1])).strip().splitlines()
-    return f"{type(chain[-1]).__name__}: {lines[0]}" if lines else type(chain[-1]).__name__
+    lines = [line.strip() for line in _ANSI.sub("", str(chain[-1])).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(chain[-1]).__name__
+    # A first line that introduces the next ("Training failed due to controller error:", Ray Train's ControllerError)
+    # says nothing alone: the cause is on the line after it.
+    first = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return f"{type(chain[-1]).__name__}: {first}"

@@ -283,3 +283,10 @@ def test_the_root_cause_of_a_failure_follows_direct_causes_only():
     wrapped_text = "".join(traceback.format_exception(raised(too_many_then_wrapped)))
     assert "During handling of the above exception" in wrapped_text and "direct cause" in wrapped_text
     assert root_cause(RuntimeError("injected failure at step 3")) == "RuntimeError: injected failure at step 3"
+    # Ray Train's ControllerError puts its cause on the line after "...controller error:" (seen on a full disk)
+    from ray.train import ControllerError
+
+    full = ControllerError(OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device"))
+    assert str(full).splitlines()[0].endswith("error:"), str(full)
+    assert root_cause(full).startswith("ControllerError: Training failed due to controller error: [Errno 28] Error "
+                                       "writing bytes"), root_cause(full)

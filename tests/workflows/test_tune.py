@@ -1,7 +1,8 @@
 """Tune sweeps: the sweep schema and its validation, the concurrency derivation, Pareto fronts, counted FLOPs and
 the closing of trials' MLflow runs (unit); and two real sweeps on the smoke recipe into sqlite MLflow stores
-(integration): a 3-trial grid interrupted after its first trial and resumed, and a 3-trial optuna + ASHA sweep in
-which ASHA stops one trial on validation top-1 and another trial fails."""
+(integration): a 2-trial grid interrupted after its first trial and resumed, and a 3-trial optuna + ASHA sweep in
+which ASHA stops one trial on validation top-1 and another trial fails, then resumed with --retry-failed; a full disk
+stopping a sweep, and the slots that hold a sweep to max_concurrent_trials on a real Ray."""
 
 from __future__ import annotations
 
@@ -583,6 +584,128 @@ def test_the_sweep_console_is_a_line_per_trial_event_not_tunes_tables(asha_sweep
            "(train.fail_at_step) on rank 0; 2 of 3 trials finished" in console, console[-4000:]
     assert f"[tune] trial {stopped['trial_id']} stopped early by the scheduler after 1 report(s); 3 of 3 trials " \
            "finished" in console, console[-4000:]
+
+
+@pytest.mark.integration
+def test_retry_failed_resumes_the_failed_trial_under_its_id_and_it_finishes(asha_sweep):
+    """`--retry-failed` resumes a failed trial as it was (Tune's resume_errored: its id, so its run directory and
+    newest complete checkpoint), and no other trial runs again. The failed trial's injected failure happens once per
+    run directory, so in its own directory it now trains to the end."""
+    sweep_plan, first, _, _ = asha_sweep
+    failed = first.rows[1]
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        result = run_sweep(sweep_plan, resume=True, retry_failed=True)
+    rows = {r["trial_id"]: r for r in result.rows}
+    assert set(rows) == {r["trial_id"] for r in first.rows}  # the same three trials, no new id
+    assert rows[failed["trial_id"]]["status"] in ("completed", "stopped early"), rows[failed["trial_id"]]
+    assert rows[failed["trial_id"]]["attempts"] == 2
+    assert [rows[r["trial_id"]]["attempts"] for r in (first.rows[0], first.rows[2])] == [1, 1]
+    assert f"[tune] trial {failed['trial_id']} (" in console.getvalue()
+
+
+def test_a_full_disk_stops_the_sweep_as_ctrl_c_does(tmp_path, capsys):
+    """A trial that failed on a full disk (ENOSPC in a checkpoint's write, or the check before training that finds
+    no room for one) stops the sweep through Tune's SIGUSR1 handler, which saves the sweep's state: every later
+    trial would train to its first checkpoint and fail there. Other failures do not; a retry
+    (trial_max_failures) of a full disk is not attempted; Tune's "Ctrl-C" line for it is dropped."""
+    import logging
+    from types import SimpleNamespace
+
+    import cloudpickle
+
+    from workflows.elastic import RunNotRestarted
+    from workflows.runtime import is_disk_full
+    from workflows.tune import progress
+
+    def failed_trial(trial_id: str, error: BaseException):
+        path = tmp_path / f"{trial_id}.pkl"
+        path.write_bytes(cloudpickle.dumps(error))
+        return SimpleNamespace(trial_id=trial_id, status="RUNNING", metric_analysis={}, pickled_error_file=str(path),
+                               error_file=None)
+
+    full = RunNotRestarted("rank 0 failed: OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No "
+                           "space left on device")
+    no_room = ConfigError("/x's disk has 0.7 MiB free, and a checkpoint of this run takes about 3.2 MiB: the first "
+                          "checkpoint would not fit, after training up to it")
+    assert is_disk_full(str(full)) and is_disk_full(str(no_room)) and not is_disk_full("RuntimeError: injected")
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: (received.append(1), logging.getLogger(
+        "ray.tune.tune").warning("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run.")))
+    records = []
+    catcher = logging.Handler()
+    catcher.emit = records.append
+    logging.getLogger("ray.tune.tune").addHandler(catcher)
+    try:
+        sweep = progress.SweepProgress("val_top1", "max", expected_trials=3)
+        sweep.setup()
+        sweep.on_trial_error(0, [], failed_trial("a", RuntimeError("injected failure")))
+        assert received == [] and progress.sweep_stopped_for() is None
+        sweep.on_trial_error(0, [], failed_trial("b", full))
+        assert received == [1] and progress.sweep_stopped_for() == "trial b failed on a full disk"
+        assert records == []  # Tune's line blaming a Ctrl-C
+        sweep.on_trial_error(0, [], failed_trial("c", full))  # stopping already
+        assert received == [1]
+        sweep.setup()  # the next sweep in this process
+        assert progress.sweep_stopped_for() is None
+        sweep.on_trial_recover(0, [], failed_trial("d", no_room))
+        assert received == [1, 1] and progress.sweep_stopped_for() == "trial d failed on a full disk"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        logging.getLogger("ray.tune.tune").removeHandler(catcher)
+    out = capsys.readouterr().out
+    assert "[tune] trial a failed: RuntimeError: injected failure; " in out
+    assert "[tune] stopping the sweep: trial b met a full disk, which would fail each trial after it" in out
+    assert "[tune] trial d failed: ConfigError: /x's disk has 0.7 MiB free" in out and "starts again" not in out
+
+
+def test_a_sweep_whose_saved_state_was_cut_short_is_refused_not_started_anew(tmp_path):
+    """Tune writes its experiment state in place; a full disk cut one short at 20000 bytes on a real tmpfs, and
+    Tune's restore then logged a failure and started the sweep anew over its finished trials."""
+    from types import SimpleNamespace
+
+    from workflows.tune.driver import check_sweep_state_readable
+
+    plan = SimpleNamespace(path=str(tmp_path), train_storage=str(tmp_path / "trials"),
+                           sweep=SimpleNamespace(name="s"))
+    check_sweep_state_readable(plan)  # none there: nothing to check
+    (tmp_path / "experiment_state-2026-12-06_10-00-00.json").write_text('{"trial_data": []}')
+    check_sweep_state_readable(plan)
+    (tmp_path / "experiment_state-2026-12-06_11-12-58.json").write_text('{"trial_data": [["{\\"trial_id')
+    with pytest.raises(ConfigError, match=r"experiment_state-2026-12-06_11-12-58\.json cannot be read \(\d+ bytes; "
+                                          r".*cut short, most likely by a full disk.*another name \(--set name="):
+        check_sweep_state_readable(plan)
+
+
+@pytest.mark.integration
+def test_a_sweep_holds_its_trials_to_its_slots_and_takes_back_a_dead_trials(ray_local, tmp_path):
+    """TrialSlots on a real Ray: with one slot, a second trial waits while the first trial's actor lives (idle, or
+    busy in a call), and takes the slot once that actor is killed (as Tune kills a trial its scheduler stops, before
+    the trial's own `finally` gives the slot back)."""
+    import ray
+
+    from workflows.tune.slots import give_back_slot, open_slots, take_slot
+
+    @ray.remote(num_cpus=0)
+    class Trial:
+        def take(self, sweep_path: str, trial_id: str) -> bool:
+            take_slot(sweep_path, trial_id)
+            return True
+
+    path = str(tmp_path / "sweep")
+    slots = open_slots(path, 1)
+    first, second, third = Trial.remote(), Trial.remote(), Trial.remote()
+    assert ray.get(first.take.remote(path, "first"), timeout=60)
+    waiting = second.take.remote(path, "second")
+    ready, _ = ray.wait([waiting], timeout=4)
+    assert not ready and ray.get(slots.held.remote()) == ["first"]
+    ray.kill(first)
+    assert ray.get(waiting, timeout=60)
+    assert ray.get(slots.held.remote()) == ["second"]
+    give_back_slot(path, "second")  # what a trial's `finally` does
+    assert ray.get(third.take.remote(path, "third"), timeout=60)
+    for actor in (second, third, slots):
+        ray.kill(actor)
 
 
 def test_the_sweep_status_line_counts_the_trials_and_names_the_best():

@@ -126,13 +126,9 @@ def resolve_max_concurrent(requested: int | None, cluster: dict[str, float], per
 def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     """One Tune trial: the pre-training driver on base + this trial's values, reporting to Tune."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workflows.checkpoints import set_aside_unusable_registry
-    from workflows.data.drops import drop_counter
-    from workflows.elastic import forget_unrestartable_failure, raise_if_not_restarted
-    from workflows.pretrain import build_trainer
     from workflows.recipe import with_run_scoped_names
+    from workflows.tune.slots import give_back_slot, take_slot
 
     trial_id = ray.tune.get_context().get_trial_id()
     name = trial_run_name(context["name"], trial_id)
@@ -144,14 +140,32 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
             f.write(f"{trial_id}\n")
     print(f"{LOG_PREFIX} trial {trial_id} ({name}): {' '.join(trial_overrides(config))}", flush=True)
     recipe = with_run_scoped_names(recipe)
+    take_slot(context["path"], trial_id)  # before the Train run reserves workers and decoders
+    try:
+        run_trial_holding_a_slot(recipe, context, trial_id, name)
+    finally:
+        give_back_slot(context["path"], trial_id)
+
+
+def run_trial_holding_a_slot(recipe: Recipe, context: dict[str, Any], trial_id: str, name: str) -> None:
+    """The trial's Train run, fitted once this trial holds one of the sweep's slots."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from workflows.data.drops import drop_counter
+    from workflows.elastic import forget_unrestartable_failure, raise_if_not_restarted
+    from workflows.pretrain import build_trainer, check_free_space, fit_through_storage_outages
+
     counter = drop_counter(recipe.data.drop_counter)  # owned by this trial: survives its worker restarts
-    trainer = build_trainer(recipe, extra_config={"mlflow_parent_run_id": context["parent_run_id"]},
-                            callbacks=[TuneReportCallback()], name=name, verbose=context.get("verbose", False))
     forget_unrestartable_failure(recipe.run_dir)
-    note = set_aside_unusable_registry(recipe.run_dir)  # a retried trial whose last attempt met a full disk
-    if note:
-        print(f"{LOG_PREFIX} trial {trial_id}: {note}", flush=True)
-    trainer.fit()
+    if not is_remote(recipe.run_dir):  # a disk without room for the next checkpoint fails the trial now, not after
+        check_free_space(recipe, warn=False)  # training up to it (the sweep warned of the whole sweep's need)
+    # As `pretrain` fits: a Train controller that could not write to storage is waited out and fitted again, and
+    # one that met a full disk ends the trial as RunNotRestarted (which stops the sweep); before each fit, a
+    # checkpoint registry Ray could not start from (a retried trial's, cut short by a full disk) is set aside.
+    fit_through_storage_outages(
+        lambda: build_trainer(recipe, extra_config={"mlflow_parent_run_id": context["parent_run_id"]},
+                              callbacks=[TuneReportCallback()], name=name, verbose=context.get("verbose", False)),
+        recipe)
     del counter
     raise_if_not_restarted(recipe.run_dir)  # the trial errors with the reason, not a finish without results
 
@@ -284,6 +298,50 @@ def check_sweep_unchanged(plan: SweepPlan) -> None:
             f"{redact_secrets(plan.path)}/{DEFINITION_FILE})")
 
 
+def warn_if_the_sweep_may_not_fit(plan: SweepPlan, trial_recipe: Recipe) -> None:
+    """A warning when the trials' local disk cannot hold what the trials still to start keep: run.keep_checkpoints
+    + 1 checkpoints each, sized from the base recipe (a trial that changes the model's widths differs)."""
+    from workflows.pretrain import estimated_run_checkpoint_bytes, free_bytes, warn_once
+
+    if is_remote(plan.train_storage):
+        return
+    storage = Path(plan.train_storage)
+    started = len([d for d in storage.iterdir() if d.is_dir()]) if storage.is_dir() else 0
+    to_start = max(0, expected_trials(plan.sweep) - started)
+    size, kept, free = estimated_run_checkpoint_bytes(trial_recipe), trial_recipe.run.keep_checkpoints + 1, \
+        free_bytes(storage)
+    if to_start and free < to_start * kept * size:
+        mib = 2**20
+        warn_once(f"warning: {storage}'s disk has {free / mib:.1f} MiB free, and the {to_start} trial(s) still to "
+                  f"start keep up to {kept} checkpoints each (run.keep_checkpoints + 1) of about {size / mib:.1f} MiB: "
+                  f"{to_start * kept * size / mib:.1f} MiB. A trial whose checkpoint does not fit stops the sweep "
+                  f"(free space, lower run.keep_checkpoints, or set storage_path to a larger disk)")
+
+
+def check_sweep_state_readable(plan: SweepPlan) -> None:
+    """Refuse to resume a sweep whose saved Tune state does not parse (Tune writes it in place: a full disk cut one
+    short here). Tune itself logs that it failed to restore and starts the sweep anew, over its finished trials."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(plan.path)
+    states = sorted((f for f in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+                     if f.base_name.startswith("experiment_state-") and f.base_name.endswith(".json")),
+                    key=lambda f: f.base_name)
+    if not states:
+        return
+    newest = states[-1]
+    try:
+        with fs.open_input_stream(newest.path) as f:
+            json.loads(f.readall())
+    except ValueError as exc:
+        raise ConfigError(
+            f"sweep {plan.sweep.name}: Tune's saved state {redact_secrets(plan.path)}/{newest.base_name} cannot be "
+            f"read ({newest.size} bytes; {exc}): cut short, most likely by a full disk while Tune wrote it. Tune "
+            f"would start the sweep anew over the trials it finished. Their checkpoints stay in "
+            f"{redact_secrets(plan.train_storage)} and their runs in MLflow; start the sweep anew under another name "
+            f"(--set name=...), or put back a good copy of that file") from None
+
+
 def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
               callbacks: list | None = None, verbose: bool = False) -> SweepResult:
     """Run (or resume) a validated sweep on Ray Tune and summarise it. A sweep whose directory holds a restorable
@@ -295,14 +353,20 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
 
     from workflows.capacity import check_capacity
     from workflows.pretrain import validate_before_start, with_resolved_init_from
-    from workflows.tune.progress import SweepProgress
+    from workflows.tune.progress import SweepProgress, sweep_stopped_for
+    from workflows.tune.slots import open_slots
 
     sweep = plan.sweep
-    validate_before_start(plan.base_recipe)
+    # Checked where the trials write (a writable folder, room for a checkpoint), not at the base recipe's
+    # run.storage_path.
+    trial_recipe = build_trial_recipe(plan.base, {}, name=f"{sweep.name}-trial", storage_path=plan.train_storage)
+    validate_before_start(trial_recipe, warn_space=False)
+    warn_if_the_sweep_may_not_fit(plan, trial_recipe)  # what all trials keep, not one run
     restorable = tune.Tuner.can_restore(plan.path)
     if resume and not restorable:
         raise ConfigError(f"--resume: no sweep to resume at {plan.path}")
     if restorable:
+        check_sweep_state_readable(plan)
         check_sweep_unchanged(plan)
     trials = expected_trials(sweep)
     print(f"{LOG_PREFIX} sweep {sweep.name} in {plan.path} ({'resuming' if restorable else 'new'}), {trials} "
@@ -340,8 +404,11 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     keep_credentials_out_of_trial_runtime_envs()
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_DRIVER_CPUS})
     if restorable:
+        # --retry-failed resumes a failed trial as it is (its id, so its run directory): from its newest complete
+        # checkpoint, as the same `pretrain` command resumes a failed run; Tune's restart_errored would start it anew
+        # under another id.
         tuner = tune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=retry_failed)
+                                   resume_errored=retry_failed, restart_errored=False)
     else:
         storage, name = plan.path.rsplit("/", 1)
         tuner = tune.Tuner(
@@ -352,10 +419,14 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=sweep.trial_max_failures),
-                                      callbacks=[SweepProgress(sweep.metric, sweep.mode, trials), *(callbacks or [])],
+                                      callbacks=[SweepProgress(sweep.metric, sweep.mode, trials,
+                                                               trial_storage=plan.train_storage, sweep_name=sweep.name),
+                                                 *(callbacks or [])],
                                       verbose=1 if verbose else 0),
         )
+    slots = open_slots(plan.path, concurrent)  # held until the sweep ends: the actor lives while a handle does
     grid = tuner.fit()
+    del slots
     interrupted = grid.num_terminated + grid.num_errors < max(len(grid), expected_trials(sweep))
     result = summarize_sweep(grid, plan, parent, interrupted)
     failed = [r for r in result.rows if r["status"].startswith("error")]
@@ -364,10 +435,31 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     if interrupted:  # counted from the table: a trial Tune ended mid-run without a report is not finished
         finished = sum(r["status"] in ("completed", "stopped early") or r["status"].startswith("error")
                        for r in result.rows)
-        print(f"{LOG_PREFIX} the sweep was interrupted{stop_signal_note()} with {finished} of "
-              f"{expected_trials(sweep)} trial(s) finished; continue it with the same command plus --resume",
-              flush=True)
+        of = f"with {finished} of {expected_trials(sweep)} trial(s) finished"
+        full_disk = sweep_stopped_for()
+        if full_disk:
+            print(f"{LOG_PREFIX} the sweep stopped {of}: {full_disk}. {full_disk_advice(plan, trial_recipe)} Then "
+                  f"continue it with the same command plus --retry-failed: failed trials resume from their newest "
+                  f"complete checkpoints, the others as they were", flush=True)
+        else:
+            print(f"{LOG_PREFIX} the sweep was interrupted{stop_signal_note()} {of}; continue it with the same "
+                  f"command plus --resume", flush=True)
     return result
+
+
+def full_disk_advice(plan: SweepPlan, trial_recipe: Recipe) -> str:
+    """What to do about the full disk a sweep stopped on: what a trial's checkpoints take, what is free."""
+    from workflows.pretrain import estimated_run_checkpoint_bytes, free_bytes
+
+    mib, keep = 2**20, trial_recipe.run.keep_checkpoints
+    advice = (f"Each trial keeps up to {keep + 1} checkpoints (run.keep_checkpoints={keep}, plus the latest) of about "
+              f"{estimated_run_checkpoint_bytes(trial_recipe) / mib:.1f} MiB. Free space, lower run.keep_checkpoints "
+              f"(--set run.keep_checkpoints=1), or move the sweep directory to a larger disk and point storage_path "
+              f"there.")
+    if is_remote(plan.train_storage):
+        return advice
+    free = free_bytes(plan.train_storage)
+    return f"{advice} {plan.train_storage}'s disk has {free / mib:.1f} MiB free now."
 
 
 def main(argv: list[str]) -> int:
@@ -376,7 +468,8 @@ def main(argv: list[str]) -> int:
                            "override a sweep key (num_samples=4) or a base recipe key (data.train_manifest=...)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep (also automatic when its directory holds one)")
-    parser.add_argument("--retry-failed", action="store_true", help="when resuming, rerun failed trials from scratch")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="when resuming, run failed trials again, from their newest complete checkpoints")
     parser.add_argument("--verbose", action="store_true",
                         help="also Tune's status tables and result boxes, and Ray Data's and Ray Train's INFO lines")
     args = parser.parse_args(argv)

@@ -11,21 +11,37 @@ prints instead, each on one line:
 - a trial restarted after a failure (`trial_max_failures`);
 - while trials run, a status line at most every `status_every_s` seconds (5 minutes by default).
 
+A trial that failed on a full disk (or one too full for its next checkpoint) stops the sweep as Ctrl-C does: each
+trial after it would train up to its first checkpoint and fail there. Tune saves the sweep's state, and once space
+is freed the same command plus --retry-failed continues it (`sweep_stopped_for` says why, for the driver's last
+line).
+
 A trial's own start line and its training progress come from the trial itself (driver.run_trial and the trainer).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import signal
+import threading
 import time
 from typing import Any
 
 from ray import tune
 
+from workflows.runtime import is_disk_full
 from workflows.tune.report import stopped_before_its_last_step, trial_failure
 from workflows.tune.sweep_config import LOG_PREFIX
 
 STATUS_EVERY_S = 300.0
+_stopped_for: str | None = None  # why a SweepProgress of this process stopped the sweep
+
+
+def sweep_stopped_for() -> str | None:
+    """Why the last sweep run in this process was stopped by its SweepProgress (a full disk), else None. (Tune
+    unpickles a resumed sweep's callbacks from its saved state: the driver holds no reference to that one.)"""
+    return _stopped_for
 
 
 def _number(value: Any) -> float | None:
@@ -39,9 +55,11 @@ def _number(value: Any) -> float | None:
 class SweepProgress(tune.Callback):
     """One console line per trial event (module-level: Tune pickles its callbacks with the sweep's state)."""
 
-    def __init__(self, metric: str, mode: str, expected_trials: int, status_every_s: float = STATUS_EVERY_S):
+    def __init__(self, metric: str, mode: str, expected_trials: int, status_every_s: float = STATUS_EVERY_S,
+                 trial_storage: str | None = None, sweep_name: str | None = None):
         self.metric, self.mode, self.expected = metric, mode, expected_trials
         self.status_every_s = status_every_s
+        self.trial_storage, self.sweep_name = trial_storage, sweep_name  # where a trial's Train run writes
         self._last_status = time.monotonic()
 
     # --- what the lines say (from Tune's trials, so a resumed sweep counts the trials finished before) ---
@@ -61,7 +79,9 @@ class SweepProgress(tune.Callback):
 
     # --- Tune's events ---
     def setup(self, **info: Any) -> None:
+        global _stopped_for
         self._last_status = time.monotonic()  # a resumed sweep's callback comes unpickled with another process's clock
+        _stopped_for = None
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         value = _number(result.get(self.metric))
@@ -78,10 +98,37 @@ class SweepProgress(tune.Callback):
                   f"{self._standing(trials, trial)}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._say(f"trial {trial.trial_id} failed: {self._cause(trial)}; {self._standing(trials, trial)}")
+        cause = self._cause(trial)
+        self._say(f"trial {trial.trial_id} failed: {cause}; {self._standing(trials, trial)}")
+        if self._can_stop_for(cause):
+            self._stop(trial, cause)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._say(f"trial {trial.trial_id} failed and starts again (trial_max_failures): {self._cause(trial)}")
+        cause = self._cause(trial)
+        if not self._can_stop_for(cause):
+            self._say(f"trial {trial.trial_id} failed and starts again (trial_max_failures): {cause}")
+            return
+        self._say(f"trial {trial.trial_id} failed: {cause}")  # its retry would meet the same disk
+        self._stop(trial, cause)
+
+    @staticmethod
+    def _can_stop_for(cause: str) -> bool:
+        """A full disk, not yet stopped for, where Tune's handler of SIGUSR1 (its Ctrl-C: it ends the run after this
+        step and saves the sweep's state) is installed: the driver's main thread, where Tune calls back."""
+        return _stopped_for is None and is_disk_full(cause) and callable(signal.getsignal(signal.SIGUSR1)) and \
+            threading.current_thread() is threading.main_thread()
+
+    def _stop(self, trial: Any, cause: str) -> None:
+        global _stopped_for
+        _stopped_for = f"trial {trial.trial_id} failed on a full disk"
+        self._say(f"stopping the sweep: trial {trial.trial_id} met a full disk, which would fail each trial after it "
+                  f"at its first checkpoint")
+        self._free_what_the_trial_left_half_written(trial)
+        tune_logger = logging.getLogger("ray.tune.tune")  # its handler's line would blame a Ctrl-C
+        if not any(isinstance(f, _NotACtrlC) for f in tune_logger.filters):
+            tune_logger.addFilter(_NotACtrlC())
+        signal.raise_signal(signal.SIGUSR1)
+
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
@@ -111,3 +158,30 @@ class SweepProgress(tune.Callback):
             except Exception:  # noqa: BLE001 - an error that does not unpickle here: point at its text instead
                 pass
         return f"see {trial.error_file}" if trial.error_file else "no error recorded"
+
+    def _free_what_the_trial_left_half_written(self, trial: Any) -> None:
+        """Delete the failed trial's partial checkpoints: Tune saves the sweep's state once more as it stops, into
+        the sweep directory, often on the same disk. Seen with the disk left full: that save and the trial's error
+        file were cut short, the driver failed reading the error back, and the resumed sweep found a state Tune could
+        not read and started the sweep anew."""
+        from workflows.checkpoints import remove_partial_checkpoints
+        from workflows.tune.sweep_config import trial_run_name
+
+        storage, name = getattr(self, "trial_storage", None), getattr(self, "sweep_name", None)
+        if not (storage and name):  # a callback pickled by an older version of this class
+            return
+        try:
+            removed = remove_partial_checkpoints(f"{storage}/{trial_run_name(name, trial.trial_id)}")
+        except OSError as exc:
+            self._say(f"could not delete trial {trial.trial_id}'s partial checkpoints: {exc}")
+            return
+        if removed:
+            self._say(f"deleted trial {trial.trial_id}'s {len(removed)} partial checkpoint(s), to make room for the "
+                      f"sweep's state: {', '.join(path.rsplit('/', 1)[-1] for path in removed)}")
+
+
+class _NotACtrlC(logging.Filter):
+    """Drops Tune's "Stop signal received (e.g. via SIGINT/Ctrl+C)" line when the sweep stopped itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _stopped_for is None or not str(record.msg).startswith("Stop signal received")
