@@ -159,13 +159,15 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
     mode: Mode = "clip_only" if request.clip_only else \
         "fusion" if request.zero_shot_fusion or recipe.eval.zero_shot_fusion else "dist"
     directory = checkpoint.directory if checkpoint is not None else None
-    from workflows.data.manifest import check_output_folder
+    from workflows.data.manifest import check_output_folder, class_names
 
     out_dir = _out_dir(request, recipe, directory)
     try:  # an existing file there, or a read-only place: found before any scoring, not after it
         check_output_folder(out_dir, "--out" if request.out else "the output folder (--out to choose another)")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if request.save_scores:
+        check_room_for_scores(out_dir, len(manifest), len(class_names(label_map)))
     plan = EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"], seed=seed, checkpoint=directory,
                     state=checkpoint.state if checkpoint is not None else {}, manifest=manifest, label_map=label_map,
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
@@ -389,6 +391,18 @@ def _scored_views(plan: EvalPlan, data: Any, pool: int, use_gpu: bool) -> Any:
 # evaluations (two checkpoints, DiST and frozen CLIP, other view counts) or an analysis of its own. Arrays: scores
 # (videos, classes) float32, video_index (the manifest row, as in predictions.csv), label, class_names.
 SCORES_FILE = "scores.npz"
+
+
+def check_room_for_scores(out_dir: str | Path, videos: int, classes: int) -> None:
+    """--save-scores writes a float32 per video and class (~190 MB for K710's validation set): a disk without
+    room for it fails here, before the scoring, not after it."""
+    from workflows.runtime import free_bytes
+
+    need, free, mib = videos * (4 * classes + 16) + 2**20, free_bytes(out_dir), 2**20  # + indices, labels, names
+    if free < need:
+        raise ConfigError(f"--save-scores: {SCORES_FILE} of {videos} videos x {classes} classes takes about "
+                          f"{need / mib:.1f} MiB, and {out_dir}'s disk has {free / mib:.1f} MiB free: free space, "
+                          f"choose another folder with --out, or leave --save-scores out")
 
 
 def per_class_rows(confusion: Any, class_names: list[str]) -> list[dict[str, Any]]:

@@ -41,6 +41,7 @@ from workflows.runtime import (
     CHECKPOINT_WOULD_NOT_FIT,
     compile_toolchain_problem,
     ensure_ray,
+    free_bytes,
     interrupted_exit_code,
     is_disk_full,
     is_remote,
@@ -189,14 +190,6 @@ def estimated_run_checkpoint_bytes(recipe: Recipe) -> int:
 
     params = sum(math.prod(shape) for shape in trainable_shapes(recipe).values())
     return estimated_checkpoint_bytes(params, 4 if recipe.precision() == "fp32" else 2, recipe.scaling.elastic)
-
-
-def free_bytes(path: str | Path) -> int:
-    """Free bytes on the disk that holds local `path` (its nearest existing folder: a new run's is not made yet)."""
-    import shutil
-
-    path = Path(path).absolute()
-    return shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
 
 
 def checkpoint_bytes(checkpoint: tuple[Any, str, int]) -> int:

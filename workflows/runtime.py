@@ -303,6 +303,14 @@ def _root_in_text(text: str) -> re.Match | None:
     return _ERROR_LINE.search(parts[i])
 
 
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the disk that holds local `path` (its nearest existing folder: a new run's is not made yet)."""
+    import shutil
+
+    path = Path(path).absolute()
+    return shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+
+
 # What the check before a run says when its disk cannot hold one more checkpoint (pretrain.check_free_space).
 CHECKPOINT_WOULD_NOT_FIT = "checkpoint would not fit"
 # A full disk (ENOSPC) or quota (EDQUOT), as Python, pyarrow and shells word it, or that check's refusal: no restart

@@ -588,3 +588,19 @@ def test_a_clip_file_that_is_gone_fails_before_any_work(run_dir: Path, video_dir
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "moved_clip.pt" in err and "nor a file" in err and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_save_scores_without_room_for_them_fails_before_any_scoring(tmp_path: Path) -> None:
+    """--save-scores on a disk that cannot hold scores.npz: refused with its size and the disk's free space, before
+    the scoring (measured against this machine's real free space: 400 classes x a count of videos no disk holds)."""
+    import shutil
+
+    from workflows.config_loader import ConfigError
+    from workflows.evaluate import check_room_for_scores
+
+    check_room_for_scores(tmp_path / "new" / "out", 20_000, 400)  # K710-sized: ~31 MiB
+    videos = shutil.disk_usage(tmp_path).free // 1600 + 1
+    with pytest.raises(ConfigError, match=rf"--save-scores: scores.npz of {videos} videos x 400 classes takes about "
+                                          r"[\d.]+ MiB, and .*'s disk has [\d.]+ MiB free: free space, choose another "
+                                          r"folder with --out, or leave --save-scores out"):
+        check_room_for_scores(tmp_path, videos, 400)

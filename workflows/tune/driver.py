@@ -301,7 +301,8 @@ def check_sweep_unchanged(plan: SweepPlan) -> None:
 def warn_if_the_sweep_may_not_fit(plan: SweepPlan, trial_recipe: Recipe) -> None:
     """A warning when the trials' local disk cannot hold what the trials still to start keep: run.keep_checkpoints
     + 1 checkpoints each, sized from the base recipe (a trial that changes the model's widths differs)."""
-    from workflows.pretrain import estimated_run_checkpoint_bytes, free_bytes, warn_once
+    from workflows.pretrain import estimated_run_checkpoint_bytes, warn_once
+    from workflows.runtime import free_bytes
 
     if is_remote(plan.train_storage):
         return
@@ -449,7 +450,8 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
 
 def full_disk_advice(plan: SweepPlan, trial_recipe: Recipe) -> str:
     """What to do about the full disk a sweep stopped on: what a trial's checkpoints take, what is free."""
-    from workflows.pretrain import estimated_run_checkpoint_bytes, free_bytes
+    from workflows.pretrain import estimated_run_checkpoint_bytes
+    from workflows.runtime import free_bytes
 
     mib, keep = 2**20, trial_recipe.run.keep_checkpoints
     advice = (f"Each trial keeps up to {keep + 1} checkpoints (run.keep_checkpoints={keep}, plus the latest) of about "
