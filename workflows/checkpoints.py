@@ -12,6 +12,9 @@ A checkpoint directory (one per reported step, managed by Ray Train) holds:
                            (DeepSpeed's ZeRO files load only at the world size that wrote them)
     complete/rank_<r>.json every file rank r wrote, with its size: written last, so a checkpoint is complete when
                            every rank's list is there and every listed file has its size (`checkpoint_step`)
+    complete/rank_<r>.sha256  the same files' SHA-256 in `sha256sum` form (`cd <checkpoint> && sha256sum -c
+                           complete/*.sha256`): a file whose bytes changed at the same size (bit rot in its tensor
+                           data, which no loader notices) is refused where the checkpoint is resumed or read
 
 Nothing here unpickles arbitrary objects: safetensors and JSON are data-only, and DeepSpeed's files are read
 with `torch.load(weights_only=True)` and an explicit allowlist of DeepSpeed's own state classes.
@@ -19,6 +22,7 @@ with `torch.load(weights_only=True)` and an explicit allowlist of DeepSpeed's ow
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -152,10 +156,62 @@ def restore_full_optimizer_state(engine: Any, model: torch.nn.Module, directory:
 
 
 def write_file_list(directory: Path, rank: int) -> None:
-    """complete/rank_<rank>.json: every file under `directory` (this rank's part of the checkpoint) and its size."""
+    """complete/rank_<rank>.json: every file under `directory` (this rank's part of the checkpoint) and its size;
+    complete/rank_<rank>.sha256 their SHA-256 (written first: the size list, last, makes the checkpoint complete)."""
     files = {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
     (directory / COMPLETE).mkdir(exist_ok=True)
+    (directory / COMPLETE / f"rank_{rank}{CHECKSUMS}").write_text(
+        "".join(f"{_sha256(directory / name)}  {name}\n" for name in files))
     (directory / COMPLETE / f"rank_{rank}.json").write_text(json.dumps(files, indent=1))
+
+
+CHECKSUMS = ".sha256"
+WEIGHTS_CHECKSUM = f"{COMPLETE}/rank_0{CHECKSUMS}"  # rank 0 writes weights.safetensors
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def written_checksums(directory: str | Path) -> dict[str, str]:
+    """{file: SHA-256 as written} over every rank's complete/rank_<r>.sha256 ({} for a checkpoint written before
+    these lists, or whose lists are unreadable)."""
+    digests: dict[str, str] = {}
+    for listing in sorted((Path(directory) / COMPLETE).glob(f"rank_*{CHECKSUMS}")):
+        try:
+            lines = listing.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in lines:
+            digest, sep, name = line.partition("  ")
+            if sep and len(digest) == 64:
+                digests[name] = digest
+    return digests
+
+
+def changed_files(directory: str | Path, names: list[str] | None = None) -> list[str]:
+    """The files of a checkpoint directory (all listed, or `names`) whose bytes are not those written: their SHA-256
+    differs from the rank's list (a listed file that is gone counts too). A full read of each file checked."""
+    digests = written_checksums(directory)
+    changed = []
+    for name in (digests if names is None else [n for n in names if n in digests]):
+        path = Path(directory) / name
+        if not path.is_file() or _sha256(path) != digests[name]:
+            changed.append(name)
+    return changed
+
+
+def check_written_bytes(directory: str | Path, checkpoint_path: str) -> None:
+    """CorruptCheckpoint when a file of the checkpoint to resume from (at `checkpoint_path` in the run's storage;
+    read in `directory`, a local copy for a remote one) is not what was written (`changed_files`), before DeepSpeed
+    reads a possibly rotted tensor without a complaint."""
+    changed = changed_files(directory)
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise CorruptCheckpoint(f"{checkpoint_path.rstrip('/').rsplit('/', 1)[-1]} cannot be loaded: {shown} "
+                                f"{'does' if len(changed) == 1 else 'do'} not hold the bytes written (SHA-256 against "
+                                f"{COMPLETE}/rank_*{CHECKSUMS})")
 
 
 def _read_json_at(fs: Any, path: str) -> Any:
@@ -479,10 +535,16 @@ def _read_weights_file(directory: str | Path, read: Any) -> Any:
 
 
 def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Trainable weights of a checkpoint directory (safetensors: data only); CorruptCheckpoint when unreadable."""
+    """Trainable weights of a checkpoint directory (safetensors: data only); CorruptCheckpoint when unreadable, or
+    when its bytes are not those written (a checkpoint's SHA-256 list; safetensors checks the header, not the
+    tensors)."""
     from safetensors.torch import load_file
 
-    return _read_weights_file(directory, load_file)
+    weights = _read_weights_file(directory, load_file)
+    if changed_files(directory, [WEIGHTS]):
+        raise corrupt_checkpoint(directory, WEIGHTS, f"its bytes are not those written: its SHA-256 differs from "
+                                                     f"{COMPLETE}/rank_0{CHECKSUMS}'s")
+    return weights
 
 
 def weight_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
@@ -535,11 +597,11 @@ def remote_checkpoint(uri: str) -> tuple[Any, str, str]:
     return fs, found[1], child_uri(uri, root, found[1])
 
 
-def fetch_remote_checkpoint(uri: str, names: tuple[str, ...] = (STATE, WEIGHTS, RECIPE),
+def fetch_remote_checkpoint(uri: str, names: tuple[str, ...] = (STATE, WEIGHTS, RECIPE, WEIGHTS_CHECKSUM),
                             into: str | Path | None = None) -> tuple[Path, str]:
-    """Download the files `names` (by default what scoring reads; never DeepSpeed's optimizer files) of the
-    checkpoint `uri` names in a bucket (see `remote_checkpoint`) into `into` (default a new scratch directory).
-    Returns (local directory, URI of the checkpoint used)."""
+    """Download the files `names` (by default what scoring reads, and rank 0's checksums, which cover the weights;
+    never DeepSpeed's optimizer files) of the checkpoint `uri` names in a bucket (see `remote_checkpoint`) into
+    `into` (default a new scratch directory). Returns (local directory, URI of the checkpoint used)."""
     import pyarrow.fs as pafs
 
     from workflows.runtime import scratch_dir
@@ -548,6 +610,7 @@ def fetch_remote_checkpoint(uri: str, names: tuple[str, ...] = (STATE, WEIGHTS, 
     local = Path(into) if into is not None else scratch_dir("dist-checkpoint-")
     for name in names:
         if fs.get_file_info(f"{chosen}/{name}").type == pafs.FileType.File:
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(f"{chosen}/{name}", str(local / name), source_filesystem=fs,
                             destination_filesystem=pafs.LocalFileSystem())
     return local, chosen_uri
@@ -584,7 +647,7 @@ def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="dist-init-") as local:  # the weights are read into memory below
-            _, chosen = fetch_remote_checkpoint(str(source), names=(WEIGHTS,), into=local)
+            _, chosen = fetch_remote_checkpoint(str(source), names=(WEIGHTS, WEIGHTS_CHECKSUM), into=local)
             from workflows.runtime import redact_secrets
 
             return init_model_from(model, local).replace(local, redact_secrets(chosen))  # workers log this line

@@ -214,6 +214,34 @@ def quiet_forwarded_ray_lines() -> None:
     dispatcher.add_handler(_FORWARDED_FILTER, filtered)
 
 
+# What Ray Tune's driver prints besides our sweep console (workflows/tune/progress.py), which says it in a line each:
+# "Trials did not complete: [...]", and at an interruption "Stop signal received (e.g. via SIGINT/Ctrl+C) ..." and
+# "Experiment has been interrupted ... Resume experiment with: Tuner.restore(...)" (the tune CLI resumes with
+# --resume; a sweep that stopped itself on a full disk was no Ctrl-C).
+_TUNE_DRIVER_NOISE = ("Trials did not complete", "Stop signal received", "Experiment has been interrupted")
+
+
+class TuneLinesToFiles(logging.Filter):
+    """Drops _TUNE_DRIVER_NOISE from Ray Tune's driver logger (`ray.tune.tune`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TUNE_DRIVER_NOISE)
+
+
+def quiet_tune_console(verbose: bool = False) -> None:
+    """A sweep driver's console without Ray Tune's own boxes and tracebacks, unless `verbose`: Tune's output engine
+    prints a start box and a box per trial result and failure even at verbose=0 (its older reporter prints nothing
+    there), and each failed trial's traceback (kept in the trial's error.txt; the sweep's failure line names its root
+    cause). Call before the sweep starts: Tune reads both switches then. Idempotent."""
+    if verbose:
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    tune_logger = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, TuneLinesToFiles) for f in tune_logger.filters):
+        tune_logger.addFilter(TuneLinesToFiles())
+
+
 def train_logging_config(verbose: bool = False) -> LoggingConfig:
     """For `RunConfig(logging_config=...)`: Ray Train's own INFO lines (worker-group start-up from the controller
     actor, process-group set-up in the workers) only in Train's system log files unless `verbose`."""

@@ -323,10 +323,18 @@ class Trainer:
         """Load the engine (weights, optimizer, schedule; ZeRO's optimizer state re-partitioned when the number of
         workers changed), the TrainState and the epoch's consumed clips of a Ray Train checkpoint. Returns the
         number of workers that wrote it."""
-        from workflows.checkpoints import DS_TAG, read_state, restore_full_optimizer_state, unreadable_checkpoint
+        from workflows.checkpoints import (
+            DS_TAG,
+            CorruptCheckpoint,
+            check_written_bytes,
+            read_state,
+            restore_full_optimizer_state,
+            unreadable_checkpoint,
+        )
 
         try:
             with checkpoint.as_directory() as directory:
+                check_written_bytes(directory, checkpoint.path)
                 previous_world = int(read_state(directory).get("world_size") or self.recipe.scaling.min_workers)
                 if previous_world == self.world:
                     _, client = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
@@ -334,6 +342,8 @@ class Trainer:
                     _, client = self.engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False,
                                                             load_optimizer_states=False)
                     restore_full_optimizer_state(self.engine, self.model, directory)
+        except CorruptCheckpoint:
+            raise
         except Exception as exc:  # a checkpoint whose bytes cannot be read: every restart would read them again
             corrupt = unreadable_checkpoint(checkpoint.path, exc)
             if corrupt is None:

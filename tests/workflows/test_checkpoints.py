@@ -169,6 +169,65 @@ def test_an_unreadable_checkpoint_file_is_named_with_the_runs_other_checkpoints(
     assert read_recipe(bad) == {}  # no recipe.yaml: the caller's recipe applies
 
 
+def test_bytes_that_rotted_at_the_same_size_are_found_by_the_checksums(tmp_path):
+    """Every rank writes its files' SHA-256 beside their sizes, in `sha256sum` form. A tensor's bytes changed in
+    place pass the size check and safetensors' header check, and load: the checksums refuse them, for evaluate's
+    read (read_weights) and for a resume (check_written_bytes, naming the checkpoint as stored)."""
+    import shutil
+    import subprocess
+
+    import pyarrow.fs
+    import pytest
+    import torch
+
+    from workflows.checkpoints import (
+        CorruptCheckpoint,
+        changed_files,
+        check_written_bytes,
+        checkpoint_step,
+        read_weights,
+        write_model_files,
+    )
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoint_000002"
+    write_model_files(ckpt, model=torch.nn.Linear(64, 64), state={"step": 2, "world_size": 2},
+                      recipe_yaml="train:\n  seed: 1\n")
+    write_file_list(ckpt, 0)
+    other = tmp_path / "rank1"  # rank 1's part, written in its own folder
+    (other / "ds").mkdir(parents=True)
+    torch.save({"exp_avg": torch.randn(64, 64)}, other / "ds" / "rank_1_optim_states.pt")
+    write_file_list(other, 1)
+    shutil.copytree(other, ckpt, dirs_exist_ok=True)  # as Ray merges the ranks' uploads
+    assert checkpoint_step(pyarrow.fs.LocalFileSystem(), str(ckpt)) == 2
+    assert changed_files(ckpt) == [] and read_weights(ckpt).keys() == {"weight", "bias"}
+    check_written_bytes(ckpt, str(ckpt))
+    if shutil.which("sha256sum"):  # the lists are what `sha256sum -c` reads
+        done = subprocess.run("sha256sum -c complete/*.sha256", shell=True, cwd=ckpt, capture_output=True, text=True)
+        assert done.returncode == 0 and "weights.safetensors: OK" in done.stdout, done.stdout + done.stderr
+
+    def rot(path: Path, at: int) -> None:  # one byte of tensor data, the file's size unchanged
+        data = bytearray(path.read_bytes())
+        data[at] ^= 0x10
+        path.write_bytes(bytes(data))
+
+    weights = ckpt / "weights.safetensors"
+    rot(weights, weights.stat().st_size - 100)
+    from safetensors.torch import load_file
+
+    assert load_file(str(weights)).keys() == {"weight", "bias"}  # safetensors reads it without a word
+    assert checkpoint_step(pyarrow.fs.LocalFileSystem(), str(ckpt)) == 2  # and the sizes still match
+    with pytest.raises(CorruptCheckpoint, match=r"weights.safetensors is corrupt or truncated \(its bytes are not "
+                                                r"those written: its SHA-256 differs from complete/rank_0.sha256's\)"):
+        read_weights(ckpt)
+    optim = ckpt / "ds" / "rank_1_optim_states.pt"
+    rot(optim, optim.stat().st_size // 2)
+    assert sorted(changed_files(ckpt)) == ["ds/rank_1_optim_states.pt", "weights.safetensors"]
+    with pytest.raises(CorruptCheckpoint, match=r"^checkpoint_000002 cannot be loaded: (weights.safetensors|ds/"
+                                                r"rank_1_optim_states.pt), \S+ do not hold the bytes written"):
+        check_written_bytes(ckpt, "s3://bucket/runs/it/checkpoint_000002")  # named as stored, not as read
+
+
 def test_init_from_a_run_directory_pins_its_newest_checkpoint_once(tmp_path):
     """train.init_from may name a run directory, as `evaluate --checkpoint` may: the driver resolves it to the newest
     checkpoint (complete, in a bucket), which the workers then read; a checkpoint directory or an authors' file

@@ -288,7 +288,10 @@ def test_a_checkpoint_in_storage_is_fetched_and_a_partial_one_never_used(run_dir
     loaded = read_checkpoint(runs.as_uri())
     assert loaded.state["step"] == 2 and loaded.source == (runs / "checkpoint_b").as_uri()
     assert loaded.directory != runs / "checkpoint_b" and not loaded.directory.is_relative_to(tmp_path)  # a copy
-    assert {p.name for p in loaded.directory.iterdir()} == {"state.json", "weights.safetensors", "recipe.yaml"}
+    # what scoring reads, and rank 0's checksums (they cover the weights); no DeepSpeed file
+    assert {p.name for p in loaded.directory.iterdir()} == {"state.json", "weights.safetensors", "recipe.yaml",
+                                                            "complete"}
+    assert [p.name for p in (loaded.directory / "complete").iterdir()] == ["rank_0.sha256"]
     for key, value in read_weights(loaded.directory).items():
         torch.testing.assert_close(value, read_weights(run_dir / "checkpoint_000001")[key])
     assert read_checkpoint((runs / "checkpoint_a").as_uri()).state["step"] == 1  # a checkpoint directory itself

@@ -640,11 +640,13 @@ mount -o remount,size=40m "$DISK"  # space freed
 : > "$DISK/runs/smoke/checkpoint_manager_snapshot.json"
 run freed "$DISK/runs"
 cp -r "$DISK/runs" "$OUT/runs"
-# Bit rot in the newest checkpoint (step 6): the same size, other bytes at the start of a DeepSpeed file.
+# Bit rot in the newest checkpoint (step 6): the same size, other bytes amid the tensor data of its largest
+# DeepSpeed file, which torch.load reads back without a complaint (checked: a flipped byte there loads).
 "$PYTHON" -c "import json, os, pathlib, sys
 newest = max(pathlib.Path(sys.argv[1]).glob('checkpoint_*/state.json'), key=lambda p: json.loads(p.read_text())['step'])
-with open(newest.parent / 'ds' / 'mp_rank_00_model_states.pt', 'r+b') as f:
-    f.seek(64); f.write(os.urandom(4096))" "$DISK/runs/smoke"
+largest = max((newest.parent / 'ds').rglob('*.pt'), key=lambda p: p.stat().st_size)
+with open(largest, 'r+b') as f:
+    f.seek(largest.stat().st_size // 2); f.write(os.urandom(256))" "$DISK/runs/smoke"
 run corrupt "$DISK/runs" train.max_steps=9
 """
 
@@ -704,11 +706,13 @@ def test_a_full_disk_a_read_only_one_and_a_rotted_checkpoint_end_the_run_clearly
     assert f"Ray Train's checkpoint registry {RAY_REGISTRY} is cut short (0 bytes" in freed
     assert "the newest complete checkpoint in storage (Ray Train has none registered)" in freed
     assert "resumed from step 3" in freed and "finished: step 6" in freed
-    # A checkpoint whose bytes cannot be read is not read again by restart after restart: the run ends at once,
-    # naming it and the complete checkpoint before it, which the same command resumes from once it is moved away.
+    # A checkpoint whose bytes rotted (amid a tensor, where torch.load notices nothing: its SHA-256 list does) is not
+    # read again by restart after restart: the run ends at once, naming it and the complete checkpoint before it,
+    # which the same command resumes from once it is moved away.
     corrupt = (out / "corrupt.log").read_text()
     assert (out / "corrupt.rc").read_text().strip() == "1", corrupt[-3000:]
     error = next(line for line in corrupt.splitlines() if line.startswith("error: "))
+    assert re.search(r"cannot be loaded: ds/\S+\.pt does not hold the bytes written", error), error
     assert "was not restarted" in error and "CorruptCheckpoint: checkpoint_" in error, error
     assert re.search(r"Move \S+ \(step 6\) out of the run directory, .* the same command then resumes from the "
                      r"complete checkpoint before it, \S+ \(step 3\)\.$", error), error

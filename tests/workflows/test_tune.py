@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -576,12 +577,16 @@ def test_the_sweep_console_is_a_line_per_trial_event_not_tunes_tables(asha_sweep
     _, result, _, console = asha_sweep
     steady, failed, stopped = result.rows
     assert "Trial status:" not in console and "started with configuration" not in console, console[-4000:]
+    # Tune's output engine: its start box and a box per trial result or failure, even at verbose=0
+    assert "Configuration for experiment" not in console and "errored after" not in console, console[-4000:]
     assert "result" not in "".join(line for line in console.splitlines() if line.startswith("│")), console[-4000:]
     assert f"[tune] trial {steady['trial_id']}: val_top1 " in console
     assert f"[tune] trial {steady['trial_id']} completed after 2 report(s); 1 of 3 trials finished; best so far " \
            f"{steady['trial_id']} val_top1 " in console, console[-4000:]
     assert f"[tune] trial {failed['trial_id']} failed: rank 0 failed: RuntimeError: injected failure at step 1 " \
            "(train.fail_at_step) on rank 0; 2 of 3 trials finished" in console, console[-4000:]
+    traceback = re.search(rf"\[tune\] trial {failed['trial_id']} failed: .*; its traceback: (\S+)$", console, re.M)
+    assert traceback and "injected failure at step 1" in Path(traceback[1]).read_text(), console[-4000:]
     assert f"[tune] trial {stopped['trial_id']} stopped early by the scheduler after 1 report(s); 3 of 3 trials " \
            "finished" in console, console[-4000:]
 

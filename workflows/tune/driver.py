@@ -381,9 +381,10 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
 
     ensure_ray(per_trial["CPU"])
     if not verbose:
-        from workflows.console import quiet_forwarded_ray_lines
+        from workflows.console import quiet_forwarded_ray_lines, quiet_tune_console
 
         quiet_forwarded_ray_lines()
+        quiet_tune_console()
     # Resolve data.decode_node_label once, here; every trial starts from the resolved base recipe. With the base
     # recipe's scaling.wait_for_nodes_s > 0, wait (asking the autoscaler) until one trial's nodes are up.
     # A train.init_from run directory is pinned to its newest checkpoint: every trial starts from the same one.

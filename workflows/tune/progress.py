@@ -21,7 +21,6 @@ A trial's own start line and its training progress come from the trial itself (d
 
 from __future__ import annotations
 
-import logging
 import math
 import signal
 import threading
@@ -99,7 +98,9 @@ class SweepProgress(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         cause = self._cause(trial)
-        self._say(f"trial {trial.trial_id} failed: {cause}; {self._standing(trials, trial)}")
+        where = getattr(trial, "path", None)  # the trial's folder in the sweep's storage: Tune writes error.txt there
+        traceback = f"; its traceback: {where}/error.txt" if where else ""
+        self._say(f"trial {trial.trial_id} failed: {cause}; {self._standing(trials, trial)}{traceback}")
         if self._can_stop_for(cause):
             self._stop(trial, cause)
 
@@ -124,9 +125,6 @@ class SweepProgress(tune.Callback):
         self._say(f"stopping the sweep: trial {trial.trial_id} met a full disk, which would fail each trial after it "
                   f"at its first checkpoint")
         self._free_what_the_trial_left_half_written(trial)
-        tune_logger = logging.getLogger("ray.tune.tune")  # its handler's line would blame a Ctrl-C
-        if not any(isinstance(f, _NotACtrlC) for f in tune_logger.filters):
-            tune_logger.addFilter(_NotACtrlC())
         signal.raise_signal(signal.SIGUSR1)
 
 
@@ -179,9 +177,3 @@ class SweepProgress(tune.Callback):
             self._say(f"deleted trial {trial.trial_id}'s {len(removed)} partial checkpoint(s), to make room for the "
                       f"sweep's state: {', '.join(path.rsplit('/', 1)[-1] for path in removed)}")
 
-
-class _NotACtrlC(logging.Filter):
-    """Drops Tune's "Stop signal received (e.g. via SIGINT/Ctrl+C)" line when the sweep stopped itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return _stopped_for is None or not str(record.msg).startswith("Stop signal received")
