@@ -341,11 +341,15 @@ def root_cause(exc: BaseException) -> str:
             return f"rank {rank} failed: {root_cause(failures[rank])}"
         found = _root_in_text(str(error)) if isinstance(error, RayTaskError) else None
         if found:
-            return f"{found[1].rsplit('.', 1)[-1]}: {found[2].strip()}"
+            following = [line.strip() for line in found.string[found.end():].splitlines() if line.strip()]
+            return f"{found[1].rsplit('.', 1)[-1]}: {_with_its_cause(found[2].strip(), following)}"
     lines = [line.strip() for line in _ANSI.sub("", str(chain[-1])).strip().splitlines() if line.strip()]
     if not lines:
         return type(chain[-1]).__name__
-    # A first line that introduces the next ("Training failed due to controller error:", Ray Train's ControllerError)
-    # says nothing alone: the cause is on the line after it.
-    first = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-    return f"{type(chain[-1]).__name__}: {first}"
+    return f"{type(chain[-1]).__name__}: {_with_its_cause(lines[0], lines[1:])}"
+
+
+def _with_its_cause(first: str, following: list[str]) -> str:
+    """An error's first line, and the next when the first only introduces it ("Training failed due to controller
+    error:", Ray Train's ControllerError, whose cause, e.g. ENOSPC, is on the line after)."""
+    return f"{first} {following[0]}" if first.endswith(":") and following else first

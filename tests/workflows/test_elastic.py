@@ -290,3 +290,19 @@ def test_the_root_cause_of_a_failure_follows_direct_causes_only():
     assert str(full).splitlines()[0].endswith("error:"), str(full)
     assert root_cause(full).startswith("ControllerError: Training failed due to controller error: [Errno 28] Error "
                                        "writing bytes"), root_cause(full)
+    # ... also as the text of a remote chain: a sweep's trial raised RunNotRestarted from it (seen on a full disk)
+    from ray.exceptions import RayTaskError
+
+    from workflows.elastic import RunNotRestarted
+
+    def controller_then_not_restarted() -> None:
+        try:
+            raise full
+        except ControllerError as exc:
+            raise RunNotRestarted("the Train controller could not write to /x") from exc
+
+    remote = RayTaskError("train", "".join(traceback.format_exception(raised(controller_then_not_restarted))),
+                          RunNotRestarted("the Train controller could not write to /x"))
+    assert "No space left on device" in root_cause(remote) and \
+        root_cause(remote).startswith("ControllerError: Training failed due to controller error: [Errno 28]"), \
+        root_cause(remote)

@@ -14,8 +14,10 @@ ends, report.py adds each trial's cost and status and closes its run; the parent
 accuracy-vs-cost plot and the best trial's checkpoint.
 
 An interrupted sweep (Ctrl-C, a lost driver) resumes from `<storage_path>/<name>` through `Tuner.restore`: finished
-trials are kept, unfinished ones continue from their latest checkpoints. A failing trial is reported in the table
-(status `error: ...`) and the sweep goes on with the other trials.
+trials are kept, unfinished ones continue from their latest checkpoints (`--retry-failed`: failed ones too). A failing
+trial is reported in the table (status `error: ...`) and the sweep goes on with the other trials, unless it failed on
+a full disk: then the sweep stops as on Ctrl-C (progress.SweepProgress). At most max_concurrent_trials trials hold
+cluster resources at once, resumed sweeps included (slots.py).
 """
 
 from __future__ import annotations
