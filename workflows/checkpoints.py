@@ -260,17 +260,26 @@ def newest_complete_checkpoint(run_dir: str, but: str | None = None) -> tuple[An
 
     try:
         fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
-        entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        paths = checkpoint_dirs(fs, root)
     except (OSError, ValueError):
         return None
     best: tuple[Any, str, int] | None = None
-    for entry in entries:
-        if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_") and \
-                entry.path.rstrip("/") != (but or "").rstrip("/"):
-            step = checkpoint_step(fs, entry.path)
+    for path in paths:
+        if path != (but or "").rstrip("/"):
+            step = checkpoint_step(fs, path)
             if step is not None and (best is None or step > best[2]):
-                best = (fs, entry.path, step)
+                best = (fs, path, step)
     return best
+
+
+def checkpoint_dirs(fs: Any, root: str) -> list[str]:
+    """The paths of the checkpoint_* directories in the run directory `root` on pyarrow filesystem `fs` (none when
+    it does not exist)."""
+    import pyarrow.fs
+
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    return [e.path.rstrip("/") for e in entries
+            if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_")]
 
 
 def estimated_checkpoint_bytes(trainable_params: int, module_bytes: int, elastic: bool) -> int:
@@ -354,9 +363,7 @@ def remove_partial_checkpoints(run_dir: str) -> list[str]:
     import pyarrow.fs
 
     fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
-    entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    partial = [e.path for e in entries if e.type == pyarrow.fs.FileType.Directory
-               and e.base_name.startswith("checkpoint_") and checkpoint_step(fs, e.path) is None]
+    partial = [path for path in checkpoint_dirs(fs, root) if checkpoint_step(fs, path) is None]
     for path in partial:
         fs.delete_dir(path)
     return partial
@@ -378,9 +385,7 @@ def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int) -
     if not kept:
         return None
     fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
-    entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    found = {e.path.rstrip("/") for e in entries if e.type == pyarrow.fs.FileType.Directory
-             and e.base_name.startswith("checkpoint_")}
+    found = set(checkpoint_dirs(fs, root))
     if not kept <= found:
         return None
 
@@ -543,7 +548,7 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     weights = _read_weights_file(directory, load_file)
     if changed_files(directory, [WEIGHTS]):
         raise corrupt_checkpoint(directory, WEIGHTS, f"its bytes are not those written: its SHA-256 differs from "
-                                                     f"{COMPLETE}/rank_0{CHECKSUMS}'s")
+                                                     f"{WEIGHTS_CHECKSUM}'s")
     return weights
 
 
