@@ -619,6 +619,7 @@ def test_a_full_disk_stops_the_sweep_as_ctrl_c_does(tmp_path, capsys):
 
     import cloudpickle
 
+    from workflows.console import quiet_tune_console
     from workflows.elastic import RunNotRestarted
     from workflows.runtime import is_disk_full
     from workflows.tune import progress
@@ -641,6 +642,7 @@ def test_a_full_disk_stops_the_sweep_as_ctrl_c_does(tmp_path, capsys):
     catcher = logging.Handler()
     catcher.emit = records.append
     logging.getLogger("ray.tune.tune").addHandler(catcher)
+    quiet_tune_console()  # as run_sweep does without --verbose (before, this test passed only after a sweep had run)
     try:
         sweep = progress.SweepProgress("val_top1", "max", expected_trials=3)
         sweep.setup()
