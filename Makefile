@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint cluster-test elastic-test gpu-preflight
+.PHONY: install demo test lint cluster-test elastic-test disk-test gpu-preflight
 
 # Re-installs whenever requirements.txt changes.
 $(STAMP): requirements.txt
@@ -33,6 +33,11 @@ cluster-test: $(STAMP)
 # added back and a raylet killed without notice (~10 min on 2 cores; docs/training.md, "Elastic runs").
 elastic-test: $(STAMP)
 	DIST_ELASTIC_CLUSTER=1 $(PY) -m pytest tests/workflows/test_elastic_cluster.py
+
+# Not part of `make test`: real full disks (small tmpfs mounts in a private mount namespace; root) under a
+# pre-training run and a Tune sweep, each resumed once space is freed (~5 min on 2 cores; docs/training.md).
+disk-test: $(STAMP)
+	DIST_DISK_FAULTS=1 $(PY) -m pytest tests/workflows/test_full_disk.py
 
 # Not part of `make test`: before device time is spent, rehearse a lent GPU machine's run here: its Python 3.12 and
 # torch 2.11 (in .venv-gpu, ~5 GB), the .gpu/ bundle it carries, the compile tests and gpu_checks.sh targets' logic

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.workflows.registry_rules import check_registry_rules
 from workflows.config_loader import ConfigError
 from workflows.mixup import mix_batch, smooth_one_hot, soft_cross_entropy
 from workflows.optim import build_deepspeed_config, lr_at
@@ -620,122 +621,5 @@ def test_a_sigkilled_worker_resumes_from_the_newest_complete_checkpoint(ray_loca
     retained = {Path(c.path) for c, _ in result.best_checkpoints} | {Path(result.checkpoint.path)}
     assert retained <= set(left) and len(left) <= 3
     assert all(checkpoint_step(pyarrow.fs.LocalFileSystem(), str(p)) is not None for p in left)
-
-
-
-_FULL_DISK_SCRIPT = """
-set -u
-mount -t tmpfs -o size=6m tmpfs "$DISK" || exit 90
-run() {  # run NAME STORAGE [KEY=VALUE ...]: the smoke recipe, output in $OUT/NAME.log, exit status in NAME.rc
-  env RAY_ADDRESS=local "$PYTHON" -m workflows pretrain --config "$SMOKE" --set mlflow.enabled=false \
-    run.storage_path="$2" scaling.num_workers=1 $DATA "${@:3}" > "$OUT/$1.log" 2>&1
-  echo $? > "$OUT/$1.rc"
-}
-mount -t tmpfs -o size=1m,ro tmpfs "$READONLY" && run readonly "$READONLY/runs"  # a read-only mount
-run full "$DISK/runs"  # 6 MiB hold the step-3 checkpoint (4.2 MiB), not the step-6 one
-run refused "$DISK/runs"  # the same command before space is freed
-mount -o remount,size=40m "$DISK"  # space freed
-# What the full disk left in the first real run of this on 2026-12-06, where Ray's controller met it: its registry
-# cut to 0 bytes, which Ray 2.60 then refused at every launch (a JSONDecodeError in the controller).
-: > "$DISK/runs/smoke/checkpoint_manager_snapshot.json"
-run freed "$DISK/runs"
-cp -r "$DISK/runs" "$OUT/runs"
-# Bit rot in the newest checkpoint (step 6): the same size, other bytes amid the tensor data of its largest
-# DeepSpeed file, which torch.load reads back without a complaint (checked: a flipped byte there loads).
-"$PYTHON" -c "import json, os, pathlib, sys
-newest = max(pathlib.Path(sys.argv[1]).glob('checkpoint_*/state.json'), key=lambda p: json.loads(p.read_text())['step'])
-largest = max((newest.parent / 'ds').rglob('*.pt'), key=lambda p: p.stat().st_size)
-with open(largest, 'r+b') as f:
-    f.seek(largest.stat().st_size // 2); f.write(os.urandom(256))" "$DISK/runs/smoke"
-run corrupt "$DISK/runs" train.max_steps=9
-"""
-
-
-@pytest.mark.integration
-def test_a_full_disk_a_read_only_one_and_a_rotted_checkpoint_end_the_run_clearly_and_it_resumes(sample_data, tmp_path):
-    """A real full disk: the run directory on a 6 MiB tmpfs (in a private mount namespace) holds the step-3
-    checkpoint, not the step-6 one. The run ends at once (a restart would train to the next checkpoint and fail
-    there again) saying what a checkpoint takes, what is free and what to do; once space is freed the same command
-    resumes from step 3, also when the full disk had cut Ray's checkpoint registry short. Before any work, a disk
-    short of what the run keeps is warned of, one short of a single checkpoint refused, and a read-only one
-    refused. And a newest checkpoint whose bytes rotted ends the run at once, naming the one before it."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    from workflows.checkpoints import RAY_REGISTRY, set_aside_unusable_registry
-
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("mounting a small tmpfs needs root and unshare")
-    disk, out, readonly = tmp_path / "disk", tmp_path / "out", tmp_path / "readonly"
-    for folder in (disk, out, readonly):
-        folder.mkdir()
-    data = (f"data.train_manifest={sample_data.train_manifest} data.val_manifest={sample_data.val_manifest} "
-            f"data.labels={sample_data.labels}")
-    env = dict(os.environ, DISK=str(disk), OUT=str(out), READONLY=str(readonly), PYTHON=sys.executable,
-               SMOKE=str(SMOKE), DATA=data)
-    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", _FULL_DISK_SCRIPT],
-                          cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode != 90, f"could not mount a tmpfs: {done.stderr[-2000:]}"
-    # A run directory that cannot be written fails before any work (it used to fail after Ray had started, with a
-    # traceback from writing recipe.yaml).
-    assert (out / "readonly.rc").read_text().strip() == "2"
-    assert f"error: the run directory under run.storage_path {readonly}/runs/smoke: {readonly} is not writable " \
-        "here; give a folder you can write" in (out / "readonly.log").read_text()
-    full, freed = (out / "full.log").read_text(), (out / "freed.log").read_text()
-    assert (out / "full.rc").read_text().strip() == "1", full[-3000:]
-    # Before any work: 6 MiB hold one checkpoint (about 4.1 MiB, estimated from the parameters), not the 3 kept.
-    warned = re.search(r"warning: \S+'s disk has 6\.0 MiB free, and a checkpoint of this run takes about "
-                       r"(\d\.\d) MiB; run\.keep_checkpoints=2 keeps up to 3, 3 more than are there now", full)
-    assert warned, full[:3000]
-    error = next(line for line in full.splitlines() if line.startswith("error: "))
-    assert "No space left on device" in error and "was not restarted" in error, error
-    measured = re.search(r"A checkpoint of this run takes (\d\.\d) MiB, and run\.keep_checkpoints=2 keeps up to 3",
-                         error)
-    assert measured, error
-    assert 0.9 < float(warned[1]) / float(measured[1]) < 1.1  # the estimate from the parameters, against the files
-    assert re.search(r"\d\.\d MiB are free there now", error) and "point run.storage_path there" in error
-    assert re.search(r"resumes it from its newest complete checkpoint, \S+ \(step 3\)\.$", error), error
-    assert "step 5/6" in full and "step 4/6" in full  # trained up to the step-6 checkpoint, once: never restarted
-    assert full.count("step 4/6") == 1, "a restart trained to the next checkpoint again"
-    refused = (out / "refused.log").read_text()  # what is free now (1.8 MiB) is less than the step-3 checkpoint
-    assert (out / "refused.rc").read_text().strip() == "2" and "the next checkpoint would not fit" in refused, refused
-    assert "warning:" not in freed  # 40 MiB: room for the checkpoints still to come
-    assert (out / "freed.rc").read_text().strip() == "0", freed[-3000:]
-    assert f"Ray Train's checkpoint registry {RAY_REGISTRY} is cut short (0 bytes" in freed
-    assert "the newest complete checkpoint in storage (Ray Train has none registered)" in freed
-    assert "resumed from step 3" in freed and "finished: step 6" in freed
-    # A checkpoint whose bytes rotted (amid a tensor, where torch.load notices nothing: its SHA-256 list does) is not
-    # read again by restart after restart: the run ends at once, naming it and the complete checkpoint before it,
-    # which the same command resumes from once it is moved away.
-    corrupt = (out / "corrupt.log").read_text()
-    assert (out / "corrupt.rc").read_text().strip() == "1", corrupt[-3000:]
-    error = next(line for line in corrupt.splitlines() if line.startswith("error: "))
-    assert re.search(r"cannot be loaded: ds/\S+\.pt does not hold the bytes written", error), error
-    assert "was not restarted" in error and "CorruptCheckpoint: checkpoint_" in error, error
-    assert re.search(r"Move \S+ \(step 6\) out of the run directory, .* the same command then resumes from the "
-                     r"complete checkpoint before it, \S+ \(step 3\)\.$", error), error
-    runs = out / "runs" / "smoke"
-    assert len(list(runs.glob(f"{RAY_REGISTRY}.unusable-*"))) == 1
-    # The resumed run wrote a new registry; a checkpoint it names deleted by hand (to free space) makes it unusable
-    # too: Ray refuses a registry naming a missing checkpoint, so it is set aside at the next launch.
-    assert set_aside_unusable_registry(str(runs)) is None
-    named = json.loads((runs / RAY_REGISTRY).read_text())["checkpoint_results"]
-    shutil.rmtree(runs / named[0]["checkpoint_dir_name"])
-    note = set_aside_unusable_registry(str(runs))
-    assert note and f"({named[0]['checkpoint_dir_name']}: moved or deleted by hand?)" in note
-    assert not (runs / RAY_REGISTRY).exists() and len(list(runs.glob(f"{RAY_REGISTRY}.unusable-*"))) == 2
-    # One in a form this Ray cannot read (another version's): an upgrade must not strand interrupted runs. Another
-    # version's in this form is read, and kept.
-    import ray
-
-    registry = json.loads(max(runs.glob(f"{RAY_REGISTRY}.unusable-*"), key=lambda p: p.stat().st_size).read_text())
-    registry["checkpoint_results"] = [r for r in registry["checkpoint_results"]  # the ones still there
-                                      if (runs / r["checkpoint_dir_name"]).is_dir()]
-    (runs / RAY_REGISTRY).write_text(json.dumps({**registry, "ray_version": "2.59.0"}))
-    assert set_aside_unusable_registry(str(runs)) is None
-    older = {k: v for k, v in registry.items() if k != "current_report_index"}
-    (runs / RAY_REGISTRY).write_text(json.dumps({**older, "ray_version": "2.59.0"}))
-    note = set_aside_unusable_registry(str(runs))
-    assert note and f"was written by Ray 2.59.0 in a form Ray {ray.__version__} cannot read" in note
+    # The registry rules (set aside when unusable), on the registry this run's Ray wrote.
+    check_registry_rules(storage / "it", set_aside_before=0)

@@ -153,12 +153,16 @@ def run_trial_holding_a_slot(recipe: Recipe, context: dict[str, Any], trial_id: 
     """The trial's Train run, fitted once this trial holds one of the sweep's slots."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from workflows.checkpoints import newest_complete_checkpoint
     from workflows.data.drops import drop_counter
-    from workflows.elastic import forget_unrestartable_failure, raise_if_not_restarted
+    from workflows.elastic import forget_unrestartable_failure, kv_key, kv_put, raise_if_not_restarted
     from workflows.pretrain import build_trainer, check_free_space, fit_through_storage_outages
 
     counter = drop_counter(recipe.data.drop_counter)  # owned by this trial: survives its worker restarts
     forget_unrestartable_failure(recipe.run_dir)
+    if newest_complete_checkpoint(recipe.run_dir):  # resumed (--resume, --retry-failed, trial_max_failures): the
+        # first worker group's restart line says so, not "a worker or node was lost"
+        kv_put(kv_key(recipe.run_dir, "event"), {"reason": "the sweep started this trial again"})
     if not is_remote(recipe.run_dir):  # a disk without room for the next checkpoint fails the trial now, not after
         check_free_space(recipe, warn=False)  # training up to it (the sweep warned of the whole sweep's need)
     # As `pretrain` fits: a Train controller that could not write to storage is waited out and fitted again, and
