@@ -7,6 +7,7 @@ autoscaler, so `capacity` never waits for nodes on one).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -309,6 +310,22 @@ def free_bytes(path: str | Path) -> int:
 
     path = Path(path).absolute()
     return shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+
+
+def reserve_disk_space(path: str | Path, nbytes: int) -> bool:
+    """Hold `nbytes` of a local disk in file `path` (allocated blocks, not a sparse file), for a write that must not
+    meet a full disk: deleting the file just before it frees them. False, leaving no file, when there is no room."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)  # glibc writes the blocks where the file system cannot allocate them
+        finally:
+            os.close(fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        return False
+    return True
 
 
 # What the check before a run says when its disk cannot hold one more checkpoint (pretrain.check_free_space).

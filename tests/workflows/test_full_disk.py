@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.workflows.registry_rules import check_registry_rules
+from workflows.tune.progress import ROOM_FOR_THE_STATE
 
 pytestmark = [
     pytest.mark.integration,
@@ -152,6 +153,7 @@ sweep full  # 15 MiB: the first trial's checkpoints (4 MiB each) fit, the second
 mount -o remount,size=60m "$DISK"  # space freed
 sweep retried --retry-failed
 cp "$DISK/sweeps/sweep-smoke/results.csv" "$OUT/" 2>/dev/null
+ls -a "$DISK/sweeps/sweep-smoke" > "$OUT/left.txt"
 """
 
 
@@ -178,6 +180,10 @@ def test_a_sweep_on_a_full_disk_stops_and_the_retried_trial_resumes_once_space_i
     assert re.search(r"Each trial keeps up to 3 checkpoints \(run\.keep_checkpoints=2, plus the latest\) of about "
                      r"\d\.\d MiB", last), last
     assert re.search(r"disk has \d+\.\d MiB free now", last) and "the same command plus --retry-failed" in last
+    # Tune's last save of its state went whole into the room the sweep held for it (the failure of a copy begun
+    # before the stop, on the full disk, is one line, not Tune's traceback)
+    assert "Wrote the latest version of all result files and experiment state" in full
+    assert "Saving experiment state to storage" not in full
     started = r"\[tune\] trial (\w+) \(sweep-smoke-"  # a trial's first line, from its process (Ray prefixes it)
     started_before = set(re.findall(started, full))
     assert len(started_before) == 2, "the sweep stopped at the failed trial: the third did not start"
@@ -193,3 +199,4 @@ def test_a_sweep_on_a_full_disk_stops_and_the_retried_trial_resumes_once_space_i
     finished_first = started_before - {failed}
     assert all(rows[t]["attempts"] == "1" for t in finished_first), "the finished trial was not run again"
     assert set(re.findall(started, retried)) == {failed} | (set(rows) - started_before)  # not the finished one
+    assert ROOM_FOR_THE_STATE not in (out / "left.txt").read_text().split()  # given back as the sweep ended

@@ -643,13 +643,26 @@ def test_a_full_disk_stops_the_sweep_as_ctrl_c_does(tmp_path, capsys):
     catcher.emit = records.append
     logging.getLogger("ray.tune.tune").addHandler(catcher)
     quiet_tune_console()  # as run_sweep does without --verbose (before, this test passed only after a sweep had run)
+    room = tmp_path / progress.ROOM_FOR_THE_STATE  # disk space held for Tune's last save, given back before it
     try:
+        progress.hold_room_for_the_sweep_state(str(tmp_path), trials=3)
+        assert room.stat().st_size == 2**20 + 3 * 2**16 and room.stat().st_blocks * 512 >= 2**20  # not sparse
         sweep = progress.SweepProgress("val_top1", "max", expected_trials=3)
         sweep.setup()
         sweep.on_trial_error(0, [], failed_trial("a", RuntimeError("injected failure")))
-        assert received == [] and progress.sweep_stopped_for() is None
+        assert received == [] and progress.sweep_stopped_for() is None and room.exists()
         sweep.on_trial_error(0, [], failed_trial("b", full))
         assert received == [1] and progress.sweep_stopped_for() == "trial b failed on a full disk"
+        assert not room.exists()
+        state_logger = logging.getLogger("ray.tune.execution.experiment_state")
+        state_logger.addHandler(catcher)
+        try:  # what Tune logs when a copy of its state begun before the stop failed on the full disk
+            raise OSError(28, "No space left on device")
+        except OSError:
+            state_logger.error("Saving experiment state to storage at '/x' failed with exception: ", exc_info=True)
+        finally:
+            state_logger.removeHandler(catcher)
+        assert records == []  # the line below instead
         assert records == []  # Tune's line blaming a Ctrl-C
         sweep.on_trial_error(0, [], failed_trial("c", full))  # stopping already
         assert received == [1]
@@ -657,12 +670,16 @@ def test_a_full_disk_stops_the_sweep_as_ctrl_c_does(tmp_path, capsys):
         assert progress.sweep_stopped_for() is None
         sweep.on_trial_recover(0, [], failed_trial("d", no_room))
         assert received == [1, 1] and progress.sweep_stopped_for() == "trial d failed on a full disk"
+        progress.hold_room_for_the_sweep_state(str(tmp_path / "gone"), trials=3)  # no room (here: no folder)
+        progress.give_back_room_for_the_sweep_state()
     finally:
         signal.signal(signal.SIGUSR1, previous)
         logging.getLogger("ray.tune.tune").removeHandler(catcher)
+        progress.give_back_room_for_the_sweep_state()
     out = capsys.readouterr().out
     assert "[tune] trial a failed: RuntimeError: injected failure; " in out
     assert "[tune] stopping the sweep: trial b met a full disk, which would fail each trial after it" in out
+    assert "[tune] a copy of the sweep's state begun before the stop met the full disk; Tune saves the state" in out
     assert "[tune] trial d failed: ConfigError: /x's disk has 0.7 MiB free" in out and "starts again" not in out
 
 

@@ -360,7 +360,12 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
 
     from workflows.capacity import check_capacity
     from workflows.pretrain import validate_before_start, with_resolved_init_from
-    from workflows.tune.progress import SweepProgress, sweep_stopped_for
+    from workflows.tune.progress import (
+        SweepProgress,
+        give_back_room_for_the_sweep_state,
+        hold_room_for_the_sweep_state,
+        sweep_stopped_for,
+    )
     from workflows.tune.slots import open_slots
 
     sweep = plan.sweep
@@ -433,7 +438,12 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
                                       verbose=1 if verbose else 0),
         )
     slots = open_slots(plan.path, concurrent)  # held until the sweep ends: the actor lives while a handle does
-    grid = tuner.fit()
+    if not is_remote(plan.path):  # buckets do not fill up
+        hold_room_for_the_sweep_state(plan.path, trials)
+    try:
+        grid = tuner.fit()
+    finally:
+        give_back_room_for_the_sweep_state()
     del slots
     interrupted = grid.num_terminated + grid.num_errors < max(len(grid), expected_trials(sweep))
     result = summarize_sweep(grid, plan, parent, interrupted)

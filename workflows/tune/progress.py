@@ -21,6 +21,7 @@ A trial's own start line and its training progress come from the trial itself (d
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import threading
@@ -41,6 +42,48 @@ def sweep_stopped_for() -> str | None:
     """Why the last sweep run in this process was stopped by its SweepProgress (a full disk), else None. (Tune
     unpickles a resumed sweep's callbacks from its saved state: the driver holds no reference to that one.)"""
     return _stopped_for
+
+
+class _SaveBeforeTheStop(logging.Filter):
+    """Tune copies its state to the sweep directory in the background, and its last save waits for the copy before
+    it: one begun on the full disk fails there, and Tune logs that with a traceback, then saves again (saying
+    "Wrote the latest version ..." when that worked, else an error of its own). During a full-disk stop, one line
+    says so instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _stopped_for is None or not str(record.msg).startswith("Saving experiment state to storage"):
+            return True
+        print(f"{LOG_PREFIX} a copy of the sweep's state begun before the stop met the full disk; Tune saves the "
+              f"state once more now", flush=True)
+        return False
+
+
+# Disk space held in the sweep directory while its trials run, freed when a trial meets a full disk: Tune then saves
+# the sweep's state there once more, and the failed trial may have left no partial checkpoint to delete.
+ROOM_FOR_THE_STATE = ".room_for_the_sweep_state"
+_room: str | None = None  # the file holding it, in this process's sweep
+
+
+def hold_room_for_the_sweep_state(sweep_path: str, trials: int) -> None:
+    """Tune's state takes a few KiB per trial (20 kB for 3 trials), plus the error files and results.csv written as
+    the sweep stops: 1 MiB and 64 KiB per trial. Nothing is held where the disk has no room for it already."""
+    from workflows.runtime import reserve_disk_space
+
+    global _room
+    path = f"{sweep_path}/{ROOM_FOR_THE_STATE}"
+    _room = path if reserve_disk_space(path, 2**20 + trials * 2**16) else None
+
+
+def give_back_room_for_the_sweep_state() -> None:
+    """Free what `hold_room_for_the_sweep_state` held: as a trial's full disk stops the sweep, and as it ends."""
+    import contextlib
+    import os
+
+    global _room
+    if _room is not None:
+        with contextlib.suppress(OSError):
+            os.remove(_room)
+        _room = None
 
 
 def _number(value: Any) -> float | None:
@@ -124,7 +167,11 @@ class SweepProgress(tune.Callback):
         _stopped_for = f"trial {trial.trial_id} failed on a full disk"
         self._say(f"stopping the sweep: trial {trial.trial_id} met a full disk, which would fail each trial after it "
                   f"at its first checkpoint")
+        give_back_room_for_the_sweep_state()
         self._free_what_the_trial_left_half_written(trial)
+        state_logger = logging.getLogger("ray.tune.execution.experiment_state")
+        if not any(isinstance(f, _SaveBeforeTheStop) for f in state_logger.filters):
+            state_logger.addFilter(_SaveBeforeTheStop())
         signal.raise_signal(signal.SIGUSR1)
 
 
@@ -159,7 +206,8 @@ class SweepProgress(tune.Callback):
 
     def _free_what_the_trial_left_half_written(self, trial: Any) -> None:
         """Delete the failed trial's partial checkpoints: Tune saves the sweep's state once more as it stops, into
-        the sweep directory, often on the same disk. Seen with the disk left full: that save and the trial's error
+        the sweep directory, often on the same disk (the room held for it may be too little for a large sweep).
+        Seen with the disk left full: that save and the trial's error
         file were cut short, the driver failed reading the error back, and the resumed sweep found a state Tune could
         not read and started the sweep anew."""
         from workflows.checkpoints import remove_partial_checkpoints
