@@ -35,7 +35,7 @@ elastic-test: $(STAMP)
 	DIST_ELASTIC_CLUSTER=1 $(PY) -m pytest tests/workflows/test_elastic_cluster.py
 
 # Not part of `make test`: real full disks (small tmpfs mounts in a private mount namespace; root) under a
-# pre-training run and a Tune sweep, each resumed once space is freed (~5 min on 2 cores; docs/training.md).
+# pre-training run and a Tune sweep, each resumed once space is freed (~7 min on 2 cores; docs/training.md).
 disk-test: $(STAMP)
 	DIST_DISK_FAULTS=1 $(PY) -m pytest tests/workflows/test_full_disk.py
 

@@ -135,12 +135,12 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     name = trial_run_name(context["name"], trial_id)
     recipe = build_trial_recipe(context["base"], config, name=name, storage_path=context["train_storage"])
+    print(f"{LOG_PREFIX} trial {trial_id} ({name}): {' '.join(trial_overrides(config))}", flush=True)
     attempts = attempts_file(context["path"], name)
     if attempts is not None:  # a journal of starts: a resumed sweep must not start finished trials again
         attempts.parent.mkdir(parents=True, exist_ok=True)
         with attempts.open("a") as f:
             f.write(f"{trial_id}\n")
-    print(f"{LOG_PREFIX} trial {trial_id} ({name}): {' '.join(trial_overrides(config))}", flush=True)
     recipe = with_run_scoped_names(recipe)
     take_slot(context["path"], trial_id)  # before the Train run reserves workers and decoders
     try:
