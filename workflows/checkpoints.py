@@ -236,12 +236,13 @@ def checkpoint_step(fs: Any, path: str) -> int | None:
     return None if state is None else int(state["step"])
 
 
-def complete_checkpoint_state(fs: Any, path: str) -> dict[str, Any] | None:
-    """The state.json of the checkpoint at `path` when it is complete (see `checkpoint_step`), else None."""
+def complete_checkpoint_state(fs: Any, path: str, state: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The state.json of the checkpoint at `path` when it is complete (see `checkpoint_step`), else None. `state`:
+    that state.json when it was read already."""
     import pyarrow.fs
 
     try:
-        state = read_state_at(fs, path)
+        state = state or read_state_at(fs, path)
         listed: dict[str, int] = {}
         for rank in range(int(state["world_size"])):
             listed.update(_read_json_at(fs, f"{path}/{COMPLETE}/rank_{rank}.json"))
@@ -263,13 +264,15 @@ def newest_complete_checkpoint(run_dir: str, but: str | None = None) -> tuple[An
         paths = checkpoint_dirs(fs, root)
     except (OSError, ValueError):
         return None
-    best: tuple[Any, str, int] | None = None
-    for path in paths:
-        if path != (but or "").rstrip("/"):
-            step = checkpoint_step(fs, path)
-            if step is not None and (best is None or step > best[2]):
-                best = (fs, path, step)
-    return best
+    # Newest step first, and every rank's file list read for those down to the first complete one only: in a bucket
+    # each list is a request, and a lookup used to read them all for every checkpoint (ranks x checkpoints).
+    # Of two at one step (a step redone after a restart), the later one written.
+    states = [(state, path) for path in paths if path != (but or "").rstrip("/")
+              for state in [read_state_at(fs, path)] if isinstance(state.get("step"), int)]
+    for state, path in sorted(states, key=lambda sp: (sp[0]["step"], sp[1]), reverse=True):
+        if complete_checkpoint_state(fs, path, state) is not None:
+            return fs, path, int(state["step"])
+    return None
 
 
 def checkpoint_dirs(fs: Any, root: str) -> list[str]:

@@ -51,6 +51,26 @@ def test_a_checkpoint_is_complete_only_with_every_ranks_files_at_their_sizes(tmp
     assert newest_complete_checkpoint(run.as_uri())[1:] == (str(newer), 20)  # a URI works as well as a path
 
 
+def test_the_newest_lookup_reads_the_rank_lists_of_the_newest_checkpoints_only(tmp_path, monkeypatch):
+    """In a bucket each rank's file list is one request: finding the newest complete checkpoint reads the lists of
+    the newest ones down to the first complete one, not every checkpoint's."""
+    from workflows import checkpoints
+
+    run = tmp_path / "run"
+    for i, step in enumerate([3, 6, 9, 12]):
+        _checkpoint(run, f"checkpoint_{i}", step=step)
+    partial = _checkpoint(run, "checkpoint_9", step=15)
+    (partial / "complete" / "rank_1.json").unlink()  # the newest step, not complete
+    read = []
+    real = checkpoints._read_json_at
+    monkeypatch.setattr(checkpoints, "_read_json_at", lambda fs, path: (read.append(path), real(fs, path))[1])
+    _, path, step = newest_complete_checkpoint(str(run))
+    assert (Path(path).name, step) == ("checkpoint_3", 12)
+    lists = sorted(str(Path(p).relative_to(run)) for p in read if "/complete/" in p)
+    assert lists == ["checkpoint_3/complete/rank_0.json", "checkpoint_3/complete/rank_1.json",  # 2 of 4 complete
+                     "checkpoint_9/complete/rank_0.json", "checkpoint_9/complete/rank_1.json"], lists  # (not there)
+
+
 def test_no_run_directory_means_no_checkpoint(tmp_path):
     assert newest_complete_checkpoint(str(tmp_path / "absent")) is None
 
