@@ -311,7 +311,7 @@ def test_the_console_shows_a_long_axis_and_a_long_error_cut_short(tmp_path):
     assert max(len(line) for line in table.splitlines()) == len("trial_id") + 2 + TABLE_CELL_CHARS
 
 
-def test_of_equally_good_trials_the_cheapest_is_best():
+def test_of_equally_good_trials_one_not_failed_then_the_cheapest_is_best():
     from workflows.tune.report import _best_row
 
     rows = [{"trial_id": "a", "val_top1": 12.5, "total_gflops": 0.041}, {"trial_id": "b", "val_top1": 12.5,
@@ -322,6 +322,11 @@ def test_of_equally_good_trials_the_cheapest_is_best():
     rows[0]["val_top1"] = 13.0
     assert _best_row(rows, "val_top1", "max")["trial_id"] == "a"
     assert _best_row(rows, "val_top1", "min")["trial_id"] == "b"
+    rows[0]["val_top1"] = 12.5
+    rows[1]["status"] = "error: rank 0 failed: OSError: [Errno 28] No space left on device"  # failed after step 2
+    assert _best_row(rows, "val_top1", "max")["trial_id"] == "a"  # equally good and not failed
+    rows[1]["val_top1"] = 13.0
+    assert _best_row(rows, "val_top1", "max")["trial_id"] == "b"  # better: its checkpoint from then is whole
 
 
 # --- Pareto front ---

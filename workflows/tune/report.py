@@ -226,13 +226,15 @@ def fetch_checkpoint_files(checkpoint: str, sweep_path: str, dest: Path,
 
 
 def _best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The trial with the best `metric`; of equally good ones the cheapest (the one on the Pareto front: ties are
-    common in short sweeps)."""
+    """The trial with the best `metric`; of equally good ones (ties are common in short sweeps) one that did not
+    fail, then the cheapest (the one on the Pareto front). A failed trial's metric is from a validation before its
+    failure, and its checkpoint from then is whole: strictly better, it is the best."""
     scored = [r for r in rows if not math.isnan(r.get(metric, math.nan))]
     if not scored:
         return None
     sign = 1.0 if mode == "max" else -1.0
-    return max(scored, key=lambda r: (sign * r[metric], -r.get("total_gflops", 0.0)))
+    return max(scored, key=lambda r: (sign * r[metric], not str(r.get("status", "")).startswith("error"),
+                                      -r.get("total_gflops", 0.0)))
 
 
 def mlflow_status(status: str) -> str:
