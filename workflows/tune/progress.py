@@ -206,10 +206,9 @@ class SweepProgress(tune.Callback):
 
     def _free_what_the_trial_left_half_written(self, trial: Any) -> None:
         """Delete the failed trial's partial checkpoints: Tune saves the sweep's state once more as it stops, into
-        the sweep directory, often on the same disk (the room held for it may be too little for a large sweep).
-        Seen with the disk left full: that save and the trial's error
-        file were cut short, the driver failed reading the error back, and the resumed sweep found a state Tune could
-        not read and started the sweep anew."""
+        the sweep directory, often on the same disk (where the room held for it may be too little for a very large
+        sweep). Seen with the disk left full: that save and the trial's error file were cut short, the driver failed
+        reading the error back, and the resumed sweep found a state Tune could not read and started the sweep anew."""
         from workflows.checkpoints import remove_partial_checkpoints
         from workflows.tune.sweep_config import trial_run_name
 
