@@ -662,7 +662,7 @@ def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
     source = Path(source)
     state: Any = read_weights(source) if source.is_dir() else source
     if getattr(model, "trainable_name", "dist_net") != "dist_net":
-        result = model.load_state_dict(read_weights(source) if source.is_dir() else {}, strict=True)
+        result = model.load_state_dict(state if source.is_dir() else {}, strict=True)
         return f"loaded {source} into {model.trainable_name} ({result})"
     report = load_authors_checkpoint(model, state)
     if report.mismatched or len(report.loaded) == 0:

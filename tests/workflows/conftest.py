@@ -73,3 +73,13 @@ def video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     write_manifest(bad_rows, root / "bad.csv")
     return root
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory):
+    """The motion sample dataset, small (3 videos per class, 48 px, 24 frames): the real runs' data (test_pretrain,
+    test_full_disk)."""
+    from workflows.data.sample import write_sample_dataset
+
+    return write_sample_dataset(tmp_path_factory.mktemp("sample"), videos_per_class=3, size=48, num_frames=24,
+                                seed=1, workers=1)

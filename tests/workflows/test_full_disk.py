@@ -34,14 +34,6 @@ SMOKE, SWEEP_SMOKE = CONFIGS / "smoke.yaml", CONFIGS / "sweep_smoke.yaml"
 NOT_MOUNTED = 90  # the scripts' exit status when the tmpfs could not be mounted
 
 
-@pytest.fixture(scope="module")
-def sample_data(tmp_path_factory):
-    from workflows.data.sample import write_sample_dataset
-
-    return write_sample_dataset(tmp_path_factory.mktemp("sample"), videos_per_class=3, size=48, num_frames=24,
-                                seed=1, workers=1)
-
-
 def _data_overrides(sample) -> str:
     return (f"data.train_manifest={sample.train_manifest} data.val_manifest={sample.val_manifest} "
             f"data.labels={sample.labels}")

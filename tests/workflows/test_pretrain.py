@@ -358,14 +358,6 @@ def test_a_controller_storage_failure_relaunches_the_run_once_storage_answers(tm
 
 
 # --- real runs: Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers ---
-@pytest.fixture(scope="module")
-def sample_data(tmp_path_factory):
-    from workflows.data.sample import write_sample_dataset
-
-    return write_sample_dataset(tmp_path_factory.mktemp("sample"), videos_per_class=3, size=48, num_frames=24,
-                                seed=1, workers=1)
-
-
 def _recipe(sample, storage: Path, *extra: str):
     return load_recipe(SMOKE, [
         f"data.train_manifest={sample.train_manifest}", f"data.val_manifest={sample.val_manifest}",
