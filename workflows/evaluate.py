@@ -420,11 +420,11 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
     confusion_matrix.png, and with `plan.save_scores` scores.npz (`SCORES_FILE`), in `plan.out_dir`; returns the
     metrics."""
     import numpy as np
-    import torch
 
     from workflows.metrics import accuracy_summary, save_confusion_png
 
-    counts = results.scores.counts()
+    scored, summed, labels = table = results.scores.table()  # the scored videos' manifest rows, in order
+    counts = results.scores.counts(table)
     summary = accuracy_summary(counts)
     names = plan.class_names
     per_class = per_class_rows(counts["confusion"], names)
@@ -447,13 +447,11 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
     }
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    scored = sorted(results.scores.scores)  # manifest rows of the videos that were read
-    probs = (torch.stack([results.scores.scores[v] for v in scored]) / (plan.views * plan.crops)).numpy()  # mean
-    row_of = {vid: i for i, vid in enumerate(scored)}  # softmax over each video's clips, one row per scored video
+    probs = (summed / (plan.views * plan.crops)).numpy()  # the mean softmax over each video's clips, a row each
+    row_of = {vid: i for i, vid in enumerate(scored)}
     if plan.save_scores:
         np.savez(out / SCORES_FILE, scores=probs.astype(np.float32), video_index=np.asarray(scored, np.int64),
-                 label=np.asarray([results.scores.labels[v] for v in scored], np.int64),
-                 class_names=np.asarray(names, dtype=str))
+                 label=labels.numpy().astype(np.int64), class_names=np.asarray(names, dtype=str))
         metrics["scores_file"] = str(out / SCORES_FILE)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out / "per_class_accuracy.csv").open("w", newline="") as f:

@@ -25,21 +25,28 @@ class VideoScores:
             self.scores[vid] = self.scores[vid] + p if vid in self.scores else p.clone()
             self.labels[vid] = y
 
-    def counts(self) -> dict[str, torch.Tensor]:
-        """{"top1", "top5", "videos"} scalars and "confusion" (K, K) [true, predicted], float64 for all-reduce."""
+    def table(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """The scored videos in index order, their summed scores (videos, K) and labels (videos,): one stack that
+        `counts` and an evaluation's outputs share (at K710's validation set, ~190 MB each time it is built)."""
+        vids = sorted(self.scores)
+        if not vids:
+            return [], torch.zeros(0, self.num_classes), torch.zeros(0, dtype=torch.long)
+        return vids, torch.stack([self.scores[v] for v in vids]), torch.tensor([self.labels[v] for v in vids])
+
+    def counts(self, table: tuple[list[int], torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """{"top1", "top5", "videos"} scalars and "confusion" (K, K) [true, predicted], float64 for all-reduce;
+        `table`: this object's `table()`, when the caller has it already."""
         k = self.num_classes
+        vids, scores, labels = self.table() if table is None else table
         confusion = torch.zeros(k, k, dtype=torch.float64)
         top1 = top5 = 0.0
-        if self.scores:
-            vids = sorted(self.scores)
-            scores = torch.stack([self.scores[v] for v in vids])
-            labels = torch.tensor([self.labels[v] for v in vids])
+        if vids:
             ranked = scores.topk(min(5, k), dim=-1).indices
             top1 = float((ranked[:, 0] == labels).sum())
             top5 = float((ranked == labels[:, None]).any(dim=-1).sum())
             confusion.index_put_((labels, ranked[:, 0]), torch.ones(len(vids), dtype=torch.float64), accumulate=True)
         return {"top1": torch.tensor(top1, dtype=torch.float64), "top5": torch.tensor(top5, dtype=torch.float64),
-                "videos": torch.tensor(float(len(self.scores)), dtype=torch.float64), "confusion": confusion}
+                "videos": torch.tensor(float(len(vids)), dtype=torch.float64), "confusion": confusion}
 
 
 def accuracy_summary(counts: dict[str, torch.Tensor]) -> dict[str, float]:
