@@ -531,7 +531,7 @@ def log_to_mlflow(plan: EvalPlan, metrics: dict[str, Any], uri: str) -> str | No
     name = "eval-clip-only" if clip_only or not plan.checkpoint else f"eval-{plan.recipe.run.name}"
     tracker = Tracker(uri, plan.recipe.mlflow.experiment, run_name=name,
                       parent_run_id=None if clip_only else plan.state.get("mlflow_run_id"),
-                      tags={"dist.kind": "evaluate"})
+                      tags={"dist.kind": "evaluate"}, who="the evaluation")
     tracker.log_params({k: metrics[k] for k in ("checkpoint", "step", "manifest", "labels", "mode", "views", "crops",
                                                 "num_classes", "preset")})
     step = 0 if clip_only else int(metrics["step"] or 0)

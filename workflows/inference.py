@@ -101,6 +101,7 @@ def read_checkpoint(path: str | Path, tracking_uri: str | None = None) -> Loaded
     when its state.json names no model, CorruptCheckpoint when one of its files cannot be read (a fetched copy's
     weights are checked here, so the error names where they came from, not the temporary copy)."""
     from workflows.runtime import is_remote, redact_secrets
+    from workflows.tracking import repaired_sqlite_uri
 
     source = str(path)
     fetched = source.startswith(REGISTRY_SCHEME) or is_remote(source)
@@ -121,6 +122,9 @@ def read_checkpoint(path: str | Path, tracking_uri: str | None = None) -> Loaded
     if "model" not in state:
         raise ConfigError(f"{directory}/state.json has no model section: not a checkpoint of this workflow")
     raw, _ = drop_removed_keys(Recipe, raw)  # a recipe.yaml written before a key was removed still loads
+    mlflow = raw.get("mlflow")
+    if isinstance(mlflow, dict) and isinstance(mlflow.get("tracking_uri"), str):  # written before 2026-12-06
+        mlflow["tracking_uri"] = repaired_sqlite_uri(mlflow["tracking_uri"])
     return LoadedCheckpoint(directory=directory, state=state, raw_recipe=raw,
                             source=source if source != str(path) else "")
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     from workflows.recipe import Recipe
@@ -44,14 +44,20 @@ def redact_secrets(value: Any) -> Any:
         return type(value)(redact_secrets(v) for v in value)
     if not isinstance(value, str) or "://" not in value:
         return value
+    # Only the secrets are replaced; every other character stays as written. (urlunsplit would rewrite the rest:
+    # "sqlite:////abs/mlflow.db" came back as "sqlite://abs/mlflow.db", another store, and %2F as "/".)
     parts = urlsplit(value)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        netloc = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{host}" if ":" in userinfo else f"{REDACTED}@{host}"
-    query = "&".join(f"{k}={REDACTED}" if _SECRET_PARAMS.match(k) else f"{k}={v}"
-                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    out = value
+    if "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        hidden = f"{userinfo.split(':', 1)[0]}:{REDACTED}" if ":" in userinfo else REDACTED
+        at = value.index(parts.netloc)
+        out = f"{value[:at]}{hidden}@{host}{value[at + len(parts.netloc):]}"
+    if parts.query:
+        fields = [f"{field.split('=', 1)[0]}={REDACTED}" if _SECRET_PARAMS.match(unquote(field.split("=", 1)[0]))
+                  else field for field in parts.query.split("&")]
+        out = out.replace(f"?{parts.query}", f"?{'&'.join(fields)}", 1)
+    return out
 
 
 def scratch_dir(prefix: str) -> Path:

@@ -40,6 +40,16 @@ def resolve_tracking_uri(configured: str | None, run_dir: str | Path, *, create:
     return f"sqlite:///{path / STORE_FILE}"
 
 
+def repaired_sqlite_uri(uri: str | None) -> str | None:
+    """A sqlite store's URI as recipe.yaml files written before 2026-12-06 hold it: their secret redaction rewrote
+    sqlite:////abs/mlflow.db as sqlite://abs/mlflow.db and sqlite:///rel.db as sqlite:/rel.db, forms SQLAlchemy
+    refuses. Those two come back as written; every other URI is returned unchanged."""
+    if uri is None or not uri.startswith("sqlite:/") or uri.startswith("sqlite:///") or uri == "sqlite://":
+        return uri
+    rest = uri.removeprefix("sqlite://") if uri.startswith("sqlite://") else None
+    return f"sqlite:////{rest}" if rest is not None else f"sqlite:///{uri.removeprefix('sqlite:/')}"
+
+
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """Where a new experiment's artifacts go. A local sqlite store keeps them beside it, `<store dir>/mlartifacts/
     <experiment>`: left to MLflow, they land under the creating process's working directory, which for a Ray worker

@@ -259,6 +259,15 @@ def test_read_checkpoint_gives_the_trained_recipe_and_seed(run_dir: Path, tmp_pa
     assert unseeded.training_seed(default) == 11 and unseeded.recipe.run.name == "other"
 
 
+def test_read_checkpoint_repairs_the_sqlite_uri_older_versions_wrote(run_dir: Path, tmp_path: Path) -> None:
+    """recipe.yaml files written before 2026-12-06 hold a run's sqlite store as sqlite://abs/...: evaluating such a
+    checkpoint logged nowhere ("Invalid SQLite URL")."""
+    store = tmp_path / "store" / "mlflow.db"
+    written = f"mlflow:\n  tracking_uri: sqlite:/{store}\n"  # what the redaction made of sqlite:///{store}
+    loaded = read_checkpoint(_edited_copy(run_dir, tmp_path, recipe_yaml=written))
+    assert loaded.recipe.mlflow.tracking_uri == f"sqlite:///{store}"
+
+
 def test_read_checkpoint_refuses_a_state_without_model(run_dir: Path, video_dir: Path, tmp_path: Path,
                                                         capsys) -> None:
     state = {k: v for k, v in read_state(run_dir / "checkpoint_000001").items() if k != "model"}
