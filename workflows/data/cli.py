@@ -8,7 +8,8 @@
     data import    ssv2|list|ucf101|hmdb51 ...             manifests from SSV2 JSON, `path label` lists, or the
                                                            official UCF101 / HMDB51 split files
 
-`check` exits with 0 when every video decodes and every label is in the label file, 1 otherwise (also when a bucket
+`check` exits with 0 when every video decodes, every label is in the label file and no two rows give one clip
+different labels, 1 otherwise (also when a bucket
 stopped answering: those videos are reported as not checked, never as dropped). Ray tools connect to `--address` (or
 RAY_ADDRESS) when given, else to a Ray running on this machine, else start a local one (`--address local`: always a
 new local Ray).
@@ -208,10 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="tool", required=True)
 
     c = sub.add_parser("check", help="decode every video once and report problems")
-    c.add_argument("--manifest", required=True)
+    c.add_argument("--manifest", required=True,
+                   help="CSV/TSV or Parquet manifest (path,label[,start,end]); local or in a bucket")
     c.add_argument("--labels", help="label file JSON {class: index}; labels not in it are reported")
     c.add_argument("--json", action="store_true", help="print one JSON object")
-    c.add_argument("--frames", type=int, default=16, help="frames decoded per video, spread over its length")
+    c.add_argument("--frames", type=int, default=16,
+                   help="frames decoded per video, spread over its length (default 16)")
     c.add_argument("--min-frames", type=int, default=MIN_FRAMES,
                    help=f"videos with fewer frames count as too_short (default {MIN_FRAMES}, data.min_frames' default)")
     c.add_argument("--bad-list", metavar="CSV", help="write every video that is not ok (path, reason, detail) here")
@@ -222,12 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_cmd_check)
 
     t = sub.add_parser("transcode", help="rewrite videos at a small short side with a short keyframe interval")
-    t.add_argument("--manifest", required=True)
+    t.add_argument("--manifest", required=True, help="the manifest of the videos to rewrite")
     t.add_argument("--out", required=True, help="new folder for the videos and the new manifest")
-    t.add_argument("--short-side", type=int, default=320)
-    t.add_argument("--gop", type=int, default=16, help="keyframe interval in frames")
-    t.add_argument("--crf", type=int, default=23)
-    t.add_argument("--json", action="store_true")
+    t.add_argument("--short-side", type=int, default=320, help="pixels of the shorter side after the resize "
+                   "(default 320; never upscaled)")
+    t.add_argument("--gop", type=int, default=16, help="keyframe interval in frames (default 16)")
+    t.add_argument("--crf", type=int, default=23, help="x264 quality, lower is better and larger (default 23)")
+    t.add_argument("--json", action="store_true", help="print one JSON object")
     t.add_argument("--address", help=ADDRESS_HELP)
     t.set_defaults(run=_cmd_transcode)
 
@@ -235,23 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--csv", action="append", required=True,
                    help="[RELEASE:]PATH of an official CSV (release k400/k600/k700 inferred from the path if omitted)")
     k.add_argument("--videos", help="folder of downloaded clips (<youtube_id>[_start_end].mp4, any depth)")
-    k.add_argument("--out", required=True)
+    k.add_argument("--out", required=True, help="folder for train.csv, val.csv and labels.json (710 classes)")
     k.add_argument("--aliases", help="JSON {class name variant: canonical name} applied after normalisation")
     k.add_argument("--keep-missing", action="store_true", help="keep listed videos that are not on disk")
-    k.add_argument("--json", action="store_true")
+    k.add_argument("--json", action="store_true", help="print one JSON object")
     k.set_defaults(run=_cmd_k710)
 
     s = sub.add_parser("sample", help="write the synthetic motion dataset (H.264 mp4 + manifests)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--videos-per-class", type=int, default=40)
-    s.add_argument("--size", type=int, default=64)
-    s.add_argument("--frames", type=int, default=32)
-    s.add_argument("--fps", type=int, default=16)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--objects", type=int, default=1, help="objects per video, all moving as the class says")
+    s.add_argument("--out", required=True, help="folder for the videos, train.csv, val.csv and labels.json")
+    s.add_argument("--videos-per-class", type=int, default=40, help="default 40 (make demo: 150)")
+    s.add_argument("--size", type=int, default=64, help="square frame size in pixels (default 64)")
+    s.add_argument("--frames", type=int, default=32, help="frames per video (default 32)")
+    s.add_argument("--fps", type=int, default=16, help="default 16")
+    s.add_argument("--seed", type=int, default=0, help="the same seed writes the same videos (default 0)")
+    s.add_argument("--objects", type=int, default=1, help="objects per video, all moving as the class says "
+                   "(default 1; make demo: 3)")
     s.add_argument("--workers", type=int, default=None,
                    help="processes writing videos (default: the CPUs, at most 4)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(run=_cmd_sample)
 
     u = sub.add_parser("upload", help="copy a dataset folder (videos, manifests, labels) into a bucket")
@@ -259,21 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("destination", help="bucket URI, e.g. s3://my-bucket/datasets/sample (credentials and endpoint "
                                        "from the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
                                        "AWS_ENDPOINT_URL, ...)")
-    u.add_argument("--json", action="store_true")
+    u.add_argument("--json", action="store_true", help="print one JSON object")
     u.set_defaults(run=_cmd_upload)
 
     i = sub.add_parser("import", help="write manifests from SSV2 JSON, a `path label` list, or the official UCF101 / "
                                       "HMDB51 split files")
     isub = i.add_subparsers(dest="format", required=True)
-    i1 = isub.add_parser("ssv2")
+    i1 = isub.add_parser("ssv2", help="Something-Something-V2's JSON annotations")
     i1.add_argument("--annotations", required=True, help="something-something-v2-{train,validation}.json")
     i1.add_argument("--labels", required=True, help="something-something-v2-labels.json")
     i1.add_argument("--videos", required=True, help="folder of <id>.webm / <id>.mp4")
     i1.add_argument("--out", required=True, help="manifest to write (labels.json goes beside it)")
     i1.add_argument("--no-check", action="store_true", help="do not check that the video files exist")
-    i2 = isub.add_parser("list")
+    i2 = isub.add_parser("list", help="a text file of `path label` lines")
     i2.add_argument("--list", required=True, help="text file of `relative/path.mp4 label` lines")
-    i2.add_argument("--out", required=True)
+    i2.add_argument("--out", required=True, help="manifest to write (a file, not a folder)")
     i2.add_argument("--root", help="folder the list's paths are relative to (default: the list's folder)")
     i2.add_argument("--labels", help="label file; needed to name integer labels")
     i2.add_argument("--check", action="store_true", help="drop (and count) listed files that do not exist")
