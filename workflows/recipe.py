@@ -352,7 +352,11 @@ def check_data_files(recipe: Recipe) -> None:
         if not value:
             raise ConfigError(f"data.{key} is not set; point it at your {key.replace('_', ' ')} file")
         if not is_remote(value) and not Path(value).exists():
-            raise ConfigError(f"data.{key}: {value} does not exist")
+            folder = Path(value).parent
+            fix = (f"`python -m workflows data sample --out {folder}` writes the sample dataset the smoke and demo "
+                   f"recipes read" if folder.name == "sample" else
+                   f"point it at your own with --set data.{key}=PATH (docs/data.md: manifests and label files)")
+            raise ConfigError(f"data.{key}: {value} does not exist; {fix}")
 
 
 def check_clip_file(recipe: Recipe, key: str) -> None:
