@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from workflows.runtime import is_remote
+from workflows.runtime import is_remote, storage_of
 
 DS_TAG = "ds"
 COMPLETE = "complete"
@@ -257,10 +257,9 @@ def complete_checkpoint_state(fs: Any, path: str, state: dict[str, Any] | None =
 def newest_complete_checkpoint(run_dir: str, but: str | None = None) -> tuple[Any, str, int] | None:
     """(pyarrow filesystem, path, step) of the complete checkpoint_* directory with the highest step in a run
     directory (a local path or a URI), other than the one at path `but`; or None."""
-    import pyarrow.fs
 
     try:
-        fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
+        fs, root = storage_of(run_dir)
         paths = checkpoint_dirs(fs, root)
     except (OSError, ValueError):
         return None
@@ -326,7 +325,7 @@ def set_aside_unusable_registry(run_dir: str) -> str | None:
     import ray
 
     try:
-        fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
+        fs, root = storage_of(run_dir)
         path = f"{root.rstrip('/')}/{RAY_REGISTRY}"
         if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
             return None
@@ -363,9 +362,8 @@ def remove_partial_checkpoints(run_dir: str) -> list[str]:
     that failed on a full disk left half-written. Nothing resumes from them, and the space they hold is what the
     run's driver needs to save its own state. Only for a run none of whose workers still writes. Returns the
     deleted paths."""
-    import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
+    fs, root = storage_of(run_dir)
     partial = [path for path in checkpoint_dirs(fs, root) if checkpoint_step(fs, path) is None]
     for path in partial:
         fs.delete_dir(path)
@@ -382,12 +380,11 @@ def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int) -
     than the listing's: better keep than guess), or when it is empty."""
     import math
 
-    import pyarrow.fs
 
     kept = {path.rstrip("/") for path in retained}
     if not kept:
         return None
-    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
+    fs, root = storage_of(run_dir)
     found = set(checkpoint_dirs(fs, root))
     if not kept <= found:
         return None

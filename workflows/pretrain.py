@@ -51,6 +51,7 @@ from workflows.runtime import (
     root_cause,
     stop_like_ctrl_c,
     stop_signal_note,
+    storage_of,
     write_text,
 )
 from workflows.tracking import resolve_tracking_uri
@@ -204,9 +205,8 @@ def checkpoint_bytes(checkpoint: tuple[Any, str, int]) -> int:
 def list_run_dir(run_dir: str) -> None:
     """One listing of the run directory's storage (a missing directory is fine: the run creates it); raises what
     the storage raises (OSError: unreachable, no credentials)."""
-    import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(run_dir)
+    fs, path = storage_of(run_dir)
     fs.get_file_info(path)
 
 
@@ -434,10 +434,15 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
     from workflows.checkpoints import prune_unretained_checkpoints
     from workflows.data.drops import drop_counter
 
+    # The driver names every path as its workers do (they run elsewhere). With a relative run.storage_path (the
+    # default, ./runs) the relaunch check found no checkpoint (a changed architecture went unrefused), the keys the
+    # driver and the workers share in Ray's store differed (a relaunch's restart line, an unrestartable failure's
+    # report), and the run crashed after its last step, at the pruning.
+    given, recipe = recipe, with_absolute_paths(recipe)
     validate_before_start(recipe)
     relaunch = relaunch_changes(recipe)  # a relaunch of an existing run: what changed, or a refusal naming it
     quiet_ray_console(verbose)
-    print(f"{LOG_PREFIX} {recipe_summary(recipe)}", flush=True)
+    print(f"{LOG_PREFIX} {recipe_summary(given)}", flush=True)
     if relaunch and relaunch[2]:
         print(f"{LOG_PREFIX} resuming run {recipe.run.name} from step {relaunch[1]} with changed settings: "
               f"{'; '.join(relaunch[2])} (the lr, betas and weight decay are the recipe's, and the lr schedule from "

@@ -73,11 +73,21 @@ def scratch_dir(prefix: str) -> Path:
     return path
 
 
-def write_text(path: str, text: str) -> None:
-    """Write a small text file at a local path or a URI (s3://, gs://, file://), creating its directory."""
+def storage_of(path: str | os.PathLike) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it) of a run's or a sweep's storage: a URI (s3://, gs://, file://) or a local
+    path, a relative one taken from the working directory (pyarrow's `FileSystem.from_uri` refuses relative paths,
+    and the default run.storage_path is ./runs)."""
     import pyarrow.fs
 
-    fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
+    path = str(path)
+    if "://" in path or path[:5].lower() == "file:":
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a small text file at a local path or a URI (s3://, gs://, file://), creating its directory."""
+    fs, fs_path = storage_of(path)
     fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(fs_path) as out:
         out.write(text.encode())

@@ -39,7 +39,7 @@ from workflows.elastic import (
     unrestartable_failure,
 )
 from workflows.recipe import Recipe, recipe_from_dict, recipe_to_dict
-from workflows.runtime import compile_toolchain_problem, tools_of_this_interpreter_first, write_text
+from workflows.runtime import compile_toolchain_problem, storage_of, tools_of_this_interpreter_first, write_text
 
 LOG_PREFIX = "[pretrain]"
 CONSUMED_KEY = "dist_consumed"  # DeepSpeed client state: clips trained on per video in the checkpoint's epoch
@@ -545,7 +545,7 @@ class Trainer:
         if train.fail_at_step != step or self.rank != train.fail_rank:
             return
         marker = fail_once_marker(self.recipe)
-        fs, fs_path = pyarrow.fs.FileSystem.from_uri(marker)
+        fs, fs_path = storage_of(marker)
         if fs.get_file_info(fs_path).type != pyarrow.fs.FileType.NotFound:
             return
         write_text(marker, f"injected failure at step {step}\n")
@@ -757,7 +757,6 @@ def checkpoint_to_resume(registered: Any, run_dir: str, log: Any = print) -> Any
     run directory. Ray Train collects reports asynchronously (every few seconds): a worker killed between writing a
     checkpoint and that collection loses its registration although every rank's files are in storage. Rank 0 decides
     and the others follow (a collective), so all ranks load the same checkpoint."""
-    import pyarrow.fs
     import ray.train
     import torch.distributed as dist
 
@@ -773,7 +772,7 @@ def checkpoint_to_resume(registered: Any, run_dir: str, log: Any = print) -> Any
         dist.broadcast_object_list(choice, src=0)
     if choice[0] is None:
         return registered
-    fs, _ = pyarrow.fs.FileSystem.from_uri(run_dir)
+    fs, _ = storage_of(run_dir)
     if registered is None:  # none registered: a registry set aside (`set_aside_unusable_registry`), or a lost report
         log(f"resuming from {choice[0]}: the newest complete checkpoint in storage (Ray Train has none registered)")
     else:

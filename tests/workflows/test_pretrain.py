@@ -397,10 +397,11 @@ def _latest_state(storage: Path) -> tuple[Path, dict]:
 
 
 @pytest.mark.integration
-def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, capfd):
+def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, capfd, monkeypatch):
     from workflows.pretrain import run_pretrain
 
-    storage = tmp_path / "runs"
+    monkeypatch.chdir(tmp_path)
+    storage = Path("runs")  # relative, as the default ./runs: the driver and its workers (elsewhere) must agree
     # Rank 1 fails once at step 3; FailureConfig restarts the group from the step-2 checkpoint.
     # bf16 (DeepSpeed's bf16 optimizer over gloo), the precision GPU recipes use; fine-tuning below runs fp32.
     # The micro-batch is probed (auto): the first start measures, the restart reuses what it found.
@@ -524,9 +525,9 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
     console = "".join(capfd.readouterr())
     assert "train.compile: the frozen CLIP's forward and the trainable branch compiled at the first step (backend " \
            "aot_eager" in console, console[-3000:]
-    assert f"train.init_from {storage / 'it'} is a run directory: starting from its newest checkpoint, {latest} " \
-           "(step 6)" in console, console[-3000:]
-    assert f"initialised from {latest}" in console, console[-3000:]  # what every worker loaded
+    assert f"train.init_from {(storage / 'it').resolve()} is a run directory: starting from its newest checkpoint, " \
+           f"{latest.resolve()} (step 6)" in console, console[-3000:]
+    assert f"initialised from {latest.resolve()}" in console, console[-3000:]  # what every worker loaded
     ft_latest, ft_state = _latest_state(ft_storage)
     assert ft_state["class_names"] == relabelled["order"]  # the fine-tuning run scored the new label texts
     pretrained, finetuned = _weights(latest), _weights(ft_latest)

@@ -31,7 +31,14 @@ from typing import Any
 
 from workflows.config_loader import ConfigError, config_parser, dump_yaml, to_dict
 from workflows.recipe import Recipe, recipe_to_dict
-from workflows.runtime import is_remote, redact_secrets, stop_like_ctrl_c, stop_signal_note, write_text
+from workflows.runtime import (
+    is_remote,
+    redact_secrets,
+    stop_like_ctrl_c,
+    stop_signal_note,
+    storage_of,
+    write_text,
+)
 from workflows.tracking import Tracker
 from workflows.tune.report import SweepResult, summarize_sweep
 from workflows.tune.sweep_config import (
@@ -330,7 +337,7 @@ def check_sweep_state_readable(plan: SweepPlan) -> None:
     short here). Tune itself logs that it failed to restore and starts the sweep anew, over its finished trials."""
     import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(plan.path)
+    fs, root = storage_of(plan.path)
     states = sorted((f for f in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
                      if f.base_name.startswith("experiment_state-") and f.base_name.endswith(".json")),
                     key=lambda f: f.base_name)

@@ -23,7 +23,7 @@ from typing import Any
 
 from workflows.elastic import RunNotRestarted
 from workflows.recipe import recipe_to_dict
-from workflows.runtime import is_remote, root_cause
+from workflows.runtime import is_remote, root_cause, storage_of
 from workflows.tracking import Tracker
 from workflows.tune.sweep_config import (
     LOG_PREFIX,
@@ -210,9 +210,8 @@ def fetch_checkpoint_files(checkpoint: str, sweep_path: str, dest: Path,
         return [local / n for n in names if (local / n).exists()]
     if not is_remote(sweep_path):
         return []
-    import pyarrow.fs
 
-    fs, _ = pyarrow.fs.FileSystem.from_uri(sweep_path)
+    fs, _ = storage_of(sweep_path)
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for name in names:
