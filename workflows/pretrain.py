@@ -112,9 +112,10 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
     )
 
 
-def validate_before_start(recipe: Recipe, warn_space: bool = True) -> None:
+def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
     """Everything that can be checked without Ray: files, labels, the DeepSpeed config, the tracking store, room for
-    checkpoints (`warn_space`: also warn when the disk cannot hold what the run keeps)."""
+    checkpoints (`warn_space`: also warn when the disk cannot hold what the run keeps). Returns the number of
+    training videos (what the run's length is counted from)."""
     from workflows.data.manifest import check_output_folder, class_names, load_labels, load_manifest
     from workflows.inference import scoring_warnings
     from workflows.optim import build_deepspeed_config
@@ -154,6 +155,7 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> None:
         check_free_space(recipe, warn=warn_space)
     if recipe.mlflow.enabled and is_remote(recipe.run_dir):  # a remote run directory needs a tracking server
         resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir)
+    return len(manifests["train_manifest"])
 
 
 def check_free_space(recipe: Recipe, warn: bool = True) -> None:
@@ -429,20 +431,27 @@ def where_it_resumes(recipe: Recipe, newest: tuple[Any, str, int] | None) -> str
 
 
 def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
-    """Validate, start (or join) Ray, train; returns the Ray Train Result. `verbose`: Ray Data's and Ray Train's
+    """Validate, start (or join) Ray, train; returns the Ray Train Result (None, without starting Ray, for a run
+    that has finished its steps already). `verbose`: Ray Data's and Ray Train's
     own INFO lines on the console too (by default they go to Ray's log files only)."""
     from workflows.checkpoints import prune_unretained_checkpoints
     from workflows.data.drops import drop_counter
+    from workflows.feeds import total_steps
 
     # The driver names every path as its workers do (they run elsewhere). With a relative run.storage_path (the
     # default, ./runs) the relaunch check found no checkpoint (a changed architecture went unrefused), the keys the
     # driver and the workers share in Ray's store differed (a relaunch's restart line, an unrestartable failure's
     # report), and the run crashed after its last step, at the pruning.
     given, recipe = recipe, with_absolute_paths(recipe)
-    validate_before_start(recipe)
+    videos = validate_before_start(recipe)
     relaunch = relaunch_changes(recipe)  # a relaunch of an existing run: what changed, or a refusal naming it
     quiet_ray_console(verbose)
     print(f"{LOG_PREFIX} {recipe_summary(given)}", flush=True)
+    if relaunch and relaunch[1] >= total_steps(recipe, videos):  # Ray would resume, train nothing, register it again
+        print(f"{LOG_PREFIX} run {recipe.run.name} has finished: its newest checkpoint, {redact_secrets(relaunch[0])}, "
+              f"is at step {relaunch[1]} of {total_steps(recipe, videos)}. Nothing to train; to train on, raise "
+              f"train.max_steps or train.epochs; to train anew, choose another run.name", flush=True)
+        return None
     if relaunch and relaunch[2]:
         print(f"{LOG_PREFIX} resuming run {recipe.run.name} from step {relaunch[1]} with changed settings: "
               f"{'; '.join(relaunch[2])} (the lr, betas and weight decay are the recipe's, and the lr schedule from "

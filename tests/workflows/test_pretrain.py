@@ -464,6 +464,13 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
     latest, state = _latest_state(storage)
     assert state["resumed_from_step"] == 4 and state["final"] is True
     assert not all(torch.equal(weights_before[k], v) for k, v in _weights(latest).items())
+    # The same command once more: the run has all its steps; nothing starts (Ray resumed at step 6, trained nothing
+    # and registered the same weights as another model version).
+    assert run_pretrain(_recipe(sample_data, storage, "train.max_steps=6", "train.precision=bf16")) is None
+    console = "".join(capfd.readouterr())
+    assert f"[pretrain] run it has finished: its newest checkpoint, {latest.resolve()}, is at step 6 of 6. Nothing " \
+           "to train" in console, console[-3000:]
+    assert "worker rank" not in console
 
     # MLflow: one run (the relaunch continues it) with params, metrics and artifacts.
     db = storage / "it" / "mlflow.db"
