@@ -31,8 +31,10 @@ ADDRESS_HELP = ("Ray cluster address (default: RAY_ADDRESS, else a Ray running o
 def _init_ray(address: str | None) -> None:
     from ray.data import DataContext
 
+    from workflows.console import quiet_ray_console
     from workflows.runtime import ensure_ray
 
+    quiet_ray_console()  # Ray Data's INFO lines (execution plans, "progress bars disabled") go to Ray's log files
     ensure_ray(address=address, quiet=True)
     DataContext.get_current().enable_progress_bars = False  # our own progress lines; keeps --json output clean
 
