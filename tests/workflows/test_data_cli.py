@@ -59,10 +59,14 @@ def test_data_check_on_sample_data_and_bad_manifest(ray_local, video_dir, tmp_pa
 
 @pytest.mark.integration
 def test_transcode_writes_small_copies_and_never_touches_originals(ray_local, video_dir, tmp_path) -> None:
+    from workflows.data.cli import _format_transcode
     from workflows.data.transcode import transcode_dataset
 
     originals = {p: p.read_bytes() for p in (video_dir / "clips").glob("*.mp4")}
     result = transcode_dataset(str(video_dir / "bad.csv"), tmp_path / "small", short_side=32, progress=False)
+    said = _format_transcode(result)  # what the command prints: each reason a video was left out, with examples
+    assert f"{result['ok']} of {result['videos']} videos transcoded, {result['videos'] - result['ok']} left out" in said
+    assert all(f"  {reason}: {count}, e.g. " in said for reason, count in result["dropped"].items()), said
     assert (result["videos"], result["ok"]) == (len(GOOD_VIDEOS) + 4, len(GOOD_VIDEOS))
     assert sum(result["dropped"].values()) == 4
     m = load_manifest(result["manifest"], load_labels(str(video_dir / "labels.json")))

@@ -119,10 +119,18 @@ def _cmd_transcode(args: argparse.Namespace) -> int:
     _init_ray(args.address)
     result = transcode_dataset(args.manifest, args.out, short_side=args.short_side, gop=args.gop, crf=args.crf,
                                progress=not args.json)
-    print(json.dumps(result) if args.json else
-          f"wrote {result['manifest']}: {result['ok']} of {result['videos']} videos transcoded; "
-          f"dropped {result['dropped']} {result['examples'] if result['dropped'] else ''}")
+    print(json.dumps(result) if args.json else _format_transcode(result))
     return 0
+
+
+def _format_transcode(result: dict[str, Any]) -> str:
+    """`transcode_dataset`'s result for the console: the new manifest, then each reason a video was left out."""
+    dropped = sum(result["dropped"].values())
+    lines = [f"wrote {result['manifest']}: {result['ok']} of {result['videos']} videos transcoded"
+             f"{f', {dropped} left out (not in the new manifest):' if dropped else ''}"]
+    lines += [f"  {reason}: {count}, e.g. {', '.join(result['examples'][reason][:3])}"
+              for reason, count in result["dropped"].items()]
+    return "\n".join(lines)
 
 
 def _cmd_k710(args: argparse.Namespace) -> int:

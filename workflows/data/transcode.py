@@ -152,12 +152,14 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
     ds = ray.data.from_arrow(blocks).map_batches(
         _transcode_batch, fn_kwargs={"out_dir": str(out), "short_side": short_side, "gop": gop, "crf": crf},
         batch_size=None, batch_format="numpy", num_cpus=1)
-    results = {}
+    results, shown = {}, t0
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         for i, index in enumerate(batch["video_index"]):
             results[int(index)] = {k: batch[k][i] for k in ("ok", "reason", "detail", "output")}
-        if progress:
-            print(f"  transcoded {len(results)}/{work.num_rows} videos ({time.perf_counter() - t0:.0f} s)", flush=True)
+        now = time.perf_counter()
+        if progress and (now - shown >= 10 or len(results) == work.num_rows):  # a line per 10 s, and the last
+            shown = now
+            print(f"  transcoded {len(results)}/{work.num_rows} videos ({now - t0:.0f} s)", flush=True)
     rows, dropped, examples = [], {}, {}
     labels, starts, ends = (table.column(c).to_pylist() for c in ("label_name", "start", "end"))
     for i in range(work.num_rows):
