@@ -551,8 +551,8 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
     plan = plan_evaluation(request)
     if progress:
         what = "frozen CLIP alone" if plan.mode == "clip_only" else plan.checkpoint_source or plan.checkpoint
-        print(f"{LOG_PREFIX} {what} ({plan.recipe.model.preset}, step "
-              f"{plan.state.get('step', '-') if plan.mode != 'clip_only' else '-'}) on {plan.manifest.source}: "
+        step = f", step {plan.state['step']}" if plan.mode != "clip_only" and "step" in plan.state else ""
+        print(f"{LOG_PREFIX} {what} ({plan.recipe.model.preset}{step}) on {plan.manifest.source}: "
               f"{len(plan.manifest)} videos, labels {plan.labels_source}", flush=True)
     for line in plan.warnings:
         print(line, file=sys.stderr, flush=True)
