@@ -516,7 +516,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.config, args.overrides)
-        validate_before_start(recipe)
+        validate_before_start(with_absolute_paths(recipe))  # the paths run_pretrain and the workers use
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

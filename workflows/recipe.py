@@ -351,7 +351,7 @@ def check_data_files(recipe: Recipe) -> None:
         value = getattr(recipe.data, key)
         if not value:
             raise ConfigError(f"data.{key} is not set; point it at your {key.replace('_', ' ')} file")
-        if not is_remote(value) and not Path(value).exists():
+        if not is_remote(value) and not Path(value).expanduser().exists():
             folder = Path(value).parent
             fix = (f"`python -m workflows data sample --out {folder}` writes the sample dataset the smoke and demo "
                    f"recipes read" if folder.name == "sample" else
@@ -375,9 +375,10 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     """A copy whose local, relative file paths are absolute: Ray workers do not run in the driver's directory."""
 
     def absolute(value: str | None) -> str | None:
-        if not value or is_remote(value) or Path(value).is_absolute():
+        if not value or is_remote(value):
             return value
-        return str(Path(value).resolve())
+        path = Path(value).expanduser()  # ~/runs: the home directory, not a folder named "~" in the working directory
+        return str(path) if path.is_absolute() else str(path.resolve())
 
     data = dataclasses.replace(recipe.data, **{k: absolute(getattr(recipe.data, k))
                                                 for k in ("train_manifest", "val_manifest", "labels")})

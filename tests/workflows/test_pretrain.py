@@ -153,6 +153,22 @@ def test_the_weights_and_videos_a_run_starts_from_are_read_before_any_work(sampl
         validate_before_start(_recipe(sample_data, "s3://bucket/runs", "mlflow.enabled=false"))
 
 
+def test_local_paths_are_absolute_as_the_workers_need_them(tmp_path, monkeypatch):
+    """Workers run in another directory, and pyarrow takes no relative path: the driver works on absolute ones,
+    ~ expanded (it made a folder named "~" in the working directory)."""
+    from workflows.recipe import with_absolute_paths
+    from workflows.runtime import storage_of
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    recipe = with_absolute_paths(load_recipe(SMOKE, ["run.storage_path=~/runs", "data.labels=rel/labels.json",
+                                                     "train.init_from=s3://bucket/run"], check_files=False))
+    assert recipe.run.storage_path == str(tmp_path / "home" / "runs")
+    assert recipe.data.labels == str(tmp_path / "rel" / "labels.json") and recipe.train.init_from == "s3://bucket/run"
+    assert storage_of("runs/it")[1] == str(tmp_path / "runs" / "it")  # the default ./runs, as pyarrow refuses it
+    assert storage_of(tmp_path.as_uri())[1] == str(tmp_path)
+
+
 def test_compile_parts_and_cuda_graphs_are_checked_before_any_work():
     def train(*sets: str):
         return load_recipe(SMOKE, list(sets), check_files=False).train
