@@ -227,7 +227,7 @@ def sweep_dir(sweep: SweepConfig) -> str:
     """Where the sweep lives: <storage_path>/<name> (an absolute local path, or a URI)."""
     if is_remote(sweep.storage_path):
         return f"{sweep.storage_path.rstrip('/')}/{sweep.name}"
-    return str(Path(sweep.storage_path).resolve() / sweep.name)
+    return str(Path(sweep.storage_path).expanduser().resolve() / sweep.name)  # ~/sweeps: the home directory
 
 
 def tracking_uri(sweep: SweepConfig) -> str:
