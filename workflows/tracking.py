@@ -92,6 +92,7 @@ class Tracker:
                  *, reuse_tags: dict[str, str] | None = None, who: str = "training"):
         self._switch = {"on": tracking_uri is not None}  # shared with child() trackers
         self._who = who
+        self.tracking_uri = tracking_uri
         self.run_id: str | None = None
         self.created = False
         self.experiment_id: str | None = None

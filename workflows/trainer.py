@@ -690,7 +690,10 @@ class Trainer:
                        f"{len(self.class_names)} classes by run {self.recipe.run.name}; recipe.yaml holds the recipe")
         version = self.tracker.register_model(name, "final_checkpoint", tags, description)
         if version:
-            self.log(f"registered as MLflow model {name!r} version {version} (--checkpoint models:/{name}/{version})")
+            from workflows.runtime import redact_secrets
+
+            self.log(f"registered as MLflow model {name!r} version {version} (evaluate or predict it with --checkpoint "
+                     f"models:/{name}/{version} --tracking-uri {redact_secrets(self.tracker.tracking_uri)})")
 
     def cleanup(self) -> None:
         """Publish the final results if training did not (e.g. relaunched after the run had already finished)."""
