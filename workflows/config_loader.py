@@ -29,10 +29,20 @@ class ConfigError(ValueError):
 REMOVED_KEYS_ATTR = "removed_keys"  # ClassVar of a section dataclass: {removed key: "use <new key> ..."}
 
 
-def _removed_hints(cls: Any, keys: list[str], prefix: str) -> str:
-    """The hint for those of `keys` that section `cls` lists as removed: " (a.b was removed: use ...)", or ""."""
+def _unknown_key_hints(cls: Any, keys: list[str], prefix: str) -> str:
+    """The hint for unknown `keys` of section `cls`: " (a.b was removed: use ...)" for a key it lists as removed,
+    " (did you mean a.lr?)" for a near miss of one of its keys, or ""."""
+    import difflib
+
     removed = getattr(cls, REMOVED_KEYS_ATTR, None) or {}
-    hints = [f"{prefix}{key} was removed: {removed[key]}" for key in keys if key in removed]
+    names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    hints = []
+    for key in keys:
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.7)
+        if key in removed:
+            hints.append(f"{prefix}{key} was removed: {removed[key]}")
+        elif close:
+            hints.append(f"did you mean {prefix}{close[0]}?")
     return f" ({'; '.join(hints)})" if hints else ""
 
 
@@ -108,7 +118,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {', '.join(prefix + k for k in unknown)}{_removed_hints(cls, unknown, prefix)}; "
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)}{_unknown_key_hints(cls, unknown, prefix)}; "
             f"valid keys here: {', '.join(prefix + k for k in fields)}"
         )
     hints = get_type_hints(cls)
@@ -196,7 +206,7 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str], where
             shown = ".".join(path[: depth + 1])
             if names is not None and part not in names:
                 valid = ", ".join(".".join(path[:depth] + [n]) for n in names)
-                hint = _removed_hints(schema, [part], ".".join(path[:depth] + [""]))
+                hint = _unknown_key_hints(schema, [part], ".".join(path[:depth] + [""]))
                 raise ConfigError(f"unknown key {shown} in {where} {text!r}{hint}; valid keys here: {valid}")
             if depth == len(path) - 1:
                 node[part] = value

@@ -60,7 +60,9 @@ def test_set_takes_several_pairs_or_repeats():
     "data, overrides, message",
     [
         ({"stepz": 3}, [], "unknown key.*stepz.*valid keys here: name, steps"),
-        ({}, ["optim.lrr=1"], "unknown key optim.lrr.*valid keys here: optim.lr, optim.kind"),
+        ({}, ["optim.lrr=1"], r"unknown key optim.lrr in --set .optim.lrr=1. \(did you mean optim.lr\?\); valid keys "
+                              r"here: optim.lr, optim.kind"),
+        ({"stepz": 3}, [], r"unknown key\(s\) stepz \(did you mean steps\?\)"),
         ({"optim": {"kind": "adam"}}, [], "optim.kind: 'adam' is not valid; choose one of 'adamw', 'sgd'"),
         ({"steps": "ten"}, [], "steps: expected an integer"),
         ({"steps": -1}, [], "steps must be positive"),
