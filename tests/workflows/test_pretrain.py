@@ -39,9 +39,9 @@ def test_bad_recipe_fails_before_any_work():
     with pytest.raises(ConfigError, match=r"data.train_manifest: /nope.csv does not exist; point it at your own "
                                           r"with --set data.train_manifest=PATH"):
         load_recipe(SMOKE, ["data.train_manifest=/nope.csv"])
-    with pytest.raises(ConfigError, match=r"/nope/sample/val.csv does not exist; `python -m workflows data sample "
+    with pytest.raises(ConfigError, match=r"/nope/sample/train.csv does not exist; `python -m workflows data sample "
                                           r"--out /nope/sample` writes"):
-        load_recipe(SMOKE, ["data.val_manifest=/nope/sample/val.csv"])
+        load_recipe(SMOKE, ["data.train_manifest=/nope/sample/train.csv"])
     with pytest.raises(ConfigError, match=r"sweep_smoke.yaml is a Tune sweep, not a recipe: run it with `python -m "
                                           r"workflows tune --config"):
         load_recipe(SMOKE.parent / "sweep_smoke.yaml", check_files=False)
