@@ -45,6 +45,11 @@ LOG_PREFIX = "[pretrain]"
 CONSUMED_KEY = "dist_consumed"  # DeepSpeed client state: clips trained on per video in the checkpoint's epoch
 PARK_LIMIT_S = 300.0  # after a resize checkpoint, how long past the deadline a worker waits to be restarted
 HISTORY_KEYS = ("loss", "lr", "val_top1", "clips_per_s")
+# Tests only (make elastic-test): every optimizer step lasts at least this many seconds, so a run's legs (a drain, a
+# node added, a node lost, each 20-60 s of Ray's own detection) land inside it on a machine whose tiny steps take
+# 0.2 s as on one whose take 2 s. Unset: no pause.
+MIN_STEP_S_ENV = "DIST_TEST_MIN_STEP_S"
+
 
 
 def seed_and_determinism(seed: int, deterministic: bool) -> None:
@@ -472,6 +477,7 @@ class Trainer:
         state.epoch_steps += 1
         self._write_audit()
         self._maybe_inject_failure()
+        self._pace_for_tests()
         verdict, deadline = self.watch.poll()  # a collective: every rank, every step
         if self.rank == 0:  # how far this attempt got: a restart tells the steps it lost
             kv_put(kv_key(recipe.run_dir, "progress"), {"step": state.step, "world": self.world})
@@ -535,6 +541,15 @@ class Trainer:
             time.sleep(1.0)
         raise RuntimeError(f"{reason} at step {state.step}: Ray Train did not restart the worker group within "
                            f"{PARK_LIMIT_S:.0f} s; restarting from the newest complete checkpoint")
+
+    def _pace_for_tests(self) -> None:
+        """MIN_STEP_S_ENV: sleep what this step took less than that."""
+        minimum = float(os.environ.get(MIN_STEP_S_ENV) or 0)
+        now = time.monotonic()
+        last = getattr(self, "_paced_at", None)
+        if minimum and last is not None and now - last < minimum:
+            time.sleep(minimum - (now - last))
+        self._paced_at = time.monotonic()
 
     def _maybe_inject_failure(self) -> None:
         """train.fail_at_step: rank `fail_rank` raises once to exercise recovery. A marker in the run's own storage

@@ -44,7 +44,10 @@ def main(out_dir: str) -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sample = write_sample_dataset(out / "sample", videos_per_class=3, size=48, num_frames=24, seed=1, workers=1)
-    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",
+           # steps of at least 1 s: a node added joins Ray Train's view up to 20 s later (its autoscaling
+           # coordinator's tick), and 52 steps of 0.2 s ended one run before it could grow
+           "DIST_TEST_MIN_STEP_S": "1"}
     os.environ.update(env)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "object_store_memory": 400_000_000})
     workers = [cluster.add_node(num_cpus=1, labels=TRAIN, resources=SLOT, object_store_memory=200_000_000)
