@@ -516,7 +516,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.config, args.overrides)
-        validate_before_start(with_absolute_paths(recipe))  # the paths run_pretrain and the workers use
+        absolute = with_absolute_paths(recipe)  # the paths run_pretrain and the workers use (and their keys in Ray)
+        validate_before_start(absolute)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -529,11 +530,11 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (TrainingFailedError, RunNotRestarted) as exc:  # the workers' tracebacks are above; Ray's is cut short
-        print(f"error: {describe_training_failure(exc, recipe)}", file=sys.stderr)
+        print(f"error: {describe_training_failure(exc, absolute)}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: Ray Train's SIGINT handler aborts the run, and the
         # driver's wait for it ends in a SystemExit (before the fit started: a KeyboardInterrupt)
-        print(f"interrupted{stop_signal_note()}: {describe_interruption(recipe)}", file=sys.stderr, flush=True)
+        print(f"interrupted{stop_signal_note()}: {describe_interruption(absolute)}", file=sys.stderr, flush=True)
         return interrupted_exit_code()
     return 0
 
