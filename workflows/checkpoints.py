@@ -257,7 +257,6 @@ def complete_checkpoint_state(fs: Any, path: str, state: dict[str, Any] | None =
 def newest_complete_checkpoint(run_dir: str, but: str | None = None) -> tuple[Any, str, int] | None:
     """(pyarrow filesystem, path, step) of the complete checkpoint_* directory with the highest step in a run
     directory (a local path or a URI), other than the one at path `but`; or None."""
-
     try:
         fs, root = storage_of(run_dir)
         paths = checkpoint_dirs(fs, root)
@@ -362,7 +361,6 @@ def remove_partial_checkpoints(run_dir: str) -> list[str]:
     that failed on a full disk left half-written. Nothing resumes from them, and the space they hold is what the
     run's driver needs to save its own state. Only for a run none of whose workers still writes. Returns the
     deleted paths."""
-
     fs, root = storage_of(run_dir)
     partial = [path for path in checkpoint_dirs(fs, root) if checkpoint_step(fs, path) is None]
     for path in partial:
@@ -379,7 +377,6 @@ def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int) -
     Deletes nothing and returns None when `retained` names a directory that is not there (paths in another form
     than the listing's: better keep than guess), or when it is empty."""
     import math
-
 
     kept = {path.rstrip("/") for path in retained}
     if not kept:

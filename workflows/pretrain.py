@@ -207,7 +207,6 @@ def checkpoint_bytes(checkpoint: tuple[Any, str, int]) -> int:
 def list_run_dir(run_dir: str) -> None:
     """One listing of the run directory's storage (a missing directory is fine: the run creates it); raises what
     the storage raises (OSError: unreachable, no credentials)."""
-
     fs, path = storage_of(run_dir)
     fs.get_file_info(path)
 
@@ -430,10 +429,12 @@ def where_it_resumes(recipe: Recipe, newest: tuple[Any, str, int] | None) -> str
             f"{redact_secrets(recipe.run_dir)} (none was found there now: it would start anew)")
 
 
-def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
+def run_pretrain(recipe: Recipe, verbose: bool = False, validated_videos: int | None = None) -> Any:
     """Validate, start (or join) Ray, train; returns the Ray Train Result (None, without starting Ray, for a run
-    that has finished its steps already). `verbose`: Ray Data's and Ray Train's
-    own INFO lines on the console too (by default they go to Ray's log files only)."""
+    that has finished its steps already). `verbose`: Ray Data's and Ray Train's own INFO lines on the console too
+    (by default they go to Ray's log files only). `validated_videos`: what `validate_before_start` returned for this
+    recipe's absolute paths, when the caller ran it already (the CLI, to tell a bad recipe by its exit code); it
+    reads the manifests, probes videos and loads the weights the run starts from, so it is not run twice."""
     from workflows.checkpoints import prune_unretained_checkpoints
     from workflows.data.drops import drop_counter
     from workflows.feeds import total_steps
@@ -443,14 +444,15 @@ def run_pretrain(recipe: Recipe, verbose: bool = False) -> Any:
     # driver and the workers share in Ray's store differed (a relaunch's restart line, an unrestartable failure's
     # report), and the run crashed after its last step, at the pruning.
     given, recipe = recipe, with_absolute_paths(recipe)
-    videos = validate_before_start(recipe)
+    videos = validate_before_start(recipe) if validated_videos is None else validated_videos
     relaunch = relaunch_changes(recipe)  # a relaunch of an existing run: what changed, or a refusal naming it
     quiet_ray_console(verbose)
     print(f"{LOG_PREFIX} {recipe_summary(given)}", flush=True)
-    if relaunch and relaunch[1] >= total_steps(recipe, videos):  # Ray would resume, train nothing, register it again
+    steps = total_steps(recipe, videos)
+    if relaunch and relaunch[1] >= steps:  # Ray would resume, train nothing and register the weights again
         print(f"{LOG_PREFIX} run {recipe.run.name} has finished: its newest checkpoint, {redact_secrets(relaunch[0])}, "
-              f"is at step {relaunch[1]} of {total_steps(recipe, videos)}. Nothing to train; to train on, raise "
-              f"train.max_steps or train.epochs; to train anew, choose another run.name", flush=True)
+              f"is at step {relaunch[1]} of {steps}. Nothing to train; to train on, raise train.max_steps or "
+              f"train.epochs; to train anew, choose another run.name", flush=True)
         return None
     if relaunch and relaunch[2]:
         print(f"{LOG_PREFIX} resuming run {recipe.run.name} from step {relaunch[1]} with changed settings: "
@@ -517,7 +519,7 @@ def main(argv: list[str]) -> int:
     try:
         recipe = load_recipe(args.config, args.overrides)
         absolute = with_absolute_paths(recipe)  # the paths run_pretrain and the workers use (and their keys in Ray)
-        validate_before_start(absolute)
+        videos = validate_before_start(absolute)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -525,7 +527,7 @@ def main(argv: list[str]) -> int:
 
     stop_like_ctrl_c()  # `ray job stop` sends SIGTERM
     try:
-        run_pretrain(recipe, verbose=args.verbose)
+        run_pretrain(recipe, verbose=args.verbose, validated_videos=videos)
     except ConfigError as exc:  # the cluster cannot hold the recipe (check_capacity), before any training work
         print(f"error: {exc}", file=sys.stderr)
         return 2

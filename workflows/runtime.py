@@ -75,14 +75,14 @@ def scratch_dir(prefix: str) -> Path:
 
 def storage_of(path: str | os.PathLike) -> tuple[Any, str]:
     """(pyarrow filesystem, path inside it) of a run's or a sweep's storage: a URI (s3://, gs://, file://) or a local
-    path, a relative one taken from the working directory (pyarrow's `FileSystem.from_uri` refuses relative paths,
-    and the default run.storage_path is ./runs)."""
+    path, as the manifests' `resolve_filesystem` reads them, a relative one taken from the working directory
+    (pyarrow's `FileSystem.from_uri` refuses relative paths, and the default run.storage_path is ./runs)."""
     import pyarrow.fs
 
-    path = str(path)
-    if "://" in path or path[:5].lower() == "file:":
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    from workflows.data.manifest import resolve_filesystem
+
+    fs, inner = resolve_filesystem(str(path))
+    return fs, os.path.abspath(inner) if isinstance(fs, pyarrow.fs.LocalFileSystem) else inner
 
 
 def write_text(path: str, text: str) -> None:

@@ -44,10 +44,13 @@ def repaired_sqlite_uri(uri: str | None) -> str | None:
     """A sqlite store's URI as recipe.yaml files written before 2026-12-06 hold it: their secret redaction rewrote
     sqlite:////abs/mlflow.db as sqlite://abs/mlflow.db and sqlite:///rel.db as sqlite:/rel.db, forms SQLAlchemy
     refuses. Those two come back as written; every other URI is returned unchanged."""
-    if uri is None or not uri.startswith("sqlite:/") or uri.startswith("sqlite:///") or uri == "sqlite://":
+    if uri is None or uri.startswith("sqlite:///") or uri == "sqlite://":
         return uri
-    rest = uri.removeprefix("sqlite://") if uri.startswith("sqlite://") else None
-    return f"sqlite:////{rest}" if rest is not None else f"sqlite:///{uri.removeprefix('sqlite:/')}"
+    if uri.startswith("sqlite://"):  # was sqlite:////abs
+        return "sqlite:////" + uri.removeprefix("sqlite://")
+    if uri.startswith("sqlite:/"):  # was sqlite:///rel
+        return "sqlite:///" + uri.removeprefix("sqlite:/")
+    return uri
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:

@@ -51,7 +51,6 @@ HISTORY_KEYS = ("loss", "lr", "val_top1", "clips_per_s")
 MIN_STEP_S_ENV = "DIST_TEST_MIN_STEP_S"
 
 
-
 def seed_and_determinism(seed: int, deterministic: bool) -> None:
     """Seed torch (identical init on every rank; DeepSpeed also broadcasts it) and, when asked, make the kernels
     reproducible (train.deterministic). Before the model and the engine exist: cuBLAS reads its workspace setting when
@@ -161,6 +160,8 @@ class Trainer:
         self.mlflow_parent_run_id = mlflow_parent_run_id
         self.state = TrainState(world_size=world)
         self.published = False  # final results (artifacts, MLflow run closed) published
+        self.min_step_s = float(os.environ.get(MIN_STEP_S_ENV) or 0)  # tests only: see MIN_STEP_S_ENV
+        self._paced_at: float | None = None
         self.checkpoint_seconds: float | None = None  # how long the last checkpoint took (for a drain deadline)
         self.probe_note: str | None = None  # what train.micro_batch_size auto found, for the run's records
 
@@ -543,12 +544,11 @@ class Trainer:
                            f"{PARK_LIMIT_S:.0f} s; restarting from the newest complete checkpoint")
 
     def _pace_for_tests(self) -> None:
-        """MIN_STEP_S_ENV: sleep what this step took less than that."""
-        minimum = float(os.environ.get(MIN_STEP_S_ENV) or 0)
-        now = time.monotonic()
-        last = getattr(self, "_paced_at", None)
-        if minimum and last is not None and now - last < minimum:
-            time.sleep(minimum - (now - last))
+        """MIN_STEP_S_ENV: sleep what this step took less than `min_step_s`."""
+        if not self.min_step_s:
+            return
+        if self._paced_at is not None:
+            time.sleep(max(0.0, self._paced_at + self.min_step_s - time.monotonic()))
         self._paced_at = time.monotonic()
 
     def _maybe_inject_failure(self) -> None:
