@@ -36,7 +36,7 @@ from workflows.recipe import (
     with_absolute_paths,
     with_run_scoped_names,
 )
-from workflows.relaunch import relaunch_changes
+from workflows.relaunch import Relaunch, relaunch_changes
 from workflows.runtime import (
     CHECKPOINT_WOULD_NOT_FIT,
     compile_toolchain_problem,
@@ -307,6 +307,19 @@ def with_resolved_init_from(recipe: Recipe, log_prefix: str = LOG_PREFIX) -> Rec
     return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, init_from=init_from))
 
 
+def with_recorded_init_from(recipe: Recipe, relaunch: Relaunch, log_prefix: str = LOG_PREFIX) -> Recipe:
+    """A relaunched run's recipe with `train.init_from` as its first launch pinned it: the run resumes from its own
+    checkpoint and reads no other, so resolving a run directory again would only record (and print) a checkpoint it
+    never started from. Says so when the recipe names one."""
+    if recipe.train.init_from:
+        started = (f"its first launch started from {redact_secrets(relaunch.init_from)}" if relaunch.init_from
+                   else "it started without one")
+        print(f"{log_prefix} train.init_from is not read: run {recipe.run.name} resumes from its own checkpoint "
+              f"(step {relaunch.step}); {started}. To start from {redact_secrets(recipe.train.init_from)}, choose "
+              f"another run.name", flush=True)
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, init_from=relaunch.init_from))
+
+
 def save_resolved_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML at `<run dir>/recipe.yaml` (a local path or a URI); returns where."""
     recipe = with_absolute_paths(recipe)
@@ -449,25 +462,26 @@ def run_pretrain(recipe: Recipe, verbose: bool = False, validated_videos: int | 
     quiet_ray_console(verbose)
     print(f"{LOG_PREFIX} {recipe_summary(given)}", flush=True)
     steps = total_steps(recipe, videos)
-    if relaunch and relaunch[1] >= steps:  # Ray would resume, train nothing and register the weights again
-        print(f"{LOG_PREFIX} run {recipe.run.name} has finished: its newest checkpoint, {redact_secrets(relaunch[0])}, "
-              f"is at step {relaunch[1]} of {steps}. Nothing to train; to train on, raise train.max_steps or "
-              f"train.epochs; to train anew, choose another run.name", flush=True)
+    if relaunch and relaunch.step >= steps:  # Ray would resume, train nothing and register the weights again
+        print(f"{LOG_PREFIX} run {recipe.run.name} has finished: its newest checkpoint, "
+              f"{redact_secrets(relaunch.checkpoint)}, is at step {relaunch.step} of {steps}. Nothing to train; to "
+              f"train on, raise train.max_steps or train.epochs; to train anew, choose another run.name", flush=True)
         return None
-    if relaunch and relaunch[2]:
-        print(f"{LOG_PREFIX} resuming run {recipe.run.name} from step {relaunch[1]} with changed settings: "
-              f"{'; '.join(relaunch[2])} (the lr, betas and weight decay are the recipe's, and the lr schedule from "
-              f"step {relaunch[1]} on is the new recipe's)", flush=True)
+    if relaunch and relaunch.changes:
+        print(f"{LOG_PREFIX} resuming run {recipe.run.name} from step {relaunch.step} with changed settings: "
+              f"{'; '.join(relaunch.changes)} (the lr, betas and weight decay are the recipe's, and the lr schedule "
+              f"from step {relaunch.step} on is the new recipe's)", flush=True)
     ensure_ray(local_cpus_for(recipe))
     if not verbose:
         quiet_forwarded_ray_lines()
     if relaunch:  # the first worker group's restart line says why it resumes (not "a worker or node was lost"), and
         # rank 0 records the changed settings in the MLflow run (whose params keep the first launch's values)
-        kv_put(kv_key(recipe.run_dir, "event"), {"reason": "the run was relaunched", "changes": relaunch[2]})
+        kv_put(kv_key(recipe.run_dir, "event"), {"reason": "the run was relaunched", "changes": relaunch.changes})
     # Waits for nodes when scaling.wait_for_nodes_s > 0 (scale from zero); resolves data.decode_node_label: the
     # workers get the resolved recipe.
     recipe = check_capacity(recipe, log_prefix=LOG_PREFIX)
-    recipe = with_run_scoped_names(with_resolved_init_from(recipe))
+    recipe = with_run_scoped_names(with_recorded_init_from(recipe, relaunch) if relaunch
+                                   else with_resolved_init_from(recipe))
     print(f"{LOG_PREFIX} the full resolved recipe: {redact_secrets(save_resolved_recipe(recipe))}", flush=True)
     counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts
     forget_unrestartable_failure(recipe.run_dir)

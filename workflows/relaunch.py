@@ -15,7 +15,7 @@ checkpoint, so the driver compares the recipe with the one that checkpoint was t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 from workflows.config_loader import ConfigError, from_dict
 from workflows.recipe import ModelSection, Recipe, model_config, recipe_to_dict, with_absolute_paths
@@ -62,10 +62,18 @@ def recorded_checkpoint(recipe: Recipe) -> tuple[str, dict[str, Any], dict[str, 
     return path, read_state_at(fs, path), recorded if isinstance(recorded, dict) else {}
 
 
-def relaunch_changes(recipe: Recipe) -> tuple[str, int, list[str]] | None:
-    """For a relaunch of an existing run: (checkpoint path, its step, ["key: old -> new", ...] for every change that
-    matters); None for a new run. Raises ConfigError naming the changes a resumed run cannot take (see the module
-    docstring) before any Ray work."""
+class Relaunch(NamedTuple):
+    """What a relaunch resumes from and what changed."""
+
+    checkpoint: str  # the newest complete checkpoint, which the run resumes from
+    step: int
+    changes: list[str]  # "key: old -> new" for every change that matters
+    init_from: str | None  # the train.init_from that checkpoint's launch pinned (a resumed run does not read it)
+
+
+def relaunch_changes(recipe: Recipe) -> Relaunch | None:
+    """For a relaunch of an existing run, a `Relaunch`; None for a new run. Raises ConfigError naming the changes a
+    resumed run cannot take (see the module docstring) before any Ray work."""
     from workflows.data.manifest import class_names, load_labels
 
     found = recorded_checkpoint(recipe)
@@ -122,5 +130,5 @@ def relaunch_changes(recipe: Recipe) -> tuple[str, int, list[str]] | None:
             f"{'; '.join(refused)}. Start a new run instead (another run.name; add "
             f"train.init_from={redact_secrets(recipe.run_dir)} to start from this run's weights), or relaunch with "
             f"the recorded values")
-    return path, step, [f"{key}: {redact_secrets(a)!r} -> {redact_secrets(b)!r}"
-                        for key, (a, b) in sorted(changed.items())]
+    return Relaunch(path, step, [f"{key}: {redact_secrets(a)!r} -> {redact_secrets(b)!r}"
+                                 for key, (a, b) in sorted(changed.items())], old_train.get("init_from") or None)

@@ -46,7 +46,7 @@ def test_a_new_run_and_an_unchanged_relaunch(tmp_path) -> None:
     recipe = _recipe(tmp_path)
     assert relaunch_changes(recipe) is None
     checkpoint = _checkpoint_of(recipe)
-    assert relaunch_changes(recipe) == (str(checkpoint), 6, [])
+    assert relaunch_changes(recipe) == (str(checkpoint), 6, [], None)
     # A preset's default written out, the micro-batch probe's record, where the run is watched: no change.
     assert relaunch_changes(_recipe(tmp_path, "model.integration_dim=64", "train.micro_batch_size=auto",
                                     "train.precision=fp32",  # what auto was on CPU
@@ -57,12 +57,35 @@ def test_what_a_resumed_run_takes_is_listed(tmp_path) -> None:
     from workflows.relaunch import relaunch_changes
 
     _checkpoint_of(_recipe(tmp_path))
-    _, step, changes = relaunch_changes(_recipe(tmp_path, "train.lr=0.01", "train.max_steps=12",
+    _, step, changes, _ = relaunch_changes(_recipe(tmp_path, "train.lr=0.01", "train.max_steps=12",
                                                 "train.betas=[0.8,0.99]", "model.clip_precision=bf16",
                                                 "train.zero_stage=1"))
     assert step == 6
     assert changes == ["model.clip_precision: 'fp32' -> 'bf16'", "train.betas: [0.9, 0.999] -> [0.8, 0.99]",
                        "train.lr: 0.001 -> 0.01", "train.max_steps: 6 -> 12", "train.zero_stage: 2 -> 1"]
+
+
+def test_a_relaunch_keeps_the_init_from_its_first_launch_pinned_and_says_a_new_one_is_not_read(tmp_path,
+                                                                                                capsys) -> None:
+    from workflows.pretrain import with_recorded_init_from
+    from workflows.relaunch import relaunch_changes
+
+    pinned = str(tmp_path / "pre" / "checkpoint_000003")
+    _checkpoint_of(_recipe(tmp_path, f"train.init_from={pinned}"))
+    # The same command again: the run directory it named now holds a newer checkpoint, which the run never read.
+    recipe = _recipe(tmp_path, f"train.init_from={tmp_path / 'pre'}")
+    relaunch = relaunch_changes(recipe)
+    assert relaunch.init_from == pinned and relaunch.changes == []
+    assert with_recorded_init_from(recipe, relaunch).train.init_from == pinned
+    assert capsys.readouterr().out.strip() == (
+        f"[pretrain] train.init_from is not read: run it resumes from its own checkpoint (step 6); its first launch "
+        f"started from {pinned}. To start from {tmp_path / 'pre'}, choose another run.name")
+    # A run started without one keeps none; a relaunch without one says nothing.
+    started_bare = relaunch._replace(init_from=None)
+    assert with_recorded_init_from(recipe, started_bare).train.init_from is None
+    assert "it started without one" in capsys.readouterr().out
+    assert with_recorded_init_from(_recipe(tmp_path), relaunch).train.init_from == pinned
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("override, named", [
