@@ -77,19 +77,36 @@ def marked(tag: str, marker: str = MARKER, cwd_under: Path | None = None) -> lis
 
 
 def end(procs: list[psutil.Process], grace_s: float) -> None:
-    """SIGTERM, then SIGKILL what is left after `grace_s`."""
+    """SIGTERM, then SIGKILL what is left after `grace_s`. A zombie counts as ended: only its parent can reap it
+    (psutil's wait_procs waited the whole grace for the zombies a `ray start --block` leaves until it exits)."""
     for proc in procs:
         try:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    alive = _running(procs, grace_s)
     for proc in alive:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=10)
+    _running(alive, 10)
+
+
+def _running(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Those of `procs` still running (not gone, not a zombie) after up to `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for proc in procs:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:  # is_running: not a reused pid
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.1)
 
 
 def ps_lines(needle: str) -> list[str]:
@@ -239,7 +256,9 @@ class Cluster:
             procs = marked(self.tag, cwd_under=self.root)
             if not procs:
                 break
-            end(procs, grace_s=10)
+            # A test cluster's state is thrown away: no need to wait out the raylets and agents that take over
+            # 10 s to end on SIGTERM once their GCS is gone (seen after test_cluster_integration's stopped job).
+            end(procs, grace_s=3)
         for proc, _ in self.nodes:
             try:
                 proc.wait(timeout=10)
