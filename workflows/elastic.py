@@ -53,6 +53,14 @@ class BatchPlan:
     def micro_batches_per_rank(self, steps: int) -> int:
         return steps * self.accum
 
+    def describe(self) -> str:
+        """"4 x 2 workers x 1 accumulation", or how an uneven split runs (the console's line for the split)."""
+        workers = f"{self.world} worker{'s' if self.world > 1 else ''}"
+        if self.even:
+            return f"{self.micro} x {workers} x {self.accum} accumulation"
+        return (f"{min(self.shares)}-{max(self.shares)} clips on each of {workers} in {self.accum} micro-batches of "
+                f"up to {self.micro} (losses weighted by clip count)")
+
 
 def batch_plan(global_batch: int, micro: int, world: int) -> BatchPlan:
     """The split of `global_batch` over `world` ranks with micro-batches of at most `micro` clips. ValueError

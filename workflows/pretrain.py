@@ -524,16 +524,69 @@ def best_checkpoint_note(result: Any) -> str:
     return f"; best: {best.path} (val top-1 {top1(metrics):.2f}% at step {metrics.get('step')})"
 
 
+def check_recipe(recipe: Recipe, videos: int) -> None:
+    """`pretrain --check`: print what the run would do, from what `validate_before_start` found (`videos` training
+    videos) and the run directory, without starting Ray or writing anything. The cluster's room for the workers is
+    the one check left to the start."""
+    import torch
+
+    from dist_model import DiSTNet
+    from workflows.feeds import steps_per_epoch, total_steps
+
+    given, recipe = recipe, with_absolute_paths(recipe)
+    relaunch = relaunch_changes(recipe)  # raises, naming the keys, when the run directory holds another run
+    train, scaling = recipe.train, recipe.scaling
+    print(f"{LOG_PREFIX} {recipe_summary(given)}", flush=True)
+    steps = total_steps(recipe, videos)
+    workers = f"{scaling.min_workers}-{scaling.max_workers}" if scaling.elastic else str(scaling.min_workers)
+    if train.micro_batch_size == "auto":
+        split = f"over {workers} workers, its micro-batch probed on them (train.micro_batch_size auto)"
+    else:
+        split = "= " + " or ".join(recipe.batch_plan(world).describe()
+                                   for world in sorted({scaling.min_workers, scaling.max_workers}))
+    print(f"{LOG_PREFIX} check: {videos} training videos, {steps_per_epoch(recipe, videos)} steps per epoch; {steps} "
+          f"steps; global batch {train.global_batch_size} {split}; peak lr {recipe.peak_lr:.3g}; precision "
+          f"{recipe.precision()}; ZeRO-{train.zero_stage}", flush=True)
+    if recipe.model.variant == "dist":
+        with torch.device("meta"):  # shapes only: no memory, no weights read
+            trainable = sum(p.numel() for p in DiSTNet(recipe.model_cfg).parameters())
+        print(f"{LOG_PREFIX} check: model {recipe.model.preset}: {trainable:,} trainable parameters", flush=True)
+    where = redact_secrets(recipe.run_dir)
+    if relaunch is None:
+        start = ""
+        if train.init_from:
+            init_from, step = resolved_init_from(recipe)
+            start = f", starting from {redact_secrets(init_from)}" + (f" (step {step})" if step is not None else "")
+        print(f"{LOG_PREFIX} check: a new run in {where}{start}", flush=True)
+    elif relaunch.step >= steps:
+        print(f"{LOG_PREFIX} check: run {recipe.run.name} has finished (step {relaunch.step} of {steps}): the "
+              f"command would train nothing", flush=True)
+    else:
+        changed = f" with changed settings: {'; '.join(relaunch.changes)}" if relaunch.changes else ""
+        print(f"{LOG_PREFIX} check: a relaunch: resumes run {recipe.run.name} in {where} from step {relaunch.step} "
+              f"of {steps}{changed}", flush=True)
+    print(f"{LOG_PREFIX} check: the recipe, its files, labels, weights and storage are ready. Left to the start: "
+          f"the cluster's room for {workers} workers (scaling.*); without --check the same command starts the run",
+          flush=True)
+
+
 def main(argv: list[str]) -> int:
     parser = config_parser("python -m workflows pretrain", __doc__.split("\n")[0].rstrip(":"),
                            "recipe YAML (see workflows/configs/)", "override a recipe key, e.g. --set train.lr=1e-4")
     parser.add_argument("--verbose", action="store_true",
                         help="also print Ray Data's and Ray Train's own INFO lines (default: only in Ray's log files)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the recipe, its files, labels, weights and storage, print what the run would do "
+                             "(steps, batch split, a new run or a relaunch), and exit without starting Ray: 0 when "
+                             "it would start, 2 naming what is wrong")
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.config, args.overrides)
         absolute = with_absolute_paths(recipe)  # the paths run_pretrain and the workers use (and their keys in Ray)
         videos = validate_before_start(absolute)
+        if args.check:
+            check_recipe(recipe, videos)
+            return 0
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -429,15 +429,8 @@ class Trainer:
             self.tracker.set_tags({"micro_batch_size.auto": self.probe_note})
             self.tracker.log_metrics({"micro_batch_size": float(self.plan.micro)}, step=self.state.step)
         self.log(f"{model.num_trainable_params():,} trainable parameters; {self.total} steps ({self.per_epoch}/epoch), "
-                 f"global batch {recipe.train.global_batch_size} = {self._split_text()}; peak lr {recipe.peak_lr:.3g}; "
-                 f"precision {recipe.precision()}; ZeRO-{recipe.train.zero_stage}")
-
-    def _split_text(self) -> str:
-        plan = self.plan
-        if plan.even:
-            return f"{plan.micro} x {self.world} workers x {plan.accum} accumulation"
-        return (f"{min(plan.shares)}-{max(plan.shares)} clips on each of {self.world} workers in {plan.accum} "
-                f"micro-batches of up to {plan.micro} (losses weighted by clip count)")
+                 f"global batch {recipe.train.global_batch_size} = {self.plan.describe()}; peak lr "
+                 f"{recipe.peak_lr:.3g}; precision {recipe.precision()}; ZeRO-{recipe.train.zero_stage}")
 
     # --- training ---
 

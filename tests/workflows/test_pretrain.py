@@ -387,6 +387,49 @@ def _recipe(sample, storage: Path, *extra: str):
         "data.train_views=2", *extra])
 
 
+def test_check_prints_what_a_new_run_or_a_relaunch_would_do_and_starts_nothing(sample_data, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """`pretrain --check`: everything the start checks without the cluster, then the plan; no Ray, no run directory."""
+    from tests.workflows.test_relaunch import _checkpoint_of
+    from workflows import pretrain
+    from workflows.data.sample import SAMPLE_CLASSES
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("--check started Ray or the run")
+
+    monkeypatch.setattr(pretrain, "ensure_ray", no_ray)
+    monkeypatch.setattr(pretrain, "run_pretrain", no_ray)
+    storage = tmp_path / "runs"
+    sets = [f"data.train_manifest={sample_data.train_manifest}", f"data.val_manifest={sample_data.val_manifest}",
+            f"data.labels={sample_data.labels}", f"run.storage_path={storage}", "run.name=it", "data.train_views=2"]
+
+    def check(*extra: str) -> tuple[int, str, str]:
+        code = pretrain.main(["--config", str(SMOKE), "--set", *sets, *extra, "--check"])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = check("scaling.num_workers=[1,3]")
+    assert code == 0, out
+    # 16 videos x 2 views / global batch 8 = 4 steps per epoch
+    assert "[pretrain] check: 16 training videos, 4 steps per epoch; 6 steps; global batch 8 = 4 x 1 worker x 2 " \
+           "accumulation or 2-3 clips on each of 3 workers in 1 micro-batches of up to 3" in out, out
+    assert "[pretrain] check: model dist_tiny: 211,840 trainable parameters" in out, out
+    assert f"[pretrain] check: a new run in {storage / 'it'}\n" in out, out
+    assert "Left to the start: the cluster's room for 1-3 workers (scaling.*)" in out, out
+    assert not storage.exists()
+
+    # A relaunch: what changes, or that it has finished, or the refusal a start would give (exit 2, before Ray).
+    _checkpoint_of(load_recipe(SMOKE, sets), step=4, classes=list(SAMPLE_CLASSES))
+    code, out, _ = check("train.lr=0.01")
+    assert code == 0 and f"[pretrain] check: a relaunch: resumes run it in {storage / 'it'} from step 4 of 6 with " \
+                          "changed settings: train.lr: 0.001 -> 0.01" in out, out
+    code, out, _ = check("train.max_steps=4")
+    assert code == 0 and "[pretrain] check: run it has finished (step 4 of 4): the command would train nothing" \
+        in out, out
+    code, _, err = check("model.fusion_layers=every2")
+    assert code == 2 and "these cannot change inside it: model.fusion_layers" in err, err
+
+
 def test_the_finish_line_names_the_best_checkpoint_when_it_is_not_the_latest():
     """Ray retains the best run.keep_checkpoints by val top-1 plus the latest; the last line names the best one (what
     to fine-tune or evaluate from instead of the final weights) when that is another checkpoint."""

@@ -24,7 +24,7 @@ def _recipe(tmp_path: Path, *overrides: str):
                                *overrides], check_files=False)
 
 
-def _checkpoint_of(recipe, step: int = 6) -> Path:
+def _checkpoint_of(recipe, step: int = 6, classes: list[str] = CLASSES) -> Path:
     """A complete checkpoint of `recipe` at `step`, as a finished launch leaves it (state.json, recipe.yaml and
     each rank's file list)."""
     from workflows.checkpoints import write_file_list
@@ -34,7 +34,7 @@ def _checkpoint_of(recipe, step: int = 6) -> Path:
     directory.mkdir(parents=True)
     (directory / "recipe.yaml").write_text(dump_yaml(with_absolute_paths(recipe)))
     (directory / "state.json").write_text(json.dumps({
-        "step": step, "world_size": world, "model": recipe_to_dict(recipe)["model"], "class_names": CLASSES}))
+        "step": step, "world_size": world, "model": recipe_to_dict(recipe)["model"], "class_names": classes}))
     for rank in range(world):
         write_file_list(directory, rank)
     return directory
