@@ -18,11 +18,13 @@ from workflows.runtime import is_remote, redact_secrets
 STORE_FILE = "mlflow.db"
 
 
-def resolve_tracking_uri(configured: str | None, run_dir: str | Path, *, create: bool = True) -> str | None:
+def resolve_tracking_uri(configured: str | None, run_dir: str | Path, *, create: bool = True,
+                         make_dir: bool = True) -> str | None:
     """The MLflow store of a run (or sweep) directory, the one rule every workflow uses: the configured URI, else
     MLFLOW_TRACKING_URI (set on cluster nodes), else a sqlite store `<run_dir>/mlflow.db` (MLflow 3 refuses the
-    plain file store). `create` False: only a store that already exists there, else None. A remote run directory
-    needs a tracking server: ConfigError when no URI is configured."""
+    plain file store). `create` False: only a store that already exists there, else None. `make_dir` False: the
+    directory of a new sqlite store is left for the caller to make (planning a sweep makes nothing). A remote run
+    directory needs a tracking server: ConfigError when no URI is configured."""
     from workflows.config_loader import ConfigError
 
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
@@ -36,7 +38,8 @@ def resolve_tracking_uri(configured: str | None, run_dir: str | Path, *, create:
     path = Path(run_dir).resolve()
     if not create and not (path / STORE_FILE).is_file():
         return None
-    path.mkdir(parents=True, exist_ok=True)
+    if make_dir:
+        path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / STORE_FILE}"
 
 

@@ -383,6 +383,26 @@ def smoke_data(tmp_path_factory) -> Path:
     return root
 
 
+def test_check_validates_the_sweep_prints_its_banner_and_starts_nothing(smoke_data, tmp_path, capsys, monkeypatch):
+    from workflows.tune import driver
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("--check started the sweep")
+
+    monkeypatch.setattr(driver, "run_sweep", no_sweep)
+    storage = tmp_path / "sweeps"
+    sets = [f"data.train_manifest={smoke_data / 'train.csv'}", f"data.val_manifest={smoke_data / 'val.csv'}",
+            f"data.labels={smoke_data / 'labels.json'}", f"storage_path={storage}"]
+    assert driver.main(["--config", str(SWEEP_SMOKE), "--set", *sets, "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"[tune] sweep sweep-smoke in {storage / 'sweep-smoke'} (new), 3 trial(s); MLflow sqlite:///" in out, out
+    assert "[tune] check: one trial holds {'CPU': 2.1}. Left to the start: the cluster's room for it" in out, out
+    assert not storage.exists()  # planning made no directory and no MLflow store
+    # What the start would refuse is refused here, before Ray.
+    assert driver.main(["--config", str(SWEEP_SMOKE), "--set", *sets, "--check", "--resume"]) == 2
+    assert f"--resume: no sweep to resume at {storage / 'sweep-smoke'}" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def resumed_sweep(ray_local, smoke_data, tmp_path_factory):
     """The smoke sweep on 2 of its fusion presets (1 worker, 2 steps, one validation per trial; a third trial cost

@@ -356,29 +356,23 @@ def check_sweep_state_readable(plan: SweepPlan) -> None:
             f"(--set name=...), or put back a good copy of that file") from None
 
 
-def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
-              callbacks: list | None = None, verbose: bool = False) -> SweepResult:
-    """Run (or resume) a validated sweep on Ray Tune and summarise it. A sweep whose directory holds a restorable
-    Tune experiment is always resumed; `resume=True` insists on one. `callbacks` go to Tune's RunConfig. The
-    console gets a line per trial event (progress.SweepProgress); `verbose` adds Tune's own status tables and
-    result boxes, and Ray Data's and Ray Train's INFO lines, for a sweep started with it (a resumed sweep keeps
-    the console it was started with: Tune restores its settings)."""
+def template_trial_recipe(plan: SweepPlan) -> Recipe:
+    """A trial's recipe before its search-space values: the base recipe where the trials write."""
+    return build_trial_recipe(plan.base, {}, name=f"{plan.sweep.name}-trial", storage_path=plan.train_storage)
+
+
+def check_sweep_before_ray(plan: SweepPlan, resume: bool = False) -> bool:
+    """Everything about a planned sweep that can be checked without Ray, then its banner printed: a trial's recipe
+    where the trials write (`validate_before_start`), room for what all trials keep, and for a sweep to resume its
+    saved state and definition. Returns whether the sweep directory holds a sweep to resume."""
     from ray import tune
 
-    from workflows.capacity import check_capacity
-    from workflows.pretrain import validate_before_start, with_resolved_init_from
-    from workflows.tune.progress import (
-        SweepProgress,
-        give_back_room_for_the_sweep_state,
-        hold_room_for_the_sweep_state,
-        sweep_stopped_for,
-    )
-    from workflows.tune.slots import open_slots
+    from workflows.pretrain import validate_before_start
 
     sweep = plan.sweep
     # Checked where the trials write (a writable folder, room for a checkpoint), not at the base recipe's
     # run.storage_path.
-    trial_recipe = build_trial_recipe(plan.base, {}, name=f"{sweep.name}-trial", storage_path=plan.train_storage)
+    trial_recipe = template_trial_recipe(plan)
     validate_before_start(trial_recipe, warn_space=False)
     warn_if_the_sweep_may_not_fit(plan, trial_recipe)  # what all trials keep, not one run
     restorable = tune.Tuner.can_restore(plan.path)
@@ -394,6 +388,31 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     if trials > MANY_TRIALS:
         print(f"{LOG_PREFIX} warning: {trials} trials at one trial's cost each (the grid's sizes multiply, times "
               f"num_samples); Ctrl-C stops the sweep and the same command resumes it", flush=True)
+    return restorable
+
+
+def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
+              callbacks: list | None = None, verbose: bool = False) -> SweepResult:
+    """Run (or resume) a validated sweep on Ray Tune and summarise it. A sweep whose directory holds a restorable
+    Tune experiment is always resumed; `resume=True` insists on one. `callbacks` go to Tune's RunConfig. The
+    console gets a line per trial event (progress.SweepProgress); `verbose` adds Tune's own status tables and
+    result boxes, and Ray Data's and Ray Train's INFO lines, for a sweep started with it (a resumed sweep keeps
+    the console it was started with: Tune restores its settings)."""
+    from ray import tune
+
+    from workflows.capacity import check_capacity
+    from workflows.pretrain import with_resolved_init_from
+    from workflows.tune.progress import (
+        SweepProgress,
+        give_back_room_for_the_sweep_state,
+        hold_room_for_the_sweep_state,
+        sweep_stopped_for,
+    )
+    from workflows.tune.slots import open_slots
+
+    sweep = plan.sweep
+    restorable = check_sweep_before_ray(plan, resume)
+    trials, trial_recipe = expected_trials(sweep), template_trial_recipe(plan)
     per_trial = trial_resources(plan.base_recipe)
     from workflows.runtime import ensure_ray
 
@@ -498,9 +517,19 @@ def main(argv: list[str]) -> int:
                         help="when resuming, run failed trials again, from their newest complete checkpoints")
     parser.add_argument("--verbose", action="store_true",
                         help="also Tune's status tables and result boxes, and Ray Data's and Ray Train's INFO lines")
+    parser.add_argument("--check", action="store_true",
+                        help="check the sweep (every trial's recipe, the files, room for what the trials keep, a "
+                             "sweep to resume), print its banner and what one trial holds, and exit without "
+                             "starting Ray: 0 when it would start, 2 naming what is wrong")
     args = parser.parse_args(argv)
     try:  # everything checked before Ray (ValueError: a bad manifest or label file, ManifestError)
         plan = plan_sweep(load_sweep(args.config, args.overrides))
+        if args.check:
+            check_sweep_before_ray(plan, resume=args.resume)
+            print(f"{LOG_PREFIX} check: one trial holds {trial_resources(plan.base_recipe)}. Left to the start: the "
+                  f"cluster's room for it, and how many trials run at once (max_concurrent_trials); without "
+                  f"--check the same command starts the sweep", flush=True)
+            return 0
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

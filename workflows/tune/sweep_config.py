@@ -231,11 +231,12 @@ def sweep_dir(sweep: SweepConfig) -> str:
 
 
 def tracking_uri(sweep: SweepConfig) -> str:
-    """The one MLflow store of the parent and all trials."""
+    """The one MLflow store of the parent and all trials (a sqlite one's directory, the sweep's, is made when the
+    sweep starts)."""
     from workflows.tracking import resolve_tracking_uri
 
     try:
-        return resolve_tracking_uri(sweep.mlflow.tracking_uri, sweep_dir(sweep))
+        return resolve_tracking_uri(sweep.mlflow.tracking_uri, sweep_dir(sweep), make_dir=False)
     except ConfigError:
         raise ConfigError("storage_path is remote: set mlflow.tracking_uri to a tracking server (http://...)") from None
 
