@@ -255,19 +255,22 @@ def check_videos_reachable(manifest: Any, key: str) -> None:
 
 def check_model_weights(recipe: Recipe) -> None:
     """Read the weights the workers will start from, here, so a wrong file fails before any Ray work: the CLIP
-    weights (`check_clip_weights`: a local file is loaded once on the driver) and `train.init_from`: a local one is
-    fitted against the trainable module's shapes (built on the meta device: no memory); one in a bucket is found
-    (a checkpoint directory with its files, or a run directory with a complete checkpoint) and read by the workers."""
+    weights (`check_clip_weights`: a local file is loaded once on the driver) and, unless the run resumes from its own
+    checkpoint, `train.init_from`: a local one is fitted against the trainable module's shapes (built on the meta
+    device: no memory); one in a bucket is found (a checkpoint directory with its files, or a run directory with a
+    complete checkpoint) and read by the workers."""
     import warnings
 
     import torch
 
     from dist_model import DiSTNet
-    from workflows.checkpoints import init_model_from
+    from workflows.checkpoints import init_model_from, newest_complete_checkpoint
 
     cfg = recipe.model_cfg
     check_clip_file(recipe, "model.clip_pretrained")
-    if not recipe.train.init_from:
+    # A relaunch resumes from its own checkpoint and reads no init_from (with_recorded_init_from): the run it named
+    # may be gone by now (a fine-tune's pre-training run cleaned up), which must not stop the resume.
+    if not recipe.train.init_from or newest_complete_checkpoint(recipe.run_dir) is not None:
         return
     init_from, _ = resolved_init_from(recipe)
     if is_remote(init_from) or recipe.model.variant != "dist":  # the baseline's head: read by the workers only

@@ -428,6 +428,13 @@ def test_check_prints_what_a_new_run_or_a_relaunch_would_do_and_starts_nothing(s
         in out, out
     code, _, err = check("model.fusion_layers=every2")
     assert code == 2 and "these cannot change inside it: model.fusion_layers" in err, err
+    # A resumed run reads no train.init_from: one deleted since the first launch does not stop the relaunch (the
+    # pre-training run a fine-tune started from is often cleaned up), while a new run still needs it.
+    gone = tmp_path / "pre-training-run-deleted"
+    code, out, err = check(f"train.init_from={gone}")
+    assert code == 0 and "[pretrain] check: a relaunch: resumes run it" in out, err
+    code, _, err = check(f"train.init_from={gone}", "run.name=another")
+    assert code == 2 and f"train.init_from: {gone}" in err, err
 
 
 def test_the_finish_line_names_the_best_checkpoint_when_it_is_not_the_latest():
