@@ -66,7 +66,12 @@ def open_slots(sweep_path: str, limit: int) -> Any:
     """The sweep's TrialSlots actor, new for this driver (a resumed sweep's trials take slots again)."""
     import ray
 
-    return ray.remote(num_cpus=0)(TrialSlots).options(name=slots_name(sweep_path)).remote(limit)
+    slots = ray.remote(num_cpus=0)(TrialSlots).options(name=slots_name(sweep_path)).remote(limit)
+    # Started before it is returned: a driver that ends at once (a finished sweep run again, which only reports)
+    # shut Ray down with the actor still starting, and the GCS printed "Failed to kill actor ... Socket closed" as
+    # the run's last line.
+    ray.get(slots.held.remote())
+    return slots
 
 
 def take_slot(sweep_path: str, trial_id: str) -> None:
