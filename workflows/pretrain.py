@@ -37,6 +37,7 @@ from workflows.recipe import (
     with_run_scoped_names,
 )
 from workflows.relaunch import Relaunch, relaunch_changes
+from workflows.run_lock import claim_run_directory
 from workflows.runtime import (
     CHECKPOINT_WOULD_NOT_FIT,
     compile_toolchain_problem,
@@ -477,6 +478,7 @@ def run_pretrain(recipe: Recipe, verbose: bool = False, validated_videos: int | 
     ensure_ray(local_cpus_for(recipe))
     if not verbose:
         quiet_forwarded_ray_lines()
+    claim = claim_run_directory(recipe.run_dir, f"run {recipe.run.name}: its directory")  # held to the end
     if relaunch:  # the first worker group's restart line says why it resumes (not "a worker or node was lost"), and
         # rank 0 records the changed settings in the MLflow run (whose params keep the first launch's values)
         kv_put(kv_key(recipe.run_dir, "event"), {"reason": "the run was relaunched", "changes": relaunch.changes})
@@ -502,6 +504,7 @@ def run_pretrain(recipe: Recipe, verbose: bool = False, validated_videos: int | 
                           for path, step in removed.items())
         print(f"{LOG_PREFIX} removed {len(removed)} checkpoint directories Ray Train did not register and would not "
               f"keep (run.keep_checkpoints={recipe.run.keep_checkpoints}): {names}", flush=True)
+    del claim
     metrics = result.metrics or {}
     print(f"{LOG_PREFIX} finished: step {metrics.get('step')}, val top-1 {metrics.get('val_top1', float('nan')):.2f}%;"
           f" checkpoint: {result.checkpoint.path if result.checkpoint else None}{best_checkpoint_note(result)}",

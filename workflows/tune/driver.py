@@ -31,6 +31,7 @@ from typing import Any
 
 from workflows.config_loader import ConfigError, config_parser, dump_yaml, to_dict
 from workflows.recipe import Recipe, recipe_to_dict
+from workflows.run_lock import claim_run_directory
 from workflows.runtime import (
     is_remote,
     redact_secrets,
@@ -417,6 +418,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     from workflows.runtime import ensure_ray
 
     ensure_ray(per_trial["CPU"])
+    claim = claim_run_directory(plan.path, f"sweep {sweep.name}: its directory")  # held until the sweep ends
     if not verbose:
         from workflows.console import quiet_forwarded_ray_lines, quiet_tune_console
 
@@ -488,6 +490,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
         else:
             print(f"{LOG_PREFIX} the sweep was interrupted{stop_signal_note()} {of}; continue it with the same "
                   f"command plus --resume", flush=True)
+    del claim  # held to here: the summary wrote the sweep's results into its directory
     return result
 
 

@@ -1,0 +1,59 @@
+"""One driver per run directory on a cluster (workflows/run_lock.py): a second driver, a real process with its own
+Ray job on the session's cluster, is refused while the first holds the directory, and the claim ends with the
+first driver when it is SIGKILLed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workflows.config_loader import ConfigError
+from workflows.recipe import load_recipe
+
+REPO = Path(__file__).parents[2]
+SMOKE = REPO / "workflows" / "configs" / "smoke.yaml"
+HOLD = """
+import sys, time, ray
+from workflows.run_lock import claim_run_directory
+ray.init(logging_level="ERROR")
+claim = claim_run_directory(sys.argv[1], "run it: its directory")
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.integration
+def test_a_second_driver_is_refused_until_the_first_is_gone(ray_local, sample_data, tmp_path, monkeypatch):
+    from workflows import run_lock
+    from workflows.pretrain import run_pretrain
+
+    monkeypatch.setattr(run_lock, "WAIT_FOR_A_GONE_DRIVER_S", 2.0)
+    storage = tmp_path / "runs"
+    recipe = load_recipe(SMOKE, [f"data.train_manifest={sample_data.train_manifest}",
+                                 f"data.val_manifest={sample_data.val_manifest}", f"data.labels={sample_data.labels}",
+                                 f"run.storage_path={storage}", "run.name=it", "train.max_steps=1"])
+    run_dir = str((storage / "it").absolute())
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, run_dir], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        line = holder.stdout.readline().strip()
+        assert line == "claimed", line + holder.stderr.read()[-3000:] if holder.poll() is not None else line
+        with pytest.raises(ConfigError) as info:
+            run_pretrain(recipe)
+        message = str(info.value)
+        assert message.startswith(f"run it: its directory {run_dir} is being written by a driver (pid {holder.pid} "
+                                  f"on "), message
+        assert "Wait for it to end or stop it" in message
+        assert not (storage / "it").exists()  # refused before the run wrote anything
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    # The claim ended with its driver: this process takes it (what the next run_pretrain does first).
+    run_lock.WAIT_FOR_A_GONE_DRIVER_S = 30.0  # (monkeypatch restores it) the GCS's time to see the driver gone
+    assert run_lock.claim_run_directory(run_dir, "run it: its directory") is not None
