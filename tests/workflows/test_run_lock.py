@@ -57,3 +57,18 @@ def test_a_second_driver_is_refused_until_the_first_is_gone(ray_local, sample_da
     # The claim ended with its driver: this process takes it (what the next run_pretrain does first).
     run_lock.WAIT_FOR_A_GONE_DRIVER_S = 30.0  # (monkeypatch restores it) the GCS's time to see the driver gone
     assert run_lock.claim_run_directory(run_dir, "run it: its directory") is not None
+
+
+def test_a_submitted_job_is_named_by_its_submission_id(ray_local, monkeypatch):
+    """What the refusal names: a `ray job submit` job by the id `ray job stop` takes (Ray gives the driver its job
+    config, metadata included, in RAY_JOB_CONFIG_JSON_ENV_VAR; a real job's refusal was checked by hand), another
+    driver by its pid and host."""
+    import json
+
+    from workflows.run_lock import this_driver
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_abc", "job_name": "raysubmit_abc"}}))
+    assert this_driver()["who"] == "job raysubmit_abc"
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert this_driver()["who"].startswith(f"a driver (pid {os.getpid()} on ")
