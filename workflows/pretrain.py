@@ -452,8 +452,6 @@ def run_pretrain(recipe: Recipe, verbose: bool = False, validated_videos: int | 
     (by default they go to Ray's log files only). `validated_videos`: what `validate_before_start` returned for this
     recipe's absolute paths, when the caller ran it already (the CLI, to tell a bad recipe by its exit code); it
     reads the manifests, probes videos and loads the weights the run starts from, so it is not run twice."""
-    from workflows.checkpoints import prune_unretained_checkpoints
-    from workflows.data.drops import drop_counter
     from workflows.feeds import total_steps
 
     # The driver names every path as its workers do (they run elsewhere). With a relative run.storage_path (the
@@ -478,7 +476,19 @@ def run_pretrain(recipe: Recipe, verbose: bool = False, validated_videos: int | 
     ensure_ray(local_cpus_for(recipe))
     if not verbose:
         quiet_forwarded_ray_lines()
-    claim = claim_run_directory(recipe.run_dir, f"run {recipe.run.name}: its directory")  # held to the end
+    claim = claim_run_directory(recipe.run_dir, f"run {recipe.run.name}: its directory")
+    try:
+        return _fit_and_report(recipe, relaunch, verbose)
+    finally:
+        claim.release()
+
+
+def _fit_and_report(recipe: Recipe, relaunch: Relaunch | None, verbose: bool) -> Any:
+    """run_pretrain's part on Ray with the run directory claimed: the recipe resolved on the cluster, the fit, the
+    pruning of what Ray Train does not retain, and the finish line."""
+    from workflows.checkpoints import prune_unretained_checkpoints
+    from workflows.data.drops import drop_counter
+
     if relaunch:  # the first worker group's restart line says why it resumes (not "a worker or node was lost"), and
         # rank 0 records the changed settings in the MLflow run (whose params keep the first launch's values)
         kv_put(kv_key(recipe.run_dir, "event"), {"reason": "the run was relaunched", "changes": relaunch.changes})
@@ -504,7 +514,6 @@ def run_pretrain(recipe: Recipe, verbose: bool = False, validated_videos: int | 
                           for path, step in removed.items())
         print(f"{LOG_PREFIX} removed {len(removed)} checkpoint directories Ray Train did not register and would not "
               f"keep (run.keep_checkpoints={recipe.run.keep_checkpoints}): {names}", flush=True)
-    del claim
     metrics = result.metrics or {}
     print(f"{LOG_PREFIX} finished: step {metrics.get('step')}, val top-1 {metrics.get('val_top1', float('nan')):.2f}%;"
           f" checkpoint: {result.checkpoint.path if result.checkpoint else None}{best_checkpoint_note(result)}",

@@ -2,15 +2,15 @@
 from the shell's history) would otherwise train a second run into the first one's directory: both resume from the
 same checkpoint, both write checkpoints, and each driver's pruning deletes the other's.
 
-The claim is a named Ray actor (in one namespace for every job) owned by the driver that trains into the
-directory. Ray ends an actor with its owner however the owner ends (a return, Ctrl-C, `ray job stop`, SIGKILL), so
-no stale claim outlives a driver; a driver that ends abruptly leaves its claim for the moment the GCS takes to see
-it gone, which a new claim waits out. Drivers on different clusters writing one bucket path are not seen.
+The claim is an entry in the cluster's GCS key-value store naming the driver's Ray job; it is dropped when the
+driver is done, and a claim whose job the GCS's job table says has ended (a driver SIGKILLed, a node lost) is taken
+over. No process is started for it: a named actor owned by the driver did the same, but each claim then waited for
+a worker process to start, seconds on a busy machine. Drivers on different clusters writing one bucket path are not
+seen.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -20,23 +20,14 @@ from typing import Any
 from workflows.config_loader import ConfigError
 from workflows.runtime import redact_secrets
 
-NAMESPACE = "dist-run-claims"
-# A claim whose driver just ended is gone within this: 0.6-1.1 s after a SIGKILL here (Ray ends owned actors).
+KEY_PREFIX = "dist-run-claim:"
+# The GCS marks a SIGKILLed driver's job dead within ~1 s here; a claim whose holder still looks alive is checked
+# again for this long before the second driver is refused.
 WAIT_FOR_A_GONE_DRIVER_S = 5.0
 
 
-class RunClaim:
-    """The actor that stands for a driver's claim on a run directory."""
-
-    def __init__(self, holder: dict[str, Any]):
-        self.holder = holder
-
-    def who(self) -> dict[str, Any]:
-        return self.holder
-
-
 def this_driver() -> dict[str, Any]:
-    """{"job": Ray's job id, "who": the submission id of a `ray job submit` job, else pid and host}."""
+    """{"job": Ray's job id, "who": the submission id of a `ray job submit` job, else pid and host, "since"}."""
     import ray
 
     submission = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("metadata") or {}).get(
@@ -45,31 +36,62 @@ def this_driver() -> dict[str, Any]:
     return {"job": ray.get_runtime_context().get_job_id(), "who": who, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def claim_run_directory(path: str, what: str) -> Any:
-    """Claim `path` (a run or sweep directory, as the workers name it) for this driver; returns the claim, to keep
-    while writing there (dropped with the driver). A claim this driver's job already holds is its own (a second
-    run in one process). ConfigError naming the other driver when one on this cluster holds it."""
+def _job_alive(job_id: str) -> bool:
+    """Whether the GCS's job table holds `job_id` and not as ended (Ray's debugging view of it, ray._private)."""
     import ray
 
-    name = "dist-run:" + hashlib.sha256(path.encode()).hexdigest()[:32]
-    me = this_driver()
-    deadline = time.monotonic() + WAIT_FOR_A_GONE_DRIVER_S
-    holder: dict[str, Any] | None = None
-    while True:
+    return any(job.get("JobID") == job_id and not job.get("IsDead") for job in ray._private.state.jobs())
+
+
+class RunClaim:
+    """This driver's claim on a directory; `release()` (or the end of a `with`) gives it back."""
+
+    def __init__(self, key: bytes, value: bytes):
+        self.key, self.value = key, value
+
+    def release(self) -> None:
+        from ray.experimental import internal_kv
+
         try:
-            claim = ray.remote(num_cpus=0)(RunClaim).options(name=name, namespace=NAMESPACE, get_if_exists=True,
-                                                             max_restarts=0).remote(me)
-            holder = ray.get(claim.who.remote())
-        except Exception:  # noqa: BLE001 - its driver ended as this one looked (seen: RayActorError, or an
-            pass  # AssertionError from Ray loading the class of an actor being removed): claim again
-        else:
-            if holder["job"] == me["job"]:
-                return claim
+            if internal_kv._internal_kv_get(self.key) == self.value:  # not taken over meanwhile
+                internal_kv._internal_kv_del(self.key)
+        except Exception:  # noqa: BLE001 - Ray already gone (an interrupted driver): the claim's job ends with it,
+            pass  # and the next claim takes over a claim of an ended job
+
+    def __enter__(self) -> RunClaim:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def claim_run_directory(path: str, what: str) -> RunClaim:
+    """Claim `path` (a run or sweep directory, as the workers name it) for this driver until `release()`. A claim
+    this driver's job holds already is its own (a second run in one process). ConfigError naming the other driver
+    when one on this cluster still holds it."""
+    from ray.experimental import internal_kv
+
+    key = (KEY_PREFIX + path).encode()
+    me = this_driver()
+    value = json.dumps(me).encode()
+    deadline = time.monotonic() + WAIT_FOR_A_GONE_DRIVER_S
+    while True:
+        if not internal_kv._internal_kv_put(key, value, overwrite=False):  # created: nobody held it
+            return RunClaim(key, value)
+        held = internal_kv._internal_kv_get(key)
+        holder = json.loads(held) if held else None
+        if holder is None or holder.get("job") == me["job"] or not _job_alive(holder.get("job", "")):
+            # released meanwhile, ours, or left by a driver that ended without releasing it: take it, unless
+            # another driver took it since it was read
+            if internal_kv._internal_kv_get(key) == held:
+                internal_kv._internal_kv_put(key, value, overwrite=True)
+                return RunClaim(key, value)
+            continue
         if time.monotonic() >= deadline:
             break
         time.sleep(0.5)
-    who = f"{holder['who']} on this cluster, since {holder['since']}" if holder else "another driver on this cluster"
     raise ConfigError(
-        f"{what} {redact_secrets(path)} is being written by {who}: a second driver would train into the same "
-        f"directory (both resuming from one checkpoint, each deleting the other's). Wait for it to end or stop it "
-        f"(`ray job stop <id>`, or Ctrl-C), or choose another name")
+        f"{what} {redact_secrets(path)} is being written by {holder['who']} on this cluster, since "
+        f"{holder['since']}: a second driver would train into the same directory (both resuming from one checkpoint, "
+        f"each deleting the other's). Wait for it to end or stop it (`ray job stop <id>`, or Ctrl-C), or choose "
+        f"another name")

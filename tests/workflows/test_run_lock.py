@@ -1,6 +1,6 @@
 """One driver per run directory on a cluster (workflows/run_lock.py): a second driver, a real process with its own
-Ray job on the session's cluster, is refused while the first holds the directory, and the claim ends with the
-first driver when it is SIGKILLed."""
+Ray job on the session's cluster, is refused while the first holds the directory, and the claim is taken over once
+the first driver is SIGKILLed (its job ended, it never gave the claim back)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_a_second_driver_is_refused_until_the_first_is_gone(ray_local, sample_da
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
-    # The claim ended with its driver: this process takes it (what the next run_pretrain does first).
+    # Its job ended without giving the claim back: this process takes it over (what the next run_pretrain does).
     run_lock.WAIT_FOR_A_GONE_DRIVER_S = 30.0  # (monkeypatch restores it) the GCS's time to see the driver gone
     assert run_lock.claim_run_directory(run_dir, "run it: its directory") is not None
 

@@ -399,6 +399,17 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     console gets a line per trial event (progress.SweepProgress); `verbose` adds Tune's own status tables and
     result boxes, and Ray Data's and Ray Train's INFO lines, for a sweep started with it (a resumed sweep keeps
     the console it was started with: Tune restores its settings)."""
+    from workflows.runtime import ensure_ray
+
+    restorable = check_sweep_before_ray(plan, resume)
+    ensure_ray(trial_resources(plan.base_recipe)["CPU"])
+    with claim_run_directory(plan.path, f"sweep {plan.sweep.name}: its directory"):
+        return _run_claimed_sweep(plan, retry_failed, callbacks, verbose, restorable)
+
+
+def _run_claimed_sweep(plan: SweepPlan, retry_failed: bool, callbacks: list | None, verbose: bool,
+                       restorable: bool) -> SweepResult:
+    """run_sweep's part on Ray with the sweep directory claimed."""
     from ray import tune
 
     from workflows.capacity import check_capacity
@@ -412,13 +423,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
     from workflows.tune.slots import open_slots
 
     sweep = plan.sweep
-    restorable = check_sweep_before_ray(plan, resume)
     trials, trial_recipe = expected_trials(sweep), template_trial_recipe(plan)
-    per_trial = trial_resources(plan.base_recipe)
-    from workflows.runtime import ensure_ray
-
-    ensure_ray(per_trial["CPU"])
-    claim = claim_run_directory(plan.path, f"sweep {sweep.name}: its directory")  # held until the sweep ends
     if not verbose:
         from workflows.console import quiet_forwarded_ray_lines, quiet_tune_console
 
@@ -490,7 +495,6 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False,
         else:
             print(f"{LOG_PREFIX} the sweep was interrupted{stop_signal_note()} {of}; continue it with the same "
                   f"command plus --resume", flush=True)
-    del claim  # held to here: the summary wrote the sweep's results into its directory
     return result
 
 
