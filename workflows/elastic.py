@@ -136,11 +136,12 @@ def kv_key(run_dir: str, what: str) -> bytes:
     return f"dist-elastic:{run_dir}:{what}".encode()
 
 
-def kv_put(key: bytes, value: dict[str, Any], overwrite: bool = True) -> None:
-    """`overwrite=False`: only when `key` holds nothing yet (the first of several writers wins)."""
+def kv_put(key: bytes, value: dict[str, Any], overwrite: bool = True) -> bool:
+    """`overwrite=False`: only when `key` holds nothing yet (the first of several writers wins). Returns whether
+    `key` held a value before."""
     from ray.experimental import internal_kv
 
-    internal_kv._internal_kv_put(key, json.dumps(value).encode(), overwrite=overwrite)
+    return internal_kv._internal_kv_put(key, json.dumps(value).encode(), overwrite=overwrite)
 
 
 # A collective whose peer died (gloo's "Read error ...: Connection reset by peer", NCCL's): a survivor's error, not

@@ -4,8 +4,8 @@ same checkpoint, both write checkpoints, and each driver's pruning deletes the o
 
 The claim is an entry in the cluster's GCS key-value store naming the driver's Ray job; it is dropped when the
 driver is done, and a claim whose job the GCS's job table says has ended (a driver SIGKILLed, a node lost) is taken
-over. No process is started for it: a named actor owned by the driver did the same, but each claim then waited for
-a worker process to start, seconds on a busy machine. Drivers on different clusters writing one bucket path are not
+over. No process is started for it (a named actor owned by the driver, the first version, needed a worker process
+per claim, and once met a Ray error at a hand-off). Drivers on different clusters writing one bucket path are not
 seen.
 """
 
@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from workflows.config_loader import ConfigError
+from workflows.elastic import kv_get, kv_put
 from workflows.runtime import redact_secrets
 
 KEY_PREFIX = "dist-run-claim:"
@@ -46,14 +47,14 @@ def _job_alive(job_id: str) -> bool:
 class RunClaim:
     """This driver's claim on a directory; `release()` (or the end of a `with`) gives it back."""
 
-    def __init__(self, key: bytes, value: bytes):
-        self.key, self.value = key, value
+    def __init__(self, key: bytes, holder: dict[str, Any]):
+        self.key, self.holder = key, holder
 
     def release(self) -> None:
         from ray.experimental import internal_kv
 
         try:
-            if internal_kv._internal_kv_get(self.key) == self.value:  # not taken over meanwhile
+            if kv_get(self.key) == self.holder:  # not taken over meanwhile
                 internal_kv._internal_kv_del(self.key)
         except Exception:  # noqa: BLE001 - Ray already gone (an interrupted driver): the claim's job ends with it,
             pass  # and the next claim takes over a claim of an ended job
@@ -69,23 +70,19 @@ def claim_run_directory(path: str, what: str) -> RunClaim:
     """Claim `path` (a run or sweep directory, as the workers name it) for this driver until `release()`. A claim
     this driver's job holds already is its own (a second run in one process). ConfigError naming the other driver
     when one on this cluster still holds it."""
-    from ray.experimental import internal_kv
-
     key = (KEY_PREFIX + path).encode()
     me = this_driver()
-    value = json.dumps(me).encode()
     deadline = time.monotonic() + WAIT_FOR_A_GONE_DRIVER_S
     while True:
-        if not internal_kv._internal_kv_put(key, value, overwrite=False):  # created: nobody held it
-            return RunClaim(key, value)
-        held = internal_kv._internal_kv_get(key)
-        holder = json.loads(held) if held else None
+        if not kv_put(key, me, overwrite=False):  # created: nobody held it
+            return RunClaim(key, me)
+        holder = kv_get(key)
         if holder is None or holder.get("job") == me["job"] or not _job_alive(holder.get("job", "")):
             # released meanwhile, ours, or left by a driver that ended without releasing it: take it, unless
             # another driver took it since it was read
-            if internal_kv._internal_kv_get(key) == held:
-                internal_kv._internal_kv_put(key, value, overwrite=True)
-                return RunClaim(key, value)
+            if kv_get(key) == holder:
+                kv_put(key, me)
+                return RunClaim(key, me)
             continue
         if time.monotonic() >= deadline:
             break
