@@ -194,6 +194,14 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from workflows.data.importers import import_hmdb51, import_list, import_ssv2, import_ucf101
     from workflows.data.manifest import check_output_folder
 
+    if args.format == "folders":
+        from workflows.data.folder_import import import_folders
+
+        check_output_folder(args.out)
+        result = import_folders(args.videos, args.out, val_videos=args.val_videos, val_fraction=args.val_fraction,
+                                seed=args.seed, labels=args.labels)
+        print("\n".join(result.summary()))
+        return 0
     if args.format in ("ucf101", "hmdb51"):  # --out is a folder: train.csv, val.csv and labels.json go into it
         importer = import_ucf101 if args.format == "ucf101" else import_hmdb51
         check_output_folder(args.out)
@@ -277,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--json", action="store_true", help="print one JSON object")
     u.set_defaults(run=_cmd_upload)
 
-    i = sub.add_parser("import", help="write manifests from SSV2 JSON, a `path label` list, or the official UCF101 / "
-                                      "HMDB51 split files")
+    i = sub.add_parser("import", help="write manifests from SSV2 JSON, a `path label` list, a folder of class "
+                                      "folders, or the official UCF101 / HMDB51 split files")
     isub = i.add_subparsers(dest="format", required=True)
     i1 = isub.add_parser("ssv2", help="Something-Something-V2's JSON annotations")
     i1.add_argument("--annotations", required=True, help="something-something-v2-{train,validation}.json")
@@ -292,6 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     i2.add_argument("--root", help="folder the list's paths are relative to (default: the list's folder)")
     i2.add_argument("--labels", help="label file; needed to name integer labels")
     i2.add_argument("--check", action="store_true", help="drop (and count) listed files that do not exist")
+    i3 = isub.add_parser("folders", help="your own videos as one folder per class (<class>/<video>)")
+    i3.add_argument("--videos", required=True, help="the folder of one folder per class; a class folder's name, as "
+                                                    "words, is the class name")
+    i3.add_argument("--out", required=True, help="folder for train.csv, val.csv and labels.json (keep the videos "
+                                                 "below it to upload it to a bucket)")
+    i3.add_argument("--val-videos", help="a folder of validation videos in the same layout (default: a seeded "
+                                         "--val-fraction of each class)")
+    i3.add_argument("--val-fraction", type=float, default=0.1,
+                    help="share of each class's videos put in val.csv when there is no --val-videos (default 0.1)")
+    i3.add_argument("--seed", type=int, default=0, help="which videos go to val.csv (default 0)")
+    i3.add_argument("--labels", help="an existing label file the folders' classes must be in (its indices are kept; "
+                                     "default: one made from the folder names)")
     for name, videos, splits in (
             ("ucf101", "UCF101", "ucfTrainTestlist (classInd.txt, trainlist0N.txt, testlist0N.txt)"),
             ("hmdb51", "hmdb51_org", "testTrainMulti_7030_splits (<class>_test_split<N>.txt)")):

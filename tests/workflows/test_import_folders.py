@@ -1,0 +1,202 @@
+"""`data import folders`: a user's own videos as one folder per class become train.csv, val.csv and labels.json.
+The folders here hold what real folders hold beside the videos (a README, thumbnails, macOS `._` metadata files,
+`.DS_Store`, a stray video at the top, an empty class folder, nested sub-folders); what is not taken is counted and
+shown. The last test imports the real H.264 sample videos and hands the manifests to `pretrain --check`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from workflows.data.cli import main
+from workflows.data.folder_import import folder_class_text, import_folders
+from workflows.data.manifest import load_labels, load_manifest
+
+
+def _touch(path: Path, data: bytes = b"x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)  # only listed, never decoded
+
+
+def _rows(manifest: Path) -> list[tuple[str, str]]:
+    lines = manifest.read_text().splitlines()
+    assert lines[0] == '"path","label"'
+    return [tuple(cell.strip('"') for cell in line.split(",")) for line in lines[1:]]
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_folder_names_become_the_words_the_text_encoder_reads() -> None:
+    assert {name: folder_class_text(name) for name in (
+        "playing_guitar", "passing_American_football_(in_game)", "massaging person's head", "ApplyEyeMakeup", "YoYo",
+        "TaiChi", "abseiling", "hula-hoop", "  spaced__out  ", "TV", "dog")} == {
+        "playing_guitar": "playing guitar",
+        "passing_American_football_(in_game)": "passing American football (in game)",  # Kinetics' own spelling
+        "massaging person's head": "massaging person's head", "ApplyEyeMakeup": "apply eye makeup", "YoYo": "yo yo",
+        "TaiChi": "tai chi", "abseiling": "abseiling", "hula-hoop": "hula-hoop", "  spaced__out  ": "spaced out",
+        "TV": "TV", "dog": "dog"}
+
+
+def _user_folder(root: Path) -> Path:
+    """Ten videos of `playing_guitar` (two in a nested folder), 21 of `ApplyEyeMakeup`, one of `lonely`, an empty
+    class folder, and what else such folders hold."""
+    videos = root / "my_videos"
+    for i in range(8):
+        _touch(videos / "playing_guitar" / f"g{i}.mp4")
+    _touch(videos / "playing_guitar" / "day2" / "g8.MP4")  # upper-case extension, nested
+    _touch(videos / "playing_guitar" / "day2" / "g9.webm")
+    for i in range(21):
+        _touch(videos / "ApplyEyeMakeup" / f"v_{i:02d}.avi")
+    _touch(videos / "lonely" / "only.mkv")
+    (videos / "empty_class").mkdir()
+    _touch(videos / "playing_guitar" / "notes.txt")
+    _touch(videos / "ApplyEyeMakeup" / "thumb.jpg")
+    _touch(videos / "ApplyEyeMakeup" / "._v_00.avi")  # macOS AppleDouble: looks like a video, is metadata
+    _touch(videos / "playing_guitar" / ".DS_Store")
+    _touch(videos / "playing_guitar" / ".cache" / "g0.mp4")
+    _touch(videos / "stray.mp4")
+    _touch(videos / "README.md")
+    _touch(videos / ".DS_Store")
+    return videos
+
+
+def test_a_folder_of_class_folders_is_split_per_class_and_shows_what_it_skipped(tmp_path, capsys) -> None:
+    videos = _user_folder(tmp_path)
+    out = tmp_path / "data"
+    assert main(["import", "folders", "--videos", str(videos), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [
+        f"wrote {out / 'train.csv'}: 29 videos of 3 classes",
+        f"wrote {out / 'val.csv'}: 3 videos (0.1 of each class's videos, chosen with --seed 0)",
+        f"wrote {out / 'labels.json'}: 3 classes, the folder names as words (e.g. 'ApplyEyeMakeup' -> "
+        f"'apply eye makeup'; 'playing_guitar' -> 'playing guitar')"], lines
+    notes = "\n".join(lines[3:])
+    assert f"--videos {videos}: skipped 1 videos lying in no class folder (stray.mp4)" in notes, notes
+    assert "skipped 1 folders holding no video (empty_class/)" in notes, notes
+    assert "skipped 2 files that are not videos by their extension (.jpg: 1, .txt: 1; e.g. " in notes, notes
+    assert "skipped 3 hidden files or folders (ApplyEyeMakeup/._v_00.avi, playing_guitar/.cache, " \
+           "playing_guitar/.DS_Store; a ._name file is macOS metadata" in notes, notes
+    assert "1 classes have a single video, kept for training and absent from val.csv (lonely)" in notes, notes
+    assert all(line.startswith("note: ") for line in lines[3:]) and len(lines) == 9, lines
+
+    assert load_labels(str(out / "labels.json")) == {"apply eye makeup": 0, "lonely": 1, "playing guitar": 2}
+    train, val = _rows(out / "train.csv"), _rows(out / "val.csv")
+    by_class = {label: ([p for p, lab in train if lab == label], [p for p, lab in val if lab == label])
+                for label in ("apply eye makeup", "playing guitar", "lonely")}
+    # round(21 x 0.1) = 2 and round(10 x 0.1) = 1 to val; the one video of `lonely` trains
+    assert [(len(t), len(v)) for t, v in by_class.values()] == [(19, 2), (9, 1), (1, 0)], by_class
+    assert not set(p for p, _ in train) & set(p for p, _ in val)
+    paths = {p for p, _ in train + val}
+    # The videos are not below --out: absolute paths (said in a note), nested files and any extension case kept
+    assert {str(videos / "playing_guitar/day2/g8.MP4"), str(videos / "playing_guitar/day2/g9.webm")} <= paths
+    assert not any("._" in p or ".cache" in p or "stray" in p for p in paths)
+    # Relative to the manifests, the paths resolve to the files (what a run reads).
+    manifest = load_manifest(str(out / "train.csv"), load_labels(str(out / "labels.json")), strict=True)
+    assert all(Path(p).is_file() for p in manifest.table.column("path").to_pylist())
+    note = "note: the videos are not below --out"
+    assert any(line.startswith(note) for line in lines), lines
+
+    # The same files and seed give the same split whatever order the disk lists them in; another seed another one.
+    again = tmp_path / "again"
+    import_folders(videos, again)
+    assert (again / "val.csv").read_text() == (out / "val.csv").read_text()
+    other = import_folders(videos, tmp_path / "seed7", seed=7)
+    assert other.counts == {"train": 29, "val": 3}
+    assert (tmp_path / "seed7" / "val.csv").read_text() != (again / "val.csv").read_text()
+
+
+def test_a_separate_validation_folder_and_layouts_that_cannot_be_right(tmp_path, capsys) -> None:
+    # --out the folder above the two: the manifests name the videos relative to themselves (uploadable)
+    train, val, out = tmp_path / "split" / "train", tmp_path / "split" / "val", tmp_path / "split"
+    for folder, names in ((train, ("cat", "dog", "bird")), (val, ("cat", "dog"))):
+        for name in names:
+            for i in range(3):
+                _touch(folder / name / f"{i}.mp4")
+    # The parent of train/ and val/ is not a folder of classes: the error gives the command that is.
+    err = _cli_error(["import", "folders", "--videos", str(tmp_path / "split"), "--out", str(out)], capsys)
+    assert f"holds split folders (train, val), not class folders: give --videos {train} --val-videos {val}" in err
+    assert main(["import", "folders", "--videos", str(train), "--val-videos", str(val), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"wrote {out / 'val.csv'}: 6 videos (--val-videos {val})", lines
+    assert lines[3] == "note: 1 training classes have no validation videos in --val-videos (bird)", lines
+    assert {label for _, label in _rows(out / "val.csv")} == {"cat", "dog"}
+    assert _rows(out / "train.csv")[0] == ("train/bird/0.mp4", "bird") and len(lines) == 4, lines
+
+    _touch(val / "horse" / "0.mp4")
+    err = _cli_error(["import", "folders", "--videos", str(train), "--val-videos", str(val), "--out",
+                      str(tmp_path / "x")], capsys)
+    assert "1 class folders have no folder of the same name in --videos" in err and "(horse)" in err, err
+    assert not (tmp_path / "x").exists()
+
+    flat = tmp_path / "flat"
+    _touch(flat / "a.mp4")
+    err = _cli_error(["import", "folders", "--videos", str(flat), "--out", str(out)], capsys)
+    assert "holds 1 videos but no class folder: this tool takes one folder per class" in err, err
+    assert "use `data import list`" in err
+    err = _cli_error(["import", "folders", "--videos", str(tmp_path / "nowhere"), "--out", str(out)], capsys)
+    assert f"--videos {tmp_path / 'nowhere'} is not a folder" in err
+    err = _cli_error(["import", "folders", "--videos", str(train), "--val-fraction", "0", "--out", str(out)], capsys)
+    assert "--val-fraction 0.0: give a fraction between 0 and 1" in err
+    clash = tmp_path / "clash"
+    _touch(clash / "Playing_Guitar" / "a.mp4")
+    _touch(clash / "Playing Guitar" / "b.mp4")
+    err = _cli_error(["import", "folders", "--videos", str(clash), "--out", str(tmp_path / "y")], capsys)
+    assert "class folders 'Playing Guitar' and 'Playing_Guitar' both read 'Playing Guitar'" in err, err
+
+
+def test_folders_onto_an_existing_label_file_and_an_earlier_import_kept(tmp_path, capsys) -> None:
+    videos = tmp_path / "kinetics_like"
+    for folder in ("playing_guitar", "passing_American_football_(in_game)"):
+        for i in range(4):
+            _touch(videos / folder / f"{i}.mp4")
+    k400 = tmp_path / "k400_labels.json"
+    k400.write_text('{"abseiling": 0, "passing American football (in game)": 1, "playing guitar": 2, "zumba": 3}')
+    out = tmp_path / "data"
+    assert main(["import", "folders", "--videos", str(videos), "--out", str(out), "--labels", str(k400)]) == 0
+    assert f"labels.json: the classes and indices of {k400}" in capsys.readouterr().out
+    assert load_labels(str(out / "labels.json")) == load_labels(str(k400))
+    assert {label for _, label in _rows(out / "train.csv")} == {"playing guitar", "passing American football (in game)"}
+
+    _touch(videos / "juggling_fire" / "0.mp4")
+    err = _cli_error(["import", "folders", "--videos", str(videos), "--out", str(tmp_path / "z"), "--labels",
+                      str(k400)], capsys)
+    assert f"1 class folders are not classes of --labels {k400}: 'juggling_fire' (read as 'juggling fire')" in err
+    # Without --labels, a folder already holding another import's labels.json is refused, and nothing is written.
+    before = (out / "train.csv").read_text()
+    err = _cli_error(["import", "folders", "--videos", str(videos), "--out", str(out)], capsys)
+    assert "written by an earlier import into this folder) holds other classes" in err, err
+    assert (out / "train.csv").read_text() == before
+
+
+def test_the_sample_videos_as_class_folders_are_a_dataset_pretrain_accepts(sample_data, tmp_path, capsys,
+                                                                           monkeypatch) -> None:
+    """The motion sample's real H.264 files lie in videos/<class>/: imported as a user's folder (below --out, so
+    relative and uploadable), they give the sample's own classes, and `pretrain --check` (which decodes a sample of
+    the videos and checks every label) accepts the result."""
+    from workflows import pretrain
+    from workflows.data.sample import SAMPLE_CLASSES
+
+    out = tmp_path / "mine"
+    shutil.copytree(Path(sample_data.root) / "videos", out / "videos")
+    assert main(["import", "folders", "--videos", str(out / "videos"), "--out", str(out),
+                 "--val-fraction", "0.34"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"wrote {out / 'train.csv'}: 16 videos of 8 classes", lines
+    assert not any(line.startswith("note: ") for line in lines), lines
+    assert sorted(load_labels(str(out / "labels.json"))) == sorted(SAMPLE_CLASSES)
+    assert all(p.startswith("videos/") for p, _ in _rows(out / "val.csv"))
+
+    monkeypatch.setattr(pretrain, "ensure_ray", lambda *a, **k: pytest.fail("--check started Ray"))
+    code = pretrain.main(["--config", "workflows/configs/smoke.yaml", "--check", "--set",
+                          f"data.train_manifest={out / 'train.csv'}", f"data.val_manifest={out / 'val.csv'}",
+                          f"data.labels={out / 'labels.json'}", f"run.storage_path={tmp_path / 'runs'}"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "[pretrain] check: 16 training videos" in printed.out, printed.out
