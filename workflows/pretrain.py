@@ -36,7 +36,7 @@ from workflows.recipe import (
     with_absolute_paths,
     with_run_scoped_names,
 )
-from workflows.relaunch import Relaunch, relaunch_changes
+from workflows.relaunch import RELAUNCHED, Relaunch, relaunch_changes
 from workflows.run_lock import claim_run_directory
 from workflows.runtime import (
     CHECKPOINT_WOULD_NOT_FIT,
@@ -491,7 +491,7 @@ def _fit_and_report(recipe: Recipe, relaunch: Relaunch | None, verbose: bool) ->
 
     if relaunch:  # the first worker group's restart line says why it resumes (not "a worker or node was lost"), and
         # rank 0 records the changed settings in the MLflow run (whose params keep the first launch's values)
-        kv_put(kv_key(recipe.run_dir, "event"), {"reason": "the run was relaunched", "changes": relaunch.changes})
+        kv_put(kv_key(recipe.run_dir, "event"), {"reason": RELAUNCHED, "changes": relaunch.changes})
     # Waits for nodes when scaling.wait_for_nodes_s > 0 (scale from zero); resolves data.decode_node_label: the
     # workers get the resolved recipe.
     recipe = check_capacity(recipe, log_prefix=LOG_PREFIX)

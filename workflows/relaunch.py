@@ -21,6 +21,9 @@ from workflows.config_loader import ConfigError, from_dict
 from workflows.recipe import ModelSection, Recipe, model_config, recipe_to_dict, with_absolute_paths
 from workflows.runtime import redact_secrets
 
+# The restart reason a relaunch's first worker group reports (pretrain sets it, the trainer's restart line reads it).
+RELAUNCHED = "the run was relaunched"
+
 # DiSTConfig fields a resumed run may change: how the frozen towers run and what only evaluation reads.
 _MODEL_FREE = {"clip_precision", "activation_checkpointing", "zero_shot_weight"}
 # Keys whose change means nothing to a resumed run (where it is written, how it is watched and evaluated).

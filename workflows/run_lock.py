@@ -66,11 +66,23 @@ class RunClaim:
         self.release()
 
 
+def claim_key(path: str) -> bytes:
+    """The GCS key of a directory's claim: a bucket URI without its user-info and query, so the key holds no
+    credentials and one directory named with or without them (`?endpoint_override=...&access_key=...`, or the
+    environment's) is one claim."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" in path:
+        parts = urlsplit(path)
+        path = urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+    return (KEY_PREFIX + path).encode()
+
+
 def claim_run_directory(path: str, what: str) -> RunClaim:
     """Claim `path` (a run or sweep directory, as the workers name it) for this driver until `release()`. A claim
     this driver's job holds already is its own (a second run in one process). ConfigError naming the other driver
     when one on this cluster still holds it."""
-    key = (KEY_PREFIX + path).encode()
+    key = claim_key(path)
     me = this_driver()
     deadline = time.monotonic() + WAIT_FOR_A_GONE_DRIVER_S
     while True:

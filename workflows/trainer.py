@@ -39,6 +39,7 @@ from workflows.elastic import (
     unrestartable_failure,
 )
 from workflows.recipe import Recipe, recipe_from_dict, recipe_to_dict
+from workflows.relaunch import RELAUNCHED
 from workflows.runtime import compile_toolchain_problem, storage_of, tools_of_this_interpreter_first, write_text
 
 LOG_PREFIX = "[pretrain]"
@@ -400,7 +401,12 @@ class Trainer:
         lost = max(0, reached - step) if reached is not None else None
         if event:
             kv_put(kv_key(run_dir, "event"), {})
-        lost_text = f"{lost} steps lost" if lost is not None else "steps lost unknown (no record of progress)"
+        if lost is not None:
+            lost_text = f"{lost} steps lost"
+        elif reason == RELAUNCHED:  # a new Ray session: the previous launch's progress record went with its cluster
+            lost_text = "any steps the previous launch trained past it are trained again"
+        else:
+            lost_text = "steps lost unknown (no record of progress)"
         self.log(f"restart: {previous_world} -> {self.world} workers ({reason}); resuming at step {step}, {lost_text}")
         self.tracker.log_metrics({"world_size": float(self.world), "restart_steps_lost": float(lost or 0)}, step=step)
         self.tracker.set_tags({f"restart.step_{step}": f"{previous_world} -> {self.world} workers; {reason}; "

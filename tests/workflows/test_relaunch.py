@@ -141,3 +141,48 @@ def test_a_restored_optimizer_takes_the_recipes_lr_betas_and_weight_decay() -> N
     optimizer.step()
     scheduler.step()
     assert scheduler.get_last_lr() == pytest.approx([1e-2 / 6] * 2)  # the schedule goes on from the new peak
+
+
+class _Recorder:
+    """The trainer's tracker, recording what the restart line sends to MLflow."""
+
+    def __init__(self) -> None:
+        self.tags: dict[str, str] = {}
+
+    def log_metrics(self, metrics, step) -> None:
+        pass
+
+    def set_tags(self, tags) -> None:
+        self.tags.update(tags)
+
+    def log_text(self, text, name) -> None:
+        pass
+
+
+@pytest.mark.integration
+def test_the_restart_line_of_a_relaunch_says_what_becomes_of_the_steps_past_the_checkpoint(ray_local, tmp_path,
+                                                                                           capsys) -> None:
+    """A relaunch in the same Ray session knows how far the previous launch got (its progress record in the GCS);
+    in a new session (a new cluster, or `ray stop` between) that record is gone, and the line says what happens
+    instead of "steps lost unknown"."""
+    import torch
+
+    from workflows.elastic import kv_key, kv_put
+    from workflows.relaunch import RELAUNCHED
+    from workflows.trainer import Trainer
+
+    recipe = _recipe(tmp_path)
+
+    def restart_line(progress: dict) -> str:
+        trainer = Trainer(recipe, rank=0, world=2, device=torch.device("cpu"))
+        trainer.state.step, trainer.tracker = 4, _Recorder()
+        kv_put(kv_key(recipe.run_dir, "progress"), progress)
+        kv_put(kv_key(recipe.run_dir, "event"), {"reason": RELAUNCHED, "changes": []})
+        trainer._note_restart(previous_world=2)
+        return capsys.readouterr().out.strip()
+
+    assert restart_line({"step": 7, "world": 2}).endswith(
+        "restart: 2 -> 2 workers (the run was relaunched); resuming at step 4, 3 steps lost")
+    assert restart_line({}).endswith(
+        "restart: 2 -> 2 workers (the run was relaunched); resuming at step 4, any steps the previous launch trained "
+        "past it are trained again")

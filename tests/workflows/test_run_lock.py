@@ -72,3 +72,16 @@ def test_a_submitted_job_is_named_by_its_submission_id(ray_local, monkeypatch):
     assert this_driver()["who"] == "job raysubmit_abc"
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert this_driver()["who"].startswith(f"a driver (pid {os.getpid()} on ")
+
+
+def test_a_claim_key_holds_no_credentials_and_one_directory_is_one_key():
+    """The key lives in the GCS (whose keys `ray` debugging tools list): a bucket URI's access key, secret and
+    password stay out of it, and naming the directory with or without them claims the same directory."""
+    from workflows.run_lock import claim_key
+
+    bare = claim_key("s3://bucket/runs/it")
+    assert claim_key("s3://bucket/runs/it?endpoint_override=127.0.0.1:9000&access_key=AKIA1&secret_key=s3cr3t") == bare
+    assert claim_key("s3://AKIA1:s3cr3t@bucket/runs/it") == bare
+    assert b"s3cr3t" not in claim_key("gs://bucket/runs/it?secret_key=s3cr3t")
+    assert claim_key("s3://bucket/runs/other") != bare
+    assert claim_key("/mnt/shared/runs/it") == b"dist-run-claim:/mnt/shared/runs/it"
