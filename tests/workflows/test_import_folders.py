@@ -61,6 +61,7 @@ def _user_folder(root: Path) -> Path:
     _touch(videos / "ApplyEyeMakeup" / "._v_00.avi")  # macOS AppleDouble: looks like a video, is metadata
     _touch(videos / "playing_guitar" / ".DS_Store")
     _touch(videos / "playing_guitar" / ".cache" / "g0.mp4")
+    (videos / "playing_guitar" / "day2" / "again").symlink_to(videos / "playing_guitar")  # a loop: walked once
     _touch(videos / "stray.mp4")
     _touch(videos / "README.md")
     _touch(videos / ".DS_Store")

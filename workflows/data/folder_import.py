@@ -99,12 +99,17 @@ def scan_class_folders(root: Path, option: str) -> FolderScan:
         raise ValueError(f"{option} {root} holds split folders ({', '.join(split_named)}), not class folders: give "
                          f"--videos {root / train} --val-videos {root / val}")
     for folder in folders:
-        found = []
+        found, visited = [], {os.path.realpath(folder)}
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
             here = Path(dirpath)
             for name in [d for d in dirnames if d.startswith(".")]:
                 dirnames.remove(name)
                 scan.hidden.append(str((here / name).relative_to(root)))
+            for name in list(dirnames):  # a symlink back up the tree would be walked forever
+                real = os.path.realpath(here / name)
+                if real in visited:
+                    dirnames.remove(name)
+                visited.add(real)
             dirnames.sort()
             for name in sorted(filenames):
                 rel = str((here / name).relative_to(root))
