@@ -144,6 +144,10 @@ def test_manifest_errors_name_rows_and_labels(tmp_path) -> None:
         load_labels(str(tmp_path / "gap.json"))
     with pytest.raises(ManifestError, match="does not exist"):
         load_manifest(str(tmp_path / "nope.csv"), None)
+    (tmp_path / "clips" / "cat").mkdir(parents=True)  # a folder of class folders given where a manifest goes
+    with pytest.raises(ManifestError, match=r"clips is a folder: a manifest is a CSV/TSV or Parquet file .* data "
+                                            r"import folders --videos .*clips --out <folder>"):
+        load_manifest(str(tmp_path / "clips"), None)
 
 
 def test_segment_indices_follow_the_reference() -> None:

@@ -288,6 +288,10 @@ def _read_table_lines(path: str) -> tuple[pa.Table, list[int] | None]:
         raise unreadable("manifest", path, exc) from None
     if info.type == pafs.FileType.NotFound:
         raise ManifestError(f"manifest {path} does not exist")
+    if info.type == pafs.FileType.Directory:
+        raise ManifestError(f"manifest {path} is a folder: a manifest is a CSV/TSV or Parquet file of path,label"
+                            f"[,start,end] rows; for a folder of one folder per class, `python -m workflows data "
+                            f"import folders --videos {path} --out <folder>` writes train.csv, val.csv and labels.json")
     parquet = inner.lower().endswith((".parquet", ".pq"))
     try:
         if parquet:
