@@ -82,8 +82,8 @@ def test_a_folder_of_class_folders_is_split_per_class_and_shows_what_it_skipped(
     assert f"--videos {videos}: skipped 1 videos lying in no class folder (stray.mp4)" in notes, notes
     assert "skipped 1 folders holding no video (empty_class/)" in notes, notes
     assert "skipped 2 files that are not videos by their extension (.jpg: 1, .txt: 1; e.g. " in notes, notes
-    assert "skipped 3 hidden files or folders (ApplyEyeMakeup/._v_00.avi, playing_guitar/.cache, " \
-           "playing_guitar/.DS_Store; a ._name file is macOS metadata" in notes, notes
+    assert "skipped 3 hidden files or folders (ApplyEyeMakeup/._v_00.avi, playing_guitar/.DS_Store, " \
+           "playing_guitar/.cache; a ._name file is macOS metadata" in notes, notes
     assert "1 classes have a single video, kept for training and absent from val.csv (lonely)" in notes, notes
     assert all(line.startswith("note: ") for line in lines[3:]) and len(lines) == 9, lines
 
@@ -201,3 +201,70 @@ def test_the_sample_videos_as_class_folders_are_a_dataset_pretrain_accepts(sampl
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "[pretrain] check: 16 training videos" in printed.out, printed.out
+
+
+@pytest.mark.integration
+def test_class_folders_in_a_bucket_are_imported_in_place(sample_data, tmp_path, monkeypatch, capsys) -> None:
+    """Videos already in a bucket as <class>/<video> (moto's real S3 API on loopback, reached through the AWS_*
+    variables a user exports): one listing, nothing downloaded, the manifests written beside them and naming them
+    relative to themselves, the same split as the same files on a disk; `pretrain --check` then reads the
+    manifests and decodes a sample of the videos from the bucket."""
+    from tests.workflows.object_store import MotoServer, S3Credentials
+    from workflows import pretrain
+    from workflows.data.sample import SAMPLE_CLASSES
+
+    moto = MotoServer(tmp_path)
+    moto.start()
+    try:
+        creds = S3Credentials(moto.url)
+        for name, value in creds.env().items():
+            monkeypatch.setenv(name, value)
+        client = creds.client()
+        client.create_bucket(Bucket="vds")
+        local = tmp_path / "disk"
+        shutil.copytree(Path(sample_data.root) / "videos", local / "clips")
+        for path in sorted((local / "clips").rglob("*.mp4")):
+            client.put_object(Bucket="vds", Key=f"mine/{path.relative_to(local).as_posix()}", Body=path.read_bytes())
+        client.put_object(Bucket="vds", Key="mine/clips/moving_left/._train_0000.mp4", Body=b"\0" * 4096)
+        client.put_object(Bucket="vds", Key="mine/clips/growing/info.json", Body=b"{}")
+
+        assert main(["import", "folders", "--videos", "s3://vds/mine/clips", "--out", "s3://vds/mine",
+                     "--val-fraction", "0.34"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[:2] == ["wrote s3://vds/mine/train.csv: 16 videos of 8 classes",
+                             "wrote s3://vds/mine/val.csv: 8 videos (0.34 of each class's videos, chosen with "
+                             "--seed 0)"]
+        assert lines[3:] == [
+            "note: --videos s3://vds/mine/clips: skipped 1 files that are not videos by their extension (.json: 1; "
+            "e.g. growing/info.json); videos are .mp4, .mkv, .webm, .avi, .mov, .m4v",
+            "note: --videos s3://vds/mine/clips: skipped 1 hidden files or folders (moving_left/._train_0000.mp4; a "
+            "._name file is macOS metadata, not a video)"], lines
+        in_bucket = {name: client.get_object(Bucket="vds", Key=f"mine/{name}")["Body"].read().decode()
+                     for name in ("train.csv", "val.csv", "labels.json")}
+        assert sorted(load_labels("s3://vds/mine/labels.json")) == sorted(SAMPLE_CLASSES)
+        assert in_bucket["val.csv"].count('"clips/') == 8  # relative to the manifest: the dataset moves as one
+
+        import_folders(local / "clips", local, val_fraction=0.34)  # the same files on a disk: the same manifests
+        assert {name: (local / name).read_text() for name in in_bucket} == in_bucket
+
+        monkeypatch.setattr(pretrain, "ensure_ray", lambda *a, **k: pytest.fail("--check started Ray"))
+        code = pretrain.main(["--config", "workflows/configs/smoke.yaml", "--check", "--set",
+                              "data.train_manifest=s3://vds/mine/train.csv", "data.val_manifest=s3://vds/mine/val.csv",
+                              "data.labels=s3://vds/mine/labels.json", f"run.storage_path={tmp_path / 'runs'}"])
+        printed = capsys.readouterr()
+        assert code == 0, printed.err
+        assert "[pretrain] check: 16 training videos" in printed.out, printed.out
+
+        # Manifests on this machine for videos in the bucket: full URIs, and a note on what a cluster needs.
+        assert main(["import", "folders", "--videos", "s3://vds/mine/clips", "--out", str(tmp_path / "here"),
+                     "--val-fraction", "0.34"]) == 0
+        assert "note: the manifests are on this machine and name the videos by their bucket URIs" in \
+            capsys.readouterr().out
+        assert _rows(tmp_path / "here" / "train.csv")[0][0] == "s3://vds/mine/clips/growing/train_0000.mp4"
+        # Local videos cannot be imported into a bucket; an empty prefix is not a dataset.
+        err = _cli_error(["import", "folders", "--videos", str(local / "clips"), "--out", "s3://vds/other"], capsys)
+        assert "is in a bucket but the videos are on this machine" in err and "`data upload`" in err, err
+        err = _cli_error(["import", "folders", "--videos", "s3://vds/nothing-here", "--out", "s3://vds/x"], capsys)
+        assert "--videos s3://vds/nothing-here holds nothing (no object below that prefix)" in err, err
+    finally:
+        moto.stop()

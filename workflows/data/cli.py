@@ -196,8 +196,10 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
     if args.format == "folders":
         from workflows.data.folder_import import import_folders
+        from workflows.runtime import is_remote
 
-        check_output_folder(args.out)
+        if not is_remote(args.out):
+            check_output_folder(args.out)
         result = import_folders(args.videos, args.out, val_videos=args.val_videos, val_fraction=args.val_fraction,
                                 seed=args.seed, labels=args.labels)
         print("\n".join(result.summary()))
@@ -301,10 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     i2.add_argument("--labels", help="label file; needed to name integer labels")
     i2.add_argument("--check", action="store_true", help="drop (and count) listed files that do not exist")
     i3 = isub.add_parser("folders", help="your own videos as one folder per class (<class>/<video>)")
-    i3.add_argument("--videos", required=True, help="the folder of one folder per class; a class folder's name, as "
-                                                    "words, is the class name")
-    i3.add_argument("--out", required=True, help="folder for train.csv, val.csv and labels.json (keep the videos "
-                                                 "below it to upload it to a bucket)")
+    i3.add_argument("--videos", required=True, help="the folder of one folder per class, local or in a bucket "
+                                                    "(s3://bucket/prefix); a class folder's name, as words, is the "
+                                                    "class name")
+    i3.add_argument("--out", required=True, help="folder for train.csv, val.csv and labels.json, local or (for videos "
+                                                 "in a bucket) a bucket prefix; the manifests name the videos below "
+                                                 "it relative to themselves")
     i3.add_argument("--val-videos", help="a folder of validation videos in the same layout (default: a seeded "
                                          "--val-fraction of each class)")
     i3.add_argument("--val-fraction", type=float, default=0.1,

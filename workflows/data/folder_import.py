@@ -5,6 +5,10 @@ labels.json.
       playing_guitar/a.mp4, b.mp4, ...   or --videos train --val-videos val, two folders of the same layout
       ApplyEyeMakeup/clips/c.avi         (videos at any depth below their class folder)
 
+The folder may be a bucket prefix (s3://bucket/clips, one listing, nothing downloaded), and so may `--out` then: the
+manifests name the videos below `--out` relative to themselves, so the dataset reads the same from the bucket on a
+cluster without a shared disk.
+
 Class names are the folder names as words, what the model's text encoder reads: underscores become spaces
 ("passing_American_football_(in_game)" -> "passing American football (in game)", Kinetics' own spelling) and a
 name written as one CamelCase word is split ("ApplyEyeMakeup" -> "apply eye makeup"). `--labels` maps the folders
@@ -18,11 +22,22 @@ from __future__ import annotations
 import os
 import random
 import re
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workflows.data.manifest import VIDEO_EXTENSIONS, class_key, load_labels, relative_to, save_labels, write_manifest
+from workflows.data.manifest import (
+    VIDEO_EXTENSIONS,
+    class_key,
+    load_labels,
+    relative_to,
+    resolve_filesystem,
+    save_labels,
+    storage_hint,
+    write_manifest,
+)
+from workflows.runtime import is_remote, redact_secrets, write_text
 
 SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "eval"}
 
@@ -39,13 +54,13 @@ def folder_class_text(name: str) -> str:
 
 @dataclass
 class FolderScan:
-    """The videos of one folder of class folders, and what was not taken from it."""
+    """The videos of one folder of class folders, local or in a bucket, and what was not taken from it."""
 
-    root: Path
-    videos: dict[str, list[Path]] = field(default_factory=dict)  # class folder name -> its videos, sorted
+    shown: str  # the folder as the user gave it, credentials redacted
+    videos: dict[str, list[str]] = field(default_factory=dict)  # class folder -> its videos' paths below the root
     other_files: Counter = field(default_factory=Counter)  # extension -> files in class folders that are not videos
     other_examples: list[str] = field(default_factory=list)
-    hidden: list[str] = field(default_factory=list)  # hidden files and folders below the class folders
+    hidden: list[str] = field(default_factory=list)  # the hidden files and folders below the class folders
     loose_videos: list[str] = field(default_factory=list)  # videos directly in the root, in no class folder
     empty_classes: list[str] = field(default_factory=list)  # class folders holding no video
 
@@ -54,80 +69,112 @@ class FolderScan:
         def examples(items: list[str]) -> str:
             return ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
 
+        where = f"{option} {self.shown}"
         lines = []
         if self.loose_videos:
-            lines.append(f"{option} {self.root}: skipped {len(self.loose_videos)} videos lying in no class folder "
+            lines.append(f"{where}: skipped {len(self.loose_videos)} videos lying in no class folder "
                          f"({examples(self.loose_videos)}): a video's class is the folder it is in")
         if self.empty_classes:
-            lines.append(f"{option} {self.root}: skipped {len(self.empty_classes)} folders holding no video "
+            lines.append(f"{where}: skipped {len(self.empty_classes)} folders holding no video "
                          f"({examples(self.empty_classes)})")
         if self.other_files:
             counts = ", ".join(f"{ext or '(no extension)'}: {n}" for ext, n in self.other_files.most_common(5))
-            lines.append(f"{option} {self.root}: skipped {sum(self.other_files.values())} files that are not videos "
-                         f"by their extension ({counts}; e.g. {examples(self.other_examples)}); videos are "
+            lines.append(f"{where}: skipped {sum(self.other_files.values())} files that are not videos by their "
+                         f"extension ({counts}; e.g. {examples(self.other_examples)}); videos are "
                          f"{', '.join(VIDEO_EXTENSIONS)}")
         if self.hidden:
-            lines.append(f"{option} {self.root}: skipped {len(self.hidden)} hidden files or folders "
-                         f"({examples(self.hidden)}; a ._name file is macOS metadata, not a video)")
+            lines.append(f"{where}: skipped {len(self.hidden)} hidden files or folders ({examples(self.hidden)}; a "
+                         f"._name file is macOS metadata, not a video)")
         return lines
 
 
-def scan_class_folders(root: Path, option: str) -> FolderScan:
-    """Every video below each class folder of `root` (symlinked folders followed); ValueError / FileNotFoundError
-    naming `option` when `root` is not laid out as one folder per class."""
-    if not root.is_dir():
+def _local_entries(root: Path) -> list[tuple[str, bool]]:
+    """(path below `root`, is a folder) of everything below a local folder, symlinked folders followed (a link
+    back up the tree once); a hidden folder is listed but not entered."""
+    entries, visited = [], {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if here == "." else here + "/"
+        for name in list(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if name.startswith(".") or real in visited:
+                dirnames.remove(name)
+            visited.add(real)
+            entries.append((prefix + name, True))
+        entries += [(prefix + name, False) for name in filenames]
+    return entries
+
+
+def _bucket_entries(uri: str, option: str) -> list[tuple[str, bool]]:
+    """(path below the prefix, is a folder) of every object below a bucket prefix (one listing)."""
+    import pyarrow.fs as pafs
+
+    shown = redact_secrets(uri)
+    try:
+        fs, inner = resolve_filesystem(uri)
+        inner = inner.rstrip("/")
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    except FileNotFoundError:
+        infos = []
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{option} {shown} cannot be listed: {exc}{storage_hint(uri)}") from None
+    return [(info.path[len(inner) + 1:], info.type == pafs.FileType.Directory) for info in infos
+            if info.path.startswith(inner + "/")]
+
+
+def scan_class_folders(root: str, option: str) -> FolderScan:
+    """Every video below each class folder of `root` (a local folder or a bucket prefix); ValueError /
+    FileNotFoundError naming `option` when `root` is not laid out as one folder per class."""
+    remote = is_remote(root)
+    if not remote and not Path(root).expanduser().is_dir():
         raise FileNotFoundError(f"{option} {root} is not a folder; give the folder holding one folder per class")
-    scan = FolderScan(root)
-    folders = []
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
+    entries = sorted(_bucket_entries(root, option) if remote else _local_entries(Path(root).expanduser()))
+    scan = FolderScan(redact_secrets(root))
+    if remote and not entries:
+        raise FileNotFoundError(f"{option} {scan.shown} holds nothing (no object below that prefix); give the prefix "
+                                f"holding one folder per class{storage_hint(root)}")
+    folders: dict[str, bool] = {}  # class folder -> holds a sub-folder
+    found: dict[str, list[str]] = {}
+    for rel, is_dir in entries:
+        parts = rel.split("/")
+        hidden = next((i for i, part in enumerate(parts) if part.startswith(".")), None)
+        if hidden == 0:
             continue  # .DS_Store, .ipynb_checkpoints at the top: not classes, and not worth a note
-        if entry.is_dir():
-            folders.append(entry)
-        elif entry.suffix.lower() in VIDEO_EXTENSIONS:
-            scan.loose_videos.append(entry.name)
-        # other top-level files (this tool's own train.csv and labels.json, a README) are not the dataset's
+        if len(parts) == 1:
+            if is_dir:
+                folders.setdefault(rel, False)
+            elif Path(rel).suffix.lower() in VIDEO_EXTENSIONS:
+                scan.loose_videos.append(rel)
+            continue  # other top-level files (this tool's own train.csv and labels.json, a README) are not the data
+        folders[parts[0]] = folders.get(parts[0], False) or is_dir or len(parts) > 2  # a bucket has no empty folders
+        if hidden is not None:
+            top = "/".join(parts[:hidden + 1])
+            if top not in scan.hidden:
+                scan.hidden.append(top)
+        elif not is_dir:
+            suffix = Path(rel).suffix.lower()
+            if suffix in VIDEO_EXTENSIONS:
+                found.setdefault(parts[0], []).append(rel)
+            else:
+                scan.other_files[suffix] += 1
+                if len(scan.other_examples) < 3:
+                    scan.other_examples.append(rel)
     if not folders:
         what = (f"holds {len(scan.loose_videos)} videos but no class folder" if scan.loose_videos else
                 "holds no folder")
-        raise ValueError(f"{option} {root} {what}: this tool takes one folder per class (<class>/<video>); for a "
-                         f"list of paths and labels use `data import list`")
-    split_named = [f.name for f in folders if f.name.lower() in SPLIT_FOLDER_NAMES]
-    if split_named and len(split_named) == len(folders) and any(child.is_dir() for child in folders[0].iterdir()):
+        raise ValueError(f"{option} {scan.shown} {what}: this tool takes one folder per class (<class>/<video>); for "
+                         f"a list of paths and labels use `data import list`")
+    split_named = [name for name in folders if name.lower() in SPLIT_FOLDER_NAMES]
+    if split_named and len(split_named) == len(folders) and folders[split_named[0]]:
         train = next((n for n in split_named if n.lower().startswith("train")), split_named[0])
         val = next((n for n in split_named if n != train), "val")
-        raise ValueError(f"{option} {root} holds split folders ({', '.join(split_named)}), not class folders: give "
-                         f"--videos {root / train} --val-videos {root / val}")
-    for folder in folders:
-        found, visited = [], {os.path.realpath(folder)}
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            here = Path(dirpath)
-            for name in [d for d in dirnames if d.startswith(".")]:
-                dirnames.remove(name)
-                scan.hidden.append(str((here / name).relative_to(root)))
-            for name in list(dirnames):  # a symlink back up the tree would be walked forever
-                real = os.path.realpath(here / name)
-                if real in visited:
-                    dirnames.remove(name)
-                visited.add(real)
-            dirnames.sort()
-            for name in sorted(filenames):
-                rel = str((here / name).relative_to(root))
-                suffix = Path(name).suffix.lower()
-                if name.startswith("."):
-                    scan.hidden.append(rel)
-                elif suffix in VIDEO_EXTENSIONS:
-                    found.append(here / name)
-                else:
-                    scan.other_files[suffix] += 1
-                    if len(scan.other_examples) < 3:
-                        scan.other_examples.append(rel)
-        if found:
-            scan.videos[folder.name] = found
-        else:
-            scan.empty_classes.append(folder.name + "/")
+        base = scan.shown.rstrip("/")
+        raise ValueError(f"{option} {scan.shown} holds split folders ({', '.join(split_named)}), not class folders: "
+                         f"give --videos {base}/{train} --val-videos {base}/{val}")
+    scan.videos = {name: found[name] for name in folders if name in found}
+    scan.empty_classes = [name + "/" for name in folders if name not in found]
     if not scan.videos:
-        raise ValueError(f"{option} {root}: none of its {len(folders)} folders holds a video "
+        raise ValueError(f"{option} {scan.shown}: none of its {len(folders)} folders holds a video "
                          f"({', '.join(VIDEO_EXTENSIONS)}); give the folder holding one folder per class")
     return scan
 
@@ -136,7 +183,7 @@ def scan_class_folders(root: Path, option: str) -> FolderScan:
 class FolderImport:
     """What `import_folders` wrote."""
 
-    out_dir: Path
+    out: str  # the output folder as shown
     counts: dict[str, int]  # manifest name -> videos
     classes: int
     val_rule: str  # how val.csv was chosen
@@ -146,16 +193,87 @@ class FolderImport:
 
     def summary(self) -> list[str]:
         """The lines the CLI prints."""
-        lines = [f"wrote {self.out_dir / 'train.csv'}: {self.counts['train']} videos of {self.classes} classes",
-                 f"wrote {self.out_dir / 'val.csv'}: {self.counts['val']} videos ({self.val_rule})"]
+        out = self.out.rstrip("/")
+        lines = [f"wrote {out}/train.csv: {self.counts['train']} videos of {self.classes} classes",
+                 f"wrote {out}/val.csv: {self.counts['val']} videos ({self.val_rule})"]
         if self.labels_from:
-            lines.append(f"wrote {self.out_dir / 'labels.json'}: the classes and indices of {self.labels_from}")
+            lines.append(f"wrote {out}/labels.json: the classes and indices of {self.labels_from}")
         else:
             shown = "; ".join(f"{folder!r} -> {text!r}" for folder, text in self.class_words[:3])
             renamed = f" (e.g. {shown})" if shown else ""
-            lines.append(f"wrote {self.out_dir / 'labels.json'}: {self.classes} classes, the folder names as "
-                         f"words{renamed}")
+            lines.append(f"wrote {out}/labels.json: {self.classes} classes, the folder names as words{renamed}")
         return lines + [f"note: {note}" for note in self.notes]
+
+
+@dataclass
+class _Place:
+    """A folder named on the command line: local, or a bucket prefix whose URI may carry an endpoint and credentials
+    in its query (kept to reach it, never written into a manifest)."""
+
+    given: str
+    remote: bool
+    inner: str  # the local path, or the bucket path (bucket/key) without the query
+
+    @classmethod
+    def of(cls, given: str | Path) -> _Place:
+        given = str(given)
+        if is_remote(given):
+            return cls(given, True, resolve_filesystem(given)[1].rstrip("/"))
+        return cls(given, False, str(Path(given).expanduser()))
+
+    @property
+    def shown(self) -> str:
+        return redact_secrets(self.given)
+
+    def child(self, name: str) -> str:
+        """What reads or writes `name` inside this folder (a URI keeps its query)."""
+        if not self.remote:
+            return str(Path(self.inner) / name)
+        base, _, query = self.given.partition("?")
+        return f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
+
+    def location(self, rel: str) -> str:
+        """Where `rel` below this folder is, as a manifest row names it from anywhere: an absolute local path, or
+        the bucket URI without its query."""
+        if not self.remote:
+            return str(Path(self.inner) / rel)
+        return f"{self.given.split('://', 1)[0]}://{self.inner}/{rel}"
+
+    def exists(self, name: str) -> bool:
+        if not self.remote:
+            return Path(self.child(name)).is_file()
+        import pyarrow.fs as pafs
+
+        fs, path = resolve_filesystem(self.given)
+        return fs.get_file_info(f"{path.rstrip('/')}/{name}").type == pafs.FileType.File
+
+
+def _row_path(source: _Place, rel: str, out: _Place) -> str:
+    """A video's manifest path: relative to the manifests when it lies below their folder (relocatable, uploadable),
+    else absolute (a local path, or a bucket URI)."""
+    where = source.location(rel)
+    if not source.remote:
+        return relative_to(where, out.inner)
+    below = out.location("")
+    return where[len(below):] if out.remote and where.startswith(below) else where
+
+
+def _write(place: _Place, rows_by_file: dict[str, list[dict[str, str]]], label_map: dict[str, int]) -> None:
+    """The manifests and labels.json into a local folder or a bucket prefix."""
+    if not place.remote:
+        Path(place.inner).mkdir(parents=True, exist_ok=True)
+        for name, rows in rows_by_file.items():
+            write_manifest(rows, place.child(name))
+        save_labels(label_map, place.child("labels.json"))
+        return
+    with tempfile.TemporaryDirectory(prefix="dist-import-") as scratch:
+        written = []
+        for name, rows in rows_by_file.items():
+            write_manifest(rows, Path(scratch) / name)
+            written.append(name)
+        save_labels(label_map, Path(scratch) / "labels.json")
+        for name in [*written, "labels.json"]:
+            write_text(place.child(name), (Path(scratch) / name).read_text())
 
 
 def _class_map(folders: list[str], labels: str | Path | None) -> tuple[dict[str, str], dict[str, int]]:
@@ -182,7 +300,7 @@ def _class_map(folders: list[str], labels: str | Path | None) -> tuple[dict[str,
     return classes, {name: i for i, name in enumerate(sorted(by_class))}
 
 
-def _seeded_split(videos: list[Path], fraction: float, seed: int, folder: str) -> tuple[list[Path], list[Path]]:
+def _seeded_split(videos: list[str], fraction: float, seed: int, folder: str) -> tuple[list[str], list[str]]:
     """(train, val) of one class: a seeded `fraction` of its videos (at least one when it has two or more; none
     from a class of one video), the same for the same files, seed and class however the folder is listed."""
     if len(videos) < 2:
@@ -195,37 +313,43 @@ def _seeded_split(videos: list[Path], fraction: float, seed: int, folder: str) -
 
 def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str | Path | None = None,
                    val_fraction: float = 0.1, seed: int = 0, labels: str | Path | None = None) -> FolderImport:
-    """Write `out_dir`/train.csv, val.csv and labels.json from `videos`, a folder of one folder per class: val.csv
-    is `val_videos` (the same layout) when given, else a seeded `val_fraction` of each class's videos. Nothing is
-    written when a check fails."""
-    videos, out_dir = Path(videos).expanduser(), Path(out_dir).expanduser()
+    """Write `out_dir`/train.csv, val.csv and labels.json from `videos`, a folder of one folder per class (local,
+    or a bucket prefix: s3://, gs://): val.csv is `val_videos` (the same layout) when given, else a seeded
+    `val_fraction` of each class's videos. `out_dir` may be a bucket prefix when the videos are in a bucket. Nothing
+    is written when a check fails."""
+    source, out = _Place.of(videos), _Place.of(out_dir)
+    val_source = _Place.of(val_videos) if val_videos is not None else None
+    if out.remote and not (source.remote and (val_source is None or val_source.remote)):
+        raise ValueError(f"--out {out.shown} is in a bucket but the videos are on this machine, where the cluster "
+                         f"cannot read them: import into a local --out, then copy the folder with `data upload`")
     if val_videos is None and not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction}: give a fraction between 0 and 1 (e.g. 0.1), or a folder of "
                          f"validation videos with --val-videos (training needs a val.csv)")
-    train_scan = scan_class_folders(videos, "--videos")
-    val_scan = scan_class_folders(Path(val_videos).expanduser(), "--val-videos") if val_videos is not None else None
+    train_scan = scan_class_folders(source.given, "--videos")
+    val_scan = scan_class_folders(val_source.given, "--val-videos") if val_source is not None else None
     if val_scan is not None:
         alien = sorted(set(val_scan.videos) - set(train_scan.videos))
         if alien:
-            raise ValueError(f"--val-videos {val_scan.root}: {len(alien)} class folders have no folder of the same "
-                             f"name in --videos {videos} ({', '.join(alien[:5])}); a class the model is validated on "
-                             f"must be one it trains on")
+            raise ValueError(f"--val-videos {val_scan.shown}: {len(alien)} class folders have no folder of the same "
+                             f"name in --videos {train_scan.shown} ({', '.join(alien[:5])}); a class the model is "
+                             f"validated on must be one it trains on")
     folder_names = sorted(train_scan.videos)
     classes, label_map = _class_map(folder_names, labels)
-    existing = out_dir / "labels.json"
-    if existing.is_file() and (labels is None or Path(labels).resolve() != existing.resolve()) \
-            and load_labels(str(existing)) != label_map:
-        raise ValueError(f"{existing} (written by an earlier import into this folder) holds other classes or indices "
-                         f"than these folders ({len(label_map)} classes); import into another folder, or delete it")
+    if out.exists("labels.json") and load_labels(out.child("labels.json")) != label_map:
+        raise ValueError(f"{out.shown.rstrip('/')}/labels.json (written by an earlier import into this folder) holds "
+                         f"other classes or indices than these folders ({len(label_map)} classes); import into "
+                         f"another folder, or delete it")
 
-    parts: dict[str, list[dict[str, str]]] = {"train": [], "val": []}
+    parts: dict[str, list[dict[str, str]]] = {"train.csv": [], "val.csv": []}
     for folder in folder_names:
         if val_scan is None:
             train, val = _seeded_split(train_scan.videos[folder], val_fraction, seed, folder)
+            sources = ((source, "train.csv", train), (source, "val.csv", val))
         else:
-            train, val = train_scan.videos[folder], val_scan.videos.get(folder, [])
-        for part, files in (("train", train), ("val", val)):
-            parts[part] += [{"path": relative_to(path, out_dir), "label": classes[folder]} for path in files]
+            sources = ((source, "train.csv", train_scan.videos[folder]),
+                       (val_source, "val.csv", val_scan.videos.get(folder, [])))
+        for place, name, rels in sources:
+            parts[name] += [{"path": _row_path(place, rel, out), "label": classes[folder]} for rel in rels]
     notes = train_scan.notes("--videos") + (val_scan.notes("--val-videos") if val_scan else [])
     if val_scan is None:
         single = [f for f in folder_names if len(train_scan.videos[f]) < 2]
@@ -238,17 +362,18 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
         if missing:
             notes.append(f"{len(missing)} training classes have no validation videos in --val-videos "
                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-        val_rule = f"--val-videos {val_scan.root}"
-    if any(Path(row["path"]).is_absolute() for rows in parts.values() for row in rows):
-        notes.append(f"the videos are not below --out {out_dir}, so the manifests name them by absolute paths: "
+        val_rule = f"--val-videos {val_scan.shown}"
+    rows = [row["path"] for name_rows in parts.values() for row in name_rows]
+    if not out.remote and any(is_remote(path) for path in rows):
+        notes.append("the manifests are on this machine and name the videos by their bucket URIs: a cluster without "
+                     "a shared disk needs them in the bucket too (give --out a prefix in the bucket)")
+    elif any(Path(path).is_absolute() for path in rows if not is_remote(path)):
+        notes.append(f"the videos are not below --out {out.shown}, so the manifests name them by absolute paths: "
                      f"fine on this machine and a shared disk, but `data upload` needs them below --out")
-    if not parts["val"]:
-        raise ValueError(f"val.csv would be empty: every class of --videos {videos} has a single video; give "
-                         f"--val-videos, or more videos per class")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for part, rows in parts.items():
-        write_manifest(rows, out_dir / f"{part}.csv")
-    save_labels(label_map, existing)
+    if not parts["val.csv"]:
+        raise ValueError(f"val.csv would be empty: every class of --videos {train_scan.shown} has a single video; "
+                         f"give --val-videos, or more videos per class")
+    _write(out, parts, label_map)
     renamed = [(f, classes[f]) for f in folder_names if classes[f] != f]
-    return FolderImport(out_dir, {part: len(rows) for part, rows in parts.items()}, len(folder_names), val_rule,
-                        renamed, notes, str(labels) if labels is not None else "")
+    return FolderImport(out.shown, {name.removesuffix(".csv"): len(r) for name, r in parts.items()},
+                        len(folder_names), val_rule, renamed, notes, str(labels) if labels is not None else "")
