@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, videos, splits in (
             ("ucf101", "UCF101", "ucfTrainTestlist (classInd.txt, trainlist0N.txt, testlist0N.txt)"),
             ("hmdb51", "hmdb51_org", "testTrainMulti_7030_splits (<class>_test_split<N>.txt)")):
-        b = isub.add_parser(name)
+        b = isub.add_parser(name, help=f"one official {name.upper()} split (train.csv, val.csv: its test list)")
         b.add_argument("--videos", required=True, help=f"the folder of one folder per class ({videos})")
         b.add_argument("--splits", required=True, help=f"the official split folder, {splits}")
         b.add_argument("--split", type=int, required=True, help="official split 1, 2 or 3")
