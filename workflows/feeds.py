@@ -54,6 +54,14 @@ def train_shuffle_clips(recipe: Recipe) -> int:
     return 0 if data.train_views == 1 else 4 * data.train_views * recipe.micro_batch
 
 
+def validation_videos(recipe: Recipe, manifest: Manifest) -> Manifest:
+    """The videos training-time validation reads: all of `manifest`, or eval.max_videos of them (a stratified
+    subset seeded by train.seed: the same on every worker and at every validation)."""
+    if not recipe.eval.max_videos:
+        return manifest
+    return manifest.stratified_subset(recipe.eval.max_videos, recipe.train.seed)
+
+
 class ClipFeeds:
     """Training and validation batches for one worker (rank of world)."""
 
@@ -64,7 +72,8 @@ class ClipFeeds:
         self.plan = recipe.batch_plan(world)
         self.label_map = label_map if label_map is not None else load_labels(recipe.data.labels)
         self.train_manifest: Manifest = load_manifest(recipe.data.train_manifest, self.label_map, strict=True)
-        self.val_manifest: Manifest = load_manifest(recipe.data.val_manifest, self.label_map, strict=True)
+        self.val_manifest: Manifest = validation_videos(
+            recipe, load_manifest(recipe.data.val_manifest, self.label_map, strict=True))
         # This worker's share of the decode pool: the workers' pipelines run side by side.
         data = recipe.data
         share = max(1, (data.decode_actors or decode_pool_size(data)) // world)

@@ -118,6 +118,7 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
     checkpoints (`warn_space`: also warn when the disk cannot hold what the run keeps). Returns the number of
     training videos (what the run's length is counted from)."""
     from workflows.data.manifest import check_output_folder, class_names, load_labels, load_manifest
+    from workflows.feeds import validation_videos
     from workflows.inference import scoring_warnings
     from workflows.optim import build_deepspeed_config
 
@@ -130,6 +131,11 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
     for key, manifest in manifests.items():
         if len(manifest) == 0:
             raise ConfigError(f"data.{key} {getattr(recipe.data, key)} lists no videos")
+    validated = len(validation_videos(recipe, manifests["val_manifest"]))
+    if validated < len(manifests["val_manifest"]):
+        warn_once(f"{LOG_PREFIX} validation during training reads {validated:,} of the "
+                  f"{len(manifests['val_manifest']):,} videos of data.val_manifest, each class its share, the same "
+                  f"ones each time (eval.max_videos); `evaluate` reads them all", file=sys.stdout)
         check_videos_reachable(manifest, f"data.{key}")
         for line in manifest.duplicate_warnings():
             warn_once(f"warning: data.{key}: {line}")
@@ -230,11 +236,12 @@ VIDEOS_PROBED = 64
 _WARNED: set[str] = set()
 
 
-def warn_once(line: str) -> None:
-    """Print a warning on stderr once per process (the driver validates a recipe more than once)."""
+def warn_once(line: str, file: Any = None) -> None:
+    """Print a warning on stderr (or a note on `file`) once per process (the driver validates a recipe more than
+    once)."""
     if line not in _WARNED:
         _WARNED.add(line)
-        print(line, file=sys.stderr, flush=True)
+        print(line, file=file or sys.stderr, flush=True)
 
 
 def check_videos_reachable(manifest: Any, key: str) -> None:

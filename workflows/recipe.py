@@ -148,10 +148,16 @@ class EvalSection:
     cache_val_clips: bool = True  # keep decoded val clips in worker memory when they fit (val sampling is fixed)
     cache_limit_mb: int = 2048
     zero_shot_fusion: bool = False  # blend with frozen-CLIP logits at evaluation (unseen label sets)
+    # Validation during training on at most this many videos of data.val_manifest (0: all): a seeded subset in
+    # which each class keeps its share, the same at every validation, so a large validation set (K710's ~66 k
+    # videos) is not decoded whole every eval.every_steps. `workflows evaluate` always reads every video.
+    max_videos: int = 0
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
             raise ValueError(f"eval.every_steps must be >= 0 (0: at the end of every epoch), got {self.every_steps}")
+        if self.max_videos < 0:
+            raise ValueError(f"eval.max_videos must be >= 0 (0: every validation video), got {self.max_videos}")
         for name in ("views", "batch_size", "test_views", "test_crops"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")

@@ -344,3 +344,23 @@ def test_columns_collate_keeps_only_the_named_columns_as_tensors():
     # For an accelerator the chunks stay separate: they are combined by the copy to the device.
     assert not columns_collate(["label"], "cuda:0").combine_chunks
     assert columns_collate(["label"], "cpu").combine_chunks
+
+
+def test_a_stratified_subset_keeps_each_class_share_and_is_the_same_for_the_same_seed() -> None:
+    import pyarrow as pa
+
+    from workflows.data.manifest import Manifest
+
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 15 + [3] * 5)
+    manifest = Manifest(table=pa.table({"video_index": np.arange(100), "label": np.roll(labels, 7)}), source="m.csv",
+                        lines=list(range(2, 102)))
+    subset = manifest.stratified_subset(20, seed=0)
+    rows = subset.table.column("video_index").to_numpy()
+    assert np.bincount(subset.table.column("label").to_numpy()).tolist() == [10, 6, 3, 1]
+    assert (np.diff(rows) > 0).all() and subset.lines == [int(r) + 2 for r in rows]  # manifest order, its lines
+    assert subset.table.equals(manifest.stratified_subset(20, seed=0).table)
+    assert not subset.table.equals(manifest.stratified_subset(20, seed=1).table)
+    # largest remainders: 3 of 100 -> quotas 1.5, 0.9, 0.45, 0.15 -> 2, 1, 0, 0
+    assert np.bincount(manifest.stratified_subset(3, 0).table.column("label").to_numpy(), minlength=4).tolist() == \
+        [2, 1, 0, 0]
+    assert manifest.stratified_subset(100, 0) is manifest and manifest.stratified_subset(500, 0) is manifest

@@ -53,6 +53,7 @@ def test_bad_recipe_fails_before_any_work():
 @pytest.mark.parametrize("override, why", [
     ("eval.batch_size=0", "eval.batch_size must be >= 1"), ("eval.views=0", "eval.views must be >= 1"),
     ("eval.every_steps=-3", "eval.every_steps must be >= 0"), ("eval.test_crops=2", "eval.test_crops must be 1"),
+    ("eval.max_videos=-1", r"eval.max_videos must be >= 0 \(0: every validation video\)"),
     ("run.keep_checkpoints=0", "run.keep_checkpoints must be >= 1"),
     ("run.max_failures=-2", r"run.max_failures must be >= 0 \(0: no automatic restart\) or -1"),
     ("train.lr=-0.001", "train.lr must be >= 0"), ("train.lr=nan", "train.lr must be >= 0"),
@@ -90,6 +91,28 @@ def test_validation_views_that_cost_far_more_than_meant_are_warned_of_before_any
                                                "train.compile=all"))
     pretrain.validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false",
                                            "train.compile=all", "train.compile_backend=aot_eager"))
+
+
+def test_training_time_validation_reads_a_fixed_stratified_subset_when_asked(sample_data, tmp_path, capsys):
+    """eval.max_videos: every worker validates on the same videos, each class keeping its share, the same at every
+    validation; the driver says so once, and a limit above the set's size changes nothing."""
+    import workflows.pretrain as pretrain
+    from workflows.feeds import ClipFeeds
+
+    recipe = _recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false", "eval.max_videos=4",
+                     "data.decode_actors=1")
+    pretrain.validate_before_start(recipe)
+    pretrain.validate_before_start(recipe)
+    out = capsys.readouterr().out
+    assert out.count("[pretrain] validation during training reads 4 of the 8 videos of data.val_manifest, each class "
+                     "its share, the same ones each time (eval.max_videos); `evaluate` reads them all") == 1, out
+    feeds = [ClipFeeds(recipe, rank, 2, torch.device("cpu")) for rank in (0, 1)]
+    paths = [f.val_manifest.table.column("path").to_pylist() for f in feeds]
+    assert len(paths[0]) == 4 and paths[0] == paths[1], paths
+    assert len(set(feeds[0].val_manifest.table.column("label").to_pylist())) == 4  # 8 classes x 1 video: 4 classes
+    whole = ClipFeeds(_recipe(sample_data, tmp_path / "runs", "eval.max_videos=100", "data.decode_actors=1"), 0, 1,
+                      torch.device("cpu"))
+    assert len(whole.val_manifest) == 8
 
 
 def test_the_weights_and_videos_a_run_starts_from_are_read_before_any_work(sample_data, tmp_path, monkeypatch):
@@ -673,7 +696,9 @@ def test_a_sigkilled_worker_resumes_from_the_newest_complete_checkpoint(ray_loca
 
     killer = threading.Thread(target=kill_a_worker_after_step_2, daemon=True)
     killer.start()
-    result = run_pretrain(_recipe(sample_data, storage, "train.max_steps=4", "mlflow.enabled=false"))
+    # eval.max_videos: the workers validate on 5 of the 8 validation videos, after the restart too
+    result = run_pretrain(_recipe(sample_data, storage, "train.max_steps=4", "mlflow.enabled=false",
+                                  "eval.max_videos=5"))
     killer.join(timeout=60)
     assert killed.get("after_step") == 2, "the worker was not killed after the step-2 checkpoint"
     assert result.metrics["step"] == 4
@@ -683,6 +708,8 @@ def test_a_sigkilled_worker_resumes_from_the_newest_complete_checkpoint(ray_loca
     # complete and at most run.keep_checkpoints (2) best plus the latest.
     console = "".join(capfd.readouterr())
     assert "checkpoint pruning skipped" not in console
+    validations = [line for line in console.splitlines() if "[pretrain] validation at step" in line]
+    assert len(validations) >= 2 and all("(5 videos; best" in line for line in validations), validations
     # The killed worker raised nothing; the survivor's collective then failed (gloo: connection reset by peer), which
     # is not the cause: the restart line says a worker was lost.
     assert "restart: 2 -> 2 workers (a worker or node was lost); resuming at step 2, 0 steps lost" in console, \

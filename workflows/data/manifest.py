@@ -249,6 +249,24 @@ class Manifest:
     def __len__(self) -> int:
         return self.table.num_rows
 
+    def stratified_subset(self, n: int, seed: int) -> Manifest:
+        """At most `n` of the rows, each class keeping its share of them (largest remainders; a class may get none
+        when `n` is below the number of classes), chosen with `seed` and kept in manifest order: the same rows for
+        the same manifest, `n` and seed on every worker. The manifest itself when it has no more than `n` rows."""
+        if n >= len(self):
+            return self
+        labels = self.table.column("label").to_numpy()
+        classes, counts = np.unique(labels, return_counts=True)
+        quota = n * counts / len(self)
+        share = np.floor(quota).astype(np.int64)
+        extra = np.argsort(-(quota - share), kind="stable")[: n - int(share.sum())]
+        share[extra] += 1
+        rng = np.random.default_rng([seed, 0x5EED])
+        rows = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k]
+                                       for c, k in zip(classes, share, strict=True)]))
+        lines = None if self.lines is None else [self.lines[i] for i in rows]
+        return Manifest(table=self.table.take(pa.array(rows)), source=self.source, lines=lines)
+
 
 def _number(lines: list[int] | None, row: int) -> int:
     return lines[row] if lines is not None else row + 1
