@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workflows.data.importers import ucf101_class_text
 from workflows.data.manifest import (
     VIDEO_EXTENSIONS,
     class_key,
@@ -47,9 +48,7 @@ def folder_class_text(name: str) -> str:
     ("passing_American_football_(in_game)" -> "passing American football (in game)"), and a single CamelCase word
     is split and lower-cased as UCF101's are ("ApplyEyeMakeup" -> "apply eye makeup", "YoYo" -> "yo yo")."""
     words = " ".join(name.replace("_", " ").split())
-    if " " not in words and re.search(r"[a-z][A-Z]", words):
-        words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", words).lower()
-    return words
+    return ucf101_class_text(words) if " " not in words and re.search(r"[a-z][A-Z]", words) else words
 
 
 @dataclass
