@@ -1,7 +1,8 @@
 """Video files as real corpora hold them, beyond the H.264 MP4s the other tests write: phone videos with a display
-rotation, live/streamed Matroska and WebM without a duration, variable frame rates, AV1, a codec FFmpeg does not
-know, an MP4 cut inside its index, a WebM or MKV cut short. Each is a real file encoded with PyAV (FFmpeg's encoders)
-and read through `read_frames`, the one decode path training, evaluation and `data check` share."""
+rotation, non-square pixels, live/streamed Matroska and WebM without a duration, variable frame rates, AV1, a codec
+FFmpeg does not know, an MP4 cut inside its index, a WebM or MKV cut short. Each is a real file encoded with PyAV
+(FFmpeg's encoders) and read through `read_frames`, the one decode path training, evaluation and `data check`
+share."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from workflows.data.video import BadVideo, mkv_truncated, read_frames
 
 
 def _encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int = 10, rotation: int = 0,
-            pts_ms: list[int] | None = None, container_options: dict[str, str] | None = None) -> Path:
+            pts_ms: list[int] | None = None, container_options: dict[str, str] | None = None,
+            sar: tuple[int, int] | None = None) -> Path:
     """(T, H, W, 3) RGB frames as a video file; `rotation`: a display matrix (counter-clockwise degrees) as phones
-    write it; `pts_ms`: each frame's presentation time (variable frame rate). libvpx's encoders run in a fresh
+    write it; `pts_ms`: each frame's presentation time (variable frame rate); `sar`: the sample aspect ratio the
+    encoder writes (non-square pixels, as DVD and HDV video has). libvpx's encoders run in a fresh
     interpreter: late in the full suite (not alone, nor after any one test module) libvpx-vp9 failed to initialise
     in the pytest process (avcodec_open2: EINVAL), which is about the test process, not about decoding."""
     if codec.startswith("libvpx"):
@@ -29,7 +32,7 @@ def _encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int 
         import sys
 
         np.save(path.with_suffix(".npy"), frames)
-        args = json.dumps([str(path), codec, fps, rotation, pts_ms, container_options])
+        args = json.dumps([str(path), codec, fps, rotation, pts_ms, container_options, sar])
         script = ("import json, sys, numpy as np; from tests.workflows.test_video_formats import _encode_here; "
                   "p, *rest = json.loads(sys.argv[1]); _encode_here(p, np.load(p.rsplit('.', 1)[0] + '.npy'), *rest)")
         done = subprocess.run([sys.executable, "-c", script, args], cwd=Path(__file__).parents[2], capture_output=True,
@@ -37,11 +40,11 @@ def _encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fps: int 
         assert done.returncode == 0, done.stderr[-2000:]
         path.with_suffix(".npy").unlink()
         return path
-    return _encode_here(path, frames, codec, fps, rotation, pts_ms, container_options)
+    return _encode_here(path, frames, codec, fps, rotation, pts_ms, container_options, sar)
 
 
 def _encode_here(path: str | Path, frames: np.ndarray, codec: str, fps: int, rotation: int, pts_ms: list[int] | None,
-                 container_options: dict[str, str] | None) -> Path:
+                 container_options: dict[str, str] | None, sar: tuple[int, int] | None = None) -> Path:
     import av
 
     with av.open(str(path), "w", options=container_options or {}) as container:
@@ -54,6 +57,8 @@ def _encode_here(path: str | Path, frames: np.ndarray, codec: str, fps: int, rot
             stream.codec_context.time_base = Fraction(1, 1000)
         if rotation:
             stream.set_display_rotation(rotation)
+        if sar:
+            stream.codec_context.sample_aspect_ratio = Fraction(*sar)
         for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             if pts_ms is not None:
@@ -104,6 +109,54 @@ def test_a_phone_video_comes_out_as_displayed_and_keeps_its_shape_when_resized(t
         h, w = decoded.frames.shape[1:3]
         assert abs(w / h - width / height) < 0.1 and _ramp_runs(decoded.frames) == "right", decoded.frames.shape
         assert (decoded.height, decoded.width) == (height, width)
+
+
+def _bright_box(frames: np.ndarray) -> tuple[int, int]:
+    """(height, width) of the bright region of the first frame."""
+    ys, xs = np.nonzero(frames[0, ..., 1] > 128)
+    return int(np.ptp(ys)) + 1, int(np.ptp(xs)) + 1
+
+
+def _squeezed_square(num_frames: int = 12) -> np.ndarray:
+    """64x48 stored pixels holding a box 8 wide and 16 tall: a square once each pixel is shown twice as wide (2:1)."""
+    frames = np.zeros((num_frames, 48, 64, 3), np.uint8)
+    frames[:, 16:32, 24:32] = 255
+    return frames
+
+
+# A live Matroska: decord refuses it, so PyAV decodes it (and scales it to the displayed size itself)
+@pytest.mark.parametrize("name, options", [("hdv.mp4", None), ("live.mkv", {"live": "1"})])
+def test_non_square_pixels_come_out_square_as_a_player_shows_them(tmp_path, name, options) -> None:
+    """A sample aspect ratio of 2:1 (each stored pixel shown twice as wide, as HDV's 1440x1080 for 1920x1080): the
+    decoders return the stored picture, squeezed; the frames come out at the displayed size, so a square is square,
+    and a decode-time resize keeps that shape."""
+    path = _encode(tmp_path / name, _squeezed_square(), sar=(2, 1), container_options=options)
+    decoded = read_frames(str(path), _all)
+    assert decoded.frames.shape[1:3] == (48, 128) and (decoded.height, decoded.width) == (48, 128)
+    height, width = _bright_box(decoded.frames)
+    assert abs(height - 16) <= 1 and abs(width - 16) <= 2, (height, width)
+    small = read_frames(str(path), _all, target_short=24, resize_threshold=1.0)
+    assert small.frames.shape[1:3] == (24, 64) and (small.height, small.width) == (48, 128)
+    height, width = _bright_box(small.frames)
+    assert abs(height - width) <= 2, (height, width)
+
+
+def test_a_transcoded_copy_shows_as_its_original_does(tmp_path) -> None:
+    """`data transcode` keeps what a player shows: a phone video's display rotation (the copies were stored
+    sideways, without it) and, for non-square pixels, the displayed width (as square pixels)."""
+    from workflows.data.transcode import transcode_video
+    from workflows.data.video import probe
+
+    for name, frames, options in (("phone.mp4", index_frames(96, 64, 12), {"rotation": 90}),
+                                  ("hdv.mp4", _squeezed_square(), {"sar": (2, 1)})):
+        original = read_frames(str(_encode(tmp_path / name, frames, **options)), _all)
+        transcode_video(str(tmp_path / name), tmp_path / "small" / name, short_side=32)
+        copy = read_frames(str(tmp_path / "small" / name), _all)
+        (oh, ow), (ch, cw) = original.frames.shape[1:3], copy.frames.shape[1:3]
+        assert min(ch, cw) == 32 and abs(cw / ch - ow / oh) < 0.05, (name, original.frames.shape, copy.frames.shape)
+        assert _ramp_runs(copy.frames) == _ramp_runs(original.frames), name
+        assert probe(str(tmp_path / "small" / name)).sar == 1.0
+        np.testing.assert_array_equal(frame_ids(copy.frames), np.arange(12)) if name == "phone.mp4" else None
 
 
 @pytest.mark.parametrize("name, codec", [("live.mkv", "libx264"), ("live.webm", "libvpx-vp9")])

@@ -7,7 +7,8 @@ makes training-time decoding several times faster (see shared/design/platform.md
 The originals are never modified: videos are written under a new folder (mirroring their paths relative to the
 manifest) through a temporary file that is renamed when complete, so an interrupted run can be resumed (finished
 files are skipped), and a new manifest with the same labels and start/end points at them. Videos that cannot be
-transcoded are left out of the new manifest and reported.
+transcoded are left out of the new manifest and reported. A copy shows as its original does: a phone video keeps
+its display rotation, and non-square pixels (DVD, HDV) become square at the displayed width.
 """
 
 from __future__ import annotations
@@ -58,9 +59,13 @@ def transcode_video(src: str, dst: str | Path, *, short_side: int = 320, gop: in
             vin = inp.streams.video[0]
             vin.thread_type = "AUTO"
             rate = Fraction(vin.average_rate or vin.guessed_rate or 25).limit_denominator(1001)
-            w, h = even_short_side_size(info.width, info.height, short_side)
+            # Square pixels (a non-square source is stretched to its displayed width), stored unturned with the
+            # source's display rotation: the copy shows as the original does.
+            w, h = even_short_side_size(*info.square_pixel_size(), short_side)
             vout = out.add_stream("libx264", rate=rate)
             vout.width, vout.height, vout.pix_fmt = w, h, "yuv420p"
+            if info.rotation:
+                vout.set_display_rotation(info.rotation)
             vout.codec_context.options = {"preset": preset, "crf": str(crf), "g": str(gop),
                                           "keyint_min": str(max(1, gop // 2)), "threads": "1"}
             for frame in inp.decode(vin):

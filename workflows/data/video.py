@@ -26,7 +26,9 @@ these cost more per clip than decord's seek-and-decode.
 
 Frames come out as displayed: a phone video's rotation (an MP4/MOV display matrix) is applied, by decord or here,
 and a decode-time resize keeps the displayed aspect ratio (another container's rotation, rare, is not applied:
-decord 0.6.0 ignores it, and the frames stay as stored in every path). Windows in seconds (a manifest's start/end)
+decord 0.6.0 ignores it, and the frames stay as stored in every path). Non-square pixels (a sample aspect ratio
+other than 1:1: DVD, HDV and broadcast video) are decoded at the displayed size, square pixels, as a player shows
+them: the decoders themselves return the stored, squeezed picture. Windows in seconds (a manifest's start/end)
 are found from each frame's presentation time, which stays right for variable frame rates.
 
 A video in a bucket whose storage does not answer is not a bad video: each read is retried for up to
@@ -82,6 +84,17 @@ class VideoInfo:
     size_bytes: int
     declared_duration: float = 0.0  # seconds, as the header says (0: it does not say)
     rotation: int = 0  # counter-clockwise degrees an MP4/MOV's picture is turned by for display (a phone's)
+    sar: float = 1.0  # sample aspect ratio: a stored pixel's width / height (DVD, HDV, broadcast: not 1)
+
+    def square_pixel_size(self) -> tuple[int, int]:
+        """(w, h) of the stored picture with square pixels (the width scaled by the sample aspect ratio), before
+        any rotation."""
+        return max(1, round(self.width * self.sar)), self.height
+
+    def displayed_size(self) -> tuple[int, int]:
+        """(w, h) as a player shows the video: square pixels, turned by the rotation."""
+        w, h = self.square_pixel_size()
+        return (h, w) if self.rotation % 180 else (w, h)
 
 
 @dataclass
@@ -363,13 +376,28 @@ def _probe(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO
             declared = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base else
                         (container.duration or 0) / av.time_base)  # Matroska/WebM: the container's, all streams
             info = VideoInfo(width=int(ctx.width or 0), height=int(ctx.height or 0), codec=str(ctx.name or "?"),
-                             size_bytes=size, declared_duration=max(float(declared), 0.0), rotation=rotation or 0)
+                             size_bytes=size, declared_duration=max(float(declared), 0.0), rotation=rotation or 0,
+                             sar=_sample_aspect_ratio(stream))
             return info, source
     except BadVideo as bad:  # no stream or no codec to find: an MP4 cut inside its index looks the same
         truncated = _classify_unopenable(path, size, str(bad))
         raise (truncated if truncated.reason == "truncated" else bad) from None
     except Exception as exc:  # PyAV raises FFmpegError subclasses; anything here means "cannot open"
         raise _classify_unopenable(path, size, f"{type(exc).__name__}: {exc}") from None
+
+
+# Sample aspect ratios outside this range are broken metadata, not a picture to stretch 4x (kept as square pixels).
+_SAR_RANGE = (0.25, 4.0)
+
+
+def _sample_aspect_ratio(stream) -> float:
+    """A video stream's sample aspect ratio as PyAV reads it (the container's, else the codec's: an H.264 VUI, an
+    MPEG-2 sequence header); 1.0 when it is unset (0:1), square or out of `_SAR_RANGE`."""
+    for source in (stream, stream.codec_context):
+        ratio = getattr(source, "sample_aspect_ratio", None)
+        if ratio and ratio.denominator and _SAR_RANGE[0] <= float(ratio) <= _SAR_RANGE[1]:
+            return float(ratio)
+    return 1.0
 
 
 def decode_size(width: int, height: int, target_short: int | None, threshold: float) -> tuple[int, int] | None:
@@ -468,8 +496,10 @@ def read_frames(
     from workflows.data.sampling import frame_window, last_frame_end
 
     info, source = _probe(path, storage_retry_s)  # a decode-time resize box must have the displayed shape
-    width, height = (info.height, info.width) if info.rotation % 180 else (info.width, info.height)
+    width, height = info.displayed_size()
     size = decode_size(width, height, target_short, resize_threshold)
+    if size is None and info.sar != 1.0:  # non-square pixels: decoded at the displayed size (the decoders ignore it)
+        size = (2 * math.ceil(width / 2), 2 * math.ceil(height / 2))
     if not isinstance(source, str):
         source.seek(0)  # PyAV read it
     vr = None
