@@ -131,14 +131,14 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
     for key, manifest in manifests.items():
         if len(manifest) == 0:
             raise ConfigError(f"data.{key} {getattr(recipe.data, key)} lists no videos")
+        check_videos_reachable(manifest, f"data.{key}")
+        for line in manifest.duplicate_warnings():
+            warn_once(f"warning: data.{key}: {line}")
     validated = len(validation_videos(recipe, manifests["val_manifest"]))
     if validated < len(manifests["val_manifest"]):
         warn_once(f"{LOG_PREFIX} validation during training reads {validated:,} of the "
                   f"{len(manifests['val_manifest']):,} videos of data.val_manifest, each class its share, the same "
                   f"ones each time (eval.max_videos); `evaluate` reads them all", file=sys.stdout)
-        check_videos_reachable(manifest, f"data.{key}")
-        for line in manifest.duplicate_warnings():
-            warn_once(f"warning: data.{key}: {line}")
     # validation scores eval.views clips per video, as evaluate scores its views: the same warnings
     for line in scoring_warnings(views=recipe.eval.views, views_from="eval.views",
                                  fix_views="Lower eval.views (--set eval.views=1; `evaluate` takes the final test's "
