@@ -19,11 +19,11 @@ a manifest given that way resolves its relative entries against its folder as pl
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
 import os
-import posixpath
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -79,16 +79,32 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser())
 
 
+# A relative path pathlib would leave as written (no empty or "." component, no trailing slash, no backslash): it is
+# joined with plain string operations, giving what `Path(base) / path` gives at a fraction of its cost (a K710
+# manifest has 0.66 M rows, and every worker loads it).
+_PLAIN_RELATIVE = re.compile(r"(?!\./)(?:[^/\\]+/)*[^/\\]+")
+_PLAIN_COMPONENTS = re.compile(r"(?:^|/)\.(?:/|$)")
+
+
 def resolve_path(path: str, base_dir: str) -> str:
     """A manifest entry made absolute: URIs and absolute paths as they are, `~/...` in the home folder, others
     joined onto `base_dir`."""
     if path.startswith("~"):
         return str(Path(path).expanduser())
-    if _has_scheme(path) or _is_file_uri(path) or posixpath.isabs(path) or Path(path).is_absolute():
+    if _has_scheme(path) or _is_file_uri(path) or os.path.isabs(path):
         return path
     if _has_scheme(base_dir):
         return base_dir.rstrip("/") + "/" + path
+    if os.sep == "/" and _PLAIN_RELATIVE.fullmatch(path) and not _PLAIN_COMPONENTS.search(path):
+        return _local_base(base_dir) + path
     return str(Path(base_dir) / path)
+
+
+@functools.lru_cache(maxsize=64)
+def _local_base(base_dir: str) -> str:
+    """`base_dir` as pathlib writes it, with the separator a relative path is joined with."""
+    base = str(Path(base_dir))
+    return "" if base == "." else base if base.endswith("/") else base + "/"
 
 
 def parent_dir(uri: str) -> str:
