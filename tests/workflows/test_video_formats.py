@@ -330,6 +330,7 @@ def test_data_check_counts_rotated_live_and_cut_videos_and_lists_every_bad_one(r
         "live.webm": _encode(tmp_path / "live.webm", index_frames(64, 64, 20), codec="libvpx-vp9",
                              container_options={"live": "1"}),
         "three.mp4": _encode(tmp_path / "three.mp4", index_frames(64, 64, 3)),
+        "hdv.mp4": _encode(tmp_path / "hdv.mp4", _squeezed_square(20), sar=(2, 1)),
     }
     whole = _encode(tmp_path / "whole.webm", index_frames(64, 64, 30), codec="libvpx-vp9")
     (tmp_path / "half.webm").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
@@ -342,8 +343,15 @@ def test_data_check_counts_rotated_live_and_cut_videos_and_lists_every_bad_one(r
     bad_list = tmp_path / "bad.csv"
     assert data_main(["check", "--manifest", str(tmp_path / "m.csv"), "--json", "--bad-list", str(bad_list)]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert report["ok"] == 3 and report["dropped"] == {"too_short": 1, "corrupt": 1, "truncated": 1}, report
-    assert report["resolutions"] == {"64x64": 2, "64x96": 1}  # the phone video as displayed
+    assert report["ok"] == 4 and report["dropped"] == {"too_short": 1, "corrupt": 1, "truncated": 1}, report
+    # the phone video and the 2:1 pixels as displayed, each said once
+    assert report["resolutions"] == {"64x64": 2, "64x96": 1, "128x48": 1}
+    shown = report["displayed_not_as_stored"]
+    assert shown == {"turned": 1, "non_square_pixels": 1, "examples": [
+        f"{tmp_path / 'phone.mp4'} (turned 90 degrees)", f"{tmp_path / 'hdv.mp4'} (pixels 2:1)"]}, shown
+    from workflows.data.cli import _format_check
+    assert "decoded as a player shows them, not as stored: 1 turned by their display rotation (phone videos), 1 with " \
+           "non-square pixels made square" in _format_check(report)
     assert report["duration_s"]["max"] == pytest.approx(2.0)
     shorter = report["shorter_than_declared"]
     assert shorter["count"] == 1 and shorter["examples"][0].startswith(str(tmp_path / "early_end.mkv")), shorter

@@ -54,6 +54,11 @@ def _format_check(report: dict[str, Any]) -> str:
         lines.append(f"usable, but decode to well under the duration their header declares (damaged, or a video "
                      f"track that ends early; not dropped): {shorter['count']}")
         lines += [f"      {example}" for example in shorter["examples"]]
+    shown = report["displayed_not_as_stored"]
+    if shown["turned"] or shown["non_square_pixels"]:
+        lines.append(f"decoded as a player shows them, not as stored: {shown['turned']} turned by their display "
+                     f"rotation (phone videos), {shown['non_square_pixels']} with non-square pixels made square")
+        lines += [f"      {example}" for example in shown["examples"]]
     lines += report["duplicate_warnings"]
     if report["unknown_labels"]:
         lines.append(f"labels not in the label file: {len(report['unknown_labels'])}")

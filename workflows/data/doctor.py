@@ -27,7 +27,7 @@ MIN_FRAMES = DataConfig().min_frames  # what training drops as too_short, unless
 
 def _row(path: str) -> dict[str, Any]:
     return {"path": path, "ok": False, "reason": "", "detail": "", "frames": 0, "fps": 0.0, "width": 0, "height": 0,
-            "duration": 0.0, "declared_duration": 0.0, "decoded": 0, "seconds": 0.0}
+            "duration": 0.0, "declared_duration": 0.0, "decoded": 0, "seconds": 0.0, "rotation": 0, "sar": 1.0}
 
 
 def shorter_than_declared(duration: float, declared: float) -> bool:
@@ -47,7 +47,7 @@ def check_video(path: str, start: float = math.nan, end: float = math.nan, *, nu
                               start=start, end=end, min_frames=min_frames, storage_retry_s=storage_retry_s)
         row.update(ok=True, frames=decoded.num_frames, fps=decoded.fps, width=decoded.width, height=decoded.height,
                    duration=decoded.duration, declared_duration=decoded.declared_duration,
-                   decoded=len(decoded.indices))
+                   decoded=len(decoded.indices), rotation=decoded.rotation, sar=decoded.sar)
     except BadVideo as exc:
         row.update(reason=exc.reason, detail=exc.detail[:300])
     except StorageUnreachable as exc:
@@ -133,6 +133,8 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
         return {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max()), "mean": float(a.mean())}
 
     short = [r for r in ok if shorter_than_declared(r["duration"], r["declared_duration"])]
+    turned = [r for r in ok if r["rotation"] % 360]
+    stretched = [r for r in ok if r["sar"] != 1.0]
     resolutions: dict[str, int] = {}
     for r in ok:
         key = f"{r['width']}x{r['height']}"
@@ -153,6 +155,11 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
             "count": len(short),
             "examples": [f"{r['path']} ({r['duration']:.2f} of {r['declared_duration']:.2f} s)"
                          for r in short[:MAX_EXAMPLES]]},
+        # decoded as a player shows them, not as stored: turned by a display rotation, non-square pixels made square
+        "displayed_not_as_stored": {
+            "turned": len(turned), "non_square_pixels": len(stretched),
+            "examples": [f"{r['path']} (turned {int(r['rotation'])} degrees)" for r in turned[:MAX_EXAMPLES]] +
+                        [f"{r['path']} (pixels {r['sar']:.3g}:1)" for r in stretched[:MAX_EXAMPLES]]},
         # rows as a user finds them: file lines of a CSV/TSV manifest, 1-based rows of a Parquet one (`numbered_by`)
         "numbered_by": "line" if loaded.lines is not None else "row",
         "unknown_labels": {k: [loaded.number(i) for i in v] for k, v in loaded.unknown_labels.items()}

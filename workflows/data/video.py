@@ -109,6 +109,8 @@ class DecodedVideo:
     height: int
     duration: float = 0.0  # seconds from the first frame's start to the last frame's end
     declared_duration: float = 0.0  # what the header says (0: nothing); far above `duration` when frames are lost
+    rotation: int = 0  # the display rotation the frames were turned by (an MP4/MOV's)
+    sar: float = 1.0  # the stored pixels' aspect ratio the frames were stretched from (1: square)
 
     def take(self, wanted: np.ndarray) -> np.ndarray:
         """Frames for `wanted` indices (T,) -> (T, H, W, 3)."""
@@ -551,7 +553,8 @@ def read_frames(
         height, width = frames.shape[1:3]
     duration = last_frame_end(times) if times is not None and n else 0.0
     return DecodedVideo(frames=frames, indices=wanted, num_frames=n, fps=fps, width=width, height=height,
-                        duration=duration, declared_duration=info.declared_duration)
+                        duration=duration, declared_duration=info.declared_duration, rotation=info.rotation,
+                        sar=info.sar)
 
 
 def _rising_times(times: np.ndarray | None, n: int, fps: float) -> np.ndarray | None:
