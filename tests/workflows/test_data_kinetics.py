@@ -265,3 +265,27 @@ def test_import_cli_refuses_bad_inputs_naming_the_file_or_option(tmp_path, capsy
     err = _cli_error([*lst, "--list", str(tmp_path / "list.txt"), "--check"], capsys)
     assert "none of the 2 files listed" in err and "relative to the list file's folder" in err
     assert not (tmp_path / "l").exists()
+
+
+def test_one_release_keeps_its_own_class_names(tmp_path, capsys) -> None:
+    """`data kinetics`: K400 from its official CSVs, as the K400 fine-tuning recipe reads it: its own 400 class
+    names (K710's merge renames 14 of them to K700's spelling, e.g. "dying hair" -> "dyeing hair"), its validation
+    videos, and a refusal naming `data k710` for CSVs of several releases."""
+    from workflows.data.cli import main
+
+    names = json.loads(KINETICS_CLASSES_FILE.read_text())["k400"]
+    train, val = tmp_path / "k400" / "train.csv", tmp_path / "k400" / "validate.csv"
+    _write_csv(train, [(name, f"t{i:010d}", "train") for i, name in enumerate(names)])
+    _write_csv(val, [(name, f"v{i:010d}", "validate") for i, name in enumerate(names[:50])])
+    out = tmp_path / "data" / "k400"
+    assert main(["kinetics", "--csv", f"k400:{train}", "--csv", str(val), "--out", str(out), "--keep-missing"]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("K400: 400 train / 50 val videos, 400 classes"), said
+    labels = load_labels(str(out / "labels.json"))
+    assert sorted(labels) == sorted(display_class_name(n) for n in names) and "dying hair" in labels
+    assert len(load_manifest(str(out / "val.csv"), labels)) == 50 and (out / "k400_report.json").is_file()
+    k700 = tmp_path / "k700" / "train.csv"
+    _write_csv(k700, [("dyeing hair", "k0000000001", "train")])
+    assert main(["kinetics", "--csv", str(train), "--csv", str(k700), "--out", str(tmp_path / "x")]) == 2
+    assert "`data kinetics` reads one release's CSVs, got k400, k700; the union of several releases is `data k710`" \
+        in capsys.readouterr().err

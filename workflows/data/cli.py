@@ -3,10 +3,11 @@
     data check     --manifest M [--labels L] [--json]     decode every video once (on Ray) and report problems
     data transcode --manifest M --out DIR                  rewrite the corpus at short side 320, short GOP (PyAV)
     data k710      --csv [k400:]train.csv ... --videos DIR --out DIR   assemble Kinetics-710
+    data kinetics  --csv k400:train.csv --csv k400:validate.csv --videos DIR --out DIR   one release (K400)
     data sample    --out DIR                               write the synthetic motion dataset
     data upload    DIR s3://bucket/prefix                  copy a dataset folder into a bucket (no shared disk)
-    data import    ssv2|list|ucf101|hmdb51 ...             manifests from SSV2 JSON, `path label` lists, or the
-                                                           official UCF101 / HMDB51 split files
+    data import    ssv2|list|folders|ucf101|hmdb51 ...     manifests from SSV2 JSON, `path label` lists, a folder
+                                                           of class folders, or the official UCF101 / HMDB51 splits
 
 `check` exits with 0 when every video decodes, every label is in the label file and no two rows give one clip
 different labels, 1 otherwise (also when a bucket
@@ -138,19 +139,30 @@ def _format_transcode(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cmd_k710(args: argparse.Namespace) -> int:
-    from workflows.data.kinetics import assemble_k710, load_alias_file, release_of
-    from workflows.data.manifest import check_output_folder
+def _kinetics_csvs(specs: list[str]) -> list[tuple[str, str]]:
+    """(release, path) of each `--csv [RELEASE:]PATH`, the release inferred from the path when not given."""
+    from workflows.data.kinetics import release_of
 
-    check_output_folder(args.out)
     annotations = []
-    for spec in args.csv:
+    for spec in specs:
         release, sep, path = spec.partition(":")
         if not sep or "/" in release:  # no explicit release (or a path with a colon): infer from the path
             release, path = release_of(spec), spec
         annotations.append((release.lower(), path))
-    aliases = load_alias_file(args.aliases) if args.aliases else None
-    report = assemble_k710(annotations, args.videos, args.out, aliases=aliases, keep_missing=args.keep_missing)
+    return annotations
+
+
+def _cmd_k710(args: argparse.Namespace) -> int:
+    from workflows.data.kinetics import assemble_k710, assemble_release, load_alias_file
+    from workflows.data.manifest import check_output_folder
+
+    check_output_folder(args.out)
+    annotations = _kinetics_csvs(args.csv)
+    if args.tool == "kinetics":
+        report = assemble_release(annotations, args.videos, args.out, keep_missing=args.keep_missing)
+    else:
+        aliases = load_alias_file(args.aliases) if args.aliases else None
+        report = assemble_k710(annotations, args.videos, args.out, aliases=aliases, keep_missing=args.keep_missing)
     from dataclasses import asdict
 
     print(json.dumps(asdict(report)) if args.json else report.summary())
@@ -269,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--keep-missing", action="store_true", help="keep listed videos that are not on disk")
     k.add_argument("--json", action="store_true", help="print one JSON object")
     k.set_defaults(run=_cmd_k710)
+
+    kk = sub.add_parser("kinetics", help="one Kinetics release (K400, K600 or K700) from its official CSVs, with "
+                                         "its own class names")
+    kk.add_argument("--csv", action="append", required=True,
+                    help="[RELEASE:]PATH of the release's official train and validate CSVs (the test CSV too: its "
+                         "videos are kept out of training)")
+    kk.add_argument("--videos", help="folder of downloaded clips (<youtube_id>[_start_end].mp4, any depth)")
+    kk.add_argument("--out", required=True, help="folder for train.csv, val.csv and labels.json")
+    kk.add_argument("--keep-missing", action="store_true", help="keep listed videos that are not on disk")
+    kk.add_argument("--json", action="store_true", help="print one JSON object")
+    kk.set_defaults(run=_cmd_k710)
 
     s = sub.add_parser("sample", help="write the synthetic motion dataset (H.264 mp4 + manifests)")
     s.add_argument("--out", required=True, help="folder for the videos, train.csv, val.csv and labels.json")

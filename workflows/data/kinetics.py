@@ -186,6 +186,7 @@ def index_clips(video_dir: str | Path) -> dict[str, Path]:
 class K710Report:
     """What the assembly did."""
 
+    dataset: str = "K710"  # or one release's name (`data kinetics`)
     train_videos: int = 0
     val_videos: int = 0
     classes: int = 0
@@ -202,7 +203,7 @@ class K710Report:
 
     def summary(self) -> str:
         """Human-readable counts."""
-        lines = [f"K710: {self.train_videos} train / {self.val_videos} val videos, {self.classes} classes",
+        lines = [f"{self.dataset}: {self.train_videos} train / {self.val_videos} val videos, {self.classes} classes",
                  f"  rows read: {self.rows_read}",
                  f"  duplicates removed: {self.duplicates_removed}, val/test leaks removed: {self.val_leaks_removed}, "
                  f"label conflicts: {self.label_conflicts}",
@@ -275,6 +276,7 @@ def assemble_k710(
     aliases: Mapping[str, str] | None = None,
     builtin_aliases: bool = True,
     keep_missing: bool = False,
+    dataset: str = "K710",
 ) -> K710Report:
     """Build K710 from (release, csv path) pairs; write out_dir/{train.csv, val.csv, labels.json,
     k710_report.json}. Class names merge by `normalize_class_name`, the built-in rename table (unless
@@ -287,7 +289,7 @@ def assemble_k710(
                                 f"add --keep-missing to write manifests naming <id>.mp4 under it anyway)")
     alias = alias_resolver(aliases, builtin=builtin_aliases)
     rows: list[KineticsRow] = []
-    report = K710Report()
+    report = K710Report(dataset=dataset)
     csv_paths = []
     for release, path in annotations:
         csv_paths.append(str(path))
@@ -348,5 +350,19 @@ def assemble_k710(
         for rel in order:
             others = set().union(*(per_release[o] for o in order if o != rel))
             report.classes_in_one_release[rel] = sorted(display[k] for k in per_release[rel] - others)
-    (out / "k710_report.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
+    (out / f"{dataset.lower()}_report.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
     return report
+
+
+def assemble_release(annotations: Iterable[tuple[str, str | Path]], video_dir: str | Path | None,
+                     out_dir: str | Path, *, keep_missing: bool = False) -> K710Report:
+    """One Kinetics release (K400, K600 or K700) from its official CSVs, with its own class names (no merging of
+    names across releases): out_dir/{train.csv, val.csv, labels.json, k400_report.json}. ValueError when the CSVs
+    are of several releases (their union is `assemble_k710`'s)."""
+    annotations = list(annotations)
+    releases = sorted({release for release, _ in annotations})
+    if len(releases) != 1:
+        raise ValueError(f"`data kinetics` reads one release's CSVs, got {', '.join(releases)}; the union of "
+                         f"several releases is `data k710`")
+    return assemble_k710(annotations, video_dir, out_dir, builtin_aliases=False, keep_missing=keep_missing,
+                         dataset=releases[0].upper())
