@@ -268,9 +268,9 @@ def test_import_cli_refuses_bad_inputs_naming_the_file_or_option(tmp_path, capsy
 
 
 def test_one_release_keeps_its_own_class_names(tmp_path, capsys) -> None:
-    """`data kinetics`: K400 from its official CSVs, as the K400 fine-tuning recipe reads it: its own 400 class
-    names (K710's merge renames 14 of them to K700's spelling, e.g. "dying hair" -> "dyeing hair"), its validation
-    videos, and a refusal naming `data k710` for CSVs of several releases."""
+    """`data kinetics`: K400 from its official CSVs, as the K400 recipes read it: its own 400 class names (among
+    them "dying hair", which K710 merges into K700's "dyeing hair"), its validation videos, a report named for the
+    release, and a refusal naming `data k710` for CSVs of several releases."""
     from workflows.data.cli import main
 
     names = json.loads(KINETICS_CLASSES_FILE.read_text())["k400"]

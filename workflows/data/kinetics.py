@@ -356,9 +356,9 @@ def assemble_k710(
 
 def assemble_release(annotations: Iterable[tuple[str, str | Path]], video_dir: str | Path | None,
                      out_dir: str | Path, *, keep_missing: bool = False) -> K710Report:
-    """One Kinetics release (K400, K600 or K700) from its official CSVs, with its own class names (no merging of
-    names across releases): out_dir/{train.csv, val.csv, labels.json, k400_report.json}. ValueError when the CSVs
-    are of several releases (their union is `assemble_k710`'s)."""
+    """One Kinetics release (K400, K600 or K700) from its official CSVs, with its own class names: the K710
+    assembly of a single release, reported under its name (out_dir/{train.csv, val.csv, labels.json,
+    k400_report.json}). ValueError when the CSVs are of several releases (their union is `assemble_k710`'s)."""
     annotations = list(annotations)
     releases = sorted({release for release, _ in annotations})
     if len(releases) != 1:
