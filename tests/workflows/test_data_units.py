@@ -382,3 +382,18 @@ def test_a_relative_manifest_path_resolves_as_pathlib_joins_it() -> None:
     assert resolve_path("/abs/a.mp4", "/data") == "/abs/a.mp4"
     assert resolve_path("s3://b/a.mp4", "/data") == "s3://b/a.mp4"
     assert resolve_path("a.mp4", "s3://b/data") == "s3://b/data/a.mp4"
+
+
+def test_a_folder_of_videos_is_its_video_files_without_hidden_ones(tmp_path) -> None:
+    """What `predict DIR` classifies and `data k710 --videos` indexes: videos at any depth, any extension case,
+    not macOS's `._name.mp4` metadata files nor anything in a hidden folder."""
+    from workflows.data.manifest import video_files
+    from workflows.predict import expand_inputs
+
+    for rel in ("a.mp4", "sub/b.MKV", "sub/deeper/c.webm", "._a.mp4", "sub/._b.mp4", ".cache/d.mp4", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    expected = [tmp_path / "a.mp4", tmp_path / "sub/b.MKV", tmp_path / "sub/deeper/c.webm"]
+    assert video_files(tmp_path) == expected
+    missing = str(tmp_path / "nope.mp4")  # stays, to be reported as missing
+    assert expand_inputs([str(tmp_path), missing]) == [*map(str, expected), missing]

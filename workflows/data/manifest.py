@@ -41,9 +41,11 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 
 
 def video_files(folder: str | Path) -> list[Path]:
-    """The video files (by extension) at any depth below a local folder, sorted."""
-    return sorted(p for p in Path(folder).expanduser().rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
-                  and p.is_file())
+    """The video files (by extension) at any depth below a local folder, sorted; hidden files and folders left out
+    (a macOS copy's `._name.mp4` is metadata, not a video)."""
+    root = Path(folder).expanduser()
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 class ManifestError(ValueError):
