@@ -12,7 +12,7 @@ import pytest
 
 from workflows.data.cli import main
 from workflows.data.folder_import import folder_class_text, import_folders
-from workflows.data.manifest import load_labels, load_manifest
+from workflows.data.manifest import VIDEO_EXTENSIONS, load_labels, load_manifest
 
 
 def _touch(path: Path, data: bytes = b"x") -> None:
@@ -236,7 +236,7 @@ def test_class_folders_in_a_bucket_are_imported_in_place(sample_data, tmp_path, 
                              "--seed 0)"]
         assert lines[3:] == [
             "note: --videos s3://vds/mine/clips: skipped 1 files that are not videos by their extension (.json: 1; "
-            "e.g. growing/info.json); videos are .mp4, .mkv, .webm, .avi, .mov, .m4v",
+            f"e.g. growing/info.json); videos are {', '.join(VIDEO_EXTENSIONS)}",
             "note: --videos s3://vds/mine/clips: skipped 1 hidden files or folders (moving_left/._train_0000.mp4; a "
             "._name file is macOS metadata, not a video)"], lines
         in_bucket = {name: client.get_object(Bucket="vds", Key=f"mine/{name}")["Body"].read().decode()

@@ -176,6 +176,34 @@ def test_a_live_recording_without_duration_is_decoded_not_dropped(tmp_path, name
     np.testing.assert_array_equal(frame_ids(window.frames), [5, 6, 7, 8, 9])
 
 
+def test_a_camcorder_transport_stream_is_decoded_through_pyav(tmp_path) -> None:
+    """AVCHD camcorders write H.264 in MPEG transport streams (.MTS/.M2TS), as broadcast recordings (.ts) are:
+    decord opens them but cannot seek in them ("Unable to handle EOF" with every frame there), PyAV reads them."""
+    import av
+    import decord
+
+    from workflows.data.manifest import video_files
+
+    path = tmp_path / "00012.MTS"
+    with av.open(str(path), "w", format="mpegts") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        # x264's default preset (medium: B-frames referenced by B-frames, as camcorders encode); with "veryfast"
+        # decord reads this little stream
+        stream.codec_context.options = {"crf": "18", "threads": "1"}
+        for image in index_frames(64, 48, 12):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.raises(decord.DECORDError, match="Unable to handle EOF"):
+        decord.VideoReader(str(path)).get_batch([0, 5])
+    decoded = read_frames(str(path), _all)
+    assert decoded.num_frames == 12 and decoded.frames.shape == (12, 48, 64, 3)
+    np.testing.assert_array_equal(frame_ids(decoded.frames), np.arange(12))
+    assert video_files(tmp_path) == [path]  # a folder's .MTS files are videos (data import folders, predict DIR)
+
+
 def test_av1_is_decoded_through_pyav_and_an_unknown_codec_is_unsupported(tmp_path) -> None:
     """decord 0.6.0 has no AV1 decoder (yt-dlp fetches AV1 for many newer YouTube videos): PyAV decodes it. A
     stream whose codec FFmpeg does not know at all is `unsupported_codec`."""

@@ -37,7 +37,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 MANIFEST_COLUMNS = ("path", "label", "start", "end")
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp",
+                    ".vob", ".mts", ".m2ts", ".ts")
 
 
 def video_files(folder: str | Path) -> list[Path]:

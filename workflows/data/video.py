@@ -20,8 +20,9 @@ when the source is much larger than needed). Every failure becomes a `BadVideo` 
     decode_error       anything else that failed while decoding frames
 
 PyAV decodes what decord 0.6.0 cannot, instead of dropping it: streams in a codec decord lacks (AV1), containers
-without a duration or frame count (live/streamed Matroska and WebM, raw H.264), and the few output widths decord
-mis-copies (e.g. 48 or 72 px: "The size must exactly match"). PyAV decodes sequentially from the first frame, so
+without a duration or frame count (live/streamed Matroska and WebM, raw H.264), MPEG transport streams (camcorders'
+.MTS/.M2TS, broadcast .ts: decord cannot seek in them) and the few output widths decord mis-copies (e.g. 48 or 72
+px: "The size must exactly match"). PyAV decodes sequentially from the first frame, so
 these cost more per clip than decord's seek-and-decode.
 
 Frames come out as displayed: a phone video's rotation (an MP4/MOV display matrix) is applied, by decord or here,
@@ -476,6 +477,10 @@ def _pyav_frames(source: str | IO[bytes], wanted: np.ndarray, size: tuple[int, i
 
 # decord 0.6.0 cannot open these, though PyAV decodes them: a codec it lacks, or no duration/frame count to index by
 _DECORD_CANNOT = re.compile(r"video stream|codec|decoder|broken metadata", re.IGNORECASE)
+# ... nor read frames of these: its copy bug for some widths ("The size must exactly match"), and its seeking in an
+# MPEG transport stream with B-frames referenced by B-frames (camcorders' .MTS/.M2TS, broadcast .ts), which ends in
+# "Unable to handle EOF" though every frame is there (a file that really ends early then fails in PyAV, as truncated)
+_DECORD_CANNOT_READ = re.compile(r"must exactly match|Unable to handle EOF")
 
 
 def read_frames(
@@ -536,7 +541,7 @@ def read_frames(
             frames = vr.get_batch(wanted.tolist()).asnumpy()  # (K, H, W, 3)
         except Exception as exc:
             message = decoder_message(exc)
-            if "must exactly match" not in message:  # decord's copy bug for some widths: PyAV below
+            if not _DECORD_CANNOT_READ.search(message):  # what decord cannot read, PyAV reads below
                 _raise_unreadable(path, info, "decode_error", message)
         finally:
             del vr
