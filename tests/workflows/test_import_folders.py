@@ -5,9 +5,11 @@ shown. The last test imports the real H.264 sample videos and hands the manifest
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from workflows.data.cli import main
@@ -268,3 +270,57 @@ def test_class_folders_in_a_bucket_are_imported_in_place(sample_data, tmp_path, 
         assert "--videos s3://vds/nothing-here holds nothing (no object below that prefix)" in err, err
     finally:
         moto.stop()
+
+
+def test_long_recordings_are_cut_into_clips_after_the_split(sample_data, tmp_path, capsys) -> None:
+    """--clip-seconds: each video becomes centred windows of that length (rows with start,end), all of a video's
+    in one manifest; videos shorter than a window, without a declared duration or that cannot be opened are listed
+    whole and said. The windows read as clips of that length."""
+    import av
+
+    from tests.workflows.conftest import index_frames
+    from workflows.data.video import read_frames
+
+    out = tmp_path / "mine"
+    shutil.copytree(Path(sample_data.root) / "videos", out / "videos")  # 1.5 s each: 24 frames at 16 fps
+    for name, frames, options in (("short.mp4", 5, {}), ("live.mkv", 20, {"live": "1"})):
+        with av.open(str(out / "videos" / "growing" / name), "w", options=options) as container:
+            stream = container.add_stream("libx264", rate=10)
+            stream.width, stream.height, stream.pix_fmt = 48, 48, "yuv420p"
+            for image in index_frames(48, 48, frames):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            container.mux(stream.encode())
+    _touch(out / "videos" / "growing" / "broken.mp4", b"<html>404</html>")
+    assert main(["import", "folders", "--videos", str(out / "videos"), "--out", str(out), "--val-fraction", "0.34",
+                 "--clip-seconds", "0.75"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # growing: 6 videos -> 4 train + 2 val; the others 3 -> 2 + 1. Each sample video: 2 windows of 0.75 s.
+    train, val = load_manifest(str(out / "train.csv"), None), load_manifest(str(out / "val.csv"), None)
+    assert lines[0] == f"wrote {out / 'train.csv'}: {len(train)} clips of 0.75 s from 18 videos of 8 classes", lines
+    assert lines[1].startswith(f"wrote {out / 'val.csv'}: {len(val)} clips of 0.75 s from 9 videos ("), lines
+    notes = "\n".join(lines[3:])
+    assert "1 videos are shorter than --clip-seconds 0.75 and are listed whole (videos/growing/short.mp4)" in notes
+    assert "1 videos declare no duration (a live recording) and are listed whole (videos/growing/live.mkv)" in notes
+    assert "1 videos could not be opened (`data check` says why) and are listed whole (videos/growing/broken.mp4)" \
+        in notes, notes
+    rows = {}
+    for manifest, part in ((train, "train"), (val, "val")):
+        for path, start, end in zip(*(manifest.table.column(c).to_pylist() for c in ("path", "start", "end")),
+                                    strict=True):
+            rows.setdefault(path, []).append((part, start, end))
+    assert len(rows) == 27 and all(len({part for part, _, _ in r}) == 1 for r in rows.values())  # no video split
+    whole = {Path(p).name for p, r in rows.items() if math.isnan(r[0][1])}
+    assert whole == {"short.mp4", "live.mkv", "broken.mp4"}, whole
+    cut = next(r for p, r in rows.items() if p.endswith("train_0000.mp4"))
+    assert [(s, e) for _, s, e in cut] == [(0.0, 0.75), (0.75, 1.5)], cut
+    path = next(p for p in rows if p.endswith("train_0000.mp4"))
+    clip = read_frames(path, lambda first, last, fps: np.arange(first, last), start=0.75, end=1.5)
+    assert len(clip.indices) == 12 and clip.indices[0] == 12  # 0.75 s at 16 fps, from frame 12 on
+
+    from workflows.data.folder_import import clip_windows
+
+    assert clip_windows(2.0, 0.75) == [(0.25, 1.0), (1.0, 1.75)]  # centred: 0.5 s left over, 0.25 s at each end
+    assert clip_windows(0.5, 0.75) is None and clip_windows(30.0, 10.0) == [(0.0, 10.0), (10.0, 20.0), (20.0, 30.0)]
+    err = _cli_error(["import", "folders", "--videos", str(out / "videos"), "--out", str(tmp_path / "x"),
+                      "--clip-seconds", "0"], capsys)
+    assert "--clip-seconds 0.0: give the length of a clip in seconds" in err

@@ -218,7 +218,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         if not is_remote(args.out):
             check_output_folder(args.out)
         result = import_folders(args.videos, args.out, val_videos=args.val_videos, val_fraction=args.val_fraction,
-                                seed=args.seed, labels=args.labels)
+                                seed=args.seed, labels=args.labels, clip_seconds=args.clip_seconds, progress=True)
         print("\n".join(result.summary()))
         return 0
     if args.format in ("ucf101", "hmdb51"):  # --out is a folder: train.csv, val.csv and labels.json go into it
@@ -344,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     i3.add_argument("--seed", type=int, default=0, help="which videos go to val.csv (default 0)")
     i3.add_argument("--labels", help="an existing label file the folders' classes must be in (its indices are kept; "
                                      "default: one made from the folder names)")
+    i3.add_argument("--clip-seconds", type=float, help="cut each video into clips of this many seconds (rows with "
+                                                       "start,end), for long recordings; default: whole videos")
     for name, videos, splits in (
             ("ucf101", "UCF101", "ucfTrainTestlist (classInd.txt, trainlist0N.txt, testlist0N.txt)"),
             ("hmdb51", "hmdb51_org", "testTrainMulti_7030_splits (<class>_test_split<N>.txt)")):

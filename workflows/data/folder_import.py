@@ -14,7 +14,8 @@ Class names are the folder names as words, what the model's text encoder reads: 
 name written as one CamelCase word is split ("ApplyEyeMakeup" -> "apply eye makeup"). `--labels` maps the folders
 onto an existing label file instead (its indices kept). What is not taken is counted and shown, never silently
 dropped: files whose extension is not a video's, hidden files (macOS `._name.mp4` metadata files look like
-videos), videos lying outside any class folder, class folders without a video.
+videos), videos lying outside any class folder, class folders without a video. `--clip-seconds` cuts long
+recordings into windows (rows with start,end) after the split, so a video's clips never straddle train and val.
 """
 
 from __future__ import annotations
@@ -183,18 +184,25 @@ class FolderImport:
     """What `import_folders` wrote."""
 
     out: str  # the output folder as shown
-    counts: dict[str, int]  # manifest name -> videos
+    counts: dict[str, int]  # manifest name -> rows (videos, or clips with clip_seconds)
     classes: int
     val_rule: str  # how val.csv was chosen
     class_words: list[tuple[str, str]]  # (folder, class) of the folders whose class reads otherwise, a few
     notes: list[str]
     labels_from: str  # "" when labels.json was written from the folders
+    videos: dict[str, int] = field(default_factory=dict)  # manifest name -> videos
+    clip_seconds: float | None = None
+
+    def _rows(self, part: str) -> str:
+        if self.clip_seconds is None:
+            return f"{self.counts[part]} videos"
+        return f"{self.counts[part]} clips of {self.clip_seconds:g} s from {self.videos[part]} videos"
 
     def summary(self) -> list[str]:
         """The lines the CLI prints."""
         out = self.out.rstrip("/")
-        lines = [f"wrote {out}/train.csv: {self.counts['train']} videos of {self.classes} classes",
-                 f"wrote {out}/val.csv: {self.counts['val']} videos ({self.val_rule})"]
+        lines = [f"wrote {out}/train.csv: {self._rows('train')} of {self.classes} classes",
+                 f"wrote {out}/val.csv: {self._rows('val')} ({self.val_rule})"]
         if self.labels_from:
             lines.append(f"wrote {out}/labels.json: the classes and indices of {self.labels_from}")
         else:
@@ -257,7 +265,7 @@ def _row_path(source: _Place, rel: str, out: _Place) -> str:
     return where[len(below):] if out.remote and where.startswith(below) else where
 
 
-def _write(place: _Place, rows_by_file: dict[str, list[dict[str, str]]], label_map: dict[str, int]) -> None:
+def _write(place: _Place, rows_by_file: dict[str, list[dict[str, object]]], label_map: dict[str, int]) -> None:
     """The manifests and labels.json into a local folder or a bucket prefix."""
     if not place.remote:
         Path(place.inner).mkdir(parents=True, exist_ok=True)
@@ -310,17 +318,86 @@ def _seeded_split(videos: list[str], fraction: float, seed: int, folder: str) ->
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
 
 
+def clip_windows(duration: float, seconds: float) -> list[tuple[float, float]] | None:
+    """The [start, end) windows of `seconds` a video of `duration` seconds is cut into, centred (what is left over
+    is split between its two ends); None for a video shorter than one window (it is listed whole)."""
+    if duration < seconds:
+        return None
+    n = int(duration // seconds)
+    offset = (duration - n * seconds) / 2
+    return [(round(offset + i * seconds, 3), round(offset + (i + 1) * seconds, 3)) for i in range(n)]
+
+
+def _durations(paths: list[str], progress: bool) -> dict[str, float | None]:
+    """Each local video's duration from its header (no frame is decoded); None when it cannot be opened."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workflows.data.video import BadVideo, probe
+
+    def duration(path: str) -> float | None:
+        try:
+            return probe(path).declared_duration
+        except BadVideo:
+            return None
+
+    found: dict[str, float | None] = {}
+    start = last = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:  # header reads: waiting on the disk more than on the CPU
+        for path, seconds in zip(paths, pool.map(duration, paths), strict=True):
+            found[path] = seconds
+            if progress and time.perf_counter() - last > 5:
+                last = time.perf_counter()
+                print(f"  read the durations of {len(found)}/{len(paths)} videos "
+                      f"({len(found) / (last - start):.0f}/s)", flush=True)
+    return found
+
+
+def _cut_into_clips(rows: dict[str, list[dict[str, object]]], seconds: float,
+                    progress: bool) -> tuple[dict[str, list[dict[str, object]]], list[str]]:
+    """The rows with each video cut into `clip_windows`, and notes on the videos listed whole."""
+    durations = _durations([str(row["location"]) for part in rows.values() for row in part], progress)
+    short, unknown, unreadable = [], [], []
+    cut: dict[str, list[dict[str, object]]] = {}
+    for name, part in rows.items():
+        cut[name] = []
+        for row in part:
+            duration = durations[str(row["location"])]
+            windows = clip_windows(duration, seconds) if duration else None
+            if windows is None:
+                (unreadable if duration is None else unknown if not duration else short).append(str(row["path"]))
+                cut[name].append(row)
+            else:
+                cut[name] += [{**row, "start": start, "end": end} for start, end in windows]
+    notes = []
+    for listed, why in ((short, f"are shorter than --clip-seconds {seconds:g}"),
+                        (unknown, "declare no duration (a live recording)"),
+                        (unreadable, "could not be opened (`data check` says why)")):
+        if listed:
+            notes.append(f"{len(listed)} videos {why} and are listed whole ({', '.join(listed[:3])}"
+                         f"{', ...' if len(listed) > 3 else ''})")
+    return cut, notes
+
+
 def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str | Path | None = None,
-                   val_fraction: float = 0.1, seed: int = 0, labels: str | Path | None = None) -> FolderImport:
+                   val_fraction: float = 0.1, seed: int = 0, labels: str | Path | None = None,
+                   clip_seconds: float | None = None, progress: bool = False) -> FolderImport:
     """Write `out_dir`/train.csv, val.csv and labels.json from `videos`, a folder of one folder per class (local,
     or a bucket prefix: s3://, gs://): val.csv is `val_videos` (the same layout) when given, else a seeded
-    `val_fraction` of each class's videos. `out_dir` may be a bucket prefix when the videos are in a bucket. Nothing
-    is written when a check fails."""
+    `val_fraction` of each class's videos. `out_dir` may be a bucket prefix when the videos are in a bucket. With
+    `clip_seconds`, each (local) video becomes rows of that many seconds (`clip_windows`), after the split: a
+    video's clips are all in train.csv or all in val.csv. Nothing is written when a check fails."""
     source, out = _Place.of(videos), _Place.of(out_dir)
     val_source = _Place.of(val_videos) if val_videos is not None else None
     if out.remote and not (source.remote and (val_source is None or val_source.remote)):
         raise ValueError(f"--out {out.shown} is in a bucket but the videos are on this machine, where the cluster "
                          f"cannot read them: import into a local --out, then copy the folder with `data upload`")
+    if clip_seconds is not None and not clip_seconds > 0:
+        raise ValueError(f"--clip-seconds {clip_seconds}: give the length of a clip in seconds (e.g. 10)")
+    if clip_seconds is not None and (source.remote or (val_source is not None and val_source.remote)):
+        raise ValueError("--clip-seconds reads every video's duration from its file, which in a bucket means fetching "
+                         "every video: cut the videos into clips where they are local, or list clips with start,end "
+                         "columns in a manifest")
     if val_videos is None and not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction}: give a fraction between 0 and 1 (e.g. 0.1), or a folder of "
                          f"validation videos with --val-videos (training needs a val.csv)")
@@ -339,7 +416,7 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
                          f"other classes or indices than these folders ({len(label_map)} classes); import into "
                          f"another folder, or delete it")
 
-    parts: dict[str, list[dict[str, str]]] = {"train.csv": [], "val.csv": []}
+    parts: dict[str, list[dict[str, object]]] = {"train.csv": [], "val.csv": []}
     for folder in folder_names:
         if val_scan is None:
             train, val = _seeded_split(train_scan.videos[folder], val_fraction, seed, folder)
@@ -348,8 +425,13 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
             sources = ((source, "train.csv", train_scan.videos[folder]),
                        (val_source, "val.csv", val_scan.videos.get(folder, [])))
         for place, name, rels in sources:
-            parts[name] += [{"path": _row_path(place, rel, out), "label": classes[folder]} for rel in rels]
+            parts[name] += [{"path": _row_path(place, rel, out), "label": classes[folder],
+                             "location": place.location(rel)} for rel in rels]
+    videos_per_part = {name.removesuffix(".csv"): len(rows) for name, rows in parts.items()}
     notes = train_scan.notes("--videos") + (val_scan.notes("--val-videos") if val_scan else [])
+    if clip_seconds is not None:
+        parts, clip_notes = _cut_into_clips(parts, clip_seconds, progress)
+        notes += clip_notes
     if val_scan is None:
         single = [f for f in folder_names if len(train_scan.videos[f]) < 2]
         if single:
@@ -362,7 +444,7 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
             notes.append(f"{len(missing)} training classes have no validation videos in --val-videos "
                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
         val_rule = f"--val-videos {val_scan.shown}"
-    rows = [row["path"] for name_rows in parts.values() for row in name_rows]
+    rows = [str(row["path"]) for name_rows in parts.values() for row in name_rows]
     if not out.remote and any(is_remote(path) for path in rows):
         notes.append("the manifests are on this machine and name the videos by their bucket URIs: a cluster without "
                      "a shared disk needs them in the bucket too (give --out a prefix in the bucket)")
@@ -372,7 +454,9 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
     if not parts["val.csv"]:
         raise ValueError(f"val.csv would be empty: every class of --videos {train_scan.shown} has a single video; "
                          f"give --val-videos, or more videos per class")
-    _write(out, parts, label_map)
+    _write(out, {name: [{k: v for k, v in row.items() if k != "location"} for row in part]
+                 for name, part in parts.items()}, label_map)
     renamed = [(f, classes[f]) for f in folder_names if classes[f] != f]
     return FolderImport(out.shown, {name.removesuffix(".csv"): len(r) for name, r in parts.items()},
-                        len(folder_names), val_rule, renamed, notes, str(labels) if labels is not None else "")
+                        len(folder_names), val_rule, renamed, notes, str(labels) if labels is not None else "",
+                        videos_per_part, clip_seconds)
