@@ -240,8 +240,8 @@ class _Place:
         return f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
 
     def location(self, rel: str) -> str:
-        """Where `rel` below this folder is, as a manifest row names it from anywhere: an absolute local path, or
-        the bucket URI without its query."""
+        """Where `rel` below this folder is: a local path (from the folder as given), or the bucket URI without its
+        query (as a manifest row names it from anywhere)."""
         if not self.remote:
             return str(Path(self.inner) / rel)
         return f"{self.given.split('://', 1)[0]}://{self.inner}/{rel}"
