@@ -149,8 +149,8 @@ class EvalSection:
     cache_limit_mb: int = 2048
     zero_shot_fusion: bool = False  # blend with frozen-CLIP logits at evaluation (unseen label sets)
     # Validation during training on at most this many videos of data.val_manifest (0: all): a seeded subset in
-    # which each class keeps its share, the same at every validation, so a large validation set (K710's ~66 k
-    # videos) is not decoded whole every eval.every_steps. `workflows evaluate` always reads every video.
+    # which each class keeps its share, the same at every validation, so a large validation set (K710's tens of
+    # thousands of videos) is not decoded whole every eval.every_steps. `workflows evaluate` always reads every video.
     max_videos: int = 0
 
     def __post_init__(self) -> None:
