@@ -13,9 +13,10 @@ seed. Classes enter only through their names, so `--labels` evaluates on any lab
 checkpoint needed).
 
 Writes metrics.json, per_class_accuracy.csv, predictions.csv and confusion_matrix.png (and every video's class
-probabilities in scores.npz with `--save-scores`) into `--out` (default `<checkpoint>/eval-<time>`), prints a
-summary, and logs an MLflow run into the training run's store when it has one (never failing when MLflow is
-unreachable).
+probabilities in scores.npz with `--save-scores`; with a manifest of clips cut from longer files, each file scored as
+the mean of its clips too, in file_predictions.csv and metrics.json's `per_file`) into `--out` (default
+`<checkpoint>/eval-<time>`), prints a summary, and logs an MLflow run into the training run's store when it has one
+(never failing when MLflow is unreachable).
 """
 
 from __future__ import annotations
@@ -415,11 +416,72 @@ def per_class_rows(confusion: Any, class_names: list[str]) -> list[dict[str, Any
     return rows
 
 
+@dataclass
+class FileScores:
+    """Clips of one file scored together: the mean of its scored rows' class probabilities (each row weighs the
+    same), for manifests that cut long recordings into clips (`data import folders --clip-seconds`)."""
+
+    paths: list[str]  # each file once, in the order of its first row
+    probs: Any  # torch.Tensor (files, K)
+    labels: Any  # torch.Tensor (files,)
+    clips: list[int]  # scored rows per file
+    mixed_label_files: list[str]  # files whose rows name different classes: not scored as one
+
+
+def per_file_scores(paths: list[str], label_of_row: list[int], scored: list[int], probs: Any) -> FileScores | None:
+    """The scored rows (`scored`: manifest rows, `probs`: their (rows, K) probabilities) grouped by file; None when
+    no file has more than one row in the manifest (`paths`, `label_of_row`: every row's), so there is nothing to
+    add to the per-row scores. A file whose rows name different classes (an untrimmed recording annotated by
+    segment) is left out and listed; its rows are still scored one by one."""
+    import torch
+
+    rows_of: dict[str, list[int]] = {}
+    for row, path in enumerate(paths):
+        rows_of.setdefault(path, []).append(row)
+    if all(len(rows) == 1 for rows in rows_of.values()):
+        return None
+    mixed = [path for path, rows in rows_of.items() if len({label_of_row[r] for r in rows}) > 1]
+    position = {row: i for i, row in enumerate(scored)}
+    files, means, labels, clips = [], [], [], []
+    for path, rows in rows_of.items():
+        read = [position[r] for r in rows if r in position]
+        if not read or path in mixed:
+            continue
+        files.append(path)
+        means.append(probs[read].mean(dim=0))
+        labels.append(label_of_row[rows[0]])
+        clips.append(len(read))
+    k = probs.shape[1]
+    return FileScores(paths=files, probs=torch.stack(means) if means else torch.zeros(0, k),
+                      labels=torch.tensor(labels, dtype=torch.long), clips=clips, mixed_label_files=mixed)
+
+
+def _file_metrics(plan: EvalPlan, files: FileScores, out: Path) -> dict[str, Any]:
+    """file_predictions.csv (one row per file) and the per-file accuracies for metrics.json."""
+    from workflows.metrics import accuracy_summary, ranked_counts
+
+    names = plan.class_names
+    summary = accuracy_summary(ranked_counts(files.probs, files.labels, len(names)))
+    with (out / "file_predictions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "predicted", "probability", "correct", "clips"])
+        for path, probs, label, clips in zip(files.paths, files.probs, files.labels.tolist(), files.clips,
+                                             strict=True):
+            predicted = int(probs.argmax())
+            writer.writerow([path, names[label], names[predicted], round(float(probs[predicted]), 6),
+                             int(label == predicted), clips])
+    return {"top1": summary["top1"], "top5": summary["top5"], "mean_class_acc": summary["mean_class_acc"],
+            "files": len(files.paths), "clips": sum(files.clips),
+            "mixed_label_files": len(files.mixed_label_files),
+            "mixed_label_examples": files.mixed_label_files[:5]}
+
+
 def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
     """metrics.json, per_class_accuracy.csv, predictions.csv (one row per video), confusion_matrix.csv (counts),
-    confusion_matrix.png, and with `plan.save_scores` scores.npz (`SCORES_FILE`), in `plan.out_dir`; returns the
-    metrics."""
+    confusion_matrix.png, with `plan.save_scores` scores.npz (`SCORES_FILE`), and with a manifest naming a file in
+    several rows (clips) file_predictions.csv, in `plan.out_dir`; returns the metrics."""
     import numpy as np
+    import torch
 
     from workflows.metrics import accuracy_summary, save_confusion_png
 
@@ -453,32 +515,43 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
         np.savez(out / SCORES_FILE, scores=probs.astype(np.float32), video_index=np.asarray(scored, np.int64),
                  label=labels.numpy().astype(np.int64), class_names=np.asarray(names, dtype=str))
         metrics["scores_file"] = str(out / SCORES_FILE)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out / "per_class_accuracy.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["index", "class", "videos", "correct", "accuracy"])
         writer.writeheader()
         writer.writerows([{**r, "accuracy": "" if r["accuracy"] is None else r["accuracy"]} for r in per_class])
-    paths = plan.manifest.table.column("path").to_pylist()
-    label_names = plan.manifest.table.column("label_name").to_pylist()
+    table = plan.manifest.table
+    paths, label_names = table.column("path").to_pylist(), table.column("label_name").to_pylist()
+    starts, ends = ([_seconds(v) for v in table.column(c).to_pylist()] for c in ("start", "end"))
     with (out / "predictions.csv").open("w", newline="") as f:  # every manifest row: scored, or why it was dropped
         writer = csv.writer(f)
-        writer.writerow(["video_index", "path", "label", "predicted", "probability", "correct", "dropped"])
+        writer.writerow(["video_index", "path", "label", "predicted", "probability", "correct", "dropped", "start",
+                         "end"])
         for vid in sorted(results.scores.scores.keys() | results.dropped_videos.keys()):
             if vid not in results.scores.scores:
-                writer.writerow([vid, paths[vid], label_names[vid], "", "", "", results.dropped_videos[vid]])
+                writer.writerow([vid, paths[vid], label_names[vid], "", "", "", results.dropped_videos[vid],
+                                 starts[vid], ends[vid]])
                 continue
             video_probs = probs[row_of[vid]]
             label, predicted = results.scores.labels[vid], int(video_probs.argmax())
             writer.writerow([vid, paths[vid], names[label], names[predicted], round(float(video_probs[predicted]), 6),
-                             int(label == predicted), ""])
+                             int(label == predicted), "", starts[vid], ends[vid]])
+    files = per_file_scores(paths, table.column("label").to_pylist(), scored, torch.from_numpy(probs))
+    if files is not None:  # clips cut from longer files: each file scored as a whole too
+        metrics["per_file"] = _file_metrics(plan, files, out)
     with (out / "confusion_matrix.csv").open("w", newline="") as f:  # the counts behind the row-normalised image
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted", *names])
         writer.writerows([name, *map(int, row)] for name, row in zip(names, counts["confusion"].tolist(), strict=True))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     title = f"{plan.mode}, {plan.views}x{plan.crops} views: top-1 {metrics['top1']:.1f}% ({metrics['videos']} videos)"
     save_confusion_png(counts["confusion"], names, out / "confusion_matrix.png", title)
     (out / "recipe.yaml").write_text(dump_yaml(plan.recipe))
     return metrics
+
+
+def _seconds(value: float | None) -> str:
+    """A start/end cell as predictions.csv writes it: empty when not set (NaN)."""
+    return "" if value is None or value != value else format(value, ".10g")
 
 
 def format_summary(metrics: dict[str, Any], max_classes: int = 30) -> str:
@@ -493,6 +566,13 @@ def format_summary(metrics: dict[str, Any], max_classes: int = 30) -> str:
              f"{': ' + ', '.join(f'{k} {v}' for k, v in metrics['dropped'].items()) if metrics['dropped'] else ''})",
              f"  top-1 {metrics['top1']:6.2f}%   top-5 {metrics['top5']:6.2f}%   mean class accuracy "
              f"{metrics['mean_class_acc']:6.2f}%"]
+    files = metrics.get("per_file")
+    if files:
+        mixed = f"; {files['mixed_label_files']} file(s) whose clips name different classes left out (e.g. " \
+                f"{files['mixed_label_examples'][0]})" if files["mixed_label_files"] else ""
+        lines.append(f"  per file: top-1 {files['top1']:6.2f}%   top-5 {files['top5']:6.2f}%   mean class accuracy "
+                     f"{files['mean_class_acc']:6.2f}%   ({files['files']} files of {files['clips']} clips, each "
+                     f"file's clip scores averaged{mixed})")
     seen = [r for r in metrics["per_class"] if r["videos"]]
     if len(seen) > max_classes:
         seen = sorted(seen, key=lambda r: r["accuracy"])[:10]
@@ -535,7 +615,10 @@ def log_to_mlflow(plan: EvalPlan, metrics: dict[str, Any], uri: str) -> str | No
     tracker.log_params({k: metrics[k] for k in ("checkpoint", "step", "manifest", "labels", "mode", "views", "crops",
                                                 "num_classes", "preset")})
     step = 0 if clip_only else int(metrics["step"] or 0)
+    files = metrics.get("per_file") or {}
     tracker.log_metrics({f"eval_{k}": float(metrics[k]) for k in ("top1", "top5", "mean_class_acc", "videos")}
+                        | {f"eval_file_{k}": float(files[k]) for k in ("top1", "top5", "mean_class_acc", "files")
+                           if k in files}
                         | {"eval_dropped_total": float(metrics["dropped_total"])}, step=step)
     for name in ("metrics.json", "per_class_accuracy.csv", "confusion_matrix.png"):
         tracker.log_artifact(plan.out_dir / name, "evaluation")

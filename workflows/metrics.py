@@ -36,17 +36,23 @@ class VideoScores:
     def counts(self, table: tuple[list[int], torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """{"top1", "top5", "videos"} scalars and "confusion" (K, K) [true, predicted], float64 for all-reduce;
         `table`: this object's `table()`, when the caller has it already."""
-        k = self.num_classes
-        vids, scores, labels = self.table() if table is None else table
-        confusion = torch.zeros(k, k, dtype=torch.float64)
-        top1 = top5 = 0.0
-        if vids:
-            ranked = scores.topk(min(5, k), dim=-1).indices
-            top1 = float((ranked[:, 0] == labels).sum())
-            top5 = float((ranked == labels[:, None]).any(dim=-1).sum())
-            confusion.index_put_((labels, ranked[:, 0]), torch.ones(len(vids), dtype=torch.float64), accumulate=True)
-        return {"top1": torch.tensor(top1, dtype=torch.float64), "top5": torch.tensor(top5, dtype=torch.float64),
-                "videos": torch.tensor(float(len(vids)), dtype=torch.float64), "confusion": confusion}
+        _, scores, labels = self.table() if table is None else table
+        return ranked_counts(scores, labels, self.num_classes)
+
+
+def ranked_counts(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """Top-1/top-5 hits and the confusion matrix of scored items (rows of `scores`, (N, K), with `labels` (N,)):
+    {"top1", "top5", "videos"} scalars and "confusion" (K, K) [true, predicted], float64 for all-reduce."""
+    k = num_classes
+    confusion = torch.zeros(k, k, dtype=torch.float64)
+    top1 = top5 = 0.0
+    if len(labels):
+        ranked = scores.topk(min(5, k), dim=-1).indices
+        top1 = float((ranked[:, 0] == labels).sum())
+        top5 = float((ranked == labels[:, None]).any(dim=-1).sum())
+        confusion.index_put_((labels, ranked[:, 0]), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
+    return {"top1": torch.tensor(top1, dtype=torch.float64), "top5": torch.tensor(top5, dtype=torch.float64),
+            "videos": torch.tensor(float(len(labels)), dtype=torch.float64), "confusion": confusion}
 
 
 def accuracy_summary(counts: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -204,6 +204,64 @@ def test_plan_uses_the_checkpoint_model_and_latest_step(run_dir: Path, seven_lab
     assert len(swapped.class_names) == 7 and swapped.mode == "fusion"
 
 
+def test_clips_of_one_file_are_also_scored_as_the_file(run_dir: Path, video_dir: Path, tmp_path: Path) -> None:
+    """A manifest of clips cut from longer files (data import folders --clip-seconds): each row is scored as
+    before, and each file once more as the mean of its read clips' probabilities; a file whose clips name
+    different classes is left out of the per-file scores and said."""
+    from workflows.data.drops import DropReport
+    from workflows.data.manifest import write_manifest
+    from workflows.evaluate import ViewResults, format_summary, write_outputs
+    from workflows.metrics import VideoScores
+
+    clips = tmp_path / "clips.csv"
+    wide, tall, mid = (str(video_dir / f"{name}.mp4") for name in ("wide", "tall", "mid"))
+    write_manifest([{"path": wide, "label": "cls0", "start": 0.0, "end": 1.0},
+                    {"path": wide, "label": "cls0", "start": 1.0, "end": 2.5},
+                    {"path": wide, "label": "cls0", "start": 2.5, "end": 4.0},  # dropped below
+                    {"path": tall, "label": "cls1"},  # a short file, listed whole: a file of one clip
+                    {"path": mid, "label": "cls2", "start": 0.0, "end": 1.0},
+                    {"path": mid, "label": "cls3", "start": 1.0, "end": 2.0}], clips)
+    plan = plan_evaluation(EvalRequest(checkpoint=str(run_dir), manifest=str(clips), views=2,
+                                       out=str(tmp_path / "out"), mlflow=False))
+    # Row 0 leans to cls1 and row 1 more strongly to cls0: alone, row 0 is wrong; the file's mean is right.
+    logits = {0: [0.0, 1.0, 0, 0, 0], 1: [3.0, 0.0, 0, 0, 0], 3: [0, 2.0, 0, 0, 0], 4: [0, 0, 1.0, 0, 0],
+              5: [0, 0, 0, 0, 1.0]}
+    scores = VideoScores(N)
+    for row, row_logits in logits.items():
+        label = plan.manifest.table.column("label")[row].as_py()
+        for _ in range(plan.views):
+            scores.add(torch.tensor([row]), torch.tensor([row_logits]), torch.tensor([label]))
+    results = ViewResults(scores=scores, rows=2 * len(logits), rows_per_video={row: 2 for row in logits},
+                          drops=DropReport("eval", None, 6, dropped={"corrupt": 1}, examples={"corrupt": [wide]}),
+                          dropped_videos={2: "corrupt: test"}, seconds=1.0)
+    metrics = write_outputs(plan, results)
+    probs = {row: torch.softmax(torch.tensor(v), 0) for row, v in logits.items()}
+    assert metrics["videos"] == 5 and metrics["top1"] == pytest.approx(100 * 3 / 5)  # rows 1, 3 and 4 right
+    assert metrics["per_file"] == {"top1": pytest.approx(100.0), "top5": pytest.approx(100.0),
+                                   "mean_class_acc": pytest.approx(100.0), "files": 2, "clips": 3,
+                                   "mixed_label_files": 1, "mixed_label_examples": [mid]}
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["per_file"]["files"] == 2
+    by_file = _read_csv(tmp_path / "out" / "file_predictions.csv")
+    assert [(r["path"], r["label"], r["predicted"], r["correct"], r["clips"]) for r in by_file] == \
+        [(wide, "cls0", "cls0", "1", "2"), (tall, "cls1", "cls1", "1", "1")]
+    assert float(by_file[0]["probability"]) == pytest.approx(float((probs[0] + probs[1])[0] / 2), abs=1e-6)
+    rows = _read_csv(tmp_path / "out" / "predictions.csv")  # each clip still its own row, with its window
+    assert [(r["start"], r["end"], r["dropped"][:7]) for r in rows] == \
+        [("0", "1", ""), ("1", "2.5", ""), ("2.5", "4", "corrupt"), ("", "", ""), ("0", "1", ""), ("1", "2", "")]
+    summary = format_summary(metrics)
+    assert "per file: top-1 100.00%" in summary and "(2 files of 3 clips" in summary and mid in summary
+    # A manifest naming each file once: nothing per file.
+    plan = plan_evaluation(EvalRequest(checkpoint=str(run_dir), manifest=str(video_dir / "good.csv"), views=2,
+                                       out=str(tmp_path / "whole"), mlflow=False))
+    scores = VideoScores(N)
+    for row in range(N):
+        scores.add(torch.tensor([row, row]), torch.eye(N)[[row, row]], torch.tensor([row, row]))
+    metrics = write_outputs(plan, ViewResults(scores=scores, rows=2 * N, rows_per_video=dict.fromkeys(range(N), 2),
+                                              drops=DropReport("eval", None, N), dropped_videos={}, seconds=1.0))
+    assert "per_file" not in metrics and not (tmp_path / "whole" / "file_predictions.csv").exists()
+    assert "per file" not in format_summary(metrics)
+
+
 def test_eval_model_is_the_trained_one_and_modes_differ(run_dir: Path) -> None:
     ckpt = run_dir / "checkpoint_000001"
     state, weights = read_state(ckpt), read_weights(ckpt)
