@@ -268,6 +268,20 @@ def test_class_folders_in_a_bucket_are_imported_in_place(sample_data, tmp_path, 
         assert "is in a bucket but the videos are on this machine" in err and "`data upload`" in err, err
         err = _cli_error(["import", "folders", "--videos", "s3://vds/nothing-here", "--out", "s3://vds/x"], capsys)
         assert "--videos s3://vds/nothing-here holds nothing (no object below that prefix)" in err, err
+
+        # --clip-seconds in the bucket: the durations from the objects' headers (ranged reads), the same clips as
+        # the same files cut on a disk; a missing or unreadable object is listed whole, as on a disk.
+        client.put_object(Bucket="vds", Key="mine/clips/growing/broken.mp4", Body=b"<html>404</html>")
+        _touch(local / "clips" / "growing" / "broken.mp4", b"<html>404</html>")
+        assert main(["import", "folders", "--videos", "s3://vds/mine/clips", "--out", "s3://vds/mine",
+                     "--val-fraction", "0.34", "--clip-seconds", "0.75"]) == 0
+        notes = capsys.readouterr().out
+        assert "1 videos could not be opened (`data check` says why) and are listed whole (clips/growing/broken.mp4)"\
+            in notes, notes
+        import_folders(local / "clips", local, val_fraction=0.34, clip_seconds=0.75)
+        for name in ("train.csv", "val.csv"):
+            cut = client.get_object(Bucket="vds", Key=f"mine/{name}")["Body"].read().decode()
+            assert cut == (local / name).read_text() and cut.count("0.75") >= 8
     finally:
         moto.stop()
 

@@ -329,22 +329,18 @@ def clip_windows(duration: float, seconds: float) -> list[tuple[float, float]] |
 
 
 def _durations(paths: list[str], progress: bool) -> dict[str, float | None]:
-    """Each local video's duration from its header (no frame is decoded); None when it cannot be opened."""
+    """Each video's duration from its header (no frame is decoded or, in a bucket, fetched); None when it cannot
+    be opened."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from workflows.data.video import BadVideo, probe
-
-    def duration(path: str) -> float | None:
-        try:
-            return probe(path).declared_duration
-        except BadVideo:
-            return None
+    from workflows.data.video import header_duration
 
     found: dict[str, float | None] = {}
     start = last = time.perf_counter()
-    with ThreadPoolExecutor(8) as pool:  # header reads: waiting on the disk more than on the CPU
-        for path, seconds in zip(paths, pool.map(duration, paths), strict=True):
+    threads = 32 if any(is_remote(path) for path in paths) else 8  # waiting on the storage more than on the CPU
+    with ThreadPoolExecutor(threads) as pool:
+        for path, seconds in zip(paths, pool.map(header_duration, paths), strict=True):
             found[path] = seconds
             if progress and time.perf_counter() - last > 5:
                 last = time.perf_counter()
@@ -385,7 +381,7 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
     """Write `out_dir`/train.csv, val.csv and labels.json from `videos`, a folder of one folder per class (local,
     or a bucket prefix: s3://, gs://): val.csv is `val_videos` (the same layout) when given, else a seeded
     `val_fraction` of each class's videos. `out_dir` may be a bucket prefix when the videos are in a bucket. With
-    `clip_seconds`, each (local) video becomes rows of that many seconds (`clip_windows`), after the split: a
+    `clip_seconds`, each video becomes rows of that many seconds (`clip_windows`), after the split: a
     video's clips are all in train.csv or all in val.csv. Nothing is written when a check fails."""
     source, out = _Place.of(videos), _Place.of(out_dir)
     val_source = _Place.of(val_videos) if val_videos is not None else None
@@ -394,10 +390,6 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
                          f"cannot read them: import into a local --out, then copy the folder with `data upload`")
     if clip_seconds is not None and not clip_seconds > 0:
         raise ValueError(f"--clip-seconds {clip_seconds}: give the length of a clip in seconds (e.g. 10)")
-    if clip_seconds is not None and (source.remote or (val_source is not None and val_source.remote)):
-        raise ValueError("--clip-seconds reads every video's duration from its file, which in a bucket means fetching "
-                         "every video: cut the videos into clips where they are local, or list clips with start,end "
-                         "columns in a manifest")
     if val_videos is None and not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction}: give a fraction between 0 and 1 (e.g. 0.1), or a folder of "
                          f"validation videos with --val-videos (training needs a val.csv)")
@@ -426,7 +418,7 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
                        (val_source, "val.csv", val_scan.videos.get(folder, [])))
         for place, name, rels in sources:
             parts[name] += [{"path": _row_path(place, rel, out), "label": classes[folder],
-                             "location": place.location(rel)} for rel in rels]
+                             "location": place.child(rel)} for rel in rels]  # what reads it: a URI keeps its query
     videos_per_part = {name.removesuffix(".csv"): len(rows) for name, rows in parts.items()}
     notes = train_scan.notes("--videos") + (val_scan.notes("--val-videos") if val_scan else [])
     if clip_seconds is not None:

@@ -376,10 +376,8 @@ def _probe(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO
             if ctx is None:  # a codec id FFmpeg has no decoder for
                 raise BadVideo("unsupported_codec", "FFmpeg knows no decoder for the video stream's codec")
             stream = streams[0]
-            declared = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base else
-                        (container.duration or 0) / av.time_base)  # Matroska/WebM: the container's, all streams
             info = VideoInfo(width=int(ctx.width or 0), height=int(ctx.height or 0), codec=str(ctx.name or "?"),
-                             size_bytes=size, declared_duration=max(float(declared), 0.0), rotation=rotation or 0,
+                             size_bytes=size, declared_duration=_declared_duration(container), rotation=rotation or 0,
                              sar=_sample_aspect_ratio(stream))
             return info, source
     except BadVideo as bad:  # no stream or no codec to find: an MP4 cut inside its index looks the same
@@ -387,6 +385,45 @@ def _probe(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO
         raise (truncated if truncated.reason == "truncated" else bad) from None
     except Exception as exc:  # PyAV raises FFmpegError subclasses; anything here means "cannot open"
         raise _classify_unopenable(path, size, f"{type(exc).__name__}: {exc}") from None
+
+
+def _declared_duration(container) -> float:
+    """Seconds of the first video stream as its header says (Matroska/WebM: the container's, all streams); 0.0 when
+    it says nothing (a live recording)."""
+    import av
+
+    stream = container.streams.video[0]
+    declared = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base else
+                (container.duration or 0) / av.time_base)
+    return max(float(declared), 0.0)
+
+
+def header_duration(path: str, retry_s: float | None = None) -> float | None:
+    """A video's declared duration (0.0: none declared) read from its header alone, None when it cannot be opened.
+    A local file is probed in place; a bucket object is opened for ranged reads, so PyAV fetches the header and
+    the index it seeks to (an MP4's may be at the end), not the frames: a bucket of hour-long recordings is not
+    downloaded to learn their lengths. A storage that does not answer is retried as reading is (`_from_storage`)."""
+    import av
+
+    fs, inner = resolve_filesystem(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            return probe(path).declared_duration
+        except BadVideo:
+            return None
+
+    def read() -> float | None:
+        with fs.open_input_file(inner) as f:  # a missing object: FileNotFoundError, an OSError: said below
+            try:
+                with av.open(f, metadata_errors="ignore") as container:
+                    return _declared_duration(container) if container.streams.video else None
+            except av.FFmpegError:  # some are OSErrors too, but a file FFmpeg cannot open is no storage failure
+                return None
+
+    try:
+        return _from_storage(path, fs, read, retry_s)
+    except FileNotFoundError:
+        return None
 
 
 # Sample aspect ratios outside this range are broken metadata, not a picture to stretch 4x (kept as square pixels).
