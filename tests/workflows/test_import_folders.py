@@ -282,6 +282,9 @@ def test_class_folders_in_a_bucket_are_imported_in_place(sample_data, tmp_path, 
         for name in ("train.csv", "val.csv"):
             cut = client.get_object(Bucket="vds", Key=f"mine/{name}")["Body"].read().decode()
             assert cut == (local / name).read_text() and cut.count("0.75") >= 8
+        from workflows.data.video import header_duration
+
+        assert header_duration("s3://vds/mine/clips/gone.mp4", retry_s=600) is None  # gone: at once, not retried
     finally:
         moto.stop()
 

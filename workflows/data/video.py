@@ -413,17 +413,18 @@ def header_duration(path: str, retry_s: float | None = None) -> float | None:
             return None
 
     def read() -> float | None:
-        with fs.open_input_file(inner) as f:  # a missing object: FileNotFoundError, an OSError: said below
+        try:
+            f = fs.open_input_file(inner)
+        except FileNotFoundError:  # gone since the listing: not a storage failure to retry
+            return None
+        with f:
             try:
                 with av.open(f, metadata_errors="ignore") as container:
                     return _declared_duration(container) if container.streams.video else None
             except av.FFmpegError:  # some are OSErrors too, but a file FFmpeg cannot open is no storage failure
                 return None
 
-    try:
-        return _from_storage(path, fs, read, retry_s)
-    except FileNotFoundError:
-        return None
+    return _from_storage(path, fs, read, retry_s)
 
 
 # Sample aspect ratios outside this range are broken metadata, not a picture to stretch 4x (kept as square pixels).
