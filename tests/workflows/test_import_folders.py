@@ -6,6 +6,7 @@ shown. The last test imports the real H.264 sample videos and hands the manifest
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -233,6 +234,10 @@ def test_class_folders_in_a_bucket_are_imported_in_place(sample_data, tmp_path, 
         assert main(["import", "folders", "--videos", "s3://vds/mine/clips", "--out", "s3://vds/mine",
                      "--val-fraction", "0.34"]) == 0
         lines = capsys.readouterr().out.splitlines()
+        # The listing said, then what it found: 24 videos, 2 other files, 8 class folders.
+        assert lines[0] == "listing s3://vds/mine/clips (one request per 1,000 objects) ..."
+        assert re.fullmatch(r"listed 34 objects and folders in \d+\.\d s", lines[1]), lines[1]
+        lines = lines[2:]
         assert lines[:2] == ["wrote s3://vds/mine/train.csv: 16 videos of 8 classes",
                              "wrote s3://vds/mine/val.csv: 8 videos (0.34 of each class's videos, chosen with "
                              "--seed 0)"]

@@ -105,11 +105,17 @@ def _local_entries(root: Path) -> list[tuple[str, bool]]:
     return entries
 
 
-def _bucket_entries(uri: str, option: str) -> list[tuple[str, bool]]:
-    """(path below the prefix, is a folder) of every object below a bucket prefix (one listing)."""
+def _bucket_entries(uri: str, option: str, progress: bool = False) -> list[tuple[str, bool]]:
+    """(path below the prefix, is a folder) of every object below a bucket prefix (one listing: one request per
+    1,000 objects, which pyarrow returns only as a whole, so `progress` says when it starts and what it found)."""
+    import time
+
     import pyarrow.fs as pafs
 
     shown = redact_secrets(uri)
+    if progress:
+        print(f"listing {shown} (one request per 1,000 objects) ...", flush=True)
+    started = time.perf_counter()
     try:
         fs, inner = resolve_filesystem(uri)
         inner = inner.rstrip("/")
@@ -118,17 +124,20 @@ def _bucket_entries(uri: str, option: str) -> list[tuple[str, bool]]:
         infos = []
     except (OSError, ValueError) as exc:
         raise ValueError(f"{option} {shown} cannot be listed: {exc}{storage_hint(uri)}") from None
+    if progress:
+        print(f"listed {len(infos)} objects and folders in {time.perf_counter() - started:.1f} s", flush=True)
     return [(info.path[len(inner) + 1:], info.type == pafs.FileType.Directory) for info in infos
             if info.path.startswith(inner + "/")]
 
 
-def scan_class_folders(root: str, option: str) -> FolderScan:
-    """Every video below each class folder of `root` (a local folder or a bucket prefix); ValueError /
-    FileNotFoundError naming `option` when `root` is not laid out as one folder per class."""
+def scan_class_folders(root: str, option: str, progress: bool = False) -> FolderScan:
+    """Every video below each class folder of `root` (a local folder or a bucket prefix; `progress`: say when a
+    bucket's listing starts and ends); ValueError / FileNotFoundError naming `option` when `root` is not laid out
+    as one folder per class."""
     remote = is_remote(root)
     if not remote and not Path(root).expanduser().is_dir():
         raise FileNotFoundError(f"{option} {root} is not a folder; give the folder holding one folder per class")
-    entries = sorted(_bucket_entries(root, option) if remote else _local_entries(Path(root).expanduser()))
+    entries = sorted(_bucket_entries(root, option, progress) if remote else _local_entries(Path(root).expanduser()))
     scan = FolderScan(redact_secrets(root))
     if remote and not entries:
         raise FileNotFoundError(f"{option} {scan.shown} holds nothing (no object below that prefix); give the prefix "
@@ -393,8 +402,8 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
     if val_videos is None and not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction}: give a fraction between 0 and 1 (e.g. 0.1), or a folder of "
                          f"validation videos with --val-videos (training needs a val.csv)")
-    train_scan = scan_class_folders(source.given, "--videos")
-    val_scan = scan_class_folders(val_source.given, "--val-videos") if val_source is not None else None
+    train_scan = scan_class_folders(source.given, "--videos", progress)
+    val_scan = scan_class_folders(val_source.given, "--val-videos", progress) if val_source is not None else None
     if val_scan is not None:
         alien = sorted(set(val_scan.videos) - set(train_scan.videos))
         if alien:
