@@ -201,10 +201,8 @@ def raise_if_not_restarted(run_dir: str) -> None:
 
 
 def _take(key: bytes) -> str | None:
-    from ray.experimental import internal_kv
-
     record = kv_get(key)
-    internal_kv._internal_kv_del(key)
+    kv_del(key)
     return (record or {}).get("reason")
 
 
@@ -213,6 +211,12 @@ def kv_get(key: bytes) -> dict[str, Any] | None:
 
     raw = internal_kv._internal_kv_get(key)
     return json.loads(raw) if raw else None
+
+
+def kv_del(key: bytes) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(key)
 
 
 def local_preemption_info() -> Any:

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from workflows.config_loader import ConfigError
-from workflows.elastic import kv_get, kv_put
+from workflows.elastic import kv_del, kv_get, kv_put
 from workflows.runtime import redact_secrets
 
 KEY_PREFIX = "dist-run-claim:"
@@ -51,11 +51,9 @@ class RunClaim:
         self.key, self.holder = key, holder
 
     def release(self) -> None:
-        from ray.experimental import internal_kv
-
         try:
             if kv_get(self.key) == self.holder:  # not taken over meanwhile
-                internal_kv._internal_kv_del(self.key)
+                kv_del(self.key)
         except Exception:  # noqa: BLE001 - Ray already gone (an interrupted driver): the claim's job ends with it,
             pass  # and the next claim takes over a claim of an ended job
 
