@@ -32,6 +32,7 @@ from workflows.data.importers import ucf101_class_text
 from workflows.data.manifest import (
     VIDEO_EXTENSIONS,
     class_key,
+    earlier_labels_differ,
     load_labels,
     relative_to,
     resolve_filesystem,
@@ -413,9 +414,7 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
     folder_names = sorted(train_scan.videos)
     classes, label_map = _class_map(folder_names, labels)
     if out.exists("labels.json") and load_labels(out.child("labels.json")) != label_map:
-        raise ValueError(f"{out.shown.rstrip('/')}/labels.json (written by an earlier import into this folder) holds "
-                         f"other classes or indices than these folders ({len(label_map)} classes); import into "
-                         f"another folder, or delete it")
+        raise earlier_labels_differ(f"{out.shown.rstrip('/')}/labels.json", len(label_map), "these folders")
 
     parts: dict[str, list[dict[str, object]]] = {"train.csv": [], "val.csv": []}
     for folder in folder_names:

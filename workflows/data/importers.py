@@ -21,7 +21,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from workflows.data.manifest import VIDEO_EXTENSIONS, class_key, load_labels, relative_to, save_labels, write_manifest
+from workflows.data.manifest import (
+    VIDEO_EXTENSIONS,
+    class_key,
+    earlier_labels_differ,
+    load_labels,
+    relative_to,
+    save_labels,
+    write_manifest,
+)
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -320,9 +328,7 @@ def _write_benchmark(lists: dict[str, list[_Listed]], label_map: dict[str, int],
                                 f"one folder per class, where the lists' paths are looked up")
     existing = out_dir / "labels.json"
     if existing.is_file() and load_labels(str(existing)) != label_map:
-        raise ValueError(f"{existing} (written by an earlier import into this folder) holds other classes or indices "
-                         f"than the {dataset} split files ({len(label_map)} classes); import into another folder, or "
-                         f"delete it")
+        raise earlier_labels_differ(str(existing), len(label_map), f"the {dataset} split files")
     finder = _Finder(videos)
     reports, manifests = [], []
     for part, entries in lists.items():

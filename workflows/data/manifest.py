@@ -224,6 +224,14 @@ def _check_indices(labels: dict[str, int], source: str) -> None:
         raise ManifestError(f"{source}: indices must be 0..{len(labels) - 1}; missing {missing[:10]}")
 
 
+def earlier_labels_differ(where: str, classes: int, source: str) -> ValueError:
+    """The refusal of an import into a folder whose labels.json (`where`), written by an earlier import, holds
+    other classes or indices than this import's `classes` (from `source`): rewriting it would change the meaning of
+    the earlier manifests' labels and of checkpoints trained on them."""
+    return ValueError(f"{where} (written by an earlier import into this folder) holds other classes or indices than "
+                      f"{source} ({classes} classes); import into another folder, or delete it")
+
+
 def save_labels(labels: dict[str, int], path: str | Path) -> None:
     """Write a label file (sorted by index)."""
     _check_indices(labels, str(path))
