@@ -1,6 +1,6 @@
 """Classify video files with a checkpoint, locally (no Ray):
 `python -m workflows predict --checkpoint C [--labels L] video.mp4|folder [...] [--views V] [--top 5]
-[--device auto] [--json]`.
+[--device auto] [--clip-seconds S] [--json]`.
 
 Each video is decoded and cut into clips exactly as the evaluation does (the data layer's `clips_from_video`:
 segment sampling of `views` temporal views, short-side resize and centre crop; views, crops and zero-shot fusion
@@ -10,7 +10,9 @@ the others are still classified (exit status 1 when any video failed). The model
 one (`--device auto`), in the recipe's precision there, as `evaluate` scores. While it scores one video, the next
 ones decode in a small thread pool (`decode_ahead`: decord, PyAV and OpenCV release the GIL), at most
 DECODE_AHEAD videos and DECODE_AHEAD_BYTES of clips ahead; results come in the order the videos were given.
-Loading the checkpoint and scoring are `workflows.inference`'s, shared with `evaluate`.
+Loading the checkpoint and scoring are `workflows.inference`'s, shared with `evaluate`. With `--clip-seconds`, a long
+video is cut into centred clips of that length (`plan_windows`), each scored and shown as it comes, then the video
+as the mean of its clips' probabilities (`_Report`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from workflows.config_loader import ConfigError
@@ -49,28 +52,38 @@ def clip_spec(model: Any, recipe: Recipe, views: int, crops: int) -> Any:
                                 num_views=views, num_crops=crops)
 
 
-def video_clips(path: str, spec: Any) -> Any:
-    """(views * crops, T_d, S, S, 3) uint8 clips of one video, one contiguous array (what a decoded video holds in
-    memory while it waits to be scored). Raises workflows.data.video.BadVideo when the video is unusable."""
+def video_clips(path: str, spec: Any, start: float = math.nan, end: float = math.nan) -> Any:
+    """(views * crops, T_d, S, S, 3) uint8 clips of one video (of its [start, end) seconds when given), one
+    contiguous array (what a decoded video holds in memory while it waits to be scored). Raises
+    workflows.data.video.BadVideo when the video is unusable."""
     import numpy as np
 
     from workflows.data.pipeline import clips_from_video
 
-    return np.stack([r["frames"] for r in clips_from_video(path, 0, 0, math.nan, math.nan, spec)])
+    return np.stack([r["frames"] for r in clips_from_video(path, 0, 0, start, end, spec)])
 
 
-def score_clips(model: Any, recipe: Recipe, class_names: list[str], clips: Any, *, top: int = 5,
-                mode: Mode = "dist") -> list[tuple[str, float]]:
-    """Top-`top` (class name, probability) of one video's clips (`video_clips`), probabilities averaged over them."""
+def clip_probs(model: Any, recipe: Recipe, class_names: list[str], clips: Any, mode: Mode = "dist") -> Any:
+    """The class probabilities (K,) of one video's clips (`video_clips`), the softmax averaged over them."""
     import torch
 
     device = next(model.parameters()).device
     frames = torch.from_numpy(clips).to(device)  # (views * crops, T_d, S, S, 3) uint8
     with scoring_autocast(device, scoring_precision(recipe)):
         logits = model_logits(model, frames, class_names, mode)
-    probs = torch.softmax(logits.float(), dim=-1).mean(dim=0).cpu()  # (K,)
+    return torch.softmax(logits.float(), dim=-1).mean(dim=0).cpu()
+
+
+def top_classes(probs: Any, class_names: list[str], top: int) -> list[tuple[str, float]]:
+    """The `top` most probable (class name, probability) of a (K,) probability vector."""
     values, indices = probs.topk(min(top, len(class_names)))
     return [(class_names[i], float(p)) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def score_clips(model: Any, recipe: Recipe, class_names: list[str], clips: Any, *, top: int = 5,
+                mode: Mode = "dist") -> list[tuple[str, float]]:
+    """Top-`top` (class name, probability) of one video's clips (`video_clips`), probabilities averaged over them."""
+    return top_classes(clip_probs(model, recipe, class_names, clips, mode), class_names, top)
 
 
 def predict_video(model: Any, recipe: Recipe, class_names: list[str], path: str, *, views: int = 3,
@@ -81,13 +94,14 @@ def predict_video(model: Any, recipe: Recipe, class_names: list[str], path: str,
     return score_clips(model, recipe, class_names, clips, top=top, mode=mode)
 
 
-def decode_ahead(paths: list[str], decode: Callable[[str], Any], ahead: int,
-                 workers: int) -> Iterator[tuple[str, Future]]:
-    """(path, future of `decode(path)`) for each path, in order, while the next `ahead` paths (at most) are already
-    being decoded in a pool of `workers` threads (decord, PyAV and OpenCV release the GIL): the caller scores one
-    video while the next ones decode. At most `ahead` + 1 decoded videos are held at once (the one yielded and
-    the ones ahead of it; `ahead` 0: one at a time). The caller takes each result (`future.result()` raises what
-    the decode raised) before asking for the next; leaving the loop early cancels the decodes not yet started."""
+def decode_ahead(paths: list[Any], decode: Callable[[Any], Any], ahead: int,
+                 workers: int) -> Iterator[tuple[Any, Future]]:
+    """(path, future of `decode(path)`) for each path (or a `Window` of one), in order, while the next `ahead` (at
+    most) are already being decoded in a pool of `workers` threads (decord, PyAV and OpenCV release the GIL): the
+    caller scores one video while the next ones decode. At most `ahead` + 1 decoded videos are held at once (the
+    one yielded and the ones ahead of it; `ahead` 0: one at a time). The caller takes each result
+    (`future.result()` raises what the decode raised) before asking for the next; leaving the loop early cancels
+    the decodes not yet started."""
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="predict-decode")
     pending: deque[tuple[str, Future]] = deque()
     upcoming = iter(paths)
@@ -117,6 +131,121 @@ def decode_plan(spec: Any, decode_threads: int) -> tuple[int, int]:
     ahead = max(0, min(DECODE_AHEAD, DECODE_AHEAD_BYTES // clip_bytes - 1))
     workers = max(1, min(ahead, (os.cpu_count() or 1) // max(1, decode_threads)))
     return ahead, workers
+
+
+@dataclass
+class Window:
+    """What one decode covers: a whole video (start, end NaN), or one window of a long one (`--clip-seconds`)."""
+
+    path: str
+    start: float = math.nan
+    end: float = math.nan
+    windows: int = 0  # the video's windows, on each of them (0: scored whole)
+    whole_because: str = ""  # with --clip-seconds: why this video is scored whole
+
+
+def plan_windows(videos: list[str], seconds: float | None) -> list[Window]:
+    """Each video as one Window, or with `seconds` cut into centred windows of that length (the cut `data import
+    folders --clip-seconds` makes; durations from the headers, ranged reads in a bucket). A video shorter than a
+    window, declaring no duration or that cannot be opened is scored whole (the last: reported as it fails)."""
+    if seconds is None:
+        return [Window(path) for path in videos]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workflows.data.folder_import import clip_windows
+    from workflows.data.video import header_duration
+
+    with ThreadPoolExecutor(8) as pool:
+        durations = list(pool.map(header_duration, videos))
+    planned = []
+    for path, duration in zip(videos, durations, strict=True):
+        windows = clip_windows(duration, seconds) if duration else None
+        if windows is None:
+            why = ("" if duration is None else "it declares no duration" if not duration else
+                   f"it is {duration:.1f} s, shorter than --clip-seconds {seconds:g}")
+            planned.append(Window(path, whole_because=why))
+        else:
+            planned += [Window(path, start, end, len(windows)) for start, end in windows]
+    return planned
+
+
+def _timestamp(seconds: float) -> str:
+    minutes, rest = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{rest:04.1f}" if hours else f"{minutes}:{rest:04.1f}"
+
+
+class _Report:
+    """Results as they come: a whole video's top classes, or a long video's clips one line each as each is scored
+    and then the video as the mean of its read clips' probabilities (each clip weighing the same, as `evaluate`
+    scores a file of clips)."""
+
+    def __init__(self, class_names: list[str], top: int, as_json: bool, clip_seconds: float | None) -> None:
+        self.class_names, self.top, self.as_json, self.clip_seconds = class_names, top, as_json, clip_seconds
+        self.results: list[dict[str, Any]] = []
+        self.failed = 0  # videos of which nothing could be read
+        self.unread_clips = 0  # clips that could not be read, of videos scored on their other clips
+        self._clips: list[dict[str, Any]] = []  # the current long video's clips so far
+        self._probs: list[Any] = []
+
+    def add(self, window: Window, probs: Any, reason: str = "", detail: str = "") -> None:
+        if not window.windows:
+            self._whole(window, probs, reason, detail)
+            return
+        if not self._clips and not self.as_json:
+            print(f"{window.path}: {window.windows} clips of {self.clip_seconds:g} s", flush=True)
+        span = f"{_timestamp(window.start)}-{_timestamp(window.end)}"
+        if probs is None:
+            self._clips.append({"start": window.start, "end": window.end, "error": reason, "detail": detail})
+            print(f"{window.path} {span}: could not be read ({reason}: {detail})", file=sys.stderr, flush=True)
+        else:
+            top = top_classes(probs, self.class_names, self.top)
+            self._clips.append({"start": window.start, "end": window.end,
+                                "top": [{"class": name, "prob": p} for name, p in top]})
+            self._probs.append(probs)
+            if not self.as_json:
+                print(f"  {span}  {top[0][0]}  {100 * top[0][1]:5.1f}%", flush=True)
+        if len(self._clips) == window.windows:
+            self._finish_long(window)
+
+    def _whole(self, window: Window, probs: Any, reason: str, detail: str) -> None:
+        if probs is None:
+            self.failed += 1
+            self.results.append({"path": window.path, "error": reason, "detail": detail})
+            print(f"{window.path}: could not be read ({reason}: {detail})", file=sys.stderr, flush=True)
+            return
+        top = top_classes(probs, self.class_names, self.top)
+        self.results.append({"path": window.path, "top": [{"class": name, "prob": p} for name, p in top]})
+        if not self.as_json:
+            print(f"{window.path}:" + (f" (scored whole: {window.whole_because})" if window.whole_because else ""))
+            self._print_top(top)
+
+    def _finish_long(self, window: Window) -> None:
+        clips, probs = self._clips, self._probs
+        self._clips, self._probs = [], []
+        unread = len(clips) - len(probs)
+        if not probs:
+            self.failed += 1
+            first = clips[0]
+            self.results.append({"path": window.path, "error": first["error"], "detail": first["detail"],
+                                 "clips": clips})
+            print(f"{window.path}: none of its {len(clips)} clips could be read", file=sys.stderr, flush=True)
+            return
+        import torch
+
+        self.unread_clips += unread
+        top = top_classes(torch.stack(probs).mean(dim=0), self.class_names, self.top)
+        self.results.append({"path": window.path, "top": [{"class": name, "prob": p} for name, p in top],
+                             "clips": clips})
+        if not self.as_json:
+            print(f"  the whole video (the mean of its {len(probs)} read clips"
+                  f"{f'; {unread} could not be read' if unread else ''}):")
+            self._print_top(top)
+
+    @staticmethod
+    def _print_top(top: list[tuple[str, float]]) -> None:
+        width = max(len(name) for name, _ in top)
+        print("\n".join(f"  {i}. {name:<{width}}  {100 * p:5.1f}%" for i, (name, p) in enumerate(top, 1)), flush=True)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -160,8 +289,15 @@ def main(argv: list[str]) -> int:
                         help="blend DiST with frozen-CLIP logits (default: the recipe's eval.zero_shot_fusion)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the model runs (default auto: the GPU when there is one)")
+    parser.add_argument("--clip-seconds", type=float,
+                        help="score long videos in clips of this many seconds (centred, as `data import folders "
+                             "--clip-seconds` cuts them): a line per clip, then the video as their mean")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of tables")
     args = parser.parse_args(argv)
+    if args.clip_seconds is not None and not args.clip_seconds > 0:
+        print(f"error: --clip-seconds must be a length in seconds above 0 (e.g. 10), got {args.clip_seconds}",
+              file=sys.stderr)
+        return 2
     for flag, value in (("--views", args.views), ("--top", args.top)):
         if value is not None and value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
@@ -199,27 +335,22 @@ def main(argv: list[str]) -> int:
         print(line, file=sys.stderr, flush=True)
     spec = clip_spec(model, recipe, views, crops)
     ahead, workers = decode_plan(spec, recipe.data.decode_threads)
-    results, failed = [], 0
-    for path, decoded in decode_ahead(videos, lambda p: video_clips(p, spec), ahead, workers):
+    report = _Report(class_names, args.top, args.json, args.clip_seconds)
+    for window, decoded in decode_ahead(plan_windows(videos, args.clip_seconds),
+                                        lambda w: video_clips(w.path, spec, w.start, w.end), ahead, workers):
         try:
-            top = score_clips(model, recipe, class_names, decoded.result(), top=args.top, mode=mode)
+            report.add(window, clip_probs(model, recipe, class_names, decoded.result(), mode))
         except (BadVideo, StorageUnreachable) as exc:  # the second: a bucket that did not answer, not a bad video
             reason, detail = (exc.reason, exc.detail) if isinstance(exc, BadVideo) else ("unreachable", str(exc))
-            failed += 1
-            results.append({"path": path, "error": reason, "detail": detail})
-            print(f"{path}: could not be read ({reason}: {detail})", file=sys.stderr, flush=True)
-            continue
-        results.append({"path": path, "top": [{"class": name, "prob": p} for name, p in top]})
-        if not args.json:
-            width = max(len(name) for name, _ in top)
-            print(f"{path}:")
-            print("\n".join(f"  {i}. {name:<{width}}  {100 * p:5.1f}%" for i, (name, p) in enumerate(top, 1)),
-                  flush=True)
+            report.add(window, None, reason, detail)
     if args.json:
-        print(json.dumps(results, indent=2))
-    if failed:
-        print(f"{failed} of {len(videos)} videos could not be read", file=sys.stderr)
-    return 1 if failed else 0
+        print(json.dumps(report.results, indent=2))
+    if report.failed:
+        print(f"{report.failed} of {len(videos)} videos could not be read", file=sys.stderr)
+    if report.unread_clips:
+        print(f"{report.unread_clips} clips could not be read; their videos were scored on their other clips",
+              file=sys.stderr)
+    return 1 if report.failed or report.unread_clips else 0
 
 
 if __name__ == "__main__":

@@ -524,6 +524,47 @@ def test_predict_output_is_the_one_video_at_a_time_result(run_dir: Path, video_d
                 [(name, pytest.approx(p, abs=1e-6)) for name, p in alone]
 
 
+def test_predict_scores_a_long_video_clip_by_clip(run_dir: Path, video_dir: Path, capsys) -> None:
+    """--clip-seconds: a long video is cut into centred clips (the cut `data import folders` makes), each scored
+    and shown as it comes, then the video as the mean of its clips' probabilities; a video shorter than a clip is
+    scored whole and says why; an unreadable one is reported as before."""
+    from workflows.inference import load_predictor
+    from workflows.predict import clip_probs, clip_spec, video_clips
+
+    clips = video_dir / "clips"
+    mid, tall, broken = (str(clips / name) for name in ("mid.mp4", "tall.mp4", "random.mp4"))  # 2.33 s, 0.8 s
+    assert predict_main(["--checkpoint", str(run_dir), mid, tall, broken, "--clip-seconds", "1", "--top", "5",
+                         "--json"]) == 1
+    out, err = capsys.readouterr()
+    by_path = {r["path"]: r for r in json.loads(out)}
+    assert [(c["start"], c["end"]) for c in by_path[mid]["clips"]] == [(0.167, 1.167), (1.167, 2.167)]
+    assert "clips" not in by_path[tall] and by_path[broken]["error"] == "corrupt"
+    assert "random.mp4: could not be read (corrupt" in err and "1 of 3 videos could not be read" in err
+    model, recipe, names = load_predictor(str(run_dir), None, "cpu")
+    spec = clip_spec(model, recipe, 3, 1)
+    each = [clip_probs(model, recipe, names, video_clips(mid, spec, start, end))
+            for start, end in ((0.167, 1.167), (1.167, 2.167))]
+    for clip, probs in zip(by_path[mid]["clips"], each, strict=True):
+        assert {t["class"]: t["prob"] for t in clip["top"]} == \
+            {name: pytest.approx(float(p), abs=1e-6) for name, p in zip(names, probs, strict=True)}
+    mean = torch.stack(each).mean(0)
+    assert {t["class"]: t["prob"] for t in by_path[mid]["top"]} == \
+        {name: pytest.approx(float(p), abs=1e-6) for name, p in zip(names, mean, strict=True)}
+    assert not torch.allclose(each[0], each[1])  # two clips of different frames: the mean is not either one
+    # The table: a line per clip as it is scored, then the video; the short one says why it is whole.
+    assert predict_main(["--checkpoint", str(run_dir), mid, tall, "--clip-seconds", "1", "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    best = [names[int(p.argmax())] for p in each]
+    assert lines[:6] == [f"{mid}: 2 clips of 1 s",
+                         f"  0:00.2-0:01.2  {best[0]}  {100 * float(each[0].max()):5.1f}%",
+                         f"  0:01.2-0:02.2  {best[1]}  {100 * float(each[1].max()):5.1f}%",
+                         "  the whole video (the mean of its 2 read clips):",
+                         lines[4], lines[5]] and lines[4].startswith(f"  1. {names[int(mean.argmax())]}")
+    assert lines[6] == f"{tall}: (scored whole: it is 0.8 s, shorter than --clip-seconds 1)", lines
+    assert predict_main(["--checkpoint", str(run_dir), mid, "--clip-seconds", "0"]) == 2
+    assert "--clip-seconds must be a length in seconds above 0" in capsys.readouterr().err
+
+
 # --- evaluate on Ray --------------------------------------------------------------------------------------------
 
 
