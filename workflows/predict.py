@@ -38,6 +38,7 @@ from workflows.inference import (
     scoring_warnings,
 )
 from workflows.recipe import Recipe
+from workflows.runtime import is_remote
 
 DECODE_AHEAD = 4  # videos decoded ahead of the one being scored, at most ...
 DECODE_AHEAD_BYTES = 1 << 30  # ... and at most this many bytes of their clips (views x crops x T x S x S x 3)
@@ -249,20 +250,21 @@ class _Report:
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """The videos to classify: each argument as given, a local folder as the video files below it (sorted, at any
-    depth), an unexpanded glob pattern (quoted) as its matches. An argument that names nothing stays as given, so
-    it is reported as missing."""
+    """The videos to classify: each argument as given, a folder (local, or a bucket prefix) as the video files
+    below it (sorted, at any depth), an unexpanded glob pattern (quoted) as its matches. An argument that names
+    nothing stays as given, so it is reported as missing; a bucket that cannot be listed raises OSError."""
     import glob
     from pathlib import Path
 
-    from workflows.data.manifest import video_files
-    from workflows.runtime import is_remote
+    from workflows.data.manifest import bucket_video_files, video_files
 
     out: list[str] = []
     for arg in inputs:
-        if not is_remote(arg) and Path(arg).expanduser().is_dir():
+        if is_remote(arg):
+            out += bucket_video_files(arg) or [arg]  # an empty prefix too: reported as missing
+        elif Path(arg).expanduser().is_dir():
             out += [str(p) for p in video_files(arg)]
-        elif not is_remote(arg) and glob.has_magic(arg) and not Path(arg).exists():
+        elif glob.has_magic(arg) and not Path(arg).exists():
             out += sorted(glob.glob(str(Path(arg).expanduser()), recursive=True))
         else:
             out.append(arg)
@@ -310,7 +312,15 @@ def main(argv: list[str]) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     from workflows.data.video import BadVideo, StorageUnreachable
 
-    videos = expand_inputs(args.videos)
+    try:
+        videos = expand_inputs(args.videos)
+    except (OSError, ValueError) as exc:  # a bucket prefix that could not be listed
+        from workflows.data.manifest import storage_hint
+        from workflows.runtime import redact_secrets
+
+        remote = next((a for a in args.videos if is_remote(a)), "")
+        print(f"error: cannot list {redact_secrets(remote)}: {exc}{storage_hint(remote)}", file=sys.stderr)
+        return 2
     if not videos:
         print(f"error: no video files in {' '.join(args.videos)}", file=sys.stderr)
         return 2

@@ -274,6 +274,15 @@ def test_class_folders_in_a_bucket_are_imported_in_place(sample_data, tmp_path, 
         err = _cli_error(["import", "folders", "--videos", "s3://vds/nothing-here", "--out", "s3://vds/x"], capsys)
         assert "--videos s3://vds/nothing-here holds nothing (no object below that prefix)" in err, err
 
+        # predict takes a bucket prefix as it takes a local folder: the videos below it, hidden files left out.
+        from workflows.predict import expand_inputs
+
+        listed = expand_inputs(["s3://vds/mine/clips"])
+        assert listed == sorted(f"s3://vds/mine/{p.relative_to(local).as_posix()}"
+                                for p in (local / "clips").rglob("*.mp4")) and len(listed) == 24
+        assert expand_inputs(["s3://vds/mine/clips/growing/"]) == [u for u in listed if "/growing/" in u]
+        assert expand_inputs(["s3://vds/mine/nothing"]) == ["s3://vds/mine/nothing"]  # reported as missing later
+
         # --clip-seconds in the bucket: the durations from the objects' headers (ranged reads), the same clips as
         # the same files cut on a disk; a missing or unreadable object is listed whole, as on a disk.
         client.put_object(Bucket="vds", Key="mine/clips/growing/broken.mp4", Body=b"<html>404</html>")

@@ -49,6 +49,25 @@ def video_files(folder: str | Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
+def bucket_video_files(uri: str) -> list[str] | None:
+    """The video files (by extension) at any depth below a bucket prefix (or any pyarrow URI naming a folder), as
+    URIs that keep `uri`'s query (endpoint, credentials), sorted; hidden files and folders left out as in
+    `video_files`. None when `uri` names no folder (a file, or nothing); OSError when the storage cannot be listed."""
+    from workflows.checkpoints import child_uri
+
+    fs, root = resolve_filesystem(uri)
+    root = root.rstrip("/")
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return None
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        rel = info.path[len(root) + 1:]
+        if info.type == pafs.FileType.File and Path(rel).suffix.lower() in VIDEO_EXTENSIONS and \
+                not any(part.startswith(".") for part in rel.split("/")):
+            found.append(child_uri(uri, root, info.path))
+    return sorted(found)
+
+
 class ManifestError(ValueError):
     """A manifest or label file that cannot be used; the message names the file, row and value."""
 
