@@ -389,3 +389,14 @@ def test_data_check_counts_rotated_live_and_cut_videos_and_lists_every_bad_one(r
                                                                "half.webm": "truncated"}
     assert "need 4" in rows["three.mp4"]["detail"]
     assert not math.isnan(report["decode_seconds_per_video"])
+    assert report["long_rows"] == {"count": 0, "seconds": 30.0, "examples": []}
+    # A 40 s recording: reported as a row too long for DiST's frames, unless the row is a window of it.
+    _encode(tmp_path / "long.mp4", index_frames(32, 32, 80), fps=2)
+    write_manifest([{"path": "long.mp4", "label": "a"}, {"path": "long.mp4", "label": "a", "start": 0.0, "end": 10.0},
+                    {"path": "long.mp4", "label": "a", "start": 5.0}], tmp_path / "long.csv")
+    assert data_main(["check", "--manifest", str(tmp_path / "long.csv"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["long_rows"] == {"count": 2, "seconds": 30.0, "examples": [f"{tmp_path / 'long.mp4'} (40 s)",
+                                                                            f"{tmp_path / 'long.mp4'} (35 s)"]}
+    assert "rows longer than 30 s: 2. DiST spreads its frames over a whole row" in _format_check(report)
+    assert "`data import folders --clip-seconds 10`" in _format_check(report)

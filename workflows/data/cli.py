@@ -55,6 +55,12 @@ def _format_check(report: dict[str, Any]) -> str:
         lines.append(f"usable, but decode to well under the duration their header declares (damaged, or a video "
                      f"track that ends early; not dropped): {shorter['count']}")
         lines += [f"      {example}" for example in shorter["examples"]]
+    long = report["long_rows"]
+    if long["count"]:
+        lines.append(f"rows longer than {long['seconds']:g} s: {long['count']}. DiST spreads its frames over a whole "
+                     f"row, so in these they are seconds apart and the motion between them is lost: cut long "
+                     f"recordings into clips (`data import folders --clip-seconds 10`, or start,end columns)")
+        lines += [f"      {example}" for example in long["examples"]]
     shown = report["displayed_not_as_stored"]
     if shown["turned"] or shown["non_square_pixels"]:
         lines.append(f"decoded as a player shows them, not as stored: {shown['turned']} turned by their display "

@@ -30,6 +30,18 @@ def _row(path: str) -> dict[str, Any]:
             "duration": 0.0, "declared_duration": 0.0, "decoded": 0, "seconds": 0.0, "rotation": 0, "sar": 1.0}
 
 
+# Rows longer than this (3x a Kinetics clip) are reported: DiST spreads its 8 sparse and 16 dense frames over a
+# whole row, so in a longer one the dense frames are over 2 s apart and the motion between them is lost.
+LONG_ROW_S = 30.0
+
+
+def sampled_seconds(duration: float, start: float, end: float) -> float:
+    """The seconds of a video a row samples from: its [start, end) window (NaN: the video's own start or end)."""
+    first = start if math.isfinite(start) else 0.0
+    last = min(end, duration) if math.isfinite(end) else duration
+    return max(0.0, last - first)
+
+
 def shorter_than_declared(duration: float, declared: float) -> bool:
     """Whether a video decodes to well under the duration its header declares (over 10% and over half a second
     short): a video damaged in the middle, or one whose video track stops long before its audio, still decodes, to
@@ -133,6 +145,11 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
         return {"min": float(a.min()), "median": float(np.median(a)), "max": float(a.max()), "mean": float(a.mean())}
 
     short = [r for r in ok if shorter_than_declared(r["duration"], r["declared_duration"])]
+    window = {int(i): (float(a), float(b)) for i, a, b in zip(*(table.column(c).to_numpy(zero_copy_only=False)
+                                                               for c in ("video_index", "start", "end")), strict=True)}
+    long = sorted(((sampled_seconds(r["duration"], *window[int(r["video_index"])]), r["path"]) for r in ok),
+                  reverse=True)
+    long = [(seconds, path) for seconds, path in long if seconds > LONG_ROW_S]
     turned = [r for r in ok if r["rotation"] % 360]
     stretched = [r for r in ok if r["sar"] != 1.0]
     resolutions: dict[str, int] = {}
@@ -155,6 +172,9 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
             "count": len(short),
             "examples": [f"{r['path']} ({r['duration']:.2f} of {r['declared_duration']:.2f} s)"
                          for r in short[:MAX_EXAMPLES]]},
+        # rows over LONG_ROW_S seconds long (the longest first): frames too far apart for DiST's temporal encoder
+        "long_rows": {"count": len(long), "seconds": LONG_ROW_S,
+                      "examples": [f"{path} ({seconds:.0f} s)" for seconds, path in long[:MAX_EXAMPLES]]},
         # decoded as a player shows them, not as stored: turned by a display rotation, non-square pixels made square
         "displayed_not_as_stored": {
             "turned": len(turned), "non_square_pixels": len(stretched),
