@@ -80,6 +80,61 @@ def test_transcode_writes_small_copies_and_never_touches_originals(ray_local, vi
         transcode_dataset(str(video_dir / "bad.csv"), video_dir, progress=False)
 
 
+@pytest.mark.integration
+def test_transcode_reads_each_video_once_and_cut_writes_each_window_as_a_file(ray_local, tmp_path, capsys) -> None:
+    """A manifest naming a recording in several rows (clips of it, a repeated row, the whole of it): each source
+    file is transcoded once (it was once per row, with rows of one file writing the same temporary file at once),
+    the rows keep their windows; with --cut each window is a file of its own, holding exactly the frames the
+    window samples from, and the new rows have none. A window past the video's end is dropped as too_short."""
+    from tests.workflows.conftest import frame_ids, index_frames
+    from workflows.data.manifest import save_labels, write_manifest
+    from workflows.data.sample import write_video
+
+    write_video(tmp_path / "src" / "long.mp4", index_frames(64, 48, 30), 10, crf=8)  # 3 s, frames 0..29
+    write_video(tmp_path / "src" / "other.mp4", index_frames(48, 48, 12), 10, crf=8)
+    windows = [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (1.0, 2.0), (None, None), (0.55, None)]
+    rows = [{"path": "src/long.mp4", "label": "a", "start": a, "end": b} for a, b in windows]
+    rows += [{"path": "src/other.mp4", "label": "b", "start": 0.2, "end": 0.8},
+             {"path": "src/long.mp4", "label": "a", "start": 10.0, "end": 12.0}]
+    write_manifest(rows, tmp_path / "clips.csv")
+    save_labels({"a": 0, "b": 1}, tmp_path / "labels.json")
+
+    def ids(path: str, start=None, end=None) -> list[int]:
+        nan = float("nan")
+        clip = read_frames(path, lambda a, b, fps: np.arange(a, b), start=nan if start is None else start,
+                           end=nan if end is None else end, min_frames=1)
+        return frame_ids(clip.frames).tolist()
+
+    assert main(["transcode", "--manifest", str(tmp_path / "clips.csv"), "--out", str(tmp_path / "same"),
+                 "--short-side", "32", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["videos"], result["ok"], result["source_files"]) == (8, 8, 2)  # the window past the end too
+    assert sorted(p.name for p in (tmp_path / "same" / "videos" / "src").iterdir()) == ["long.mp4", "other.mp4"]
+    same = load_manifest(result["manifest"], None)
+    original = [str(tmp_path / r["path"]) for r in rows]
+    for path, start, end, source in zip(*(same.table.column(c).to_pylist() for c in ("path", "start", "end")),
+                                        original, strict=True):
+        if start != 10.0:
+            assert ids(path, start, end) == ids(source, start, end)
+
+    assert main(["transcode", "--manifest", str(tmp_path / "clips.csv"), "--out", str(tmp_path / "cut"),
+                 "--short-side", "32", "--cut"]) == 0
+    said = capsys.readouterr().out
+    assert "7 of 8 rows' clips cut from 2 videos, 1 left out (not in the new manifest):" in said, said
+    assert f"  too_short: 1, e.g. {tmp_path / 'src' / 'long.mp4'}" in said
+    cut = load_manifest(str(tmp_path / "cut" / "clips.csv"), None)
+    assert np.isnan(cut.table.column("start").to_numpy()).all() and np.isnan(cut.table.column("end").to_numpy()).all()
+    names = [Path(p).name for p in cut.table.column("path").to_pylist()]
+    assert names == ["long_0-1s.mp4", "long_1-2s.mp4", "long_2-3s.mp4", "long_1-2s.mp4", "long.mp4",
+                     "long_0.55-ends.mp4", "other_0.2-0.8s.mp4"]
+    kept = [r for r in rows if r["start"] != 10.0]
+    for path, row in zip(cut.table.column("path").to_pylist(), kept, strict=True):
+        assert ids(path) == ids(str(tmp_path / row["path"]), row["start"], row["end"]), (path, row)
+    assert ids(str(tmp_path / "cut" / "videos" / "src" / "long_1-2s.mp4")) == list(range(10, 20))
+    assert ids(str(tmp_path / "cut" / "videos" / "src" / "long_0.55-ends.mp4")) == list(range(5, 30))
+    assert not list((tmp_path / "cut").rglob(".*.part"))
+
+
 def test_sample_and_import_commands(tmp_path, capsys) -> None:
     assert main(["sample", "--out", str(tmp_path / "s"), "--videos-per-class", "2", "--size", "32", "--frames",
                  "8", "--workers", "1", "--json"]) == 0

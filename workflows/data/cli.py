@@ -130,7 +130,7 @@ def _cmd_transcode(args: argparse.Namespace) -> int:
     load_manifest(args.manifest, None, strict=False)
     _init_ray(args.address)
     result = transcode_dataset(args.manifest, args.out, short_side=args.short_side, gop=args.gop, crf=args.crf,
-                               progress=not args.json)
+                               cut=args.cut, progress=not args.json)
     print(json.dumps(result) if args.json else _format_transcode(result))
     return 0
 
@@ -138,8 +138,10 @@ def _cmd_transcode(args: argparse.Namespace) -> int:
 def _format_transcode(result: dict[str, Any]) -> str:
     """`transcode_dataset`'s result for the console: the new manifest, then each reason a video was left out."""
     dropped = sum(result["dropped"].values())
-    lines = [f"wrote {result['manifest']}: {result['ok']} of {result['videos']} videos transcoded"
-             f"{f', {dropped} left out (not in the new manifest):' if dropped else ''}"]
+    done = f"{result['ok']} of {result['videos']} rows' clips cut from {result['source_files']} videos" \
+        if result.get("cut") else f"{result['ok']} of {result['videos']} videos transcoded"
+    left_out = f", {dropped} left out (not in the new manifest):" if dropped else ""
+    lines = [f"wrote {result['manifest']}: {done}{left_out}"]
     lines += [f"  {reason}: {count}, e.g. {', '.join(result['examples'][reason][:3])}"
               for reason, count in result["dropped"].items()]
     return "\n".join(lines)
@@ -274,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 320; never upscaled)")
     t.add_argument("--gop", type=int, default=16, help="keyframe interval in frames (default 16)")
     t.add_argument("--crf", type=int, default=23, help="x264 quality, lower is better and larger (default 23)")
+    t.add_argument("--cut", action="store_true",
+                   help="write each row's start,end window as a file of its own (rows of the new manifest without "
+                        "windows): a long recording cut into clips is then read clip by clip, not whole per clip")
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.add_argument("--address", help=ADDRESS_HELP)
     t.set_defaults(run=_cmd_transcode)

@@ -432,6 +432,10 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
     if clip_seconds is not None:
         parts, clip_notes = _cut_into_clips(parts, clip_seconds, progress)
         notes += clip_notes
+        if source.remote or (val_source is not None and val_source.remote):
+            notes.append("each clip row fetches its whole video from the bucket (decoders read whole files), so an "
+                         "epoch fetches a video once per clip of it: `data transcode --manifest M --out DIR --cut` "
+                         "writes each clip as a file of its own (then `data upload DIR`)")
     if val_scan is None:
         single = [f for f in folder_names if len(train_scan.videos[f]) < 2]
         if single:

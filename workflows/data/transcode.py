@@ -13,8 +13,11 @@ its display rotation, and non-square pixels (DVD, HDV) become square at the disp
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from workflows.data.manifest import (
     relative_to,
     write_manifest,
 )
+from workflows.data.sampling import last_frame_end
 from workflows.data.video import BadVideo, probe
 from workflows.runtime import is_remote
 
@@ -40,53 +44,148 @@ def even_short_side_size(width: int, height: int, short_side: int) -> tuple[int,
     return w, h
 
 
-def transcode_video(src: str, dst: str | Path, *, short_side: int = 320, gop: int = 16, crf: int = 23,
-                    preset: str = "veryfast") -> dict[str, Any]:
-    """Transcode one video to H.264 mp4 at `dst`; returns {frames, width, height, seconds}. Raises BadVideo."""
+# A frame is in a window as `sampling.frame_window` counts it: from the frame on screen at `start` to the last one
+# shown before `end`, times in seconds from the first frame.
+_EPS = 1e-6
+
+
+@dataclass
+class Window:
+    """One output of a source video: the frames of [start, end) seconds (NaN: the video's start or end) into `dst`."""
+
+    start: float
+    end: float
+    dst: Path
+
+    def begins_after(self, t: float) -> bool:
+        return math.isfinite(self.start) and t <= self.start + _EPS
+
+    def ends_by(self, t: float) -> bool:
+        return math.isfinite(self.end) and t >= self.end - _EPS
+
+
+class _Writer:
+    """An H.264 mp4 written through a temporary file, renamed into place when complete."""
+
+    def __init__(self, dst: Path, rate: Fraction, size: tuple[int, int], rotation: int, options: dict[str, str]):
+        import av
+
+        self.dst, self.size, self.rate, self.frames = dst, size, rate, 0
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = dst.with_name(f".{dst.name}.part")
+        self.out = av.open(str(self.tmp), "w", format="mp4")
+        self.stream = self.out.add_stream("libx264", rate=rate)
+        self.stream.width, self.stream.height, self.stream.pix_fmt = *size, "yuv420p"
+        if rotation:
+            self.stream.set_display_rotation(rotation)
+        self.stream.codec_context.options = options
+
+    def write(self, frame: Any) -> None:
+        small = frame.reformat(width=self.size[0], height=self.size[1], format="yuv420p")
+        small.pts, small.time_base = self.frames, 1 / self.rate
+        for packet in self.stream.encode(small):
+            self.out.mux(packet)
+        self.frames += 1
+
+    def finish(self) -> int:
+        for packet in self.stream.encode():
+            self.out.mux(packet)
+        self.out.close()
+        os.replace(self.tmp, self.dst)
+        return self.frames
+
+    def abort(self) -> None:
+        try:
+            self.out.close()
+        except Exception:  # noqa: BLE001 - a half-written file is removed either way
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def transcode_windows(src: str, windows: list[Window], *, short_side: int = 320, gop: int = 16, crf: int = 23,
+                      preset: str = "veryfast") -> dict[Path, int | BadVideo]:
+    """Transcode windows of one video to H.264 mp4s in a single decode pass (a recording cut into many clips is
+    decoded once, not once per clip): {dst: frames written, or the BadVideo of a window without a frame}. The whole
+    video failing raises BadVideo and leaves no file. A copy shows as its original does: square pixels (a
+    non-square source stretched to its displayed width), stored unturned with the source's display rotation."""
     import io
 
     import av
 
     info = probe(src)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.part")
-    t0 = time.perf_counter()
+    w, h = even_short_side_size(*info.square_pixel_size(), short_side)
     source: Any = src if not is_remote(src) else io.BytesIO(read_bytes(src))
-    frames = 0
+    options = {"preset": preset, "crf": str(crf), "g": str(gop), "keyint_min": str(max(1, gop // 2)), "threads": "1"}
+    open_: dict[int, _Writer] = {}
+    pending: dict[int, Any] = {}  # a window's candidate first frame: the newest one shown at or before its start
+    done: dict[Path, int | BadVideo] = {}
+    times: list[float] = []
     try:
-        with av.open(source) as inp, av.open(str(tmp), "w", format="mp4") as out:
+        with av.open(source) as inp:
             vin = inp.streams.video[0]
             vin.thread_type = "AUTO"
             rate = Fraction(vin.average_rate or vin.guessed_rate or 25).limit_denominator(1001)
-            # Square pixels (a non-square source is stretched to its displayed width), stored unturned with the
-            # source's display rotation: the copy shows as the original does.
-            w, h = even_short_side_size(*info.square_pixel_size(), short_side)
-            vout = out.add_stream("libx264", rate=rate)
-            vout.width, vout.height, vout.pix_fmt = w, h, "yuv420p"
-            if info.rotation:
-                vout.set_display_rotation(info.rotation)
-            vout.codec_context.options = {"preset": preset, "crf": str(crf), "g": str(gop),
-                                          "keyint_min": str(max(1, gop // 2)), "threads": "1"}
-            for frame in inp.decode(vin):
-                small = frame.reformat(width=w, height=h, format="yuv420p")
-                small.pts, small.time_base = frames, 1 / rate
-                for packet in vout.encode(small):
-                    out.mux(packet)
-                frames += 1
-            for packet in vout.encode():
-                out.mux(packet)
-    except BadVideo:
-        tmp.unlink(missing_ok=True)
-        raise
+
+            def writer(i: int) -> _Writer:
+                open_[i] = _Writer(windows[i].dst, rate, (w, h), info.rotation, options)
+                return open_[i]
+
+            for index, frame in enumerate(inp.decode(vin)):
+                t = frame.time if frame.time is not None else index / float(rate)
+                times.append(t)
+                t -= times[0]
+                for i, window in enumerate(windows):
+                    if window.dst in done:
+                        continue
+                    if i not in open_:
+                        if window.begins_after(t):
+                            pending[i] = frame
+                            continue
+                        out = writer(i)
+                        if i in pending:
+                            out.write(pending.pop(i))
+                    if window.ends_by(t):
+                        done[window.dst] = open_.pop(i).finish()
+                    else:
+                        open_[i].write(frame)
+            end_of_video = _last_frame_end(times)
+            for i, window in enumerate(windows):  # windows still open at the end, or whose start came last
+                if window.dst in done:
+                    continue
+                if i not in open_ and i in pending and window.start <= end_of_video + _EPS:
+                    writer(i).write(pending.pop(i))
+                done[window.dst] = open_.pop(i).finish() if i in open_ else BadVideo(
+                    "too_short", f"no frame in [{window.start:g}, {window.end:g}) s of a {end_of_video:.2f} s video")
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
+        for out in open_.values():
+            out.abort()
+        for dst, written in done.items():  # no clip of a video that failed: all of it is reported, none kept
+            if not isinstance(written, BadVideo):
+                dst.unlink(missing_ok=True)
+        if isinstance(exc, BadVideo):
+            raise
         raise BadVideo("decode_error", f"{type(exc).__name__}: {exc}") from None
-    if frames == 0:
-        tmp.unlink(missing_ok=True)
+    if not times:
         raise BadVideo("zero_frames", "no frames decoded")
-    os.replace(tmp, dst)
-    return {"frames": frames, "width": w, "height": h, "seconds": time.perf_counter() - t0}
+    return done
+
+
+def _last_frame_end(times: list[float]) -> float:
+    """Seconds from the first frame until the last one leaves the screen (`sampling.last_frame_end`)."""
+    if not times:
+        return 0.0
+    return last_frame_end(np.asarray(times, np.float64) - times[0])
+
+
+def transcode_video(src: str, dst: str | Path, *, short_side: int = 320, gop: int = 16, crf: int = 23,
+                    preset: str = "veryfast") -> dict[str, Any]:
+    """Transcode one whole video to H.264 mp4 at `dst`; returns {frames, width, height, seconds}. Raises BadVideo."""
+    t0 = time.perf_counter()
+    dst = Path(dst)
+    (frames,) = transcode_windows(src, [Window(math.nan, math.nan, dst)], short_side=short_side, gop=gop, crf=crf,
+                                  preset=preset).values()
+    info = probe(str(dst))
+    return {"frames": frames, "width": info.width, "height": info.height, "seconds": time.perf_counter() - t0}
 
 
 def _output_name(path: str, base: str, index: int) -> str:
@@ -98,20 +197,38 @@ def _output_name(path: str, base: str, index: int) -> str:
     return str(Path(rel).with_suffix(".mp4"))
 
 
+def _window_name(name: str, start: float, end: float) -> str:
+    """A cut clip's file beside where its whole video would go: `<stem>_<start>-<end>s.mp4` (a row without a window:
+    the whole video's name)."""
+    if math.isnan(start) and math.isnan(end):
+        return name
+    first = format(start, ".10g") if math.isfinite(start) else "0"
+    last = format(end, ".10g") if math.isfinite(end) else "end"
+    return str(Path(name).with_name(f"{Path(name).stem}_{first}-{last}s.mp4"))
+
+
 def _transcode_batch(batch: dict[str, np.ndarray], out_dir: str, short_side: int, gop: int,
                      crf: int) -> dict[str, np.ndarray]:
-    results: dict[str, list[Any]] = {"video_index": [], "ok": [], "reason": [], "detail": [], "output": []}
-    for path, index, name in zip(batch["path"], batch["video_index"], batch["output"], strict=True):
-        dst = Path(out_dir) / "videos" / str(name)
-        ok, reason, detail = True, "", ""
-        if not (dst.is_file() and dst.stat().st_size > 0):
+    """One source video per row, with its windows (JSON [[start, end, output name], ...]; NaN as null): each
+    output not already complete is written, in one decode of the source."""
+    results: dict[str, list[Any]] = {"output": [], "ok": [], "reason": [], "detail": []}
+    for path, listed in zip(batch["path"], batch["windows"], strict=True):
+        windows = [Window(math.nan if a is None else a, math.nan if b is None else b, Path(out_dir) / "videos" / n)
+                   for a, b, n in json.loads(str(listed))]
+        todo = [w for w in windows if not (w.dst.is_file() and w.dst.stat().st_size > 0)]  # a resumed run
+        outcome: dict[Path, int | BadVideo] = {}
+        if todo:
             try:
-                transcode_video(str(path), dst, short_side=short_side, gop=gop, crf=crf)
+                outcome = transcode_windows(str(path), todo, short_side=short_side, gop=gop, crf=crf)
             except BadVideo as exc:
-                ok, reason, detail = False, exc.reason, exc.detail[:300]
-        for key, value in (("video_index", int(index)), ("ok", ok), ("reason", reason), ("detail", detail),
-                           ("output", str(dst))):
-            results[key].append(value)
+                outcome = dict.fromkeys((w.dst for w in todo), exc)
+        for window in windows:
+            bad = outcome.get(window.dst)
+            bad = bad if isinstance(bad, BadVideo) else None
+            results["output"].append(str(window.dst))
+            results["ok"].append(bad is None)
+            results["reason"].append(bad.reason if bad else "")
+            results["detail"].append(bad.detail[:300] if bad else "")
     return {k: np.array(v) for k, v in results.items()}
 
 
@@ -138,9 +255,13 @@ def check_transcode_arguments(manifest: str, out_dir: str | Path, *, short_side:
 
 
 def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 320, gop: int = 16, crf: int = 23,
-                      progress: bool = True) -> dict[str, Any]:
-    """Transcode every video of `manifest` (in parallel on Ray) into out_dir/videos/ and write
-    out_dir/<manifest name> pointing at the new files. Returns a summary dict."""
+                      cut: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Transcode every video of `manifest` (in parallel on Ray, each source file once however many rows name it)
+    into out_dir/videos/ and write out_dir/<manifest name> pointing at the new files. With `cut`, each row's
+    [start, end) window becomes a file of its own (rows without start and end: the whole video), named
+    `<video>_<start>-<end>s.mp4`, and the new rows have no window: a long recording cut into clips is then read
+    clip by clip, not whole for each clip (from a bucket: its bytes fetched once per clip row). Returns a summary
+    dict."""
     import pyarrow as pa
     import ray
 
@@ -148,8 +269,22 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
     source_dir = parent_dir(manifest)
     loaded = load_manifest(manifest, None, strict=False)
     table = loaded.table
-    names = [_output_name(p, source_dir, i) for i, p in enumerate(table.column("path").to_pylist())]
-    work = table.select(["video_index", "path"]).append_column("output", pa.array(names, pa.string()))
+    paths, labels, starts, ends = (table.column(c).to_pylist() for c in ("path", "label_name", "start", "end"))
+    first_row: dict[str, int] = {}
+    for i, path in enumerate(paths):
+        first_row.setdefault(path, i)
+    names = {path: _output_name(path, source_dir, i) for path, i in first_row.items()}
+    # each row's output file: its video's copy, or (cut) its window's own file; sources keep their first row's order
+    row_output = [_window_name(names[p], a, b) if cut else names[p] for p, a, b in zip(paths, starts, ends,
+                                                                                     strict=True)]
+    windows: dict[str, dict[str, tuple[float | None, float | None]]] = {p: {} for p in first_row}
+    for path, name, a, b in zip(paths, row_output, starts, ends, strict=True):
+        windows[path][name] = (None, None) if not cut or math.isnan(a) else (a, None)
+        if cut and not math.isnan(b):
+            windows[path][name] = (windows[path][name][0], b)
+    work = pa.table({"path": list(windows), "windows": [json.dumps([[a, b, n] for n, (a, b) in w.items()])
+                                                        for w in windows.values()]})
+    outputs = sum(len(w) for w in windows.values())
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     rows_per_block = max(1, -(-work.num_rows // (4 * cpus)))
     blocks = [work.slice(i, rows_per_block) for i in range(0, work.num_rows, rows_per_block)]
@@ -157,25 +292,28 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
     ds = ray.data.from_arrow(blocks).map_batches(
         _transcode_batch, fn_kwargs={"out_dir": str(out), "short_side": short_side, "gop": gop, "crf": crf},
         batch_size=None, batch_format="numpy", num_cpus=1)
-    results, shown = {}, t0
+    results: dict[str, dict[str, Any]] = {}
+    shown = t0
+    what = "clips" if cut else "videos"
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for i, index in enumerate(batch["video_index"]):
-            results[int(index)] = {k: batch[k][i] for k in ("ok", "reason", "detail", "output")}
+        for i, output in enumerate(batch["output"]):
+            results[str(output)] = {k: batch[k][i] for k in ("ok", "reason", "detail")}
         now = time.perf_counter()
-        if progress and (now - shown >= 10 or len(results) == work.num_rows):  # a line per 10 s, and the last
+        if progress and (now - shown >= 10 or len(results) == outputs):  # a line per 10 s, and the last
             shown = now
-            print(f"  transcoded {len(results)}/{work.num_rows} videos ({now - t0:.0f} s)", flush=True)
+            print(f"  transcoded {len(results)}/{outputs} {what} ({now - t0:.0f} s)", flush=True)
     rows, dropped, examples = [], {}, {}
-    labels, starts, ends = (table.column(c).to_pylist() for c in ("label_name", "start", "end"))
-    for i in range(work.num_rows):
-        r = results[i]
+    for i, path in enumerate(paths):
+        dst = out / "videos" / row_output[i]
+        r = results[str(dst)]
         if not r["ok"]:
             dropped[str(r["reason"])] = dropped.get(str(r["reason"]), 0) + 1
-            examples.setdefault(str(r["reason"]), []).append(table.column("path")[i].as_py())
+            examples.setdefault(str(r["reason"]), []).append(path)
             continue
-        start, end = (None if np.isnan(v) else v for v in (starts[i], ends[i]))
-        rows.append({"path": relative_to(str(r["output"]), out), "label": labels[i], "start": start, "end": end})
+        start, end = (None if cut or np.isnan(v) else v for v in (starts[i], ends[i]))
+        rows.append({"path": relative_to(str(dst), out), "label": labels[i], "start": start, "end": end})
     new_manifest = out / Path(manifest.rsplit("/", 1)[-1]).name
     write_manifest(rows, new_manifest)
-    return {"manifest": str(new_manifest), "videos": work.num_rows, "ok": len(rows), "dropped": dropped,
-            "examples": {k: v[:5] for k, v in examples.items()}, "seconds": time.perf_counter() - t0}
+    return {"manifest": str(new_manifest), "videos": len(paths), "ok": len(rows), "dropped": dropped,
+            "examples": {k: v[:5] for k, v in examples.items()}, "seconds": time.perf_counter() - t0,
+            "source_files": len(first_row), "cut": cut}
