@@ -97,7 +97,7 @@ def predict_video(model: Any, recipe: Recipe, class_names: list[str], path: str,
 
 def decode_ahead(paths: list[Any], decode: Callable[[Any], Any], ahead: int,
                  workers: int) -> Iterator[tuple[Any, Future]]:
-    """(path, future of `decode(path)`) for each path (or a `Window` of one), in order, while the next `ahead` (at
+    """(path, future of `decode(path)`) for each path (or a `Span` of one), in order, while the next `ahead` (at
     most) are already being decoded in a pool of `workers` threads (decord, PyAV and OpenCV release the GIL): the
     caller scores one video while the next ones decode. At most `ahead` + 1 decoded videos are held at once (the
     one yielded and the ones ahead of it; `ahead` 0: one at a time). The caller takes each result
@@ -135,7 +135,7 @@ def decode_plan(spec: Any, decode_threads: int) -> tuple[int, int]:
 
 
 @dataclass
-class Window:
+class Span:
     """What one decode covers: a whole video (start, end NaN), or one window of a long one (`--clip-seconds`)."""
 
     path: str
@@ -145,12 +145,12 @@ class Window:
     whole_because: str = ""  # with --clip-seconds: why this video is scored whole
 
 
-def plan_windows(videos: list[str], seconds: float | None) -> list[Window]:
-    """Each video as one Window, or with `seconds` cut into centred windows of that length (the cut `data import
+def plan_windows(videos: list[str], seconds: float | None) -> list[Span]:
+    """Each video as one Span, or with `seconds` cut into centred windows of that length (the cut `data import
     folders --clip-seconds` makes; durations from the headers, ranged reads in a bucket). A video shorter than a
     window, declaring no duration or that cannot be opened is scored whole (the last: reported as it fails)."""
     if seconds is None:
-        return [Window(path) for path in videos]
+        return [Span(path) for path in videos]
     from concurrent.futures import ThreadPoolExecutor
 
     from workflows.data.folder_import import clip_windows
@@ -164,9 +164,9 @@ def plan_windows(videos: list[str], seconds: float | None) -> list[Window]:
         if windows is None:
             why = ("" if duration is None else "it declares no duration" if not duration else
                    f"it is {duration:.1f} s, shorter than --clip-seconds {seconds:g}")
-            planned.append(Window(path, whole_because=why))
+            planned.append(Span(path, whole_because=why))
         else:
-            planned += [Window(path, start, end, len(windows)) for start, end in windows]
+            planned += [Span(path, start, end, len(windows)) for start, end in windows]
     return planned
 
 
@@ -189,7 +189,7 @@ class _Report:
         self._clips: list[dict[str, Any]] = []  # the current long video's clips so far
         self._probs: list[Any] = []
 
-    def add(self, window: Window, probs: Any, reason: str = "", detail: str = "") -> None:
+    def add(self, window: Span, probs: Any, reason: str = "", detail: str = "") -> None:
         if not window.windows:
             self._whole(window, probs, reason, detail)
             return
@@ -209,7 +209,7 @@ class _Report:
         if len(self._clips) == window.windows:
             self._finish_long(window)
 
-    def _whole(self, window: Window, probs: Any, reason: str, detail: str) -> None:
+    def _whole(self, window: Span, probs: Any, reason: str, detail: str) -> None:
         if probs is None:
             self.failed += 1
             self.results.append({"path": window.path, "error": reason, "detail": detail})
@@ -221,7 +221,7 @@ class _Report:
             print(f"{window.path}:" + (f" (scored whole: {window.whole_because})" if window.whole_because else ""))
             self._print_top(top)
 
-    def _finish_long(self, window: Window) -> None:
+    def _finish_long(self, window: Span) -> None:
         clips, probs = self._clips, self._probs
         self._clips, self._probs = [], []
         unread = len(clips) - len(probs)
