@@ -153,7 +153,7 @@ def plan_windows(videos: list[str], seconds: float | None) -> list[Span]:
         return [Span(path) for path in videos]
     from concurrent.futures import ThreadPoolExecutor
 
-    from workflows.data.folder_import import clip_windows
+    from workflows.data.sampling import clip_windows
     from workflows.data.video import header_duration
 
     with ThreadPoolExecutor(8) as pool:

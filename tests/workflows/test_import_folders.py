@@ -349,7 +349,7 @@ def test_long_recordings_are_cut_into_clips_after_the_split(sample_data, tmp_pat
     clip = read_frames(path, lambda first, last, fps: np.arange(first, last), start=0.75, end=1.5)
     assert len(clip.indices) == 12 and clip.indices[0] == 12  # 0.75 s at 16 fps, from frame 12 on
 
-    from workflows.data.folder_import import clip_windows
+    from workflows.data.sampling import clip_windows
 
     assert clip_windows(2.0, 0.75) == [(0.25, 1.0), (1.0, 1.75)]  # centred: 0.5 s left over, 0.25 s at each end
     assert clip_windows(0.5, 0.75) is None and clip_windows(30.0, 10.0) == [(0.0, 10.0), (10.0, 20.0), (20.0, 30.0)]

@@ -40,6 +40,7 @@ from workflows.data.manifest import (
     storage_hint,
     write_manifest,
 )
+from workflows.data.sampling import clip_windows
 from workflows.runtime import is_remote, redact_secrets, write_text
 
 SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "eval"}
@@ -326,16 +327,6 @@ def _seeded_split(videos: list[str], fraction: float, seed: int, folder: str) ->
     random.Random(f"{seed}/{folder}").shuffle(shuffled)
     n_val = min(max(1, round(len(videos) * fraction)), len(videos) - 1)
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
-
-
-def clip_windows(duration: float, seconds: float) -> list[tuple[float, float]] | None:
-    """The [start, end) windows of `seconds` a video of `duration` seconds is cut into, centred (what is left over
-    is split between its two ends); None for a video shorter than one window (it is listed whole)."""
-    if duration < seconds:
-        return None
-    n = int(duration // seconds)
-    offset = (duration - n * seconds) / 2
-    return [(round(offset + i * seconds, 3), round(offset + (i + 1) * seconds, 3)) for i in range(n)]
 
 
 def _durations(paths: list[str], progress: bool) -> dict[str, float | None]:

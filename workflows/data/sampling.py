@@ -70,3 +70,13 @@ def segment_indices(
     else:
         pos = lo + (hi - lo) * (view + 1) / num_views
     return np.round(np.clip(pos, first, last - 1)).astype(np.int64)
+
+
+def clip_windows(duration: float, seconds: float) -> list[tuple[float, float]] | None:
+    """The [start, end) windows of `seconds` a video of `duration` seconds is cut into, centred (what is left over
+    is split between its two ends); None for a video shorter than one window (it is listed whole)."""
+    if duration < seconds:
+        return None
+    n = int(duration // seconds)
+    offset = (duration - n * seconds) / 2
+    return [(round(offset + i * seconds, 3), round(offset + (i + 1) * seconds, 3)) for i in range(n)]
