@@ -22,6 +22,8 @@ import json
 import math
 import os
 import sys
+import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -170,6 +172,49 @@ def plan_windows(videos: list[str], seconds: float | None) -> list[Span]:
     return planned
 
 
+class _LocalCopies:
+    """A video in a bucket cut into several spans is fetched once, into a temporary file its spans decode from,
+    deleted after its last span (decoders read whole files: each span would fetch all of it again). A fetch that
+    failed is not tried again for the video's other spans."""
+
+    def __init__(self, spans: list[Span], folder: str) -> None:
+        from collections import Counter
+
+        self.folder = folder
+        self.left = Counter(s.path for s in spans if s.windows > 1 and is_remote(s.path))
+        self.lock = threading.Lock()
+        self.copies: dict[str, str | BaseException] = {}
+        self.fetching: dict[str, threading.Lock] = {path: threading.Lock() for path in self.left}
+
+    def path_for(self, span: Span) -> str:
+        if span.path not in self.left:
+            return span.path
+        with self.fetching[span.path]:  # one fetch per video; its other spans wait for it
+            if span.path not in self.copies:
+                from workflows.data.video import fetch_to_file
+
+                local = os.path.join(self.folder, f"{len(self.copies)}{os.path.splitext(span.path.split('?')[0])[1]}")
+                try:
+                    fetch_to_file(span.path, local)
+                    self.copies[span.path] = local
+                except Exception as exc:  # noqa: BLE001 - raised for each of its spans, reported as usual
+                    self.copies[span.path] = exc
+            copy = self.copies[span.path]
+        if isinstance(copy, BaseException):
+            raise copy
+        return copy
+
+    def done(self, span: Span) -> None:
+        if span.path not in self.left:
+            return
+        with self.lock:
+            self.left[span.path] -= 1
+            last = self.left[span.path] == 0
+        copy = self.copies.get(span.path)
+        if last and isinstance(copy, str):
+            os.unlink(copy)
+
+
 def _timestamp(seconds: float) -> str:
     minutes, rest = divmod(seconds, 60)
     hours, minutes = divmod(int(minutes), 60)
@@ -189,54 +234,54 @@ class _Report:
         self._clips: list[dict[str, Any]] = []  # the current long video's clips so far
         self._probs: list[Any] = []
 
-    def add(self, window: Span, probs: Any, reason: str = "", detail: str = "") -> None:
-        if not window.windows:
-            self._whole(window, probs, reason, detail)
+    def add(self, span: Span, probs: Any, reason: str = "", detail: str = "") -> None:
+        if not span.windows:
+            self._whole(span, probs, reason, detail)
             return
         if not self._clips and not self.as_json:
-            print(f"{window.path}: {window.windows} clips of {self.clip_seconds:g} s", flush=True)
-        span = f"{_timestamp(window.start)}-{_timestamp(window.end)}"
+            print(f"{span.path}: {span.windows} clips of {self.clip_seconds:g} s", flush=True)
+        when = f"{_timestamp(span.start)}-{_timestamp(span.end)}"
         if probs is None:
-            self._clips.append({"start": window.start, "end": window.end, "error": reason, "detail": detail})
-            print(f"{window.path} {span}: could not be read ({reason}: {detail})", file=sys.stderr, flush=True)
+            self._clips.append({"start": span.start, "end": span.end, "error": reason, "detail": detail})
+            print(f"{span.path} {when}: could not be read ({reason}: {detail})", file=sys.stderr, flush=True)
         else:
             top = top_classes(probs, self.class_names, self.top)
-            self._clips.append({"start": window.start, "end": window.end,
+            self._clips.append({"start": span.start, "end": span.end,
                                 "top": [{"class": name, "prob": p} for name, p in top]})
             self._probs.append(probs)
             if not self.as_json:
-                print(f"  {span}  {top[0][0]}  {100 * top[0][1]:5.1f}%", flush=True)
-        if len(self._clips) == window.windows:
-            self._finish_long(window)
+                print(f"  {when}  {top[0][0]}  {100 * top[0][1]:5.1f}%", flush=True)
+        if len(self._clips) == span.windows:
+            self._finish_long(span)
 
-    def _whole(self, window: Span, probs: Any, reason: str, detail: str) -> None:
+    def _whole(self, span: Span, probs: Any, reason: str, detail: str) -> None:
         if probs is None:
             self.failed += 1
-            self.results.append({"path": window.path, "error": reason, "detail": detail})
-            print(f"{window.path}: could not be read ({reason}: {detail})", file=sys.stderr, flush=True)
+            self.results.append({"path": span.path, "error": reason, "detail": detail})
+            print(f"{span.path}: could not be read ({reason}: {detail})", file=sys.stderr, flush=True)
             return
         top = top_classes(probs, self.class_names, self.top)
-        self.results.append({"path": window.path, "top": [{"class": name, "prob": p} for name, p in top]})
+        self.results.append({"path": span.path, "top": [{"class": name, "prob": p} for name, p in top]})
         if not self.as_json:
-            print(f"{window.path}:" + (f" (scored whole: {window.whole_because})" if window.whole_because else ""))
+            print(f"{span.path}:" + (f" (scored whole: {span.whole_because})" if span.whole_because else ""))
             self._print_top(top)
 
-    def _finish_long(self, window: Span) -> None:
+    def _finish_long(self, span: Span) -> None:
         clips, probs = self._clips, self._probs
         self._clips, self._probs = [], []
         unread = len(clips) - len(probs)
         if not probs:
             self.failed += 1
             first = clips[0]
-            self.results.append({"path": window.path, "error": first["error"], "detail": first["detail"],
+            self.results.append({"path": span.path, "error": first["error"], "detail": first["detail"],
                                  "clips": clips})
-            print(f"{window.path}: none of its {len(clips)} clips could be read", file=sys.stderr, flush=True)
+            print(f"{span.path}: none of its {len(clips)} clips could be read", file=sys.stderr, flush=True)
             return
         import torch
 
         self.unread_clips += unread
         top = top_classes(torch.stack(probs).mean(dim=0), self.class_names, self.top)
-        self.results.append({"path": window.path, "top": [{"class": name, "prob": p} for name, p in top],
+        self.results.append({"path": span.path, "top": [{"class": name, "prob": p} for name, p in top],
                              "clips": clips})
         if not self.as_json:
             print(f"  the whole video (the mean of its {len(probs)} read clips"
@@ -346,13 +391,22 @@ def main(argv: list[str]) -> int:
     spec = clip_spec(model, recipe, views, crops)
     ahead, workers = decode_plan(spec, recipe.data.decode_threads)
     report = _Report(class_names, args.top, args.json, args.clip_seconds)
-    for window, decoded in decode_ahead(plan_windows(videos, args.clip_seconds),
-                                        lambda w: video_clips(w.path, spec, w.start, w.end), ahead, workers):
-        try:
-            report.add(window, clip_probs(model, recipe, class_names, decoded.result(), mode))
-        except (BadVideo, StorageUnreachable) as exc:  # the second: a bucket that did not answer, not a bad video
-            reason, detail = (exc.reason, exc.detail) if isinstance(exc, BadVideo) else ("unreachable", str(exc))
-            report.add(window, None, reason, detail)
+    spans = plan_windows(videos, args.clip_seconds)
+    with tempfile.TemporaryDirectory(prefix="predict-") as folder:
+        copies = _LocalCopies(spans, folder)
+
+        def decode(span: Span) -> Any:
+            try:
+                return video_clips(copies.path_for(span), spec, span.start, span.end)
+            finally:
+                copies.done(span)
+
+        for span, decoded in decode_ahead(spans, decode, ahead, workers):
+            try:
+                report.add(span, clip_probs(model, recipe, class_names, decoded.result(), mode))
+            except (BadVideo, StorageUnreachable) as exc:  # the second: a bucket that did not answer, not a bad video
+                reason, detail = (exc.reason, exc.detail) if isinstance(exc, BadVideo) else ("unreachable", str(exc))
+                report.add(span, None, reason, detail)
     if args.json:
         print(json.dumps(report.results, indent=2))
     if report.failed:

@@ -524,7 +524,7 @@ def test_predict_output_is_the_one_video_at_a_time_result(run_dir: Path, video_d
                 [(name, pytest.approx(p, abs=1e-6)) for name, p in alone]
 
 
-def test_predict_scores_a_long_video_clip_by_clip(run_dir: Path, video_dir: Path, capsys) -> None:
+def test_predict_scores_a_long_video_clip_by_clip(run_dir: Path, video_dir: Path, capsys, monkeypatch) -> None:
     """--clip-seconds: a long video is cut into centred clips (the cut `data import folders` makes), each scored
     and shown as it comes, then the video as the mean of its clips' probabilities; a video shorter than a clip is
     scored whole and says why; an unreadable one is reported as before."""
@@ -563,6 +563,23 @@ def test_predict_scores_a_long_video_clip_by_clip(run_dir: Path, video_dir: Path
     assert lines[6] == f"{tall}: (scored whole: it is 0.8 s, shorter than --clip-seconds 1)", lines
     assert predict_main(["--checkpoint", str(run_dir), mid, "--clip-seconds", "0"]) == 2
     assert "--clip-seconds must be a length in seconds above 0" in capsys.readouterr().err
+    # A video in storage (file:// through the same pyarrow code as s3://) is fetched once for all its clips, into a
+    # temporary file removed after its last clip; the scores are those of the local file.
+    import workflows.data.video as video_module
+
+    fetched = []
+    real_fetch = video_module.fetch_to_file
+
+    def counting_fetch(path: str, dst: str, retry_s=None) -> None:
+        fetched.append(dst)
+        real_fetch(path, dst, retry_s)
+
+    monkeypatch.setattr(video_module, "fetch_to_file", counting_fetch)
+    uri = Path(mid).as_uri()
+    assert predict_main(["--checkpoint", str(run_dir), uri, "--clip-seconds", "1", "--top", "5", "--json"]) == 0
+    (remote,) = json.loads(capsys.readouterr().out)
+    assert len(fetched) == 1 and not Path(fetched[0]).exists() and not Path(fetched[0]).parent.exists()
+    assert [c["top"] for c in remote["clips"]] == [c["top"] for c in by_path[mid]["clips"]]
 
 
 # --- evaluate on Ray --------------------------------------------------------------------------------------------

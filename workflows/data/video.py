@@ -159,6 +159,20 @@ def _source(path: str, fs: pafs.FileSystem, inner: str, retry_s: float | None) -
     return _from_storage(path, fs, fetch, retry_s)
 
 
+def fetch_to_file(path: str, dst: str, retry_s: float | None = None) -> None:
+    """Copy the video at `path` (a bucket URI) into the local file `dst`, streamed, retried as reads are
+    (`_from_storage`): for a video decoded many times over, e.g. each clip of a long recording."""
+    import shutil
+
+    fs, inner = resolve_filesystem(path)
+
+    def copy() -> None:
+        with fs.open_input_stream(inner) as src, open(dst, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 22)
+
+    _from_storage(path, fs, copy, retry_s)
+
+
 def mp4_truncated(f: IO[bytes], size: int) -> bool | None:
     """Walk the top-level boxes of an ISO-BMFF file: True if one claims bytes past the end, False if they tile
     the file, None if this does not look like an MP4/MOV at all."""
