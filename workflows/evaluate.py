@@ -416,64 +416,21 @@ def per_class_rows(confusion: Any, class_names: list[str]) -> list[dict[str, Any
     return rows
 
 
-@dataclass
-class FileScores:
-    """Clips of one file scored together: the mean of its scored rows' class probabilities (each row weighs the
-    same), for manifests that cut long recordings into clips (`data import folders --clip-seconds`)."""
-
-    paths: list[str]  # each file once, in the order of its first row
-    probs: Any  # torch.Tensor (files, K)
-    labels: Any  # torch.Tensor (files,)
-    clips: list[int]  # scored rows per file
-    mixed_label_files: list[str]  # files whose rows name different classes: not scored as one
-
-
-def per_file_scores(paths: list[str], label_of_row: list[int], scored: list[int], probs: Any) -> FileScores | None:
-    """The scored rows (`scored`: manifest rows, `probs`: their (rows, K) probabilities) grouped by file; None when
-    no file has more than one row in the manifest (`paths`, `label_of_row`: every row's), so there is nothing to
-    add to the per-row scores. A file whose rows name different classes (an untrimmed recording annotated by
-    segment) is left out and listed; its rows are still scored one by one."""
-    import torch
-
-    rows_of: dict[str, list[int]] = {}
-    for row, path in enumerate(paths):
-        rows_of.setdefault(path, []).append(row)
-    if all(len(rows) == 1 for rows in rows_of.values()):
-        return None
-    mixed = [path for path, rows in rows_of.items() if len({label_of_row[r] for r in rows}) > 1]
-    position = {row: i for i, row in enumerate(scored)}
-    files, means, labels, clips = [], [], [], []
-    for path, rows in rows_of.items():
-        read = [position[r] for r in rows if r in position]
-        if not read or path in mixed:
-            continue
-        files.append(path)
-        means.append(probs[read].mean(dim=0))
-        labels.append(label_of_row[rows[0]])
-        clips.append(len(read))
-    k = probs.shape[1]
-    return FileScores(paths=files, probs=torch.stack(means) if means else torch.zeros(0, k),
-                      labels=torch.tensor(labels, dtype=torch.long), clips=clips, mixed_label_files=mixed)
-
-
-def _file_metrics(plan: EvalPlan, files: FileScores, out: Path) -> dict[str, Any]:
-    """file_predictions.csv (one row per file) and the per-file accuracies for metrics.json."""
-    from workflows.metrics import accuracy_summary, ranked_counts
-
+def _file_metrics(plan: EvalPlan, files: Any, scores: Any, out: Path) -> dict[str, Any]:
+    """Each file of a manifest of clips scored as a whole (`files`: its `metrics.FileIndex`, `scores`: the
+    evaluation's VideoScores): file_predictions.csv (one row per file read) and the accuracies for metrics.json."""
     names = plan.class_names
-    summary = accuracy_summary(ranked_counts(files.probs, files.labels, len(names)))
+    summary = files.summary(*files.sums(scores))
     with (out / "file_predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "predicted", "probability", "correct", "clips"])
-        for path, probs, label, clips in zip(files.paths, files.probs, files.labels.tolist(), files.clips,
-                                             strict=True):
-            predicted = int(probs.argmax())
-            writer.writerow([path, names[label], names[predicted], round(float(probs[predicted]), 6),
+        for i, probs, clips in zip(summary["files_read"], summary["files_probs"], summary["files_clips"], strict=True):
+            label, predicted = int(files.labels[i]), int(probs.argmax())
+            writer.writerow([files.paths[i], names[label], names[predicted], round(float(probs[predicted]), 6),
                              int(label == predicted), clips])
     return {"top1": summary["top1"], "top5": summary["top5"], "mean_class_acc": summary["mean_class_acc"],
-            "files": len(files.paths), "clips": sum(files.clips),
-            "mixed_label_files": len(files.mixed_label_files),
-            "mixed_label_examples": files.mixed_label_files[:5]}
+            "files": int(summary["videos"]), "clips": int(summary["clips"]), "mixed_label_files": len(files.mixed),
+            "mixed_label_examples": files.mixed[:5]}
 
 
 def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
@@ -481,9 +438,8 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
     confusion_matrix.png, with `plan.save_scores` scores.npz (`SCORES_FILE`), and with a manifest naming a file in
     several rows (clips) file_predictions.csv, in `plan.out_dir`; returns the metrics."""
     import numpy as np
-    import torch
 
-    from workflows.metrics import accuracy_summary, save_confusion_png
+    from workflows.metrics import FileIndex, accuracy_summary, save_confusion_png
 
     scored, summed, labels = table = results.scores.table()  # the scored videos' manifest rows, in order
     counts = results.scores.counts(table)
@@ -535,9 +491,9 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
             label, predicted = results.scores.labels[vid], int(video_probs.argmax())
             writer.writerow([vid, paths[vid], names[label], names[predicted], round(float(video_probs[predicted]), 6),
                              int(label == predicted), "", starts[vid], ends[vid]])
-    files = per_file_scores(paths, table.column("label").to_pylist(), scored, torch.from_numpy(probs))
+    files = FileIndex.of(paths, table.column("label").to_pylist())
     if files is not None:  # clips cut from longer files: each file scored as a whole too
-        metrics["per_file"] = _file_metrics(plan, files, out)
+        metrics["per_file"] = _file_metrics(plan, files, results.scores, out)
     with (out / "confusion_matrix.csv").open("w", newline="") as f:  # the counts behind the row-normalised image
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted", *names])

@@ -7,6 +7,7 @@ Everything accumulates into tensors so ranks can all-reduce them: each clip is c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,6 +54,61 @@ def ranked_counts(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) 
         confusion.index_put_((labels, ranked[:, 0]), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
     return {"top1": torch.tensor(top1, dtype=torch.float64), "top5": torch.tensor(top5, dtype=torch.float64),
             "videos": torch.tensor(float(len(labels)), dtype=torch.float64), "confusion": confusion}
+
+
+class FileIndex:
+    """The rows of a manifest that cuts files into clips (a file named in several rows), grouped by file, so each
+    file is also scored as a whole: the mean of its read rows' class probabilities, each row weighing the same. A
+    file whose rows name different classes (a recording annotated by segment) has no one label: left out, listed
+    in `mixed`. `of` gives None for a manifest naming each file once."""
+
+    def __init__(self, paths: list[str], file_of_row: list[int], labels: list[int], mixed: list[str]) -> None:
+        self.paths = paths  # each scored file once, in the order of its first row
+        self.file_of_row = file_of_row  # the file of each manifest row (-1: a row of a mixed-label file)
+        self.labels = torch.tensor(labels, dtype=torch.long)  # (files,)
+        self.mixed = mixed
+
+    @classmethod
+    def of(cls, paths: list[str], labels: list[int]) -> FileIndex | None:
+        rows_of: dict[str, list[int]] = {}
+        for row, path in enumerate(paths):
+            rows_of.setdefault(path, []).append(row)
+        if all(len(rows) == 1 for rows in rows_of.values()):
+            return None
+        files, file_labels, mixed = [], [], []
+        file_of_row = [-1] * len(paths)
+        for path, rows in rows_of.items():
+            if len({labels[r] for r in rows}) > 1:
+                mixed.append(path)
+                continue
+            for r in rows:
+                file_of_row[r] = len(files)
+            files.append(path)
+            file_labels.append(labels[rows[0]])
+        return cls(files, file_of_row, file_labels, mixed)
+
+    def sums(self, scores: VideoScores) -> tuple[torch.Tensor, torch.Tensor]:
+        """(files, K) sums of this process's read rows' mean probabilities (a row's summed softmaxes over its
+        views, divided by their count) and (files,) how many rows of each file were read: add these over ranks,
+        then `summary` scores the files."""
+        k = scores.num_classes
+        sums, read = torch.zeros(len(self.paths), k), torch.zeros(len(self.paths))
+        for row, summed in scores.scores.items():
+            f = self.file_of_row[row]
+            if f >= 0:
+                sums[f] += summed / summed.sum()  # each view's softmax sums to 1: the sum is the view count
+                read[f] += 1
+        return sums, read
+
+    def summary(self, sums: torch.Tensor, read: torch.Tensor) -> dict[str, Any]:
+        """The files' accuracies (`accuracy_summary`, `videos` the files read) from `sums`' totals over ranks, plus
+        `clips` (rows read) and, per file read, `files_read` (its index), `files_probs` (files read, K) and
+        `files_clips` (its rows read)."""
+        seen = read > 0
+        probs = sums[seen] / read[seen, None]
+        counts = ranked_counts(probs, self.labels[seen], sums.shape[1])
+        return {**accuracy_summary(counts), "clips": float(read.sum()), "files_probs": probs,
+                "files_read": seen.nonzero().flatten().tolist(), "files_clips": read[seen].int().tolist()}
 
 
 def accuracy_summary(counts: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -226,6 +226,11 @@ class Trainer:
             self._probe_micro_batch()  # eager, before anything is compiled
         self.plan = self.recipe.batch_plan(self.world)  # this size's share of each step's global batch
         self.feeds = ClipFeeds(self.recipe, self.rank, self.world, self.device, label_map)
+        from workflows.metrics import FileIndex
+
+        val_rows = self.feeds.val_manifest.table
+        # a validation set of clips cut from longer files: each file is scored as a whole too (val_file_*)
+        self.val_files = FileIndex.of(val_rows.column("path").to_pylist(), val_rows.column("label").to_pylist())
         parts = recipe.train.compile
         if parts != "off":
             backend = recipe.train.compile_backend
@@ -586,9 +591,10 @@ class Trainer:
     # --- validation and checkpoints ---
 
     def validate(self) -> dict[str, Any]:
-        """Top-1/top-5/mean class accuracy over the whole validation set (each video counted once over all ranks)."""
+        """Top-1/top-5/mean class accuracy over the whole validation set (each video counted once over all ranks);
+        for a validation set of clips, also over its files (`files`: `FileIndex.summary`)."""
         from dist_model import normalize_video
-        from workflows.metrics import VideoScores, accuracy_summary, all_reduce_counts
+        from workflows.metrics import VideoScores, accuracy_summary, all_reduce_counts, all_reduce_sum
 
         self.engine.eval()
         scores = VideoScores(len(self.class_names))
@@ -599,7 +605,10 @@ class Trainer:
                 scores.add(batch["video_index"], logits, batch["label"])
         self.engine.train()
         counts = all_reduce_counts(scores.counts())
-        return {**accuracy_summary(counts), "confusion": counts["confusion"]}
+        val = {**accuracy_summary(counts), "confusion": counts["confusion"]}
+        if self.val_files is not None:
+            val["files"] = self.val_files.summary(*(all_reduce_sum(t) for t in self.val_files.sums(scores)))
+        return val
 
     def validate_and_checkpoint(self) -> None:
         """Validate, log, and report a checkpoint. At the last step the final results are published first: a Tune
@@ -611,8 +620,14 @@ class Trainer:
         # checkpoints are stored.
         metrics = {"step": state.step, "epoch": state.epoch, "val_top1": val["top1"], "val_top5": val["top5"],
                    "val_mean_class_acc": val["mean_class_acc"], "final": float(final)}
+        files = val.get("files")
+        if files:  # the best checkpoint is still chosen by val_top1, the clips'
+            metrics |= {"val_file_top1": files["top1"], "val_file_top5": files["top5"],
+                        "val_file_mean_class_acc": files["mean_class_acc"]}
+        per_file = f"; per file top-1 {files['top1']:.2f}% of {int(files['videos'])} files" if files else ""
         self.log(f"validation at step {state.step}: top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% "
-                 f"({int(val['videos'])} videos; best {state.best['val_top1']:.2f}% at step {state.best['step']})")
+                 f"({int(val['videos'])} videos{per_file}; best {state.best['val_top1']:.2f}% at step "
+                 f"{state.best['step']})")
         if self.rank == 0:
             self._log_validation(metrics, val if final else None)
         if final:

@@ -65,3 +65,35 @@ def test_sums_over_a_real_two_process_group(tmp_path: Path) -> None:
         assert got["sum"].tolist() == [3.0, 10.0]
         assert float(got["counts"]["videos"]) == 3.0
         assert torch.equal(got["counts"]["confusion"], torch.eye(2))
+
+
+def test_files_of_clips_are_scored_as_the_mean_of_their_rows_however_the_rows_are_split_over_ranks() -> None:
+    """FileIndex: each file the mean of its read rows' probabilities (each row weighing the same, whatever its view
+    count); the sums of two ranks' rows added equal one process holding all of them; a file whose rows name
+    different classes is left out; a manifest naming each file once has none."""
+    from workflows.metrics import FileIndex
+
+    assert FileIndex.of(["a", "b", "c"], [0, 1, 0]) is None
+    paths, labels = ["a", "a", "b", "c", "c", "a"], [0, 0, 1, 2, 1, 0]  # c: two classes
+    files = FileIndex.of(paths, labels)
+    assert files.paths == ["a", "b"] and files.mixed == ["c"] and files.labels.tolist() == [0, 1]
+    logits = {0: [2.0, 0.0, 0.0], 1: [0.0, 3.0, 0.0], 2: [0.0, 1.0, 0.0], 3: [1.0, 0.0, 0.0], 4: [0.0, 0.0, 1.0]}
+    views = {0: 1, 1: 3, 2: 2, 3: 1, 4: 2}  # row 5 (of a) not read
+    probs = {row: torch.softmax(torch.tensor(v), 0) for row, v in logits.items()}
+
+    def scored(rows: list[int]) -> VideoScores:
+        scores = VideoScores(3)
+        for row in rows:
+            for _ in range(views[row]):
+                scores.add(torch.tensor([row]), torch.tensor([logits[row]]), torch.tensor([labels[row]]))
+        return scores
+
+    one = files.summary(*files.sums(scored(list(logits))))
+    rank0, rank1 = files.sums(scored([0, 2, 4])), files.sums(scored([1, 3]))
+    two = files.summary(rank0[0] + rank1[0], rank0[1] + rank1[1])
+    expected_a = (probs[0] + probs[1]) / 2
+    for summary in (one, two):
+        torch.testing.assert_close(summary["files_probs"], torch.stack([expected_a, probs[2]]))
+        assert summary["files_read"] == [0, 1] and summary["files_clips"] == [2, 1] and summary["clips"] == 3
+        # a: rows lean to 0 (p 0.79) and to 1 (p 0.91): the mean favours 1, wrong; b: right
+        assert (summary["videos"], summary["top1"]) == (2.0, 50.0)
