@@ -88,7 +88,10 @@ def test_a_folder_of_class_folders_is_split_per_class_and_shows_what_it_skipped(
     assert "skipped 3 hidden files or folders (ApplyEyeMakeup/._v_00.avi, playing_guitar/.DS_Store, " \
            "playing_guitar/.cache; a ._name file is macOS metadata" in notes, notes
     assert "1 classes have a single video, kept for training and absent from val.csv (lonely)" in notes, notes
-    assert all(line.startswith("note: ") for line in lines[3:]) and len(lines) == 9, lines
+    assert "the classes are imbalanced: 1 to 21 videos per class in --videos (fewest: lonely (1), playing_guitar " \
+           "(10), ApplyEyeMakeup (21)); mean class accuracy (val_mean_class_acc, evaluate's) weighs every class" \
+           in notes, notes
+    assert all(line.startswith("note: ") for line in lines[3:]) and len(lines) == 10, lines
 
     assert load_labels(str(out / "labels.json")) == {"apply eye makeup": 0, "lonely": 1, "playing guitar": 2}
     train, val = _rows(out / "train.csv"), _rows(out / "val.csv")

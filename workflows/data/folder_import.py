@@ -223,6 +223,10 @@ class FolderImport:
         return lines + [f"note: {note}" for note in self.notes]
 
 
+# A largest class this many times the smallest is said: top-1 then mostly measures the large classes.
+IMBALANCE = 10
+
+
 @dataclass
 class _Place:
     """A folder named on the command line: local, or a bucket prefix whose URI may carry an endpoint and credentials
@@ -427,6 +431,12 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
             notes.append("each clip row fetches its whole video from the bucket (decoders read whole files), so an "
                          "epoch fetches a video once per clip of it: `data transcode --manifest M --out DIR --cut` "
                          "writes each clip as a file of its own (then `data upload DIR`)")
+    per_class = sorted((len(train_scan.videos[f]), f) for f in folder_names)
+    if per_class[-1][0] >= IMBALANCE * max(1, per_class[0][0]):
+        fewest = ", ".join(f"{f} ({n})" for n, f in per_class[:3])
+        notes.append(f"the classes are imbalanced: {per_class[0][0]} to {per_class[-1][0]} videos per class in "
+                     f"--videos (fewest: {fewest}); mean class accuracy (val_mean_class_acc, evaluate's) weighs every "
+                     f"class alike, top-1 follows the large ones")
     if val_scan is None:
         single = [f for f in folder_names if len(train_scan.videos[f]) < 2]
         if single:
