@@ -153,15 +153,12 @@ def plan_windows(videos: list[str], seconds: float | None) -> list[Span]:
     window, declaring no duration or that cannot be opened is scored whole (the last: reported as it fails)."""
     if seconds is None:
         return [Span(path) for path in videos]
-    from concurrent.futures import ThreadPoolExecutor
-
+    from workflows.data.clips import durations
     from workflows.data.sampling import clip_windows
-    from workflows.data.video import header_duration
 
-    with ThreadPoolExecutor(8) as pool:
-        durations = list(pool.map(header_duration, videos))
+    found = durations(videos, progress=False)
     planned = []
-    for path, duration in zip(videos, durations, strict=True):
+    for path, duration in ((path, found[path]) for path in videos):
         windows = clip_windows(duration, seconds) if duration else None
         if windows is None:
             why = ("" if duration is None else "it declares no duration" if not duration else

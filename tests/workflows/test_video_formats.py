@@ -399,4 +399,20 @@ def test_data_check_counts_rotated_live_and_cut_videos_and_lists_every_bad_one(r
     assert report["long_rows"] == {"count": 2, "seconds": 30.0, "examples": [f"{tmp_path / 'long.mp4'} (40 s)",
                                                                             f"{tmp_path / 'long.mp4'} (35 s)"]}
     assert "rows longer than 30 s: 2. DiST spreads its frames over a whole row" in _format_check(report)
-    assert "`data import folders --clip-seconds 10`" in _format_check(report)
+    assert f"`data clips --manifest {tmp_path / 'long.csv'} --clip-seconds 10 --out NEW.csv`" in _format_check(report)
+    # `data clips` cuts the whole video into 10 s windows, keeps the rows that have a window already.
+    assert data_main(["clips", "--manifest", str(tmp_path / "long.csv"), "--clip-seconds", "10", "--out",
+                      str(tmp_path / "long_clips.csv")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {tmp_path / 'long_clips.csv'}: 6 rows, the videos of 3 rows cut into clips of 10 s; 2 rows kept as "
+        f"they were (clips already: start,end)"]
+    with open(tmp_path / "long_clips.csv", newline="") as f:
+        cut = [(r["path"], r["label"], r["start"], r["end"]) for r in csv.DictReader(f)]
+    # relative to the new manifest, as the videos lie beside it
+    assert cut == [("long.mp4", "a", str(a), str(a + 10)) for a in (0, 10, 20, 30)] + [
+        ("long.mp4", "a", "0", "10"), ("long.mp4", "a", "5", "")], cut
+    assert data_main(["check", "--manifest", str(tmp_path / "long_clips.csv"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["long_rows"]["examples"] == [f"{tmp_path / 'long.mp4'} (35 s)"]
+    assert data_main(["clips", "--manifest", str(tmp_path / "long.csv"), "--clip-seconds", "10", "--out",
+                      str(tmp_path / "long.csv")]) == 2
+    assert "is the manifest itself" in capsys.readouterr().err

@@ -58,8 +58,8 @@ def _format_check(report: dict[str, Any]) -> str:
     long = report["long_rows"]
     if long["count"]:
         lines.append(f"rows longer than {long['seconds']:g} s: {long['count']}. DiST spreads its frames over a whole "
-                     f"row, so in these they are seconds apart and the motion between them is lost: cut long "
-                     f"recordings into clips (`data import folders --clip-seconds 10`, or start,end columns)")
+                     f"row, so in these they are seconds apart and the motion between them is lost: cut them into "
+                     f"clips (`data clips --manifest {report['manifest']} --clip-seconds 10 --out NEW.csv`)")
         lines += [f"      {example}" for example in long["examples"]]
     shown = report["displayed_not_as_stored"]
     if shown["turned"] or shown["non_square_pixels"]:
@@ -213,6 +213,14 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_clips(args: argparse.Namespace) -> int:
+    from workflows.data.clips import cut_manifest
+
+    result = cut_manifest(args.manifest, args.out, args.clip_seconds, progress=True)
+    print("\n".join(result.summary()), flush=True)
+    return 0
+
+
 def _cmd_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -325,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "AWS_ENDPOINT_URL, ...)")
     u.add_argument("--json", action="store_true", help="print one JSON object")
     u.set_defaults(run=_cmd_upload)
+
+    cl = sub.add_parser("clips", help="cut a manifest's long videos into clips of a few seconds (rows with "
+                                      "start,end)")
+    cl.add_argument("--manifest", required=True, help="the manifest of the videos to cut (local or in a bucket)")
+    cl.add_argument("--clip-seconds", type=float, required=True, help="seconds per clip, e.g. 10 (Kinetics' length)")
+    cl.add_argument("--out", required=True, help="the new manifest (CSV, or Parquet by its suffix)")
+    cl.set_defaults(run=_cmd_clips)
 
     i = sub.add_parser("import", help="write manifests from SSV2 JSON, a `path label` list, a folder of class "
                                       "folders, or the official UCF101 / HMDB51 split files")

@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workflows.data.clips import cut_into_clips
 from workflows.data.importers import ucf101_class_text
 from workflows.data.manifest import (
     VIDEO_EXTENSIONS,
@@ -40,7 +41,6 @@ from workflows.data.manifest import (
     storage_hint,
     write_manifest,
 )
-from workflows.data.sampling import clip_windows
 from workflows.runtime import is_remote, redact_secrets, write_text
 
 SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "eval"}
@@ -333,53 +333,6 @@ def _seeded_split(videos: list[str], fraction: float, seed: int, folder: str) ->
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
 
 
-def _durations(paths: list[str], progress: bool) -> dict[str, float | None]:
-    """Each video's duration from its header (no frame is decoded or, in a bucket, fetched); None when it cannot
-    be opened."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    from workflows.data.video import header_duration
-
-    found: dict[str, float | None] = {}
-    start = last = time.perf_counter()
-    threads = 32 if any(is_remote(path) for path in paths) else 8  # waiting on the storage more than on the CPU
-    with ThreadPoolExecutor(threads) as pool:
-        for path, seconds in zip(paths, pool.map(header_duration, paths), strict=True):
-            found[path] = seconds
-            if progress and time.perf_counter() - last > 5:
-                last = time.perf_counter()
-                print(f"  read the durations of {len(found)}/{len(paths)} videos "
-                      f"({len(found) / (last - start):.0f}/s)", flush=True)
-    return found
-
-
-def _cut_into_clips(rows: dict[str, list[dict[str, object]]], seconds: float,
-                    progress: bool) -> tuple[dict[str, list[dict[str, object]]], list[str]]:
-    """The rows with each video cut into `clip_windows`, and notes on the videos listed whole."""
-    durations = _durations([str(row["location"]) for part in rows.values() for row in part], progress)
-    short, unknown, unreadable = [], [], []
-    cut: dict[str, list[dict[str, object]]] = {}
-    for name, part in rows.items():
-        cut[name] = []
-        for row in part:
-            duration = durations[str(row["location"])]
-            windows = clip_windows(duration, seconds) if duration else None
-            if windows is None:
-                (unreadable if duration is None else unknown if not duration else short).append(str(row["path"]))
-                cut[name].append(row)
-            else:
-                cut[name] += [{**row, "start": start, "end": end} for start, end in windows]
-    notes = []
-    for listed, why in ((short, f"are shorter than --clip-seconds {seconds:g}"),
-                        (unknown, "declare no duration (a live recording)"),
-                        (unreadable, "could not be opened (`data check` says why)")):
-        if listed:
-            notes.append(f"{len(listed)} videos {why} and are listed whole ({', '.join(listed[:3])}"
-                         f"{', ...' if len(listed) > 3 else ''})")
-    return cut, notes
-
-
 def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str | Path | None = None,
                    val_fraction: float = 0.1, seed: int = 0, labels: str | Path | None = None,
                    clip_seconds: float | None = None, progress: bool = False) -> FolderImport:
@@ -425,7 +378,7 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
     videos_per_part = {name.removesuffix(".csv"): len(rows) for name, rows in parts.items()}
     notes = train_scan.notes("--videos") + (val_scan.notes("--val-videos") if val_scan else [])
     if clip_seconds is not None:
-        parts, clip_notes = _cut_into_clips(parts, clip_seconds, progress)
+        parts, clip_notes = cut_into_clips(parts, clip_seconds, progress)
         notes += clip_notes
         if source.remote or (val_source is not None and val_source.remote):
             notes.append("each clip row fetches its whole video from the bucket (decoders read whole files), so an "
