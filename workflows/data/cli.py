@@ -2,7 +2,7 @@
 
     data check     --manifest M [--labels L] [--json]     decode every video once (on Ray) and report problems
     data transcode --manifest M --out DIR                  rewrite the corpus at short side 320, short GOP (PyAV)
-                   [--cut]                               each row's start,end window as a file of its own
+                   [--cut]                                 each row's start,end window as a file of its own
     data clips     --manifest M --clip-seconds 10 --out M2  cut long videos into clips (rows with start,end)
     data k710      --csv [k400:]train.csv ... --videos DIR --out DIR   assemble Kinetics-710
     data kinetics  --csv k400:train.csv --csv k400:validate.csv --videos DIR --out DIR   one release (K400)
