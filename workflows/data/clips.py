@@ -92,9 +92,12 @@ class CutManifest:
 def cut_manifest(manifest: str, out: str | Path, seconds: float, progress: bool = False) -> CutManifest:
     """Write `out`, `manifest` with each whole video cut into centred windows of `seconds` (rows with start,end;
     labels as written), the paths relative to `out`'s folder when the videos lie below it, else absolute (bucket
-    URIs stay URIs). ValueError for a length that is no length or an `out` that is the manifest itself."""
+    URIs stay URIs). ValueError for a length that is no length, an `out` in a bucket or the manifest itself."""
     if not seconds > 0:
         raise ValueError(f"--clip-seconds {seconds}: give the length of a clip in seconds (e.g. 10)")
+    if is_remote(out):
+        raise ValueError(f"--out {out}: write the new manifest to a local file, then copy it beside the videos "
+                         f"(`data upload` copies a dataset folder)")
     out = Path(out).expanduser()
     if not is_remote(manifest) and out.resolve() == Path(manifest).expanduser().resolve():
         raise ValueError(f"--out {out} is the manifest itself; write the clips to a new file (the original stays)")
