@@ -393,7 +393,8 @@ def test_data_check_counts_rotated_live_and_cut_videos_and_lists_every_bad_one(r
     # A 40 s recording: reported as a row too long for DiST's frames, unless the row is a window of it.
     _encode(tmp_path / "long.mp4", index_frames(32, 32, 80), fps=2)
     write_manifest([{"path": "long.mp4", "label": "a"}, {"path": "long.mp4", "label": "a", "start": 0.0, "end": 10.0},
-                    {"path": "long.mp4", "label": "a", "start": 5.0}], tmp_path / "long.csv")
+                    {"path": "long.mp4", "label": "a", "start": 5.0}, {"path": "phone.mp4", "label": "a"}],
+                   tmp_path / "long.csv")
     assert data_main(["check", "--manifest", str(tmp_path / "long.csv"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["long_rows"] == {"count": 2, "seconds": 30.0, "examples": [f"{tmp_path / 'long.mp4'} (40 s)",
@@ -404,13 +405,14 @@ def test_data_check_counts_rotated_live_and_cut_videos_and_lists_every_bad_one(r
     assert data_main(["clips", "--manifest", str(tmp_path / "long.csv"), "--clip-seconds", "10", "--out",
                       str(tmp_path / "long_clips.csv")]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        f"wrote {tmp_path / 'long_clips.csv'}: 6 rows, the videos of 3 rows cut into clips of 10 s; 2 rows kept as "
-        f"they were (clips already: start,end)"]
+        f"wrote {tmp_path / 'long_clips.csv'}: 7 rows; 1 videos cut into clips of 10 s, 1 left whole (below), 2 rows "
+        f"kept as they were (clips already: start,end)",
+        f"note: 1 videos are shorter than --clip-seconds 10 and are listed whole ({tmp_path / 'phone.mp4'})"]
     with open(tmp_path / "long_clips.csv", newline="") as f:
         cut = [(r["path"], r["label"], r["start"], r["end"]) for r in csv.DictReader(f)]
     # relative to the new manifest, as the videos lie beside it
     assert cut == [("long.mp4", "a", str(a), str(a + 10)) for a in (0, 10, 20, 30)] + [
-        ("long.mp4", "a", "0", "10"), ("long.mp4", "a", "5", "")], cut
+        ("long.mp4", "a", "0", "10"), ("long.mp4", "a", "5", ""), ("phone.mp4", "a", "", "")], cut
     assert data_main(["check", "--manifest", str(tmp_path / "long_clips.csv"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["long_rows"]["examples"] == [f"{tmp_path / 'long.mp4'} (35 s)"]
     assert data_main(["clips", "--manifest", str(tmp_path / "long.csv"), "--clip-seconds", "10", "--out",

@@ -78,15 +78,17 @@ class CutManifest:
 
     manifest: str
     rows: int  # rows written
-    videos: int  # rows of the input manifest
     seconds: float
+    cut: int  # input rows whose video was cut into clips
+    whole: int  # input rows left whole (shorter than a clip, no duration, unreadable: said in `notes`)
     kept_clips: int  # input rows that had a start or end already
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> list[str]:
-        kept = f"; {self.kept_clips} rows kept as they were (clips already: start,end)" if self.kept_clips else ""
-        return [f"wrote {self.manifest}: {self.rows} rows, the videos of {self.videos} rows cut into clips of "
-                f"{self.seconds:g} s{kept}"] + [f"note: {note}" for note in self.notes]
+        whole = f", {self.whole} left whole (below)" if self.whole else ""
+        kept = f", {self.kept_clips} rows kept as they were (clips already: start,end)" if self.kept_clips else ""
+        return [f"wrote {self.manifest}: {self.rows} rows; {self.cut} videos cut into clips of {self.seconds:g} s"
+                f"{whole}{kept}"] + [f"note: {note}" for note in self.notes]
 
 
 def cut_manifest(manifest: str, out: str | Path, seconds: float, progress: bool = False) -> CutManifest:
@@ -111,4 +113,6 @@ def cut_manifest(manifest: str, out: str | Path, seconds: float, progress: bool 
     written = [{"path": row["path"] if is_remote(str(row["path"])) else relative_to(str(row["path"]), out.parent),
                 "label": row["label"], "start": row.get("start"), "end": row.get("end")} for row in cut["rows"]]
     write_manifest(written, out)
-    return CutManifest(str(out), len(written), len(rows), seconds, sum(_windowed(r) for r in rows), notes)
+    kept = sum(_windowed(r) for r in rows)
+    whole = sum(not _windowed(r) for r in cut["rows"])
+    return CutManifest(str(out), len(written), seconds, len(rows) - kept - whole, whole, kept, notes)
