@@ -356,6 +356,9 @@ def main(argv: list[str]) -> int:
 
     try:
         videos = expand_inputs(args.videos)
+    except StorageUnreachable as exc:  # a bucket that did not answer for the retry budget
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as exc:  # a bucket prefix that could not be listed
         from workflows.data.manifest import storage_hint
         from workflows.runtime import redact_secrets
@@ -365,6 +368,11 @@ def main(argv: list[str]) -> int:
         return 2
     if not videos:
         print(f"error: no video files in {' '.join(args.videos)}", file=sys.stderr)
+        return 2
+    try:
+        spans = plan_windows(videos, args.clip_seconds)  # with --clip-seconds: the durations, from the headers
+    except StorageUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         model, recipe, class_names = load_predictor(args.checkpoint, args.labels, device, args.tracking_uri)
@@ -388,7 +396,6 @@ def main(argv: list[str]) -> int:
     spec = clip_spec(model, recipe, views, crops)
     ahead, workers = decode_plan(spec, recipe.data.decode_threads)
     report = _Report(class_names, args.top, args.json, args.clip_seconds)
-    spans = plan_windows(videos, args.clip_seconds)
     with tempfile.TemporaryDirectory(prefix="predict-") as folder:
         copies = _LocalCopies(spans, folder)
 

@@ -92,3 +92,47 @@ def test_data_check_on_a_bucket_that_stopped_answering(videos_in_a_bucket, tmp_p
     assert "did not answer" in report["storage_error"]
     text = _format_check(report)
     assert "dropped: 0" in text and f"NOT CHECKED: {len(uris)} videos" in text and "run it again" in text
+
+
+def test_reading_durations_waits_out_a_short_outage_and_names_a_long_one(videos_in_a_bucket, monkeypatch, capsys,
+                                                                         tmp_path):
+    """The header reads behind `--clip-seconds` (`data import folders`, `data clips`, `predict`) go to the bucket
+    as decoding does: an outage shorter than the retry budget is waited out, a longer one is one clear error (exit
+    2, nothing written), never a traceback or a video counted as unreadable."""
+    import threading
+
+    import workflows.data.video as video
+    from workflows.data.cli import main as data_main
+    from workflows.data.video import header_duration
+    from workflows.predict import main as predict_main
+
+    proxy, uris, creds = videos_in_a_bucket
+    for name, value in creds.env().items():
+        monkeypatch.setenv(name, value)
+    proxy.outage(2.0)
+    assert header_duration(uris[0], retry_s=30) == pytest.approx(31 / 25, abs=0.05)  # wide.mp4: 31 frames at 25 fps
+    monkeypatch.setattr(video, "STORAGE_RETRY_S", 1.5)  # what the commands read; 120 s by default
+    write_manifest([{"path": uris[0], "label": "a"}], tmp_path / "clips.csv")  # each failing read: ~6 s of SDK retries
+    out = tmp_path / "cut.csv"
+    stop = threading.Event()
+
+    def keep_down() -> None:  # the endpoint away until `stop` (each outage ends on its own)
+        while not stop.wait(0.2):
+            proxy.outage(1.0)
+
+    for command, run in ((["clips", "--manifest", str(tmp_path / "clips.csv"), "--clip-seconds", "0.5", "--out",
+                           str(out)], data_main),
+                         (["--checkpoint", "nowhere", uris[0], "--clip-seconds", "0.5"], predict_main)):
+        stop.clear()
+        proxy.outage(1.0)
+        holder = threading.Thread(target=keep_down, daemon=True)
+        holder.start()
+        try:
+            assert run(command) == 2
+        finally:
+            stop.set()
+            holder.join()
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot read s3://{BUCKET}/clips/") and "did not answer for" in err, err
+        assert "Traceback" not in err
+    assert not out.exists()

@@ -392,9 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Entry point of `python -m workflows data ...`."""
+    from workflows.data.video import StorageUnreachable
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, StorageUnreachable) as exc:  # the last: a bucket that stopped answering
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -52,15 +52,17 @@ def video_files(folder: str | Path) -> list[Path]:
 def bucket_video_files(uri: str) -> list[str] | None:
     """The video files (by extension) at any depth below a bucket prefix (or any pyarrow URI naming a folder), as
     URIs that keep `uri`'s query (endpoint, credentials), sorted; hidden files and folders left out as in
-    `video_files`. None when `uri` names no folder (a file, or nothing); OSError when the storage cannot be listed."""
+    `video_files`. None when `uri` names no folder (a file, or nothing). A listing that fails (an OSError: no answer,
+    refused credentials) is retried as reads are (`video.from_storage`), then raises StorageUnreachable."""
     from workflows.checkpoints import child_uri
+    from workflows.data.video import from_storage
 
     fs, root = resolve_filesystem(uri)
     root = root.rstrip("/")
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
+    if from_storage(uri, fs, lambda: fs.get_file_info(root)).type != pafs.FileType.Directory:
         return None
     found = []
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+    for info in from_storage(uri, fs, lambda: fs.get_file_info(pafs.FileSelector(root, recursive=True))):
         rel = info.path[len(root) + 1:]
         if info.type == pafs.FileType.File and Path(rel).suffix.lower() in VIDEO_EXTENSIONS and \
                 not any(part.startswith(".") for part in rel.split("/")):

@@ -126,7 +126,8 @@ class StorageUnreachable(OSError):
     """A bucket that did not answer for the retry budget: the run's problem, not the video's."""
 
 
-def _from_storage(path: str, fs: pafs.FileSystem, read: Callable[[], object], retry_s: float | None) -> object:
+def from_storage(path: str, fs: pafs.FileSystem, read: Callable[[], object],
+                 retry_s: float | None = None) -> object:
     """`read()` against the storage of `path`; on a remote filesystem an OSError (connection reset or refused,
     throttling, a 5xx) is retried with backoff until `retry_s` (None: STORAGE_RETRY_S) seconds have passed, then
     raised as StorageUnreachable. A missing file is no OSError here: pyarrow reports it as FileType.NotFound."""
@@ -156,12 +157,12 @@ def _source(path: str, fs: pafs.FileSystem, inner: str, retry_s: float | None) -
         with fs.open_input_stream(inner) as f:
             return io.BytesIO(f.read())
 
-    return _from_storage(path, fs, fetch, retry_s)
+    return from_storage(path, fs, fetch, retry_s)
 
 
 def fetch_to_file(path: str, dst: str, retry_s: float | None = None) -> None:
     """Copy the video at `path` (a bucket URI) into the local file `dst`, streamed, retried as reads are
-    (`_from_storage`): for a video decoded many times over, e.g. each clip of a long recording."""
+    (`from_storage`): for a video decoded many times over, e.g. each clip of a long recording."""
     import shutil
 
     fs, inner = resolve_filesystem(path)
@@ -170,7 +171,7 @@ def fetch_to_file(path: str, dst: str, retry_s: float | None = None) -> None:
         with fs.open_input_stream(inner) as src, open(dst, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 22)
 
-    _from_storage(path, fs, copy, retry_s)
+    from_storage(path, fs, copy, retry_s)
 
 
 def mp4_truncated(f: IO[bytes], size: int) -> bool | None:
@@ -368,7 +369,7 @@ def _probe(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO
         fs, inner = resolve_filesystem(path)
     except (OSError, ValueError) as exc:  # a URI no filesystem takes
         raise BadVideo("missing", str(exc)) from None
-    info = _from_storage(path, fs, lambda: fs.get_file_info(inner), retry_s)
+    info = from_storage(path, fs, lambda: fs.get_file_info(inner), retry_s)
     if info.type == pafs.FileType.NotFound:
         raise BadVideo("missing", "no such file")
     if info.type != pafs.FileType.File:
@@ -416,7 +417,7 @@ def header_duration(path: str, retry_s: float | None = None) -> float | None:
     """A video's declared duration (0.0: none declared) read from its header alone, None when it cannot be opened.
     A local file is probed in place; a bucket object is opened for ranged reads, so PyAV fetches the header and
     the index it seeks to (an MP4's may be at the end), not the frames: a bucket of hour-long recordings is not
-    downloaded to learn their lengths. A storage that does not answer is retried as reading is (`_from_storage`)."""
+    downloaded to learn their lengths. A storage that does not answer is retried as reading is (`from_storage`)."""
     import av
 
     fs, inner = resolve_filesystem(path)
@@ -438,7 +439,7 @@ def header_duration(path: str, retry_s: float | None = None) -> float | None:
             except av.FFmpegError:  # some are OSErrors too, but a file FFmpeg cannot open is no storage failure
                 return None
 
-    return _from_storage(path, fs, read, retry_s)
+    return from_storage(path, fs, read, retry_s)
 
 
 # Sample aspect ratios outside this range are broken metadata, not a picture to stretch 4x (kept as square pixels).
