@@ -158,7 +158,8 @@ def plan_windows(videos: list[str], seconds: float | None) -> list[Span]:
 
     found = durations(videos, progress=False)
     planned = []
-    for path, duration in ((path, found[path]) for path in videos):
+    for path in videos:
+        duration = found[path]
         windows = clip_windows(duration, seconds) if duration else None
         if windows is None:
             why = ("" if duration is None else "it declares no duration" if not duration else
@@ -338,10 +339,14 @@ def main(argv: list[str]) -> int:
                              "--clip-seconds` cuts them): a line per clip, then the video as their mean")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of tables")
     args = parser.parse_args(argv)
-    if args.clip_seconds is not None and not args.clip_seconds > 0:
-        print(f"error: --clip-seconds must be a length in seconds above 0 (e.g. 10), got {args.clip_seconds}",
-              file=sys.stderr)
-        return 2
+    if args.clip_seconds is not None:
+        from workflows.data.clips import check_clip_seconds
+
+        try:
+            check_clip_seconds(args.clip_seconds)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     for flag, value in (("--views", args.views), ("--top", args.top)):
         if value is not None and value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)

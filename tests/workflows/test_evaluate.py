@@ -562,7 +562,7 @@ def test_predict_scores_a_long_video_clip_by_clip(run_dir: Path, video_dir: Path
                          lines[4], lines[5]] and lines[4].startswith(f"  1. {names[int(mean.argmax())]}")
     assert lines[6] == f"{tall}: (scored whole: it is 0.8 s, shorter than --clip-seconds 1)", lines
     assert predict_main(["--checkpoint", str(run_dir), mid, "--clip-seconds", "0"]) == 2
-    assert "--clip-seconds must be a length in seconds above 0" in capsys.readouterr().err
+    assert "error: --clip-seconds 0.0: give the length of a clip in seconds" in capsys.readouterr().err
     # A video in storage (file:// through the same pyarrow code as s3://) is fetched once for all its clips, into a
     # temporary file removed after its last clip; the scores are those of the local file.
     import workflows.data.video as video_module

@@ -19,6 +19,12 @@ def _windowed(row: dict[str, object]) -> bool:
                for k in ("start", "end"))
 
 
+def check_clip_seconds(seconds: float) -> None:
+    """ValueError naming `--clip-seconds` unless it is a length above 0."""
+    if not seconds > 0:
+        raise ValueError(f"--clip-seconds {seconds}: give the length of a clip in seconds (e.g. 10)")
+
+
 def durations(paths: list[str], progress: bool) -> dict[str, float | None]:
     """Each video's duration from its header (no frame is decoded or, in a bucket, fetched); None when it cannot
     be opened."""
@@ -95,8 +101,7 @@ def cut_manifest(manifest: str, out: str | Path, seconds: float, progress: bool 
     """Write `out`, `manifest` with each whole video cut into centred windows of `seconds` (rows with start,end;
     labels as written), the paths relative to `out`'s folder when the videos lie below it, else absolute (bucket
     URIs stay URIs). ValueError for a length that is no length, an `out` in a bucket or the manifest itself."""
-    if not seconds > 0:
-        raise ValueError(f"--clip-seconds {seconds}: give the length of a clip in seconds (e.g. 10)")
+    check_clip_seconds(seconds)
     if is_remote(out):
         raise ValueError(f"--out {out}: write the new manifest to a local file, then copy it beside the videos "
                          f"(`data upload` copies a dataset folder)")

@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workflows.data.clips import cut_into_clips
+from workflows.data.clips import check_clip_seconds, cut_into_clips
 from workflows.data.importers import ucf101_class_text
 from workflows.data.manifest import (
     VIDEO_EXTENSIONS,
@@ -346,8 +346,8 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
     if out.remote and not (source.remote and (val_source is None or val_source.remote)):
         raise ValueError(f"--out {out.shown} is in a bucket but the videos are on this machine, where the cluster "
                          f"cannot read them: import into a local --out, then copy the folder with `data upload`")
-    if clip_seconds is not None and not clip_seconds > 0:
-        raise ValueError(f"--clip-seconds {clip_seconds}: give the length of a clip in seconds (e.g. 10)")
+    if clip_seconds is not None:
+        check_clip_seconds(clip_seconds)
     if val_videos is None and not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction}: give a fraction between 0 and 1 (e.g. 0.1), or a folder of "
                          f"validation videos with --val-videos (training needs a val.csv)")

@@ -209,12 +209,11 @@ def _window_name(name: str, start: float, end: float) -> str:
 
 def _transcode_batch(batch: dict[str, np.ndarray], out_dir: str, short_side: int, gop: int,
                      crf: int) -> dict[str, np.ndarray]:
-    """One source video per row, with its windows (JSON [[start, end, output name], ...]; NaN as null): each
-    output not already complete is written, in one decode of the source."""
+    """One source video per row, with its windows (JSON [[start, end, output name], ...], NaN: the video's start
+    or end): each output not already complete is written, in one decode of the source."""
     results: dict[str, list[Any]] = {"output": [], "ok": [], "reason": [], "detail": []}
     for path, listed in zip(batch["path"], batch["windows"], strict=True):
-        windows = [Window(math.nan if a is None else a, math.nan if b is None else b, Path(out_dir) / "videos" / n)
-                   for a, b, n in json.loads(str(listed))]
+        windows = [Window(a, b, Path(out_dir) / "videos" / n) for a, b, n in json.loads(str(listed))]
         todo = [w for w in windows if not (w.dst.is_file() and w.dst.stat().st_size > 0)]  # a resumed run
         outcome: dict[Path, int | BadVideo] = {}
         if todo:
@@ -277,11 +276,9 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
     # each row's output file: its video's copy, or (cut) its window's own file; sources keep their first row's order
     row_output = [_window_name(names[p], a, b) if cut else names[p] for p, a, b in zip(paths, starts, ends,
                                                                                      strict=True)]
-    windows: dict[str, dict[str, tuple[float | None, float | None]]] = {p: {} for p in first_row}
+    windows: dict[str, dict[str, tuple[float, float]]] = {p: {} for p in first_row}  # NaN: the video's start/end
     for path, name, a, b in zip(paths, row_output, starts, ends, strict=True):
-        windows[path][name] = (None, None) if not cut or math.isnan(a) else (a, None)
-        if cut and not math.isnan(b):
-            windows[path][name] = (windows[path][name][0], b)
+        windows[path][name] = (a, b) if cut else (math.nan, math.nan)
     work = pa.table({"path": list(windows), "windows": [json.dumps([[a, b, n] for n, (a, b) in w.items()])
                                                         for w in windows.values()]})
     outputs = sum(len(w) for w in windows.values())
