@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -368,16 +369,22 @@ def remove_partial_checkpoints(run_dir: str) -> list[str]:
     return partial
 
 
-def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int) -> dict[str, int | None] | None:
+def metric_score(metrics: dict[str, Any] | None, metric: str) -> float:
+    """A report's `metric` to rank checkpoints by (eval.best_metric): -inf when it has none, or NaN (a checkpoint
+    written without a validation, a validation that read no file), as Ray Train ranks those last."""
+    value = (metrics or {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else -math.inf
+
+
+def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int,
+                                 metric: str = "val_top1") -> dict[str, int | None] | None:
     """Delete the checkpoint_* directories of a finished run that Ray Train neither retains (`retained`: the paths of
     its kept checkpoints) nor would have: partial uploads cut by a storage outage, and complete checkpoints whose
     report Ray never collected (a worker lost in between) where Ray's own rule would have dropped them too: `keep`
-    retained ones score at least as high by val top-1 and a retained one is newer. Ray's retention never sees those
-    directories, so they would stay in storage for good. Returns {deleted path: its step, None when partial}.
-    Deletes nothing and returns None when `retained` names a directory that is not there (paths in another form
-    than the listing's: better keep than guess), or when it is empty."""
-    import math
-
+    retained ones score at least as high by `metric` (eval.best_metric) and a retained one is newer. Ray's
+    retention never sees those directories, so they would stay in storage for good. Returns {deleted path: its
+    step, None when partial}. Deletes nothing and returns None when `retained` names a directory that is not there
+    (paths in another form than the listing's: better keep than guess), or when it is empty."""
     kept = {path.rstrip("/") for path in retained}
     if not kept:
         return None
@@ -387,8 +394,7 @@ def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int) -
         return None
 
     def score(state: dict[str, Any]) -> float:
-        value = (state.get("metrics") or {}).get("val_top1")
-        return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else -math.inf
+        return metric_score(state.get("metrics"), metric)
 
     states = {path: read_state_at(fs, path) for path in kept}
     newest = max(int(state.get("step", -1)) for state in states.values())

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workflows.capacity import check_capacity, worker_bundle
 from workflows.config_loader import ConfigError, config_parser, dump_yaml
@@ -56,6 +56,9 @@ from workflows.runtime import (
     write_text,
 )
 from workflows.tracking import resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from workflows.data.manifest import Manifest
 
 LOG_PREFIX = "[pretrain]"
 PREEMPTION_GRACE_S = 15.0
@@ -103,9 +106,10 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
             # The restart after a drain waits PREEMPTION_GRACE_S past the deadline: the drained node must be gone
             # by then, or Ray's elastic policy still counts it and the new group waits for a placement on it.
             failure_config=FailureConfig(max_failures=recipe.run.max_failures, preemption_grace_s=PREEMPTION_GRACE_S),
-            # Checkpoints are written at every validation: keep the best k by val top-1 (Ray keeps the latest too).
+            # Checkpoints are written at every validation: keep the best k by eval.best_metric (Ray keeps the
+            # latest too).
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.run.keep_checkpoints,
-                                               checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_attribute=recipe.eval.best_metric,
                                                checkpoint_score_order="max"),
             callbacks=callbacks or [],
             logging_config=train_logging_config(verbose),  # the Train controller's own lines
@@ -134,9 +138,10 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
         check_videos_reachable(manifest, f"data.{key}")
         for line in manifest.duplicate_warnings():
             warn_once(f"warning: data.{key}: {line}")
-    validated = len(validation_videos(recipe, manifests["val_manifest"]))
-    if validated < len(manifests["val_manifest"]):
-        warn_once(f"{LOG_PREFIX} validation during training reads {validated:,} of the "
+    validated = validation_videos(recipe, manifests["val_manifest"])
+    check_best_metric(recipe, validated)
+    if len(validated) < len(manifests["val_manifest"]):
+        warn_once(f"{LOG_PREFIX} validation during training reads {len(validated):,} of the "
                   f"{len(manifests['val_manifest']):,} videos of data.val_manifest, each class its share, the same "
                   f"ones each time (eval.max_videos); `evaluate` reads them all", file=sys.stdout)
     # validation scores eval.views clips per video, as evaluate scores its views: the same warnings
@@ -163,6 +168,22 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
     if recipe.mlflow.enabled and is_remote(recipe.run_dir):  # a remote run directory needs a tracking server
         resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir)
     return len(manifests["train_manifest"])
+
+
+def check_best_metric(recipe: Recipe, validated: Manifest) -> None:
+    """eval.best_metric val_file_* ranks by files scored as the mean of their clips: the validation set (`validated`,
+    the manifest validation reads) must cut some file into several clips, or there are no per-file metrics."""
+    from workflows.metrics import FileIndex
+
+    if not recipe.eval.ranks_by_files:
+        return
+    table = validated.table
+    if FileIndex.of(table.column("path").to_pylist(), table.column("label").to_pylist()) is None:
+        raise ConfigError(f"eval.best_metric {recipe.eval.best_metric} ranks checkpoints by files scored over their "
+                          f"clips, but the videos validation reads from data.val_manifest {recipe.data.val_manifest} "
+                          f"name each file once, so there are no per-file metrics. Rank by "
+                          f"{recipe.eval.best_metric.replace('val_file_', 'val_')} (the same score on whole videos), "
+                          f"or cut the validation videos into clips (`workflows data clips`)")
 
 
 def check_free_space(recipe: Recipe, warn: bool = True) -> None:
@@ -512,7 +533,8 @@ def _fit_and_report(recipe: Recipe, relaunch: Relaunch | None, verbose: bool) ->
     raise_if_not_restarted(recipe.run_dir)
     retained = [c.path for c, _ in result.best_checkpoints or []] + ([result.checkpoint.path] if result.checkpoint
                                                                      else [])
-    removed = prune_unretained_checkpoints(recipe.run_dir, retained, recipe.run.keep_checkpoints)
+    removed = prune_unretained_checkpoints(recipe.run_dir, retained, recipe.run.keep_checkpoints,
+                                           recipe.eval.best_metric)
     if removed is None:
         print(f"{LOG_PREFIX} checkpoint pruning skipped: Ray Train retains {retained or 'no checkpoint'}, not all of "
               f"them found in {redact_secrets(recipe.run_dir)}", flush=True)
@@ -521,29 +543,27 @@ def _fit_and_report(recipe: Recipe, relaunch: Relaunch | None, verbose: bool) ->
                           for path, step in removed.items())
         print(f"{LOG_PREFIX} removed {len(removed)} checkpoint directories Ray Train did not register and would not "
               f"keep (run.keep_checkpoints={recipe.run.keep_checkpoints}): {names}", flush=True)
-    metrics = result.metrics or {}
-    print(f"{LOG_PREFIX} finished: step {metrics.get('step')}, val top-1 {metrics.get('val_top1', float('nan')):.2f}%;"
-          f" checkpoint: {result.checkpoint.path if result.checkpoint else None}{best_checkpoint_note(result)}",
-          flush=True)
+    metrics, metric = result.metrics or {}, recipe.eval.best_metric
+    ranked = "" if metric == "val_top1" else f", {metric} {metrics.get(metric, float('nan')):.2f}%"
+    print(f"{LOG_PREFIX} finished: step {metrics.get('step')}, val top-1 {metrics.get('val_top1', float('nan')):.2f}%"
+          f"{ranked}; checkpoint: {result.checkpoint.path if result.checkpoint else None}"
+          f"{best_checkpoint_note(result, metric)}", flush=True)
     return result
 
 
-def best_checkpoint_note(result: Any) -> str:
-    """"; best: ..." naming the retained checkpoint with the highest val top-1 when it is not the latest one (what to
-    fine-tune or evaluate from instead of the final weights), else ""."""
-    import math
+def best_checkpoint_note(result: Any, metric: str = "val_top1") -> str:
+    """"; best: ..." naming the retained checkpoint with the highest `metric` (eval.best_metric) when it is not the
+    latest one (what to fine-tune or evaluate from instead of the final weights), else ""."""
+    from workflows.checkpoints import metric_score
 
-    def top1(metrics: dict[str, Any]) -> float:
-        value = metrics.get("val_top1")
-        return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else -math.inf
-
-    scored = [(c, m) for c, m in result.best_checkpoints or [] if top1(m) > -math.inf]
+    scored = [(c, m) for c, m in result.best_checkpoints or [] if metric_score(m, metric) > -math.inf]
     if not scored:
         return ""
-    best, metrics = max(scored, key=lambda cm: (top1(cm[1]), cm[1].get("step", -1)))
+    best, metrics = max(scored, key=lambda cm: (metric_score(cm[1], metric), cm[1].get("step", -1)))
     if result.checkpoint is not None and best.path == result.checkpoint.path:
         return ""
-    return f"; best: {best.path} (val top-1 {top1(metrics):.2f}% at step {metrics.get('step')})"
+    name = "val top-1" if metric == "val_top1" else metric
+    return f"; best: {best.path} ({name} {metric_score(metrics, metric):.2f}% at step {metrics.get('step')})"
 
 
 def check_recipe(recipe: Recipe, videos: int) -> None:

@@ -17,7 +17,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 from dist_model import DiSTConfig
 from workflows.config_loader import ConfigError, from_dict, load_config, to_dict
@@ -28,6 +28,13 @@ from workflows.runtime import is_remote
 # The model section: `preset` and `variant`, plus every DiSTConfig field as an optional override (None = the
 # preset's value). Derived from DiSTConfig so the two can never drift apart.
 _MODEL_HINTS = get_type_hints(DiSTConfig)
+
+# What ranks a run's validations: which checkpoints run.keep_checkpoints keeps, the best one named at the end, the
+# best a sweep's trial reached. val_file_*: a validation set of clips cut from longer files, each file scored as the
+# mean of its clips (workflows.metrics.FileIndex).
+ValidationMetric = Literal["val_top1", "val_top5", "val_mean_class_acc", "val_file_top1", "val_file_top5",
+                           "val_file_mean_class_acc"]
+VALIDATION_METRICS: tuple[str, ...] = get_args(ValidationMetric)
 _MODEL_FIELDS = [(f.name, _MODEL_HINTS[f.name] | None, dataclasses.field(default=None))
                  for f in dataclasses.fields(DiSTConfig)]
 
@@ -152,6 +159,14 @@ class EvalSection:
     # which each class keeps its share, the same at every validation, so a large validation set (K710's tens of
     # thousands of videos) is not decoded whole every eval.every_steps. `workflows evaluate` always reads every video.
     max_videos: int = 0
+    # The validation metric that ranks checkpoints (run.keep_checkpoints keeps the best by it, plus the latest). A
+    # validation set of clips of longer recordings ranks better by its files (val_file_top1); an imbalanced one by
+    # val_mean_class_acc, which weighs each class the same.
+    best_metric: ValidationMetric = "val_top1"
+
+    @property
+    def ranks_by_files(self) -> bool:
+        return self.best_metric.startswith("val_file_")
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
@@ -225,7 +240,7 @@ class RunSection:
     name: str = "dist-run"
     storage_path: str = "./runs"  # local path or a URI (s3://, gs://) shared by all nodes
     max_failures: int = 1  # automatic restarts of the worker group from the latest checkpoint; -1: no limit
-    keep_checkpoints: int = 2  # checkpoints come with every validation: best k by val top-1, plus the latest
+    keep_checkpoints: int = 2  # checkpoints come with every validation: best k by eval.best_metric, plus the latest
 
     def __post_init__(self) -> None:
         if self.max_failures < -1:

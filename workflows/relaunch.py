@@ -120,6 +120,11 @@ def relaunch_changes(recipe: Recipe) -> Relaunch | None:
         refused.append(f"train.zero_stage: {old_stage} -> {recipe.train.zero_stage} (ZeRO-0 saves a plain optimizer "
                        f"state and ZeRO-1/2 partitioned files, and DeepSpeed reads neither as the other; 1 <-> 2 "
                        f"is allowed)")
+    old_metric = (recorded.get("eval") or {}).get("best_metric", "val_top1")
+    if old_metric != recipe.eval.best_metric:
+        changed.pop("eval.best_metric", None)
+        refused.append(f"eval.best_metric: {old_metric!r} -> {recipe.eval.best_metric!r} (Ray Train's record of the "
+                       f"checkpoints it keeps is ranked by the first)")
     world = int(state.get("world_size") or 0)
     if world and not recipe.scaling.elastic and recipe.scaling.min_workers != world:
         refused.append(f"scaling.num_workers: {world} -> {recipe.scaling.min_workers} (a fixed-size run's ZeRO "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -79,7 +80,8 @@ class TrainState:
     epoch_steps: int = 0  # optimizer steps done in `epoch` (0 at an epoch boundary)
     world_size: int = 0  # the number of workers that wrote it (0: not saved yet)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=_empty_history)  # (step, value) per curve
-    best: dict[str, float] = field(default_factory=lambda: {"val_top1": -1.0})  # best val top-1 and its step
+    # the best validation by eval.best_metric: {metric: value, "step": its step} ({} before the first)
+    best: dict[str, float] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     resumed_from_step: int | None = None  # the step this attempt resumed at (None: it started fresh)
 
@@ -97,10 +99,22 @@ class TrainState:
         state.history = {**_empty_history(), **{k: [tuple(p) for p in v] for k, v in state.history.items()}}
         return state
 
-    def record_validation(self, top1: float) -> None:
-        self.history["val_top1"].append((self.step, top1))
-        if top1 > self.best["val_top1"]:
-            self.best = {"val_top1": top1, "step": self.step}
+    def record_validation(self, metrics: dict[str, float], best_metric: str) -> None:
+        """A validation's `metrics` into the history, and into `best` when it beats it by `best_metric` (a best
+        recorded by another metric, before a relaunch changed eval.best_metric, is beaten by any)."""
+        from workflows.checkpoints import metric_score
+
+        self.history["val_top1"].append((self.step, metrics["val_top1"]))
+        score = metric_score(metrics, best_metric)
+        if score > -math.inf and score > metric_score(self.best, best_metric):
+            self.best = {best_metric: metrics[best_metric], "step": self.step}
+
+    def best_note(self, best_metric: str) -> str:
+        """"best 61.25% at step 40" ("best val_file_top1 ..." when not ranked by val top-1)."""
+        if best_metric not in self.best or "step" not in self.best:
+            return f"no {best_metric} yet"
+        name = "" if best_metric == "val_top1" else f"{best_metric} "
+        return f"best {name}{self.best[best_metric]:.2f}% at step {int(self.best['step'])}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -527,7 +541,8 @@ class Trainer:
         needs = 1.5 * (self.checkpoint_seconds or 0.0) + 5.0
         saved = checkpointed
         if not checkpointed and (verdict == GROW or time.time() + needs < deadline):
-            self.save_checkpoint({"step": state.step, "epoch": state.epoch, "val_top1": float("nan"),
+            no_validation = dict.fromkeys({"val_top1", self.recipe.eval.best_metric}, float("nan"))
+            self.save_checkpoint({"step": state.step, "epoch": state.epoch, **no_validation,
                                   "final": 0.0, "resize_checkpoint": 1.0})
             saved = True
         elif not checkpointed:
@@ -615,19 +630,20 @@ class Trainer:
         scheduler (ASHA at max_t) may stop the trial as soon as the final report lands."""
         state, final = self.state, self.state.step == self.total
         val = self.validate()
-        state.record_validation(val["top1"])
         # `final` travels with the report: a sweep's table tells completed from stopped trials by it, wherever the
         # checkpoints are stored.
         metrics = {"step": state.step, "epoch": state.epoch, "val_top1": val["top1"], "val_top5": val["top5"],
                    "val_mean_class_acc": val["mean_class_acc"], "final": float(final)}
         files = val.get("files")
-        if files:  # the best checkpoint is still chosen by val_top1, the clips'
+        if files:
             metrics |= {"val_file_top1": files["top1"], "val_file_top5": files["top5"],
                         "val_file_mean_class_acc": files["mean_class_acc"]}
+        best_metric = self.recipe.eval.best_metric
+        metrics.setdefault(best_metric, float("nan"))  # Ray Train ranks the checkpoints by it: never absent
+        state.record_validation(metrics, best_metric)
         per_file = f"; per file top-1 {files['top1']:.2f}% of {int(files['videos'])} files" if files else ""
         self.log(f"validation at step {state.step}: top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% "
-                 f"({int(val['videos'])} videos{per_file}; best {state.best['val_top1']:.2f}% at step "
-                 f"{state.best['step']})")
+                 f"({int(val['videos'])} videos{per_file}; {state.best_note(best_metric)})")
         if self.rank == 0:
             self._log_validation(metrics, val if final else None)
         if final:
@@ -714,7 +730,7 @@ class Trainer:
             return
         name = mlflow.registered_model_name or self.recipe.run.name
         tags = {k: v for k, v in metrics.items() if k.startswith("val_")}
-        tags |= {"step": self.state.step, "best_val_top1": self.state.best["val_top1"]}
+        tags |= {"step": self.state.step} | {f"best_{k}": v for k, v in self.state.best.items() if k != "step"}
         description = (f"{self.recipe.model.preset} ({self.recipe.model.variant}) trained {self.state.step} steps on "
                        f"{len(self.class_names)} classes by run {self.recipe.run.name}; recipe.yaml holds the recipe")
         version = self.tracker.register_model(name, "final_checkpoint", tags, description)

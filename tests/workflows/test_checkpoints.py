@@ -10,7 +10,8 @@ import pyarrow.fs
 from workflows.checkpoints import checkpoint_step, newest_complete_checkpoint, write_file_list
 
 
-def _checkpoint(run: Path, name: str, step: int, world: int = 2, val_top1: float | None = None) -> Path:
+def _checkpoint(run: Path, name: str, step: int, world: int = 2, val_top1: float | None = None,
+                **metrics: float) -> Path:
     """A checkpoint as Ray merges it: each rank's files, then each rank's file list (written last by that rank)."""
     for rank in range(world):
         local = run / f"rank{rank}-{name}"
@@ -18,7 +19,7 @@ def _checkpoint(run: Path, name: str, step: int, world: int = 2, val_top1: float
         (local / "ds" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(b"x" * (1000 + rank))
         if rank == 0:
             (local / "state.json").write_text(json.dumps({"step": step, "world_size": world,
-                                                          "metrics": {"val_top1": val_top1}}))
+                                                          "metrics": {"val_top1": val_top1, **metrics}}))
             (local / "weights.safetensors").write_bytes(b"w" * 500)
         write_file_list(local, rank)
         merged = run / name
@@ -139,6 +140,17 @@ def test_a_finished_run_keeps_what_ray_retains_or_would_have(tmp_path):
 
     run, dirs = run_dir("two")  # keep 2: both unregistered complete ones are within the best two
     assert prune_unretained_checkpoints(str(run), [str(dirs["retained"])], keep=2) == {str(dirs["partial"]): None}
+
+    # Ranked by eval.best_metric: by its files' top-1 the unregistered checkpoint_2 is the better one, so it stays
+    # and checkpoint_1 (worse by files, however good its clips) goes. A checkpoint with no such metric ranks last.
+    run = tmp_path / "by-files"
+    worse = _checkpoint(run, "checkpoint_1", step=1, val_top1=60.0, val_file_top1=20.0)
+    better = _checkpoint(run, "checkpoint_2", step=2, val_top1=10.0, val_file_top1=80.0)
+    unscored = _checkpoint(run, "checkpoint_3", step=3, val_top1=90.0)
+    retained = _checkpoint(run, "checkpoint_4", step=4, val_top1=50.0, val_file_top1=50.0)
+    removed = prune_unretained_checkpoints(str(run), [str(retained)], keep=1, metric="val_file_top1")
+    assert removed == {str(worse): 1, str(unscored): 3}
+    assert better.exists() and retained.exists()
 
 
 def test_an_unreadable_checkpoint_file_is_named_with_the_runs_other_checkpoints(tmp_path):

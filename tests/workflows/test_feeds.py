@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from workflows.checkpoints import read_state
 from workflows.data.manifest import load_manifest, write_manifest
 from workflows.elastic import legacy_consumed
 from workflows.feeds import ClipFeeds
@@ -126,7 +127,7 @@ def test_an_epoch_where_no_video_decodes_fails_clearly(counters, video_dir, tmp_
 
 
 def _bad_corpus_run(video_dir: Path, tmp_path: Path, max_bad_fraction: float, name: str, max_failures: int = 0,
-                    val_manifest: Path | None = None):
+                    val_manifest: Path | None = None, *extra: str):
     """A 2-step smoke run on 12 clips whose 4 bad ones (missing, empty, truncated, random bytes) all land on rank 1."""
     manifest, _ = _manifest(video_dir, tmp_path, rows=12, bad_on_rank1=[0, 1, 2, 3])
     return load_recipe(SMOKE, [
@@ -135,7 +136,7 @@ def _bad_corpus_run(video_dir: Path, tmp_path: Path, max_bad_fraction: float, na
         f"data.max_bad_fraction={max_bad_fraction}",
         f"train.seed={SEED}", "train.micro_batch_size=4", "train.global_batch_size=8", "data.train_views=1",
         "train.max_steps=2", "eval.every_steps=2", f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
-        "mlflow.enabled=false", f"run.max_failures={max_failures}"])
+        "mlflow.enabled=false", f"run.max_failures={max_failures}", *extra])
 
 
 @pytest.mark.integration
@@ -143,7 +144,7 @@ def test_pretrain_runs_on_a_corpus_whose_bad_files_all_land_on_one_worker(counte
     """The reported case: 12 clips, 4 bad (missing, empty, truncated, random bytes), 2 workers, micro-batch 4,
     max_bad_fraction 0.5. `data check` counted 8 ok / 4 dropped, but every attempt of `pretrain` failed on rank 1.
     Its validation set is clips of files (each good video whole and its first 0.3 s): the two ranks' rows are
-    also scored per file, summed over the ranks."""
+    also scored per file, summed over the ranks, and the checkpoints are ranked by the files' top-1."""
     from workflows.pretrain import run_pretrain
 
     whole = load_manifest(str(video_dir / "good.csv"), None)
@@ -151,15 +152,20 @@ def test_pretrain_runs_on_a_corpus_whose_bad_files_all_land_on_one_worker(counte
             zip(whole.table.column("path").to_pylist(), whole.table.column("label_name").to_pylist(), strict=True)
             for window in ({}, {"start": 0.0, "end": 0.3})]
     write_manifest(rows, tmp_path / "val_clips.csv")
-    result = run_pretrain(_bad_corpus_run(video_dir, tmp_path, max_bad_fraction=0.5, name="bad-corpus",
-                                          val_manifest=tmp_path / "val_clips.csv"))
+    result = run_pretrain(_bad_corpus_run(video_dir, tmp_path, 0.5, "bad-corpus", 0, tmp_path / "val_clips.csv",
+                                          "eval.best_metric=val_file_top1"))
     assert result.metrics["step"] == 2 and result.error is None
-    assert 0 <= result.metrics["val_file_top1"] <= 100 and "val_file_mean_class_acc" in result.metrics
+    files_top1 = result.metrics["val_file_top1"]
+    assert 0 <= files_top1 <= 100 and "val_file_mean_class_acc" in result.metrics
     console = "".join(capfd.readouterr())
     # 9 of the 10 rows: narrow.mp4's first 0.3 s is 3 frames at 10 fps, under data.min_frames (dropped as too
     # short); its whole row still scores that file.
-    assert re.search(r"validation at step 2: .*\(9 videos; per file top-1 \d+\.\d\d% of 5 files;", console), \
+    assert re.search(rf"validation at step 2: .*\(9 videos; per file top-1 {files_top1:.2f}% of 5 files; best "
+                     rf"val_file_top1 {files_top1:.2f}% at step 2\)", console), \
         [line for line in console.splitlines() if "validation" in line]
+    assert f", val_file_top1 {files_top1:.2f}%; checkpoint: " in console
+    assert "Result dict has no key" not in console  # Ray Train found the metric it ranks by in every report
+    assert read_state(result.checkpoint.path)["best"] == {"val_file_top1": files_top1, "step": 2}
 
 
 @pytest.mark.integration

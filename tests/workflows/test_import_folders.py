@@ -89,8 +89,9 @@ def test_a_folder_of_class_folders_is_split_per_class_and_shows_what_it_skipped(
            "playing_guitar/.cache; a ._name file is macOS metadata" in notes, notes
     assert "1 classes have a single video, kept for training and absent from val.csv (lonely)" in notes, notes
     assert "the classes are imbalanced: 1 to 21 videos per class in --videos (fewest: lonely (1), playing_guitar " \
-           "(10), ApplyEyeMakeup (21)); mean class accuracy (val_mean_class_acc, evaluate's) weighs every class" \
-           in notes, notes
+           "(10), ApplyEyeMakeup (21)); mean class accuracy (val_mean_class_acc, evaluate's) weighs every class " \
+           "alike, top-1 follows the large ones: rank checkpoints by it with --set " \
+           "eval.best_metric=val_mean_class_acc" in notes, notes
     assert all(line.startswith("note: ") for line in lines[3:]) and len(lines) == 10, lines
 
     assert load_labels(str(out / "labels.json")) == {"apply eye makeup": 0, "lonely": 1, "playing guitar": 2}

@@ -476,6 +476,39 @@ def test_the_finish_line_names_the_best_checkpoint_when_it_is_not_the_latest():
     assert best_checkpoint_note(result("r/c3", ("r/c2", 60.0, 200), ("r/c3", 63.0, 300))) == ""  # the latest
     assert best_checkpoint_note(result("r/c3", ("r/c3", float("nan"), 300))) == ""  # nothing scored
     assert best_checkpoint_note(SimpleNamespace(checkpoint=None, best_checkpoints=None)) == ""
+    by_files = SimpleNamespace(checkpoint=SimpleNamespace(path="r/c3"), best_checkpoints=[
+        (SimpleNamespace(path=path), {"val_top1": top1, "val_file_top1": files, "step": step})
+        for path, top1, files, step in (("r/c1", 70.0, 40.0, 100), ("r/c2", 50.0, 60.0, 200),
+                                        ("r/c3", 60.0, float("nan"), 300))])
+    assert best_checkpoint_note(by_files, "val_file_top1") == "; best: r/c2 (val_file_top1 60.00% at step 200)"
+    assert best_checkpoint_note(by_files) == "; best: r/c1 (val top-1 70.00% at step 100)"
+
+
+def test_eval_best_metric_ranks_the_checkpoints_ray_train_keeps(sample_data, tmp_path):
+    """Ray Train keeps the run.keep_checkpoints best by eval.best_metric; val_file_* needs a validation set that
+    cuts files into clips, or there is nothing to rank by: a clear error before any work, naming the way out."""
+    from workflows.data.manifest import load_manifest, write_manifest
+    from workflows.pretrain import build_trainer, validate_before_start
+
+    for metric in ("val_top1", "val_mean_class_acc"):
+        recipe = _recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false", f"eval.best_metric={metric}")
+        assert build_trainer(recipe).run_config.checkpoint_config.checkpoint_score_attribute == metric
+    with pytest.raises(ConfigError, match=r"eval.best_metric: 'top1' is not valid; choose one of 'val_top1'"):
+        _recipe(sample_data, tmp_path / "runs", "eval.best_metric=top1")
+    with pytest.raises(ConfigError, match=r"eval.best_metric val_file_top1 ranks checkpoints by files scored over "
+                                          r"their clips, but the videos validation reads from data.val_manifest "
+                                          r".*val.csv name each file once.*Rank by val_top1 \(the same score on "
+                                          r"whole videos\), or cut the validation videos into clips"):
+        validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false",
+                                      "eval.best_metric=val_file_top1"))
+    whole = load_manifest(str(sample_data.val_manifest), None)
+    rows = [{"path": path, "label": label, "start": start, "end": start + 0.5}
+            for path, label in zip(whole.table.column("path").to_pylist(),
+                                   whole.table.column("label_name").to_pylist(), strict=True)
+            for start in (0.0, 0.5)]
+    write_manifest(rows, tmp_path / "val_clips.csv")
+    validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false",
+                                  "eval.best_metric=val_file_top1", f"data.val_manifest={tmp_path / 'val_clips.csv'}"))
 
 
 def _latest_state(storage: Path) -> tuple[Path, dict]:

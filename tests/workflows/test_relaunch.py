@@ -96,6 +96,8 @@ def test_a_relaunch_keeps_the_init_from_its_first_launch_pinned_and_says_a_new_o
     ("scaling.num_workers=1", "scaling.num_workers: 2 -> 1"),
     ("train.zero_stage=0", "train.zero_stage: 2 -> 0 (ZeRO-0 saves a plain optimizer state"),
     ("labels", "the classes of data.labels: 3 (walking, running, jumping, ...) -> 2 (walking, running, ...)"),
+    ("eval.best_metric=val_mean_class_acc", "eval.best_metric: 'val_top1' -> 'val_mean_class_acc' (Ray Train's "
+                                            "record of the checkpoints it keeps is ranked by the first)"),
 ])
 def test_what_a_resumed_run_cannot_take_is_refused_before_ray_naming_the_key(tmp_path, override, named) -> None:
     from workflows.relaunch import relaunch_changes

@@ -29,16 +29,35 @@ def test_train_state_from_an_older_checkpoint_gets_defaults():
     state = TrainState.from_dict({"step": 3, "epoch": 0, "position": 3})  # micro-batches per rank, as once saved
     assert (state.step, state.epoch_steps) == (3, 0)  # the trainer converts `position` with the consumed clips
     assert state.history == {"loss": [], "lr": [], "val_top1": [], "clips_per_s": []}
-    assert state.best == {"val_top1": -1.0} and state.mlflow_run_id is None
+    assert state.best == {} and state.mlflow_run_id is None
 
 
 def test_record_validation_keeps_the_best_and_its_step():
     state = TrainState(step=2)
-    state.record_validation(10.0)
+    state.record_validation({"val_top1": 10.0}, "val_top1")
     state.step = 4
-    state.record_validation(5.0)
+    state.record_validation({"val_top1": 5.0}, "val_top1")
     assert state.best == {"val_top1": 10.0, "step": 2}
     assert state.history["val_top1"] == [(2, 10.0), (4, 5.0)]
+    assert state.best_note("val_top1") == "best 10.00% at step 2"
+
+
+def test_the_best_validation_is_the_best_by_eval_best_metric():
+    """eval.best_metric val_file_top1: the best is the validation whose files scored highest, whatever its clips did;
+    one that read no file (NaN) never counts; a best that an older recipe recorded by val top-1 (a relaunch that
+    changed eval.best_metric) is beaten by the first validation."""
+    state = TrainState.from_dict({"step": 6, "best": {"val_top1": 90.0, "step": 4}})
+    state.record_validation({"val_top1": 50.0, "val_file_top1": 40.0}, "val_file_top1")
+    state.step = 8
+    state.record_validation({"val_top1": 70.0, "val_file_top1": 30.0}, "val_file_top1")
+    state.step = 10
+    state.record_validation({"val_top1": 80.0, "val_file_top1": float("nan")}, "val_file_top1")
+    assert state.best == {"val_file_top1": 40.0, "step": 6}
+    assert state.history["val_top1"] == [(6, 50.0), (8, 70.0), (10, 80.0)]
+    assert state.best_note("val_file_top1") == "best val_file_top1 40.00% at step 6"
+    fresh = TrainState(step=2)
+    fresh.record_validation({"val_top1": 10.0, "val_file_top1": float("nan")}, "val_file_top1")
+    assert fresh.best == {} and fresh.best_note("val_file_top1") == "no val_file_top1 yet"
 
 
 def test_progress_window_sums_the_loss_on_its_device_and_reports_totals():

@@ -72,6 +72,23 @@ def test_unknown_search_key_fails_listing_valid_keys(tmp_path):
         plan(path)
 
 
+def test_each_trial_keeps_its_checkpoints_best_by_the_sweeps_metric(tmp_path):
+    """The table names each trial's checkpoint of its best report by the sweep's metric: the trial's Ray Train must
+    keep that one, so its eval.best_metric is the sweep's (a base recipe's own is overridden). A file metric gets
+    its own column."""
+    from workflows.tune.report import table_metrics
+
+    path = write_sweep(tmp_path, "  model.fusion_layers: {grid: [all]}", "metric: val_mean_class_acc\n")
+    sweep_plan = plan(path, ["eval.best_metric=val_top5"])
+    assert sweep_plan.base_recipe.eval.best_metric == "val_mean_class_acc"
+    assert build_trial_recipe(sweep_plan.base, {"model.fusion_layers": "all"}).eval.best_metric == \
+        "val_mean_class_acc"
+    assert table_metrics("val_mean_class_acc") == ["val_top1", "val_top5", "val_mean_class_acc"]
+    assert table_metrics("val_file_top1") == ["val_top1", "val_top5", "val_mean_class_acc", "val_file_top1"]
+    with pytest.raises(ConfigError, match="metric: 'top1' is not valid; choose one of 'val_top1'"):
+        load_sweep(write_sweep(tmp_path, "  model.fusion_layers: {grid: [all]}", "metric: top1\n"))
+
+
 def test_every_grid_point_is_built_before_ray(tmp_path):
     # dist_tiny has head_dim 32: 100 is not a multiple, and only the combination with that value is invalid.
     path = write_sweep(tmp_path, "  model.fusion_layers: {grid: [all, every2]}\n"

@@ -389,7 +389,8 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
         fewest = ", ".join(f"{f} ({n})" for n, f in per_class[:3])
         notes.append(f"the classes are imbalanced: {per_class[0][0]} to {per_class[-1][0]} videos per class in "
                      f"--videos (fewest: {fewest}); mean class accuracy (val_mean_class_acc, evaluate's) weighs every "
-                     f"class alike, top-1 follows the large ones")
+                     f"class alike, top-1 follows the large ones: rank checkpoints by it with --set "
+                     f"eval.best_metric=val_mean_class_acc")
     if val_scan is None:
         single = [f for f in folder_names if len(train_scan.videos[f]) < 2]
         if single:

@@ -144,6 +144,11 @@ def stopped_before_its_last_step(last_report: dict[str, Any]) -> bool:
     return not (unknown or final)
 
 
+def table_metrics(metric: str) -> list[str]:
+    """The validation metrics of the results table: the clips' three, and the sweep's `metric` when it is a file one."""
+    return ["val_top1", "val_top5", "val_mean_class_acc"] + ([metric] if metric.startswith("val_file_") else [])
+
+
 def trial_row(result: Any, plan: SweepPlan, keys: list[str]) -> dict[str, Any]:
     """One results-table row from a Tune Result: the trial's values, its best report and its status."""
     sweep = plan.sweep
@@ -156,7 +161,7 @@ def trial_row(result: Any, plan: SweepPlan, keys: list[str]) -> dict[str, Any]:
     pick = max if sweep.mode == "max" else min
     best = pick(reports, key=lambda r: r[sweep.metric]) if reports else {}
     row["reports"] = len(reports)
-    for key in ("val_top1", "val_top5", "val_mean_class_acc"):
+    for key in table_metrics(sweep.metric):
         row[key] = float(best.get(key, math.nan))
     row["best_step"] = best.get("step", "")
     row["last_step"] = reports[-1].get("step", "") if reports else ""
@@ -302,10 +307,9 @@ def summarize_sweep(grid: Any, plan: SweepPlan, parent: Tracker, interrupted: bo
     for row, on in zip(rows, fronts, strict=True):
         row["pareto"] = on
         row["best"] = best is not None and row["trial_id"] == best["trial_id"]
-    columns = (["trial_id", "status"] + keys + ["val_top1", "val_top5", "val_mean_class_acc", "best_step",
-                                                "reports", "dist_gflops", "frozen_clip_gflops", "total_gflops",
-                                                "trainable_params", "clips_per_s", "pareto", "best", "attempts",
-                                                "run_name", "checkpoint"])
+    columns = (["trial_id", "status"] + keys + table_metrics(sweep.metric)
+               + ["best_step", "reports", "dist_gflops", "frozen_clip_gflops", "total_gflops", "trainable_params",
+                  "clips_per_s", "pareto", "best", "attempts", "run_name", "checkpoint"])
     shown = [c for c in columns if c not in ("run_name", "checkpoint")]
     print(f"{LOG_PREFIX} results ({'interrupted: ' if interrupted else ''}{len(rows)} trials; GFLOPs are counted "
           f"per clip, 2 per multiply-add):\n{format_table(rows, shown)}", flush=True)

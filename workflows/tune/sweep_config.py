@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 from workflows.config_loader import ConfigError, apply_overrides, from_dict, load_yaml, parse_override
-from workflows.recipe import Recipe, check_data_files, recipe_to_dict, with_absolute_paths
+from workflows.recipe import Recipe, ValidationMetric, check_data_files, recipe_to_dict, with_absolute_paths
 from workflows.runtime import is_remote
 
 LOG_PREFIX = "[tune]"
@@ -75,7 +75,9 @@ class SweepConfig:
     # random/optuna: whole trial configs ({key: value} for every search-space key) run first, in this order, as the
     # first of the num_samples trials (e.g. the paper's choice); the searcher suggests the rest.
     points_to_evaluate: list[dict] = field(default_factory=list)
-    metric: Literal["val_top1", "val_top5", "val_mean_class_acc"] = "val_top1"
+    # what ranks the trials, and each trial's checkpoints (its eval.best_metric): val_file_* for a validation set of
+    # clips cut from longer files
+    metric: ValidationMetric = "val_top1"
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["none", "asha"] = "none"
     asha: AshaSection = field(default_factory=AshaSection)
@@ -360,7 +362,9 @@ def plan_sweep(sweep: SweepConfig, check_files: bool = True) -> SweepPlan:
     uri = tracking_uri(sweep)
     raw = apply_overrides(Recipe, raw, ["mlflow.enabled=true", f"mlflow.tracking_uri={json.dumps(uri)}",
                                         f"mlflow.experiment={json.dumps(sweep.mlflow.experiment)}",
-                                        "mlflow.register_model=false"])  # trials are candidates, not results
+                                        "mlflow.register_model=false",  # trials are candidates, not results
+                                        # a trial keeps its checkpoints best by the sweep's metric: the table names one
+                                        f"eval.best_metric={sweep.metric}"])
     recipe = with_absolute_paths(from_dict(Recipe, raw))
     if check_files:
         check_data_files(recipe)
