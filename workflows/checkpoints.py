@@ -370,8 +370,8 @@ def remove_partial_checkpoints(run_dir: str) -> list[str]:
 
 
 def metric_score(metrics: dict[str, Any] | None, metric: str) -> float:
-    """A report's `metric` to rank checkpoints by (eval.best_metric): -inf when it has none, or NaN (a checkpoint
-    written without a validation, a validation that read no file), as Ray Train ranks those last."""
+    """A report's `metric` to rank checkpoints by (eval.best_metric): -inf when it has none or NaN (a checkpoint
+    written without a validation, before a resize), as Ray Train ranks those last."""
     value = (metrics or {}).get(metric)
     return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else -math.inf
 

@@ -112,6 +112,9 @@ class EvalRequest:
     tracking_uri: str | None = None  # the MLflow store of a models:/ checkpoint; the evaluation is logged there too
     verbose: bool = False  # Ray's own INFO lines and worker output on the console too
     save_scores: bool = False  # also write every video's class probabilities (scores.npz)
+    # cut each whole video of the manifest into clips of this many seconds first (data clips' cut, written as
+    # clips.csv in the output folder), so long recordings are scored per clip and per file
+    clip_seconds: float | None = None
 
 
 @dataclass
@@ -134,6 +137,7 @@ class EvalPlan:
     checkpoint_source: str | None = None  # where the checkpoint came from (its URI when fetched from a bucket)
     warnings: list[str] = field(default_factory=list)  # printed once before the scoring starts
     save_scores: bool = False  # scores.npz beside the other outputs
+    cut: Any = None  # with --clip-seconds: what cutting the manifest into clips wrote (clips.CutManifest)
 
     @property
     def class_names(self) -> list[str]:
@@ -153,7 +157,7 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
     check_clip_file(recipe, "model.clip_pretrained (the CLIP the checkpoint was trained with)")
     seed = checkpoint.training_seed(recipe) if checkpoint is not None else recipe.train.seed
     label_map, labels_source = _label_set(request, recipe, checkpoint)
-    manifest = _manifest(request, recipe, label_map, labels_source)
+    manifest = _manifest(request.manifest or recipe.data.val_manifest, label_map, labels_source)
     # Both valid: the flags by _check_counts, the recipe's eval.test_views / test_crops by EvalSection.
     views = request.views if request.views is not None else recipe.eval.test_views
     crops = request.crops if request.crops is not None else recipe.eval.test_crops
@@ -167,6 +171,10 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
         check_output_folder(out_dir, "--out" if request.out else "the output folder (--out to choose another)")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    cut = None
+    if request.clip_seconds is not None:  # after the labels and the output folder are known to be right
+        cut = _cut_into_clips(manifest.source, request.clip_seconds, out_dir)
+        manifest = _manifest(cut.manifest, label_map, labels_source)
     if request.save_scores:
         check_room_for_scores(out_dir, len(manifest), len(class_names(label_map)))
     plan = EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"], seed=seed, checkpoint=directory,
@@ -174,7 +182,7 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
                     out_dir=out_dir, tracking_uri=request.tracking_uri,
                     checkpoint_source=checkpoint.source if checkpoint is not None else None,
-                    save_scores=request.save_scores)
+                    save_scores=request.save_scores, cut=cut)
     plan.warnings = scoring_warnings(
         views=views, views_from="--views" if request.views is not None else "eval.test_views",
         fix_views=f"Lower --views (left out: eval.test_views, {recipe.eval.test_views})" if request.views is not None
@@ -233,11 +241,10 @@ def _label_set(request: EvalRequest, recipe: Recipe,
                                   f"{' does not exist' if labels_path else ''})")
 
 
-def _manifest(request: EvalRequest, recipe: Recipe, label_map: dict[str, int], labels_source: str) -> Any:
+def _manifest(manifest_path: str | None, label_map: dict[str, int], labels_source: str) -> Any:
     """The videos to evaluate (--manifest, else data.val_manifest), every label checked against the label set."""
     from workflows.data.manifest import ManifestError, load_manifest
 
-    manifest_path = request.manifest or recipe.data.val_manifest
     if not manifest_path:
         raise ConfigError("no manifest to evaluate: pass --manifest or set data.val_manifest")
     manifest = load_manifest(manifest_path, label_map, strict=False)  # unknown labels: said below, with the fix
@@ -248,6 +255,20 @@ def _manifest(request: EvalRequest, recipe: Recipe, label_map: dict[str, int], l
                             f"set ({len(label_map)} classes, from {labels_source}): {shown}. Evaluate with a label "
                             f"file that names every class of the manifest (--labels)")
     return manifest
+
+
+CLIPS_MANIFEST = "clips.csv"  # --clip-seconds: the manifest's videos cut into clips, in the output folder
+
+
+def _cut_into_clips(manifest: str, seconds: float, out_dir: Path) -> Any:
+    """--clip-seconds: `manifest` with each whole video cut into clips (`clips.cut_manifest`, rows with a window
+    kept), written as CLIPS_MANIFEST in `out_dir`."""
+    from workflows.data.clips import cut_manifest
+
+    try:
+        return cut_manifest(manifest, out_dir / CLIPS_MANIFEST, seconds, progress=True)
+    except ValueError as exc:  # a length that is no length
+        raise ConfigError(str(exc)) from None
 
 
 def _out_dir(request: EvalRequest, recipe: Recipe, checkpoint: Path | None) -> Path:
@@ -390,7 +411,9 @@ def _scored_views(plan: EvalPlan, data: Any, pool: int, use_gpu: bool) -> Any:
 
 # `--save-scores`: every scored video's class probabilities (the mean softmax over its views x crops), for fusing
 # evaluations (two checkpoints, DiST and frozen CLIP, other view counts) or an analysis of its own. Arrays: scores
-# (videos, classes) float32, video_index (the manifest row, as in predictions.csv), label, class_names.
+# (videos, classes) float32, video_index (the manifest row, as in predictions.csv), label, class_names; for a
+# manifest of clips also file_scores (files, classes: the mean of each file's read clips, as file_predictions.csv),
+# file_path and file_label.
 SCORES_FILE = "scores.npz"
 
 
@@ -416,9 +439,10 @@ def per_class_rows(confusion: Any, class_names: list[str]) -> list[dict[str, Any
     return rows
 
 
-def _file_metrics(plan: EvalPlan, files: Any, scores: Any, out: Path) -> dict[str, Any]:
+def _file_metrics(plan: EvalPlan, files: Any, scores: Any, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each file of a manifest of clips scored as a whole (`files`: its `metrics.FileIndex`, `scores`: the
-    evaluation's VideoScores): file_predictions.csv (one row per file read) and the accuracies for metrics.json."""
+    evaluation's VideoScores): writes file_predictions.csv (one row per file read); returns the accuracies for
+    metrics.json and the files' `FileIndex.summary`."""
     names = plan.class_names
     summary = files.summary(*files.sums(scores))
     with (out / "file_predictions.csv").open("w", newline="") as f:
@@ -430,7 +454,7 @@ def _file_metrics(plan: EvalPlan, files: Any, scores: Any, out: Path) -> dict[st
                              int(label == predicted), clips])
     return {"top1": summary["top1"], "top5": summary["top5"], "mean_class_acc": summary["mean_class_acc"],
             "files": int(summary["videos"]), "clips": int(summary["clips"]), "mixed_label_files": len(files.mixed),
-            "mixed_label_examples": files.mixed[:5]}
+            "mixed_label_examples": files.mixed[:5]}, summary
 
 
 def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
@@ -467,10 +491,6 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     probs = (summed / (plan.views * plan.crops)).numpy()  # the mean softmax over each video's clips, a row each
     row_of = {vid: i for i, vid in enumerate(scored)}
-    if plan.save_scores:
-        np.savez(out / SCORES_FILE, scores=probs.astype(np.float32), video_index=np.asarray(scored, np.int64),
-                 label=labels.numpy().astype(np.int64), class_names=np.asarray(names, dtype=str))
-        metrics["scores_file"] = str(out / SCORES_FILE)
     with (out / "per_class_accuracy.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["index", "class", "videos", "correct", "accuracy"])
         writer.writeheader()
@@ -492,8 +512,18 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
             writer.writerow([vid, paths[vid], names[label], names[predicted], round(float(video_probs[predicted]), 6),
                              int(label == predicted), "", starts[vid], ends[vid]])
     files = FileIndex.of(paths, table.column("label").to_pylist())
+    file_scores: dict[str, Any] = {}
     if files is not None:  # clips cut from longer files: each file scored as a whole too
-        metrics["per_file"] = _file_metrics(plan, files, results.scores, out)
+        metrics["per_file"], read = _file_metrics(plan, files, results.scores, out)
+        file_scores = {"file_scores": read["files_probs"].numpy().astype(np.float32),
+                       "file_path": np.asarray([files.paths[i] for i in read["files_read"]], dtype=str),
+                       "file_label": files.labels[read["files_read"]].numpy().astype(np.int64)}
+    if plan.save_scores:
+        np.savez(out / SCORES_FILE, scores=probs.astype(np.float32), video_index=np.asarray(scored, np.int64),
+                 label=labels.numpy().astype(np.int64), class_names=np.asarray(names, dtype=str), **file_scores)
+        metrics["scores_file"] = str(out / SCORES_FILE)
+    if plan.cut is not None:
+        metrics["clip_seconds"] = plan.cut.seconds
     with (out / "confusion_matrix.csv").open("w", newline="") as f:  # the counts behind the row-normalised image
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted", *names])
@@ -569,14 +599,15 @@ def log_to_mlflow(plan: EvalPlan, metrics: dict[str, Any], uri: str) -> str | No
                       parent_run_id=None if clip_only else plan.state.get("mlflow_run_id"),
                       tags={"dist.kind": "evaluate"}, who="the evaluation")
     tracker.log_params({k: metrics[k] for k in ("checkpoint", "step", "manifest", "labels", "mode", "views", "crops",
-                                                "num_classes", "preset")})
+                                                "num_classes", "preset", "clip_seconds") if k in metrics})
     step = 0 if clip_only else int(metrics["step"] or 0)
     files = metrics.get("per_file") or {}
     tracker.log_metrics({f"eval_{k}": float(metrics[k]) for k in ("top1", "top5", "mean_class_acc", "videos")}
                         | {f"eval_file_{k}": float(files[k]) for k in ("top1", "top5", "mean_class_acc", "files")
                            if k in files}
                         | {"eval_dropped_total": float(metrics["dropped_total"])}, step=step)
-    for name in ("metrics.json", "per_class_accuracy.csv", "confusion_matrix.png"):
+    cut = [CLIPS_MANIFEST] if plan.cut is not None else []  # with --clip-seconds: the clips that were scored
+    for name in ("metrics.json", "per_class_accuracy.csv", "confusion_matrix.png", *cut):
         tracker.log_artifact(plan.out_dir / name, "evaluation")
     tracker.finish()
     return tracker.run_id if tracker.active else None
@@ -591,6 +622,8 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
     if progress:
         what = "frozen CLIP alone" if plan.mode == "clip_only" else plan.checkpoint_source or plan.checkpoint
         step = f", step {plan.state['step']}" if plan.mode != "clip_only" and "step" in plan.state else ""
+        for line in plan.cut.summary() if plan.cut is not None else []:
+            print(f"{LOG_PREFIX} {line}", flush=True)
         print(f"{LOG_PREFIX} {what} ({plan.recipe.model.preset}{step}) on {plan.manifest.source}: "
               f"{len(plan.manifest)} videos, labels {plan.labels_source}", flush=True)
     for line in plan.warnings:
@@ -640,6 +673,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--save-scores", action="store_true",
                         help=f"also write every video's class probabilities to {SCORES_FILE} in the output folder "
                              "(videos x classes float32), e.g. to fuse evaluations")
+    parser.add_argument("--clip-seconds", type=float, metavar="S",
+                        help=f"cut each whole video of the manifest into centred clips of S seconds first (written "
+                             f"as {CLIPS_MANIFEST} in the output folder): long recordings scored per clip and per file")
     parser.add_argument("--json", action="store_true", help="print metrics.json to stdout (the summary to stderr)")
     parser.add_argument("--verbose", action="store_true",
                         help="also print Ray's own log lines and the workers' output (default: Ray's log files only)")
@@ -648,7 +684,7 @@ def main(argv: list[str]) -> int:
                           manifest=args.manifest, labels=args.labels, views=args.views, crops=args.crops,
                           zero_shot_fusion=args.zero_shot_fusion, clip_only=args.clip_only, preset=args.preset,
                           out=args.out, actors=args.actors, mlflow=args.mlflow, tracking_uri=args.tracking_uri,
-                          verbose=args.verbose, save_scores=args.save_scores)
+                          verbose=args.verbose, save_scores=args.save_scores, clip_seconds=args.clip_seconds)
     if args.json:  # keep stdout for the JSON alone
         real_stdout, sys.stdout = sys.stdout, sys.stderr
     from workflows.data.drops import TooManyBadVideos

@@ -262,6 +262,58 @@ def test_clips_of_one_file_are_also_scored_as_the_file(run_dir: Path, video_dir:
     assert "per file" not in format_summary(metrics)
 
 
+def test_clip_seconds_cuts_whole_videos_into_clips_and_saves_the_files_scores(run_dir: Path, video_dir: Path,
+                                                                                 tmp_path: Path, capsys) -> None:
+    """evaluate --clip-seconds: the manifest's whole videos are cut as `data clips` cuts them (clips.csv in the
+    output folder), so a long recording is scored per clip and per file; --save-scores then also holds the files'
+    probabilities, the ones file_predictions.csv names. A length that is no length fails before any work."""
+    from workflows.data.clips import cut_manifest
+    from workflows.data.drops import DropReport
+    from workflows.data.manifest import load_manifest
+    from workflows.evaluate import ViewResults, write_outputs
+    from workflows.metrics import VideoScores
+
+    out = tmp_path / "out"
+    plan = plan_evaluation(EvalRequest(checkpoint=str(run_dir), manifest=str(video_dir / "good.csv"), views=1,
+                                       clip_seconds=1.0, out=str(out), mlflow=False, save_scores=True))
+    by_data_clips = cut_manifest(str(video_dir / "good.csv"), tmp_path / "by_data_clips.csv", 1.0)
+    columns = ("path", "label_name", "start", "end")
+    cut_by_data_clips = load_manifest(by_data_clips.manifest, None).table.select(columns)
+    assert plan.manifest.table.select(columns).to_pandas().equals(cut_by_data_clips.to_pandas())  # NaN == NaN
+    assert plan.manifest.source == str(out / "clips.csv")
+    # wide (1.24 s) gives one clip, mid (2.33 s) and narrow (2 s) two; tall and big are under 1 s: whole
+    assert (plan.cut.rows, plan.cut.cut, plan.cut.whole) == (7, 3, 2) and "2 videos are shorter" in plan.cut.notes[0]
+    scores = VideoScores(N)
+    labels = plan.manifest.table.column("label").to_pylist()
+    for row, label in enumerate(labels):
+        scores.add(torch.tensor([row]), torch.randn(1, N), torch.tensor([label]))
+    metrics = write_outputs(plan, ViewResults(scores=scores, rows=7, rows_per_video=dict.fromkeys(range(7), 1),
+                                              drops=DropReport("eval", None, 7), dropped_videos={}, seconds=1.0))
+    assert metrics["clip_seconds"] == 1.0 and (metrics["videos"], metrics["per_file"]["files"]) == (7, 5)
+    saved = np.load(out / "scores.npz")
+    by_file = _read_csv(out / "file_predictions.csv")
+    assert list(saved["file_path"]) == [r["path"] for r in by_file] and saved["file_scores"].shape == (5, N)
+    assert [saved["class_names"][i] for i in saved["file_label"]] == [r["label"] for r in by_file]
+    assert [saved["class_names"][i] for i in saved["file_scores"].argmax(1)] == [r["predicted"] for r in by_file]
+    mid = [i for i, path in enumerate(plan.manifest.table.column("path").to_pylist()) if path.endswith("mid.mp4")]
+    row_of = {int(v): i for i, v in enumerate(saved["video_index"])}
+    np.testing.assert_allclose(saved["file_scores"][list(saved["file_path"]).index(str(video_dir / "clips/mid.mp4"))],
+                               saved["scores"][[row_of[r] for r in mid]].mean(0), rtol=1e-5)
+    # MLflow: the length as a param, the clips that were scored as an artifact
+    from mlflow import MlflowClient
+
+    from workflows.evaluate import log_to_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = log_to_mlflow(plan, metrics, uri)
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_id).data.params["clip_seconds"] == "1.0"
+    assert "evaluation/clips.csv" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
+
+    assert evaluate_main(["--checkpoint", str(run_dir), "--clip-seconds", "0", "--out", str(tmp_path / "o2")]) == 2
+    assert "--clip-seconds 0.0: give the length of a clip in seconds" in capsys.readouterr().err
+
+
 def test_eval_model_is_the_trained_one_and_modes_differ(run_dir: Path) -> None:
     ckpt = run_dir / "checkpoint_000001"
     state, weights = read_state(ckpt), read_weights(ckpt)
