@@ -84,8 +84,8 @@ if [ "$MODE" = pretrain ]; then
   say "smoke pre-training on the CPU through the carried Ray and DeepSpeed, both parts compiled (train.compile=all)"
   [ -f data/sample/labels.json ] || python -m workflows data sample --out data/sample --videos-per-class 4 \
     > "$OUT/sample.log" 2>&1 || fail "writing the sample data: $OUT/sample.log"
-  runs=$(mktemp -d)
-  python -m workflows pretrain --config workflows/configs/smoke.yaml --set mlflow.enabled=false train.compile=all \
+  runs=$(mktemp -d)  # RAY_ADDRESS=local: its own Ray under this Python, never a cluster already running here
+  RAY_ADDRESS=local python -m workflows pretrain --config workflows/configs/smoke.yaml --set mlflow.enabled=false train.compile=all \
     "run.storage_path=$runs" run.name=preflight > "$OUT/pretrain_smoke.log" 2>&1 \
     || { tail -30 "$OUT/pretrain_smoke.log"; fail "the smoke pre-training run"; }
   grep "\[pretrain\]" "$OUT/pretrain_smoke.log" | tail -3
