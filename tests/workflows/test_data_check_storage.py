@@ -136,3 +136,67 @@ def test_reading_durations_waits_out_a_short_outage_and_names_a_long_one(videos_
         assert err.startswith(f"error: cannot read s3://{BUCKET}/clips/") and "did not answer for" in err, err
         assert "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.integration
+def test_transcode_into_a_bucket_waits_out_an_upload_outage_and_resumes(videos_in_a_bucket, tmp_path, monkeypatch):
+    """`data transcode --out s3://...` (a cluster without a shared disk): every output is uploaded when complete and
+    the new manifest is written beside them, naming them relative to itself; an endpoint gone in the middle of an
+    upload (longer than the S3 SDK's own retries) is waited out; a second run makes only what is missing; a bucket
+    that does not exist is one clear error before any work."""
+    from tests.workflows.conftest import frame_ids
+    from workflows.data.manifest import load_manifest
+    from workflows.data.video import read_frames
+
+    proxy, uris, creds = videos_in_a_bucket
+    wide, mid = uris[0], uris[2]  # 31 frames at 25 fps, 28 at 12 fps
+    write_manifest([{"path": wide, "label": "a", "start": 0.0, "end": 0.6},
+                    {"path": wide, "label": "a", "start": 0.6, "end": 1.24},
+                    {"path": mid, "label": "b"}], tmp_path / "clips.csv")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(creds.env(), PYTHONPATH=str(REPO))
+
+    def transcode(out: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "workflows", "data", "transcode", "--manifest",
+                               str(tmp_path / "clips.csv"), "--out", out, "--short-side", "32", "--cut", "--json",
+                               "--address", "local", *extra], cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env=env)
+
+    out = f"s3://{BUCKET}/small"
+    proxy.arm(r"/small/videos/", 8.0, method="PUT")  # the first upload cut, the endpoint gone for 8 s
+    proc = transcode(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proxy.cut is not None and proxy.cut[1] == "PUT"
+    result = json.loads(proc.stdout)
+    assert (result["manifest"], result["videos"], result["ok"], result["dropped"]) == (f"{out}/clips.csv", 3, 3, {})
+    for name, value in creds.env().items():
+        monkeypatch.setenv(name, value)
+    made = load_manifest(result["manifest"], None).table.column("path").to_pylist()
+    assert made == [f"{out}/videos/00000000_wide_0-0.6s.mp4", f"{out}/videos/00000000_wide_0.6-1.24s.mp4",
+                    f"{out}/videos/00000002_mid.mp4"]
+
+    def ids(path: str) -> list[int]:
+        return frame_ids(read_frames(path, lambda a, b, fps: np.arange(a, b), min_frames=1).frames).tolist()
+
+    assert ids(made[0]) == list(range(15)) and ids(made[1]) == list(range(15, 31))  # 0.6 s at 25 fps: frame 15
+    assert ids(made[2]) == list(range(28))
+
+    client = creds.client(proxy.url)
+    client.delete_object(Bucket=BUCKET, Key="small/videos/00000000_wide_0.6-1.24s.mp4")
+    before = len(proxy.requests)
+    proc = transcode(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    puts = sorted(path.split("?")[0] for _, method, path in proxy.requests[before:] if method == "PUT")
+    assert puts == [f"/{BUCKET}/small/clips.csv", f"/{BUCKET}/small/videos/00000000_wide_0.6-1.24s.mp4"], puts
+
+    proc = transcode("s3://no-such-bucket/small")
+    assert proc.returncode == 2 and "there is no bucket 'no-such-bucket'" in proc.stderr, proc.stderr[-2000:]
+
+    proxy.arm(r"/lost/videos/", 600.0, method="PUT")  # gone for good at the first upload: one clear error
+    try:
+        proc = transcode(f"s3://{BUCKET}/lost", "--storage-retry-s", "1")
+    finally:
+        proxy.outage(0)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: cannot write s3://{BUCKET}/lost/videos/" in proc.stderr and "did not answer for" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -220,7 +220,10 @@ def test_check_names_an_unreachable_bucket_and_the_variables_to_set(tmp_path, ca
     assert capsys.readouterr().err.startswith(f"error: cannot read label file {tmp_path}: ")
 
 
-def test_transcode_refuses_bad_options_and_outputs_before_ray(tmp_path, capsys, no_ray) -> None:
+def test_transcode_refuses_bad_options_and_outputs_before_ray(tmp_path, capsys, no_ray, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "test")
     manifest = _tiny_manifest(tmp_path)
     (tmp_path / "a_file").write_text("x")
     out = str(tmp_path / "small")
@@ -230,7 +233,8 @@ def test_transcode_refuses_bad_options_and_outputs_before_ray(tmp_path, capsys, 
                            (["--out", str(tmp_path / "a_file")], f"--out {tmp_path / 'a_file'} is an existing file"),
                            (["--out", str(tmp_path / "a_file" / "x")], f"lies below the file {tmp_path / 'a_file'}"),
                            (["--out", f"{manifest.parent}/"], "is the manifest's own folder"),
-                           (["--out", "s3://bucket/small"], "transcode writes to a local folder")):
+                           (["--out", out, "--storage-retry-s", "-1"], "--storage-retry-s -1.0: must be >= 0"),
+                           (["--out", "s3://bucket/small"], "--out s3://bucket/small: the bucket cannot be reached: ")):
         assert main(["transcode", "--manifest", str(manifest), *extra]) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, err

@@ -296,7 +296,8 @@ def test_class_folders_in_a_bucket_are_imported_in_place(sample_data, tmp_path, 
         notes = capsys.readouterr().out
         assert "1 videos could not be opened (`data check` says why) and are listed whole (clips/growing/broken.mp4)"\
             in notes, notes
-        assert "an epoch fetches a video once per clip of it: `data transcode --manifest M --out DIR --cut`" in notes
+        assert "an epoch fetches a video once per clip of it: `data transcode --manifest M --out s3://BUCKET/PREFIX " \
+               "--cut` writes each clip as a file of its own, into the bucket" in notes
         import_folders(local / "clips", local, val_fraction=0.34, clip_seconds=0.75)
         for name in ("train.csv", "val.csv"):
             cut = client.get_object(Bucket="vds", Key=f"mine/{name}")["Body"].read().decode()

@@ -242,6 +242,18 @@ def dataset(stack):
     return report, status, logs
 
 
+@pytest.fixture(scope="module")
+def transcoded(stack, dataset):
+    """`data transcode` of the bucket's val.csv as jobs on the two-node cluster: into the bucket (any node may
+    transcode), then into a folder of the head's disk (its node alone: the other one's copies would land on its own
+    disk)."""
+    args = ["data", "transcode", "--manifest", f"{DATA}/val.csv", "--short-side", "32", "--json", "--out"]
+    into_bucket = stack.job("transcode-bucket", *args, f"{DATA}-small")
+    local = stack.root / "transcoded-on-the-head"
+    into_folder = stack.job("transcode-local", *args, str(local))
+    return into_bucket, into_folder, local
+
+
 def _pretrain_args(run: str, *extra: str) -> list[str]:
     sets = [f"data.train_manifest={DATA}/train.csv", f"data.val_manifest={DATA}/val.csv",
             f"data.labels={DATA}/labels.json", f"run.storage_path={RUNS}", f"run.name={run}", "eval.every_steps=2",
@@ -327,6 +339,22 @@ def test_dataset_uploaded_and_checked_in_the_bucket(stack, dataset):
     check = json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
     assert check["manifest"] == f"{DATA}/train.csv"
     assert check["videos"] == check["ok"] == 16 and check["dropped"] == {} and check["unknown_labels"] == {}
+
+
+def test_transcode_on_the_cluster_writes_into_the_bucket_or_on_this_node_alone(stack, transcoded):
+    (status, logs), (local_status, local_logs), local = transcoded
+    assert status == "SUCCEEDED", logs[-4000:]
+    result = json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
+    assert (result["manifest"], result["videos"], result["ok"]) == (f"{DATA}-small/val.csv", 8, 8)
+    objects = stack.objects(f"{DATA}-small")
+    assert sum(k.endswith(".mp4") for k in objects) == 8 and f"{BUCKET}/datasets/sample-small/val.csv" in objects
+    assert "is a folder of this machine" not in logs
+    assert local_status == "SUCCEEDED", local_logs[-4000:]
+    result = json.loads([line for line in local_logs.splitlines() if line.startswith("{")][-1])
+    assert (result["ok"], result["nodes"]) == (8, 1), result  # pinned to the driver's node, the head
+    assert f"note: --out {local} is a folder of this machine: transcoding on this node's" in local_logs
+    assert "not the other 1 node(s) of the cluster" in local_logs
+    assert len(list((local / "videos").rglob("*.mp4"))) == 8 and (local / "val.csv").is_file()
 
 
 def test_pretrain_on_the_bucket_survives_a_killed_worker_and_resumes_from_the_bucket(stack, trained):
@@ -572,7 +600,8 @@ def test_the_secret_key_is_written_nowhere(stack, trained, afterwards):
     assert secret.encode() not in stack.mlflow.db.read_bytes()
     # Ray's session logs of the cluster (read before they were deleted) and what every driver printed.
     assert not afterwards.secret_in_session_logs, afterwards.secret_in_session_logs
-    assert {"upload", "job data-check", "job pretrain", "evaluate", "predict-bucket",
-            "predict-registry"} <= set(stack.outputs)  # and "job tune", "job pretrain-outage" when they ran
+    # and "job tune", "job pretrain-outage" when they ran
+    assert {"upload", "job data-check", "job transcode-bucket", "job transcode-local", "job pretrain", "evaluate",
+            "predict-bucket", "predict-registry"} <= set(stack.outputs)
     assert not [name for name, text in stack.outputs.items() if secret in text]
     assert not [name for name, text in stack.outputs.items() if stack.creds.access_key in text]

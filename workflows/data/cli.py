@@ -128,11 +128,12 @@ def _cmd_transcode(args: argparse.Namespace) -> int:
     from workflows.data.manifest import load_manifest
     from workflows.data.transcode import check_transcode_arguments, transcode_dataset
 
-    check_transcode_arguments(args.manifest, args.out, short_side=args.short_side, gop=args.gop, crf=args.crf)
+    check_transcode_arguments(args.manifest, args.out, short_side=args.short_side, gop=args.gop, crf=args.crf,
+                              storage_retry_s=args.storage_retry_s)
     load_manifest(args.manifest, None, strict=False)
     _init_ray(args.address)
     result = transcode_dataset(args.manifest, args.out, short_side=args.short_side, gop=args.gop, crf=args.crf,
-                               cut=args.cut, progress=not args.json)
+                               cut=args.cut, progress=not args.json, storage_retry_s=args.storage_retry_s)
     print(json.dumps(result) if args.json else _format_transcode(result))
     return 0
 
@@ -143,7 +144,9 @@ def _format_transcode(result: dict[str, Any]) -> str:
     done = f"{result['ok']} of {result['videos']} rows' clips cut from {result['source_files']} videos" \
         if result.get("cut") else f"{result['ok']} of {result['videos']} videos transcoded"
     left_out = f", {dropped} left out (not in the new manifest):" if dropped else ""
-    lines = [f"wrote {result['manifest']}: {done}{left_out}"]
+    nodes = result.get("nodes", 1)
+    where = f" on {nodes} nodes" if nodes > 1 else ""
+    lines = [f"wrote {result['manifest']}: {done}{where}{left_out}"]
     lines += [f"  {reason}: {count}, e.g. {', '.join(result['examples'][reason][:3])}"
               for reason, count in result["dropped"].items()]
     return "\n".join(lines)
@@ -281,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("transcode", help="rewrite videos at a small short side with a short keyframe interval")
     t.add_argument("--manifest", required=True, help="the manifest of the videos to rewrite")
-    t.add_argument("--out", required=True, help="new folder for the videos and the new manifest")
+    t.add_argument("--out", required=True,
+                   help="new folder for the videos and the new manifest: a bucket prefix (s3://bucket/prefix) to "
+                        "transcode on every node of the cluster, or a local folder (this node's CPUs only)")
     t.add_argument("--short-side", type=int, default=320, help="pixels of the shorter side after the resize "
                    "(default 320; never upscaled)")
     t.add_argument("--gop", type=int, default=16, help="keyframe interval in frames (default 16)")
@@ -289,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cut", action="store_true",
                    help="write each row's start,end window as a file of its own (rows of the new manifest without "
                         "windows): a long recording cut into clips is then read clip by clip, not whole per clip")
+    t.add_argument("--storage-retry-s", type=float,
+                   help="how long a bucket that does not answer (a read, an upload) is retried before the command "
+                        "stops (default 120 s)")
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.add_argument("--address", help=ADDRESS_HELP)
     t.set_defaults(run=_cmd_transcode)

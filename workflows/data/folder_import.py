@@ -382,8 +382,9 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
         notes += clip_notes
         if source.remote or (val_source is not None and val_source.remote):
             notes.append("each clip row fetches its whole video from the bucket (decoders read whole files), so an "
-                         "epoch fetches a video once per clip of it: `data transcode --manifest M --out DIR --cut` "
-                         "writes each clip as a file of its own (then `data upload DIR`)")
+                         "epoch fetches a video once per clip of it: `data transcode --manifest M --out "
+                         "s3://BUCKET/PREFIX --cut` writes each clip as a file of its own, into the bucket, on every "
+                         "node of the cluster")
     per_class = sorted((len(train_scan.videos[f]), f) for f in folder_names)
     if per_class[-1][0] >= IMBALANCE * max(1, per_class[0][0]):
         fewest = ", ".join(f"{f} ({n})" for n, f in per_class[:3])

@@ -6,7 +6,10 @@ makes training-time decoding several times faster (see shared/design/platform.md
 
 The originals are never modified: videos are written under a new folder (mirroring their paths relative to the
 manifest) through a temporary file that is renamed when complete, so an interrupted run can be resumed (finished
-files are skipped), and a new manifest with the same labels and start/end points at them. Videos that cannot be
+files are skipped), and a new manifest with the same labels and start/end points at them. Into a bucket
+(`--out s3://...`), each file is made in a local temporary folder and uploaded when complete (an object appears
+only once its upload completes), on whichever node transcodes it; a local folder is one machine's, so a cluster
+of several nodes transcodes into it on the driver's node alone. Videos that cannot be
 transcoded are left out of the new manifest and reported. A copy shows as its original does: a phone video keeps
 its display rotation, and non-square pixels (DVD, HDV) become square at the displayed width.
 """
@@ -16,7 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -28,12 +33,11 @@ from workflows.data.manifest import (
     check_output_folder,
     load_manifest,
     parent_dir,
-    read_bytes,
     relative_to,
     write_manifest,
 )
 from workflows.data.sampling import last_frame_end
-from workflows.data.video import BadVideo, probe
+from workflows.data.video import BadVideo, from_storage, probe, probe_source
 from workflows.runtime import is_remote
 
 
@@ -103,18 +107,17 @@ class _Writer:
 
 
 def transcode_windows(src: str, windows: list[Window], *, short_side: int = 320, gop: int = 16, crf: int = 23,
-                      preset: str = "veryfast") -> dict[Path, int | BadVideo]:
+                      preset: str = "veryfast", retry_s: float | None = None) -> dict[Path, int | BadVideo]:
     """Transcode windows of one video to H.264 mp4s in a single decode pass (a recording cut into many clips is
     decoded once, not once per clip): {dst: frames written, or the BadVideo of a window without a frame}. The whole
     video failing raises BadVideo and leaves no file. A copy shows as its original does: square pixels (a
     non-square source stretched to its displayed width), stored unturned with the source's display rotation."""
-    import io
-
     import av
 
-    info = probe(src)
+    info, source = probe_source(src, retry_s)  # a video in a bucket: its bytes, fetched once (retried) for both
+    if not isinstance(source, str):
+        source.seek(0)  # the probe read it
     w, h = even_short_side_size(*info.square_pixel_size(), short_side)
-    source: Any = src if not is_remote(src) else io.BytesIO(read_bytes(src))
     options = {"preset": preset, "crf": str(crf), "g": str(gop), "keyint_min": str(max(1, gop // 2)), "threads": "1"}
     open_: dict[int, _Writer] = {}
     pending: dict[int, Any] = {}  # a window's candidate first frame: the newest one shown at or before its start
@@ -207,35 +210,77 @@ def _window_name(name: str, start: float, end: float) -> str:
     return str(Path(name).with_name(f"{Path(name).stem}_{first}-{last}s.mp4"))
 
 
-def _transcode_batch(batch: dict[str, np.ndarray], out_dir: str, short_side: int, gop: int,
-                     crf: int) -> dict[str, np.ndarray]:
+def _complete(fs: Any, inner: str, uri: str, retry_s: float | None) -> bool:
+    """Whether an output exists whole: a local file is renamed into place when complete, a bucket object appears
+    when its upload completes, so any non-empty one is (a resumed run skips it)."""
+    import pyarrow.fs as pafs
+
+    info = from_storage(uri, fs, lambda: fs.get_file_info(inner), retry_s)
+    return info.type == pafs.FileType.File and (info.size or 0) > 0
+
+
+def _upload(local: Path, fs: Any, inner: str, uri: str, retry_s: float | None = None) -> None:
+    """Copy a finished local file to `inner` in the bucket `fs`, retried as reads are (`from_storage`)."""
+    import shutil
+
+    def put() -> None:
+        with open(local, "rb") as src, fs.open_output_stream(inner) as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+
+    from_storage(uri, fs, put, retry_s, action="write")
+
+
+def _transcode_batch(batch: dict[str, np.ndarray], out_dir: str, short_side: int, gop: int, crf: int,
+                     retry_s: float | None = None) -> dict[str, np.ndarray]:
     """One source video per row, with its windows (JSON [[start, end, output name], ...], NaN: the video's start
-    or end): each output not already complete is written, in one decode of the source."""
-    results: dict[str, list[Any]] = {"output": [], "ok": [], "reason": [], "detail": []}
+    or end): each output not already complete is written, in one decode of the source, into `out_dir`/videos: a
+    local folder directly, a bucket through a local temporary folder (each output uploaded when it is complete).
+    Each output row also names the Ray node that made it."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+    import ray
+
+    from workflows.runtime import storage_of
+
+    fs, root = storage_of(out_dir)
+    remote = not isinstance(fs, pafs.LocalFileSystem)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    results: dict[str, list[Any]] = {"output": [], "ok": [], "reason": [], "detail": [], "node": []}
     for path, listed in zip(batch["path"], batch["windows"], strict=True):
-        windows = [Window(a, b, Path(out_dir) / "videos" / n) for a, b, n in json.loads(str(listed))]
-        todo = [w for w in windows if not (w.dst.is_file() and w.dst.stat().st_size > 0)]  # a resumed run
-        outcome: dict[Path, int | BadVideo] = {}
-        if todo:
-            try:
-                outcome = transcode_windows(str(path), todo, short_side=short_side, gop=gop, crf=crf)
-            except BadVideo as exc:
-                outcome = dict.fromkeys((w.dst for w in todo), exc)
-        for window in windows:
-            bad = outcome.get(window.dst)
+        named = [(a, b, n) for a, b, n in json.loads(str(listed))]
+        uri = {n: f"{out_dir.rstrip('/')}/videos/{n}" for _, _, n in named}
+        todo = [(a, b, n) for a, b, n in named if not _complete(fs, f"{root}/videos/{n}", uri[n], retry_s)]
+        outcome: dict[str, int | BadVideo] = {}
+        if todo:  # into a bucket: made in a local temporary folder first
+            with tempfile.TemporaryDirectory(prefix="dist-transcode-") if remote else nullcontext(root) as where:
+                windows = [Window(a, b, Path(where) / "videos" / n) for a, b, n in todo]
+                try:
+                    made = transcode_windows(str(path), windows, short_side=short_side, gop=gop, crf=crf,
+                                             retry_s=retry_s)
+                except BadVideo as exc:
+                    made = dict.fromkeys((w.dst for w in windows), exc)
+                for window, (_, _, n) in zip(windows, todo, strict=True):
+                    outcome[n] = made[window.dst]
+                    if remote and not isinstance(made[window.dst], BadVideo):
+                        _upload(window.dst, fs, f"{root}/videos/{n}", uri[n], retry_s)
+        for _, _, n in named:
+            bad = outcome.get(n)
             bad = bad if isinstance(bad, BadVideo) else None
-            results["output"].append(str(window.dst))
+            results["output"].append(uri[n])
             results["ok"].append(bad is None)
             results["reason"].append(bad.reason if bad else "")
             results["detail"].append(bad.detail[:300] if bad else "")
+            results["node"].append(node)
     return {k: np.array(v) for k, v in results.items()}
 
 
 def check_transcode_arguments(manifest: str, out_dir: str | Path, *, short_side: int = 320, gop: int = 16,
-                              crf: int = 23) -> Path:
-    """The resolved output folder, after checking what `data transcode` was given (before Ray starts): ValueError
-    naming the option for sizes x264 cannot use, an output that is not a new local folder, or the manifest's own
-    folder (the originals must stay untouched)."""
+                              crf: int = 23, storage_retry_s: float | None = None) -> str:
+    """The resolved output folder (a local path, or a bucket URI as given), after checking what `data transcode`
+    was given (before Ray starts): ValueError naming the option for sizes x264 cannot use, a local output that is
+    not a folder that can be written, a bucket that does not answer, or the manifest's own folder (the originals
+    must stay untouched)."""
     if short_side < 2:
         raise ValueError(f"--short-side {short_side}: the short side must be at least 2 pixels (default 320)")
     if gop < 1:
@@ -243,28 +288,59 @@ def check_transcode_arguments(manifest: str, out_dir: str | Path, *, short_side:
     if not 0 <= crf <= 51:
         raise ValueError(f"--crf {crf}: x264's quality setting must be 0..51 (0 lossless, 23 the default, higher "
                          f"is smaller and worse)")
-    if is_remote(out_dir):
-        raise ValueError(f"--out {out_dir}: transcode writes to a local folder; copy it into a bucket afterwards "
-                         f"with `data upload`")
-    out = check_output_folder(out_dir).resolve()
+    if storage_retry_s is not None and not storage_retry_s >= 0:
+        raise ValueError(f"--storage-retry-s {storage_retry_s}: must be >= 0 seconds (default 120)")
     source_dir = parent_dir(manifest)
-    if not is_remote(source_dir) and out == Path(source_dir).resolve():
-        raise ValueError(f"--out {out} is the manifest's own folder; choose a new folder so originals stay untouched")
-    return out
+    if is_remote(out_dir):
+        out = str(out_dir).rstrip("/")
+        if out == source_dir.rstrip("/"):
+            raise ValueError(f"--out {out} is the manifest's own folder; choose a new prefix so originals stay "
+                             f"untouched")
+        _check_bucket_answers(out)
+        return out
+    out_path = check_output_folder(out_dir).resolve()
+    if not is_remote(source_dir) and out_path == Path(source_dir).resolve():
+        raise ValueError(f"--out {out_path} is the manifest's own folder; choose a new folder so originals stay "
+                         f"untouched")
+    return str(out_path)
+
+
+def _check_bucket_answers(out: str) -> None:
+    """ValueError when the bucket of `--out` cannot be listed (credentials, endpoint, a bucket that is not there),
+    before any video is transcoded for it."""
+    import pyarrow
+    import pyarrow.fs as pafs
+
+    from workflows.data.manifest import storage_hint
+    from workflows.runtime import redact_secrets, storage_of
+
+    try:
+        fs, root = storage_of(out)
+        bucket = fs.get_file_info(root.split("/", 1)[0])
+        fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except (OSError, pyarrow.ArrowInvalid) as exc:
+        raise ValueError(f"--out {redact_secrets(out)}: the bucket cannot be reached: {redact_secrets(str(exc))}"
+                         f"{storage_hint(out)}") from None
+    if bucket.type == pafs.FileType.NotFound:
+        raise ValueError(f"--out {redact_secrets(out)}: there is no bucket {bucket.path!r}; create it, or name one "
+                         f"that exists{storage_hint(out)}")
 
 
 def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 320, gop: int = 16, crf: int = 23,
-                      cut: bool = False, progress: bool = True) -> dict[str, Any]:
+                      cut: bool = False, progress: bool = True, storage_retry_s: float | None = None) -> dict[str, Any]:
     """Transcode every video of `manifest` (in parallel on Ray, each source file once however many rows name it)
     into out_dir/videos/ and write out_dir/<manifest name> pointing at the new files. With `cut`, each row's
     [start, end) window becomes a file of its own (rows without start and end: the whole video), named
     `<video>_<start>-<end>s.mp4`, and the new rows have no window: a long recording cut into clips is then read
-    clip by clip, not whole for each clip (from a bucket: its bytes fetched once per clip row). Returns a summary
-    dict."""
+    clip by clip, not whole for each clip (from a bucket: its bytes fetched once per clip row). `out_dir` in a
+    bucket (s3://...): every node of the cluster transcodes and uploads; a local one is this machine's folder, so
+    only this node transcodes into it. A bucket that stops answering is waited for `storage_retry_s` seconds
+    (None: `video.STORAGE_RETRY_S`) per read or upload, then StorageUnreachable. Returns a summary dict."""
     import pyarrow as pa
     import ray
 
-    out = check_transcode_arguments(manifest, out_dir, short_side=short_side, gop=gop, crf=crf)
+    out = check_transcode_arguments(manifest, out_dir, short_side=short_side, gop=gop, crf=crf,
+                                    storage_retry_s=storage_retry_s)
     source_dir = parent_dir(manifest)
     loaded = load_manifest(manifest, None, strict=False)
     table = loaded.table
@@ -282,35 +358,91 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
     work = pa.table({"path": list(windows), "windows": [json.dumps([[a, b, n] for n, (a, b) in w.items()])
                                                         for w in windows.values()]})
     outputs = sum(len(w) for w in windows.values())
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    placement, cpus, note = _placement(out)
     rows_per_block = max(1, -(-work.num_rows // (4 * cpus)))
     blocks = [work.slice(i, rows_per_block) for i in range(0, work.num_rows, rows_per_block)]
+    if note:  # on stderr: with --json, stdout holds the result alone
+        print(f"note: {note}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     ds = ray.data.from_arrow(blocks).map_batches(
-        _transcode_batch, fn_kwargs={"out_dir": str(out), "short_side": short_side, "gop": gop, "crf": crf},
-        batch_size=None, batch_format="numpy", num_cpus=1)
+        _transcode_batch, fn_kwargs={"out_dir": out, "short_side": short_side, "gop": gop, "crf": crf,
+                                     "retry_s": storage_retry_s},
+        batch_size=None, batch_format="numpy", num_cpus=1, **placement)
     results: dict[str, dict[str, Any]] = {}
     shown = t0
     what = "clips" if cut else "videos"
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+    for batch in _storage_errors_as_themselves(ds.iter_batches(batch_format="numpy", batch_size=None)):
         for i, output in enumerate(batch["output"]):
-            results[str(output)] = {k: batch[k][i] for k in ("ok", "reason", "detail")}
+            results[str(output)] = {k: batch[k][i] for k in ("ok", "reason", "detail", "node")}
         now = time.perf_counter()
         if progress and (now - shown >= 10 or len(results) == outputs):  # a line per 10 s, and the last
             shown = now
             print(f"  transcoded {len(results)}/{outputs} {what} ({now - t0:.0f} s)", flush=True)
     rows, dropped, examples = [], {}, {}
     for i, path in enumerate(paths):
-        dst = out / "videos" / row_output[i]
-        r = results[str(dst)]
+        r = results[f"{out}/videos/{row_output[i]}"]
         if not r["ok"]:
             dropped[str(r["reason"])] = dropped.get(str(r["reason"]), 0) + 1
             examples.setdefault(str(r["reason"]), []).append(path)
             continue
         start, end = (None if cut or np.isnan(v) else v for v in (starts[i], ends[i]))
-        rows.append({"path": relative_to(str(dst), out), "label": labels[i], "start": start, "end": end})
-    new_manifest = out / Path(manifest.rsplit("/", 1)[-1]).name
-    write_manifest(rows, new_manifest)
-    return {"manifest": str(new_manifest), "videos": len(paths), "ok": len(rows), "dropped": dropped,
+        rows.append({"path": f"videos/{row_output[i]}", "label": labels[i], "start": start, "end": end})
+    new_manifest = f"{out}/{manifest.rstrip('/').rsplit('/', 1)[-1]}"
+    _write_manifest_at(rows, new_manifest, storage_retry_s)
+    return {"manifest": new_manifest, "videos": len(paths), "ok": len(rows), "dropped": dropped,
             "examples": {k: v[:5] for k, v in examples.items()}, "seconds": time.perf_counter() - t0,
-            "source_files": len(first_row), "cut": cut}
+            "source_files": len(first_row), "cut": cut,
+            "nodes": len({str(r["node"]) for r in results.values()})}
+
+
+def _storage_errors_as_themselves(batches: Any) -> Any:
+    """`batches`, with a task's StorageUnreachable (a bucket that stopped answering: the command's one clear error)
+    raised as itself, not inside the RayTaskError(UserCodeException) Ray Data wraps it in."""
+    from ray.exceptions import RayTaskError
+
+    from workflows.data.video import StorageUnreachable
+    from workflows.runtime import root_cause
+
+    try:
+        yield from batches
+    except RayTaskError as exc:
+        cause = root_cause(exc)
+        if cause.startswith(f"{StorageUnreachable.__name__}: "):
+            raise StorageUnreachable(cause.split(": ", 1)[1]) from None
+        raise
+
+
+def _placement(out: str) -> tuple[dict[str, Any], int, str]:
+    """(map_batches' placement arguments, the CPUs the tasks may use, a note or ""): into a bucket, any node of the
+    cluster; into a local folder, this node alone when the cluster has others (their copies would land on their own
+    disks, out of the manifest's reach)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if is_remote(out) or len(alive) < 2:
+        return {}, cpus, ""
+    here = ray.get_runtime_context().get_node_id()
+    own = next((n for n in alive if n.get("NodeID") == here), None)
+    mine = max(1, int((own or {}).get("Resources", {}).get("CPU", 1)))
+    note = (f"--out {out} is a folder of this machine: transcoding on this node's {mine} CPUs, not the other "
+            f"{len(alive) - 1} node(s) of the cluster (their copies would land on their own disks); give --out a "
+            f"bucket prefix (s3://...) to transcode on every node")
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}, mine, note
+
+
+def _write_manifest_at(rows: list[dict[str, object]], where: str, retry_s: float | None) -> None:
+    """`write_manifest` at a local path, or into a bucket (written locally, then uploaded)."""
+    import tempfile
+
+    if not is_remote(where):
+        write_manifest(rows, where)
+        return
+    from workflows.runtime import storage_of
+
+    fs, inner = storage_of(where)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / where.rsplit("/", 1)[-1]
+        write_manifest(rows, local)
+        _upload(local, fs, inner, where, retry_s)

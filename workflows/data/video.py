@@ -127,10 +127,11 @@ class StorageUnreachable(OSError):
 
 
 def from_storage(path: str, fs: pafs.FileSystem, read: Callable[[], object],
-                 retry_s: float | None = None) -> object:
+                 retry_s: float | None = None, action: str = "read") -> object:
     """`read()` against the storage of `path`; on a remote filesystem an OSError (connection reset or refused,
     throttling, a 5xx) is retried with backoff until `retry_s` (None: STORAGE_RETRY_S) seconds have passed, then
-    raised as StorageUnreachable. A missing file is no OSError here: pyarrow reports it as FileType.NotFound."""
+    raised as StorageUnreachable ("cannot `action` `path`"). A missing file is no OSError here: pyarrow reports it
+    as FileType.NotFound."""
     if isinstance(fs, pafs.LocalFileSystem):
         return read()
     budget = STORAGE_RETRY_S if retry_s is None else retry_s
@@ -141,8 +142,8 @@ def from_storage(path: str, fs: pafs.FileSystem, read: Callable[[], object],
         except OSError as exc:
             waited = time.monotonic() - started
             if waited >= budget:
-                raise StorageUnreachable(f"cannot read {path}: its storage did not answer for {waited:.0f} s ({exc})"
-                                         f"{storage_hint(path)}") from None
+                raise StorageUnreachable(f"cannot {action} {path}: its storage did not answer for {waited:.0f} s "
+                                         f"({exc}){storage_hint(path)}") from None
             time.sleep(min(pause, max(0.0, budget - waited)))
             pause = min(pause * 2, 10.0)
 
@@ -356,10 +357,10 @@ def video_has_packets(source: str | IO[bytes]) -> bool | None:
 
 def probe(path: str) -> VideoInfo:
     """Check that `path` exists, is non-empty and holds a readable video stream; raise BadVideo otherwise."""
-    return _probe(path)[0]
+    return probe_source(path)[0]
 
 
-def _probe(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO[bytes]]:
+def probe_source(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO[bytes]]:
     """`probe`, plus what the decoder opens (`_source`): a remote video is fetched once, not again to decode it.
     The display rotation is an MP4/MOV's (its track header): decord 0.6.0 applies that one and no other container's
     (a rotated Matroska comes out as stored), so that is the one the PyAV fallback and the resize box follow too."""
@@ -555,7 +556,7 @@ def read_frames(
 
     from workflows.data.sampling import frame_window, last_frame_end
 
-    info, source = _probe(path, storage_retry_s)  # a decode-time resize box must have the displayed shape
+    info, source = probe_source(path, storage_retry_s)  # a decode-time resize box must have the displayed shape
     width, height = info.displayed_size()
     size = decode_size(width, height, target_short, resize_threshold)
     if size is None and info.sar != 1.0:  # non-square pixels: decoded at the displayed size (the decoders ignore it)
