@@ -81,6 +81,42 @@ def test_transcode_writes_small_copies_and_never_touches_originals(ray_local, vi
 
 
 @pytest.mark.integration
+def test_transcode_and_check_stay_on_this_node_when_another_does_not_see_its_files(ray_local, video_dir, tmp_path,
+                                                                                   monkeypatch, capsys) -> None:
+    """A cluster without a shared disk: a node that does not see the local --out (or the videos) would write its
+    copies into its own disk, out of the manifest's reach, and `data check` there would count the videos missing.
+    Each node is asked (a marker file in --out, the first video); here the second node is one that is gone when
+    asked, so this node does the work alone, and says so."""
+    import ray
+
+    from workflows.data.doctor import check_dataset
+    from workflows.data.transcode import transcode_dataset
+
+    real = ray.nodes()
+    here = ray.get_runtime_context().get_node_id()
+    gone = {**real[0], "NodeID": "ab" * 28, "NodeManagerAddress": "192.0.2.99"}  # alive in the listing, gone when asked
+    monkeypatch.setattr(ray, "nodes", lambda: [*real, gone])
+    out = tmp_path / "small"
+    result = transcode_dataset(str(video_dir / "good.csv"), out, short_side=32, progress=False)
+    assert (result["ok"], result["nodes"]) == (len(GOOD_VIDEOS), 1)
+    cpus = int(next(n for n in real if n["NodeID"] == here)["Resources"]["CPU"])
+    wide = video_dir / "clips" / "wide.mp4"
+    assert capsys.readouterr().err.startswith(  # then Ray Data's own INFO lines (the CLI keeps them in its logs)
+        f"note: 1 of the cluster's 2 nodes do not see --out {out} and the videos, e.g. {wide} (no shared disk): "
+        f"this node does the work alone, on its {cpus} CPUs; put them in a bucket (s3://...), or on a disk every "
+        f"node mounts, for every node to take a share\n")
+    assert not list(out.glob(".dist-shared-*"))
+    report = check_dataset(str(video_dir / "good.csv"), str(video_dir / "labels.json"))
+    assert report["ok"] == len(GOOD_VIDEOS)
+    assert capsys.readouterr().err.startswith(f"note: 1 of the cluster's 2 nodes do not see the videos, e.g. {wide} "
+                                              f"(no shared disk): this node does the work alone")
+    monkeypatch.undo()
+    capsys.readouterr()
+    result = transcode_dataset(str(video_dir / "good.csv"), tmp_path / "again", short_side=32, progress=False)
+    assert result["nodes"] == 1 and "note:" not in capsys.readouterr().err  # one node: nothing to ask or say
+
+
+@pytest.mark.integration
 def test_transcode_reads_each_video_once_and_cut_writes_each_window_as_a_file(ray_local, tmp_path, capsys) -> None:
     """A manifest naming a recording in several rows (clips of it, a repeated row, the whole of it): each source
     file is transcoded once (it was once per row, with rows of one file writing the same temporary file at once),

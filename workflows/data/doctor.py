@@ -8,6 +8,7 @@ the whole budget again), and the check stops at the first such batch, reporting 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from workflows.data.data_config import DataConfig
 from workflows.data.drops import MAX_EXAMPLES
 from workflows.data.manifest import load_labels, load_manifest
 from workflows.data.pipeline import manifest_blocks
+from workflows.data.shared_disk import first_local_file, where_tasks_see
 from workflows.data.video import DROP_REASONS, BadVideo, StorageUnreachable, read_frames
 
 UNREACHABLE = "unreachable"  # a row's reason when its storage did not answer: not one of DROP_REASONS
@@ -109,12 +111,17 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
     label_map = load_labels(labels) if isinstance(labels, str) else labels
     loaded = load_manifest(manifest, label_map, strict=False)
     table = loaded.table.select(["video_index", "path", "start", "end"])
-    cpus = max(1, int(parallelism or ray.cluster_resources().get("CPU", 1)))
+    # local videos on a cluster whose other nodes do not see them: read here alone, or they would count as missing
+    placement, cpus, note = where_tasks_see([("the videos, e.g.", p)
+                                             for p in first_local_file(table.column("path").to_pylist())])
+    if note:  # on stderr: with --json, stdout holds the report alone
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    cpus = max(1, int(parallelism or cpus))
     t0 = time.perf_counter()
     ds = ray.data.from_arrow(manifest_blocks(table, max(1, math.ceil(table.num_rows / (4 * cpus)))))
     ds = ds.map_batches(_check_batch, fn_kwargs={"num_frames": num_frames, "min_frames": min_frames,
                                                  "storage_retry_s": storage_retry_s},
-                        batch_size=None, batch_format="numpy", num_cpus=1)
+                        batch_size=None, batch_format="numpy", num_cpus=1, **placement)
     rows: list[dict[str, Any]] = []
     last = t0
     for batch in ds.iter_batches(batch_format="pandas", batch_size=None):

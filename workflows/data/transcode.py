@@ -8,8 +8,9 @@ The originals are never modified: videos are written under a new folder (mirrori
 manifest) through a temporary file that is renamed when complete, so an interrupted run can be resumed (finished
 files are skipped), and a new manifest with the same labels and start/end points at them. Into a bucket
 (`--out s3://...`), each file is made in a local temporary folder and uploaded when complete (an object appears
-only once its upload completes), on whichever node transcodes it; a local folder is one machine's, so a cluster
-of several nodes transcodes into it on the driver's node alone. Videos that cannot be
+only once its upload completes), on whichever node transcodes it. A local --out (or local videos) on a cluster of
+several nodes is used by every node only when each sees the same files there (a shared disk:
+`shared_disk.where_tasks_see` asks); else the driver's node transcodes alone. Videos that cannot be
 transcoded are left out of the new manifest and reported. A copy shows as its original does: a phone video keeps
 its display rotation, and non-square pixels (DVD, HDV) become square at the displayed width.
 """
@@ -37,6 +38,7 @@ from workflows.data.manifest import (
     write_manifest,
 )
 from workflows.data.sampling import last_frame_end
+from workflows.data.shared_disk import first_local_file, where_tasks_see
 from workflows.data.video import BadVideo, from_storage, probe, probe_source
 from workflows.runtime import is_remote
 
@@ -333,9 +335,10 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
     [start, end) window becomes a file of its own (rows without start and end: the whole video), named
     `<video>_<start>-<end>s.mp4`, and the new rows have no window: a long recording cut into clips is then read
     clip by clip, not whole for each clip (from a bucket: its bytes fetched once per clip row). `out_dir` in a
-    bucket (s3://...): every node of the cluster transcodes and uploads; a local one is this machine's folder, so
-    only this node transcodes into it. A bucket that stops answering is waited for `storage_retry_s` seconds
-    (None: `video.STORAGE_RETRY_S`) per read or upload, then StorageUnreachable. Returns a summary dict."""
+    bucket (s3://...): every node of the cluster transcodes and uploads; a local one (or local videos): every node
+    that sees the same files, else this node alone (`where_tasks_see`). A bucket that stops answering is waited for
+    `storage_retry_s` seconds (None: `video.STORAGE_RETRY_S`) per read or upload, then StorageUnreachable. Returns a
+    summary dict."""
     import pyarrow as pa
     import ray
 
@@ -358,7 +361,10 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
     work = pa.table({"path": list(windows), "windows": [json.dumps([[a, b, n] for n, (a, b) in w.items()])
                                                         for w in windows.values()]})
     outputs = sum(len(w) for w in windows.values())
-    placement, cpus, note = _placement(out)
+    if not is_remote(out):
+        Path(out).mkdir(parents=True, exist_ok=True)  # made now: the nodes are asked whether they see it
+    local = [("--out", out)] + [("the videos, e.g.", p) for p in first_local_file(paths)]
+    placement, cpus, note = where_tasks_see(local)
     rows_per_block = max(1, -(-work.num_rows // (4 * cpus)))
     blocks = [work.slice(i, rows_per_block) for i in range(0, work.num_rows, rows_per_block)]
     if note:  # on stderr: with --json, stdout holds the result alone
@@ -410,26 +416,6 @@ def _storage_errors_as_themselves(batches: Any) -> Any:
         if cause.startswith(f"{StorageUnreachable.__name__}: "):
             raise StorageUnreachable(cause.split(": ", 1)[1]) from None
         raise
-
-
-def _placement(out: str) -> tuple[dict[str, Any], int, str]:
-    """(map_batches' placement arguments, the CPUs the tasks may use, a note or ""): into a bucket, any node of the
-    cluster; into a local folder, this node alone when the cluster has others (their copies would land on their own
-    disks, out of the manifest's reach)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    if is_remote(out) or len(alive) < 2:
-        return {}, cpus, ""
-    here = ray.get_runtime_context().get_node_id()
-    own = next((n for n in alive if n.get("NodeID") == here), None)
-    mine = max(1, int((own or {}).get("Resources", {}).get("CPU", 1)))
-    note = (f"--out {out} is a folder of this machine: transcoding on this node's {mine} CPUs, not the other "
-            f"{len(alive) - 1} node(s) of the cluster (their copies would land on their own disks); give --out a "
-            f"bucket prefix (s3://...) to transcode on every node")
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}, mine, note
 
 
 def _write_manifest_at(rows: list[dict[str, object]], where: str, retry_s: float | None) -> None:

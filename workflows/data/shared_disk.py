@@ -1,0 +1,89 @@
+"""Whether a cluster's nodes see this machine's local paths: data tools whose Ray tasks read local videos or write a
+local folder (`data transcode`, `data check`) must run where those files are.
+
+On a shared disk (NFS, one machine) every node sees the same files and may take a share of the work; on a cloud
+cluster without one, a task on another node would find no video (counted missing) or write its copies into its own
+disk, out of the manifest's reach. Each node is asked (`nodes_that_see`); when one does not see them, the tasks run
+on the driver's node alone and a note says so.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from workflows.runtime import is_remote
+
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node: a task selecting it runs on that node alone
+
+
+def where_tasks_see(local: list[tuple[str, str]]) -> tuple[dict[str, Any], int, str]:
+    """For Ray tasks that use the paths of `local` ((what to call it, path): an existing file or folder; bucket URIs
+    are left out): (their placement arguments for `map_batches`, the CPUs they may use, a note or ""). Any node when
+    every alive node sees the paths (or there is one node); else the driver's node alone, named in the note."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    local = [(what, path) for what, path in local if not is_remote(path)]
+    alive = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+    if not local or len(alive) < 2:
+        return {}, cpus, ""
+    here = ray.get_runtime_context().get_node_id()
+    blind = sorted(set(alive) - nodes_that_see([path for _, path in local], list(alive)) - {here})
+    if not blind:
+        return {}, cpus, ""
+    mine = max(1, int(alive.get(here, {}).get("Resources", {}).get("CPU", 1)))
+    named = " and ".join(f"{what} {path}" for what, path in local)
+    note = (f"{len(blind)} of the cluster's {len(alive)} nodes do not see {named} (no shared disk): this node does "
+            f"the work alone, on its {mine} CPUs; put them in a bucket (s3://...), or on a disk every node mounts, "
+            f"for every node to take a share")
+    return {"label_selector": {NODE_ID_LABEL: here}}, mine, note
+
+
+def nodes_that_see(paths: list[str], nodes: list[str], timeout_s: float = 60.0) -> set[str]:
+    """The Ray nodes (of `nodes`, by id) on which every one of the local `paths` (existing here) exists. A folder
+    among them gets a marker file of its own for the question, so that a folder of the same name on another node's
+    disk is not taken for this one. A node that does not answer in `timeout_s`, or is gone when asked, counts as
+    not seeing them."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    markers, asked = [], []
+    for path in paths:
+        if Path(path).is_dir():
+            marker = Path(path) / f".dist-shared-{uuid.uuid4().hex}"
+            marker.write_text("")
+            markers.append(marker)
+            path = str(marker)
+        asked.append(path)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def sees(wanted: list[str]) -> bool:
+        return all(os.path.exists(p) for p in wanted)
+
+    try:
+        refs = {node: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(asked)
+                for node in nodes}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        answers = {node: ref in ready and _answer(ref) for node, ref in refs.items()}
+    finally:
+        for marker in markers:
+            marker.unlink(missing_ok=True)
+    return {node for node, yes in answers.items() if yes}
+
+
+def first_local_file(paths: list[str], tries: int = 100) -> list[str]:
+    """The first of `paths` (of its first `tries`) that is a local file here, as a list of at most one: what to ask
+    the nodes about a manifest's videos (a missing one would ask nothing)."""
+    return [p for p in paths[:tries] if not is_remote(p) and os.path.isfile(p)][:1]
+
+
+def _answer(ref: Any) -> bool:
+    import ray
+
+    try:
+        return bool(ray.get(ref))
+    except ray.exceptions.RayError:  # the node went away while asked
+        return False
