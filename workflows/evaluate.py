@@ -325,7 +325,7 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
     pool = actors if actors is not None else int(gpus) if use_gpu else max(1, min(4, int(cpus) // 4))
     if pool < 1:
         raise ConfigError(f"actors must be >= 1, got {pool}")
-    data = plan.recipe.data
+    data = decoded_where_seen(plan.recipe.data, plan.manifest)
     if not use_gpu and not data.decode_actors:  # leave CPUs for the scoring actors
         data = dataclasses.replace(data, decode_actors=max(1, decode_pool_size(data) - pool))
     name = f"{data.drop_counter}:eval-{uuid.uuid4().hex[:8]}"  # this evaluation's own drop counts
@@ -373,6 +373,21 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
         print(f"{LOG_PREFIX} scored {rows} clips of {len(rows_per_video)} videos in {seconds:.1f} s", flush=True)
     return ViewResults(scores=scores, rows=rows, rows_per_video=rows_per_video, drops=drops,
                        dropped_videos=dropped_videos, seconds=seconds)
+
+
+def decoded_where_seen(data: Any, manifest: Any) -> Any:
+    """The data section, its decoders kept on this node (its `ray.io/node-id` label) when the manifest's videos are
+    local and another node of the cluster does not see them (`shared_disk.where_tasks_see`: there each would count
+    as missing), said in a note. Only the decoders read the files; the scorers may run anywhere."""
+    from workflows.data.shared_disk import first_local_file, where_tasks_see
+
+    local = [("the videos, e.g.", p) for p in first_local_file(manifest.table.column("path").to_pylist())]
+    placement, _, note = where_tasks_see(local)
+    if not placement:
+        return data
+    print(f"note: {note}", file=sys.stderr, flush=True)
+    (key, value), = placement["label_selector"].items()
+    return dataclasses.replace(data, decode_node_label=f"{key}={value}")
 
 
 def _scored_views(plan: EvalPlan, data: Any, pool: int, use_gpu: bool) -> Any:

@@ -186,6 +186,50 @@ def check_best_metric(recipe: Recipe, validated: Manifest) -> None:
                           f"or cut the validation videos into clips (`workflows data clips`)")
 
 
+def check_nodes_see_local_paths(recipe: Recipe, run_dir: str | None = None) -> None:
+    """On a cluster of several nodes, what the run reads and writes at local paths (the manifests' videos, the run
+    directory, or `run_dir` (a sweep's), a CLIP or init_from file) must be the same files on every node its workers
+    or decoders may use (a shared disk), or their reads find no video (each counted missing) and their checkpoints
+    land on their own disks. Each such node is asked (`shared_disk.nodes_that_see`); ConfigError naming those that
+    do not see them, before any training work. On the driver's node alone there is nothing to ask."""
+    import ray
+
+    from workflows.data.manifest import load_manifest
+    from workflows.data.shared_disk import first_local_file, nodes_that_see
+    from workflows.runtime import node_matches
+
+    selectors = [label_selector(recipe.scaling.worker_node_label), recipe.data.node_label_selector()]
+    used = [n for n in ray.nodes() if n.get("Alive") and any(node_matches(n, s) for s in selectors)]
+    here = ray.get_runtime_context().get_node_id()
+    others = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in used if n["NodeID"] != here}
+    if not others:
+        return
+    local = []
+    for key in ("train_manifest", "val_manifest"):
+        paths = load_manifest(getattr(recipe.data, key), None, strict=False).table.column("path").to_pylist()
+        local += [(f"data.{key}'s videos, e.g.", path) for path in first_local_file(paths)]
+    run_dir = run_dir or recipe.run_dir
+    if not is_remote(run_dir):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        local.append(("the run directory", run_dir))
+    for key, path in (("model.clip_pretrained", recipe.model_cfg.clip_pretrained),
+                      ("train.init_from", recipe.train.init_from)):
+        if path and not is_remote(path) and os.path.exists(path):
+            local.append((key, path))
+    if not local:
+        return
+    blind = sorted(set(others) - nodes_that_see([path for _, path in local], list(others)))
+    if blind:
+        named = "; ".join(f"{what} {redact_secrets(path)}" for what, path in local)
+        addresses = ", ".join(others[n] for n in blind)
+        raise ConfigError(
+            f"{len(blind)} of the {len(used)} nodes this run's workers and decoders may use ({addresses}) do not "
+            f"see the local paths it reads and writes ({named}): there each video would count as missing and "
+            f"checkpoints would land on the node's own disk. On a cluster without a shared disk put the data and "
+            f"run.storage_path in a bucket (`data upload DIR s3://...`, run.storage_path: s3://...; cluster/README.md, "
+            f"\"No shared disk\"), or mount one disk at the same path on every node")
+
+
 def check_free_space(recipe: Recipe, warn: bool = True) -> None:
     """A local run directory's disk must hold the run's checkpoints: with less free than one, the run would train
     up to its next checkpoint and fail there (ConfigError, before any work); with less than the run still adds
@@ -525,6 +569,7 @@ def _fit_and_report(recipe: Recipe, relaunch: Relaunch | None, verbose: bool) ->
     recipe = check_capacity(recipe, log_prefix=LOG_PREFIX)
     recipe = with_run_scoped_names(with_recorded_init_from(recipe, relaunch) if relaunch
                                    else with_resolved_init_from(recipe))
+    check_nodes_see_local_paths(recipe)
     print(f"{LOG_PREFIX} the full resolved recipe: {redact_secrets(save_resolved_recipe(recipe))}", flush=True)
     counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts
     forget_unrestartable_failure(recipe.run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -81,20 +82,24 @@ def test_transcode_writes_small_copies_and_never_touches_originals(ray_local, vi
 
 
 @pytest.mark.integration
-def test_transcode_and_check_stay_on_this_node_when_another_does_not_see_its_files(ray_local, video_dir, tmp_path,
-                                                                                   monkeypatch, capsys) -> None:
+def test_transcode_check_and_evaluate_stay_on_this_node_when_another_does_not_see_its_files(
+        ray_local, video_dir, tmp_path, monkeypatch, capsys) -> None:
     """A cluster without a shared disk: a node that does not see the local --out (or the videos) would write its
     copies into its own disk, out of the manifest's reach, and `data check` there would count the videos missing.
     Each node is asked (a marker file in --out, the first video); here the second node is one that is gone when
     asked, so this node does the work alone, and says so."""
     import ray
 
+    from workflows.data.decode_nodes import decode_pool_size
     from workflows.data.doctor import check_dataset
     from workflows.data.transcode import transcode_dataset
+    from workflows.evaluate import decoded_where_seen
+    from workflows.recipe import load_recipe
 
     real = ray.nodes()
     here = ray.get_runtime_context().get_node_id()
-    gone = {**real[0], "NodeID": "ab" * 28, "NodeManagerAddress": "192.0.2.99"}  # alive in the listing, gone when asked
+    # alive in the listing, gone when asked
+    gone = {**real[0], "NodeID": "ab" * 28, "NodeManagerAddress": "192.0.2.99", "Labels": {"ray.io/node-id": "ab" * 28}}
     monkeypatch.setattr(ray, "nodes", lambda: [*real, gone])
     out = tmp_path / "small"
     result = transcode_dataset(str(video_dir / "good.csv"), out, short_side=32, progress=False)
@@ -110,10 +115,18 @@ def test_transcode_and_check_stay_on_this_node_when_another_does_not_see_its_fil
     assert report["ok"] == len(GOOD_VIDEOS)
     assert capsys.readouterr().err.startswith(f"note: 1 of the cluster's 2 nodes do not see the videos, e.g. {wide} "
                                               f"(no shared disk): this node does the work alone")
+    # evaluate: its decoders (which read the files) kept here by this node's id label, the scorers anywhere
+    data = load_recipe(REPO / "workflows" / "configs" / "smoke.yaml", check_files=False).data
+    pinned = decoded_where_seen(data, load_manifest(str(video_dir / "good.csv"), None))
+    assert pinned.decode_node_label == f"ray.io/node-id={here}" and "this node does the work alone" in \
+        capsys.readouterr().err
+    derived = dataclasses.replace(pinned, decode_actors=None)  # sized from this node's CPUs alone
+    assert decode_pool_size(derived) == cpus // pinned.decode_threads
     monkeypatch.undo()
     capsys.readouterr()
     result = transcode_dataset(str(video_dir / "good.csv"), tmp_path / "again", short_side=32, progress=False)
     assert result["nodes"] == 1 and "note:" not in capsys.readouterr().err  # one node: nothing to ask or say
+    assert decoded_where_seen(data, load_manifest(str(video_dir / "good.csv"), None)) is data
 
 
 @pytest.mark.integration

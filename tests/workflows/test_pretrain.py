@@ -484,6 +484,37 @@ def test_the_finish_line_names_the_best_checkpoint_when_it_is_not_the_latest():
     assert best_checkpoint_note(by_files) == "; best: r/c1 (val top-1 70.00% at step 100)"
 
 
+@pytest.mark.integration
+def test_a_node_that_does_not_see_the_local_paths_stops_the_run_before_training(ray_local, sample_data, tmp_path,
+                                                                                monkeypatch):
+    """A cluster without a shared disk and a recipe of local paths: a node that does not see the videos and the run
+    directory (here one that is gone when asked) is named before any training work, with the way out; the driver's
+    node alone needs no question, and nothing of the question is left in the run directory."""
+    import ray
+
+    from workflows.data.shared_disk import NODE_ID_LABEL
+    from workflows.pretrain import check_nodes_see_local_paths
+    from workflows.recipe import with_absolute_paths
+
+    recipe = with_absolute_paths(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false"))
+    check_nodes_see_local_paths(recipe)  # one node, the driver's: nothing to ask
+    real = ray.nodes()
+    gone = {**real[0], "NodeID": "cd" * 28, "NodeManagerAddress": "192.0.2.77", "Labels": {NODE_ID_LABEL: "cd" * 28}}
+    monkeypatch.setattr(ray, "nodes", lambda: [*real, gone])
+    with pytest.raises(ConfigError) as info:
+        check_nodes_see_local_paths(recipe)
+    message = str(info.value)
+    assert message.startswith("1 of the 2 nodes this run's workers and decoders may use (192.0.2.77) do not see the "
+                              "local paths it reads and writes (data.train_manifest's videos, e.g. "), message
+    assert f"the run directory {recipe.run_dir})" in message and "run.storage_path in a bucket" in message
+    assert not list(Path(recipe.run_dir).glob(".dist-shared-*"))
+    # workers and decoders on this node alone (their labels select it): the other node is not asked
+    here = f"{NODE_ID_LABEL}={ray.get_runtime_context().get_node_id()}"
+    check_nodes_see_local_paths(with_absolute_paths(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false",
+                                                            f"scaling.worker_node_label={here}",
+                                                            f"data.decode_node_label={here}")))
+
+
 def test_eval_best_metric_ranks_the_checkpoints_ray_train_keeps(sample_data, tmp_path):
     """Ray Train keeps the run.keep_checkpoints best by eval.best_metric; val_file_* needs a validation set that
     cuts files into clips, or there is nothing to rank by: a clear error before any work, naming the way out."""

@@ -413,7 +413,7 @@ def _run_claimed_sweep(plan: SweepPlan, retry_failed: bool, callbacks: list | No
     from ray import tune
 
     from workflows.capacity import check_capacity
-    from workflows.pretrain import with_resolved_init_from
+    from workflows.pretrain import check_nodes_see_local_paths, with_resolved_init_from
     from workflows.tune.progress import (
         SweepProgress,
         give_back_room_for_the_sweep_state,
@@ -434,6 +434,7 @@ def _run_claimed_sweep(plan: SweepPlan, retry_failed: bool, callbacks: list | No
     # A train.init_from run directory is pinned to its newest checkpoint: every trial starts from the same one.
     base_recipe = with_resolved_init_from(check_capacity(plan.base_recipe, log_prefix=LOG_PREFIX), LOG_PREFIX)
     plan = dataclasses.replace(plan, base_recipe=base_recipe, base=recipe_to_dict(base_recipe))
+    check_nodes_see_local_paths(base_recipe, run_dir=plan.path)  # the trials' nodes see its data and the sweep
     per_trial = trial_resources(plan.base_recipe)
     concurrent = resolve_max_concurrent(sweep.max_concurrent_trials,
                                         cluster_capacity(plan.base_recipe.data.decode_node_label), per_trial)
