@@ -653,7 +653,8 @@ def check_recipe(recipe: Recipe, videos: int) -> None:
         print(f"{LOG_PREFIX} check: a relaunch: resumes run {recipe.run.name} in {where} from step {relaunch.step} "
               f"of {steps}{changed}", flush=True)
     print(f"{LOG_PREFIX} check: the recipe, its files, labels, weights and storage are ready. Left to the start: "
-          f"the cluster's room for {workers} workers (scaling.*); without --check the same command starts the run",
+          f"the cluster's room for {workers} workers (scaling.*), and on several nodes whether each sees the recipe's "
+          f"local paths; without --check the same command starts the run",
           flush=True)
 
 
