@@ -121,13 +121,14 @@ def test_decode_tasks_are_a_few_calls_each_and_start_no_actor(ray_local, video_d
     assert decode_block_rows(20, 4, 2) == 10  # between: as many blocks as decoders
     assert decode_block_rows(3, 4, 8) == 4  # never under one call
 
-    before = {a.actor_id for a in list_actors(limit=10_000)}
+    gcs = ray_local.get_runtime_context().gcs_address  # this session's cluster (others may run on the machine)
+    before = {a.actor_id for a in list_actors(address=gcs, limit=10_000)}
     cfg = DataConfig(batch_size=2, drop_counter="test-task-drops")
     for _ in range(2):
         ds = build_clip_dataset(cfg, str(video_dir / "good.csv"), str(video_dir / "labels.json"), split="eval",
                                 num_frames=4, crop_size=S)
         assert len(ds.take_all()) == len(GOOD_VIDEOS)
-    started = [a.class_name for a in list_actors(limit=10_000) if a.actor_id not in before]
+    started = [a.class_name for a in list_actors(address=gcs, limit=10_000) if a.actor_id not in before]
     assert not [name for name in started if "MapWorker" in name], started
 
 
