@@ -87,6 +87,9 @@ def test_each_trial_keeps_its_checkpoints_best_by_the_sweeps_metric(tmp_path):
     assert table_metrics("val_file_top1") == ["val_top1", "val_top5", "val_mean_class_acc", "val_file_top1"]
     with pytest.raises(ConfigError, match="metric: 'top1' is not valid; choose one of 'val_top1'"):
         load_sweep(write_sweep(tmp_path, "  model.fusion_layers: {grid: [all]}", "metric: top1\n"))
+    with pytest.raises(ConfigError, match=r"mode: min would rank the worst trial best: val_top1, like every metric a "
+                                          r"sweep ranks by, is an accuracy \(higher is better\)"):
+        load_sweep(write_sweep(tmp_path, "  model.fusion_layers: {grid: [all]}", "mode: min\n"))
 
 
 def test_every_grid_point_is_built_before_ray(tmp_path):

@@ -78,7 +78,7 @@ class SweepConfig:
     # what ranks the trials, and each trial's checkpoints (its eval.best_metric): val_file_* for a validation set of
     # clips cut from longer files
     metric: ValidationMetric = "val_top1"
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = "max"  # every metric above is an accuracy: min is refused
     scheduler: Literal["none", "asha"] = "none"
     asha: AshaSection = field(default_factory=AshaSection)
     max_concurrent_trials: int | None = None  # None/0: as many as the cluster holds (derived from the scaling)
@@ -98,6 +98,9 @@ class SweepConfig:
             raise ValueError("trial_max_failures must be >= 0")
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty directory name, got {self.name!r}")
+        if self.mode == "min":  # the trials keep their checkpoints best by the metric, highest first
+            raise ValueError(f"mode: min would rank the worst trial best: {self.metric}, like every metric a sweep "
+                             f"ranks by, is an accuracy (higher is better); leave mode out (max)")
         self.search_space = flatten_space(self.search_space)
         if not self.search_space:
             raise ValueError("search_space is empty: give at least one axis, e.g. model.fusion_layers: {grid: [...]}")
