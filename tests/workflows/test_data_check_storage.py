@@ -200,3 +200,50 @@ def test_transcode_into_a_bucket_waits_out_an_upload_outage_and_resumes(videos_i
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: cannot write s3://{BUCKET}/lost/videos/" in proc.stderr and "did not answer for" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_upload_copies_several_files_at_once_waits_out_an_outage_and_resumes(videos_in_a_bucket, tmp_path,
+                                                                               monkeypatch, capsys):
+    """`data upload` of a dataset folder: files go several at a time (one filesystem shared by the threads), an
+    endpoint gone in the middle of an upload (longer than the S3 SDK's own retries) is waited out, the same command
+    run again copies only what is not there at its size, and a bucket gone for good is one clear error."""
+    from workflows.data.cli import main as data_main
+    from workflows.data.sample import write_sample_dataset
+    from workflows.data.upload import upload_dataset
+    from workflows.data.video import StorageUnreachable
+
+    proxy, _, creds = videos_in_a_bucket
+    for name, value in creds.env().items():
+        monkeypatch.setenv(name, value)
+    root = Path(write_sample_dataset(tmp_path / "s", videos_per_class=2, size=32, num_frames=8, workers=1).root)
+    local = {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+    client = creds.client(proxy.url)
+
+    def in_bucket(prefix: str) -> dict[str, int]:
+        listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/").get("Contents", [])
+        return {o["Key"].removeprefix(f"{prefix}/"): o["Size"] for o in listed if not o["Key"].endswith("/")}
+
+    proxy.arm(r"/up/videos/", 8.0, method="PUT")  # an upload cut, the endpoint gone for 8 s
+    report = upload_dataset(root, f"s3://{BUCKET}/up", progress=True, threads=4)
+    assert proxy.cut is not None and (report.files, report.skipped) == (len(local), 0)
+    assert in_bucket("up") == local
+    assert f"uploaded {len(local)}/{len(local)} files" in capsys.readouterr().out
+
+    for key in ("train.csv", "videos/growing/train_0000.mp4"):
+        client.delete_object(Bucket=BUCKET, Key=f"up/{key}")
+    before = len(proxy.requests)
+    assert data_main(["upload", str(root), f"s3://{BUCKET}/up"]) == 0
+    said = capsys.readouterr().out
+    assert f"{len(local) - 2} of {len(local)} files are in s3://{BUCKET}/up already at their size" in said, said
+    assert f", {len(local) - 2} of them there already" in said
+    puts = sorted(path.split("?")[0] for _, method, path in proxy.requests[before:] if method == "PUT")
+    puts = [path for path in puts if not path.endswith("/")]  # the prefix's directory marker
+    assert puts == [f"/{BUCKET}/up/train.csv", f"/{BUCKET}/up/videos/growing/train_0000.mp4"], puts
+    assert in_bucket("up") == local
+
+    proxy.arm(r"/gone/", 600.0, method="PUT")
+    try:
+        with pytest.raises(StorageUnreachable, match=f"cannot write s3://{BUCKET}/gone.*did not answer for"):
+            upload_dataset(root, f"s3://{BUCKET}/gone", retry_s=1.0)
+    finally:
+        proxy.outage(0)

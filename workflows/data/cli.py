@@ -210,7 +210,7 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     from workflows.data.upload import upload_dataset
 
     try:
-        report = upload_dataset(args.source, args.destination)
+        report = upload_dataset(args.source, args.destination, progress=not args.json, retry_s=args.storage_retry_s)
     except OSError as exc:  # the bucket cannot be reached or written (ValueError: bad input, handled by main)
         print(f"error: data upload to {args.destination} failed: {exc}", file=sys.stderr)
         return 2
@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("destination", help="bucket URI, e.g. s3://my-bucket/datasets/sample (credentials and endpoint "
                                        "from the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
                                        "AWS_ENDPOINT_URL, ...)")
+    u.add_argument("--storage-retry-s", type=float,
+                   help="how long a bucket that does not answer is retried per file before the upload stops "
+                        "(default 120 s; run the same command again to copy what is missing)")
     u.add_argument("--json", action="store_true", help="print one JSON object")
     u.set_defaults(run=_cmd_upload)
 

@@ -6,7 +6,9 @@ the credentials and endpoint from the environment: AWS_ACCESS_KEY_ID / AWS_SECRE
 GOOGLE_APPLICATION_CREDENTIALS). Manifests resolve relative paths against their own folder, so a manifest whose
 entries are relative to it works unchanged in the bucket; before anything is copied, every manifest in the folder
 is checked, and one that names a video by an absolute local path, or outside the folder, stops the upload (the
-cluster could not read it there).
+cluster could not read it there). A corpus of many thousand videos takes a while: a progress line comes every 10 s,
+files go several at a time, a bucket that stops answering is waited for (`--storage-retry-s`), and the same command
+run again copies only what is not there at its size yet.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ class UploadReport:
     destination: str
     files: int = 0
     bytes: int = 0
+    skipped: int = 0  # files in the bucket already at their size (an upload run again): not copied again
     manifests: list[str] = field(default_factory=list)  # their URIs in the bucket
     labels: list[str] = field(default_factory=list)
     missing_videos: dict[str, int] = field(default_factory=dict)  # manifest -> videos it lists that are not there
 
     def summary(self) -> str:
-        lines = [f"uploaded {self.files} files ({self.bytes / 1e6:.1f} MB) from {self.source} to {self.destination}"]
+        again = f", {self.skipped} of them there already" if self.skipped else ""
+        lines = [f"uploaded {self.files} files ({self.bytes / 1e6:.1f} MB) from {self.source} to {self.destination}"
+                 f"{again}"]
         lines += [f"  manifest: {m}" for m in self.manifests]
         lines += [f"  labels: {m}" for m in self.labels]
         for manifest, count in self.missing_videos.items():
@@ -95,10 +100,23 @@ def check_manifests(root: Path) -> tuple[list[Path], dict[str, int]]:
     return manifests, missing
 
 
-def upload_dataset(source: str | Path, destination: str) -> UploadReport:
+UPLOAD_THREADS = 8  # files in flight at once: a dataset is many small videos, each a round trip or two
+
+
+def upload_dataset(source: str | Path, destination: str, *, progress: bool = False, retry_s: float | None = None,
+                   threads: int = UPLOAD_THREADS) -> UploadReport:
     """Copy the dataset folder `source` to the URI `destination` (e.g. s3://bucket/datasets/sample); returns what
-    was copied. ValueError for bad input (before anything is copied); OSError when the bucket cannot be written."""
+    was copied. A file already there at its size (an upload cut short, run again) is not copied again; the others
+    go `threads` at a time, each retried as reads are when the bucket stops answering (`retry_s`, None:
+    `video.STORAGE_RETRY_S`), with a progress line every 10 s when `progress`. ValueError for bad input (before
+    anything is copied); OSError when the bucket cannot be reached or written (StorageUnreachable: it stopped
+    answering)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow.fs as pafs
+
+    from workflows.data.video import from_storage
 
     src = Path(source).expanduser()
     if _is_uri(str(source)):
@@ -113,29 +131,63 @@ def upload_dataset(source: str | Path, destination: str) -> UploadReport:
     manifests, missing = check_manifests(src)
     fs, prefix = pafs.FileSystem.from_uri(destination)
     prefix = prefix.rstrip("/")
-    files = [p for p in sorted(src.rglob("*")) if p.is_file()]
+    files = {f"{prefix}/{p.relative_to(src).as_posix()}": p for p in sorted(src.rglob("*")) if p.is_file()}
     if not files:
         raise ValueError(f"data upload: {source} holds no files")
     report = UploadReport(source=str(src), destination=destination.rstrip("/"))
-    fs.create_dir(prefix, recursive=True)
-    # Arrow's S3 uploads are not thread-safe in copy_files (apache/arrow#32372; Ray Train copies the same way).
-    options: dict[str, Any] = {"use_threads": not isinstance(fs, pafs.S3FileSystem)}
-    pafs.copy_files(str(src), prefix, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
-                    chunk_size=8 << 20, **options)
+    from_storage(report.destination, fs, lambda: fs.create_dir(prefix, recursive=True), retry_s, action="write")
+    sizes = {key: path.stat().st_size for key, path in files.items()}
+    there = from_storage(report.destination, fs, lambda: _uploaded(fs, prefix), retry_s, action="list")
+    todo = [key for key, size in sizes.items() if there.get(key) != size]
+    report.skipped = len(files) - len(todo)
+    total, done, sent, start, shown = sum(sizes[k] for k in todo), 0, 0, time.monotonic(), time.monotonic()
+    if progress and report.skipped:
+        print(f"  {report.skipped} of {len(files)} files are in {destination} already at their size: not copied "
+              f"again", flush=True)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for key in pool.map(lambda k: _put(files[k], fs, k, f"{report.destination}{k[len(prefix):]}", retry_s),
+                            todo):
+            done, sent = done + 1, sent + sizes[key]
+            now = time.monotonic()
+            if progress and (now - shown >= 10 or done == len(todo)):
+                shown, rate = now, sent / max(now - start, 1e-9)
+                print(f"  uploaded {done}/{len(todo)} files, {sent / 1e6:.1f} of {total / 1e6:.1f} MB "
+                      f"({rate / 1e6:.1f} MB/s, ETA {(total - sent) / max(rate, 1e-9) / 60:.1f} min)", flush=True)
     report.files = len(files)
-    report.bytes = sum(p.stat().st_size for p in files)
-    uploaded = {info.path: info.size for info in fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
-                if info.type == pafs.FileType.File}
-    absent = [p for p in files if f"{prefix}/{p.relative_to(src).as_posix()}" not in uploaded]
+    report.bytes = sum(sizes.values())
+    uploaded = from_storage(report.destination, fs, lambda: _uploaded(fs, prefix), retry_s, action="list")
+    absent = [key for key, size in sizes.items() if uploaded.get(key) != size]
     if absent:
-        raise OSError(f"data upload: {len(absent)} file(s) are not in {destination} after the copy, e.g. "
-                      f"{absent[0].relative_to(src)}")
+        raise OSError(f"data upload: {len(absent)} file(s) are not in {destination} at their size after the copy, "
+                      f"e.g. {files[absent[0]].relative_to(src)}")
     base = report.destination
     report.manifests = [f"{base}/{m.relative_to(src).as_posix()}" for m in manifests]
-    report.labels = [f"{base}/{p.relative_to(src).as_posix()}" for p in files
+    report.labels = [f"{base}/{p.relative_to(src).as_posix()}" for p in files.values()
                      if p.suffix == ".json" and _is_label_file(p)]
     report.missing_videos = {f"{base}/{k}": v for k, v in missing.items()}
     return report
+
+
+def _uploaded(fs: Any, prefix: str) -> dict[str, int]:
+    """bucket path -> size of every object below `prefix`."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return {info.path: info.size for info in infos if info.type == pafs.FileType.File}
+
+
+def _put(local: Path, fs: Any, key: str, uri: str, retry_s: float | None) -> str:
+    """Copy one file to `key` in the bucket `fs`, retried while the bucket does not answer; returns `key`."""
+    import shutil
+
+    from workflows.data.video import from_storage
+
+    def put() -> None:
+        with open(local, "rb") as f, fs.open_output_stream(key) as out:
+            shutil.copyfileobj(f, out, 8 << 20)
+
+    from_storage(uri, fs, put, retry_s, action="write")
+    return key
 
 
 def _is_label_file(path: Path) -> bool:
