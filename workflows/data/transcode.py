@@ -39,6 +39,7 @@ from workflows.data.manifest import (
 )
 from workflows.data.sampling import last_frame_end
 from workflows.data.shared_disk import first_local_file, where_tasks_see
+from workflows.data.upload import upload_file
 from workflows.data.video import BadVideo, from_storage, probe, probe_source
 from workflows.runtime import is_remote
 
@@ -221,17 +222,6 @@ def _complete(fs: Any, inner: str, uri: str, retry_s: float | None) -> bool:
     return info.type == pafs.FileType.File and (info.size or 0) > 0
 
 
-def _upload(local: Path, fs: Any, inner: str, uri: str, retry_s: float | None = None) -> None:
-    """Copy a finished local file to `inner` in the bucket `fs`, retried as reads are (`from_storage`)."""
-    import shutil
-
-    def put() -> None:
-        with open(local, "rb") as src, fs.open_output_stream(inner) as out:
-            shutil.copyfileobj(src, out, 8 << 20)
-
-    from_storage(uri, fs, put, retry_s, action="write")
-
-
 def _transcode_batch(batch: dict[str, np.ndarray], out_dir: str, short_side: int, gop: int, crf: int,
                      retry_s: float | None = None) -> dict[str, np.ndarray]:
     """One source video per row, with its windows (JSON [[start, end, output name], ...], NaN: the video's start
@@ -265,7 +255,7 @@ def _transcode_batch(batch: dict[str, np.ndarray], out_dir: str, short_side: int
                 for window, (_, _, n) in zip(windows, todo, strict=True):
                     outcome[n] = made[window.dst]
                     if remote and not isinstance(made[window.dst], BadVideo):
-                        _upload(window.dst, fs, f"{root}/videos/{n}", uri[n], retry_s)
+                        upload_file(window.dst, fs, f"{root}/videos/{n}", uri[n], retry_s)
         for _, _, n in named:
             bad = outcome.get(n)
             bad = bad if isinstance(bad, BadVideo) else None
@@ -431,4 +421,4 @@ def _write_manifest_at(rows: list[dict[str, object]], where: str, retry_s: float
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / where.rsplit("/", 1)[-1]
         write_manifest(rows, local)
-        _upload(local, fs, inner, where, retry_s)
+        upload_file(local, fs, inner, where, retry_s)

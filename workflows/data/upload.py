@@ -145,7 +145,7 @@ def upload_dataset(source: str | Path, destination: str, *, progress: bool = Fal
         print(f"  {report.skipped} of {len(files)} files are in {destination} already at their size: not copied "
               f"again", flush=True)
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        for key in pool.map(lambda k: _put(files[k], fs, k, f"{report.destination}{k[len(prefix):]}", retry_s),
+        for key in pool.map(lambda k: upload_file(files[k], fs, k, f"{report.destination}{k[len(prefix):]}", retry_s),
                             todo):
             done, sent = done + 1, sent + sizes[key]
             now = time.monotonic()
@@ -176,8 +176,9 @@ def _uploaded(fs: Any, prefix: str) -> dict[str, int]:
     return {info.path: info.size for info in infos if info.type == pafs.FileType.File}
 
 
-def _put(local: Path, fs: Any, key: str, uri: str, retry_s: float | None) -> str:
-    """Copy one file to `key` in the bucket `fs`, retried while the bucket does not answer; returns `key`."""
+def upload_file(local: Path, fs: Any, key: str, uri: str, retry_s: float | None = None) -> str:
+    """Copy the local file `local` to `key` in the bucket `fs` (`uri`: the same, as the user names it), retried
+    as reads are while the bucket does not answer (`from_storage`); returns `key`."""
     import shutil
 
     from workflows.data.video import from_storage
