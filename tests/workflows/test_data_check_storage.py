@@ -241,9 +241,9 @@ def test_upload_copies_several_files_at_once_waits_out_an_outage_and_resumes(vid
     assert puts == [f"/{BUCKET}/up/train.csv", f"/{BUCKET}/up/videos/growing/train_0000.mp4"], puts
     assert in_bucket("up") == local
 
-    proxy.arm(r"/gone/", 600.0, method="PUT")
+    proxy.arm(r"/gone/videos/", 600.0, method="PUT")  # gone for good at the first file: the others not tried
     try:
-        with pytest.raises(StorageUnreachable, match=f"cannot write s3://{BUCKET}/gone.*did not answer for"):
+        with pytest.raises(StorageUnreachable, match=f"cannot write s3://{BUCKET}/gone/.*did not answer for"):
             upload_dataset(root, f"s3://{BUCKET}/gone", retry_s=1.0)
     finally:
         proxy.outage(0)

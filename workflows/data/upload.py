@@ -144,7 +144,8 @@ def upload_dataset(source: str | Path, destination: str, *, progress: bool = Fal
     if progress and report.skipped:
         print(f"  {report.skipped} of {len(files)} files are in {destination} already at their size: not copied "
               f"again", flush=True)
-    with ThreadPoolExecutor(max(1, threads)) as pool:
+    pool = ThreadPoolExecutor(max(1, threads))
+    try:
         for key in pool.map(lambda k: upload_file(files[k], fs, k, f"{report.destination}{k[len(prefix):]}", retry_s),
                             todo):
             done, sent = done + 1, sent + sizes[key]
@@ -153,6 +154,8 @@ def upload_dataset(source: str | Path, destination: str, *, progress: bool = Fal
                 shown, rate = now, sent / max(now - start, 1e-9)
                 print(f"  uploaded {done}/{len(todo)} files, {sent / 1e6:.1f} of {total / 1e6:.1f} MB "
                       f"({rate / 1e6:.1f} MB/s, ETA {(total - sent) / max(rate, 1e-9) / 60:.1f} min)", flush=True)
+    finally:  # on a failure the files not started yet are not tried (each would wait out the retry budget again)
+        pool.shutdown(cancel_futures=True)
     report.files = len(files)
     report.bytes = sum(sizes.values())
     uploaded = from_storage(report.destination, fs, lambda: _uploaded(fs, prefix), retry_s, action="list")
