@@ -29,12 +29,17 @@ import torch
 MARGIN = 0.15  # of the worker's memory, kept free for what the probe does not allocate
 
 
+# How torch's allocators say they ran out: CUDA's and the CPU's, and oneDNN's (the CPU kernels of GELU, matmuls and
+# convolutions), which reports a failed allocation of its own memory as a primitive it could not create (seen under
+# an address-space limit, when the doubling's failing size ran out inside such a kernel).
+OUT_OF_MEMORY_TEXTS = ("out of memory", "can't allocate memory", "could not create a primitive")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """An allocation failure of torch's allocators (GPU or CPU) or Python's."""
+    """An allocation failure of torch's allocators (GPU or CPU, oneDNN's included) or Python's."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in OUT_OF_MEMORY_TEXTS)
 
 
 class MemoryGauge:

@@ -93,6 +93,7 @@ def test_out_of_memory_errors_are_told_from_other_failures():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"))
     assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("could not create a primitive"))  # oneDNN's, seen under RLIMIT_AS
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("out of memory"))  # only the allocators' errors
 
