@@ -125,6 +125,7 @@ def find_micro_batch(run: Callable[[int], None], gauge: MemoryGauge, limit: int)
     gauge's budget. Raises RuntimeError when not even one clip fits."""
     budget = gauge.budget_bytes()
     tried: dict[int, int | None] = {}
+    ran_out: dict[int, str] = {}  # size -> the allocator's words
 
     def attempt(size: int) -> int | None:
         gauge.reset()
@@ -135,6 +136,7 @@ def find_micro_batch(run: Callable[[int], None], gauge: MemoryGauge, limit: int)
             if not is_out_of_memory(exc):
                 raise
             peak = None
+            ran_out[size] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
         gauge.release()
         tried[size] = peak
         return peak
@@ -166,9 +168,12 @@ def find_micro_batch(run: Callable[[int], None], gauge: MemoryGauge, limit: int)
         size = following
     good = [b for b in tried if fits(b)]
     if not good:
+        failed_one = (f", and it failed to allocate ({ran_out[1]}; to see a failure that is not about memory, run "
+                      f"with train.micro_batch_size=1)") if 1 in ran_out else ""
         raise RuntimeError(f"train.micro_batch_size auto: a micro-batch of one clip takes more than this worker's "
-                           f"memory budget ({budget / 2**30:.2f} GiB on {gauge.name()}; peaks {tried}): use a smaller "
-                           f"model, frames or crop, or activation checkpointing (model.activation_checkpointing)")
+                           f"memory budget ({budget / 2**30:.2f} GiB on {gauge.name()}; peaks {tried}{failed_one}): "
+                           f"use a smaller model, frames or crop, or activation checkpointing "
+                           f"(model.activation_checkpointing)")
     best = max(good)
     failed = min([b for b in tried if b > best] or [limit + 1])
     if stopped == "out of memory":

@@ -89,6 +89,21 @@ def test_a_real_out_of_memory_error_ends_the_doubling_and_the_cap_still_runs():
     assert 1 <= found["cap"] < failed, found  # and the cap ran again after the failure: _probe saw exit 0
 
 
+def test_one_clip_that_fails_to_allocate_is_named_with_the_allocators_words():
+    """A failure to allocate at one clip ends the probe with the allocator's own words and how to see the error
+    itself: oneDNN says "could not create a primitive" both when its memory runs out and when it fails otherwise."""
+    from workflows.micro_batch import MemoryGauge, find_micro_batch
+
+    def run(size: int) -> None:
+        raise RuntimeError("could not create a primitive\nmore lines of oneDNN's")
+
+    with pytest.raises(RuntimeError) as info:
+        find_micro_batch(run, MemoryGauge(torch.device("cpu")), limit=8)
+    message = str(info.value)
+    assert "peaks {1: None}, and it failed to allocate (RuntimeError: could not create a primitive; to see a " \
+           "failure that is not about memory, run with train.micro_batch_size=1)" in message, message
+
+
 def test_out_of_memory_errors_are_told_from_other_failures():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"))
