@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import time
@@ -100,13 +99,12 @@ class TrainState:
         return state
 
     def record_validation(self, metrics: dict[str, float], best_metric: str) -> None:
-        """A validation's `metrics` into the history, and into `best` when it beats it by `best_metric` (a best
-        recorded by another metric, before a relaunch changed eval.best_metric, is beaten by any)."""
+        """A validation's `metrics` into the history, and into `best` when it beats it by `best_metric` (a NaN
+        never does; a best without that metric, such as an older checkpoint's, is beaten by any other)."""
         from workflows.checkpoints import metric_score
 
         self.history["val_top1"].append((self.step, metrics["val_top1"]))
-        score = metric_score(metrics, best_metric)
-        if score > -math.inf and score > metric_score(self.best, best_metric):
+        if metric_score(metrics, best_metric) > metric_score(self.best, best_metric):  # -inf for NaN or none
             self.best = {best_metric: metrics[best_metric], "step": self.step}
 
     def best_note(self, best_metric: str) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from workflows.data.manifest import (
     storage_hint,
     write_manifest,
 )
-from workflows.runtime import is_remote, redact_secrets, write_text
+from workflows.runtime import is_remote, redact_secrets
 
 SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "eval"}
 
@@ -284,18 +283,9 @@ def _write(place: _Place, rows_by_file: dict[str, list[dict[str, object]]], labe
     """The manifests and labels.json into a local folder or a bucket prefix."""
     if not place.remote:
         Path(place.inner).mkdir(parents=True, exist_ok=True)
-        for name, rows in rows_by_file.items():
-            write_manifest(rows, place.child(name))
-        save_labels(label_map, place.child("labels.json"))
-        return
-    with tempfile.TemporaryDirectory(prefix="dist-import-") as scratch:
-        written = []
-        for name, rows in rows_by_file.items():
-            write_manifest(rows, Path(scratch) / name)
-            written.append(name)
-        save_labels(label_map, Path(scratch) / "labels.json")
-        for name in [*written, "labels.json"]:
-            write_text(place.child(name), (Path(scratch) / name).read_text())
+    for name, rows in rows_by_file.items():
+        write_manifest(rows, place.child(name))
+    save_labels(label_map, place.child("labels.json"))
 
 
 def _class_map(folders: list[str], labels: str | Path | None) -> tuple[dict[str, str], dict[str, int]]:

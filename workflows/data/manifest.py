@@ -36,6 +36,8 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from workflows.runtime import is_remote, storage_of, write_text
+
 MANIFEST_COLUMNS = ("path", "label", "start", "end")
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp",
                     ".vob", ".mts", ".m2ts", ".ts")
@@ -254,10 +256,14 @@ def earlier_labels_differ(where: str, classes: int, source: str) -> ValueError:
 
 
 def save_labels(labels: dict[str, int], path: str | Path) -> None:
-    """Write a label file (sorted by index)."""
+    """Write a label file (sorted by index), at a local path or a URI."""
     _check_indices(labels, str(path))
     ordered = dict(sorted(labels.items(), key=lambda kv: kv[1]))
-    Path(path).write_text(json.dumps(ordered, indent=1, ensure_ascii=False) + "\n")
+    text = json.dumps(ordered, indent=1, ensure_ascii=False) + "\n"
+    if is_remote(str(path)):
+        write_text(str(path), text)
+    else:
+        Path(path).write_text(text)
 
 
 @dataclass
@@ -486,20 +492,25 @@ def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = Tr
 
 
 def write_manifest(rows: list[dict[str, object]], path: str | Path) -> None:
-    """Write manifest rows ({path, label[, start, end]}) as CSV or (by suffix) Parquet. Paths are written as
-    given; pass paths relative to the manifest's folder to keep a dataset relocatable."""
-    path = Path(path)
+    """Write manifest rows ({path, label[, start, end]}) as CSV or (by suffix) Parquet, at a local path or a URI
+    (one attempt). Paths are written as given; pass paths relative to the manifest's folder to keep a dataset
+    relocatable."""
     columns: dict[str, list[object]] = {"path": [str(r["path"]) for r in rows],
                                         "label": [str(r["label"]) for r in rows]}
     for extra in ("start", "end"):
         if any(r.get(extra) is not None for r in rows):
             columns[extra] = [None if r.get(extra) is None else float(r[extra]) for r in rows]  # type: ignore[arg-type]
     table = pa.table(columns)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix in (".parquet", ".pq"):
-        pq.write_table(table, path)
-    else:
-        pacsv.write_csv(table, path)
+    parquet = str(path).split("?", 1)[0].endswith((".parquet", ".pq"))
+    if is_remote(str(path)):
+        fs, inner = storage_of(str(path))
+        if isinstance(fs, pafs.LocalFileSystem):  # a file:// URI; an object store has no folders to make
+            fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(inner) as out:
+            (pq.write_table if parquet else pacsv.write_csv)(table, out)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    (pq.write_table if parquet else pacsv.write_csv)(table, str(path))
 
 
 def check_output_folder(path: str | Path, option: str = "--out") -> Path:

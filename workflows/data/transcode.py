@@ -41,7 +41,7 @@ from workflows.data.sampling import last_frame_end
 from workflows.data.shared_disk import first_local_file, where_tasks_see
 from workflows.data.upload import upload_file
 from workflows.data.video import BadVideo, from_storage, probe, probe_source
-from workflows.runtime import is_remote
+from workflows.runtime import is_remote, storage_of
 
 
 def even_short_side_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -233,8 +233,6 @@ def _transcode_batch(batch: dict[str, np.ndarray], out_dir: str, short_side: int
     import pyarrow.fs as pafs
     import ray
 
-    from workflows.runtime import storage_of
-
     fs, root = storage_of(out_dir)
     remote = not isinstance(fs, pafs.LocalFileSystem)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
@@ -304,7 +302,7 @@ def _check_bucket_answers(out: str) -> None:
     import pyarrow.fs as pafs
 
     from workflows.data.manifest import storage_hint
-    from workflows.runtime import redact_secrets, storage_of
+    from workflows.runtime import redact_secrets
 
     try:
         fs, root = storage_of(out)
@@ -384,7 +382,8 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
         start, end = (None if cut or np.isnan(v) else v for v in (starts[i], ends[i]))
         rows.append({"path": f"videos/{row_output[i]}", "label": labels[i], "start": start, "end": end})
     new_manifest = f"{out}/{manifest.rstrip('/').rsplit('/', 1)[-1]}"
-    _write_manifest_at(rows, new_manifest, storage_retry_s)
+    from_storage(new_manifest, storage_of(new_manifest)[0], lambda: write_manifest(rows, new_manifest),
+                 storage_retry_s, action="write")
     return {"manifest": new_manifest, "videos": len(paths), "ok": len(rows), "dropped": dropped,
             "examples": {k: v[:5] for k, v in examples.items()}, "seconds": time.perf_counter() - t0,
             "source_files": len(first_row), "cut": cut,
@@ -406,19 +405,3 @@ def _storage_errors_as_themselves(batches: Any) -> Any:
         if cause.startswith(f"{StorageUnreachable.__name__}: "):
             raise StorageUnreachable(cause.split(": ", 1)[1]) from None
         raise
-
-
-def _write_manifest_at(rows: list[dict[str, object]], where: str, retry_s: float | None) -> None:
-    """`write_manifest` at a local path, or into a bucket (written locally, then uploaded)."""
-    import tempfile
-
-    if not is_remote(where):
-        write_manifest(rows, where)
-        return
-    from workflows.runtime import storage_of
-
-    fs, inner = storage_of(where)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / where.rsplit("/", 1)[-1]
-        write_manifest(rows, local)
-        upload_file(local, fs, inner, where, retry_s)
