@@ -1,9 +1,10 @@
 """The dataset doctor: decode every video of a manifest once, in parallel on Ray, and summarise what is usable
 (`python -m workflows data check`).
 
-A bucket that stops answering is not a property of the videos: a video whose read gave up (StorageUnreachable, after
-`storage_retry_s`) is counted as unreachable, never as dropped; the rest of its batch is not tried (each would wait
-the whole budget again), and the check stops at the first such batch, reporting what it had checked."""
+A bucket that stops answering, or a local disk that goes away, is not a property of the videos: a video whose read
+gave up (StorageUnreachable, after `storage_retry_s`) is counted as unreachable, never as dropped; the rest of its
+batch is not tried (each would wait the whole budget again), and the check stops at the first such batch, reporting
+what it had checked."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from workflows.data.data_config import DataConfig
 from workflows.data.drops import MAX_EXAMPLES
 from workflows.data.manifest import load_labels, load_manifest
 from workflows.data.pipeline import manifest_blocks
-from workflows.data.shared_disk import first_local_file, where_tasks_see
+from workflows.data.shared_disk import first_local_file, where_tasks_see, witness_files
 from workflows.data.video import DROP_REASONS, BadVideo, StorageUnreachable, read_frames
 
 UNREACHABLE = "unreachable"  # a row's reason when its storage did not answer: not one of DROP_REASONS
@@ -52,13 +53,16 @@ def shorter_than_declared(duration: float, declared: float) -> bool:
 
 
 def check_video(path: str, start: float = math.nan, end: float = math.nan, *, num_frames: int = 16,
-                min_frames: int = MIN_FRAMES, storage_retry_s: float | None = None) -> dict[str, Any]:
-    """Decode `num_frames` frames spread over the whole video (first and last included); a stats row."""
+                min_frames: int = MIN_FRAMES, storage_retry_s: float | None = None,
+                witnesses: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Decode `num_frames` frames spread over the whole video (first and last included); a stats row. `witnesses`:
+    `read_frames`' (a local disk gone is unreachable, not every video missing)."""
     t0 = time.perf_counter()
     row = _row(path)
     try:
         decoded = read_frames(path, lambda a, b, fps: np.unique(np.linspace(a, b - 1, num_frames).round()),
-                              start=start, end=end, min_frames=min_frames, storage_retry_s=storage_retry_s)
+                              start=start, end=end, min_frames=min_frames, storage_retry_s=storage_retry_s,
+                              witnesses=witnesses)
         row.update(ok=True, frames=decoded.num_frames, fps=decoded.fps, width=decoded.width, height=decoded.height,
                    duration=decoded.duration, declared_duration=decoded.declared_duration,
                    decoded=len(decoded.indices), rotation=decoded.rotation, sar=decoded.sar)
@@ -71,7 +75,7 @@ def check_video(path: str, start: float = math.nan, end: float = math.nan, *, nu
 
 
 def _check_batch(batch: dict[str, np.ndarray], num_frames: int, min_frames: int,
-                 storage_retry_s: float | None = None) -> dict[str, np.ndarray]:
+                 storage_retry_s: float | None = None, witnesses: list[str] | None = None) -> dict[str, np.ndarray]:
     rows: list[dict[str, Any]] = []
     gave_up = ""  # why the storage was given up on, once it was: the rest of the batch does not wait again
     for p, s, e in zip(batch["path"], batch["start"], batch["end"], strict=True):
@@ -79,7 +83,7 @@ def _check_batch(batch: dict[str, np.ndarray], num_frames: int, min_frames: int,
             rows.append({**_row(str(p)), "reason": UNREACHABLE, "detail": "not tried: " + gave_up})
             continue
         rows.append(check_video(str(p), float(s), float(e), num_frames=num_frames, min_frames=min_frames,
-                                storage_retry_s=storage_retry_s))
+                                storage_retry_s=storage_retry_s, witnesses=witnesses or ()))
         if rows[-1]["reason"] == UNREACHABLE:
             gave_up = rows[-1]["detail"]
     out = {k: np.array([r[k] for r in rows]) for k in rows[0]}
@@ -112,15 +116,16 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
     loaded = load_manifest(manifest, label_map, strict=False)
     table = loaded.table.select(["video_index", "path", "start", "end"])
     # local videos on a cluster whose other nodes do not see them: read here alone, or they would count as missing
-    placement, cpus, note = where_tasks_see([("the videos, e.g.", p)
-                                             for p in first_local_file(table.column("path").to_pylist())])
+    paths = table.column("path").to_pylist()
+    placement, cpus, note = where_tasks_see([("the videos, e.g.", p) for p in first_local_file(paths)])
     if note:  # on stderr: with --json, stdout holds the report alone
         print(f"note: {note}", file=sys.stderr, flush=True)
     cpus = max(1, int(parallelism or cpus))
     t0 = time.perf_counter()
     ds = ray.data.from_arrow(manifest_blocks(table, max(1, math.ceil(table.num_rows / (4 * cpus)))))
     ds = ds.map_batches(_check_batch, fn_kwargs={"num_frames": num_frames, "min_frames": min_frames,
-                                                 "storage_retry_s": storage_retry_s},
+                                                 "storage_retry_s": storage_retry_s,
+                                                 "witnesses": witness_files(paths)},
                         batch_size=None, batch_format="numpy", num_cpus=1, **placement)
     rows: list[dict[str, Any]] = []
     last = t0

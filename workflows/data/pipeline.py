@@ -38,6 +38,7 @@ from workflows.data.decode_nodes import decode_pool_size
 from workflows.data.drops import TooManyBadVideos, drop_counter
 from workflows.data.manifest import Manifest, load_labels, load_manifest
 from workflows.data.sampling import segment_indices
+from workflows.data.shared_disk import witness_files
 from workflows.data.transforms import eval_clips, train_clip
 from workflows.data.video import BadVideo, StorageUnreachable, read_frames
 from workflows.runtime import root_cause
@@ -75,6 +76,7 @@ class ClipSpec:
     decode_resize_threshold: float = 1.25
     decode_threads: int = 1
     storage_retry_s: float | None = None  # None: video.STORAGE_RETRY_S (what data.storage_retry_s defaults to)
+    witnesses: list[str] = field(default_factory=list)  # local videos seen where the dataset was built
     counter_split: str = "train"  # key under which drops are counted
 
     @classmethod
@@ -113,7 +115,8 @@ def clips_from_video(path: str, label: int, video_index: int, start: float, end:
 
     decoded = read_frames(path, choose, start=start, end=end, min_frames=spec.min_frames,
                           target_short=spec.target_short(), resize_threshold=spec.decode_resize_threshold,
-                          num_threads=spec.decode_threads, storage_retry_s=spec.storage_retry_s)
+                          num_threads=spec.decode_threads, storage_retry_s=spec.storage_retry_s,
+                          witnesses=spec.witnesses)
     rows = []
     for v, idx in enumerate(plans):
         frames = decoded.take(idx)  # (T_d, H, W, 3)
@@ -275,9 +278,11 @@ def build_clip_dataset(
     os.environ.setdefault(*RAY_DATA_AUTOSCALER)  # this process runs the execution: it iterates the dataset
     counter = drop_counter(cfg.drop_counter)
     ray.get(counter.register.remote(key, epoch, videos_in_epoch, cfg.max_bad_fraction))
+    # a few videos seen here: a decoder on a node whose disk is gone must not drop every video as missing
+    witnesses = witness_files(loaded.table.column("path").to_pylist())
     spec = ClipSpec.from_config(cfg, split=split, num_frames=num_frames, crop_size=crop_size, num_views=num_views,
                                 num_crops=num_crops, seed=seed if augment_seed is None else augment_seed, epoch=epoch,
-                                counter_split=key)
+                                counter_split=key, witnesses=witnesses)
     pool = decode_pool_size(cfg)
     blocks = manifest_blocks(table, decode_block_rows(table.num_rows, cfg.batch_size, pool))
     ds = ray.data.from_arrow(blocks)

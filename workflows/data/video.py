@@ -35,13 +35,18 @@ are found from each frame's presentation time, which stays right for variable fr
 A video in a bucket whose storage does not answer is not a bad video: each read is retried for up to
 STORAGE_RETRY_S seconds (the storage SDK's own retries come first), then `StorageUnreachable` (an OSError, never a
 BadVideo) fails the batch, so the run restarts from its newest complete checkpoint instead of dropping good videos.
+A local disk that is not there (a shared disk's mount lost, or a node added later that does not mount it) is the
+same: a missing video is checked against a few of the corpus's videos known to exist when the work started
+(`witnesses`), and when none of them is there either, the disk is waited for, then `StorageUnreachable`.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
 import re
+import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -146,6 +151,40 @@ def from_storage(path: str, fs: pafs.FileSystem, read: Callable[[], object],
                                          f"({exc}){storage_hint(path)}") from None
             time.sleep(min(pause, max(0.0, budget - waited)))
             pause = min(pause * 2, 10.0)
+
+
+def wait_for_local_disk(path: str, witnesses: tuple[str, ...] | list[str], retry_s: float | None = None) -> bool:
+    """For a local `path` found missing: whether its disk had gone away. `witnesses` are files of the same corpus
+    that existed when the work started; when none of them exists either, it is the disk that is not there (an NFS
+    mount lost, or a node that does not mount it), not the video: wait for them for up to `retry_s` (None:
+    STORAGE_RETRY_S) seconds, True when they came back (look at `path` again), else StorageUnreachable naming this
+    node. False at once when a witness is there (the video is missing) or there are none."""
+    if not witnesses or any(os.path.exists(w) for w in witnesses):
+        return False
+    budget = STORAGE_RETRY_S if retry_s is None else retry_s
+    started, pause = time.monotonic(), 0.5
+    while (waited := time.monotonic() - started) < budget:
+        time.sleep(min(pause, budget - waited))
+        pause = min(pause * 2, 5.0)
+        if any(os.path.exists(w) for w in witnesses):
+            return True
+    raise StorageUnreachable(
+        f"cannot read {path}: node {_node_address()} has not seen any of the corpus's videos there for "
+        f"{time.monotonic() - started:.0f} s (e.g. {witnesses[0]}, there when the work started): the disk that "
+        f"holds them is not mounted on this node, or went away. Mount it at the same path on every node, or put "
+        f"the videos in a bucket (`data upload`, cluster/README.md, \"No shared disk\")")
+
+
+def _node_address() -> str:
+    """This Ray node's address (the host name outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # naming the node must never hide the error being raised
+        pass
+    return socket.gethostname()
 
 
 def _source(path: str, fs: pafs.FileSystem, inner: str, retry_s: float | None) -> str | IO[bytes]:
@@ -360,8 +399,10 @@ def probe(path: str) -> VideoInfo:
     return probe_source(path)[0]
 
 
-def probe_source(path: str, retry_s: float | None = None) -> tuple[VideoInfo, str | IO[bytes]]:
+def probe_source(path: str, retry_s: float | None = None,
+                 witnesses: tuple[str, ...] | list[str] = ()) -> tuple[VideoInfo, str | IO[bytes]]:
     """`probe`, plus what the decoder opens (`_source`): a remote video is fetched once, not again to decode it.
+    A local video found missing while none of `witnesses` exists is waited for as its disk (`wait_for_local_disk`).
     The display rotation is an MP4/MOV's (its track header): decord 0.6.0 applies that one and no other container's
     (a rotated Matroska comes out as stored), so that is the one the PyAV fallback and the resize box follow too."""
     import av  # imported here: workers import it once, the CLI only when needed
@@ -371,6 +412,9 @@ def probe_source(path: str, retry_s: float | None = None) -> tuple[VideoInfo, st
     except (OSError, ValueError) as exc:  # a URI no filesystem takes
         raise BadVideo("missing", str(exc)) from None
     info = from_storage(path, fs, lambda: fs.get_file_info(inner), retry_s)
+    if (info.type == pafs.FileType.NotFound and isinstance(fs, pafs.LocalFileSystem)
+            and wait_for_local_disk(path, witnesses, retry_s)):
+        info = fs.get_file_info(inner)  # its disk is back: look again
     if info.type == pafs.FileType.NotFound:
         raise BadVideo("missing", "no such file")
     if info.type != pafs.FileType.File:
@@ -548,15 +592,19 @@ def read_frames(
     resize_threshold: float = 1.25,
     num_threads: int = 1,
     storage_retry_s: float | None = None,
+    witnesses: tuple[str, ...] | list[str] = (),
 ) -> DecodedVideo:
     """Decode the frames `choose(first, last, fps)` picks (any int array of indices in [first, last)) from the
     [start, end) seconds window of `path`. Raises BadVideo (with a reason from DROP_REASONS) on any failure, and
-    StorageUnreachable when a bucket did not answer for `storage_retry_s` (None: STORAGE_RETRY_S) seconds."""
+    StorageUnreachable when a bucket did not answer for `storage_retry_s` (None: STORAGE_RETRY_S) seconds, or a local
+    disk was not there for as long (`witnesses`: other local videos of the corpus, known to exist when the work
+    started; `wait_for_local_disk`)."""
     import decord
 
     from workflows.data.sampling import frame_window, last_frame_end
 
-    info, source = probe_source(path, storage_retry_s)  # a decode-time resize box must have the displayed shape
+    # a decode-time resize box must have the displayed shape
+    info, source = probe_source(path, storage_retry_s, witnesses)
     width, height = info.displayed_size()
     size = decode_size(width, height, target_short, resize_threshold)
     if size is None and info.sar != 1.0:  # non-square pixels: decoded at the displayed size (the decoders ignore it)
