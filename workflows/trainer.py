@@ -418,6 +418,8 @@ class Trainer:
         lost = max(0, reached - step) if reached is not None else None
         if event:
             kv_put(kv_key(run_dir, "event"), {})
+        if reached is not None:  # this group starts here: a group that fails again before a step loses none
+            kv_put(kv_key(run_dir, "progress"), {"step": step, "world": self.world})
         if lost is not None:
             lost_text = f"{lost} steps lost"
         elif reason == RELAUNCHED:  # a new Ray session: the previous launch's progress record went with its cluster

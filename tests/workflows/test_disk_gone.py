@@ -132,7 +132,9 @@ def test_data_check_counts_a_disk_that_stays_away_as_unreachable_not_as_missing_
 
 @pytest.mark.integration
 def test_the_ray_decoders_wait_for_the_disk(ray_local, disk):
-    """Through Ray Data: the dataset's builder picks the witnesses where it runs, and the decode tasks get them."""
+    """Through Ray Data: the dataset's builder picks the witnesses where it runs, and the decode tasks get them. Built
+    while the disk is away (a training worker builds each epoch's dataset; this is how a real run first failed,
+    its epoch built in the outage), the witnesses are the videos expected there."""
     from workflows.data.drops import get_drop_report
     from workflows.data.manifest import save_labels, write_manifest
     from workflows.data.pipeline import build_clip_dataset
@@ -140,11 +142,13 @@ def test_the_ray_decoders_wait_for_the_disk(ray_local, disk):
     # the manifest outside the lost folder, as one on the head's own disk would be
     write_manifest([{"path": str(disk / "clips" / f"{n}.mp4"), "label": "a"} for n in NAMES], disk.parent / "m.csv")
     save_labels({"a": 0}, disk.parent / "labels.json")
-    cfg = DataConfig(batch_size=2, storage_retry_s=60, drop_counter="test-disk-gone-drops")
-    ds = build_clip_dataset(cfg, str(disk.parent / "m.csv"), str(disk.parent / "labels.json"), split="eval",
-                            num_frames=4, crop_size=24)
-    returned = _unmount_for(disk, 3.0)
-    rows = ds.take_all()
-    returned.join()
-    assert sorted(r["video_index"] for r in rows) == [0, 1, 2]
-    assert get_drop_report("eval", 0, name="test-disk-gone-drops").total_dropped == 0
+    for epoch, build_in_the_outage in enumerate((False, True)):
+        cfg = DataConfig(batch_size=2, storage_retry_s=60, drop_counter="test-disk-gone-drops")
+        args = (cfg, str(disk.parent / "m.csv"), str(disk.parent / "labels.json"))
+        kwargs = dict(split="eval", num_frames=4, crop_size=24, epoch=epoch)
+        ds = None if build_in_the_outage else build_clip_dataset(*args, **kwargs)
+        returned = _unmount_for(disk, 3.0)
+        rows = (ds or build_clip_dataset(*args, **kwargs)).take_all()
+        returned.join()
+        assert sorted(r["video_index"] for r in rows) == [0, 1, 2], build_in_the_outage
+        assert get_drop_report("eval", epoch, name="test-disk-gone-drops").total_dropped == 0, build_in_the_outage

@@ -185,6 +185,13 @@ def test_the_restart_line_of_a_relaunch_says_what_becomes_of_the_steps_past_the_
 
     assert restart_line({"step": 7, "world": 2}).endswith(
         "restart: 2 -> 2 workers (the run was relaunched); resuming at step 4, 3 steps lost")
+    # A group that fails again before its first step (a disk still away, say) lost nothing more: the steps past the
+    # checkpoint were counted once, by the restart before it (seen: "13 steps lost" twice).
+    trainer = Trainer(recipe, rank=0, world=2, device=torch.device("cpu"))
+    trainer.state.step, trainer.tracker = 4, _Recorder()
+    trainer._note_restart(previous_world=2)
+    assert capsys.readouterr().out.strip().endswith(
+        "restart: 2 -> 2 workers (a worker or node was lost); resuming at step 4, 0 steps lost")
     assert restart_line({}).endswith(
         "restart: 2 -> 2 workers (the run was relaunched); resuming at step 4, any steps the previous launch trained "
         "past it are trained again")

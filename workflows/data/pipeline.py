@@ -38,7 +38,7 @@ from workflows.data.decode_nodes import decode_pool_size
 from workflows.data.drops import TooManyBadVideos, drop_counter
 from workflows.data.manifest import Manifest, load_labels, load_manifest
 from workflows.data.sampling import segment_indices
-from workflows.data.shared_disk import witness_files
+from workflows.data.shared_disk import spread_local_paths, witness_files
 from workflows.data.transforms import eval_clips, train_clip
 from workflows.data.video import BadVideo, StorageUnreachable, read_frames
 from workflows.runtime import root_cause
@@ -278,8 +278,11 @@ def build_clip_dataset(
     os.environ.setdefault(*RAY_DATA_AUTOSCALER)  # this process runs the execution: it iterates the dataset
     counter = drop_counter(cfg.drop_counter)
     ray.get(counter.register.remote(key, epoch, videos_in_epoch, cfg.max_bad_fraction))
-    # a few videos seen here: a decoder on a node whose disk is gone must not drop every video as missing
-    witnesses = witness_files(loaded.table.column("path").to_pylist())
+    # A few videos seen here: a decoder on a node whose disk is gone must not drop every video as missing. None
+    # here now (the run's start read some, or the builder's checks did): the disk went away before this epoch's
+    # dataset was built, and the decoders must wait for any of them.
+    paths = loaded.table.column("path").to_pylist()
+    witnesses = witness_files(paths) or spread_local_paths(paths)[:3]
     spec = ClipSpec.from_config(cfg, split=split, num_frames=num_frames, crop_size=crop_size, num_views=num_views,
                                 num_crops=num_crops, seed=seed if augment_seed is None else augment_seed, epoch=epoch,
                                 counter_split=key, witnesses=witnesses)

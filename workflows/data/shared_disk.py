@@ -80,12 +80,17 @@ def first_local_file(paths: list[str], tries: int = 100) -> list[str]:
     return [p for p in paths[:tries] if not is_remote(p) and os.path.isfile(p)][:1]
 
 
+def spread_local_paths(paths: list[str], tries: int = 30) -> list[str]:
+    """The local ones of `tries` of `paths` spread over the whole list (the first included)."""
+    step = max(1, len(paths) // tries)
+    return [p for p in paths[::step][:tries] if not is_remote(p)]
+
+
 def witness_files(paths: list[str], count: int = 3, tries: int = 30) -> list[str]:
     """Up to `count` of `paths` that are local files here, taken from `tries` of them spread over the whole list
     (one deleted folder does not take them all): what a decoder that finds a local video missing looks at to tell a
     missing video from a disk that is not there (`video.wait_for_local_disk`)."""
-    step = max(1, len(paths) // tries)
-    return [p for p in paths[::step][:tries] if not is_remote(p) and os.path.isfile(p)][:count]
+    return [p for p in spread_local_paths(paths, tries) if os.path.isfile(p)][:count]
 
 
 def _answer(ref: Any) -> bool:

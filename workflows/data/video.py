@@ -154,11 +154,12 @@ def from_storage(path: str, fs: pafs.FileSystem, read: Callable[[], object],
 
 
 def wait_for_local_disk(path: str, witnesses: tuple[str, ...] | list[str], retry_s: float | None = None) -> bool:
-    """For a local `path` found missing: whether its disk had gone away. `witnesses` are files of the same corpus
-    that existed when the work started; when none of them exists either, it is the disk that is not there (an NFS
-    mount lost, or a node that does not mount it), not the video: wait for them for up to `retry_s` (None:
-    STORAGE_RETRY_S) seconds, True when they came back (look at `path` again), else StorageUnreachable naming this
-    node. False at once when a witness is there (the video is missing) or there are none."""
+    """For a local `path` found missing: whether its disk had gone away. `witnesses` are other files of the same
+    corpus (seen where the work was planned, or expected there); when none of them exists either, it is the disk
+    that is not there (an NFS mount lost, or a node that does not mount it), not the video: wait for them for up to
+    `retry_s` (None: STORAGE_RETRY_S) seconds, True when they came back (look at `path` again), else
+    StorageUnreachable naming this node. False at once when a witness is there (the video is missing) or there are
+    none."""
     if not witnesses or any(os.path.exists(w) for w in witnesses):
         return False
     budget = STORAGE_RETRY_S if retry_s is None else retry_s
@@ -170,7 +171,7 @@ def wait_for_local_disk(path: str, witnesses: tuple[str, ...] | list[str], retry
             return True
     raise StorageUnreachable(
         f"cannot read {path}: node {_node_address()} has not seen any of the corpus's videos there for "
-        f"{time.monotonic() - started:.0f} s (e.g. {witnesses[0]}, there when the work started): the disk that "
+        f"{time.monotonic() - started:.0f} s (e.g. {witnesses[0]}): the disk that "
         f"holds them is not mounted on this node, or went away. Mount it at the same path on every node, or put "
         f"the videos in a bucket (`data upload`, cluster/README.md, \"No shared disk\")")
 
