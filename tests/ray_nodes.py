@@ -202,7 +202,8 @@ class Cluster:
         return ["head" if i == 0 else f"node{i}" for i in range(len(self.nodes))]
 
     # -- nodes --
-    def _start(self, name: str, args: list[str], ready: str = "Ray runtime started") -> None:
+    def _start(self, name: str, args: list[str], ready: str = "Ray runtime started",
+               hide: Path | None = None) -> None:
         ports = port_block(100)  # 9 service ports, the rest for worker processes
         service = dict(zip(("node-manager-port", "object-manager-port", "metrics-export-port",
                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"),
@@ -217,10 +218,15 @@ class Cluster:
         cwd = self.root / f"{name}-cwd"
         cwd.mkdir(exist_ok=True)
         log = self.root / f"{name}.log"
+        command = [RAY, "start", *args, f"--temp-dir={temp_dir}", "--object-store-memory=300000000",
+                   "--disable-usage-stats", "--block"]
+        if hide is not None:  # a node that does not mount a disk the others see: an empty tmpfs over the folder in
+            # a private mount namespace of its own (root), which its raylet and every worker of it inherit
+            command = ["unshare", "--mount", "--propagation", "private", "bash", "-c",
+                       'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"', str(hide), *command]
         with log.open("w") as out:
             proc = subprocess.Popen(
-                [RAY, "start", *args, f"--temp-dir={temp_dir}", "--object-store-memory=300000000",
-                 "--disable-usage-stats", "--block"],
+                command,
                 cwd=cwd, env=self.node_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes.append((proc, log))
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
@@ -237,10 +243,10 @@ class Cluster:
             assert time.monotonic() < deadline, "the dashboard did not come up"
             time.sleep(1)
 
-    def add_node(self, *extra: str) -> None:
-        """Another raylet on this machine, joined to the head."""
+    def add_node(self, *extra: str, hide: Path | None = None) -> None:
+        """Another raylet on this machine, joined to the head; `hide`: a folder this node sees empty (root)."""
         before = len(self.alive_nodes())
-        self._start(f"node{len(self.nodes)}", [f"--address=127.0.0.1:{self.gcs_port}", *extra])
+        self._start(f"node{len(self.nodes)}", [f"--address=127.0.0.1:{self.gcs_port}", *extra], hide=hide)
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         while len(self.alive_nodes()) <= before:
             assert time.monotonic() < deadline, "the new node did not register with the head"
