@@ -38,7 +38,7 @@ from workflows.data.manifest import (
     write_manifest,
 )
 from workflows.data.sampling import last_frame_end
-from workflows.data.shared_disk import first_local_file, where_tasks_see
+from workflows.data.shared_disk import first_local_file, where_tasks_see, witness_files
 from workflows.data.upload import upload_file
 from workflows.data.video import BadVideo, from_storage, probe, probe_source
 from workflows.runtime import is_remote, storage_of
@@ -110,14 +110,17 @@ class _Writer:
 
 
 def transcode_windows(src: str, windows: list[Window], *, short_side: int = 320, gop: int = 16, crf: int = 23,
-                      preset: str = "veryfast", retry_s: float | None = None) -> dict[Path, int | BadVideo]:
+                      preset: str = "veryfast", retry_s: float | None = None,
+                      witnesses: list[str] | tuple[str, ...] = ()) -> dict[Path, int | BadVideo]:
     """Transcode windows of one video to H.264 mp4s in a single decode pass (a recording cut into many clips is
     decoded once, not once per clip): {dst: frames written, or the BadVideo of a window without a frame}. The whole
     video failing raises BadVideo and leaves no file. A copy shows as its original does: square pixels (a
-    non-square source stretched to its displayed width), stored unturned with the source's display rotation."""
+    non-square source stretched to its displayed width), stored unturned with the source's display rotation.
+    `witnesses`: `read_frames`' (a local disk gone is waited for, not the video missing)."""
     import av
 
-    info, source = probe_source(src, retry_s)  # a video in a bucket: its bytes, fetched once (retried) for both
+    # a video in a bucket: its bytes, fetched once (retried) for both
+    info, source = probe_source(src, retry_s, witnesses)
     if not isinstance(source, str):
         source.seek(0)  # the probe read it
     w, h = even_short_side_size(*info.square_pixel_size(), short_side)
@@ -223,7 +226,7 @@ def _complete(fs: Any, inner: str, uri: str, retry_s: float | None) -> bool:
 
 
 def _transcode_batch(batch: dict[str, np.ndarray], out_dir: str, short_side: int, gop: int, crf: int,
-                     retry_s: float | None = None) -> dict[str, np.ndarray]:
+                     retry_s: float | None = None, witnesses: list[str] | None = None) -> dict[str, np.ndarray]:
     """One source video per row, with its windows (JSON [[start, end, output name], ...], NaN: the video's start
     or end): each output not already complete is written, in one decode of the source, into `out_dir`/videos: a
     local folder directly, a bucket through a local temporary folder (each output uploaded when it is complete).
@@ -247,7 +250,7 @@ def _transcode_batch(batch: dict[str, np.ndarray], out_dir: str, short_side: int
                 windows = [Window(a, b, Path(where) / "videos" / n) for a, b, n in todo]
                 try:
                     made = transcode_windows(str(path), windows, short_side=short_side, gop=gop, crf=crf,
-                                             retry_s=retry_s)
+                                             retry_s=retry_s, witnesses=witnesses or ())
                 except BadVideo as exc:
                     made = dict.fromkeys((w.dst for w in windows), exc)
                 for window, (_, _, n) in zip(windows, todo, strict=True):
@@ -360,7 +363,7 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
     t0 = time.perf_counter()
     ds = ray.data.from_arrow(blocks).map_batches(
         _transcode_batch, fn_kwargs={"out_dir": out, "short_side": short_side, "gop": gop, "crf": crf,
-                                     "retry_s": storage_retry_s},
+                                     "retry_s": storage_retry_s, "witnesses": witness_files(paths)},
         batch_size=None, batch_format="numpy", num_cpus=1, **placement)
     results: dict[str, dict[str, Any]] = {}
     shown = t0
