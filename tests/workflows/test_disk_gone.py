@@ -8,6 +8,7 @@ renames; the first tests use no Ray, the last ones the real Ray Data decoders an
 from __future__ import annotations
 
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -71,10 +72,11 @@ def test_witnesses_are_local_files_spread_over_the_corpus(tmp_path):
     assert witness_files(["s3://b/v.mp4", str(tmp_path / "gone.mp4")]) == []
 
 
-def test_a_disk_gone_for_a_while_is_waited_for_and_no_video_is_dropped(disk):
+def test_a_disk_gone_for_a_while_is_waited_for_and_no_video_is_dropped(disk, monkeypatch, capsys):
     paths = [str(disk / "clips" / f"{n}.mp4") for n in NAMES]
     drops: list = []
     expected = decode_batch(_batch(paths), _spec(30, paths[:2]), lambda *a: drops.append(a))
+    monkeypatch.setattr(video, "WAIT_NOTICE_S", 0.5)  # 10 s in a run
     returned = _unmount_for(disk, 1.5)
     started = time.monotonic()
     out = decode_batch(_batch(paths), _spec(30, paths[:2]), lambda *a: drops.append(a))
@@ -82,6 +84,10 @@ def test_a_disk_gone_for_a_while_is_waited_for_and_no_video_is_dropped(disk):
     assert drops == [], drops
     assert time.monotonic() - started >= 1.0  # it did wait for the disk
     np.testing.assert_array_equal(out["frames"], expected["frames"])
+    # said once, while it waited: a run whose steps stall says why
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: node {socket.gethostname()} is waiting for the disk holding {disk / 'clips'} (not there: the "
+        f"videos, e.g. {paths[0]}) (up to 30 s, data.storage_retry_s); the run goes on when it answers"]
 
 
 def test_a_disk_that_stays_away_fails_the_batch_naming_the_node_and_drops_nothing(disk):

@@ -66,7 +66,7 @@ def _gets(proxy: FaultyProxy, uri: str) -> int:
     return sum(1 for _, method, path in proxy.requests if method == "GET" and path.split("?")[0].endswith(key))
 
 
-def test_an_outage_is_waited_out_and_a_longer_one_is_not_a_bad_video(bucket, monkeypatch):
+def test_an_outage_is_waited_out_and_a_longer_one_is_not_a_bad_video(bucket, monkeypatch, capsys):
     proxy, uri, creds = bucket
     for name, value in creds.env().items():
         monkeypatch.setenv(name, value)
@@ -77,9 +77,14 @@ def test_an_outage_is_waited_out_and_a_longer_one_is_not_a_bad_video(bucket, mon
     # The endpoint goes away for 15 s just before the read, longer than the S3 SDK's own retries (~6 s here): the
     # read waits it out and decodes the same frames.
     resets = proxy.resets
+    capsys.readouterr()
     proxy.outage(15)
     assert np.array_equal(_read(uri), frames)
     assert proxy.resets > resets, "the outage never reset a connection: nothing was retried"
+    # past video.WAIT_NOTICE_S (10 s) the read says once what it waits for: a run whose steps stall says why
+    waiting = [line for line in capsys.readouterr().err.splitlines() if " is waiting for " in line]
+    assert len(waiting) == 1 and waiting[0].startswith("note: node ") and \
+        f"is waiting for the storage of {uri} to answer (" in waiting[0], waiting
 
     # Longer than the retry budget: the storage's problem, said as such, never a dropped video. The decoders'
     # batch function (what Ray Data runs) lets it through, so the batch fails instead of shrinking.

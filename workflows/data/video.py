@@ -127,8 +127,19 @@ STORAGE_RETRY_S = 120.0  # how long a read from a bucket is retried before the s
 # (the default of data.storage_retry_s, and what `data check` and `predict` wait)
 
 
+WAIT_NOTICE_S = 10.0  # a read still waiting for its storage after this long says so, once (a stalled run says why)
+
+
 class StorageUnreachable(OSError):
     """A bucket that did not answer for the retry budget: the run's problem, not the video's."""
+
+
+def _notice_wait(what: str, budget: float) -> None:
+    """One line on stderr (a decode task's reaches the driver's console through Ray) while a read waits."""
+    import sys
+
+    print(f"note: node {_node_address()} is waiting for {what} (up to {budget:.0f} s, data.storage_retry_s); "
+          f"the run goes on when it answers", file=sys.stderr, flush=True)
 
 
 def from_storage(path: str, fs: pafs.FileSystem, read: Callable[[], object],
@@ -140,12 +151,15 @@ def from_storage(path: str, fs: pafs.FileSystem, read: Callable[[], object],
     if isinstance(fs, pafs.LocalFileSystem):
         return read()
     budget = STORAGE_RETRY_S if retry_s is None else retry_s
-    started, pause = time.monotonic(), 0.5
+    started, pause, noticed = time.monotonic(), 0.5, False
     while True:
         try:
             return read()
         except OSError as exc:
             waited = time.monotonic() - started
+            if waited >= WAIT_NOTICE_S and not noticed and waited < budget:
+                noticed = True
+                _notice_wait(f"the storage of {path} to answer ({str(exc)[:200]})", budget)
             if waited >= budget:
                 raise StorageUnreachable(f"cannot {action} {path}: its storage did not answer for {waited:.0f} s "
                                          f"({exc}){storage_hint(path)}") from None
@@ -163,8 +177,12 @@ def wait_for_local_disk(path: str, witnesses: tuple[str, ...] | list[str], retry
     if not witnesses or any(os.path.exists(w) for w in witnesses):
         return False
     budget = STORAGE_RETRY_S if retry_s is None else retry_s
-    started, pause = time.monotonic(), 0.5
+    started, pause, noticed = time.monotonic(), 0.5, False
     while (waited := time.monotonic() - started) < budget:
+        if waited >= WAIT_NOTICE_S and not noticed:
+            noticed = True
+            _notice_wait(f"the disk holding {os.path.dirname(witnesses[0])} (not there: the videos, e.g. "
+                         f"{witnesses[0]})", budget)
         time.sleep(min(pause, budget - waited))
         pause = min(pause * 2, 5.0)
         if any(os.path.exists(w) for w in witnesses):
