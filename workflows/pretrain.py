@@ -432,8 +432,10 @@ def fit_through_storage_outages(make_trainer: Any, recipe: Recipe, wait_s: float
     raised as RunNotRestarted (waiting does not free space). Before each fit, a checkpoint registry Ray could not
     start from is moved aside (`set_aside_unusable_registry`)."""
     from workflows.checkpoints import set_aside_unusable_registry
+    from workflows.data.shared_disk import mark_run_dir
 
     relaunches, limit = 0, recipe.run.max_failures
+    mark_run_dir(recipe.run_dir)  # every worker, on whatever node, must see it (a node may join later)
     while True:
         note = set_aside_unusable_registry(recipe.run_dir)
         if note:

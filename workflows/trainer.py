@@ -187,7 +187,10 @@ class Trainer:
     def setup(self, checkpoint: Any = None) -> None:
         """Model, feeds, optimizer + schedule in a DeepSpeed engine, resume from `checkpoint` (a Ray Train
         Checkpoint or None), tracking."""
+        from workflows.data.shared_disk import check_run_dir_seen
+
         recipe = self.recipe
+        check_run_dir_seen(recipe.run_dir, recipe.data.storage_retry_s)  # this node writes checkpoints there
         seed_and_determinism(recipe.train.seed, recipe.train.deterministic)
         if recipe.train.deterministic:  # what the worker's torch now says, not what was asked
             self.log(f"train.deterministic: cudnn.deterministic {torch.backends.cudnn.deterministic}, "

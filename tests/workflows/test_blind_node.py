@@ -129,3 +129,30 @@ def test_decoders_that_land_on_the_node_wait_for_the_disk_and_drop_nothing(blind
     assert "has not seen any of the corpus's videos there for" in result, result
     assert "the disk that holds them is not mounted on this node, or went away" in result, result
     assert "DROPPED 0" in out, out[-2000:]
+
+
+def test_a_training_worker_there_would_stop_at_its_first_check_naming_the_node(blind, sample_data):
+    """The Train worker's first check (shared_disk.check_run_dir_seen), run on the blind node for a run directory
+    on the disk it does not see (made and marked on the head, as the run's driver does)."""
+    _, env, blind_id = blind
+    run_dir = Path(sample_data.train_manifest).parent / "videos" / "runs" / "it"
+    script = textwrap.dedent(f"""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        from workflows.data.shared_disk import check_run_dir_seen, mark_run_dir
+        ray.init()
+        mark_run_dir({str(run_dir)!r})
+        check = ray.remote(num_cpus=0)(check_run_dir_seen)
+        try:
+            ray.get(check.options(scheduling_strategy=NodeAffinitySchedulingStrategy({blind_id!r}, soft=False))
+                    .remote({str(run_dir)!r}, 1.0))
+            print("RESULT seen")
+        except ray.exceptions.RayTaskError as exc:
+            print("RESULT", str(exc).strip().splitlines()[-1])
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        ray.get(check.options(scheduling_strategy=here).remote({str(run_dir)!r}, 1.0))  # the head sees it: silent
+    """)
+    done = _run(env, "-c", script)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    assert f"does not see the run directory {run_dir} (its .dist-run-dir" in result, result

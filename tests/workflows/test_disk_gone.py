@@ -86,8 +86,8 @@ def test_a_disk_gone_for_a_while_is_waited_for_and_no_video_is_dropped(disk, mon
     np.testing.assert_array_equal(out["frames"], expected["frames"])
     # said once, while it waited: a run whose steps stall says why
     assert capsys.readouterr().err.splitlines() == [
-        f"note: node {socket.gethostname()} is waiting for the disk holding {disk / 'clips'} (not there: the "
-        f"videos, e.g. {paths[0]}) (up to 30 s, data.storage_retry_s); the run goes on when it answers"]
+        f"note: node {socket.gethostname()} is waiting for the disk holding {disk / 'clips'} (not there: "
+        f"{paths[0]}) (up to 30 s, data.storage_retry_s); the run goes on when it answers"]
 
 
 def test_a_disk_that_stays_away_fails_the_batch_naming_the_node_and_drops_nothing(disk):
@@ -176,3 +176,28 @@ def test_the_ray_decoders_wait_for_the_disk(ray_local, disk):
         returned.join()
         assert sorted(r["video_index"] for r in rows) == [0, 1, 2], build_in_the_outage
         assert get_drop_report("eval", epoch, name="test-disk-gone-drops").total_dropped == 0, build_in_the_outage
+
+
+def test_a_training_worker_that_does_not_see_the_run_directory_stops_naming_its_node(tmp_path):
+    """The run directory's marker, written where the run is started (fit_through_storage_outages): a Train worker
+    on a node without the shared disk would write its checkpoint shards into its own disk, so every checkpoint
+    would be partial. Its first check waits for the marker as for a lost mount, then fails naming the node."""
+    import torch
+
+    from workflows.data.shared_disk import RUN_DIR_MARKER, check_run_dir_seen, mark_run_dir
+    from workflows.recipe import load_recipe
+    from workflows.trainer import Trainer
+
+    smoke = Path(__file__).parents[2] / "workflows" / "configs" / "smoke.yaml"
+    recipe = load_recipe(smoke, [f"run.storage_path={tmp_path / 'runs'}", "run.name=it", "data.storage_retry_s=0.5"],
+                         check_files=False)
+    trainer = Trainer(recipe, rank=1, world=2, device=torch.device("cpu"))
+    with pytest.raises(StorageUnreachable, match=rf"node \S+ does not see the run directory {recipe.run_dir} \(its "
+                                                 rf"{RUN_DIR_MARKER}, written where the run was started, is not "
+                                                 r"there\): its checkpoints would land on the node's own disk"):
+        trainer.setup()
+    mark_run_dir(recipe.run_dir)
+    started = time.monotonic()
+    check_run_dir_seen(recipe.run_dir, 30)  # there: at once
+    assert time.monotonic() - started < 1
+    check_run_dir_seen("s3://bucket/runs/it", 30)  # a bucket is every node's

@@ -14,9 +14,36 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from workflows.data.video import StorageUnreachable, node_address, wait_for_local_disk
 from workflows.runtime import is_remote
 
 NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node: a task selecting it runs on that node alone
+# Written into a local run directory where the run is started; every training worker looks for it at its start.
+RUN_DIR_MARKER = ".dist-run-dir"
+
+
+def mark_run_dir(run_dir: str) -> None:
+    """Where a run (or a sweep's trial) is started: the marker its workers must see in a local run directory."""
+    if not is_remote(run_dir):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / RUN_DIR_MARKER).write_text("the training workers of this run look for this file\n")
+
+
+def check_run_dir_seen(run_dir: str, retry_s: float | None = None) -> None:
+    """A training worker's first check: a local run directory is the one its run was started in (a node that joined
+    later without the shared disk would write its checkpoint shards into its own disk, and every checkpoint would
+    be partial). Waited for as a lost mount for `retry_s`, then StorageUnreachable naming this node."""
+    if is_remote(run_dir):
+        return
+    marker = os.path.join(run_dir, RUN_DIR_MARKER)
+    try:
+        wait_for_local_disk(marker, [marker], retry_s)
+    except StorageUnreachable:
+        raise StorageUnreachable(
+            f"node {node_address()} does not see the run directory {run_dir} (its {RUN_DIR_MARKER}, written where "
+            f"the run was started, is not there): its checkpoints would land on the node's own disk. Mount that "
+            f"disk at the same path on every node, or put run.storage_path in a bucket (s3://...; cluster/README.md, "
+            f"\"No shared disk\")") from None
 
 
 def where_tasks_see(local: list[tuple[str, str]]) -> tuple[dict[str, Any], int, str]:

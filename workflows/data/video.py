@@ -138,7 +138,7 @@ def _notice_wait(what: str, budget: float) -> None:
     """One line on stderr (a decode task's reaches the driver's console through Ray) while a read waits."""
     import sys
 
-    print(f"note: node {_node_address()} is waiting for {what} (up to {budget:.0f} s, data.storage_retry_s); "
+    print(f"note: node {node_address()} is waiting for {what} (up to {budget:.0f} s, data.storage_retry_s); "
           f"the run goes on when it answers", file=sys.stderr, flush=True)
 
 
@@ -181,20 +181,19 @@ def wait_for_local_disk(path: str, witnesses: tuple[str, ...] | list[str], retry
     while (waited := time.monotonic() - started) < budget:
         if waited >= WAIT_NOTICE_S and not noticed:
             noticed = True
-            _notice_wait(f"the disk holding {os.path.dirname(witnesses[0])} (not there: the videos, e.g. "
-                         f"{witnesses[0]})", budget)
+            _notice_wait(f"the disk holding {os.path.dirname(witnesses[0])} (not there: {witnesses[0]})", budget)
         time.sleep(min(pause, budget - waited))
         pause = min(pause * 2, 5.0)
         if any(os.path.exists(w) for w in witnesses):
             return True
     raise StorageUnreachable(
-        f"cannot read {path}: node {_node_address()} has not seen any of the corpus's videos there for "
+        f"cannot read {path}: node {node_address()} has not seen any of the corpus's videos there for "
         f"{time.monotonic() - started:.0f} s (e.g. {witnesses[0]}): the disk that "
         f"holds them is not mounted on this node, or went away. Mount it at the same path on every node, or put "
         f"the videos in a bucket (`data upload`, cluster/README.md, \"No shared disk\")")
 
 
-def _node_address() -> str:
+def node_address() -> str:
     """This Ray node's address (the host name outside Ray)."""
     try:
         import ray
