@@ -24,9 +24,10 @@ RUN_DIR_MARKER = ".dist-run-dir"
 
 def mark_run_dir(run_dir: str) -> None:
     """Where a run (or a sweep's trial) is started: the marker its workers must see in a local run directory."""
-    if not is_remote(run_dir):
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / RUN_DIR_MARKER).write_text("the training workers of this run look for this file\n")
+    marker = Path(run_dir) / RUN_DIR_MARKER
+    if not is_remote(run_dir) and not marker.exists():  # written once: a relaunch onto a full disk writes nothing
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("the training workers of this run look for this file\n")
 
 
 def check_run_dir_seen(run_dir: str, retry_s: float | None = None) -> None:
