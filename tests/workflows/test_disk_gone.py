@@ -8,7 +8,6 @@ renames; the first tests use no Ray, the last ones the real Ray Data decoders an
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -86,7 +85,7 @@ def test_a_disk_gone_for_a_while_is_waited_for_and_no_video_is_dropped(disk, mon
     np.testing.assert_array_equal(out["frames"], expected["frames"])
     # said once, while it waited: a run whose steps stall says why
     assert capsys.readouterr().err.splitlines() == [
-        f"note: node {socket.gethostname()} is waiting for the disk holding {disk / 'clips'} (not there: "
+        f"note: node {video.node_address()} is waiting for the disk holding {disk / 'clips'} (not there: "
         f"{paths[0]}) (up to 30 s, data.storage_retry_s); the run goes on when it answers"]
 
 
