@@ -242,8 +242,10 @@ def _label_set(request: EvalRequest, recipe: Recipe,
 
 
 def _manifest(manifest_path: str | None, label_map: dict[str, int], labels_source: str) -> Any:
-    """The videos to evaluate (--manifest, else data.val_manifest), every label checked against the label set."""
+    """The videos to evaluate (--manifest, else data.val_manifest), every label checked against the label set, and
+    its local videos there at all (`check_videos_reachable`)."""
     from workflows.data.manifest import ManifestError, load_manifest
+    from workflows.data.shared_disk import check_videos_reachable
 
     if not manifest_path:
         raise ConfigError("no manifest to evaluate: pass --manifest or set data.val_manifest")
@@ -254,6 +256,7 @@ def _manifest(manifest_path: str | None, label_map: dict[str, int], labels_sourc
         raise ManifestError(f"manifest {manifest_path}: {len(manifest.unknown_labels)} label(s) not in the label "
                             f"set ({len(label_map)} classes, from {labels_source}): {shown}. Evaluate with a label "
                             f"file that names every class of the manifest (--labels)")
+    check_videos_reachable(manifest, "manifest")
     return manifest
 
 

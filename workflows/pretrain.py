@@ -122,6 +122,7 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
     checkpoints (`warn_space`: also warn when the disk cannot hold what the run keeps). Returns the number of
     training videos (what the run's length is counted from)."""
     from workflows.data.manifest import check_output_folder, class_names, load_labels, load_manifest
+    from workflows.data.shared_disk import check_videos_reachable
     from workflows.feeds import validation_videos
     from workflows.inference import scoring_warnings
     from workflows.optim import build_deepspeed_config
@@ -297,7 +298,6 @@ def check_storage_answers(run_dir: str) -> None:
                           f"{redact_secrets(str(exc))}{storage_hint(run_dir)}") from None
 
 
-VIDEOS_PROBED = 64
 _WARNED: set[str] = set()
 
 
@@ -307,23 +307,6 @@ def warn_once(line: str, file: Any = None) -> None:
     if line not in _WARNED:
         _WARNED.add(line)
         print(line, file=file or sys.stderr, flush=True)
-
-
-def check_videos_reachable(manifest: Any, key: str) -> None:
-    """Fail when none of up to VIDEOS_PROBED local videos of a manifest, spread over it, exists: a manifest moved
-    away from its videos, or paths relative to another folder. Some missing videos are the data pipeline's to count
-    and drop (data.max_bad_fraction); videos in a bucket are not probed here."""
-    from workflows.data.manifest import resolve_filesystem
-
-    paths = manifest.table.column("path").to_pylist()
-    local = [resolve_filesystem(p)[1] for p in paths if not is_remote(p) or p[:5].lower() == "file:"]
-    if not local:
-        return
-    probe = local[:: max(1, len(local) // VIDEOS_PROBED)][:VIDEOS_PROBED]
-    if not any(Path(p).is_file() for p in probe):
-        raise ConfigError(f"{key} {manifest.source}: none of the {len(probe)} videos checked exists (e.g. {probe[0]}). "
-                          "Relative paths in a manifest resolve against the manifest's own folder: keep the manifest "
-                          "beside its videos, or write absolute paths (`data check` reports every missing one)")
 
 
 def check_model_weights(recipe: Recipe) -> None:

@@ -93,6 +93,12 @@ def test_clear_errors_before_any_ray_work(run_dir: Path, video_dir: Path, tmp_pa
     assert "error: --out" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--out .*lies below the file"):
         plan_evaluation(EvalRequest(checkpoint=str(run_dir), out=str(tmp_path / "a_file" / "eval")))
+    # A manifest moved away from its videos (relative paths): said here, as pretrain says it, not after the
+    # decoders waited data.storage_retry_s for a disk that never went away.
+    shutil.copy(video_dir / "good.csv", tmp_path / "moved.csv")
+    assert evaluate_main(["--checkpoint", str(run_dir), "--manifest", str(tmp_path / "moved.csv")]) == 2
+    assert "manifest " + str(tmp_path / "moved.csv") + ": none of the 5 videos checked exists (e.g. " in \
+        capsys.readouterr().err
 
 
 @pytest.fixture
@@ -214,7 +220,7 @@ def test_clips_of_one_file_are_also_scored_as_the_file(run_dir: Path, video_dir:
     from workflows.metrics import VideoScores
 
     clips = tmp_path / "clips.csv"
-    wide, tall, mid = (str(video_dir / f"{name}.mp4") for name in ("wide", "tall", "mid"))
+    wide, tall, mid = (str(video_dir / "clips" / f"{name}.mp4") for name in ("wide", "tall", "mid"))
     write_manifest([{"path": wide, "label": "cls0", "start": 0.0, "end": 1.0},
                     {"path": wide, "label": "cls0", "start": 1.0, "end": 2.5},
                     {"path": wide, "label": "cls0", "start": 2.5, "end": 4.0},  # dropped below

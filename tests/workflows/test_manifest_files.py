@@ -154,7 +154,8 @@ def test_a_kinetics_csv_saved_with_a_byte_order_mark_keeps_its_labels(tmp_path) 
 
 def test_the_driver_warns_once_about_repeated_rows_and_probes_file_uri_rows(tmp_path, capsys) -> None:
     from workflows.data.sample import write_sample_dataset
-    from workflows.pretrain import check_videos_reachable, validate_before_start
+    from workflows.data.shared_disk import check_videos_reachable
+    from workflows.pretrain import validate_before_start
     from workflows.recipe import load_recipe
 
     sample_data = write_sample_dataset(tmp_path / "sample", videos_per_class=2, size=32, num_frames=8, workers=1)

@@ -109,9 +109,29 @@ def first_local_file(paths: list[str], tries: int = 100) -> list[str]:
 
 
 def spread_local_paths(paths: list[str], tries: int = 30) -> list[str]:
-    """The local ones of `tries` of `paths` spread over the whole list (the first included)."""
+    """Of `tries` of `paths` spread over the whole list (the first included), the local ones, as paths on this
+    machine (a file: URI resolved)."""
+    from workflows.data.manifest import resolve_filesystem
+
     step = max(1, len(paths) // tries)
-    return [p for p in paths[::step][:tries] if not is_remote(p)]
+    return [resolve_filesystem(p)[1] for p in paths[::step][:tries] if not is_remote(p) or p[:5].lower() == "file:"]
+
+
+VIDEOS_PROBED = 64
+
+
+def check_videos_reachable(manifest: Any, key: str) -> None:
+    """ConfigError when none of up to VIDEOS_PROBED local videos of a manifest, spread over it, exists here: a
+    manifest moved away from its videos, or paths relative to another folder (before any work: the decoders would
+    otherwise wait for a disk that is not gone). Some missing videos are the data pipeline's to count and drop
+    (data.max_bad_fraction); videos in a bucket are not probed here."""
+    from workflows.config_loader import ConfigError
+
+    probe = spread_local_paths(manifest.table.column("path").to_pylist(), VIDEOS_PROBED)
+    if probe and not any(os.path.isfile(p) for p in probe):
+        raise ConfigError(f"{key} {manifest.source}: none of the {len(probe)} videos checked exists (e.g. {probe[0]}). "
+                          "Relative paths in a manifest resolve against the manifest's own folder: keep the manifest "
+                          "beside its videos, or write absolute paths (`data check` reports every missing one)")
 
 
 def witness_files(paths: list[str], count: int = 3, tries: int = 30) -> list[str]:
