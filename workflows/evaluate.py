@@ -382,9 +382,9 @@ def decoded_where_seen(data: Any, manifest: Any) -> Any:
     """The data section, its decoders kept on this node (its `ray.io/node-id` label) when the manifest's videos are
     local and another node of the cluster does not see them (`shared_disk.where_tasks_see`: there each would count
     as missing), said in a note. Only the decoders read the files; the scorers may run anywhere."""
-    from workflows.data.shared_disk import first_local_file, where_tasks_see
+    from workflows.data.shared_disk import where_tasks_see, witness_files
 
-    local = [("the videos, e.g.", p) for p in first_local_file(manifest.table.column("path").to_pylist())]
+    local = [("the videos, e.g.", p) for p in witness_files(manifest.table.column("path").to_pylist(), count=1)]
     placement, _, note = where_tasks_see(local)
     if not placement:
         return data

@@ -196,7 +196,7 @@ def check_nodes_see_local_paths(recipe: Recipe, run_dir: str | None = None) -> N
     import ray
 
     from workflows.data.manifest import load_manifest
-    from workflows.data.shared_disk import first_local_file, nodes_that_see
+    from workflows.data.shared_disk import nodes_that_see, witness_files
     from workflows.runtime import node_matches
 
     selectors = [label_selector(recipe.scaling.worker_node_label), recipe.data.node_label_selector()]
@@ -208,7 +208,7 @@ def check_nodes_see_local_paths(recipe: Recipe, run_dir: str | None = None) -> N
     local = []
     for key in ("train_manifest", "val_manifest"):
         paths = load_manifest(getattr(recipe.data, key), None, strict=False).table.column("path").to_pylist()
-        local += [(f"data.{key}'s videos, e.g.", path) for path in first_local_file(paths)]
+        local += [(f"data.{key}'s videos, e.g.", path) for path in witness_files(paths, count=1)]
     run_dir = run_dir or recipe.run_dir
     if not is_remote(run_dir):
         Path(run_dir).mkdir(parents=True, exist_ok=True)

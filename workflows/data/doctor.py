@@ -19,7 +19,7 @@ from workflows.data.data_config import DataConfig
 from workflows.data.drops import MAX_EXAMPLES
 from workflows.data.manifest import load_labels, load_manifest
 from workflows.data.pipeline import manifest_blocks
-from workflows.data.shared_disk import first_local_file, where_tasks_see, witness_files
+from workflows.data.shared_disk import where_tasks_see, witness_files
 from workflows.data.video import DROP_REASONS, BadVideo, StorageUnreachable, read_frames
 
 UNREACHABLE = "unreachable"  # a row's reason when its storage did not answer: not one of DROP_REASONS
@@ -116,8 +116,8 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
     loaded = load_manifest(manifest, label_map, strict=False)
     table = loaded.table.select(["video_index", "path", "start", "end"])
     # local videos on a cluster whose other nodes do not see them: read here alone, or they would count as missing
-    paths = table.column("path").to_pylist()
-    placement, cpus, note = where_tasks_see([("the videos, e.g.", p) for p in first_local_file(paths)])
+    witnesses = witness_files(table.column("path").to_pylist())  # the first is what the nodes are asked
+    placement, cpus, note = where_tasks_see([("the videos, e.g.", p) for p in witnesses[:1]])
     if note:  # on stderr: with --json, stdout holds the report alone
         print(f"note: {note}", file=sys.stderr, flush=True)
     cpus = max(1, int(parallelism or cpus))
@@ -125,7 +125,7 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
     ds = ray.data.from_arrow(manifest_blocks(table, max(1, math.ceil(table.num_rows / (4 * cpus)))))
     ds = ds.map_batches(_check_batch, fn_kwargs={"num_frames": num_frames, "min_frames": min_frames,
                                                  "storage_retry_s": storage_retry_s,
-                                                 "witnesses": witness_files(paths)},
+                                                 "witnesses": witnesses},
                         batch_size=None, batch_format="numpy", num_cpus=1, **placement)
     rows: list[dict[str, Any]] = []
     last = t0

@@ -102,12 +102,6 @@ def nodes_that_see(paths: list[str], nodes: list[str], timeout_s: float = 60.0) 
     return {node for node, yes in answers.items() if yes}
 
 
-def first_local_file(paths: list[str], tries: int = 100) -> list[str]:
-    """The first of `paths` (of its first `tries`) that is a local file here, as a list of at most one: what to ask
-    the nodes about a manifest's videos (a missing one would ask nothing)."""
-    return [p for p in paths[:tries] if not is_remote(p) and os.path.isfile(p)][:1]
-
-
 def spread_local_paths(paths: list[str], tries: int = 30) -> list[str]:
     """Of `tries` of `paths` spread over the whole list (the first included), the local ones, as paths on this
     machine (a file: URI resolved)."""
@@ -137,7 +131,8 @@ def check_videos_reachable(manifest: Any, key: str) -> None:
 def witness_files(paths: list[str], count: int = 3, tries: int = 30) -> list[str]:
     """Up to `count` of `paths` that are local files here, taken from `tries` of them spread over the whole list
     (one deleted folder does not take them all): what a decoder that finds a local video missing looks at to tell a
-    missing video from a disk that is not there (`video.wait_for_local_disk`)."""
+    missing video from a disk that is not there (`video.wait_for_local_disk`), and (the first) what the nodes are
+    asked about a manifest's videos (a missing one would ask nothing)."""
     return [p for p in spread_local_paths(paths, tries) if os.path.isfile(p)][:count]
 
 

@@ -38,7 +38,7 @@ from workflows.data.manifest import (
     write_manifest,
 )
 from workflows.data.sampling import last_frame_end
-from workflows.data.shared_disk import first_local_file, where_tasks_see, witness_files
+from workflows.data.shared_disk import where_tasks_see, witness_files
 from workflows.data.upload import upload_file
 from workflows.data.video import BadVideo, from_storage, probe, probe_source
 from workflows.runtime import is_remote, storage_of
@@ -354,7 +354,8 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
     outputs = sum(len(w) for w in windows.values())
     if not is_remote(out):
         Path(out).mkdir(parents=True, exist_ok=True)  # made now: the nodes are asked whether they see it
-    local = [("--out", out)] + [("the videos, e.g.", p) for p in first_local_file(paths)]
+    witnesses = witness_files(paths)  # the first is what the nodes are asked; all, what a task missing one checks
+    local = [("--out", out)] + [("the videos, e.g.", p) for p in witnesses[:1]]
     placement, cpus, note = where_tasks_see(local)
     rows_per_block = max(1, -(-work.num_rows // (4 * cpus)))
     blocks = [work.slice(i, rows_per_block) for i in range(0, work.num_rows, rows_per_block)]
@@ -363,7 +364,7 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
     t0 = time.perf_counter()
     ds = ray.data.from_arrow(blocks).map_batches(
         _transcode_batch, fn_kwargs={"out_dir": out, "short_side": short_side, "gop": gop, "crf": crf,
-                                     "retry_s": storage_retry_s, "witnesses": witness_files(paths)},
+                                     "retry_s": storage_retry_s, "witnesses": witnesses},
         batch_size=None, batch_format="numpy", num_cpus=1, **placement)
     results: dict[str, dict[str, Any]] = {}
     shown = t0
