@@ -29,6 +29,7 @@ from workflows.runtime import (
     node_resources,
     parse_node_label,
     ray_started_here,
+    without_nodes,
 )
 
 POLL_S = 5.0  # how often the alive nodes are checked while waiting (the autoscaler itself updates every 5 s)
@@ -312,6 +313,9 @@ def check_capacity(recipe: Recipe, log_prefix: str = "[pretrain]", cluster: Clus
     when the cluster is short, prints where decoding runs, and returns the recipe with the resolved label
     ("key=value" or "any"): that recipe is what the workers must get."""
     cluster = cluster or Cluster()
+    if recipe.scaling.exclude_nodes:  # nodes the run keeps off do not count
+        listed = cluster.nodes
+        cluster = dataclasses.replace(cluster, nodes=lambda: without_nodes(listed(), recipe.scaling.exclude_nodes))
     wait_s = float(recipe.scaling.wait_for_nodes_s)
     nodes = cluster.nodes()
     try:

@@ -149,19 +149,23 @@ def kv_put(key: bytes, value: dict[str, Any], overwrite: bool = True) -> bool:
 _COLLECTIVE_ERROR = re.compile(r"gloo|NCCL|DistBackendError|DistNetworkError")
 
 
-def note_failure(run_dir: str, rank: int, exc: BaseException, restartable: bool = True) -> None:
+def note_failure(run_dir: str, rank: int, exc: BaseException, restartable: bool = True,
+                 blind_node: str | None = None) -> None:
     """Why a worker group is about to fail, for the next group's restart line (`take_failure`): the first error
     raised on any rank; the others' errors come after it and are not the cause. A worker or node that dies without
     raising leaves none, and neither do the collectives it leaves failing on the other ranks. `restartable=False`:
     an error a restart cannot fix (a corpus over its bad-video limit); the next group ends at once instead of
-    training into it again (`unrestartable_failure`)."""
+    training into it again (`unrestartable_failure`). `blind_node`: the id of the node the error says does not see
+    the shared disk, for the driver to leave out (`blind_node_failure`)."""
     from workflows.runtime import root_cause
 
     what = root_cause(exc)
     if _COLLECTIVE_ERROR.search(what):  # a peer is gone: said as a lost worker unless that peer recorded more
         return
     what = what if len(what) <= 200 else what[:197] + "..."
-    reason = {"reason": f"rank {rank} failed: {what}"}
+    reason: dict[str, Any] = {"reason": f"rank {rank} failed: {what}"}
+    if blind_node:
+        reason["blind_node"] = blind_node
     try:
         kv_put(kv_key(run_dir, "failure"), reason, overwrite=False)
         if not restartable:
@@ -184,6 +188,18 @@ def unrestartable_failure(run_dir: str) -> str | None:
     """The reason of a failure a restart cannot fix, recorded by a worker of this run (None: none). Read by each
     worker of a (re)started group before it builds anything: such a group returns at once."""
     return (kv_get(kv_key(run_dir, "unrestartable")) or {}).get("reason")
+
+
+def blind_node_failure(run_dir: str) -> tuple[str, str] | None:
+    """(node id, reason) when this run's workers stopped because a node does not see the shared disk (recorded by
+    `note_failure` as a failure a restart cannot fix); None otherwise. Left in place: `forget_unrestartable_failure`
+    removes it."""
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_initialized():  # no Ray here, so no workers either
+        return None
+    record = kv_get(kv_key(run_dir, "unrestartable")) or {}
+    return (record["blind_node"], record["reason"]) if record.get("blind_node") else None
 
 
 def forget_unrestartable_failure(run_dir: str) -> None:

@@ -159,7 +159,8 @@ class ClipFeeds:
         return build_clip_dataset(
             self.data_cfg, self.train_manifest, self.label_map, split="train", num_frames=self.num_frames,
             crop_size=self.crop, num_views=self.recipe.data.train_views, seed=self.recipe.train.seed, epoch=epoch,
-            counter_split="train", positions=positions, augment_seed=augment_seed)
+            counter_split="train", positions=positions, augment_seed=augment_seed,
+            avoid_nodes=self.recipe.scaling.exclude_nodes)
 
     def _iterate(self, ds: Any, shuffle_key: tuple[int, ...]) -> Iterator[dict[str, torch.Tensor]]:
         """A dataset's clips in micro-batches (the last may be partial), through the local shuffle buffer."""
@@ -183,7 +184,7 @@ class ClipFeeds:
         ds = build_clip_dataset(
             self.data_cfg, self.val_manifest, self.label_map, split="eval", num_frames=self.num_frames,
             crop_size=self.crop, num_views=ev.views, seed=self.recipe.train.seed, epoch=0, counter_split="val",
-            shard=(self.rank, self.world),
+            shard=(self.rank, self.world), avoid_nodes=self.recipe.scaling.exclude_nodes,
         )
         cache: list[dict[str, torch.Tensor]] | None = [] if ev.cache_val_clips else None
         size = 0

@@ -20,6 +20,7 @@ from workflows.config_loader import ConfigError, config_parser, dump_yaml
 from workflows.console import quiet_forwarded_ray_lines, quiet_ray_console, recipe_summary, train_logging_config
 from workflows.elastic import (
     RunNotRestarted,
+    blind_node_failure,
     forget_unrestartable_failure,
     grow_checkpoint_callback,
     kv_key,
@@ -40,6 +41,7 @@ from workflows.relaunch import RELAUNCHED, Relaunch, relaunch_changes
 from workflows.run_lock import claim_run_directory
 from workflows.runtime import (
     CHECKPOINT_WOULD_NOT_FIT,
+    avoiding,
     compile_toolchain_problem,
     ensure_ray,
     free_bytes,
@@ -85,7 +87,7 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     scaling = recipe.scaling
     resources = worker_bundle(recipe)
-    selector = label_selector(scaling.worker_node_label)
+    selector = avoiding(label_selector(scaling.worker_node_label), scaling.exclude_nodes)
     workers: int | tuple[int, int] = (scaling.min_workers, scaling.max_workers) if scaling.elastic else \
         scaling.min_workers
     if scaling.elastic:  # the running group checkpoints before Ray Train grows it
@@ -187,36 +189,49 @@ def check_best_metric(recipe: Recipe, validated: Manifest) -> None:
                           f"or cut the validation videos into clips (`workflows data clips`)")
 
 
-def check_nodes_see_local_paths(recipe: Recipe, run_dir: str | None = None) -> None:
-    """On a cluster of several nodes, what the run reads and writes at local paths (the manifests' videos, the run
-    directory, or `run_dir` (a sweep's), a CLIP or init_from file) must be the same files on every node its workers
-    or decoders may use (a shared disk), or their reads find no video (each counted missing) and their checkpoints
-    land on their own disks. Each such node is asked (`shared_disk.nodes_that_see`); ConfigError naming those that
-    do not see them, before any training work. On the driver's node alone there is nothing to ask."""
-    import ray
-
+def shared_local_paths(recipe: Recipe, run_dir: str | None = None) -> list[tuple[str, str]]:
+    """(what, path) of what the run reads and writes at local paths, which every node its workers or decoders use
+    must see as the same files (a shared disk): a video of each manifest, the run directory (or `run_dir`, a
+    sweep's), a CLIP or init_from file. Bucket URIs are left out."""
     from workflows.data.manifest import load_manifest
-    from workflows.data.shared_disk import nodes_that_see, witness_files
-    from workflows.runtime import node_matches
+    from workflows.data.shared_disk import witness_files
 
-    selectors = [label_selector(recipe.scaling.worker_node_label), recipe.data.node_label_selector()]
-    used = [n for n in ray.nodes() if n.get("Alive") and any(node_matches(n, s) for s in selectors)]
-    here = ray.get_runtime_context().get_node_id()
-    others = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in used if n["NodeID"] != here}
-    if not others:
-        return
     local = []
     for key in ("train_manifest", "val_manifest"):
         paths = load_manifest(getattr(recipe.data, key), None, strict=False).table.column("path").to_pylist()
         local += [(f"data.{key}'s videos, e.g.", path) for path in witness_files(paths, count=1)]
     run_dir = run_dir or recipe.run_dir
     if not is_remote(run_dir):
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
         local.append(("the run directory", run_dir))
     for key, path in (("model.clip_pretrained", recipe.model_cfg.clip_pretrained),
                       ("train.init_from", recipe.train.init_from)):
         if path and not is_remote(path) and os.path.exists(path):
             local.append((key, path))
+    return local
+
+
+def check_nodes_see_local_paths(recipe: Recipe, run_dir: str | None = None) -> None:
+    """On a cluster of several nodes, what the run reads and writes at local paths (`shared_local_paths`) must be
+    the same files on every node its workers or decoders may use (a shared disk), or their reads find no video and
+    their checkpoints land on their own disks. Each such node (less scaling.exclude_nodes) is asked
+    (`shared_disk.nodes_that_see`); ConfigError naming those that do not see them, before any training work. On the
+    driver's node alone there is nothing to ask."""
+    import ray
+
+    from workflows.data.shared_disk import nodes_that_see
+    from workflows.runtime import node_matches, without_nodes
+
+    selectors = [label_selector(recipe.scaling.worker_node_label), recipe.data.node_label_selector()]
+    used = [n for n in without_nodes(ray.nodes(), recipe.scaling.exclude_nodes)
+            if n.get("Alive") and any(node_matches(n, s) for s in selectors)]
+    here = ray.get_runtime_context().get_node_id()
+    others = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in used if n["NodeID"] != here}
+    if not others:
+        return
+    run_dir = run_dir or recipe.run_dir
+    if not is_remote(run_dir):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    local = shared_local_paths(recipe, run_dir)
     if not local:
         return
     blind = sorted(set(others) - nodes_that_see([path for _, path in local], list(others)))
@@ -228,7 +243,8 @@ def check_nodes_see_local_paths(recipe: Recipe, run_dir: str | None = None) -> N
             f"see the local paths it reads and writes ({named}): there each video would count as missing and "
             f"checkpoints would land on the node's own disk. On a cluster without a shared disk put the data and "
             f"run.storage_path in a bucket (`data upload DIR s3://...`, run.storage_path: s3://...; cluster/README.md, "
-            f"\"No shared disk\"), or mount one disk at the same path on every node")
+            f"\"No shared disk\"), or mount one disk at the same path on every node, or leave those nodes out: "
+            f"--set 'scaling.exclude_nodes=[{','.join(blind)}]'")
 
 
 def check_free_space(recipe: Recipe, warn: bool = True) -> None:
@@ -409,11 +425,16 @@ def wait_for_storage(run_dir: str, timeout_s: float = STORAGE_WAIT_S, probe_s: f
 
 
 def fit_through_storage_outages(make_trainer: Any, recipe: Recipe, wait_s: float = STORAGE_WAIT_S) -> Any:
-    """`make_trainer().fit()`, fitted again (a new trainer of the same run, which resumes from its newest complete
-    checkpoint) when the Train controller failed on a storage write, after the storage answers again; at most
-    run.max_failures times. Any other failure, or storage still away after `wait_s`, is raised; a full disk is
-    raised as RunNotRestarted (waiting does not free space). Before each fit, a checkpoint registry Ray could not
-    start from is moved aside (`set_aside_unusable_registry`)."""
+    """`make_trainer(recipe).fit()`, fitted again (a new trainer of the same run, which resumes from its newest
+    complete checkpoint) at most run.max_failures times:
+
+    - when the Train controller failed on a storage write, after the storage answers again;
+    - when the workers stopped because a node does not see the shared disk (`blind_node_failure`): without that
+      node (`leave_out_blind_node`), or after the disk is back when this node does not see it either.
+
+    Any other failure, or storage still away after `wait_s`, is raised; a full disk is raised as RunNotRestarted
+    (waiting does not free space). Before each fit, a checkpoint registry Ray could not start from is moved aside
+    (`set_aside_unusable_registry`)."""
     from workflows.checkpoints import set_aside_unusable_registry
     from workflows.data.shared_disk import mark_run_dir
 
@@ -424,24 +445,107 @@ def fit_through_storage_outages(make_trainer: Any, recipe: Recipe, wait_s: float
         if note:
             print(f"{LOG_PREFIX} {note}", flush=True)
         try:
-            return make_trainer().fit()
+            result, failed = make_trainer(recipe).fit(), None
         except Exception as exc:
-            failure = storage_failure(exc)
-            where = redact_secrets(recipe.run_dir)
-            if failure is not None and is_disk_full(str(failure)):  # (a worker's record of it is cleared, or
-                # outdone by the relaunch's own, at the next launch)
-                raise RunNotRestarted(f"the Train controller could not write to {where}: "
-                                      f"{redact_secrets(str(failure))}") from exc
-            if failure is None or 0 <= limit <= relaunches:  # -1: no limit, as Ray Train's FailureConfig reads it
-                raise
+            result, failed = None, exc
+        spent = 0 <= limit <= relaunches  # -1: no limit, as Ray Train's FailureConfig reads it
+        blind = blind_node_failure(recipe.run_dir)
+        if blind is not None and not spent:
             relaunches += 1
-            of = f"of {limit}" if limit >= 0 else "of unlimited"
-            print(f"{LOG_PREFIX} the Train controller could not write to {where} ({redact_secrets(str(failure))}); "
-                  f"waiting up to {wait_s:.0f} s for the storage, then resuming the run from its newest complete "
-                  f"checkpoint (relaunch {relaunches} {of}, run.max_failures)", flush=True)
-            if not wait_for_storage(recipe.run_dir, wait_s):
-                raise
-            print(f"{LOG_PREFIX} {where} answers again: relaunching the run", flush=True)
+            recipe = leave_out_blind_node(recipe, *blind, f"relaunch {relaunches} of {_limit_text(limit)}", wait_s)
+            continue
+        if failed is None:
+            return result  # (a group that ended on a failure a restart cannot fix: raise_if_not_restarted says why)
+        failure = storage_failure(failed)
+        where = redact_secrets(recipe.run_dir)
+        if failure is not None and is_disk_full(str(failure)):  # (a worker's record of it is cleared, or
+            # outdone by the relaunch's own, at the next launch)
+            raise RunNotRestarted(f"the Train controller could not write to {where}: "
+                                  f"{redact_secrets(str(failure))}") from failed
+        if failure is None or spent:
+            raise failed
+        relaunches += 1
+        print(f"{LOG_PREFIX} the Train controller could not write to {where} ({redact_secrets(str(failure))}); "
+              f"waiting up to {wait_s:.0f} s for the storage, then resuming the run from its newest complete "
+              f"checkpoint (relaunch {relaunches} of {_limit_text(limit)}, run.max_failures)", flush=True)
+        if not wait_for_storage(recipe.run_dir, wait_s):
+            raise failed
+        print(f"{LOG_PREFIX} {where} answers again: relaunching the run", flush=True)
+
+
+def _limit_text(limit: int) -> str:
+    return str(limit) if limit >= 0 else "unlimited"
+
+
+def local_paths_gone(recipe: Recipe) -> list[str]:
+    """What this node does not see of the run's local paths: the run directory, and for each manifest of local
+    videos, one of them when none of a sample spread over it is there (a missing video or two is not a disk
+    gone). Empty when it sees them all."""
+    from workflows.data.manifest import load_manifest
+    from workflows.data.shared_disk import spread_local_paths
+
+    gone = [] if is_remote(recipe.run_dir) or os.path.isdir(recipe.run_dir) else [recipe.run_dir]
+    for manifest in (recipe.data.train_manifest, recipe.data.val_manifest):
+        try:
+            paths = load_manifest(manifest, None, strict=False).table.column("path").to_pylist()
+        except OSError:  # the manifest was on that disk too (a bucket's that does not answer: not this question)
+            gone += [] if is_remote(manifest) else [manifest]
+            continue
+        sample = spread_local_paths(paths)[:5]
+        if sample and not any(os.path.isfile(path) for path in sample):
+            gone.append(sample[0])
+    return gone
+
+
+def leave_out_blind_node(recipe: Recipe, node: str, reason: str, relaunch: str, wait_s: float) -> Recipe:
+    """After the workers stopped because node `node` (a Ray node id) does not see the shared disk (`reason`, the
+    failing rank's error): the recipe to fit the run again with, from its newest complete checkpoint.
+
+    - This node does not see the run's local paths either: the disk itself went away. It is waited for up to
+      `wait_s`, and the run goes on on the same nodes.
+    - That node, asked now, sees them again (a mount lost for a while): the run goes on on the same nodes.
+    - Else only that node lost them (its mount, or a node added without it): it joins scaling.exclude_nodes, so
+      neither the Train workers nor the decoders are placed there, and the cluster must hold the run without it
+      (`check_capacity`, which waits for the autoscaler when scaling.wait_for_nodes_s allows).
+
+    RunNotRestarted when none of these can be."""
+    import ray
+
+    from workflows.data.shared_disk import nodes_that_see
+    from workflows.data.video import StorageUnreachable, wait_for_local_disk
+
+    forget_unrestartable_failure(recipe.run_dir)
+    take_failure(recipe.run_dir)  # the restart line below says why, not the failing rank's error again
+    gone = local_paths_gone(recipe)
+    if gone:
+        print(f"{LOG_PREFIX} {redact_secrets(reason)}; this node does not see {redact_secrets(gone[0])} either: the "
+              f"shared disk went away. Waiting up to {wait_s:.0f} s for it, then resuming the run from its newest "
+              f"complete checkpoint ({relaunch}, run.max_failures)", flush=True)
+        try:
+            wait_for_local_disk(gone[0], gone, wait_s)
+        except StorageUnreachable:
+            raise RunNotRestarted(f"{reason}; the shared disk ({redact_secrets(gone[0])}) was not back on the "
+                                  f"driver's node either after {wait_s:.0f} s") from None
+        kv_put(kv_key(recipe.run_dir, "event"), {"reason": "the shared disk went away and came back"})
+        return recipe
+    address = next((n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("NodeID") == node), "?")
+    named = f"node {address} (Ray node id {node})"
+    if nodes_that_see([path for _, path in shared_local_paths(recipe)], [node]):  # asked now: the disk is back
+        print(f"{LOG_PREFIX} {redact_secrets(reason)}. {named} sees the shared disk again: resuming the run from its "
+              f"newest complete checkpoint ({relaunch}, run.max_failures)", flush=True)
+        kv_put(kv_key(recipe.run_dir, "event"), {"reason": f"{named} lost the shared disk for a while"})
+        return recipe
+    excluded = [*recipe.scaling.exclude_nodes, node]
+    print(f"{LOG_PREFIX} {redact_secrets(reason)}. {named} does not see the shared disk, which this node sees: "
+          f"leaving it out of this run (scaling.exclude_nodes) and resuming from the newest complete checkpoint on "
+          f"the other nodes ({relaunch}, run.max_failures)", flush=True)
+    recipe = dataclasses.replace(recipe, scaling=dataclasses.replace(recipe.scaling, exclude_nodes=excluded))
+    try:
+        recipe = check_capacity(recipe, log_prefix=LOG_PREFIX)
+    except ConfigError as exc:
+        raise RunNotRestarted(f"{reason}; without {named}, which does not see the shared disk: {exc}") from None
+    kv_put(kv_key(recipe.run_dir, "event"), {"reason": f"{named} left out: it does not see the shared disk"})
+    return recipe
 
 
 def describe_training_failure(exc: Exception, recipe: Recipe) -> str:
@@ -558,7 +662,7 @@ def _fit_and_report(recipe: Recipe, relaunch: Relaunch | None, verbose: bool) ->
     print(f"{LOG_PREFIX} the full resolved recipe: {redact_secrets(save_resolved_recipe(recipe))}", flush=True)
     counter = drop_counter(recipe.data.drop_counter)  # owned by the driver: survives worker restarts
     forget_unrestartable_failure(recipe.run_dir)
-    result = fit_through_storage_outages(lambda: build_trainer(recipe, verbose=verbose), recipe)
+    result = fit_through_storage_outages(lambda fitted: build_trainer(fitted, verbose=verbose), recipe)
     del counter
     raise_if_not_restarted(recipe.run_dir)
     retained = [c.path for c, _ in result.best_checkpoints or []] + ([result.checkpoint.path] if result.checkpoint

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
@@ -203,8 +204,16 @@ class ScalingSection:
     # elastic policy counts a size from resources alone (not labels): on CPU-only clusters, a custom resource is
     # what keeps it from counting the head's or decode nodes' CPUs as room for workers.
     worker_resources: dict = field(default_factory=dict)
+    # Ray node ids (as `ray list nodes` shows them) that the Train workers and the decoders must not use. The
+    # driver adds a node found without the shared disk during the run (its mount lost, or a node added later
+    # without it) and fits the run again on the others, from its newest complete checkpoint.
+    exclude_nodes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        bad = [node for node in self.exclude_nodes if not re.fullmatch(r"[0-9a-f]{56}", str(node))]
+        if bad:
+            raise ValueError(f"scaling.exclude_nodes takes Ray node ids (56 hex digits, the NodeID column of `ray "
+                             f"list nodes`), got {bad}")
         sizes = self.num_workers if isinstance(self.num_workers, list) else [self.num_workers]
         if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes[0] > sizes[-1]:
             raise ValueError(f"scaling.num_workers must be a number of workers >= 1 or [min, max] with 1 <= min <= "

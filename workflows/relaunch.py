@@ -27,7 +27,8 @@ RELAUNCHED = "the run was relaunched"
 # DiSTConfig fields a resumed run may change: how the frozen towers run and what only evaluation reads.
 _MODEL_FREE = {"clip_precision", "activation_checkpointing", "zero_shot_weight"}
 # Keys whose change means nothing to a resumed run (where it is written, how it is watched and evaluated).
-NOT_COMPARED = ("run.", "mlflow.", "scaling.wait_for_nodes_s", "scaling.resize_check_s", "data.decode_node_label",
+NOT_COMPARED = ("run.", "mlflow.", "scaling.wait_for_nodes_s", "scaling.resize_check_s", "scaling.exclude_nodes",
+            "data.decode_node_label",
             "data.drop_counter", "train.fail_at_step", "train.fail_rank", "train.init_from")
 
 

@@ -11,7 +11,7 @@ import contextlib
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -105,6 +105,22 @@ def label_selector(label: str | None) -> dict[str, str] | None:
         return None
     key, value = parse_node_label(label)
     return {key: value}
+
+
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node: a task selecting it runs on that node alone
+
+
+def avoiding(selector: dict[str, str] | None, nodes: Sequence[str]) -> dict[str, str] | None:
+    """`selector` that also keeps off the Ray nodes of id `nodes` (scaling.exclude_nodes); None when it selects
+    any node."""
+    if not nodes:
+        return selector
+    return {**(selector or {}), NODE_ID_LABEL: f"!in({','.join(nodes)})"}
+
+
+def without_nodes(nodes: list[dict[str, Any]], excluded: Sequence[str]) -> list[dict[str, Any]]:
+    """`ray.nodes()` entries less those of id `excluded` (scaling.exclude_nodes)."""
+    return [node for node in nodes if node.get("NodeID") not in set(excluded)]
 
 
 # --- `ray.nodes()` entries: the capacity check and the decode-node resolution read them the same way ---

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from workflows.config_loader import ConfigError, dump_yaml
+from workflows.data.shared_disk import blind_node
 from workflows.elastic import (
     DRAIN,
     GROW,
@@ -40,7 +41,13 @@ from workflows.elastic import (
 )
 from workflows.recipe import Recipe, recipe_from_dict, recipe_to_dict
 from workflows.relaunch import RELAUNCHED
-from workflows.runtime import compile_toolchain_problem, storage_of, tools_of_this_interpreter_first, write_text
+from workflows.runtime import (
+    compile_toolchain_problem,
+    root_cause,
+    storage_of,
+    tools_of_this_interpreter_first,
+    write_text,
+)
 
 LOG_PREFIX = "[pretrain]"
 CONSUMED_KEY = "dist_consumed"  # DeepSpeed client state: clips trained on per video in the checkpoint's epoch
@@ -784,7 +791,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         trainer.setup(checkpoint_to_resume(ray.train.get_checkpoint(), recipe.run_dir, trainer.log))
         trainer.train()
     except Exception as exc:
-        note_failure(recipe.run_dir, trainer.rank, exc, restartable=not restart_cannot_fix(exc))
+        note_failure(recipe.run_dir, trainer.rank, exc, restartable=not restart_cannot_fix(exc),
+                     blind_node=blind_node(root_cause(exc)))
         raise
     trainer.cleanup()
 
@@ -793,14 +801,17 @@ def restart_cannot_fix(exc: BaseException) -> bool:
     """An error a new worker group would meet again: a corpus over its bad-video limit (the drop counts survive
     restarts), a recipe the worker's node cannot run (ConfigError, e.g. train.compile without a compiler), or a full
     disk (a checkpoint that did not fit: each restart would train to the next checkpoint and fail there again), or a
-    checkpoint to resume from whose bytes cannot be read (each restart would read it again)."""
+    checkpoint to resume from whose bytes cannot be read (each restart would read it again), or a node that does not
+    see the shared disk (Ray Train may place the new group there again: the driver fits the run again without it,
+    `pretrain.fit_through_storage_outages`)."""
     from workflows.checkpoints import CorruptCheckpoint
     from workflows.data.drops import TooManyBadVideos
     from workflows.data.pipeline import decode_failure
-    from workflows.runtime import is_disk_full, root_cause
+    from workflows.runtime import is_disk_full
 
+    cause = root_cause(exc)
     return isinstance(exc, (ConfigError, CorruptCheckpoint)) or isinstance(decode_failure(exc), TooManyBadVideos) \
-        or is_disk_full(root_cause(exc))
+        or is_disk_full(cause) or blind_node(cause) is not None
 
 
 def checkpoint_to_resume(registered: Any, run_dir: str, log: Any = print) -> Any:

@@ -94,8 +94,9 @@ def test_a_disk_that_stays_away_fails_the_batch_naming_the_node_and_drops_nothin
     drops: list = []
     returned = _unmount_for(disk, 2.5)
     try:
-        with pytest.raises(StorageUnreachable, match=r"node \S+ has not seen any of the corpus's videos there for "
-                                                     r"[1-3] s .*not mounted on this node, or went away") as info:
+        with pytest.raises(StorageUnreachable, match=r"node \S+( \(Ray node id \w+\))? has not seen any of the "
+                                                     r"corpus's videos there for [1-3] s .*not mounted on this node, "
+                                                     r"or went away") as info:
             decode_batch(_batch(paths), _spec(1.0, paths[1:]), lambda *a: drops.append(a))
     finally:
         returned.join()
@@ -191,7 +192,8 @@ def test_a_training_worker_that_does_not_see_the_run_directory_stops_naming_its_
     recipe = load_recipe(smoke, [f"run.storage_path={tmp_path / 'runs'}", "run.name=it", "data.storage_retry_s=0.5"],
                          check_files=False)
     trainer = Trainer(recipe, rank=1, world=2, device=torch.device("cpu"))
-    with pytest.raises(StorageUnreachable, match=rf"node \S+ does not see the run directory {recipe.run_dir} \(its "
+    with pytest.raises(StorageUnreachable, match=rf"node \S+( \(Ray node id [0-9a-f]{{56}}\))? does not see the "
+                                                 rf"run directory {recipe.run_dir} \(its "
                                                  rf"{RUN_DIR_MARKER}, written where the run was started, is not "
                                                  r"there\): its checkpoints would land on the node's own disk"):
         trainer.setup()

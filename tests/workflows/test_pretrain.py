@@ -372,18 +372,18 @@ def test_a_controller_storage_failure_relaunches_the_run_once_storage_answers(tm
 
     recipe = Recipe(run=RunSection(storage_path=str(tmp_path), max_failures=1))
     failures = [ControllerError(outage)]
-    assert fit_through_storage_outages(lambda: Trainer(failures), recipe, wait_s=5) == "result"
+    assert fit_through_storage_outages(lambda _: Trainer(failures), recipe, wait_s=5) == "result"
     assert Trainer.fits == 2 and "could not write to" in capsys.readouterr().out
     failures = [ControllerError(outage), ControllerError(outage)]
     with pytest.raises(ControllerError):  # only run.max_failures relaunches
-        fit_through_storage_outages(lambda: Trainer(failures), recipe, wait_s=5)
+        fit_through_storage_outages(lambda _: Trainer(failures), recipe, wait_s=5)
     unlimited = Recipe(run=RunSection(storage_path=str(tmp_path), max_failures=-1))  # -1: no limit, as Ray reads it
     failures = [ControllerError(outage)] * 3
-    assert fit_through_storage_outages(lambda: Trainer(failures), unlimited, wait_s=5) == "result"
+    assert fit_through_storage_outages(lambda _: Trainer(failures), unlimited, wait_s=5) == "result"
     assert "relaunch 3 of unlimited" in capsys.readouterr().out
     failures = [ControllerError(ValueError("a bug in a callback"))]
     with pytest.raises(ControllerError):
-        fit_through_storage_outages(lambda: Trainer(failures), recipe, wait_s=5)
+        fit_through_storage_outages(lambda _: Trainer(failures), recipe, wait_s=5)
     # A full disk answers listings at once, and waiting frees no space: not relaunched (as pyarrow words it).
     from workflows.elastic import RunNotRestarted
 
@@ -391,7 +391,7 @@ def test_a_controller_storage_failure_relaunches_the_run_once_storage_answers(tm
     full = OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
     failures = [ControllerError(full)]
     with pytest.raises(RunNotRestarted, match=r"could not write to .*No space left on device"):
-        fit_through_storage_outages(lambda: Trainer(failures), recipe, wait_s=5)
+        fit_through_storage_outages(lambda _: Trainer(failures), recipe, wait_s=5)
     assert Trainer.fits == 1
     assert storage_failure(RuntimeError("x")) is None and storage_failure(ControllerError(outage)) is outage
     assert wait_for_storage(str(tmp_path), timeout_s=0)
@@ -492,9 +492,9 @@ def test_a_node_that_does_not_see_the_local_paths_stops_the_run_before_training(
     node alone needs no question, and nothing of the question is left in the run directory."""
     import ray
 
-    from workflows.data.shared_disk import NODE_ID_LABEL
     from workflows.pretrain import check_nodes_see_local_paths
     from workflows.recipe import with_absolute_paths
+    from workflows.runtime import NODE_ID_LABEL
 
     recipe = with_absolute_paths(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false"))
     check_nodes_see_local_paths(recipe)  # one node, the driver's: nothing to ask

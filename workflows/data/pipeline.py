@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -41,7 +42,7 @@ from workflows.data.sampling import segment_indices
 from workflows.data.shared_disk import spread_local_paths, witness_files
 from workflows.data.transforms import eval_clips, train_clip
 from workflows.data.video import BadVideo, StorageUnreachable, read_frames
-from workflows.runtime import root_cause
+from workflows.runtime import avoiding, root_cause
 
 MAX_BLOCKS = 4096
 BATCHES_PER_TASK = 4
@@ -236,6 +237,7 @@ def build_clip_dataset(
     skip: int = 0,
     augment_seed: int | None = None,
     positions: np.ndarray | None = None,
+    avoid_nodes: Sequence[str] = (),
 ) -> Any:
     """A streaming ray.data.Dataset of clips (schema in the module docstring) for one epoch of `manifest`.
 
@@ -289,7 +291,7 @@ def build_clip_dataset(
     pool = decode_pool_size(cfg)
     blocks = manifest_blocks(table, decode_block_rows(table.num_rows, cfg.batch_size, pool))
     ds = ray.data.from_arrow(blocks)
-    selector = cfg.node_label_selector()
+    selector = avoiding(cfg.node_label_selector(), avoid_nodes)  # avoid_nodes: scaling.exclude_nodes
     return ds.map_batches(
         decode_clips,
         fn_kwargs={"spec": asdict(spec), "counter": counter},

@@ -10,16 +10,29 @@ on the driver's node alone and a note says so.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
 
-from workflows.data.video import StorageUnreachable, node_address, wait_for_local_disk
-from workflows.runtime import is_remote
+from workflows.data.video import StorageUnreachable, node_name, wait_for_local_disk
+from workflows.runtime import NODE_ID_LABEL, is_remote
 
-NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node: a task selecting it runs on that node alone
 # Written into a local run directory where the run is started; every training worker looks for it at its start.
 RUN_DIR_MARKER = ".dist-run-dir"
+
+
+# How a node that does not see the shared disk names itself in its error (video.wait_for_local_disk,
+# check_run_dir_seen): "node <address> (Ray node id <id>) has not seen / does not see ...".
+_BLIND_NODE = re.compile(r"\(Ray node id ([0-9a-f]{56})\) (?:has not seen any of the corpus's videos|does not see the "
+                         r"run directory)")
+
+
+def blind_node(error: str) -> str | None:
+    """The Ray node id an error (its text: a remote error arrives as text) names as not seeing the shared disk, or
+    None when it is another error."""
+    found = _BLIND_NODE.search(error)
+    return found[1] if found else None
 
 
 def mark_run_dir(run_dir: str) -> None:
@@ -41,7 +54,7 @@ def check_run_dir_seen(run_dir: str, retry_s: float | None = None) -> None:
         wait_for_local_disk(marker, [marker], retry_s)
     except StorageUnreachable:
         raise StorageUnreachable(
-            f"node {node_address()} does not see the run directory {run_dir} (its {RUN_DIR_MARKER}, written where "
+            f"node {node_name()} does not see the run directory {run_dir} (its {RUN_DIR_MARKER}, written where "
             f"the run was started, is not there): its checkpoints would land on the node's own disk. Mount that "
             f"disk at the same path on every node, or put run.storage_path in a bucket (s3://...; cluster/README.md, "
             f"\"No shared disk\")") from None

@@ -187,7 +187,7 @@ def wait_for_local_disk(path: str, witnesses: tuple[str, ...] | list[str], retry
         if any(os.path.exists(w) for w in witnesses):
             return True
     raise StorageUnreachable(
-        f"cannot read {path}: node {node_address()} has not seen any of the corpus's videos there for "
+        f"cannot read {path}: node {node_name()} has not seen any of the corpus's videos there for "
         f"{time.monotonic() - started:.0f} s (e.g. {witnesses[0]}): the disk that "
         f"holds them is not mounted on this node, or went away. Mount it at the same path on every node, or put "
         f"the videos in a bucket (`data upload`, cluster/README.md, \"No shared disk\")")
@@ -203,6 +203,19 @@ def node_address() -> str:
     except Exception:  # naming the node must never hide the error being raised
         pass
     return socket.gethostname()
+
+
+def node_name() -> str:
+    """This node as an error names it: its address, and in Ray its node id too (what `scaling.exclude_nodes` takes,
+    and how a training run's driver tells which node to leave out: `shared_disk.blind_node`)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"{node_address()} (Ray node id {ray.get_runtime_context().get_node_id()})"
+    except Exception:  # naming the node must never hide the error being raised
+        pass
+    return node_address()
 
 
 def _source(path: str, fs: pafs.FileSystem, inner: str, retry_s: float | None) -> str | IO[bytes]:

@@ -175,10 +175,12 @@ def run_trial_holding_a_slot(recipe: Recipe, context: dict[str, Any], trial_id: 
         check_free_space(recipe, warn=False)  # training up to it (the sweep warned of the whole sweep's need)
     # As `pretrain` fits: a Train controller that could not write to storage is waited out and fitted again, and
     # one that met a full disk ends the trial as RunNotRestarted (which stops the sweep); before each fit, a
-    # checkpoint registry Ray could not start from (a retried trial's, cut short by a full disk) is set aside.
+    # checkpoint registry Ray could not start from (a retried trial's, cut short by a full disk) is set aside; a
+    # node found without the shared disk is left out of the trial.
     fit_through_storage_outages(
-        lambda: build_trainer(recipe, extra_config={"mlflow_parent_run_id": context["parent_run_id"]},
-                              callbacks=[TuneReportCallback()], name=name, verbose=context.get("verbose", False)),
+        lambda fitted: build_trainer(fitted, extra_config={"mlflow_parent_run_id": context["parent_run_id"]},
+                                     callbacks=[TuneReportCallback()], name=name,
+                                     verbose=context.get("verbose", False)),
         recipe)
     del counter
     raise_if_not_restarted(recipe.run_dir)  # the trial errors with the reason, not a finish without results
