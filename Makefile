@@ -36,9 +36,11 @@ elastic-test: $(STAMP)
 
 # Not part of `make test`: real disk faults, made with tmpfs mounts in private mount namespaces (root): full disks
 # under a pre-training run and a Tune sweep, each resumed once space is freed, and a Ray node that does not see the
-# shared disk the head sees (~8 min on 2 cores; docs/training.md, docs/data.md).
+# shared disk the head sees, and one that loses it in the middle of a run (~9 min on 2 cores; docs/training.md,
+# docs/data.md).
 disk-test: $(STAMP)
-	DIST_DISK_FAULTS=1 $(PY) -m pytest tests/workflows/test_full_disk.py tests/workflows/test_blind_node.py
+	DIST_DISK_FAULTS=1 $(PY) -m pytest tests/workflows/test_full_disk.py tests/workflows/test_blind_node.py \
+		tests/workflows/test_node_loses_disk.py
 
 # Not part of `make test`: before device time is spent, rehearse a lent GPU machine's run here: its Python 3.12 and
 # torch 2.11 (in .venv-gpu, ~5 GB), the .gpu/ bundle it carries, the compile tests and gpu_checks.sh targets' logic

@@ -203,7 +203,7 @@ class Cluster:
 
     # -- nodes --
     def _start(self, name: str, args: list[str], ready: str = "Ray runtime started",
-               hide: Path | None = None) -> None:
+               hide: Path | None = None, own_mounts: bool = False) -> None:
         ports = port_block(100)  # 9 service ports, the rest for worker processes
         service = dict(zip(("node-manager-port", "object-manager-port", "metrics-export-port",
                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"),
@@ -224,6 +224,8 @@ class Cluster:
             # a private mount namespace of its own (root), which its raylet and every worker of it inherit
             command = ["unshare", "--mount", "--propagation", "private", "bash", "-c",
                        'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"', str(hide), *command]
+        elif own_mounts:  # a mount namespace of its own, for `hide_later` (root)
+            command = ["unshare", "--mount", "--propagation", "private", *command]
         with log.open("w") as out:
             proc = subprocess.Popen(
                 command,
@@ -243,14 +245,24 @@ class Cluster:
             assert time.monotonic() < deadline, "the dashboard did not come up"
             time.sleep(1)
 
-    def add_node(self, *extra: str, hide: Path | None = None) -> None:
-        """Another raylet on this machine, joined to the head; `hide`: a folder this node sees empty (root)."""
+    def add_node(self, *extra: str, hide: Path | None = None, own_mounts: bool = False) -> None:
+        """Another raylet on this machine, joined to the head; `hide`: a folder this node sees empty (root);
+        `own_mounts`: in a mount namespace of its own, so that `hide_later` can take a folder from it (root)."""
         before = len(self.alive_nodes())
-        self._start(f"node{len(self.nodes)}", [f"--address=127.0.0.1:{self.gcs_port}", *extra], hide=hide)
+        self._start(f"node{len(self.nodes)}", [f"--address=127.0.0.1:{self.gcs_port}", *extra], hide=hide,
+                    own_mounts=own_mounts)
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         while len(self.alive_nodes()) <= before:
             assert time.monotonic() < deadline, "the new node did not register with the head"
             time.sleep(1)
+
+    def hide_later(self, index: int, folder: Path) -> None:
+        """From now on node `index` (0: the head; started with `own_mounts`) sees `folder` empty: its mount lost
+        while it runs, for its raylet and every worker process of it (an empty tmpfs over the folder in its mount
+        namespace)."""
+        proc, _ = self.nodes[index]
+        subprocess.run(["nsenter", f"--target={proc.pid}", "--mount", "mount", "-t", "tmpfs", "-o", "size=1m",
+                        "tmpfs", str(folder)], check=True, capture_output=True, text=True, timeout=30)
 
     def processes(self) -> list[psutil.Process]:
         """Live processes of this cluster (raylets, GCS, workers, job drivers)."""

@@ -531,14 +531,14 @@ def leave_out_blind_node(recipe: Recipe, node: str, reason: str, relaunch: str, 
     address = next((n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("NodeID") == node), "?")
     named = f"node {address} (Ray node id {node})"
     if nodes_that_see([path for _, path in shared_local_paths(recipe)], [node]):  # asked now: the disk is back
-        print(f"{LOG_PREFIX} {redact_secrets(reason)}. {named} sees the shared disk again: resuming the run from its "
-              f"newest complete checkpoint ({relaunch}, run.max_failures)", flush=True)
+        print(f"{LOG_PREFIX} {named} lost the shared disk for longer than data.storage_retry_s, and sees it again: "
+              f"resuming the run from its newest complete checkpoint ({relaunch}, run.max_failures)", flush=True)
         kv_put(kv_key(recipe.run_dir, "event"), {"reason": f"{named} lost the shared disk for a while"})
         return recipe
     excluded = [*recipe.scaling.exclude_nodes, node]
-    print(f"{LOG_PREFIX} {redact_secrets(reason)}. {named} does not see the shared disk, which this node sees: "
-          f"leaving it out of this run (scaling.exclude_nodes) and resuming from the newest complete checkpoint on "
-          f"the other nodes ({relaunch}, run.max_failures)", flush=True)
+    print(f"{LOG_PREFIX} {named} does not see the shared disk, which this node sees (its decoders or Train worker "
+          f"waited data.storage_retry_s for it): leaving it out of this run (scaling.exclude_nodes) and resuming from "
+          f"the newest complete checkpoint on the other nodes ({relaunch}, run.max_failures)", flush=True)
     recipe = dataclasses.replace(recipe, scaling=dataclasses.replace(recipe.scaling, exclude_nodes=excluded))
     try:
         recipe = check_capacity(recipe, log_prefix=LOG_PREFIX)

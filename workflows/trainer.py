@@ -31,6 +31,7 @@ from workflows.elastic import (
     NONE,
     REASONS,
     ResizeWatch,
+    blind_node_failure,
     kv_get,
     kv_key,
     kv_put,
@@ -431,7 +432,7 @@ class Trainer:
         if reached is not None:  # this group starts here: a group that fails again before a step loses none
             kv_put(kv_key(run_dir, "progress"), {"step": step, "world": self.world})
         if lost is not None:
-            lost_text = f"{lost} steps lost"
+            lost_text = f"{lost} step{'s' * (lost != 1)} lost"
         elif reason == RELAUNCHED:  # a new Ray session: the previous launch's progress record went with its cluster
             lost_text = "any steps the previous launch trained past it are trained again"
         else:
@@ -782,7 +783,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     unfixable = unrestartable_failure(recipe.run_dir)
     if unfixable is not None:  # the last group failed on what a restart cannot fix: end; the driver says why
         if ctx.get_world_rank() == 0:
-            print(f"{LOG_PREFIX} not restarting: {unfixable} (a restart cannot fix that)", flush=True)
+            then = ("the driver leaves that node out or waits for the disk" if blind_node_failure(recipe.run_dir)
+                    else "a restart cannot fix that")
+            print(f"{LOG_PREFIX} not restarting: {unfixable} ({then})", flush=True)
         return
     device = ray.train.torch.get_device() if recipe.scaling.use_gpu else torch.device("cpu")
     trainer = Trainer(recipe, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,

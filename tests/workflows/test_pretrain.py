@@ -570,7 +570,7 @@ def test_pretrain_recovers_resumes_and_tracks(ray_local, sample_data, tmp_path, 
     assert "deepspeed_shm_comm_op built" not in console
     # The restart line says why: the error the failing rank raised (a worker lost without one says so instead).
     assert ("restart: 2 -> 2 workers (rank 1 failed: RuntimeError: injected failure at step 3 (train.fail_at_step) "
-            "on rank 1); resuming at step 2, 1 steps lost") in console, console[-3000:]
+            "on rank 1); resuming at step 2, 1 step lost") in console, console[-3000:]
     # 8 clips on 2 workers: each rank's share of 4 fits the CPU, as one micro-batch
     assert console.count("train.micro_batch_size auto: micro-batch 4 (auto; probed on cpu") == 1, console[-3000:]
     assert console.count("train.micro_batch_size auto: micro-batch 4 (auto; probed before on cpu") == 1
