@@ -521,11 +521,14 @@ def leave_out_blind_node(recipe: Recipe, node: str, reason: str, relaunch: str, 
         print(f"{LOG_PREFIX} {redact_secrets(reason)}; this node does not see {redact_secrets(gone[0])} either: the "
               f"shared disk went away. Waiting up to {wait_s:.0f} s for it, then resuming the run from its newest "
               f"complete checkpoint ({relaunch}, run.max_failures)", flush=True)
+        started = time.monotonic()
         try:
             wait_for_local_disk(gone[0], gone, wait_s)
         except StorageUnreachable:
             raise RunNotRestarted(f"{reason}; the shared disk ({redact_secrets(gone[0])}) was not back on the "
                                   f"driver's node either after {wait_s:.0f} s") from None
+        print(f"{LOG_PREFIX} the shared disk is back after {time.monotonic() - started:.0f} s: relaunching the run",
+              flush=True)
         kv_put(kv_key(recipe.run_dir, "event"), {"reason": "the shared disk went away and came back"})
         return recipe
     address = next((n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("NodeID") == node), "?")

@@ -182,6 +182,7 @@ def test_when_the_driver_does_not_see_the_disk_either_it_waits_for_it(ray_local,
     out = capsys.readouterr().out
     assert "either: the shared disk went away. Waiting up to 60 s for it, then resuming the run from its newest " \
            "complete checkpoint (relaunch 1 of 1, run.max_failures)" in out, out
+    assert "[pretrain] the shared disk is back after " in out, out
     assert kv_get(kv_key(recipe.run_dir, "event")) == {"reason": "the shared disk went away and came back"}
     shutil.rmtree(tmp_path / "mnt")
 
