@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -281,15 +282,58 @@ def _connect_ray(min_cpus: float, address: str | None, fresh_local: bool, quiet:
     if fresh_local:
         ray.init(address="local", num_cpus=local_cpus, **options)
     elif address or os.environ.get("RAY_ADDRESS"):
+        given = address or os.environ["RAY_ADDRESS"]
+        if not gcs_answers(given):
+            from workflows.config_loader import ConfigError
+
+            raise ConfigError(f"the Ray cluster at {given} ({'--address' if address else 'RAY_ADDRESS'}) does not "
+                              f"answer: start it, or point at a running one (RAY_ADDRESS=local starts a local Ray "
+                              f"for this command)")
         ray.init(address=address, **options)
         return
     else:
-        try:
-            ray.init(address="auto", **options)
-            return
-        except ConnectionError:
-            ray.init(num_cpus=local_cpus, **options)
+        recorded = recorded_ray_address()
+        if recorded and not gcs_answers(recorded):  # Ray would try to join it for minutes on end
+            print(f"note: the Ray cluster this machine last started ({recorded}, recorded by `ray start`) does not "
+                  f"answer (stopped without `ray stop`, or its node crashed): starting a local Ray for this command "
+                  f"instead; `ray stop` clears the record", file=sys.stderr, flush=True)
+            ray.init(address="local", num_cpus=local_cpus, **options)
+        else:
+            try:
+                ray.init(address="auto", **options)
+                return
+            except ConnectionError:
+                ray.init(num_cpus=local_cpus, **options)
     _started_gcs_address = _gcs_address()
+
+
+GCS_PROBE_S = 3.0
+_HOST_PORT = re.compile(r"^\[?([\w.:-]+?)\]?:(\d+)$")  # host:port, [v6]:port; not ray:// or http:// addresses
+
+
+def gcs_answers(address: str, timeout_s: float = GCS_PROBE_S) -> bool:
+    """Whether a Ray cluster's GCS at `address` (host:port) accepts a connection within `timeout_s`. Addresses of
+    another form ("auto", "local", ray://) are left to Ray: True."""
+    import socket
+
+    found = _HOST_PORT.match(address.strip())
+    if not found:
+        return True
+    try:
+        with socket.create_connection((found[1], int(found[2])), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def recorded_ray_address() -> str | None:
+    """The address of the cluster `ray start` last started on this machine (what Ray's "auto" joins), or None."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        return read_ray_address() or None
+    except Exception:  # noqa: BLE001 - a Ray internals change: let ray.init find it as before
+        return None
 
 
 def ray_started_here() -> bool:

@@ -84,3 +84,56 @@ except (KeyboardInterrupt, SystemExit) as exc:
         if mode != "none":
             assert lines[1] == "SIGINT handler ran for SIGINT", lines
         assert lines[-1] == f"{raised} interrupted by SIGTERM (ray job stop, or the scheduler)", lines
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_ray_address_that_does_not_answer_is_an_error_at_once_not_a_wait():
+    """ray.init on a GCS address nobody serves retries for minutes (over 200 s measured, with no error): the CLIs
+    say which address does not answer, before Ray is asked."""
+    import socket
+
+    import pytest
+
+    from workflows.config_loader import ConfigError
+    from workflows.runtime import _connect_ray, gcs_answers
+
+    port = _closed_port()
+    assert not gcs_answers(f"127.0.0.1:{port}", timeout_s=1)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert gcs_answers(f"127.0.0.1:{server.getsockname()[1]}")
+    assert gcs_answers("auto") and gcs_answers("ray://head:10001")  # left to Ray
+    with pytest.raises(ConfigError, match=rf"the Ray cluster at 127.0.0.1:{port} \(--address\) does not answer"):
+        _connect_ray(1, f"127.0.0.1:{port}", fresh_local=False, quiet=True)
+
+
+def test_a_dead_cluster_recorded_by_ray_start_does_not_hang_a_command(tmp_path, sample_data):
+    """`ray start` records its cluster's address on the machine (<tmp>/ray/ray_current_cluster) and `ray stop`
+    removes it; a cluster killed otherwise leaves it behind, and Ray's "auto" then tries to join it for minutes.
+    A command run without RAY_ADDRESS says so and starts a local Ray instead."""
+    import shutil
+    import tempfile
+
+    short = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # Ray's socket paths live below RAY_TMPDIR
+    try:
+        (short / "ray").mkdir()
+        (short / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_closed_port()}")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        done = subprocess.run([sys.executable, "-m", "workflows", "data", "check", "--manifest",
+                               sample_data.val_manifest, "--labels", sample_data.labels],
+                              cwd=REPO, capture_output=True, text=True, timeout=150,
+                              env={**env, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(short)})
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "does not answer (stopped without `ray stop`, or its node crashed): starting a local Ray for this " \
+           "command instead" in done.stderr, done.stderr[-3000:]
