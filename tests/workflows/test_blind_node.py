@@ -90,7 +90,7 @@ def test_data_check_reads_on_the_head_alone_and_finds_every_video_good(blind, sa
 
 
 def test_pretrain_whose_decoders_may_use_the_node_stops_before_training_naming_it(blind, sample_data, tmp_path):
-    _, env, _ = blind
+    _, env, blind_id = blind
     done = _run(env, "-m", "workflows", "pretrain", "--config", str(SMOKE), "--set",
                 f"data.train_manifest={sample_data.train_manifest}", f"data.val_manifest={sample_data.val_manifest}",
                 f"data.labels={sample_data.labels}", f"run.storage_path={tmp_path / 'runs'}", "mlflow.enabled=false",
@@ -98,6 +98,7 @@ def test_pretrain_whose_decoders_may_use_the_node_stops_before_training_naming_i
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
     assert "1 of the 2 nodes this run's workers and decoders may use (" in done.stderr, done.stderr[-3000:]
     assert "do not see the local paths it reads and writes (data.train_manifest's videos, e.g." in done.stderr
+    assert f"or leave those nodes out: --set 'scaling.exclude_nodes=[{blind_id}]'" in done.stderr, done.stderr[-3000:]
     assert "step 1/" not in done.stdout + done.stderr
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sqlite3
@@ -507,6 +508,10 @@ def test_a_node_that_does_not_see_the_local_paths_stops_the_run_before_training(
     assert message.startswith("1 of the 2 nodes this run's workers and decoders may use (192.0.2.77) do not see the "
                               "local paths it reads and writes (data.train_manifest's videos, e.g. "), message
     assert f"the run directory {recipe.run_dir})" in message and "run.storage_path in a bucket" in message
+    assert message.endswith(f"or leave those nodes out: --set 'scaling.exclude_nodes=[{'cd' * 28}]'"), message
+    # left out, it is not asked
+    check_nodes_see_local_paths(dataclasses.replace(recipe, scaling=dataclasses.replace(
+        recipe.scaling, exclude_nodes=["cd" * 28])))
     assert not list(Path(recipe.run_dir).glob(".dist-shared-*"))
     # workers and decoders on this node alone (their labels select it): the other node is not asked
     here = f"{NODE_ID_LABEL}={ray.get_runtime_context().get_node_id()}"
