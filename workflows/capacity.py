@@ -192,6 +192,17 @@ def _workers_that_fit(recipe: Recipe, nodes: list[dict[str, Any]]) -> int | None
     return sum(min(int(node_resource(n, k) / amount + 1e-9) for k, amount in need.items()) for n in alive_nodes(nodes))
 
 
+def elastic_max_without_excluded(recipe: Recipe, nodes: list[dict[str, Any]]) -> int:
+    """The most workers an elastic run with scaling.exclude_nodes may ask Ray Train for, given the cluster's
+    `nodes` (`ray.nodes()` entries): what the alive nodes it does not keep off hold now, within its range. Ray
+    Train's elastic policy counts room on every node by resources alone (its autoscaling coordinator reads no label
+    selector): uncapped, it would count a left-out node's GPUs, grow onto them, fail to place the group there and
+    fall back, again at every resize check. The cost: such a run does not grow past this until it is fitted again."""
+    scaling = recipe.scaling
+    room = _workers_that_fit(recipe, without_nodes(alive_nodes(nodes), scaling.exclude_nodes))
+    return scaling.max_workers if room is None else max(scaling.min_workers, min(scaling.max_workers, room))
+
+
 def _worker_label_fix(label: str, action: str = "Add or enlarge nodes with that label") -> str:
     """What to do when the nodes `scaling.worker_node_label` selects are missing or too small."""
     key, value = parse_node_label(label)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workflows.capacity import check_capacity, worker_bundle
+from workflows.capacity import check_capacity, elastic_max_without_excluded, worker_bundle
 from workflows.config_loader import ConfigError, config_parser, dump_yaml
 from workflows.console import quiet_forwarded_ray_lines, quiet_ray_console, recipe_summary, train_logging_config
 from workflows.elastic import (
@@ -90,6 +90,11 @@ def build_trainer(recipe: Recipe, extra_config: dict[str, Any] | None = None, ca
     selector = avoiding(label_selector(scaling.worker_node_label), scaling.exclude_nodes)
     workers: int | tuple[int, int] = (scaling.min_workers, scaling.max_workers) if scaling.elastic else \
         scaling.min_workers
+    if scaling.elastic and scaling.exclude_nodes:
+        import ray
+
+        if ray.is_initialized():
+            workers = (scaling.min_workers, elastic_max_without_excluded(recipe, ray.nodes()))
     if scaling.elastic:  # the running group checkpoints before Ray Train grows it
         callbacks = [*(callbacks or []), grow_checkpoint_callback(recipe.run_dir)]
     return TorchTrainer(

@@ -211,6 +211,37 @@ def test_scaling_exclude_nodes_keeps_the_workers_the_decoders_and_the_capacity_c
         check_capacity(recipe, cluster=fake)
 
 
+def test_an_elastic_run_does_not_count_a_left_out_node_as_room_to_grow(tmp_path):
+    """Ray Train's elastic policy counts room by resources alone (not label selectors): the range's max is what the
+    other nodes hold, or it would try to grow onto the left-out node's slots at every resize check."""
+    from workflows.capacity import elastic_max_without_excluded
+
+    def slot_node(node_id: str, slots: int) -> dict:
+        return {"NodeID": node_id, "Alive": True, "Labels": {}, "Resources": {"CPU": 8.0, "train_slot": slots}}
+
+    recipe = load_recipe(SMOKE, ["scaling.num_workers=[1,4]", "scaling.worker_resources={train_slot: 1}",
+                                 f"scaling.exclude_nodes=[{SOME_NODE}]"], check_files=False)
+    kept, left_out = slot_node("cd" * 28, 2), slot_node(SOME_NODE, 2)
+    assert elastic_max_without_excluded(recipe, [kept, left_out]) == 2  # uncapped, Ray would count 4
+    assert elastic_max_without_excluded(recipe, [kept, left_out, slot_node("ef" * 28, 8)]) == 4  # the range's max
+    assert elastic_max_without_excluded(recipe, [left_out]) == 1  # never below its min
+
+
+@pytest.mark.integration
+def test_an_elastic_trainer_asks_for_no_more_than_the_other_nodes_hold(ray_local, tmp_path):
+    import ray
+
+    from workflows.pretrain import build_trainer
+
+    here = ray.get_runtime_context().get_node_id()
+    elastic = ["scaling.num_workers=[1,3]", f"run.storage_path={tmp_path}"]
+    assert build_trainer(load_recipe(SMOKE, elastic, check_files=False)).scaling_config.num_workers == (1, 3)
+    assert build_trainer(load_recipe(SMOKE, [*elastic, f"scaling.exclude_nodes=[{SOME_NODE}]"], check_files=False)
+                         ).scaling_config.num_workers == (1, 3)  # this node (4 CPUs) holds 3
+    assert build_trainer(load_recipe(SMOKE, [*elastic, f"scaling.exclude_nodes=[{here}]"], check_files=False)
+                         ).scaling_config.num_workers == (1, 1)
+
+
 @pytest.mark.integration
 def test_decoders_told_to_avoid_a_node_still_run_on_the_others(ray_local, sample_data):
     """Ray takes the selector the pipeline builds from `avoid_nodes` (its syntax: `!in(...)`): the clips come."""
