@@ -30,7 +30,8 @@ cluster-test: $(STAMP)
 	DIST_CLUSTER_LAUNCH=1 $(PY) -m pytest -s tests/cluster_launch
 
 # Not part of `make test`: an elastic pre-training run on a head plus worker raylets through a drain notice, a node
-# added back and a raylet killed without notice (~10 min on 2 cores; docs/training.md, "Elastic runs").
+# added back and a raylet killed without notice, and one with a node left out (~10 min on 2 cores; docs/training.md,
+# "Elastic runs").
 elastic-test: $(STAMP)
 	DIST_ELASTIC_CLUSTER=1 $(PY) -m pytest tests/workflows/test_elastic_cluster.py
 
