@@ -484,10 +484,10 @@ def _limit_text(limit: int) -> str:
 
 def local_paths_gone(recipe: Recipe) -> list[str]:
     """What this node does not see of the run's local paths: the run directory, and for each manifest of local
-    videos, one of them when none of a sample spread over it is there (a missing video or two is not a disk
+    videos, one of them when none of those probed is there (`absent_videos`: a missing video or two is not a disk
     gone). Empty when it sees them all."""
     from workflows.data.manifest import load_manifest
-    from workflows.data.shared_disk import spread_local_paths
+    from workflows.data.shared_disk import absent_videos
 
     gone = [] if is_remote(recipe.run_dir) or os.path.isdir(recipe.run_dir) else [recipe.run_dir]
     for manifest in (recipe.data.train_manifest, recipe.data.val_manifest):
@@ -496,9 +496,7 @@ def local_paths_gone(recipe: Recipe) -> list[str]:
         except OSError:  # the manifest was on that disk too (a bucket's that does not answer: not this question)
             gone += [] if is_remote(manifest) else [manifest]
             continue
-        sample = spread_local_paths(paths)[:5]
-        if sample and not any(os.path.isfile(path) for path in sample):
-            gone.append(sample[0])
+        gone += absent_videos(paths)[:1]
     return gone
 
 

@@ -121,7 +121,8 @@ def avoiding(selector: dict[str, str] | None, nodes: Sequence[str]) -> dict[str,
 
 def without_nodes(nodes: list[dict[str, Any]], excluded: Sequence[str]) -> list[dict[str, Any]]:
     """`ray.nodes()` entries less those of id `excluded` (scaling.exclude_nodes)."""
-    return [node for node in nodes if node.get("NodeID") not in set(excluded)]
+    excluded = set(excluded)
+    return [node for node in nodes if node.get("NodeID") not in excluded]
 
 
 # --- `ray.nodes()` entries: the capacity check and the decode-node resolution read them the same way ---

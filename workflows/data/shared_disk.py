@@ -127,15 +127,22 @@ def spread_local_paths(paths: list[str], tries: int = 30) -> list[str]:
 VIDEOS_PROBED = 64
 
 
+def absent_videos(paths: list[str]) -> list[str]:
+    """The local videos of `paths` probed here (up to VIDEOS_PROBED, spread over them) when none of them exists: a
+    manifest moved away from its videos, or the disk that holds them gone; [] when one is there (some missing videos
+    are the data pipeline's to count and drop) or none is local."""
+    probe = spread_local_paths(paths, VIDEOS_PROBED)
+    return [] if any(os.path.isfile(p) for p in probe) else probe
+
+
 def check_videos_reachable(manifest: Any, key: str) -> None:
-    """ConfigError when none of up to VIDEOS_PROBED local videos of a manifest, spread over it, exists here: a
-    manifest moved away from its videos, or paths relative to another folder (before any work: the decoders would
-    otherwise wait for a disk that is not gone). Some missing videos are the data pipeline's to count and drop
-    (data.max_bad_fraction); videos in a bucket are not probed here."""
+    """ConfigError when none of a manifest's local videos probed here exists (`absent_videos`): a manifest moved
+    away from its videos, or paths relative to another folder (before any work: the decoders would otherwise wait
+    for a disk that is not gone). Videos in a bucket are not probed here."""
     from workflows.config_loader import ConfigError
 
-    probe = spread_local_paths(manifest.table.column("path").to_pylist(), VIDEOS_PROBED)
-    if probe and not any(os.path.isfile(p) for p in probe):
+    probe = absent_videos(manifest.table.column("path").to_pylist())
+    if probe:
         raise ConfigError(f"{key} {manifest.source}: none of the {len(probe)} videos checked exists (e.g. {probe[0]}). "
                           "Relative paths in a manifest resolve against the manifest's own folder: keep the manifest "
                           "beside its videos, or write absolute paths (`data check` reports every missing one)")
