@@ -23,6 +23,9 @@ import json
 import logging
 import os
 import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from workflows.config_loader import to_dict
@@ -43,6 +46,20 @@ _SETTING_HINTS = ("Progress bars disabled.",)
 # ---------------------------------------------------------------------------------------------------------------
 # the recipe summary
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def stdout_kept_for_json(enabled: bool) -> Iterator[None]:
+    """With `enabled` (a command's --json), what is printed to stdout inside goes to stderr, so stdout holds the
+    JSON printed after it alone."""
+    if not enabled:
+        yield
+        return
+    real, sys.stdout = sys.stdout, sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout = real
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

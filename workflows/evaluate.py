@@ -28,6 +28,8 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,7 +153,7 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
     with the reason when something does not fit."""
     _check_counts(request)
     checkpoint = _checkpoint_of(request)
-    recipe = _recipe_of(request, checkpoint)
+    recipe = scoring_recipe(request, checkpoint)
     if checkpoint is not None and not request.clip_only:
         check_weights_fit(checkpoint.directory, recipe)
     check_clip_file(recipe, "model.clip_pretrained (the CLIP the checkpoint was trained with)")
@@ -219,7 +221,7 @@ def _checkpoint_of(request: EvalRequest) -> LoadedCheckpoint | None:
     return None
 
 
-def _recipe_of(request: EvalRequest, checkpoint: LoadedCheckpoint | None) -> Recipe:
+def scoring_recipe(request: EvalRequest, checkpoint: LoadedCheckpoint | None) -> Recipe:
     """`--config` (default: the checkpoint's recipe.yaml) with the checkpoint's model section (or `--preset`'s)
     and the `--set` overrides."""
     base = load_yaml(request.config) if request.config else dict(checkpoint.raw_recipe if checkpoint else {})
@@ -309,17 +311,29 @@ class ViewResults:
     seconds: float
 
 
-def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True) -> ViewResults:
-    """Decode every video of the plan's manifest into views x crops clips, score them in an actor pool, and sum
-    the softmax scores per video on the driver."""
+@dataclass
+class ScoringPipeline:
+    """A plan's videos decoded into views x crops clips and scored by an actor pool (`start_scoring`): iterate
+    `views` for batches of per-view logits; `counter` (named `counter_name`) counts what could not be read."""
+
+    views: Any  # ray.data.Dataset of {"logits", "video_index", "label", "view", "crop"}
+    counter: Any  # the DropCounter actor of this scoring alone
+    counter_name: str
+    actors: int
+    use_gpu: bool
+
+    def describe(self) -> str:
+        return f"{self.actors} {'GPU' if self.use_gpu else 'CPU'} actor(s)"
+
+
+def start_scoring(plan: EvalPlan, actors: int | None = None) -> ScoringPipeline:
+    """The Ray Data pipeline of `plan` (nothing runs until it is iterated): decoders where the videos are seen, a
+    pool of ViewScorer actors (`actors`, default one per GPU, or CPUs / 4 capped at 4), and a drop counter of its own.
+    `ray.kill(pipeline.counter)` when done."""
     import ray
-    import torch
 
     from workflows.data.decode_nodes import decode_pool_size
-    from workflows.data.drops import TooManyBadVideos, drop_counter, get_drop_report
-    from workflows.data.pipeline import decode_failure
-    from workflows.data.video import StorageUnreachable
-    from workflows.metrics import VideoScores
+    from workflows.data.drops import drop_counter
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress line instead
     gpus = ray.cluster_resources().get("GPU", 0.0)
@@ -331,51 +345,81 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
     data = decoded_where_seen(plan.recipe.data, plan.manifest)
     if not use_gpu and not data.decode_actors:  # leave CPUs for the scoring actors
         data = dataclasses.replace(data, decode_actors=max(1, decode_pool_size(data) - pool))
-    name = f"{data.drop_counter}:eval-{uuid.uuid4().hex[:8]}"  # this evaluation's own drop counts
+    name = f"{data.drop_counter}:eval-{uuid.uuid4().hex[:8]}"  # this scoring's own drop counts
     data = dataclasses.replace(data, drop_counter=name)
     counter = drop_counter(name)
-    scored = _scored_views(plan, data, pool, use_gpu)
+    return ScoringPipeline(views=_scored_views(plan, data, pool, use_gpu), counter=counter, counter_name=name,
+                           actors=pool, use_gpu=use_gpu)
+
+
+@contextmanager
+def plain_scoring_errors(written: str = "Nothing was written") -> Iterator[None]:
+    """Say the decoders' errors, which Ray wraps, plainly, with what to do: too many unreadable videos, storage that
+    did not answer. `written`: what the failure leaves behind."""
+    from workflows.data.drops import TooManyBadVideos
+    from workflows.data.pipeline import decode_failure
+    from workflows.data.video import StorageUnreachable
+
+    try:
+        yield
+    except Exception as exc:
+        plain = decode_failure(exc)
+        if isinstance(plain, TooManyBadVideos):
+            raise TooManyBadVideos(f"{plain} {written}. To score the readable videos anyway: "
+                                   f"--set data.max_bad_fraction=1.0") from None
+        if isinstance(plain, StorageUnreachable):
+            raise StorageUnreachable(f"{plain}. {written}; run again once the storage answers "
+                                     f"(data.storage_retry_s sets how long a read is retried)") from None
+        raise
+
+
+def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True) -> ViewResults:
+    """Decode every video of the plan's manifest into views x crops clips, score them in an actor pool, and sum
+    the softmax scores per video on the driver."""
+    import ray
+    import torch
+
+    from workflows.data.drops import get_drop_report
+    from workflows.metrics import VideoScores
+
+    pipeline = start_scoring(plan, actors)
     total = len(plan.manifest)
     per_video = plan.views * plan.crops
     if progress:
-        print(f"{LOG_PREFIX} scoring {total} videos x {plan.views} views x {plan.crops} crops on {pool} "
-              f"{'GPU' if use_gpu else 'CPU'} actor(s), {plan.mode} logits, {len(plan.class_names)} classes",
-              flush=True)
+        print(f"{LOG_PREFIX} scoring {total} videos x {plan.views} views x {plan.crops} crops on "
+              f"{pipeline.describe()}, {plan.mode} logits, {len(plan.class_names)} classes", flush=True)
     scores = VideoScores(len(plan.class_names))
     rows_per_video: dict[int, int] = {}
     start = last = time.perf_counter()
     rows = 0
     try:
-        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-            scores.add(torch.tensor(batch["video_index"]), torch.tensor(batch["logits"]), torch.tensor(batch["label"]))
-            rows += len(batch["video_index"])
-            for vid in batch["video_index"].tolist():
-                rows_per_video[vid] = rows_per_video.get(vid, 0) + 1
-            now = time.perf_counter()
-            if progress and now - last > 5:
-                last = now
-                done = rows / per_video
-                eta = (total - done) * (now - start) / max(done, 1e-9)
-                print(f"{LOG_PREFIX} {done:.0f}/{total} videos ({100 * done / total:.0f}%), "
-                      f"{rows / (now - start):.1f} clips/s, ETA {eta / 60:.1f} min", flush=True)
-        drops = get_drop_report("eval", 0, name=name)
-        dropped_videos = ray.get(counter.dropped_videos.remote("eval", 0))
-    except Exception as exc:  # Ray wraps the decoders' errors; say them plainly
-        plain = decode_failure(exc)
-        if isinstance(plain, TooManyBadVideos):
-            raise TooManyBadVideos(f"{plain} To score the readable videos anyway: --set data.max_bad_fraction=1.0") \
-                from None
-        if isinstance(plain, StorageUnreachable):
-            raise StorageUnreachable(f"{plain}. Nothing was written; run the evaluation again once the storage "
-                                     f"answers (data.storage_retry_s sets how long a read is retried)") from None
-        raise
+        with plain_scoring_errors():
+            for batch in pipeline.views.iter_batches(batch_size=None, batch_format="numpy"):
+                scores.add(torch.tensor(batch["video_index"]), torch.tensor(batch["logits"]),
+                           torch.tensor(batch["label"]))
+                rows += len(batch["video_index"])
+                for vid in batch["video_index"].tolist():
+                    rows_per_video[vid] = rows_per_video.get(vid, 0) + 1
+                now = time.perf_counter()
+                if progress and now - last > 5:
+                    last = now
+                    print(f"{LOG_PREFIX} {progress_line(rows / per_video, total, rows, now - start)}", flush=True)
+            drops = get_drop_report("eval", 0, name=pipeline.counter_name)
+            dropped_videos = ray.get(pipeline.counter.dropped_videos.remote("eval", 0))
     finally:
-        ray.kill(counter)
+        ray.kill(pipeline.counter)
     seconds = time.perf_counter() - start
     if progress:
         print(f"{LOG_PREFIX} scored {rows} clips of {len(rows_per_video)} videos in {seconds:.1f} s", flush=True)
     return ViewResults(scores=scores, rows=rows, rows_per_video=rows_per_video, drops=drops,
                        dropped_videos=dropped_videos, seconds=seconds)
+
+
+def progress_line(done: float, total: int, clips: int, seconds: float) -> str:
+    """`done` of `total` videos, the clip rate and the time left at that rate."""
+    eta = (total - done) * seconds / max(done, 1e-9)
+    return (f"{done:.0f}/{total} videos ({100 * done / max(total, 1):.0f}%), {clips / max(seconds, 1e-9):.1f} clips/s, "
+            f"ETA {eta / 60:.1f} min")
 
 
 def decoded_where_seen(data: Any, manifest: Any) -> Any:
@@ -703,19 +747,16 @@ def main(argv: list[str]) -> int:
                           zero_shot_fusion=args.zero_shot_fusion, clip_only=args.clip_only, preset=args.preset,
                           out=args.out, actors=args.actors, mlflow=args.mlflow, tracking_uri=args.tracking_uri,
                           verbose=args.verbose, save_scores=args.save_scores, clip_seconds=args.clip_seconds)
-    if args.json:  # keep stdout for the JSON alone
-        real_stdout, sys.stdout = sys.stdout, sys.stderr
+    from workflows.console import stdout_kept_for_json
     from workflows.data.drops import TooManyBadVideos
     from workflows.data.video import StorageUnreachable
 
     try:
-        metrics = run_evaluate(request)
+        with stdout_kept_for_json(args.json):
+            metrics = run_evaluate(request)
     except (ConfigError, ValueError, FileNotFoundError, TooManyBadVideos, StorageUnreachable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if args.json:
-            sys.stdout = real_stdout
     print(format_summary(metrics), file=sys.stderr if args.json else sys.stdout)
     print(f"results in {metrics['out_dir']}", file=sys.stderr if args.json else sys.stdout, flush=True)
     if metrics.get("mlflow_run_id"):

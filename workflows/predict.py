@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from workflows.config_loader import ConfigError
+from workflows.config_loader import ConfigError, add_override_option
 from workflows.inference import (
     Mode,
     load_predictor,
@@ -317,8 +317,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows predict",
                                      description=__doc__.split("\n")[0].rstrip(":"))
-    parser.add_argument("videos", nargs="+", help="video files (local paths or URIs pyarrow reads), folders (their "
-                                                  "videos at any depth) or quoted glob patterns")
+    parser.add_argument("videos", nargs="*", help="video files (local paths or URIs pyarrow reads), folders (their "
+                                                  "videos at any depth, a bucket prefix too) or quoted glob patterns")
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint directory, a run directory (local or in a bucket, s3://...), or a "
                              "registered model models:/NAME/VERSION")
@@ -337,20 +337,30 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--clip-seconds", type=float,
                         help="score long videos in clips of this many seconds (centred, as `data import folders "
                              "--clip-seconds` cuts them): a line per clip, then the video as their mean")
-    parser.add_argument("--json", action="store_true", help="print one JSON list instead of tables")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of tables (with --ray: the "
+                                                          "summary as JSON)")
+    on_ray = parser.add_argument_group("a whole corpus on Ray (--ray)")
+    on_ray.add_argument("--ray", action="store_true",
+                        help="score on Ray (the running cluster, else a local one): decoders on the CPU nodes, a pool "
+                             "of scoring actors on the GPUs; rows written to --out as they come, and the same command "
+                             "continues a job that was stopped")
+    on_ray.add_argument("--out", help="with --ray: the folder for predictions.csv (and file_predictions.csv)")
+    on_ray.add_argument("--manifest", help="with --ray: a CSV/TSV/Parquet list of videos (a path column; label, "
+                                           "start and end read when present)")
+    on_ray.add_argument("--actors", type=int, help="with --ray: scoring actors (default: one per GPU, or CPUs / 4 "
+                                                   "capped at 4)")
+    add_override_option(on_ray, "with --ray: override a key of the checkpoint's recipe, e.g. --set eval.batch_size=32 "
+                                "or --set data.max_bad_fraction=1.0")
+    on_ray.add_argument("--verbose", action="store_true", help="with --ray: also print Ray's own log lines")
     args = parser.parse_args(argv)
-    if args.clip_seconds is not None:
-        from workflows.data.clips import check_clip_seconds
-
-        try:
-            check_clip_seconds(args.clip_seconds)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    for flag, value in (("--views", args.views), ("--top", args.top)):
-        if value is not None and value < 1:
-            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+    if args.ray or args.out or args.manifest or args.actors is not None or args.overrides or args.verbose:
+        return _main_on_ray(args)
+    if not args.videos:
+        parser.error("give at least one video file, folder or pattern (or --ray --manifest M --out DIR)")
+    refusal = _bad_count(args)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -424,6 +434,61 @@ def main(argv: list[str]) -> int:
         print(f"{report.unread_clips} clips could not be read; their videos were scored on their other clips",
               file=sys.stderr)
     return 1 if report.failed or report.unread_clips else 0
+
+
+def _bad_count(args: argparse.Namespace) -> str | None:
+    """Why a count or length flag is unusable (None: all are)."""
+    for flag, value in (("--views", args.views), ("--top", args.top), ("--actors", args.actors)):
+        if value is not None and value < 1:
+            return f"{flag} must be >= 1, got {value}"
+    if args.clip_seconds is not None:
+        from workflows.data.clips import check_clip_seconds
+
+        try:
+            check_clip_seconds(args.clip_seconds)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def _main_on_ray(args: argparse.Namespace) -> int:
+    """`predict --ray`: the corpus scored on Ray into --out (workflows.batch_predict)."""
+    from workflows.batch_predict import BatchRequest, format_summary, run_batch_predict
+    from workflows.console import stdout_kept_for_json
+    from workflows.data.drops import TooManyBadVideos
+    from workflows.data.video import StorageUnreachable
+
+    needs = [flag for flag, given in (("--ray", args.ray), ("--out", args.out)) if not given]
+    if needs:
+        given = next(flag for flag, on in (("--out", args.out), ("--manifest", args.manifest),
+                                           ("--actors", args.actors is not None), ("--set", args.overrides),
+                                           ("--verbose", args.verbose), ("--ray", args.ray)) if on)
+        print(f"error: {given} needs {' and '.join(needs)}: `predict --ray --out DIR` scores a corpus on Ray and "
+              f"writes predictions.csv into DIR (without them, predict prints the top classes of a few files here)",
+              file=sys.stderr)
+        return 2
+    if args.device != "auto":
+        print("error: --device is for predict on this machine; with --ray the scoring actors take the cluster's GPUs "
+              "(or CPUs when it has none)", file=sys.stderr)
+        return 2
+    refusal = _bad_count(args)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
+    request = BatchRequest(checkpoint=args.checkpoint, out=args.out, videos=args.videos, manifest=args.manifest,
+                           labels=args.labels, tracking_uri=args.tracking_uri, views=args.views, crops=args.crops,
+                           top=args.top, zero_shot_fusion=args.zero_shot_fusion, clip_seconds=args.clip_seconds,
+                           actors=args.actors, overrides=args.overrides, verbose=args.verbose)
+    try:
+        with stdout_kept_for_json(args.json):
+            result = run_batch_predict(request)
+    except (ConfigError, ValueError, FileNotFoundError, TooManyBadVideos, StorageUnreachable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(result), file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 1 if result["dropped_total"] else 0
 
 
 if __name__ == "__main__":

@@ -45,6 +45,39 @@ def is_mirrored(clip: np.ndarray) -> bool:
     return g[:, :, :half].mean() > g[:, :, half:].mean()
 
 
+SMOKE = Path(__file__).resolve().parents[2] / "workflows" / "configs" / "smoke.yaml"
+CLASSES = [f"cls{i}" for i in range(len(GOOD_VIDEOS))]  # the classes of video_dir's labels.json
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, video_dir: Path) -> Path:
+    """(evaluate, predict) A run directory with two checkpoints (steps 1 and 2) of the tiny DiST, trained on
+    nothing: its weights are the seeded init plus a fixed perturbation, so a wrongly loaded model shows."""
+    import torch
+
+    from dist_model import build_dist
+    from workflows.checkpoints import write_model_files
+    from workflows.config_loader import dump_yaml
+    from workflows.recipe import load_recipe, recipe_to_dict
+
+    root = tmp_path_factory.mktemp("eval-runs")
+    good, labels = video_dir / "good.csv", video_dir / "labels.json"
+    recipe = load_recipe(SMOKE, [f"data.train_manifest={good}", f"data.val_manifest={good}", f"data.labels={labels}",
+                                 f"run.storage_path={root}", "run.name=evaltest"])
+    torch.manual_seed(recipe.train.seed)  # as pretrain does: the random-init frozen CLIP follows the seed
+    model = build_dist(recipe.model_cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.trainable.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    for step in (1, 2):
+        state = {"step": step, "epoch": 0, "position": 0, "model": recipe_to_dict(recipe)["model"],
+                 "class_names": CLASSES, "metrics": {}}
+        write_model_files(root / "evaltest" / f"checkpoint_00000{step - 1}", model=model, state=state,
+                          recipe_yaml=dump_yaml(recipe))
+    return root / "evaltest"
+
+
 @pytest.fixture(scope="session")
 def video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of good index videos (GOOD_VIDEOS), bad ones, a labels.json and manifests:

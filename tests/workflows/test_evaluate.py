@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.workflows.conftest import GOOD_VIDEOS
-from workflows.checkpoints import read_state, read_weights, write_model_files
-from workflows.config_loader import ConfigError, dump_yaml
+from tests.workflows.conftest import CLASSES, GOOD_VIDEOS, SMOKE
+from workflows.checkpoints import read_state, read_weights
+from workflows.config_loader import ConfigError
 from workflows.data.manifest import save_labels
 from workflows.evaluate import EvalRequest, plan_evaluation
 from workflows.evaluate import main as evaluate_main
@@ -23,33 +23,7 @@ from workflows.inference import build_eval_model, model_logits, read_checkpoint,
 from workflows.predict import main as predict_main
 from workflows.recipe import load_recipe, recipe_to_dict
 
-SMOKE = Path(__file__).resolve().parents[2] / "workflows" / "configs" / "smoke.yaml"
 N = len(GOOD_VIDEOS)
-CLASSES = [f"cls{i}" for i in range(N)]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, video_dir: Path) -> Path:
-    """A run directory with two checkpoints (steps 1 and 2) of the tiny DiST, trained on nothing: its weights are
-    the seeded init plus a fixed perturbation, so a wrongly loaded model shows."""
-    root = tmp_path_factory.mktemp("eval-runs")
-    good, labels = video_dir / "good.csv", video_dir / "labels.json"
-    recipe = load_recipe(SMOKE, [f"data.train_manifest={good}", f"data.val_manifest={good}", f"data.labels={labels}",
-                                 f"run.storage_path={root}", "run.name=evaltest"])
-    torch.manual_seed(recipe.train.seed)  # as pretrain does: the random-init frozen CLIP follows the seed
-    from dist_model import build_dist
-
-    model = build_dist(recipe.model_cfg)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.trainable.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    for step in (1, 2):
-        state = {"step": step, "epoch": 0, "position": 0, "model": recipe_to_dict(recipe)["model"],
-                 "class_names": CLASSES, "metrics": {}}
-        write_model_files(root / "evaltest" / f"checkpoint_00000{step - 1}", model=model, state=state,
-                          recipe_yaml=dump_yaml(recipe))
-    return root / "evaltest"
 
 
 @pytest.fixture(scope="module")

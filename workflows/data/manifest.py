@@ -416,18 +416,20 @@ def _float_or_nan(value: object, column: str) -> float:
     return out
 
 
-def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = True) -> Manifest:
+def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = True,
+                  labelled: bool = True) -> Manifest:
     """Read and validate a manifest. With `strict`, a label missing from `labels` is an error naming the rows;
     otherwise such rows get label -1 and are listed in `Manifest.unknown_labels`. `labels=None` skips the check
-    (every label is then -1 unless it is an integer)."""
+    (every label is then -1 unless it is an integer). `labelled=False`: a manifest without a label column is read
+    too (a list of videos to classify), every label then empty."""
     table, lines = _read_table_lines(path)
-    missing = [c for c in ("path", "label") if c not in table.column_names]
+    missing = [c for c in ("path", "label") if c not in table.column_names and (labelled or c == "path")]
     if missing:
         raise ManifestError(f"manifest {path} lacks column(s) {missing}; it has {table.column_names} "
-                            f"(expected path,label[,start,end])")
+                            f"(expected path{',label' if labelled else '[,label]'}[,start,end])")
     base = parent_dir(path)
     raw_paths = table.column("path").to_pylist()
-    raw_labels = table.column("label").to_pylist()
+    raw_labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(raw_paths)
     starts = table.column("start").to_pylist() if "start" in table.column_names else [None] * len(raw_paths)
     ends = table.column("end").to_pylist() if "end" in table.column_names else [None] * len(raw_paths)
     n = len(raw_paths)

@@ -1,0 +1,183 @@
+"""`workflows predict --ray` (workflows.batch_predict): a corpus scored on Ray into predictions.csv, on real mp4
+files and the tiny checkpoint of `run_dir`, checked against `predict` on this machine; a job that was stopped, or
+whose driver was SIGKILLed, continues where it stopped."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.workflows.conftest import GOOD_VIDEOS
+from workflows.predict import main as predict_main
+
+N = len(GOOD_VIDEOS)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _top(row: dict[str, str]) -> list[tuple[str, float]]:
+    return [(row[f"class_{k}"], float(row[f"prob_{k}"])) for k in range(1, 6) if row.get(f"class_{k}")]
+
+
+def _assert_same_top(row: dict[str, str], expected: list[tuple[str, float]], rel: float = 1e-3) -> None:
+    got = _top(row)
+    assert [name for name, _ in got] == [name for name, _ in expected], row["path"]
+    assert [p for _, p in got] == pytest.approx([p for _, p in expected], rel=rel, abs=2e-6), row["path"]
+
+
+def test_flags_that_need_ray_say_so_and_a_foreign_folder_is_refused(run_dir: Path, video_dir: Path, tmp_path: Path,
+                                                                      capsys) -> None:
+    """Before any Ray work: --out without --ray, --ray without --out, --device with --ray, and an --out that holds
+    a predictions.csv this command did not write."""
+    video = str(video_dir / "clips" / "wide.mp4")
+    assert predict_main(["--checkpoint", str(run_dir), video, "--out", str(tmp_path / "o")]) == 2
+    assert "--out needs --ray" in capsys.readouterr().err
+    assert predict_main(["--checkpoint", str(run_dir), video, "--ray"]) == 2
+    assert "--ray needs --out" in capsys.readouterr().err
+    assert predict_main(["--checkpoint", str(run_dir), video, "--ray", "--out", str(tmp_path), "--device", "cpu"]) == 2
+    assert "--device is for predict on this machine" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "predictions.csv").write_text("path,label\n")
+    assert predict_main(["--checkpoint", str(run_dir), video, "--ray", "--out", str(foreign)]) == 2
+    assert "that `predict --ray` did not write" in capsys.readouterr().err
+    assert predict_main(["--checkpoint", str(run_dir), "--ray", "--out", str(tmp_path / "none")]) == 2
+    assert "nothing to predict" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_predict_on_ray_scores_as_predict_here_and_lists_what_could_not_be_read(ray_local, run_dir: Path,
+                                                                                video_dir: Path, tmp_path: Path,
+                                                                                capsys) -> None:
+    """A manifest (its labels ignored) with good and unreadable videos: every row written once, the good ones with
+    the top classes `predict` gives on this machine for the same views x crops, the others with why."""
+    from workflows.inference import load_predictor
+    from workflows.predict import predict_video
+
+    out = tmp_path / "out"
+    rc = predict_main(["--ray", "--checkpoint", str(run_dir), "--manifest", str(video_dir / "bad.csv"), "--views", "2",
+                       "--crops", "3", "--out", str(out), "--json", "--set", "data.max_bad_fraction=1.0"])
+    captured = capsys.readouterr()
+    assert rc == 1, captured.err  # some videos could not be read
+    result = json.loads(captured.out)
+    rows = _rows(out / "predictions.csv")
+    assert sorted(int(r["video_index"]) for r in rows) == list(range(N + 4))
+    assert {Path(r["path"]).name: r["dropped"].split(":")[0] for r in rows if r["dropped"]} == \
+        {"missing.mp4": "missing", "empty.mp4": "empty", "truncated.mp4": "truncated", "random.mp4": "corrupt"}
+    assert result["predicted"] == N and result["dropped_total"] == 4 and result["files"] == 0
+    assert "4 could not be read" in captured.err
+    model, recipe, names = load_predictor(str(run_dir))
+    for row in (r for r in rows if not r["dropped"]):
+        _assert_same_top(row, predict_video(model, recipe, names, row["path"], views=2, crops=3, top=5))
+    assert not (out / "file_predictions.csv").exists()
+    job = json.loads((out / "job.json").read_text())
+    assert (job["views"], job["crops"], job["step"], job["rows"]) == (2, 3, 2, N + 4)
+
+
+@pytest.mark.integration
+def test_a_stopped_job_continues_and_another_job_is_refused(ray_local, run_dir: Path, video_dir: Path,
+                                                            tmp_path: Path, capsys) -> None:
+    """The same command after a stop scores only what is not written: a cut last line and the videos that could not
+    be read are scored again; the result is the uninterrupted one. Other settings into the same folder are refused,
+    naming what changed."""
+    out = tmp_path / "out"
+    args = ["--ray", "--checkpoint", str(run_dir), str(video_dir / "clips"), "--out", str(out), "--views", "2",
+            "--set", "data.max_bad_fraction=1.0"]
+    assert predict_main(args) == 1  # the folder holds three unreadable files
+    capsys.readouterr()
+    first = {r["video_index"]: r for r in _rows(out / "predictions.csv")}
+    assert len(first) == N + 3
+    # As a stop leaves it: a few rows written, one of them a video that could not be read, the last line cut.
+    scored = [i for i, r in first.items() if not r["dropped"]]
+    unreadable = next(i for i, r in first.items() if r["dropped"])
+    lines = (out / "predictions.csv").read_text().splitlines(keepends=True)
+    by_index = {line.split(",", 1)[0]: line for line in lines[1:]}
+    cut = by_index[scored[2]]
+    (out / "predictions.csv").write_text(lines[0] + by_index[scored[0]] + by_index[scored[1]] + by_index[unreadable]
+                                         + cut[: len(cut) // 2])
+    assert predict_main(args) == 1
+    captured = capsys.readouterr()
+    assert f"continuing: 2 written before, {N + 1} to go" in captured.out
+    again = _rows(out / "predictions.csv")
+    assert sorted(int(r["video_index"]) for r in again) == list(range(N + 3))  # each row once
+    for row in again:
+        before = first[row["video_index"]]
+        assert row["dropped"].split(":")[0] == before["dropped"].split(":")[0]
+        if not row["dropped"]:
+            _assert_same_top(row, _top(before), rel=1e-5)
+    # Another job into the same folder: refused before any work, naming what changed.
+    assert predict_main([*args[:-3], "3", *args[-2:]]) == 2
+    assert "holds the predictions of another job (views 2 then, 3 now)" in capsys.readouterr().err
+    assert len(_rows(out / "predictions.csv")) == N + 3
+
+
+@pytest.mark.integration
+def test_long_files_are_scored_per_clip_and_as_the_mean_of_their_clips(ray_local, run_dir: Path, video_dir: Path,
+                                                                       tmp_path: Path, capsys) -> None:
+    """--clip-seconds: a 2.33 s video as two 1 s clips and one file row (the mean of the clips' probabilities: the
+    top 5 are all 5 classes here), the answer `predict --clip-seconds` gives on this machine; a video shorter than a
+    clip is one row, and no file row."""
+    clips = video_dir / "clips"
+    mid, tall = str(clips / "mid.mp4"), str(clips / "tall.mp4")  # 2.33 s, 0.8 s
+    out = tmp_path / "out"
+    assert predict_main(["--ray", "--checkpoint", str(run_dir), mid, tall, "--clip-seconds", "1", "--out",
+                         str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "shorter than --clip-seconds 1" in captured.out
+    rows = sorted(_rows(out / "predictions.csv"), key=lambda r: int(r["video_index"]))
+    assert [(r["path"], r["start"], r["end"]) for r in rows] == [(mid, "0.167", "1.167"), (mid, "1.167", "2.167"),
+                                                                 (tall, "", "")]
+    (whole,) = _rows(out / "file_predictions.csv")
+    assert (whole["path"], whole["clips"], whole["read_clips"], whole["dropped"]) == (mid, "2", "2", "")
+    mean = {name: sum(dict(_top(r))[name] for r in rows[:2]) / 2 for name, _ in _top(rows[0])}
+    assert dict(_top(whole)) == pytest.approx(mean, abs=2e-6)
+    assert predict_main(["--checkpoint", str(run_dir), mid, "--clip-seconds", "1", "--json"]) == 0
+    (here,) = json.loads(capsys.readouterr().out)
+    _assert_same_top(whole, [(t["class"], t["prob"]) for t in here["top"]])
+
+
+@pytest.mark.integration
+def test_a_job_whose_driver_is_killed_continues_where_it_stopped(ray_local, run_dir: Path, video_dir: Path,
+                                                                 tmp_path: Path, capsys) -> None:
+    """A real SIGKILL of the driver (a separate process on the same Ray cluster) while rows are being written; the
+    same command run again writes the rest, and every video is in predictions.csv exactly once."""
+    videos = tmp_path / "many"
+    videos.mkdir()
+    names = list(GOOD_VIDEOS)
+    total = 240
+    for i in range(total):
+        (videos / f"v{i:03d}.mp4").symlink_to(video_dir / "clips" / f"{names[i % N]}.mp4")
+    out = tmp_path / "out"
+    args = ["--ray", "--checkpoint", str(run_dir), str(videos), "--out", str(out), "--views", "8"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen([sys.executable, "-m", "workflows", "predict", *args], cwd=REPO, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    predictions = out / "predictions.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None:
+        if predictions.exists() and predictions.read_text().count("\n") >= 2:  # the header and a row at least
+            break
+        time.sleep(0.05)
+    assert driver.poll() is None, f"the job ended before it could be killed:\n{(tmp_path / 'driver.log').read_text()}"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+    written = len(_rows(predictions))
+    assert 0 < written < total
+    assert predict_main(args) == 0
+    captured = capsys.readouterr()
+    assert "continuing: " in captured.out and f"{total} predicted" in captured.out
+    indices = [int(r["video_index"]) for r in _rows(predictions)]
+    assert sorted(indices) == list(range(total))

@@ -1,0 +1,458 @@
+"""Classify a whole corpus with a checkpoint on Ray: `python -m workflows predict --ray --out DIR --checkpoint C
+[--labels L] [videos, folders, bucket prefixes ...] [--manifest M] [--clip-seconds S] [--top 5] ...`.
+
+`predict` without `--ray` classifies a few files on this machine; this is the same scoring for a library of videos:
+the ingest layer decodes on the cluster's CPU nodes and `evaluate`'s actor pool scores (one GPU per actor when the
+cluster has GPUs), with the views, crops and fusion `predict` uses. No label is needed: the videos are the inputs'
+files, or a manifest's `path` column (its `label`, `start` and `end` columns are read when present; labels are
+ignored).
+
+Results are written as they come, a row per video (or clip) in `predictions.csv` in the order they finish, and a
+row per long file in `file_predictions.csv` (the mean of its read clips' probabilities, as `evaluate` scores a
+file). `job.json` records what the job is; run the same command again after it was stopped or killed and it scores
+only what is not written yet (a cut last line is dropped; the rows of a file whose clips were not all written, and
+the videos that could not be read, are scored again). The driver holds the scores of the videos in flight only, so
+the corpus's size is bounded by the disk, not the driver's memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workflows.config_loader import ConfigError
+
+LOG_PREFIX = "[predict]"
+PREDICTIONS = "predictions.csv"
+FILE_PREDICTIONS = "file_predictions.csv"
+JOB_FILE = "job.json"
+
+
+@dataclass
+class BatchRequest:
+    """What the command line asked for (None = the checkpoint recipe's eval section)."""
+
+    checkpoint: str
+    out: str
+    videos: list[str] = field(default_factory=list)  # files, folders, bucket prefixes, glob patterns
+    manifest: str | None = None
+    labels: str | None = None
+    tracking_uri: str | None = None
+    views: int | None = None
+    crops: int | None = None
+    top: int = 5
+    zero_shot_fusion: bool | None = None
+    clip_seconds: float | None = None
+    actors: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    verbose: bool = False
+
+
+@dataclass
+class Rows:
+    """The rows to score: one per video, or per clip of a long one; `video_index` is the row's place here."""
+
+    paths: list[str]
+    starts: list[float]
+    ends: list[float]
+    notes: list[str] = field(default_factory=list)  # with --clip-seconds: the videos left whole, and why
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def groups(self) -> dict[str, list[int]]:
+        """{path: its rows} for each file named by more than one row (clips of a long file)."""
+        by_path: dict[str, list[int]] = {}
+        for i, path in enumerate(self.paths):
+            by_path.setdefault(path, []).append(i)
+        return {path: rows for path, rows in by_path.items() if len(rows) > 1}
+
+    def digest(self) -> str:
+        """What identifies the job's rows across runs: each row's path and window, in order."""
+        text = "\n".join(f"{p}\t{_cell(s)}\t{_cell(e)}" for p, s, e in zip(self.paths, self.starts, self.ends,
+                                                                             strict=True))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def manifest(self, source: str, rows: list[int]) -> Any:
+        """The given rows as an unlabelled workflows.data.manifest.Manifest (label -1), keeping their indices."""
+        import pyarrow as pa
+
+        from workflows.data.manifest import Manifest
+
+        table = pa.table({
+            "video_index": pa.array(np.asarray(rows, np.int64)),
+            "path": pa.array([self.paths[i] for i in rows], pa.string()),
+            "label": pa.array(np.full(len(rows), -1, np.int64)),
+            "label_name": pa.array([""] * len(rows), pa.string()),
+            "start": pa.array(np.asarray([self.starts[i] for i in rows], np.float64)),
+            "end": pa.array(np.asarray([self.ends[i] for i in rows], np.float64)),
+        })
+        return Manifest(table=table, source=source)
+
+
+def _cell(value: float) -> str:
+    """A start/end cell: empty when not set (NaN)."""
+    return "" if value is None or value != value else format(value, ".10g")
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None or value == "" else float(value)
+
+
+def rows_to_score(request: BatchRequest) -> Rows:
+    """The inputs as rows: the videos of the files, folders and prefixes given (each once, in order), then the
+    manifest's rows; with --clip-seconds each whole video cut into centred clips (`clips.cut_into_clips`, as
+    `data clips` cuts; rows that are clips already are kept)."""
+    from workflows.predict import expand_inputs
+
+    videos = list(dict.fromkeys(expand_inputs(request.videos))) if request.videos else []
+    if request.videos and not videos:
+        raise ConfigError(f"no video files in {' '.join(request.videos)}")
+    listed: list[dict[str, Any]] = [{"path": path, "start": None, "end": None} for path in videos]
+    if request.manifest:
+        from workflows.data.manifest import load_manifest
+
+        table = load_manifest(request.manifest, None, labelled=False).table
+        listed += [{"path": path, "start": None if math.isnan(a) else a, "end": None if math.isnan(b) else b}
+                   for path, a, b in zip(*(table.column(c).to_pylist() for c in ("path", "start", "end")),
+                                         strict=True)]
+    if not listed:
+        raise ConfigError("nothing to predict: give video files, folders or bucket prefixes, or --manifest")
+    notes: list[str] = []
+    if request.clip_seconds is not None:
+        from workflows.data.clips import cut_into_clips
+
+        cut, notes = cut_into_clips({"rows": [{**row, "location": row["path"]} for row in listed]},
+                                    request.clip_seconds, progress=True)
+        listed = cut["rows"]
+    return Rows([str(r["path"]) for r in listed], [_float(r.get("start")) for r in listed],
+                [_float(r.get("end")) for r in listed], notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the job's record and what an earlier run wrote
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def job_identity(request: BatchRequest, plan: Any, rows: Rows) -> dict[str, Any]:
+    """What must not change between a run and its continuation: the same model, classes, scoring and rows."""
+    return {
+        "checkpoint": plan.checkpoint_source or str(plan.checkpoint), "step": plan.state.get("step"),
+        "classes": hashlib.sha256("\n".join(plan.class_names).encode()).hexdigest()[:16],
+        "num_classes": len(plan.class_names), "mode": plan.mode, "views": plan.views, "crops": plan.crops,
+        "top": request.top, "clip_seconds": request.clip_seconds, "rows": len(rows), "rows_digest": rows.digest(),
+    }
+
+
+def _columns(top: int) -> list[str]:
+    ranked = [c for k in range(1, top + 1) for c in (f"class_{k}", f"prob_{k}")]
+    return ["video_index", "path", "start", "end", *ranked, "dropped"]
+
+
+def _file_columns(top: int) -> list[str]:
+    ranked = [c for k in range(1, top + 1) for c in (f"class_{k}", f"prob_{k}")]
+    return ["path", "clips", "read_clips", *ranked, "dropped"]
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV this module wrote, without a last line cut by a kill (a line without its newline)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return list(csv.DictReader(text.splitlines()))
+
+
+def _rewrite(path: Path, columns: list[str], rows: list[dict[str, str]]) -> None:
+    """Replace `path` with `rows`, whole or not at all (a kill leaves the old file or the new one)."""
+    partial = path.with_suffix(".partial")
+    with partial.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(path)
+
+
+def continue_job(out: Path, identity: dict[str, Any], rows: Rows, top: int) -> set[int]:
+    """The rows an earlier run of this job finished (none for a new job), after setting `out` to hold exactly
+    those: a video's scored row; a long file's rows and its file row once its file row is written. Everything
+    else (a cut last line, videos that could not be read, the clips of a file not finished) is scored again.
+    ConfigError when `out` holds another job's predictions."""
+    record = out / JOB_FILE
+    if not record.exists():
+        if (out / PREDICTIONS).exists():
+            raise ConfigError(f"--out {out} holds a {PREDICTIONS} that `predict --ray` did not write (no {JOB_FILE}): "
+                              f"choose another --out")
+        return set()
+    try:
+        earlier = json.loads(record.read_text())
+    except ValueError:
+        earlier = {}
+    changed = [f"{key} {earlier.get(key)!r} then, {value!r} now" for key, value in identity.items()
+               if earlier.get(key) != value]
+    if changed:
+        raise ConfigError(f"--out {out} holds the predictions of another job ({'; '.join(changed[:3])}): choose "
+                          f"another --out, or delete {out} to start again")
+    groups = rows.groups()
+    group_of = {i: path for path, members in groups.items() for i in members}
+    files_done = {r["path"]: r for r in _read_rows(out / FILE_PREDICTIONS) if not r["dropped"] and r["path"] in groups}
+    kept = []
+    for row in _read_rows(out / PREDICTIONS):
+        index = int(row["video_index"])
+        if not 0 <= index < len(rows) or rows.paths[index] != row["path"]:
+            continue  # not this job's row (cannot happen unless edited): scored again
+        if (index in group_of and group_of[index] in files_done) or (index not in group_of and not row["dropped"]):
+            kept.append(row)
+    unique = {int(r["video_index"]): r for r in kept}  # a row written twice counts once
+    _rewrite(out / PREDICTIONS, _columns(top), [unique[i] for i in sorted(unique)])
+    if groups:
+        _rewrite(out / FILE_PREDICTIONS, _file_columns(top), list(files_done.values()))
+    return set(unique)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# collecting the scores as they come
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Collector:
+    """Per-view logits in, rows out: a video's row once all its views x crops are scored (its probabilities, the
+    mean softmax over them, then dropped), a long file's row once all its clips are written. Appends to the
+    output files and flushes them every `flush_s` seconds."""
+
+    def __init__(self, out: Path, rows: Rows, todo: list[int], class_names: list[str], per_video: int, top: int,
+                 flush_s: float = 2.0) -> None:
+        self.rows, self.names, self.per_video, self.top = rows, class_names, per_video, min(top, len(class_names))
+        self.width = top
+        self.sums: dict[int, np.ndarray] = {}
+        self.seen: Counter[int] = Counter()
+        todo_set = set(todo)
+        self.groups = {path: members for path, members in rows.groups().items() if todo_set & set(members)}
+        self.group_of = {i: path for path, members in self.groups.items() for i in members}
+        self.file_sums: dict[str, np.ndarray] = {}
+        self.file_read: Counter[str] = Counter()
+        self.file_left = {path: len(members) for path, members in self.groups.items()}
+        self.written = 0
+        self.dropped = 0
+        self.clips = 0
+        self.flush_s, self.last_flush = flush_s, time.monotonic()
+        self.files = [self._open(out / PREDICTIONS, _columns(top))]
+        if self.groups:  # long files cut into clips: a row per file too
+            self.files.append(self._open(out / FILE_PREDICTIONS, _file_columns(top)))
+        self.out, self.file_out = csv.writer(self.files[0]), csv.writer(self.files[-1])
+
+    @staticmethod
+    def _open(path: Path, columns: list[str]) -> Any:
+        new = not path.exists() or path.stat().st_size == 0
+        handle = path.open("a", newline="")
+        if new:
+            csv.writer(handle).writerow(columns)
+        return handle
+
+    def _ranked(self, probs: np.ndarray | None) -> list[Any]:
+        if probs is None:
+            return [""] * (2 * self.width)
+        order = np.argsort(-probs, kind="stable")[: self.top]
+        cells = [c for k in order for c in (self.names[k], round(float(probs[k]), 6))]
+        return cells + [""] * (2 * self.width - len(cells))
+
+    def add(self, video_index: np.ndarray, logits: np.ndarray) -> None:
+        """One batch of per-view logits (N, K) of the rows `video_index` (N,)."""
+        shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+        probs = np.exp(shifted)
+        probs /= probs.sum(axis=1, keepdims=True)
+        self.clips += len(video_index)
+        for vid, p in zip(video_index.tolist(), probs, strict=True):
+            self.sums[vid] = self.sums[vid] + p if vid in self.sums else p
+            self.seen[vid] += 1
+            if self.seen[vid] == self.per_video:
+                self._write(vid, self.sums.pop(vid) / self.per_video)
+        self._flush_now_and_then()
+
+    def _write(self, vid: int, probs: np.ndarray | None, why: str = "") -> None:
+        self.seen.pop(vid, None)
+        self.out.writerow([vid, self.rows.paths[vid], _cell(self.rows.starts[vid]), _cell(self.rows.ends[vid]),
+                           *self._ranked(probs), why])
+        self.written += 1
+        self.dropped += bool(why)
+        path = self.group_of.get(vid)
+        if path is None:
+            return
+        if probs is not None:
+            self.file_sums[path] = self.file_sums[path] + probs if path in self.file_sums else probs
+            self.file_read[path] += 1
+        self.file_left[path] -= 1
+        if not self.file_left[path]:
+            self._write_file(path, why)
+
+    def _write_file(self, path: str, why: str) -> None:
+        read = self.file_read.pop(path, 0)
+        probs = self.file_sums.pop(path) / read if read else None
+        self.file_out.writerow([path, len(self.groups[path]), read, *self._ranked(probs),
+                                "" if read else f"none of its clips could be read ({why})"])
+
+    def finish(self, dropped: dict[int, str]) -> None:
+        """The rows that could not be read, each with why; then every output file flushed and closed."""
+        for vid in sorted(dropped):
+            self._write(vid, None, dropped[vid])
+        self.close()
+
+    def _flush_now_and_then(self) -> None:
+        now = time.monotonic()
+        if now - self.last_flush >= self.flush_s:
+            self.last_flush = now
+            for handle in self.files:
+                handle.flush()
+
+    def close(self) -> None:
+        for handle in self.files:
+            handle.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the job
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def plan_batch(request: BatchRequest, rows: Rows) -> Any:
+    """An evaluate.EvalPlan for the rows (unlabelled) with the checkpoint's model, the label set, views, crops and
+    fusion as `predict` picks them; nothing of Ray yet."""
+    from workflows.evaluate import EvalPlan, EvalRequest, scoring_recipe
+    from workflows.inference import check_weights_fit, read_checkpoint, resolve_labels
+    from workflows.recipe import check_clip_file, recipe_to_dict
+
+    checkpoint = read_checkpoint(request.checkpoint, request.tracking_uri)
+    recipe = scoring_recipe(EvalRequest(overrides=request.overrides), checkpoint)
+    check_weights_fit(checkpoint.directory, recipe)
+    check_clip_file(recipe, "model.clip_pretrained (the CLIP the checkpoint was trained with)")
+    label_map, labels_source = resolve_labels(request.labels, checkpoint)
+    fusion = request.zero_shot_fusion if request.zero_shot_fusion is not None else recipe.eval.zero_shot_fusion
+    manifest = rows.manifest(request.manifest or "the videos given", list(range(len(rows))))
+    return EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"],
+                    seed=checkpoint.training_seed(recipe), checkpoint=checkpoint.directory, state=checkpoint.state,
+                    manifest=manifest, label_map=label_map, labels_source=labels_source,
+                    mode="fusion" if fusion else "dist",
+                    views=request.views if request.views is not None else recipe.eval.test_views,
+                    crops=request.crops if request.crops is not None else recipe.eval.test_crops,
+                    out_dir=Path(request.out).expanduser(), tracking_uri=request.tracking_uri,
+                    checkpoint_source=checkpoint.source)
+
+
+def summary(out: Path) -> dict[str, Any]:
+    """What the output folder holds now: videos predicted and dropped (by reason), the most predicted classes."""
+    predicted, reasons = Counter(), Counter()
+    for row in _read_rows(out / PREDICTIONS):
+        if row["dropped"]:
+            reasons[row["dropped"].split(":", 1)[0]] += 1
+        else:
+            predicted[row["class_1"]] += 1
+    files = _read_rows(out / FILE_PREDICTIONS)
+    result = {"predicted": sum(predicted.values()), "dropped": dict(reasons), "dropped_total": sum(reasons.values()),
+              "files": len(files), "most_predicted": predicted.most_common(10), "predictions": str(out / PREDICTIONS)}
+    if files:
+        result["file_predictions"] = str(out / FILE_PREDICTIONS)
+    return result
+
+
+def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str, Any]:
+    """Plan (fails before Ray on bad input), continue or start the job in `--out`, score the rows not written yet
+    on Ray, writing rows as they come; returns `summary`."""
+    import ray
+
+    from workflows.console import quiet_ray_console
+    from workflows.data.manifest import check_output_folder
+    from workflows.data.shared_disk import check_videos_reachable
+    from workflows.evaluate import plain_scoring_errors, progress_line, start_scoring
+    from workflows.inference import scoring_warnings
+    from workflows.recipe import model_config
+    from workflows.runtime import ensure_ray, local_cpus_for, ray_description
+
+    rows = rows_to_score(request)
+    plan = plan_batch(request, rows)
+    out = plan.out_dir
+    try:
+        check_output_folder(out, "--out")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if request.manifest:  # the files and folders given are listed as they are found
+        check_videos_reachable(plan.manifest, "manifest")
+    identity = job_identity(request, plan, rows)
+    done = continue_job(out, identity, rows, request.top)
+    todo = [i for i in range(len(rows)) if i not in done]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / JOB_FILE).write_text(json.dumps(identity, indent=2) + "\n")
+    cfg = model_config(plan.recipe.model)
+    for line in scoring_warnings(views=plan.views, views_from="--views" if request.views is not None else
+                                 "the checkpoint recipe's eval.test_views", fix_views="Lower --views", crops=plan.crops,
+                                 num_frames=cfg.num_frames, class_names=plan.class_names,
+                                 labels_from=plan.labels_source):
+        print(line, file=sys.stderr, flush=True)
+    if progress:
+        step = f", step {plan.state['step']}" if "step" in plan.state else ""
+        for note in rows.notes:
+            print(f"{LOG_PREFIX} note: {note}", flush=True)
+        print(f"{LOG_PREFIX} {plan.checkpoint_source} ({plan.recipe.model.preset}{step}), {plan.mode} logits, "
+              f"{plan.views} views x {plan.crops} crops, {len(plan.class_names)} classes ({plan.labels_source}): "
+              f"{len(rows)} {'rows' if rows.groups() else 'videos'} into {out}"
+              + (f"; continuing: {len(done)} written before, {len(todo)} to go" if done else ""), flush=True)
+    if not todo:
+        return summary(out)
+    plan.manifest = rows.manifest(plan.manifest.source, todo)
+    quiet_ray_console(request.verbose)
+    ensure_ray(local_cpus_for(plan.recipe), quiet=not request.verbose)
+    if progress:
+        print(f"{LOG_PREFIX} on {ray_description()}", flush=True)
+    pipeline = start_scoring(plan, request.actors)
+    per_video = plan.views * plan.crops
+    collector = Collector(out, rows, todo, plan.class_names, per_video, request.top)
+    if progress:
+        print(f"{LOG_PREFIX} scoring on {pipeline.describe()}", flush=True)
+    start = last = time.perf_counter()
+    try:
+        with plain_scoring_errors(f"The rows written so far are kept in {out}; the same command continues"):
+            for batch in pipeline.views.iter_batches(batch_size=None, batch_format="numpy"):
+                collector.add(batch["video_index"], batch["logits"])
+                now = time.perf_counter()
+                if progress and now - last > 5:
+                    last = now
+                    line = progress_line(collector.clips / per_video, len(todo), collector.clips, now - start)
+                    print(f"{LOG_PREFIX} {line}", flush=True)
+            dropped = ray.get(pipeline.counter.dropped_videos.remote("eval", 0))
+    except BaseException:
+        collector.close()  # what was scored stays written
+        raise
+    finally:
+        ray.kill(pipeline.counter)
+    collector.finish(dropped)
+    unfinished = sorted(collector.seen)
+    if unfinished:  # a bug, never a data problem: every decoded video gives exactly views x crops clips
+        raise RuntimeError(f"rows {unfinished[:5]} got a number of scored clips other than {plan.views} x {plan.crops}")
+    result = summary(out)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["scored_now"] = collector.written - collector.dropped
+    return result
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(result["dropped"].items()))
+    most = ", ".join(f"{name} {n}" for name, n in result["most_predicted"][:5])
+    lines = [f"{LOG_PREFIX} {result['predicted']} predicted"
+             + (f", {result['dropped_total']} could not be read ({dropped})" if result["dropped_total"] else "")
+             + (f", {result['files']} long files" if result["files"] else "")
+             + (f" (this run: {result['scored_now']} in {result['seconds']:.1f} s)" if "seconds" in result else ""),
+             f"{LOG_PREFIX} most predicted: {most}" if most else "",
+             f"{LOG_PREFIX} written: {result['predictions']}"
+             + (f", {result['file_predictions']}" if "file_predictions" in result else "")]
+    return "\n".join(line for line in lines if line)
+
