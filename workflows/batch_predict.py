@@ -18,6 +18,7 @@ the corpus's size is bounded by the disk, not the driver's memory.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -70,6 +71,13 @@ class Rows:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @functools.cached_property
+    def shown(self) -> list[str]:
+        """Each row's path as written into the outputs: a URI's credentials (`?secret_key=...`) replaced."""
+        from workflows.runtime import redact_secrets
+
+        return [redact_secrets(path) for path in self.paths]
+
     def groups(self) -> dict[str, list[int]]:
         """{path: its rows} for each file named by more than one row (clips of a long file)."""
         by_path: dict[str, list[int]] = {}
@@ -79,7 +87,7 @@ class Rows:
 
     def digest(self) -> str:
         """What identifies the job's rows across runs: each row's path and window, in order."""
-        text = "\n".join(f"{p}\t{_cell(s)}\t{_cell(e)}" for p, s, e in zip(self.paths, self.starts, self.ends,
+        text = "\n".join(f"{p}\t{_cell(s)}\t{_cell(e)}" for p, s, e in zip(self.shown, self.starts, self.ends,
                                                                              strict=True))
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -206,11 +214,13 @@ def continue_job(out: Path, identity: dict[str, Any], rows: Rows, top: int) -> s
                           f"another --out, or delete {out} to start again")
     groups = rows.groups()
     group_of = {i: path for path, members in groups.items() for i in members}
-    files_done = {r["path"]: r for r in _read_rows(out / FILE_PREDICTIONS) if not r["dropped"] and r["path"] in groups}
+    shown_groups = {rows.shown[members[0]]: path for path, members in groups.items()}
+    files_done = {shown_groups[r["path"]]: r for r in _read_rows(out / FILE_PREDICTIONS)
+                  if not r["dropped"] and r["path"] in shown_groups}
     kept = []
     for row in _read_rows(out / PREDICTIONS):
         index = int(row["video_index"])
-        if not 0 <= index < len(rows) or rows.paths[index] != row["path"]:
+        if not 0 <= index < len(rows) or rows.shown[index] != row["path"]:
             continue  # not this job's row (cannot happen unless edited): scored again
         if (index in group_of and group_of[index] in files_done) or (index not in group_of and not row["dropped"]):
             kept.append(row)
@@ -282,7 +292,7 @@ class Collector:
 
     def _write(self, vid: int, probs: np.ndarray | None, why: str = "") -> None:
         self.seen.pop(vid, None)
-        self.out.writerow([vid, self.rows.paths[vid], _cell(self.rows.starts[vid]), _cell(self.rows.ends[vid]),
+        self.out.writerow([vid, self.rows.shown[vid], _cell(self.rows.starts[vid]), _cell(self.rows.ends[vid]),
                            *self._ranked(probs), why])
         self.written += 1
         self.dropped += bool(why)
@@ -299,7 +309,8 @@ class Collector:
     def _write_file(self, path: str, why: str) -> None:
         read = self.file_read.pop(path, 0)
         probs = self.file_sums.pop(path) / read if read else None
-        self.file_out.writerow([path, len(self.groups[path]), read, *self._ranked(probs),
+        members = self.groups[path]
+        self.file_out.writerow([self.rows.shown[members[0]], len(members), read, *self._ranked(probs),
                                 "" if read else f"none of its clips could be read ({why})"])
 
     def finish(self, dropped: dict[int, str]) -> None:

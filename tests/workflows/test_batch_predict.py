@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.workflows.conftest import GOOD_VIDEOS
@@ -181,3 +182,37 @@ def test_a_job_whose_driver_is_killed_continues_where_it_stopped(ray_local, run_
     assert "continuing: " in captured.out and f"{total} predicted" in captured.out
     indices = [int(r["video_index"]) for r in _rows(predictions)]
     assert sorted(indices) == list(range(total))
+
+
+def test_continuing_keeps_whole_files_only_and_never_writes_a_credential(tmp_path: Path) -> None:
+    """What an earlier run left, row by row: a file's clips are kept only with its file row (else all of them are
+    scored again), a video that could not be read is scored again, a cut last line is dropped. Paths are written
+    with a URI's credentials replaced, and a rotated credential is the same job."""
+    from workflows.batch_predict import Collector, Rows, continue_job
+
+    secret = "s3://bucket/v/{}.mp4?endpoint_override=127.0.0.1:9000&secret_key=TOPSECRET"
+    nan = float("nan")
+    rows = Rows([secret.format("long"), secret.format("long"), secret.format("other"), secret.format("long2"),
+                 secret.format("long2"), secret.format("bad")],
+                [0.0, 10.0, nan, 0.0, 10.0, nan], [10.0, 20.0, nan, 10.0, 20.0, nan])
+    identity = {"rows_digest": rows.digest()}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "job.json").write_text(json.dumps(identity))
+    assert continue_job(out, identity, rows, top=2) == set()  # a job.json without rows yet
+    names = ["a", "b", "c"]
+    collector = Collector(out, rows, list(range(len(rows))), names, per_video=1, top=2)
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.7, 0.2], [0.2, 0.2, 0.6], [0.5, 0.3, 0.2]]))
+    collector.add(np.array([0, 1, 2, 3]), logits)  # long's two clips, other, and one of long2's two clips
+    collector.finish({5: "corrupt: not a video"})
+    assert "TOPSECRET" not in (out / "predictions.csv").read_text() + (out / "file_predictions.csv").read_text()
+    (whole,) = _rows(out / "file_predictions.csv")
+    assert whole["path"] == rows.shown[0] and (whole["clips"], whole["read_clips"]) == ("2", "2")
+    assert _top(whole) == [("b", pytest.approx(0.45)), ("a", pytest.approx(0.4))]
+    text = (out / "predictions.csv").read_text()
+    (out / "predictions.csv").write_text(text + "4,s3://bucket/v/lon")  # a row cut by a kill
+    rotated = Rows([p.replace("TOPSECRET", "ROTATED") for p in rows.paths], rows.starts, rows.ends)
+    assert rotated.digest() == rows.digest()
+    assert continue_job(out, identity, rotated, top=2) == {0, 1, 2}  # long (with its file row) and other
+    assert sorted(int(r["video_index"]) for r in _rows(out / "predictions.csv")) == [0, 1, 2]
+    assert [r["path"] for r in _rows(out / "file_predictions.csv")] == [rows.shown[0]]
