@@ -25,6 +25,7 @@ import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ LOG_PREFIX = "[predict]"
 PREDICTIONS = "predictions.csv"
 FILE_PREDICTIONS = "file_predictions.csv"
 JOB_FILE = "job.json"
+OUTPUT_FILES = [JOB_FILE, PREDICTIONS, FILE_PREDICTIONS]
+PUSH_S = 300.0  # --out in a bucket: the files so far are uploaded this often (each whole), and at the end
 
 
 @dataclass
@@ -242,7 +245,7 @@ class Collector:
     output files and flushes them every `flush_s` seconds."""
 
     def __init__(self, out: Path, rows: Rows, todo: list[int], class_names: list[str], per_video: int, top: int,
-                 flush_s: float = 2.0) -> None:
+                 flush_s: float = 2.0, push: Callable[[], Any] | None = None, push_s: float = PUSH_S) -> None:
         self.rows, self.names, self.per_video, self.top = rows, class_names, per_video, min(top, len(class_names))
         self.width = top
         self.sums: dict[int, np.ndarray] = {}
@@ -257,6 +260,7 @@ class Collector:
         self.dropped = 0
         self.clips = 0
         self.flush_s, self.last_flush = flush_s, time.monotonic()
+        self.push, self.push_s, self.last_push = push, push_s, time.monotonic()  # to a bucket: every push_s
         self.files = [self._open(out / PREDICTIONS, _columns(top))]
         if self.groups:  # long files cut into clips: a row per file too
             self.files.append(self._open(out / FILE_PREDICTIONS, _file_columns(top)))
@@ -325,6 +329,9 @@ class Collector:
             self.last_flush = now
             for handle in self.files:
                 handle.flush()
+            if self.push is not None and now - self.last_push >= self.push_s:
+                self.last_push = now
+                self.push()
 
     def close(self) -> None:
         for handle in self.files:
@@ -350,18 +357,23 @@ def plan_batch(request: BatchRequest, rows: Rows) -> Any:
     label_map, labels_source = resolve_labels(request.labels, checkpoint)
     fusion = request.zero_shot_fusion if request.zero_shot_fusion is not None else recipe.eval.zero_shot_fusion
     manifest = rows.manifest(request.manifest or "the videos given", list(range(len(rows))))
+    from workflows.outputs import OutputFolder
+
+    output = OutputFolder(request.out)  # a bucket prefix: a staging folder here, pushed to it
     return EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"],
                     seed=checkpoint.training_seed(recipe), checkpoint=checkpoint.directory, state=checkpoint.state,
                     manifest=manifest, label_map=label_map, labels_source=labels_source,
                     mode="fusion" if fusion else "dist",
                     views=request.views if request.views is not None else recipe.eval.test_views,
                     crops=request.crops if request.crops is not None else recipe.eval.test_crops,
-                    out_dir=Path(request.out).expanduser(), tracking_uri=request.tracking_uri,
-                    checkpoint_source=checkpoint.source)
+                    out_dir=output.local, tracking_uri=request.tracking_uri,
+                    checkpoint_source=checkpoint.source, output=output)
 
 
-def summary(out: Path) -> dict[str, Any]:
-    """What the output folder holds now: videos predicted and dropped (by reason), the most predicted classes."""
+def summary(output: Any) -> dict[str, Any]:
+    """What the output folder (outputs.OutputFolder) holds now: videos predicted and dropped (by reason), the most
+    predicted classes, and where the files are."""
+    out = output.local
     predicted, reasons = Counter(), Counter()
     for row in _read_rows(out / PREDICTIONS):
         if row["dropped"]:
@@ -370,9 +382,10 @@ def summary(out: Path) -> dict[str, Any]:
             predicted[row["class_1"]] += 1
     files = _read_rows(out / FILE_PREDICTIONS)
     result = {"predicted": sum(predicted.values()), "dropped": dict(reasons), "dropped_total": sum(reasons.values()),
-              "files": len(files), "most_predicted": predicted.most_common(10), "predictions": str(out / PREDICTIONS)}
+              "files": len(files), "most_predicted": predicted.most_common(10),
+              "predictions": f"{output}/{PREDICTIONS}"}
     if files:
-        result["file_predictions"] = str(out / FILE_PREDICTIONS)
+        result["file_predictions"] = f"{output}/{FILE_PREDICTIONS}"
     return result
 
 
@@ -382,8 +395,8 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
     import ray
 
     from workflows.console import quiet_ray_console
-    from workflows.data.manifest import check_output_folder
     from workflows.data.shared_disk import check_videos_reachable
+    from workflows.data.video import StorageUnreachable
     from workflows.evaluate import plain_scoring_errors, progress_line, start_scoring
     from workflows.inference import scoring_warnings
     from workflows.recipe import model_config
@@ -391,18 +404,16 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
 
     rows = rows_to_score(request)
     plan = plan_batch(request, rows)
-    out = plan.out_dir
-    try:
-        check_output_folder(out, "--out")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    output, out = plan.output, plan.out_dir
     if request.manifest:  # the files and folders given are listed as they are found
         check_videos_reachable(plan.manifest, "manifest")
     identity = job_identity(request, plan, rows)
+    output.fetch(OUTPUT_FILES)  # an earlier run's, from a bucket prefix
     done = continue_job(out, identity, rows, request.top)
     todo = [i for i in range(len(rows)) if i not in done]
     out.mkdir(parents=True, exist_ok=True)
     (out / JOB_FILE).write_text(json.dumps(identity, indent=2) + "\n")
+    output.push([JOB_FILE], retry_s=plan.recipe.data.storage_retry_s)  # a bucket that does not answer: before Ray
     cfg = model_config(plan.recipe.model)
     for line in scoring_warnings(views=plan.views, views_from="--views" if request.views is not None else
                                  "the checkpoint recipe's eval.test_views", fix_views="Lower --views", crops=plan.crops,
@@ -415,10 +426,10 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
             print(f"{LOG_PREFIX} note: {note}", flush=True)
         print(f"{LOG_PREFIX} {plan.checkpoint_source} ({plan.recipe.model.preset}{step}), {plan.mode} logits, "
               f"{plan.views} views x {plan.crops} crops, {len(plan.class_names)} classes ({plan.labels_source}): "
-              f"{len(rows)} {'rows' if rows.groups() else 'videos'} into {out}"
+              f"{len(rows)} {'rows' if rows.groups() else 'videos'} into {output}"
               + (f"; continuing: {len(done)} written before, {len(todo)} to go" if done else ""), flush=True)
     if not todo:
-        return summary(out)
+        return summary(output)
     plan.manifest = rows.manifest(plan.manifest.source, todo)
     quiet_ray_console(request.verbose)
     ensure_ray(local_cpus_for(plan.recipe), quiet=not request.verbose)
@@ -426,12 +437,13 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
         print(f"{LOG_PREFIX} on {ray_description()}", flush=True)
     pipeline = start_scoring(plan, request.actors)
     per_video = plan.views * plan.crops
-    collector = Collector(out, rows, todo, plan.class_names, per_video, request.top)
+    collector = Collector(out, rows, todo, plan.class_names, per_video, request.top,
+                          push=lambda: output.push_or_say(OUTPUT_FILES) if output.remote else None)
     if progress:
         print(f"{LOG_PREFIX} scoring on {pipeline.describe()}", flush=True)
     start = last = time.perf_counter()
     try:
-        with plain_scoring_errors(f"The rows written so far are kept in {out}; the same command continues"):
+        with plain_scoring_errors(f"The rows written so far are kept in {output}; the same command continues"):
             for batch in pipeline.views.iter_batches(batch_size=None, batch_format="numpy"):
                 collector.add(batch["video_index"], batch["logits"])
                 now = time.perf_counter()
@@ -442,6 +454,8 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
             dropped = ray.get(pipeline.counter.dropped_videos.remote("eval", 0))
     except BaseException:
         collector.close()  # what was scored stays written
+        if output.remote:
+            output.push_or_say(OUTPUT_FILES)
         raise
     finally:
         ray.kill(pipeline.counter)
@@ -449,7 +463,11 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
     unfinished = sorted(collector.seen)
     if unfinished:  # a bug, never a data problem: every decoded video gives exactly views x crops clips
         raise RuntimeError(f"rows {unfinished[:5]} got a number of scored clips other than {plan.views} x {plan.crops}")
-    result = summary(out)
+    try:
+        output.push(OUTPUT_FILES, retry_s=plan.recipe.data.storage_retry_s)
+    except StorageUnreachable as exc:
+        raise StorageUnreachable(output.not_uploaded(exc)) from None
+    result = summary(output)
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["scored_now"] = collector.written - collector.dropped
     return result

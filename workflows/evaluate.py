@@ -140,6 +140,7 @@ class EvalPlan:
     warnings: list[str] = field(default_factory=list)  # printed once before the scoring starts
     save_scores: bool = False  # scores.npz beside the other outputs
     cut: Any = None  # with --clip-seconds: what cutting the manifest into clips wrote (clips.CutManifest)
+    output: Any = None  # where the outputs go (outputs.OutputFolder): out_dir, or a bucket prefix it is pushed to
 
     @property
     def class_names(self) -> list[str]:
@@ -166,13 +167,14 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
     mode: Mode = "clip_only" if request.clip_only else \
         "fusion" if request.zero_shot_fusion or recipe.eval.zero_shot_fusion else "dist"
     directory = checkpoint.directory if checkpoint is not None else None
-    from workflows.data.manifest import check_output_folder, class_names
+    from workflows.data.manifest import class_names
+    from workflows.outputs import OutputFolder
 
-    out_dir = _out_dir(request, recipe, directory)
-    try:  # an existing file there, or a read-only place: found before any scoring, not after it
-        check_output_folder(out_dir, "--out" if request.out else "the output folder (--out to choose another)")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    # An existing file there, or a read-only place: found before any scoring, not after it. A bucket prefix: the
+    # outputs are written in a staging folder and uploaded at the end.
+    output = OutputFolder(_out_dir(request, recipe, directory),
+                          "--out" if request.out else "the output folder (--out to choose another)")
+    out_dir = output.local
     cut = None
     if request.clip_seconds is not None:  # after the labels and the output folder are known to be right
         cut = _cut_into_clips(manifest.source, request.clip_seconds, out_dir)
@@ -184,7 +186,7 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
                     out_dir=out_dir, tracking_uri=request.tracking_uri,
                     checkpoint_source=checkpoint.source if checkpoint is not None else None,
-                    save_scores=request.save_scores, cut=cut)
+                    save_scores=request.save_scores, cut=cut, output=output)
     plan.warnings = scoring_warnings(
         views=views, views_from="--views" if request.views is not None else "eval.test_views",
         fix_views=f"Lower --views (left out: eval.test_views, {recipe.eval.test_views})" if request.views is not None
@@ -276,12 +278,13 @@ def _cut_into_clips(manifest: str, seconds: float, out_dir: Path) -> Any:
         raise ConfigError(str(exc)) from None
 
 
-def _out_dir(request: EvalRequest, recipe: Recipe, checkpoint: Path | None) -> Path:
-    """--out, else `<checkpoint>/eval-<time>` for a local checkpoint, `eval/<name>-<time>` for one fetched from a
-    registry or a bucket, else (frozen CLIP alone) `eval/clip-only-<preset>-<time>`."""
+def _out_dir(request: EvalRequest, recipe: Recipe, checkpoint: Path | None) -> str | Path:
+    """--out (a folder, or a bucket prefix), else `<checkpoint>/eval-<time>` for a local checkpoint,
+    `eval/<name>-<time>` for one fetched from a registry or a bucket, else (frozen CLIP alone)
+    `eval/clip-only-<preset>-<time>`."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if request.out:
-        return Path(request.out).expanduser()
+        return request.out if is_remote(request.out) else Path(request.out).expanduser()
     if request.clip_only:  # not the checkpoint's evaluation: kept out of its folder
         return Path("eval") / f"clip-only-{recipe.model.preset}-{stamp}"
     if request.checkpoint and request.checkpoint.startswith(REGISTRY_SCHEME):  # fetched into a temporary directory
@@ -547,7 +550,7 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
         "step": plan.state.get("step"),
         "preset": plan.recipe.model.preset, "manifest": plan.manifest.source, "labels": plan.labels_source,
         "seconds": round(results.seconds, 2), "clips_per_s": round(results.rows / max(results.seconds, 1e-9), 2),
-        "per_class": per_class, "out_dir": str(plan.out_dir),
+        "per_class": per_class, "out_dir": str(plan.output or plan.out_dir),
     }
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -706,6 +709,13 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
         metrics["mlflow_run_id"] = log_to_mlflow(plan, metrics, uri)
         metrics["mlflow_tracking_uri"] = uri
         (plan.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if plan.output is not None and plan.output.remote:
+        from workflows.data.video import StorageUnreachable
+
+        try:
+            plan.output.push(retry_s=plan.recipe.data.storage_retry_s)
+        except StorageUnreachable as exc:
+            raise StorageUnreachable(plan.output.not_uploaded(exc)) from None
     return metrics
 
 

@@ -216,3 +216,54 @@ def test_continuing_keeps_whole_files_only_and_never_writes_a_credential(tmp_pat
     assert continue_job(out, identity, rotated, top=2) == {0, 1, 2}  # long (with its file row) and other
     assert sorted(int(r["video_index"]) for r in _rows(out / "predictions.csv")) == [0, 1, 2]
     assert [r["path"] for r in _rows(out / "file_predictions.csv")] == [rows.shown[0]]
+
+
+@pytest.mark.integration
+def test_results_into_a_bucket_are_pushed_continued_and_never_lost_to_an_outage(ray_local, run_dir: Path,
+                                                                                video_dir: Path, tmp_path: Path,
+                                                                                monkeypatch, capsys) -> None:
+    """`--out s3://...` (moto behind a proxy that can fail): predict --ray's files and evaluate's land in the bucket;
+    a job continues from what the bucket holds; a push the bucket does not answer is said and the job goes on, and
+    a last one that fails names the local folder holding the results."""
+    from tests.workflows.object_store import proxied_bucket
+    from workflows.data.video import StorageUnreachable
+    from workflows.evaluate import main as evaluate_main
+    from workflows.outputs import OutputFolder
+
+    (tmp_path / "s3").mkdir()
+    with proxied_bucket(tmp_path / "s3", "results") as (proxy, creds, client):
+        for name, value in creds.env().items():
+            monkeypatch.setenv(name, value)
+
+        def read(key: str) -> str:
+            return client.get_object(Bucket="results", Key=key)["Body"].read().decode()
+
+        args = ["--ray", "--checkpoint", str(run_dir), "--manifest", str(video_dir / "good.csv"), "--views", "2",
+                "--out", "s3://results/tags"]
+        assert predict_main(args) == 0
+        assert "s3://results/tags/predictions.csv" in capsys.readouterr().out
+        rows = list(csv.DictReader(read("tags/predictions.csv").splitlines()))
+        assert sorted(int(r["video_index"]) for r in rows) == list(range(N))
+        assert json.loads(read("tags/job.json"))["rows"] == N
+        # Continued from the bucket (a new staging folder each run): the rows it lacks are scored, the rest kept.
+        lines = read("tags/predictions.csv").splitlines(keepends=True)
+        client.put_object(Bucket="results", Key="tags/predictions.csv", Body="".join(lines[:3]).encode())
+        assert predict_main(args) == 0
+        assert f"continuing: 2 written before, {N - 2} to go" in capsys.readouterr().out
+        again = list(csv.DictReader(read("tags/predictions.csv").splitlines()))
+        assert sorted(int(r["video_index"]) for r in again) == list(range(N))
+        # evaluate --out into the bucket: the same files as into a folder.
+        assert evaluate_main(["--checkpoint", str(run_dir), "--manifest", str(video_dir / "good.csv"), "--views", "1",
+                              "--out", "s3://results/eval", "--json", "--no-mlflow"]) == 0
+        metrics = json.loads(capsys.readouterr().out)
+        assert metrics["out_dir"] == "s3://results/eval" and json.loads(read("eval/metrics.json"))["videos"] == N
+        assert read("eval/predictions.csv").count("\n") == N + 1
+        # The bucket not answering: a periodic push is said and skipped; the last one names where the results are.
+        output = OutputFolder("s3://results/late")
+        (output.local / "predictions.csv").write_text("video_index\n")
+        proxy.outage(30)
+        assert output.push_or_say(retry_s=1) is False
+        assert "could not upload the results so far to s3://results/late" in capsys.readouterr().err
+        with pytest.raises(StorageUnreachable) as failed:
+            output.push(retry_s=1)
+        assert f"The results are in {output.local}" in output.not_uploaded(failed.value)

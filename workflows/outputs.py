@@ -1,0 +1,103 @@
+"""Where a command's results go (`evaluate --out`, `predict --ray --out`): a local folder, or a bucket prefix
+(s3://, gs://, ...) for clusters without a shared disk, where a job's driver runs on a node the user never logs into.
+
+A bucket cannot be appended to, so results for one are written in a local staging folder and each file is uploaded
+whole (`OutputFolder.push`): at the end, and for a long job every few minutes too, so that a killed driver leaves its
+results up to the last push in the bucket. A job that continues (`predict --ray`) first fetches what is there."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from workflows.config_loader import ConfigError
+from workflows.runtime import is_remote, redact_secrets
+
+
+class OutputFolder:
+    """`uri` as a place to write: `local` is the folder to write into (the folder itself, or a staging folder for a
+    bucket prefix); `push` copies its files to the bucket. ConfigError when it cannot be a folder (an existing file,
+    a read-only place)."""
+
+    def __init__(self, uri: str | Path, option: str = "--out") -> None:
+        from workflows.data.manifest import check_output_folder
+
+        self.uri = str(uri)
+        self.shown = redact_secrets(self.uri)
+        self.remote = is_remote(self.uri) and not self.uri.startswith("file://")
+        try:
+            if self.remote:
+                self.fs, self.prefix = self._bucket()
+                self.local = Path(tempfile.mkdtemp(prefix="dist-out-"))
+            else:
+                self.local = check_output_folder(self.uri.removeprefix("file://"), option)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _bucket(self) -> tuple[Any, str]:
+        from workflows.data.manifest import resolve_filesystem
+
+        try:
+            fs, prefix = resolve_filesystem(self.uri)
+        except Exception as exc:  # noqa: BLE001 - an unknown scheme, missing credentials: said with the URI
+            raise ValueError(f"--out {self.shown}: {exc}") from None
+        return fs, prefix.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.shown if self.remote else str(self.local)
+
+    def fetch(self, names: list[str]) -> list[str]:
+        """Copy the files `names` that exist in the bucket prefix into `local` (an earlier run's results); returns
+        those found. A local folder holds them already."""
+        if not self.remote:
+            return [name for name in names if (self.local / name).exists()]
+        import pyarrow.fs as pafs
+
+        from workflows.data.video import from_storage
+
+        found = []
+        for name in names:
+            key = f"{self.prefix}/{name}"
+            info = from_storage(self.uri, self.fs, lambda key=key: self.fs.get_file_info(key))
+            if info.type != pafs.FileType.File:
+                continue
+
+            def copy(key: str = key, name: str = name) -> None:
+                with self.fs.open_input_stream(key) as src:
+                    (self.local / name).write_bytes(src.read())
+
+            from_storage(self.uri, self.fs, copy)
+            found.append(name)
+        return found
+
+    def push(self, names: list[str] | None = None, retry_s: float | None = None) -> None:
+        """Upload the files `names` of `local` (default: every file in it) to the bucket prefix, each whole,
+        retried while the bucket does not answer for `retry_s` (None: data.storage_retry_s's default), then raising
+        StorageUnreachable. Nothing to do for a local folder."""
+        if not self.remote:
+            return
+        from workflows.data.upload import upload_file
+
+        files = sorted(p.name for p in self.local.iterdir() if p.is_file()) if names is None else names
+        for name in files:
+            if (self.local / name).exists():
+                upload_file(self.local / name, self.fs, f"{self.prefix}/{name}", self.uri, retry_s)
+
+    def push_or_say(self, names: list[str] | None = None, retry_s: float = 10.0) -> bool:
+        """`push` for a periodic upload while a job runs: a bucket that does not answer is said on stderr and
+        the job goes on (the next push, or the last one, uploads it); returns whether it was pushed."""
+        from workflows.data.video import StorageUnreachable
+
+        try:
+            self.push(names, retry_s)
+        except StorageUnreachable as exc:
+            print(f"note: could not upload the results so far to {self.shown} ({exc}); trying again later",
+                  file=sys.stderr, flush=True)
+            return False
+        return True
+
+    def not_uploaded(self, exc: BaseException) -> str:
+        """The error when the last push failed: where the results are instead."""
+        return f"{exc}. The results are in {self.local} on this machine; copy them to {self.shown}"
