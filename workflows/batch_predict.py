@@ -195,17 +195,16 @@ def _rewrite(path: Path, columns: list[str], rows: list[dict[str, str]]) -> None
     partial.replace(path)
 
 
-def continue_job(out: Path, identity: dict[str, Any], rows: Rows, top: int) -> set[int]:
-    """The rows an earlier run of this job finished (none for a new job), after setting `out` to hold exactly
-    those: a video's scored row; a long file's rows and its file row once its file row is written. Everything
-    else (a cut last line, videos that could not be read, the clips of a file not finished) is scored again.
-    ConfigError when `out` holds another job's predictions."""
+def check_same_job(out: Path, identity: dict[str, Any], shown: str) -> bool:
+    """Whether `out` holds an earlier run of this job (False: nothing of one). ConfigError when it holds another
+    job's predictions, naming what changed, or a predictions.csv this command did not write (`shown`: the folder as
+    the user named it)."""
     record = out / JOB_FILE
     if not record.exists():
         if (out / PREDICTIONS).exists():
-            raise ConfigError(f"--out {out} holds a {PREDICTIONS} that `predict --ray` did not write (no {JOB_FILE}): "
-                              f"choose another --out")
-        return set()
+            raise ConfigError(f"--out {shown} holds a {PREDICTIONS} that `predict --ray` did not write (no "
+                              f"{JOB_FILE}): choose another --out")
+        return False
     try:
         earlier = json.loads(record.read_text())
     except ValueError:
@@ -213,8 +212,18 @@ def continue_job(out: Path, identity: dict[str, Any], rows: Rows, top: int) -> s
     changed = [f"{key} {earlier.get(key)!r} then, {value!r} now" for key, value in identity.items()
                if earlier.get(key) != value]
     if changed:
-        raise ConfigError(f"--out {out} holds the predictions of another job ({'; '.join(changed[:3])}): choose "
-                          f"another --out, or delete {out} to start again")
+        raise ConfigError(f"--out {shown} holds the predictions of another job ({'; '.join(changed[:3])}): choose "
+                          f"another --out, or delete {shown} to start again")
+    return True
+
+
+def continue_job(out: Path, identity: dict[str, Any], rows: Rows, top: int) -> set[int]:
+    """The rows an earlier run of this job finished (none for a new job), after setting `out` to hold exactly
+    those: a video's scored row; a long file's rows and its file row once its file row is written. Everything
+    else (a cut last line, videos that could not be read, the clips of a file not finished) is scored again.
+    ConfigError when `out` holds another job's predictions (`check_same_job`)."""
+    if not check_same_job(out, identity, str(out)):
+        return set()
     groups = rows.groups()
     group_of = {i: path for path, members in groups.items() for i in members}
     shown_groups = {rows.shown[members[0]]: path for path, members in groups.items()}
@@ -392,15 +401,12 @@ def summary(output: Any) -> dict[str, Any]:
 def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str, Any]:
     """Plan (fails before Ray on bad input), continue or start the job in `--out`, score the rows not written yet
     on Ray, writing rows as they come; returns `summary`."""
-    import ray
-
     from workflows.console import quiet_ray_console
     from workflows.data.shared_disk import check_videos_reachable
-    from workflows.data.video import StorageUnreachable
-    from workflows.evaluate import plain_scoring_errors, progress_line, start_scoring
     from workflows.inference import scoring_warnings
     from workflows.recipe import model_config
-    from workflows.runtime import ensure_ray, local_cpus_for, ray_description
+    from workflows.run_lock import claim_run_directory
+    from workflows.runtime import ensure_ray, local_cpus_for
 
     rows = rows_to_score(request)
     plan = plan_batch(request, rows)
@@ -409,17 +415,39 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
         check_videos_reachable(plan.manifest, "manifest")
     identity = job_identity(request, plan, rows)
     output.fetch(OUTPUT_FILES)  # an earlier run's, from a bucket prefix
-    done = continue_job(out, identity, rows, request.top)
-    todo = [i for i in range(len(rows)) if i not in done]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / JOB_FILE).write_text(json.dumps(identity, indent=2) + "\n")
-    output.push([JOB_FILE], retry_s=plan.recipe.data.storage_retry_s)  # a bucket that does not answer: before Ray
+    check_same_job(out, identity, str(output))  # another job's folder: refused before Ray starts
     cfg = model_config(plan.recipe.model)
     for line in scoring_warnings(views=plan.views, views_from="--views" if request.views is not None else
                                  "the checkpoint recipe's eval.test_views", fix_views="Lower --views", crops=plan.crops,
                                  num_frames=cfg.num_frames, class_names=plan.class_names,
                                  labels_from=plan.labels_source):
         print(line, file=sys.stderr, flush=True)
+    quiet_ray_console(request.verbose)
+    ensure_ray(local_cpus_for(plan.recipe), quiet=not request.verbose)
+    # One driver per output folder on this cluster: a second one (a resubmitted job) would rewrite the rows this
+    # one appends to. Held until the job is done.
+    with claim_run_directory(output.uri if output.remote else str(out.absolute()), "--out",
+                             clash="a second driver would write the same predictions (each rewriting the other's "
+                                   "rows). Wait for it to end or stop it (`ray job stop <id>`, or Ctrl-C), or "
+                                   "choose another --out"):
+        return _predict_into(request, plan, rows, identity, progress)
+
+
+def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[str, Any], progress: bool) -> dict:
+    """run_batch_predict once Ray is up and the output folder claimed: keep what an earlier run wrote, score the
+    rest, push it."""
+    import ray
+
+    from workflows.data.video import StorageUnreachable
+    from workflows.evaluate import plain_scoring_errors, progress_line, start_scoring
+    from workflows.runtime import ray_description
+
+    output, out = plan.output, plan.out_dir
+    done = continue_job(out, identity, rows, request.top)
+    todo = [i for i in range(len(rows)) if i not in done]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / JOB_FILE).write_text(json.dumps(identity, indent=2) + "\n")
+    output.push([JOB_FILE], retry_s=plan.recipe.data.storage_retry_s)
     if progress:
         step = f", step {plan.state['step']}" if "step" in plan.state else ""
         for note in rows.notes:
@@ -431,8 +459,6 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
     if not todo:
         return summary(output)
     plan.manifest = rows.manifest(plan.manifest.source, todo)
-    quiet_ray_console(request.verbose)
-    ensure_ray(local_cpus_for(plan.recipe), quiet=not request.verbose)
     if progress:
         print(f"{LOG_PREFIX} on {ray_description()}", flush=True)
     pipeline = start_scoring(plan, request.actors)

@@ -76,10 +76,16 @@ def claim_key(path: str) -> bytes:
     return (KEY_PREFIX + path).encode()
 
 
-def claim_run_directory(path: str, what: str) -> RunClaim:
-    """Claim `path` (a run or sweep directory, as the workers name it) for this driver until `release()`. A claim
-    this driver's job holds already is its own (a second run in one process). ConfigError naming the other driver
-    when one on this cluster still holds it."""
+TRAINING_CLASH = ("a second driver would train into the same directory (both resuming from one checkpoint, each "
+                  "deleting the other's). Wait for it to end or stop it (`ray job stop <id>`, or Ctrl-C), or choose "
+                  "another name")
+
+
+def claim_run_directory(path: str, what: str, clash: str = TRAINING_CLASH) -> RunClaim:
+    """Claim `path` (a run or sweep directory, as the workers name it; an output folder) for this driver until
+    `release()`. A claim this driver's job holds already is its own (a second run in one process). ConfigError naming
+    the other driver, then `clash` (what a second driver would do, what to do instead), when one on this cluster still
+    holds it."""
     key = claim_key(path)
     me = this_driver()
     deadline = time.monotonic() + WAIT_FOR_A_GONE_DRIVER_S
@@ -97,8 +103,5 @@ def claim_run_directory(path: str, what: str) -> RunClaim:
         if time.monotonic() >= deadline:
             break
         time.sleep(0.5)
-    raise ConfigError(
-        f"{what} {redact_secrets(path)} is being written by {holder['who']} on this cluster, since "
-        f"{holder['since']}: a second driver would train into the same directory (both resuming from one checkpoint, "
-        f"each deleting the other's). Wait for it to end or stop it (`ray job stop <id>`, or Ctrl-C), or choose "
-        f"another name")
+    raise ConfigError(f"{what} {redact_secrets(path)} is being written by {holder['who']} on this cluster, since "
+                      f"{holder['since']}: {clash}")

@@ -267,3 +267,28 @@ def test_results_into_a_bucket_are_pushed_continued_and_never_lost_to_an_outage(
         with pytest.raises(StorageUnreachable) as failed:
             output.push(retry_s=1)
         assert f"The results are in {output.local}" in output.not_uploaded(failed.value)
+
+
+@pytest.mark.integration
+def test_a_second_driver_into_the_same_folder_is_refused(ray_local, run_dir: Path, video_dir: Path, tmp_path: Path,
+                                                         capsys) -> None:
+    """While another driver on the cluster holds the output folder (a separate process, as a resubmitted job is),
+    `predict --ray` into it is refused, naming that driver, and writes nothing."""
+    out = tmp_path / "out"
+    holder = ("import sys, time, ray; ray.init(address=sys.argv[1]); from workflows.run_lock import "
+              "claim_run_directory; claim_run_directory(sys.argv[2], '--out'); print('claimed', flush=True); "
+              "time.sleep(120)")
+    other = subprocess.Popen([sys.executable, "-c", holder, ray_local.get_runtime_context().gcs_address,
+                              str(out.absolute())], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert other.stdout.readline().strip() == "claimed"
+        assert predict_main(["--ray", "--checkpoint", str(run_dir), str(video_dir / "clips" / "wide.mp4"), "--out",
+                             str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out.absolute()} is being written by a driver (pid {other.pid}" in err
+        assert "a second driver would write the same predictions" in err
+        assert not (out / "predictions.csv").exists()
+    finally:
+        other.kill()
+        other.wait()
