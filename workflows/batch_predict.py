@@ -438,7 +438,6 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
     rest, push it."""
     import ray
 
-    from workflows.data.video import StorageUnreachable
     from workflows.evaluate import plain_scoring_errors, progress_line, start_scoring
     from workflows.runtime import ray_description
 
@@ -457,7 +456,9 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
               f"{len(rows)} {'rows' if rows.groups() else 'videos'} into {output}"
               + (f"; continuing: {len(done)} written before, {len(todo)} to go" if done else ""), flush=True)
     if not todo:
-        return summary(output)
+        result = summary(output)
+        output.finish(OUTPUT_FILES, retry_s=plan.recipe.data.storage_retry_s)
+        return result
     plan.manifest = rows.manifest(plan.manifest.source, todo)
     if progress:
         print(f"{LOG_PREFIX} on {ray_description()}", flush=True)
@@ -489,11 +490,8 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
     unfinished = sorted(collector.seen)
     if unfinished:  # a bug, never a data problem: every decoded video gives exactly views x crops clips
         raise RuntimeError(f"rows {unfinished[:5]} got a number of scored clips other than {plan.views} x {plan.crops}")
-    try:
-        output.push(OUTPUT_FILES, retry_s=plan.recipe.data.storage_retry_s)
-    except StorageUnreachable as exc:
-        raise StorageUnreachable(output.not_uploaded(exc)) from None
     result = summary(output)
+    output.finish(OUTPUT_FILES, retry_s=plan.recipe.data.storage_retry_s)
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["scored_now"] = collector.written - collector.dropped
     return result

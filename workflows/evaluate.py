@@ -709,13 +709,7 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
         metrics["mlflow_run_id"] = log_to_mlflow(plan, metrics, uri)
         metrics["mlflow_tracking_uri"] = uri
         (plan.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if plan.output is not None and plan.output.remote:
-        from workflows.data.video import StorageUnreachable
-
-        try:
-            plan.output.push(retry_s=plan.recipe.data.storage_retry_s)
-        except StorageUnreachable as exc:
-            raise StorageUnreachable(plan.output.not_uploaded(exc)) from None
+    plan.output.finish(retry_s=plan.recipe.data.storage_retry_s)  # a bucket prefix: uploaded now
     return metrics
 
 

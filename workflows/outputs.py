@@ -7,6 +7,7 @@ results up to the last push in the bucket. A job that continues (`predict --ray`
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -98,6 +99,16 @@ class OutputFolder:
             return False
         return True
 
-    def not_uploaded(self, exc: BaseException) -> str:
-        """The error when the last push failed: where the results are instead."""
-        return f"{exc}. The results are in {self.local} on this machine; copy them to {self.shown}"
+    def finish(self, names: list[str] | None = None, retry_s: float | None = None) -> None:
+        """The last push (`names`, default every file), then the staging folder removed. When the bucket does not
+        answer: StorageUnreachable naming the local folder, which is kept. Nothing to do for a local folder."""
+        if not self.remote:
+            return
+        from workflows.data.video import StorageUnreachable
+
+        try:
+            self.push(names, retry_s)
+        except StorageUnreachable as exc:
+            raise StorageUnreachable(f"{exc}. The results are in {self.local} on this machine; copy them to "
+                                     f"{self.shown}") from None
+        shutil.rmtree(self.local, ignore_errors=True)
