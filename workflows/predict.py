@@ -1,6 +1,6 @@
-"""Classify video files with a checkpoint, locally (no Ray):
+"""Classify video files with a checkpoint, locally (no Ray), or a whole corpus on Ray with --ray:
 `python -m workflows predict --checkpoint C [--labels L] video.mp4|folder [...] [--views V] [--top 5]
-[--device auto] [--clip-seconds S] [--json]`.
+[--device auto] [--clip-seconds S] [--json]`; `--ray --out DIR [--manifest M]` is workflows.batch_predict's.
 
 Each video is decoded and cut into clips exactly as the evaluation does (the data layer's `clips_from_video`:
 segment sampling of `views` temporal views, short-side resize and centre crop; views, crops and zero-shot fusion
