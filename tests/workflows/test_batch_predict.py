@@ -157,7 +157,7 @@ def test_a_job_whose_driver_is_killed_continues_where_it_stopped(ray_local, run_
     videos = tmp_path / "many"
     videos.mkdir()
     names = list(GOOD_VIDEOS)
-    total = 240
+    total = 160
     for i in range(total):
         (videos / f"v{i:03d}.mp4").symlink_to(video_dir / "clips" / f"{names[i % N]}.mp4")
     out = tmp_path / "out"
@@ -222,9 +222,10 @@ def test_continuing_keeps_whole_files_only_and_never_writes_a_credential(tmp_pat
 def test_results_into_a_bucket_are_pushed_continued_and_never_lost_to_an_outage(ray_local, run_dir: Path,
                                                                                 video_dir: Path, tmp_path: Path,
                                                                                 monkeypatch, capsys) -> None:
-    """`--out s3://...` (moto behind a proxy that can fail): predict --ray's files and evaluate's land in the bucket;
-    a job continues from what the bucket holds; a push the bucket does not answer is said and the job goes on, and
-    a last one that fails names the local folder holding the results."""
+    """`--out s3://...` (moto behind a proxy that can fail): predict --ray of a bucket prefix (credentials in its URI,
+    written nowhere) and evaluate land their files in the bucket; a job continues from what the bucket holds; a push
+    the bucket does not answer is said and the job goes on, and a last one that fails names the local folder holding
+    the results."""
     from tests.workflows.object_store import proxied_bucket
     from workflows.data.video import StorageUnreachable
     from workflows.evaluate import main as evaluate_main
@@ -238,13 +239,21 @@ def test_results_into_a_bucket_are_pushed_continued_and_never_lost_to_an_outage(
         def read(key: str) -> str:
             return client.get_object(Bucket="results", Key=key)["Body"].read().decode()
 
-        args = ["--ray", "--checkpoint", str(run_dir), "--manifest", str(video_dir / "good.csv"), "--views", "2",
-                "--out", "s3://results/tags"]
+        for name in GOOD_VIDEOS:
+            client.put_object(Bucket="results", Key=f"videos/{name}.mp4",
+                              Body=(video_dir / "clips" / f"{name}.mp4").read_bytes())
+        # The videos named by a prefix whose URI carries the credentials (the Ray workers have no others here).
+        host = creds.endpoint.removeprefix("http://")
+        prefix = (f"s3://{creds.access_key}:{creds.secret_key}@results/videos?endpoint_override={host}&scheme=http"
+                  f"&region={creds.region}")
+        args = ["--ray", "--checkpoint", str(run_dir), prefix, "--views", "2", "--out", "s3://results/tags"]
         assert predict_main(args) == 0
         assert "s3://results/tags/predictions.csv" in capsys.readouterr().out
         rows = list(csv.DictReader(read("tags/predictions.csv").splitlines()))
-        assert sorted(int(r["video_index"]) for r in rows) == list(range(N))
+        assert sorted(int(r["video_index"]) for r in rows) == list(range(N)) and not any(r["dropped"] for r in rows)
+        assert all(r["path"].startswith("s3://") and "/videos/" in r["path"] for r in rows)
         assert json.loads(read("tags/job.json"))["rows"] == N
+        assert creds.secret_key not in read("tags/predictions.csv") + read("tags/job.json")
         # Continued from the bucket (a new staging folder each run): the rows it lacks are scored, the rest kept.
         lines = read("tags/predictions.csv").splitlines(keepends=True)
         client.put_object(Bucket="results", Key="tags/predictions.csv", Body="".join(lines[:3]).encode())

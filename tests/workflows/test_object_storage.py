@@ -472,8 +472,6 @@ class Afterwards:
     evaluate: subprocess.CompletedProcess
     predict_bucket: subprocess.CompletedProcess
     predict_registry: subprocess.CompletedProcess
-    predict_on_ray: subprocess.CompletedProcess  # the bucket's videos/ prefix, on a local Ray
-    predictions: Path  # its output folder
     secret_in_session_logs: list[str]
     deleted: list[Path]
 
@@ -481,9 +479,8 @@ class Afterwards:
 @pytest.fixture(scope="module")
 def afterwards(stack, trained):
     """Stop the cluster, grep its session logs for the secret, delete its temp dirs and working directories (and
-    every local working directory of the drivers); then `evaluate` and `predict --ray` of the bucket's videos/ prefix
-    (each a new local Ray, from a new directory) and `predict` (the bucket's run directory, and the registered model
-    version through the tracking server)."""
+    every local working directory of the drivers); then `evaluate` (a new local Ray, from a new directory) and
+    `predict` (the bucket's run directory, and the registered model version through the tracking server)."""
     cluster = stack.cluster
     left = cluster.stop()
     assert not left, f"processes of the test cluster survived: {left}"
@@ -509,9 +506,6 @@ def afterwards(stack, trained):
     try:
         evaluate = stack.command("evaluate", "evaluate", "--checkpoint", f"{RUNS}/{RUN}", "--manifest",
                                  f"{DATA}/val.csv", "--views", "1", "--json", cwd=elsewhere, env=env)
-        predict_on_ray = stack.command("predict-on-ray", "predict", "--ray", "--checkpoint", f"{RUNS}/{RUN}",
-                                       f"{DATA}/videos", "--views", "1", "--out", "predictions", "--json",
-                                       cwd=elsewhere, env=env)
     finally:
         end(marked(tag), grace_s=10)  # the evaluation's own local Ray, if it outlived the driver
     video = f"{DATA}/videos/moving_left/val_0002.mp4"
@@ -520,8 +514,7 @@ def afterwards(stack, trained):
     predict_registry = stack.command("predict-registry", "predict", "--checkpoint", f"models:/{MODEL}/1",
                                      "--tracking-uri", stack.mlflow.url, "--device", "cpu", "--views", "1", "--json",
                                      video, cwd=elsewhere)
-    return Afterwards(evaluate, predict_bucket, predict_registry, predict_on_ray, elsewhere / "predictions", hits,
-                      deleted)
+    return Afterwards(evaluate, predict_bucket, predict_registry, hits, deleted)
 
 
 def test_evaluate_and_predict_need_only_the_bucket_and_the_tracking_server(stack, trained, afterwards):
@@ -540,23 +533,6 @@ def test_evaluate_and_predict_need_only_the_bucket_and_the_tracking_server(stack
     assert len(from_bucket[0]["top"]) == 5
     # The registered version is the final checkpoint's weights: the same scores, whichever way it was fetched.
     assert from_bucket == from_registry
-
-
-def test_predict_on_ray_classifies_a_bucket_prefix(stack, trained, afterwards):
-    """`predict --ray` of the bucket's videos/ prefix (a checkpoint in the bucket, nothing local): every video one
-    row, the one `predict` scored here with its top classes."""
-    proc = afterwards.predict_on_ray
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout)
-    with (afterwards.predictions / "predictions.csv").open(newline="") as f:
-        rows = {row["path"]: row for row in csv.DictReader(f)}
-    assert result["predicted"] == len(rows) == 24 and result["dropped_total"] == 0  # 8 classes x (2 train + 1 val)
-    assert all(path.startswith(f"{DATA}/videos/") for path in rows)
-    (here,) = json.loads(afterwards.predict_bucket.stdout)
-    row = rows[here["path"]]
-    assert [row[f"class_{k}"] for k in range(1, 6)] == [t["class"] for t in here["top"]]
-    assert [float(row[f"prob_{k}"]) for k in range(1, 6)] == pytest.approx([t["prob"] for t in here["top"]],
-                                                                           rel=1e-3, abs=2e-6)
 
 
 def test_every_logged_artifact_reads_back_through_the_tracking_server(stack, trained, afterwards):
