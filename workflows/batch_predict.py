@@ -161,8 +161,14 @@ def job_identity(request: BatchRequest, plan: Any, rows: Rows) -> dict[str, Any]
         "checkpoint": plan.checkpoint_source or str(plan.checkpoint), "step": plan.state.get("step"),
         "classes": hashlib.sha256("\n".join(plan.class_names).encode()).hexdigest()[:16],
         "num_classes": len(plan.class_names), "mode": plan.mode, "views": plan.views, "crops": plan.crops,
-        "top": request.top, "clip_seconds": request.clip_seconds, "rows": len(rows), "rows_digest": rows.digest(),
+        "top": shown_top(request, plan), "clip_seconds": request.clip_seconds, "rows": len(rows),
+        "rows_digest": rows.digest(),
     }
+
+
+def shown_top(request: BatchRequest, plan: Any) -> int:
+    """How many classes each row lists: --top, at most the label set's."""
+    return min(request.top, len(plan.class_names))
 
 
 def _columns(top: int) -> list[str]:
@@ -255,8 +261,7 @@ class Collector:
 
     def __init__(self, out: Path, rows: Rows, todo: list[int], class_names: list[str], per_video: int, top: int,
                  flush_s: float = 2.0, push: Callable[[], Any] | None = None, push_s: float = PUSH_S) -> None:
-        self.rows, self.names, self.per_video, self.top = rows, class_names, per_video, min(top, len(class_names))
-        self.width = top
+        self.rows, self.names, self.per_video, self.top = rows, class_names, per_video, top
         self.sums: dict[int, np.ndarray] = {}
         self.seen: Counter[int] = Counter()
         todo_set = set(todo)
@@ -284,11 +289,11 @@ class Collector:
         return handle
 
     def _ranked(self, probs: np.ndarray | None) -> list[Any]:
+        """The top classes' (name, probability) cells, most probable first; empty cells for an unread row."""
         if probs is None:
-            return [""] * (2 * self.width)
-        order = np.argsort(-probs, kind="stable")[: self.top]
-        cells = [c for k in order for c in (self.names[k], round(float(probs[k]), 6))]
-        return cells + [""] * (2 * self.width - len(cells))
+            return [""] * (2 * self.top)
+        ranked = np.argsort(-probs, kind="stable")[: self.top]
+        return [cell for k in ranked for cell in (self.names[k], round(float(probs[k]), 6))]
 
     def add(self, video_index: np.ndarray, logits: np.ndarray) -> None:
         """One batch of per-view logits (N, K) of the rows `video_index` (N,)."""
@@ -442,7 +447,7 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
     from workflows.runtime import ray_description
 
     output, out = plan.output, plan.out_dir
-    done = continue_job(out, identity, rows, request.top)
+    done = continue_job(out, identity, rows, shown_top(request, plan))
     todo = [i for i in range(len(rows)) if i not in done]
     out.mkdir(parents=True, exist_ok=True)
     (out / JOB_FILE).write_text(json.dumps(identity, indent=2) + "\n")
@@ -464,7 +469,7 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
         print(f"{LOG_PREFIX} on {ray_description()}", flush=True)
     pipeline = start_scoring(plan, request.actors)
     per_video = plan.views * plan.crops
-    collector = Collector(out, rows, todo, plan.class_names, per_video, request.top,
+    collector = Collector(out, rows, todo, plan.class_names, per_video, shown_top(request, plan),
                           push=lambda: output.push_or_say(OUTPUT_FILES) if output.remote else None)
     if progress:
         print(f"{LOG_PREFIX} scoring on {pipeline.describe()}", flush=True)
@@ -502,7 +507,7 @@ def format_summary(result: dict[str, Any]) -> str:
     most = ", ".join(f"{name} {n}" for name, n in result["most_predicted"][:5])
     lines = [f"{LOG_PREFIX} {result['predicted']} predicted"
              + (f", {result['dropped_total']} could not be read ({dropped})" if result["dropped_total"] else "")
-             + (f", {result['files']} long files" if result["files"] else "")
+             + (f", {result['files']} long file{'s' if result['files'] != 1 else ''}" if result["files"] else "")
              + (f" (this run: {result['scored_now']} in {result['seconds']:.1f} s)" if "seconds" in result else ""),
              f"{LOG_PREFIX} most predicted: {most}" if most else "",
              f"{LOG_PREFIX} written: {result['predictions']}"

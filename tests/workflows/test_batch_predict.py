@@ -150,10 +150,12 @@ def test_long_files_are_scored_per_clip_and_as_the_mean_of_their_clips(ray_local
 
 
 @pytest.mark.integration
-def test_a_job_whose_driver_is_killed_continues_where_it_stopped(ray_local, run_dir: Path, video_dir: Path,
-                                                                 tmp_path: Path, capsys) -> None:
-    """A real SIGKILL of the driver (a separate process on the same Ray cluster) while rows are being written; the
-    same command run again writes the rest, and every video is in predictions.csv exactly once."""
+def test_a_job_whose_driver_is_stopped_or_killed_continues_where_it_stopped(ray_local, run_dir: Path,
+                                                                            video_dir: Path, tmp_path: Path,
+                                                                            capsys) -> None:
+    """Real signals to the driver (a separate process on the same Ray cluster) while rows are being written: SIGTERM
+    (`ray job stop`) ends it as Ctrl-C does (exit 143, saying the rows are kept), SIGKILL mid-write; the same command
+    run again writes the rest, and every video is in predictions.csv exactly once."""
     videos = tmp_path / "many"
     videos.mkdir()
     names = list(GOOD_VIDEOS)
@@ -163,23 +165,38 @@ def test_a_job_whose_driver_is_killed_continues_where_it_stopped(ray_local, run_
     out = tmp_path / "out"
     args = ["--ray", "--checkpoint", str(run_dir), str(videos), "--out", str(out), "--views", "8"]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
-    log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen([sys.executable, "-m", "workflows", "predict", *args], cwd=REPO, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
     predictions = out / "predictions.csv"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and driver.poll() is None:
-        if predictions.exists() and predictions.read_text().count("\n") >= 2:  # the header and a row at least
-            break
-        time.sleep(0.05)
-    assert driver.poll() is None, f"the job ended before it could be killed:\n{(tmp_path / 'driver.log').read_text()}"
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=60)
-    written = len(_rows(predictions))
-    assert 0 < written < total
+
+    def lines() -> int:
+        return predictions.read_text().count("\n") if predictions.exists() else 0
+
+    def signal_once_writing(sig: int) -> tuple[int, str]:
+        """Start the driver, send `sig` once it has written a row more than there are; (exit status, output)."""
+        log = tmp_path / f"driver-{sig}.log"
+        before = max(lines(), 1)  # the header at least
+        with log.open("w") as f:
+            driver = subprocess.Popen([sys.executable, "-m", "workflows", "predict", *args], cwd=REPO, env=env,
+                                      stdout=f, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and driver.poll() is None and lines() <= before:
+                time.sleep(0.05)
+            assert driver.poll() is None, f"the job ended before the signal:\n{log.read_text()}"
+            driver.send_signal(sig)
+            return driver.wait(timeout=120), log.read_text()
+
+    status, output = signal_once_writing(signal.SIGTERM)
+    assert status == 143, output
+    assert f"interrupted by SIGTERM (ray job stop, or the scheduler): the rows written so far are kept in {out}" \
+        in output
+    stopped = lines() - 1  # complete rows: a line cut by the kill is not one
+    status, output = signal_once_writing(signal.SIGKILL)
+    assert status == -signal.SIGKILL, output
+    assert "continuing: " in output
+    killed = lines() - 1
+    assert 0 < stopped < killed < total
     assert predict_main(args) == 0
     captured = capsys.readouterr()
-    assert "continuing: " in captured.out and f"{total} predicted" in captured.out
+    assert f"continuing: {killed} written before" in captured.out and f"{total} predicted" in captured.out
     indices = [int(r["video_index"]) for r in _rows(predictions)]
     assert sorted(indices) == list(range(total))
 
