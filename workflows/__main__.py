@@ -17,7 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("workflows.pretrain", "pre-train or fine-tune DiST with Ray Train + DeepSpeed, tracked in MLflow"),
     "tune": ("workflows.tune.driver", "Ray Tune sweeps over fusion layers and widths, one MLflow parent run per sweep"),
     "evaluate": ("workflows.evaluate", "multi-view test of a checkpoint (or frozen CLIP) on any label set, on Ray"),
-    "predict": ("workflows.predict", "top-k classes of video files with a checkpoint, locally"),
+    "predict": ("workflows.predict", "top-k classes of video files with a checkpoint, locally, or of a whole corpus "
+                                     "on Ray (--ray)"),
 }
 
 
@@ -38,8 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from workflows.runtime import interrupted_exit_code, stop_like_ctrl_c, stop_signal_note
+
+    # SIGTERM (`ray job stop`, a scheduler) stops every command as Ctrl-C does: otherwise the handler ray.init
+    # installs aborts the process with a C++ stack on the console. Commands that can say more (where a run or a
+    # job continues) catch the interrupt themselves; this is the line for the others.
+    stop_like_ctrl_c()
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"interrupted{stop_signal_note()}", file=sys.stderr)
+        return interrupted_exit_code()
 
 
 if __name__ == "__main__":

@@ -457,7 +457,7 @@ def _main_on_ray(args: argparse.Namespace) -> int:
     from workflows.console import stdout_kept_for_json
     from workflows.data.drops import TooManyBadVideos
     from workflows.data.video import StorageUnreachable
-    from workflows.runtime import interrupted_exit_code, stop_like_ctrl_c, stop_signal_note
+    from workflows.runtime import interrupted_exit_code, stop_signal_note
 
     needs = [flag for flag, given in (("--ray", args.ray), ("--out", args.out)) if not given]
     if needs:
@@ -480,14 +480,13 @@ def _main_on_ray(args: argparse.Namespace) -> int:
                            labels=args.labels, tracking_uri=args.tracking_uri, views=args.views, crops=args.crops,
                            top=args.top, zero_shot_fusion=args.zero_shot_fusion, clip_seconds=args.clip_seconds,
                            actors=args.actors, overrides=args.overrides, verbose=args.verbose)
-    stop_like_ctrl_c()  # SIGTERM ends the job as Ctrl-C does, with the rows so far written (and pushed)
     try:
         with stdout_kept_for_json(args.json):
             result = run_batch_predict(request)
     except (ConfigError, ValueError, FileNotFoundError, TooManyBadVideos, StorageUnreachable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`ray job stop`, a scheduler): the rows so far stay written
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`python -m workflows` makes it one): the rows so far stay written
         print(f"interrupted{stop_signal_note()}: the rows written so far are kept in {args.out}; the same command "
               f"continues the job", file=sys.stderr)
         return interrupted_exit_code()

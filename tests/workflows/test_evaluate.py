@@ -764,3 +764,40 @@ def test_save_scores_without_room_for_them_fails_before_any_scoring(tmp_path: Pa
                                           r"[\d.]+ MiB, and .*'s disk has [\d.]+ MiB free: free space, choose another "
                                           r"folder with --out, or leave --save-scores out"):
         check_room_for_scores(tmp_path, videos, 400)
+
+
+@pytest.mark.integration
+def test_sigterm_stops_an_evaluation_in_one_line(ray_local, run_dir: Path, video_dir: Path, tmp_path: Path) -> None:
+    """`ray job stop` sends SIGTERM: `python -m workflows evaluate` (a separate driver on the same Ray) ends as on
+    Ctrl-C, `interrupted by SIGTERM ...` and exit 143, not with the abort and C++ stack of Ray's own handler."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    names = list(GOOD_VIDEOS)
+    (tmp_path / "v").mkdir()
+    rows = ["path,label"]
+    for i in range(160):
+        (tmp_path / "v" / f"{i}.mp4").symlink_to(video_dir / "clips" / f"{names[i % N]}.mp4")
+        rows.append(f"v/{i}.mp4,cls{i % N}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(repo)}
+    log = tmp_path / "driver.log"
+    with log.open("w") as f:
+        driver = subprocess.Popen([sys.executable, "-m", "workflows", "evaluate", "--checkpoint", str(run_dir),
+                                   "--manifest", str(tmp_path / "m.csv"), "--views", "8", "--out", str(tmp_path / "o"),
+                                   "--no-mlflow"], cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None and "[evaluate] scoring" not in log.read_text():
+            time.sleep(0.05)
+        time.sleep(1)  # inside the scoring loop
+        assert driver.poll() is None, log.read_text()
+        driver.send_signal(signal.SIGTERM)
+        status = driver.wait(timeout=120)
+    output = log.read_text()
+    assert status == 143, output
+    assert output.rstrip().endswith("interrupted by SIGTERM (ray job stop, or the scheduler)"), output[-2000:]
+    assert "SIGTERM received" not in output and not (tmp_path / "o" / "metrics.json").exists()
