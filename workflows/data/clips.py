@@ -36,13 +36,16 @@ def durations(paths: list[str], progress: bool) -> dict[str, float | None]:
     found: dict[str, float | None] = {}
     start = last = time.perf_counter()
     threads = 32 if any(is_remote(path) for path in paths) else 8  # waiting on the storage more than on the CPU
-    with ThreadPoolExecutor(threads) as pool:
+    pool = ThreadPoolExecutor(threads)
+    try:
         for path, seconds in zip(paths, pool.map(header_duration, paths), strict=True):
             found[path] = seconds
             if progress and time.perf_counter() - last > 5:
                 last = time.perf_counter()
                 print(f"  read the durations of {len(found)}/{len(paths)} videos "
                       f"({len(found) / (last - start):.0f}/s)", flush=True)
+    finally:  # interrupted (Ctrl-C, SIGTERM) or failed: the reads not started are not waited for
+        pool.shutdown(cancel_futures=True)
     return found
 
 
