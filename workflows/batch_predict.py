@@ -124,9 +124,19 @@ def rows_to_score(request: BatchRequest) -> Rows:
     """The inputs as rows: the videos of the files, folders and prefixes given (each once, in order), then the
     manifest's rows; with --clip-seconds each whole video cut into centred clips (`clips.cut_into_clips`, as
     `data clips` cuts; rows that are clips already are kept)."""
+    from workflows.data.video import StorageUnreachable
     from workflows.predict import expand_inputs
 
-    videos = list(dict.fromkeys(expand_inputs(request.videos))) if request.videos else []
+    try:
+        videos = list(dict.fromkeys(expand_inputs(request.videos))) if request.videos else []
+    except StorageUnreachable:  # a bucket that did not answer for the retry budget: said as it is
+        raise
+    except (OSError, ValueError) as exc:  # a bucket prefix that could not be listed (credentials, no such bucket)
+        from workflows.data.manifest import storage_hint
+        from workflows.runtime import is_remote, redact_secrets
+
+        remote = next((a for a in request.videos if is_remote(a)), "")
+        raise ConfigError(f"cannot list {redact_secrets(remote)}: {exc}{storage_hint(remote)}") from None
     if request.videos and not videos:
         raise ConfigError(f"no video files in {' '.join(request.videos)}")
     listed: list[dict[str, Any]] = [{"path": path, "start": None, "end": None} for path in videos]
