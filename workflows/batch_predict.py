@@ -282,7 +282,6 @@ class Collector:
         self.file_left = {path: len(members) for path, members in self.groups.items()}
         self.written = 0
         self.dropped = 0
-        self.clips = 0
         self.flush_s, self.last_flush = flush_s, time.monotonic()
         self.push, self.push_s, self.last_push = push, push_s, time.monotonic()  # to a bucket: every push_s
         self.files = [self._open(out / PREDICTIONS, _columns(top))]
@@ -310,7 +309,6 @@ class Collector:
         shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
         probs = np.exp(shifted)
         probs /= probs.sum(axis=1, keepdims=True)
-        self.clips += len(video_index)
         for vid, p in zip(video_index.tolist(), probs, strict=True):
             self.sums[vid] = self.sums[vid] + p if vid in self.sums else p
             self.seen[vid] += 1
@@ -451,9 +449,8 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
 def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[str, Any], progress: bool) -> dict:
     """run_batch_predict once Ray is up and the output folder claimed: keep what an earlier run wrote, score the
     rest, push it."""
-    import ray
 
-    from workflows.evaluate import plain_scoring_errors, progress_line, start_scoring
+    from workflows.evaluate import start_scoring
     from workflows.runtime import ray_description
 
     output, out = plan.output, plan.out_dir
@@ -483,24 +480,16 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
                           push=lambda: output.push_or_say(OUTPUT_FILES) if output.remote else None)
     if progress:
         print(f"{LOG_PREFIX} scoring on {pipeline.describe()}", flush=True)
-    start = last = time.perf_counter()
+    start = time.perf_counter()
     try:
-        with plain_scoring_errors(f"The rows written so far are kept in {output}; the same command continues"):
-            for batch in pipeline.views.iter_batches(batch_size=None, batch_format="numpy"):
-                collector.add(batch["video_index"], batch["logits"])
-                now = time.perf_counter()
-                if progress and now - last > 5:
-                    last = now
-                    line = progress_line(collector.clips / per_video, len(todo), collector.clips, now - start)
-                    print(f"{LOG_PREFIX} {line}", flush=True)
-            dropped = ray.get(pipeline.counter.dropped_videos.remote("eval", 0))
+        dropped, _ = pipeline.run(lambda batch: collector.add(batch["video_index"], batch["logits"]),
+                                  videos=len(todo), per_video=per_video, prefix=LOG_PREFIX, progress=progress,
+                                  written=f"The rows written so far are kept in {output}; the same command continues")
     except BaseException:
         collector.close()  # what was scored stays written
         if output.remote:
             output.push_or_say(OUTPUT_FILES)
         raise
-    finally:
-        ray.kill(pipeline.counter)
     collector.finish(dropped)
     unfinished = sorted(collector.seen)
     if unfinished:  # a bug, never a data problem: every decoded video gives exactly views x crops clips

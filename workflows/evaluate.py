@@ -28,7 +28,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +328,35 @@ class ScoringPipeline:
     def describe(self) -> str:
         return f"{self.actors} {'GPU' if self.use_gpu else 'CPU'} actor(s)"
 
+    def run(self, consume: Callable[[dict[str, Any]], None], *, videos: int, per_video: int, prefix: str,
+            progress: bool = True, written: str = "Nothing was written") -> tuple[dict[int, str], Any]:
+        """Iterate the pipeline: each batch of per-view logits to `consume`, a progress line (`prefix`) every 5 s
+        over `videos` videos of `per_video` clips; then (every dropped video: manifest row -> why, the drop report).
+        The decoders' errors are said plainly (`plain_scoring_errors`, `written`: what a failure leaves behind);
+        the drop counter is killed after, whatever happens."""
+        import ray
+
+        from workflows.data.drops import get_drop_report
+
+        start = last = time.perf_counter()
+        clips = 0
+        try:
+            with plain_scoring_errors(written):
+                for batch in self.views.iter_batches(batch_size=None, batch_format="numpy"):
+                    consume(batch)
+                    clips += len(batch["video_index"])
+                    now = time.perf_counter()
+                    if progress and now - last > 5:
+                        last = now
+                        done, seconds = clips / per_video, now - start
+                        eta = (videos - done) * seconds / max(done, 1e-9)
+                        print(f"{prefix} {done:.0f}/{videos} videos ({100 * done / max(videos, 1):.0f}%), "
+                              f"{clips / max(seconds, 1e-9):.1f} clips/s, ETA {eta / 60:.1f} min", flush=True)
+                return (ray.get(self.counter.dropped_videos.remote("eval", 0)),
+                        get_drop_report("eval", 0, name=self.counter_name))
+        finally:
+            ray.kill(self.counter)
+
 
 def start_scoring(plan: EvalPlan, actors: int | None = None) -> ScoringPipeline:
     """The Ray Data pipeline of `plan` (nothing runs until it is iterated): decoders where the videos are seen, a
@@ -379,10 +408,8 @@ def plain_scoring_errors(written: str = "Nothing was written") -> Iterator[None]
 def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True) -> ViewResults:
     """Decode every video of the plan's manifest into views x crops clips, score them in an actor pool, and sum
     the softmax scores per video on the driver."""
-    import ray
     import torch
 
-    from workflows.data.drops import get_drop_report
     from workflows.metrics import VideoScores
 
     pipeline = start_scoring(plan, actors)
@@ -393,36 +420,21 @@ def score_views(plan: EvalPlan, actors: int | None = None, progress: bool = True
               f"{pipeline.describe()}, {plan.mode} logits, {len(plan.class_names)} classes", flush=True)
     scores = VideoScores(len(plan.class_names))
     rows_per_video: dict[int, int] = {}
-    start = last = time.perf_counter()
-    rows = 0
-    try:
-        with plain_scoring_errors():
-            for batch in pipeline.views.iter_batches(batch_size=None, batch_format="numpy"):
-                scores.add(torch.tensor(batch["video_index"]), torch.tensor(batch["logits"]),
-                           torch.tensor(batch["label"]))
-                rows += len(batch["video_index"])
-                for vid in batch["video_index"].tolist():
-                    rows_per_video[vid] = rows_per_video.get(vid, 0) + 1
-                now = time.perf_counter()
-                if progress and now - last > 5:
-                    last = now
-                    print(f"{LOG_PREFIX} {progress_line(rows / per_video, total, rows, now - start)}", flush=True)
-            drops = get_drop_report("eval", 0, name=pipeline.counter_name)
-            dropped_videos = ray.get(pipeline.counter.dropped_videos.remote("eval", 0))
-    finally:
-        ray.kill(pipeline.counter)
+
+    def consume(batch: dict[str, Any]) -> None:
+        scores.add(torch.tensor(batch["video_index"]), torch.tensor(batch["logits"]), torch.tensor(batch["label"]))
+        for vid in batch["video_index"].tolist():
+            rows_per_video[vid] = rows_per_video.get(vid, 0) + 1
+
+    start = time.perf_counter()
+    dropped_videos, drops = pipeline.run(consume, videos=total, per_video=per_video, prefix=LOG_PREFIX,
+                                         progress=progress)
     seconds = time.perf_counter() - start
+    rows = sum(rows_per_video.values())
     if progress:
         print(f"{LOG_PREFIX} scored {rows} clips of {len(rows_per_video)} videos in {seconds:.1f} s", flush=True)
     return ViewResults(scores=scores, rows=rows, rows_per_video=rows_per_video, drops=drops,
                        dropped_videos=dropped_videos, seconds=seconds)
-
-
-def progress_line(done: float, total: int, clips: int, seconds: float) -> str:
-    """`done` of `total` videos, the clip rate and the time left at that rate."""
-    eta = (total - done) * seconds / max(done, 1e-9)
-    return (f"{done:.0f}/{total} videos ({100 * done / max(total, 1):.0f}%), {clips / max(seconds, 1e-9):.1f} clips/s, "
-            f"ETA {eta / 60:.1f} min")
 
 
 def decoded_where_seen(data: Any, manifest: Any) -> Any:
