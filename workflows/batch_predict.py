@@ -81,8 +81,10 @@ class Rows:
 
         return [redact_secrets(path) for path in self.paths]
 
+    @functools.cached_property
     def groups(self) -> dict[str, list[int]]:
-        """{path: its rows} for each file named by more than one row (clips of a long file)."""
+        """{path: its rows} for each file named by more than one row (clips of a long file); built once (the rows do
+        not change), read by the continuation, the collector and the console."""
         by_path: dict[str, list[int]] = {}
         for i, path in enumerate(self.paths):
             by_path.setdefault(path, []).append(i)
@@ -181,14 +183,16 @@ def shown_top(request: BatchRequest, plan: Any) -> int:
     return min(request.top, len(plan.class_names))
 
 
+def _ranked_columns(top: int) -> list[str]:
+    return [c for k in range(1, top + 1) for c in (f"class_{k}", f"prob_{k}")]
+
+
 def _columns(top: int) -> list[str]:
-    ranked = [c for k in range(1, top + 1) for c in (f"class_{k}", f"prob_{k}")]
-    return ["video_index", "path", "start", "end", *ranked, "dropped"]
+    return ["video_index", "path", "start", "end", *_ranked_columns(top), "dropped"]
 
 
 def _file_columns(top: int) -> list[str]:
-    ranked = [c for k in range(1, top + 1) for c in (f"class_{k}", f"prob_{k}")]
-    return ["path", "clips", "read_clips", *ranked, "dropped"]
+    return ["path", "clips", "read_clips", *_ranked_columns(top), "dropped"]
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:
@@ -240,7 +244,7 @@ def continue_job(out: Path, identity: dict[str, Any], rows: Rows, top: int) -> s
     ConfigError when `out` holds another job's predictions (`check_same_job`)."""
     if not check_same_job(out, identity, str(out)):
         return set()
-    groups = rows.groups()
+    groups = rows.groups
     group_of = {i: path for path, members in groups.items() for i in members}
     shown_groups = {rows.shown[members[0]]: path for path, members in groups.items()}
     files_done = {shown_groups[r["path"]]: r for r in _read_rows(out / FILE_PREDICTIONS)
@@ -275,7 +279,7 @@ class Collector:
         self.sums: dict[int, np.ndarray] = {}
         self.seen: Counter[int] = Counter()
         todo_set = set(todo)
-        self.groups = {path: members for path, members in rows.groups().items() if todo_set & set(members)}
+        self.groups = {path: members for path, members in rows.groups.items() if todo_set & set(members)}
         self.group_of = {i: path for path, members in self.groups.items() for i in members}
         self.file_sums: dict[str, np.ndarray] = {}
         self.file_read: Counter[str] = Counter()
@@ -465,7 +469,7 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
             print(f"{LOG_PREFIX} note: {note}", flush=True)
         print(f"{LOG_PREFIX} {plan.checkpoint_source} ({plan.recipe.model.preset}{step}), {plan.mode} logits, "
               f"{plan.views} views x {plan.crops} crops, {len(plan.class_names)} classes ({plan.labels_source}): "
-              f"{len(rows)} {'rows' if rows.groups() else 'videos'} into {output}"
+              f"{len(rows)} {'rows' if rows.groups else 'videos'} into {output}"
               + (f"; continuing: {len(done)} written before, {len(todo)} to go" if done else ""), flush=True)
     if not todo:
         result = summary(output)

@@ -56,21 +56,16 @@ class OutputFolder:
             return [name for name in names if (self.local / name).exists()]
         import pyarrow.fs as pafs
 
-        from workflows.data.video import from_storage
+        from workflows.checkpoints import child_uri
+        from workflows.data.video import fetch_to_file, from_storage
 
         found = []
         for name in names:
             key = f"{self.prefix}/{name}"
-            info = from_storage(self.uri, self.fs, lambda key=key: self.fs.get_file_info(key))
-            if info.type != pafs.FileType.File:
-                continue
-
-            def copy(key: str = key, name: str = name) -> None:
-                with self.fs.open_input_stream(key) as src:
-                    (self.local / name).write_bytes(src.read())
-
-            from_storage(self.uri, self.fs, copy)
-            found.append(name)
+            # Asked first: a missing object is an OSError to a read, which the storage retries would wait out.
+            if from_storage(self.uri, self.fs, lambda key=key: self.fs.get_file_info(key)).type == pafs.FileType.File:
+                fetch_to_file(child_uri(self.uri, self.prefix, key), str(self.local / name))
+                found.append(name)
         return found
 
     def push(self, names: list[str] | None = None, retry_s: float | None = None) -> None:
