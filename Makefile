@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint cluster-test elastic-test disk-test gpu-preflight
+.PHONY: install demo test lint extended-test cluster-test elastic-test disk-test gpu-preflight
 
 # Re-installs whenever requirements.txt changes.
 $(STAMP): requirements.txt
@@ -23,6 +23,12 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Not part of `make test`, to keep it within CI's ~25 minutes: the end-to-end checks marked `extended`, whose cases
+# another test in `make test` mostly covers: a Tune sweep with ASHA on s3 storage, the S3 endpoint gone in the middle
+# of a checkpoint upload, a SIGKILLed worker on local storage (~4 min on 2 cores; tests/conftest.py).
+extended-test: $(STAMP)
+	DIST_EXTENDED=1 $(PY) -m pytest -m extended
 
 # Not part of `make test`: `ray up cluster/local.yaml` for real against three namespace-hosts on this machine (root;
 # 5-22 minutes on 2 cores, see cluster/README.md). DIST_CLUSTER_LAUNCH=1 lets pytest collect tests/cluster_launch.

@@ -72,6 +72,29 @@ def test_the_newest_lookup_reads_the_rank_lists_of_the_newest_checkpoints_only(t
                      "checkpoint_9/complete/rank_0.json", "checkpoint_9/complete/rank_1.json"], lists  # (not there)
 
 
+def test_a_restart_resumes_from_a_complete_checkpoint_newer_than_rays_registry(tmp_path):
+    """A worker killed between writing a checkpoint and Ray Train's collection of its report: the restart resumes from
+    the newest complete checkpoint in storage, not Ray's registered one (nor a partial newer one); with Ray's
+    registered one the newest complete, from it. (Rank 0 alone: no process group.)"""
+    import ray.train
+
+    from workflows.trainer import checkpoint_to_resume
+
+    run = tmp_path / "run"
+    registered = ray.train.Checkpoint(str(_checkpoint(run, "checkpoint_a", step=2)))
+    lines: list[str] = []
+    assert checkpoint_to_resume(registered, str(run), lines.append) is registered and not lines
+    newer = _checkpoint(run, "checkpoint_b", step=4)
+    partial = _checkpoint(run, "checkpoint_c", step=6)
+    (partial / "complete" / "rank_1.json").unlink()
+    chosen = checkpoint_to_resume(registered, str(run), lines.append)
+    assert Path(chosen.path) == newer, chosen
+    assert lines == [f"resuming from {newer}: complete in storage and newer than Ray's newest registered checkpoint "
+                     f"({registered.path}), whose report a lost worker did not deliver"], lines
+    assert Path(checkpoint_to_resume(None, str(run), lines.append).path) == newer  # nothing registered at all
+    assert "(Ray Train has none registered)" in lines[-1]
+
+
 def test_no_run_directory_means_no_checkpoint(tmp_path):
     assert newest_complete_checkpoint(str(tmp_path / "absent")) is None
 

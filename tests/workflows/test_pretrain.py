@@ -732,6 +732,7 @@ def _relabel(sample, out: Path) -> dict:
 
 
 @pytest.mark.integration
+@pytest.mark.extended  # test_object_storage.py's pre-training on a bucket, SIGKILLed the same way, is in `make test`
 def test_a_sigkilled_worker_resumes_from_the_newest_complete_checkpoint(ray_local, sample_data, tmp_path, capfd):
     """SIGKILL a Train worker right after every rank has written the step-2 checkpoint. Ray Train collects reports
     every 2 s, so its registry usually never hears of that checkpoint; the restart must still resume from it."""
