@@ -1,5 +1,5 @@
 """Classify a whole corpus with a checkpoint on Ray: `python -m workflows predict --ray --out DIR --checkpoint C
-[--labels L] [videos, folders, bucket prefixes ...] [--manifest M] [--clip-seconds S] [--top 5] ...`.
+[--labels L] [videos, folders, bucket prefixes ...] [--manifest M] [--clip-seconds S] [--top 5|all] ...`.
 
 `predict` without `--ray` classifies a few files on this machine; this is the same scoring for a library of videos:
 the ingest layer decodes on the cluster's CPU nodes and `evaluate`'s actor pool scores (one GPU per actor when the

@@ -42,6 +42,7 @@ from workflows.inference import (
 from workflows.recipe import Recipe
 from workflows.runtime import is_remote
 
+EVERY_CLASS = sys.maxsize  # --top all: every use takes min(top, number of classes)
 DECODE_AHEAD = 4  # videos decoded ahead of the one being scored, at most ...
 DECODE_AHEAD_BYTES = 1 << 30  # ... and at most this many bytes of their clips (views x crops x T x S x S x 3)
 
@@ -329,7 +330,9 @@ def main(argv: list[str]) -> int:
                                                   "as evaluate)")
     parser.add_argument("--crops", type=int, choices=(1, 3), help="spatial crops per view (default: the recipe's "
                                                                   "eval.test_crops)")
-    parser.add_argument("--top", type=int, default=5, help="classes to show per video (default 5)")
+    parser.add_argument("--top", type=top_count, default=5,
+                        help="classes to show per video, most probable first (default 5; `all`: every class with its "
+                             "probability, e.g. --ray's rows as soft pseudo-labels)")
     parser.add_argument("--zero-shot-fusion", action=argparse.BooleanOptionalAction,
                         help="blend DiST with frozen-CLIP logits (default: the recipe's eval.zero_shot_fusion)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -434,6 +437,16 @@ def main(argv: list[str]) -> int:
         print(f"{report.unread_clips} clips could not be read; their videos were scored on their other clips",
               file=sys.stderr)
     return 1 if report.failed or report.unread_clips else 0
+
+
+def top_count(text: str) -> int:
+    """--top's value: a number of classes, or `all` (EVERY_CLASS)."""
+    if text.strip().lower() == "all":
+        return EVERY_CLASS
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of classes or 'all', not {text!r}") from None
 
 
 def _bad_count(args: argparse.Namespace) -> str | None:

@@ -56,6 +56,11 @@ def test_flags_that_need_ray_say_so_and_a_foreign_folder_is_refused(run_dir: Pat
     assert "that `predict --ray` did not write" in capsys.readouterr().err
     assert predict_main(["--checkpoint", str(run_dir), "--ray", "--out", str(tmp_path / "none")]) == 2
     assert "nothing to predict" in capsys.readouterr().err
+    assert predict_main(["--checkpoint", str(run_dir), video, "--top", "0"]) == 2
+    assert "--top must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict_main(["--checkpoint", str(run_dir), video, "--top", "most"])
+    assert "a number of classes or 'all', not 'most'" in capsys.readouterr().err
 
 
 @pytest.mark.integration
@@ -127,17 +132,21 @@ def test_a_stopped_job_continues_and_another_job_is_refused(ray_local, run_dir: 
 @pytest.mark.integration
 def test_long_files_are_scored_per_clip_and_as_the_mean_of_their_clips(ray_local, run_dir: Path, video_dir: Path,
                                                                        tmp_path: Path, capsys) -> None:
-    """--clip-seconds: a 2.33 s video as two 1 s clips and one file row (the mean of the clips' probabilities: the
-    top 5 are all 5 classes here), the answer `predict --clip-seconds` gives on this machine; a video shorter than a
-    clip is one row, and no file row."""
+    """--clip-seconds: a 2.33 s video as two 1 s clips and one file row (the mean of the clips' probabilities), the
+    answer `predict --clip-seconds` gives on this machine; a video shorter than a clip is one row, and no file row.
+    --top all: every row lists each of the 5 classes once, their probabilities summing to 1."""
     clips = video_dir / "clips"
     mid, tall = str(clips / "mid.mp4"), str(clips / "tall.mp4")  # 2.33 s, 0.8 s
     out = tmp_path / "out"
-    assert predict_main(["--ray", "--checkpoint", str(run_dir), mid, tall, "--clip-seconds", "1", "--out",
-                         str(out)]) == 0
+    assert predict_main(["--ray", "--checkpoint", str(run_dir), mid, tall, "--clip-seconds", "1", "--top", "all",
+                         "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "shorter than --clip-seconds 1" in captured.out
+    assert json.loads((out / "job.json").read_text())["top"] == 5
     rows = sorted(_rows(out / "predictions.csv"), key=lambda r: int(r["video_index"]))
+    for row in [*rows, *_rows(out / "file_predictions.csv")]:
+        assert "class_6" not in row and len({name for name, _ in _top(row)}) == 5, row
+        assert sum(p for _, p in _top(row)) == pytest.approx(1, abs=1e-5), row
     assert [(r["path"], r["start"], r["end"]) for r in rows] == [(mid, "0.167", "1.167"), (mid, "1.167", "2.167"),
                                                                  (tall, "", "")]
     (whole,) = _rows(out / "file_predictions.csv")
