@@ -60,6 +60,7 @@ class BatchRequest:
     actors: int | None = None
     overrides: list[str] = field(default_factory=list)
     verbose: bool = False
+    mlflow: bool | None = None  # None: record the job when the checkpoint's run already has a tracking store
 
 
 @dataclass
@@ -499,10 +500,40 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
     if unfinished:  # a bug, never a data problem: every decoded video gives exactly views x crops clips
         raise RuntimeError(f"rows {unfinished[:5]} got a number of scored clips other than {plan.views} x {plan.crops}")
     result = summary(output)
-    output.finish(OUTPUT_FILES, retry_s=plan.recipe.data.storage_retry_s)
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["scored_now"] = collector.written - collector.dropped
+    record_in_mlflow(request, plan, identity, result)
+    output.finish(OUTPUT_FILES, retry_s=plan.recipe.data.storage_retry_s)
     return result
+
+
+def record_in_mlflow(request: BatchRequest, plan: Any, identity: dict[str, Any], result: dict[str, Any]) -> None:
+    """A run of this job in the checkpoint's MLflow store (`evaluate`'s choice of store, a child of the training run
+    when known): what was scored and how, the counts, and job.json; the rows stay in --out (they can be millions).
+    Each run that scored rows is one MLflow run (a continued job: one per run). Adds mlflow_run_id to `result` when
+    one was logged."""
+    from workflows.evaluate import _tracking_uri
+    from workflows.runtime import redact_secrets
+    from workflows.tracking import Tracker
+
+    uri = _tracking_uri(plan, request.mlflow)
+    if not uri:
+        return
+    tracker = Tracker(uri, plan.recipe.mlflow.experiment, run_name=f"predict-{plan.recipe.run.name}",
+                      parent_run_id=plan.state.get("mlflow_run_id"), tags={"dist.kind": "predict",
+                                                                           "dist.predictions": str(plan.output)},
+                      who="the prediction job")
+    tracker.log_params({"checkpoint": identity["checkpoint"], "step": identity["step"], "inputs":
+                        redact_secrets(request.manifest) if request.manifest else f"{len(request.videos)} given",
+                        **{k: identity[k] for k in ("num_classes", "mode", "views", "crops", "top", "clip_seconds",
+                                                    "rows")}})
+    tracker.log_metrics({f"predict_{k}": float(result.get(k, 0)) for k in ("predicted", "dropped_total", "files",
+                                                                            "scored_now", "seconds")},
+                        step=int(identity["step"] or 0))
+    tracker.log_artifact(plan.out_dir / JOB_FILE, "prediction")
+    tracker.finish()
+    if tracker.active:
+        result["mlflow_run_id"] = tracker.run_id
 
 
 def format_summary(result: dict[str, Any]) -> str:

@@ -355,8 +355,13 @@ def main(argv: list[str]) -> int:
     add_override_option(on_ray, "with --ray: override a key of the checkpoint's recipe, e.g. --set eval.batch_size=32 "
                                 "or --set data.max_bad_fraction=1.0")
     on_ray.add_argument("--verbose", action="store_true", help="with --ray: also print Ray's own log lines")
+    on_ray.add_argument("--mlflow", dest="mlflow", action="store_true", default=None,
+                        help="with --ray: record the job in MLflow, under the checkpoint's training run (default: only "
+                             "when the run already has a tracking store)")
+    on_ray.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     args = parser.parse_args(argv)
-    if args.ray or args.out or args.manifest or args.actors is not None or args.overrides or args.verbose:
+    if args.ray or args.out or args.manifest or args.actors is not None or args.overrides or args.verbose or \
+            args.mlflow is not None:
         return _main_on_ray(args)
     if not args.videos:
         parser.error("give at least one video file, folder or pattern (or --ray --manifest M --out DIR)")
@@ -476,7 +481,8 @@ def _main_on_ray(args: argparse.Namespace) -> int:
     if needs:
         given = next(flag for flag, on in (("--out", args.out), ("--manifest", args.manifest),
                                            ("--actors", args.actors is not None), ("--set", args.overrides),
-                                           ("--verbose", args.verbose), ("--ray", args.ray)) if on)
+                                           ("--verbose", args.verbose), ("--mlflow", args.mlflow is not None),
+                                           ("--ray", args.ray)) if on)
         print(f"error: {given} needs {' and '.join(needs)}: `predict --ray --out DIR` scores a corpus on Ray and "
               f"writes predictions.csv into DIR (without them, predict prints the top classes of a few files here)",
               file=sys.stderr)
@@ -492,7 +498,7 @@ def _main_on_ray(args: argparse.Namespace) -> int:
     request = BatchRequest(checkpoint=args.checkpoint, out=args.out, videos=args.videos, manifest=args.manifest,
                            labels=args.labels, tracking_uri=args.tracking_uri, views=args.views, crops=args.crops,
                            top=args.top, zero_shot_fusion=args.zero_shot_fusion, clip_seconds=args.clip_seconds,
-                           actors=args.actors, overrides=args.overrides, verbose=args.verbose)
+                           actors=args.actors, overrides=args.overrides, verbose=args.verbose, mlflow=args.mlflow)
     try:
         with stdout_kept_for_json(args.json):
             result = run_batch_predict(request)

@@ -56,6 +56,8 @@ def test_flags_that_need_ray_say_so_and_a_foreign_folder_is_refused(run_dir: Pat
     assert "that `predict --ray` did not write" in capsys.readouterr().err
     assert predict_main(["--checkpoint", str(run_dir), "--ray", "--out", str(tmp_path / "none")]) == 2
     assert "nothing to predict" in capsys.readouterr().err
+    assert predict_main(["--checkpoint", str(run_dir), video, "--mlflow"]) == 2
+    assert "--mlflow needs --ray and --out" in capsys.readouterr().err
     assert predict_main(["--checkpoint", str(run_dir), video, "--top", "0"]) == 2
     assert "--top must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -68,13 +70,17 @@ def test_predict_on_ray_scores_as_predict_here_and_lists_what_could_not_be_read(
                                                                                 video_dir: Path, tmp_path: Path,
                                                                                 capsys) -> None:
     """A manifest (its labels ignored) with good and unreadable videos: every row written once, the good ones with
-    the top classes `predict` gives on this machine for the same views x crops, the others with why."""
+    the top classes `predict` gives on this machine for the same views x crops, the others with why; --mlflow: the
+    job recorded in the store."""
+    from mlflow import MlflowClient
+
     from workflows.inference import load_predictor
     from workflows.predict import predict_video
 
-    out = tmp_path / "out"
+    out, store = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
     rc = predict_main(["--ray", "--checkpoint", str(run_dir), "--manifest", str(video_dir / "bad.csv"), "--views", "2",
-                       "--crops", "3", "--out", str(out), "--json", "--set", "data.max_bad_fraction=1.0"])
+                       "--crops", "3", "--out", str(out), "--json", "--set", "data.max_bad_fraction=1.0", "--set",
+                       f"mlflow.tracking_uri={store}", "--mlflow"])
     captured = capsys.readouterr()
     assert rc == 1, captured.err  # some videos could not be read
     result = json.loads(captured.out)
@@ -90,6 +96,15 @@ def test_predict_on_ray_scores_as_predict_here_and_lists_what_could_not_be_read(
     assert not (out / "file_predictions.csv").exists()
     job = json.loads((out / "job.json").read_text())
     assert (job["views"], job["crops"], job["step"], job["rows"]) == (2, 3, 2, N + 4)
+    client = MlflowClient(tracking_uri=store)
+    run = client.get_run(result["mlflow_run_id"])
+    assert (run.info.run_name, run.info.status, run.data.tags["dist.kind"]) == ("predict-evaltest", "FINISHED",
+                                                                                  "predict")
+    assert run.data.tags["dist.predictions"] == str(out)
+    assert {k: run.data.params[k] for k in ("views", "crops", "rows", "step", "inputs")} == {
+        "views": "2", "crops": "3", "rows": str(N + 4), "step": "2", "inputs": str(video_dir / "bad.csv")}
+    assert (run.data.metrics["predict_predicted"], run.data.metrics["predict_dropped_total"]) == (N, 4)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "prediction")] == ["prediction/job.json"]
 
 
 @pytest.mark.integration
