@@ -512,11 +512,11 @@ def record_in_mlflow(request: BatchRequest, plan: Any, identity: dict[str, Any],
     when known): what was scored and how, the counts, and job.json; the rows stay in --out (they can be millions).
     Each run that scored rows is one MLflow run (a continued job: one per run). Adds mlflow_run_id to `result` when
     one was logged."""
-    from workflows.evaluate import _tracking_uri
+    from workflows.evaluate import scoring_tracking_uri
     from workflows.runtime import redact_secrets
     from workflows.tracking import Tracker
 
-    uri = _tracking_uri(plan, request.mlflow)
+    uri = scoring_tracking_uri(plan, request.mlflow)
     if not uri:
         return
     tracker = Tracker(uri, plan.recipe.mlflow.experiment, run_name=f"predict-{plan.recipe.run.name}",

@@ -646,10 +646,10 @@ def format_summary(metrics: dict[str, Any], max_classes: int = 30) -> str:
     return "\n".join(lines)
 
 
-def _tracking_uri(plan: EvalPlan, wanted: bool | None) -> str | None:
-    """The training run's MLflow store: the recipe's server (or MLFLOW_TRACKING_URI), or an existing sqlite store
-    in the run directory (or beside the checkpoint). `wanted` True creates the run directory's store; False
-    disables tracking."""
+def scoring_tracking_uri(plan: EvalPlan, wanted: bool | None) -> str | None:
+    """Where `evaluate` and `predict --ray` record a scoring: the training run's MLflow store, i.e. the recipe's
+    server (or MLFLOW_TRACKING_URI), or an existing sqlite store in the run directory (or beside the checkpoint).
+    `wanted` True creates the run directory's store; False disables tracking."""
     from workflows.tracking import resolve_tracking_uri
 
     recipe = plan.recipe
@@ -716,7 +716,7 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
                          f"{'; '.join(p for paths in drops.examples.values() for p in paths[:2])}); nothing was "
                          f"written")
     metrics = write_outputs(plan, results)
-    uri = _tracking_uri(plan, request.mlflow)
+    uri = scoring_tracking_uri(plan, request.mlflow)
     if uri:
         metrics["mlflow_run_id"] = log_to_mlflow(plan, metrics, uri)
         metrics["mlflow_tracking_uri"] = uri
