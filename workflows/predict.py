@@ -360,8 +360,7 @@ def main(argv: list[str]) -> int:
                              "when the run already has a tracking store)")
     on_ray.add_argument("--no-mlflow", dest="mlflow", action="store_false")
     args = parser.parse_args(argv)
-    if args.ray or args.out or args.manifest or args.actors is not None or args.overrides or args.verbose or \
-            args.mlflow is not None:
+    if ray_flags_given(args):
         return _main_on_ray(args)
     if not args.videos:
         parser.error("give at least one video file, folder or pattern (or --ray --manifest M --out DIR)")
@@ -469,6 +468,15 @@ def _bad_count(args: argparse.Namespace) -> str | None:
     return None
 
 
+def ray_flags_given(args: argparse.Namespace) -> list[str]:
+    """The flags of `predict --ray` on the command line (any of them means the user wants the Ray job), --ray last:
+    the first one names what needs --ray and --out when they are missing."""
+    given = (("--out", args.out), ("--manifest", args.manifest), ("--actors", args.actors is not None),
+             ("--set", args.overrides), ("--verbose", args.verbose), ("--mlflow", args.mlflow is not None),
+             ("--ray", args.ray))
+    return [flag for flag, on in given if on]
+
+
 def _main_on_ray(args: argparse.Namespace) -> int:
     """`predict --ray`: the corpus scored on Ray into --out (workflows.batch_predict)."""
     from workflows.batch_predict import BatchRequest, format_summary, run_batch_predict
@@ -479,10 +487,7 @@ def _main_on_ray(args: argparse.Namespace) -> int:
 
     needs = [flag for flag, given in (("--ray", args.ray), ("--out", args.out)) if not given]
     if needs:
-        given = next(flag for flag, on in (("--out", args.out), ("--manifest", args.manifest),
-                                           ("--actors", args.actors is not None), ("--set", args.overrides),
-                                           ("--verbose", args.verbose), ("--mlflow", args.mlflow is not None),
-                                           ("--ray", args.ray)) if on)
+        given = ray_flags_given(args)[0]
         print(f"error: {given} needs {' and '.join(needs)}: `predict --ray --out DIR` scores a corpus on Ray and "
               f"writes predictions.csv into DIR (without them, predict prints the top classes of a few files here)",
               file=sys.stderr)
