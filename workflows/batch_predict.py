@@ -7,17 +7,17 @@ cluster has GPUs), with the views, crops and fusion `predict` uses. No label is 
 files, or a manifest's `path` column (its `label`, `start` and `end` columns are read when present; labels are
 ignored).
 
-Results are written as they come, a row per video (or clip) in `predictions.csv` in the order they finish, and a
-row per long file in `file_predictions.csv` (the mean of its read clips' probabilities, as `evaluate` scores a
-file). `job.json` records what the job is; run the same command again after it was stopped or killed and it scores
-only what is not written yet (a cut last line is dropped; the rows of a file whose clips were not all written, and
-the videos that could not be read, are scored again). The driver holds the scores of the videos in flight only, so
-the corpus's size is bounded by the disk, not the driver's memory.
+Results are written as they come, a row per video (or clip) in `predictions` in the order they finish, and a row
+per long file in `file_predictions` (the mean of its read clips' probabilities, as `evaluate` scores a file), as CSV
+or Parquet (workflows.prediction_tables). `job.json` records what the job is; run the same command again after it
+was stopped or killed and it scores only what is not written yet (what a kill cut is dropped; the rows of a file
+whose clips were not all written, and the videos that could not be read, are scored again). The driver holds the
+scores of the videos in flight only (and with Parquet the part being filled), so the corpus's size is bounded by
+the disk, not the driver's memory.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import json
@@ -33,13 +33,10 @@ from typing import Any
 import numpy as np
 
 from workflows.config_loader import ConfigError
+from workflows.prediction_tables import FILE_LEAD, FORMATS, PREDICTION_LEAD, Table, csv_cell, open_table
 
 LOG_PREFIX = "[predict]"
-PREDICTIONS = "predictions.csv"
-FILE_PREDICTIONS = "file_predictions.csv"
 JOB_FILE = "job.json"
-OUTPUT_FILES = [JOB_FILE, PREDICTIONS, FILE_PREDICTIONS]
-PUSH_S = 300.0  # --out in a bucket: the files so far are uploaded this often (each whole), and at the end
 
 
 @dataclass
@@ -61,6 +58,7 @@ class BatchRequest:
     overrides: list[str] = field(default_factory=list)
     verbose: bool = False
     mlflow: bool | None = None  # None: record the job when the checkpoint's run already has a tracking store
+    format: str = "csv"  # of the tables: workflows.prediction_tables.FORMATS
 
 
 @dataclass
@@ -93,7 +91,7 @@ class Rows:
 
     def digest(self) -> str:
         """What identifies the job's rows across runs: each row's path and window, in order."""
-        text = "\n".join(f"{p}\t{_cell(s)}\t{_cell(e)}" for p, s, e in zip(self.shown, self.starts, self.ends,
+        text = "\n".join(f"{p}\t{csv_cell(s)}\t{csv_cell(e)}" for p, s, e in zip(self.shown, self.starts, self.ends,
                                                                              strict=True))
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -112,11 +110,6 @@ class Rows:
             "end": pa.array(np.asarray([self.ends[i] for i in rows], np.float64)),
         })
         return Manifest(table=table, source=source)
-
-
-def _cell(value: float) -> str:
-    """A start/end cell: empty when not set (NaN)."""
-    return "" if value is None or value != value else format(value, ".10g")
 
 
 def _float(value: Any) -> float:
@@ -175,7 +168,7 @@ def job_identity(request: BatchRequest, plan: Any, rows: Rows) -> dict[str, Any]
         "classes": hashlib.sha256("\n".join(plan.class_names).encode()).hexdigest()[:16],
         "num_classes": len(plan.class_names), "mode": plan.mode, "views": plan.views, "crops": plan.crops,
         "top": shown_top(request, plan), "clip_seconds": request.clip_seconds, "rows": len(rows),
-        "rows_digest": rows.digest(),
+        "rows_digest": rows.digest(), "format": request.format,
     }
 
 
@@ -184,52 +177,29 @@ def shown_top(request: BatchRequest, plan: Any) -> int:
     return min(request.top, len(plan.class_names))
 
 
-def _ranked_columns(top: int) -> list[str]:
-    return [c for k in range(1, top + 1) for c in (f"class_{k}", f"prob_{k}")]
-
-
-def _columns(top: int) -> list[str]:
-    return ["video_index", "path", "start", "end", *_ranked_columns(top), "dropped"]
-
-
-def _file_columns(top: int) -> list[str]:
-    return ["path", "clips", "read_clips", *_ranked_columns(top), "dropped"]
-
-
-def _read_rows(path: Path) -> list[dict[str, str]]:
-    """A CSV this module wrote, without a last line cut by a kill (a line without its newline)."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    return list(csv.DictReader(text.splitlines()))
-
-
-def _rewrite(path: Path, columns: list[str], rows: list[dict[str, str]]) -> None:
-    """Replace `path` with `rows`, whole or not at all (a kill leaves the old file or the new one)."""
-    partial = path.with_suffix(".partial")
-    with partial.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    partial.replace(path)
+def job_tables(out: Path, fmt: str, class_names: list[str], top: int) -> tuple[Table, Table]:
+    """The job's two tables in `out`: predictions (a row per video or clip) and file_predictions (per long file)."""
+    return (open_table(fmt, out, "predictions", PREDICTION_LEAD, class_names, top),
+            open_table(fmt, out, "file_predictions", FILE_LEAD, class_names, top))
 
 
 def check_same_job(out: Path, identity: dict[str, Any], shown: str) -> bool:
     """Whether `out` holds an earlier run of this job (False: nothing of one). ConfigError when it holds another
-    job's predictions, naming what changed, or a predictions.csv this command did not write (`shown`: the folder as
-    the user named it)."""
+    job's predictions, naming what changed, or predictions this command did not write (`shown`: the folder as the
+    user named it)."""
     record = out / JOB_FILE
     if not record.exists():
-        if (out / PREDICTIONS).exists():
-            raise ConfigError(f"--out {shown} holds a {PREDICTIONS} that `predict --ray` did not write (no "
-                              f"{JOB_FILE}): choose another --out")
+        for fmt in FORMATS:
+            table = job_tables(out, fmt, [""], 1)[0]
+            if table.exists():
+                raise ConfigError(f"--out {shown} holds {table.shown} that `predict --ray` did not write (no "
+                                  f"{JOB_FILE}): choose another --out")
         return False
     try:
         earlier = json.loads(record.read_text())
     except ValueError:
         earlier = {}
+    earlier.setdefault("format", "csv")  # a job.json from before --format
     changed = [f"{key} {earlier.get(key)!r} then, {value!r} now" for key, value in identity.items()
                if earlier.get(key) != value]
     if changed:
@@ -238,30 +208,42 @@ def check_same_job(out: Path, identity: dict[str, Any], shown: str) -> bool:
     return True
 
 
-def continue_job(out: Path, identity: dict[str, Any], rows: Rows, top: int) -> set[int]:
-    """The rows an earlier run of this job finished (none for a new job), after setting `out` to hold exactly
-    those: a video's scored row; a long file's rows and its file row once its file row is written. Everything
-    else (a cut last line, videos that could not be read, the clips of a file not finished) is scored again.
-    ConfigError when `out` holds another job's predictions (`check_same_job`)."""
+def continue_job(out: Path, identity: dict[str, Any], rows: Rows, tables: tuple[Table, Table]
+                 ) -> tuple[set[int], list[str]]:
+    """The rows an earlier run of this job finished (none for a new job), after setting `tables` to hold exactly
+    those: a video's scored row (once); a long file's rows and its file row once its file row is written. Everything
+    else (what a kill cut, videos that could not be read, the clips of a file not finished) is scored again. Also
+    returns the files rewritten (to upload). ConfigError when `out` holds another job's predictions
+    (`check_same_job`)."""
     if not check_same_job(out, identity, str(out)):
-        return set()
+        return set(), []
+    predictions, files = tables
     groups = rows.groups
     group_of = {i: path for path, members in groups.items() for i in members}
     shown_groups = {rows.shown[members[0]]: path for path, members in groups.items()}
-    files_done = {shown_groups[r["path"]]: r for r in _read_rows(out / FILE_PREDICTIONS)
-                  if not r["dropped"] and r["path"] in shown_groups}
-    kept = []
-    for row in _read_rows(out / PREDICTIONS):
+    files_done = {shown_groups[r["path"]] for r in files.read() if not r["dropped"] and r["path"] in shown_groups}
+    kept: set[int] = set()
+
+    def keep_row(row: dict[str, Any]) -> bool:
         index = int(row["video_index"])
-        if not 0 <= index < len(rows) or rows.shown[index] != row["path"]:
-            continue  # not this job's row (cannot happen unless edited): scored again
+        if index in kept or not 0 <= index < len(rows) or rows.shown[index] != row["path"]:
+            return False  # written twice, or not this job's row (cannot happen unless edited): scored again
         if (index in group_of and group_of[index] in files_done) or (index not in group_of and not row["dropped"]):
-            kept.append(row)
-    unique = {int(r["video_index"]): r for r in kept}  # a row written twice counts once
-    _rewrite(out / PREDICTIONS, _columns(top), [unique[i] for i in sorted(unique)])
-    if groups:
-        _rewrite(out / FILE_PREDICTIONS, _file_columns(top), list(files_done.values()))
-    return set(unique)
+            kept.add(index)
+            return True
+        return False
+
+    files_kept: set[str] = set()
+
+    def keep_file_row(row: dict[str, Any]) -> bool:
+        path = shown_groups.get(row["path"])
+        if row["dropped"] or path not in files_done or path in files_kept:
+            return False
+        files_kept.add(path)
+        return True
+
+    rewritten = predictions.keep(keep_row) + files.keep(keep_file_row)
+    return kept, rewritten
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,12 +253,14 @@ def continue_job(out: Path, identity: dict[str, Any], rows: Rows, top: int) -> s
 
 class Collector:
     """Per-view logits in, rows out: a video's row once all its views x crops are scored (its probabilities, the
-    mean softmax over them, then dropped), a long file's row once all its clips are written. Appends to the
-    output files and flushes them every `flush_s` seconds."""
+    mean softmax over them, then dropped), a long file's row once all its clips are written; into `tables`
+    (job_tables), which say when their files are due to be uploaded (`push`: uploads them, returns whether it
+    could)."""
 
-    def __init__(self, out: Path, rows: Rows, todo: list[int], class_names: list[str], per_video: int, top: int,
-                 flush_s: float = 2.0, push: Callable[[], Any] | None = None, push_s: float = PUSH_S) -> None:
-        self.rows, self.names, self.per_video, self.top = rows, class_names, per_video, top
+    def __init__(self, rows: Rows, todo: list[int], per_video: int, tables: tuple[Table, Table],
+                 push: Callable[[list[str]], bool] | None = None) -> None:
+        self.rows, self.per_video = rows, per_video
+        self.predictions, self.files = tables
         self.sums: dict[int, np.ndarray] = {}
         self.seen: Counter[int] = Counter()
         todo_set = set(todo)
@@ -287,27 +271,8 @@ class Collector:
         self.file_left = {path: len(members) for path, members in self.groups.items()}
         self.written = 0
         self.dropped = 0
-        self.flush_s, self.last_flush = flush_s, time.monotonic()
-        self.push, self.push_s, self.last_push = push, push_s, time.monotonic()  # to a bucket: every push_s
-        self.files = [self._open(out / PREDICTIONS, _columns(top))]
-        if self.groups:  # long files cut into clips: a row per file too
-            self.files.append(self._open(out / FILE_PREDICTIONS, _file_columns(top)))
-        self.out, self.file_out = csv.writer(self.files[0]), csv.writer(self.files[-1])
-
-    @staticmethod
-    def _open(path: Path, columns: list[str]) -> Any:
-        new = not path.exists() or path.stat().st_size == 0
-        handle = path.open("a", newline="")
-        if new:
-            csv.writer(handle).writerow(columns)
-        return handle
-
-    def _ranked(self, probs: np.ndarray | None) -> list[Any]:
-        """The top classes' (name, probability) cells, most probable first; empty cells for an unread row."""
-        if probs is None:
-            return [""] * (2 * self.top)
-        ranked = np.argsort(-probs, kind="stable")[: self.top]
-        return [cell for k in ranked for cell in (self.names[k], round(float(probs[k]), 6))]
+        self.push = push
+        self.unpushed: list[str] = []  # files written since the last upload that went through
 
     def add(self, video_index: np.ndarray, logits: np.ndarray) -> None:
         """One batch of per-view logits (N, K) of the rows `video_index` (N,)."""
@@ -319,12 +284,12 @@ class Collector:
             self.seen[vid] += 1
             if self.seen[vid] == self.per_video:
                 self._write(vid, self.sums.pop(vid) / self.per_video)
-        self._flush_now_and_then()
+        now = time.monotonic()
+        self._due(self.predictions.flush_now_and_then(now) + self.files.flush_now_and_then(now))
 
     def _write(self, vid: int, probs: np.ndarray | None, why: str = "") -> None:
         self.seen.pop(vid, None)
-        self.out.writerow([vid, self.rows.shown[vid], _cell(self.rows.starts[vid]), _cell(self.rows.ends[vid]),
-                           *self._ranked(probs), why])
+        self.predictions.write([vid, self.rows.shown[vid], self.rows.starts[vid], self.rows.ends[vid]], probs, why)
         self.written += 1
         self.dropped += bool(why)
         path = self.group_of.get(vid)
@@ -341,28 +306,25 @@ class Collector:
         read = self.file_read.pop(path, 0)
         probs = self.file_sums.pop(path) / read if read else None
         members = self.groups[path]
-        self.file_out.writerow([self.rows.shown[members[0]], len(members), read, *self._ranked(probs),
-                                "" if read else f"none of its clips could be read ({why})"])
+        self.files.write([self.rows.shown[members[0]], len(members), read], probs,
+                         "" if read else f"none of its clips could be read ({why})")
+
+    def _due(self, names: list[str]) -> None:
+        """Files the tables say are due for upload: pushed with any an earlier push could not upload."""
+        self.unpushed += [name for name in names if name not in self.unpushed]
+        if names and self.push is not None and self.push(self.unpushed):
+            self.unpushed = []
 
     def finish(self, dropped: dict[int, str]) -> None:
-        """The rows that could not be read, each with why; then every output file flushed and closed."""
+        """The rows that could not be read, each with why; then every table written and closed."""
         for vid in sorted(dropped):
             self._write(vid, None, dropped[vid])
         self.close()
 
-    def _flush_now_and_then(self) -> None:
-        now = time.monotonic()
-        if now - self.last_flush >= self.flush_s:
-            self.last_flush = now
-            for handle in self.files:
-                handle.flush()
-            if self.push is not None and now - self.last_push >= self.push_s:
-                self.last_push = now
-                self.push()
-
     def close(self) -> None:
-        for handle in self.files:
-            handle.close()
+        """Every table written and closed; what is left to upload is in `unpushed`."""
+        for table in (self.predictions, self.files):
+            self.unpushed += [name for name in table.close() if name not in self.unpushed]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,22 +359,22 @@ def plan_batch(request: BatchRequest, rows: Rows) -> Any:
                     checkpoint_source=checkpoint.source, output=output)
 
 
-def summary(output: Any) -> dict[str, Any]:
-    """What the output folder (outputs.OutputFolder) holds now: videos predicted and dropped (by reason), the most
-    predicted classes, and where the files are."""
-    out = output.local
+def summary(output: Any, tables: tuple[Table, Table]) -> dict[str, Any]:
+    """What the output folder (outputs.OutputFolder) holds now in `tables`: videos predicted and dropped (by
+    reason), the most predicted classes, and where the files are."""
+    predictions, files = tables
     predicted, reasons = Counter(), Counter()
-    for row in _read_rows(out / PREDICTIONS):
+    for row in predictions.read():
         if row["dropped"]:
             reasons[row["dropped"].split(":", 1)[0]] += 1
         else:
             predicted[row["class_1"]] += 1
-    files = _read_rows(out / FILE_PREDICTIONS)
+    file_rows = len(files.read())
     result = {"predicted": sum(predicted.values()), "dropped": dict(reasons), "dropped_total": sum(reasons.values()),
-              "files": len(files), "most_predicted": predicted.most_common(10),
-              "predictions": f"{output}/{PREDICTIONS}"}
-    if files:
-        result["file_predictions"] = f"{output}/{FILE_PREDICTIONS}"
+              "files": file_rows, "most_predicted": predicted.most_common(10),
+              "predictions": f"{output}/{predictions.shown}"}
+    if file_rows:
+        result["file_predictions"] = f"{output}/{files.shown}"
     return result
 
 
@@ -432,7 +394,8 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
     if request.manifest:  # the files and folders given are listed as they are found
         check_videos_reachable(plan.manifest, "manifest")
     identity = job_identity(request, plan, rows)
-    output.fetch(OUTPUT_FILES)  # an earlier run's, from a bucket prefix
+    tables = job_tables(out, request.format, plan.class_names, shown_top(request, plan))
+    output.fetch([JOB_FILE, *(table.shown for table in tables)])  # an earlier run's, from a bucket prefix
     check_same_job(out, identity, str(output))  # another job's folder: refused before Ray starts
     cfg = model_config(plan.recipe.model)
     for line in scoring_warnings(views=plan.views, views_from="--views" if request.views is not None else
@@ -448,10 +411,11 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
                              clash="a second driver would write the same predictions (each rewriting the other's "
                                    "rows). Wait for it to end or stop it (`ray job stop <id>`, or Ctrl-C), or "
                                    "choose another --out"):
-        return _predict_into(request, plan, rows, identity, progress)
+        return _predict_into(request, plan, rows, identity, tables, progress)
 
 
-def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[str, Any], progress: bool) -> dict:
+def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[str, Any],
+                  tables: tuple[Table, Table], progress: bool) -> dict:
     """run_batch_predict once Ray is up and the output folder claimed: keep what an earlier run wrote, score the
     rest, push it."""
 
@@ -459,11 +423,12 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
     from workflows.runtime import ray_description
 
     output, out = plan.output, plan.out_dir
-    done = continue_job(out, identity, rows, shown_top(request, plan))
+    retry_s = plan.recipe.data.storage_retry_s
+    done, rewritten = continue_job(out, identity, rows, tables)
     todo = [i for i in range(len(rows)) if i not in done]
     out.mkdir(parents=True, exist_ok=True)
     (out / JOB_FILE).write_text(json.dumps(identity, indent=2) + "\n")
-    output.push([JOB_FILE], retry_s=plan.recipe.data.storage_retry_s)
+    output.push([JOB_FILE, *rewritten], retry_s=retry_s)
     if progress:
         step = f", step {plan.state['step']}" if "step" in plan.state else ""
         for note in rows.notes:
@@ -473,16 +438,15 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
               f"{len(rows)} {'rows' if rows.groups else 'videos'} into {output}"
               + (f"; continuing: {len(done)} written before, {len(todo)} to go" if done else ""), flush=True)
     if not todo:
-        result = summary(output)
-        output.finish(OUTPUT_FILES, retry_s=plan.recipe.data.storage_retry_s)
+        result = summary(output, tables)
+        output.finish([], retry_s=retry_s)
         return result
     plan.manifest = rows.manifest(plan.manifest.source, todo)
     if progress:
         print(f"{LOG_PREFIX} on {ray_description()}", flush=True)
     pipeline = start_scoring(plan, request.actors)
     per_video = plan.views * plan.crops
-    collector = Collector(out, rows, todo, plan.class_names, per_video, shown_top(request, plan),
-                          push=lambda: output.push_or_say(OUTPUT_FILES) if output.remote else None)
+    collector = Collector(rows, todo, per_video, tables, push=output.push_or_say if output.remote else None)
     if progress:
         print(f"{LOG_PREFIX} scoring on {pipeline.describe()}", flush=True)
     start = time.perf_counter()
@@ -493,17 +457,17 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
     except BaseException:
         collector.close()  # what was scored stays written
         if output.remote:
-            output.push_or_say(OUTPUT_FILES)
+            output.push_or_say(collector.unpushed)
         raise
     collector.finish(dropped)
     unfinished = sorted(collector.seen)
     if unfinished:  # a bug, never a data problem: every decoded video gives exactly views x crops clips
         raise RuntimeError(f"rows {unfinished[:5]} got a number of scored clips other than {plan.views} x {plan.crops}")
-    result = summary(output)
+    result = summary(output, tables)
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["scored_now"] = collector.written - collector.dropped
     record_in_mlflow(request, plan, identity, result)
-    output.finish(OUTPUT_FILES, retry_s=plan.recipe.data.storage_retry_s)
+    output.finish(collector.unpushed, retry_s=retry_s)
     return result
 
 
@@ -526,7 +490,7 @@ def record_in_mlflow(request: BatchRequest, plan: Any, identity: dict[str, Any],
     tracker.log_params({"checkpoint": identity["checkpoint"], "step": identity["step"], "inputs":
                         redact_secrets(request.manifest) if request.manifest else f"{len(request.videos)} given",
                         **{k: identity[k] for k in ("num_classes", "mode", "views", "crops", "top", "clip_seconds",
-                                                    "rows")}})
+                                                    "rows", "format")}})
     tracker.log_metrics({f"predict_{k}": float(result.get(k, 0)) for k in ("predicted", "dropped_total", "files",
                                                                             "scored_now", "seconds")},
                         step=int(identity["step"] or 0))

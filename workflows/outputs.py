@@ -50,8 +50,9 @@ class OutputFolder:
         return self.shown if self.remote else str(self.local)
 
     def fetch(self, names: list[str]) -> list[str]:
-        """Copy the files `names` that exist in the bucket prefix into `local` (an earlier run's results); returns
-        those found. A local folder holds them already."""
+        """Copy the files `names` that exist in the bucket prefix into `local` (an earlier run's results); a name
+        ending in / is a folder, fetched with every file in it. Returns the files found. A local folder holds them
+        already."""
         if not self.remote:
             return [name for name in names if (self.local / name).exists()]
         import pyarrow.fs as pafs
@@ -59,13 +60,21 @@ class OutputFolder:
         from workflows.checkpoints import child_uri
         from workflows.data.video import fetch_to_file, from_storage
 
+        def ask(what: Any) -> Any:
+            return from_storage(self.uri, self.fs, lambda: self.fs.get_file_info(what))
+
         found = []
         for name in names:
-            key = f"{self.prefix}/{name}"
-            # Asked first: a missing object is an OSError to a read, which the storage retries would wait out.
-            if from_storage(self.uri, self.fs, lambda key=key: self.fs.get_file_info(key)).type == pafs.FileType.File:
-                fetch_to_file(child_uri(self.uri, self.prefix, key), str(self.local / name))
-                found.append(name)
+            if name.endswith("/"):  # every file in it (a missing folder lists nothing)
+                listed = ask(pafs.FileSelector(f"{self.prefix}/{name}", recursive=True, allow_not_found=True))
+                keys = sorted(info.path for info in listed if info.type == pafs.FileType.File)
+            else:  # asked first: a missing object is an OSError to a read, which the storage retries would wait out
+                keys = [f"{self.prefix}/{name}"] if ask(f"{self.prefix}/{name}").type == pafs.FileType.File else []
+            for key in keys:
+                relative = key.removeprefix(f"{self.prefix}/")
+                (self.local / relative).parent.mkdir(parents=True, exist_ok=True)
+                fetch_to_file(child_uri(self.uri, self.prefix, key), str(self.local / relative))
+                found.append(relative)
         return found
 
     def push(self, names: list[str] | None = None, retry_s: float | None = None) -> None:

@@ -347,7 +347,12 @@ def main(argv: list[str]) -> int:
                         help="score on Ray (the running cluster, else a local one): decoders on the CPU nodes, a pool "
                              "of scoring actors on the GPUs; rows written to --out as they come, and the same command "
                              "continues a job that was stopped")
-    on_ray.add_argument("--out", help="with --ray: the folder for predictions.csv (and file_predictions.csv)")
+    on_ray.add_argument("--out", help="with --ray: the folder (or bucket prefix) for predictions.csv (and "
+                        "file_predictions.csv), or with --format parquet predictions/ (and file_predictions/)")
+    on_ray.add_argument("--format", choices=("csv", "parquet"),
+                        help="with --ray: the tables' format (default csv). parquet: parts written whole every "
+                             "10,000 rows or minute, each uploaded once into a bucket; with --top all a row's "
+                             "`scores` is the whole distribution as one vector in the label set's order")
     on_ray.add_argument("--manifest", help="with --ray: a CSV/TSV/Parquet list of videos (a path column; label, "
                                            "start and end read when present)")
     on_ray.add_argument("--actors", type=int, help="with --ray: scoring actors (default: one per GPU, or CPUs / 4 "
@@ -473,6 +478,7 @@ def ray_flags_given(args: argparse.Namespace) -> list[str]:
     the first one names what needs --ray and --out when they are missing."""
     given = (("--out", args.out), ("--manifest", args.manifest), ("--actors", args.actors is not None),
              ("--set", args.overrides), ("--verbose", args.verbose), ("--mlflow", args.mlflow is not None),
+             ("--format", args.format is not None),
              ("--ray", args.ray))
     return [flag for flag, on in given if on]
 
@@ -489,7 +495,7 @@ def _main_on_ray(args: argparse.Namespace) -> int:
     if needs:
         given = ray_flags_given(args)[0]
         print(f"error: {given} needs {' and '.join(needs)}: `predict --ray --out DIR` scores a corpus on Ray and "
-              f"writes predictions.csv into DIR (without them, predict prints the top classes of a few files here)",
+              f"writes its predictions into DIR (without them, predict prints the top classes of a few files here)",
               file=sys.stderr)
         return 2
     if args.device != "auto":
@@ -503,7 +509,8 @@ def _main_on_ray(args: argparse.Namespace) -> int:
     request = BatchRequest(checkpoint=args.checkpoint, out=args.out, videos=args.videos, manifest=args.manifest,
                            labels=args.labels, tracking_uri=args.tracking_uri, views=args.views, crops=args.crops,
                            top=args.top, zero_shot_fusion=args.zero_shot_fusion, clip_seconds=args.clip_seconds,
-                           actors=args.actors, overrides=args.overrides, verbose=args.verbose, mlflow=args.mlflow)
+                           actors=args.actors, overrides=args.overrides, verbose=args.verbose, mlflow=args.mlflow,
+                           format=args.format or "csv")
     try:
         with stdout_kept_for_json(args.json):
             result = run_batch_predict(request)

@@ -141,6 +141,8 @@ def test_a_stopped_job_continues_and_another_job_is_refused(ray_local, run_dir: 
     # Another job into the same folder: refused before any work, naming what changed.
     assert predict_main([*args[:-3], "3", *args[-2:]]) == 2
     assert "holds the predictions of another job (views 2 then, 3 now)" in capsys.readouterr().err
+    assert predict_main([*args, "--format", "parquet"]) == 2
+    assert "holds the predictions of another job (format 'csv' then, 'parquet' now)" in capsys.readouterr().err
     assert len(_rows(out / "predictions.csv")) == N + 3
 
 
@@ -225,38 +227,95 @@ def test_a_job_whose_driver_is_stopped_or_killed_continues_where_it_stopped(ray_
     assert sorted(indices) == list(range(total))
 
 
-def test_continuing_keeps_whole_files_only_and_never_writes_a_credential(tmp_path: Path) -> None:
-    """What an earlier run left, row by row: a file's clips are kept only with its file row (else all of them are
-    scored again), a video that could not be read is scored again, a cut last line is dropped. Paths are written
-    with a URI's credentials replaced, and a rotated credential is the same job."""
-    from workflows.batch_predict import Collector, Rows, continue_job
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_continuing_keeps_whole_files_only_and_never_writes_a_credential(tmp_path: Path, monkeypatch,
+                                                                         fmt: str) -> None:
+    """What an earlier run left, row by row, in either format: a file's clips are kept only with its file row (else
+    all of them are scored again), a video that could not be read is scored again, what a kill cut (a CSV's last
+    line, a Parquet part not yet renamed) is dropped; only the Parquet parts that lost rows are rewritten. Paths are
+    written with a URI's credentials replaced, and a rotated credential is the same job."""
+    from workflows import prediction_tables
+    from workflows.batch_predict import Collector, Rows, continue_job, job_tables
 
+    monkeypatch.setattr(prediction_tables, "PART_ROWS", 2)  # Parquet: a part per add() below
     secret = "s3://bucket/v/{}.mp4?endpoint_override=127.0.0.1:9000&secret_key=TOPSECRET"
     nan = float("nan")
     rows = Rows([secret.format("long"), secret.format("long"), secret.format("other"), secret.format("long2"),
                  secret.format("long2"), secret.format("bad")],
                 [0.0, 10.0, nan, 0.0, 10.0, nan], [10.0, 20.0, nan, 10.0, 20.0, nan])
-    identity = {"rows_digest": rows.digest()}
+    identity = {"rows_digest": rows.digest(), "format": fmt}
     out = tmp_path / "out"
     out.mkdir()
     (out / "job.json").write_text(json.dumps(identity))
-    assert continue_job(out, identity, rows, top=2) == set()  # a job.json without rows yet
-    names = ["a", "b", "c"]
-    collector = Collector(out, rows, list(range(len(rows))), names, per_video=1, top=2)
+    tables = job_tables(out, fmt, ["a", "b", "c"], top=2)
+    assert continue_job(out, identity, rows, tables) == (set(), [])  # a job.json without rows yet
+    pushed: list[list[str]] = []
+    collector = Collector(rows, list(range(len(rows))), 1, tables,
+                          push=lambda names: pushed.append(list(names)) or True)
     logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.7, 0.2], [0.2, 0.2, 0.6], [0.5, 0.3, 0.2]]))
-    collector.add(np.array([0, 1, 2, 3]), logits)  # long's two clips, other, and one of long2's two clips
+    collector.add(np.array([0, 1]), logits[:2])  # long's two clips
+    collector.add(np.array([2, 3]), logits[2:])  # other, and one of long2's two clips
     collector.finish({5: "corrupt: not a video"})
-    assert "TOPSECRET" not in (out / "predictions.csv").read_text() + (out / "file_predictions.csv").read_text()
-    (whole,) = _rows(out / "file_predictions.csv")
-    assert whole["path"] == rows.shown[0] and (whole["clips"], whole["read_clips"]) == ("2", "2")
-    assert _top(whole) == [("b", pytest.approx(0.45)), ("a", pytest.approx(0.4))]
-    text = (out / "predictions.csv").read_text()
-    (out / "predictions.csv").write_text(text + "4,s3://bucket/v/lon")  # a row cut by a kill
+    predictions, files = tables
+    every = predictions.read() + files.read()
+    assert all("TOPSECRET" not in row["path"] for row in every) and {r["path"] for r in every} >= set(rows.shown)
+    (whole,) = files.read()
+    assert whole["path"] == rows.shown[0] and (str(whole["clips"]), str(whole["read_clips"])) == ("2", "2")
+    assert [r["dropped"] for r in predictions.read()] == ["", "", "", "", "corrupt: not a video"]
+    if fmt == "csv":
+        assert _top(_rows(out / "file_predictions.csv")[0]) == [("b", pytest.approx(0.45)), ("a", pytest.approx(0.4))]
+        text = (out / "predictions.csv").read_text()
+        (out / "predictions.csv").write_text(text + "4,s3://bucket/v/lon")  # a row cut by a kill
+        assert pushed == []  # the CSV is uploaded every PUSH_S, and at the end
+    else:
+        import pyarrow.parquet as pq
+
+        part = pq.read_table(out / "file_predictions" / "part-00000.parquet").to_pylist()[0]
+        assert part["classes"] == ["b", "a"] and part["probs"] == pytest.approx([0.45, 0.4])
+        assert [p.name for p in predictions.parts()] == ["part-00000.parquet", "part-00001.parquet",
+                                                         "part-00002.parquet"]
+        (out / "predictions" / "part-00003.parquet.partial").write_bytes(b"PAR1 cut by a kill")
+        assert pushed == [["predictions/part-00000.parquet"], ["predictions/part-00001.parquet"]]  # each when written
+        assert collector.unpushed == ["predictions/part-00002.parquet", "file_predictions/part-00000.parquet"]
+        before = (out / "predictions" / "part-00000.parquet").stat().st_mtime_ns
     rotated = Rows([p.replace("TOPSECRET", "ROTATED") for p in rows.paths], rows.starts, rows.ends)
     assert rotated.digest() == rows.digest()
-    assert continue_job(out, identity, rotated, top=2) == {0, 1, 2}  # long (with its file row) and other
-    assert sorted(int(r["video_index"]) for r in _rows(out / "predictions.csv")) == [0, 1, 2]
-    assert [r["path"] for r in _rows(out / "file_predictions.csv")] == [rows.shown[0]]
+    tables = job_tables(out, fmt, ["a", "b", "c"], top=2)
+    kept, rewritten = continue_job(out, identity, rotated, tables)
+    assert kept == {0, 1, 2}  # long (with its file row) and other
+    assert sorted(int(r["video_index"]) for r in tables[0].read()) == [0, 1, 2]
+    assert [r["path"] for r in tables[1].read()] == [rows.shown[0]]
+    if fmt == "csv":
+        assert rewritten == ["predictions.csv", "file_predictions.csv"]
+    else:  # the parts that lost rows (long2's lone clip; the unread video), to upload again
+        assert rewritten == ["predictions/part-00001.parquet", "predictions/part-00002.parquet"]
+        assert (out / "predictions" / "part-00000.parquet").stat().st_mtime_ns == before
+
+
+def test_parquet_with_every_class_holds_the_distribution_as_one_vector(tmp_path: Path) -> None:
+    """--format parquet --top all: `scores` is each row's probabilities in the label set's order (named in the
+    schema's metadata), with class_1 and prob_1; an unread row has nulls there and says why."""
+    import pyarrow.parquet as pq
+
+    from workflows.batch_predict import Collector, Rows, job_tables
+
+    names = ["walk", "run", "jump", "sit"]
+    rows = Rows(["a.mp4", "b.mp4", "c.mp4"], [float("nan")] * 3, [float("nan")] * 3)
+    tables = job_tables(tmp_path, "parquet", names, top=10**9)
+    collector = Collector(rows, [0, 1, 2], 2, tables)
+    logits = np.log(np.array([[0.1, 0.6, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1], [0.3, 0.4, 0.2, 0.1]]))
+    collector.add(np.array([0, 2, 0]), logits)  # two views each of a.mp4, one of c.mp4 so far
+    collector.finish({1: "corrupt: no video stream"})
+    (part,) = sorted((tmp_path / "predictions").glob("*.parquet"))
+    table = pq.read_table(part)
+    assert json.loads(table.schema.metadata[b"dist.class_names"]) == names
+    assert table.column_names == ["video_index", "path", "start", "end", "class_1", "prob_1", "scores", "dropped"]
+    a, b = table.to_pylist()
+    assert (a["video_index"], a["class_1"], a["start"], a["dropped"]) == (0, "run", None, None)
+    assert a["scores"] == pytest.approx([0.2, 0.5, 0.2, 0.1]) and a["prob_1"] == pytest.approx(0.5)
+    assert (b["video_index"], b["class_1"], b["prob_1"], b["scores"]) == (1, None, None, None)
+    assert b["dropped"] == "corrupt: no video stream"
+    assert collector.seen == {2: 1}  # c.mp4 waits for its second view
 
 
 @pytest.mark.integration
@@ -264,10 +323,17 @@ def test_results_into_a_bucket_are_pushed_continued_and_never_lost_to_an_outage(
                                                                                 video_dir: Path, tmp_path: Path,
                                                                                 monkeypatch, capsys) -> None:
     """`--out s3://...` (moto behind a proxy that can fail): predict --ray of a bucket prefix (credentials in its URI,
-    written nowhere) and evaluate land their files in the bucket; a job continues from what the bucket holds; a push
+    written nowhere) and evaluate land their files in the bucket; a job continues from what the bucket holds, as CSV
+    and as Parquet parts; a push
     the bucket does not answer is said and the job goes on, and a last one that fails names the local folder holding
     the results."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from tests.workflows.object_store import proxied_bucket
+    from workflows import prediction_tables
     from workflows.data.video import StorageUnreachable
     from workflows.evaluate import main as evaluate_main
     from workflows.outputs import OutputFolder
@@ -302,6 +368,32 @@ def test_results_into_a_bucket_are_pushed_continued_and_never_lost_to_an_outage(
         assert f"continuing: 2 written before, {N - 2} to go" in capsys.readouterr().out
         again = list(csv.DictReader(read("tags/predictions.csv").splitlines()))
         assert sorted(int(r["video_index"]) for r in again) == list(range(N))
+        # --format parquet --top all: each part uploaded once written; the scores are the CSV's probabilities in
+        # the label set's order; a part lost from the bucket is scored again.
+        monkeypatch.setattr(prediction_tables, "PART_ROWS", 1)  # a part per scored batch
+        parquet = [*args[:-1], "s3://results/parquet", "--format", "parquet", "--top", "all"]
+        assert predict_main(parquet) == 0
+        assert "s3://results/parquet/predictions/" in capsys.readouterr().out
+
+        def parts() -> dict[str, pa.Table]:
+            listed = client.list_objects_v2(Bucket="results", Prefix="parquet/predictions/").get("Contents", [])
+            return {o["Key"]: pq.read_table(io.BytesIO(client.get_object(Bucket="results", Key=o["Key"])["Body"]
+                                                       .read())) for o in listed}
+
+        written = parts()
+        assert all(key.endswith(".parquet") for key in written)
+        table = pa.concat_tables(written.values())
+        assert sorted(table["video_index"].to_pylist()) == list(range(N))
+        names = json.loads(table.schema.metadata[b"dist.class_names"])
+        by_index = {int(r["video_index"]): dict(_top(r)) for r in again}
+        for row in table.to_pylist():
+            assert dict(zip(names, row["scores"], strict=True)) == pytest.approx(by_index[row["video_index"]],
+                                                                                 abs=2e-6)
+        lost, lost_rows = next((key, t.num_rows) for key, t in written.items())
+        client.delete_object(Bucket="results", Key=lost)
+        assert predict_main(parquet) == 0
+        assert f"continuing: {N - lost_rows} written before, {lost_rows} to go" in capsys.readouterr().out
+        assert sorted(pa.concat_tables(parts().values())["video_index"].to_pylist()) == list(range(N))
         # evaluate --out into the bucket: the same files as into a folder.
         assert evaluate_main(["--checkpoint", str(run_dir), "--manifest", str(video_dir / "good.csv"), "--views", "1",
                               "--out", "s3://results/eval", "--json", "--no-mlflow"]) == 0
