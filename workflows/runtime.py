@@ -281,7 +281,7 @@ def _connect_ray(min_cpus: float, address: str | None, fresh_local: bool, quiet:
     if (address or os.environ.get("RAY_ADDRESS")) == "local":  # a new local cluster, sized as one started here
         fresh_local = True
     if fresh_local:
-        ray.init(address="local", num_cpus=local_cpus, **options)
+        _start_local_ray(address="local", num_cpus=local_cpus, **options)
     elif address or os.environ.get("RAY_ADDRESS"):
         given = address or os.environ["RAY_ADDRESS"]
         if not gcs_answers(given):
@@ -298,14 +298,43 @@ def _connect_ray(min_cpus: float, address: str | None, fresh_local: bool, quiet:
             print(f"note: the Ray cluster this machine last started ({recorded}, recorded by `ray start`) does not "
                   f"answer (stopped without `ray stop`, or its node crashed): starting a local Ray for this command "
                   f"instead; `ray stop` clears the record", file=sys.stderr, flush=True)
-            ray.init(address="local", num_cpus=local_cpus, **options)
+            _start_local_ray(address="local", num_cpus=local_cpus, **options)
         else:
             try:
                 ray.init(address="auto", **options)
                 return
             except ConnectionError:
-                ray.init(num_cpus=local_cpus, **options)
+                _start_local_ray(num_cpus=local_cpus, **options)
     _started_gcs_address = _gcs_address()
+
+
+def _start_local_ray(**init: Any) -> None:
+    """ray.init of a new local cluster, without the WARNING Ray 2.60 logs on each one started with RAY_AUTH_MODE
+    unset: that it turned token authentication on (its default, creating ~/.ray/auth_token when missing), and that
+    RAY_AUTH_MODE=disabled opts out. Nothing a user of a local run should act on, printed before every command's
+    own first line; the behaviour is Ray's. (Setting RAY_AUTH_MODE here instead does not work: Ray read its config
+    at import, and a GCS started with the variable and no token fails.)"""
+    import logging
+
+    import ray
+
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    hide = _DropMessage("Token authentication is enabled for this Ray cluster")
+    notice.addFilter(hide)
+    try:
+        ray.init(**init)
+    finally:
+        notice.removeFilter(hide)
+
+
+class _DropMessage:
+    """A logging filter dropping the records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def filter(self, record: Any) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 GCS_PROBE_S = 3.0

@@ -119,7 +119,8 @@ def test_a_ray_address_that_does_not_answer_is_an_error_at_once_not_a_wait():
 def test_a_dead_cluster_recorded_by_ray_start_does_not_hang_a_command(tmp_path, sample_data):
     """`ray start` records its cluster's address on the machine (<tmp>/ray/ray_current_cluster) and `ray stop`
     removes it; a cluster killed otherwise leaves it behind, and Ray's "auto" then tries to join it for minutes.
-    A command run without RAY_ADDRESS says so and starts a local Ray instead."""
+    A command run without RAY_ADDRESS says so and starts a local Ray instead. On a machine without a Ray token
+    (a fresh HOME) that local Ray has token authentication on, Ray's default, without Ray's notice saying so."""
     import shutil
     import tempfile
 
@@ -131,9 +132,12 @@ def test_a_dead_cluster_recorded_by_ray_start_does_not_hang_a_command(tmp_path, 
         done = subprocess.run([sys.executable, "-m", "workflows", "data", "check", "--manifest",
                                sample_data.val_manifest, "--labels", sample_data.labels],
                               cwd=REPO, capture_output=True, text=True, timeout=150,
-                              env={**env, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(short)})
+                              env={**env, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(short),
+                                   "HOME": str(short / "home")})
+        token_created = (short / "home" / ".ray" / "auth_token").is_file()
     finally:
         shutil.rmtree(short, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert token_created and "Token authentication is enabled" not in done.stderr, done.stderr[-3000:]
     assert "does not answer (stopped without `ray stop`, or its node crashed): starting a local Ray for this " \
            "command instead" in done.stderr, done.stderr[-3000:]
