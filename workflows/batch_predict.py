@@ -221,7 +221,9 @@ def continue_job(out: Path, identity: dict[str, Any], rows: Rows, tables: tuple[
     groups = rows.groups
     group_of = {i: path for path, members in groups.items() for i in members}
     shown_groups = {rows.shown[members[0]]: path for path, members in groups.items()}
-    files_done = {shown_groups[r["path"]] for r in files.read() if not r["dropped"] and r["path"] in shown_groups}
+    written = files.columns(["path", "dropped"])
+    files_done = {shown_groups[path] for path, dropped in zip(written["path"], written["dropped"], strict=True)
+                  if not dropped and path in shown_groups}
     kept: set[int] = set()
 
     def keep_row(row: dict[str, Any]) -> bool:
@@ -364,12 +366,13 @@ def summary(output: Any, tables: tuple[Table, Table]) -> dict[str, Any]:
     reason), the most predicted classes, and where the files are."""
     predictions, files = tables
     predicted, reasons = Counter(), Counter()
-    for row in predictions.read():
-        if row["dropped"]:
-            reasons[row["dropped"].split(":", 1)[0]] += 1
+    written = predictions.columns(["class_1", "dropped"])
+    for top, dropped in zip(written["class_1"], written["dropped"], strict=True):
+        if dropped:
+            reasons[dropped.split(":", 1)[0]] += 1
         else:
-            predicted[row["class_1"]] += 1
-    file_rows = len(files.read())
+            predicted[top] += 1
+    file_rows = len(files.columns(["path"])["path"])
     result = {"predicted": sum(predicted.values()), "dropped": dict(reasons), "dropped_total": sum(reasons.values()),
               "files": file_rows, "most_predicted": predicted.most_common(10),
               "predictions": f"{output}/{predictions.shown}"}

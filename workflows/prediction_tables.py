@@ -12,7 +12,9 @@ video (or per clip of a long file), and `file_predictions`, a row per long file.
   ~3 GB where CSV takes ~14. Into a bucket, each part is uploaded once, when it is written.
 
 Either way a row that could not be read has no classes and says why in `dropped`. Read back, a table gives only
-complete rows: a CSV's last line cut by a kill is dropped, a part not yet renamed is not read.
+complete rows: a CSV's last line cut by a kill is dropped, a part not yet renamed is not read. Reading streams (a CSV
+line by line, a Parquet part's few columns at a time), so continuing a job of millions of rows does not hold its
+table in memory.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import csv
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +71,9 @@ class Table:
     def exists(self) -> bool:
         raise NotImplementedError
 
-    def read(self) -> list[dict[str, Any]]:
-        """The complete rows in the order written, each with the lead columns, `class_1` and `dropped` ('' when
-        read, and class_1 '' when dropped)."""
+    def columns(self, names: list[str]) -> dict[str, list[Any]]:
+        """The columns `names` (lead columns, `class_1`, `dropped`) of the complete rows, in the order written;
+        `dropped` is '' for a row that was read, `class_1` '' for one that was not."""
         raise NotImplementedError
 
     def keep(self, keep_row: Callable[[dict[str, Any]], bool]) -> list[str]:
@@ -97,8 +99,8 @@ class CsvTable(Table):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.path = self.out / f"{self.name}.csv"
-        self.columns = [name for name, _ in self.lead] + [c for k in range(1, self.top + 1)
-                                                           for c in (f"class_{k}", f"prob_{k}")] + ["dropped"]
+        self.header = [name for name, _ in self.lead] + [c for k in range(1, self.top + 1)
+                                                          for c in (f"class_{k}", f"prob_{k}")] + ["dropped"]
         self.handle: Any = None
         self.last_flush = self.last_push = time.monotonic()
 
@@ -109,26 +111,29 @@ class CsvTable(Table):
     def exists(self) -> bool:
         return self.path.exists()
 
-    def _rows(self) -> list[dict[str, str]]:
+    def _rows(self) -> Iterator[dict[str, str]]:
+        """The complete rows, streamed: every line but a last one cut by a kill (the only line that can lack its
+        newline)."""
         if not self.path.exists():
-            return []
-        text = self.path.read_text()
-        if text and not text.endswith("\n"):  # a last line cut by a kill
-            text = text[: text.rfind("\n") + 1]
-        return list(csv.DictReader(text.splitlines()))
+            return
+        with self.path.open(newline="") as f:
+            yield from csv.DictReader(line for line in f if line.endswith("\n"))
 
-    def read(self) -> list[dict[str, Any]]:
-        return [{**row, "class_1": row.get("class_1", "")} for row in self._rows()]
+    def columns(self, names: list[str]) -> dict[str, list[Any]]:
+        found: dict[str, list[Any]] = {name: [] for name in names}
+        for row in self._rows():
+            for name in names:
+                found[name].append(row.get(name, ""))
+        return found
 
     def keep(self, keep_row: Callable[[dict[str, Any]], bool]) -> list[str]:
         if not self.path.exists():
             return []
-        kept = [row for row in self._rows() if keep_row(row)]
         partial = self.path.with_suffix(".partial")
         with partial.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer = csv.DictWriter(f, fieldnames=self.header)
             writer.writeheader()
-            writer.writerows(kept)
+            writer.writerows(row for row in self._rows() if keep_row(row))
         partial.replace(self.path)
         return [self.path.name]
 
@@ -138,7 +143,7 @@ class CsvTable(Table):
             self.handle = self.path.open("a", newline="")
             self.writer = csv.writer(self.handle)
             if new:
-                self.writer.writerow(self.columns)
+                self.writer.writerow(self.header)
         ranked = [""] * (2 * self.top) if probs is None else \
             [cell for k in self._ranked(probs) for cell in (self.class_names[k], round(float(probs[k]), 6))]
         self.writer.writerow([*(csv_cell(v) for v in lead), *ranked, why])
@@ -183,41 +188,36 @@ class ParquetTable(Table):
     def _relative(self, part: Path) -> str:
         return f"{self.name}/{part.name}"
 
-    def read(self) -> list[dict[str, Any]]:
+    def columns(self, names: list[str]) -> dict[str, list[Any]]:
         import pyarrow.compute as pc
+        import pyarrow.parquet as pq
 
-        rows: list[dict[str, Any]] = []
+        stored = [("classes" if name == "class_1" and not self.every_class else name) for name in names]
+        found: dict[str, list[Any]] = {name: [] for name in names}
         for part in self.parts():
-            columns = self._lead_and_dropped(part, "class_1" if self.every_class else "classes")
-            first = columns.pop("class_1" if self.every_class else "classes")
-            if not self.every_class:
-                first = pc.list_element(first, 0)
-            columns["class_1"] = [c or "" for c in first.to_pylist()]
-            rows += [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-        return rows
+            table = pq.read_table(part, columns=list(dict.fromkeys(stored)))
+            for name, column in zip(names, stored, strict=True):
+                values = table[column]
+                if name == "class_1" and column == "classes":
+                    values = pc.list_element(values, 0)  # the most probable class; null for an unread row
+                found[name] += [v or "" for v in values.to_pylist()] if name in ("class_1", "dropped") else \
+                    values.to_pylist()
+        return found
 
     def keep(self, keep_row: Callable[[dict[str, Any]], bool]) -> list[str]:
         import pyarrow.parquet as pq
 
+        names = [name for name, _ in self.lead] + ["dropped"]
         rewritten = []
         for part in self.parts():
-            columns = self._lead_and_dropped(part)
-            mask = [keep_row(dict(zip(columns, values, strict=True))) for values in zip(*columns.values(),
-                                                                                       strict=True)]
+            table = pq.read_table(part, columns=names)
+            rows = zip(*([v or "" for v in table[n].to_pylist()] if n == "dropped" else table[n].to_pylist()
+                         for n in names), strict=True)
+            mask = [keep_row(dict(zip(names, values, strict=True))) for values in rows]
             if not all(mask):  # the whole part read only now: the scores are most of it
                 self._write_whole(pq.read_table(part).filter(pa.array(mask, pa.bool_())), part)
                 rewritten.append(self._relative(part))
         return rewritten
-
-    def _lead_and_dropped(self, part: Path, *more: str) -> dict[str, Any]:
-        """A part's lead columns and `dropped` ('' when read) as lists, and the columns `more` as Arrow columns."""
-        import pyarrow.parquet as pq
-
-        names = [name for name, _ in self.lead]
-        table = pq.read_table(part, columns=[*names, "dropped", *more])
-        columns: dict[str, Any] = {name: table[name].to_pylist() for name in names}
-        columns["dropped"] = [d or "" for d in table["dropped"].to_pylist()]
-        return {**columns, **{name: table[name] for name in more}}
 
     def write(self, lead: list[Any], probs: np.ndarray | None, why: str = "") -> None:
         if not self.pending:

@@ -257,11 +257,13 @@ def test_continuing_keeps_whole_files_only_and_never_writes_a_credential(tmp_pat
     collector.add(np.array([2, 3]), logits[2:])  # other, and one of long2's two clips
     collector.finish({5: "corrupt: not a video"})
     predictions, files = tables
-    every = predictions.read() + files.read()
-    assert all("TOPSECRET" not in row["path"] for row in every) and {r["path"] for r in every} >= set(rows.shown)
-    (whole,) = files.read()
-    assert whole["path"] == rows.shown[0] and (str(whole["clips"]), str(whole["read_clips"])) == ("2", "2")
-    assert [r["dropped"] for r in predictions.read()] == ["", "", "", "", "corrupt: not a video"]
+    paths = predictions.columns(["path"])["path"] + files.columns(["path"])["path"]
+    assert all("TOPSECRET" not in path for path in paths) and set(paths) >= set(rows.shown)
+    whole = files.columns(["path", "clips", "read_clips"])
+    assert whole == {"path": [rows.shown[0]], "clips": [2], "read_clips": [2]} if fmt == "parquet" else \
+        {"path": [rows.shown[0]], "clips": ["2"], "read_clips": ["2"]}
+    assert predictions.columns(["dropped"])["dropped"] == ["", "", "", "", "corrupt: not a video"]
+    assert predictions.columns(["class_1"])["class_1"] == ["a", "b", "c", "a", ""]
     if fmt == "csv":
         assert _top(_rows(out / "file_predictions.csv")[0]) == [("b", pytest.approx(0.45)), ("a", pytest.approx(0.4))]
         text = (out / "predictions.csv").read_text()
@@ -283,8 +285,8 @@ def test_continuing_keeps_whole_files_only_and_never_writes_a_credential(tmp_pat
     tables = job_tables(out, fmt, ["a", "b", "c"], top=2)
     kept, rewritten = continue_job(out, identity, rotated, tables)
     assert kept == {0, 1, 2}  # long (with its file row) and other
-    assert sorted(int(r["video_index"]) for r in tables[0].read()) == [0, 1, 2]
-    assert [r["path"] for r in tables[1].read()] == [rows.shown[0]]
+    assert sorted(int(i) for i in tables[0].columns(["video_index"])["video_index"]) == [0, 1, 2]
+    assert tables[1].columns(["path"])["path"] == [rows.shown[0]]
     if fmt == "csv":
         assert rewritten == ["predictions.csv", "file_predictions.csv"]
     else:  # the parts that lost rows (long2's lone clip; the unread video), to upload again
@@ -316,6 +318,8 @@ def test_parquet_with_every_class_holds_the_distribution_as_one_vector(tmp_path:
     assert (b["video_index"], b["class_1"], b["prob_1"], b["scores"]) == (1, None, None, None)
     assert b["dropped"] == "corrupt: no video stream"
     assert collector.seen == {2: 1}  # c.mp4 waits for its second view
+    assert tables[0].columns(["class_1", "dropped"]) == {"class_1": ["run", ""],  # as the summary reads them
+                                                          "dropped": ["", "corrupt: no video stream"]}
 
 
 @pytest.mark.integration
