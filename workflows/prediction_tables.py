@@ -9,7 +9,7 @@ video (or per clip of a long file), and `file_predictions`, a row per long file.
   columns, `classes` and `probs`, most probable first. When every class is listed (`--top all`), the rows are the
   whole distribution instead: `scores`, one float32 vector per row in the label set's order (the names in each
   part's schema metadata, `dist.class_names`), beside `class_1` and `prob_1`; a million rows at 710 classes take
-  ~3 GB where CSV takes ~14. Into a bucket, each part is uploaded once, when it is written.
+  2.6 GiB where CSV takes 10.3 GiB. Into a bucket, each part is uploaded once, when it is written.
 
 Either way a row that could not be read has no classes and says why in `dropped`. Read back, a table gives only
 complete rows: a CSV's last line cut by a kill is dropped, a part not yet renamed is not read. Reading streams (a CSV
@@ -92,7 +92,9 @@ class Table:
         raise NotImplementedError
 
     def _ranked(self, probs: np.ndarray) -> np.ndarray:
-        return np.argsort(-probs, kind="stable")[: self.top]
+        """The `top` most probable classes of each row of `probs` (..., classes), most probable first (ties: the
+        label set's order)."""
+        return np.argsort(-probs, axis=-1, kind="stable")[..., : self.top]
 
 
 class CsvTable(Table):
@@ -260,7 +262,7 @@ class ParquetTable(Table):
         probs = np.stack([p if p is not None else np.zeros(len(self.class_names)) for _, p, _ in rows]).astype(
             np.float32)
         names = pa.array(self.class_names, pa.string())
-        ranked = np.stack([self._ranked(p) for p in probs[read]]) if read.any() else np.zeros((0, self.top), int)
+        ranked = self._ranked(probs[read])  # (read rows, top)
 
         def lists(values: np.ndarray) -> pa.Array:
             """(read rows, n) values as a list per row, null for an unread row (a variable-size list: Parquet

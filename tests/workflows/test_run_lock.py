@@ -85,3 +85,63 @@ def test_a_claim_key_holds_no_credentials_and_one_directory_is_one_key():
     assert b"s3cr3t" not in claim_key("gs://bucket/runs/it?secret_key=s3cr3t")
     assert claim_key("s3://bucket/runs/other") != bare
     assert claim_key("/mnt/shared/runs/it") == b"dist-run-claim:/mnt/shared/runs/it"
+
+
+HOLD_LEASE = """
+import sys, time
+from workflows import run_lock
+run_lock.HEARTBEAT_S = 0.5
+run_lock.claim_bucket_path(sys.argv[1], "run it: its directory", "CLASH", {
+    "who": f"a driver (pid {sys.argv[2]})", "since": "then", "cluster": "cluster-A", "job": "01000000"})
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.integration
+def test_a_bucket_path_is_claimed_across_clusters(tmp_path, monkeypatch, capsys):
+    """Two clusters share no GCS, only the bucket: a driver of cluster A (a real process renewing its lease in a
+    moto bucket) makes a driver of cluster B refused; once A is SIGKILLed its lease goes unrenewed and B takes it
+    over; a driver of B's own cluster takes B's over at once (its GCS claim decided); a released lease is gone."""
+    import json
+
+    from tests.workflows.object_store import proxied_bucket
+    from workflows import run_lock
+
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.5)
+    monkeypatch.setattr(run_lock, "WATCH_S", 3.0)
+    uri, key = "s3://results/runs/it", "runs/it/.dist-driver.json"
+    (tmp_path / "s3").mkdir()
+    with proxied_bucket(tmp_path / "s3", "results") as (_, creds, client):
+        for name, value in creds.env().items():
+            monkeypatch.setenv(name, value)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, uri, "111"], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        b = {"who": "a driver (pid 222)", "since": "now", "cluster": "cluster-B", "job": "01000000"}
+        try:
+            line = holder.stdout.readline().strip()
+            assert line == "claimed", line + holder.stderr.read()[-3000:] if holder.poll() is not None else line
+            with pytest.raises(ConfigError) as info:
+                run_lock.claim_bucket_path(uri, "run it: its directory", "CLASH", b)
+            assert str(info.value).startswith("run it: its directory s3://results/runs/it is being written by a "
+                                              "driver (pid 111) on another Ray cluster (head "), str(info.value)
+            assert str(info.value).endswith("its claim in the bucket is being renewed: CLASH")
+            assert "checking for up to 3 s whether that driver is alive" in capsys.readouterr().err
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(timeout=30)
+        lease = run_lock.claim_bucket_path(uri, "run it: its directory", "CLASH", b)  # A's lease unrenewed: taken
+        held = json.loads(client.get_object(Bucket="results", Key=key)["Body"].read())
+        assert (held["cluster"], held["who"], held["token"]) == ("cluster-B", "a driver (pid 222)", lease.mine["token"])
+        capsys.readouterr()
+        lease._stop.set()  # B's driver gone without releasing (the GCS claim saw its job end)
+        lease._renewer.join()
+        again = run_lock.claim_bucket_path(uri, "run it: its directory", "CLASH", {**b, "who": "a driver (pid 333)"})
+        assert "checking" not in capsys.readouterr().err  # the same cluster: taken over at once
+        lease.release()  # no longer its lease: left in place
+        assert json.loads(client.get_object(Bucket="results", Key=key)["Body"].read())["who"] == "a driver (pid 333)"
+        again.release()
+        assert "Contents" not in client.list_objects_v2(Bucket="results", Prefix=key)
+        run_lock.claim_bucket_path(uri, "run it: its directory", "CLASH", {**b, "cluster": "cluster-C"}).release()
+        assert "checking" not in capsys.readouterr().err  # released: nothing to watch
