@@ -356,3 +356,19 @@ def test_gpu_checks_targets_skips_runs_past_its_budget_and_still_writes_the_tabl
     table = (tmp_path / "targets.md").read_text()
     assert table.count("| not measured |") == 8 and "| met |" not in table
     assert "No ratios line (failed, or cut by the time budget): " + ", ".join(names) in table
+
+
+def test_prediction_tables_prints_sizes_and_the_ratios_line(capsys):
+    """The real tables on a few rows: a line per format and --top, then Parquet / CSV ratios (no timing asserted;
+    the bytes of --top all at 50 classes are smaller as Parquet: a float32 each, against ~15 characters as CSV)."""
+    from benchmarks.prediction_tables import main as tables_main
+
+    ratios = tables_main(["--classes", "50", "--rows", "200"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert parse_ratios(lines[-1]) == pytest.approx(ratios, rel=1e-3)
+    assert set(ratios) == {"parquet_vs_csv_bytes_all", "parquet_vs_csv_write_time_all", "parquet_vs_csv_bytes_top5",
+                           "parquet_vs_csv_write_time_top5"}
+    assert all(finite_positive(v) for v in ratios.values())
+    assert ratios["parquet_vs_csv_bytes_all"] < 0.6
+    assert [line.split(" | ")[:2] for line in lines if line.startswith("| csv") or line.startswith("| parquet")] == [
+        ["| csv", "all"], ["| parquet", "all"], ["| csv", "top 5"], ["| parquet", "top 5"]]

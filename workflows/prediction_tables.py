@@ -9,7 +9,8 @@ video (or per clip of a long file), and `file_predictions`, a row per long file.
   columns, `classes` and `probs`, most probable first. When every class is listed (`--top all`), the rows are the
   whole distribution instead: `scores`, one float32 vector per row in the label set's order (the names in each
   part's schema metadata, `dist.class_names`), beside `class_1` and `prob_1`; a million rows at 710 classes take
-  2.6 GiB where CSV takes 10.3 GiB. Into a bucket, each part is uploaded once, when it is written.
+  2.6 GiB where CSV takes 11 (benchmarks/prediction_tables.py). Into a bucket, each part is uploaded once, when it
+  is written.
 
 Either way a row that could not be read has no classes and says why in `dropped`. Read back, a table gives only
 complete rows: a CSV's last line cut by a kill is dropped, a part not yet renamed is not read. Reading streams (a CSV
