@@ -177,6 +177,21 @@ def shown_top(request: BatchRequest, plan: Any) -> int:
     return min(request.top, len(plan.class_names))
 
 
+CSV_NOTE_CELLS = 200  # a CSV row of more cells than this (100 classes with their probabilities) gets csv_size_note
+
+
+def csv_size_note(fmt: str, top: int, classes: int) -> str | None:
+    """A note before the job when its CSV rows would be long (the distribution over many classes), pointing at
+    --format parquet (benchmarks/prediction_tables.py: at 710 classes a quarter of the bytes, ~7x less driver
+    time per row); None otherwise."""
+    if fmt != "csv" or 2 * top <= CSV_NOTE_CELLS:
+        return None
+    every = " (every class)" if top == classes else ""
+    return (f"note: a CSV row here lists {top} classes{every} with their probabilities, ~{16 * top / 1000:.0f} kB a "
+            f"row, each written by the driver alone: --format parquet takes about a quarter of the bytes and a "
+            f"fraction of the driver's time (docs/evaluation.md)")
+
+
 def job_tables(out: Path, fmt: str, class_names: list[str], top: int) -> tuple[Table, Table]:
     """The job's two tables in `out`: predictions (a row per video or clip) and file_predictions (per long file)."""
     return (open_table(fmt, out, "predictions", PREDICTION_LEAD, class_names, top),
@@ -406,6 +421,9 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
                                  num_frames=cfg.num_frames, class_names=plan.class_names,
                                  labels_from=plan.labels_source):
         print(line, file=sys.stderr, flush=True)
+    note = csv_size_note(request.format, shown_top(request, plan), len(plan.class_names))
+    if note:
+        print(note, file=sys.stderr, flush=True)
     quiet_ray_console(request.verbose)
     ensure_ray(local_cpus_for(plan.recipe), quiet=not request.verbose)
     # One driver per output folder on this cluster: a second one (a resubmitted job) would rewrite the rows this

@@ -438,3 +438,15 @@ def test_a_second_driver_into_the_same_folder_is_refused(ray_local, run_dir: Pat
     finally:
         other.kill()
         other.wait()
+
+
+def test_long_csv_rows_get_a_note_pointing_at_parquet():
+    """Before the job: a CSV of many classes per row (the distribution over a large label set) is pointed at
+    --format parquet; a top 5, a small label set, or Parquet itself are not."""
+    from workflows.batch_predict import csv_size_note
+
+    assert csv_size_note("csv", 710, 710).startswith("note: a CSV row here lists 710 classes (every class) with "
+                                                     "their probabilities, ~11 kB a row")
+    assert "--format parquet" in csv_size_note("csv", 150, 710)
+    assert csv_size_note("csv", 5, 710) is csv_size_note("csv", 5, 5) is csv_size_note("parquet", 710, 710) is None
+
