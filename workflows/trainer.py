@@ -871,6 +871,10 @@ def prepare_worker_process(recipe: Recipe, verbose: bool = False) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-worker pipelines: bars garble the log
     # DeepSpeed's ZeRO calls a deprecated torch collective on every step; one warning per step drowns the progress.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    # Ray Data wraps its zero-copy torch.as_tensor of a read-only batch in warnings.catch_warnings, which is not
+    # thread-safe: with its prefetch thread beside the step, torch's "NumPy array is not writable" warning (which
+    # does not apply: the batch is never written) sometimes escapes, a traceback-like block in the progress.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
     if not recipe.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo); before importing it
         skip_deepspeed_shm_op()
