@@ -37,6 +37,7 @@ from workflows.prediction_tables import FILE_LEAD, FORMATS, PREDICTION_LEAD, Tab
 
 LOG_PREFIX = "[predict]"
 JOB_FILE = "job.json"
+LABELS_FILE = "labels.json"  # the job's label set ({name: index}, a label file): what `data import predictions` reads
 
 
 @dataclass
@@ -413,7 +414,7 @@ def run_batch_predict(request: BatchRequest, progress: bool = True) -> dict[str,
         check_videos_reachable(plan.manifest, "manifest")
     identity = job_identity(request, plan, rows)
     tables = job_tables(out, request.format, plan.class_names, shown_top(request, plan))
-    output.fetch([JOB_FILE, *(table.shown for table in tables)])  # an earlier run's, from a bucket prefix
+    output.fetch([JOB_FILE, LABELS_FILE, *(table.shown for table in tables)])  # an earlier run's, from a bucket
     check_same_job(out, identity, str(output))  # another job's folder: refused before Ray starts
     cfg = model_config(plan.recipe.model)
     for line in scoring_warnings(views=plan.views, views_from="--views" if request.views is not None else
@@ -449,7 +450,10 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
     todo = [i for i in range(len(rows)) if i not in done]
     out.mkdir(parents=True, exist_ok=True)
     (out / JOB_FILE).write_text(json.dumps(identity, indent=2) + "\n")
-    output.push([JOB_FILE, *rewritten], retry_s=retry_s)
+    from workflows.data.manifest import save_labels
+
+    save_labels({name: i for i, name in enumerate(plan.class_names)}, out / LABELS_FILE)
+    output.push([JOB_FILE, LABELS_FILE, *rewritten], retry_s=retry_s)
     if progress:
         step = f", step {plan.state['step']}" if "step" in plan.state else ""
         for note in rows.notes:

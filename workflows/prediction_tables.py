@@ -73,8 +73,9 @@ class Table:
         raise NotImplementedError
 
     def columns(self, names: list[str]) -> dict[str, list[Any]]:
-        """The columns `names` (lead columns, `class_1`, `dropped`) of the complete rows, in the order written;
-        `dropped` is '' for a row that was read, `class_1` '' for one that was not."""
+        """The columns `names` (lead columns, `class_1`, `prob_1`, `dropped`) of the complete rows, in the order
+        written; `dropped` is '' for a row that was read, `class_1` and `prob_1` '' for one that was not (CSV's
+        values are its text)."""
         raise NotImplementedError
 
     def keep(self, keep_row: Callable[[dict[str, Any]], bool]) -> list[str]:
@@ -195,16 +196,17 @@ class ParquetTable(Table):
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        stored = [("classes" if name == "class_1" and not self.every_class else name) for name in names]
+        ranked = {"class_1": "classes", "prob_1": "probs"}  # top-k rows: the first of each list
+        stored = [ranked[name] if name in ranked and not self.every_class else name for name in names]
         found: dict[str, list[Any]] = {name: [] for name in names}
         for part in self.parts():
             table = pq.read_table(part, columns=list(dict.fromkeys(stored)))
             for name, column in zip(names, stored, strict=True):
                 values = table[column]
-                if name == "class_1" and column == "classes":
-                    values = pc.list_element(values, 0)  # the most probable class; null for an unread row
-                found[name] += [v or "" for v in values.to_pylist()] if name in ("class_1", "dropped") else \
-                    values.to_pylist()
+                if column != name:
+                    values = pc.list_element(values, 0)  # the most probable; null for an unread row
+                found[name] += [("" if v is None else v) for v in values.to_pylist()] \
+                    if name in ("class_1", "prob_1", "dropped") else values.to_pylist()
         return found
 
     def keep(self, keep_row: Callable[[dict[str, Any]], bool]) -> list[str]:
@@ -228,20 +230,28 @@ class ParquetTable(Table):
         self.pending.append((lead, probs, why))
 
     def flush_now_and_then(self, now: float) -> list[str]:
-        if self.pending and (len(self.pending) >= PART_ROWS or now - self.first_pending >= PART_S):
-            return self._write_part()
-        return []
+        written = []
+        while len(self.pending) >= PART_ROWS:  # full parts
+            written += self._write_part(PART_ROWS)
+        if self.pending and now - self.first_pending >= PART_S:
+            written += self._write_part(len(self.pending))
+        return written
 
     def close(self) -> list[str]:
-        return self._write_part() if self.pending else []
+        written = []
+        while self.pending:
+            written += self._write_part(PART_ROWS)
+        return written
 
-    def _write_part(self) -> list[str]:
+    def _write_part(self, rows: int) -> list[str]:
+        """The first `rows` pending rows as the next part; the rest stay pending (their age counted anew)."""
         parts = self.parts()
         number = int(parts[-1].stem.removeprefix("part-")) + 1 if parts else 0
         part = self.folder / f"part-{number:05d}.parquet"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._write_whole(self._as_arrow(self.pending), part)
-        self.pending = []
+        self._write_whole(self._as_arrow(self.pending[:rows]), part)
+        self.pending = self.pending[rows:]
+        self.first_pending = time.monotonic()
         return [self._relative(part)]
 
     def _write_whole(self, table: pa.Table, part: Path) -> None:

@@ -374,7 +374,7 @@ def test_results_into_a_bucket_are_pushed_continued_and_never_lost_to_an_outage(
         assert sorted(int(r["video_index"]) for r in again) == list(range(N))
         # --format parquet --top all: each part uploaded once written; the scores are the CSV's probabilities in
         # the label set's order; a part lost from the bucket is scored again.
-        monkeypatch.setattr(prediction_tables, "PART_ROWS", 1)  # a part per scored batch
+        monkeypatch.setattr(prediction_tables, "PART_ROWS", 1)  # a part per row
         parquet = [*args[:-1], "s3://results/parquet", "--format", "parquet", "--top", "all"]
         assert predict_main(parquet) == 0
         assert "s3://results/parquet/predictions/" in capsys.readouterr().out
@@ -393,11 +393,19 @@ def test_results_into_a_bucket_are_pushed_continued_and_never_lost_to_an_outage(
         for row in table.to_pylist():
             assert dict(zip(names, row["scores"], strict=True)) == pytest.approx(by_index[row["video_index"]],
                                                                                  abs=2e-6)
+        assert len(written) == N  # a part per row
         lost, lost_rows = next((key, t.num_rows) for key, t in written.items())
         client.delete_object(Bucket="results", Key=lost)
         assert predict_main(parquet) == 0
         assert f"continuing: {N - lost_rows} written before, {lost_rows} to go" in capsys.readouterr().out
         assert sorted(pa.concat_tables(parts().values())["video_index"].to_pylist()) == list(range(N))
+        # `data import predictions` reads the job from the bucket; these rows name their videos by a URI whose
+        # credentials the job replaced, which no manifest can use: refused, saying so.
+        from workflows.data.cli import main as data_main
+
+        assert data_main(["import", "predictions", "--predictions", "s3://results/parquet", "--out",
+                          str(tmp_path / "pseudo")]) == 2
+        assert "the job wrote its URI with the credentials replaced" in capsys.readouterr().err
         # evaluate --out into the bucket: the same files as into a folder.
         assert evaluate_main(["--checkpoint", str(run_dir), "--manifest", str(video_dir / "good.csv"), "--views", "1",
                               "--out", "s3://results/eval", "--json", "--no-mlflow"]) == 0

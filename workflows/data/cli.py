@@ -10,6 +10,7 @@
     data upload    DIR s3://bucket/prefix                  copy a dataset folder into a bucket (no shared disk)
     data import    ssv2|list|folders|ucf101|hmdb51 ...     manifests from SSV2 JSON, `path label` lists, a folder
                                                            of class folders, or the official UCF101 / HMDB51 splits
+    data import    predictions --predictions DIR --out DIR  a `predict --ray` job's confident rows as pseudo-labels
 
 `check` exits with 0 when every video decodes, every label is in the label file and no two rows give one clip
 different labels, 1 otherwise (also when a bucket
@@ -242,6 +243,14 @@ def _cmd_import(args: argparse.Namespace) -> int:
                                 seed=args.seed, labels=args.labels, clip_seconds=args.clip_seconds, progress=True)
         print("\n".join(result.summary()))
         return 0
+    if args.format == "predictions":
+        from workflows.data.pseudo_labels import import_predictions
+
+        check_output_folder(args.out)
+        report = import_predictions(args.predictions, args.out, min_prob=args.min_prob, per_class=args.per_class,
+                                    labels=args.labels)
+        print("\n".join(report.summary(args.min_prob)))
+        return 0
     if args.format in ("ucf101", "hmdb51"):  # --out is a folder: train.csv, val.csv and labels.json go into it
         importer = import_ucf101 if args.format == "ucf101" else import_hmdb51
         check_output_folder(args.out)
@@ -355,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(run=_cmd_clips)
 
     i = sub.add_parser("import", help="write manifests from SSV2 JSON, a `path label` list, a folder of class "
-                                      "folders, or the official UCF101 / HMDB51 split files")
+                                      "folders, the official UCF101 / HMDB51 split files, or a `predict --ray` job")
     isub = i.add_subparsers(dest="format", required=True)
     i1 = isub.add_parser("ssv2", help="Something-Something-V2's JSON annotations")
     i1.add_argument("--annotations", required=True, help="something-something-v2-{train,validation}.json")
@@ -397,6 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--check", action="store_true",
                        help="drop (and count) listed files that do not exist (a path that differs only in case is "
                             "found)")
+    i4 = isub.add_parser("predictions", help="a `predict --ray` job's confident predictions as a labelled manifest "
+                                             "(pseudo-labels)")
+    i4.add_argument("--predictions", required=True, help="the job's --out: a folder or a bucket prefix, CSV or "
+                                                         "Parquet")
+    i4.add_argument("--out", required=True, help="folder for train.csv (path,label[,start,end]) and labels.json (the "
+                                                 "job's whole label set)")
+    i4.add_argument("--min-prob", type=float, default=0.0,
+                    help="keep a row when its most probable class is at least this likely (default 0: every read row)")
+    i4.add_argument("--per-class", type=int, help="keep at most this many rows a class, the most confident")
+    i4.add_argument("--labels", help="the label file the job scored against (default: the labels.json the job wrote)")
     i.set_defaults(run=_cmd_import)
     return p
 
