@@ -58,7 +58,7 @@ def open_table(fmt: str, out: Path, name: str, lead: list[tuple[str, Any]], clas
 
 class Table:
     """One output table: appended to by `write`, made durable by `flush_now_and_then` and `close` (which return the
-    files, relative to `out`, to upload now), read back by `read` and cut down by `keep`."""
+    files, relative to `out`, to upload now), read back by `columns` and cut down by `keep`."""
 
     def __init__(self, out: Path, name: str, lead: list[tuple[str, Any]], class_names: list[str], top: int) -> None:
         self.out, self.name, self.lead, self.class_names = out, name, lead, class_names
@@ -88,9 +88,12 @@ class Table:
         raise NotImplementedError
 
     def flush_now_and_then(self, now: float) -> list[str]:
+        """Called after each batch of rows (`now`: time.monotonic()): what is due reaches the disk; returns the
+        files due for an upload."""
         raise NotImplementedError
 
     def close(self) -> list[str]:
+        """Every row on disk, the table closed; returns the files written since the last upload was due."""
         raise NotImplementedError
 
     def _ranked(self, probs: np.ndarray) -> np.ndarray:
