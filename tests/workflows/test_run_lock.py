@@ -99,10 +99,11 @@ time.sleep(600)
 
 
 @pytest.mark.integration
-def test_a_bucket_path_is_claimed_across_clusters(tmp_path, monkeypatch, capsys):
+def test_a_bucket_path_is_claimed_across_clusters(ray_local, tmp_path, monkeypatch, capsys):
     """Two clusters share no GCS, only the bucket: a driver of cluster A (a real process renewing its lease in a
-    moto bucket) makes a driver of cluster B refused; once A is SIGKILLed its lease goes unrenewed and B takes it
-    over; a driver of B's own cluster takes B's over at once (its GCS claim decided); a released lease is gone."""
+    moto bucket) makes a driver of this session's cluster refused (`claim_run_directory`, its GCS claim given back);
+    once A is SIGKILLed its lease goes unrenewed and it is taken over; a driver of the same cluster takes a lease
+    over at once (its GCS claim decided); a released lease is gone."""
     import json
 
     from tests.workflows.object_store import proxied_bucket
@@ -123,17 +124,21 @@ def test_a_bucket_path_is_claimed_across_clusters(tmp_path, monkeypatch, capsys)
             line = holder.stdout.readline().strip()
             assert line == "claimed", line + holder.stderr.read()[-3000:] if holder.poll() is not None else line
             with pytest.raises(ConfigError) as info:
-                run_lock.claim_bucket_path(uri, "run it: its directory", "CLASH", b)
+                run_lock.claim_run_directory(uri, "run it: its directory", clash="CLASH")
             assert str(info.value).startswith("run it: its directory s3://results/runs/it is being written by a "
                                               "driver (pid 111) on another Ray cluster (head "), str(info.value)
             assert str(info.value).endswith("its claim in the bucket is being renewed: CLASH")
             assert "checking for up to 3 s whether that driver is alive" in capsys.readouterr().err
+            assert run_lock.kv_get(run_lock.claim_key(uri)) is None  # the GCS claim given back with the refusal
         finally:
             holder.send_signal(signal.SIGKILL)
             holder.wait(timeout=30)
-        lease = run_lock.claim_bucket_path(uri, "run it: its directory", "CLASH", b)  # A's lease unrenewed: taken
+        claim = run_lock.claim_run_directory(uri, "run it: its directory", clash="CLASH")  # A's lease unrenewed
         held = json.loads(client.get_object(Bucket="results", Key=key)["Body"].read())
-        assert (held["cluster"], held["who"], held["token"]) == ("cluster-B", "a driver (pid 222)", lease.mine["token"])
+        assert (held["cluster"], held["token"]) == (run_lock.cluster_id(), claim.lease.mine["token"])
+        claim.release()
+        assert "Contents" not in client.list_objects_v2(Bucket="results", Prefix=key)
+        lease = run_lock.claim_bucket_path(uri, "run it: its directory", "CLASH", b)
         capsys.readouterr()
         lease._stop.set()  # B's driver gone without releasing (the GCS claim saw its job end)
         lease._renewer.join()
