@@ -4,8 +4,8 @@ video (or per clip of a long file), and `file_predictions`, a row per long file.
 - **CSV** (`--format csv`, the default): `predictions.csv`, appended row by row and flushed every FLUSH_S seconds;
   the top classes are `class_k`, `prob_k` cells, most probable first. Into a bucket, the file is uploaded whole
   every PUSH_S seconds.
-- **Parquet** (`--format parquet`): `predictions/part-NNNNN.parquet`, each part written whole (a `.partial` file,
-  renamed) once it holds PART_ROWS rows or its first row is PART_S seconds old. The top classes are two list
+- **Parquet** (`--format parquet`): `predictions/part-NNNNN.parquet`, each part written whole (a hidden `.partial`
+  file, renamed) once it holds PART_ROWS rows or its first row is PART_S seconds old. The top classes are two list
   columns, `classes` and `probs`, most probable first. When every class is listed (`--top all`), the rows are the
   whole distribution instead: `scores`, one float32 vector per row in the label set's order (the names in each
   part's schema metadata, `dist.class_names`), beside `class_1` and `prob_1`; a million rows at 710 classes take
@@ -260,7 +260,9 @@ class ParquetTable(Table):
     def _write_whole(self, table: pa.Table, part: Path) -> None:
         import pyarrow.parquet as pq
 
-        partial = part.with_name(part.name + ".partial")
+        # Hidden until renamed: readers of the folder (pandas, pyarrow and Ray Data datasets skip names starting
+        # with "."), never a half-written part, even one a kill left behind.
+        partial = part.with_name(f".{part.name}.partial")
         pq.write_table(table, partial, compression="zstd")
         partial.replace(part)
 

@@ -276,7 +276,7 @@ def test_continuing_keeps_whole_files_only_and_never_writes_a_credential(tmp_pat
         assert part["classes"] == ["b", "a"] and part["probs"] == pytest.approx([0.45, 0.4])
         assert [p.name for p in predictions.parts()] == ["part-00000.parquet", "part-00001.parquet",
                                                          "part-00002.parquet"]
-        (out / "predictions" / "part-00003.parquet.partial").write_bytes(b"PAR1 cut by a kill")
+        (out / "predictions" / ".part-00003.parquet.partial").write_bytes(b"PAR1 cut by a kill")
         assert pushed == [["predictions/part-00000.parquet"], ["predictions/part-00001.parquet"]]  # each when written
         assert collector.unpushed == ["predictions/part-00002.parquet", "file_predictions/part-00000.parquet"]
         before = (out / "predictions" / "part-00000.parquet").stat().st_mtime_ns
@@ -292,6 +292,8 @@ def test_continuing_keeps_whole_files_only_and_never_writes_a_credential(tmp_pat
     else:  # the parts that lost rows (long2's lone clip; the unread video), to upload again
         assert rewritten == ["predictions/part-00001.parquet", "predictions/part-00002.parquet"]
         assert (out / "predictions" / "part-00000.parquet").stat().st_mtime_ns == before
+        # The folder read whole, as users read it: the part a kill cut is hidden from the reader.
+        assert sorted(pq.read_table(out / "predictions")["video_index"].to_pylist()) == [0, 1, 2]
 
 
 def test_parquet_with_every_class_holds_the_distribution_as_one_vector(tmp_path: Path) -> None:
