@@ -13,7 +13,9 @@ renewed every HEARTBEAT_S seconds by a thread of the driver and deleted at relea
 finds one watches it for up to WATCH_S: renewed meanwhile, its holder is alive and this driver is refused; not
 renewed, its holder is gone (SIGKILLed, its cluster lost) and this driver takes it over. The comparison is of the
 lease's own renewal count, so the clusters' clocks do not matter. Two drivers starting within a second of each other
-are told apart by reading the lease back after writing it (S3's reads after a write are consistent).
+are told apart by reading the lease back after writing it (S3's reads after a write are consistent). A driver that
+was only cut off from the bucket for WATCH_S finds its lease taken over at its next renewal: it says so on stderr
+and stops renewing, never overwriting the new holder's lease.
 """
 
 from __future__ import annotations
@@ -79,13 +81,15 @@ class BucketLease:
         self.mine = {**holder, "host": socket.gethostname(), "token": uuid.uuid4().hex, "renewals": 0}
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self.lost: dict[str, Any] | None = None  # the lease of the driver that took this one over
 
     @property
     def shown(self) -> str:
         return redact_secrets(self.uri.rstrip("/")) + "/" + LEASE_NAME
 
-    def read(self) -> dict[str, Any] | None:
-        """The lease as the bucket holds it now (None: there is none)."""
+    def read(self, retry: bool = True) -> dict[str, Any] | None:
+        """The lease as the bucket holds it now (None: there is none); `retry`: through the storage retries (else
+        one attempt, an OSError when the bucket does not answer)."""
         import pyarrow.fs as pafs
 
         from workflows.data.video import from_storage
@@ -99,7 +103,7 @@ class BucketLease:
                 except ValueError:  # a partial upload cannot be read by S3's design; a hand-edited one can
                     return {}
 
-        return from_storage(self.uri, self.fs, get, action="read the claim of")
+        return from_storage(self.uri, self.fs, get, action="read the claim of") if retry else get()
 
     def write(self) -> None:
         with self.fs.open_output_stream(self.key) as f:
@@ -118,6 +122,15 @@ class BucketLease:
         while not self._stop.wait(HEARTBEAT_S):
             self.mine["renewals"] += 1
             try:
+                now = self.read(retry=False)
+                if now is not None and now.get("token") != self.mine["token"]:
+                    # Taken over: this driver's renewals stopped for longer than WATCH_S (the bucket unreachable
+                    # from here) and another cluster's driver took the path. Renewing would hide the clash.
+                    print(f"error: the claim {self.shown} was taken over by {now.get('who', 'a driver')} on another "
+                          f"Ray cluster (head {now.get('host', '?')}) while this driver could not renew it: both now "
+                          f"write there. Stop one of them", file=sys.stderr, flush=True)
+                    self.lost = now
+                    return
                 self.write()
                 failing = False
             except OSError as exc:  # the bucket not answering: said once; the next renewal tries again

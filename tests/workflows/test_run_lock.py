@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,5 +149,19 @@ def test_a_bucket_path_is_claimed_across_clusters(ray_local, tmp_path, monkeypat
         assert json.loads(client.get_object(Bucket="results", Key=key)["Body"].read())["who"] == "a driver (pid 333)"
         again.release()
         assert "Contents" not in client.list_objects_v2(Bucket="results", Prefix=key)
-        run_lock.claim_bucket_path(uri, "run it: its directory", "CLASH", {**b, "cluster": "cluster-C"}).release()
+        late = run_lock.claim_bucket_path(uri, "run it: its directory", "CLASH", {**b, "cluster": "cluster-C"})
         assert "checking" not in capsys.readouterr().err  # released: nothing to watch
+        # Taken over while this driver could not renew (as another cluster's driver does after WATCH_S): its
+        # renewals stop, saying so, and never overwrite the other's lease.
+        other = {**late.mine, "token": "theirs", "who": "a driver (pid 444)", "cluster": "cluster-D"}
+        client.put_object(Bucket="results", Key=key, Body=json.dumps(other).encode())
+        for _ in range(100):
+            if late.lost:
+                break
+            time.sleep(0.1)
+        assert late.lost == other
+        assert "was taken over by a driver (pid 444) on another Ray cluster" in capsys.readouterr().err
+        time.sleep(1.5)  # three renewal periods
+        assert json.loads(client.get_object(Bucket="results", Key=key)["Body"].read()) == other
+        late.release()  # not its lease: left to its holder
+        assert json.loads(client.get_object(Bucket="results", Key=key)["Body"].read()) == other
