@@ -2,8 +2,9 @@
 (s3://, gs://, ...) for clusters without a shared disk, where a job's driver runs on a node the user never logs into.
 
 A bucket cannot be appended to, so results for one are written in a local staging folder and each file is uploaded
-whole (`OutputFolder.push`): at the end, and for a long job every few minutes too, so that a killed driver leaves its
-results up to the last push in the bucket. A job that continues (`predict --ray`) first fetches what is there."""
+whole (`OutputFolder.push`): at the end, and for a long job as it goes (`predict --ray`: a CSV every few minutes, each
+Parquet part once when written), so that a killed driver leaves its results up to the last push in the bucket. A job
+that continues (`predict --ray`) first fetches what is there, folders of parts included."""
 
 from __future__ import annotations
 
