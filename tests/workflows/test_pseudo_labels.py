@@ -70,7 +70,8 @@ def test_what_cannot_become_a_manifest_is_refused_saying_why(tmp_path, capsys):
     (tmp_path / "three.json").write_text(json.dumps({name: i for i, name in enumerate(NAMES)}))
     assert data_main(["import", "predictions", "--predictions", str(tmp_path / "old"), "--out",
                       str(tmp_path / "o"), "--labels", str(tmp_path / "three.json")]) == 0
-    capsys.readouterr()
+    assert "1 of 1 predicted rows, labels " in (printed := capsys.readouterr().out)
+    assert "(3 classes, 2 without a row: run, jump)" in printed  # named: the classes the fine-tune will not see
     secret = "s3://AK:REDACTED@bucket/v/a.mp4"
     _job(tmp_path / "redacted", "parquet", 2, [secret], [nan], [[0.9, 0.05, 0.05]])
     assert data_main(["import", "predictions", "--predictions", str(tmp_path / "redacted"), "--out",

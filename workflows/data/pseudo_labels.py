@@ -30,7 +30,7 @@ class PseudoLabelReport:
     below: int = 0  # most probable class under --min-prob
     over_cap: int = 0  # confident, but past --per-class for their class
     per_class: Counter[str] = field(default_factory=Counter)  # kept rows per class
-    classes: int = 0
+    class_names: list[str] = field(default_factory=list)  # the label set
     manifest: str = ""
     labels: str = ""
 
@@ -39,9 +39,10 @@ class PseudoLabelReport:
         return sum(self.per_class.values())
 
     def summary(self, min_prob: float) -> list[str]:
-        empty = self.classes - len(self.per_class)
+        empty = [name for name in self.class_names if name not in self.per_class]
+        named = f": {', '.join(empty[:10])}{', ...' if len(empty) > 10 else ''}" if empty else ""
         lines = [f"wrote {self.manifest}: {self.kept} of {self.rows} predicted rows, labels {self.labels} "
-                 f"({self.classes} classes, {empty} without a row)",
+                 f"({len(self.class_names)} classes, {len(empty)} without a row{named})",
                  f"left out: {self.below} below --min-prob {min_prob:g}, {self.over_cap} over --per-class, "
                  f"{self.unread} the job could not read"]
         if self.per_class:
@@ -121,7 +122,7 @@ def import_predictions(source: str, out_dir: str | Path, *, min_prob: float = 0.
 
 def _write(found: dict[str, list[Any]], names: list[str], out: Path, min_prob: float,
            per_class: int | None) -> PseudoLabelReport:
-    report = PseudoLabelReport(rows=len(found["path"]), classes=len(names), manifest=str(out / "train.csv"),
+    report = PseudoLabelReport(rows=len(found["path"]), class_names=names, manifest=str(out / "train.csv"),
                                labels=str(out / "labels.json"))
     known = set(names)
     confident: list[tuple[int, float]] = []  # (row, probability)
