@@ -144,8 +144,8 @@ class BucketLease:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join(timeout=HEARTBEAT_S)
-        try:
-            if (self.read() or {}).get("token") == self.mine["token"]:
+        try:  # one attempt: a driver ending while the bucket is away is not held for the storage retry budget
+            if (self.read(retry=False) or {}).get("token") == self.mine["token"]:
                 self.fs.delete_file(self.key)
         except OSError:  # the bucket gone: the lease expires unrenewed, and the next driver takes it over
             pass
@@ -174,7 +174,7 @@ def claim_bucket_path(uri: str, what: str, clash: str, holder: dict[str, Any]) -
     time.sleep(READ_BACK_S)
     now = lease.read()
     if (now or {}).get("token") != lease.mine["token"]:  # another driver wrote its own after this one
-        lease._stop.set()
+        lease.release()  # stops renewing; the other's lease is left
         raise _held_elsewhere(what, uri, now or {}, clash)
     return lease
 
