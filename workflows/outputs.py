@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from workflows.config_loader import ConfigError
-from workflows.runtime import is_remote, redact_secrets
+from workflows.runtime import in_bucket, redact_secrets
 
 
 class OutputFolder:
@@ -28,7 +28,7 @@ class OutputFolder:
 
         self.uri = str(uri)
         self.shown = redact_secrets(self.uri)
-        self.remote = is_remote(self.uri) and not self.uri.startswith("file://")
+        self.remote = in_bucket(self.uri)
         try:
             if self.remote:
                 self.fs, self.prefix = self._bucket()

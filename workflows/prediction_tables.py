@@ -192,6 +192,13 @@ class ParquetTable(Table):
         """The parts written whole, in the order written."""
         return sorted(self.folder.glob("part-*.parquet")) if self.folder.is_dir() else []
 
+    def stored_class_names(self) -> list[str] | None:
+        """The label set the first part records in its schema metadata (None: no part yet)."""
+        import pyarrow.parquet as pq
+
+        parts = self.parts()
+        return json.loads(pq.read_schema(parts[0]).metadata[CLASS_NAMES_KEY]) if parts else None
+
     def _relative(self, part: Path) -> str:
         return f"{self.name}/{part.name}"
 

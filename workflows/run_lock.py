@@ -229,13 +229,13 @@ def claim_run_directory(path: str, what: str, clash: str = TRAINING_CLASH) -> Ru
     `release()`: on this cluster, and for a bucket path across clusters too (`claim_bucket_path`). A claim this
     driver's job holds already is its own (a second run in one process). ConfigError naming the other driver, then
     `clash` (what a second driver would do, what to do instead), when one still holds it."""
-    from workflows.runtime import is_remote
+    from workflows.runtime import in_bucket
 
     key = claim_key(path)
     me = this_driver()
     _claim_on_this_cluster(key, me, path, what, clash)
     claim = RunClaim(key, me)
-    if is_remote(path) and not path.startswith("file://"):
+    if in_bucket(path):
         try:
             claim.lease = claim_bucket_path(path, what, clash, {**me, "cluster": cluster_id()})
         except BaseException:

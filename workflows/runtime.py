@@ -29,6 +29,11 @@ def is_remote(path: str | os.PathLike | None) -> bool:
     return path is not None and "://" in str(path)
 
 
+def in_bucket(path: str | os.PathLike | None) -> bool:
+    """True for an object-store URI (s3://, gs://, ...): a remote path that is not a file:// one."""
+    return is_remote(path) and not str(path).startswith("file://")
+
+
 # Query parameters of a storage or tracking URI that carry credentials (pyarrow's S3/GCS options, presigned URLs).
 _SECRET_PARAMS = re.compile(r"(?i)^(access_key|secret_key|session_token|token|password|secret|sig|signature|"
                             r"x-amz-signature|x-amz-credential|x-amz-security-token|credential|key)$")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from workflows.data.manifest import load_labels, relative_to, save_labels, write_manifest
-from workflows.runtime import is_remote
+from workflows.runtime import REDACTED, in_bucket, is_remote
 
 
 @dataclass
@@ -54,12 +54,13 @@ class PseudoLabelReport:
 
 def _read_folder(source: str) -> tuple[Path, Any]:
     """(the folder holding the job's files, the staging folder to remove after or None)."""
-    if is_remote(source) and not source.startswith("file://"):
-        from workflows.batch_predict import JOB_FILE, LABELS_FILE
+    if in_bucket(source):
+        from workflows.batch_predict import JOB_FILE, LABELS_FILE, job_tables
         from workflows.outputs import OutputFolder
+        from workflows.prediction_tables import FORMATS
 
         staging = OutputFolder(source, "--predictions")
-        staging.fetch([JOB_FILE, LABELS_FILE, "predictions.csv", "predictions/"])
+        staging.fetch([JOB_FILE, LABELS_FILE, *(job_tables(staging.local, fmt, [""], 1)[0].shown for fmt in FORMATS)])
         return staging.local, staging.local
     folder = Path(source.removeprefix("file://")).expanduser()
     if not folder.is_dir():
@@ -70,7 +71,7 @@ def _read_folder(source: str) -> tuple[Path, Any]:
 def _label_set(folder: Path, job: dict[str, Any], labels: str | None, fmt: str) -> tuple[list[str], str]:
     """The job's class names in index order, and where they came from: --labels, the job's labels.json, or (jobs
     from before it was written) a Parquet part's metadata."""
-    from workflows.batch_predict import LABELS_FILE
+    from workflows.batch_predict import LABELS_FILE, job_tables
 
     if labels is None and (folder / LABELS_FILE).is_file():
         labels = str(folder / LABELS_FILE)
@@ -78,13 +79,8 @@ def _label_set(folder: Path, job: dict[str, Any], labels: str | None, fmt: str) 
         label_map = load_labels(labels)
         names = [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
         source = labels
-    elif fmt == "parquet" and any((folder / "predictions").glob("part-*.parquet")):
-        import pyarrow.parquet as pq
-
-        from workflows.prediction_tables import CLASS_NAMES_KEY
-
-        part = sorted((folder / "predictions").glob("part-*.parquet"))[0]
-        names, source = json.loads(pq.read_schema(part).metadata[CLASS_NAMES_KEY]), "the predictions' metadata"
+    elif fmt == "parquet" and (stored := job_tables(folder, fmt, [""], 1)[0].stored_class_names()):
+        names, source = stored, "the predictions' metadata"
     else:
         raise ValueError("the predictions do not say their label set (a job from before labels.json was written): "
                          "give --labels, the label file the job scored against")
@@ -147,7 +143,7 @@ def _write(found: dict[str, list[Any]], names: list[str], out: Path, min_prob: f
     rows = []
     for i, _ in confident:
         path = str(found["path"][i])
-        if "REDACTED" in path:
+        if REDACTED in path:
             raise ValueError(f"row {i} names {path}: the job wrote its URI with the credentials replaced, so it "
                              f"cannot be read from the manifest. Give the credentials in the environment "
                              f"(AWS_ACCESS_KEY_ID, ...) and the videos without them")
