@@ -329,9 +329,12 @@ class Collector:
 
     def _due(self, names: list[str]) -> None:
         """Files the tables say are due for upload: pushed with any an earlier push could not upload."""
-        self.unpushed += [name for name in names if name not in self.unpushed]
+        self._not_pushed(names)
         if names and self.push is not None and self.push(self.unpushed):
             self.unpushed = []
+
+    def _not_pushed(self, names: list[str]) -> None:
+        self.unpushed += [name for name in names if name not in self.unpushed]
 
     def finish(self, dropped: dict[int, str]) -> None:
         """The rows that could not be read, each with why; then every table written and closed."""
@@ -342,7 +345,7 @@ class Collector:
     def close(self) -> None:
         """Every table written and closed; what is left to upload is in `unpushed`."""
         for table in (self.predictions, self.files):
-            self.unpushed += [name for name in table.close() if name not in self.unpushed]
+            self._not_pushed(table.close())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -287,28 +287,25 @@ class ParquetTable(Table):
         names = pa.array(self.class_names, pa.string())
         ranked = self._ranked(probs[read])  # (read rows, top)
 
-        def lists(values: np.ndarray) -> pa.Array:
-            """(read rows, n) values as a list per row, null for an unread row (a variable-size list: Parquet
-            cannot hold a null fixed-size one)."""
-            offsets = np.concatenate([[0], np.cumsum(np.where(read, values.shape[1], 0))]).astype(np.int32)
-            return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1)), mask=pa.array(~read))
+        def lists(values: pa.Array, per_row: int) -> pa.Array:
+            """`values` (per_row for each read row, flat) as a list per row, null for an unread row (a
+            variable-size list: Parquet cannot hold a null fixed-size one)."""
+            offsets = np.concatenate([[0], np.cumsum(np.where(read, per_row, 0))]).astype(np.int32)
+            return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(~read))
 
-        def class_names(indices: np.ndarray) -> pa.Array:
-            return pa.DictionaryArray.from_arrays(pa.array(indices.reshape(-1).astype(np.int32)), names).cast(
-                pa.string())
+        def class_names(indices: np.ndarray, mask: np.ndarray | None = None) -> pa.Array:
+            return pa.DictionaryArray.from_arrays(pa.array(indices.reshape(-1).astype(np.int32), mask=mask),
+                                                  names).cast(pa.string())
 
         if self.every_class:
             best = np.zeros(len(rows), np.int64)
             best[read] = ranked[:, 0]
-            columns["class_1"] = pa.DictionaryArray.from_arrays(pa.array(best.astype(np.int32), mask=~read),
-                                                                names).cast(pa.string())
+            columns["class_1"] = class_names(best, mask=~read)
             columns["prob_1"] = pa.array(probs[np.arange(len(rows)), best], pa.float32(), mask=~read)
-            columns["scores"] = lists(probs[read])
+            columns["scores"] = lists(pa.array(probs[read].reshape(-1)), len(self.class_names))
         else:
-            offsets = np.concatenate([[0], np.cumsum(np.where(read, self.top, 0))]).astype(np.int32)
-            columns["classes"] = pa.ListArray.from_arrays(pa.array(offsets), class_names(ranked),
-                                                          mask=pa.array(~read))
-            columns["probs"] = lists(np.take_along_axis(probs[read], ranked, axis=1))
+            columns["classes"] = lists(class_names(ranked), self.top)
+            columns["probs"] = lists(pa.array(np.take_along_axis(probs[read], ranked, axis=1).reshape(-1)), self.top)
         columns["dropped"] = pa.array([why or None for _, _, why in rows], pa.string())
         table = pa.table(columns)
         return table.replace_schema_metadata({CLASS_NAMES_KEY: json.dumps(self.class_names).encode()})
