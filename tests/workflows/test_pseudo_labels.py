@@ -67,6 +67,10 @@ def test_what_cannot_become_a_manifest_is_refused_saying_why(tmp_path, capsys):
                       str(tmp_path / "o")]) == 2
     assert "the predictions do not say their label set (a job from before labels.json was written): give " \
            "--labels" in capsys.readouterr().err
+    _job(tmp_path / "meta", "parquet", 2, ["/v/a.mp4"], [nan], [[0.9, 0.05, 0.05]], labels_file=False)
+    assert data_main(["import", "predictions", "--predictions", str(tmp_path / "meta"), "--out",
+                      str(tmp_path / "m")]) == 0  # a Parquet job records its label set in its parts
+    assert json.loads((tmp_path / "m" / "labels.json").read_text()) == {name: i for i, name in enumerate(NAMES)}
     (tmp_path / "three.json").write_text(json.dumps({name: i for i, name in enumerate(NAMES)}))
     assert data_main(["import", "predictions", "--predictions", str(tmp_path / "old"), "--out",
                       str(tmp_path / "o"), "--labels", str(tmp_path / "three.json")]) == 0
