@@ -89,21 +89,22 @@ def test_a_claim_key_holds_no_credentials_and_one_directory_is_one_key():
 
 
 HOLD_LEASE = """
-import sys, time
+import sys, time, ray
 from workflows import run_lock
 run_lock.HEARTBEAT_S = 0.5
-run_lock.claim_bucket_path(sys.argv[1], "run it: its directory", "CLASH", {
-    "who": f"a driver (pid {sys.argv[2]})", "since": "then", "cluster": "cluster-A", "job": "01000000"})
-print("claimed", flush=True)
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")  # cluster A: a GCS of its own
+claim = run_lock.claim_run_directory(sys.argv[1], "run it: its directory", clash="CLASH")
+print("claimed", run_lock.cluster_id(), flush=True)
 time.sleep(600)
 """
 
 
 @pytest.mark.integration
 def test_a_bucket_path_is_claimed_across_clusters(ray_local, tmp_path, monkeypatch, capsys):
-    """Two clusters share no GCS, only the bucket: a driver of cluster A (a real process renewing its lease in a
-    moto bucket) makes a driver of this session's cluster refused (`claim_run_directory`, its GCS claim given back);
-    once A is SIGKILLed its lease goes unrenewed and it is taken over; a driver of the same cluster takes a lease
+    """Two clusters share no GCS, only the bucket: a driver of cluster A (a real process with a Ray cluster of its
+    own, claiming through `claim_run_directory` into a moto bucket) makes a driver of this session's cluster refused
+    (its GCS claim given back); once A is SIGKILLed (its head's processes die with it) its lease goes unrenewed and it
+    is taken over; a driver of the same cluster takes a lease
     over at once (its GCS claim decided); a released lease is gone."""
     import json
 
@@ -118,16 +119,20 @@ def test_a_bucket_path_is_claimed_across_clusters(ray_local, tmp_path, monkeypat
         for name, value in creds.env().items():
             monkeypatch.setenv(name, value)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        holder = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, uri, "111"], cwd=REPO, env=env,
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, uri], cwd=REPO, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         b = {"who": "a driver (pid 222)", "since": "now", "cluster": "cluster-B", "job": "01000000"}
         try:
-            line = holder.stdout.readline().strip()
-            assert line == "claimed", line + holder.stderr.read()[-3000:] if holder.poll() is not None else line
+            line = holder.stdout.readline().split()
+            assert line[:1] == ["claimed"], holder.stderr.read()[-3000:] if holder.poll() is not None else line
+            a_cluster = line[1]
+            assert a_cluster != run_lock.cluster_id()  # two GCSs, two ids
+            assert json.loads(client.get_object(Bucket="results", Key=key)["Body"].read())["cluster"] == a_cluster
             with pytest.raises(ConfigError) as info:
                 run_lock.claim_run_directory(uri, "run it: its directory", clash="CLASH")
             assert str(info.value).startswith("run it: its directory s3://results/runs/it is being written by a "
-                                              "driver (pid 111) on another Ray cluster (head "), str(info.value)
+                                              f"driver (pid {holder.pid} on "), str(info.value)
+            assert " on another Ray cluster (head " in str(info.value)
             assert str(info.value).endswith("its claim in the bucket is being renewed: CLASH")
             assert "checking for up to 3 s whether that driver is alive" in capsys.readouterr().err
             assert run_lock.kv_get(run_lock.claim_key(uri)) is None  # the GCS claim given back with the refusal
