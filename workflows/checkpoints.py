@@ -376,13 +376,20 @@ def metric_score(metrics: dict[str, Any] | None, metric: str) -> float:
     return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else -math.inf
 
 
+# How Ray Train 2.60 names the checkpoint directories it writes (StorageContext.make_default_checkpoint_dir_name):
+# only those are pruned, so a directory a user put in the run directory (a backup, `checkpoint_best`) is never
+# deleted, whatever it holds.
+RAY_CHECKPOINT_NAME = re.compile(r"checkpoint_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}\.\d{6}")
+
+
 def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int,
                                  metric: str = "val_top1") -> dict[str, int | None] | None:
     """Delete the checkpoint_* directories of a finished run that Ray Train neither retains (`retained`: the paths of
     its kept checkpoints) nor would have: partial uploads cut by a storage outage, and complete checkpoints whose
     report Ray never collected (a worker lost in between) where Ray's own rule would have dropped them too: `keep`
     retained ones score at least as high by `metric` (eval.best_metric) and a retained one is newer. Ray's
-    retention never sees those directories, so they would stay in storage for good. Returns {deleted path: its
+    retention never sees those directories, so they would stay in storage for good. Only directories named as Ray
+    Train names its own (RAY_CHECKPOINT_NAME) are deleted. Returns {deleted path: its
     step, None when partial}. Deletes nothing and returns None when `retained` names a directory that is not there
     (paths in another form than the listing's: better keep than guess), or when it is empty."""
     kept = {path.rstrip("/") for path in retained}
@@ -401,6 +408,8 @@ def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int,
     scores = [score(state) for state in states.values()]
     removed: dict[str, int | None] = {}
     for path in sorted(found - kept):
+        if not RAY_CHECKPOINT_NAME.fullmatch(path.rsplit("/", 1)[-1]):
+            continue  # not written by Ray Train: the user's
         state = complete_checkpoint_state(fs, path)
         step = None
         if state is not None:

@@ -138,39 +138,48 @@ def test_init_from_a_uri_fetches_the_weights_and_leaves_no_copy(tmp_path, monkey
 def test_a_finished_run_keeps_what_ray_retains_or_would_have(tmp_path):
     """After the run: partial uploads are deleted; a complete checkpoint Ray never registered is deleted only where
     Ray's rule (best run.keep_checkpoints by val top-1, plus the latest) would have dropped it; nothing is deleted
-    when the retained paths do not match the listing."""
+    when the retained paths do not match the listing; a checkpoint_* directory not named as Ray Train names its
+    own (a user's backup copy, partial or complete) is never deleted."""
     from workflows.checkpoints import prune_unretained_checkpoints
+
+    def ray_name(step: int) -> str:  # as Ray Train 2.60 names them
+        return f"checkpoint_2026-12-07_22-15-0{step}.29290{step}"
 
     def run_dir(name: str) -> tuple[Path, dict[str, Path]]:
         run = tmp_path / name
-        dirs = {"best_unregistered": _checkpoint(run, "checkpoint_1", step=1, val_top1=60.0),
-                "worse_unregistered": _checkpoint(run, "checkpoint_2", step=2, val_top1=10.0),
-                "retained": _checkpoint(run, "checkpoint_3", step=3, val_top1=50.0),
-                "partial": _checkpoint(run, "checkpoint_4", step=4, val_top1=70.0)}
+        dirs = {"best_unregistered": _checkpoint(run, ray_name(1), step=1, val_top1=60.0),
+                "worse_unregistered": _checkpoint(run, ray_name(2), step=2, val_top1=10.0),
+                "retained": _checkpoint(run, ray_name(3), step=3, val_top1=50.0),
+                "partial": _checkpoint(run, ray_name(4), step=4, val_top1=70.0),
+                "backup": _checkpoint(run, "checkpoint_mybackup", step=0, val_top1=1.0),
+                "backup_partial": run / "checkpoint_x"}
         (dirs["partial"] / "ds" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"x" * 10)  # cut by an outage
+        (dirs["backup_partial"] / "weights.safetensors").parent.mkdir(parents=True)
+        (dirs["backup_partial"] / "weights.safetensors").write_bytes(b"w" * 500)
         (run / "mlflow.db").write_bytes(b"")
         return run, dirs
 
     run, dirs = run_dir("one")
     assert prune_unretained_checkpoints(str(run), [], keep=1) is None
-    assert prune_unretained_checkpoints(str(run), [str(run / "elsewhere" / "checkpoint_3")], keep=1) is None
-    assert len(list(run.glob("checkpoint_*"))) == 4
-    # keep 1: the retained one beats checkpoint_2 and is newer, so Ray would have dropped it; checkpoint_1 is better
+    assert prune_unretained_checkpoints(str(run), [str(run / "elsewhere" / ray_name(3))], keep=1) is None
+    assert len(list(run.glob("checkpoint_*"))) == 6
+    # keep 1: the retained one beats checkpoint 2 and is newer, so Ray would have dropped it; checkpoint 1 is better
     removed = prune_unretained_checkpoints(str(run), [f"{dirs['retained']}/"], keep=1)
     assert removed == {str(dirs["worse_unregistered"]): 2, str(dirs["partial"]): None}
-    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_1", "checkpoint_3"]
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == [ray_name(1), ray_name(3), "checkpoint_mybackup",
+                                                                  "checkpoint_x"]
     assert (run / "mlflow.db").exists() and newest_complete_checkpoint(str(run))[2] == 3
 
     run, dirs = run_dir("two")  # keep 2: both unregistered complete ones are within the best two
     assert prune_unretained_checkpoints(str(run), [str(dirs["retained"])], keep=2) == {str(dirs["partial"]): None}
 
-    # Ranked by eval.best_metric: by its files' top-1 the unregistered checkpoint_2 is the better one, so it stays
-    # and checkpoint_1 (worse by files, however good its clips) goes. A checkpoint with no such metric ranks last.
+    # Ranked by eval.best_metric: by its files' top-1 the unregistered checkpoint 2 is the better one, so it stays
+    # and checkpoint 1 (worse by files, however good its clips) goes. A checkpoint with no such metric ranks last.
     run = tmp_path / "by-files"
-    worse = _checkpoint(run, "checkpoint_1", step=1, val_top1=60.0, val_file_top1=20.0)
-    better = _checkpoint(run, "checkpoint_2", step=2, val_top1=10.0, val_file_top1=80.0)
-    unscored = _checkpoint(run, "checkpoint_3", step=3, val_top1=90.0)
-    retained = _checkpoint(run, "checkpoint_4", step=4, val_top1=50.0, val_file_top1=50.0)
+    worse = _checkpoint(run, ray_name(1), step=1, val_top1=60.0, val_file_top1=20.0)
+    better = _checkpoint(run, ray_name(2), step=2, val_top1=10.0, val_file_top1=80.0)
+    unscored = _checkpoint(run, ray_name(3), step=3, val_top1=90.0)
+    retained = _checkpoint(run, ray_name(4), step=4, val_top1=50.0, val_file_top1=50.0)
     removed = prune_unretained_checkpoints(str(run), [str(retained)], keep=1, metric="val_file_top1")
     assert removed == {str(worse): 1, str(unscored): 3}
     assert better.exists() and retained.exists()
