@@ -57,7 +57,7 @@ from workflows.runtime import (
     storage_of,
     write_text,
 )
-from workflows.tracking import resolve_tracking_uri
+from workflows.tracking import check_tracking_uri, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from workflows.data.manifest import Manifest
@@ -140,6 +140,7 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
                      for key in ("train_manifest", "val_manifest")}
     except (ValueError, OSError) as exc:  # ManifestError: names the file and what is wrong with it
         raise ConfigError(str(exc)) from None
+    check_flip_pairs(recipe, labels)
     for key, manifest in manifests.items():
         if len(manifest) == 0:
             raise ConfigError(f"data.{key} {getattr(recipe.data, key)} lists no videos")
@@ -175,7 +176,30 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
         check_free_space(recipe, warn=warn_space)
     if recipe.mlflow.enabled and is_remote(recipe.run_dir):  # a remote run directory needs a tracking server
         resolve_tracking_uri(recipe.mlflow.tracking_uri, recipe.run_dir)
+    configured = recipe.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if recipe.mlflow.enabled and configured:  # (unset: the run directory's own sqlite store, made by the run)
+        check_tracking_uri(configured, "mlflow.tracking_uri" if recipe.mlflow.tracking_uri else "MLFLOW_TRACKING_URI")
     return len(manifests["train_manifest"])
+
+
+def check_flip_pairs(recipe: Recipe, labels: dict[str, int]) -> None:
+    """data.flip_pairs index data.labels' classes: each must be one of them, and the pairs are printed by name, so a
+    recipe reused on another label set (the SSV2 or sample pairs) shows which classes its flips would swap."""
+    from workflows.data.manifest import class_names
+
+    data = recipe.data
+    if data.flip != "swap_labels":
+        return
+    names = class_names(labels)
+    outside = [pair for pair in data.flip_pairs if max(pair) >= len(names)]
+    if outside:
+        raise ConfigError(f"data.flip_pairs {outside}: data.labels {data.labels} has {len(names)} classes "
+                          f"(0..{len(names) - 1}), so a flipped clip would get a label that does not exist. Name the "
+                          f"pairs of this label set whose classes a horizontal flip swaps (e.g. 'left'/'right'), or "
+                          f"--set data.flip=none")
+    swaps = "; ".join(f"{names[a]!r} <-> {names[b]!r}" for a, b in data.flip_pairs)
+    warn_once(f"{LOG_PREFIX} data.flip swap_labels: a flipped clip (data.flip_p {data.flip_p:g}) swaps {swaps}",
+              file=sys.stdout)
 
 
 def check_best_metric(recipe: Recipe, validated: Manifest) -> None:
@@ -350,16 +374,53 @@ def check_model_weights(recipe: Recipe) -> None:
     if not recipe.train.init_from or newest_complete_checkpoint(recipe.run_dir) is not None:
         return
     init_from, _ = resolved_init_from(recipe)
-    if is_remote(init_from) or recipe.model.variant != "dist":  # the baseline's head: read by the workers only
+    if is_remote(init_from):  # read by the workers
+        return
+    theirs = _init_from_model(init_from)
+    if theirs is not None and theirs.variant != recipe.model.variant:
+        raise ConfigError(f"train.init_from {init_from} is a checkpoint of a {theirs.variant} model, and this recipe "
+                          f"trains a {recipe.model.variant} one (model.variant): their trainable weights have nothing "
+                          f"in common. Start from a {recipe.model.variant} run's checkpoint, or drop train.init_from")
+    if recipe.model.variant != "dist":  # the baseline's head: read by the workers only
         return
     with torch.device("meta"):
         net = DiSTNet(cfg)
     try:
         with warnings.catch_warnings():  # loading into meta tensors copies nothing, which torch warns about
             warnings.simplefilter("ignore", UserWarning)
-            init_model_from(net, init_from)
+            report = init_model_from(net, init_from)
     except Exception as exc:  # noqa: BLE001 - whatever reading it raised, the file is what to fix
-        raise ConfigError(f"train.init_from: {exc}") from None
+        built = "" if theirs is None else (f" (the checkpoint's model is {describe_model(theirs)}; this recipe "
+                                           f"builds {describe_model(recipe.model)})")
+        raise ConfigError(f"train.init_from{built}: {exc}") from None
+    # Weights load by position along the fusion layers (the authors' checkpoints transfer so), so another layer
+    # choice loads, with the extra modules' weights left out or left at their init: said before the run, not after.
+    if any(line.startswith(("missing (", "unexpected (")) for line in report.splitlines()):
+        mine = f"{describe_model(recipe.model)}" + ("" if theirs is None else
+                                                     f"; the checkpoint's: {describe_model(theirs)}")
+        warn_once(f"warning: train.init_from {init_from} does not fill this model exactly ({mine}): {report}")
+
+
+def _init_from_model(init_from: str) -> Any:
+    """The model section (workflows.recipe.ModelSection) a checkpoint of ours recorded in its state.json, or None
+    (an authors' checkpoint file, or a state.json without one)."""
+    from workflows.checkpoints import read_state
+    from workflows.config_loader import from_dict
+    from workflows.recipe import ModelSection
+
+    try:
+        section = read_state(init_from).get("model") if Path(init_from).is_dir() else None
+        return from_dict(ModelSection, section, prefix="model.") if isinstance(section, dict) else None
+    except (OSError, ValueError, ConfigError):  # the fit below says what is wrong with the file
+        return None
+
+
+def describe_model(section: Any) -> str:
+    """'dist_b16_k400, dist (fusion layers 1, 2, 3, 4; 8+16 frames)': a model section's preset, variant and what
+    tells two checkpoints of one preset apart."""
+    cfg = model_config(section)
+    return (f"{section.preset}, {section.variant} (fusion layers {', '.join(map(str, cfg.layers))}; "
+            f"{cfg.sparse_frames}+{cfg.num_frames} frames)")
 
 
 def resolved_init_from(recipe: Recipe) -> tuple[str, int | None]:

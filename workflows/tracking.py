@@ -43,6 +43,36 @@ def resolve_tracking_uri(configured: str | None, run_dir: str | Path, *, create:
     return f"sqlite:///{path / STORE_FILE}"
 
 
+def check_tracking_uri(uri: str, key: str = "mlflow.tracking_uri") -> None:
+    """ConfigError, before any work, for a tracking URI a run could not record into: a scheme MLflow has no store for
+    (a typo: `htp://`), or a tracking server that does not answer. Tracking never stops a run that has started
+    (the module's rule), so a wrong URI found only then would leave a whole run unrecorded."""
+    import urllib.error
+    import urllib.request
+
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # MLflow 3's scheme table
+
+    from workflows.config_loader import ConfigError
+
+    shown = redact_secrets(uri)
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except Exception:  # noqa: BLE001 - MLflow's Unsupported*StoreURIException, whose text lists the schemes
+        raise ConfigError(f"{key} {shown}: MLflow has no tracking store for this URI. Use a server "
+                          f"(http://<host>:5000), a database (sqlite:////abs/path/mlflow.db, postgresql://...), or "
+                          f"leave it unset for the run directory's own sqlite store") from None
+    if uri.startswith(("http://", "https://")):
+        try:  # any HTTP answer (401 from a server with auth included) says the server is there
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        except urllib.error.HTTPError:
+            pass
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError(f"{key} {shown}: the tracking server does not answer ({reason}). Start it (`mlflow "
+                              f"server ...`) or fix the address, or --set mlflow.enabled=false to train without "
+                              f"tracking") from None
+
+
 def repaired_sqlite_uri(uri: str | None) -> str | None:
     """A sqlite store's URI as recipe.yaml files written before 2026-12-06 hold it: their secret redaction rewrote
     sqlite:////abs/mlflow.db as sqlite://abs/mlflow.db and sqlite:///rel.db as sqlite:/rel.db, forms SQLAlchemy

@@ -177,6 +177,63 @@ def test_the_weights_and_videos_a_run_starts_from_are_read_before_any_work(sampl
         validate_before_start(_recipe(sample_data, "s3://bucket/runs", "mlflow.enabled=false"))
 
 
+def test_flip_pairs_init_from_and_tracking_that_do_not_fit_fail_before_any_work(sample_data, tmp_path, capsys):
+    """What validate_before_start refuses or says before Ray starts: flip pairs naming a class the label set lacks
+    (the pairs a recipe brought from SSV2 or the sample set), printed by name when they fit; an init_from checkpoint
+    of the other model variant; one of other fusion layers (loaded by position: said, not refused); a tracking URI
+    MLflow has no store for, or a tracking server that does not answer."""
+    import json
+
+    import torch
+
+    from dist_model import build_dist
+    from workflows.checkpoints import write_model_files
+    from workflows.pretrain import validate_before_start
+    from workflows.recipe import recipe_to_dict
+
+    def check(*overrides: str) -> None:
+        validate_before_start(_recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false", *overrides))
+
+    labels = json.loads(Path(sample_data.labels).read_text())
+    names = sorted(labels, key=labels.get)
+    with pytest.raises(ConfigError, match=r"data.flip_pairs \[\[0, 9\]\]: data.labels .* has 8 classes \(0..7\)"):
+        check("data.flip=swap_labels", "data.flip_pairs=[[0, 9], [2, 3]]")
+    capsys.readouterr()
+    check("data.flip=swap_labels", "data.flip_pairs=[[2, 3]]")
+    assert f"swaps {names[2]!r} <-> {names[3]!r}" in capsys.readouterr().out
+
+    recipe = _recipe(sample_data, tmp_path / "runs", "mlflow.enabled=false")
+    section = recipe_to_dict(recipe)["model"]
+    baseline = tmp_path / "baseline" / "checkpoint_2026-12-07_22-15-01.000001"
+    write_model_files(baseline, model=torch.nn.Linear(4, 3), recipe_yaml="",
+                      state={"step": 4, "model": {**section, "variant": "spatial_only"}, "class_names": names})
+    with pytest.raises(ConfigError, match=r"train.init_from .*baseline.* is a checkpoint of a spatial_only model, "
+                                          r"and this recipe trains a dist one"):
+        check(f"train.init_from={baseline.parent}")
+
+    dist = tmp_path / "dist" / "checkpoint_2026-12-07_22-15-02.000002"
+    write_model_files(dist, model=build_dist(recipe.model_cfg), recipe_yaml="",
+                      state={"step": 4, "model": section, "class_names": names})
+    capsys.readouterr()
+    check(f"train.init_from={dist}")
+    assert "does not fill this model exactly" not in capsys.readouterr().err
+    layers = recipe.model_cfg.layers
+    check(f"train.init_from={dist}", f"model.fusion_layers=[{layers[0]}]")
+    err = capsys.readouterr().err
+    everyone = ", ".join(map(str, layers))
+    assert f"warning: train.init_from {dist} does not fill this model exactly (dist_tiny, dist (fusion layers " \
+           f"{layers[0]}; " in err and f"the checkpoint's: dist_tiny, dist (fusion layers {everyone}" in err, err
+    assert "unexpected (" in err, err
+
+    with pytest.raises(ConfigError, match=r"mlflow.tracking_uri htp://mlflow.internal:5000: MLflow has no tracking "
+                                          r"store for this URI"):
+        check("mlflow.enabled=true", "mlflow.tracking_uri=htp://mlflow.internal:5000")
+    with pytest.raises(ConfigError, match=r"mlflow.tracking_uri http://127.0.0.1:9: the tracking server does not "
+                                          r"answer \(.*refused.*\)\. Start it"):
+        check("mlflow.enabled=true", "mlflow.tracking_uri=http://127.0.0.1:9")
+    check("mlflow.enabled=true", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+
+
 def test_local_paths_are_absolute_as_the_workers_need_them(tmp_path, monkeypatch):
     """Workers run in another directory, and pyarrow takes no relative path: the driver works on absolute ones,
     ~ expanded (it made a folder named "~" in the working directory)."""
