@@ -767,6 +767,46 @@ def best_checkpoint_note(result: Any, metric: str = "val_top1") -> str:
     return f"; best: {best.path} ({name} {metric_score(metrics, metric):.2f}% at step {metrics.get('step')})"
 
 
+DECODE_SAMPLE = 8  # videos of each manifest `pretrain --check` decodes
+
+
+def check_sample_decodes(recipe: Recipe) -> None:
+    """`--check`'s look at the videos themselves: DECODE_SAMPLE rows of each manifest, spread over it, decoded here
+    as `data check` decodes them (the model's frame count over each row's window). ConfigError when none decodes (a
+    corpus of broken files, the wrong data.min_frames or start/end in other units: the run would stop at its first
+    epoch); a warning when more than one fails and their share is above data.max_bad_fraction; one line saying what
+    was found."""
+    from collections import Counter
+
+    import numpy as np
+
+    from workflows.data.doctor import check_video
+    from workflows.data.manifest import load_manifest
+
+    data = recipe.data
+    for key in ("train_manifest", "val_manifest"):
+        table = load_manifest(getattr(data, key), None, strict=False).table
+        rows = sorted({round(i) for i in np.linspace(0, table.num_rows - 1, min(DECODE_SAMPLE, table.num_rows))})
+        got = [check_video(table["path"][i].as_py(), table["start"][i].as_py(), table["end"][i].as_py(),
+                           num_frames=recipe.model_cfg.num_frames, min_frames=data.min_frames,
+                           storage_retry_s=data.storage_retry_s) for i in rows]
+        bad = [row for row in got if row["reason"]]
+        reasons = Counter(row["reason"] for row in bad)
+        said = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
+        example = f"; e.g. {bad[0]['path']}: {bad[0]['reason']}: {bad[0]['detail']}" if bad else ""
+        doctor = (f"`python -m workflows data check --manifest {getattr(data, key)} --bad-list bad.csv` decodes "
+                  f"them all and lists the bad ones")
+        if len(bad) == len(got):
+            raise ConfigError(f"data.{key}: none of {len(got)} videos sampled from it could be decoded ({said}"
+                              f"{example}); the run would stop at its first epoch. {doctor}")
+        print(f"{LOG_PREFIX} check: data.{key}: decoded {len(got) - len(bad)} of {len(got)} sampled videos"
+              + (f" ({said}{example})" if bad else ""), flush=True)
+        if len(bad) > max(1.0, data.max_bad_fraction * len(got)):  # one in a small sample says little
+            warn_once(f"warning: data.{key}: {len(bad)} of {len(got)} sampled videos could not be decoded, more "
+                      f"than data.max_bad_fraction={data.max_bad_fraction:g} of them: the run stops when its share "
+                      f"of bad videos passes that. {doctor}")
+
+
 def check_recipe(recipe: Recipe, videos: int) -> None:
     """`pretrain --check`: print what the run would do, from what `validate_before_start` found (`videos` training
     videos) and the run directory, without starting Ray or writing anything. The cluster's room for the workers is
@@ -787,6 +827,7 @@ def check_recipe(recipe: Recipe, videos: int) -> None:
     else:
         split = "= " + " or ".join(recipe.batch_plan(world).describe()
                                    for world in sorted({scaling.min_workers, scaling.max_workers}))
+    check_sample_decodes(recipe)
     print(f"{LOG_PREFIX} check: {videos} training videos, {steps_per_epoch(recipe, videos)} steps per epoch; {steps} "
           f"steps; global batch {train.global_batch_size} {split}; peak lr {recipe.peak_lr:.3g}; precision "
           f"{recipe.precision()}; ZeRO-{train.zero_stage}", flush=True)

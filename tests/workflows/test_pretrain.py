@@ -473,6 +473,7 @@ def test_check_prints_what_a_new_run_or_a_relaunch_would_do_and_starts_nothing(s
     """`pretrain --check`: everything the start checks without the cluster, then the plan; no Ray, no run directory."""
     from tests.workflows.test_relaunch import _checkpoint_of
     from workflows import pretrain
+    from workflows.data.manifest import write_manifest
     from workflows.data.sample import SAMPLE_CLASSES
 
     def no_ray(*args, **kwargs):
@@ -497,7 +498,24 @@ def test_check_prints_what_a_new_run_or_a_relaunch_would_do_and_starts_nothing(s
     assert "[pretrain] check: model dist_tiny: 211,840 trainable parameters" in out, out
     assert f"[pretrain] check: a new run in {storage / 'it'}\n" in out, out
     assert "Left to the start: the cluster's room for 1-3 workers (scaling.*)" in out, out
+    assert "[pretrain] check: data.train_manifest: decoded 8 of 8 sampled videos\n" in out, out
     assert not storage.exists()
+    # It decodes a sample of each manifest: none decodes (broken files; a window shorter than data.min_frames) is an
+    # error before any work, and a share over data.max_bad_fraction a warning.
+    code, _, err = check("data.min_frames=1000")
+    assert code == 2 and "data.train_manifest: none of 8 videos sampled from it could be decoded (too_short 8; " \
+                         "e.g. " in err and "--bad-list bad.csv` decodes them all" in err, err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "empty.mp4").write_bytes(b"")
+    (broken / "text.mp4").write_text("not a video")
+    videos = sorted((Path(sample_data.train_manifest).parent / "videos").rglob("*.mp4"))[:2]
+    write_manifest([{"path": str(path), "label": SAMPLE_CLASSES[0]} for path in
+                    [broken / "empty.mp4", broken / "text.mp4"] * 3 + videos], broken / "train.csv")
+    code, out, err = check(f"data.train_manifest={broken / 'train.csv'}")
+    assert code == 0 and "[pretrain] check: data.train_manifest: decoded 2 of 8 sampled videos (" in out, err
+    assert "warning: data.train_manifest: 6 of 8 sampled videos could not be decoded, more than " \
+           "data.max_bad_fraction=0.05 of them" in err, err
 
     # A relaunch: what changes, or that it has finished, or the refusal a start would give (exit 2, before Ray).
     _checkpoint_of(load_recipe(SMOKE, sets), step=4, classes=list(SAMPLE_CLASSES))
