@@ -166,9 +166,11 @@ def test_transcode_reads_each_video_once_and_cut_writes_each_window_as_a_file(ra
         if start != 10.0:
             assert ids(path, start, end) == ids(source, start, end)
 
+    # A row left out is a failure, as `data check` counts one (exit 1); the progress counts failed files apart.
     assert main(["transcode", "--manifest", str(tmp_path / "clips.csv"), "--out", str(tmp_path / "cut"),
-                 "--short-side", "32", "--cut"]) == 0
+                 "--short-side", "32", "--cut"]) == 1
     said = capsys.readouterr().out
+    assert "  7/7 clips done (1 failed, " in said and "transcoded 7/7" not in said, said
     assert "7 of 8 rows' clips cut from 2 videos, 1 left out (not in the new manifest):" in said, said
     assert f"  too_short: 1, e.g. {tmp_path / 'src' / 'long.mp4'}" in said
     cut = load_manifest(str(tmp_path / "cut" / "clips.csv"), None)
@@ -192,6 +194,7 @@ def test_sample_and_import_commands(tmp_path, capsys) -> None:
     assert len(load_manifest(info["train_manifest"], load_labels(info["labels"]))) == 8
     (tmp_path / "list.txt").write_text("a/x.mp4 jump\nb/y.mp4 run\n")
     assert main(["import", "list", "--list", str(tmp_path / "list.txt"), "--out", str(tmp_path / "l" / "m.csv")]) == 0
+    assert "; files not checked (add --check)" in capsys.readouterr().out  # not "0 listed but missing"
     assert load_labels(str(tmp_path / "l" / "labels.json")) == {"jump": 0, "run": 1}
     assert main(["check", "--manifest", str(tmp_path / "nope.csv")]) == 2  # a clear error, not a traceback
 
@@ -288,6 +291,16 @@ def test_transcode_refuses_bad_options_and_outputs_before_ray(tmp_path, capsys, 
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, err
     assert not (tmp_path / "small").exists()
+
+
+def test_transcode_help_says_where_a_local_out_is_transcoded(capsys) -> None:
+    """A local --out on a cluster is transcoded on every node that sees the same files (`where_tasks_see`)."""
+    with pytest.raises(SystemExit):
+        main(["transcode", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "this node's CPUs only" not in said
+    assert ("a local folder (transcoded on every node that sees the same files there, a shared disk; else on this "
+            "node alone)") in said, said
 
 
 def test_sample_refuses_a_file_as_its_output_folder(tmp_path, capsys) -> None:

@@ -142,6 +142,13 @@ def test_manifest_errors_name_rows_and_labels(tmp_path) -> None:
     (tmp_path / "gap.json").write_text(json.dumps({"a": 0, "b": 2}))
     with pytest.raises(ManifestError, match="missing"):
         load_labels(str(tmp_path / "gap.json"))
+    # Names CLIP's tokenizer reads alike (it lower-cases and collapses spaces) would share one text embedding.
+    (tmp_path / "cased.json").write_text(json.dumps({"Big": 0, "big": 1, "small  dog": 2, "Small dog": 3}))
+    with pytest.raises(ManifestError, match=r"classes 'Big' and 'big' both read 'big' to the model's text encoder"):
+        load_labels(str(tmp_path / "cased.json"))
+    (tmp_path / "spaced.json").write_text(json.dumps({"small  dog": 0, "Small dog": 1}))
+    with pytest.raises(ManifestError, match=r"'small  dog' and 'Small dog' both read 'small dog'.*rename one"):
+        load_labels(str(tmp_path / "spaced.json"))
     with pytest.raises(ManifestError, match="does not exist"):
         load_manifest(str(tmp_path / "nope.csv"), None)
     (tmp_path / "clips" / "cat").mkdir(parents=True)  # a folder of class folders given where a manifest goes

@@ -156,7 +156,18 @@ def test_a_separate_validation_folder_and_layouts_that_cannot_be_right(tmp_path,
     _touch(clash / "Playing_Guitar" / "a.mp4")
     _touch(clash / "Playing Guitar" / "b.mp4")
     err = _cli_error(["import", "folders", "--videos", str(clash), "--out", str(tmp_path / "y")], capsys)
-    assert "class folders 'Playing Guitar' and 'Playing_Guitar' both read 'Playing Guitar'" in err, err
+    assert "class folders 'Playing Guitar' and 'Playing_Guitar' both read 'playing guitar'" in err, err
+    # Case aside, too: CLIP's tokenizer lower-cases, so 'Big' and 'big' would get one text embedding.
+    cased = tmp_path / "cased"
+    for folder in ("Big", "big", "Small__Dog", "small dog"):
+        _touch(cased / folder / "a.mp4")
+        _touch(cased / folder / "b.mp4")
+    err = _cli_error(["import", "folders", "--videos", str(cased), "--out", str(tmp_path / "y")], capsys)
+    assert "class folders 'Big' and 'big' both read 'big' to the model's text encoder" in err, err
+    assert "merge the two folders, or rename one" in err and not (tmp_path / "y").exists()
+    shutil.rmtree(cased / "big")
+    err = _cli_error(["import", "folders", "--videos", str(cased), "--out", str(tmp_path / "y")], capsys)
+    assert "class folders 'Small__Dog' and 'small dog' both read 'small dog'" in err, err
 
 
 def test_folders_onto_an_existing_label_file_and_an_earlier_import_kept(tmp_path, capsys) -> None:

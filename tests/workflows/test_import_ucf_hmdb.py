@@ -126,11 +126,18 @@ def test_a_ucf101_split_becomes_train_val_and_labels(tmp_path, capsys) -> None:
     assert val.table.column("label").to_pylist() == [0, 1, 2]
     assert all(Path(p).is_file() for p in val.table.column("path").to_pylist())
 
-    # Videos below the output folder stay relative; without --check every listed video is written as listed.
-    reports = import_ucf101(videos, splits, 1, tmp_path)
-    assert [r.videos for r in reports] == [4, 3] and [r.missing for r in reports] == [0, 0]
-    assert _rows(tmp_path / "train.csv")[1] == ("UCF101/HandstandPushups/v_HandStandPushups_g08_c01.avi",
+    # Videos below the output folder stay relative; without --check every listed video is written, in its class
+    # folder as spelt on disk (one listing of the video folder), and the summary says the files were not checked.
+    assert main(["import", "ucf101", "--videos", str(videos), "--splits", str(splits), "--split", "1",
+                 "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {tmp_path / 'train.csv'}: 4 videos, 4 classes; labels {tmp_path / 'labels.json'}; files not checked "
+        f"(add --check)",
+        f"wrote {tmp_path / 'val.csv'}: 3 videos, 4 classes; labels {tmp_path / 'labels.json'}; files not checked "
+        f"(add --check)"]
+    assert _rows(tmp_path / "train.csv")[1] == ("UCF101/HandStandPushups/v_HandStandPushups_g08_c01.avi",
                                                 "handstand pushups")
+    assert (tmp_path / _rows(tmp_path / "val.csv")[1][0]).is_file()
 
 
 def test_a_second_split_reuses_the_folders_label_file_and_another_dataset_is_refused(tmp_path, capsys) -> None:

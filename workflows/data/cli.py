@@ -136,7 +136,7 @@ def _cmd_transcode(args: argparse.Namespace) -> int:
     result = transcode_dataset(args.manifest, args.out, short_side=args.short_side, gop=args.gop, crf=args.crf,
                                cut=args.cut, progress=not args.json, storage_retry_s=args.storage_retry_s)
     print(json.dumps(result) if args.json else _format_transcode(result))
-    return 0
+    return 1 if result["dropped"] else 0  # rows left out of the new manifest: a failure, as `data check` says
 
 
 def _format_transcode(result: dict[str, Any]) -> str:
@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--manifest", required=True, help="the manifest of the videos to rewrite")
     t.add_argument("--out", required=True,
                    help="new folder for the videos and the new manifest: a bucket prefix (s3://bucket/prefix) to "
-                        "transcode on every node of the cluster, or a local folder (this node's CPUs only)")
+                        "transcode on every node of the cluster, or a local folder (transcoded on every node that "
+                        "sees the same files there, a shared disk; else on this node alone)")
     t.add_argument("--short-side", type=int, default=320, help="pixels of the shorter side after the resize "
                    "(default 320; never upscaled)")
     t.add_argument("--gop", type=int, default=16, help="keyframe interval in frames (default 16)")

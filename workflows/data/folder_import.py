@@ -38,6 +38,7 @@ from workflows.data.manifest import (
     resolve_filesystem,
     save_labels,
     storage_hint,
+    text_key,
     write_manifest,
 )
 from workflows.runtime import is_remote, redact_secrets
@@ -290,7 +291,7 @@ def _write(place: _Place, rows_by_file: dict[str, list[dict[str, object]]], labe
 
 def _class_map(folders: list[str], labels: str | Path | None) -> tuple[dict[str, str], dict[str, int]]:
     """({folder: class}, label map): the label map from `labels` when given (every folder's class must be in it),
-    else from the folders' words in sorted order (two folders reading the same are an error)."""
+    else from the folders' words in sorted order (two folders the text encoder reads alike are an error)."""
     classes = {folder: class_key(folder_class_text(folder)) for folder in folders}
     if labels is not None:
         label_map = load_labels(str(labels))
@@ -301,15 +302,16 @@ def _class_map(folders: list[str], labels: str | Path | None) -> tuple[dict[str,
                              f"{', ...' if len(unknown) > 5 else ''}; rename the folders to its class names, or "
                              f"leave --labels out to make a label file from the folders")
         return {f: classes[f] if classes[f] in label_map else class_key(f) for f in folders}, label_map
-    by_class: dict[str, str] = {}
+    by_text: dict[str, str] = {}  # the text encoder lower-cases: "Big" and "big" would be one class to it
     for folder in folders:
         if not classes[folder]:
             raise ValueError(f"class folder {folder!r} has no words to name its class by; rename it")
-        other = by_class.setdefault(classes[folder], folder)
+        other = by_text.setdefault(text_key(classes[folder]), folder)
         if other != folder:
-            raise ValueError(f"class folders {other!r} and {folder!r} both read {classes[folder]!r} as words; the "
-                             f"model could not tell them apart: merge or rename one")
-    return classes, {name: i for i, name in enumerate(sorted(by_class))}
+            raise ValueError(f"class folders {other!r} and {folder!r} both read {text_key(classes[folder])!r} to the "
+                             f"model's text encoder (it ignores case and repeated spaces), so the model could not "
+                             f"tell them apart: merge the two folders, or rename one")
+    return classes, {name: i for i, name in enumerate(sorted(classes.values()))}
 
 
 def _seeded_split(videos: list[str], fraction: float, seed: int, folder: str) -> tuple[list[str], list[str]]:

@@ -52,9 +52,13 @@ class ImportReport:
     missing_examples: list[str] = field(default_factory=list)
     manifest: str = ""
     labels: str = ""
+    unchecked: str = ""  # when the files were not looked for: the option that looks
 
     def summary(self) -> str:
         """One line."""
+        if self.unchecked:  # nothing was looked for: "0 missing" would claim a check that did not happen
+            return (f"wrote {self.manifest}: {self.videos} videos, {self.classes} classes; labels {self.labels}; "
+                    f"files not checked ({self.unchecked})")
         extra = f" (e.g. {', '.join(self.missing_examples[:3])})" if self.missing_examples else ""
         return (f"wrote {self.manifest}: {self.videos} videos, {self.classes} classes; labels {self.labels}; "
                 f"{self.missing} listed but missing{extra}")
@@ -83,7 +87,8 @@ def import_ssv2(annotations: str | Path, labels: str | Path, video_dir: str | Pa
         raise FileNotFoundError(f"video folder (--videos) {video_dir} is not a folder; give the folder holding "
                                 f"<id>.webm / <id>.mp4 (or --no-check to write the manifest without looking)")
     out = Path(out_manifest)
-    report = ImportReport(manifest=str(out), labels=str(out.parent / "labels.json"), classes=len(label_map))
+    report = ImportReport(manifest=str(out), labels=str(out.parent / "labels.json"), classes=len(label_map),
+                          unchecked="" if check_files else "leave out --no-check")
     rows = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
@@ -139,7 +144,7 @@ def import_list(list_file: str | Path, out_manifest: str | Path, *, root: str | 
     names_by_index = {v: k for k, v in (label_map or {}).items()}
     not_in = (f"{labels} (written by an earlier import into this folder; pass --labels for another label file, or "
               f"import into another folder)" if labels == existing else str(labels))
-    report = ImportReport(manifest=str(out), labels=str(existing))
+    report = ImportReport(manifest=str(out), labels=str(existing), unchecked="" if check_files else "add --check")
     if check_files and not base.is_dir():
         raise FileNotFoundError(f"{'--root' if root is not None else 'the list folder'} {base} is not a folder; it "
                                 f"is where the list's paths are looked up")
@@ -296,6 +301,16 @@ class _Finder:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._listings: dict[Path, dict[str, str]] = {}
+        self._class_folders: dict[str, str] = {}
+
+    def in_class_folder(self, rel: str) -> Path:
+        """Where a listed video is, its class folder spelt as on disk, without looking for the file itself (one
+        listing of the video folder, not a look per video): what is written without --check."""
+        first, *rest = PurePosixPath(rel).parts
+        if first not in self._class_folders:
+            self._class_folders[first] = first if (self.root / first).is_dir() else \
+                self._entries(self.root).get(first.lower(), first)
+        return self.root.joinpath(self._class_folders[first], *rest)
 
     def _entries(self, folder: Path) -> dict[str, str]:
         if folder not in self._listings:
@@ -333,10 +348,11 @@ def _write_benchmark(lists: dict[str, list[_Listed]], label_map: dict[str, int],
     reports, manifests = [], []
     for part, entries in lists.items():
         out = out_dir / f"{part}.csv"
-        report = ImportReport(manifest=str(out), labels=str(existing), classes=len(label_map))
+        report = ImportReport(manifest=str(out), labels=str(existing), classes=len(label_map),
+                              unchecked="" if check_files else "add --check")
         rows = []
         for e in entries:
-            path = finder.find(e.rel) if check_files else videos / e.rel
+            path = finder.find(e.rel) if check_files else finder.in_class_folder(e.rel)
             if path is None:
                 report.missing += 1
                 if len(report.missing_examples) < 10:

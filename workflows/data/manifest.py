@@ -183,6 +183,12 @@ def class_key(name: object) -> str:
     return unicodedata.normalize("NFC", str(name)).strip()
 
 
+def text_key(name: object) -> str:
+    """A class name as the model's text encoder reads it: CLIP's tokenizer lower-cases and collapses whitespace, so
+    "Big" and "big " get one text embedding; two classes with the same text_key cannot be told apart."""
+    return " ".join(class_key(name).split()).lower()
+
+
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     """json object hook: a class written twice (the last would silently win) is an error."""
     seen: dict[str, object] = {}
@@ -204,7 +210,8 @@ def utf16_hint(data: bytes) -> str:
 
 def load_labels(path: str) -> dict[str, int]:
     """Read a label file `{class name: index}`; indices must be 0..K-1, each used once. Names are stripped and put
-    in Unicode NFC form (`class_key`), as manifest labels are when matched against them."""
+    in Unicode NFC form (`class_key`), as manifest labels are when matched against them; two names the text encoder
+    reads alike (`text_key`: "Big" and "big") are an error."""
     try:
         data = read_bytes(path)
         utf16 = utf16_hint(data)
@@ -232,6 +239,13 @@ def load_labels(path: str) -> dict[str, int]:
             raise ManifestError(f"label file {path}: classes {name!r} and another one are the same name once spaces "
                                 f"and Unicode form are set aside ({key!r})")
         labels[key] = index
+    read_as: dict[str, str] = {}
+    for name in labels:
+        other = read_as.setdefault(text_key(name), name)
+        if other != name:
+            raise ManifestError(f"label file {path}: classes {other!r} and {name!r} both read {text_key(name)!r} to "
+                                f"the model's text encoder (it ignores case and repeated spaces), so the model could "
+                                f"not tell them apart: rename one, or merge the two classes")
     _check_indices(labels, path)
     return labels
 

@@ -367,15 +367,18 @@ def transcode_dataset(manifest: str, out_dir: str | Path, *, short_side: int = 3
                                      "retry_s": storage_retry_s, "witnesses": witnesses},
         batch_size=None, batch_format="numpy", num_cpus=1, **placement)
     results: dict[str, dict[str, Any]] = {}
-    shown = t0
+    shown, failed = t0, 0
     what = "clips" if cut else "videos"
     for batch in _storage_errors_as_themselves(ds.iter_batches(batch_format="numpy", batch_size=None)):
         for i, output in enumerate(batch["output"]):
             results[str(output)] = {k: batch[k][i] for k in ("ok", "reason", "detail", "node")}
+            failed += not batch["ok"][i]
         now = time.perf_counter()
         if progress and (now - shown >= 10 or len(results) == outputs):  # a line per 10 s, and the last
             shown = now
-            print(f"  transcoded {len(results)}/{outputs} {what} ({now - t0:.0f} s)", flush=True)
+            # done, not "transcoded": a failed file is done too, and counted apart
+            failures = f"{failed} failed, " if failed else ""
+            print(f"  {len(results)}/{outputs} {what} done ({failures}{now - t0:.0f} s)", flush=True)
     rows, dropped, examples = [], {}, {}
     for i, path in enumerate(paths):
         r = results[f"{out}/videos/{row_output[i]}"]
