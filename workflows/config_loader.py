@@ -6,6 +6,7 @@ sections themselves live beside the workflows that own them. Rules:
 - unknown keys are an error that lists the valid ones; a key a section has dropped (its dataclass's `removed_keys`
   ClassVar, {old name: where the setting lives now}) is an error that says which key to use instead;
 - values are checked against the field's type (including `Literal` choices) before any work starts;
+- a key written twice in one YAML mapping is an error (PyYAML would keep the last one without a word);
 - `--set` values are parsed as YAML, so `--set train.lr=1e-4` gives a float and `--set a.b=[1,2]` a list.
 """
 
@@ -24,6 +25,33 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what would be valid."""
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping key written twice; the message says which and on which lines."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping: PyYAML keeps the last one silently, so a
+    second `train:` section or `lr:` would drop the first without a word. Merge keys (`<<: *base`) still override."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:  # the keys written here, before flatten_mapping adds the merged ones
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKeyError(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only, like yaml.safe_load
 
 
 REMOVED_KEYS_ATTR = "removed_keys"  # ClassVar of a section dataclass: {removed key: "use <new key> ..."}
@@ -77,7 +105,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, prefix=key + ".")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}{_bracket_hint(key, value)}")
         args = get_args(tp)
         item_tp = args[0] if args else Any
         items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -104,10 +132,35 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is str:
+        # Refused, not turned back into text: `--set` values are YAML like the file's, so `run.name=no` means the
+        # same in both, and the text typed (no or off, 1.10 or 1.1) cannot be recovered from the value anyway.
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}{_quote_hint(key, value)}")
         return value
     return value
+
+
+def _quote_hint(key: str, value: Any) -> str:
+    """For a scalar that YAML read as a boolean, number or date where text is wanted: how to quote it."""
+    if isinstance(value, (list, dict)) or value is None:
+        return ""
+    if isinstance(value, bool):  # the text typed is lost: no, off and false all read as False
+        why, text = "YAML reads unquoted yes, no, on, off, true and false as true/false", "no"
+    else:
+        kind = "a number" if isinstance(value, (int, float)) else f"a {type(value).__name__}"
+        why, text = f"YAML reads it as {kind}", str(value)
+    hint = f"; {why}: quote it to keep it text, e.g. \"{text}\""
+    return hint + ("" if "[" in key else f" (on the command line: --set '{key}=\"{text}\"')")
+
+
+def _bracket_hint(key: str, value: Any) -> str:
+    """For a value given where a list is wanted (`0.9,0.99`): the same items in YAML's brackets."""
+    if isinstance(value, dict):
+        return ""
+    items = [item.strip() for item in value.split(",")] if isinstance(value, str) else [str(value)]
+    shown = f"[{', '.join(items)}]"
+    return f"; write a list in brackets, {shown}" + ("" if "[" in key else
+                                                     f" (on the command line: --set '{key}={shown}')")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -174,7 +227,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.split("."), _read_yaml(raw) if raw.strip() else ""
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"override {text!r}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc}); check its quotes and "
+                          f"brackets") from None
 
 
 def config_parser(prog: str, description: str, config_help: str, override_help: str) -> Any:
@@ -213,6 +272,10 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str], where
                 break
             child_schema = get_type_hints(schema)[part] if names is not None else None
             child = node.get(part)
+            if (names is not None and not _takes_mapping(child_schema)) or not (
+                    child is None or isinstance(child, dict) or dataclasses.is_dataclass(child)):
+                fix = f"--set {shown}=VALUE" if where == "--set" else f"{shown}=VALUE"
+                raise ConfigError(f"{shown} is a value, not a section (in {where} {text!r}): write {fix}")
             if child is None:
                 child = {}
             elif dataclasses.is_dataclass(child):
@@ -224,13 +287,23 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str], where
     return data
 
 
+def _takes_mapping(tp: Any) -> bool:
+    """Whether a field of type `tp` holds keys that `--set a.b.c` may reach into (a section, a dict, Any)."""
+    if tp is Any or tp is dict or get_origin(tp) is dict or dataclasses.is_dataclass(tp):
+        return True
+    return get_origin(tp) in (typing.Union, types.UnionType) and any(_takes_mapping(t) for t in get_args(tp))
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing or malformed file is a ConfigError naming it."""
+    """Read a YAML mapping; a missing or malformed file, or one with a key written twice, is a ConfigError naming
+    it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_yaml(path.read_text()) or {}
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -59,6 +59,14 @@ def model_config(section: Any) -> DiSTConfig:
     return DiSTConfig.from_name(section.preset, **overrides)
 
 
+def check_folder_name(name: str, key: str, what: str) -> None:
+    """ValueError unless `name` is a plain folder name: Ray names the folder itself for an empty run name, and a
+    path (`a/b`, `..`) would put a run or sweep outside its storage_path, where a relaunch would not find it."""
+    if not name or name != name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{key} names {what}: give a plain folder name such as k400-b16, not empty, without / or \\ "
+                         f"or spaces around it, not . or .., got {name!r}")
+
+
 @dataclass
 class TrainSection:
     """Optimisation (reference §4.1). `lr` None = base_lr scaled linearly by global_batch_size / 256."""
@@ -252,6 +260,8 @@ class RunSection:
     keep_checkpoints: int = 2  # checkpoints come with every validation: best k by eval.best_metric, plus the latest
 
     def __post_init__(self) -> None:
+        check_folder_name(self.name, "run.name", "the run's folder under run.storage_path (its checkpoints, and "
+                                                  "what a relaunch resumes)")
         if self.max_failures < -1:
             raise ValueError(f"run.max_failures must be >= 0 (0: no automatic restart) or -1 (no limit), got "
                              f"{self.max_failures}")

@@ -101,3 +101,66 @@ def test_drop_removed_keys_for_files_the_project_wrote_itself():
     data, dropped = drop_removed_keys(Run, {"steps": 3, "optim": {"lr": 0.1, "momentum": 0.9}})
     assert data == {"steps": 3, "optim": {"lr": 0.1}} and dropped == ["optim.momentum"]
     assert from_dict(Run, data).optim.lr == 0.1
+
+
+def test_a_key_written_twice_is_refused_at_any_depth(tmp_path):
+    """PyYAML keeps the last of two equal keys silently: a second `optim:` section would drop the first."""
+    path = tmp_path / "twice.yaml"
+    for text, message in (("optim:\n  lr: 0.5\nsteps: 3\noptim:\n  kind: sgd\n", r"key 'optim' appears twice "
+                                                                                   r"\(lines 1 and 4\); keep one"),
+                          ("optim:\n  lr: 0.5\n  lr: 0.1\n", r"key 'lr' appears twice \(lines 2 and 3\)"),
+                          ("optim: {lr: 0.5, lr: 0.1}\n", r"key 'lr' appears twice \(lines 1 and 1\)")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=rf"config file {path}: {message}"):
+            load_config(Run, path)
+    with pytest.raises(ConfigError, match=r"override 'optim=\{lr: 1, lr: 2\}': key 'lr' appears twice"):
+        load_config(Run, None, ["optim={lr: 1, lr: 2}"])
+    path.write_text("optim:\n  <<: {lr: 0.5, kind: sgd}\n  lr: 0.1\n")  # a merge key's values may still be overridden
+    assert (load_config(Run, path).optim.lr, load_config(Run, path).optim.kind) == (0.1, "sgd")
+
+
+def test_set_below_a_value_or_with_broken_yaml_is_a_config_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 0.5\n")
+    for file in (path, None):  # the value set in the file (was a TypeError) or not set at all
+        with pytest.raises(ConfigError, match=r"optim.lr is a value, not a section \(in --set 'optim.lr.x=1'\): "
+                                              r"write --set optim.lr=VALUE"):
+            load_config(Run, file, ["optim.lr.x=1"])
+    with pytest.raises(ConfigError, match=r"override 'layers=\[1,': the value is not valid YAML"):
+        load_config(Run, None, ["layers=[1,"])
+
+
+@dataclass
+class Sections:
+    extra: dict = field(default_factory=dict)
+    run: Run = field(default_factory=Run)
+
+
+def test_set_still_reaches_into_sections_and_dicts():
+    cfg = load_config(Sections, None, ["extra.a.b=1", "run.optim.lr=0.2"])
+    assert cfg.extra == {"a": {"b": 1}} and cfg.run.optim.lr == 0.2
+    with pytest.raises(ConfigError, match="extra.a is a value, not a section"):
+        load_config(Sections, None, ["extra.a=1", "extra.a.b=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("name=no", r"name: expected a string, got False; YAML reads unquoted yes, no, on, off, true and false as "
+                r"true/false: quote it to keep it text, e.g. \"no\" \(on the command line: --set 'name=\"no\"'\)"),
+    ("name=2024", r"name: expected a string, got 2024; YAML reads it as a number: .*--set 'name=\"2024\"'"),
+    ("layers=3,4", r"layers: expected a list, got '3,4'; write a list in brackets, \[3, 4\] \(on the command "
+                   r"line: --set 'layers=\[3, 4\]'\)"),
+])
+def test_a_value_yaml_read_otherwise_says_what_to_type(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Run, None, [override])
+    assert load_config(Run, None, ['name="no"', "layers=[3, 4]"]).name == "no"
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../../etc", "a\\b", " run", "run "])
+def test_a_run_name_must_be_a_plain_folder_name(name):
+    from workflows.recipe import RunSection
+
+    with pytest.raises(ConfigError, match=r"run: run.name names the run's folder under run.storage_path .*give a "
+                                          r"plain folder name"):
+        from_dict(RunSection, {"name": name}, prefix="run.")
+    assert from_dict(RunSection, {"name": "k400-b16_8x16f.v2"}, prefix="run.").name == "k400-b16_8x16f.v2"

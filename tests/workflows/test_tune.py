@@ -92,6 +92,14 @@ def test_each_trial_keeps_its_checkpoints_best_by_the_sweeps_metric(tmp_path):
         load_sweep(write_sweep(tmp_path, "  model.fusion_layers: {grid: [all]}", "mode: min\n"))
 
 
+def test_a_training_recipe_given_to_tune_says_to_run_pretrain():
+    smoke = CONFIGS / "smoke.yaml"
+    with pytest.raises(ConfigError, match=rf"{smoke} is a training recipe, not a Tune sweep \(it has the recipe "
+                                          rf"sections data, eval, model, run, scaling, train .*\): run it with "
+                                          rf"`python -m workflows pretrain --config {smoke}`"):
+        load_sweep(smoke)
+
+
 def test_every_grid_point_is_built_before_ray(tmp_path):
     # dist_tiny has head_dim 32: 100 is not a multiple, and only the combination with that value is invalid.
     path = write_sweep(tmp_path, "  model.fusion_layers: {grid: [all, every2]}\n"

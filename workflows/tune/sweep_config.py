@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 from workflows.config_loader import ConfigError, apply_overrides, from_dict, load_yaml, parse_override
-from workflows.recipe import Recipe, ValidationMetric, check_data_files, recipe_to_dict, with_absolute_paths
+from workflows.recipe import (
+    Recipe,
+    ValidationMetric,
+    check_data_files,
+    check_folder_name,
+    recipe_to_dict,
+    with_absolute_paths,
+)
 from workflows.runtime import is_remote
 
 LOG_PREFIX = "[tune]"
@@ -96,8 +103,7 @@ class SweepConfig:
             raise ValueError("max_concurrent_trials must be >= 0 (0 or null: derive from the cluster)")
         if self.trial_max_failures < 0:
             raise ValueError("trial_max_failures must be >= 0")
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name must be a non-empty directory name, got {self.name!r}")
+        check_folder_name(self.name, "name", "the sweep's folder under storage_path")
         if self.mode == "min":  # the trials keep their checkpoints best by the metric, highest first
             raise ValueError(f"mode: min would rank the worst trial best: {self.metric}, like every metric a sweep "
                              f"ranks by, is an accuracy (higher is better); leave mode out (max)")
@@ -214,7 +220,14 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """Load a sweep YAML (strict) plus `--set` overrides; `base` becomes an absolute path."""
     path = Path(path)
     to_sweep, to_base = split_overrides(overrides)
-    data = apply_overrides(SweepConfig, load_yaml(path), to_sweep)
+    raw = load_yaml(path)
+    recipe_only = {f.name for f in dataclasses.fields(Recipe)} - {f.name for f in dataclasses.fields(SweepConfig)}
+    if not {"base", "search_space"} & set(raw) and set(raw) & recipe_only:  # the reverse of load_recipe's hint
+        raise ConfigError(f"{path} is a training recipe, not a Tune sweep (it has the recipe sections "
+                          f"{', '.join(sorted(set(raw) & recipe_only))} and no base or search_space): run it with "
+                          f"`python -m workflows pretrain --config {path}`, or sweep over it from a sweep file whose "
+                          f"base names it")
+    data = apply_overrides(SweepConfig, raw, to_sweep)
     sweep = from_dict(SweepConfig, data)
     base = Path(sweep.base)
     if not base.is_absolute():
