@@ -134,6 +134,7 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
     from workflows.inference import scoring_warnings
     from workflows.optim import build_deepspeed_config
 
+    check_no_placeholders(recipe)
     try:
         labels = load_labels(recipe.data.labels)
         manifests = {key: load_manifest(getattr(recipe.data, key), labels, strict=True)
@@ -147,6 +148,12 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
         check_videos_reachable(manifest, f"data.{key}")
         for line in manifest.duplicate_warnings():
             warn_once(f"warning: data.{key}: {line}")
+    overlap = shared_clips(manifests["train_manifest"], manifests["val_manifest"])
+    if overlap:
+        warn_once(f"warning: data.val_manifest: {len(overlap)} of its {len(manifests['val_manifest'])} rows are clips "
+                  f"data.train_manifest lists too (e.g. {overlap[0]}): validation would score clips the model trains "
+                  f"on, and its accuracy would overstate what it learned. Split the videos into two disjoint sets "
+                  f"(`data import folders` does)")
     validated = validation_videos(recipe, manifests["val_manifest"])
     check_best_metric(recipe, validated)
     if len(validated) < len(manifests["val_manifest"]):
@@ -180,6 +187,35 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
     if recipe.mlflow.enabled and configured:  # (unset: the run directory's own sqlite store, made by the run)
         check_tracking_uri(configured, "mlflow.tracking_uri" if recipe.mlflow.tracking_uri else "MLFLOW_TRACKING_URI")
     return len(manifests["train_manifest"])
+
+
+PLACEHOLDER = "YOUR-BUCKET"  # what the shipped cluster recipes hold where a user's bucket goes
+
+
+def check_no_placeholders(recipe: Recipe) -> None:
+    """ConfigError naming each key that still holds the shipped recipes' PLACEHOLDER (run.storage_path,
+    train.init_from), before anything tries to reach a bucket of that name (an AWS error about DNS otherwise)."""
+    from workflows.recipe import recipe_to_dict
+    from workflows.tracking import flatten
+
+    keys = {key: value for key, value in flatten(recipe_to_dict(recipe)).items()
+            if isinstance(value, str) and PLACEHOLDER in value}
+    if keys:
+        sets = " ".join(f"{key}={value.replace(PLACEHOLDER, '<your-bucket>')}" for key, value in keys.items())
+        raise ConfigError(f"{', '.join(keys)} still name{'s' if len(keys) == 1 else ''} the placeholder bucket "
+                          f"{PLACEHOLDER} of the shipped recipes: set your own bucket (or a shared disk path), e.g. "
+                          f"--set {sets}")
+
+
+def shared_clips(train: Manifest, val: Manifest) -> list[str]:
+    """The rows of `val` (a path, or a path and its [start, end] window) that `train` lists too."""
+    def clips(manifest: Manifest) -> list[tuple[str, float | None, float | None]]:
+        t = manifest.table  # a row without a window has NaN start/end, which equal nothing: None instead
+        return [(p, None if math.isnan(s) else s, None if math.isnan(e) else e)
+                for p, s, e in zip(t["path"].to_pylist(), t["start"].to_pylist(), t["end"].to_pylist(), strict=True)]
+
+    trained = set(clips(train))
+    return [p if s is None else f"{p} [{s:g}, {e:g}] s" for p, s, e in clips(val) if (p, s, e) in trained]
 
 
 def check_flip_pairs(recipe: Recipe, labels: dict[str, int]) -> None:

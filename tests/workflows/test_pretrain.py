@@ -180,8 +180,9 @@ def test_the_weights_and_videos_a_run_starts_from_are_read_before_any_work(sampl
 def test_flip_pairs_init_from_and_tracking_that_do_not_fit_fail_before_any_work(sample_data, tmp_path, capsys):
     """What validate_before_start refuses or says before Ray starts: flip pairs naming a class the label set lacks
     (the pairs a recipe brought from SSV2 or the sample set), printed by name when they fit; an init_from checkpoint
-    of the other model variant; one of other fusion layers (loaded by position: said, not refused); a tracking URI
-    MLflow has no store for, or a tracking server that does not answer."""
+    of the other model variant; one of other fusion layers (loaded by position: said, not refused); the shipped
+    recipes' placeholder bucket; validation clips the training manifest lists too (warned of); a tracking URI MLflow
+    has no store for, or a tracking server that does not answer."""
     import json
 
     import torch
@@ -224,6 +225,21 @@ def test_flip_pairs_init_from_and_tracking_that_do_not_fit_fail_before_any_work(
     assert f"warning: train.init_from {dist} does not fill this model exactly (dist_tiny, dist (fusion layers " \
            f"{layers[0]}; " in err and f"the checkpoint's: dist_tiny, dist (fusion layers {everyone}" in err, err
     assert "unexpected (" in err, err
+
+    # The shipped cluster recipes' placeholder bucket, named before anything tries to reach it.
+    with pytest.raises(ConfigError, match=r"train.init_from, run.storage_path still name the placeholder bucket "
+                                          r"YOUR-BUCKET of the shipped recipes: set your own bucket .* --set "
+                                          r"train.init_from=s3://<your-bucket>/dist-runs/k710 "
+                                          r"run.storage_path=s3://<your-bucket>/dist-runs"):
+        validate_before_start(_recipe(sample_data, "s3://YOUR-BUCKET/dist-runs", "mlflow.enabled=false",
+                                      "train.init_from=s3://YOUR-BUCKET/dist-runs/k710"))
+    # Validation rows the training manifest lists too: warned of (validation would score trained-on clips).
+    capsys.readouterr()
+    check(f"data.val_manifest={sample_data.train_manifest}")
+    assert "warning: data.val_manifest: 16 of its 16 rows are clips data.train_manifest lists too (e.g. " in \
+        capsys.readouterr().err
+    check()
+    assert "rows are clips data.train_manifest lists too" not in capsys.readouterr().err
 
     with pytest.raises(ConfigError, match=r"mlflow.tracking_uri htp://mlflow.internal:5000: MLflow has no tracking "
                                           r"store for this URI"):
