@@ -12,7 +12,8 @@ import sys
 
 # command -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("workflows.data.cli", "video dataset tools: check, transcode, k710, sample, import, upload"),
+    "data": ("workflows.data.cli", "video dataset tools: check, sample, import, clips, transcode, upload, k710, "
+                                   "kinetics"),
     "demo": ("workflows.demo", "the local demo: DiST vs a spatial-only baseline on the sample motion data"),
     "pretrain": ("workflows.pretrain", "pre-train or fine-tune DiST with Ray Train + DeepSpeed, tracked in MLflow"),
     "tune": ("workflows.tune.driver", "Ray Tune sweeps over fusion layers and widths, one MLflow parent run per sweep"),

@@ -86,6 +86,8 @@ def fetch_registered_model(uri: str, tracking_uri: str | None = None) -> Path:
     name, _, version = uri.removeprefix(REGISTRY_SCHEME).partition("/")
     if not name or not version:
         raise ConfigError(f"{uri}: a registered model is named models:/NAME/VERSION (e.g. models:/k710-b16/3)")
+    # MLflow's own tqdm bar would land among the command's progress lines (a checkpoint is a few files)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:  # the registry lives in the same store (MLflow's models:/ resolution would use the global registry URI)
         source = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(name, version)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri,

@@ -842,7 +842,8 @@ def checkpoint_to_resume(registered: Any, run_dir: str, log: Any = print) -> Any
         log(f"resuming from {choice[0]}: the newest complete checkpoint in storage (Ray Train has none registered)")
     else:
         log(f"resuming from {choice[0]}: complete in storage and newer than Ray's newest registered checkpoint "
-            f"({registered.path}), whose report a lost worker did not deliver")
+            f"({registered.path}): its report never reached Ray Train (a worker lost, or the run stopped, between "
+            f"its upload and its report)")
     return ray.train.Checkpoint(choice[0], filesystem=fs)
 
 

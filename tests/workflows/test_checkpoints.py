@@ -90,7 +90,8 @@ def test_a_restart_resumes_from_a_complete_checkpoint_newer_than_rays_registry(t
     chosen = checkpoint_to_resume(registered, str(run), lines.append)
     assert Path(chosen.path) == newer, chosen
     assert lines == [f"resuming from {newer}: complete in storage and newer than Ray's newest registered checkpoint "
-                     f"({registered.path}), whose report a lost worker did not deliver"], lines
+                     f"({registered.path}): its report never reached Ray Train (a worker lost, or the run stopped, "
+                     f"between its upload and its report)"], lines
     assert Path(checkpoint_to_resume(None, str(run), lines.append).path) == newer  # nothing registered at all
     assert "(Ray Train has none registered)" in lines[-1]
 

@@ -149,7 +149,7 @@ def test_a_registered_model_needs_its_store(monkeypatch):
         read_checkpoint("models:/k710-b16/3")
 
 
-def test_a_registered_version_loads_back_as_a_checkpoint_directory(tmp_path, monkeypatch):
+def test_a_registered_version_loads_back_as_a_checkpoint_directory(tmp_path, monkeypatch, capfd):
     from workflows.inference import fetch_registered_model
 
     monkeypatch.chdir(tmp_path)  # no global MLflow state may stand in for the store named here
@@ -162,5 +162,8 @@ def test_a_registered_version_loads_back_as_a_checkpoint_directory(tmp_path, mon
     tracker = Tracker(uri, experiment="exp", run_name="r")
     tracker.log_artifacts(model_dir, "final_checkpoint")
     assert tracker.register_model("it", "final_checkpoint", {}, "") == "1"
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    capfd.readouterr()
     fetched = fetch_registered_model("models:/it/1", uri)
     assert (fetched / "state.json").read_text() == '{"step": 6}'
+    assert "Downloading artifacts" not in capfd.readouterr().err  # MLflow's tqdm bar, among the command's lines
