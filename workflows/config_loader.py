@@ -12,7 +12,10 @@ sections themselves live beside the workflows that own them. Rules:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -236,11 +239,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
                           f"brackets") from None
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The workflows' argument parser: an option it does not know is named first, with the closest one it does
+    (argparse would report `--manfest` as "the following arguments are required: --manifest", or with the parent
+    command's usage). Subcommands' parsers are of this class too (argparse makes them of their parent's)."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if not any(isinstance(action, argparse._SubParsersAction) for action in self._actions):  # a leaf command
+            known = [option for action in self._actions for option in action.option_strings]
+            for token in sys.argv[1:] if args is None else args:
+                if token == "--":
+                    break
+                flag = token.split("=", 1)[0]
+                if flag.startswith("--") and not any(option.startswith(flag) for option in known):  # (prefixes ok)
+                    close = difflib.get_close_matches(flag, known, n=1)
+                    self.error(f"unrecognized option {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+        return super().parse_known_args(args, namespace)
+
+
 def config_parser(prog: str, description: str, config_help: str, override_help: str) -> Any:
     """The argument parser a config-driven workflow CLI starts from: `--config FILE` (required) and `--set`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = CommandParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help=config_help)
     add_override_option(parser, override_help)
     return parser

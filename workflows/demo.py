@@ -10,13 +10,12 @@ validation accuracies. Both runs are tracked in one MLflow store. The last line 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
 from pathlib import Path
 
-from workflows.config_loader import add_override_option
+from workflows.config_loader import CommandParser, add_override_option
 from workflows.data.sample import SAMPLE_CLASSES
 from workflows.recipe import load_recipe
 
@@ -94,7 +93,7 @@ def run_demo(out: Path, overrides: list[str], videos_per_class: int, num_objects
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows demo",
+    parser = CommandParser(prog="python -m workflows demo",
                                      description=__doc__.split("\n")[0].rstrip(":"))
     parser.add_argument("--out", default="demo_output", help="folder for data, runs and the MLflow store")
     parser.add_argument("--videos-per-class", type=int, default=150)

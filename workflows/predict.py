@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from workflows.config_loader import ConfigError, add_override_option
+from workflows.config_loader import CommandParser, ConfigError, add_override_option
 from workflows.inference import (
     Mode,
     load_predictor,
@@ -316,7 +316,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows predict",
+    parser = CommandParser(prog="python -m workflows predict",
                                      description=__doc__.split("\n")[0].rstrip(":"))
     parser.add_argument("videos", nargs="*", help="video files (local paths or URIs pyarrow reads), folders (their "
                                                   "videos at any depth, a bucket prefix too) or quoted glob patterns")

@@ -164,3 +164,28 @@ def test_a_run_name_must_be_a_plain_folder_name(name):
                                           r"plain folder name"):
         from_dict(RunSection, {"name": name}, prefix="run.")
     assert from_dict(RunSection, {"name": "k400-b16_8x16f.v2"}, prefix="run.").name == "k400-b16_8x16f.v2"
+
+
+def test_a_misspelled_option_is_named_first_with_the_closest_one(capsys):
+    """argparse reported `--manfest` as "the following arguments are required: --manifest", and an unknown option of
+    a subcommand with its parent's usage; the workflows' parser names it, with the option meant, in the
+    subcommand's own usage. Abbreviations argparse accepts still work."""
+    from workflows.config_loader import config_parser
+    from workflows.data.cli import main as data_main
+
+    for argv, said in ((["check", "--manfest", "x.csv"], "python -m workflows data check: error: unrecognized option "
+                                                          "--manfest (did you mean --manifest?)"),
+                       (["check", "--manifest", "x.csv", "--jsn"], "unrecognized option --jsn (did you mean --json?)"),
+                       (["import", "folders", "--vidoes", "v", "--out", "o"], "python -m workflows data import "
+                                                                              "folders: error: unrecognized option "
+                                                                              "--vidoes (did you mean --videos?)")):
+        with pytest.raises(SystemExit) as info:
+            data_main(argv)
+        assert info.value.code == 2 and said in capsys.readouterr().err
+    parser = config_parser("python -m workflows pretrain", "d", "recipe", "override")
+    parser.add_argument("--check", action="store_true")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--confg", "r.yaml"])
+    assert "unrecognized option --confg (did you mean --config?)" in capsys.readouterr().err
+    args = parser.parse_args(["--conf", "r.yaml", "--set", "train.lr=1", "--che"])  # prefixes, as argparse allows
+    assert (args.config, args.overrides, args.check) == ("r.yaml", ["train.lr=1"], True)

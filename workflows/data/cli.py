@@ -26,6 +26,7 @@ import json
 import sys
 from typing import Any
 
+from workflows.config_loader import CommandParser
 from workflows.data.doctor import MIN_FRAMES
 
 ADDRESS_HELP = ("Ray cluster address (default: RAY_ADDRESS, else a Ray running on this machine, else a new local "
@@ -271,7 +272,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `data` command's argument parser."""
-    p = argparse.ArgumentParser(prog="python -m workflows data", description=__doc__,
+    p = CommandParser(prog="python -m workflows data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="tool", required=True)
 
