@@ -46,9 +46,10 @@ def test_confident_rows_become_a_manifest_the_loader_reads(tmp_path, capsys, fmt
     assert data_main(["import", "predictions", "--predictions", str(tmp_path / "job"), "--out", str(out),
                       "--min-prob", "0.6", "--per-class", "1"]) == 0
     printed = capsys.readouterr().out
-    assert f"wrote {out}/train.csv: 3 of 6 predicted rows, labels {out}/labels.json (3 classes, 0 without a row)" \
+    assert f"wrote {out}/train.csv: 3 of the job's 6 rows, labels {out}/labels.json (3 classes, 0 without a row)" \
         in printed
     assert "left out: 1 below --min-prob 0.6, 1 over --per-class, 1 the job could not read" in printed
+    assert "\nrows: " in printed and "fewest" not in printed  # 3 classes: one list, not the same one twice
     labels = load_labels(str(out / "labels.json"))
     assert labels == {"walk": 0, "run": 1, "jump": 2}  # the job's whole label set, in its order
     manifest = load_manifest(str(out / "train.csv"), labels)
@@ -74,7 +75,7 @@ def test_what_cannot_become_a_manifest_is_refused_saying_why(tmp_path, capsys):
     (tmp_path / "three.json").write_text(json.dumps({name: i for i, name in enumerate(NAMES)}))
     assert data_main(["import", "predictions", "--predictions", str(tmp_path / "old"), "--out",
                       str(tmp_path / "o"), "--labels", str(tmp_path / "three.json")]) == 0
-    assert "1 of 1 predicted rows, labels " in (printed := capsys.readouterr().out)
+    assert "1 of the job's 1 rows, labels " in (printed := capsys.readouterr().out)
     assert "(3 classes, 2 without a row: run, jump)" in printed  # named: the classes the fine-tune will not see
     secret = "s3://AK:REDACTED@bucket/v/a.mp4"
     _job(tmp_path / "redacted", "parquet", 2, [secret], [nan], [[0.9, 0.05, 0.05]])

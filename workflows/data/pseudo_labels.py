@@ -41,11 +41,13 @@ class PseudoLabelReport:
     def summary(self, min_prob: float) -> list[str]:
         empty = [name for name in self.class_names if name not in self.per_class]
         named = f": {', '.join(empty[:10])}{', ...' if len(empty) > 10 else ''}" if empty else ""
-        lines = [f"wrote {self.manifest}: {self.kept} of {self.rows} predicted rows, labels {self.labels} "
+        lines = [f"wrote {self.manifest}: {self.kept} of the job's {self.rows} rows, labels {self.labels} "
                  f"({len(self.class_names)} classes, {len(empty)} without a row{named})",
                  f"left out: {self.below} below --min-prob {min_prob:g}, {self.over_cap} over --per-class, "
                  f"{self.unread} the job could not read"]
-        if self.per_class:
+        if 0 < len(self.per_class) <= 5:  # "most" and "fewest" would list the same classes
+            lines.append("rows: " + ", ".join(f"{name} {n}" for name, n in self.per_class.most_common()))
+        elif self.per_class:
             most = ", ".join(f"{name} {n}" for name, n in self.per_class.most_common(5))
             fewest = ", ".join(f"{name} {n}" for name, n in sorted(self.per_class.items(), key=lambda kv: kv[1])[:5])
             lines.append(f"most rows: {most}; fewest: {fewest}")
