@@ -15,8 +15,10 @@ checkpoint needed).
 Writes metrics.json, per_class_accuracy.csv, predictions.csv and confusion_matrix.png (and every video's class
 probabilities in scores.npz with `--save-scores`; with a manifest of clips cut from longer files, each file scored as
 the mean of its clips too, in file_predictions.csv and metrics.json's `per_file`) into `--out` (default
-`<checkpoint>/eval-<time>`), prints a summary, and logs an MLflow run into the training run's store when it has one
-(never failing when MLflow is unreachable).
+`<run dir>/evals/<checkpoint>-eval-<time>` for a run's checkpoint_*, out of reach of the run's checkpoint retention;
+`<checkpoint>/eval-<time>` for a checkpoint folder of its own), prints a summary, and logs an MLflow run into the
+training run's store when it has one (never failing when MLflow is unreachable). A folder holding an earlier
+evaluation is refused before any scoring (`--overwrite` removes that evaluation's files first).
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class EvalRequest:
     tracking_uri: str | None = None  # the MLflow store of a models:/ checkpoint; the evaluation is logged there too
     verbose: bool = False  # Ray's own INFO lines and worker output on the console too
     save_scores: bool = False  # also write every video's class probabilities (scores.npz)
+    overwrite: bool = False  # --out holds an earlier evaluation: remove its files (OUTPUT_FILES) instead of refusing
     # cut each whole video of the manifest into clips of this many seconds first (data clips' cut, written as
     # clips.csv in the output folder), so long recordings are scored per clip and per file
     clip_seconds: float | None = None
@@ -170,17 +173,22 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
     from workflows.data.manifest import class_names
     from workflows.outputs import OutputFolder
 
-    # An existing file there, or a read-only place: found before any scoring, not after it. A bucket prefix: the
-    # outputs are written in a staging folder and uploaded at the end.
+    # An existing file there, a place that cannot be written, an earlier evaluation: found before any scoring, not
+    # after it. A bucket prefix: the outputs are written in a staging folder and uploaded at the end.
     output = OutputFolder(_out_dir(request, recipe, directory),
                           "--out" if request.out else "the output folder (--out to choose another)")
     out_dir = output.local
-    cut = None
-    if request.clip_seconds is not None:  # after the labels and the output folder are known to be right
-        cut = _cut_into_clips(manifest.source, request.clip_seconds, out_dir)
-        manifest = _manifest(cut.manifest, label_map, labels_source)
-    if request.save_scores:
-        check_room_for_scores(out_dir, len(manifest), len(class_names(label_map)))
+    try:
+        prepare_output_folder(output, request.overwrite)
+        cut = None
+        if request.clip_seconds is not None:  # after the labels and the output folder are known to be right
+            cut = _cut_into_clips(manifest.source, request.clip_seconds, out_dir)
+            manifest = _manifest(cut.manifest, label_map, labels_source)
+        if request.save_scores:
+            check_room_for_scores(out_dir, len(manifest), len(class_names(label_map)))
+    except BaseException:
+        output.discard()  # the folder made for it, still empty
+        raise
     plan = EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"], seed=seed, checkpoint=directory,
                     state=checkpoint.state if checkpoint is not None else {}, manifest=manifest, label_map=label_map,
                     labels_source=labels_source, mode=mode, views=views, crops=crops,
@@ -265,6 +273,8 @@ def _manifest(manifest_path: str | None, label_map: dict[str, int], labels_sourc
 
 
 CLIPS_MANIFEST = "clips.csv"  # --clip-seconds: the manifest's videos cut into clips, in the output folder
+RUN_CHECKPOINT_PREFIX = "checkpoint_"  # a run's checkpoints, as a run directory resolves to them (find_checkpoint)
+EVALS_FOLDER = "evals"  # in a run directory: the default output folders of its checkpoints' evaluations
 
 
 def _cut_into_clips(manifest: str, seconds: float, out_dir: Path) -> Any:
@@ -279,8 +289,10 @@ def _cut_into_clips(manifest: str, seconds: float, out_dir: Path) -> Any:
 
 
 def _out_dir(request: EvalRequest, recipe: Recipe, checkpoint: Path | None) -> str | Path:
-    """--out (a folder, or a bucket prefix), else `<checkpoint>/eval-<time>` for a local checkpoint,
-    `eval/<name>-<time>` for one fetched from a registry or a bucket, else (frozen CLIP alone)
+    """--out (a folder, or a bucket prefix), else for a local checkpoint `<run dir>/evals/<checkpoint>-eval-<time>`
+    when it is a run's checkpoint_* (what a run directory resolves to: inside it, the run's checkpoint retention
+    would delete the evaluation with the checkpoint) and `<checkpoint>/eval-<time>` for a checkpoint folder of its
+    own; `eval/<name>-<time>` for one fetched from a registry or a bucket, else (frozen CLIP alone)
     `eval/clip-only-<preset>-<time>`."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if request.out:
@@ -292,6 +304,8 @@ def _out_dir(request: EvalRequest, recipe: Recipe, checkpoint: Path | None) -> s
     if request.checkpoint and is_remote(request.checkpoint):  # fetched from a bucket into a temporary directory
         name = request.checkpoint.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
         return Path("eval") / f"{name}-{stamp}"
+    if checkpoint is not None and checkpoint.name.startswith(RUN_CHECKPOINT_PREFIX):
+        return checkpoint.parent / EVALS_FOLDER / f"{checkpoint.name}-eval-{stamp}"
     if checkpoint is not None:
         return checkpoint / f"eval-{stamp}"
     return Path("eval") / f"clip-only-{recipe.model.preset}-{stamp}"
@@ -492,6 +506,32 @@ def _scored_views(plan: EvalPlan, data: Any, pool: int, use_gpu: bool) -> Any:
 # manifest of clips also file_scores (files, classes: the mean of each file's read clips, as file_predictions.csv),
 # file_path and file_label.
 SCORES_FILE = "scores.npz"
+
+# Every file an evaluation writes into its output folder (write_outputs, --clip-seconds, --save-scores): one of them
+# there is an earlier evaluation, which `--overwrite` removes, these names only, before the new one starts.
+OUTPUT_FILES = ("metrics.json", "per_class_accuracy.csv", "predictions.csv", "confusion_matrix.csv",
+                "confusion_matrix.png", "recipe.yaml", "file_predictions.csv", SCORES_FILE, CLIPS_MANIFEST)
+
+
+def prepare_output_folder(output: Any, overwrite: bool = False) -> None:
+    """`output` (outputs.OutputFolder) made ready before any scoring, so that it never mixes two evaluations: a
+    local folder created and proven writable (`OutputFolder.create`); a checkpoint or run directory refused (the
+    evaluation's recipe.yaml would replace theirs); an earlier evaluation there refused, or with `overwrite` its
+    files (OUTPUT_FILES, nothing else) removed. ConfigError saying what is there and what to do."""
+    from workflows.checkpoints import STATE, WEIGHTS
+
+    output.create()
+    listed = output.listed()
+    shown = f"{output.option} {output}"
+    theirs = sorted(name for name in listed if name in (STATE, WEIGHTS) or name.startswith(RUN_CHECKPOINT_PREFIX))
+    if theirs:
+        raise ConfigError(f"{shown} is a checkpoint or run directory (it holds {', '.join(theirs[:3])}): the "
+                          f"evaluation's files would mix with its own; choose another --out")
+    earlier = [name for name in OUTPUT_FILES if name in listed]
+    if earlier and not overwrite:
+        raise ConfigError(f"{shown} holds an earlier evaluation ({', '.join(earlier)}): choose another --out, or "
+                          f"remove those files or pass --overwrite to replace it (only those files are removed)")
+    output.remove(earlier)
 
 
 def check_room_for_scores(out_dir: str | Path, videos: int, classes: int) -> None:
@@ -705,17 +745,21 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
               f"{len(plan.manifest)} videos, labels {plan.labels_source}", flush=True)
     for line in plan.warnings:
         print(line, file=sys.stderr, flush=True)
-    quiet_ray_console(request.verbose)
-    ensure_ray(local_cpus_for(plan.recipe), quiet=not request.verbose)
-    if progress:
-        print(f"{LOG_PREFIX} on {ray_description()}", flush=True)
-    results = score_views(plan, actors=request.actors, progress=progress)
-    if not results.scores.scores:  # every video dropped (data.max_bad_fraction=1.0 lets the run get here)
-        drops = results.drops
-        raise ValueError(f"none of the {len(plan.manifest)} videos could be read ({dict(drops.dropped)}; e.g. "
-                         f"{'; '.join(p for paths in drops.examples.values() for p in paths[:2])}); nothing was "
-                         f"written")
-    metrics = write_outputs(plan, results)
+    try:
+        quiet_ray_console(request.verbose)
+        ensure_ray(local_cpus_for(plan.recipe), quiet=not request.verbose)
+        if progress:
+            print(f"{LOG_PREFIX} on {ray_description()}", flush=True)
+        results = score_views(plan, actors=request.actors, progress=progress)
+        if not results.scores.scores:  # every video dropped (data.max_bad_fraction=1.0 lets the run get here)
+            drops = results.drops
+            raise ValueError(f"none of the {len(plan.manifest)} videos could be read ({dict(drops.dropped)}; e.g. "
+                             f"{'; '.join(p for paths in drops.examples.values() for p in paths[:2])}); nothing "
+                             f"was written")
+        metrics = write_outputs(plan, results)
+    except BaseException:
+        plan.output.discard()  # the output folder made for it, when nothing was written in it
+        raise
     uri = scoring_tracking_uri(plan, request.mlflow)
     if uri:
         metrics["mlflow_run_id"] = log_to_mlflow(plan, metrics, uri)
@@ -741,8 +785,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--zero-shot-fusion", action="store_true", help="blend DiST with frozen-CLIP logits")
     parser.add_argument("--clip-only", action="store_true", help="score with the frozen CLIP alone (baseline)")
     parser.add_argument("--preset", help="with --clip-only: the DiST preset whose CLIP to use")
-    parser.add_argument("--out", help="output directory (default: <checkpoint>/eval-<time>, or eval/<name>-<time> "
-                                      "for a registered or remote checkpoint)")
+    parser.add_argument("--out", help="output directory or bucket prefix (default: <run dir>/evals/<checkpoint>-eval-"
+                                      "<time> for a run's checkpoint_*, <checkpoint>/eval-<time> for a checkpoint "
+                                      "folder of its own, eval/<name>-<time> for a registered or remote checkpoint)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--out holds an earlier evaluation: remove its files (those an evaluation writes, "
+                             "nothing else) first, instead of refusing")
     parser.add_argument("--actors", type=int, help="scoring actors (default: one per GPU, or CPUs / 4 capped at 4)")
     tracking = parser.add_mutually_exclusive_group()
     tracking.add_argument("--mlflow", dest="mlflow", action="store_true", default=None,
@@ -762,7 +810,8 @@ def main(argv: list[str]) -> int:
                           manifest=args.manifest, labels=args.labels, views=args.views, crops=args.crops,
                           zero_shot_fusion=args.zero_shot_fusion, clip_only=args.clip_only, preset=args.preset,
                           out=args.out, actors=args.actors, mlflow=args.mlflow, tracking_uri=args.tracking_uri,
-                          verbose=args.verbose, save_scores=args.save_scores, clip_seconds=args.clip_seconds)
+                          verbose=args.verbose, save_scores=args.save_scores, clip_seconds=args.clip_seconds,
+                          overwrite=args.overwrite)
     from workflows.console import stdout_kept_for_json
     from workflows.data.drops import TooManyBadVideos
     from workflows.data.video import StorageUnreachable

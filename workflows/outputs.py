@@ -8,6 +8,7 @@ that continues (`predict --ray`) first fetches what is there, folders of parts i
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -29,6 +30,8 @@ class OutputFolder:
         self.uri = str(uri)
         self.shown = redact_secrets(self.uri)
         self.remote = in_bucket(self.uri)
+        self.option = option
+        self.created: list[Path] = []  # the folders `create` made, deepest first (`discard` removes them when empty)
         try:
             if self.remote:
                 self.fs, self.prefix = self._bucket()
@@ -49,6 +52,67 @@ class OutputFolder:
 
     def __str__(self) -> str:
         return self.shown if self.remote else str(self.local)
+
+    def create(self) -> None:
+        """A local folder made (with the folders above it) and proven writable by writing and deleting a probe file
+        in it, so that a place that cannot be written fails now, not once the results are there (os.access says yes
+        to root everywhere, /proc included). ConfigError naming the folder and the OS error, the folders it made
+        removed again. A bucket prefix: its staging folder is there already."""
+        if self.remote:
+            return
+        absolute = self.local.absolute()
+        missing = [p for p in (absolute, *absolute.parents) if not p.exists()]
+        probe = self.local / f".dist-write-probe-{os.getpid()}"
+        self.created = missing
+        try:
+            self.local.mkdir(parents=True, exist_ok=True)
+            write_probe(probe)
+            probe.unlink()
+        except OSError as exc:
+            self.discard()
+            raise ConfigError(f"{self.option} {self.local} cannot be written here ({exc}); give a folder you can "
+                              f"write") from None
+
+    def discard(self) -> None:
+        """Remove the folders `create` made while they are still empty (a plan or a scoring that failed leaves no
+        empty folder behind); anything written in them keeps them."""
+        for folder in self.created:
+            if not folder.is_dir():  # a mkdir that failed part-way: the ones above it may be there
+                continue
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.created = []
+
+    def listed(self) -> set[str]:
+        """The names directly in the folder, files and folders (none when it does not exist); of a bucket prefix,
+        asked of the bucket (one listing)."""
+        if not self.remote:
+            return set(os.listdir(self.local)) if self.local.is_dir() else set()
+        import pyarrow.fs as pafs
+
+        from workflows.data.video import from_storage
+
+        found = from_storage(self.uri, self.fs, lambda: self.fs.get_file_info(
+            pafs.FileSelector(self.prefix, recursive=False, allow_not_found=True)), action="list")
+        return {info.base_name for info in found}
+
+    def remove(self, names: list[str]) -> None:
+        """Delete the files `names` from the folder (and, for a bucket prefix, from the bucket too); nothing else in
+        it is touched, a missing one is no error."""
+        for name in names:
+            (self.local / name).unlink(missing_ok=True)
+        if not self.remote:
+            return
+        import pyarrow.fs as pafs
+
+        from workflows.data.video import from_storage
+
+        for name in names:
+            key = f"{self.prefix}/{name}"
+            if from_storage(self.uri, self.fs, lambda key=key: self.fs.get_file_info(key)).type == pafs.FileType.File:
+                from_storage(self.uri, self.fs, lambda key=key: self.fs.delete_file(key), action="delete")
 
     def fetch(self, names: list[str]) -> list[str]:
         """Copy the files `names` that exist in the bucket prefix into `local` (an earlier run's results); a name
@@ -117,3 +181,8 @@ class OutputFolder:
             raise StorageUnreachable(f"{exc}. The results are in {self.local} on this machine; copy them to "
                                      f"{self.shown}") from None
         shutil.rmtree(self.local, ignore_errors=True)
+
+
+def write_probe(path: Path) -> None:
+    """Write an empty file at `path` (`OutputFolder.create`'s proof that its folder can be written)."""
+    path.write_bytes(b"")

@@ -184,6 +184,116 @@ def test_plan_uses_the_checkpoint_model_and_latest_step(run_dir: Path, seven_lab
     assert len(swapped.class_names) == 7 and swapped.mode == "fusion"
 
 
+def test_the_default_output_folder_outlives_the_checkpoint(run_dir: Path, tmp_path: Path) -> None:
+    """The default --out was <checkpoint>/eval-<time>: once the run trained on, its checkpoint retention deleted the
+    checkpoint and the evaluation in it. A run's checkpoint_* (what a run directory resolves to) is now evaluated
+    into <run dir>/evals/<checkpoint>-eval-<time>; a checkpoint folder of its own keeps <checkpoint>/eval-<time>."""
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    for given, evaluated in ((run, "checkpoint_000001"), (run / "checkpoint_000000", "checkpoint_000000")):
+        out = plan_evaluation(EvalRequest(checkpoint=str(given))).out_dir
+        assert out.parent == run / "evals" and out.name.startswith(f"{evaluated}-eval-") and out.is_dir()
+    (out / "metrics.json").write_text("{}")
+    shutil.rmtree(run / "checkpoint_000000")  # what retention does to a checkpoint no longer kept
+    assert (out / "metrics.json").exists()
+    alone = shutil.copytree(run / "checkpoint_000001", tmp_path / "mine")
+    out = plan_evaluation(EvalRequest(checkpoint=str(alone))).out_dir
+    assert out.parent == alone and out.name.startswith("eval-")
+
+
+def test_an_output_folder_that_cannot_be_written_fails_before_any_scoring(run_dir: Path, tmp_path: Path,
+                                                                          no_ray: None, monkeypatch, capsys) -> None:
+    """The check asked os.access, which says yes to root everywhere: `--out /proc/x` passed it and failed once every
+    video was scored. The folder is now made and a file written and deleted in it first; a failure names the folder
+    and the OS error, and the folders it made are removed again."""
+    import errno
+    import os
+
+    from workflows import outputs
+
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)  # what root is told, whoever runs the test
+    if Path("/proc/self").exists():  # Linux: no one can make a folder in /proc
+        assert evaluate_main(["--checkpoint", str(run_dir), "--out", "/proc/dist-eval-out"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out /proc/dist-eval-out cannot be written here ([Errno ") and \
+            err.rstrip().endswith("give a folder you can write") and err.count("\n") == 1
+        assert not Path("/proc/dist-eval-out").exists()
+
+    def read_only(path: Path) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    write_probe = outputs.write_probe
+    monkeypatch.setattr(outputs, "write_probe", read_only)
+    with pytest.raises(ConfigError, match=rf"^--out {tmp_path}/new/out cannot be written here \(\[Errno 30\] "
+                                          r"Read-only file system: "):
+        plan_evaluation(EvalRequest(checkpoint=str(run_dir), out=str(tmp_path / "new" / "out")))
+    assert list(tmp_path.iterdir()) == []  # new/ and new/out, which the check made, removed again
+    monkeypatch.setattr(outputs, "write_probe", write_probe)
+    plan = plan_evaluation(EvalRequest(checkpoint=str(run_dir), out=str(tmp_path / "new" / "out")))
+    assert plan.out_dir.is_dir() and list(plan.out_dir.iterdir()) == []  # made, the probe file gone
+
+
+def test_an_earlier_evaluation_or_a_checkpoint_is_never_written_over(run_dir: Path, tmp_path: Path, no_ray: None,
+                                                                     capsys) -> None:
+    """`evaluate --out X` into X holding an earlier evaluation wrote over it silently: refused before any work,
+    naming what is there; `--overwrite` removes those files, nothing else. A checkpoint or run directory is refused
+    even with --overwrite (its recipe.yaml would be replaced)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("metrics.json", "clips.csv", "notes.txt"):
+        (out / name).write_text(name)
+    assert evaluate_main(["--checkpoint", str(run_dir), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: --out {out} holds an earlier evaluation (metrics.json, clips.csv): " \
+        "choose another --out, or remove those files or pass --overwrite to replace it (only those files are " \
+        "removed)\n"
+    assert sorted(p.name for p in out.iterdir()) == ["clips.csv", "metrics.json", "notes.txt"]
+    plan_evaluation(EvalRequest(checkpoint=str(run_dir), out=str(out), overwrite=True))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    for folder, holds in ((run_dir / "checkpoint_000001", "state.json, weights.safetensors"),
+                          (run_dir, "checkpoint_000000, checkpoint_000001")):
+        recipe = (folder / "recipe.yaml").read_bytes() if (folder / "recipe.yaml").exists() else None
+        assert evaluate_main(["--checkpoint", str(run_dir), "--out", str(folder), "--overwrite"]) == 2
+        assert capsys.readouterr().err == f"error: --out {folder} is a checkpoint or run directory (it holds " \
+            f"{holds}): the evaluation's files would mix with its own; choose another --out\n"
+        assert (folder / "recipe.yaml").read_bytes() == recipe if recipe is not None else \
+            not (folder / "recipe.yaml").exists()
+
+
+def test_an_earlier_evaluation_in_a_bucket_prefix_is_refused_or_replaced(tmp_path: Path, monkeypatch) -> None:
+    """--out s3://...: what the prefix holds is asked of the bucket (moto here) before any scoring; --overwrite
+    deletes the earlier evaluation's objects there (a staging folder pushes only what the new one writes, so an
+    object left there would mix the two)."""
+    from tests.workflows.object_store import proxied_bucket
+    from workflows.evaluate import prepare_output_folder
+    from workflows.outputs import OutputFolder
+
+    (tmp_path / "s3").mkdir()
+    with proxied_bucket(tmp_path / "s3", "results") as (_, creds, client):
+        for name, value in creds.env().items():
+            monkeypatch.setenv(name, value)
+        for key in ("eval/metrics.json", "eval/clips.csv", "eval/notes.txt", "eval/old/predictions.csv",
+                    "run/checkpoint_000001/state.json"):
+            client.put_object(Bucket="results", Key=key, Body=b"x")
+
+        def keys() -> list[str]:  # the objects (not the empty "eval/" marker pyarrow leaves when it deletes one)
+            listed = client.list_objects_v2(Bucket="results").get("Contents", [])
+            return sorted(o["Key"] for o in listed if not o["Key"].endswith("/"))
+
+        outputs = [OutputFolder(f"s3://results/{name}") for name in ("eval", "run", "new")]
+        try:
+            with pytest.raises(ConfigError, match=r"^--out s3://results/eval holds an earlier evaluation "
+                                                  r"\(metrics.json, clips.csv\): choose another --out"):
+                prepare_output_folder(outputs[0])
+            with pytest.raises(ConfigError, match=r"^--out s3://results/run is a checkpoint or run directory"):
+                prepare_output_folder(outputs[1], overwrite=True)
+            prepare_output_folder(outputs[2])  # nothing there
+            assert len(keys()) == 5
+            prepare_output_folder(outputs[0], overwrite=True)
+            assert keys() == ["eval/notes.txt", "eval/old/predictions.csv", "run/checkpoint_000001/state.json"]
+        finally:
+            for output in outputs:
+                shutil.rmtree(output.local, ignore_errors=True)
+
+
 def test_clips_of_one_file_are_also_scored_as_the_file(run_dir: Path, video_dir: Path, tmp_path: Path) -> None:
     """A manifest of clips cut from longer files (data import folders --clip-seconds): each row is scored as
     before, and each file once more as the mean of its read clips' probabilities; a file whose clips name
@@ -289,6 +399,29 @@ def test_clip_seconds_cuts_whole_videos_into_clips_and_saves_the_files_scores(ru
     client = MlflowClient(tracking_uri=uri)
     assert client.get_run(run_id).data.params["clip_seconds"] == "1.0"
     assert "evaluation/clips.csv" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    # A second evaluation into the same folder, of whole videos: it was written over the first, beside the first's
+    # clips.csv, file_predictions.csv and scores.npz, which no longer matched. Refused before any work, naming what
+    # is there; with --overwrite the first one's files (those alone) are removed first.
+    (out / "notes.txt").write_text("mine")
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = dict(checkpoint=str(run_dir), manifest=str(video_dir / "good.csv"), views=1, out=str(out), mlflow=False)
+    with pytest.raises(ConfigError, match=rf"^--out {out} holds an earlier evaluation \(metrics.json, "
+                                          r"per_class_accuracy.csv, predictions.csv, confusion_matrix.csv, "
+                                          r"confusion_matrix.png, recipe.yaml, file_predictions.csv, scores.npz, "
+                                          r"clips.csv\): choose another --out, or remove those files or pass "
+                                          r"--overwrite to replace it"):
+        plan_evaluation(EvalRequest(**again))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    plan = plan_evaluation(EvalRequest(**again, overwrite=True))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    scores = VideoScores(N)
+    for row in range(N):
+        scores.add(torch.tensor([row]), torch.randn(1, N), torch.tensor([row]))
+    write_outputs(plan, ViewResults(scores=scores, rows=N, rows_per_video=dict.fromkeys(range(N), 1),
+                                    drops=DropReport("eval", None, N), dropped_videos={}, seconds=1.0))
+    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.csv", "confusion_matrix.png", "metrics.json",
+                                                     "notes.txt", "per_class_accuracy.csv", "predictions.csv",
+                                                     "recipe.yaml"]
 
     assert evaluate_main(["--checkpoint", str(run_dir), "--clip-seconds", "0", "--out", str(tmp_path / "o2")]) == 2
     assert "--clip-seconds 0.0: give the length of a clip in seconds" in capsys.readouterr().err
@@ -371,7 +504,8 @@ def test_read_checkpoint_refuses_a_state_without_model(run_dir: Path, video_dir:
     assert "has no model section" in capsys.readouterr().err
 
 
-def test_a_checkpoint_in_storage_is_fetched_and_a_partial_one_never_used(run_dir: Path, tmp_path: Path) -> None:
+def test_a_checkpoint_in_storage_is_fetched_and_a_partial_one_never_used(run_dir: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint given as a URI (s3://, gs://, here file:// through the same pyarrow code path) is fetched: a
     checkpoint directory as it is, a run directory's newest *complete* checkpoint (every rank's file list there,
     every file at its size), so a newer partial upload is skipped. tests/workflows/test_object_storage.py does this
@@ -394,8 +528,10 @@ def test_a_checkpoint_in_storage_is_fetched_and_a_partial_one_never_used(run_dir
     for key, value in read_weights(loaded.directory).items():
         torch.testing.assert_close(value, read_weights(run_dir / "checkpoint_000001")[key])
     assert read_checkpoint((runs / "checkpoint_a").as_uri()).state["step"] == 1  # a checkpoint directory itself
+    monkeypatch.chdir(tmp_path)  # the default output folder, eval/checkpoint_b-<time>, is made by the plan
     plan = plan_evaluation(EvalRequest(checkpoint=runs.as_uri()))
     assert plan.checkpoint_source == (runs / "checkpoint_b").as_uri() and plan.out_dir.parts[0] == "eval"
+    assert plan.out_dir.name.startswith("run-") and (tmp_path / plan.out_dir).is_dir()
     shutil.rmtree(runs / "checkpoint_a" / "complete")
     shutil.rmtree(runs / "checkpoint_b" / "complete")
     with pytest.raises(FileNotFoundError, match="holds no complete checkpoint_"):
