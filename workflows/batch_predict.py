@@ -469,7 +469,9 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
         result = summary(output, tables)
         output.finish([], retry_s=retry_s)
         return result
-    plan.manifest = rows.manifest(plan.manifest.source, todo)
+    # The whole job's rows, only `todo` read: the bad-video limit stays over the job (rows written before count as
+    # read), not over what is left (one unreadable video of a job's 1000, scored again, would be 1 of 1).
+    plan.manifest, plan.positions = rows.manifest(plan.manifest.source, list(range(len(rows)))), todo
     if progress:
         print(f"{LOG_PREFIX} on {ray_description()}", flush=True)
     pipeline = start_scoring(plan, request.actors)
@@ -511,9 +513,11 @@ def record_in_mlflow(request: BatchRequest, plan: Any, identity: dict[str, Any],
     uri = scoring_tracking_uri(plan, request.mlflow)
     if not uri:
         return
+    # where the rows are, as read later from anywhere: absolute (`--out` as typed may be relative)
+    where = plan.output.shown if plan.output.remote else str(plan.out_dir.absolute())
     tracker = Tracker(uri, plan.recipe.mlflow.experiment, run_name=f"predict-{plan.recipe.run.name}",
-                      parent_run_id=plan.state.get("mlflow_run_id"), tags={"dist.kind": "predict",
-                                                                           "dist.predictions": str(plan.output)},
+                      parent_run_id=plan.state.get("mlflow_run_id"),
+                      tags={"dist.kind": "predict", "dist.predictions": where},
                       who="the prediction job")
     tracker.log_params({"checkpoint": identity["checkpoint"], "step": identity["step"], "inputs":
                         redact_secrets(request.manifest) if request.manifest else f"{len(request.videos)} given",

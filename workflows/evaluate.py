@@ -23,7 +23,6 @@ evaluation is refused before any scoring (`--overwrite` removes that evaluation'
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -38,7 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from workflows.config_loader import ConfigError, add_override_option, apply_overrides, dump_yaml, from_dict, load_yaml
+from workflows.config_loader import (
+    CommandParser,
+    ConfigError,
+    add_override_option,
+    apply_overrides,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+)
 from workflows.inference import (
     REGISTRY_SCHEME,
     LoadedCheckpoint,
@@ -144,6 +151,9 @@ class EvalPlan:
     save_scores: bool = False  # scores.npz beside the other outputs
     cut: Any = None  # with --clip-seconds: what cutting the manifest into clips wrote (clips.CutManifest)
     output: Any = None  # where the outputs go (outputs.OutputFolder): out_dir, or a bucket prefix it is pushed to
+    # The manifest rows to score (None: all). The rest count as read for data.max_bad_fraction, which is then over
+    # the whole manifest: a continued `predict --ray` job scores what is left, and its bad share is the job's.
+    positions: list[int] | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -482,7 +492,8 @@ def _scored_views(plan: EvalPlan, data: Any, pool: int, use_gpu: bool) -> Any:
     precision = scoring_precision(recipe)
     clips = build_clip_dataset(data, plan.manifest, plan.label_map, split="eval", num_frames=cfg.num_frames,
                                crop_size=cfg.image_size, num_views=plan.views, num_crops=plan.crops,
-                               counter_split="eval")
+                               counter_split="eval",
+                               positions=None if plan.positions is None else np.asarray(plan.positions, np.int64))
     return clips.map_batches(
         ViewScorer,
         fn_constructor_kwargs={"model_section": plan.model_section, "seed": plan.seed, "weights": weights,
@@ -770,7 +781,7 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows evaluate",
+    parser = CommandParser(prog="python -m workflows evaluate",
                                      description=__doc__.split("\n")[0].rstrip(":"))
     parser.add_argument("--checkpoint", help="checkpoint directory, a run directory (its latest checkpoint), local or "
                                              "in a bucket (s3://...), or a registered model models:/NAME/VERSION")

@@ -68,18 +68,19 @@ def test_flags_that_need_ray_say_so_and_a_foreign_folder_is_refused(run_dir: Pat
 @pytest.mark.integration
 def test_predict_on_ray_scores_as_predict_here_and_lists_what_could_not_be_read(ray_local, run_dir: Path,
                                                                                 video_dir: Path, tmp_path: Path,
-                                                                                capsys) -> None:
+                                                                                capsys, monkeypatch) -> None:
     """A manifest (its labels ignored) with good and unreadable videos: every row written once, the good ones with
     the top classes `predict` gives on this machine for the same views x crops, the others with why; --mlflow: the
-    job recorded in the store."""
+    job recorded in the store (where its rows are as an absolute path, though --out was given relative)."""
     from mlflow import MlflowClient
 
     from workflows.inference import load_predictor
     from workflows.predict import predict_video
 
     out, store = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
     rc = predict_main(["--ray", "--checkpoint", str(run_dir), "--manifest", str(video_dir / "bad.csv"), "--views", "2",
-                       "--crops", "3", "--out", str(out), "--json", "--set", "data.max_bad_fraction=1.0", "--set",
+                       "--crops", "3", "--out", "out", "--json", "--set", "data.max_bad_fraction=1.0", "--set",
                        f"mlflow.tracking_uri={store}", "--mlflow"])
     captured = capsys.readouterr()
     assert rc == 1, captured.err  # some videos could not be read
@@ -111,11 +112,12 @@ def test_predict_on_ray_scores_as_predict_here_and_lists_what_could_not_be_read(
 def test_a_stopped_job_continues_and_another_job_is_refused(ray_local, run_dir: Path, video_dir: Path,
                                                             tmp_path: Path, capsys) -> None:
     """The same command after a stop scores only what is not written: a cut last line and the videos that could not
-    be read are scored again; the result is the uninterrupted one. Other settings into the same folder are refused,
-    naming what changed."""
+    be read are scored again; the result is the uninterrupted one. The bad-video limit is over the whole job: 3 of
+    its 8 videos are unreadable, under 0.4, though they are 3 of the 6 scored again. Other settings into the same
+    folder are refused, naming what changed."""
     out = tmp_path / "out"
     args = ["--ray", "--checkpoint", str(run_dir), str(video_dir / "clips"), "--out", str(out), "--views", "2",
-            "--set", "data.max_bad_fraction=1.0"]
+            "--set", "data.max_bad_fraction=0.4"]
     assert predict_main(args) == 1  # the folder holds three unreadable files
     capsys.readouterr()
     first = {r["video_index"]: r for r in _rows(out / "predictions.csv")}
