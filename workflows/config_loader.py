@@ -318,7 +318,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     it."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        shipped = Path(__file__).parent / "configs" / path.name  # `--config smoke.yaml`, meaning a shipped recipe
+        hint = f"; the shipped recipe of that name is {shipped}" if shipped.is_file() else ""
+        raise ConfigError(f"config file {path} does not exist{hint}")
     try:
         data = _read_yaml(path.read_text()) or {}
     except _DuplicateKeyError as exc:

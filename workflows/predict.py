@@ -353,8 +353,8 @@ def main(argv: list[str]) -> int:
                         help="with --ray: the tables' format (default csv). parquet: parts written whole every "
                              "10,000 rows or minute, each uploaded once into a bucket; with --top all a row's "
                              "`scores` is the whole distribution as one vector in the label set's order")
-    on_ray.add_argument("--manifest", help="with --ray: a CSV/TSV/Parquet list of videos (a path column; label, "
-                                           "start and end read when present)")
+    on_ray.add_argument("--manifest", help="with --ray: a CSV/TSV/Parquet list of videos (a path column; start and "
+                                           "end read when present; a label column is ignored)")
     on_ray.add_argument("--actors", type=int, help="with --ray: scoring actors (default: one per GPU, or CPUs / 4 "
                                                    "capped at 4)")
     add_override_option(on_ray, "with --ray: override a key of the checkpoint's recipe, e.g. --set eval.batch_size=32 "

@@ -79,8 +79,11 @@ def test_bad_config_is_named(tmp_path, data, overrides, message):
 
 
 def test_missing_file_and_optional_values(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist$"):
         load_config(Run, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"config file smoke.yaml does not exist; the shipped recipe of that name is "
+                                          r"/.*/workflows/configs/smoke.yaml"):
+        load_config(Run, "smoke.yaml")  # (the tests run from the repository's root)
     assert from_dict(Run, {"note": None}).note is None
     assert from_dict(Run, {"note": "x"}).note == "x"
 

@@ -5,7 +5,7 @@ the job's whole label set, so the indices match the checkpoint's.
 
 The predictions folder is read where `predict --ray --out` wrote it (a folder, or a bucket prefix), in either format.
 Paths are written as the job wrote them: a local relative path is taken from the current folder (as `predict` took
-it) and written relative to the manifest; a bucket URI as it is.
+it) and written relative to the manifest when the video lies below it, else absolute; a bucket URI as it is.
 """
 
 from __future__ import annotations
