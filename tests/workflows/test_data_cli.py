@@ -48,13 +48,15 @@ def test_data_check_on_sample_data_and_bad_manifest(ray_local, video_dir, tmp_pa
     # Unknown labels and repeated rows are named by the manifest's lines, the header and blank lines counted.
     clips = video_dir / "clips"
     (tmp_path / "odd.csv").write_text(f"path,label\n\n{clips / 'wide.mp4'},cls0\n\n{clips / 'tall.mp4'},zebra\n"
-                                      f"{clips / 'wide.mp4'},cls0\n")
+                                      f"{clips / 'wide.mp4'},cls0\n{clips / 'mid.mp4'},CLS 1\n")
     rc, report = _check(tmp_path / "odd.csv", video_dir / "labels.json", address)
     assert rc == 1 and report["numbered_by"] == "line"
-    assert report["unknown_labels"] == {"zebra": [5]} and report["repeated_rows"] == [[6, 3]]
+    assert report["unknown_labels"] == {"zebra": [5], "CLS 1": [7]} and report["repeated_rows"] == [[6, 3]]
+    assert report["meant_labels"] == {"CLS 1": "cls1"}  # a label a typo or another case away from a class
     from workflows.data.cli import _format_check
 
     assert "'zebra' (line 5)" in _format_check(report) and "1 row(s) repeat an earlier row" in _format_check(report)
+    assert "'CLS 1' (line 7; did you mean 'cls1'?)" in _format_check(report)
     assert "line 6 = line 3" in _format_check(report)
 
 

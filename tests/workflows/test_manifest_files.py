@@ -72,6 +72,9 @@ def test_errors_name_the_line_an_editor_shows(tmp_path, sep: str, newline: str) 
     with pytest.raises(ManifestError, match=r"2 label\(s\) not in the label file \(2 classes\): 'jumping' \(lines 8, "
                                             r"10\); 'swimming' \(line 12\)"):
         load_manifest(manifest(*ok, "c.mp4,jumping,,", "", "d.mp4,jumping,,", "", "e.mp4,swimming,,"), labels)
+    with pytest.raises(ManifestError, match=r"'walkng' \(line 8; did you mean 'walking'\?\); 'Running' \(line 9; "
+                                            r"did you mean 'running'\?\)"):
+        load_manifest(manifest(*ok, "c.mp4,walkng,,", "d.mp4,Running,,"), labels)
     loaded = load_manifest(manifest('"x', 'y.mp4",walking,,', *ok, "a.mp4,walking,,", "", "a.mp4,running,,"),
                            labels)  # the quoted path runs over lines 4 and 5: the rows below move down one
     assert loaded.lines == [4, 6, 9, 10, 12] and loaded.where(2) == "line 9" and loaded.where([0, 1]) == "lines 4, 6"

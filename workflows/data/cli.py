@@ -74,8 +74,9 @@ def _format_check(report: dict[str, Any]) -> str:
     if report["unknown_labels"]:
         lines.append(f"labels not in the label file: {len(report['unknown_labels'])}")
         for name, rows in list(report["unknown_labels"].items())[:10]:
+            meant = report.get("meant_labels", {}).get(name)
             lines.append(f"  {name!r} ({report['numbered_by']}{'s' if len(rows) > 1 else ''} "
-                         f"{', '.join(map(str, rows))})")
+                         f"{', '.join(map(str, rows))}{f'; did you mean {meant!r}?' if meant else ''})")
     for key, title in (("frames", "frames per video"), ("duration_s", "duration (s)"), ("fps", "fps"),
                        ("short_side", "short side (px)")):
         s = report[key]

@@ -17,7 +17,7 @@ import numpy as np
 
 from workflows.data.data_config import DataConfig
 from workflows.data.drops import MAX_EXAMPLES
-from workflows.data.manifest import load_labels, load_manifest
+from workflows.data.manifest import closest_class, load_labels, load_manifest
 from workflows.data.pipeline import manifest_blocks
 from workflows.data.shared_disk import where_tasks_see, witness_files
 from workflows.data.video import DROP_REASONS, BadVideo, StorageUnreachable, read_frames
@@ -196,6 +196,9 @@ def check_dataset(manifest: str, labels: str | dict[str, int] | None = None, *, 
         "numbered_by": "line" if loaded.lines is not None else "row",
         "unknown_labels": {k: [loaded.number(i) for i in v] for k, v in loaded.unknown_labels.items()}
         if label_map else {},
+        # the class each unknown label most likely meant (a typo, another case): {label: class}
+        "meant_labels": {k: meant for k in loaded.unknown_labels if label_map
+                         for meant in [closest_class(k, label_map)] if meant},
         # rows naming the same clip (path, start, end) as an earlier row, [row, earlier row] pairs (numbered_by)
         "repeated_rows": [[loaded.number(r), loaded.number(e)] for r, e in loaded.repeated_rows],
         "label_conflicts": [[loaded.number(r), loaded.number(e)] for r, e in loaded.label_conflicts],

@@ -19,6 +19,7 @@ a manifest given that way resolves its relative entries against its folder as pl
 from __future__ import annotations
 
 import csv
+import difflib
 import functools
 import io
 import json
@@ -189,6 +190,15 @@ def text_key(name: object) -> str:
     return " ".join(class_key(name).split()).lower()
 
 
+def closest_class(name: str, labels: dict[str, int] | list[str]) -> str | None:
+    """The class of `labels` a label not in it most likely meant (a typo, another case or spacing), or None."""
+    by_text = {text_key(known): known for known in labels}
+    if text_key(name) in by_text:
+        return by_text[text_key(name)]
+    close = difflib.get_close_matches(text_key(name), list(by_text), n=1, cutoff=0.8)
+    return by_text[close[0]] if close else None
+
+
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     """json object hook: a class written twice (the last would silently win) is an error."""
     seen: dict[str, object] = {}
@@ -206,6 +216,11 @@ def utf16_hint(data: bytes) -> str:
         return ("is UTF-16 text (Excel's \"Unicode Text\" and Notepad's \"Unicode\" save that); save it as UTF-8 "
                 "(Excel: \"CSV UTF-8\") or convert it: iconv -f UTF-16 -t UTF-8 FILE > NEW")
     return ""
+
+
+def _meant(name: str, labels: dict[str, int]) -> str:
+    meant = closest_class(name, labels)
+    return f"; did you mean {meant!r}?" if meant else ""
 
 
 def load_labels(path: str) -> dict[str, int]:
@@ -492,7 +507,8 @@ def load_manifest(path: str, labels: dict[str, int] | None, *, strict: bool = Tr
         if earlier != i:
             (repeated if names[earlier] == names[i] else conflicts).append((i, earlier))
     if labels is not None and unknown and strict:
-        shown = "; ".join(f"{name!r} ({_where(lines, rows)})" for name, rows in list(unknown.items())[:5])
+        shown = "; ".join(f"{name!r} ({_where(lines, rows)}{_meant(name, labels)})"
+                          for name, rows in list(unknown.items())[:5])
         raise ManifestError(f"manifest {path}: {len(unknown)} label(s) not in the label file ({len(labels)} "
                             f"classes): {shown}")
     out = pa.table({
