@@ -72,6 +72,13 @@ def test_errors_name_the_line_an_editor_shows(tmp_path, sep: str, newline: str) 
     with pytest.raises(ManifestError, match=r"2 label\(s\) not in the label file \(2 classes\): 'jumping' \(lines 8, "
                                             r"10\); 'swimming' \(line 12\)"):
         load_manifest(manifest(*ok, "c.mp4,jumping,,", "", "d.mp4,jumping,,", "", "e.mp4,swimming,,"), labels)
+    (tmp_path / "m.json").write_text('[{"path": "a.mp4", "label": "walking"}]')
+    with pytest.raises(ManifestError, match=r"m.json is JSON, not a CSV/TSV or Parquet file of path,label"):
+        load_manifest(str(tmp_path / "m.json"), labels)
+    (tmp_path / "latin1.csv").write_bytes("path,label\na.mp4,walking\ncaf\u00e9.mp4,walking\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"latin1.csv is not UTF-8 text \(line 3: byte 0xe9; .*iconv -f "
+                                            r"WINDOWS-1252 -t UTF-8 FILE > NEW"):
+        load_manifest(str(tmp_path / "latin1.csv"), labels)
     with pytest.raises(ManifestError, match=r"'walkng' \(line 8; did you mean 'walking'\?\); 'Running' \(line 9; "
                                             r"did you mean 'running'\?\)"):
         load_manifest(manifest(*ok, "c.mp4,walkng,,", "d.mp4,Running,,"), labels)

@@ -218,6 +218,22 @@ def utf16_hint(data: bytes) -> str:
     return ""
 
 
+def not_csv_hint(data: bytes) -> str:
+    """What to say of a manifest that is text, but not a CSV pyarrow can read: JSON (SSV2's annotations, a list of
+    rows), or not UTF-8 (a spreadsheet's Latin-1 or Windows-1252 export), naming the line; else ""."""
+    if data.lstrip()[:1] in (b"{", b"["):
+        return ("is JSON, not a CSV/TSV or Parquet file of path,label[,start,end] rows (`python -m workflows data "
+                "import ssv2` turns Something-Something-V2's JSON annotations into one)")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        return (f"is not UTF-8 text (line {line}: byte 0x{data[exc.start]:02x}; a Latin-1 or Windows-1252 export "
+                f"saves accents so); save it as UTF-8 (Excel: \"CSV UTF-8\") or convert it: iconv -f WINDOWS-1252 "
+                f"-t UTF-8 FILE > NEW")
+    return ""
+
+
 def _meant(name: str, labels: dict[str, int]) -> str:
     meant = closest_class(name, labels)
     return f"; did you mean {meant!r}?" if meant else ""
@@ -403,6 +419,9 @@ def _read_table_lines(path: str) -> tuple[pa.Table, list[int] | None]:
             utf16 = utf16_hint(data)
             if utf16:
                 raise ManifestError(f"manifest {path} {utf16}")
+            not_csv = not_csv_hint(data)
+            if not_csv:
+                raise ManifestError(f"manifest {path} {not_csv}")
             # Every column as text: labels like "0" must not become numbers; only an empty cell is missing (a
             # class may be called "NA" or "null", which pyarrow's default null markers would empty).
             convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS},
