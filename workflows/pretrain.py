@@ -137,6 +137,9 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
     check_no_placeholders(recipe)
     try:
         labels = load_labels(recipe.data.labels)
+        if len(labels) < 2:  # softmax over one class: its loss is 0 whatever the weights
+            raise ConfigError(f"data.labels {recipe.data.labels} has {len(labels)} class: training needs two or more "
+                              f"to tell apart (a folder import of one class folder writes one; add the other classes)")
         manifests = {key: load_manifest(getattr(recipe.data, key), labels, strict=True)
                      for key in ("train_manifest", "val_manifest")}
     except (ValueError, OSError) as exc:  # ManifestError: names the file and what is wrong with it

@@ -197,6 +197,9 @@ def test_flip_pairs_init_from_and_tracking_that_do_not_fit_fail_before_any_work(
 
     labels = json.loads(Path(sample_data.labels).read_text())
     names = sorted(labels, key=labels.get)
+    (tmp_path / "one.json").write_text(json.dumps({names[0]: 0}))
+    with pytest.raises(ConfigError, match=r"data.labels .*one.json has 1 class: training needs two or more"):
+        check(f"data.labels={tmp_path / 'one.json'}")
     with pytest.raises(ConfigError, match=r"data.flip_pairs \[\[0, 9\]\]: data.labels .* has 8 classes \(0..7\)"):
         check("data.flip=swap_labels", "data.flip_pairs=[[0, 9], [2, 3]]")
     capsys.readouterr()
