@@ -4,6 +4,7 @@ Public entry points: `DiSTConfig.from_name(name)`, `build_dist(cfg)`, `build_spa
 `normalize_video(frames)`, `load_authors_checkpoint(model, path)`. This package never imports Ray.
 """
 
+from dist_model.checkpoint import LoadReport, load_authors_checkpoint
 from dist_model.config import FUSION_PRESETS, DiSTConfig, fusion_layers_for, presets
 from dist_model.model import DiST, DiSTNet, SpatialOnly, build_clip, build_dist, build_spatial_only
 from dist_model.spatial import CLIP_MEAN, CLIP_STD, PRECISION_DTYPES, FrozenCLIP, normalize_video
@@ -17,11 +18,13 @@ __all__ = [
     "DiSTConfig",
     "DiSTNet",
     "FrozenCLIP",
+    "LoadReport",
     "SpatialOnly",
     "build_clip",
     "build_dist",
     "build_spatial_only",
     "fusion_layers_for",
+    "load_authors_checkpoint",
     "normalize_video",
     "presets",
 ]

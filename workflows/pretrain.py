@@ -192,13 +192,10 @@ def validate_before_start(recipe: Recipe, warn_space: bool = True) -> int:
     return len(manifests["train_manifest"])
 
 
-PLACEHOLDER = "YOUR-BUCKET"  # what the shipped cluster recipes hold where a user's bucket goes
-
-
 def check_no_placeholders(recipe: Recipe) -> None:
     """ConfigError naming each key that still holds the shipped recipes' PLACEHOLDER (run.storage_path,
     train.init_from), before anything tries to reach a bucket of that name (an AWS error about DNS otherwise)."""
-    from workflows.recipe import recipe_to_dict
+    from workflows.recipe import PLACEHOLDER, recipe_to_dict
     from workflows.tracking import flatten
 
     keys = {key: value for key, value in flatten(recipe_to_dict(recipe)).items()

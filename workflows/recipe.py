@@ -59,6 +59,9 @@ def model_config(section: Any) -> DiSTConfig:
     return DiSTConfig.from_name(section.preset, **overrides)
 
 
+PLACEHOLDER = "YOUR-BUCKET"  # what the shipped cluster recipes and sweeps hold where a user's bucket goes
+
+
 def check_folder_name(name: str, key: str, what: str) -> None:
     """ValueError unless `name` is a plain folder name: Ray names the folder itself for an empty run name, and a
     path (`a/b`, `..`) would put a run or sweep outside its storage_path, where a relaunch would not find it."""

@@ -100,6 +100,20 @@ def test_a_training_recipe_given_to_tune_says_to_run_pretrain():
         load_sweep(smoke)
 
 
+def test_the_shipped_sweeps_placeholder_bucket_is_named_first_with_the_sweeps_own_key(capsys, monkeypatch):
+    """sweep_fusion_b16.yaml's storage_path names YOUR-BUCKET: `tune --check` says so before anything else (the
+    tracking server a bucket sweep needs), naming the sweep's key, which works, not run.storage_path, which the
+    sweep sets for its trials."""
+    from workflows.tune.driver import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["--config", str(CONFIGS / "sweep_fusion_b16.yaml"), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "error: storage_path s3://YOUR-BUCKET/dist-sweeps names the placeholder bucket YOUR-BUCKET of the shipped " \
+           "sweeps: set your own with the sweep's key (it sets run.storage_path for its trials), e.g. --set " \
+           "storage_path=s3://<your-bucket>/dist-sweeps" in err, err
+
+
 def test_every_grid_point_is_built_before_ray(tmp_path):
     # dist_tiny has head_dim 32: 100 is not a multiple, and only the combination with that value is invalid.
     path = write_sweep(tmp_path, "  model.fusion_layers: {grid: [all, every2]}\n"

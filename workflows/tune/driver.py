@@ -517,6 +517,19 @@ def full_disk_advice(plan: SweepPlan, trial_recipe: Recipe) -> str:
     return f"{advice} {plan.train_storage}'s disk has {free / mib:.1f} MiB free now."
 
 
+def check_sweep_storage(sweep: Any) -> None:
+    """ConfigError when the sweep's storage_path still names the shipped sweeps' placeholder bucket, with the key to
+    set: the sweep's own, as it sets run.storage_path for its trials (checked first, before the tracking server a
+    bucket needs is asked for)."""
+    from workflows.recipe import PLACEHOLDER
+
+    if PLACEHOLDER in sweep.storage_path:
+        mine = sweep.storage_path.replace(PLACEHOLDER, "<your-bucket>")
+        raise ConfigError(f"storage_path {sweep.storage_path} names the placeholder bucket {PLACEHOLDER} of the "
+                          f"shipped sweeps: set your own with the sweep's key (it sets run.storage_path for its "
+                          f"trials), e.g. --set storage_path={mine}")
+
+
 def main(argv: list[str]) -> int:
     parser = config_parser("python -m workflows tune", __doc__.split("\n")[0].rstrip(":"),
                            "sweep YAML (see workflows/configs/sweep_*.yaml)",
@@ -533,7 +546,9 @@ def main(argv: list[str]) -> int:
                              "starting Ray: 0 when it would start, 2 naming what is wrong")
     args = parser.parse_args(argv)
     try:  # everything checked before Ray (ValueError: a bad manifest or label file, ManifestError)
-        plan = plan_sweep(load_sweep(args.config, args.overrides))
+        sweep = load_sweep(args.config, args.overrides)
+        check_sweep_storage(sweep)
+        plan = plan_sweep(sweep)
         if args.check:
             check_sweep_before_ray(plan, resume=args.resume)
             print(f"{LOG_PREFIX} check: one trial holds {trial_resources(plan.base_recipe)}. Left to the start: the "
