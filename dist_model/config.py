@@ -9,6 +9,7 @@ Knob names map onto the authors' keys (reference §3.2) as noted on each field.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -192,6 +193,10 @@ class DiSTConfig:
     def __post_init__(self) -> None:
         if isinstance(self.fusion_layers, list):
             self.fusion_layers = tuple(self.fusion_layers)
+        if isinstance(self.fusion_layers, tuple) and not all(
+                isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in self.fusion_layers):  # int(1.5): 1
+            raise ValueError(f"fusion_layers takes CLIP block indices (whole numbers) or a preset name, got "
+                             f"{list(self.fusion_layers)}")
         arch = clip_arch(self.clip_arch)
         check_clip_activation(self.clip_activation, declared_clip_activation(self.clip_arch, self.clip_pretrained))
         depth = arch.layers

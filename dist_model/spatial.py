@@ -36,6 +36,9 @@ def normalize_video(frames: torch.Tensor, dtype: torch.dtype = torch.float32) ->
     """uint8 clips (B, T, H, W, 3) -> CLIP-normalised float (B, 3, T, H, W). Runs on the training device."""
     if frames.dim() != 5 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 clips shaped (B, T, H, W, 3), got {tuple(frames.shape)}")
+    if frames.dtype != torch.uint8:  # a float clip would be scaled by 1/255 again, or an unscaled one taken as is
+        raise ValueError(f"expected uint8 clips (0..255), got {frames.dtype}: normalize_video scales and normalises "
+                         f"them; a float clip already in CLIP's normalisation goes to the model as it is")
     mean, std = _clip_stats(frames.device, dtype)
     video = frames.permute(0, 4, 1, 2, 3).to(dtype).div_(255.0)  # (B, 3, T, H, W), a fresh tensor
     return video.sub_(mean).div_(std)

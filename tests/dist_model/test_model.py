@@ -135,6 +135,8 @@ def test_normalize_video_layout_and_values():
     assert video.shape == (2, 3, 4, 5, 6)
     assert torch.allclose(video[:, 0], torch.tensor((1 - 0.48145466) / 0.26862954))
     assert torch.allclose(video[:, 1], torch.tensor(-0.4578275 / 0.26130258))
+    with pytest.raises(ValueError, match="expected uint8 clips \\(0..255\\), got torch.float32"):
+        normalize_video(frames.float() / 255)  # would be scaled by 1/255 a second time
 
 
 # --- text classifier and zero-shot ---
