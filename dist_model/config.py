@@ -193,6 +193,9 @@ class DiSTConfig:
     def __post_init__(self) -> None:
         if isinstance(self.fusion_layers, list):
             self.fusion_layers = tuple(self.fusion_layers)
+        if self.clip_precision not in ("fp32", "bf16", "fp16"):  # (the recipe loader checks its Literal; a direct
+            # DiSTConfig would otherwise fail at build, with a KeyError)
+            raise ValueError(f"clip_precision must be fp32, bf16 or fp16, got {self.clip_precision!r}")
         if isinstance(self.fusion_layers, tuple) and not all(
                 isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in self.fusion_layers):  # int(1.5): 1
             raise ValueError(f"fusion_layers takes CLIP block indices (whole numbers) or a preset name, got "
