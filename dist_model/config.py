@@ -287,7 +287,7 @@ class DiSTConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> DiSTConfig:
         """A named preset, optionally with field overrides: `DiSTConfig.from_name("dist_b16_k400", num_frames=32)`."""
-        table = presets()
+        table = _presets()
         if name not in table:
             raise ValueError(f"unknown DiST preset {name!r}; choose one of {', '.join(sorted(table))}")
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -322,7 +322,12 @@ def _build_presets() -> dict[str, DiSTConfig]:
     return presets
 
 
-@cache
 def presets() -> dict[str, DiSTConfig]:
-    """All named presets (built on first use, so importing this module never touches open_clip)."""
+    """All named presets, as copies: changing one changes nothing `from_name` gives later."""
+    return {name: dataclasses.replace(cfg) for name, cfg in _presets().items()}
+
+
+@cache
+def _presets() -> dict[str, DiSTConfig]:
+    """The presets (built on first use, so importing this module never touches open_clip)."""
     return _build_presets()

@@ -37,6 +37,11 @@ def test_unknown_preset_and_field_are_named():
         DiSTConfig.from_name("dist_b17")
     with pytest.raises(ValueError, match="unknown DiSTConfig field"):
         DiSTConfig.from_name("dist_tiny", fusion="all")
+    from dist_model import presets
+
+    frames = DiSTConfig.from_name("dist_tiny").num_frames
+    presets()["dist_tiny"].num_frames = frames // 2  # a copy: the preset itself is left as it is
+    assert DiSTConfig.from_name("dist_tiny").num_frames == frames
 
 
 def test_required_presets_exist_with_their_frame_counts():
