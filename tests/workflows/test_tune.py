@@ -138,12 +138,19 @@ def test_domain_errors(tmp_path, spec, message):
         load_sweep(write_sweep(tmp_path, f"  train.lr: {spec}"))
 
 
-def test_sweep_keys_are_strict_and_set_routes_by_section(tmp_path):
+def test_sweep_keys_are_strict_and_set_routes_by_section(tmp_path, capsys):
     path = write_sweep(tmp_path, "  model.fusion_layers: {grid: [all]}", "searcher: bayes\n")
     with pytest.raises(ConfigError, match="searcher: 'bayes' is not valid; choose one of 'grid', 'random', 'optuna'"):
         load_sweep(path)
     assert split_overrides(["num_samples=3", "train.lr=1e-4", "mlflow.experiment=x"]) == \
         (["num_samples=3", "mlflow.experiment=x"], ["train.lr=1e-4"])
+    # What the sweep sets for each trial, or sweeps, would be replaced: refused, saying which key to change.
+    with pytest.raises(ConfigError, match=r"run.storage_path is set by the sweep itself for each trial .* set the "
+                                          r"sweep's own keys instead: name, storage_path"):
+        split_overrides(["run.storage_path=/tmp/x"])
+    load_sweep(CONFIGS / "sweep_smoke.yaml", ["model.fusion_layers=every3"])
+    assert "note: --set model.fusion_layers sets the base recipe only: the search space sweeps this key" in \
+        capsys.readouterr().err
     with pytest.raises(ConfigError, match="neither a sweep key"):
         split_overrides(["bogus.key=1"])
     sweep = load_sweep(write_sweep(tmp_path, "  model: {fusion_layers: {grid: [all, every2]}}"),

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,9 +206,13 @@ def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     recipe_sections = {f.name for f in dataclasses.fields(Recipe)}
     to_sweep, to_base = [], []
     for text in overrides:
-        head = parse_override(text)[0][0]
-        if head in sweep_keys:
+        parts = parse_override(text)[0]
+        head, key = parts[0], ".".join(parts)
+        if head in sweep_keys:  # (mlflow.* too: the sweep's own section)
             to_sweep.append(text)
+        elif key in RESERVED_KEYS:  # the sweep sets them per trial: a --set of them would change nothing
+            raise ConfigError(f"--set {text!r}: {key} is set by the sweep itself for each trial (run name, storage, "
+                              f"tracking); set the sweep's own keys instead: name, storage_path, mlflow.*")
         elif head in recipe_sections:
             to_base.append(text)
         else:
@@ -229,6 +234,10 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
                           f"base names it")
     data = apply_overrides(SweepConfig, raw, to_sweep)
     sweep = from_dict(SweepConfig, data)
+    for key in [".".join(parse_override(text)[0]) for text in to_base]:
+        if key in sweep.search_space:  # it sets the base recipe (checked as a whole), not what a trial runs with
+            print(f"note: --set {key} sets the base recipe only: the search space sweeps this key, and each trial "
+                  f"takes its value from the axis (search_space: {key}: ... in {path})", file=sys.stderr)
     base = Path(sweep.base)
     if not base.is_absolute():
         candidates = [path.parent / base, Path.cwd() / base]
