@@ -133,7 +133,7 @@ def _bad_corpus_run(video_dir: Path, tmp_path: Path, max_bad_fraction: float, na
     return load_recipe(SMOKE, [
         f"data.train_manifest={manifest}", f"data.val_manifest={val_manifest or video_dir / 'good.csv'}",
         f"data.labels={video_dir / 'labels.json'}", "scaling.num_workers=2",
-        f"data.max_bad_fraction={max_bad_fraction}",
+        f"data.max_bad_fraction={max_bad_fraction}", "data.flip=plain",  # (the smoke recipe's pairs: the sample's)
         f"train.seed={SEED}", "train.micro_batch_size=4", "train.global_batch_size=8", "data.train_views=1",
         "train.max_steps=2", "eval.every_steps=2", f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
         "mlflow.enabled=false", f"run.max_failures={max_failures}", *extra])
