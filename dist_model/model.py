@@ -177,6 +177,9 @@ class VideoTextModel(nn.Module):
         """(B, 3, T_d, H, W) -> the frames CLIP sees, (B*T, 3, H, W), clip-major (row b*T + t)."""
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"expected video shaped (B, 3, T_d, H, W), got {tuple(video.shape)}")
+        if not video.is_floating_point():  # raw 0..255 values taken as normalised ones: wrong logits, no error
+            raise ValueError(f"expected a normalised float video, got {video.dtype}: pass uint8 clips (B, T_d, H, W, "
+                             f"3) through normalize_video first")
         frames, size = self.num_frames, self.image_size
         if video.shape[2] != frames or video.shape[-1] != size or video.shape[-2] != size:
             raise ValueError(

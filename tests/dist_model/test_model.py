@@ -137,6 +137,13 @@ def test_normalize_video_layout_and_values():
     assert torch.allclose(video[:, 1], torch.tensor(-0.4578275 / 0.26130258))
     with pytest.raises(ValueError, match="expected uint8 clips \\(0..255\\), got torch.float32"):
         normalize_video(frames.float() / 255)  # would be scaled by 1/255 a second time
+    from dist_model import build_dist
+
+    model = build_dist("dist_tiny")
+    cfg = model.cfg
+    raw = torch.zeros(1, 3, cfg.num_frames, cfg.image_size, cfg.image_size, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="expected a normalised float video, got torch.uint8: pass uint8 clips"):
+        model(raw, ["a", "b"])  # not normalised: its logits would be wrong without a word
 
 
 # --- text classifier and zero-shot ---
