@@ -315,3 +315,33 @@ def test_readme_names_only_real_files():
     assert len(recipes) >= 5 and len(cluster_files) >= 5  # the patterns still match how the README names files
     for path in recipes | cluster_files:
         assert (REPO / path).is_file(), path
+
+
+def test_gce_scheduling_is_a_mapping_and_a_preemptible_vm_does_not_restart():
+    """GCE's instances.insert takes `scheduling` as an object; Ray's GCP provider passes node_config through
+    unchanged and its schema does not look inside, so a list (Ray's own examples' form) fails only at instance
+    creation. A preemptible VM must also say automaticRestart false and onHostMaintenance TERMINATE."""
+    config = yaml.safe_load((CLUSTER / "gcp.yaml").read_text())
+    for name, node_type in config["available_node_types"].items():
+        scheduling = node_type["node_config"].get("scheduling")
+        if scheduling is None:
+            continue
+        assert isinstance(scheduling, dict), name
+        if scheduling.get("preemptible"):
+            assert scheduling.get("automaticRestart") is False and scheduling.get("onHostMaintenance") == "TERMINATE"
+
+
+def test_the_kuberay_job_and_the_launcher_headers_name_the_recipes_run_prefix_and_data_in_the_bucket():
+    """The fine-tune recipes find the K710 run in <bucket>/dist-runs (their train.init_from): a K710 run submitted
+    as the headers or the RayJob show must land there; and the shipped /data paths exist on no cloud node or pod."""
+    import shlex
+
+    entry = shlex.split(yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())["spec"]["entrypoint"])
+    sets = dict(arg.split("=", 1) for arg in entry[entry.index("--set") + 1:])
+    assert sets["run.storage_path"] == "s3://YOUR-BUCKET/dist-runs"
+    assert {"data.train_manifest", "data.val_manifest", "data.labels"} <= set(sets)
+    from_k710 = yaml.safe_load((REPO / "workflows/configs/k400_b16_8x16f_from_k710.yaml").read_text())
+    assert from_k710["train"]["init_from"].startswith(sets["run.storage_path"] + "/")
+    for name in CLOUD_YAMLS:
+        header = (CLUSTER / name).read_text().split("\n\n", 1)[0]
+        assert "YOUR-BUCKET/dist-runs" in header and "data.train_manifest=" in header and "dist/runs" not in header
