@@ -38,6 +38,7 @@ COMPLETE = "complete"
 WEIGHTS = "weights.safetensors"
 STATE = "state.json"
 RECIPE = "recipe.yaml"
+CHECKPOINT_PREFIX = "checkpoint_"  # every checkpoint directory of a run: checkpoint_<what Ray Train names it by>
 FULL_OPTIMIZER = "optimizer_full.safetensors"  # elastic runs: whole fp32 weights + Adam moments, any world size
 
 
@@ -281,7 +282,7 @@ def checkpoint_dirs(fs: Any, root: str) -> list[str]:
 
     entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     return [e.path.rstrip("/") for e in entries
-            if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_")]
+            if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX)]
 
 
 def estimated_checkpoint_bytes(trainable_params: int, module_bytes: int, elastic: bool) -> int:
@@ -379,7 +380,7 @@ def metric_score(metrics: dict[str, Any] | None, metric: str) -> float:
 # How Ray Train 2.60 names the checkpoint directories it writes (StorageContext.make_default_checkpoint_dir_name):
 # only those are pruned, so a directory a user put in the run directory (a backup, `checkpoint_best`) is never
 # deleted, whatever it holds.
-RAY_CHECKPOINT_NAME = re.compile(r"checkpoint_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}\.\d{6}")
+RAY_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d{{4}}-\d{{2}}-\d{{2}}_\d{{2}}-\d{{2}}-\d{{2}}\.\d{{6}}")
 
 
 def prune_unretained_checkpoints(run_dir: str, retained: list[str], keep: int,
@@ -681,7 +682,7 @@ def init_model_from(model: torch.nn.Module, source: str | Path) -> str:
 
 def _model_checkpoints(run_dir: Path) -> list[Path]:
     """The checkpoint_* directories of a local run that hold the model files (state.json and weights)."""
-    return [d for d in run_dir.glob("checkpoint_*") if (d / STATE).is_file() and (d / WEIGHTS).is_file()]
+    return [d for d in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (d / STATE).is_file() and (d / WEIGHTS).is_file()]
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -283,7 +283,6 @@ def _manifest(manifest_path: str | None, label_map: dict[str, int], labels_sourc
 
 
 CLIPS_MANIFEST = "clips.csv"  # --clip-seconds: the manifest's videos cut into clips, in the output folder
-RUN_CHECKPOINT_PREFIX = "checkpoint_"  # a run's checkpoints, as a run directory resolves to them (find_checkpoint)
 EVALS_FOLDER = "evals"  # in a run directory: the default output folders of its checkpoints' evaluations
 
 
@@ -314,7 +313,9 @@ def _out_dir(request: EvalRequest, recipe: Recipe, checkpoint: Path | None) -> s
     if request.checkpoint and is_remote(request.checkpoint):  # fetched from a bucket into a temporary directory
         name = request.checkpoint.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
         return Path("eval") / f"{name}-{stamp}"
-    if checkpoint is not None and checkpoint.name.startswith(RUN_CHECKPOINT_PREFIX):
+    from workflows.checkpoints import CHECKPOINT_PREFIX
+
+    if checkpoint is not None and checkpoint.name.startswith(CHECKPOINT_PREFIX):
         return checkpoint.parent / EVALS_FOLDER / f"{checkpoint.name}-eval-{stamp}"
     if checkpoint is not None:
         return checkpoint / f"eval-{stamp}"
@@ -529,12 +530,12 @@ def prepare_output_folder(output: Any, overwrite: bool = False) -> None:
     local folder created and proven writable (`OutputFolder.create`); a checkpoint or run directory refused (the
     evaluation's recipe.yaml would replace theirs); an earlier evaluation there refused, or with `overwrite` its
     files (OUTPUT_FILES, nothing else) removed. ConfigError saying what is there and what to do."""
-    from workflows.checkpoints import STATE, WEIGHTS
+    from workflows.checkpoints import CHECKPOINT_PREFIX, STATE, WEIGHTS
 
     output.create()
     listed = output.listed()
     shown = f"{output.option} {output}"
-    theirs = sorted(name for name in listed if name in (STATE, WEIGHTS) or name.startswith(RUN_CHECKPOINT_PREFIX))
+    theirs = sorted(name for name in listed if name in (STATE, WEIGHTS) or name.startswith(CHECKPOINT_PREFIX))
     if theirs:
         raise ConfigError(f"{shown} is a checkpoint or run directory (it holds {', '.join(theirs[:3])}): the "
                           f"evaluation's files would mix with its own; choose another --out")

@@ -218,20 +218,19 @@ def utf16_hint(data: bytes) -> str:
     return ""
 
 
-def not_csv_hint(data: bytes) -> str:
-    """What to say of a manifest that is text, but not a CSV pyarrow can read: JSON (SSV2's annotations, a list of
-    rows), or not UTF-8 (a spreadsheet's Latin-1 or Windows-1252 export), naming the line; else ""."""
+def csv_text(data: bytes) -> tuple[str, str]:
+    """(a manifest file's text, "") when it can be a CSV; else ("", what to say of it): JSON (SSV2's annotations, a
+    list of rows), or not UTF-8 (a spreadsheet's Latin-1 or Windows-1252 export), naming the line. One decode."""
     if data.lstrip()[:1] in (b"{", b"["):
-        return ("is JSON, not a CSV/TSV or Parquet file of path,label[,start,end] rows (`python -m workflows data "
-                "import ssv2` turns Something-Something-V2's JSON annotations into one)")
+        return "", ("is JSON, not a CSV/TSV or Parquet file of path,label[,start,end] rows (`python -m workflows "
+                    "data import ssv2` turns Something-Something-V2's JSON annotations into one)")
     try:
-        data.decode("utf-8")
+        return data.decode("utf-8-sig"), ""
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
-        return (f"is not UTF-8 text (line {line}: byte 0x{data[exc.start]:02x}; a Latin-1 or Windows-1252 export "
-                f"saves accents so); save it as UTF-8 (Excel: \"CSV UTF-8\") or convert it: iconv -f WINDOWS-1252 "
-                f"-t UTF-8 FILE > NEW")
-    return ""
+        return "", (f"is not UTF-8 text (line {line}: byte 0x{data[exc.start]:02x}; a Latin-1 or Windows-1252 export "
+                    f"saves accents so); save it as UTF-8 (Excel: \"CSV UTF-8\") or convert it: iconv -f WINDOWS-1252 "
+                    f"-t UTF-8 FILE > NEW")
 
 
 def _meant(name: str, labels: dict[str, int]) -> str:
@@ -419,7 +418,7 @@ def _read_table_lines(path: str) -> tuple[pa.Table, list[int] | None]:
             utf16 = utf16_hint(data)
             if utf16:
                 raise ManifestError(f"manifest {path} {utf16}")
-            not_csv = not_csv_hint(data)
+            text, not_csv = csv_text(data)
             if not_csv:
                 raise ManifestError(f"manifest {path} {not_csv}")
             # Every column as text: labels like "0" must not become numbers; only an empty cell is missing (a
@@ -428,7 +427,7 @@ def _read_table_lines(path: str) -> tuple[pa.Table, list[int] | None]:
                                            strings_can_be_null=True, null_values=[""])
             header = re.match(rb"[^\r\n]*", data.lstrip(b"\r\n")).group()  # the first line that is not empty
             delimiter = "\t" if b"\t" in header and b"," not in header else ","  # .tsv, a spreadsheet's text export
-            records = _records(data.decode("utf-8-sig", errors="replace"), delimiter)
+            records = _records(text, delimiter)
             try:
                 table = pacsv.read_csv(io.BytesIO(data), convert_options=convert,
                                        parse_options=pacsv.ParseOptions(delimiter=delimiter))
