@@ -187,9 +187,10 @@ class ClipFeeds:
             shard=(self.rank, self.world), avoid_nodes=self.recipe.scaling.exclude_nodes,
         )
         cache: list[dict[str, torch.Tensor]] | None = [] if ev.cache_val_clips else None
-        size = 0
+        size, seen = 0, set()
         for batch in ds.iter_torch_batches(batch_size=ev.batch_size, device=self.device,
                                            collate_fn=columns_collate(["frames", "label", "video_index"], self.device)):
+            seen.update(batch["video_index"].tolist())
             yield batch
             if cache is not None:
                 size += batch["frames"].numel()
@@ -197,7 +198,37 @@ class ClipFeeds:
             if cache is not None:  # host memory, not the GPU's: the cache may hold eval.cache_limit_mb
                 pin = self.device.type == "cuda"
                 cache.append({k: (v.cpu().pin_memory() if pin else v.cpu()) for k, v in batch.items()})
+        self._check_val_complete(seen)
         self._val_cache = cache
+
+    def val_shard(self) -> list[int]:
+        """The video indices of this rank's validation videos, as `build_clip_dataset` shards them."""
+        return self.val_manifest.table.column("video_index").to_pylist()[self.rank::self.world]
+
+    def _check_val_complete(self, seen: set[int]) -> None:
+        """IncompleteValidation unless every video of this rank's share came out of the pipeline or was dropped
+        (the drop counter has it): a validation over part of the set must never be reported as the whole."""
+        import ray
+
+        from workflows.data.drops import drop_counter
+
+        expected = self.val_shard()
+        missing = [v for v in expected if v not in seen]
+        if missing:
+            dropped = ray.get(drop_counter(self.recipe.data.drop_counter).dropped_videos.remote("val", 0))
+            missing = [v for v in missing if v not in dropped]
+        if missing:
+            paths = self.val_manifest.table.column("path").to_pylist()
+            where = dict(zip(self.val_manifest.table.column("video_index").to_pylist(), paths, strict=True))
+            raise IncompleteValidation(
+                f"rank {self.rank}'s validation data ended before {len(missing)} of its {len(expected)} videos were "
+                f"decoded or counted as dropped (e.g. {where[missing[0]]}; an error of its decoders above may say "
+                f"why). A validation of part of the set is not reported: the run restarts from its newest complete "
+                f"checkpoint")
+
+
+class IncompleteValidation(RuntimeError):
+    """A rank's validation pipeline ended without every video of its share (neither scored nor dropped)."""
 
 
 def _without_used_clips(batch: dict[str, torch.Tensor], used: dict[int, int]) -> dict[str, torch.Tensor]:

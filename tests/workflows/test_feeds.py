@@ -201,3 +201,37 @@ def test_a_corpus_over_its_bad_video_limit_is_not_retried_and_says_why_in_one_li
     line = describe_training_failure(TrainingFailedError("cut short"), recipe)
     assert line.startswith("the run failed after 2 restarts (run.max_failures): rank 0 failed: RuntimeError: lost "
                            "the disk. Once that is fixed, "), line
+
+
+@pytest.mark.integration
+def test_a_validation_whose_pipeline_ends_early_is_never_reported_as_the_whole(counters, video_dir, tmp_path,
+                                                                                monkeypatch):
+    """A validation is over every video of a rank's share: each one scored or counted as dropped. With bad videos
+    (bad.csv: 5 good, 4 bad, data.max_bad_fraction 0.5) both ranks complete, their drops accounted. A pipeline that
+    ends before one good video came out (a filter standing in for an execution that stopped early without an error;
+    CI once reported a step's validation over 4 of 8 videos) raises IncompleteValidation naming the video, and the
+    partial clips are not cached for the next validation."""
+    import workflows.feeds as feeds_module
+    from workflows.feeds import IncompleteValidation
+
+    counter = counters("feeds-val")
+    val = [f"data.val_manifest={video_dir / 'bad.csv'}", "eval.cache_val_clips=true"]
+    scored = set()
+    for rank in (0, 1):
+        feeds = _feeds(video_dir, video_dir / "good.csv", rank, counter, *val)
+        scored |= {v for batch in feeds.val_batches() for v in batch["video_index"].tolist()}
+        assert feeds._val_cache is not None
+    assert len(scored) == 5  # the 5 good videos of 9; the 4 bad ones dropped, on either rank
+
+    feeds = _feeds(video_dir, video_dir / "good.csv", 0, counter, *val)
+    paths = dict(zip(feeds.val_manifest.table.column("video_index").to_pylist(),
+                     feeds.val_manifest.table.column("path").to_pylist(), strict=True))
+    victim = next(v for v in feeds.val_shard() if v in scored)
+    real = feeds_module.build_clip_dataset
+    monkeypatch.setattr(feeds_module, "build_clip_dataset",
+                        lambda *a, **k: real(*a, **k).filter(lambda row: row["video_index"] != victim))
+    expected = (rf"rank 0's validation data ended before 1 of its \d+ videos were decoded or counted as dropped "
+                rf"\(e\.g\. {re.escape(paths[victim])};")
+    with pytest.raises(IncompleteValidation, match=expected):
+        list(feeds.val_batches())
+    assert feeds._val_cache is None

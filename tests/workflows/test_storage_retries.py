@@ -263,9 +263,12 @@ def test_an_outage_longer_than_the_retry_budget_restarts_the_run_from_its_newest
     # from the bucket again and finished.
     assert console.count("[pretrain] worker rank 0/2 on node") == 2, tail
     assert console.count("[pretrain] resumed from step 2 (epoch 0, step 2 of it") == 1, tail
-    # The restart line names the root cause the failing rank recorded (Ray carries it only as text).
-    assert re.search(rf"restart: 2 -> 2 workers \(rank [01] failed: StorageUnreachable: cannot read {SAMPLE}/videos/"
-                     r"\S+: its storage did not answer for \d+ s .*\); resuming at step 2", console), tail
+    # The restart line names the root cause the failing rank recorded (Ray carries it only as text). Once in CI a
+    # rank's validation pipeline ended without its videos and without the decoders' error (not reproduced in 12 runs
+    # here): that rank now stops with IncompleteValidation, which may be the first recorded cause.
+    assert re.search(rf"restart: 2 -> 2 workers \(rank [01] failed: (StorageUnreachable: cannot read {SAMPLE}/videos/"
+                     r"\S+: its storage did not answer for \d+ s .*|IncompleteValidation: rank [01]'s validation data "
+                     r"ended before .*)\); resuming at step 2", console), tail
     assert "the Train controller could not write to" not in console and "relaunching the run" not in console
     assert _val_gets(proxy, time.monotonic()) - _val_gets(proxy, outage["up"]) >= sample_in_bucket.val_videos
     _, newest, step = newest_complete_checkpoint(str(runs / "it"))
@@ -278,5 +281,7 @@ def test_an_outage_longer_than_the_retry_budget_restarts_the_run_from_its_newest
     # is the bad-fraction stop that drops "missing" or "corrupt" would have led to.
     validations = re.findall(r"\[pretrain\] validation at step (\d+): .*\((\d+) videos;", console)
     videos = str(sample_in_bucket.val_videos)
-    assert validations == [("2", videos), ("4", videos)], validations
+    digest = "\n".join(line[-300:] for line in console.splitlines()
+                        if "[pretrain]" in line or "Error" in line or "StorageUnreachable" in line)
+    assert validations == [("2", videos), ("4", videos)], f"{validations}\n{digest[-6000:]}"
     assert "dropped videos:" not in console and "TooManyBadVideos" not in console and "are unusable" not in console
