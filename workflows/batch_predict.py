@@ -493,6 +493,13 @@ def _predict_into(request: BatchRequest, plan: Any, rows: Rows, identity: dict[s
     unfinished = sorted(collector.seen)
     if unfinished:  # a bug, never a data problem: every decoded video gives exactly views x crops clips
         raise RuntimeError(f"rows {unfinished[:5]} got a number of scored clips other than {plan.views} x {plan.crops}")
+    if collector.written < len(todo):  # a pipeline that ended early: the rows it never gave are not in the tables
+        from workflows.evaluate import IncompleteEvaluation
+
+        raise IncompleteEvaluation(
+            f"the scoring ended before {len(todo) - collector.written} of the {len(todo)} videos were scored or "
+            f"counted as dropped (an error above may say why); the rows written are kept in {output}: the same "
+            f"command continues the job")
     result = summary(output, tables)
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["scored_now"] = collector.written - collector.dropped

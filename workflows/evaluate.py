@@ -586,6 +586,10 @@ def _file_metrics(plan: EvalPlan, files: Any, scores: Any, out: Path) -> tuple[d
             "mixed_label_examples": files.mixed[:5]}, summary
 
 
+class IncompleteEvaluation(RuntimeError):
+    """The scoring pipeline ended without every planned video (neither scored nor counted as dropped)."""
+
+
 def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
     """metrics.json, per_class_accuracy.csv, predictions.csv (one row per video), confusion_matrix.csv (counts),
     confusion_matrix.png, with `plan.save_scores` scores.npz (`SCORES_FILE`), and with a manifest naming a file in
@@ -603,6 +607,13 @@ def write_outputs(plan: EvalPlan, results: ViewResults) -> dict[str, Any]:
     if incomplete:  # a bug, never a data problem: every decoded video gives exactly views x crops clips
         raise RuntimeError(f"videos {incomplete[:5]} got a number of scored clips other than "
                            f"{plan.views} x {plan.crops}")
+    expected = range(len(plan.manifest)) if plan.positions is None else plan.positions
+    unaccounted = [v for v in expected if v not in results.scores.scores and v not in results.dropped_videos]
+    if unaccounted:  # a pipeline that ended early: its metrics would pass for the whole manifest's
+        raise IncompleteEvaluation(
+            f"the scoring ended before {len(unaccounted)} of the {len(expected)} videos were scored or counted as "
+            f"dropped (e.g. {plan.manifest.table.column('path')[unaccounted[0]].as_py()}; an error above may say "
+            f"why); nothing was written: run it again")
     drops = results.drops
     metrics = {
         "top1": summary["top1"], "top5": summary["top5"], "mean_class_acc": summary["mean_class_acc"],
@@ -834,6 +845,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError, FileNotFoundError, TooManyBadVideos, StorageUnreachable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except IncompleteEvaluation as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(metrics), file=sys.stderr if args.json else sys.stdout)
     print(f"results in {metrics['out_dir']}", file=sys.stderr if args.json else sys.stdout, flush=True)
     if metrics.get("mlflow_run_id"):

@@ -489,6 +489,7 @@ def _main_on_ray(args: argparse.Namespace) -> int:
     from workflows.console import stdout_kept_for_json
     from workflows.data.drops import TooManyBadVideos
     from workflows.data.video import StorageUnreachable
+    from workflows.evaluate import IncompleteEvaluation
     from workflows.runtime import interrupted_exit_code, stop_signal_note
 
     needs = [flag for flag, given in (("--ray", args.ray), ("--out", args.out)) if not given]
@@ -517,6 +518,9 @@ def _main_on_ray(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, FileNotFoundError, TooManyBadVideos, StorageUnreachable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except IncompleteEvaluation as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`python -m workflows` makes it one): the rows so far stay written
         print(f"interrupted{stop_signal_note()}: the rows written so far are kept in {args.out}; the same command "
               f"continues the job", file=sys.stderr)

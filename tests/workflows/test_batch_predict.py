@@ -109,6 +109,29 @@ def test_predict_on_ray_scores_as_predict_here_and_lists_what_could_not_be_read(
 
 
 @pytest.mark.integration
+def test_a_job_whose_pipeline_ends_early_says_so_and_continues(ray_local, run_dir: Path, video_dir: Path,
+                                                               tmp_path: Path, capsys, monkeypatch) -> None:
+    """A pipeline that ends before one video came out (a filter standing in for an execution that stopped early
+    without an error) is not a finished job: exit 1 naming the count, the rows written kept, and the same command
+    scores the row that was left."""
+    import workflows.data.pipeline as pipeline
+
+    args = ["--ray", "--checkpoint", str(run_dir), "--manifest", str(video_dir / "good.csv"), "--out",
+            str(tmp_path / "out")]
+    real = pipeline.build_clip_dataset
+    monkeypatch.setattr(pipeline, "build_clip_dataset",
+                        lambda *a, **k: real(*a, **k).filter(lambda row: row["video_index"] != 1))
+    rc = predict_main(args)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"the scoring ended before 1 of the {N} videos were scored or counted as dropped" in err, err
+    assert sorted(int(r["video_index"]) for r in _rows(tmp_path / "out" / "predictions.csv")) == \
+        [i for i in range(N) if i != 1]
+    monkeypatch.setattr(pipeline, "build_clip_dataset", real)
+    assert predict_main(args) == 0, capsys.readouterr().err
+    assert sorted(int(r["video_index"]) for r in _rows(tmp_path / "out" / "predictions.csv")) == list(range(N))
+
+
+@pytest.mark.integration
 def test_a_stopped_job_continues_and_another_job_is_refused(ray_local, run_dir: Path, video_dir: Path,
                                                             tmp_path: Path, capsys) -> None:
     """The same command after a stop scores only what is not written: a cut last line and the videos that could not

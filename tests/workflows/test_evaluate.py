@@ -851,6 +851,30 @@ def test_evaluate_clip_only_without_checkpoint(ray_local, video_dir: Path, tmp_p
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.integration
+def test_an_evaluation_whose_pipeline_ends_early_writes_nothing(ray_local, video_dir: Path, tmp_path: Path, capsys,
+                                                                monkeypatch) -> None:
+    """Every video of the manifest is scored or counted as dropped (bad.csv: 5 good, 4 bad, the limit lifted), or the
+    evaluation writes nothing: a pipeline that ends before one good video came out (a filter standing in for an
+    execution that stopped early without an error) would give metrics that pass for the whole manifest's."""
+    import workflows.data.pipeline as pipeline
+
+    args = ["--clip-only", "--preset", "dist_tiny", "--manifest", str(video_dir / "bad.csv"), "--labels",
+            str(video_dir / "labels.json"), "--set", "data.max_bad_fraction=0.5"]
+    assert evaluate_main([*args, "--out", str(tmp_path / "whole")]) == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert (metrics["videos"], metrics["dropped_total"], metrics["manifest_videos"]) == (5, 4, 9)
+    real = pipeline.build_clip_dataset
+    monkeypatch.setattr(pipeline, "build_clip_dataset",
+                        lambda *a, **k: real(*a, **k).filter(lambda row: row["video_index"] != 2))
+    rc = evaluate_main([*args, "--out", str(tmp_path / "part")])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert (f"the scoring ended before 1 of the 9 videos were scored or counted as dropped "
+            f"(e.g. {video_dir}/clips/mid.mp4;") in err
+    assert not (tmp_path / "part").exists()
+
+
 def test_a_checkpoint_recipe_with_a_since_removed_key_still_loads(tmp_path):
     """Checkpoints written before data.eval_views/eval_crops were removed carry them in recipe.yaml."""
     from workflows.inference import read_checkpoint
