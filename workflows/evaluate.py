@@ -197,6 +197,7 @@ def plan_evaluation(request: EvalRequest) -> EvalPlan:
         if request.save_scores:
             check_room_for_scores(out_dir, len(manifest), len(class_names(label_map)))
     except BaseException:
+        output.restore(OUTPUT_FILES)  # an earlier evaluation --overwrite set aside, back in place
         output.discard()  # the folder made for it, still empty
         raise
     plan = EvalPlan(recipe=recipe, model_section=recipe_to_dict(recipe)["model"], seed=seed, checkpoint=directory,
@@ -529,7 +530,8 @@ def prepare_output_folder(output: Any, overwrite: bool = False) -> None:
     """`output` (outputs.OutputFolder) made ready before any scoring, so that it never mixes two evaluations: a
     local folder created and proven writable (`OutputFolder.create`); a checkpoint or run directory refused (the
     evaluation's recipe.yaml would replace theirs); an earlier evaluation there refused, or with `overwrite` its
-    files (OUTPUT_FILES, nothing else) removed. ConfigError saying what is there and what to do."""
+    files (OUTPUT_FILES, nothing else) set aside until the new one is written (`OutputFolder.set_aside`: a failure
+    on the way puts them back). ConfigError saying what is there and what to do."""
     from workflows.checkpoints import CHECKPOINT_PREFIX, STATE, WEIGHTS
 
     output.create()
@@ -543,7 +545,7 @@ def prepare_output_folder(output: Any, overwrite: bool = False) -> None:
     if earlier and not overwrite:
         raise ConfigError(f"{shown} holds an earlier evaluation ({', '.join(earlier)}): choose another --out, or "
                           f"remove those files or pass --overwrite to replace it (only those files are removed)")
-    output.remove(earlier)
+    output.set_aside(earlier)
 
 
 def check_room_for_scores(out_dir: str | Path, videos: int, classes: int) -> None:
@@ -781,6 +783,7 @@ def run_evaluate(request: EvalRequest, progress: bool = True) -> dict[str, Any]:
                              f"was written")
         metrics = write_outputs(plan, results)
     except BaseException:
+        plan.output.restore(OUTPUT_FILES)  # an earlier evaluation --overwrite set aside, back in place
         plan.output.discard()  # the output folder made for it, when nothing was written in it
         raise
     uri = scoring_tracking_uri(plan, request.mlflow)

@@ -32,6 +32,8 @@ class OutputFolder:
         self.remote = in_bucket(self.uri)
         self.option = option
         self.created: list[Path] = []  # the folders `create` made, deepest first (`discard` removes them when empty)
+        self.replaced: list[str] = []  # an earlier result's files, removed once the new ones are written (`set_aside`)
+        self.aside: Path | None = None  # where a local folder keeps them meanwhile
         try:
             if self.remote:
                 self.fs, self.prefix = self._bucket()
@@ -114,6 +116,42 @@ class OutputFolder:
             if from_storage(self.uri, self.fs, lambda key=key: self.fs.get_file_info(key)).type == pafs.FileType.File:
                 from_storage(self.uri, self.fs, lambda key=key: self.fs.delete_file(key), action="delete")
 
+    def set_aside(self, names: list[str]) -> None:
+        """The files `names` of an earlier result, to be replaced by the new one: kept until it is written, so a
+        failure on the way loses neither (`restore`); `finish` removes them. In a local folder they are moved into
+        the hidden folder `.replaced-<pid>` in it (after a kill, the earlier result is there); in a bucket prefix
+        they stay in place, and those the new result does not write over are deleted after its last push."""
+        self.replaced = list(names)
+        if self.remote or not names:
+            return
+        self.aside = self.local / f".replaced-{os.getpid()}"
+        self.aside.mkdir(exist_ok=True)
+        for name in names:
+            os.replace(self.local / name, self.aside / name)
+
+    def restore(self, written: tuple[str, ...] | list[str]) -> None:
+        """Undo `set_aside` after the new result failed: its files among `written` (the names it may write) removed,
+        the earlier ones back in place."""
+        if self.aside is not None:
+            for name in written:
+                (self.local / name).unlink(missing_ok=True)
+            for path in self.aside.iterdir():
+                os.replace(path, self.local / path.name)
+            self.aside.rmdir()
+            self.aside = None
+        self.replaced = []
+
+    def _drop_replaced(self) -> None:
+        """The earlier result's files `set_aside` kept, removed now that the new one is written (after its push: a
+        name it wrote is replaced in the bucket, the others deleted there)."""
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+        stale = [name for name in self.replaced if not (self.local / name).exists()]
+        self.replaced = []
+        if self.remote and stale:
+            self.remove(stale)
+
     def fetch(self, names: list[str]) -> list[str]:
         """Copy the files `names` that exist in the bucket prefix into `local` (an earlier run's results); a name
         ending in / is a folder, fetched with every file in it. Returns the files found. A local folder holds them
@@ -169,9 +207,11 @@ class OutputFolder:
         return True
 
     def finish(self, names: list[str] | None = None, retry_s: float | None = None) -> None:
-        """The last push (`names`, default every file), then the staging folder removed. When the bucket does not
-        answer: StorageUnreachable naming the local folder, which is kept. Nothing to do for a local folder."""
+        """The last push (`names`, default every file), then the earlier result `set_aside` kept removed and the
+        staging folder too. When the bucket does not answer: StorageUnreachable naming the local folder, which is
+        kept. A local folder: only the earlier result removed."""
         if not self.remote:
+            self._drop_replaced()
             return
         from workflows.data.video import StorageUnreachable
 
@@ -180,6 +220,7 @@ class OutputFolder:
         except StorageUnreachable as exc:
             raise StorageUnreachable(f"{exc}. The results are in {self.local} on this machine; copy them to "
                                      f"{self.shown}") from None
+        self._drop_replaced()
         shutil.rmtree(self.local, ignore_errors=True)
 
 

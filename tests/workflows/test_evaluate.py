@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -235,8 +236,11 @@ def test_an_output_folder_that_cannot_be_written_fails_before_any_scoring(run_di
 def test_an_earlier_evaluation_or_a_checkpoint_is_never_written_over(run_dir: Path, tmp_path: Path, no_ray: None,
                                                                      capsys) -> None:
     """`evaluate --out X` into X holding an earlier evaluation wrote over it silently: refused before any work,
-    naming what is there; `--overwrite` removes those files, nothing else. A checkpoint or run directory is refused
+    naming what is there; `--overwrite` replaces those files, nothing else, and only once the new evaluation is
+    written: one that fails on the way leaves the earlier one as it was. A checkpoint or run directory is refused
     even with --overwrite (its recipe.yaml would be replaced)."""
+    from workflows.evaluate import OUTPUT_FILES
+
     out = tmp_path / "out"
     out.mkdir()
     for name in ("metrics.json", "clips.csv", "notes.txt"):
@@ -246,8 +250,16 @@ def test_an_earlier_evaluation_or_a_checkpoint_is_never_written_over(run_dir: Pa
         "choose another --out, or remove those files or pass --overwrite to replace it (only those files are " \
         "removed)\n"
     assert sorted(p.name for p in out.iterdir()) == ["clips.csv", "metrics.json", "notes.txt"]
-    plan_evaluation(EvalRequest(checkpoint=str(run_dir), out=str(out), overwrite=True))
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    aside = out / f".replaced-{os.getpid()}"
+    plan = plan_evaluation(EvalRequest(checkpoint=str(run_dir), out=str(out), overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == [aside.name, "notes.txt"]
+    (out / "metrics.json").write_text("new")  # the new evaluation fails after writing part of its files
+    plan.output.restore(OUTPUT_FILES)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {n: n for n in ("metrics.json", "clips.csv", "notes.txt")}
+    plan = plan_evaluation(EvalRequest(checkpoint=str(run_dir), out=str(out), overwrite=True))
+    (out / "metrics.json").write_text("new")  # the new evaluation written (without --clip-seconds: no clips.csv)
+    plan.output.finish()
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"metrics.json": "new", "notes.txt": "notes.txt"}
     for folder, holds in ((run_dir / "checkpoint_000001", "state.json, weights.safetensors"),
                           (run_dir, "checkpoint_000000, checkpoint_000001")):
         recipe = (folder / "recipe.yaml").read_bytes() if (folder / "recipe.yaml").exists() else None
@@ -260,8 +272,9 @@ def test_an_earlier_evaluation_or_a_checkpoint_is_never_written_over(run_dir: Pa
 
 def test_an_earlier_evaluation_in_a_bucket_prefix_is_refused_or_replaced(tmp_path: Path, monkeypatch) -> None:
     """--out s3://...: what the prefix holds is asked of the bucket (moto here) before any scoring; --overwrite
-    deletes the earlier evaluation's objects there (a staging folder pushes only what the new one writes, so an
-    object left there would mix the two)."""
+    deletes the earlier evaluation's objects there that the new one does not write over (a staging folder pushes
+    only what the new one writes, so an object left there would mix the two), after its last push: a failure
+    before it leaves the earlier one in place."""
     from tests.workflows.object_store import proxied_bucket
     from workflows.evaluate import prepare_output_folder
     from workflows.outputs import OutputFolder
@@ -288,7 +301,12 @@ def test_an_earlier_evaluation_in_a_bucket_prefix_is_refused_or_replaced(tmp_pat
             prepare_output_folder(outputs[2])  # nothing there
             assert len(keys()) == 5
             prepare_output_folder(outputs[0], overwrite=True)
-            assert keys() == ["eval/notes.txt", "eval/old/predictions.csv", "run/checkpoint_000001/state.json"]
+            assert len(keys()) == 5  # nothing deleted before the new evaluation is written
+            (outputs[0].local / "metrics.json").write_text("new")
+            outputs[0].finish()
+            assert keys() == ["eval/metrics.json", "eval/notes.txt", "eval/old/predictions.csv",
+                              "run/checkpoint_000001/state.json"]
+            assert client.get_object(Bucket="results", Key="eval/metrics.json")["Body"].read() == b"new"
         finally:
             for output in outputs:
                 shutil.rmtree(output.local, ignore_errors=True)
@@ -870,6 +888,10 @@ def test_an_evaluation_whose_pipeline_ends_early_writes_nothing(ray_local, video
     rc = evaluate_main([*args, "--out", str(tmp_path / "part")])
     err = capsys.readouterr().err
     assert rc == 1, err
+    # Into the earlier evaluation with --overwrite: it fails as well, and the earlier one is kept as it was.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
+    assert evaluate_main([*args, "--out", str(tmp_path / "whole"), "--overwrite"]) == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()} == before
     assert (f"the scoring ended before 1 of the 9 videos were scored or counted as dropped "
             f"(e.g. {video_dir}/clips/mid.mp4;") in err
     assert not (tmp_path / "part").exists()
