@@ -296,7 +296,8 @@ class _Report:
 def expand_inputs(inputs: list[str]) -> list[str]:
     """The videos to classify: each argument as given, a folder (local, or a bucket prefix) as the video files
     below it (sorted, at any depth), an unexpanded glob pattern (quoted) as its matches. An argument that names
-    nothing stays as given, so it is reported as missing; a bucket that cannot be listed raises OSError."""
+    nothing stays as given, so it is reported as missing; one ending in / that is no folder raises FileNotFoundError, a
+    bucket that cannot be listed OSError."""
     import glob
     from pathlib import Path
 
@@ -304,6 +305,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
     out: list[str] = []
     for arg in inputs:
+        if not is_remote(arg) and arg.endswith(("/", os.sep)) and not Path(arg).expanduser().is_dir():
+            raise FileNotFoundError(f"{arg}: no such folder")  # meant as a folder: not a video to report missing
         if is_remote(arg):
             out += bucket_video_files(arg) or [arg]  # an empty prefix too: reported as missing
         elif Path(arg).expanduser().is_dir():
@@ -383,7 +386,7 @@ def main(argv: list[str]) -> int:
 
     try:
         videos = expand_inputs(args.videos)
-    except StorageUnreachable as exc:  # a bucket that did not answer for the retry budget
+    except (StorageUnreachable, FileNotFoundError) as exc:  # a bucket that did not answer; a folder not there
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:  # a bucket prefix that could not be listed

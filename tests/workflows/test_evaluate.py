@@ -916,6 +916,14 @@ def test_predict_names_the_count_that_is_below_one(capsys):
         assert capsys.readouterr().err == f"error: {flag} must be >= 1, got 0\n"
 
 
+def test_predict_refuses_a_folder_that_is_not_there_before_loading_the_model(tmp_path: Path, capsys):
+    """`predict ... nofolder/` was scored as a missing video (exit 1, after loading the model): an input error."""
+    video = tmp_path / "a.mp4"
+    video.write_bytes(b"x")
+    assert predict_main(["--checkpoint", "/nope", str(video), f"{tmp_path / 'nofolder'}/"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nofolder'}/: no such folder\n"
+
+
 def test_a_clip_file_that_is_gone_fails_before_any_work(run_dir: Path, video_dir: Path, tmp_path: Path,
                                                          capsys) -> None:
     """The checkpoint records the CLIP file it was trained with; moved or deleted since, evaluate says so before Ray
