@@ -98,6 +98,10 @@ def test_k710_dedups_removes_val_leaks_and_counts_missing(tmp_path) -> None:
                      strict=True))
     assert names[str(videos / "b" / f"{t6[0]}_000010_000020.mp4")] == "passing American football (in game)"
     assert json.loads((tmp_path / "k710" / "k710_report.json").read_text())["val_leaks_removed"] == 3
+    # The videos are not below the manifests' folder: absolute paths, said
+    assert report.summary().splitlines()[-1] == (
+        f"note: the videos are not below {tmp_path / 'k710'}/, so the manifests name them by absolute paths: fine "
+        f"on this machine and a shared disk, but `data upload` needs them below it")
 
 
 def _release_csvs(tmp_path, classes: dict[str, list[str]]) -> list[tuple[str, object]]:

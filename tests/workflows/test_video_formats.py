@@ -415,6 +415,13 @@ def test_data_check_counts_rotated_live_and_cut_videos_and_lists_every_bad_one(r
         ("long.mp4", "a", "0", "10"), ("long.mp4", "a", "5", ""), ("phone.mp4", "a", "", "")], cut
     assert data_main(["check", "--manifest", str(tmp_path / "long_clips.csv"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["long_rows"]["examples"] == [f"{tmp_path / 'long.mp4'} (35 s)"]
+    # Written elsewhere, the new manifest names the videos by absolute paths, and says so.
+    (tmp_path / "elsewhere").mkdir()
+    assert data_main(["clips", "--manifest", str(tmp_path / "long.csv"), "--clip-seconds", "10", "--out",
+                      str(tmp_path / "elsewhere" / "long_clips.csv")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"note: the videos are not below {tmp_path / 'elsewhere'}/, so the manifests name them by absolute paths: "
+        f"fine on this machine and a shared disk, but `data upload` needs them below it")
     assert data_main(["clips", "--manifest", str(tmp_path / "long.csv"), "--clip-seconds", "10", "--out",
                       str(tmp_path / "long.csv")]) == 2
     assert "is the manifest itself" in capsys.readouterr().err

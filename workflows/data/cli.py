@@ -225,7 +225,7 @@ def _cmd_clips(args: argparse.Namespace) -> int:
     from workflows.data.clips import cut_manifest
 
     result = cut_manifest(args.manifest, args.out, args.clip_seconds, progress=True)
-    print("\n".join(result.summary()), flush=True)
+    print("\n".join(result.summary() + ([f"note: {result.path_note}"] if result.path_note else [])), flush=True)
     return 0
 
 

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workflows.data.manifest import load_manifest, relative_to, write_manifest
+from workflows.data.manifest import absolute_paths_note, load_manifest, relative_to, write_manifest
 from workflows.data.sampling import clip_windows
 from workflows.runtime import is_remote
 
@@ -92,6 +92,7 @@ class CutManifest:
     whole: int  # input rows left whole (shorter than a clip, no duration, unreadable: said in `notes`)
     kept_clips: int  # input rows that had a start or end already
     notes: list[str] = field(default_factory=list)
+    path_note: str | None = None  # the manifest names local videos by absolute paths (`data clips` says so)
 
     def summary(self) -> list[str]:
         whole = f", {self.whole} left whole (below)" if self.whole else ""
@@ -121,6 +122,7 @@ def cut_manifest(manifest: str, out: str | Path, seconds: float, progress: bool 
     written = [{"path": row["path"] if is_remote(str(row["path"])) else relative_to(str(row["path"]), out.parent),
                 "label": row["label"], "start": row.get("start"), "end": row.get("end")} for row in cut["rows"]]
     write_manifest(written, out)
+    path_note = absolute_paths_note([str(row["path"]) for row in written], f"{out.parent}/")
     kept = sum(_windowed(r) for r in rows)
     whole = sum(not _windowed(r) for r in cut["rows"])
-    return CutManifest(str(out), len(written), seconds, len(rows) - kept - whole, whole, kept, notes)
+    return CutManifest(str(out), len(written), seconds, len(rows) - kept - whole, whole, kept, notes, path_note)

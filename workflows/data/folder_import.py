@@ -31,6 +31,7 @@ from workflows.data.clips import check_clip_seconds, cut_into_clips
 from workflows.data.importers import ucf101_class_text
 from workflows.data.manifest import (
     VIDEO_EXTENSIONS,
+    absolute_paths_note,
     class_key,
     earlier_labels_differ,
     load_labels,
@@ -400,9 +401,8 @@ def import_folders(videos: str | Path, out_dir: str | Path, *, val_videos: str |
     if not out.remote and any(is_remote(path) for path in rows):
         notes.append("the manifests are on this machine and name the videos by their bucket URIs: a cluster without "
                      "a shared disk needs them in the bucket too (give --out a prefix in the bucket)")
-    elif any(Path(path).is_absolute() for path in rows if not is_remote(path)):
-        notes.append(f"the videos are not below --out {out.shown}, so the manifests name them by absolute paths: "
-                     f"fine on this machine and a shared disk, but `data upload` needs them below --out")
+    elif note := absolute_paths_note(rows, f"--out {out.shown}"):
+        notes.append(note)
     if not parts["val.csv"]:
         raise ValueError(f"val.csv would be empty: every class of --videos {train_scan.shown} has a single video; "
                          f"give --val-videos, or more videos per class")

@@ -39,7 +39,14 @@ from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
-from workflows.data.manifest import VIDEO_EXTENSIONS, relative_to, save_labels, video_files, write_manifest
+from workflows.data.manifest import (
+    VIDEO_EXTENSIONS,
+    absolute_paths_note,
+    relative_to,
+    save_labels,
+    video_files,
+    write_manifest,
+)
 
 _CLIP_NAME = re.compile(r"^(?P<id>[A-Za-z0-9_-]{11})(?:_\d+_\d+)?$")
 _QUOTES = re.compile(r"[\"'`\u2018\u2019\u201c\u201d]")  # all quotes and apostrophes: ignored when matching names
@@ -200,6 +207,7 @@ class K710Report:
     classes_per_release: dict[str, int] = field(default_factory=dict)
     classes_in_one_release: dict[str, list[str]] = field(default_factory=dict)
     aliases_used: dict[str, str] = field(default_factory=dict)  # label as read -> class it was merged into
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """Human-readable counts."""
@@ -217,6 +225,7 @@ class K710Report:
             if names:
                 more = " ..." if len(names) > 8 else ""
                 lines.append(f"  only in {release} ({len(names)}): {', '.join(names[:8])}{more}")
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -343,6 +352,8 @@ def assemble_k710(
     write_manifest(train_rows, out / "train.csv")
     write_manifest(val_rows, out / "val.csv")
     save_labels(labels, out / "labels.json")
+    if video_dir is not None and (note := absolute_paths_note([r["path"] for r in train_rows + val_rows], f"{out}/")):
+        report.notes.append(note)
     report.train_videos, report.val_videos, report.classes = len(train_rows), len(val_rows), len(labels)
     report.classes_per_release = {rel: len(keys) for rel, keys in per_release.items()}
     report.aliases_used = {name: display[key] for name, key in sorted(merged.items())}

@@ -576,6 +576,15 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     return out
 
 
+def absolute_paths_note(paths: list[str], out: str) -> str | None:
+    """The note for manifests written in `out` that name local videos by absolute paths (they do not lie below it),
+    or None: such a manifest works where those paths exist, but a copy of the folder elsewhere does not find them."""
+    if not any(Path(path).is_absolute() for path in paths if not is_remote(path)):
+        return None
+    return (f"the videos are not below {out}, so the manifests name them by absolute paths: fine on this machine and "
+            f"a shared disk, but `data upload` needs them below it")
+
+
 def relative_to(path: str | Path, base: str | Path) -> str:
     """`path` relative to `base` when it lies below it, else absolute: what a relocatable manifest stores. Below
     it as written (a `videos/` symlink to shared storage stays `videos/...`), or else once symlinks are resolved."""
