@@ -193,6 +193,25 @@ class DiSTConfig:
     def __post_init__(self) -> None:
         if isinstance(self.fusion_layers, list):
             self.fusion_layers = tuple(self.fusion_layers)
+        self._check()
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """A field changed after construction is checked as construction checks it, and refused (the old value
+        kept) when the config it makes is invalid: a model built from it would otherwise fail later, or not at all."""
+        if not self.__dict__.get("_checked"):
+            object.__setattr__(self, name, value)
+            return
+        old = getattr(self, name)
+        object.__setattr__(self, name, tuple(value) if name == "fusion_layers" and isinstance(value, list) else value)
+        try:
+            self._check()
+        except ValueError as exc:
+            object.__setattr__(self, name, old)
+            raise ValueError(f"{exc} (DiSTConfig.{name} = {value!r} refused; to change several fields together, "
+                             f"use dataclasses.replace(config, {name}=..., ...))") from None
+
+    def _check(self) -> None:
         if self.clip_precision not in ("fp32", "bf16", "fp16"):  # (the recipe loader checks its Literal; a direct
             # DiSTConfig would otherwise fail at build, with a KeyError)
             raise ValueError(f"clip_precision must be fp32, bf16 or fp16, got {self.clip_precision!r}")

@@ -158,3 +158,28 @@ def test_checkpoints_never_unpickle_objects(tiny_clip, tmp_path):
     torch.save({"model_state": {}, "payload": argparse.Namespace(x=1)}, path)
     with pytest.raises(RuntimeError, match="weights_only"):
         load_authors_checkpoint(build_dist("dist_tiny", clip=tiny_clip), path)
+
+
+def test_a_field_changed_after_construction_is_checked_and_refused_when_invalid():
+    """DiSTConfig is checked when made; a field set afterwards was not (a model built from it failed later or
+    silently): it is checked the same way, and a refused change leaves the old value."""
+    import dataclasses
+
+    cfg = DiSTConfig.from_name("dist_tiny")
+    cfg.num_frames = cfg.num_frames * 2  # a valid change is taken
+    cfg.fusion_layers = [0, 1]
+    assert cfg.fusion_layers == (0, 1)
+    frames = cfg.num_frames
+    with pytest.raises(ValueError, match=r"num_frames \(dense, 7\) must be divisible by sparse_ratio \(2\) "
+                                         r"\(DiSTConfig.num_frames = 7 refused; to change several fields together, use "
+                                         r"dataclasses.replace\(config, num_frames=\.\.\., \.\.\.\)\)"):
+        cfg.num_frames = 7
+    assert cfg.num_frames == frames
+    with pytest.raises(ValueError, match="fusion_layers must be strictly increasing"):
+        cfg.fusion_layers = (1, 0)
+    with pytest.raises(ValueError, match="clip_precision must be fp32, bf16 or fp16"):
+        cfg.clip_precision = "int8"
+    assert (cfg.fusion_layers, cfg.clip_precision) == ((0, 1), "fp32")
+    # Two fields that only fit together: dataclasses.replace checks them once, together.
+    assert dataclasses.replace(cfg, num_frames=12, sparse_ratio=3).num_frames == 12
+    assert dataclasses.asdict(cfg) == dataclasses.asdict(DiSTConfig(**dataclasses.asdict(cfg)))
