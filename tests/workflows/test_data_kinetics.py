@@ -293,3 +293,19 @@ def test_one_release_keeps_its_own_class_names(tmp_path, capsys) -> None:
     assert main(["kinetics", "--csv", str(train), "--csv", str(k700), "--out", str(tmp_path / "x")]) == 2
     assert "`data kinetics` reads one release's CSVs, got k400, k700; the union of several releases is `data k710`" \
         in capsys.readouterr().err
+
+
+def test_every_importer_takes_check_and_no_check() -> None:
+    """`ssv2` checked by default and took only --no-check, the others only --check: each takes both now, with its
+    default unchanged (ssv2 checks unless told not to; list, ucf101 and hmdb51 when told to)."""
+    from workflows.data.cli import build_parser
+
+    common = {"ssv2": ["--annotations", "a", "--labels", "l", "--videos", "v", "--out", "o.csv"],
+              "list": ["--list", "l.txt", "--out", "o.csv"],
+              "ucf101": ["--videos", "v", "--splits", "s", "--split", "1", "--out", "o"],
+              "hmdb51": ["--videos", "v", "--splits", "s", "--split", "1", "--out", "o"]}
+    for name, args in common.items():
+        parse = build_parser().parse_args
+        assert parse(["import", name, *args, "--check"]).check is True
+        assert parse(["import", name, *args, "--no-check"]).check is False
+        assert parse(["import", name, *args]).check is (name == "ssv2")

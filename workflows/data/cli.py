@@ -264,7 +264,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     check_output_folder(Path(args.out).parent, f"--out {args.out}: its folder")
     if args.format == "ssv2":
         report = import_ssv2(args.annotations, args.labels, args.videos, args.out,
-                             check_files=not args.no_check)
+                             check_files=args.check)
     else:
         report = import_list(args.list, args.out, root=args.root, labels=args.labels, check_files=args.check)
     print(report.summary())
@@ -374,13 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     i1.add_argument("--labels", required=True, help="something-something-v2-labels.json")
     i1.add_argument("--videos", required=True, help="folder of <id>.webm / <id>.mp4")
     i1.add_argument("--out", required=True, help="manifest to write (labels.json goes beside it)")
-    i1.add_argument("--no-check", action="store_true", help="do not check that the video files exist")
+    i1.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                    help="drop (and count) listed files that do not exist (default: --check)")
     i2 = isub.add_parser("list", help="a text file of `path label` lines")
     i2.add_argument("--list", required=True, help="text file of `relative/path.mp4 label` lines")
     i2.add_argument("--out", required=True, help="manifest to write (a file, not a folder)")
     i2.add_argument("--root", help="folder the list's paths are relative to (default: the list's folder)")
     i2.add_argument("--labels", help="label file; needed to name integer labels")
-    i2.add_argument("--check", action="store_true", help="drop (and count) listed files that do not exist")
+    i2.add_argument("--check", action=argparse.BooleanOptionalAction, default=False,
+                    help="drop (and count) listed files that do not exist (default: --no-check)")
     i3 = isub.add_parser("folders", help="your own videos as one folder per class (<class>/<video>)")
     i3.add_argument("--videos", required=True, help="the folder of one folder per class, local or in a bucket "
                                                     "(s3://bucket/prefix); a class folder's name, as words, is the "
@@ -406,9 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--split", type=int, required=True, help="official split 1, 2 or 3")
         b.add_argument("--out", required=True, help="folder for train.csv, val.csv (the official test list) and "
                                                     "labels.json")
-        b.add_argument("--check", action="store_true",
+        b.add_argument("--check", action=argparse.BooleanOptionalAction, default=False,
                        help="drop (and count) listed files that do not exist (a path that differs only in case is "
-                            "found)")
+                            "found; default: --no-check)")
     i4 = isub.add_parser("predictions", help="a `predict --ray` job's confident predictions as a labelled manifest "
                                              "(pseudo-labels)")
     i4.add_argument("--predictions", required=True, help="the job's --out: a folder or a bucket prefix, CSV or "
