@@ -130,6 +130,8 @@ class ClipFeeds:
         for batch in first:
             got += len(batch["label"])
             yield _without_used_clips(batch, partial) if partial else batch
+        if len(left):
+            self._check_pass_complete(epoch, order[left], got)
         own = remaining_assignment(order, fresh, views, plan, self.rank)
         sources: list[np.ndarray | None] = [own, None]  # this rank's share, then all videos
         if got == 0 and len(left) == len(own):
@@ -153,6 +155,25 @@ class ClipFeeds:
             attempt += 1
         raise RuntimeError(f"no video of the training set decodes in epoch {epoch} (rank {self.rank} found none in its "
                            f"shard nor in the whole set); check the data with `python -m workflows data check`")
+
+    def _check_pass_complete(self, epoch: int, videos: np.ndarray, got: int) -> None:
+        """IncompleteEpoch unless this rank's share of `epoch` (`videos`, read once through) gave `data.train_views`
+        clips of each video its decoders did not drop: a pipeline that ended early would be topped up with other
+        clips as if its videos were bad, and the epoch would skip them unsaid."""
+        import ray
+
+        from workflows.data.drops import drop_counter
+
+        views = self.recipe.data.train_views
+        if got >= views * len(videos):
+            return
+        dropped = ray.get(drop_counter(self.recipe.data.drop_counter).dropped_videos.remote("train", epoch))
+        expected = views * sum(int(v) not in dropped for v in videos)
+        if got < expected:
+            raise IncompleteEpoch(
+                f"rank {self.rank}'s training data of epoch {epoch} ended after {got} of the {expected} clips of its "
+                f"{len(videos)} videos ({len(videos) - expected // views} dropped; an error of its decoders above may "
+                f"say why): the run restarts from its newest complete checkpoint rather than skip them")
 
     def _train_dataset(self, epoch: int, augment_seed: int, positions: np.ndarray | None) -> Any:
         """Clips of the videos at `positions` of the epoch order (None: all of them)."""
@@ -229,6 +250,10 @@ class ClipFeeds:
 
 class IncompleteValidation(RuntimeError):
     """A rank's validation pipeline ended without every video of its share (neither scored nor dropped)."""
+
+
+class IncompleteEpoch(RuntimeError):
+    """A rank's training pipeline ended without the clips of every video of its share (neither read nor dropped)."""
 
 
 def _without_used_clips(batch: dict[str, torch.Tensor], used: dict[int, int]) -> dict[str, torch.Tensor]:

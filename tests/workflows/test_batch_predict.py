@@ -117,7 +117,7 @@ def test_a_job_whose_pipeline_ends_early_says_so_and_continues(ray_local, run_di
     import workflows.data.pipeline as pipeline
 
     args = ["--ray", "--checkpoint", str(run_dir), "--manifest", str(video_dir / "good.csv"), "--out",
-            str(tmp_path / "out")]
+            str(tmp_path / "out"), "--views", "1", "--crops", "1"]
     real = pipeline.build_clip_dataset
     monkeypatch.setattr(pipeline, "build_clip_dataset",
                         lambda *a, **k: real(*a, **k).filter(lambda row: row["video_index"] != 1))

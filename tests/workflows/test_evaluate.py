@@ -878,7 +878,7 @@ def test_an_evaluation_whose_pipeline_ends_early_writes_nothing(ray_local, video
     import workflows.data.pipeline as pipeline
 
     args = ["--clip-only", "--preset", "dist_tiny", "--manifest", str(video_dir / "bad.csv"), "--labels",
-            str(video_dir / "labels.json"), "--set", "data.max_bad_fraction=0.5"]
+            str(video_dir / "labels.json"), "--set", "data.max_bad_fraction=0.5", "--views", "1", "--crops", "1"]
     assert evaluate_main([*args, "--out", str(tmp_path / "whole")]) == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     assert (metrics["videos"], metrics["dropped_total"], metrics["manifest_videos"]) == (5, 4, 9)

@@ -235,3 +235,25 @@ def test_a_validation_whose_pipeline_ends_early_is_never_reported_as_the_whole(c
     with pytest.raises(IncompleteValidation, match=expected):
         list(feeds.val_batches())
     assert feeds._val_cache is None
+
+
+@pytest.mark.integration
+def test_a_training_pass_whose_pipeline_ends_early_is_not_topped_up_unsaid(counters, video_dir, tmp_path,
+                                                                           monkeypatch):
+    """A rank's pass over its share of the epoch gives `data.train_views` clips of each video not dropped (the tests
+    above: bad videos are topped up). A pipeline that ends before one good video came out (a filter standing in
+    for an execution that stopped early without an error) was topped up as if the video were bad, and the epoch
+    skipped it unsaid: IncompleteEpoch, which restarts the run from its newest complete checkpoint."""
+    import workflows.feeds as feeds_module
+    from workflows.feeds import IncompleteEpoch
+
+    manifest, _ = _manifest(video_dir, tmp_path, rows=8, bad_on_rank1=[])
+    feeds = _feeds(video_dir, manifest, 0, counters("feeds-epoch"), "train.micro_batch_size=1",
+                   "train.global_batch_size=2", "data.train_views=1")
+    victim = min(_shard(feeds, 0))
+    real = feeds_module.build_clip_dataset
+    monkeypatch.setattr(feeds_module, "build_clip_dataset",
+                        lambda *a, **k: real(*a, **k).filter(lambda row: row["video_index"] != victim))
+    with pytest.raises(IncompleteEpoch, match=r"rank 0's training data of epoch 0 ended after 3 of the 4 clips of "
+                                              r"its 4 videos \(0 dropped"):
+        list(feeds.train_batches(epoch=0))
