@@ -222,6 +222,12 @@ def test_points_to_evaluate_are_checked_and_reach_the_searcher(tmp_path):
                        "searcher: random\npoints_to_evaluate:\n  - {model.integration_dim: 40}\n")
     with pytest.raises(ConfigError, match=r"points_to_evaluate\[0\] is invalid: .*multiple of head_dim"):
         plan(path)
+    # Without the point, the randint axis itself: built between its ends too (it was at its ends only).
+    path = write_sweep(tmp_path, "  model.integration_dim: {randint: [32, 65]}", "searcher: random\n")
+    with pytest.raises(ConfigError, match=r"search_space.model.integration_dim: randint draws every whole number in "
+                                          r"\[32, 65\), such as 33, which model.integration_dim does not take "
+                                          r"\(.*multiple of head_dim.*\); use choice with the values that fit"):
+        plan(path)
 
 
 def test_trial_runs_are_closed_to_match_the_table(tmp_path):

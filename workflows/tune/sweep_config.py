@@ -320,6 +320,9 @@ def build_trial_recipe(base: dict[str, Any], trial_config: dict[str, Any], **run
     return recipe
 
 
+RANDINT_PROBES = 64  # a randint axis is built at up to this many values between its ends (every one when as many)
+
+
 def _probe_values(spec: dict) -> list[Any]:
     """The values of an axis that validation builds: every grid/choice value, both ends of a range."""
     kind, values = next(iter(spec.items()))
@@ -344,6 +347,16 @@ def check_space_values(base: dict[str, Any], space: dict[str, dict], check_files
             except ConfigError as exc:
                 raise ConfigError(f"search_space.{key}: {kind} draws real numbers such as {inside:.4g}, which {key} "
                                   f"does not take ({exc}); use randint for whole numbers, or choice") from None
+        elif kind == "randint":  # its ends are built below; a value between them may not fit (a head-width multiple)
+            lo, hi = int(values[0]), int(values[1])
+            step = max(1, (hi - lo) // RANDINT_PROBES)
+            for inside in range(lo + 1, hi - 1, step):
+                try:
+                    build_trial_recipe(base, {key: inside})
+                except ConfigError as exc:
+                    raise ConfigError(f"search_space.{key}: randint draws every whole number in [{lo}, {hi}), such "
+                                      f"as {inside}, which {key} does not take ({exc}); use choice with the values "
+                                      f"that fit") from None
     keys = list(space)
     probes = [_probe_values(space[k]) for k in keys]
     total = math.prod(len(p) for p in probes)
@@ -394,12 +407,12 @@ def plan_sweep(sweep: SweepConfig, check_files: bool = True) -> SweepPlan:
     if check_files:
         check_data_files(recipe)
     base = recipe_to_dict(recipe)
-    check_space_values(base, sweep.search_space, check_files)
-    for i, point in enumerate(sweep.points_to_evaluate):
+    for i, point in enumerate(sweep.points_to_evaluate):  # first: a value the user wrote out is the one to name
         try:
             build_trial_recipe(base, point)
         except ConfigError as exc:
             raise ConfigError(f"points_to_evaluate[{i}] is invalid: {exc}") from exc
+    check_space_values(base, sweep.search_space, check_files)
     if sweep.searcher == "optuna":
         for key, spec in sweep.search_space.items():
             kind, values = next(iter(spec.items()))
