@@ -419,7 +419,8 @@ def test_clip_seconds_cuts_whole_videos_into_clips_and_saves_the_files_scores(ru
     assert "evaluation/clips.csv" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
     # A second evaluation into the same folder, of whole videos: it was written over the first, beside the first's
     # clips.csv, file_predictions.csv and scores.npz, which no longer matched. Refused before any work, naming what
-    # is there; with --overwrite the first one's files (those alone) are removed first.
+    # is there; with --overwrite the first one's files (those alone) are set aside, then removed once the second is
+    # written.
     (out / "notes.txt").write_text("mine")
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     again = dict(checkpoint=str(run_dir), manifest=str(video_dir / "good.csv"), views=1, out=str(out), mlflow=False)
@@ -431,12 +432,13 @@ def test_clip_seconds_cuts_whole_videos_into_clips_and_saves_the_files_scores(ru
         plan_evaluation(EvalRequest(**again))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
     plan = plan_evaluation(EvalRequest(**again, overwrite=True))
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [f".replaced-{os.getpid()}", "notes.txt"]
     scores = VideoScores(N)
     for row in range(N):
         scores.add(torch.tensor([row]), torch.randn(1, N), torch.tensor([row]))
     write_outputs(plan, ViewResults(scores=scores, rows=N, rows_per_video=dict.fromkeys(range(N), 1),
                                     drops=DropReport("eval", None, N), dropped_videos={}, seconds=1.0))
+    plan.output.finish()  # as run_evaluate ends: the first evaluation's files, set aside, removed
     assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.csv", "confusion_matrix.png", "metrics.json",
                                                      "notes.txt", "per_class_accuracy.csv", "predictions.csv",
                                                      "recipe.yaml"]
