@@ -26,7 +26,7 @@ import torch
 
 from workflows.data.decode_nodes import decode_pool_size
 from workflows.data.manifest import Manifest, class_names, load_labels, load_manifest
-from workflows.data.pipeline import build_clip_dataset, columns_collate
+from workflows.data.pipeline import build_clip_dataset, columns_collate, shard_rows
 from workflows.elastic import BatchPlan, epoch_order, remaining_assignment
 from workflows.recipe import Recipe
 
@@ -160,14 +160,12 @@ class ClipFeeds:
         """IncompleteEpoch unless this rank's share of `epoch` (`videos`, read once through) gave `data.train_views`
         clips of each video its decoders did not drop: a pipeline that ended early would be topped up with other
         clips as if its videos were bad, and the epoch would skip them unsaid."""
-        import ray
-
-        from workflows.data.drops import drop_counter
+        from workflows.data.drops import get_dropped_videos
 
         views = self.recipe.data.train_views
         if got >= views * len(videos):
             return
-        dropped = ray.get(drop_counter(self.recipe.data.drop_counter).dropped_videos.remote("train", epoch))
+        dropped = get_dropped_videos("train", epoch, name=self.recipe.data.drop_counter)
         expected = views * sum(int(v) not in dropped for v in videos)
         if got < expected:
             raise IncompleteEpoch(
@@ -224,19 +222,18 @@ class ClipFeeds:
 
     def val_shard(self) -> list[int]:
         """The video indices of this rank's validation videos, as `build_clip_dataset` shards them."""
-        return self.val_manifest.table.column("video_index").to_pylist()[self.rank::self.world]
+        table = self.val_manifest.table
+        return table.column("video_index").take(shard_rows(table.num_rows, self.rank, self.world)).to_pylist()
 
     def _check_val_complete(self, seen: set[int]) -> None:
         """IncompleteValidation unless every video of this rank's share came out of the pipeline or was dropped
         (the drop counter has it): a validation over part of the set must never be reported as the whole."""
-        import ray
-
-        from workflows.data.drops import drop_counter
+        from workflows.data.drops import get_dropped_videos
 
         expected = self.val_shard()
         missing = [v for v in expected if v not in seen]
         if missing:
-            dropped = ray.get(drop_counter(self.recipe.data.drop_counter).dropped_videos.remote("val", 0))
+            dropped = get_dropped_videos("val", 0, name=self.recipe.data.drop_counter)
             missing = [v for v in missing if v not in dropped]
         if missing:
             paths = self.val_manifest.table.column("path").to_pylist()

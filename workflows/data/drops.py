@@ -118,6 +118,18 @@ def drop_counter(name: str) -> Any:
     return actor_cls.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
 
 
+def get_dropped_videos(split: str, epoch: int, *, name: str = "dist-data-drops") -> dict[int, str]:
+    """Every video of `split`'s `epoch` the named DropCounter actor has as dropped (none when there is no counter):
+    manifest row -> "reason: what failed"."""
+    import ray
+
+    try:
+        actor = ray.get_actor(name)
+    except ValueError:
+        return {}
+    return ray.get(actor.dropped_videos.remote(split, epoch))
+
+
 def get_drop_report(split: str, epoch: int | None = None, *, name: str = "dist-data-drops") -> DropReport:
     """Dropped-video counts of `split` (latest epoch when `epoch` is None), from the named DropCounter actor."""
     import ray

@@ -273,7 +273,7 @@ def build_clip_dataset(
         rank, world = shard
         if not 0 <= rank < world:
             raise ValueError(f"shard {shard} must be (rank, world) with 0 <= rank < world")
-        table = table.take(pa.array(np.arange(rank, table.num_rows, world)))
+        table = table.take(pa.array(shard_rows(table.num_rows, rank, world)))
     if skip:
         table = table.slice(min(skip, table.num_rows))
     key = counter_split or split
@@ -302,6 +302,11 @@ def build_clip_dataset(
         num_cpus=cfg.decode_threads,
         **({"label_selector": selector} if selector else {}),
     )
+
+
+def shard_rows(rows: int, rank: int, world: int) -> np.ndarray:
+    """The rows of `rows` that worker `rank` of `world` reads with `shard=(rank, world)`: every world-th one."""
+    return np.arange(rank, rows, world)
 
 
 def columns_collate(columns: list[str], device: Any = None) -> Any:
